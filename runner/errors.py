@@ -1,0 +1,155 @@
+"""The runner's one exception tree.
+
+Every exception the package raises on purpose derives from :class:`RunnerError`.
+Lower-level errors (httpx, pyarrow, pydantic, OS) are translated at exactly one
+boundary each, with ``raise ... from exc``.
+
+    RunnerError
+    ├── UsageError              bad flags or configuration                  exit 2
+    │   └── UnknownEndpointError  endpoint id not in the catalog             exit 2
+    ├── ManifestError           whole-file problem: unreadable, empty,      exit 2
+    │                           no endpoint anywhere, strict mode refusal
+    ├── RowError                one manifest row is bad (file, line,        recorded,
+    │                           column, reason); never stops a run          not raised
+    ├── LedgerError             the run directory cannot be used            exit 4
+    │   ├── LedgerLockedError     another writer holds the lock
+    │   └── LedgerCorruptError    a part or journal cannot be read
+    ├── FalError                talking to fal (or the emulator)
+    │   ├── AuthError             401/403: the key is wrong                  exit 2
+    │   ├── TransportError        no HTTP answer (connect, read, reset)
+    │   ├── HTTPStatusError       an HTTP answer with an unexpected status
+    │   └── ProtocolError         an answer that breaks the queue protocol
+    ├── BudgetReachedError      --max-cost would be exceeded                 exit 3
+    └── InterruptedRunError     Ctrl-C / SIGTERM                             exit 130
+
+A per-job failure is a *record* in the ledger, not an exception escaping a worker:
+only the fatal errors above stop a run. No message here ever contains the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EXIT_OK = 0
+EXIT_JOBS_FAILED = 1
+EXIT_USAGE = 2
+EXIT_BUDGET = 3
+EXIT_LEDGER = 4
+EXIT_INTERRUPTED = 130
+
+
+class RunnerError(Exception):
+    """Root of every error the runner raises on purpose."""
+
+    exit_code: int = EXIT_USAGE
+
+
+class UsageError(RunnerError):
+    """A flag, option or configuration value is wrong."""
+
+
+class UnknownEndpointError(UsageError):
+    """An endpoint id that the catalog does not know and the user did not allow."""
+
+    def __init__(self, endpoint: str, known: list[str]) -> None:
+        self.endpoint = endpoint
+        self.known = known
+        super().__init__(
+            f"unknown endpoint {endpoint!r}; known endpoints: {', '.join(known)} "
+            f"(use --allow-endpoint {endpoint} to send it untyped)"
+        )
+
+
+class ManifestError(RunnerError):
+    """The manifest as a whole cannot be used (one clear message, no traceback)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RowProblem:
+    """Where and why a row is bad: ``demo.csv:14: guidance_scale=40 is above ...``."""
+
+    file: str
+    line: int
+    column: str | None
+    message: str
+    row_id: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.message}"
+
+
+class RowError(RunnerError):
+    """A single manifest row is bad. Carries one or more :class:`RowProblem`."""
+
+    def __init__(self, problems: list[RowProblem]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(str(p) for p in problems))
+
+
+class LedgerError(RunnerError):
+    """The run directory or its ledger cannot be used."""
+
+    exit_code = EXIT_LEDGER
+
+
+class LedgerLockedError(LedgerError):
+    """Another process is writing to this run directory."""
+
+
+class LedgerCorruptError(LedgerError):
+    """A ledger file cannot be read back."""
+
+
+class FalError(RunnerError):
+    """A call to fal's queue (or the emulator) did not go as the protocol says."""
+
+
+class AuthError(FalError):
+    """The service refused the key (401/403). The key itself is never included."""
+
+
+class TransportError(FalError):
+    """No HTTP answer: connection refused, reset, or timed out.
+
+    ``sent`` says whether the request body may have reached the server, which
+    decides whether a submit is safe to retry.
+    """
+
+    def __init__(self, message: str, *, sent: bool) -> None:
+        self.sent = sent
+        super().__init__(message)
+
+
+class HTTPStatusError(FalError):
+    """An HTTP answer with a status the caller did not expect."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        body: str = "",
+        request_id: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        self.status_code = status_code
+        self.body = body
+        self.request_id = request_id
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+
+class ProtocolError(FalError):
+    """A response that does not follow fal's queue protocol."""
+
+
+class BudgetReachedError(RunnerError):
+    """Admitting the next job would exceed ``--max-cost``."""
+
+    exit_code = EXIT_BUDGET
+
+
+class InterruptedRunError(RunnerError):
+    """The run was interrupted by the user."""
+
+    exit_code = EXIT_INTERRUPTED
