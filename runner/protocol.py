@@ -1,0 +1,354 @@
+"""Typed models of fal's queue wire format, parsed at the boundary.
+
+Owns: the submit acknowledgement, the three status shapes, the result envelope, the FLUX
+output model, the infrastructure error-type table, the gateway-error heuristic,
+``Retry-After`` parsing and an incremental server-sent-events parser. Everything here is
+pure: no I/O, no clock (callers pass ``now_s``). Unknown extra fields are ignored
+everywhere; missing required keys and unknown status strings are :class:`ProtocolError`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import email.utils
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from runner.errors import ProtocolError
+
+REQUEST_ID_HEADER = "x-fal-request-id"
+ERROR_TYPE_HEADER = "x-fal-error-type"
+TIMEOUT_TYPE_HEADER = "x-fal-request-timeout-type"
+RETRY_AFTER_HEADER = "retry-after"
+
+_FROZEN = ConfigDict(frozen=True, extra="ignore")
+
+CancelOutcome = Literal["CANCELLATION_REQUESTED", "ALREADY_COMPLETED", "NOT_FOUND"]
+
+
+class _Wire(BaseModel):
+    model_config = _FROZEN
+
+
+class RequestUrls(_Wire):
+    """Where one request lives: enough to poll, fetch and cancel it."""
+
+    request_id: str
+    status_url: str
+    response_url: str
+    cancel_url: str
+
+
+class SubmitAck(RequestUrls):
+    """The 200 answer to a submit POST. URLs are used verbatim (owner/app, no sub-path)."""
+
+    gateway_request_id: str | None = None
+    queue_position: int | None = None
+
+
+class LogEntry(_Wire):
+    """One log line; every field is optional because logs are informational only."""
+
+    message: str | None = None
+    level: str | None = None
+    source: str | None = None
+    timestamp: str | None = None
+
+
+class Queued(_Wire):
+    """IN_QUEUE: ``position`` requests are ahead (0 = next)."""
+
+    position: int = Field(ge=0)
+
+
+class InProgress(_Wire):
+    """IN_PROGRESS: ``logs`` is None unless asked for with ``logs=1``."""
+
+    logs: tuple[LogEntry, ...] | None
+
+
+class Completed(_Wire):
+    """COMPLETED (sticky). A failed request is still COMPLETED, with ``error``/``error_type``."""
+
+    logs: tuple[LogEntry, ...] | None
+    inference_time_s: float | None = None
+    error: str | None = None
+    error_type: str | None = None
+
+
+Status = Queued | InProgress | Completed
+
+
+def parse_status(data: Any) -> Status:
+    """Turn a status JSON object into a typed :data:`Status` or raise :class:`ProtocolError`."""
+    if not isinstance(data, Mapping):
+        raise ProtocolError(f"status is not a JSON object: {type(data).__name__}")
+    status = data.get("status")
+    try:
+        if status == "IN_QUEUE":
+            if "queue_position" not in data:
+                raise ProtocolError("IN_QUEUE status without queue_position")
+            return Queued(position=data["queue_position"])
+        if status in ("IN_PROGRESS", "COMPLETED") and "logs" not in data:
+            raise ProtocolError(f"{status} status without the logs key")
+        if status == "IN_PROGRESS":
+            return InProgress(logs=data["logs"])
+        if status == "COMPLETED":
+            metrics = data.get("metrics")
+            inference = metrics.get("inference_time") if isinstance(metrics, Mapping) else None
+            return Completed(
+                logs=data["logs"],
+                inference_time_s=inference,
+                error=data.get("error"),
+                error_type=data.get("error_type"),
+            )
+    except ValidationError as exc:
+        raise ProtocolError(f"malformed {status} status: {_first_error(exc)}") from exc
+    raise ProtocolError(f"unknown status {status!r}")
+
+
+def parse_ack(data: Any) -> SubmitAck:
+    """Parse a submit acknowledgement or raise :class:`ProtocolError`."""
+    try:
+        return SubmitAck.model_validate(data)
+    except ValidationError as exc:
+        raise ProtocolError(f"malformed submit acknowledgement: {_first_error(exc)}") from exc
+
+
+def parse_cancel(data: Any) -> CancelOutcome | None:
+    """The cancel outcome named in a cancel answer body, or None when it names none.
+
+    fal's own enum also has ``OK``; it means the cancel was accepted.
+    """
+    status = data.get("status") if isinstance(data, Mapping) else None
+    if status == "OK":
+        return "CANCELLATION_REQUESTED"
+    if status in ("CANCELLATION_REQUESTED", "ALREADY_COMPLETED", "NOT_FOUND"):
+        return status  # type: ignore[no-any-return]
+    return None
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+    return f"{loc}: {err['msg']}"
+
+
+# --- results -----------------------------------------------------------------------------
+
+
+class ResultResponse(_Wire):
+    """A stored result as replayed by the queue: the model's own status code and body.
+
+    200 is success, 422 carries validation ``detail``, 5xx carries an infrastructure
+    error body. These are *results*; the client raises only for answers that are not.
+    """
+
+    status_code: int
+    body: Any
+    request_id: str | None = None
+    error_type: str | None = None
+    timeout_type: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status_code < 300
+
+
+class ImageOut(_Wire):
+    url: str
+    width: int
+    height: int
+    content_type: str
+    file_name: str | None = None
+    file_size: int | None = None
+
+
+class FluxResult(_Wire):
+    """The fields the runner uses from a FLUX result; the whole payload is kept in ``raw``."""
+
+    images: tuple[ImageOut, ...]
+    seed: int
+    has_nsfw_concepts: tuple[bool, ...]
+    timings: Mapping[str, Any]
+    prompt: str | None = None
+    _raw: Mapping[str, Any] = PrivateAttr(default_factory=dict)
+
+    @property
+    def raw(self) -> Mapping[str, Any]:
+        return self._raw
+
+    @classmethod
+    def from_payload(cls, payload: Any) -> FluxResult:
+        try:
+            result = cls.model_validate(payload)
+        except ValidationError as exc:
+            raise ProtocolError(f"malformed FLUX result: {_first_error(exc)}") from exc
+        result._raw = payload
+        return result
+
+
+# --- infrastructure error types ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorType:
+    """One of fal's infrastructure error types and whether a fresh submit may succeed.
+
+    ``status_code`` None means the spec gives no code; ``confirmed`` False means the code
+    comes from the spec's condensed notes rather than fal's own docs.
+    """
+
+    name: str
+    status_code: int | None
+    confirmed: bool
+    retryable: bool
+    why: str
+
+
+# Retryable = a new submit of the same input can reasonably succeed. 5xx results are never
+# billed, so retrying them costs time, not money; the engine still bounds it by --max-attempts.
+ERROR_TYPES: Mapping[str, ErrorType] = {
+    e.name: e
+    for e in (
+        ErrorType("request_timeout", 504, False, True, "queue or runner was slow this time"),
+        ErrorType("startup_timeout", 504, False, True, "a runner failed to start in time"),
+        ErrorType("runner_scheduling_failure", 503, False, True, "no runner could be scheduled"),
+        ErrorType("runner_connection_timeout", 503, False, True, "runner did not answer"),
+        ErrorType("runner_disconnected", 503, False, True, "runner went away mid-request"),
+        ErrorType("runner_connection_refused", None, False, True, "runner refused connection"),
+        ErrorType("internal_error", None, False, True, "fal-side fault, not the input's"),
+    )
+}
+
+
+def is_retryable_error_type(error_type: str | None, *, timeout_type: str | None = None) -> bool:
+    """Whether a failed job with this ``error_type`` deserves a new submit.
+
+    Unknown types are *not* retryable: a type we cannot name may be a deterministic app
+    failure, and failing fast with the type recorded is cheaper than repeating it. A
+    ``user`` timeout type is the caller's own start deadline expiring: not retried either.
+    """
+    if timeout_type == "user":
+        return False
+    known = ERROR_TYPES.get(error_type or "")
+    return known.retryable if known is not None else False
+
+
+# --- gateway answers and Retry-After -----------------------------------------------------
+
+GATEWAY_STATUS_CODES = frozenset({502, 503, 504})
+
+
+def is_gateway_error(status_code: int, body: str, request_id: str | None) -> bool:
+    """True when the ingress (nginx) answered, not fal's queue: the request never got in.
+
+    Same heuristic as fal-client: a 502/503/504 whose body says nginx and that carries no
+    ``x-fal-request-id``.
+    """
+    return status_code in GATEWAY_STATUS_CODES and request_id is None and "nginx" in body
+
+
+def parse_retry_after(value: str | None, *, now_s: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value: delta-seconds or an HTTP date.
+
+    ``now_s`` is the current Unix time (wall clock, because an HTTP date is wall time).
+    Garbage gives None; a date in the past gives 0.
+    """
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT
+        return None
+    return max(0.0, when.timestamp() - now_s)
+
+
+# Errors raised before any byte of the request left: a submit that hit one of these
+# certainly did not reach fal. Everything else may have been sent.
+NOT_SENT_ERRORS: tuple[type[httpx.TransportError], ...] = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.UnsupportedProtocol,
+)
+
+
+# --- server-sent events -----------------------------------------------------------------
+
+
+class SSEParser:
+    """Incremental server-sent-events parser: feed bytes in any chunking, get ``data`` payloads.
+
+    Follows the WHATWG rules the queue needs: lines end in LF, CRLF or CR; ``:`` lines are
+    comments (keep-alives); ``data`` lines of one event are joined with LF; an event is
+    dispatched on a blank line; ``event``/``id``/``retry`` fields are ignored.
+    """
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+        self._pending = ""
+        self._data: list[str] = []
+        self._skip_lf = False
+
+    def feed(self, chunk: bytes) -> list[str]:
+        """Consume a chunk; return the data of each event completed by it."""
+        try:
+            text = self._decoder.decode(chunk)
+        except UnicodeDecodeError as exc:
+            raise ProtocolError("status stream is not valid UTF-8") from exc
+        return list(self._consume(text))
+
+    def _consume(self, text: str) -> Iterator[str]:
+        if self._skip_lf and text.startswith("\n"):
+            text = text[1:]  # second half of a CRLF split across chunks
+        self._skip_lf = False
+        buf = self._pending + text
+        start = i = 0
+        while i < len(buf):
+            ch = buf[i]
+            if ch == "\r" or ch == "\n":
+                event = self._line(buf[start:i])
+                if event is not None:
+                    yield event
+                if ch == "\r" and i + 1 < len(buf) and buf[i + 1] == "\n":
+                    i += 1
+                elif ch == "\r" and i + 1 == len(buf):
+                    self._skip_lf = True
+                start = i + 1
+            i += 1
+        self._pending = buf[start:]
+
+    def _line(self, line: str) -> str | None:
+        if line == "":
+            if not self._data:
+                return None
+            data, self._data = "\n".join(self._data), []
+            return data
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        if name == "data":
+            self._data.append(value[1:] if value.startswith(" ") else value)
+        return None
+
+
+def parse_event_status(data: str) -> Status:
+    """Parse one SSE ``data`` payload as a status."""
+    try:
+        obj = json.loads(data)
+    except ValueError as exc:
+        raise ProtocolError("status stream event is not JSON") from exc
+    return parse_status(obj)
