@@ -1,0 +1,368 @@
+"""From manifest rows to typed jobs.
+
+This module owns what a row *means*: which endpoint it calls, which columns are
+request parameters (the fields of that endpoint's request model), which are
+control columns (``seeds``, ``variants``, ``prompt_template``) and which are
+metadata (kept as text, never sent); ``--set`` defaults; prompt templates;
+expansion into one job per seed or variant; and the stable ``job_key``.
+
+A bad row becomes a :class:`~runner.errors.RowError` carrying every problem
+found in it, yielded in place of its jobs; it never stops the stream.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import string
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from runner import catalog, cells
+from runner.catalog import BaseRequest, EndpointSpec
+from runner.errors import RowError, RowProblem, UnknownEndpointError
+from runner.manifest import RawRow
+
+CONTROL_COLUMNS = frozenset({"seeds", "variants", "prompt_template"})
+IDENTITY_COLUMNS = frozenset({"id", "endpoint"})
+KEY_HEX_CHARS = 32
+SEED_SPACE = 2**31  # derived seeds fall in 0..2**31-1
+NEAR_MISS_CUTOFF = 0.8
+# Parameters of any catalog endpoint: in a mixed manifest, a column for one
+# endpoint's parameter is not metadata on another endpoint's row.
+_ALL_PARAMETERS = frozenset(
+    name for spec in catalog.CATALOG.values() for name in spec.model.model_fields
+)
+
+
+@dataclass(frozen=True)
+class ExpandOptions:
+    """How rows become jobs; built once by the CLI."""
+
+    manifest_dir: Path
+    default_endpoint: str | None = None
+    allowed_endpoints: frozenset[str] = frozenset()
+    defaults: Mapping[str, str] = field(default_factory=dict)
+    prompt_template: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One request to send: a row (or one of its seeds/variants) made typed."""
+
+    job_key: str
+    row_id: str
+    line: int
+    source: str
+    variant: int
+    endpoint: str
+    payload: Mapping[str, Any]
+    request: BaseRequest | None
+    metadata: Mapping[str, str]
+
+
+def canonical_json(value: Any) -> str:
+    """The one JSON spelling of a value: sorted keys, compact, non-ASCII kept."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def job_key(row_id: str, endpoint: str, payload: Mapping[str, Any], variant: int) -> str:
+    """A stable key: the same row, endpoint, body and variant give the same key.
+
+    The manifest's name and location are deliberately not part of it, so a
+    moved or renamed manifest resumes where it stopped.
+    """
+    body = {"row": row_id, "endpoint": endpoint, "payload": payload, "variant": variant}
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()[:KEY_HEX_CHARS]
+
+
+def variant_seed(row_id: str, variant: int) -> int:
+    """The seed of variant ``variant`` of a row: deterministic, in 0..2**31-1."""
+    digest = hashlib.sha256(f"{row_id}\x1f{variant}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % SEED_SPACE
+
+
+def column_warnings(columns: Iterable[str], endpoint_ids: Iterable[str]) -> list[str]:
+    """Warnings for metadata columns that look like misspelt parameter names.
+
+    Called once per file with its header (and ``--set`` keys) and the
+    endpoints it uses; unknown endpoints contribute no parameter names.
+    """
+    specs = [catalog.CATALOG[e] for e in dict.fromkeys(endpoint_ids) if e in catalog.CATALOG]
+    params = {name for spec in specs for name in spec.model.model_fields}
+    known = params | CONTROL_COLUMNS | IDENTITY_COLUMNS
+    by_lower = {name.lower(): name for name in sorted(known)}
+    where = ", ".join(spec.id for spec in specs) or "any known endpoint"
+    warnings = []
+    for column in dict.fromkeys(columns):
+        if column in known:
+            continue
+        close = difflib.get_close_matches(column.lower(), by_lower, n=1, cutoff=NEAR_MISS_CUTOFF)
+        if close:
+            warnings.append(
+                f"column {column!r} is not a parameter of {where} and is kept as metadata "
+                f"(never sent); did you mean {by_lower[close[0]]!r}?"
+            )
+    return warnings
+
+
+def fill_template(template: str, values: Mapping[str, Any]) -> str:
+    """``{column}`` placeholders filled from a row's cells.
+
+    Raises ValueError naming every placeholder whose column is missing or
+    empty, or describing a malformed template.
+    """
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"prompt_template is not a valid template: {exc}") from exc
+    out: list[str] = []
+    missing: list[str] = []
+    for literal, name, spec, conversion in parts:
+        out.append(literal)
+        if name is None:
+            continue
+        if not name or spec or conversion or any(c in name for c in ".[]"):
+            raise ValueError(
+                f"prompt_template placeholder {{{name}}} is not a plain {{column}} name"
+            )
+        value = values.get(name)
+        if cells.is_blank(value):
+            missing.append(name)
+        else:
+            out.append(_as_text(value))
+    if missing:
+        names = ", ".join(f"{{{m}}}" for m in dict.fromkeys(missing))
+        raise ValueError(f"prompt_template needs {names} but the column is missing or empty")
+    return "".join(out)
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value.strip()
+    return canonical_json(value)
+
+
+def iter_jobs(rows: Iterable[RawRow], options: ExpandOptions) -> Iterator[Job | RowError]:
+    """Lazily turn rows into jobs; a bad row yields one RowError instead.
+
+    Raises UnknownEndpointError at once when ``options.default_endpoint`` is
+    neither in the catalog nor allowed (it is a flag, so the run cannot start).
+    """
+    if options.default_endpoint is not None:
+        catalog.get_endpoint(options.default_endpoint, allowed=options.allowed_endpoints)
+    expander = _Expander(options)
+    return (item for row in rows for item in expander.expand(row))
+
+
+@dataclass
+class _Row:
+    """A row while it is being expanded: where it is, and the problems found so far."""
+
+    raw: RawRow
+    row_id: str
+    problems: list[RowProblem] = field(default_factory=list)
+
+    def problem(self, column: str | None, message: str) -> None:
+        problem = RowProblem(self.raw.file, self.raw.line, column, message, self.row_id)
+        if problem not in self.problems:
+            self.problems.append(problem)
+
+    def error(self) -> RowError:
+        return RowError(self.problems)
+
+
+class _Expander:
+    """Row expansion state for one manifest: options, endpoint cache, ids seen."""
+
+    def __init__(self, options: ExpandOptions) -> None:
+        self.options = options
+        self.specs: dict[str, EndpointSpec | None] = {}
+        # id -> first line. About 100 bytes per row: ~100 MB for 1M rows.
+        self.seen: dict[str, int] = {}
+
+    def expand(self, raw: RawRow) -> list[Job] | list[RowError]:
+        row = _Row(raw, _row_id(raw))
+        if raw.problem is not None:
+            row.problem(None, raw.problem)
+            return [row.error()]
+        self._check_unique_id(row)
+        values = self._with_defaults(raw.cells)
+        endpoint = self._endpoint(row, values)
+        template = _first_given(values.get("prompt_template"), self.options.prompt_template)
+        if template is not None:
+            try:
+                values["prompt"] = fill_template(str(template), values)
+            except ValueError as exc:
+                row.problem("prompt_template", str(exc))
+        if endpoint is None:
+            return [row.error()]
+        spec = self.specs[endpoint]
+        payload, metadata, failed = _split_columns(row, values, spec)
+        variants = _expansion(row, values, payload)
+        if row.problems:
+            # Validate what parsed anyway so the user sees every problem at once.
+            _validate(row, endpoint, spec, payload, failed)
+            return [row.error()]
+        jobs = [
+            self._job(row, endpoint, spec, payload, metadata, failed, variant, seed)
+            for variant, seed in variants
+        ]
+        if row.problems:
+            return [row.error()]
+        return [job for job in jobs if job is not None]
+
+    def _check_unique_id(self, row: _Row) -> None:
+        first = self.seen.setdefault(row.row_id, row.raw.line)
+        if first != row.raw.line:
+            row.problem("id", f"id {row.row_id!r} is already used on line {first}")
+
+    def _with_defaults(self, raw_cells: Mapping[str, Any]) -> dict[str, Any]:
+        values = dict(raw_cells)
+        for key, text in self.options.defaults.items():
+            if key not in IDENTITY_COLUMNS and cells.is_blank(values.get(key)):
+                values[key] = text
+        return values
+
+    def _endpoint(self, row: _Row, values: Mapping[str, Any]) -> str | None:
+        given = values.get("endpoint")
+        endpoint = str(given).strip() if not cells.is_blank(given) else None
+        endpoint = endpoint or self.options.default_endpoint
+        if endpoint is None:
+            row.problem("endpoint", "no endpoint: add an endpoint column or pass --endpoint")
+            return None
+        if endpoint not in self.specs:
+            try:
+                allowed = self.options.allowed_endpoints
+                self.specs[endpoint] = catalog.get_endpoint(endpoint, allowed=allowed)
+            except UnknownEndpointError as exc:
+                row.problem("endpoint", str(exc))
+                return None
+        return endpoint
+
+    def _job(
+        self,
+        row: _Row,
+        endpoint: str,
+        spec: EndpointSpec | None,
+        payload: Mapping[str, Any],
+        metadata: Mapping[str, str],
+        failed: Collection[str],
+        variant: int,
+        seed: int | None,
+    ) -> Job | None:
+        body = dict(payload) if seed is None else {**payload, "seed": seed}
+        request = _validate(row, endpoint, spec, body, failed)
+        if spec is not None and request is None:
+            return None
+        sent = request.to_payload() if request is not None else json.loads(canonical_json(body))
+        return Job(
+            job_key=job_key(row.row_id, endpoint, sent, variant),
+            row_id=row.row_id,
+            line=row.raw.line,
+            source=row.raw.file,
+            variant=variant,
+            endpoint=endpoint,
+            payload=sent,
+            request=request,
+            metadata=metadata,
+        )
+
+
+def _row_id(raw: RawRow) -> str:
+    given = raw.cells.get("id")
+    if cells.is_blank(given):
+        return str(raw.index + 1)
+    return given.strip() if isinstance(given, str) else _as_text(given)
+
+
+def _first_given(*candidates: Any) -> Any:
+    return next((c for c in candidates if not cells.is_blank(c)), None)
+
+
+def _split_columns(
+    row: _Row, values: Mapping[str, Any], spec: EndpointSpec | None
+) -> tuple[dict[str, Any], dict[str, str], set[str]]:
+    """The request body, the metadata, and the parameter columns that failed to parse."""
+    fields = spec.model.model_fields if spec is not None else None
+    payload: dict[str, Any] = {}
+    metadata: dict[str, str] = {}
+    failed: set[str] = set()
+    for column, value in values.items():
+        if column in CONTROL_COLUMNS or column in IDENTITY_COLUMNS:
+            continue
+        if fields is not None and column not in fields:
+            if column not in _ALL_PARAMETERS:
+                metadata[column] = "" if value is None else _as_text(value)
+            elif not cells.is_blank(value):
+                # Another endpoint's parameter (a mixed manifest): dropping it
+                # silently would change what the user asked for.
+                assert spec is not None
+                row.problem(
+                    column, f"{column} is not a parameter of {spec.id}; leave it empty on this row"
+                )
+            continue
+        if cells.is_blank(value):
+            continue
+        try:
+            if fields is None:
+                payload[column] = cells.parse_untyped_cell(column, value)
+            else:
+                payload[column] = cells.parse_cell(column, value, fields[column].annotation)
+        except cells.CellError as exc:
+            failed.add(column)
+            row.problem(column, str(exc))
+    return payload, metadata, failed
+
+
+def _expansion(
+    row: _Row, values: Mapping[str, Any], payload: Mapping[str, Any]
+) -> list[tuple[int, int | None]]:
+    """(variant, seed) pairs: one per seed, one per variant, or a single (0, None)."""
+    seeds_cell, variants_cell = values.get("seeds"), values.get("variants")
+    has_seeds, has_variants = not cells.is_blank(seeds_cell), not cells.is_blank(variants_cell)
+    if has_seeds and has_variants:
+        row.problem("seeds", "give either seeds or variants, not both")
+        return []
+    if (has_seeds or has_variants) and "seed" in payload:
+        other = "seeds" if has_seeds else "variants"
+        row.problem("seed", f"give either seed or {other}, not both")
+        return []
+    try:
+        if has_seeds:
+            seeds = cells.parse_seeds("seeds", seeds_cell)
+            return list(enumerate(seeds))
+        if has_variants:
+            count = cells.parse_count("variants", variants_cell)
+            return [(i, variant_seed(row.row_id, i)) for i in range(count)]
+    except cells.CellError as exc:
+        row.problem(exc.column, str(exc))
+        return []
+    return [(0, None)]
+
+
+def _validate(
+    row: _Row,
+    endpoint: str,
+    spec: EndpointSpec | None,
+    body: Mapping[str, Any],
+    failed: Collection[str],
+) -> BaseRequest | None:
+    """The typed request, or None after recording its problems on the row."""
+    if spec is None:
+        return None
+    try:
+        return catalog.parse_request(endpoint, body)
+    except ValidationError as exc:
+        for where, message in catalog.describe_errors(exc, endpoint):
+            column = where.split(".", 1)[0] if where else None
+            # A column whose text did not parse is already reported; its
+            # absence must not also be reported as "missing".
+            if column not in failed:
+                row.problem(column, message)
+        return None
