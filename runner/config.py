@@ -1,0 +1,118 @@
+"""The one frozen run configuration, built by the CLI from flags, a TOML file and the environment.
+
+Nothing reads ``os.environ`` at import time: :func:`key_from_env` is called by the CLI and
+its result travels down inside :class:`RunConfig`. The key is a ``SecretStr``: it never
+appears in a repr, a log line, the ledger (``public_dict`` drops it) or an error message.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from runner.errors import UsageError
+
+FAL_QUEUE_URL = "https://queue.fal.run"
+FAL_REST_URL = "https://rest.fal.ai"
+FAL_CDN_URL = "https://v3.fal.media"
+FAL_JWKS_URL = "https://rest.fal.ai/.well-known/jwks.json"
+
+Completion = Literal["poll", "stream", "webhook"]
+OnUnknown = Literal["resubmit", "skip", "fail"]
+
+
+class RunConfig(BaseModel):
+    """Everything a run needs, explicit and immutable."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    manifest: Path
+    run_dir: Path
+    fmt: str | None = None
+    default_endpoint: str | None = None
+    allowed_endpoints: frozenset[str] = frozenset()
+    defaults: Mapping[str, str] = Field(default_factory=dict)
+    prompt_template: str | None = None
+    strict: bool = False
+    prices: Path | None = None
+
+    key: SecretStr | None = None
+    queue_url: str = FAL_QUEUE_URL
+    rest_url: str = FAL_REST_URL
+    cdn_url: str = FAL_CDN_URL
+
+    concurrency: int = Field(default=2, ge=1, le=10_000)
+    max_in_flight: int | None = Field(default=None, ge=1)
+    rate_per_s: float = Field(default=10.0, gt=0)
+    endpoint_limits: Mapping[str, int] = Field(default_factory=dict)
+    max_cost_usd: Decimal | None = Field(default=None, ge=0)
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    on_unknown: OnUnknown = "resubmit"
+    retry_failed: bool = False
+
+    completion: Completion = "poll"
+    webhook_listen: str = "127.0.0.1:0"
+    webhook_url: str | None = None
+    webhook_jwks_url: str = FAL_JWKS_URL
+
+    job_timeout_s: float | None = Field(default=None, gt=0)
+    start_timeout_s: float | None = Field(default=None, gt=0)
+    priority: Literal["normal", "low"] | None = None
+
+    out_dir: Path | None = None
+    download: bool = True
+    quiet: bool = False
+
+    @model_validator(mode="after")
+    def _webhook_needs_url(self) -> RunConfig:
+        if self.completion == "webhook" and not self.webhook_url:
+            raise ValueError("--completion webhook needs --webhook-url (the public URL fal calls)")
+        return self
+
+    @property
+    def in_flight_limit(self) -> int:
+        """Jobs submitted but unfinished: enough to keep every slot busy, twice over."""
+        return self.max_in_flight or 2 * self.concurrency
+
+    def public_dict(self) -> dict[str, Any]:
+        """The configuration as JSON for run metadata, without the key."""
+        data = self.model_dump(mode="json", exclude={"key"})
+        data["key_set"] = self.key is not None
+        return data
+
+
+def key_from_env(environ: Mapping[str, str]) -> SecretStr | None:
+    value = environ.get("FAL_KEY", "").strip()
+    return SecretStr(value) if value else None
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Options from a TOML file; keys are the long flag names with dashes or underscores."""
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read config file: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: not valid TOML: {exc}") from exc
+    section = raw.get("runner", raw)
+    if not isinstance(section, dict):
+        raise UsageError(f"{path}: [runner] must be a table")
+    return {str(k).replace("-", "_"): v for k, v in section.items()}
+
+
+def build_config(values: Mapping[str, Any]) -> RunConfig:
+    """Validate options into a RunConfig, turning pydantic errors into one UsageError."""
+    try:
+        return RunConfig.model_validate(dict(values))
+    except ValidationError as exc:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "config"
+            parts.append(f"{where}: {err['msg']}")
+        raise UsageError("invalid configuration: " + "; ".join(parts)) from exc

@@ -1,0 +1,111 @@
+"""When to look at a job again: a learned model of service times and a pure poll schedule.
+
+fal-client polls every 0.1 s. The runner instead predicts when a job will finish from its
+queue position and the service times seen so far, and asks once, a little after that: a
+job of several seconds then costs one status call, not dozens.
+
+The model keeps, per endpoint, an exponentially weighted mean and mean absolute deviation
+of *seconds per work unit*, where a unit is one megapixel-step of one image. Polling aims
+at ``mean + LATE_DEVS * deviation``: late enough that the first look usually finds the
+job COMPLETED, early enough that the in-flight window (twice the slots) keeps fal's
+slots busy while finished jobs wait to be noticed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+LATE_DEVS = 1.3
+
+
+@dataclass(slots=True)
+class _Stat:
+    mean: float
+    dev: float
+    n: int = 0
+
+
+@dataclass(slots=True)
+class ServiceModel:
+    """Seconds per work unit and queue wait per position, learned as the run goes."""
+
+    prior_per_unit_s: float = 0.2
+    alpha: float = 0.15
+    _per_unit: dict[str, _Stat] = field(default_factory=dict)
+
+    @staticmethod
+    def units(megapixels: float, steps: int, images: int) -> float:
+        return max(megapixels, 0.05) * max(steps, 1) * max(images, 1)
+
+    def observe(self, endpoint: str, units: float, service_s: float) -> None:
+        per_unit = service_s / max(units, 1e-9)
+        stat = self._per_unit.get(endpoint)
+        if stat is None:
+            self._per_unit[endpoint] = _Stat(mean=per_unit, dev=per_unit * 0.25, n=1)
+            return
+        a = max(self.alpha, 1.0 / (stat.n + 1))  # average plainly until enough samples
+        err = per_unit - stat.mean
+        stat.mean += a * err
+        stat.dev += a * (abs(err) - stat.dev)
+        stat.n += 1
+
+    def service_s(self, endpoint: str, units: float) -> tuple[float, float]:
+        """(mean, deviation) of the service time of a job of ``units``."""
+        stat = self._per_unit.get(endpoint)
+        if stat is None:
+            mean = self.prior_per_unit_s * units
+            return mean, mean * 0.5
+        return stat.mean * units, stat.dev * units
+
+    def known(self, endpoint: str) -> bool:
+        return endpoint in self._per_unit
+
+
+def first_poll_delay_s(
+    *,
+    position: int | None,
+    service_mean_s: float,
+    service_dev_s: float,
+    slots: int,
+    min_s: float,
+    max_s: float,
+) -> float:
+    """Delay until the first status call after submit (``position``: from the ack)."""
+    ahead = 0 if position is None else max(position, 0)
+    # `ahead` requests wait before this one; slots free up at slots/mean per second.
+    wait = ahead * service_mean_s / max(slots, 1)
+    return _clamp(wait + service_mean_s + LATE_DEVS * service_dev_s, min_s, max_s)
+
+
+def next_poll_delay_s(
+    *,
+    state: str,
+    position: int | None,
+    running_for_s: float,
+    polls: int,
+    service_mean_s: float,
+    service_dev_s: float,
+    slots: int,
+    min_s: float,
+    max_s: float,
+) -> float:
+    """Delay until the next status call, given what the last one said.
+
+    ``state`` is ``IN_QUEUE`` or ``IN_PROGRESS``; ``running_for_s`` is how long the job has
+    been seen running (0 when it was just seen start); ``polls`` counts earlier status calls,
+    so a job that keeps surprising the model is looked at with a growing interval.
+    """
+    if state == "IN_QUEUE":
+        ahead = max(position or 0, 0)
+        wait = (ahead + 1) * service_mean_s / max(slots, 1)
+        target = wait + service_mean_s + LATE_DEVS * service_dev_s
+    else:
+        remaining = service_mean_s + LATE_DEVS * service_dev_s - running_for_s
+        # Past the expected end: back off geometrically from a fraction of the mean.
+        overdue = service_mean_s * 0.25 * (1.5 ** min(polls, 8))
+        target = remaining if remaining > min_s else overdue
+    return _clamp(target, min_s, max_s)
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    return min(max(value, low), high)

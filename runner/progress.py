@@ -1,0 +1,116 @@
+"""What a person watching a run sees: a tqdm bar on a terminal, periodic log lines otherwise.
+
+The engine owns a :class:`Tally` and calls :meth:`Progress.refresh` when it changes; the
+display decides how often to draw. ``--quiet`` or a stderr that is not a terminal gives one
+log line every ``interval_s`` instead of a bar.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import TextIO
+
+from tqdm import tqdm
+
+
+@dataclass(slots=True)
+class Tally:
+    """Counts of a run, by what happened to each job in *this* run."""
+
+    total: int | None = None  # jobs in the manifest, once counted
+    estimate_usd: Decimal | None = None  # the plan's total, once counted
+    skipped: int = 0  # already completed in an earlier run
+    completed: int = 0
+    failed: int = 0
+    invalid: int = 0
+    unknown: int = 0
+    in_flight: int = 0
+    remote_queued: int = 0
+    remote_running: int = 0
+    spent_usd: Decimal = Decimal(0)
+    retries: int = 0
+    by_state: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> int:
+        return self.skipped + self.completed + self.failed + self.invalid + self.unknown
+
+
+def _money(value: Decimal | None) -> str:
+    return "?" if value is None else f"${value:.2f}"
+
+
+class Progress:
+    """A bar or log lines, drawn at most every ``interval_s`` (bar: tqdm's own pacing)."""
+
+    def __init__(
+        self,
+        tally: Tally,
+        *,
+        stream: TextIO | None = None,
+        quiet: bool = False,
+        interval_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.tally = tally
+        self.stream = stream if stream is not None else sys.stderr
+        self.clock = clock
+        self.interval_s = interval_s
+        self.started_s = clock()
+        self._last_line_s = self.started_s
+        use_bar = not quiet and self.stream.isatty()
+        self._bar: tqdm[int] | None = None
+        if use_bar:
+            self._bar = tqdm(
+                total=tally.total, file=self.stream, unit="job", dynamic_ncols=True, smoothing=0.1
+            )
+
+    def line(self) -> str:
+        t = self.tally
+        elapsed = max(self.clock() - self.started_s, 1e-9)
+        rate = (t.completed + t.failed) / elapsed
+        total = "?" if t.total is None else str(t.total)
+        eta = ""
+        if t.total is not None and rate > 0:
+            eta = f" eta {max(t.total - t.finished, 0) / rate:.0f}s"
+        return (
+            f"{t.finished}/{total} done ({t.completed} ok, {t.skipped} skipped, {t.failed} failed"
+            f", {t.invalid} invalid), {t.in_flight} in flight ({t.remote_queued} queued, "
+            f"{t.remote_running} running), {rate:.1f} jobs/s{eta}, "
+            f"spent {_money(t.spent_usd)} of est. {_money(t.estimate_usd)}"
+        )
+
+    def refresh(self) -> None:
+        t = self.tally
+        if self._bar is not None:
+            if t.total is not None and self._bar.total != t.total:
+                self._bar.total = t.total
+            self._bar.n = t.finished
+            self._bar.set_postfix_str(
+                f"ok={t.completed} fail={t.failed} inflight={t.in_flight} "
+                f"queued={t.remote_queued} {_money(t.spent_usd)}/{_money(t.estimate_usd)}",
+                refresh=False,
+            )
+            self._bar.refresh()
+            return
+        now = self.clock()
+        if now - self._last_line_s >= self.interval_s:
+            self._last_line_s = now
+            self.say(self.line())
+
+    def say(self, message: str) -> None:
+        """A message that must be seen (interrupts, budget), above the bar if there is one."""
+        if self._bar is not None:
+            self._bar.write(message, file=self.stream)
+        else:
+            print(f"runner: {message}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.n = self.tally.finished
+            self._bar.close()
+            self._bar = None

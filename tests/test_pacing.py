@@ -1,0 +1,58 @@
+import pytest
+
+from runner.pacing import ServiceModel, first_poll_delay_s, next_poll_delay_s
+
+
+def test_model_learns_mean_per_unit_from_observations() -> None:
+    m = ServiceModel(prior_per_unit_s=1.0)
+    assert m.service_s("e", 10) == (10.0, 5.0)
+    for s in (4.0, 6.0, 5.0, 5.0):
+        m.observe("e", 10, s)
+    mean, dev = m.service_s("e", 10)
+    assert mean == pytest.approx(5.0, abs=0.3)
+    assert 0 < dev < 2
+    # Twice the work, twice the time.
+    assert m.service_s("e", 20)[0] == pytest.approx(2 * mean)
+
+
+def test_units_grow_with_megapixels_steps_and_images() -> None:
+    units = ServiceModel.units
+    assert units(1, 28, 1) < units(2, 28, 1) < units(2, 28, 2)
+
+
+@pytest.mark.parametrize(
+    ("position", "expected"),
+    [
+        (None, 5.0 + 1.3),  # just submitted, a slot free
+        (0, 5.0 + 1.3),
+        (4, 4 * 5.0 / 2 + 5.0 + 1.3),  # four ahead, two slots: two service times of waiting
+    ],
+)
+def test_first_poll_aims_after_expected_completion(position: int | None, expected: float) -> None:
+    d = first_poll_delay_s(
+        position=position, service_mean_s=5.0, service_dev_s=1.0, slots=2, min_s=0.1, max_s=60
+    )
+    assert d == pytest.approx(expected)
+
+
+def test_delays_are_clamped() -> None:
+    kw = dict(service_mean_s=500.0, service_dev_s=1.0, slots=1, min_s=0.1, max_s=30.0)
+    assert first_poll_delay_s(position=0, **kw) == 30.0
+    kw = dict(service_mean_s=0.0, service_dev_s=0.0, slots=1, min_s=0.1, max_s=30.0)
+    assert first_poll_delay_s(position=0, **kw) == 0.1
+
+
+def test_running_job_is_polled_at_its_expected_end_then_backs_off() -> None:
+    kw = dict(service_mean_s=4.0, service_dev_s=0.0, slots=1, min_s=0.1, max_s=60.0, position=None)
+    assert next_poll_delay_s(state="IN_PROGRESS", running_for_s=1.0, polls=1, **kw) == 3.0
+    overdue = [
+        next_poll_delay_s(state="IN_PROGRESS", running_for_s=9.0, polls=p, **kw) for p in (1, 2, 3)
+    ]
+    assert overdue == sorted(overdue) and overdue[0] < overdue[-1]
+
+
+def test_queued_job_waits_in_proportion_to_its_position() -> None:
+    kw = dict(service_mean_s=2.0, service_dev_s=0.0, slots=2, min_s=0.1, max_s=600.0)
+    near = next_poll_delay_s(state="IN_QUEUE", position=0, running_for_s=0, polls=1, **kw)
+    far = next_poll_delay_s(state="IN_QUEUE", position=10, running_for_s=0, polls=1, **kw)
+    assert far - near == pytest.approx(10 * 2.0 / 2)
