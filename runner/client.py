@@ -1,0 +1,387 @@
+"""QueueClient: the runner's side of fal's queue protocol over one injected httpx.AsyncClient.
+
+Each method makes exactly one HTTP call (one stream for :meth:`QueueClient.stream`);
+retrying is the caller's job through :func:`runner.retry.call_with_retry`, so the policy
+lives in one place. httpx errors and unexpected answers are translated here, and only
+here, into the runner's tree::
+
+    httpx.TransportError            -> TransportError(sent=False) before any byte left
+                                       (connect error, connect/pool timeout), else sent=True
+    401 / 403                       -> AuthError
+    504 + X-Fal-Request-Timeout-Type
+        outside a result            -> ProtocolError (the job's own outcome, not a call's)
+    other unexpected status         -> HTTPStatusError(status_code, body, request_id,
+                                       retry_after_s)
+    2xx that breaks the protocol    -> ProtocolError
+
+The key is a ``SecretStr``; it goes only into the Authorization header of requests to
+the configured queue origin (URLs from an ack that point elsewhere are refused) and is
+redacted from any server text copied into an error.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import httpx
+from pydantic import SecretStr
+
+from runner import __version__
+from runner.errors import AuthError, HTTPStatusError, ProtocolError, TransportError, UsageError
+from runner.protocol import (
+    ERROR_TYPE_HEADER,
+    NOT_SENT_ERRORS,
+    REQUEST_ID_HEADER,
+    RETRY_AFTER_HEADER,
+    TIMEOUT_TYPE_HEADER,
+    CancelOutcome,
+    Completed,
+    RequestUrls,
+    ResultResponse,
+    SSEParser,
+    Status,
+    SubmitAck,
+    is_gateway_error,
+    parse_ack,
+    parse_cancel,
+    parse_event_status,
+    parse_retry_after,
+    parse_status,
+)
+
+USER_AGENT = f"runner/{__version__}"
+BODY_LIMIT = 2000  # characters of an error body kept on HTTPStatusError
+NAMESPACES = frozenset({"workflows", "comfy"})  # ids shaped namespace/owner/app[/path]
+_SEGMENT = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9._~-]*")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallTimeouts:
+    """Per-kind timeouts. ``stream_idle_s`` bounds silence on the SSE stream; the queue
+    sends a keep-alive every 15 s, so a longer silence means the stream is dead."""
+
+    connect_s: float = 5.0
+    submit_s: float = 30.0
+    read_s: float = 30.0
+    stream_idle_s: float = 45.0
+
+    def submit(self) -> httpx.Timeout:
+        return httpx.Timeout(self.submit_s, connect=self.connect_s)
+
+    def read(self) -> httpx.Timeout:
+        return httpx.Timeout(self.read_s, connect=self.connect_s)
+
+    def stream(self) -> httpx.Timeout:
+        return httpx.Timeout(self.stream_idle_s, connect=self.connect_s)
+
+
+RequestRef = SubmitAck | RequestUrls
+
+
+class QueueClient:
+    """Submit, watch, fetch and cancel queue requests. Never retries by itself."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        queue_url: str,
+        key: SecretStr,
+        timeouts: CallTimeouts | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._http = http
+        self._queue = httpx.URL(queue_url.rstrip("/"))
+        if self._queue.scheme not in ("http", "https") or not self._queue.host:
+            raise UsageError(f"queue URL must be http(s)://host[:port], got {queue_url!r}")
+        self._key = key
+        self._timeouts = timeouts or CallTimeouts()
+        self._wall_clock = wall_clock  # only to read HTTP-date Retry-After values
+
+    def __repr__(self) -> str:
+        return f"QueueClient(queue_url={str(self._queue)!r}, key={self._key!r})"
+
+    @property
+    def queue_url(self) -> str:
+        return str(self._queue)
+
+    # --- URLs ------------------------------------------------------------------------
+
+    def submit_url(self, endpoint_id: str) -> str:
+        """``{queue}/{owner}/{app}[/{path}]``: the full id, sub-path included."""
+        return f"{self._queue}/{'/'.join(_segments(endpoint_id))}"
+
+    def urls_for(self, endpoint_id: str, request_id: str) -> RequestUrls:
+        """Derive a request's URLs from its id alone (owner/app only, no sub-path), to
+        re-attach to a request recorded in the ledger without its ack."""
+        parts = _segments(endpoint_id)
+        app = parts[:3] if parts[0] in NAMESPACES else parts[:2]
+        if not _SEGMENT.fullmatch(request_id):
+            raise UsageError(f"not a request id: {request_id!r}")
+        base = f"{self._queue}/{'/'.join(app)}/requests/{request_id}"
+        return RequestUrls(
+            request_id=request_id,
+            status_url=f"{base}/status",
+            response_url=base,
+            cancel_url=f"{base}/cancel",
+        )
+
+    # --- calls -----------------------------------------------------------------------
+
+    async def submit(
+        self,
+        endpoint_id: str,
+        payload: Mapping[str, Any],
+        *,
+        webhook_url: str | None = None,
+        priority: str | None = None,
+        start_timeout_s: float | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> SubmitAck:
+        """POST one request to the queue; one call, never retried here."""
+        headers = dict(extra_headers or {})
+        if any(name.lower() == "authorization" for name in headers):
+            raise UsageError("extra_headers must not set Authorization")
+        if priority is not None:
+            if priority not in ("normal", "low"):
+                raise UsageError(f"priority must be normal or low, got {priority!r}")
+            headers["X-Fal-Queue-Priority"] = priority
+        if start_timeout_s is not None:
+            if start_timeout_s <= 1:
+                raise UsageError("start timeout must be more than 1 second")
+            headers["X-Fal-Request-Timeout"] = str(float(start_timeout_s))
+        params = {"fal_webhook": webhook_url} if webhook_url is not None else None
+        url = self.submit_url(endpoint_id)
+        response = await self._send(
+            "POST", url, json=dict(payload), params=params, headers=headers, kind="submit"
+        )
+        if not response.is_success:
+            self._raise_for(response, "POST", url)
+        return parse_ack(_json(response, "submit acknowledgement"))
+
+    async def status(self, ref: RequestRef, *, logs: bool = False) -> Status:
+        """GET the status once (202 while queued or running, 200 once completed)."""
+        params = {"logs": "1" if logs else "0"}
+        response = await self._send("GET", ref.status_url, params=params, kind="read")
+        if response.status_code not in (200, 202):
+            self._raise_for(response, "GET", ref.status_url)
+        return parse_status(_json(response, "status"))
+
+    async def result(self, ref: RequestRef) -> ResultResponse:
+        """GET the stored result. The model's own code is replayed: 2xx, 422 and fal-marked
+        error answers (request id or error type present) are returned as results; 404
+        (expired or unknown), throttling and bare gateway errors raise."""
+        url = ref.response_url
+        response = await self._send("GET", url, kind="read")
+        code = response.status_code
+        if code in (401, 403, 404, 408, 409, 429) or not (
+            response.is_success or code == 422 or _is_stored(response)
+        ):
+            self._raise_for(response, "GET", url, allow_timeout_type=True)
+        try:
+            body: Any = response.json()
+        except ValueError:
+            if response.is_success:
+                raise ProtocolError(f"GET {url}: result is not JSON") from None
+            body = self._redact(response.text)
+        return ResultResponse(
+            status_code=code,
+            body=body,
+            request_id=response.headers.get(REQUEST_ID_HEADER),
+            error_type=response.headers.get(ERROR_TYPE_HEADER) or _body_error_type(body),
+            timeout_type=response.headers.get(TIMEOUT_TYPE_HEADER),
+        )
+
+    async def cancel(self, ref: RequestRef) -> CancelOutcome:
+        """PUT the cancel once: 202 CANCELLATION_REQUESTED, 400 ALREADY_COMPLETED,
+        404 NOT_FOUND (a 404 without that body is a wrong URL and raises)."""
+        url = ref.cancel_url
+        response = await self._send("PUT", url, kind="read")
+        try:
+            outcome = parse_cancel(response.json())
+        except ValueError:
+            outcome = None
+        if outcome is not None and response.status_code in (200, 202, 400, 404):
+            return outcome
+        if response.status_code in (200, 202):
+            return "CANCELLATION_REQUESTED"
+        self._raise_for(response, "PUT", url)
+
+    @asynccontextmanager
+    async def stream(
+        self, ref: RequestRef, *, logs: bool = False
+    ) -> AsyncIterator[AsyncIterator[Status]]:
+        """Open the SSE status stream: ``async with client.stream(ack) as events:``.
+
+        ``events`` yields each status and ends after COMPLETED; a stream that closes
+        before COMPLETED raises TransportError(sent=True) so the caller reconnects.
+        The connection is closed when the ``async with`` block exits.
+        """
+        url = self._stream_url(ref.status_url)
+        self._check_origin(url)
+        headers = {**self._headers(), "Accept": "text/event-stream"}
+        params = {"logs": "1" if logs else "0"}
+        request = self._http.build_request(
+            "GET", url, params=params, headers=headers, timeout=self._timeouts.stream()
+        )
+        with self._translated("GET", url):
+            response = await self._http.send(request, stream=True)
+        try:
+            if response.status_code != 200:
+                with self._translated("GET", url):
+                    await response.aread()
+                self._raise_for(response, "GET", url)
+            events = self._events(response, url)
+            try:
+                yield events
+            finally:
+                await events.aclose()
+        finally:
+            await response.aclose()
+
+    # --- the one boundary --------------------------------------------------------------
+
+    async def _events(self, response: httpx.Response, url: str) -> AsyncGenerator[Status, None]:
+        parser = SSEParser()
+        with self._translated("GET", url):
+            async for chunk in response.aiter_bytes():
+                for data in parser.feed(chunk):
+                    status = parse_event_status(data)
+                    yield status
+                    if isinstance(status, Completed):
+                        return
+        raise TransportError(f"GET {url}: status stream ended before COMPLETED", sent=True)
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        kind: str,
+        json: Any = None,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        self._check_origin(url)
+        timeout = self._timeouts.submit() if kind == "submit" else self._timeouts.read()
+        with self._translated(method, url):
+            return await self._http.request(
+                method,
+                url,
+                json=json,
+                params=params,
+                headers={**self._headers(), **(headers or {})},
+                timeout=timeout,
+            )
+
+    @contextmanager
+    def _translated(self, method: str, url: str) -> Iterator[None]:
+        try:
+            yield
+        except httpx.TransportError as exc:
+            sent = not isinstance(exc, NOT_SENT_ERRORS)
+            detail = self._redact(str(exc)) or "no detail"
+            raise TransportError(
+                f"{method} {url}: {type(exc).__name__}: {detail}", sent=sent
+            ) from exc
+
+    def _raise_for(
+        self,
+        response: httpx.Response,
+        method: str,
+        url: str,
+        *,
+        allow_timeout_type: bool = False,
+    ) -> NoReturn:
+        code = response.status_code
+        request_id = response.headers.get(REQUEST_ID_HEADER)
+        where = f"{method} {url}: HTTP {code}"
+        if code in (401, 403):
+            raise AuthError(f"{where}: the queue refused the key (check FAL_KEY)")
+        if code == 504 and response.headers.get(TIMEOUT_TYPE_HEADER) and not allow_timeout_type:
+            raise ProtocolError(f"{where} with X-Fal-Request-Timeout-Type outside a result")
+        body = self._redact(response.text)[:BODY_LIMIT]
+        retry_after = parse_retry_after(
+            response.headers.get(RETRY_AFTER_HEADER), now_s=self._wall_clock()
+        )
+        gateway = " from the gateway" if is_gateway_error(code, body, request_id) else ""
+        rid = f" (request {request_id})" if request_id else ""
+        snippet = " ".join(body[:200].split())
+        raise HTTPStatusError(
+            f"{where}{gateway}{rid}: {snippet}" if snippet else f"{where}{gateway}{rid}",
+            status_code=code,
+            body=body,
+            request_id=request_id,
+            retry_after_s=retry_after,
+        )
+
+    def _headers(self) -> dict[str, str]:
+        return {
+            "Authorization": f"Key {self._key.get_secret_value()}",
+            "User-Agent": USER_AGENT,
+        }
+
+    def _check_origin(self, url: str) -> None:
+        target = httpx.URL(url)
+        if (target.scheme, target.host, target.port) != (
+            self._queue.scheme,
+            self._queue.host,
+            self._queue.port,
+        ):
+            raise ProtocolError(
+                f"refusing to send the key to {target.scheme}://{target.host}: "
+                f"not the queue origin {self._queue.scheme}://{self._queue.host}"
+            )
+
+    def _redact(self, text: str) -> str:
+        secret = self._key.get_secret_value()
+        for piece in (secret, secret.partition(":")[2]):
+            if len(piece) >= 4:
+                text = text.replace(piece, "[redacted]")
+        return text
+
+    @staticmethod
+    def _stream_url(status_url: str) -> str:
+        url = httpx.URL(status_url)
+        return str(url.copy_with(path=url.path.rstrip("/") + "/stream", query=None))
+
+
+def _segments(endpoint_id: str) -> list[str]:
+    parts = endpoint_id.strip("/").split("/")
+    minimum = 3 if parts[0] in NAMESPACES else 2
+    if len(parts) < minimum or not all(_SEGMENT.fullmatch(p) for p in parts):
+        raise UsageError(f"endpoint id must look like owner/app[/path], got {endpoint_id!r}")
+    return parts
+
+
+def _json(response: httpx.Response, what: str) -> Any:
+    try:
+        return response.json()
+    except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError included
+        raise ProtocolError(
+            f"{response.request.method} {response.request.url}: {what} is not JSON"
+        ) from exc
+
+
+def _is_stored(response: httpx.Response) -> bool:
+    """Whether an error answer was replayed by fal's queue (a result), not the gateway's."""
+    headers = response.headers
+    if REQUEST_ID_HEADER in headers or ERROR_TYPE_HEADER in headers:
+        return True
+    if TIMEOUT_TYPE_HEADER in headers:
+        return True
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return _body_error_type(body) is not None
+
+
+def _body_error_type(body: Any) -> str | None:
+    value = body.get("error_type") if isinstance(body, Mapping) else None
+    return value if isinstance(value, str) else None
