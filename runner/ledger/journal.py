@@ -1,0 +1,125 @@
+"""The append-only journal: one checksummed JSON line per event.
+
+A line is ``<crc32 as 8 hex digits> <json>\\n``; the CRC covers the JSON bytes.
+A segment is read up to its first line that is incomplete or fails its CRC:
+that is a torn tail (a write cut short by a crash) and everything from there
+on was never committed (a commit fsyncs every line before it), so it is
+ignored, never repaired in place. A writer never appends to a segment it did
+not create: after a crash the next writer folds the old segments into a part
+and starts a new one, so a torn tail is always the end of its segment.
+
+Segments live in ``run_dir/journal/segment-<first seq>.jsonl``, outside the
+``ledger/`` folder that Parquet readers glob.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SEGMENT_PREFIX = "segment-"
+SEGMENT_SUFFIX = ".jsonl"
+
+
+def encode_line(row: dict[str, Any]) -> bytes:
+    body = json.dumps(row, separators=(",", ":"), ensure_ascii=False).encode()
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentRead:
+    """What a segment held: the intact events and how many bytes of torn tail followed."""
+
+    rows: list[dict[str, Any]]
+    torn_bytes: int
+
+
+def decode_segment(data: bytes) -> SegmentRead:
+    rows: list[dict[str, Any]] = []
+    pos = 0
+    end = len(data)
+    while pos < end:
+        newline = data.find(b"\n", pos)
+        if newline < 0:
+            break
+        row = _decode_line(data[pos:newline])
+        if row is None:
+            break
+        rows.append(row)
+        pos = newline + 1
+    return SegmentRead(rows, end - pos)
+
+
+def _decode_line(line: bytes) -> dict[str, Any] | None:
+    if len(line) < 10 or line[8:9] != b" ":
+        return None
+    body = line[9:]
+    try:
+        crc = int(line[:8], 16)
+    except ValueError:
+        return None
+    if zlib.crc32(body) != crc:
+        return None
+    try:
+        row = json.loads(body)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("seq"), int) else None
+
+
+def read_segment(path: Path) -> SegmentRead:
+    return decode_segment(path.read_bytes())
+
+
+def segment_name(first_seq: int) -> str:
+    return f"{SEGMENT_PREFIX}{first_seq:012d}{SEGMENT_SUFFIX}"
+
+
+def list_segments(journal_dir: Path) -> list[Path]:
+    """Segment files in sequence order (names sort by their first seq)."""
+    try:
+        names = os.listdir(journal_dir)
+    except FileNotFoundError:
+        return []
+    return [
+        journal_dir / n
+        for n in sorted(names)
+        if n.startswith(SEGMENT_PREFIX) and n.endswith(SEGMENT_SUFFIX)
+    ]
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a create, rename or unlink) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SegmentWriter:
+    """Appends bytes to one new segment file; ``sync()`` is the durability point."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        # The file's name must be durable before any line in it can be.
+        fsync_dir(path.parent)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+
+    def sync(self) -> None:
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

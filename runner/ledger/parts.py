@@ -1,0 +1,124 @@
+"""Immutable Parquet parts: ``ledger/part-<first seq>-<last seq>.parquet``.
+
+A part is written under a hidden temporary name (``.part-….parquet.tmp``, which
+no ``*.parquet`` glob and no pyarrow dataset scan picks up), fsynced, renamed
+into place and the directory fsynced: a reader sees a whole part or none.
+The seq range in the name lets recovery drop a part that another part covers
+(a compaction that crashed before deleting its inputs) without opening it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from runner.errors import LedgerCorruptError
+from runner.ledger.journal import fsync_dir
+from runner.ledger.schema import LEDGER_SCHEMA, check_schema
+
+_PART_RE = re.compile(r"^part-(\d{12})-(\d{12})\.parquet$")
+TMP_PREFIX = ".part-"
+TMP_SUFFIX = ".tmp"
+ROW_GROUP_SIZE = 128 * 1024
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class PartFile:
+    first_seq: int
+    last_seq: int
+    path: Path
+
+
+def part_name(first_seq: int, last_seq: int) -> str:
+    return f"part-{first_seq:012d}-{last_seq:012d}.parquet"
+
+
+def scan_parts(ledger_dir: Path) -> tuple[list[PartFile], list[PartFile]]:
+    """(live parts in seq order, parts covered by a wider part and safe to delete)."""
+    try:
+        names = os.listdir(ledger_dir)
+    except FileNotFoundError:
+        return [], []
+    found = []
+    for name in names:
+        match = _PART_RE.match(name)
+        if match:
+            found.append(PartFile(int(match[1]), int(match[2]), ledger_dir / name))
+    found.sort(key=lambda p: (p.first_seq, -p.last_seq))
+    live: list[PartFile] = []
+    covered: list[PartFile] = []
+    for part in found:
+        if live and part.last_seq <= live[-1].last_seq:
+            covered.append(part)
+        else:
+            live.append(part)
+    return live, covered
+
+
+def stale_temp_files(ledger_dir: Path) -> list[Path]:
+    try:
+        names = os.listdir(ledger_dir)
+    except FileNotFoundError:
+        return []
+    return [ledger_dir / n for n in names if n.startswith(TMP_PREFIX) and n.endswith(TMP_SUFFIX)]
+
+
+def write_part(
+    ledger_dir: Path,
+    table: pa.Table,
+    *,
+    first_seq: int | None = None,
+    last_seq: int | None = None,
+) -> PartFile:
+    """Write a non-empty table (sorted by seq) as a durable, complete part.
+
+    The seq range named defaults to the table's; compaction names the wider
+    range of the parts it replaces, so that they count as covered.
+    """
+    seqs = table.column("seq")
+    first = int(seqs[0].as_py()) if first_seq is None else first_seq
+    last = int(seqs[-1].as_py()) if last_seq is None else last_seq
+    final = ledger_dir / part_name(first, last)
+    tmp = ledger_dir / f"{TMP_PREFIX}{first:012d}-{last:012d}.parquet{TMP_SUFFIX}"
+    table = table.replace_schema_metadata(LEDGER_SCHEMA.metadata)
+    with open(tmp, "wb") as handle:
+        pq.write_table(table, handle, row_group_size=ROW_GROUP_SIZE, compression="zstd")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, final)
+    fsync_dir(ledger_dir)
+    return PartFile(first, last, final)
+
+
+def read_part(path: Path) -> pa.Table:
+    """Read one part; any unreadable or foreign file is LedgerCorruptError naming it.
+
+    FileNotFoundError passes through: a reader racing a compaction retries.
+    """
+    try:
+        with pq.ParquetFile(path) as handle:
+            table = handle.read()
+        check_schema(table.schema, str(path))
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise LedgerCorruptError(f"ledger part {path} cannot be read: {exc}") from exc
+    if not table.schema.remove_metadata().equals(LEDGER_SCHEMA.remove_metadata()):
+        raise LedgerCorruptError(f"ledger part {path} has an unexpected schema")
+    return table
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace a file so that a crash leaves either the old or the new content."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

@@ -1,0 +1,295 @@
+"""The ledger's row schema: the typed event model, its Arrow schema, and the
+conversions between an event, a journal line's JSON and an Arrow table.
+
+Every ledger row is an *event* about one job. Journal lines hold the *encoded*
+form of an event (plain JSON: times as integer microseconds since the epoch,
+money as decimal strings), which converts losslessly to Arrow columns.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+SCHEMA_VERSION_KEY = b"runner.ledger.schema_version"
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+# 20 integer and 18 fractional digits: every USD amount fal bills, exactly.
+MONEY = pa.decimal128(38, 18)
+MONEY_SCALE = 18
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+OUTPUT_TYPE = pa.struct(
+    [
+        ("url", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("content_type", pa.string()),
+        ("local_path", pa.string()),
+        ("sha256", pa.string()),
+    ]
+)
+
+
+class JobState(StrEnum):
+    """A job's state as recorded by its latest event."""
+
+    SUBMITTING = "submitting"  # intent recorded and committed before the POST
+    UNKNOWN = "unknown"  # the POST was sent but its outcome is unknown
+    QUEUED = "queued"  # acknowledged by the queue: has a request_id
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INVALID = "invalid"  # the manifest row could not become a request
+
+
+@dataclass(frozen=True, slots=True)
+class OutputImage:
+    """One output image: where it is, its size and, once downloaded, its local copy."""
+
+    url: str
+    width: int | None = None
+    height: int | None = None
+    content_type: str | None = None
+    local_path: str | None = None
+    sha256: str | None = None
+
+
+# Columns whose last non-null value survives into later events of the same job.
+JOB_FIELDS = (
+    "row_id",
+    "line",
+    "source",
+    "variant",
+    "endpoint",
+    "request",
+    "metadata",
+    "estimated_usd",
+    "attempt",
+)
+# Columns that a new attempt's `submitting` event clears.
+ATTEMPT_FIELDS = (
+    "request_id",
+    "gateway_request_id",
+    "submitted_at",
+    "started_at",
+    "completed_at",
+    "queue_s",
+    "inference_s",
+    "outputs",
+    "seed",
+    "nsfw",
+    "megapixels",
+    "billed_usd",
+    "error_type",
+    "error_message",
+    "retryable",
+)
+# Columns that always come from the latest event.
+EVENT_FIELDS = ("seq", "at", "job_key", "state")
+
+LEDGER_SCHEMA = pa.schema(
+    [
+        pa.field("seq", pa.int64(), nullable=False),
+        pa.field("at", TIMESTAMP, nullable=False),
+        pa.field("job_key", pa.string(), nullable=False),
+        pa.field("state", pa.string(), nullable=False),
+        pa.field("row_id", pa.string()),
+        pa.field("line", pa.int64()),
+        pa.field("source", pa.string()),
+        pa.field("variant", pa.int32()),
+        pa.field("endpoint", pa.string()),
+        pa.field("request", pa.string()),
+        pa.field("metadata", pa.string()),
+        pa.field("estimated_usd", MONEY),
+        pa.field("attempt", pa.int32()),
+        pa.field("request_id", pa.string()),
+        pa.field("gateway_request_id", pa.string()),
+        pa.field("submitted_at", TIMESTAMP),
+        pa.field("started_at", TIMESTAMP),
+        pa.field("completed_at", TIMESTAMP),
+        pa.field("queue_s", pa.float64()),
+        pa.field("inference_s", pa.float64()),
+        pa.field("outputs", pa.list_(OUTPUT_TYPE)),
+        pa.field("seed", pa.int64()),
+        pa.field("nsfw", pa.list_(pa.bool_())),
+        pa.field("megapixels", pa.int64()),
+        pa.field("billed_usd", MONEY),
+        pa.field("error_type", pa.string()),
+        pa.field("error_message", pa.string()),
+        pa.field("retryable", pa.bool_()),
+    ],
+    metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()},
+)
+_TIME_FIELDS = frozenset({"at", "submitted_at", "started_at", "completed_at"})
+_MONEY_FIELDS = frozenset({"estimated_usd", "billed_usd"})
+
+
+def encode_request(payload: Mapping[str, Any]) -> str:
+    """Canonical JSON for a request body (sorted keys, no spaces)."""
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _check_money(name: str, value: Decimal | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, Decimal) or not value.is_finite():
+        raise ValueError(f"{name} must be a finite Decimal, got {value!r}")
+    exponent = value.as_tuple().exponent
+    if isinstance(exponent, int) and -exponent > MONEY_SCALE:
+        raise ValueError(f"{name}={value} has more than {MONEY_SCALE} decimal places")
+
+
+def _check_time(name: str, value: datetime | None) -> None:
+    if value is not None and value.tzinfo is None:
+        raise ValueError(f"{name} must be timezone-aware")
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEvent:
+    """One thing that happened to one job. Only job_key, state and at are required."""
+
+    job_key: str
+    state: JobState
+    at: datetime
+    row_id: str | None = None
+    line: int | None = None
+    source: str | None = None
+    variant: int | None = None
+    endpoint: str | None = None
+    request: str | None = None  # canonical JSON, see encode_request()
+    metadata: Mapping[str, str] | None = None
+    estimated_usd: Decimal | None = None
+    attempt: int | None = None
+    request_id: str | None = None
+    gateway_request_id: str | None = None
+    submitted_at: datetime | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    queue_s: float | None = None
+    inference_s: float | None = None
+    outputs: tuple[OutputImage, ...] | None = None
+    seed: int | None = None
+    nsfw: tuple[bool, ...] | None = None
+    megapixels: int | None = None
+    billed_usd: Decimal | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    retryable: bool | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state", JobState(self.state))
+        for name in _TIME_FIELDS:
+            _check_time(name, getattr(self, name))
+        for name in _MONEY_FIELDS:
+            _check_money(name, getattr(self, name))
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord(LedgerEvent):
+    """The folded latest view of one job: its last event plus carried-forward fields."""
+
+    seq: int = 0
+
+
+_EVENT_NAMES = tuple(f.name for f in fields(LedgerEvent))
+
+
+def _micros(value: datetime) -> int:
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def encode_event(event: LedgerEvent, seq: int) -> dict[str, Any]:
+    """The JSON-ready form of an event written to the journal (None fields omitted)."""
+    out: dict[str, Any] = {"seq": seq}
+    for name in _EVENT_NAMES:
+        value = getattr(event, name)
+        if value is None:
+            continue
+        if name in _TIME_FIELDS:
+            value = _micros(value)
+        elif name in _MONEY_FIELDS:
+            value = str(value)
+        elif name == "outputs":
+            value = [_output_dict(o) for o in value]
+        elif name == "nsfw":
+            value = list(value)
+        elif name == "metadata":
+            value = json.dumps(dict(value), sort_keys=True, ensure_ascii=False)
+        elif name == "state":
+            value = str(value)
+        out[name] = value
+    return out
+
+
+def _output_dict(output: OutputImage) -> dict[str, Any]:
+    return {
+        "url": output.url,
+        "width": output.width,
+        "height": output.height,
+        "content_type": output.content_type,
+        "local_path": output.local_path,
+        "sha256": output.sha256,
+    }
+
+
+def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """An Arrow table in LEDGER_SCHEMA from encoded events (journal form)."""
+    arrays = []
+    for field in LEDGER_SCHEMA:
+        values = [row.get(field.name) for row in rows]
+        if field.name in _TIME_FIELDS:
+            arrays.append(pa.array(values, pa.int64()).cast(TIMESTAMP))
+        elif field.name in _MONEY_FIELDS:
+            arrays.append(pa.array([_dec(v) for v in values], MONEY))
+        else:
+            arrays.append(pa.array(values, field.type))
+    return pa.Table.from_arrays(arrays, schema=LEDGER_SCHEMA)
+
+
+def _dec(value: str | None) -> Decimal | None:
+    return None if value is None else Decimal(value)
+
+
+def empty_table() -> pa.Table:
+    return LEDGER_SCHEMA.empty_table()
+
+
+def record_from_row(row: Mapping[str, Any]) -> JobRecord:
+    """A JobRecord from one folded Arrow row as Python values (``Table.slice().to_pylist()``)."""
+    kwargs: dict[str, Any] = {name: row.get(name) for name in _EVENT_NAMES}
+    if kwargs["metadata"] is not None:
+        kwargs["metadata"] = json.loads(kwargs["metadata"])
+    if kwargs["outputs"] is not None:
+        kwargs["outputs"] = tuple(OutputImage(**o) for o in kwargs["outputs"])
+    if kwargs["nsfw"] is not None:
+        kwargs["nsfw"] = tuple(kwargs["nsfw"])
+    for name in _MONEY_FIELDS:
+        if kwargs[name] is not None:
+            kwargs[name] = _trim(kwargs[name])
+    return JobRecord(seq=int(row["seq"]), **kwargs)
+
+
+def _trim(value: Decimal) -> Decimal:
+    """Drop the trailing zeros the fixed scale adds, without switching to exponent form."""
+    if value == value.to_integral_value():
+        return value.quantize(Decimal(1))
+    return value.normalize()
+
+
+def check_schema(schema: pa.Schema, where: str) -> None:
+    """Refuse a file written with a newer or unknown schema version."""
+    meta = schema.metadata or {}
+    version = meta.get(SCHEMA_VERSION_KEY)
+    if version is None or int(version) > SCHEMA_VERSION:
+        raise ValueError(f"{where}: unsupported ledger schema version {version!r}")

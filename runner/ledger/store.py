@@ -1,0 +1,294 @@
+"""The ledger writer: lock, recovery, group commit, checkpoints, compaction, run.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import pyarrow as pa
+
+from runner.errors import LedgerError
+from runner.ledger.fold import JOURNAL_DIR, LEDGER_DIR, LedgerState, fold, read_events
+from runner.ledger.journal import (
+    SegmentWriter,
+    encode_line,
+    fsync_dir,
+    list_segments,
+    read_segment,
+    segment_name,
+)
+from runner.ledger.lock import RunLock
+from runner.ledger.parts import (
+    atomic_write_bytes,
+    read_part,
+    scan_parts,
+    stale_temp_files,
+    write_part,
+)
+from runner.ledger.schema import LedgerEvent, encode_event, rows_to_table
+
+RUN_META = "run.json"
+CHECKPOINT_EVENTS = 50_000
+
+
+class Ledger:
+    """The single writer of a run directory. Build it with :meth:`open`.
+
+    ``append()`` assigns the next seq and buffers; ``await commit()`` makes
+    every event appended so far durable with one write + fsync, shared by all
+    the tasks that await it meanwhile (group commit); every
+    ``checkpoint_events`` committed events are folded into a Parquet part.
+    """
+
+    def __init__(self, run_dir: Path, lock: RunLock, next_seq: int, checkpoint_events: int):
+        self.run_dir = run_dir
+        self.ledger_dir = run_dir / LEDGER_DIR
+        self.journal_dir = run_dir / JOURNAL_DIR
+        self._lock = lock
+        self._checkpoint_events = checkpoint_events
+        self._io = threading.Lock()  # guards the fields below; never held during I/O
+        self._write = threading.Lock()  # serialises journal writes, keeps seq order
+        self._checkpointing = threading.Lock()  # one part writer at a time
+        self._next_seq = next_seq
+        self._durable_seq = next_seq - 1
+        self._pending: list[bytes] = []
+        self._pending_rows: list[dict[str, Any]] = []
+        self._unfolded: list[dict[str, Any]] = []
+        self._retired: list[Path] = []
+        self._segment = SegmentWriter(self.journal_dir / segment_name(next_seq))
+        self._commit_lock = anyio.Lock()
+        self._closed = False
+
+    @classmethod
+    def open(cls, run_dir: Path | str, *, checkpoint_events: int = CHECKPOINT_EVENTS) -> Ledger:
+        """Lock the run directory, recover from any crash, and start a new journal segment."""
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(run_dir)
+        lock.acquire()
+        try:
+            next_seq = _recover(run_dir)
+            return cls(run_dir, lock, next_seq, checkpoint_events)
+        except BaseException:
+            lock.release()
+            raise
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last appended event (0 when none)."""
+        return self._next_seq - 1
+
+    @property
+    def committed_seq(self) -> int:
+        """Every event up to this seq is durable."""
+        return self._durable_seq
+
+    def append(self, event: LedgerEvent) -> int:
+        """Buffer one event and return its seq. It is durable only after commit()."""
+        with self._io:
+            if self._closed:
+                raise LedgerError(f"ledger in {self.run_dir} is closed")
+            seq = self._next_seq
+            self._next_seq += 1
+            row = encode_event(event, seq)
+            self._pending.append(encode_line(row))
+            self._pending_rows.append(row)
+        return seq
+
+    async def commit(self) -> None:
+        """Make every event appended before this call durable (one fsync for all waiters)."""
+        target = self.last_seq
+        if self._durable_seq >= target:
+            return
+        async with self._commit_lock:
+            if self._durable_seq < target:
+                # A shielded flush: cancelling a waiter must not cancel a half-done write.
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self._flush)
+        if len(self._unfolded) >= self._checkpoint_events and not self._checkpointing.locked():
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.checkpoint_sync)
+
+    def commit_sync(self) -> None:
+        self._flush()
+        if len(self._unfolded) >= self._checkpoint_events:
+            self.checkpoint_sync()
+
+    def _flush(self) -> None:
+        with self._write:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        with self._io:
+            if not self._pending:
+                return
+            data = b"".join(self._pending)
+            rows = self._pending_rows
+            self._pending, self._pending_rows = [], []
+        self._segment.write(data)
+        self._segment.sync()
+        with self._io:
+            self._durable_seq = rows[-1]["seq"]
+            self._unfolded.extend(rows)
+
+    async def checkpoint(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self.checkpoint_sync)
+
+    def checkpoint_sync(self) -> None:
+        """Fold committed journal events into a durable part, then drop their segments."""
+        with self._checkpointing:
+            with self._write:
+                self._flush_locked()
+                with self._io:
+                    rows, self._unfolded = self._unfolded, []
+                if not rows:
+                    return
+                old = self._segment
+                self._segment = SegmentWriter(self.journal_dir / segment_name(self._next_seq))
+                old.close()
+                self._retired.append(old.path)
+            try:
+                write_part(self.ledger_dir, rows_to_table(rows))
+            except BaseException:
+                with self._io:
+                    self._unfolded[:0] = rows
+                raise
+            # Only now that the part is durable may the journal lines go.
+            retired, self._retired = self._retired, []
+            for path in retired:
+                path.unlink(missing_ok=True)
+            fsync_dir(self.journal_dir)
+
+    def compact(self) -> int:
+        """Fold all parts into one holding only the latest state per job; returns parts removed.
+
+        History (earlier events of a job) is dropped; the folded rows carry
+        every field forward, so folding the result gives the same state.
+        """
+        self.checkpoint_sync()
+        with self._checkpointing:
+            parts, covered = scan_parts(self.ledger_dir)
+            if len(parts) <= 1:
+                return 0
+            folded = fold(pa.concat_tables([read_part(p.path) for p in parts]))
+            write_part(
+                self.ledger_dir, folded, first_seq=parts[0].first_seq, last_seq=parts[-1].last_seq
+            )
+            for part in [*parts, *covered]:
+                part.path.unlink()
+            fsync_dir(self.ledger_dir)
+            return len(parts)
+
+    def state(self) -> LedgerState:
+        """The folded ledger as on disk now (every committed event, maybe a few more)."""
+        return LedgerState(fold(read_events(self.run_dir).table))
+
+    def close(self) -> None:
+        """Commit, checkpoint, and release the lock. Idempotent."""
+        if self._closed:
+            return
+        try:
+            self.checkpoint_sync()
+            with self._io:
+                self._closed = True
+            self._segment.close()
+            if os.path.getsize(self._segment.path) == 0:
+                self._segment.path.unlink()
+                fsync_dir(self.journal_dir)
+        finally:
+            self._closed = True
+            self._lock.release()
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self.close)
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Ledger:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+def _recover(run_dir: Path) -> int:
+    """Bring a locked run directory to a clean state; return the next seq.
+
+    Each step is safe to interrupt: temp files and covered parts are garbage,
+    journal events already in a part are filtered by seq, and the journal is
+    deleted only after the part holding its events is durable.
+    """
+    ledger_dir = run_dir / LEDGER_DIR
+    journal_dir = run_dir / JOURNAL_DIR
+    for directory in (ledger_dir, journal_dir):
+        if not directory.exists():
+            directory.mkdir()
+            fsync_dir(run_dir)
+    parts, covered = scan_parts(ledger_dir)
+    garbage = [p.path for p in covered] + stale_temp_files(ledger_dir)
+    for path in garbage:
+        path.unlink()
+    if garbage:
+        fsync_dir(ledger_dir)
+    max_seq = parts[-1].last_seq if parts else 0
+    segments = list_segments(journal_dir)
+    rows = [r for s in segments for r in read_segment(s).rows if r["seq"] > max_seq]
+    if rows:
+        write_part(ledger_dir, rows_to_table(rows))
+        max_seq = rows[-1]["seq"]
+    for segment in segments:
+        segment.unlink()
+    if segments:
+        fsync_dir(journal_dir)
+    return max_seq + 1
+
+
+def write_run_meta(run_dir: Path | str, meta: Mapping[str, Any]) -> None:
+    """Write run.json atomically (manifest fingerprint, version, config without secrets)."""
+    _refuse_secrets(meta, "run.json")
+    data = json.dumps(meta, indent=2, sort_keys=True, default=str).encode() + b"\n"
+    atomic_write_bytes(Path(run_dir) / RUN_META, data)
+
+
+def read_run_meta(run_dir: Path | str) -> dict[str, Any] | None:
+    path = Path(run_dir) / RUN_META
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        raise LedgerError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise LedgerError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _refuse_secrets(value: Any, where: str) -> None:
+    from pydantic import SecretBytes, SecretStr
+
+    if isinstance(value, SecretStr | SecretBytes):
+        raise ValueError(f"{where}: refusing to write a secret value")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _refuse_secrets(item, f"{where}.{key}")
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _refuse_secrets(item, where)
