@@ -245,7 +245,7 @@ class _Handler:
     max_body_bytes: int
     max_skew_s: float
 
-    async def __call__(self, request: Request) -> JSONResponse:
+    async def handle(self, request: Request) -> JSONResponse:
         self.stats.received += 1
         try:
             body = await _read_body(request, self.max_body_bytes)
@@ -324,8 +324,8 @@ def build_app(
     )
     # A tunnel may forward to a path of its own, so every path is the receiver.
     routes = [
-        Route("/", handler, methods=["POST"]),
-        Route("/{path:path}", handler, methods=["POST"]),
+        Route("/", handler.handle, methods=["POST"]),
+        Route("/{path:path}", handler.handle, methods=["POST"]),
     ]
     app = Starlette(routes=routes)
     app.state.webhook_stats = handler.stats

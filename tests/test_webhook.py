@@ -74,7 +74,11 @@ def sign(
 
 def jwk(key: Ed25519PrivateKey) -> dict[str, str]:
     raw = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    return {"kty": "OKP", "crv": "Ed25519", "x": base64.urlsafe_b64encode(raw).rstrip(b"=").decode()}
+    return {
+        "kty": "OKP",
+        "crv": "Ed25519",
+        "x": base64.urlsafe_b64encode(raw).rstrip(b"=").decode(),
+    }
 
 
 def event_body(request_id: str = "req-1", **extra: Any) -> bytes:
@@ -138,8 +142,12 @@ SIG = "X-Fal-Webhook-Signature"
 REJECTIONS: list[tuple[str, bytes, dict[str, str], str]] = [
     ("forged with another key", BODY, sign(FORGER_KEY, BODY), "bad_signature"),
     ("tampered body", BODY.replace(b'"seed": 7', b'"seed": 8'), SIGNED, "bad_signature"),
-    ("signed for another request id", BODY, sign(FAL_KEY, BODY, request_id="req-2")
-     | {"X-Fal-Webhook-Request-Id": "req-1"}, "bad_signature"),
+    (
+        "signed for another request id",
+        BODY,
+        sign(FAL_KEY, BODY, request_id="req-2") | {"X-Fal-Webhook-Request-Id": "req-1"},
+        "bad_signature",
+    ),
     ("replayed 301 s later", BODY, sign(FAL_KEY, BODY, timestamp=NOW - 301), "stale"),
     ("replayed a day later", BODY, sign(FAL_KEY, BODY, timestamp=NOW - 86_400), "stale"),
     ("timestamp 301 s ahead", BODY, sign(FAL_KEY, BODY, timestamp=NOW + 301), "future"),
@@ -383,3 +391,235 @@ async def test_jwks_that_is_not_json_is_a_protocol_failure(http_factory: Any) ->
         cache = JwksCache(http, JWKS_URL, clock=FakeClock(0.0))
         with pytest.raises(FalError, match="not JSON"):
             await cache.keys()
+
+
+# --- the receiver app (in process) -----------------------------------------------------
+
+
+class Harness:
+    """The app behind httpx.ASGITransport, its event stream and its counters."""
+
+    def __init__(self, keys: Any, *, queue_size: int = 16, max_body_bytes: int = 1 << 20):
+        self.clock = FakeClock(float(NOW))
+        self.stats = WebhookStats()
+        self.send, self.events = anyio.create_memory_object_stream[WebhookEvent](queue_size)
+        app = build_app(
+            keys=keys,
+            events=self.send,
+            stats=self.stats,
+            wall_clock=self.clock,
+            max_body_bytes=max_body_bytes,
+        )
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://webhook.test"
+        )
+
+    async def post(
+        self, body: bytes, headers: dict[str, str], path: str = "/", **kwargs: Any
+    ) -> httpx.Response:
+        return await self.client.post(path, content=body, headers=headers, **kwargs)
+
+    async def deliver(self, request_id: str, key: Ed25519PrivateKey = FAL_KEY) -> httpx.Response:
+        body = event_body(request_id)
+        ts = int(self.clock())
+        return await self.post(body, sign(key, body, request_id=request_id, timestamp=ts))
+
+    def forwarded(self) -> list[str]:
+        ids = []
+        while True:
+            try:
+                ids.append(self.events.receive_nowait().request_id)
+            except anyio.WouldBlock:
+                return ids
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        self.send.close()
+        self.events.close()
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    h = Harness(StaticKeys([FAL_KEY.public_key()]))
+    yield h
+    await h.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path", ["/", "/hooks/fal", "/tunnel/abc/def?x=1"])
+async def test_a_valid_delivery_is_answered_200_and_forwarded(harness: Harness, path: str) -> None:
+    body = event_body("req-7")
+    response = await harness.post(body, sign(FAL_KEY, body, request_id="req-7"), path)
+    assert response.status_code == 200
+    event = harness.events.receive_nowait()
+    assert event == WebhookEvent.model_validate_json(body)
+    assert event.payload["images"][0]["url"] == "https://v3.fal.media/files/x.png"
+    assert (harness.stats.received, harness.stats.valid, harness.stats.forwarded) == (1, 1, 1)
+
+
+@pytest.mark.anyio
+async def test_a_duplicate_delivery_is_answered_200_and_forwarded_once(harness: Harness) -> None:
+    answers = [(await harness.deliver("req-1")).status_code for _ in range(3)]
+    harness.clock.now_s += 3600  # fal's retry an hour later, freshly signed
+    answers.append((await harness.deliver("req-1")).status_code)
+    assert answers == [200, 200, 200, 200]
+    assert harness.forwarded() == ["req-1"]
+    assert (harness.stats.duplicates, harness.stats.forwarded) == (3, 1)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("body", "headers", "reason"),
+    [case[1:] for case in REJECTIONS],
+    ids=[case[0] for case in REJECTIONS],
+)
+async def test_bad_signatures_are_answered_401_and_not_forwarded(
+    harness: Harness, body: bytes, headers: dict[str, str], reason: str
+) -> None:
+    response = await harness.post(body, headers)
+    assert (response.status_code, response.json()) == (401, {"outcome": reason})
+    assert harness.forwarded() == []
+    assert harness.stats.rejected == {reason: 1}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "body",
+    [b"{not json", b"[]", b'{"status": "OK"}', b'{"request_id": "r", "status": "DONE"}'],
+    ids=["broken json", "not an object", "no request id", "unknown status"],
+)
+async def test_signed_but_malformed_json_is_answered_400(harness: Harness, body: bytes) -> None:
+    response = await harness.post(body, sign(FAL_KEY, body))
+    assert (response.status_code, response.json()) == (400, {"outcome": "malformed"})
+    assert harness.forwarded() == []
+
+
+@pytest.mark.anyio
+async def test_other_methods_are_not_allowed(harness: Harness) -> None:
+    assert (await harness.client.get("/")).status_code == 405
+    assert harness.stats.received == 0
+
+
+@pytest.mark.anyio
+async def test_a_full_event_stream_answers_503_so_fal_retries_later() -> None:
+    h = Harness(StaticKeys([FAL_KEY.public_key()]), queue_size=1)
+    try:
+        assert (await h.deliver("req-1")).status_code == 200
+        assert (await h.deliver("req-2")).status_code == 503
+        assert h.forwarded() == ["req-1"]
+        assert (await h.deliver("req-2")).status_code == 200  # fal's retry, room again
+        assert h.forwarded() == ["req-2"]
+        assert h.stats.rejected == {"busy": 1}
+        assert (h.stats.forwarded, h.stats.duplicates) == (2, 0)
+    finally:
+        await h.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_closed_event_stream_answers_503(harness: Harness) -> None:
+    harness.events.close()
+    assert (await harness.deliver("req-1")).status_code == 503
+    assert harness.stats.rejected == {"closed": 1}
+
+
+class CountingBody:
+    """A streamed request body that records how many chunks the server pulled."""
+
+    def __init__(self, chunks: int, size: int) -> None:
+        self.chunks, self.size, self.pulled = chunks, size, 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for _ in range(self.chunks):
+            self.pulled += 1
+            yield b"x" * self.size
+
+
+@pytest.mark.anyio
+async def test_a_declared_oversized_body_is_refused_413_before_reading() -> None:
+    h = Harness(StaticKeys([FAL_KEY.public_key()]), max_body_bytes=1000)
+    try:
+        body = CountingBody(chunks=4, size=300)
+        headers = {**sign(FAL_KEY, b"x" * 1200), "Content-Length": "1200"}
+        response = await h.client.post("/", content=body, headers=headers)
+        assert (response.status_code, response.json()) == (413, {"outcome": "too_large"})
+        assert body.pulled == 0
+        assert h.stats.rejected == {"too_large": 1}
+    finally:
+        await h.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_chunked_oversized_body_is_refused_413_while_streaming() -> None:
+    h = Harness(StaticKeys([FAL_KEY.public_key()]), max_body_bytes=1000)
+    try:
+        body = CountingBody(chunks=100, size=300)
+        response = await h.client.post("/", content=body, headers=sign(FAL_KEY, b""))
+        assert response.request.headers.get("transfer-encoding") == "chunked"
+        assert "content-length" not in response.request.headers
+        assert response.status_code == 413
+        assert body.pulled == 4  # stopped at the first chunk past 1000 bytes
+        assert h.forwarded() == []
+    finally:
+        await h.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_body_at_the_limit_is_accepted() -> None:
+    body = event_body("req-1")
+    h = Harness(StaticKeys([FAL_KEY.public_key()]), max_body_bytes=len(body))
+    try:
+        assert (await h.post(body, sign(FAL_KEY, body))).status_code == 200
+    finally:
+        await h.aclose()
+
+
+@pytest.mark.anyio
+async def test_the_receiver_follows_a_key_rotation_with_one_rate_limited_refetch(
+    http_factory: Any,
+) -> None:
+    server, jwks_clock = JwksServer(FAL_KEY), FakeClock(0.0)
+    cache = JwksCache(http_factory(server), JWKS_URL, clock=jwks_clock)
+    h = Harness(cache)
+    try:
+        assert (await h.deliver("req-1")).status_code == 200
+        assert server.requests == 1
+        server.keys = [FAL_KEY, ROTATED_KEY]  # fal publishes a new key and signs with it
+        jwks_clock.now_s += 120
+        assert (await h.deliver("req-2", ROTATED_KEY)).status_code == 200
+        assert server.requests == 2
+        forged = [(await h.deliver(f"f{i}", FORGER_KEY)).status_code for i in range(20)]
+        assert forged == [401] * 20
+        assert server.requests == 2  # forged traffic cannot make it refetch within a minute
+        jwks_clock.now_s += 60
+        assert (await h.deliver("f-late", FORGER_KEY)).status_code == 401
+        assert server.requests == 3
+        assert h.forwarded() == ["req-1", "req-2"]
+        assert h.stats.rejected == {"bad_signature": 21}
+    finally:
+        await h.aclose()
+
+
+@pytest.mark.anyio
+async def test_headers_are_checked_before_any_key_is_fetched(http_factory: Any) -> None:
+    server = JwksServer(FAL_KEY)
+    h = Harness(JwksCache(http_factory(server), JWKS_URL, clock=FakeClock(0.0)))
+    try:
+        assert (await h.post(BODY, _without(SIGNED, SIG))).status_code == 401
+        stale = sign(FAL_KEY, BODY, timestamp=NOW - 1000)
+        assert (await h.post(BODY, stale)).status_code == 401
+        assert server.requests == 0
+    finally:
+        await h.aclose()
+
+
+@pytest.mark.anyio
+async def test_unreachable_keys_answer_503_so_fal_retries(http_factory: Any) -> None:
+    server = JwksServer(FAL_KEY)
+    server.down = True
+    h = Harness(JwksCache(http_factory(server), JWKS_URL, clock=FakeClock(0.0)))
+    try:
+        response = await h.deliver("req-1")
+        assert (response.status_code, response.json()) == (503, {"outcome": "keys_unavailable"})
+        assert h.forwarded() == []
+    finally:
+        await h.aclose()
