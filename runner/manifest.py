@@ -154,9 +154,8 @@ def _check_unique(names: list[str], display: str) -> None:
     for name in names:
         (duplicates if name in seen else seen).add(name)
     if duplicates:
-        raise ManifestError(
-            f"{display}: duplicate column names in the header: {sorted(duplicates)}"
-        )
+        listed = ", ".join(sorted(duplicates))
+        raise ManifestError(f"{display}: duplicate column names in the header: {listed}")
 
 
 def _delimited_rows(path: Path, display: str, delimiter: str) -> Iterator[RawRow]:
