@@ -229,6 +229,12 @@ class Ledger:
         await self.aclose()
 
 
+def compact(run_dir: Path | str) -> int:
+    """Fold a run directory's parts into one (takes the writer lock); returns parts removed."""
+    with Ledger.open(run_dir) as ledger:
+        return ledger.compact()
+
+
 def _recover(run_dir: Path) -> int:
     """Bring a locked run directory to a clean state; return the next seq.
 

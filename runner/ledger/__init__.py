@@ -1,0 +1,130 @@
+"""The ledger: the run's durable memory, and the plan for resuming it.
+
+Layout of a run directory::
+
+    run_dir/
+      run.json                       manifest fingerprint, runner version, config (no secrets)
+      .lock                          fcntl.flock of the one writer; holds its pid
+      ledger/part-<first>-<last>.parquet   immutable Parquet parts (seq range in the name)
+      journal/segment-<first>.jsonl  append-only journal of events not yet in a part
+
+``ledger/*.parquet`` is plain Parquet, readable as-is by pyarrow, pandas,
+polars and DuckDB (``SELECT * FROM 'run/ledger/*.parquet'``). Temporary part
+files are hidden (``.part-….parquet.tmp``) and the journal lives outside
+``ledger/``, so no glob or dataset scan picks up anything but whole parts.
+The latest few events may still be only in the journal: ``runner export`` (or
+:func:`export`) gives the complete folded view.
+
+Schema (version 1, in the Parquet key-value metadata
+``runner.ledger.schema_version``). Each row is an *event*:
+
+    seq                int64, not null   monotonic per run directory; orders events
+    at                 timestamp[us,UTC] event time, not null
+    job_key            string, not null  stable id of the job (hash of its request)
+    state              string, not null  see States below
+    row_id, line       string, int64     the manifest row (join key) and its 1-based line
+    source, variant    string, int32     manifest file; variant index within the row
+    endpoint           string            fal endpoint id
+    request            string            canonical JSON of the request body
+    metadata           string            JSON object str->str: non-parameter columns
+    estimated_usd      decimal128(38,18) pre-run estimate (exact Decimal)
+    attempt            int32             1 for the first submission, +1 per retry
+    request_id         string            fal's queue request id
+    gateway_request_id string            fal's gateway id, when given
+    submitted_at, started_at, completed_at   timestamp[us,UTC]
+    queue_s, inference_s float64         seconds waiting in queue / running
+    outputs            list<struct<url, width int32, height int32, content_type,
+                       local_path, sha256>>
+    seed               int64             seed reported by the endpoint
+    nsfw               list<bool>        has_nsfw_concepts, one per image
+    megapixels         int64             billed megapixel units
+    billed_usd         decimal128(38,18) output-based cost (exact Decimal)
+    error_type, error_message string; retryable bool
+
+Money is decimal128 with scale 18, so every Decimal with up to 18 decimal
+places round-trips exactly (LedgerEvent refuses more). DuckDB, polars and
+pandas read it as a decimal.
+
+States: ``submitting`` (intent recorded and committed before the POST),
+``unknown`` (POST sent, outcome unknown), ``queued`` (acknowledged: has a
+request_id), ``in_progress``, ``completed``, ``failed``, ``cancelled``,
+``invalid`` (the manifest row could not become a request).
+
+Folding: a job's latest state is its last event by seq; every other column
+carries forward its last non-null value from earlier events, job-level
+columns (row_id … attempt) over the whole job, attempt-level ones
+(request_id … retryable) only since the latest ``submitting`` event, so a new
+attempt starts clean while request_id survives into ``completed``.
+
+Durability:
+
+- ``append()`` buffers an event under the next seq; ``await commit()`` writes
+  and fsyncs every buffered event in one go, coalescing all concurrent
+  committers into one fsync (anyio lock, fsync in a worker thread). A line is
+  ``crc32 json``; a torn tail is detected and ignored.
+- The engine appends ``submitting`` and commits before each POST, so a crash
+  between POST and acknowledgement leaves a visible unknown outcome.
+- ``checkpoint()`` (every N committed events and at close): switch to a new
+  journal segment, write the old events as a part under a temp name, fsync,
+  rename, fsync the directory, and only then delete the old segment. Journal
+  events with a seq at or below the newest part's last seq are already in a
+  part, so a crash between any two steps neither loses nor double counts.
+- Opening a writer takes the lock (LedgerLockedError when held), removes
+  temp files and parts covered by a wider part (an interrupted compaction),
+  folds the surviving journal into a part and starts a fresh segment: a
+  writer never appends after a torn tail.
+- ``compact()`` replaces all parts with one part holding only each job's
+  folded latest row: earlier events (history) are dropped by design.
+- A part that cannot be read raises LedgerCorruptError naming the file.
+"""
+
+from runner.ledger.fold import JobBrief, LedgerState, fold, read_events
+from runner.ledger.lock import RunLock
+from runner.ledger.resume import (
+    Action,
+    Decision,
+    ResumePolicy,
+    ResumeSummary,
+    decide,
+    plan_resume,
+)
+from runner.ledger.schema import (
+    LEDGER_SCHEMA,
+    SCHEMA_VERSION,
+    JobRecord,
+    JobState,
+    LedgerEvent,
+    OutputImage,
+    encode_request,
+)
+from runner.ledger.store import Ledger, compact, read_run_meta, write_run_meta
+from runner.ledger.views import EndpointSummary, StatusSummary, export, status_summary
+
+__all__ = [
+    "LEDGER_SCHEMA",
+    "SCHEMA_VERSION",
+    "Action",
+    "Decision",
+    "EndpointSummary",
+    "JobBrief",
+    "JobRecord",
+    "JobState",
+    "Ledger",
+    "LedgerEvent",
+    "LedgerState",
+    "OutputImage",
+    "ResumePolicy",
+    "ResumeSummary",
+    "RunLock",
+    "StatusSummary",
+    "compact",
+    "decide",
+    "encode_request",
+    "export",
+    "fold",
+    "plan_resume",
+    "read_events",
+    "read_run_meta",
+    "status_summary",
+    "write_run_meta",
+]

@@ -1,0 +1,157 @@
+"""The resume plan: what to do with each manifest job given the ledger. Pure.
+
+    ledger record              decision
+    -------------------------  ----------------------------------------------
+    none (new key)             SUBMIT
+    completed                  SKIP
+    queued / in_progress       REATTACH to its request_id (poll; never resubmit)
+      ... without request_id   as unknown
+    submitting / unknown       on_unknown: resubmit -> SUBMIT (possible duplicate
+                               spend), skip -> SKIP, fail -> FAIL
+    failed                     SUBMIT if retryable and attempt < max_attempts,
+                               or retry_failed; else SKIP
+    cancelled                  like a non-retryable failure
+    invalid                    SUBMIT (the row is validated again)
+
+FAIL means: send nothing and record the job as failed (``unknown_outcome``).
+Jobs in the ledger whose key is no longer in the manifest are never visited,
+so they stay in the ledger untouched.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Literal, Protocol, TypeVar
+
+from runner.ledger.schema import JobState
+
+OnUnknown = Literal["resubmit", "skip", "fail"]
+
+
+class Action(StrEnum):
+    SUBMIT = "submit"
+    REATTACH = "reattach"
+    SKIP = "skip"
+    FAIL = "fail"
+
+
+class JobView(Protocol):
+    """What a decision reads from a ledger record (JobRecord and JobBrief both fit)."""
+
+    @property
+    def state(self) -> JobState: ...
+    @property
+    def attempt(self) -> int | None: ...
+    @property
+    def request_id(self) -> str | None: ...
+    @property
+    def retryable(self) -> bool | None: ...
+
+
+class LedgerView(Protocol):
+    def brief(self, job_key: str) -> JobView | None: ...
+
+
+class HasJobKey(Protocol):
+    @property
+    def job_key(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ResumePolicy:
+    on_unknown: OnUnknown = "resubmit"
+    retry_failed: bool = False
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with one job. ``attempt`` is the attempt number a SUBMIT will use."""
+
+    action: Action
+    reason: str
+    attempt: int = 1
+    request_id: str | None = None
+    possible_duplicate: bool = False
+
+
+_SKIP_COMPLETED = Decision(Action.SKIP, "completed")
+_NEW = Decision(Action.SUBMIT, "new")
+
+
+def decide(record: JobView | None, policy: ResumePolicy) -> Decision:
+    """The decision for one job, from its folded ledger record (None: never seen)."""
+    if record is None:
+        return _NEW
+    state = record.state
+    done = record.attempt or 0
+    if state is JobState.COMPLETED:
+        return _SKIP_COMPLETED
+    if state in (JobState.QUEUED, JobState.IN_PROGRESS) and record.request_id:
+        return Decision(Action.REATTACH, state.value, done, record.request_id)
+    if state in (JobState.SUBMITTING, JobState.UNKNOWN, JobState.QUEUED, JobState.IN_PROGRESS):
+        return _decide_unknown(done, policy)
+    if state is JobState.INVALID:
+        return Decision(Action.SUBMIT, "invalid: validate again", done + 1)
+    if policy.retry_failed:
+        return Decision(Action.SUBMIT, f"{state.value}: --retry-failed", done + 1)
+    if state is JobState.FAILED and record.retryable and done < policy.max_attempts:
+        return Decision(Action.SUBMIT, "failed: retryable", done + 1)
+    if state is JobState.FAILED and record.retryable:
+        return Decision(Action.SKIP, f"failed: {done} attempts used", done)
+    return Decision(Action.SKIP, f"{state.value}: not retryable", done)
+
+
+def _decide_unknown(done: int, policy: ResumePolicy) -> Decision:
+    if policy.on_unknown == "skip":
+        return Decision(Action.SKIP, "unknown outcome: --on-unknown skip", done)
+    if policy.on_unknown == "fail":
+        return Decision(Action.FAIL, "unknown outcome: --on-unknown fail", done)
+    return Decision(Action.SUBMIT, "unknown outcome: resubmit", done + 1, possible_duplicate=True)
+
+
+@dataclass
+class ResumeSummary:
+    """Counts over a streamed plan; complete once the stream is exhausted."""
+
+    actions: Counter[Action] = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)
+    possible_duplicates: int = 0
+    total: int = 0
+
+    def add(self, decision: Decision) -> None:
+        self.total += 1
+        self.actions[decision.action] += 1
+        self.reasons[decision.reason] += 1
+        self.possible_duplicates += decision.possible_duplicate
+
+
+T = TypeVar("T", bound="str | HasJobKey")
+
+
+def plan_resume(
+    jobs: Iterable[T],
+    state: LedgerView,
+    *,
+    on_unknown: OnUnknown = "resubmit",
+    retry_failed: bool = False,
+    max_attempts: int = 3,
+    summary: ResumeSummary | None = None,
+) -> Iterator[tuple[T, Decision]]:
+    """Stream (job, decision) over the manifest's jobs (or bare job keys).
+
+    Lazy: the manifest is never held in memory. Pass a ResumeSummary to have
+    it counted as the stream is consumed.
+    """
+    if on_unknown not in ("resubmit", "skip", "fail"):
+        raise ValueError(f"on_unknown must be resubmit, skip or fail, not {on_unknown!r}")
+    policy = ResumePolicy(on_unknown, retry_failed, max_attempts)
+    for job in jobs:
+        key = job if isinstance(job, str) else job.job_key
+        decision = decide(state.brief(key), policy)
+        if summary is not None:
+            summary.add(decision)
+        yield job, decision

@@ -1,0 +1,161 @@
+"""Read-only views of a run directory for ``runner status`` and ``runner export``.
+
+Neither takes the writer lock: both work while a run is writing, reading the
+committed parts and journal as they are at that moment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from runner.ledger.fold import fold, read_events
+from runner.ledger.journal import fsync_dir
+from runner.ledger.schema import JobState
+from runner.ledger.store import read_run_meta
+
+ExportFormat = Literal["csv", "jsonl", "parquet"]
+_ZERO = Decimal(0)
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSummary:
+    endpoint: str | None
+    jobs: int
+    by_state: Mapping[JobState, int]
+    estimated_usd: Decimal
+    billed_usd: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class StatusSummary:
+    """Counts by state and endpoint and the spend so far, from the folded ledger."""
+
+    run_dir: Path
+    jobs: int
+    events: int
+    by_state: Mapping[JobState, int]
+    by_endpoint: tuple[EndpointSummary, ...]
+    estimated_usd: Decimal  # sum of estimates over every job in the ledger
+    billed_usd: Decimal  # sum of output-based cost of each job's latest attempt
+    possible_duplicates: int  # jobs in submitting/unknown: outcome of a POST unknown
+    last_event_at: datetime | None
+    torn_bytes: int  # journal bytes ignored as a torn tail (a writer mid-append or a crash)
+    run_meta: Mapping[str, Any] | None
+
+
+def status_summary(run_dir: Path | str) -> StatusSummary:
+    run_dir = Path(run_dir)
+    read = read_events(run_dir)
+    jobs = fold(read.table)
+    grouped = jobs.group_by(["endpoint", "state"]).aggregate(
+        [("job_key", "count"), ("estimated_usd", "sum"), ("billed_usd", "sum")]
+    )
+    per_endpoint: dict[str | None, dict[str, Any]] = {}
+    for row in grouped.to_pylist():
+        entry = per_endpoint.setdefault(
+            row["endpoint"], {"jobs": 0, "by_state": {}, "est": _ZERO, "billed": _ZERO}
+        )
+        entry["jobs"] += row["job_key_count"]
+        entry["by_state"][JobState(row["state"])] = row["job_key_count"]
+        entry["est"] += row["estimated_usd_sum"] or _ZERO
+        entry["billed"] += row["billed_usd_sum"] or _ZERO
+    endpoints = tuple(
+        EndpointSummary(k, v["jobs"], v["by_state"], _trim(v["est"]), _trim(v["billed"]))
+        for k, v in sorted(per_endpoint.items(), key=lambda kv: kv[0] or "")
+    )
+    by_state: dict[JobState, int] = {}
+    for endpoint in endpoints:
+        for state, count in endpoint.by_state.items():
+            by_state[state] = by_state.get(state, 0) + count
+    last_at = pc.max(jobs["at"]).as_py() if jobs.num_rows else None
+    return StatusSummary(
+        run_dir=run_dir,
+        jobs=jobs.num_rows,
+        events=read.table.num_rows,
+        by_state=by_state,
+        by_endpoint=endpoints,
+        estimated_usd=_trim(sum((e.estimated_usd for e in endpoints), _ZERO)),
+        billed_usd=_trim(sum((e.billed_usd for e in endpoints), _ZERO)),
+        possible_duplicates=by_state.get(JobState.SUBMITTING, 0)
+        + by_state.get(JobState.UNKNOWN, 0),
+        last_event_at=last_at,
+        torn_bytes=read.torn_bytes,
+        run_meta=read_run_meta(run_dir),
+    )
+
+
+def _trim(value: Decimal) -> Decimal:
+    if value == value.to_integral_value():
+        return value.quantize(Decimal(1))
+    return value.normalize()
+
+
+def export(run_dir: Path | str, out_path: Path | str, fmt: ExportFormat) -> int:
+    """Write one row per job (latest state) to out_path; returns the number of jobs.
+
+    Joinable with the manifest by row_id (and source/line). The file appears
+    whole or not at all (temp name, then rename).
+    """
+    if fmt not in ("csv", "jsonl", "parquet"):
+        raise ValueError(f"export format must be csv, jsonl or parquet, not {fmt!r}")
+    out_path = Path(out_path)
+    jobs = fold(read_events(Path(run_dir)).table)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            if fmt == "parquet":
+                pq.write_table(jobs, handle, compression="zstd")
+            elif fmt == "csv":
+                pacsv.write_csv(_flat_for_csv(jobs), handle)
+            else:
+                _write_jsonl(jobs, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(out_path.parent)
+    return int(jobs.num_rows)
+
+
+def _flat_for_csv(jobs: pa.Table) -> pa.Table:
+    """CSV has no nested types: outputs and nsfw become JSON text, money exact text."""
+    for name in ("outputs", "nsfw"):
+        values = [None if v is None else json.dumps(v) for v in jobs[name].to_pylist()]
+        jobs = jobs.set_column(jobs.schema.get_field_index(name), name, pa.array(values))
+    for name in ("estimated_usd", "billed_usd"):
+        values = [None if v is None else str(_trim(v)) for v in jobs[name].to_pylist()]
+        jobs = jobs.set_column(jobs.schema.get_field_index(name), name, pa.array(values))
+    return jobs
+
+
+def _json_default(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(_trim(value))
+    raise TypeError(f"cannot export {type(value).__name__}")
+
+
+def _write_jsonl(jobs: pa.Table, handle: Any) -> None:
+    for batch in jobs.to_batches(max_chunksize=10_000):
+        rows = batch.to_pylist()
+        for row in rows:
+            if row["metadata"] is not None:
+                row["metadata"] = json.loads(row["metadata"])
+        lines = [json.dumps(row, default=_json_default, ensure_ascii=False) for row in rows]
+        if lines:
+            handle.write(("\n".join(lines) + "\n").encode())
