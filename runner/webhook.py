@@ -410,8 +410,10 @@ async def webhook_server(
 ) -> AsyncIterator[WebhookReceiver]:
     """Serve the receiver on ``host:port`` (0: any free port) until the block exits.
 
-    It is accepting connections when the block starts. On exit the event stream's send
-    side closes, so a consumer iterating ``receiver.events`` ends. asyncio only (uvicorn).
+    It is accepting connections when the block starts. On exit the send side of the event
+    stream closes, so a consumer iterating ``receiver.events`` ends after the events already
+    buffered. The receive side is the caller's: close it (``async with receiver.events``).
+    asyncio only (uvicorn).
     """
     sock = await _listen_socket(host, port)
     send, receive = anyio.create_memory_object_stream[WebhookEvent](queue_size)
@@ -442,5 +444,5 @@ async def webhook_server(
             finally:
                 server.should_exit = True  # uvicorn notices within 0.1 s and shuts down
     finally:
-        send.close()
+        send.close()  # a consumer's receive() then ends with EndOfStream
         sock.close()

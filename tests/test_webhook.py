@@ -9,8 +9,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import signal
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -623,3 +624,91 @@ async def test_unreachable_keys_answer_503_so_fal_retries(http_factory: Any) -> 
         assert h.forwarded() == []
     finally:
         await h.aclose()
+
+
+# --- the real server on loopback -------------------------------------------------------
+
+
+class Consumer:
+    """The engine's side: reads events until the stream ends."""
+
+    def __init__(self) -> None:
+        self.events: list[WebhookEvent] = []
+        self.got_one = anyio.Event()
+        self.ended = False
+
+    async def run(self, events: Any) -> None:
+        async with events:
+            async for event in events:
+                self.events.append(event)
+                self.got_one.set()
+        self.ended = True
+
+
+@pytest.mark.anyio
+async def test_the_server_on_loopback_receives_verifies_and_shuts_down_cleanly() -> None:
+    keys = StaticKeys([FAL_KEY.public_key()])
+    sigint_before = signal.getsignal(signal.SIGINT)
+    consumer = Consumer()
+    async with (
+        anyio.create_task_group() as tg,
+        webhook_server("127.0.0.1", 0, keys=keys, wall_clock=FakeClock(NOW)) as receiver,
+        httpx.AsyncClient() as http,
+    ):
+        tg.start_soon(consumer.run, receiver.events)
+        assert receiver.port > 0
+        assert receiver.local_url == f"http://127.0.0.1:{receiver.port}/"
+        assert signal.getsignal(signal.SIGINT) is sigint_before  # uvicorn left Ctrl-C alone
+        body = event_body("req-1")
+        answers = []
+        for path, key in [("tunnel/x", FAL_KEY), ("", FAL_KEY), ("", FORGER_KEY)]:
+            url = receiver.local_url + path
+            response = await http.post(url, content=body, headers=sign(key, body))
+            answers.append(response.status_code)
+        assert answers == [200, 200, 401]
+        await consumer.got_one.wait()
+        assert (receiver.stats.forwarded, receiver.stats.duplicates) == (1, 1)
+        assert receiver.stats.rejected == {"bad_signature": 1}
+    assert consumer.ended  # the stream ended with the server
+    assert [(e.request_id, e.status) for e in consumer.events] == [("req-1", "OK")]
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(httpx.ConnectError):
+            await http.post(receiver.local_url, content=body)
+
+
+@pytest.mark.anyio
+async def test_the_server_refuses_an_oversized_chunked_body_on_loopback() -> None:
+    keys = StaticKeys([FAL_KEY.public_key()])
+    async with (
+        webhook_server("127.0.0.1", 0, keys=keys, max_body_bytes=10_000) as receiver,
+        receiver.events,
+        httpx.AsyncClient() as http,
+    ):
+        body = CountingBody(chunks=8, size=4096)
+        response = await http.post(receiver.local_url, content=body, headers=sign(FAL_KEY, b""))
+        assert response.status_code == 413
+        assert receiver.stats.rejected == {"too_large": 1}
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_server_closes_its_port_at_once() -> None:
+    keys = StaticKeys([FAL_KEY.public_key()])
+    async with httpx.AsyncClient() as http:
+        with anyio.CancelScope() as scope:
+            async with webhook_server("127.0.0.1", 0, keys=keys) as receiver, receiver.events:
+                await http.post(receiver.local_url, content=b"{}")  # leaves a keep-alive open
+                scope.cancel()
+                await anyio.sleep_forever()
+        with pytest.raises(httpx.ConnectError):
+            await http.post(receiver.local_url, content=b"{}")
+
+
+@pytest.mark.anyio
+async def test_a_port_already_in_use_is_a_usage_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UsageError, match=f"cannot listen for webhooks on 127.0.0.1:{port}"):
+            async with webhook_server("127.0.0.1", port, keys=StaticKeys([])):
+                pass
