@@ -33,6 +33,7 @@ IDENTITY_COLUMNS = frozenset({"id", "endpoint"})
 KEY_HEX_CHARS = 32
 SEED_SPACE = 2**31  # derived seeds fall in 0..2**31-1
 NEAR_MISS_CUTOFF = 0.8
+_EXPANSION_COLUMNS = ("seed", "seeds", "variants")
 # Parameters of any catalog endpoint: in a mixed manifest, a column for one
 # endpoint's parameter is not metadata on another endpoint's row.
 _ALL_PARAMETERS = frozenset(
@@ -200,10 +201,13 @@ class _Expander:
                 values["prompt"] = fill_template(str(template), values)
             except ValueError as exc:
                 row.problem("prompt_template", str(exc))
+                values["prompt"] = None
         if endpoint is None:
             return [row.error()]
         spec = self.specs[endpoint]
         payload, metadata, failed = _split_columns(row, values, spec)
+        if template is not None and values["prompt"] is None:
+            failed.add("prompt")
         variants = _expansion(row, values, payload)
         if row.problems:
             # Validate what parsed anyway so the user sees every problem at once.
@@ -224,8 +228,13 @@ class _Expander:
 
     def _with_defaults(self, raw_cells: Mapping[str, Any]) -> dict[str, Any]:
         values = dict(raw_cells)
+        # seed, seeds and variants exclude each other: a row giving one of
+        # them has chosen its expansion, and a --set of another must not clash.
+        chosen = any(not cells.is_blank(values.get(key)) for key in _EXPANSION_COLUMNS)
         for key, text in self.options.defaults.items():
-            if key not in IDENTITY_COLUMNS and cells.is_blank(values.get(key)):
+            if key in IDENTITY_COLUMNS or (chosen and key in _EXPANSION_COLUMNS):
+                continue
+            if cells.is_blank(values.get(key)):
                 values[key] = text
         return values
 

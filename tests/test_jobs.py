@@ -1,0 +1,511 @@
+"""Rows to jobs: columns, defaults, templates, expansion, keys and row errors."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from runner.catalog import FluxLoraRequest
+from runner.errors import RowError, UnknownEndpointError
+from runner.jobs import (
+    ExpandOptions,
+    Job,
+    column_warnings,
+    fill_template,
+    iter_jobs,
+    job_key,
+    variant_seed,
+)
+from runner.manifest import RawRow, read_rows
+
+FLUX = "fal-ai/flux-lora"
+FLUX2 = "fal-ai/flux-2/lora"
+I2I = "fal-ai/flux-lora/image-to-image"
+
+
+def row(line: int = 2, index: int = 0, *, typed: bool = False, **cells: Any) -> RawRow:
+    return RawRow("demo.csv", line, index, cells, typed)
+
+
+def expand(rows: list[RawRow], **options: Any) -> list[Job | RowError]:
+    return list(iter_jobs(rows, ExpandOptions(manifest_dir=Path("."), **options)))
+
+
+def jobs_of(rows: list[RawRow], **options: Any) -> list[Job]:
+    out = expand(rows, **options)
+    errors = [str(item) for item in out if isinstance(item, RowError)]
+    assert not errors, errors
+    return [item for item in out if isinstance(item, Job)]
+
+
+def error_of(r: RawRow, **options: Any) -> RowError:
+    [item] = expand([r], **options)
+    assert isinstance(item, RowError), item
+    return item
+
+
+# --- columns ----------------------------------------------------------------------------------
+
+
+def test_parameters_are_typed_and_other_columns_are_metadata() -> None:
+    [job] = jobs_of(
+        [
+            row(
+                endpoint=FLUX,
+                id="mug-01",
+                prompt="a mug",
+                num_images="2",
+                guidance_scale="4",
+                sync_mode="no",
+                sku="SKU-1",
+                empty_meta="",
+            )
+        ]
+    )
+    assert job.payload == {
+        "prompt": "a mug",
+        "num_images": 2,
+        "guidance_scale": 4.0,
+        "sync_mode": False,
+    }
+    assert isinstance(job.request, FluxLoraRequest)
+    assert job.metadata == {"sku": "SKU-1", "empty_meta": ""}
+    assert (job.row_id, job.line, job.source, job.variant, job.endpoint) == (
+        "mug-01",
+        2,
+        "demo.csv",
+        0,
+        FLUX,
+    )
+
+
+def test_empty_cells_mean_not_given() -> None:
+    [job] = jobs_of([row(endpoint=FLUX, prompt="x", num_images="", seed=" ", loras=None)])
+    assert job.payload == {"prompt": "x"}
+
+
+def test_default_endpoint_applies_when_the_row_has_none() -> None:
+    [job] = jobs_of([row(prompt="x", endpoint="")], default_endpoint=FLUX)
+    assert job.endpoint == FLUX
+
+
+def test_row_endpoint_wins_over_the_default() -> None:
+    [job] = jobs_of([row(prompt="x", endpoint=FLUX2)], default_endpoint=FLUX)
+    assert job.endpoint == FLUX2
+
+
+def test_no_endpoint_anywhere_is_a_row_error() -> None:
+    error = error_of(row(prompt="x"))
+    assert [p.column for p in error.problems] == ["endpoint"]
+    assert str(error) == "demo.csv:2: no endpoint: add an endpoint column or pass --endpoint"
+
+
+def test_id_defaults_to_the_data_row_number() -> None:
+    jobs = jobs_of([row(2, 0, prompt="a"), row(5, 1, prompt="b")], default_endpoint=FLUX)
+    assert [j.row_id for j in jobs] == ["1", "2"]
+
+
+def test_typed_ids_become_text() -> None:
+    [job] = jobs_of([row(id=17, prompt="a", typed=True)], default_endpoint=FLUX)
+    assert job.row_id == "17"
+
+
+def test_typed_rows_pass_native_values_and_metadata_as_text() -> None:
+    [job] = jobs_of(
+        [
+            row(
+                typed=True,
+                endpoint=FLUX,
+                prompt="x",
+                num_images=2,
+                loras=[{"path": "p", "scale": None}],
+                image_size={"width": 640, "height": 480},
+                tags=["a", "b"],
+                score=0.5,
+                flag=True,
+                gone=None,
+            )
+        ]
+    )
+    assert job.payload == {
+        "prompt": "x",
+        "num_images": 2,
+        "loras": [{"path": "p", "scale": 1.0}],
+        "image_size": {"width": 640, "height": 480},
+    }
+    assert job.metadata == {"tags": '["a","b"]', "score": "0.5", "flag": "true", "gone": ""}
+
+
+def test_another_endpoints_parameter_is_ignored_when_empty_and_refused_when_set() -> None:
+    [job] = jobs_of([row(endpoint=FLUX, prompt="x", strength="", image_url="")])
+    assert job.payload == {"prompt": "x"} and job.metadata == {}
+    error = error_of(row(endpoint=FLUX, prompt="x", strength="0.5"))
+    assert str(error) == (
+        "demo.csv:2: strength is not a parameter of fal-ai/flux-lora; leave it empty on this row"
+    )
+
+
+# --- row errors --------------------------------------------------------------------------------
+
+
+def test_validation_error_reads_file_line_and_reason() -> None:
+    error = error_of(row(14, endpoint=FLUX, prompt="x", guidance_scale="40"))
+    assert (
+        str(error) == "demo.csv:14: guidance_scale=40 is above the maximum 35 for fal-ai/flux-lora"
+    )
+    [problem] = error.problems
+    assert (problem.file, problem.line, problem.column, problem.row_id) == (
+        "demo.csv",
+        14,
+        "guidance_scale",
+        "1",
+    )
+
+
+def test_every_problem_in_a_row_is_reported() -> None:
+    error = error_of(
+        row(
+            endpoint=FLUX,
+            id="r1",
+            prompt="",
+            num_images="two",
+            guidance_scale="40",
+            image_size="huge",
+            output_format="gif",
+        )
+    )
+    columns = {p.column for p in error.problems}
+    assert columns == {"num_images", "guidance_scale", "image_size", "output_format", "prompt"}
+    assert "num_images='two' is not an integer" in str(error)
+    assert all(p.row_id == "r1" and p.line == 2 for p in error.problems)
+
+
+def test_a_cell_that_does_not_parse_is_not_also_reported_missing() -> None:
+    error = error_of(row(endpoint="fal-ai/flux-2/lora/edit", prompt="x", image_urls="[bad"))
+    assert [p.column for p in error.problems] == ["image_urls"]
+
+
+def test_a_manifest_row_problem_becomes_a_row_error() -> None:
+    bad = RawRow("m.jsonl", 7, 3, {}, True, problem="the line is not valid JSON")
+    [item] = expand([bad], default_endpoint=FLUX)
+    assert isinstance(item, RowError)
+    assert str(item) == "m.jsonl:7: the line is not valid JSON"
+    assert item.problems[0].row_id == "4"
+
+
+def test_duplicate_id_names_the_first_line() -> None:
+    out = expand(
+        [
+            row(2, 0, id="a", prompt="x"),
+            row(3, 1, id="b", prompt="y"),
+            row(9, 2, id="a", prompt="z"),
+        ],
+        default_endpoint=FLUX,
+    )
+    assert [type(item) for item in out] == [Job, Job, RowError]
+    error = out[2]
+    assert isinstance(error, RowError)
+    assert str(error) == "demo.csv:9: id 'a' is already used on line 2"
+    assert error.problems[0].column == "id"
+
+
+def test_unknown_endpoint_in_a_row_is_a_row_error_naming_the_flag() -> None:
+    error = error_of(row(endpoint="fal-ai/flux-lorra", prompt="x"))
+    assert error.problems[0].column == "endpoint"
+    assert "unknown endpoint 'fal-ai/flux-lorra'" in str(error)
+    assert "--allow-endpoint fal-ai/flux-lorra" in str(error)
+
+
+def test_unknown_default_endpoint_stops_before_any_row() -> None:
+    with pytest.raises(UnknownEndpointError):
+        iter_jobs([row(prompt="x")], ExpandOptions(Path("."), default_endpoint="acme/model"))
+
+
+def test_allowed_unknown_endpoint_sends_every_column_untyped() -> None:
+    [job] = jobs_of(
+        [row(id="r", endpoint="acme/model", prompt="x", steps="12", loras="a:0.5", note="hi")],
+        allowed_endpoints=frozenset({"acme/model"}),
+    )
+    assert job.request is None
+    assert job.payload == {
+        "prompt": "x",
+        "steps": 12,
+        "loras": [{"path": "a", "scale": 0.5}],
+        "note": "hi",
+    }
+    assert job.metadata == {}
+
+
+# --- --set defaults -------------------------------------------------------------------------
+
+
+def test_set_defaults_fill_empty_cells_and_the_rows_value_wins() -> None:
+    rows = [
+        row(2, 0, prompt="a", num_images=""),
+        row(3, 1, prompt="b", num_images="3"),
+        row(4, 2, prompt="c"),
+    ]
+    jobs = jobs_of(rows, default_endpoint=FLUX, defaults={"num_images": "2", "style": "ink"})
+    assert [j.payload["num_images"] for j in jobs] == [2, 3, 2]
+    assert [j.metadata["style"] for j in jobs] == ["ink", "ink", "ink"]
+
+
+def test_bad_set_default_is_reported_like_a_cell() -> None:
+    error = error_of(row(prompt="a"), default_endpoint=FLUX, defaults={"num_images": "lots"})
+    assert str(error) == "demo.csv:2: num_images='lots' is not an integer"
+
+
+def test_set_cannot_change_the_row_identity() -> None:
+    [job] = jobs_of([row(prompt="a")], default_endpoint=FLUX, defaults={"id": "same"})
+    assert job.row_id == "1"
+
+
+# --- templates ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("template", "values", "expected"),
+    [
+        ("{title} in {color}", {"title": "mug", "color": "red"}, "mug in red"),
+        ("{{literal}} {a}", {"a": " x "}, "{literal} x"),
+        ("no placeholders", {}, "no placeholders"),
+        ("{n} images", {"n": 3}, "3 images"),
+        ("{prompt}, watercolour", {"prompt": "a fox"}, "a fox, watercolour"),
+    ],
+)
+def test_template_fills_placeholders(template: str, values: dict[str, Any], expected: str) -> None:
+    assert fill_template(template, values) == expected
+
+
+@pytest.mark.parametrize(
+    ("template", "values", "message"),
+    [
+        ("{a} {b}", {"a": "x"}, "prompt_template needs {b} but the column is missing or empty"),
+        ("{a}{b}{a}", {"a": "", "b": None}, "prompt_template needs {a}, {b} but"),
+        ("{a.b}", {"a": "x"}, "prompt_template placeholder {a.b} is not a plain {column} name"),
+        ("{a!r}", {"a": "x"}, "prompt_template placeholder {a} is not a plain"),
+        ("{}", {}, "prompt_template placeholder {} is not a plain"),
+        ("{a", {"a": "x"}, "prompt_template is not a valid template"),
+    ],
+)
+def test_template_errors_name_the_placeholder(
+    template: str, values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=None) as caught:
+        fill_template(template, values)
+    assert str(caught.value).startswith(message)
+
+
+def test_template_option_fills_prompt_from_the_rows_cells() -> None:
+    [job] = jobs_of(
+        [row(title="mug", color="red")],
+        default_endpoint=FLUX,
+        prompt_template="Photo of {title} in {color}",
+    )
+    assert job.payload["prompt"] == "Photo of mug in red"
+    assert job.metadata == {"title": "mug", "color": "red"}
+
+
+def test_template_column_wins_over_the_option() -> None:
+    [job] = jobs_of(
+        [row(title="mug", prompt_template="Sketch of {title}")],
+        default_endpoint=FLUX,
+        prompt_template="Photo of {title}",
+    )
+    assert job.payload["prompt"] == "Sketch of mug"
+
+
+def test_template_naming_an_empty_column_is_a_row_error() -> None:
+    error = error_of(
+        row(title="mug", color=""), default_endpoint=FLUX, prompt_template="{title} {color}"
+    )
+    [problem] = error.problems
+    assert problem.column == "prompt_template"
+    assert problem.message == "prompt_template needs {color} but the column is missing or empty"
+
+
+# --- expansion ---------------------------------------------------------------------------------
+
+
+def test_seeds_make_one_job_per_seed_in_order() -> None:
+    jobs = jobs_of([row(id="r", prompt="x", seeds="5,6,7")], default_endpoint=FLUX)
+    assert [(j.variant, j.payload["seed"]) for j in jobs] == [(0, 5), (1, 6), (2, 7)]
+    assert len({j.job_key for j in jobs}) == 3
+    assert all(j.row_id == "r" for j in jobs)
+
+
+def test_variants_derive_seeds_from_the_row_identity() -> None:
+    jobs = jobs_of([row(id="r", prompt="x", variants="4")], default_endpoint=FLUX)
+    assert [j.variant for j in jobs] == [0, 1, 2, 3]
+    seeds = [j.payload["seed"] for j in jobs]
+    assert seeds == [variant_seed("r", i) for i in range(4)]
+    assert len(set(seeds)) == 4
+    assert all(0 <= s < 2**31 for s in seeds)
+    again = jobs_of([row(id="r", prompt="x", variants="4")], default_endpoint=FLUX)
+    assert [j.payload["seed"] for j in again] == seeds
+    other = jobs_of([row(id="s", prompt="x", variants="4")], default_endpoint=FLUX)
+    assert [j.payload["seed"] for j in other] != seeds
+
+
+def test_variant_seed_is_pinned() -> None:
+    # Changing the derivation would change every derived seed and key: pin it.
+    assert variant_seed("r", 0) == variant_seed("r", 0)
+    assert [variant_seed("poster-02", i) for i in range(2)] == [220051415, 346260825]
+
+
+def test_no_seeds_or_variants_is_one_job_variant_0() -> None:
+    [job] = jobs_of([row(prompt="x", seed="9")], default_endpoint=FLUX)
+    assert (job.variant, job.payload["seed"]) == (0, 9)
+
+
+@pytest.mark.parametrize(
+    ("cells", "column", "message"),
+    [
+        ({"seeds": "1,2", "variants": "2"}, "seeds", "give either seeds or variants, not both"),
+        ({"seeds": "1,2", "seed": "3"}, "seed", "give either seed or seeds, not both"),
+        ({"variants": "2", "seed": "3"}, "seed", "give either seed or variants, not both"),
+        ({"variants": "0"}, "variants", "variants=0 is not between 1 and 1000"),
+        ({"variants": "1001"}, "variants", "variants=1001 is not between 1 and 1000"),
+        ({"seeds": "a,b"}, "seeds", "seeds value 'a' is not an integer"),
+    ],
+)
+def test_conflicting_or_bad_expansion_is_a_row_error(
+    cells: dict[str, str], column: str, message: str
+) -> None:
+    error = error_of(row(prompt="x", **cells), default_endpoint=FLUX)
+    assert [(p.column, p.message) for p in error.problems] == [(column, message)]
+
+
+def test_set_variants_applies_only_to_rows_that_chose_no_expansion() -> None:
+    jobs = jobs_of(
+        [row(2, 0, prompt="x"), row(3, 1, prompt="y", seeds="1"), row(4, 2, prompt="z", seed="5")],
+        default_endpoint=FLUX,
+        defaults={"variants": "2"},
+    )
+    assert [(j.row_id, j.variant) for j in jobs] == [("1", 0), ("1", 1), ("2", 0), ("3", 0)]
+    assert [j.payload["seed"] for j in jobs][2:] == [1, 5]
+
+
+def test_a_bad_variant_payload_rejects_the_whole_row() -> None:
+    error = error_of(row(prompt="x", guidance_scale="99", variants="3"), default_endpoint=FLUX)
+    assert len(error.problems) == 1
+
+
+# --- keys --------------------------------------------------------------------------------------
+
+
+def test_job_key_is_32_hex_chars_of_canonical_json() -> None:
+    key = job_key("r", FLUX, {"b": 1, "a": "é"}, 0)
+    assert len(key) == 32 and int(key, 16) >= 0
+    assert key == job_key("r", FLUX, {"a": "é", "b": 1}, 0)
+    assert key != job_key("r", FLUX, {"a": "é", "b": 1}, 1)
+    assert key != job_key("s", FLUX, {"a": "é", "b": 1}, 0)
+    assert key != job_key("r", FLUX2, {"a": "é", "b": 1}, 0)
+
+
+def write_csv(path: Path, prompt: str) -> Path:
+    path.write_text(
+        f'id,endpoint,prompt,variants,sku\na,{FLUX},"{prompt}",3,S1\nb,{FLUX},second,,S2\n',
+        encoding="utf-8",
+    )
+    return path
+
+
+def keys(path: Path) -> list[str]:
+    return [j.job_key for j in jobs_of(list(read_rows(path)))]
+
+
+def test_reading_a_file_twice_gives_identical_keys(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "m.csv", "a fox")
+    assert keys(path) == keys(path)
+    assert len(set(keys(path))) == 4
+
+
+def test_keys_do_not_depend_on_the_files_name_or_place(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    first = keys(write_csv(tmp_path / "m.csv", "a fox"))
+    assert keys(write_csv(tmp_path / "sub" / "renamed.csv", "a fox")) == first
+
+
+def test_editing_the_prompt_changes_only_that_rows_keys(tmp_path: Path) -> None:
+    before = keys(write_csv(tmp_path / "m.csv", "a fox"))
+    after = keys(write_csv(tmp_path / "m.csv", "a wolf"))
+    assert set(before[:3]).isdisjoint(after[:3])
+    assert before[3] == after[3]
+
+
+def test_metadata_does_not_change_the_key() -> None:
+    [a] = jobs_of([row(id="r", prompt="x", sku="1")], default_endpoint=FLUX)
+    [b] = jobs_of([row(id="r", prompt="x", sku="2")], default_endpoint=FLUX)
+    assert a.job_key == b.job_key
+
+
+def test_csv_jsonl_and_parquet_rows_give_the_same_keys(tmp_path: Path) -> None:
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text('id,prompt,num_images,loras\nr,x,2,"owner/repo:0.5"\n', encoding="utf-8")
+    jsonl_path = tmp_path / "m.jsonl"
+    jsonl_path.write_text(
+        '{"id": "r", "prompt": "x", "num_images": 2, '
+        '"loras": [{"path": "owner/repo", "scale": 0.5}]}\n',
+        encoding="utf-8",
+    )
+    parquet_path = tmp_path / "m.parquet"
+    loras = pa.array(
+        [[{"path": "owner/repo", "scale": 0.5}]],
+        type=pa.list_(pa.struct([("path", pa.string()), ("scale", pa.float64())])),
+    )
+    pq.write_table(
+        pa.table({"id": ["r"], "prompt": ["x"], "num_images": [2], "loras": loras}), parquet_path
+    )
+    found = {
+        p.suffix: [j.job_key for j in jobs_of(list(read_rows(p)), default_endpoint=FLUX)]
+        for p in (csv_path, jsonl_path, parquet_path)
+    }
+    assert found[".csv"] == found[".jsonl"] == found[".parquet"]
+
+
+# --- streaming and warnings -------------------------------------------------------------------
+
+
+def test_iter_jobs_is_lazy_over_an_endless_stream() -> None:
+    def endless() -> Iterator[RawRow]:
+        for i in itertools.count():
+            yield row(i + 2, i, prompt=f"p{i}")
+
+    options = ExpandOptions(Path("."), default_endpoint=FLUX)
+    first = list(itertools.islice(iter_jobs(endless(), options), 5))
+    assert [j.row_id for j in first if isinstance(j, Job)] == ["1", "2", "3", "4", "5"]
+
+
+@pytest.mark.parametrize(
+    ("column", "suggestion"),
+    [
+        ("guidence_scale", "guidance_scale"),
+        ("num_image", "num_images"),
+        ("Prompt", "prompt"),
+        ("variant", "variants"),
+        ("seeds_", "seeds"),
+    ],
+)
+def test_near_miss_column_warns_with_the_parameter(column: str, suggestion: str) -> None:
+    [warning] = column_warnings(["id", column, "prompt"], [FLUX])
+    assert f"column {column!r}" in warning
+    assert f"did you mean {suggestion!r}" in warning
+    assert FLUX in warning
+
+
+def test_plain_metadata_and_parameters_do_not_warn() -> None:
+    columns = ["id", "endpoint", "prompt", "title", "color", "sku", "seed", "seeds", "strength"]
+    assert column_warnings(columns, [FLUX, I2I, "acme/unknown"]) == []
+
+
+def test_near_miss_uses_the_union_of_endpoints() -> None:
+    [warning] = column_warnings(["strenght"], [FLUX, I2I])
+    assert "did you mean 'strength'" in warning
+    assert "fal-ai/flux-lora, fal-ai/flux-lora/image-to-image" in warning
