@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import random
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from runner.emulator.webhooks import WebhookDispatcher, WebhookSigner, webhook_body
 from runner.errors import FalError, ProtocolError, UsageError
 from runner.jwks import DEFAULT_JWKS_URL, JwksCache, StaticKeys, parse_jwks
 from runner.webhook import (
@@ -425,13 +427,16 @@ class Harness:
         ts = int(self.clock())
         return await self.post(body, sign(key, body, request_id=request_id, timestamp=ts))
 
-    def forwarded(self) -> list[str]:
-        ids = []
+    def forwarded_events(self) -> list[WebhookEvent]:
+        events = []
         while True:
             try:
-                ids.append(self.events.receive_nowait().request_id)
+                events.append(self.events.receive_nowait())
             except anyio.WouldBlock:
-                return ids
+                return events
+
+    def forwarded(self) -> list[str]:
+        return [event.request_id for event in self.forwarded_events()]
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -712,3 +717,86 @@ async def test_a_port_already_in_use_is_a_usage_error() -> None:
         with pytest.raises(UsageError, match=f"cannot listen for webhooks on 127.0.0.1:{port}"):
             async with webhook_server("127.0.0.1", port, keys=StaticKeys([])):
                 pass
+
+
+@pytest.mark.anyio
+async def test_concurrent_copies_of_one_delivery_are_forwarded_once(harness: Harness) -> None:
+    answers: list[int] = []
+
+    async def deliver() -> None:
+        answers.append((await harness.deliver("req-1")).status_code)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(deliver)
+    assert answers == [200] * 20
+    assert harness.forwarded() == ["req-1"]
+    assert (harness.stats.forwarded, harness.stats.duplicates) == (1, 19)
+
+
+# --- against the emulator's independent signer -----------------------------------------
+
+
+@pytest.mark.anyio
+async def test_the_emulators_signed_deliveries_verify_against_its_jwks() -> None:
+    signer = WebhookSigner(user_id="user-42")
+    jwks_transport = httpx.MockTransport(lambda request: httpx.Response(200, json=signer.jwks()))
+    slept: list[float] = []
+
+    async def no_sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async with httpx.AsyncClient(transport=jwks_transport) as jwks_http:
+        h = Harness(JwksCache(jwks_http, JWKS_URL, clock=FakeClock(0.0)))
+        try:
+            dispatcher = WebhookDispatcher(
+                h.client, signer, clock=h.clock, sleep=no_sleep, rng=random.Random(5),
+                duplicate_rate=1.0,
+            )  # fmt: skip
+            bodies = [
+                webhook_body("req-1", "gw-1", True, {"images": [], "seed": 3}, None),
+                webhook_body("req-2", "gw-2", False, {"detail": "boom"}, "Invalid status"),
+                webhook_body("req-3", "gw-3", True, {"x": float("nan")}, None),
+            ]
+            async with anyio.create_task_group() as tg:
+                await tg.start(dispatcher.run)
+                for number, body in enumerate(bodies, start=1):
+                    dispatcher.submit("http://webhook.test/hook", f"req-{number}", body)
+                dispatcher.close()
+            events = sorted(h.forwarded_events(), key=lambda e: e.request_id)
+        finally:
+            await h.aclose()
+    assert [(e.request_id, e.gateway_request_id, e.status) for e in events] == [
+        ("req-1", "gw-1", "OK"),
+        ("req-2", "gw-2", "ERROR"),
+        ("req-3", "gw-3", "OK"),
+    ]
+    assert events[0].payload == {"images": [], "seed": 3}
+    assert (events[1].error, events[1].payload) == ("Invalid status", {"detail": "boom"})
+    assert events[2].payload is None and events[2].payload_error is not None
+    stats = dispatcher.stats()
+    assert (stats["delivered"], stats["duplicated"], stats["rejected"]) == (6, 3, 0)
+    assert (h.stats.forwarded, h.stats.duplicates, h.stats.rejected) == (3, 3, {})
+    assert slept == []
+
+
+@pytest.mark.anyio
+async def test_an_emulator_signer_with_an_unpublished_key_is_refused_and_retried(
+    harness: Harness,
+) -> None:
+    impostor = WebhookSigner(user_id="user-42")  # its key is not in the receiver's key set
+
+    async def no_sleep(seconds: float) -> None:
+        pass
+
+    dispatcher = WebhookDispatcher(
+        harness.client, impostor, clock=harness.clock, sleep=no_sleep, rng=random.Random(5),
+        max_attempts=3,
+    )  # fmt: skip
+    async with anyio.create_task_group() as tg:
+        await tg.start(dispatcher.run)
+        dispatcher.submit("http://webhook.test/", "req-1", event_body("req-1"))
+        dispatcher.close()
+    assert (dispatcher.stats()["rejected"], dispatcher.stats()["failed"]) == (3, 1)
+    assert harness.stats.rejected == {"bad_signature": 3}
+    assert harness.forwarded() == []
