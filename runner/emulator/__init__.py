@@ -1,0 +1,42 @@
+"""A local fal queue: the runner's embedded default backend and its test bed.
+
+It speaks fal's queue protocol (shared/spec/fal-queue.md) closely enough that the
+official ``fal-client`` works against it unchanged, and it imports nothing from the
+runner's client side (only ``catalog``, ``cost``, ``imageinfo`` and ``errors``), so a
+client bug cannot be mirrored by the fake.
+
+    config    EmulatorConfig, ServiceTime: one frozen object
+    faults    FaultConfig, parse_faults, FaultInjector: seeded, per-kind fault streams
+    queue     Scheduler: pure, event-driven, advanced from an injected clock
+    results   status/result JSON, logs, failure bodies
+    stats     Stats: submits per canonical input, calls, slot time, billing
+    app       Emulator: state + outcomes + background waker (``running()``)
+    routes    the Starlette routes (queue, storage, CDN, JWKS, stats)
+    server    serve() on loopback via uvicorn (+ self-signed TLS), serve_main for the CLI
+    images, storage, webhooks: outputs/CDN, uploads, signed webhook delivery
+
+Typical use in a test::
+
+    emulator = Emulator(EmulatorConfig(time_scale=0.01), clock=fake_clock)
+    transport = httpx.ASGITransport(app=emulator.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://emulator") as client:
+        ...
+"""
+
+from runner.emulator.app import Emulator
+from runner.emulator.config import DEFAULT_KEY, EmulatorConfig, ServiceTime
+from runner.emulator.faults import FaultConfig, Trigger, parse_faults
+from runner.emulator.server import Served, serve, serve_main
+
+__all__ = [
+    "DEFAULT_KEY",
+    "Emulator",
+    "EmulatorConfig",
+    "FaultConfig",
+    "Served",
+    "ServiceTime",
+    "Trigger",
+    "parse_faults",
+    "serve",
+    "serve_main",
+]

@@ -1,0 +1,349 @@
+"""HTTP routes of the emulator: fal's queue protocol, plus storage, CDN, JWKS and stats.
+
+Path layout, one host::
+
+    POST /{owner}/{app}[/{path...}]                       submit (full endpoint id)
+    GET  /{owner}/{app}/requests/{id}/status[/]           status (?logs=1|0|true|false)
+    GET  /{owner}/{app}/requests/{id}/status/stream       server-sent events
+    GET  /{owner}/{app}/requests/{id}[/]                  result
+    PUT  /{owner}/{app}/requests/{id}/cancel[/]           cancel
+    /rest/storage/..., /cdn/files/...                     storage, CDN (.storage, .images)
+    GET  /rest/.well-known/jwks.json                      webhook public key
+    GET  /_emulator/stats, POST /_emulator/reset          accounting
+
+Every queue and storage route needs ``Authorization: Key <key>`` (401 otherwise);
+CDN downloads and the JWKS are public. Gateway faults answer before auth, as
+fal's ingress does.
+
+A submit whose answer is "lost" (fault ``reset_after_accept`` /
+``timeout_after_accept``) is queued, then the response is started with a
+Content-Length it never reaches and the handler raises an httpx transport
+error. In-process, httpx's ASGI transport re-raises that exception to the
+client (``httpx.RemoteProtocolError`` / ``httpx.ReadTimeout``); under uvicorn
+the started response makes it close the socket mid-body, which the client sees
+as the same kinds of error.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from runner import catalog
+from runner.emulator import results
+from runner.emulator.queue import Job, Phase
+from runner.emulator.storage import origin, storage_routes
+from runner.emulator.webhooks import jwks_routes
+
+if TYPE_CHECKING:
+    from runner.emulator.app import Emulator
+
+NGINX_BODY = (
+    "<html>\r\n<head><title>{code} {reason}</title></head>\r\n<body>\r\n"
+    "<center><h1>{code} {reason}</h1></center>\r\n<hr><center>nginx</center>\r\n"
+    "</body>\r\n</html>\r\n"
+)
+REASONS = {502: "Bad Gateway", 503: "Service Temporarily Unavailable", 504: "Gateway Time-out"}
+TRUE_VALUES = frozenset({"1", "true", "yes"})
+
+
+class EmulatedDisconnect(httpx.RemoteProtocolError):
+    """The emulator dropped the connection after accepting a submit (a fault)."""
+
+
+class EmulatedTimeout(httpx.ReadTimeout):
+    """The emulator stopped answering after accepting a submit (a fault)."""
+
+
+class QuietAborts(logging.Filter):
+    """Drops uvicorn's traceback for the emulator's deliberate aborts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, EmulatedDisconnect | EmulatedTimeout)
+
+
+class AbortResponse(Response):
+    """Starts a 200 that never completes, then breaks the connection."""
+
+    def __init__(self, kind: str, hang_s: float) -> None:
+        super().__init__()
+        self.kind = kind
+        self.hang_s = hang_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"1024")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b'{"status": "IN_Q', "more_body": True})
+        if self.kind == "timeout":
+            await anyio.sleep(self.hang_s)
+            raise EmulatedTimeout("emulated: no answer after the submit was accepted")
+        raise EmulatedDisconnect("emulated: connection reset after the submit was accepted")
+
+
+def _json(body: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse(body, status_code=status_code, headers=headers)
+
+
+class QueueRoutes:
+    """The queue handlers, bound to one emulator."""
+
+    def __init__(self, emu: Emulator) -> None:
+        self.emu = emu
+        self._key = emu.config.key.get_secret_value().encode()
+
+    def _authorised(self, request: Request) -> bool:
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "key" and hmac.compare_digest(value.encode(), self._key)
+
+    async def _gate(self, request: Request) -> Response | None:
+        """Faults at the ingress, then auth; None means go on."""
+        emu = self.emu
+        if emu.faults.slow():
+            emu.stats.fault("slow")
+            await anyio.sleep(emu.config.scaled(emu.config.faults.slow_s))
+        code = emu.faults.gateway_error()
+        if code is not None:
+            emu.stats.fault(f"gateway_{code}")
+            html = NGINX_BODY.format(code=code, reason=REASONS[code])
+            return Response(html, status_code=code, media_type="text/html")
+        if not self._authorised(request):
+            return _json({"detail": "Unauthorized: missing or invalid Key credentials"}, 401)
+        emu.advance()
+        return None
+
+    def _job(self, request: Request) -> Job | None:
+        params = request.path_params
+        return self.emu.lookup(f"{params['owner']}/{params['app']}", params["request_id"])
+
+    async def submit(self, request: Request) -> Response:
+        refused = await self._gate(request)
+        if refused is not None:
+            return refused
+        emu = self.emu
+        endpoint = f"{request.path_params['owner']}/{request.path_params['path']}".rstrip("/")
+        if endpoint not in catalog.CATALOG:
+            return _json({"detail": f"Application '{endpoint}' not found"}, 404)
+        if emu.faults.submit_429():
+            emu.stats.fault("submit_429")
+            return _json({"detail": "Too many requests: rate limit exceeded"}, 429)
+        parsed = await _parse_body(request, endpoint)
+        if isinstance(parsed, Response):
+            return parsed
+        body, fal_request = parsed
+        try:
+            timeout_s = _start_timeout(request)
+        except ValueError:
+            return _json({"detail": "X-Fal-Request-Timeout must be a number of seconds"}, 400)
+        plan = await emu.plan(
+            fal_request,
+            body,
+            origin=origin(request),
+            webhook_url=request.query_params.get("fal_webhook") or None,
+        )
+        owner, app = endpoint.split("/")[:2]
+        job = emu.accept(
+            endpoint,
+            f"{owner}/{app}",
+            plan,
+            low_priority=request.headers.get("x-fal-queue-priority", "").lower() == "low",
+            start_timeout_s=timeout_s,
+        )
+        lost = emu.faults.lost_answer()
+        if lost is not None:
+            emu.stats.fault(f"{lost}_after_accept")
+            return AbortResponse(lost, emu.config.scaled(emu.config.faults.timeout_hang_s))
+        body_out = results.submit_body(origin(request), job, emu.position(job))
+        return _json(body_out, headers={"x-fal-request-id": job.request_id})
+
+    async def status(self, request: Request) -> Response:
+        refused = await self._gate(request)
+        if refused is not None:
+            return refused
+        job = self._job(request)
+        if job is None:
+            return _json(results.NOT_FOUND, 404)
+        body = self._status_body(request, job)
+        code = 200 if job.phase is Phase.DONE else 202
+        return _json(body, code, headers={"x-fal-request-id": job.request_id})
+
+    def _status_body(self, request: Request, job: Job) -> dict[str, Any]:
+        emu = self.emu
+        return results.status_body(
+            origin(request),
+            job,
+            position=emu.position(job),
+            with_logs=request.query_params.get("logs", "0").lower() in TRUE_VALUES,
+            now=emu.clock(),
+            time_scale=emu.config.time_scale,
+        )
+
+    async def result(self, request: Request) -> Response:
+        refused = await self._gate(request)
+        if refused is not None:
+            return refused
+        job = self._job(request)
+        if job is None:
+            return _json(results.NOT_FOUND, 404)
+        headers = {"x-fal-request-id": job.request_id}
+        if job.result is None:
+            return _json(results.STILL_RUNNING, 400, headers=headers)
+        return _json(job.result.body, job.result.status_code, {**job.result.headers, **headers})
+
+    async def cancel(self, request: Request) -> Response:
+        refused = await self._gate(request)
+        if refused is not None:
+            return refused
+        job = self._job(request)
+        if job is None:
+            return _json({"status": "NOT_FOUND"}, 404)
+        if job.phase is Phase.DONE:
+            return _json({"status": "ALREADY_COMPLETED"}, 400)
+        self.emu.cancel(job)
+        return _json({"status": "CANCELLATION_REQUESTED"}, 202)
+
+    async def stream(self, request: Request) -> Response:
+        refused = await self._gate(request)
+        if refused is not None:
+            return refused
+        job = self._job(request)
+        if job is None:
+            return _json(results.NOT_FOUND, 404)
+        headers = {"x-fal-request-id": job.request_id, "Cache-Control": "no-cache"}
+        events = self._events(request, job)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+    async def _events(self, request: Request, job: Job) -> AsyncIterator[str]:
+        """One ``data:`` event per change, ``: keep-alive`` when quiet, close after COMPLETED."""
+        emu = self.emu
+        keepalive_s = emu.config.scaled(emu.config.keepalive_s)
+        next_keepalive = anyio.current_time() + keepalive_s
+        last = ""
+        while True:
+            event = emu.change_event()
+            emu.advance()
+            text = json.dumps(self._status_body(request, job))
+            if text != last:
+                last = text
+                yield f"data: {text}\n\n"
+            if job.phase is Phase.DONE:
+                return
+            wait_s = next_keepalive - anyio.current_time()
+            due = emu.scheduler.next_event_at()
+            if due is not None:
+                wait_s = min(wait_s, due - emu.clock())
+            await emu.wait_change(wait_s, event)
+            if anyio.current_time() >= next_keepalive:
+                next_keepalive = anyio.current_time() + keepalive_s
+                yield ": keep-alive\n\n"
+
+
+async def _parse_body(request: Request, endpoint: str) -> Response | tuple[dict[str, Any], Any]:
+    """The JSON body and its typed request, or fal's 422 answer."""
+    try:
+        body = json.loads(await request.body() or b"null")
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        problem = {"loc": ["body"], "msg": "Input should be a JSON object", "type": "dict_type"}
+        return _json({"detail": [problem]}, 422)
+    try:
+        return body, catalog.parse_request(endpoint, body)
+    except ValidationError as exc:
+        detail: list[dict[str, Any]] = [
+            {"loc": ["body", *error["loc"]], "msg": error["msg"], "type": error["type"]}
+            for error in exc.errors(include_url=False)
+        ]
+        return _json({"detail": detail}, 422)
+
+
+def _start_timeout(request: Request) -> float | None:
+    raw = request.headers.get("x-fal-request-timeout")
+    if raw is None:
+        return None
+    value = float(raw)
+    if not value > 0:
+        raise ValueError(raw)
+    return value
+
+
+async def _stats(emu: Emulator) -> Response:
+    return _json(emu.snapshot())
+
+
+def build_app(emu: Emulator) -> ASGIApp:
+    """The whole emulator as one ASGI app, wrapped so every call is counted by kind."""
+    queue = QueueRoutes(emu)
+    item = "/{owner}/{app}/requests/{request_id}"
+
+    async def stats(request: Request) -> Response:
+        return await _stats(emu)
+
+    async def reset(request: Request) -> Response:
+        emu.reset_stats()
+        return _json({"ok": True})
+
+    routes: list[BaseRoute] = [
+        Route("/_emulator/stats", stats, methods=["GET"]),
+        Route("/_emulator/reset", reset, methods=["POST"]),
+        *jwks_routes(emu.signer),
+        *storage_routes(emu.files, key=emu.config.key, clock=emu.clock),
+        *emu.images.routes(),
+        Route(item + "/status/stream", queue.stream, methods=["GET"]),
+    ]
+    for suffix in ("", "/"):
+        routes += [
+            Route(item + "/status" + suffix, queue.status, methods=["GET"]),
+            Route(item + "/cancel" + suffix, queue.cancel, methods=["PUT"]),
+            Route(item + suffix, queue.result, methods=["GET"]),
+        ]
+    routes.append(Route("/{owner}/{path:path}", queue.submit, methods=["POST"]))
+    return CountedCalls(Starlette(routes=routes), emu)
+
+
+def route_kind(method: str, path: str) -> str:
+    """The accounting bucket of one HTTP call."""
+    path = path.rstrip("/")
+    if path.startswith("/_emulator"):
+        return "emulator"
+    if path == "/rest/.well-known/jwks.json":
+        return "jwks"
+    if path.startswith("/rest/") or (path.startswith("/cdn/") and method != "GET"):
+        return "storage"
+    if path.startswith("/cdn/"):
+        return "cdn"
+    if method == "POST":
+        return "submit"
+    for suffix, kind in (
+        ("/status/stream", "stream"),
+        ("/status", "status"),
+        ("/cancel", "cancel"),
+    ):
+        if path.endswith(suffix):
+            return kind
+    return "result" if "/requests/" in path else "other"
+
+
+class CountedCalls:
+    """ASGI wrapper counting every HTTP call by :func:`route_kind`."""
+
+    def __init__(self, app: ASGIApp, emu: Emulator) -> None:
+        self.app = app
+        self.emu = emu
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            self.emu.stats.call(route_kind(scope["method"], scope["path"]))
+        await self.app(scope, receive, send)
