@@ -83,6 +83,18 @@ def _not_bool(value: Any) -> Any:
     return value
 
 
+def _finite(value: Any) -> Any:
+    # Checked before the range, which NaN would otherwise fail with a confusing message.
+    text = value.strip().lower().lstrip("+-") if isinstance(value, str) else None
+    if (isinstance(value, float) and not math.isfinite(value)) or text in (
+        "nan",
+        "inf",
+        "infinity",
+    ):
+        raise PydanticCustomError("finite_number", "is not a finite number")
+    return value
+
+
 def _not_blank(value: str) -> str:
     if not value.strip():
         raise PydanticCustomError("blank", "must not be empty")
@@ -90,7 +102,7 @@ def _not_blank(value: str) -> str:
 
 
 Int = Annotated[int, BeforeValidator(_not_bool)]
-Float = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]
+Float = Annotated[float, BeforeValidator(_finite), BeforeValidator(_not_bool)]
 NonEmpty = Annotated[str, Field(min_length=1), BeforeValidator(_not_blank)]
 # FLUX.1 sizes: the seeds state no upper bound, so only "positive" is enforced.
 PositiveInt = Annotated[Int, Field(gt=0)]
