@@ -4,34 +4,31 @@ Every parameter, default, range and enum comes from shared/spec/endpoints.md (un
 the seed pages). Ranges live in :data:`BOUNDS` as data with a ``confirmed`` flag, because two
 of them (flux-kontext/dev steps and guidance) are not published and are borrowed from
 flux-kontext-lora. :func:`describe_errors` turns a pydantic error into lines a user can act on.
-
-Type policy ("strict-ish"): integer fields reject booleans and numbers with a fractional part
-but accept ``28.0`` and numeric text ``"28"`` (CSV cells arrive as text); float fields accept
-integers, reject booleans, NaN and infinity.
+Field value types (strict-ish numbers, image sizes, LoRAs) are in runner.fields.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    PlainSerializer,
-    PlainValidator,
-    ValidationError,
-    field_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
 from runner import errors
 from runner.diagnostics import describe
+from runner.fields import (
+    Float,
+    ImageSize,
+    ImageSizeValue,
+    Int,
+    LoraWeight,
+    NonEmpty,
+    parse_image_size,
+    size_of,
+)
 from runner.limits import (
     BOUNDS,
     FLUX2_EDIT,
@@ -49,11 +46,10 @@ from runner.limits import (
     PRESETS,
     Bound,
     Kind,
-    Preset,
     ResolutionMode,
 )
 
-# Re-exported: the facts live in runner.limits, the messages in runner.diagnostics.
+# Re-exported from runner.limits, runner.fields and runner.diagnostics for one import site.
 __all__ = [
     "BOUNDS",
     "CATALOG",
@@ -75,110 +71,6 @@ __all__ = [
 def _bounded(endpoint: str, name: str) -> Any:
     b = BOUNDS[endpoint][name]
     return Field(default=b.default, ge=b.low, le=b.high)
-
-
-def _not_bool(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise PydanticCustomError("bool_not_number", "must be a number, not true/false")
-    return value
-
-
-def _finite(value: Any) -> Any:
-    # Checked before the range, which NaN would otherwise fail with a confusing message.
-    text = value.strip().lower().lstrip("+-") if isinstance(value, str) else None
-    if (isinstance(value, float) and not math.isfinite(value)) or text in (
-        "nan",
-        "inf",
-        "infinity",
-    ):
-        raise PydanticCustomError("finite_number", "is not a finite number")
-    return value
-
-
-def _not_blank(value: str) -> str:
-    if not value.strip():
-        raise PydanticCustomError("blank", "must not be empty")
-    return value
-
-
-Int = Annotated[int, BeforeValidator(_not_bool)]
-Float = Annotated[float, BeforeValidator(_finite), BeforeValidator(_not_bool)]
-NonEmpty = Annotated[str, Field(min_length=1), BeforeValidator(_not_blank)]
-# FLUX.1 sizes: the seeds state no upper bound, so only "positive" is enforced.
-PositiveInt = Annotated[Int, Field(gt=0)]
-
-
-class ImageSize(BaseModel):
-    """An explicit output size in pixels."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    width: PositiveInt
-    height: PositiveInt
-
-
-class LoraWeight(BaseModel):
-    """One LoRA: a URL, Hugging Face repo id or path, and its scale (usually 0-2, not enforced)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    path: NonEmpty
-    scale: Float = 1.0
-
-
-_WXH = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
-
-
-def parse_image_size(value: str | Mapping[str, Any] | ImageSize) -> str | ImageSize:
-    """A preset name, ``"1024x768"`` (``X`` and spaces tolerated) or ``{"width", "height"}``.
-
-    Raises ValueError whose text completes ``image_size=<value> ...``.
-    """
-    if isinstance(value, ImageSize):
-        return value
-    if isinstance(value, str):
-        name = value.strip()
-        if name in PRESETS:
-            return name
-        match = _WXH.match(name)
-        if match is None:
-            raise ValueError(
-                f"is not a preset ({', '.join(PRESETS)}) or WIDTHxHEIGHT such as 1024x768"
-            )
-        return _size(int(match[1]), int(match[2]))
-    if isinstance(value, Mapping):
-        if set(value) != {"width", "height"}:
-            raise ValueError("must have exactly the keys width and height")
-        return _size(value["width"], value["height"])
-    raise ValueError("must be a preset name, WIDTHxHEIGHT or {width, height}")
-
-
-def _size(width: Any, height: Any) -> ImageSize:
-    for side, px in (("width", width), ("height", height)):
-        whole = isinstance(px, int) and not isinstance(px, bool)
-        whole = whole or (isinstance(px, float) and px.is_integer())
-        if not whole or px <= 0:
-            raise ValueError(f"has {side} {px!r}; width and height must be positive whole numbers")
-    return ImageSize(width=int(width), height=int(height))
-
-
-def _image_size_field(value: Any) -> str | ImageSize:
-    try:
-        return parse_image_size(value)
-    except ValueError as exc:
-        raise PydanticCustomError("image_size", str(exc)) from exc
-
-
-def _image_size_json(value: str | ImageSize) -> str | dict[str, int]:
-    return value if isinstance(value, str) else {"width": value.width, "height": value.height}
-
-
-ImageSizeValue = Annotated[
-    Preset | ImageSize, PlainValidator(_image_size_field), PlainSerializer(_image_size_json)
-]
-
-
-def size_of(value: str | ImageSize) -> tuple[int, int]:
-    """Pixels of a parsed image_size value."""
-    return PRESETS[value] if isinstance(value, str) else (value.width, value.height)
 
 
 class BaseRequest(BaseModel):

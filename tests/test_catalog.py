@@ -174,7 +174,7 @@ def test_spec_default_output_format_agrees_with_the_model() -> None:
 ENUMS = [
     *[(ep, "output_format", ["jpeg", "png"], ["webp", "PNG"]) for ep in ALL[:6]],
     *[(ep, "output_format", ["jpeg", "png", "webp"], ["gif"]) for ep in (FLUX2, EDIT)],
-    *[(ep, "acceleration", ["none", "regular"], ["high"]) for ep in (FLUX_LORA, I2I, INPAINT, STREAM)],
+    *[(ep, "acceleration", ["none", "regular"], ["high"]) for ep in ALL[:4]],
     *[(ep, "acceleration", ["none", "regular", "high"], ["max"]) for ep in ALL[4:]],
     *[
         (ep, "resolution_mode",
