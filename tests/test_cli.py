@@ -1,0 +1,145 @@
+"""The CLI called in-process: what it prints, what it exits with."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from runner.cli import main
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_validate_names_file_line_column_and_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = "".join(f"r{i},a cat,3.5\n" for i in range(12))
+    manifest = write(
+        tmp_path,
+        "demo.csv",
+        "id,prompt,guidance_scale\n" + rows + "bad,a dog,40\n",
+    )
+    assert main(["validate", str(manifest), "--endpoint", "fal-ai/flux-lora"]) == 1
+    out = capsys.readouterr().out
+    assert "demo.csv:14: guidance_scale=40 is above the maximum 35 for fal-ai/flux-lora" in out
+
+
+def test_validate_reports_every_bad_row_and_counts_good_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = write(
+        tmp_path,
+        "m.jsonl",
+        '{"prompt": "a", "num_images": 9}\n\n{"prompt": "b"}\n{"prompt": ""}\n',
+    )
+    assert main(["validate", str(manifest), "--endpoint", "fal-ai/flux-lora"]) == 1
+    captured = capsys.readouterr()
+    assert "m.jsonl:1:" in captured.out and "num_images" in captured.out
+    assert "m.jsonl:4:" in captured.out
+    assert "1 jobs ok, 2 bad rows" in captured.err
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "not found"),
+        ("", "empty"),
+    ],
+)
+def test_whole_file_problem_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, expected: str
+) -> None:
+    path = tmp_path / "m.csv"
+    if content is not None:
+        path.write_text(content)
+    assert main(["validate", str(path), "--endpoint", "fal-ai/flux-lora"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("runner: error: ") and expected in err.lower()
+    assert "Traceback" not in err
+
+
+def test_unknown_endpoint_lists_known_ones_unless_allowed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = write(tmp_path, "m.csv", "endpoint,prompt,foo\nacme/new-model,a cat,1\n")
+    assert main(["validate", str(manifest)]) == 1
+    out = capsys.readouterr().out
+    assert "acme/new-model" in out and "fal-ai/flux-lora" in out
+    assert main(["plan", str(manifest), "--allow-endpoint", "acme/new-model", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["endpoints"]["acme/new-model"]["unpriced_jobs"] == 1
+
+
+def test_plan_hand_checked_costs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = write(
+        tmp_path,
+        "m.csv",
+        "id,endpoint,prompt,image_size,num_images\n"
+        "a,fal-ai/flux-lora,x,1024x768,\n"
+        "b,fal-ai/flux-lora,x,1920x1080,\n"
+        "c,fal-ai/flux-2/lora,x,square_hd,4\n",
+    )
+    assert main(["plan", str(manifest), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["endpoints"]["fal-ai/flux-lora"]["usd"] == "0.105"  # 0.035 + 0.070
+    assert plan["endpoints"]["fal-ai/flux-2/lora"]["usd"] == "0.084"
+    assert plan["total"]["usd"] == "0.189"
+
+
+def test_plan_reads_input_sizes_from_local_headers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (1920, 1080)).save(tmp_path / "big.png")
+    manifest = write(
+        tmp_path,
+        "m.csv",
+        "id,endpoint,prompt,image_url\n"
+        "a,fal-ai/flux-lora/image-to-image,x,big.png\n"
+        "b,fal-ai/flux-lora/image-to-image,x,https://example.com/unknown.png\n",
+    )
+    assert main(["plan", str(manifest), "--json"]) == 0
+    totals = json.loads(capsys.readouterr().out)["endpoints"]["fal-ai/flux-lora/image-to-image"]
+    assert totals["approximate_jobs"] == 1  # only the URL one
+    assert totals["megapixels"] == 2 + 1  # 1920x1080 rounds up to 2 MP; unknown assumed 1 MP
+
+
+def test_set_defaults_and_prompt_template(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = write(tmp_path, "m.csv", "id,title,num_images\na,mug,\nb,lamp,2\n")
+    args = [
+        "plan", str(manifest), "--endpoint", "fal-ai/flux-lora", "--set", "num_images=3",
+        "--prompt-template", "Photo of {title}", "--json",
+    ]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["total"]["images"] == 5
+
+
+def test_price_override_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = write(tmp_path, "m.csv", "prompt\nx\n")
+    prices = write(
+        tmp_path,
+        "prices.json",
+        json.dumps(
+            {
+                "endpoints": {
+                    "fal-ai/flux-lora": {
+                        "usd": "0.05",
+                        "unit": "output_mp",
+                        "source": "my invoice",
+                        "date": "2026-11-21",
+                        "confidence": "confirmed",
+                    }
+                }
+            }
+        ),
+    )
+    args = ["plan", str(manifest), "--endpoint", "fal-ai/flux-lora", "--prices", str(prices)]
+    assert main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"]["usd"] == "0.05"
