@@ -27,7 +27,7 @@ from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol, TypeVar, TypeVarTuple
 
 import anyio
 import uvicorn
@@ -63,8 +63,12 @@ RejectReason = Literal[
     "bad_signature",
 ]
 
+_OFF_LOOP_BYTES = 1024 * 1024
 _SIGNATURE_HEX = re.compile(r"[0-9a-fA-F]{128}")
 _TIMESTAMP = re.compile(r"[0-9]{1,15}")
+
+T = TypeVar("T")
+PosArgsT = TypeVarTuple("PosArgsT")
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +235,13 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def _off_loop_if_large(body: bytes, func: Callable[[*PosArgsT], T], *args: *PosArgsT) -> T:
+    # Hashing or parsing a data-URI-sized body takes tens of milliseconds: not on the loop.
+    if len(body) < _OFF_LOOP_BYTES:
+        return func(*args)
+    return await anyio.to_thread.run_sync(func, *args)
+
+
 def _answer(status_code: int, outcome: str) -> JSONResponse:
     return JSONResponse({"outcome": outcome}, status_code=status_code)
 
@@ -262,7 +273,7 @@ class _Handler:
             log.warning("cannot verify a webhook yet: %s", exc)
             return self._reject(503, "keys_unavailable")
         try:
-            event = WebhookEvent.model_validate_json(body)
+            event = await _off_loop_if_large(body, WebhookEvent.model_validate_json, body)
         except ValidationError:
             return self._reject(400, "malformed")
         self.stats.valid += 1
@@ -271,13 +282,13 @@ class _Handler:
     async def _authenticate(self, body: bytes, headers: Mapping[str, str]) -> None:
         parsed = read_headers(headers, now_s=self.wall_clock(), max_skew_s=self.max_skew_s)
         try:
-            check_signature(parsed, body, await self.keys.keys())
+            await _off_loop_if_large(body, check_signature, parsed, body, await self.keys.keys())
         except WebhookRejected:
             # Perhaps fal rotated its key: one (rate-limited) refetch, then a final answer.
             fresh = await self.keys.refresh_after_miss()
             if fresh is None:
                 raise
-            check_signature(parsed, body, fresh)
+            await _off_loop_if_large(body, check_signature, parsed, body, fresh)
 
     def _deliver(self, event: WebhookEvent) -> JSONResponse:
         # No await between the check and the add: concurrent duplicates cannot both pass.

@@ -800,3 +800,19 @@ async def test_an_emulator_signer_with_an_unpublished_key_is_refused_and_retried
     assert (dispatcher.stats()["rejected"], dispatcher.stats()["failed"]) == (3, 1)
     assert harness.stats.rejected == {"bad_signature": 3}
     assert harness.forwarded() == []
+
+
+@pytest.mark.anyio
+async def test_a_large_data_uri_result_is_verified_off_the_event_loop_and_forwarded() -> None:
+    data_uri = "data:image/png;base64," + base64.b64encode(bytes(3 * 1024 * 1024)).decode()
+    body = event_body("req-big", payload={"images": [{"url": data_uri}]})
+    assert len(body) > 4 * 1024 * 1024
+    h = Harness(StaticKeys([FAL_KEY.public_key()]), max_body_bytes=8 * 1024 * 1024)
+    try:
+        headers = sign(FAL_KEY, body, request_id="req-big")
+        assert (await h.post(body[:-2] + b" }", headers)).status_code == 401
+        assert (await h.post(body, headers)).status_code == 200
+        [event] = h.forwarded_events()
+        assert event.payload["images"][0]["url"] == data_uri
+    finally:
+        await h.aclose()
