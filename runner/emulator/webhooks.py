@@ -175,6 +175,7 @@ class WebhookDispatcher:
         self._max_concurrency = max_concurrency
         self._send, self._receive = anyio.create_memory_object_stream[_Delivery](max_pending)
         self._counts: Counter[str] = Counter()
+        self._started = False
 
     def submit(self, url: str, request_id: str, body: bytes) -> None:
         """Queue one delivery for :meth:`run`; never blocks."""
@@ -185,11 +186,17 @@ class WebhookDispatcher:
             self._counts["overflowed"] += 1
 
     def close(self) -> None:
-        """Stop accepting deliveries; :meth:`run` returns once the queued ones are done."""
+        """Stop accepting deliveries; :meth:`run` returns once the queued ones are done.
+
+        Call it on shutdown even if :meth:`run` never started, so the queue is released.
+        """
         self._send.close()
+        if not self._started:
+            self._receive.close()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Deliver queued webhooks until :meth:`close` (or cancellation)."""
+        self._started = True
         limiter = anyio.CapacityLimiter(self._max_concurrency)
 
         async def bounded(item: _Delivery, plan: _Plan) -> None:
