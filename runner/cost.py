@@ -217,7 +217,7 @@ class Estimate:
 
     usd: Decimal | None  # None: no price, or the request cannot be billed
     images: int
-    megapixels: int  # billed megapixels counted (inputs included for input_output_mp)
+    megapixels: int  # output MP (rounded per image), plus input MP where inputs are billed
     approximate: bool
     unconfirmed: bool
     notes: tuple[str, ...] = ()
