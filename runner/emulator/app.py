@@ -155,7 +155,7 @@ class Emulator:
         sizes: list[tuple[str, tuple[int, int]]] = []
         for name in catalog.CATALOG[request.endpoint_id].input_image_fields:
             value = getattr(request, name, None)
-            for url in value if isinstance(value, list) else [value] if value else []:
+            for url in value if isinstance(value, list | tuple) else [value] if value else []:
                 try:
                     with anyio.fail_after(INPUT_FETCH_TIMEOUT_S):
                         sizes.append((name, await self.images.read_input_size(url, self._client())))
