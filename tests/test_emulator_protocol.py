@@ -11,13 +11,13 @@ import anyio
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from emulator_support import AUTH, JOB_CLOCK_S, T0, FakeClock, data_uri, in_process, make_emulator
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from emulator_support import AUTH, JOB_CLOCK_S, T0, FakeClock, data_uri, in_process, make_emulator
 from runner import catalog
 from runner.emulator import Emulator, ServiceTime
 from runner.emulator.queue import Ending, Job, Scheduler
@@ -439,7 +439,8 @@ async def test_reset_forgets_accounting_not_the_queue() -> None:
 @pytest.mark.parametrize(
     ("method", "path", "kind"),
     [("POST", "/fal-ai/flux-lora/image-to-image", "submit"),
-     ("GET", "/a/b/requests/x/status/", "status"), ("GET", "/a/b/requests/x/status/stream", "stream"),
+     ("GET", "/a/b/requests/x/status/", "status"),
+     ("GET", "/a/b/requests/x/status/stream", "stream"),
      ("GET", "/a/b/requests/x", "result"), ("PUT", "/a/b/requests/x/cancel", "cancel"),
      ("POST", "/rest/storage/auth/token", "storage"), ("POST", "/cdn/files/upload", "storage"),
      ("GET", "/cdn/files/out/x.jpg", "cdn"), ("GET", "/rest/.well-known/jwks.json", "jwks"),
@@ -451,9 +452,11 @@ def test_calls_are_bucketed_by_route_kind(method: str, path: str, kind: str) -> 
 
 async def test_webhook_posts_signed_body_on_completion() -> None:
     received: list[tuple[dict[str, str], bytes]] = []
+    arrived = anyio.Event()
 
     async def hook(request: Request) -> Response:
         received.append((dict(request.headers), await request.body()))
+        arrived.set()
         return Response(b"ok")
 
     receiver = Starlette(routes=[Route("/hook", hook, methods=["POST"])])
@@ -465,8 +468,7 @@ async def test_webhook_posts_signed_body_on_completion() -> None:
             clock.advance(JOB_CLOCK_S)
             emu.advance()
             with anyio.fail_after(5):
-                while not received:
-                    await anyio.sleep(0.005)
+                await arrived.wait()
             result = (await client.get(sub["response_url"])).json()
     headers, raw = received[0]
     body = json.loads(raw)
