@@ -285,17 +285,18 @@ _SYNTAXES = {
 }
 
 
-def parse_cell(column: str, value: Any, annotation: Any) -> Any:
-    """A request field's cell as a JSON value: special syntaxes, then text by type.
+def parse_cell(column: str, value: Any, kind: Kind) -> Any:
+    """A request field's cell as a JSON value: special syntaxes, then text by kind.
 
-    Native (JSONL/Parquet) values other than text pass through for the request
-    model to validate.
+    ``kind`` is :func:`field_kind` of the field's annotation (computed once per
+    endpoint by the caller). Native (JSONL/Parquet) values other than text pass
+    through for the request model to validate.
     """
     syntax = _SYNTAXES.get(column)
     if syntax is not None:
         return syntax(column, value)
     if isinstance(value, str):
-        return coerce_text(column, value, field_kind(annotation))
+        return coerce_text(column, value, kind)
     return value
 
 

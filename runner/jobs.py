@@ -13,6 +13,7 @@ found in it, yielded in place of its jobs; it never stops the stream.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import string
@@ -298,7 +299,7 @@ def _split_columns(
     row: _Row, values: Mapping[str, Any], spec: EndpointSpec | None
 ) -> tuple[dict[str, Any], dict[str, str], set[str]]:
     """The request body, the metadata, and the parameter columns that failed to parse."""
-    fields = spec.model.model_fields if spec is not None else None
+    fields = _field_kinds(spec) if spec is not None else None
     payload: dict[str, Any] = {}
     metadata: dict[str, str] = {}
     failed: set[str] = set()
@@ -322,11 +323,17 @@ def _split_columns(
             if fields is None:
                 payload[column] = cells.parse_untyped_cell(column, value)
             else:
-                payload[column] = cells.parse_cell(column, value, fields[column].annotation)
+                payload[column] = cells.parse_cell(column, value, fields[column])
         except cells.CellError as exc:
             failed.add(column)
             row.problem(column, str(exc))
     return payload, metadata, failed
+
+
+@functools.cache
+def _field_kinds(spec: EndpointSpec) -> dict[str, cells.Kind]:
+    """How each request field's text cells are read; once per endpoint."""
+    return {name: cells.field_kind(f.annotation) for name, f in spec.model.model_fields.items()}
 
 
 def _expansion(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ _FORMAT_NAMES: dict[str, Format] = {
     "pq": "parquet",
 }
 _BOM = "\ufeff"
+# What errors="surrogateescape" turns an undecodable byte into.
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 # Parquet rows are converted to Python one batch at a time; this bounds memory.
 _PARQUET_BATCH_ROWS = 4096
 
@@ -117,7 +120,7 @@ def _decoded_lines(fh: BinaryIO) -> Iterator[str]:
 
 
 def _has_surrogates(values: list[str]) -> bool:
-    return any("\udc80" <= ch <= "\udcff" for value in values for ch in value)
+    return any(not value.isascii() and _ESCAPED_BYTE.search(value) for value in values)
 
 
 def _raise_field_limit() -> None:
@@ -197,8 +200,8 @@ def _delimited_row(
     display: str, line: int, index: int, names: list[str], record: list[str]
 ) -> RawRow:
     problem = None
-    bad = [name for name, cell in zip(names, record, strict=False) if _has_surrogates([cell])]
-    if bad or _has_surrogates(record):
+    if _has_surrogates(record):
+        bad = [name for name, cell in zip(names, record, strict=False) if _has_surrogates([cell])]
         where = f"column {bad[0]!r}" if bad else "an extra cell"
         problem = f"the row is not valid UTF-8 text ({where})"
         record = [

@@ -314,15 +314,15 @@ def test_untyped_text_is_guessed(text: str, expected: Any) -> None:
 
 
 def test_parse_cell_dispatches_special_columns_then_types() -> None:
-    assert parse_cell("loras", "a:0.5", list[catalog.LoraWeight]) == [{"path": "a", "scale": 0.5}]
-    assert parse_cell("image_size", "10x20", Any) == {"width": 10, "height": 20}
-    assert parse_cell("num_images", "3", int) == 3
-    assert parse_cell("prompt", "  hi  ", str) == "hi"
+    assert parse_cell("loras", "a:0.5", "json") == [{"path": "a", "scale": 0.5}]
+    assert parse_cell("image_size", "10x20", "any") == {"width": 10, "height": 20}
+    assert parse_cell("num_images", "3", "int") == 3
+    assert parse_cell("prompt", "  hi  ", "str") == "hi"
 
 
 @pytest.mark.parametrize("value", [3, 2.5, True, None, [1], {"a": 1}])
 def test_native_values_pass_through_for_the_model_to_check(value: Any) -> None:
-    assert parse_cell("num_images", value, int) is value
+    assert parse_cell("num_images", value, "int") is value
 
 
 def test_untyped_cells_keep_special_syntax_but_not_image_size_checks() -> None:

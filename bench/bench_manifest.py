@@ -1,0 +1,169 @@
+"""Benchmark: stream a 1,000,000-row manifest through read_rows and iter_jobs.
+
+Writes CSV, JSONL and Parquet manifests of the same rows to a temp dir, then
+reads each one in a fresh child process (so ``ru_maxrss`` is that read's own
+peak) twice: rows only, and rows through ``iter_jobs``. Prints rows/s, time and
+resident memory at 100k rows and at the end, to show memory stays flat.
+
+    PYTHONPATH=. python bench/bench_manifest.py [--rows 1000000] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ENDPOINT = "fal-ai/flux-lora"
+COLUMNS = ["id", "endpoint", "prompt", "image_size", "num_images", "seed", "loras", "sku"]
+CHECKPOINT = 100_000
+PARQUET_CHUNK = 50_000
+
+
+def make_row(i: int) -> dict[str, Any]:
+    return {
+        "id": f"row-{i:07d}",
+        "endpoint": ENDPOINT,
+        "prompt": f"A studio photo of product {i}, white background,\nsoft light",
+        "image_size": "square_hd" if i % 2 else "1024x768",
+        "num_images": 1 + i % 4,
+        "seed": i,
+        "loras": f"https://host:8080/loras/l{i % 7}.safetensors:0.8" if i % 3 == 0 else "",
+        "sku": f"SKU-{i}",
+    }
+
+
+def rows(count: int) -> Iterator[dict[str, Any]]:
+    return (make_row(i) for i in range(count))
+
+
+def write_csv(path: Path, count: int) -> None:
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows(count))
+
+
+def write_jsonl(path: Path, count: int) -> None:
+    with path.open("w", encoding="utf-8") as fh:
+        for r in rows(count):
+            r["loras"] = _lora_list(r["loras"])
+            fh.write(json.dumps({k: v for k, v in r.items() if v is not None}) + "\n")
+
+
+def _lora_list(cell: str) -> list[dict[str, Any]] | None:
+    if not cell:
+        return None
+    path, scale = cell.rsplit(":", 1)
+    return [{"path": path, "scale": float(scale)}]
+
+
+def write_parquet(path: Path, count: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lora = pa.list_(pa.struct([("path", pa.string()), ("scale", pa.float64())]))
+    schema = pa.schema(
+        [(c, pa.string()) for c in COLUMNS[:4]]
+        + [("num_images", pa.int64()), ("seed", pa.int64()), ("loras", lora), ("sku", pa.string())]
+    )
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, count, PARQUET_CHUNK):
+            chunk = [make_row(i) for i in range(start, min(count, start + PARQUET_CHUNK))]
+            for r in chunk:
+                r["loras"] = _lora_list(r["loras"])
+            writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
+
+
+MANIFESTS = {"m.csv": write_csv, "m.jsonl": write_jsonl, "m.parquet": write_parquet}
+
+
+def rss_mb() -> float:
+    """Current resident set size (Linux /proc), in MiB."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def peak_mb() -> float:
+    """Peak resident set size so far (ru_maxrss is in KiB on Linux), in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def read_one(path: Path, with_jobs: bool) -> None:
+    """Child process: stream one manifest and print one result line."""
+    from runner.errors import RowError
+    from runner.jobs import ExpandOptions, iter_jobs
+    from runner.manifest import read_rows
+
+    start_rss = rss_mb()
+    began = time.perf_counter()
+    stream: Iterator[Any] = read_rows(path)
+    if with_jobs:
+        stream = iter_jobs(stream, ExpandOptions(manifest_dir=path.parent))
+    items = errors = 0
+    at_checkpoint = ""
+    for item in stream:
+        items += 1
+        if isinstance(item, RowError):
+            errors += 1
+            if errors <= 3:
+                print(f"    row error: {item}", file=sys.stderr)
+        if items == CHECKPOINT:
+            at_checkpoint = f"rss@100k={rss_mb():.0f}MB peak@100k={peak_mb():.0f}MB"
+    elapsed = time.perf_counter() - began
+    what = "read_rows+iter_jobs" if with_jobs else "read_rows        "
+    print(
+        f"  {path.suffix:8} {what} {items:>9,} items {elapsed:6.1f}s "
+        f"{items / elapsed:>9,.0f}/s  rss@start={start_rss:.0f}MB {at_checkpoint} "
+        f"rss@end={rss_mb():.0f}MB peak={peak_mb():.0f}MB errors={errors}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--keep", type=Path, help="write the manifests here and keep them")
+    parser.add_argument("--write", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--read", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--jobs", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.read is not None:
+        read_one(args.read, args.jobs)
+        return
+    if args.write is not None:
+        write_all(args.write, args.rows)
+        return
+    # The parent imports nothing heavy and only runs children: on Linux a child
+    # inherits its parent's ru_maxrss across exec, so a small parent keeps each
+    # child's peak its own.
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.keep or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        child = [sys.executable, __file__, "--rows", str(args.rows)]
+        subprocess.run([*child, "--write", str(folder)], check=True)
+        print(f"parent rss={rss_mb():.0f}MB peak={peak_mb():.0f}MB")
+        for name in MANIFESTS:
+            for with_jobs in (False, True):
+                command = [*child, "--read", str(folder / name)]
+                subprocess.run(command + (["--jobs"] if with_jobs else []), check=True)
+
+
+def write_all(folder: Path, count: int) -> None:
+    for name in MANIFESTS:
+        began = time.perf_counter()
+        path = folder / name
+        MANIFESTS[name](path, count)
+        size = path.stat().st_size / 1e6
+        print(f"wrote {name}: {count:,} rows, {size:.0f} MB, {time.perf_counter() - began:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
