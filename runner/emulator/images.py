@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import io
 import random
@@ -350,11 +351,12 @@ class ImageStore:
                     )
                 chunks: list[bytes] = []
                 size = 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > self.max_input_bytes:
-                        raise InputImageError(f"image {_short(url)} is too large")
-                    chunks.append(chunk)
+                async with contextlib.aclosing(response.aiter_bytes()) as stream:
+                    async for chunk in stream:
+                        size += len(chunk)
+                        if size > self.max_input_bytes:
+                            raise InputImageError(f"image {_short(url)} is too large")
+                        chunks.append(chunk)
         except httpx.HTTPError as exc:
             raise InputImageError(f"cannot fetch image {_short(url)}: {exc}") from exc
         return b"".join(chunks)
