@@ -194,11 +194,14 @@ async def _webhooks(spec: str, jobs: int) -> tuple[list[dict[str, Any]], dict[st
             emu.advance()
             with anyio.fail_after(5):
                 # Lost deliveries never reach the receiver: poll the dispatcher's counters.
-                while (stats := emu.snapshot()["webhooks"])["submitted"] > (
-                    stats["delivered"] + stats["lost"] - stats["duplicated"]
-                ):
-                    await anyio.sleep(0.01)  # noqa: ASYNC110
+                while not _settled(stats := emu.snapshot()["webhooks"]):  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
     return received, stats
+
+
+def _settled(stats: dict[str, int]) -> bool:
+    done = stats["delivered"] + stats["lost"] + stats["failed"]
+    return done >= stats["submitted"] + stats["duplicated"]
 
 
 @pytest.mark.parametrize(
