@@ -19,8 +19,9 @@ import secrets
 import threading
 import urllib.parse
 from collections import Counter, OrderedDict
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import anyio.to_thread
 import httpx
@@ -351,7 +352,8 @@ class ImageStore:
                     )
                 chunks: list[bytes] = []
                 size = 0
-                async with contextlib.aclosing(response.aiter_bytes()) as stream:
+                body = cast(AsyncGenerator[bytes, None], response.aiter_bytes())
+                async with contextlib.aclosing(body) as stream:
                     async for chunk in stream:
                         size += len(chunk)
                         if size > self.max_input_bytes:
