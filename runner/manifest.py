@@ -142,8 +142,13 @@ def _read_header(lines: Iterator[str], delimiter: str, display: str) -> tuple[An
     if header is None:
         raise ManifestError(f"{display}: the manifest is empty")
     if _has_surrogates(header):
-        raise ManifestError(f"{display}: the header is not UTF-8 text")
+        raise ManifestError(f"{display}: the header is not UTF-8 text (save the file as UTF-8)")
     names = [name.strip() for name in header]
+    if len(names) == 1 and any(sep in names[0] for sep in ";,\t" if sep != delimiter):
+        raise ManifestError(
+            f"{display}: the header has one column {names[0]!r}; "
+            "is the file separated by something else? (use .csv for commas, .tsv for tabs)"
+        )
     for position, name in enumerate(names, start=1):
         if not name:
             raise ManifestError(f"{display}: header column {position} has no name")

@@ -170,6 +170,8 @@ def test_broken_quoting_is_a_row_problem(tmp_path: Path, body: str, problem: str
         ("m.csv", b"\xff\xfei\x00d\x00\n", "the header is not UTF-8 text"),
         ("m.csv", b"id,prompt,id\na,b,c\n", "duplicate column names in the header: id"),
         ("m.csv", b"id,,prompt\na,b,c\n", "header column 2 has no name"),
+        ("m.csv", b"id;prompt\na;b\n", "the header has one column 'id;prompt'"),
+        ("m.tsv", b"id,prompt\na,b\n", "is the file separated by something else?"),
         ("m.jsonl", b"", "the manifest is empty"),
         ("m.jsonl", b"\n  \n", "no rows"),
         ("m.parquet", b"not parquet at all", "not a readable Parquet file"),
