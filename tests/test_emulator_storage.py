@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -18,9 +19,11 @@ import httpx
 import pytest
 import uvicorn
 from fal_client.auth import AuthCredentials
+from PIL import Image
 from pydantic import SecretStr
 from starlette.applications import Starlette
 
+from runner.emulator.images import ImageStore
 from runner.emulator.storage import FileStore, StorageError, safe_file_name, storage_routes
 
 KEY = "kid:secret-value"
@@ -334,7 +337,8 @@ def test_safe_file_name(name: str | None, expected: str) -> None:
 
 @asynccontextmanager
 async def served(files: FileStore) -> AsyncIterator[str]:
-    routes = storage_routes(files, key=KEY, clock=time.time)
+    images = ImageStore(files, clock=time.time)
+    routes = [*storage_routes(files, key=KEY, clock=time.time), *images.routes()]
     config = uvicorn.Config(
         Starlette(routes=routes),
         host="127.0.0.1",
@@ -454,3 +458,22 @@ async def test_official_client_with_wrong_key_cannot_upload(
         await (await client._client).aclose()
     assert caught.value.status_code == 401
     assert files.stats()["files"] == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_uploaded_image_reads_back_over_http_and_resolves_locally(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buffer, format="PNG")
+    files = FileStore(clock=time.time)
+    async with served(files) as origin:
+        point_client_at(monkeypatch, origin)
+        url = await fal_client.AsyncClient(key=KEY).upload(buffer.getvalue(), "image/png", "r.png")
+        async with httpx.AsyncClient() as http:
+            response = await http.get(url)
+            size = await ImageStore(files, clock=time.time).read_input_size(url, http)
+    assert (response.status_code, response.headers["content-type"]) == (200, "image/png")
+    assert response.content == buffer.getvalue()
+    assert size == (40, 30)

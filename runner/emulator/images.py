@@ -235,7 +235,8 @@ class ImageStore:
         """The rendered image as a ``data:`` URI (for ``sync_mode``); not registered."""
         fmt = normalize_format(fmt)
         data = render(width=width, height=height, fmt=fmt, seed=seed, salt=salt)
-        self._counts["renders"] += 1
+        with self._lock:
+            self._counts["renders"] += 1
         return f"data:{CONTENT_TYPES[fmt]};base64,{base64.b64encode(data).decode('ascii')}"
 
     def _live_output(self, image_id: str) -> _Output | None:
@@ -305,11 +306,11 @@ class ImageStore:
 
     async def _serve(self, request: Request) -> Response:
         found = await self._find(request.path_params["path"])
+        with self._lock:
+            self._counts["served" if found else "not_found"] += 1
         if found is None:
-            self._counts["not_found"] += 1
             return Response(b'{"detail": "Not Found"}', 404, media_type="application/json")
         data, content_type = found
-        self._counts["served"] += 1
         etag = '"' + hashlib.md5(data, usedforsecurity=False).hexdigest() + '"'
         return serve_bytes(request, data, content_type, etag)
 

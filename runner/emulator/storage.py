@@ -319,6 +319,14 @@ def _error(message: str, status_code: int) -> JSONResponse:
     return JSONResponse({"detail": message}, status_code=status_code)
 
 
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 before reading when it says it is over ``limit``."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise StorageError("upload exceeds the storage limit", status_code=413)
+    return await request.body()
+
+
 @dataclass
 class _Service:
     files: FileStore
@@ -369,7 +377,7 @@ class _Service:
         if not self.bearer_ok(request):
             return self.refuse()
         stored = self.files.put(
-            await request.body(),
+            await _body(request, self.files.max_total_bytes),
             content_type=request.headers.get("content-type", "application/octet-stream"),
             file_name=request.headers.get("x-fal-file-name"),
             expires_in_s=_lifecycle_s(request),
@@ -393,7 +401,10 @@ class _Service:
             return self.refuse()
         params = request.path_params
         etag = self.files.put_part(
-            params["key"], params["upload_id"], params["part_number"], await request.body()
+            params["key"],
+            params["upload_id"],
+            params["part_number"],
+            await _body(request, self.files.max_total_bytes),
         )
         return Response(b"", headers={"ETag": etag})
 
@@ -436,7 +447,9 @@ class _Service:
 
     async def signed_put(self, request: Request) -> Response:
         self.files.fulfil(
-            request.path_params["token"], await request.body(), request.headers.get("content-type")
+            request.path_params["token"],
+            await _body(request, self.files.max_total_bytes),
+            request.headers.get("content-type"),
         )
         return Response(b"", status_code=200)
 
