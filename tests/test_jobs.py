@@ -509,3 +509,29 @@ def test_near_miss_uses_the_union_of_endpoints() -> None:
     [warning] = column_warnings(["strenght"], [FLUX, I2I])
     assert "did you mean 'strength'" in warning
     assert "fal-ai/flux-lora, fal-ai/flux-lora/image-to-image" in warning
+
+
+def test_row_errors_carry_the_editor_line_after_bom_crlf_and_multiline_cells(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "demo.csv"
+    path.write_bytes(
+        b"\xef\xbb\xbfid,endpoint,prompt,guidance_scale\r\n"
+        b'a,fal-ai/flux-lora,"line one\r\nline two\r\nline three",3\r\n'
+        b"\r\n"
+        b"b,fal-ai/flux-lora,ok,40\r\n"
+        b'c,fal-ai/flux-lora,"x\r\ny",two\r\n'
+        b"d,fal-ai/flux-lora,caf\xff,3\r\n"
+    )
+    out = list(iter_jobs(read_rows(path), ExpandOptions(manifest_dir=tmp_path)))
+    assert isinstance(out[0], Job) and out[0].line == 2
+    assert [str(item).removeprefix(str(path)) for item in out[1:]] == [
+        ":6: guidance_scale=40 is above the maximum 35 for fal-ai/flux-lora",
+        ":7: guidance_scale='two' is not a number",
+        ":9: the row is not valid UTF-8 text (column 'prompt')",
+    ]
+    assert [item.problems[0].row_id for item in out[1:] if isinstance(item, RowError)] == [
+        "b",
+        "c",
+        "d",
+    ]
