@@ -37,6 +37,20 @@ Clock = Callable[[], float]
 """Wall-clock time in unix seconds (``time.time`` in production, a fake in tests)."""
 
 MAX_PARTS = 10_000
+_COUNTERS = [
+    "tokens_issued",
+    "uploads_simple",
+    "uploads_multipart",
+    "uploads_initiate",
+    "uploaded_bytes",
+    "multipart_started",
+    "multipart_parts",
+    "initiated",
+    "evicted",
+    "expired",
+    "rejected_too_large",
+    "auth_rejected",
+]
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -251,23 +265,7 @@ class FileStore:
 
     def stats(self) -> dict[str, int]:
         """Counters for the emulator's stats endpoint."""
-        out = {
-            name: self._counts[name]
-            for name in (
-                "tokens_issued",
-                "uploads_simple",
-                "uploads_multipart",
-                "uploads_initiate",
-                "uploaded_bytes",
-                "multipart_started",
-                "multipart_parts",
-                "initiated",
-                "evicted",
-                "expired",
-                "rejected_too_large",
-                "auth_rejected",
-            )
-        }
+        out = {name: self._counts[name] for name in _COUNTERS}
         out["files"] = len(self._files)
         out["stored_bytes"] = self._stored_bytes
         out["pending_bytes"] = self._pending_bytes
