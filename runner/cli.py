@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from decimal import Decimal
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import anyio
 
 from runner import __version__
+from runner.config import FAL_QUEUE_URL, RunConfig, build_config, key_from_env, load_toml
 from runner.cost import PriceTable
-from runner.errors import EXIT_JOBS_FAILED, EXIT_OK, RowError, RunnerError
+from runner.errors import EXIT_JOBS_FAILED, EXIT_OK, RowError, RunnerError, UsageError
 from runner.inputs import InputSizer
 from runner.jobs import ExpandOptions, Job, column_warnings, iter_jobs
 from runner.manifest import read_rows
@@ -53,6 +58,42 @@ def add_manifest_args(p: argparse.ArgumentParser) -> None:
         help="a default for every row; a row's own value wins",
     )
     p.add_argument("--prompt-template", help="fill `{column}` placeholders into `prompt`")
+
+
+def _endpoint_limit(text: str) -> tuple[str, int]:
+    key, value = _key_value(text)
+    try:
+        return key, int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ENDPOINT=N, got {text!r}") from None
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    a("--ledger", type=Path, metavar="DIR", help="run directory (default: beside the manifest)")
+    a("--config", type=Path, metavar="TOML", help="options from a TOML file; flags win")
+    a("--emulator", action="store_true", help="run against the embedded local emulator")
+    a("--queue-url", help="fal queue base URL (default https://queue.fal.run)")
+    a("--concurrency", type=int, help="the account's concurrency slots (default 2)")
+    a("--max-in-flight", type=int, help="jobs submitted but unfinished (default 2x slots)")
+    a("--rate", type=float, help="submits per second (default 10); halves on 429s")
+    a("--endpoint-limit", action="append", type=_endpoint_limit, metavar="ID=N",
+      help="at most N jobs of this endpoint in flight")  # fmt: skip
+    a("--max-cost", type=Decimal, metavar="USD", help="hard cap on committed spend")
+    a("--max-attempts", type=int, help="attempts per job for retryable failures (default 3)")
+    a("--on-unknown", choices=["resubmit", "skip", "fail"],
+      help="what a rerun does with submits of unknown outcome (default resubmit)")  # fmt: skip
+    a("--retry-failed", action="store_true", help="run failed jobs again, even non-retryable")
+    a("--completion", choices=["poll", "stream", "webhook"], help="default poll")
+    a("--webhook-listen", metavar="HOST:PORT", help="where the webhook receiver listens")
+    a("--webhook-url", help="the public URL fal calls (e.g. a tunnel to --webhook-listen)")
+    a("--webhook-jwks-url", help="JWKS for webhook signatures (default fal's)")
+    a("--job-timeout", type=float, metavar="S", help="cancel and fail a job after S seconds")
+    a("--start-timeout", type=float, metavar="S", help="sent as X-Fal-Request-Timeout")
+    a("--priority", choices=["normal", "low"])
+    a("--strict", action="store_true", help="refuse the manifest if any row is bad")
+    a("--quiet", action="store_true", help="log lines instead of a progress bar")
+    a("--prices", type=Path, help="JSON price overrides")
 
 
 def expand_options(args: argparse.Namespace) -> ExpandOptions:
@@ -124,6 +165,126 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK if plan.ok else EXIT_JOBS_FAILED
 
 
+RUN_FLAGS = (
+    "ledger", "emulator", "concurrency", "max_in_flight", "rate", "endpoint_limit", "max_cost",
+    "max_attempts", "on_unknown", "retry_failed", "completion", "webhook_listen", "webhook_url",
+    "webhook_jwks_url", "job_timeout", "start_timeout", "priority", "strict", "quiet", "prices",
+    "queue_url",
+)  # fmt: skip
+# Flag name -> RunConfig field, where they differ.
+RENAMED = {
+    "ledger": "run_dir", "rate": "rate_per_s", "endpoint_limit": "endpoint_limits",
+    "max_cost": "max_cost_usd", "job_timeout": "job_timeout_s", "start_timeout": "start_timeout_s",
+}  # fmt: skip
+
+
+def default_run_dir(manifest: Path) -> Path:
+    """Beside the manifest: ``demo.csv`` -> ``demo.runner/``."""
+    return manifest.with_name(manifest.stem + ".runner")
+
+
+def run_config(args: argparse.Namespace, environ: Mapping[str, str]) -> RunConfig:
+    """Flags win over the TOML file, which wins over the defaults."""
+    values: dict[str, Any] = load_toml(args.config) if args.config else {}
+    values = {RENAMED.get(k, k): v for k, v in values.items()}
+    for flag in RUN_FLAGS:
+        given = getattr(args, flag, None)
+        if given is not None and given is not False:
+            values[RENAMED.get(flag, flag)] = given
+    if isinstance(values.get("endpoint_limits"), list):
+        values["endpoint_limits"] = dict(values["endpoint_limits"])
+    values.update(
+        manifest=args.manifest,
+        fmt=args.format,
+        default_endpoint=args.endpoint,
+        allowed_endpoints=frozenset(args.allow_endpoint),
+        defaults=dict(args.defaults),
+        prompt_template=args.prompt_template,
+        key=key_from_env(environ),
+    )
+    values.setdefault("run_dir", default_run_dir(args.manifest))
+    return build_config(values)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from runner.engine import embedded_emulator, execute, print_summary
+
+    config = run_config(args, os.environ)
+
+    async def go() -> Any:
+        if config.emulator:
+            async with embedded_emulator(config) as local:
+                print(f"runner: using the local emulator at {local.queue_url}", file=sys.stderr)
+                return await execute(local)
+        return await execute(config)
+
+    report = anyio.run(go)
+    print_summary(report)
+    return int(report.exit_code)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from runner.ledger.views import status_summary
+
+    summary = status_summary(args.run_dir)
+    if args.json:
+        print(json.dumps(summary_json(summary), indent=2))
+        return EXIT_OK
+    print(f"{summary.run_dir}: {summary.jobs} jobs, {summary.events} events")
+    for state, count in sorted(summary.by_state.items()):
+        print(f"  {state:<12} {count}")
+    for ep in summary.by_endpoint:
+        states = ", ".join(f"{k}={v}" for k, v in sorted(ep.by_state.items()))
+        print(f"  {ep.endpoint}: {ep.jobs} jobs ({states}), billed ${ep.billed_usd}")
+    print(f"spent so far ${summary.billed_usd} (estimated ${summary.estimated_usd})")
+    if summary.possible_duplicates:
+        print(f"{summary.possible_duplicates} jobs have an unknown submit outcome")
+    return EXIT_OK
+
+
+def summary_json(summary: Any) -> dict[str, Any]:
+    return {
+        "run_dir": str(summary.run_dir),
+        "jobs": summary.jobs,
+        "events": summary.events,
+        "by_state": {str(k): v for k, v in summary.by_state.items()},
+        "by_endpoint": [
+            {
+                "endpoint": ep.endpoint,
+                "jobs": ep.jobs,
+                "by_state": {str(k): v for k, v in ep.by_state.items()},
+                "estimated_usd": str(ep.estimated_usd),
+                "billed_usd": str(ep.billed_usd),
+            }
+            for ep in summary.by_endpoint
+        ],
+        "estimated_usd": str(summary.estimated_usd),
+        "billed_usd": str(summary.billed_usd),
+        "possible_duplicates": summary.possible_duplicates,
+    }
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from runner.ledger.views import export
+
+    out = args.out or args.run_dir / f"export.{args.format}"
+    count = export(args.run_dir, out, args.format)
+    print(f"wrote {count} jobs to {out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from runner.cancel import cancel_in_flight
+
+    key = key_from_env(os.environ)
+    if key is None:
+        raise UsageError("FAL_KEY is not set")
+    outcome = anyio.run(lambda: cancel_in_flight(args.run_dir, queue_url=args.queue_url, key=key))
+    for line in outcome.lines():
+        print(line)
+    return EXIT_OK
+
+
 def cmd_emulator(args: argparse.Namespace) -> int:
     from runner.emulator.server import serve_main
 
@@ -146,6 +307,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prices", type=Path, help="JSON price overrides (see README)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("run", help="run a manifest through the queue, resumably")
+    add_manifest_args(p)
+    add_run_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="counts by state and endpoint, spend so far")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("export", help="one row per job, latest state")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--format", choices=["csv", "jsonl", "parquet"], default="csv")
+    p.add_argument("--out", type=Path, help="output file (default: RUN_DIR/export.FORMAT)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("cancel", help="cancel the remote requests still in flight")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--queue-url", default=FAL_QUEUE_URL)
+    p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("emulator", help="the local fal queue emulator")
     p.add_argument("action", choices=["serve"])

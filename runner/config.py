@@ -64,13 +64,15 @@ class RunConfig(BaseModel):
     start_timeout_s: float | None = Field(default=None, gt=0)
     priority: Literal["normal", "low"] | None = None
 
+    emulator: bool = False  # the embedded local emulator stands in for fal
+
     out_dir: Path | None = None
     download: bool = True
     quiet: bool = False
 
     @model_validator(mode="after")
     def _webhook_needs_url(self) -> RunConfig:
-        if self.completion == "webhook" and not self.webhook_url:
+        if self.completion == "webhook" and not self.webhook_url and not self.emulator:
             raise ValueError("--completion webhook needs --webhook-url (the public URL fal calls)")
         return self
 

@@ -33,6 +33,7 @@ class Tally:
     remote_running: int = 0
     spent_usd: Decimal = Decimal(0)
     retries: int = 0
+    detached: int = 0  # lost contact; re-attached by the next run
     by_state: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -79,8 +80,8 @@ class Progress:
             eta = f" eta {max(t.total - t.finished, 0) / rate:.0f}s"
         return (
             f"{t.finished}/{total} done ({t.completed} ok, {t.skipped} skipped, {t.failed} failed"
-            f", {t.invalid} invalid), {t.in_flight} in flight ({t.remote_queued} queued, "
-            f"{t.remote_running} running), {rate:.1f} jobs/s{eta}, "
+            f", {t.invalid} invalid), {t.in_flight} in flight ({t.remote_running} seen running), "
+            f"{rate:.1f} jobs/s{eta}, "
             f"spent {_money(t.spent_usd)} of est. {_money(t.estimate_usd)}"
         )
 
@@ -92,7 +93,7 @@ class Progress:
             self._bar.n = t.finished
             self._bar.set_postfix_str(
                 f"ok={t.completed} fail={t.failed} inflight={t.in_flight} "
-                f"queued={t.remote_queued} {_money(t.spent_usd)}/{_money(t.estimate_usd)}",
+                f"{_money(t.spent_usd)}/{_money(t.estimate_usd)}",
                 refresh=False,
             )
             self._bar.refresh()

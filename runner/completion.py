@@ -1,0 +1,254 @@
+"""How the runner learns that a job finished: by polling, by the status stream, or by webhook.
+
+Each strategy answers one question, ``await strategy.wait(watch) -> Finished``, for one job.
+
+- :class:`Poller` asks the status URL at times chosen by :mod:`runner.pacing`: once near
+  the expected completion instead of every 0.1 s.
+- :class:`Streamer` holds the SSE status stream open and reconnects when it drops.
+- :class:`WebhookWaiter` waits for the webhook (fed by :meth:`WebhookWaiter.deliver`) and
+  polls a job whose webhook is late, so a lost webhook never stalls a run.
+
+Every HTTP read goes through the one retry policy (:func:`runner.retry.call_with_retry`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio
+
+from runner.client import QueueClient, RequestRef
+from runner.errors import FalError
+from runner.pacing import ServiceModel, first_poll_delay_s, next_poll_delay_s
+from runner.protocol import Completed, InProgress, Queued, Status
+from runner.retry import Action, RetryPolicy, call_with_retry, classify
+
+
+@dataclass(slots=True)
+class Watch:
+    """What a strategy knows about one submitted job, updated as statuses arrive."""
+
+    endpoint: str
+    ref: RequestRef
+    units: float
+    position: int | None = None
+    submitted_s: float = 0.0
+    started_s: float | None = None
+    status_calls: int = 0
+    on_status: Callable[[Status], None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A completed job: its final status, and the result body if a webhook carried it."""
+
+    status: Completed
+    webhook_payload: Any = None
+    webhook_ok: bool | None = None
+
+
+class Strategy(Protocol):
+    async def wait(self, watch: Watch) -> Finished: ...
+
+
+@dataclass(slots=True)
+class Pacing:
+    """Knobs shared by the strategies; times in real seconds."""
+
+    slots: int
+    min_poll_s: float = 0.05
+    max_poll_s: float = 30.0
+    model: ServiceModel = field(default_factory=ServiceModel)
+
+
+@dataclass(slots=True)
+class Reader:
+    """One retried status read, with the clock and sleep a strategy was given."""
+
+    client: QueueClient
+    policy: RetryPolicy
+    clock: Callable[[], float]
+    sleep: Callable[[float], Awaitable[None]]
+    on_retry: Callable[[int, Exception, float], None] | None = None
+
+    async def status(self, watch: Watch) -> Status:
+        watch.status_calls += 1
+        status = await call_with_retry(
+            lambda: self.client.status(watch.ref),
+            policy=self.policy,
+            kind="read",
+            clock=self.clock,
+            sleep=self.sleep,
+            on_retry=self.on_retry,
+        )
+        note(watch, status, self.clock())
+        return status
+
+
+def note(watch: Watch, status: Status, now_s: float) -> None:
+    """Record what a status says about the job's place and progress."""
+    if isinstance(status, Queued):
+        watch.position = status.position
+    elif isinstance(status, InProgress) and watch.started_s is None:
+        # Seen running: the start was at most this late. A job first seen COMPLETED
+        # leaves started_s unknown rather than guessed.
+        watch.started_s = now_s
+        watch.position = None
+    if watch.on_status is not None:
+        watch.on_status(status)
+
+
+class Poller:
+    """Adaptive polling: ask once near the expected completion, then less often."""
+
+    def __init__(self, reader: Reader, pacing: Pacing) -> None:
+        self.reader = reader
+        self.pacing = pacing
+
+    def _first_delay(self, watch: Watch) -> float:
+        mean, dev = self.pacing.model.service_s(watch.endpoint, watch.units)
+        return first_poll_delay_s(
+            position=watch.position,
+            service_mean_s=mean,
+            service_dev_s=dev,
+            slots=self.pacing.slots,
+            min_s=self.pacing.min_poll_s,
+            max_s=self.pacing.max_poll_s,
+        )
+
+    def _next_delay(self, watch: Watch, status: Status, polls: int) -> float:
+        mean, dev = self.pacing.model.service_s(watch.endpoint, watch.units)
+        now = self.reader.clock()
+        running_for = 0.0 if watch.started_s is None else now - watch.started_s
+        return next_poll_delay_s(
+            state="IN_QUEUE" if isinstance(status, Queued) else "IN_PROGRESS",
+            position=watch.position,
+            running_for_s=running_for,
+            polls=polls,
+            service_mean_s=mean,
+            service_dev_s=dev,
+            slots=self.pacing.slots,
+            min_s=self.pacing.min_poll_s,
+            max_s=self.pacing.max_poll_s,
+        )
+
+    async def wait(self, watch: Watch, *, wake: anyio.Event | None = None) -> Finished:
+        """Poll until COMPLETED. With ``wake``, return early (status None) when it is set."""
+        delay = self._first_delay(watch)
+        polls = 0
+        while True:
+            if wake is None:
+                await self.reader.sleep(delay)
+            else:
+                with anyio.move_on_after(delay):
+                    await wake.wait()
+                if wake.is_set():
+                    raise _Woken
+            status = await self.reader.status(watch)
+            polls += 1
+            if isinstance(status, Completed):
+                return Finished(status)
+            delay = self._next_delay(watch, status, polls)
+
+
+class _Woken(Exception):  # control flow between WebhookWaiter and Poller
+    """The webhook arrived while the poller slept."""
+
+
+class Streamer:
+    """The SSE status stream, one connection per job, reconnecting when it drops."""
+
+    def __init__(self, reader: Reader, *, max_reconnects: int = 20) -> None:
+        self.reader = reader
+        self.max_reconnects = max_reconnects
+
+    async def wait(self, watch: Watch) -> Finished:
+        failures = 0
+        while True:
+            try:
+                async with self.reader.client.stream(watch.ref) as events:
+                    async for status in events:
+                        failures = 0
+                        note(watch, status, self.reader.clock())
+                        if isinstance(status, Completed):
+                            return Finished(status)
+            except FalError as exc:
+                decision = classify(exc, kind="read")
+                failures += 1
+                if decision.action is not Action.RETRY or failures > self.max_reconnects:
+                    raise
+                wait = decision.after_s
+                if wait is None:
+                    wait = min(self.reader.policy.base_s * 2 ** (failures - 1), 5.0)
+                await self.reader.sleep(wait)
+            # A stream that ended cleanly without COMPLETED is a drop: reconnect.
+            else:
+                failures += 1
+                if failures > self.max_reconnects:
+                    # Last resort: one plain status read decides.
+                    status = await self.reader.status(watch)
+                    if isinstance(status, Completed):
+                        return Finished(status)
+                    failures = 0
+
+
+@dataclass(slots=True)
+class _Slot:
+    event: anyio.Event = field(default_factory=anyio.Event)
+    payload: Any = None
+    ok: bool | None = None
+
+
+class WebhookWaiter:
+    """Wait for each job's webhook; poll any job whose webhook is late."""
+
+    def __init__(self, poller: Poller, *, grace_s: float = 5.0, lateness: float = 2.0) -> None:
+        self.poller = poller
+        self.grace_s = grace_s
+        self.lateness = lateness
+        self._slots: dict[str, _Slot] = {}
+        self._early: dict[str, _Slot] = {}
+        self.late_jobs = 0
+
+    def deliver(self, request_id: str, *, ok: bool, payload: Any) -> None:
+        """A verified, first-seen webhook for ``request_id`` arrived."""
+        slot = self._slots.get(request_id)
+        if slot is None:
+            # The webhook beat the submit acknowledgement's bookkeeping: keep it briefly.
+            if len(self._early) < 100_000:
+                slot = self._early.setdefault(request_id, _Slot())
+            else:
+                return
+        slot.payload, slot.ok = payload, ok
+        slot.event.set()
+
+    async def wait(self, watch: Watch) -> Finished:
+        rid = watch.ref.request_id
+        slot = self._early.pop(rid, None) or _Slot()
+        self._slots[rid] = slot
+        try:
+            mean, dev = self.poller.pacing.model.service_s(watch.endpoint, watch.units)
+            ahead = watch.position or 0
+            expected = (ahead / max(self.poller.pacing.slots, 1) + 1) * mean + 3 * dev
+            deadline = min(expected * self.lateness + self.grace_s, 3600.0)
+            with anyio.move_on_after(deadline if math.isfinite(deadline) else 3600.0):
+                await slot.event.wait()
+            if not slot.event.is_set():
+                self.late_jobs += 1
+                try:
+                    finished = await self.poller.wait(watch, wake=slot.event)
+                except _Woken:
+                    pass
+                else:
+                    return finished
+            return self._from_webhook(slot)
+        finally:
+            self._slots.pop(rid, None)
+
+    @staticmethod
+    def _from_webhook(slot: _Slot) -> Finished:
+        status = Completed(logs=None, error=None if slot.ok else "webhook reported an error")
+        return Finished(status, webhook_payload=slot.payload, webhook_ok=slot.ok)

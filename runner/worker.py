@@ -1,0 +1,400 @@
+"""One job's life: intent, submit, completion, result, record; a new attempt for retryable failures.
+
+Nothing here raises for a per-job failure: every way a job can end becomes a ledger event
+(``completed``, ``failed``, ``unknown``), and only fatal errors (a refused key) escape.
+The ledger sees the intent to submit, committed, *before* the POST, and the request id,
+committed, right after the acknowledgement: a crash anywhere leaves either a job to
+re-attach to or a visible unknown outcome, never silence.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import anyio
+
+from runner.budget import Budget
+from runner.client import QueueClient, RequestRef
+from runner.completion import Finished, Pacing, Strategy, Watch
+from runner.config import RunConfig
+from runner.cost import Estimate, PriceTable, billed_cost, megapixels
+from runner.errors import AuthError, FalError, HTTPStatusError
+from runner.jobs import Job
+from runner.ledger.schema import JobState, LedgerEvent, OutputImage, encode_request
+from runner.ledger.store import Ledger
+from runner.progress import Tally
+from runner.protocol import (
+    Completed,
+    FluxResult,
+    InProgress,
+    ResultResponse,
+    Status,
+    is_retryable_error_type,
+)
+from runner.ratelimit import AdaptiveRate
+from runner.retry import Action, RetryPolicy, call_with_retry, classify
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class Shared:
+    """Everything the workers of one run share; built once by the engine."""
+
+    config: RunConfig
+    client: QueueClient
+    ledger: Ledger
+    strategy: Strategy
+    pacing: Pacing
+    prices: PriceTable
+    rate: AdaptiveRate
+    tally: Tally
+    budget: Budget
+    input_sizes: Callable[[Job], list[tuple[int, int]]]
+    submit_policy: RetryPolicy = field(default_factory=lambda: RetryPolicy(attempts=8))
+    read_policy: RetryPolicy = field(default_factory=lambda: RetryPolicy(timeout_s=300.0))
+    webhook_url: str | None = None
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], Awaitable[None]] = anyio.sleep
+    now: Callable[[], datetime] = utcnow
+    endpoint_limits: dict[str, anyio.CapacityLimiter] = field(default_factory=dict)
+    on_change: Callable[[], None] = lambda: None
+    say: Callable[[str], None] = lambda _message: None
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """A job the scheduler admitted: submit it as ``attempt``, or re-attach to ``reattach``."""
+
+    job: Job
+    estimate: Estimate
+    attempt: int = 1
+    reattach: RequestRef | None = None
+
+    @property
+    def units(self) -> float:
+        steps = getattr(self.job.request, "num_inference_steps", None) or 28
+        return max(self.estimate.megapixels, 1) * int(steps)
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """How a job's run ended here: a ledger state and whether money was spent."""
+
+    state: JobState
+    billed_usd: Decimal | None = None
+
+
+def event(t: Ticket, state: JobState, at: datetime, attempt: int, **fields: Any) -> LedgerEvent:
+    return LedgerEvent(job_key=t.job.job_key, state=state, at=at, attempt=attempt, **fields)
+
+
+async def run_job(t: Ticket, s: Shared) -> Ended:
+    """Drive one job to an end state, recording every step."""
+    limiter = s.endpoint_limits.get(t.job.endpoint)
+    if limiter is None:
+        return await _attempts(t, s)
+    async with limiter:
+        return await _attempts(t, s)
+
+
+async def _attempts(t: Ticket, s: Shared) -> Ended:
+    attempt, ref = t.attempt, t.reattach
+    while True:
+        if ref is None:
+            submitted = await submit(t, s, attempt)
+            if isinstance(submitted, Ended):
+                return submitted
+            ref = submitted
+        ended, retry = await finish(t, s, ref, attempt)
+        if not retry or attempt >= s.config.max_attempts:
+            return ended
+        attempt, ref = attempt + 1, None
+        s.tally.retries += 1
+
+
+def _intent(t: Ticket, s: Shared, attempt: int) -> LedgerEvent:
+    job = t.job
+    return LedgerEvent(
+        job_key=job.job_key,
+        state=JobState.SUBMITTING,
+        at=s.now(),
+        row_id=job.row_id,
+        line=job.line,
+        source=job.source,
+        variant=job.variant,
+        endpoint=job.endpoint,
+        request=encode_request(job.payload),
+        metadata=dict(job.metadata),
+        estimated_usd=t.estimate.usd,
+        attempt=attempt,
+    )
+
+
+async def submit(t: Ticket, s: Shared, attempt: int) -> RequestRef | Ended:
+    """Record the intent, POST with the submit policy, record the acknowledgement."""
+    s.ledger.append(_intent(t, s, attempt))
+    await s.ledger.commit()
+
+    async def post() -> Any:
+        await s.rate.acquire()
+        return await s.client.submit(
+            t.job.endpoint,
+            t.job.payload,
+            webhook_url=s.webhook_url,
+            priority=s.config.priority,
+            start_timeout_s=s.config.start_timeout_s,
+        )
+
+    def on_retry(_attempt: int, exc: Exception, _wait_s: float) -> None:
+        if isinstance(exc, HTTPStatusError) and exc.status_code == 429:
+            s.rate.on_throttle()
+
+    try:
+        ack = await call_with_retry(
+            post, policy=s.submit_policy, kind="submit", clock=s.clock, sleep=s.sleep,
+            on_retry=on_retry,
+        )  # fmt: skip
+    except AuthError:
+        raise
+    except FalError as exc:
+        return await _submit_failed(t, s, attempt, exc)
+    s.rate.on_success()
+    s.ledger.append(
+        event(
+            t, JobState.QUEUED, s.now(), attempt,
+            request_id=ack.request_id,
+            gateway_request_id=ack.gateway_request_id,
+            submitted_at=s.now(),
+        )
+    )  # fmt: skip
+    await s.ledger.commit()
+    ref: RequestRef = ack
+    return ref
+
+
+async def _submit_failed(t: Ticket, s: Shared, attempt: int, exc: FalError) -> Ended:
+    decision = classify(exc, kind="submit")
+    if decision.action is Action.UNKNOWN_OUTCOME:
+        # The POST may have been queued and billed: never resubmit blindly.
+        s.ledger.append(event(t, JobState.UNKNOWN, s.now(), attempt, error_message=str(exc)))
+        await s.ledger.commit()
+        s.budget.settle(t.estimate.usd, t.estimate.usd)
+        s.tally.unknown += 1
+        return Ended(JobState.UNKNOWN)
+    # Certainly not accepted: nothing was paid. Retryable unless the request itself is bad.
+    code = exc.status_code if isinstance(exc, HTTPStatusError) else None
+    permanent = code is not None and 400 <= code < 500 and code not in (408, 409, 429)
+    return await _failed(
+        t, s, attempt,
+        error_type=f"submit_http_{code}" if code else "submit_failed",
+        message=_detail(exc),
+        retryable=not permanent,
+        billed=Decimal(0),
+    )  # fmt: skip
+
+
+async def finish(t: Ticket, s: Shared, ref: RequestRef, attempt: int) -> tuple[Ended, bool]:
+    """Wait for completion and record the outcome; the bool asks for another attempt."""
+    position = getattr(ref, "queue_position", None)
+    running = False
+
+    def on_status(status: Status) -> None:
+        nonlocal running
+        if not running and isinstance(status, InProgress | Completed):
+            running = True
+            s.tally.remote_queued -= 1
+            s.tally.remote_running += 1
+            s.ledger.append(event(t, JobState.IN_PROGRESS, s.now(), attempt, started_at=s.now()))
+        s.on_change()
+
+    watch = Watch(
+        endpoint=t.job.endpoint, ref=ref, units=t.units, position=position,
+        submitted_s=s.clock(), on_status=on_status,
+    )  # fmt: skip
+    s.tally.remote_queued += 1
+    timed_out = False
+    try:
+        if s.config.job_timeout_s is None:
+            finished = await s.strategy.wait(watch)
+        else:
+            with anyio.move_on_after(s.config.job_timeout_s) as scope:
+                finished = await s.strategy.wait(watch)
+            timed_out = scope.cancelled_caught
+    except AuthError:
+        raise
+    except FalError as exc:
+        # Lost contact with a request that fal may still run: keep it re-attachable.
+        s.tally.detached += 1
+        s.say(f"{t.job.row_id}: lost track of request {ref.request_id}: {_detail(exc)}")
+        return Ended(JobState.QUEUED), False
+    finally:
+        if running:
+            s.tally.remote_running -= 1
+        else:
+            s.tally.remote_queued -= 1
+    if timed_out:
+        return await _timed_out(t, s, ref, attempt), False
+    _learn(t, s, watch, finished.status)
+    return await _outcome(t, s, ref, attempt, watch, finished)
+
+
+def _learn(t: Ticket, s: Shared, watch: Watch, status: Completed) -> None:
+    service = status.inference_time_s
+    if service is None and watch.started_s is not None:
+        service = s.clock() - watch.started_s
+    if service is not None and service > 0:
+        s.pacing.model.observe(t.job.endpoint, t.units, service)
+
+
+async def _timed_out(t: Ticket, s: Shared, ref: RequestRef, attempt: int) -> Ended:
+    with anyio.CancelScope(shield=True):
+        outcome = "not cancelled"
+        try:
+            outcome = await call_with_retry(
+                lambda: s.client.cancel(ref), policy=RetryPolicy(attempts=3, timeout_s=10.0),
+                kind="read", clock=s.clock, sleep=s.sleep,
+            )  # fmt: skip
+        except FalError as exc:
+            outcome = f"cancel failed: {_detail(exc)}"
+        ended = await _failed(
+            t, s, attempt,
+            error_type="job_timeout",
+            message=f"no result within --job-timeout {s.config.job_timeout_s}s ({outcome})",
+            retryable=False,
+            billed=Decimal(0),
+        )  # fmt: skip
+    return ended
+
+
+async def _outcome(
+    t: Ticket, s: Shared, ref: RequestRef, attempt: int, watch: Watch, finished: Finished
+) -> tuple[Ended, bool]:
+    status = finished.status
+    if finished.webhook_payload is not None and finished.webhook_ok:
+        result = ResultResponse(status_code=200, body=finished.webhook_payload)
+    elif status.error is not None and finished.webhook_ok is None:
+        return await _job_error(t, s, attempt, status.error_type, status.error)
+    else:
+        try:
+            result = await call_with_retry(
+                lambda: s.client.result(ref), policy=s.read_policy, kind="read",
+                clock=s.clock, sleep=s.sleep,
+            )  # fmt: skip
+        except HTTPStatusError as exc:
+            if exc.status_code == 404:
+                ended = await _failed(
+                    t, s, attempt, error_type="result_expired",
+                    message=f"result of {ref.request_id} is gone (404); rerun with "
+                    "--retry-failed to pay for it again",
+                    retryable=False, billed=t.estimate.usd,
+                )  # fmt: skip
+                return ended, False
+            raise
+    if result.ok:
+        return await _completed(t, s, attempt, watch, status, result), False
+    message = _result_message(result)
+    if result.status_code == 422:
+        return await _failed(
+            t, s, attempt, error_type="validation", message=message, retryable=False,
+            billed=Decimal(0),
+        ), False  # fmt: skip
+    return await _job_error(t, s, attempt, result.error_type, message, result.timeout_type)
+
+
+async def _job_error(
+    t: Ticket, s: Shared, attempt: int, error_type: str | None, message: str,
+    timeout_type: str | None = None,
+) -> tuple[Ended, bool]:  # fmt: skip
+    retryable = is_retryable_error_type(error_type, timeout_type=timeout_type)
+    ended = await _failed(
+        t, s, attempt, error_type=error_type or "error", message=message,
+        retryable=retryable, billed=Decimal(0),
+    )  # fmt: skip
+    return ended, retryable
+
+
+async def _completed(
+    t: Ticket, s: Shared, attempt: int, watch: Watch, status: Completed, result: ResultResponse
+) -> Ended:
+    try:
+        flux = FluxResult.from_payload(result.body)
+    except FalError as exc:
+        ended, _ = await _job_error(t, s, attempt, "bad_result", _detail(exc))
+        return ended
+    sizes = [(im.width, im.height) for im in flux.images]
+    billed = billed_cost(
+        t.job.endpoint, sizes, s.prices, input_sizes=s.input_sizes(t.job)
+    ) if t.job.request is not None else None  # fmt: skip
+    now_s = s.clock()
+    queue_s = None if watch.started_s is None else watch.started_s - watch.submitted_s
+    inference = status.inference_time_s or _timing(flux.timings)
+    outputs = tuple(
+        OutputImage(url=im.url, width=im.width, height=im.height, content_type=im.content_type)
+        for im in flux.images
+    )
+    s.ledger.append(
+        event(
+            t, JobState.COMPLETED, s.now(), attempt,
+            completed_at=s.now(),
+            queue_s=queue_s,
+            inference_s=inference if inference is not None else (
+                None if watch.started_s is None else now_s - watch.started_s),
+            outputs=outputs,
+            seed=flux.seed,
+            nsfw=tuple(flux.has_nsfw_concepts),
+            megapixels=sum(megapixels(w, h) for w, h in sizes),
+            billed_usd=billed,
+        )
+    )  # fmt: skip
+    await s.ledger.commit()
+    actual = billed if billed is not None else t.estimate.usd
+    s.budget.settle(t.estimate.usd, actual)
+    s.tally.completed += 1
+    s.tally.spent_usd += actual or Decimal(0)
+    s.on_change()
+    return Ended(JobState.COMPLETED, billed)
+
+
+async def _failed(
+    t: Ticket, s: Shared, attempt: int, *, error_type: str, message: str, retryable: bool,
+    billed: Decimal | None,
+) -> Ended:  # fmt: skip
+    s.ledger.append(
+        event(
+            t, JobState.FAILED, s.now(), attempt,
+            error_type=error_type, error_message=message[:2000], retryable=retryable,
+        )
+    )  # fmt: skip
+    await s.ledger.commit()
+    will_retry = retryable and attempt < s.config.max_attempts
+    if not will_retry:
+        s.budget.settle(t.estimate.usd, billed)
+        s.tally.failed += 1
+        s.tally.spent_usd += billed or Decimal(0)
+        s.on_change()
+    return Ended(JobState.FAILED, billed)
+
+
+def _timing(timings: Any) -> float | None:
+    value = timings.get("inference") if isinstance(timings, dict) else None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _result_message(result: ResultResponse) -> str:
+    body = result.body
+    if isinstance(body, dict):
+        detail = body.get("detail", body.get("error", body))
+        return f"{result.status_code}: {detail}"[:2000]
+    return f"{result.status_code}: {body}"[:2000]
+
+
+def _detail(exc: Exception) -> str:
+    return str(exc)[:2000]

@@ -1,0 +1,63 @@
+"""Helpers for scenario tests: a runner wired to an in-process emulator."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import SecretStr
+
+from runner.config import RunConfig, build_config
+from runner.emulator import DEFAULT_KEY, Emulator, EmulatorConfig, FaultConfig
+from runner.engine import Hooks, RunReport, execute
+
+EMULATOR_URL = "http://emulator"
+
+
+def manifest(tmp_path: Path, rows: int, *, name: str = "m.csv", extra: str = "") -> Path:
+    path = tmp_path / name
+    lines = ["id,endpoint,prompt,image_size,seed" + ("," + extra if extra else "")]
+    for i in range(rows):
+        lines.append(f"r{i},fal-ai/flux-lora,prompt number {i},square,{i}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_config(path: Path, run_dir: Path, **overrides: Any) -> RunConfig:
+    values: dict[str, Any] = {
+        "manifest": path,
+        "run_dir": run_dir,
+        "key": SecretStr(DEFAULT_KEY),
+        "queue_url": EMULATOR_URL,
+        "concurrency": 2,
+        "rate_per_s": 1000.0,
+        "quiet": True,
+    }
+    values.update(overrides)
+    return build_config(values)
+
+
+@asynccontextmanager
+async def emulator(
+    *, concurrency: int = 2, time_scale: float = 0.005, faults: FaultConfig | None = None,
+    **kw: Any,
+) -> AsyncIterator[Emulator]:  # fmt: skip
+    config = EmulatorConfig(
+        concurrency=concurrency, time_scale=time_scale, faults=faults or FaultConfig(), **kw
+    )
+    emu = Emulator(config)
+    async with emu.running():
+        yield emu
+
+
+async def run(emu: Emulator, config: RunConfig) -> RunReport:
+    hooks = Hooks(
+        transport=httpx.ASGITransport(app=emu.app),
+        stream=io.StringIO(),
+        handle_signals=False,
+    )
+    return await execute(config, hooks=hooks)

@@ -1,0 +1,57 @@
+"""Scenario tests: the whole runner against the in-process emulator."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from runner.ledger.fold import LedgerState
+from runner.ledger.views import status_summary
+from tests.scenario import emulator, manifest, run, run_config
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_poll_mode_completes_every_job_once(tmp_path: Path) -> None:
+    path = manifest(tmp_path, 12)
+    async with emulator() as emu:
+        report = await run(emu, run_config(path, tmp_path / "run"))
+        stats = emu.snapshot()
+    assert report.exit_code == 0, report.message
+    assert report.tally.completed == 12
+    assert stats["submits"]["accepted"] == 12
+    assert stats["submits"]["duplicates"] == 0
+    summary = status_summary(tmp_path / "run")
+    assert summary.by_state == {"completed": 12}
+    assert summary.billed_usd == Decimal("0.42")  # 12 x 512x512 -> 1 MP x $0.035
+
+
+async def test_rerun_skips_completed_jobs_and_submits_nothing(tmp_path: Path) -> None:
+    path = manifest(tmp_path, 5)
+    async with emulator() as emu:
+        await run(emu, run_config(path, tmp_path / "run"))
+        again = await run(emu, run_config(path, tmp_path / "run"))
+        stats = emu.snapshot()
+    assert again.exit_code == 0
+    assert again.tally.skipped == 5 and again.tally.completed == 0
+    assert stats["submits"]["accepted"] == 5
+
+
+async def test_ledger_records_request_ids_outputs_and_cost(tmp_path: Path) -> None:
+    path = manifest(tmp_path, 3)
+    async with emulator() as emu:
+        await run(emu, run_config(path, tmp_path / "run"))
+    rows = ds.dataset(tmp_path / "run" / "ledger", format="parquet").to_table().to_pylist()
+    completed = [r for r in rows if r["state"] == "completed"]
+    assert len({r["job_key"] for r in completed}) == 3
+    for r in completed:
+        assert r["outputs"][0]["width"] == 512
+        assert r["outputs"][0]["url"].startswith("http://emulator/cdn/")
+        assert r["billed_usd"] == Decimal("0.035")
+        assert r["seed"] in (0, 1, 2)
+    assert all(r["request_id"] for r in rows if r["state"] == "queued")
+    folded = LedgerState.load(tmp_path / "run").jobs.to_pylist()
+    assert all(r["request_id"] and r["state"] == "completed" for r in folded)
