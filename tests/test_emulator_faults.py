@@ -242,3 +242,12 @@ async def test_a_faulty_run_replays_identically_under_the_same_seed() -> None:
     assert first == again
     assert first != other
     assert {"200", "429", "502", "EmulatedDisconnect"} <= set(first)
+
+
+async def test_webhook_delay_holds_deliveries_and_reorder_holds_each_within_window() -> None:
+    started = time.monotonic()
+    delayed, _ = await _webhooks("webhook_delay_s=5", jobs=2)  # 50 ms real at this scale
+    elapsed = time.monotonic() - started
+    _, reordered = await _webhooks("webhook_reorder_s=2,seed=4", jobs=3)
+    assert len(delayed) == 2 and elapsed >= 0.05
+    assert reordered["held"] == 3 and reordered["delivered"] == 3
