@@ -117,7 +117,8 @@ def main() -> None:
 
         t0 = time.perf_counter()
         state = LedgerState.load(run_dir)
-        report("fold after compaction", time.perf_counter() - t0)
+        report(f"fold after compaction ({len(state):,} jobs)", time.perf_counter() - t0)
+        del state
 
         t0 = time.perf_counter()
         status = status_summary(run_dir)

@@ -152,7 +152,9 @@ class Ledger:
                 if not rows:
                     return
                 old = self._segment
-                self._segment = SegmentWriter(self.journal_dir / segment_name(self._next_seq))
+                # Every event up to durable_seq is in the old segment; later ones go here.
+                name = segment_name(self._durable_seq + 1)
+                self._segment = SegmentWriter(self.journal_dir / name)
                 old.close()
                 self._retired.append(old.path)
             try:
