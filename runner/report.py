@@ -1,0 +1,410 @@
+"""The run report: what happened in a run directory, as data, text and JSON.
+
+:func:`build_report` is pure: it takes the folded ledger (one latest row per job,
+as :func:`runner.ledger.fold` returns it) and the run's ``run.json`` and returns a
+frozen :class:`Report`. :func:`load_jobs` does the reading; :func:`render_text` and
+:func:`report_json` render. The HTML page lives in :mod:`runner.report_html` and the
+gallery's rows come from :func:`gallery`.
+
+Definitions:
+
+- wall time: from the earliest ``submitted_at`` to the latest ``completed_at``
+  (attempt-level columns, so of each job's latest attempt);
+- percentiles: linear interpolation between closest ranks (numpy's default), over
+  the completed jobs whose value is known (``queue_s`` is null when the queue
+  never told us when the job started);
+- failure groups: ``error_type`` plus the message with ids, URLs, paths and numbers
+  replaced by placeholders, so the same failure on different rows is one group;
+- the resume outlook: :func:`runner.ledger.decide` over every folded record. New
+  manifest rows (never seen by the ledger) would be submitted too; the report has
+  no manifest, so their number is unknown.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from runner.errors import LedgerError
+from runner.ledger import JobBrief, JobState, ResumePolicy, decide, fold, read_events
+from runner.ledger.resume import Action
+
+_ZERO = Decimal(0)
+STATE_ORDER = tuple(JobState)
+PERCENTILES = (50, 90, 99)
+# Ordered most specific first: a URL would otherwise be half-eaten by the path rule.
+_NORMALISERS = (
+    (re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.I), "<url>"),
+    (re.compile(r"\bdata:[^\s,]*,\S*"), "<data>"),
+    (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I), "<id>"),
+    (re.compile(r"\b[0-9a-f]{16,}\b", re.I), "<id>"),
+    (re.compile(r"(?<![\w<])[\w.~-]*/[\w./~-]+"), "<path>"),
+    (re.compile(r"(?<![\w<])-?\d+(?:\.\d+)?"), "<n>"),
+    (re.compile(r"\s+"), " "),
+)
+_MESSAGE_CHARS = 300
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointCost:
+    """One endpoint's jobs and money. ``estimated_done_usd`` covers the jobs that were billed."""
+
+    endpoint: str | None
+    jobs: int
+    by_state: Mapping[JobState, int]
+    images: int
+    megapixels: int
+    estimated_usd: Decimal  # every job's pre-run estimate
+    estimated_done_usd: Decimal  # the estimates of the jobs that have a billed amount
+    billed_usd: Decimal  # output-based cost of each job's latest attempt
+    billed_jobs: int
+
+
+@dataclass(frozen=True, slots=True)
+class Percentiles:
+    """p50/p90/p99 and max over ``known`` values out of ``of`` completed jobs (None if none)."""
+
+    known: int
+    of: int
+    p50: float | None = None
+    p90: float | None = None
+    p99: float | None = None
+    max: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    first_submitted_at: datetime | None
+    last_completed_at: datetime | None
+    wall_s: float | None
+    completed: int
+    images: int
+    jobs_per_hour: float | None
+    images_per_hour: float | None
+    queue: Percentiles
+    inference: Percentiles
+
+
+@dataclass(frozen=True, slots=True)
+class FailureExample:
+    row_id: str | None
+    line: int | None
+    source: str | None
+    endpoint: str | None
+    state: JobState
+    message: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class FailureGroup:
+    error_type: str
+    message: str  # normalised
+    count: int
+    retryable: int
+    examples: tuple[FailureExample, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeOutlook:
+    """What ``runner run`` on the same manifest would do with the jobs already in the ledger."""
+
+    policy: ResumePolicy
+    reattach: int  # queued / in progress: poll the request id again
+    retry: int  # failed and retryable (or --retry-failed): a new attempt
+    resubmit: int  # unknown outcome: submit again, possibly paying twice
+    revalidate: int  # invalid rows: validated again, submitted when now valid
+    skip: int
+    fail: int  # unknown outcome recorded as failed (--on-unknown fail)
+    reasons: Mapping[str, int]
+    new_jobs: int | None = None  # rows the ledger never saw: unknown without the manifest
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    run_dir: str | None
+    manifest: str | None
+    manifest_sha256: str | None
+    runner_version: str | None
+    jobs: int
+    by_state: Mapping[JobState, int]
+    endpoints: tuple[EndpointCost, ...]
+    estimated_usd: Decimal
+    estimated_done_usd: Decimal
+    billed_usd: Decimal
+    possible_duplicates: int
+    timing: Timing
+    failed_jobs: int
+    failure_groups: int  # how many distinct groups, of which ``failures`` lists the top ones
+    failures: tuple[FailureGroup, ...]
+    resume: ResumeOutlook
+    notes: tuple[str, ...] = field(default=())
+
+
+def load_jobs(run_dir: Path | str) -> pa.Table:
+    """The folded ledger of a run directory (no lock taken; works while a run writes)."""
+    run_dir = Path(run_dir)
+    if not ((run_dir / "ledger").is_dir() or (run_dir / "run.json").is_file()):
+        raise LedgerError(f"{run_dir} is not a run directory (no ledger/ and no run.json)")
+    return fold(read_events(run_dir).table)
+
+
+def build_report(
+    jobs: pa.Table,
+    run_meta: Mapping[str, Any] | None,
+    *,
+    run_dir: Path | str | None = None,
+    policy: ResumePolicy | None = None,
+    top_failures: int = 10,
+    examples: int = 3,
+) -> Report:
+    """The report of a folded ledger. Pure: no I/O, no clock."""
+    meta = run_meta or {}
+    found = meta.get("manifest")
+    manifest: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+    endpoints = _endpoint_costs(jobs)
+    by_state: dict[JobState, int] = {}
+    for ep in endpoints:
+        for state, count in ep.by_state.items():
+            by_state[state] = by_state.get(state, 0) + count
+    groups, failed = _failure_groups(jobs, examples)
+    notes = []
+    if any(ep.billed_jobs < ep.by_state.get(JobState.COMPLETED, 0) for ep in endpoints):
+        notes.append("some completed jobs have no output-based cost (unknown endpoint price)")
+    return Report(
+        run_dir=None if run_dir is None else str(run_dir),
+        manifest=_str_or_none(manifest.get("path")),
+        manifest_sha256=_str_or_none(manifest.get("sha256")),
+        runner_version=_str_or_none(meta.get("runner_version")),
+        jobs=jobs.num_rows,
+        by_state={s: by_state[s] for s in STATE_ORDER if s in by_state},
+        endpoints=endpoints,
+        estimated_usd=_trim(sum((e.estimated_usd for e in endpoints), _ZERO)),
+        estimated_done_usd=_trim(sum((e.estimated_done_usd for e in endpoints), _ZERO)),
+        billed_usd=_trim(sum((e.billed_usd for e in endpoints), _ZERO)),
+        possible_duplicates=by_state.get(JobState.SUBMITTING, 0)
+        + by_state.get(JobState.UNKNOWN, 0),
+        timing=_timing(jobs),
+        failed_jobs=failed,
+        failure_groups=len(groups),
+        failures=tuple(groups[:top_failures]),
+        resume=resume_outlook(jobs, policy or ResumePolicy()),
+        notes=tuple(notes),
+    )
+
+
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _trim(value: Decimal) -> Decimal:
+    if value == value.to_integral_value():
+        return value.quantize(Decimal(1))
+    return value.normalize()
+
+
+def _endpoint_costs(jobs: pa.Table) -> tuple[EndpointCost, ...]:
+    billed_valid = pc.is_valid(jobs["billed_usd"])
+    table = pa.table(
+        {
+            "endpoint": jobs["endpoint"],
+            "state": jobs["state"],
+            "est": jobs["estimated_usd"],
+            "est_done": pc.if_else(billed_valid, jobs["estimated_usd"], None),
+            "billed": jobs["billed_usd"],
+            "images": pc.list_value_length(jobs["outputs"]),
+            "mp": jobs["megapixels"],
+        }
+    )
+    grouped = table.group_by(["endpoint", "state"]).aggregate(
+        [
+            ("state", "count"),
+            ("est", "sum"),
+            ("est_done", "sum"),
+            ("billed", "sum"),
+            ("billed", "count"),
+            ("images", "sum"),
+            ("mp", "sum"),
+        ]
+    )
+    per: dict[str | None, dict[str, Any]] = {}
+    for row in grouped.to_pylist():
+        e = per.setdefault(row["endpoint"], Counter())
+        e["jobs"] += row["state_count"]
+        e[JobState(row["state"])] += row["state_count"]
+        e["est"] += row["est_sum"] or _ZERO
+        e["est_done"] += row["est_done_sum"] or _ZERO
+        e["billed"] += row["billed_sum"] or _ZERO
+        e["billed_jobs"] += row["billed_count"]
+        e["images"] += row["images_sum"] or 0
+        e["mp"] += row["mp_sum"] or 0
+    return tuple(
+        EndpointCost(
+            endpoint=name,
+            jobs=e["jobs"],
+            by_state={s: e[s] for s in STATE_ORDER if e[s]},
+            images=e["images"],
+            megapixels=e["mp"],
+            estimated_usd=_trim(Decimal(e["est"])),
+            estimated_done_usd=_trim(Decimal(e["est_done"])),
+            billed_usd=_trim(Decimal(e["billed"])),
+            billed_jobs=e["billed_jobs"],
+        )
+        for name, e in sorted(per.items(), key=lambda kv: kv[0] or "")
+    )
+
+
+def percentiles(values: np.ndarray, of: int) -> Percentiles:
+    """p50/p90/p99 (linear interpolation) and max of ``values``; ``of`` is the population."""
+    if values.size == 0:
+        return Percentiles(0, of)
+    p50, p90, p99 = (float(v) for v in np.percentile(values, PERCENTILES))
+    return Percentiles(int(values.size), of, p50, p90, p99, float(values.max()))
+
+
+def _timing(jobs: pa.Table) -> Timing:
+    done = jobs.filter(pc.equal(jobs["state"], JobState.COMPLETED.value))
+    first = pc.min(jobs["submitted_at"]).as_py()
+    last = pc.max(done["completed_at"]).as_py() if done.num_rows else None
+    wall_s = (last - first).total_seconds() if first and last and last > first else None
+    images = int(pc.sum(pc.list_value_length(done["outputs"])).as_py() or 0)
+
+    def per_hour(count: int) -> float | None:
+        return count * 3600.0 / wall_s if wall_s else None
+
+    def column(name: str) -> np.ndarray:
+        return np.asarray(done[name].drop_null().to_numpy(), dtype=float)
+
+    return Timing(
+        first_submitted_at=first,
+        last_completed_at=last,
+        wall_s=wall_s,
+        completed=done.num_rows,
+        images=images,
+        jobs_per_hour=per_hour(done.num_rows),
+        images_per_hour=per_hour(images),
+        queue=percentiles(column("queue_s"), done.num_rows),
+        inference=percentiles(column("inference_s"), done.num_rows),
+    )
+
+
+def normalise_message(message: str | None) -> str:
+    """A failure message with the parts that differ per row (ids, URLs, numbers) blanked."""
+    if not message:
+        return ""
+    text = message[:2000]
+    for pattern, replacement in _NORMALISERS:
+        text = pattern.sub(replacement, text)
+    text = text.strip()
+    return text if len(text) <= _MESSAGE_CHARS else text[: _MESSAGE_CHARS - 1] + "…"
+
+
+_FAILED_STATES = [s.value for s in (JobState.FAILED, JobState.CANCELLED, JobState.INVALID)]
+
+
+def _failure_groups(jobs: pa.Table, examples: int) -> tuple[list[FailureGroup], int]:
+    mask = pc.or_(
+        pc.is_in(jobs["state"], pa.array(_FAILED_STATES)),
+        pc.and_(
+            pc.is_valid(jobs["error_type"]),
+            pc.not_equal(jobs["state"], JobState.COMPLETED.value),
+        ),
+    )
+    failed = jobs.filter(mask).sort_by([("source", "ascending"), ("line", "ascending")])
+    cols = failed.select(
+        [
+            "error_type",
+            "error_message",
+            "retryable",
+            "row_id",
+            "line",
+            "source",
+            "endpoint",
+            "state",
+        ]
+    ).to_pydict()
+    counts: Counter[tuple[str, str]] = Counter()
+    retryable: Counter[tuple[str, str]] = Counter()
+    samples: dict[tuple[str, str], list[FailureExample]] = {}
+    cache: dict[str | None, str] = {}
+    for i, raw in enumerate(cols["error_message"]):
+        if raw not in cache:
+            cache[raw] = normalise_message(raw)
+        error_type = cols["error_type"][i] or cols["state"][i]
+        key = (error_type, cache[raw])
+        counts[key] += 1
+        retryable[key] += bool(cols["retryable"][i])
+        found = samples.setdefault(key, [])
+        if len(found) < examples:
+            found.append(
+                FailureExample(
+                    row_id=cols["row_id"][i],
+                    line=cols["line"][i],
+                    source=cols["source"][i],
+                    endpoint=cols["endpoint"][i],
+                    state=JobState(cols["state"][i]),
+                    message=raw,
+                )
+            )
+    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    groups = [
+        FailureGroup(key[0], key[1], count, retryable[key], tuple(samples[key]))
+        for key, count in ordered
+    ]
+    return groups, failed.num_rows
+
+
+def resume_outlook(jobs: pa.Table, policy: ResumePolicy) -> ResumeOutlook:
+    """decide() over every folded record, once per distinct (state, attempt, id?, retryable)."""
+    has_id = pc.and_(
+        pc.is_valid(jobs["request_id"]), pc.not_equal(jobs["request_id"], "")
+    ).fill_null(False)
+    table = pa.table(
+        {
+            "state": jobs["state"],
+            "attempt": jobs["attempt"],
+            "has_id": has_id,
+            "retryable": jobs["retryable"],
+        }
+    )
+    grouped = table.group_by(["state", "attempt", "has_id", "retryable"]).aggregate(
+        [("state", "count")]
+    )
+    kinds: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    for row in grouped.to_pylist():
+        brief = JobBrief(
+            "", JobState(row["state"]), row["attempt"], "id" if row["has_id"] else None,
+            row["retryable"],
+        )  # fmt: skip
+        decision = decide(brief, policy)
+        count = row["state_count"]
+        reasons[decision.reason] += count
+        kinds[_kind(decision.action, decision.possible_duplicate, brief.state)] += count
+    return ResumeOutlook(
+        policy=policy,
+        reattach=kinds["reattach"],
+        retry=kinds["retry"],
+        resubmit=kinds["resubmit"],
+        revalidate=kinds["revalidate"],
+        skip=kinds["skip"],
+        fail=kinds["fail"],
+        reasons=dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+    )
+
+
+def _kind(action: Action, possible_duplicate: bool, state: JobState) -> str:
+    if action is Action.SUBMIT:
+        if possible_duplicate:
+            return "resubmit"
+        return "revalidate" if state is JobState.INVALID else "retry"
+    return action.value
