@@ -15,9 +15,9 @@ from runner.ledger.journal import SegmentWriter, decode_segment, encode_line, li
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 def lines(n: int) -> bytes:
@@ -137,3 +137,16 @@ def test_append_after_close_is_refused(tmp_path: Path) -> None:
     ledger.close()
     with pytest.raises(LedgerError, match="closed"):
         ledger.append(LedgerEvent("a", "submitting", NOW))
+
+
+def test_one_ledger_serves_successive_event_loops(tmp_path: Path) -> None:
+    async def commit_some(ledger: Ledger, tag: str) -> None:
+        async with anyio.create_task_group() as tg:
+            for i in range(10):
+                ledger.append(LedgerEvent(f"{tag}{i}", "submitting", NOW))
+                tg.start_soon(ledger.commit)
+
+    with Ledger.open(tmp_path) as ledger:
+        anyio.run(commit_some, ledger, "a", backend="asyncio")
+        anyio.run(commit_some, ledger, "b", backend="trio")
+        assert ledger.committed_seq == 20

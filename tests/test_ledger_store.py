@@ -314,3 +314,10 @@ def test_empty_run_dir_reads_as_empty(tmp_path: Path) -> None:
     assert len(LedgerState.load(tmp_path)) == 0
     assert status_summary(tmp_path).jobs == 0
     assert isinstance(read_events(tmp_path).table, pa.Table)
+
+
+def test_run_dir_that_is_a_file_is_a_ledger_error(tmp_path: Path) -> None:
+    path = tmp_path / "not-a-dir"
+    path.write_text("x")
+    with pytest.raises(LedgerError, match="not-a-dir"):
+        Ledger.open(path)

@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import pyarrow as pa
 
@@ -63,19 +64,24 @@ class Ledger:
         self._unfolded: list[dict[str, Any]] = []
         self._retired: list[Path] = []
         self._segment = SegmentWriter(self.journal_dir / segment_name(next_seq))
-        self._commit_lock = anyio.Lock()
+        self._commit_lock: tuple[object, anyio.Lock] | None = None
         self._closed = False
 
     @classmethod
     def open(cls, run_dir: Path | str, *, checkpoint_events: int = CHECKPOINT_EVENTS) -> Ledger:
         """Lock the run directory, recover from any crash, and start a new journal segment."""
         run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock(run_dir)
-        lock.acquire()
         try:
-            next_seq = _recover(run_dir)
-            return cls(run_dir, lock, next_seq, checkpoint_events)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except OSError as exc:
+            raise LedgerError(f"cannot use run directory {run_dir}: {exc}") from exc
+        try:
+            return cls(run_dir, lock, _recover(run_dir), checkpoint_events)
+        except OSError as exc:
+            lock.release()
+            raise LedgerError(f"cannot recover the ledger in {run_dir}: {exc}") from exc
         except BaseException:
             lock.release()
             raise
@@ -107,7 +113,7 @@ class Ledger:
         target = self.last_seq
         if self._durable_seq >= target:
             return
-        async with self._commit_lock:
+        async with self._loop_lock():
             if self._durable_seq < target:
                 # A shielded flush: cancelling a waiter must not cancel a half-done write.
                 with anyio.CancelScope(shield=True):
@@ -115,6 +121,13 @@ class Ledger:
         if len(self._unfolded) >= self._checkpoint_events and not self._checkpointing.locked():
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self.checkpoint_sync)
+
+    def _loop_lock(self) -> anyio.Lock:
+        """The commit lock of the running event loop (a ledger may outlive one anyio.run)."""
+        token = anyio.lowlevel.current_token()
+        if self._commit_lock is None or self._commit_lock[0] != token:
+            self._commit_lock = (token, anyio.Lock())
+        return self._commit_lock[1]
 
     def commit_sync(self) -> None:
         self._flush()
