@@ -106,7 +106,8 @@ async def test_submit_status_with_logs_and_result(point_fal_client: Any) -> None
 
 
 async def test_cancel_a_queued_request(point_fal_client: Any) -> None:
-    async with serve(emulator()) as served, point_fal_client(served) as client:
+    slow = emulator(service=ServiceTime(fixed_s=1000.0))  # 10 s real: cancelled long before
+    async with serve(slow) as served, point_fal_client(served) as client:
         blocker = await client.submit(LORA, {"prompt": "first"})
         queued = await client.submit(LORA, {"prompt": "second"})
         assert isinstance(await queued.status(), fal_client.Queued)

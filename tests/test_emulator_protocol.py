@@ -396,7 +396,7 @@ async def test_sse_stream_sends_each_change_keepalives_and_closes_after_complete
                 for _ in range(2):
                     clock.advance(JOB_CLOCK_S)
                     emu.advance()
-                    await anyio.sleep(0.01)
+                    await anyio.sleep(0.03)
     text = chunks[0]
     events = [json.loads(line[6:]) for line in text.split("\n") if line.startswith("data: ")]
     assert [e["status"] for e in events] == ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]

@@ -30,6 +30,7 @@ from runner.emulator.config import EmulatorConfig
 from runner.emulator.faults import FaultInjector
 from runner.emulator.images import ImageStore, InputImageError
 from runner.emulator.queue import Ending, Job, Phase, Scheduler, StoredResult
+from runner.emulator.routes import build_app
 from runner.emulator.stats import Stats
 from runner.emulator.storage import FileStore
 
@@ -68,8 +69,6 @@ class Emulator:
         self._pending_webhooks: list[tuple[str, str, bytes]] = []
         self._change: anyio.Event | None = None
         self._seen_version = -1
-        from runner.emulator.routes import build_app  # routes import this module's types
-
         self.app = build_app(self)
 
     def __repr__(self) -> str:
@@ -274,7 +273,7 @@ class Emulator:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Emulator]:
         """Run the event waker and the webhook dispatcher until the block exits."""
-        client = self._http or httpx.AsyncClient()
+        client = self._http if self._http is not None else httpx.AsyncClient()
         faults = self.config.faults
         dispatcher = webhooks.WebhookDispatcher(
             client,
@@ -306,9 +305,17 @@ class Emulator:
             with anyio.CancelScope(shield=True):
                 if client is not self._http:
                     await client.aclose()
-                if self._own_http is not None:
-                    await self._own_http.aclose()
-                    self._own_http = None
+                await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the HTTP client the emulator made for fetching inputs, if any.
+
+        ``running()`` does this on exit; call it when using only ``.app`` in-process with
+        inputs on other hosts.
+        """
+        if self._own_http is not None:
+            await self._own_http.aclose()
+            self._own_http = None
 
     async def _wake_loop(self) -> None:
         while True:

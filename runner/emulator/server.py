@@ -19,6 +19,7 @@ import datetime
 import ipaddress
 import logging
 import socket
+import sys
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -181,12 +182,14 @@ def serve_main(argv: list[str]) -> int:
     try:
         config = config_from_args(args)
     except UsageError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
     async def main() -> None:
         async with serve(Emulator(config), host=args.host, port=args.port, tls=args.tls) as s:
             print(f"fal queue emulator listening on {s.base_url}", flush=True)
+            if args.key is None:
+                print(f"accepting the default key: Authorization: Key {DEFAULT_KEY}", flush=True)
             if s.cert_file is not None:
                 print(f"self-signed certificate: {s.cert_file}", flush=True)
             await anyio.sleep_forever()
@@ -194,7 +197,7 @@ def serve_main(argv: list[str]) -> int:
     try:
         anyio.run(main)
     except UsageError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         pass
