@@ -18,6 +18,9 @@ from dataclasses import dataclass, replace
 import anyio
 
 Clock = Callable[[], float]
+# Float slack when comparing tokens: a wait of exactly (1 - tokens) / rate can refill to
+# 0.9999999999; without slack the next wait is too small to move the clock and never ends.
+_EPSILON = 1e-9
 Sleep = Callable[[float], Awaitable[None]]
 
 
@@ -58,7 +61,7 @@ class TokenBucket:
         async with self._lock:
             while True:
                 self._refill()
-                if self._tokens >= 1:
+                if self._tokens >= 1 - _EPSILON:
                     self._tokens -= 1
                     return
                 # Re-check after the wait: the rate may have changed meanwhile.
