@@ -527,3 +527,17 @@ def test_emulator_is_usable_without_running_and_repr_hides_key() -> None:
     emu: Emulator = make_emulator(FakeClock())
     assert "local-key" not in repr(emu) and "local-key" not in repr(emu.config)
     assert AUTH["Authorization"].endswith("local-key")
+
+
+async def test_object_lifecycle_preference_limits_how_long_outputs_are_served() -> None:
+    clock = FakeClock()
+    emu = make_emulator(clock)
+    lifecycle = {"X-Fal-Object-Lifecycle-Preference": '{"expiration_duration_seconds": 30}'}
+    async with in_process(emu) as client:
+        sub = await submit(client, {"prompt": "short-lived"}, headers=lifecycle)
+        clock.advance(JOB_CLOCK_S)
+        url = (await client.get(sub["response_url"])).json()["images"][0]["url"]
+        fresh = await client.get(url)
+        clock.advance(0.31)  # 31 emulated seconds
+        stale = await client.get(url)
+    assert (fresh.status_code, stale.status_code) == (200, 404)

@@ -128,8 +128,13 @@ class Emulator:
         *,
         origin: str,
         webhook_url: str | None,
+        output_retention_s: float | None = None,
     ) -> results.JobPlan:
-        """Decide a job's seed, output size and inputs (reading input image sizes)."""
+        """Decide a job's seed, output size and inputs (reading input image sizes).
+
+        ``output_retention_s`` (emulated) is the CDN lifetime the client asked for with
+        ``X-Fal-Object-Lifecycle-Preference``; None keeps outputs for the emulator's life.
+        """
         sizes, error = await self._read_inputs(request)
         out = catalog.output_size(request, sizes[0][1] if sizes else None)
         seed = request.seed if request.seed is not None else self._rng.randrange(2**31)
@@ -146,6 +151,7 @@ class Emulator:
             webhook_url=webhook_url,
             sync_mode=request.sync_mode,
             origin=origin,
+            output_retention_s=output_retention_s,
         )
 
     async def _read_inputs(
@@ -252,6 +258,9 @@ class Emulator:
                         seed=plan.seed,
                         salt=salt,
                         base_url=plan.origin,
+                        retention_s=None
+                        if plan.output_retention_s is None
+                        else self.config.scaled(plan.output_retention_s),
                     )
                 )
         self.stats.bill(

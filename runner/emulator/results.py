@@ -45,6 +45,7 @@ class JobPlan:
     webhook_url: str | None = None
     sync_mode: bool = False
     origin: str = ""  # scheme://host the client used: output URLs point back there
+    output_retention_s: float | None = None  # CDN lifetime of outputs (emulated seconds)
 
 
 def plan_of(job: Job) -> JobPlan:

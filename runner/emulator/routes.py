@@ -152,6 +152,7 @@ class QueueRoutes:
             body,
             origin=origin(request),
             webhook_url=request.query_params.get("fal_webhook") or None,
+            output_retention_s=_lifecycle_s(request),
         )
         owner, app = endpoint.split("/")[:2]
         job = emu.accept(
@@ -267,6 +268,17 @@ async def _parse_body(request: Request, endpoint: str) -> Response | tuple[dict[
             for error in exc.errors(include_url=False)
         ]
         return _json({"detail": detail}, 422)
+
+
+def _lifecycle_s(request: Request) -> float | None:
+    """``X-Fal-Object-Lifecycle-Preference: {"expiration_duration_seconds": N}``, if usable."""
+    try:
+        value = json.loads(request.headers.get("x-fal-object-lifecycle-preference", "{}"))
+        seconds = value.get("expiration_duration_seconds")
+    except (ValueError, AttributeError):
+        return None
+    ok = isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds > 0
+    return float(seconds) if ok else None
 
 
 def _start_timeout(request: Request) -> float | None:

@@ -121,7 +121,9 @@ async def serve(
     log_level: str = "warning",
 ) -> AsyncIterator[Served]:
     """Run ``emulator`` (and its background task) behind uvicorn until the block exits."""
-    logging.getLogger("uvicorn.error").addFilter(QuietAborts())
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, QuietAborts) for f in uvicorn_log.filters):
+        uvicorn_log.addFilter(QuietAborts())
     with tempfile.TemporaryDirectory(prefix="runner-emulator-") as tmp:
         cert_file = key_file = None
         if tls:
