@@ -9,9 +9,9 @@ money as decimal strings), which converts losslessly to Arrow columns.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
@@ -187,11 +187,14 @@ class LedgerEvent:
     retryable: bool | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "state", JobState(self.state))
+        if self.state.__class__ is not JobState:
+            object.__setattr__(self, "state", JobState(self.state))
         for name in _TIME_FIELDS:
             _check_time(name, getattr(self, name))
-        for name in _MONEY_FIELDS:
-            _check_money(name, getattr(self, name))
+        if self.estimated_usd is not None:
+            _check_money("estimated_usd", self.estimated_usd)
+        if self.billed_usd is not None:
+            _check_money("billed_usd", self.billed_usd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,33 +205,42 @@ class JobRecord(LedgerEvent):
 
 
 _EVENT_NAMES = tuple(f.name for f in fields(LedgerEvent))
+_MICROSECOND = timedelta(microseconds=1)
 
 
 def _micros(value: datetime) -> int:
-    delta = value - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return (value - _EPOCH) // _MICROSECOND
+
+
+def _metadata_json(value: Mapping[str, str]) -> str:
+    return json.dumps(dict(value), sort_keys=True, ensure_ascii=False)
+
+
+def _outputs_json(value: tuple[OutputImage, ...]) -> list[dict[str, Any]]:
+    return [_output_dict(o) for o in value]
+
+
+def _encoder(name: str) -> Callable[[Any], Any] | None:
+    if name in _TIME_FIELDS:
+        return _micros
+    if name in _MONEY_FIELDS:
+        return str
+    special: dict[str, Callable[[Any], Any]] = {
+        "outputs": _outputs_json,
+        "nsfw": list,
+        "metadata": _metadata_json,
+        "state": str,
+    }
+    return special.get(name)
 
 
 def encode_event(event: LedgerEvent, seq: int) -> dict[str, Any]:
     """The JSON-ready form of an event written to the journal (None fields omitted)."""
     out: dict[str, Any] = {"seq": seq}
-    for name in _EVENT_NAMES:
+    for name, convert in _ENCODERS:
         value = getattr(event, name)
-        if value is None:
-            continue
-        if name in _TIME_FIELDS:
-            value = _micros(value)
-        elif name in _MONEY_FIELDS:
-            value = str(value)
-        elif name == "outputs":
-            value = [_output_dict(o) for o in value]
-        elif name == "nsfw":
-            value = list(value)
-        elif name == "metadata":
-            value = json.dumps(dict(value), sort_keys=True, ensure_ascii=False)
-        elif name == "state":
-            value = str(value)
-        out[name] = value
+        if value is not None:
+            out[name] = value if convert is None else convert(value)
     return out
 
 
@@ -241,6 +253,9 @@ def _output_dict(output: OutputImage) -> dict[str, Any]:
         "local_path": output.local_path,
         "sha256": output.sha256,
     }
+
+
+_ENCODERS = tuple((name, _encoder(name)) for name in _EVENT_NAMES)
 
 
 def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
