@@ -333,7 +333,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["serve"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options for `serve` (see --help)")
     p.set_defaults(func=cmd_emulator)
+
+    p = sub.add_parser("report", help="cost, timing and failure report; --html for a gallery")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--html", type=Path, metavar="FILE", help="also write a self-contained page")
+    p.add_argument("--gallery-limit", type=int, default=500, metavar="N",
+                   help="at most N jobs in the page's gallery (default 500)")  # fmt: skip
+    p.add_argument("--link-images", action="store_true",
+                   help="link downloaded images by relative path, no thumbnails")  # fmt: skip
+    p.set_defaults(func=cmd_report)
     return parser
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from runner.gallery import gallery
+    from runner.ledger import read_run_meta
+    from runner.report import build_report, load_jobs
+    from runner.report_html import write_html
+    from runner.report_text import render_text, report_json
+
+    if args.gallery_limit < 0:
+        raise UsageError(f"--gallery-limit must be 0 or more, not {args.gallery_limit}")
+    jobs = load_jobs(args.run_dir)
+    report = build_report(jobs, read_run_meta(args.run_dir), run_dir=args.run_dir)
+    print(json.dumps(report_json(report), indent=2) if args.json else render_text(report))
+    if args.html:
+        cards = gallery(jobs, limit=args.gallery_limit)
+        made = datetime.now(UTC)
+        page = write_html(args.html, report, cards, run_dir=args.run_dir,
+                          link_images=args.link_images, generated_at=made)  # fmt: skip
+        print(f"runner: wrote {args.html}: {page.cards} jobs in the gallery "
+              f"({page.omitted} left out), {page.thumbnails_made} thumbnails made, "
+              f"{page.thumbnails_cached} from cache, {page.placeholders} placeholders",
+              file=sys.stderr)  # fmt: skip
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

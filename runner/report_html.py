@@ -1,0 +1,349 @@
+"""The run report as one self-contained HTML page that loads nothing from the network.
+
+Everything is inline: CSS, a few lines of JavaScript, the cost chart (SVG) and the gallery's
+data (JSON in a ``<script type="application/json">``). Output images appear as JPEG
+thumbnails embedded as data URIs, or (``link_images``) by a path relative to the page; an
+output that was never downloaded shows a placeholder and a plain link to its URL, never an
+``<img>`` pointing at the network. The gallery is filtered by state and endpoint and
+paginated in the browser; user text reaches the DOM only through ``textContent``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from runner.gallery import Gallery, GalleryItem, Thumbnails
+from runner.ledger import JobState
+from runner.report import Percentiles, Report
+from runner.report_assets import CSS, JS, PAGE
+from runner.report_text import NEW_JOBS_NOTE, seconds, usd
+
+PAGE_SIZE = 48
+_PARAM_CHARS = 120
+
+
+@dataclass(frozen=True, slots=True)
+class PageStats:
+    cards: int
+    omitted: int
+    thumbnails_made: int
+    thumbnails_cached: int
+    placeholders: int  # outputs shown without an image (not downloaded or unreadable)
+
+
+def write_html(
+    path: Path,
+    report: Report,
+    cards: Gallery,
+    *,
+    run_dir: Path,
+    link_images: bool = False,
+    generated_at: datetime | None = None,
+) -> PageStats:
+    """Render the page and write it to ``path`` whole (temp file, then rename)."""
+    path = Path(path)
+    thumbs = Thumbnails(run_dir)
+    page, placeholders = render_html(
+        report,
+        cards,
+        thumbs=thumbs,
+        page_dir=path.resolve().parent,
+        link_images=link_images,
+        generated_at=generated_at,
+    )
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return PageStats(len(cards.items), cards.omitted, thumbs.made, thumbs.cached, placeholders)
+
+
+def render_html(
+    report: Report,
+    cards: Gallery,
+    *,
+    thumbs: Thumbnails | None,
+    page_dir: Path,
+    link_images: bool = False,
+    generated_at: datetime | None = None,
+) -> tuple[str, int]:
+    """(the page, how many outputs got a placeholder instead of an image)."""
+    data = [_card(item, thumbs, page_dir, link_images) for item in cards.items]
+    placeholders = sum(1 for card in data for im in card["imgs"] if not im["t"])
+    doc = {
+        "cards": data,
+        "total": cards.total,
+        "omitted": cards.omitted,
+        "pageSize": PAGE_SIZE,
+        "states": [s.value for s in JobState],
+    }
+    title = f"Run report: {report.run_dir or report.manifest or 'run'}"
+    body = "\n".join(
+        [
+            f"<header><h1>{_e(title)}</h1>{_meta(report, generated_at)}</header>",
+            _summary(report),
+            _section("Cost by endpoint", _cost_chart(report) + _endpoint_table(report)),
+            _section("Timing", _timing(report)),
+            _section("Failures", _failures(report)),
+            _section("What a resume would do", _resume(report)),
+            _section("Gallery", _gallery_shell(cards)),
+        ]
+    )
+    page = PAGE.format(title=_e(title), css=CSS, body=body, data=_script_json(doc), js=JS)
+    return page, placeholders
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _script_json(value: Any) -> str:
+    # Inside <script> only "</" and "<!--" matter; escaping every "<" covers both.
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def _section(title: str, inner: str) -> str:
+    anchor = title.lower().replace(" ", "-")
+    return f'<section id="{_e(anchor)}"><h2>{_e(title)}</h2>{inner}</section>'
+
+
+def _meta(report: Report, generated_at: datetime | None) -> str:
+    parts = []
+    if report.manifest:
+        parts.append(f"manifest <code>{_e(report.manifest)}</code>")
+    if report.manifest_sha256:
+        parts.append(f"sha256 <code>{_e(report.manifest_sha256[:12])}</code>")
+    if report.runner_version:
+        parts.append(f"runner {_e(report.runner_version)}")
+    if generated_at:
+        parts.append(f"report made {_e(generated_at.strftime('%Y-%m-%d %H:%M UTC'))}")
+    return f'<p class="meta">{" · ".join(parts)}</p>'
+
+
+def _summary(report: Report) -> str:
+    t = report.timing
+    failed = report.by_state.get(JobState.FAILED, 0) + report.by_state.get(JobState.INVALID, 0)
+    tiles = [
+        ("jobs", str(report.jobs)),
+        ("completed", str(report.by_state.get(JobState.COMPLETED, 0))),
+        ("failed / invalid", str(failed)),
+        ("images", str(t.images)),
+        ("billed", usd(report.billed_usd)),
+        ("estimated (all jobs)", usd(report.estimated_usd)),
+        ("wall time", seconds(t.wall_s)),
+        ("images / hour", "-" if t.images_per_hour is None else f"{t.images_per_hour:,.0f}"),
+    ]
+    cells = "".join(f'<div class="tile"><b>{_e(v)}</b><span>{_e(k)}</span></div>' for k, v in tiles)
+    states = ", ".join(f"{s.value} {n}" for s, n in report.by_state.items())
+    notes = "".join(f'<p class="note">{_e(n)}</p>' for n in report.notes)
+    if report.possible_duplicates:
+        notes += (
+            f'<p class="warn">{report.possible_duplicates} jobs have an unknown submit outcome '
+            "(a resume may pay for them twice)</p>"
+        )
+    tiles_html = f'<div class="tiles">{cells}</div>'
+    return f'<section id="summary">{tiles_html}<p>{_e(states)}</p>{notes}</section>'
+
+
+def _cost_chart(report: Report) -> str:
+    """Horizontal bars per endpoint: estimate of all jobs, estimate of billed jobs, billed."""
+    series = (
+        ("estimated, all jobs", "est", "estimated_usd"),
+        ("estimated, billed jobs", "estd", "estimated_done_usd"),
+        ("billed (output-based)", "bill", "billed_usd"),
+    )
+    eps = report.endpoints
+    values = [[Decimal(getattr(e, attr)) for _, _, attr in series] for e in eps]
+    top = max([Decimal(0), *(v for row in values for v in row)])
+    label_w, bar_w, bar_h, gap = 250, 420, 14, 14
+    height = 28 + len(eps) * (3 * bar_h + gap)
+    out = [
+        f'<svg class="chart" viewBox="0 0 {label_w + bar_w + 110} {height}" role="img" '
+        f'aria-label="cost by endpoint" xmlns="http://www.w3.org/2000/svg">'
+    ]
+    for i, (name, cls, _) in enumerate(series):
+        x = label_w + i * 150
+        out.append(f'<rect class="{cls}" x="{x}" y="4" width="12" height="12"/>')
+        out.append(f'<text x="{x + 16}" y="14">{_e(name)}</text>')
+    y = 28
+    for ep, row in zip(eps, values, strict=True):
+        out.append(f'<text x="{label_w - 8}" y="{y + 1.5 * bar_h + 4}" text-anchor="end">')
+        out.append(f"{_e(ep.endpoint or '(none)')}</text>")
+        for (_, cls, _), value in zip(series, row, strict=True):
+            width = 0.0 if top == 0 else float(value / top) * bar_w
+            out.append(
+                f'<rect class="{cls}" x="{label_w}" y="{y}" width="{width:.1f}" '
+                f'height="{bar_h - 2}"><title>{_e(usd(value))}</title></rect>'
+            )
+            out.append(f'<text x="{label_w + width + 6:.1f}" y="{y + 10}">{_e(usd(value))}</text>')
+            y += bar_h
+        y += gap
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _table(head: list[str], rows: list[list[str]], numeric_from: int = 1) -> str:
+    def cell(tag: str, i: int, value: str) -> str:
+        cls = ' class="n"' if i >= numeric_from else ""
+        return f"<{tag}{cls}>{value}</{tag}>"
+
+    thead = "".join(cell("th", i, _e(h)) for i, h in enumerate(head))
+    body = "".join(
+        "<tr>" + "".join(cell("td", i, v) for i, v in enumerate(row)) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{thead}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _endpoint_table(report: Report) -> str:
+    states = list(report.by_state)
+    head = ["endpoint", "jobs", *[s.value for s in states], "images", "MP"]
+    head += ["estimated", "est. billed jobs", "billed"]
+    rows = [
+        [
+            _e(ep.endpoint or "(none)"),
+            str(ep.jobs),
+            *[str(ep.by_state.get(s, 0)) for s in states],
+            str(ep.images),
+            str(ep.megapixels),
+            usd(ep.estimated_usd),
+            usd(ep.estimated_done_usd),
+            usd(ep.billed_usd),
+        ]
+        for ep in report.endpoints
+    ]
+    return _table(head, rows)
+
+
+def _percentile_row(name: str, p: Percentiles) -> list[str]:
+    values = [seconds(v) for v in (p.p50, p.p90, p.p99, p.max)]
+    return [_e(name), *values, f"{p.known} of {p.of}"]
+
+
+def _timing(report: Report) -> str:
+    t = report.timing
+    if t.wall_s is None or t.first_submitted_at is None or t.last_completed_at is None:
+        head = "<p>No completed job with submit and completion times yet.</p>"
+    else:
+        head = (
+            f"<p>Wall time {_e(seconds(t.wall_s))}, from "
+            f"{_e(t.first_submitted_at.strftime('%Y-%m-%d %H:%M:%S'))} to "
+            f"{_e(t.last_completed_at.strftime('%H:%M:%S'))} UTC: "
+            f"{t.jobs_per_hour or 0:,.0f} jobs/hour, {t.images_per_hour or 0:,.0f} images/hour.</p>"
+        )
+    rows = [_percentile_row("queue time", t.queue), _percentile_row("inference time", t.inference)]
+    table = _table(["", "p50", "p90", "p99", "max", "known for (completed jobs)"], rows)
+    return head + table
+
+
+def _failures(report: Report) -> str:
+    if not report.failed_jobs:
+        return "<p>No failures.</p>"
+    groups = "1 group" if report.failure_groups == 1 else f"{report.failure_groups} groups"
+    intro = f"<p>{report.failed_jobs} jobs failed, in {groups}"
+    if len(report.failures) < report.failure_groups:
+        intro += f" (the top {len(report.failures)} shown)"
+    rows = []
+    for g in report.failures:
+        examples = "<br>".join(
+            f"row <code>{_e(x.row_id or '?')}</code> ({_e(x.source or '?')}:{_e(x.line or '?')})"
+            for x in g.examples
+        )
+        rows.append([str(g.count), _e(g.error_type), _e(g.message), str(g.retryable), examples])
+    head = ["jobs", "error type", "message (normalised)", "retryable", "examples"]
+    return intro + ".</p>" + _table(head, rows, numeric_from=9)
+
+
+def _resume(report: Report) -> str:
+    r = report.resume
+    p = r.policy
+    counts = [
+        ("re-attach to the request id (queued / in progress)", r.reattach),
+        ("retry (failed, retryable)", r.retry),
+        ("resubmit: unknown outcome, may pay twice", r.resubmit),
+        ("validate again (invalid rows)", r.revalidate),
+        ("record as failed (unknown outcome)", r.fail),
+        ("skip", r.skip),
+    ]
+    items = "".join(f"<li><b>{n}</b> {_e(label)}</li>" for label, n in counts if n)
+    policy = (
+        f"With the default policy (on-unknown {p.on_unknown}, max attempts {p.max_attempts}"
+        f"{', retry-failed' if p.retry_failed else ''}), running the same manifest again would:"
+    )
+    return f"<p>{_e(policy)}</p><ul>{items}</ul><p class=note>{_e(NEW_JOBS_NOTE)}.</p>"
+
+
+def _gallery_shell(cards: Gallery) -> str:
+    left_out = ""
+    if cards.omitted:
+        left_out = (
+            f'<p class="warn" id="gallery-omitted">{len(cards.items)} of {cards.total} jobs '
+            f"are in the gallery; {cards.omitted} were left out (raise --gallery-limit).</p>"
+        )
+    return (
+        left_out + '<div class="controls">'
+        '<label>state <select id="f-state"><option value="">all</option></select></label>'
+        '<label>endpoint <select id="f-endpoint"><option value="">all</option></select></label>'
+        '<label>search <input id="f-text" type="search" placeholder="row id, prompt"></label>'
+        '<button id="prev" type="button">&larr; prev</button><span id="page"></span>'
+        '<button id="next" type="button">next &rarr;</button></div>'
+        '<p id="gallery-count" data-matching="0" data-rendered="0"></p>'
+        '<noscript><p class="warn">The gallery needs JavaScript.</p></noscript>'
+        '<div id="cards" class="grid"></div>'
+    )
+
+
+def _card(
+    item: GalleryItem, thumbs: Thumbnails | None, page_dir: Path, link: bool
+) -> dict[str, Any]:
+    imgs = []
+    for output in item.outputs:
+        local = thumbs.local_file(output) if thumbs else None
+        href = None if local is None else quote(os.path.relpath(local, page_dir))
+        if local is None:
+            src, note = None, "not downloaded"
+        elif link:
+            src, note = href, None
+        else:
+            src = thumbs.data_uri(local) if thumbs else None
+            note = None if src else "unreadable image"
+        remote = output.url if output.url.startswith(("https://", "http://")) else None
+        size = f"{output.width}x{output.height}" if output.width and output.height else None
+        imgs.append({"t": src, "h": href, "u": remote, "n": note, "z": size})
+    cost = f"billed {usd(item.billed_usd)}" if item.billed_usd is not None else None
+    if cost is None and item.estimated_usd is not None:
+        cost = f"est. {usd(item.estimated_usd)}"
+    where = f"{item.source or '?'}:{item.line if item.line is not None else '?'}"
+    return {
+        "r": item.row_id or item.job_key[:12],
+        "w": where + (f" #{item.variant}" if item.variant else ""),
+        "e": item.endpoint or "",
+        "s": item.state.value,
+        "p": item.prompt or "",
+        "k": [[k, _param(v)] for k, v in sorted(item.parameters.items())],
+        "l": [f"{path} × {scale:g}" for path, scale in item.loras],
+        "m": [[k, v] for k, v in sorted(item.metadata.items())],
+        "d": item.seed,
+        "c": cost,
+        "x": item.error,
+        "imgs": imgs,
+    }
+
+
+def _param(value: object) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if isinstance(value, Mapping) and "width" in value and "height" in value:
+        text = f"{value['width']}x{value['height']}"
+    return text if len(text) <= _PARAM_CHARS else text[: _PARAM_CHARS - 1] + "…"
