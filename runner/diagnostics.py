@@ -29,6 +29,7 @@ _PREDICATES = {
     "bool_type": "is not true or false",
     "string_type": "is not text",
     "list_type": "must be a list",
+    "tuple_type": "must be a list",
     "model_type": "must be an object",
     "model_attributes_type": "must be an object",
     "dict_type": "must be an object",

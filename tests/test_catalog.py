@@ -123,6 +123,9 @@ def test_kontext_dev_borrowed_range_is_flagged_unconfirmed() -> None:
     [(_, text)] = messages(KONTEXT_DEV, num_inference_steps=51)
     assert "unconfirmed" in text and KONTEXT_LORA in text
     assert not catalog.BOUNDS[KONTEXT_DEV]["guidance_scale"].confirmed
+    assert not catalog.BOUNDS[KONTEXT_DEV]["num_images"].confirmed
+    [(_, text)] = messages(KONTEXT_DEV, num_images=5)
+    assert "unconfirmed" in text
     assert catalog.BOUNDS[KONTEXT_LORA]["guidance_scale"].confirmed
 
 
@@ -344,6 +347,8 @@ def test_edit_takes_one_to_three_images_never_truncating() -> None:
     assert column == "image_urls" and "at most 3" in text and "silently" in text
     [(column, text)] = messages(EDIT, image_urls=[])
     assert column == "image_urls" and "at least 1" in text
+    [(column, text)] = messages(EDIT, image_urls="a.png")
+    assert column == "image_urls" and text.startswith("image_urls='a.png' must be a list")
     [(column, text)] = messages(EDIT, image_urls=["ok", ""])
     assert column == "image_urls" and text == "image_urls[1] must not be empty"
 
@@ -354,11 +359,12 @@ LORA_BAD = [
     ([{"path": "a", "weight": 1}], "loras[0] has an unknown key 'weight'"),
     ([{"path": "a", "scale": True}], "loras[0].scale=true must be a number"),
     (["just-a-string"], "loras[0]='just-a-string' must be an object"),
+    ("a.safetensors", "loras='a.safetensors' must be a list"),
 ]
 
 
 @pytest.mark.parametrize(("loras", "phrase"), LORA_BAD)
-def test_bad_loras_name_the_entry(loras: list[Any], phrase: str) -> None:
+def test_bad_loras_name_the_entry(loras: Any, phrase: str) -> None:
     [(column, text)] = messages(KONTEXT_LORA, loras=loras)
     assert column == "loras" and text.startswith(phrase)
 
