@@ -24,9 +24,9 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import httpx
 from pydantic import SecretStr
@@ -248,13 +248,17 @@ class QueueClient:
 
     async def _events(self, response: httpx.Response, url: str) -> AsyncGenerator[Status, None]:
         parser = SSEParser()
+        # Close the byte iterator ourselves when leaving early (after COMPLETED), so it is
+        # not left for the garbage collector to finalise.
+        chunks = cast(AsyncGenerator[bytes, None], response.aiter_bytes())
         with self._translated("GET", url):
-            async for chunk in response.aiter_bytes():
-                for data in parser.feed(chunk):
-                    status = parse_event_status(data)
-                    yield status
-                    if isinstance(status, Completed):
-                        return
+            async with aclosing(chunks):
+                async for chunk in chunks:
+                    for data in parser.feed(chunk):
+                        status = parse_event_status(data)
+                        yield status
+                        if isinstance(status, Completed):
+                            return
         raise TransportError(f"GET {url}: status stream ended before COMPLETED", sent=True)
 
     async def _send(
