@@ -150,3 +150,28 @@ def test_one_ledger_serves_successive_event_loops(tmp_path: Path) -> None:
         anyio.run(commit_some, ledger, "a", backend="asyncio")
         anyio.run(commit_some, ledger, "b", backend="trio")
         assert ledger.committed_seq == 20
+
+
+def test_a_failed_fsync_stops_the_ledger_and_keeps_committed_events(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runner.errors import LedgerError
+
+    ledger = Ledger.open(tmp_path)
+    ledger.append(LedgerEvent("a", "submitting", NOW))
+    ledger.commit_sync()
+
+    def failing_sync(self: SegmentWriter) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(SegmentWriter, "sync", failing_sync)
+    ledger.append(LedgerEvent("b", "submitting", NOW))
+    with pytest.raises(LedgerError, match="Input/output error"):
+        ledger.commit_sync()
+    monkeypatch.undo()
+    with pytest.raises(LedgerError, match="could not be written earlier"):
+        ledger.append(LedgerEvent("c", "submitting", NOW))
+    with pytest.raises(LedgerError):
+        ledger.close()
+    with Ledger.open(tmp_path) as reopened:  # the lock was released; "a" survived
+        assert reopened.state().get("a") is not None

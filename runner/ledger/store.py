@@ -66,6 +66,7 @@ class Ledger:
         self._segment = SegmentWriter(self.journal_dir / segment_name(next_seq))
         self._commit_lock: tuple[object, anyio.Lock] | None = None
         self._closed = False
+        self._broken: OSError | None = None
 
     @classmethod
     def open(cls, run_dir: Path | str, *, checkpoint_events: int = CHECKPOINT_EVENTS) -> Ledger:
@@ -99,8 +100,7 @@ class Ledger:
     def append(self, event: LedgerEvent) -> int:
         """Buffer one event and return its seq. It is durable only after commit()."""
         with self._io:
-            if self._closed:
-                raise LedgerError(f"ledger in {self.run_dir} is closed")
+            self._check_usable()
             seq = self._next_seq
             self._next_seq += 1
             row = encode_event(event, seq)
@@ -138,15 +138,31 @@ class Ledger:
         with self._write:
             self._flush_locked()
 
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise LedgerError(
+                f"the journal in {self.journal_dir} could not be written earlier "
+                f"({self._broken}); events committed before that are safe"
+            )
+        if self._closed:
+            raise LedgerError(f"ledger in {self.run_dir} is closed")
+
     def _flush_locked(self) -> None:
         with self._io:
+            self._check_usable()
             if not self._pending:
                 return
             data = b"".join(self._pending)
             rows = self._pending_rows
             self._pending, self._pending_rows = [], []
-        self._segment.write(data)
-        self._segment.sync()
+        try:
+            self._segment.write(data)
+            self._segment.sync()
+        except OSError as exc:
+            # A half-written line may now end the segment and a failed fsync
+            # cannot be retried safely: refuse every later write.
+            self._broken = exc
+            raise LedgerError(f"cannot write the journal in {self.journal_dir}: {exc}") from exc
         with self._io:
             self._durable_seq = rows[-1]["seq"]
             self._unfolded.extend(rows)
@@ -160,14 +176,13 @@ class Ledger:
         with self._checkpointing:
             with self._write:
                 self._flush_locked()
+                if not self._unfolded:
+                    return
+                # Every event up to durable_seq is in the old segment; later ones go here.
+                new = SegmentWriter(self.journal_dir / segment_name(self._durable_seq + 1))
                 with self._io:
                     rows, self._unfolded = self._unfolded, []
-                if not rows:
-                    return
-                old = self._segment
-                # Every event up to durable_seq is in the old segment; later ones go here.
-                name = segment_name(self._durable_seq + 1)
-                self._segment = SegmentWriter(self.journal_dir / name)
+                old, self._segment = self._segment, new
                 old.close()
                 self._retired.append(old.path)
             try:
