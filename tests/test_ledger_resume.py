@@ -50,6 +50,7 @@ CASES = [
     ("queued without id is unknown", brief("queued"), DEFAULT, (S, 2, None, True)),
     ("submitting resubmits", brief("submitting"), DEFAULT, (S, 2, None, True)),
     ("unknown resubmits", brief("unknown", 1), DEFAULT, (S, 2, None, True)),
+    ("unknown with an id reattaches", brief("unknown", 1, "r1"), DEFAULT, (R, 1, "r1", False)),
     ("unknown skip policy", brief("unknown"), SKIP_UNKNOWN, (K, 1, None, False)),
     ("submitting fail policy", brief("submitting"), FAIL_UNKNOWN, (F, 1, None, False)),
     ("failed retryable", brief("failed", 1, "r1", True), DEFAULT, (S, 2, None, False)),

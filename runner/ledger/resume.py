@@ -6,6 +6,7 @@
     completed                  SKIP
     queued / in_progress       REATTACH to its request_id (poll; never resubmit)
       ... without request_id   as unknown
+    unknown with request_id    REATTACH (the id proves the POST was accepted)
     submitting / unknown       on_unknown: resubmit -> SUBMIT (possible duplicate
                                spend), skip -> SKIP, fail -> FAIL
     failed                     SUBMIT if retryable and attempt < max_attempts,
@@ -78,6 +79,9 @@ class Decision:
     possible_duplicate: bool = False
 
 
+_IN_FLIGHT = frozenset(
+    {JobState.SUBMITTING, JobState.UNKNOWN, JobState.QUEUED, JobState.IN_PROGRESS}
+)
 _SKIP_COMPLETED = Decision(Action.SKIP, "completed")
 _NEW = Decision(Action.SUBMIT, "new")
 
@@ -90,9 +94,9 @@ def decide(record: JobView | None, policy: ResumePolicy) -> Decision:
     done = record.attempt or 0
     if state is JobState.COMPLETED:
         return _SKIP_COMPLETED
-    if state in (JobState.QUEUED, JobState.IN_PROGRESS) and record.request_id:
+    if state in _IN_FLIGHT and record.request_id:
         return Decision(Action.REATTACH, state.value, done, record.request_id)
-    if state in (JobState.SUBMITTING, JobState.UNKNOWN, JobState.QUEUED, JobState.IN_PROGRESS):
+    if state in _IN_FLIGHT:
         return _decide_unknown(done, policy)
     if state is JobState.INVALID:
         return Decision(Action.SUBMIT, "invalid: validate again", done + 1)
