@@ -140,8 +140,8 @@ class Thumbnails:
 
     def local_file(self, output: OutputImage) -> Path | None:
         """The downloaded copy of an output (local_path absolute or relative to the run dir)."""
-        if not output.local_path:
-            return None
+        if not output.local_path or "://" in output.local_path:
+            return None  # not downloaded, or published to object storage (s3://...)
         path = Path(output.local_path)
         if not path.is_absolute():
             path = self.run_dir / path

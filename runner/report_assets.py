@@ -106,7 +106,7 @@ JS = r"""
   }
   function options(select, values, counts) {
     values.forEach(function (v) {
-      var o = el("option", null, (v || "(none)") + " (" + counts[v] + ")");
+      var o = el("option", null, (v || "(no endpoint)") + " (" + counts[v] + ")");
       o.value = v;
       select.appendChild(o);
     });

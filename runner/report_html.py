@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import quote
 
 from runner.gallery import Gallery, GalleryItem, Thumbnails
-from runner.ledger import JobState
+from runner.ledger import JobState, OutputImage
 from runner.report import Percentiles, Report
 from runner.report_assets import CSS, JS, PAGE
 from runner.report_text import NEW_JOBS_NOTE, seconds, usd
@@ -181,7 +181,7 @@ def _cost_chart(report: Report) -> str:
     y = 28
     for ep, row in zip(eps, values, strict=True):
         out.append(f'<text x="{label_w - 8}" y="{y + 1.5 * bar_h + 4}" text-anchor="end">')
-        out.append(f"{_e(ep.endpoint or '(none)')}</text>")
+        out.append(f"{_e(ep.endpoint or '(no endpoint)')}</text>")
         for (_, cls, _), value in zip(series, row, strict=True):
             width = 0.0 if top == 0 else float(value / top) * bar_w
             out.append(
@@ -213,7 +213,7 @@ def _endpoint_table(report: Report) -> str:
     head += ["estimated", "est. billed jobs", "billed"]
     rows = [
         [
-            _e(ep.endpoint or "(none)"),
+            _e(ep.endpoint or "(no endpoint)"),
             str(ep.jobs),
             *[str(ep.by_state.get(s, 0)) for s in states],
             str(ep.images),
@@ -313,7 +313,7 @@ def _card(
         local = thumbs.local_file(output) if thumbs else None
         href = None if local is None else quote(os.path.relpath(local, page_dir))
         if local is None:
-            src, note = None, "not downloaded"
+            src, note = None, _missing(output)
         elif link:
             src, note = href, None
         else:
@@ -340,6 +340,12 @@ def _card(
         "x": item.error,
         "imgs": imgs,
     }
+
+
+def _missing(output: OutputImage) -> str:
+    if output.local_path and "://" in output.local_path:
+        return f"stored at {output.local_path}"
+    return "file missing" if output.local_path else "not downloaded"
 
 
 def _param(value: object) -> str:

@@ -99,7 +99,7 @@ def render_text(report: Report) -> str:
     for ep in report.endpoints:
         done = ep.by_state.get(JobState.COMPLETED, 0)
         rows.append(
-            (ep.endpoint or "(none)", str(ep.jobs), str(done), str(ep.images),
+            (ep.endpoint or "(no endpoint)", str(ep.jobs), str(done), str(ep.images),
              usd(ep.estimated_usd), usd(ep.estimated_done_usd), usd(ep.billed_usd))
         )  # fmt: skip
     rows.append(
