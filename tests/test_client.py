@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 from pydantic import SecretStr
@@ -639,3 +641,62 @@ async def test_key_is_absent_from_repr_and_every_error_message(
 def test_queue_url_must_be_http() -> None:
     with pytest.raises(UsageError):
         QueueClient(httpx.AsyncClient(), queue_url="ftp://queue", key=SecretStr(SECRET))
+
+
+# --- against the real emulator over loopback -------------------------------------------------
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # uvicorn serves on asyncio only
+@pytest.mark.anyio
+async def test_client_speaks_to_the_emulator_end_to_end() -> None:
+    """Real HTTP and SSE on 127.0.0.1: a gateway 502 is resubmitted, a reset after accept is
+    an unknown outcome (and was queued), a failed job is a result, a good one parses."""
+    from runner.emulator import (
+        DEFAULT_KEY,
+        Emulator,
+        EmulatorConfig,
+        ServiceTime,
+        parse_faults,
+        serve,
+    )
+
+    config = EmulatorConfig(
+        time_scale=0.01,
+        service=ServiceTime(fixed_s=1.0),
+        faults=parse_faults("gateway_502=@1,reset_after_accept=@2,fail_runner_disconnected=@1"),
+    )
+    payload = {"prompt": "a fox", "image_size": "square", "num_inference_steps": 4}
+    async with serve(Emulator(config)) as served, httpx.AsyncClient() as http:
+        client = QueueClient(http, queue_url=served.base_url, key=SecretStr(DEFAULT_KEY))
+
+        async def submit() -> SubmitAck:
+            return await call_with_retry(
+                lambda: client.submit("fal-ai/flux-lora", payload),
+                policy=RetryPolicy(attempts=3),
+                kind="submit",
+                sleep=lambda s: anyio.lowlevel.checkpoint(),
+            )
+
+        failing = await submit()  # first POST hits the gateway 502, the retry is accepted
+        with pytest.raises(TransportError) as lost:
+            await submit()
+        assert classify(lost.value, kind="submit") == UNKNOWN_OUTCOME
+        good = await submit()
+
+        async with client.stream(failing) as events:
+            last = [status async for status in events][-1]
+        assert isinstance(last, Completed) and last.error_type == "runner_disconnected"
+        failed = await client.result(failing)
+        assert (failed.status_code, failed.error_type) == (503, "runner_disconnected")
+
+        status = await client.status(good)
+        while not isinstance(status, Completed):
+            await anyio.sleep(0.005)  # a real server: jobs take 10 ms here
+            status = await client.status(good)
+        result = await client.result(good)
+        assert result.ok and result.request_id == good.request_id
+        assert FluxResult.from_payload(result.body).images[0].width == 512
+        assert await client.cancel(good) == "ALREADY_COMPLETED"
+        stats = (await http.get(f"{served.base_url}/_emulator/stats")).json()
+    # Four POSTs, three queued: the gateway 502 queued nothing, the reset one was queued.
+    assert stats["submits"]["accepted"] == 3
