@@ -175,7 +175,6 @@ def _surcharge(doc: _SurchargeDoc) -> LoraSurcharge:
 
 
 def _merge(endpoint: str, doc: _PriceDoc, old: Price | None, path: Path, mtime: str) -> Price:
-    # The user supplies the figure, so it counts as confirmed unless the file says otherwise.
     if doc.usd is None:
         raise UsageError(f"price file {path}: endpoints.{endpoint}.usd is required")
     unit = doc.unit or (old.unit if old else None)
@@ -193,6 +192,7 @@ def _merge(endpoint: str, doc: _PriceDoc, old: Price | None, path: Path, mtime: 
         unit=unit,
         source=doc.source or f"price file {path.name}",
         date=doc.date or mtime,
+        # The user supplies the figure, so it counts as confirmed unless the file says otherwise.
         confidence=doc.confidence or "confirmed",
         lora_surcharge=surcharge,
     )
