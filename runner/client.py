@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Any, NoReturn, cast
+from typing import Any, Literal, NoReturn, cast
 
 import httpx
 from pydantic import SecretStr
@@ -266,7 +266,7 @@ class QueueClient:
         method: str,
         url: str,
         *,
-        kind: str,
+        kind: Literal["submit", "read"],
         json: Any = None,
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,

@@ -91,6 +91,21 @@ class RetryPolicy:
             raise ValueError("jitter must be (low, high) with 0 <= low <= high")
 
 
+# Starting points for the engine. Submits get a longer total time because 429 storms pass
+# slowly and a submit that was certainly not accepted costs nothing to try again.
+READ_POLICY = RetryPolicy(attempts=8, timeout_s=120.0, base_s=0.25, max_s=15.0)
+SUBMIT_POLICY = RetryPolicy(attempts=8, timeout_s=300.0, base_s=0.5, max_s=30.0)
+
+
+def is_throttled(failure: BaseException | httpx.Response) -> bool:
+    """A 429: the signal :class:`runner.ratelimit.AdaptiveRate` lowers its rate on."""
+    if isinstance(failure, httpx.Response):
+        return failure.status_code == 429
+    if isinstance(failure, httpx.HTTPStatusError):
+        return failure.response.status_code == 429
+    return isinstance(failure, HTTPStatusError) and failure.status_code == 429
+
+
 def backoff_s(
     attempt: int,
     *,

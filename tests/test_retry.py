@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -18,6 +18,7 @@ from runner.retry import (
     backoff_s,
     call_with_retry,
     classify,
+    is_throttled,
     retry,
 )
 
@@ -171,7 +172,7 @@ class Script:
 
     def __init__(
         self,
-        failures: list[BaseException],
+        failures: Sequence[BaseException],
         value: str = "done",
         *,
         takes_s: float = 0.0,
@@ -328,3 +329,18 @@ async def test_cancellation_is_not_caught_by_the_retry_loop() -> None:
         )
     assert scope.cancelled_caught
     assert time.sleeps == []
+
+
+@pytest.mark.parametrize(
+    ("failure", "throttled"),
+    [
+        (status_error(429), True),
+        (response(429), True),
+        (status_error(503), False),
+        (TransportError("reset", sent=True), False),
+    ],
+)
+def test_is_throttled_spots_429s_for_the_rate_limiter(
+    failure: BaseException | httpx.Response, throttled: bool
+) -> None:
+    assert is_throttled(failure) is throttled
