@@ -9,6 +9,7 @@ decodes nothing. A run directory that cannot be written just goes uncached.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -190,4 +191,5 @@ class Thumbnails:
             tmp.write_bytes(data)
             os.replace(tmp, path)
         except OSError:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)

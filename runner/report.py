@@ -259,7 +259,7 @@ def _endpoint_costs(jobs: pa.Table) -> tuple[EndpointCost, ...]:
             billed_usd=_trim(Decimal(e["billed"])),
             billed_jobs=e["billed_jobs"],
         )
-        for name, e in sorted(per.items(), key=lambda kv: kv[0] or "")
+        for name, e in sorted(per.items(), key=lambda kv: (kv[0] is None, kv[0] or ""))
     )
 
 

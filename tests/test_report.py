@@ -35,9 +35,10 @@ def test_counts_by_state_and_endpoint_agree_with_status(run_dir: Path, report: R
         JobState.UNKNOWN: 1, JobState.QUEUED: 1, JobState.COMPLETED: 4,
         JobState.FAILED: 3, JobState.INVALID: 1,
     }  # fmt: skip
-    assert [(e.endpoint, e.jobs, dict(e.by_state)) for e in report.endpoints] == [
-        (ep.endpoint, ep.jobs, dict(ep.by_state)) for ep in status.by_endpoint
-    ]
+    assert {e.endpoint: (e.jobs, dict(e.by_state)) for e in report.endpoints} == {
+        ep.endpoint: (ep.jobs, dict(ep.by_state)) for ep in status.by_endpoint
+    }
+    assert [e.endpoint for e in report.endpoints] == [FLUX2, LORA, None]  # no endpoint last
     assert report.possible_duplicates == status.possible_duplicates == 1
 
 
