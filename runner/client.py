@@ -28,6 +28,7 @@ from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn, cast
 
+import anyio
 import httpx
 from pydantic import SecretStr
 
@@ -240,9 +241,11 @@ class QueueClient:
             try:
                 yield events
             finally:
-                await events.aclose()
+                with anyio.CancelScope(shield=True):  # cleanup must finish when cancelled
+                    await events.aclose()
         finally:
-            await response.aclose()
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
 
     # --- the one boundary --------------------------------------------------------------
 

@@ -461,6 +461,30 @@ async def test_stream_left_early_closes_cleanly(client: QueueClient) -> None:
             break
 
 
+@httpx_stream_gc
+@pytest.mark.anyio
+async def test_cancelling_a_stream_while_it_waits_for_data_ends_cleanly(
+    client: QueueClient, fake: FakeQueue
+) -> None:
+    ack = await client.submit("fal-ai/flux-lora", {})
+    fake.stream_chunks = None
+    fake.jobs[ack.request_id].script = [{"status": "IN_QUEUE", "queue_position": 4}]
+
+    async def first_then_silence(job: Job) -> AsyncIterator[bytes]:
+        yield b'data: {"status": "IN_QUEUE", "queue_position": 4}\n\n'
+        await anyio.sleep_forever()
+
+    fake.sse = first_then_silence  # type: ignore[method-assign]
+    seen = []
+    with anyio.CancelScope() as scope:
+        async with client.stream(ack) as events:
+            async for status in events:
+                seen.append(status)
+                scope.cancel()  # the next read is pending when the cancel lands
+    assert scope.cancelled_caught
+    assert seen == [Queued(position=4)]
+
+
 # --- result and cancel ---------------------------------------------------------------------
 
 
