@@ -94,6 +94,15 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     a("--strict", action="store_true", help="refuse the manifest if any row is bad")
     a("--quiet", action="store_true", help="log lines instead of a progress bar")
     a("--prices", type=Path, help="JSON price overrides")
+    a("--out", metavar="DIR|URL",
+      help="where outputs are downloaded (default RUN_DIR/outputs; or s3://...)")  # fmt: skip
+    a("--no-download", action="store_true", help="keep only the output URLs in the ledger")
+    a("--download-concurrency", type=int, metavar="N", help="parallel downloads (default 8)")
+    a("--inline-inputs", action="store_true",
+      help="send small local images as data: URIs instead of uploading them")  # fmt: skip
+    a("--inline-max-bytes", type=int, metavar="B", help="largest inlined image (default 2 MiB)")
+    a("--probe-inputs", action="store_true",
+      help="read remote input image sizes (Range request) so estimates are exact")  # fmt: skip
 
 
 def expand_options(args: argparse.Namespace) -> ExpandOptions:
@@ -169,12 +178,14 @@ RUN_FLAGS = (
     "ledger", "emulator", "concurrency", "max_in_flight", "rate", "endpoint_limit", "max_cost",
     "max_attempts", "on_unknown", "retry_failed", "completion", "webhook_listen", "webhook_url",
     "webhook_jwks_url", "job_timeout", "start_timeout", "priority", "strict", "quiet", "prices",
-    "queue_url",
+    "queue_url", "out", "download_concurrency", "inline_inputs", "inline_max_bytes",
+    "probe_inputs",
 )  # fmt: skip
 # Flag name -> RunConfig field, where they differ.
 RENAMED = {
     "ledger": "run_dir", "rate": "rate_per_s", "endpoint_limit": "endpoint_limits",
     "max_cost": "max_cost_usd", "job_timeout": "job_timeout_s", "start_timeout": "start_timeout_s",
+    "out": "out_dir",
 }  # fmt: skip
 
 
@@ -191,6 +202,8 @@ def run_config(args: argparse.Namespace, environ: Mapping[str, str]) -> RunConfi
         given = getattr(args, flag, None)
         if given is not None and given is not False:
             values[RENAMED.get(flag, flag)] = given
+    if getattr(args, "no_download", False):
+        values["download"] = False
     if isinstance(values.get("endpoint_limits"), list):
         values["endpoint_limits"] = dict(values["endpoint_limits"])
     values.update(

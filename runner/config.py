@@ -66,8 +66,15 @@ class RunConfig(BaseModel):
 
     emulator: bool = False  # the embedded local emulator stands in for fal
 
-    out_dir: Path | None = None
+    # --out: a directory or a filesystem URL (s3://bucket/prefix, file:///...); None means
+    # outputs/ in the run directory. --no-download keeps only the URLs.
+    out_dir: str | None = None
     download: bool = True
+    download_concurrency: int = Field(default=8, ge=1, le=256)
+    inline_inputs: bool = False  # small local images go as data: URIs instead of uploads
+    inline_max_bytes: int = Field(default=2 * 1024 * 1024, ge=0)
+    probe_inputs: bool = False  # read remote input sizes with a Range request, for exact costs
+    upload_ttl_s: float = Field(default=7 * 86_400.0, gt=0)  # CDN lifetime asked for uploads
     quiet: bool = False
 
     @model_validator(mode="after")
@@ -75,6 +82,11 @@ class RunConfig(BaseModel):
         if self.completion == "webhook" and not self.webhook_url and not self.emulator:
             raise ValueError("--completion webhook needs --webhook-url (the public URL fal calls)")
         return self
+
+    @property
+    def output_target(self) -> str:
+        """Where downloaded outputs go: --out, or ``outputs/`` in the run directory."""
+        return self.out_dir or str(self.run_dir / "outputs")
 
     @property
     def in_flight_limit(self) -> int:

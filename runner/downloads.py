@@ -31,6 +31,7 @@ import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from PIL import Image
 
 from runner.errors import HTTPStatusError, TransportError, UsageError
 from runner.imageinfo import sniff_format
-from runner.ledger.schema import JobState, LedgerEvent, OutputImage
+from runner.ledger.schema import JobState, LedgerEvent, OutputImage, record_from_row
 from runner.ledger.store import Ledger
 from runner.protocol import NOT_SENT_ERRORS
 from runner.retry import RetryPolicy, call_with_retry
@@ -130,11 +131,16 @@ class OutputSink:
 
 @dataclass(frozen=True, slots=True)
 class DownloadItem:
-    """A completed job whose outputs (some or all) are still to be downloaded."""
+    """A completed job whose outputs (some or all) are still to be downloaded.
+
+    ``completed`` is the job's ``completed`` event (or folded record): the event recording
+    the downloads repeats it with new outputs, so every completed event stands alone.
+    """
 
     job_key: str
     row_id: str
     outputs: tuple[OutputImage, ...]
+    completed: LedgerEvent | None = None
 
 
 class Downloader:
@@ -309,6 +315,13 @@ class DownloadStage:
                 send.close()
         self.counts.seconds += time.monotonic() - started
 
+    def summary(self) -> str:
+        d = self.downloader
+        return (
+            f"outputs: {d.files} downloaded ({d.bytes} B) to {d.sink.target}; "
+            f"{self.counts.jobs_failed} jobs not downloaded"
+        )
+
     async def put(self, item: DownloadItem) -> None:
         """Queue a job's outputs; waits while the consumers are all busy (bounded memory)."""
         await self._send.send(item)
@@ -331,15 +344,15 @@ class DownloadStage:
                 errors.append(f"output {i}: {exc}")
                 continue
         failed = bool(errors)
-        self.ledger.append(
-            LedgerEvent(
-                job_key=item.job_key, state=JobState.COMPLETED, at=self.now(),
-                outputs=tuple(outputs),
-                error_type="download_failed" if failed else None,
-                error_message=("; ".join(errors))[:2000] if failed else None,
-                retryable=True if failed else None,
-            )
+        base = item.completed or LedgerEvent(item.job_key, JobState.COMPLETED, self.now())
+        fields = {f.name: getattr(base, f.name) for f in dataclass_fields(LedgerEvent)}
+        fields.update(
+            state=JobState.COMPLETED, at=self.now(), outputs=tuple(outputs),
+            error_type="download_failed" if failed else None,
+            error_message=("; ".join(errors))[:2000] if failed else None,
+            retryable=True if failed else None,
         )  # fmt: skip
+        self.ledger.append(LedgerEvent(**fields))
         await self.ledger.commit()
         if failed:
             self.counts.jobs_failed += 1
@@ -361,10 +374,5 @@ def pending_downloads(jobs: pa.Table) -> dict[str, DownloadItem]:
     flat = pc.list_flatten(outputs)
     missing = pc.is_null(pc.struct_field(flat, "local_path"))
     parents = pc.filter(pc.list_parent_indices(outputs), missing)
-    rows = done.take(pc.unique(parents)).select(["job_key", "row_id", "outputs"]).to_pylist()
-    return {
-        r["job_key"]: DownloadItem(
-            r["job_key"], r["row_id"] or "", tuple(OutputImage(**o) for o in r["outputs"])
-        )
-        for r in rows
-    }
+    records = [record_from_row(r) for r in done.take(pc.unique(parents)).to_pylist()]
+    return {r.job_key: DownloadItem(r.job_key, r.row_id or "", r.outputs or (), r) for r in records}

@@ -7,7 +7,15 @@
         signals   first Ctrl-C / SIGTERM stops admitting; the second cancels everything
         counter   counts jobs and estimated dollars in a thread, for the bar's total
         webhooks  (webhook mode) the receiver's verified events -> WebhookWaiter
+        downloads bounded consumers fetching, verifying and recording completed outputs
         admit     stream jobs -> resume decision -> budget -> in-flight window -> worker
+
+Inputs: each worker resolves its job's local files (checked, uploaded once per content
+hash, cached in ``uploads.jsonl``) just before recording its intent. With
+``--probe-inputs`` admission first reads remote input sizes, so estimates are exact.
+Outputs: a job's images are queued for download as soon as it completes; a completed job
+from an earlier run whose outputs lack ``local_path`` is queued instead of skipped (unless
+``--no-download``), so a rerun downloads only what is missing.
 
 Admission is the only place that decides what is sent: at most ``in_flight_limit`` jobs
 are submitted but unfinished, the submit rate follows a token bucket that halves on 429s,
@@ -40,6 +48,7 @@ from runner.client import QueueClient
 from runner.completion import Pacing, Poller, Reader, Strategy, Streamer, WebhookWaiter
 from runner.config import RunConfig
 from runner.cost import Estimate, PriceTable
+from runner.downloads import Downloader, DownloadStage, OutputSink, pending_downloads
 from runner.errors import (
     EXIT_BUDGET,
     EXIT_INTERRUPTED,
@@ -49,7 +58,7 @@ from runner.errors import (
     RowError,
     UsageError,
 )
-from runner.inputs import InputSizer
+from runner.inputs import InputChecker, InputProber, InputSizer
 from runner.jobs import ExpandOptions, Job, iter_jobs
 from runner.ledger.fold import LedgerState
 from runner.ledger.resume import Action, ResumePolicy, decide
@@ -60,6 +69,7 @@ from runner.plan import job_estimate
 from runner.progress import Progress, Tally
 from runner.ratelimit import AdaptiveRate
 from runner.retry import RetryPolicy
+from runner.uploads import InputResolver, StorageClient, UploadCache, Uploader, UploadSettings
 from runner.worker import Shared, Ticket, run_job, utcnow
 
 BATCH = 256
@@ -87,6 +97,8 @@ class Hooks:
     rng: random.Random = field(default_factory=random.Random)
     stream: TextIO | None = None
     handle_signals: bool = True
+    upload_settings: UploadSettings | None = None  # e.g. a small multipart threshold
+    download_policy: RetryPolicy | None = None
 
 
 def manifest_fingerprint(path: Path) -> dict[str, Any]:
@@ -186,6 +198,12 @@ class Run:
         self.window = anyio.Semaphore(config.in_flight_limit)
         self.progress = Progress(self.tally, stream=hooks.stream, quiet=config.quiet)
         self.possible_duplicates = 0
+        self.checker = InputChecker(config.manifest.resolve().parent)
+        self.prober: InputProber | None = None
+        self.uploader: Uploader | None = None
+        self.downloads: DownloadStage | None = None
+        # Completed earlier but not (fully) downloaded: fetched again instead of skipped.
+        self.pending = pending_downloads(state.jobs) if config.download else {}
 
     def estimate(self, job: Job) -> Estimate:
         return job_estimate(job, self.prices, self.sizer, self.sizer.lora_bytes)
@@ -230,6 +248,9 @@ class Run:
         decision = decide(self.state.brief(item.job_key), self.policy)
         if decision.action is Action.SKIP:
             self.tally.skipped += 1
+            missing = self.pending.pop(item.job_key, None)
+            if missing is not None and self.downloads is not None:
+                await self.downloads.put(missing)
             return True
         if decision.action is Action.FAIL:
             self.ledger.append(
@@ -241,6 +262,8 @@ class Run:
             )  # fmt: skip
             self.tally.failed += 1
             return True
+        if self.prober is not None:
+            await self.prober.probe(item)
         est = self.estimate(item)
         reattach = None
         if decision.action is Action.REATTACH:
@@ -295,9 +318,20 @@ class Run:
             code, message = EXIT_BUDGET, f"stopped at the budget: {self.budget.reason}"
         elif t.failed or t.invalid or t.unknown or t.detached:
             code, message = EXIT_JOBS_FAILED, "some jobs did not complete"
+        elif self.downloads is not None and self.downloads.counts.jobs_failed:
+            code = EXIT_JOBS_FAILED
+            message = "some outputs were not downloaded; rerun to fetch only those"
         else:
             code, message = EXIT_OK, "all jobs completed"
-        return RunReport(t, code, message, self.config.run_dir, self.possible_duplicates)
+        return RunReport(
+            t, code, message, self.config.run_dir, self.possible_duplicates, self.lines()
+        )
+
+    def lines(self) -> list[str]:
+        """Upload and download figures for the summary."""
+        parts = [self.uploader.summary() if self.uploader else None]
+        parts.append(self.downloads.summary() if self.downloads else None)
+        return [p for p in parts if p]
 
 
 def build_strategy(config: RunConfig, reader: Reader, pacing: Pacing) -> Strategy:
@@ -370,12 +404,22 @@ async def _drive(run: Run) -> None:
         limits_by_endpoint = {
             ep: anyio.CapacityLimiter(n) for ep, n in config.endpoint_limits.items()
         }
+        resolver = _resolver(run, http)
+        if config.probe_inputs:
+            run.prober = InputProber(http, run.sizer)
+        if config.download:
+            run.downloads = DownloadStage(
+                Downloader(http, OutputSink(config.output_target, config.run_dir),
+                           policy=hooks.download_policy, clock=hooks.clock, sleep=hooks.sleep),
+                run.ledger, concurrency=config.download_concurrency, say=run.progress.say,
+            )  # fmt: skip
         shared = Shared(
             config=config, client=client, ledger=run.ledger, strategy=strategy, pacing=pacing,
             prices=run.prices, rate=rate, tally=run.tally, budget=run.budget,
             input_sizes=run.sizer, webhook_url=config.webhook_url, clock=hooks.clock,
             sleep=hooks.sleep, endpoint_limits=limits_by_endpoint,
-            on_change=run.progress.refresh, say=run.progress.say,
+            on_change=run.progress.refresh, say=run.progress.say, resolve=resolver.resolve,
+            downloads=run.downloads.put if run.downloads else None,
         )  # fmt: skip
         async with anyio.create_task_group() as tg:
             if hooks.handle_signals:
@@ -385,9 +429,27 @@ async def _drive(run: Run) -> None:
             if isinstance(strategy, WebhookWaiter):
                 url = await _start_webhooks(stack, tg, run, strategy, http)
                 shared.webhook_url = config.webhook_url or url
-            async with anyio.create_task_group() as workers:
-                await run.admit(workers, shared)
+            async with AsyncExitStack() as stage:
+                if run.downloads is not None:
+                    await stage.enter_async_context(run.downloads.running())
+                async with anyio.create_task_group() as workers:
+                    await run.admit(workers, shared)
             tg.cancel_scope.cancel()
+
+
+def _resolver(run: Run, http: httpx.AsyncClient) -> InputResolver:
+    config, hooks = run.config, run.hooks
+    assert config.key is not None
+    settings = hooks.upload_settings or UploadSettings(ttl_s=config.upload_ttl_s)
+    storage = StorageClient(
+        http, rest_url=config.rest_url, cdn_url=config.cdn_url, key=config.key,
+        settings=settings, clock=hooks.clock, sleep=hooks.sleep,
+    )  # fmt: skip
+    run.uploader = Uploader(
+        storage, UploadCache(config.run_dir / "uploads.jsonl"),
+        inline_max_bytes=config.inline_max_bytes if config.inline_inputs else None,
+    )  # fmt: skip
+    return InputResolver(run.checker, run.uploader)
 
 
 async def _start_webhooks(
@@ -438,4 +500,6 @@ def print_summary(report: RunReport, out: TextIO = sys.stderr) -> None:
             "resubmitted after an unknown outcome",
             file=out,
         )
+    for line in report.lines:
+        print(f"  {line}", file=out)
     print(f"runner: {report.message} (ledger: {report.run_dir})", file=out)

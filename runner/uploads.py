@@ -91,6 +91,11 @@ class StorageClient:
         self._token: CdnToken | None = None
         self._token_lock = anyio.Lock()
 
+    @property
+    def origin(self) -> str:
+        """The storage an upload's URL belongs to (uploads.jsonl keeps them apart)."""
+        return self._rest
+
     def __repr__(self) -> str:
         return f"StorageClient(rest_url={self._rest!r}, cdn_url={self._cdn!r}, key={self._key!r})"
 
@@ -264,14 +269,15 @@ class CachedUpload:
     expires_at_s: float | None
     size_bytes: int
     via: str
+    storage: str = ""  # the REST origin uploaded through: fal's, or one emulator's
 
 
 class UploadCache:
-    """``run_dir/uploads.jsonl``: append-only, the last line per sha256 wins."""
+    """``run_dir/uploads.jsonl``: append-only, the last line per (storage, sha256) wins."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._entries: dict[str, CachedUpload] = {}
+        self._entries: dict[tuple[str, str], CachedUpload] = {}
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
@@ -281,13 +287,16 @@ class UploadCache:
                 entry = CachedUpload(**json.loads(line))
             except (ValueError, TypeError):
                 continue  # a torn last line after a crash: that upload is simply redone
-            self._entries[entry.sha256] = entry
+            self._entries[entry.storage, entry.sha256] = entry
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, sha256: str, *, now_s: float, min_remaining_s: float) -> CachedUpload | None:
-        entry = self._entries.get(sha256)
+    def get(
+        self, sha256: str, *, storage: str, now_s: float, min_remaining_s: float
+    ) -> CachedUpload | None:
+        """A live URL for this content on this storage, or None (never seen, or expiring)."""
+        entry = self._entries.get((storage, sha256))
         if entry is None:
             return None
         if entry.expires_at_s is not None and entry.expires_at_s - now_s < min_remaining_s:
@@ -295,7 +304,7 @@ class UploadCache:
         return entry
 
     async def add(self, entry: CachedUpload) -> None:
-        self._entries[entry.sha256] = entry
+        self._entries[entry.storage, entry.sha256] = entry
         line = json.dumps(asdict(entry), sort_keys=True) + "\n"
         await anyio.to_thread.run_sync(self._append, line)
 
@@ -347,6 +356,14 @@ class Uploader:
         self._inline: dict[tuple[Path, int, int], str] = {}
         self.counts = UploadCounts()
 
+    def summary(self) -> str | None:
+        c = self.counts
+        if not (c.uploads or c.reused or c.inlined):
+            return None
+        return f"inputs: {c.uploads} uploaded ({c.uploaded_bytes} B), {c.reused} reused, " + (
+            f"{c.inlined} inlined"
+        )
+
     def _lock(self, key: object) -> anyio.Lock:
         return self._locks.setdefault(key, anyio.Lock())
 
@@ -359,7 +376,8 @@ class Uploader:
         async with self._lock(sha):
             settings = self.storage.settings
             now = self._wall_clock()
-            cached = self.cache.get(sha, now_s=now, min_remaining_s=settings.min_remaining_s)
+            cached = self.cache.get(sha, storage=self.storage.origin, now_s=now,
+                                    min_remaining_s=settings.min_remaining_s)  # fmt: skip
             if cached is not None:
                 self.counts.reused += 1
                 return cached.url
@@ -369,9 +387,8 @@ class Uploader:
                 )
             self.counts.uploads += 1
             self.counts.uploaded_bytes += found.size_bytes
-            await self.cache.add(
-                CachedUpload(sha, done.url, done.expires_at_s, found.size_bytes, done.via)
-            )
+            await self.cache.add(CachedUpload(sha, done.url, done.expires_at_s, found.size_bytes,
+                                              done.via, self.storage.origin))  # fmt: skip
             return done.url
 
     async def _sha256(self, identity: tuple[Path, int, int]) -> str:

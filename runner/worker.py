@@ -5,12 +5,19 @@ Nothing here raises for a per-job failure: every way a job can end becomes a led
 The ledger sees the intent to submit, committed, *before* the POST, and the request id,
 committed, right after the acknowledgement: a crash anywhere leaves either a job to
 re-attach to or a visible unknown outcome, never silence.
+
+Local input files are checked and uploaded (``Shared.resolve``) *before* the intent is
+recorded: a bad file becomes a plain ``failed`` record (``input_error``, not retryable)
+and a failed upload a retryable ``upload_failed``, neither of which can be mistaken for a
+POST of unknown outcome. Only the payload sent carries the URLs; the ledger's ``request``
+and the job_key keep the manifest's local paths. A completed job's outputs are handed to
+the download stage (``Shared.downloads``) right after the completion is committed.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -23,6 +30,7 @@ from runner.client import QueueClient, RequestRef
 from runner.completion import Finished, Pacing, Strategy, Watch
 from runner.config import RunConfig
 from runner.cost import Estimate, PriceTable, billed_cost, megapixels
+from runner.downloads import DownloadItem
 from runner.errors import AuthError, FalError, HTTPStatusError
 from runner.jobs import Job
 from runner.ledger.schema import JobState, LedgerEvent, OutputImage, encode_request
@@ -38,6 +46,9 @@ from runner.protocol import (
 )
 from runner.ratelimit import AdaptiveRate
 from runner.retry import Action, RetryPolicy, call_with_retry, classify
+from runner.uploads import InputFailure
+
+Resolve = Callable[[Job], Awaitable[Mapping[str, Any] | InputFailure]]
 
 
 def utcnow() -> datetime:
@@ -67,6 +78,8 @@ class Shared:
     endpoint_limits: dict[str, anyio.CapacityLimiter] = field(default_factory=dict)
     on_change: Callable[[], None] = lambda: None
     say: Callable[[str], None] = lambda _message: None
+    resolve: Resolve | None = None  # local inputs -> URLs; None sends the payload as is
+    downloads: Callable[[DownloadItem], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,11 +133,12 @@ async def _attempts(t: Ticket, s: Shared) -> Ended:
         s.tally.retries += 1
 
 
-def _intent(t: Ticket, s: Shared, attempt: int) -> LedgerEvent:
+def _intent(t: Ticket, s: Shared, attempt: int, state: JobState = JobState.SUBMITTING,
+            **fields: Any) -> LedgerEvent:  # fmt: skip
     job = t.job
     return LedgerEvent(
         job_key=job.job_key,
-        state=JobState.SUBMITTING,
+        state=state,
         at=s.now(),
         row_id=job.row_id,
         line=job.line,
@@ -135,11 +149,45 @@ def _intent(t: Ticket, s: Shared, attempt: int) -> LedgerEvent:
         metadata=dict(job.metadata),
         estimated_usd=t.estimate.usd,
         attempt=attempt,
+        **fields,
     )
 
 
+async def _prepare(t: Ticket, s: Shared, attempt: int) -> Mapping[str, Any] | Ended:
+    """The payload to send, its local files checked and uploaded; or how the job ended."""
+    if s.resolve is None:
+        return t.job.payload
+    try:
+        resolved = await s.resolve(t.job)
+    except AuthError:
+        raise
+    except FalError as exc:
+        return await _not_sent(t, s, attempt, "upload_failed", f"upload: {_detail(exc)}", True)
+    if isinstance(resolved, InputFailure):
+        return await _not_sent(t, s, attempt, "input_error", resolved.message, False)
+    return resolved
+
+
+async def _not_sent(
+    t: Ticket, s: Shared, attempt: int, error_type: str, message: str, retryable: bool
+) -> Ended:
+    """A job that failed before its intent: a full record, so the ledger knows the row."""
+    s.ledger.append(
+        _intent(t, s, attempt, JobState.FAILED, error_type=error_type,
+                error_message=message[:2000], retryable=retryable)
+    )  # fmt: skip
+    await s.ledger.commit()
+    s.budget.settle(t.estimate.usd, Decimal(0))
+    s.tally.failed += 1
+    s.on_change()
+    return Ended(JobState.FAILED, Decimal(0))
+
+
 async def submit(t: Ticket, s: Shared, attempt: int) -> RequestRef | Ended:
-    """Record the intent, POST with the submit policy, record the acknowledgement."""
+    """Resolve inputs, record the intent, POST with the submit policy, record the ack."""
+    payload = await _prepare(t, s, attempt)
+    if isinstance(payload, Ended):
+        return payload
     s.ledger.append(_intent(t, s, attempt))
     await s.ledger.commit()
 
@@ -147,7 +195,7 @@ async def submit(t: Ticket, s: Shared, attempt: int) -> RequestRef | Ended:
         await s.rate.acquire()
         return await s.client.submit(
             t.job.endpoint,
-            t.job.payload,
+            payload,
             webhook_url=s.webhook_url,
             priority=s.config.priority,
             start_timeout_s=s.config.start_timeout_s,
@@ -340,8 +388,7 @@ async def _completed(
         OutputImage(url=im.url, width=im.width, height=im.height, content_type=im.content_type)
         for im in flux.images
     )
-    s.ledger.append(
-        event(
+    done = event(
             t, JobState.COMPLETED, s.now(), attempt,
             completed_at=s.now(),
             queue_s=queue_s,
@@ -352,14 +399,16 @@ async def _completed(
             nsfw=tuple(flux.has_nsfw_concepts),
             megapixels=sum(megapixels(w, h) for w, h in sizes),
             billed_usd=billed,
-        )
-    )  # fmt: skip
+        )  # fmt: skip
+    s.ledger.append(done)
     await s.ledger.commit()
     actual = billed if billed is not None else t.estimate.usd
     s.budget.settle(t.estimate.usd, actual)
     s.tally.completed += 1
     s.tally.spent_usd += actual or Decimal(0)
     s.on_change()
+    if s.downloads is not None and outputs:
+        await s.downloads(DownloadItem(t.job.job_key, t.job.row_id, outputs, done))
     return Ended(JobState.COMPLETED, billed)
 
 
