@@ -274,6 +274,8 @@ class InputSizer:
     def size_of(self, value: str) -> tuple[int, int] | None:
         if value in self._sizes:
             return self._sizes[value]
+        if is_remote(value):
+            return None  # unknown until probed; not cached, so a probe still happens
         size: tuple[int, int] | None = None
         try:
             if is_data_uri(value):
