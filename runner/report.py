@@ -49,7 +49,9 @@ _NORMALISERS = (
     (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I), "<id>"),
     (re.compile(r"\b[0-9a-f]{16,}\b", re.I), "<id>"),
     (re.compile(r"(?<![\w<])[\w.~-]*/[\w./~-]+"), "<path>"),
-    (re.compile(r"(?<![\w<])-?\d+(?:\.\d+)?"), "<n>"),
+    (re.compile(r"(?<![\w<])-?\d+(?:\.\d+)?[A-Za-z%]{0,3}(?![\w.])"), "<n>"),  # 40, 3.5s, 2MB
+    # What is left with a digit in it is an identifier of some kind: k10092, r2d2, 1024x768.
+    (re.compile(r"(?<![\w<])[A-Za-z_]*\d[\w-]*"), "<id>"),
     (re.compile(r"\s+"), " "),
 )
 _MESSAGE_CHARS = 300

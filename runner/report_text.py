@@ -51,8 +51,9 @@ NEW_JOBS_NOTE = (
 
 
 def usd(value: Decimal) -> str:
-    """Dollars for people: exact to 1/100 of a cent, at least two decimals ($0.385, $12.50)."""
-    text = f"{value.quantize(Decimal('0.0001')).normalize():f}"
+    """Dollars for people: cents from $1 up, else to 1/100 of a cent ($0.385, $12.50)."""
+    places = Decimal("0.01") if abs(value) >= 1 else Decimal("0.0001")
+    text = f"{value.quantize(places).normalize():f}"
     whole, _, cents = text.partition(".")
     return f"${whole}.{cents.ljust(2, '0')}"
 

@@ -144,6 +144,9 @@ def test_failure_list_is_capped_but_group_count_is_not(run_dir: Path) -> None:
             "guidance_scale=<n> is above the maximum <n>",
         ),
         ("bad   spacing\n here", "bad spacing here"),
+        ("request k10092 failed after 3.5s", "request <id> failed after <n>"),
+        ("size 1024x768 for flux2 on gpu0", "size <id> for <id> on <id>"),
+        ("HTTP 502 from upstream", "HTTP <n> from upstream"),
         ("x" * 400, "x" * 299 + "…"),
     ],
 )
@@ -240,8 +243,8 @@ def test_json_keeps_money_exact_and_names_states(report: Report) -> None:
 
 @pytest.mark.parametrize(
     ("value", "text"),
-    [("0", "$0.00"), ("0.385", "$0.385"), ("12.5", "$12.50"), ("1234.56789", "$1234.5679"),
-     ("3", "$3.00")],
+    [("0", "$0.00"), ("0.385", "$0.385"), ("12.5", "$12.50"), ("1234.56789", "$1234.57"),
+     ("0.00012345", "$0.0001"), ("3", "$3.00")],
 )  # fmt: skip
 def test_usd_shows_cents_and_sub_cent_prices(value: str, text: str) -> None:
     assert usd(Decimal(value)) == text
