@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import shutil
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
@@ -86,13 +87,21 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=1_000_000)
     parser.add_argument("--batch", type=int, default=2_000)
+    parser.add_argument("--only-write", type=Path, help="write the ledger here and stop")
+    parser.add_argument("--from-dir", type=Path, help="read a copy of a ledger --only-write made")
     args = parser.parse_args()
+    if args.only_write:
+        anyio.run(write, args.only_write, args.jobs, args.batch)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
-        print(f"{args.jobs:,} jobs x 3 events, commit per {args.batch:,} events", flush=True)
-        t0 = time.perf_counter()
-        anyio.run(write, run_dir, args.jobs, args.batch)
-        report("write + commit + checkpoints", time.perf_counter() - t0)
+        if args.from_dir:
+            shutil.copytree(args.from_dir, run_dir)
+        else:
+            print(f"{args.jobs:,} jobs x 3 events, commit per {args.batch:,} events", flush=True)
+            t0 = time.perf_counter()
+            anyio.run(write, run_dir, args.jobs, args.batch)
+            report("write + commit + checkpoints", time.perf_counter() - t0)
         parts = sorted((run_dir / "ledger").glob("*.parquet"))
         size_mb = sum(p.stat().st_size for p in parts) / 2**20
         print(f"  {len(parts)} parts, {size_mb:.0f} MB on disk", flush=True)

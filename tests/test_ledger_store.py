@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -29,13 +31,18 @@ from runner.ledger import (
     OutputImage,
     compact,
     export,
+    fold,
+    fold_tables,
     read_events,
     read_run_meta,
     status_summary,
     write_run_meta,
 )
+from runner.ledger.schema import encode_event, rows_to_table
 
 REPO = Path(__file__).parent.parent
+# The package exports a fold() function that hides the submodule's attribute name.
+fold_module = importlib.import_module("runner.ledger.fold")
 T0 = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 IMAGE = OutputImage("https://cdn/x.png", 1024, 768, "image/png", "out/x.png", "ab" * 32)
 
@@ -321,3 +328,27 @@ def test_run_dir_that_is_a_file_is_a_ledger_error(tmp_path: Path) -> None:
     path.write_text("x")
     with pytest.raises(LedgerError, match="not-a-dir"):
         Ledger.open(path)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_folding_in_groups_equals_folding_at_once(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(seed)
+    states = ["submitting", "unknown", "queued", "in_progress", "completed", "failed"]
+    rows = []
+    for seq in range(1, 400):
+        extra = {
+            name: f"{name}{seq}"
+            for name in ("request_id", "row_id", "error_type")
+            if rng.random() < 0.4
+        }
+        event = LedgerEvent(f"k{rng.randrange(12)}", rng.choice(states), at(seq), **extra)  # type: ignore[arg-type]
+        rows.append(encode_event(event, seq))
+    events = rows_to_table(rows)
+    cuts = sorted(rng.sample(range(1, len(rows)), 6))
+    tables = [events.slice(a, b - a) for a, b in zip([0, *cuts], [*cuts, len(rows)], strict=True)]
+    monkeypatch.setattr(fold_module, "FOLD_GROUP_EVENTS", 40)
+    grouped, count = fold_tables(tables)
+    assert count == len(rows)
+    assert grouped.equals(fold(events))

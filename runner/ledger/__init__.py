@@ -78,7 +78,7 @@ Durability:
 - A part that cannot be read raises LedgerCorruptError naming the file.
 """
 
-from runner.ledger.fold import JobBrief, LedgerState, fold, read_events
+from runner.ledger.fold import JobBrief, LedgerState, fold, fold_tables, read_events, read_folded
 from runner.ledger.lock import RunLock
 from runner.ledger.resume import (
     Action,
@@ -122,8 +122,10 @@ __all__ = [
     "encode_request",
     "export",
     "fold",
+    "fold_tables",
     "plan_resume",
     "read_events",
+    "read_folded",
     "read_run_meta",
     "status_summary",
     "write_run_meta",

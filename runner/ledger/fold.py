@@ -11,10 +11,10 @@ duplicated event is harmless: equal seq, equal values.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from runner.errors import LedgerError
 from runner.ledger.journal import list_segments, read_segment
-from runner.ledger.parts import read_part, scan_parts
+from runner.ledger.parts import PartFile, read_part, scan_parts
 from runner.ledger.schema import (
     ATTEMPT_FIELDS,
     LEDGER_SCHEMA,
@@ -35,6 +35,8 @@ from runner.ledger.schema import (
 LEDGER_DIR = "ledger"
 JOURNAL_DIR = "journal"
 _READ_ATTEMPTS = 20
+FOLD_GROUP_EVENTS = 1_000_000
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,29 +49,50 @@ class EventsRead:
     torn_bytes: int
 
 
-def read_events(run_dir: Path) -> EventsRead:
-    """Every event in parts and journal, each once. Takes no lock.
+@dataclass(frozen=True, slots=True)
+class FoldedRead:
+    """The folded ledger (one row per job) and how many events it came from."""
 
-    A writer may checkpoint or compact while we read; the journal is listed
-    before the parts so that no event can slip between the two listings, and
-    a file that vanishes mid-read makes us read again.
+    jobs: pa.Table
+    events: int
+    parts: int
+    torn_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    parts: list[PartFile]
+    journal_rows: list[dict[str, Any]]
+    torn_bytes: int
+
+    def tables(self) -> Iterator[pa.Table]:
+        """Event tables in seq order: each part, then the journal's newer events."""
+        for part in self.parts:
+            yield read_part(part.path)
+        if self.journal_rows:
+            yield rows_to_table(self.journal_rows)
+
+
+def _retrying(run_dir: Path, read: Callable[[_Snapshot], _T]) -> _T:
+    """Run ``read`` over a snapshot of the run directory. Takes no lock.
+
+    A writer may checkpoint or compact while we read: the journal is read
+    before the parts are listed, so an event can only show up twice (and
+    journal events a part holds are dropped by seq), and a file that vanishes
+    mid-read makes us start again.
     """
     for attempt in range(_READ_ATTEMPTS):
         try:
-            return _read_events_once(run_dir)
+            return read(_snapshot(run_dir))
         except FileNotFoundError:
             time.sleep(0.01 * attempt)
     raise LedgerError(f"ledger in {run_dir} kept changing while being read; try again")
 
 
-def _read_events_once(run_dir: Path) -> EventsRead:
-    segments = list_segments(run_dir / JOURNAL_DIR)
-    parts, _covered = scan_parts(run_dir / LEDGER_DIR)
-    tables = [read_part(p.path) for p in parts]
-    max_part_seq = parts[-1].last_seq if parts else 0
+def _snapshot(run_dir: Path) -> _Snapshot:
     rows: list[dict[str, Any]] = []
     torn = 0
-    for segment in segments:
+    for segment in list_segments(run_dir / JOURNAL_DIR):
         try:
             read = read_segment(segment)
         except FileNotFoundError:
@@ -77,19 +100,86 @@ def _read_events_once(run_dir: Path) -> EventsRead:
         except OSError as exc:
             raise LedgerError(f"journal {segment} cannot be read: {exc}") from exc
         torn += read.torn_bytes
-        # Events up to max_part_seq were checkpointed into a part already.
-        rows.extend(r for r in read.rows if r["seq"] > max_part_seq)
-    if rows:
-        tables.append(rows_to_table(rows))
-    table = pa.concat_tables(tables) if tables else LEDGER_SCHEMA.empty_table()
-    return EventsRead(table, len(parts), len(rows), torn)
+        rows.extend(read.rows)
+    parts, _covered = scan_parts(run_dir / LEDGER_DIR)
+    max_part_seq = parts[-1].last_seq if parts else 0
+    # Events up to max_part_seq were checkpointed into a part already.
+    newer = [r for r in rows if r["seq"] > max_part_seq]
+    return _Snapshot(parts, newer, torn)
+
+
+def read_events(run_dir: Path) -> EventsRead:
+    """Every event in parts and journal, each once, in seq order (the full history)."""
+
+    def read(snap: _Snapshot) -> EventsRead:
+        tables = list(snap.tables())
+        table = pa.concat_tables(tables) if tables else LEDGER_SCHEMA.empty_table()
+        return EventsRead(table, len(snap.parts), len(snap.journal_rows), snap.torn_bytes)
+
+    return _retrying(run_dir, read)
+
+
+def read_folded(run_dir: Path) -> FoldedRead:
+    """The latest state per job, folding part by part (never all events at once)."""
+
+    def read(snap: _Snapshot) -> FoldedRead:
+        jobs, events = fold_tables(snap.tables())
+        return FoldedRead(jobs, events, len(snap.parts), snap.torn_bytes)
+
+    return _retrying(run_dir, read)
+
+
+def fold_tables(tables: Iterable[pa.Table]) -> tuple[pa.Table, int]:
+    """Fold event tables given in seq order; returns (jobs, events seen).
+
+    Tables are folded in groups of about FOLD_GROUP_EVENTS events, so memory
+    holds one group of events plus the folded rows, never every event. Each
+    group folds to one row per job plus a flag saying whether a new attempt
+    started in it; folding those rows again, with the flags as attempt
+    boundaries, gives the same result as folding all events at once.
+    """
+    partials: list[pa.Table] = []
+    resets: list[np.ndarray] = []
+    events = 0
+    group: list[pa.Table] = []
+    grouped = 0
+
+    def fold_group() -> None:
+        folded, reset = _fold(pa.concat_tables(group), None)
+        partials.append(folded)
+        resets.append(reset)
+        group.clear()
+
+    for table in tables:
+        events += table.num_rows
+        group.append(table)
+        grouped += table.num_rows
+        if grouped >= FOLD_GROUP_EVENTS:
+            fold_group()
+            grouped = 0
+    if group:
+        fold_group()
+    if not partials:
+        return LEDGER_SCHEMA.empty_table(), 0
+    if len(partials) == 1:
+        return partials[0], events
+    jobs, _reset = _fold(pa.concat_tables(partials), np.concatenate(resets))
+    return jobs, events
 
 
 def fold(events: pa.Table) -> pa.Table:
     """One row per job (sorted by seq) in LEDGER_SCHEMA: its latest state."""
+    return _fold(events, None)[0]
+
+
+def _fold(events: pa.Table, resets: np.ndarray | None) -> tuple[pa.Table, np.ndarray]:
+    """(folded rows, whether each job started an attempt within ``events``).
+
+    ``resets`` marks extra rows (already folded ones) that start an attempt.
+    """
     n = events.num_rows
     if n == 0:
-        return LEDGER_SCHEMA.empty_table()
+        return LEDGER_SCHEMA.empty_table(), np.zeros(0, dtype=bool)
     codes = pc.dictionary_encode(events["job_key"].combine_chunks()).indices.to_numpy()
     seq = events["seq"].to_numpy()
     if n < 2 or bool(np.all(seq[1:] >= seq[:-1])):
@@ -104,25 +194,41 @@ def fold(events: pa.Table) -> pa.Table:
     last = last[np.argsort(seq[order[last]], kind="stable")]
     index = np.arange(n)
     job_start = np.maximum.accumulate(np.where(starts, index, 0))[last]
-    submitting = _to_bool(pc.equal(events["state"], JobState.SUBMITTING.value))[order]
-    attempt_start = np.maximum.accumulate(np.where(starts | submitting, index, 0))[last]
+    submitting = _to_bool(pc.equal(events["state"], JobState.SUBMITTING.value))
+    if resets is not None:
+        submitting = submitting | resets
+    submitting = submitting[order]
+    attempt_row = np.maximum.accumulate(np.where(starts | submitting, index, 0))[last]
     latest = order[last]
-    columns = []
-    for field in LEDGER_SCHEMA:
-        column = events[field.name]
-        if column.null_count == 0:
-            columns.append(column.take(pa.array(latest)))
-            continue
-        if column.null_count == n:
-            columns.append(pa.nulls(len(last), field.type))
-            continue
-        valid = _to_bool(pc.is_valid(column))[order]
-        last_valid = np.maximum.accumulate(np.where(valid, index, -1))[last]
-        since = attempt_start if field.name in ATTEMPT_FIELDS else job_start
-        keep = last_valid >= since
-        source = order[np.where(keep, last_valid, 0)]
-        columns.append(column.take(pa.array(source, mask=~keep)))
-    return pa.Table.from_arrays(columns, schema=LEDGER_SCHEMA)
+    columns = [
+        _fold_column(events[f.name], f, order, index, last, latest, job_start, attempt_row)
+        for f in LEDGER_SCHEMA
+    ]
+    return pa.Table.from_arrays(columns, schema=LEDGER_SCHEMA), submitting[attempt_row]
+
+
+def _fold_column(
+    column: pa.ChunkedArray,
+    field: pa.Field,
+    order: np.ndarray,
+    index: np.ndarray,
+    last: np.ndarray,
+    latest: np.ndarray,
+    job_start: np.ndarray,
+    attempt_start: np.ndarray,
+) -> pa.Array | pa.ChunkedArray:
+    """A column's value for each job: the last non-null one since the job or attempt start."""
+    n = len(column)
+    if column.null_count == 0:
+        return column.take(pa.array(latest))
+    if column.null_count == n:
+        return pa.nulls(len(last), field.type)
+    valid = _to_bool(pc.is_valid(column))[order]
+    last_valid = np.maximum.accumulate(np.where(valid, index, -1))[last]
+    since = attempt_start if field.name in ATTEMPT_FIELDS else job_start
+    keep = last_valid >= since
+    source = order[np.where(keep, last_valid, 0)]
+    return column.take(pa.array(source, mask=~keep))
 
 
 def _to_bool(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -148,13 +254,13 @@ class LedgerState:
     def __init__(self, jobs: pa.Table) -> None:
         self.jobs = jobs
         keys: list[str] = jobs["job_key"].to_pylist()
-        self._index = {key: i for i, key in enumerate(keys)}
+        self._index = dict(zip(keys, range(len(keys)), strict=True))
         self._brief: tuple[list[str], list[int | None], list[str | None], list[bool | None]]
         self._brief_ready = False
 
     @classmethod
     def load(cls, run_dir: Path | str) -> LedgerState:
-        return cls(fold(read_events(Path(run_dir)).table))
+        return cls(read_folded(Path(run_dir)).jobs)
 
     def __len__(self) -> int:
         return len(self._index)

@@ -13,10 +13,9 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
-import pyarrow as pa
 
 from runner.errors import LedgerError
-from runner.ledger.fold import JOURNAL_DIR, LEDGER_DIR, LedgerState, fold, read_events
+from runner.ledger.fold import JOURNAL_DIR, LEDGER_DIR, LedgerState, fold_tables, read_folded
 from runner.ledger.journal import (
     SegmentWriter,
     encode_line,
@@ -208,7 +207,7 @@ class Ledger:
             parts, covered = scan_parts(self.ledger_dir)
             if len(parts) <= 1:
                 return 0
-            folded = fold(pa.concat_tables([read_part(p.path) for p in parts]))
+            folded, _events = fold_tables(read_part(p.path) for p in parts)
             write_part(
                 self.ledger_dir, folded, first_seq=parts[0].first_seq, last_seq=parts[-1].last_seq
             )
@@ -219,7 +218,7 @@ class Ledger:
 
     def state(self) -> LedgerState:
         """The folded ledger as on disk now (every committed event, maybe a few more)."""
-        return LedgerState(fold(read_events(self.run_dir).table))
+        return LedgerState(read_folded(self.run_dir).jobs)
 
     def close(self) -> None:
         """Commit, checkpoint, and release the lock. Idempotent."""

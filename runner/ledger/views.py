@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from runner.ledger.fold import fold, read_events
+from runner.ledger.fold import read_folded
 from runner.ledger.journal import fsync_dir
 from runner.ledger.schema import JobState
 from runner.ledger.store import read_run_meta
@@ -57,8 +57,8 @@ class StatusSummary:
 
 def status_summary(run_dir: Path | str) -> StatusSummary:
     run_dir = Path(run_dir)
-    read = read_events(run_dir)
-    jobs = fold(read.table)
+    read = read_folded(run_dir)
+    jobs = read.jobs
     grouped = jobs.group_by(["endpoint", "state"]).aggregate(
         [("job_key", "count"), ("estimated_usd", "sum"), ("billed_usd", "sum")]
     )
@@ -83,7 +83,7 @@ def status_summary(run_dir: Path | str) -> StatusSummary:
     return StatusSummary(
         run_dir=run_dir,
         jobs=jobs.num_rows,
-        events=read.table.num_rows,
+        events=read.events,
         by_state=by_state,
         by_endpoint=endpoints,
         estimated_usd=_trim(sum((e.estimated_usd for e in endpoints), _ZERO)),
@@ -111,7 +111,7 @@ def export(run_dir: Path | str, out_path: Path | str, fmt: ExportFormat) -> int:
     if fmt not in ("csv", "jsonl", "parquet"):
         raise ValueError(f"export format must be csv, jsonl or parquet, not {fmt!r}")
     out_path = Path(out_path)
-    jobs = fold(read_events(Path(run_dir)).table)
+    jobs = read_folded(Path(run_dir)).jobs
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     try:
         with open(tmp, "wb") as handle:
