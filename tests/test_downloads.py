@@ -11,6 +11,7 @@ import unicodedata
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -291,14 +292,15 @@ async def test_a_run_downloads_every_output_and_a_rerun_only_what_is_missing(
     tmp_path: Path,
 ) -> None:
     path = manifest(tmp_path, 6)
-    async with emulator() as emu:
-        first = await run(emu, run_config(path, tmp_path / "run", download=False))
+    fast: dict[str, Any] = {"concurrency": 6, "completion": "stream"}
+    async with emulator(concurrency=6) as emu:
+        first = await run(emu, run_config(path, tmp_path / "run", download=False, **fast))
         assert first.exit_code == 0
         assert pending_downloads(LedgerState.load(tmp_path / "run").jobs).keys() == set(
             LedgerState.load(tmp_path / "run").keys()
         )
-        second = await run(emu, run_config(path, tmp_path / "run"))
-        third = await run(emu, run_config(path, tmp_path / "run"))
+        second = await run(emu, run_config(path, tmp_path / "run", **fast))
+        third = await run(emu, run_config(path, tmp_path / "run", **fast))
         assert emu.snapshot()["submits"]["accepted"] == 6
     assert second.exit_code == 0 and second.tally.skipped == 6
     assert "outputs: 6 downloaded" in second.lines[-1]

@@ -55,7 +55,7 @@ class Clock:
 
 @pytest.fixture
 async def emu() -> AsyncIterator[Emulator]:
-    async with emulator() as running:
+    async with emulator(concurrency=8) as running:
         yield running
 
 
@@ -248,24 +248,26 @@ def ledger_rows(run_dir: Path) -> list[dict[str, object]]:
 
 
 def config(manifest: Path, run_dir: Path, **extra: object):  # type: ignore[no-untyped-def]
-    return run_config(manifest, run_dir, rest_url=f"{EMULATOR_URL}/rest",
-                      cdn_url=f"{EMULATOR_URL}/cdn", download=False, **extra)  # fmt: skip
+    return run_config(
+        manifest, run_dir, rest_url=f"{EMULATOR_URL}/rest", cdn_url=f"{EMULATOR_URL}/cdn",
+        download=False, concurrency=8, completion="stream", **extra,
+    )  # fmt: skip
 
 
 async def test_one_upload_serves_every_row_and_every_resume(emu: Emulator, tmp_path: Path) -> None:
     (tmp_path / "chair.png").write_bytes(png((96, 64)))
-    rows = [(f"r{i}", "chair.png") for i in range(20)]
+    rows = [(f"r{i}", "chair.png") for i in range(40)]
     manifest = i2i_manifest(tmp_path / "m.csv", rows)
     first = await run(emu, config(manifest, tmp_path / "run"))
-    assert first.exit_code == 0 and first.tally.completed == 20
-    i2i_manifest(manifest, [*rows, *((f"more{i}", "chair.png") for i in range(5))])
+    assert first.exit_code == 0 and first.tally.completed == 40
+    i2i_manifest(manifest, [*rows, *((f"more{i}", "chair.png") for i in range(10))])
     second = await run(emu, config(manifest, tmp_path / "run"))
-    assert second.tally.completed == 5 and second.tally.skipped == 20
+    assert second.tally.completed == 10 and second.tally.skipped == 40
     stats = emu.snapshot()
     assert stats["storage"]["uploads_simple"] == 1
-    assert stats["submits"]["accepted"] == 25
+    assert stats["submits"]["accepted"] == 50
     folded = LedgerState.load(tmp_path / "run").jobs.to_pylist()
-    assert len(folded) == 25
+    assert len(folded) == 50
     assert all(json.loads(r["request"])["image_url"] == "chair.png" for r in folded)
 
 
