@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -317,10 +316,19 @@ def test_run_meta_round_trips_and_refuses_secrets(tmp_path: Path) -> None:
 
 
 def test_empty_run_dir_reads_as_empty(tmp_path: Path) -> None:
+    Ledger.open(tmp_path).close()
     assert read_events(tmp_path).table.num_rows == 0
     assert len(LedgerState.load(tmp_path)) == 0
     assert status_summary(tmp_path).jobs == 0
-    assert isinstance(read_events(tmp_path).table, pa.Table)
+    assert export(tmp_path, tmp_path / "empty.parquet", "parquet") == 0
+    assert pq.read_table(tmp_path / "empty.parquet").schema.equals(LEDGER_SCHEMA)
+
+
+def test_status_of_a_directory_that_is_no_run_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(LedgerError, match="not a run directory"):
+        status_summary(tmp_path / "typo")
+    with pytest.raises(LedgerError, match="not a run directory"):
+        export(tmp_path, tmp_path / "x.csv", "csv")
 
 
 def test_run_dir_that_is_a_file_is_a_ledger_error(tmp_path: Path) -> None:

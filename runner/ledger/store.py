@@ -73,7 +73,9 @@ class Ledger:
         run_dir = Path(run_dir)
         lock = RunLock(run_dir)
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            if not run_dir.is_dir():
+                run_dir.mkdir(parents=True)
+                fsync_dir(run_dir.parent)
             lock.acquire()
         except OSError as exc:
             raise LedgerError(f"cannot use run directory {run_dir}: {exc}") from exc

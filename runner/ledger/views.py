@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from runner.errors import LedgerError
 from runner.ledger.fold import read_folded
 from runner.ledger.journal import fsync_dir
 from runner.ledger.schema import JobState
@@ -55,8 +56,15 @@ class StatusSummary:
     run_meta: Mapping[str, Any] | None
 
 
+def _require_run_dir(run_dir: Path) -> None:
+    if not any((run_dir / name).exists() for name in ("ledger", "journal", "run.json")):
+        raise LedgerError(f"{run_dir} is not a run directory (no ledger/, journal/ or run.json)")
+
+
 def status_summary(run_dir: Path | str) -> StatusSummary:
+    """Counts and spend of a run directory; takes no lock, so it works during a run."""
     run_dir = Path(run_dir)
+    _require_run_dir(run_dir)
     read = read_folded(run_dir)
     jobs = read.jobs
     grouped = jobs.group_by(["endpoint", "state"]).aggregate(
@@ -111,6 +119,7 @@ def export(run_dir: Path | str, out_path: Path | str, fmt: ExportFormat) -> int:
     if fmt not in ("csv", "jsonl", "parquet"):
         raise ValueError(f"export format must be csv, jsonl or parquet, not {fmt!r}")
     out_path = Path(out_path)
+    _require_run_dir(Path(run_dir))
     jobs = read_folded(Path(run_dir)).jobs
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     try:
