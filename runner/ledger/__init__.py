@@ -76,6 +76,12 @@ Durability:
 - ``compact()`` replaces all parts with one part holding only each job's
   folded latest row: earlier events (history) are dropped by design.
 - A part that cannot be read raises LedgerCorruptError naming the file.
+
+Reading (status, export, resume) takes no lock: it reads the journal, then
+lists the parts, drops journal events a part already holds, and starts over
+if a file vanishes under it (a checkpoint or compaction in between).
+:func:`read_folded` folds in groups of events so memory stays near one group
+plus one row per job; :func:`read_events` returns the full history.
 """
 
 from runner.ledger.fold import JobBrief, LedgerState, fold, fold_tables, read_events, read_folded

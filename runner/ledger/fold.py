@@ -6,6 +6,10 @@ event, the last non-null value since the start of the job (job-level columns
 such as row_id or request) or since the job's latest ``submitting`` event
 (attempt-level columns such as request_id, outputs or the error). Re-folding a
 duplicated event is harmless: equal seq, equal values.
+
+Reading folds about FOLD_GROUP_EVENTS events at a time and then folds the
+folded rows, so memory holds one group of events plus one row per job.
+Uses numpy (pyarrow does not depend on it since version 16).
 """
 
 from __future__ import annotations
