@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable, Iterator, Mapping
+import contextlib
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import httpx
 
@@ -353,12 +354,14 @@ async def _get(
     async with http.stream("GET", url, headers=headers) as response:
         if response.status_code not in (200, 206):
             return b"", True
-        async for chunk in response.aiter_bytes():
-            chunks.append(chunk)
-            got += len(chunk)
-            if got >= limit:
-                stopped = True
-                break
+        body = cast(AsyncGenerator[bytes, None], response.aiter_bytes())
+        async with contextlib.aclosing(body) as stream:  # closed even when we stop early
+            async for chunk in stream:
+                chunks.append(chunk)
+                got += len(chunk)
+                if got >= limit:
+                    stopped = True
+                    break
         total = _total_size(response)
     data = b"".join(chunks)[:limit]
     if response.status_code == 200:
