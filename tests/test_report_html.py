@@ -227,3 +227,10 @@ def test_output_in_object_storage_says_where(tmp_path: Path) -> None:
     ]
     page = page_of(write_run(tmp_path / "run", events), tmp_path / "r.html")
     assert cards_by_row(page)["z-01"]["imgs"][0]["n"] == "stored at s3://bucket/night/z.png"
+
+
+def test_empty_run_renders_a_page(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path / "run", [], meta=False)
+    page = page_of(run_dir, tmp_path / "r.html")
+    assert "No failures." in page and "No completed job" in page
+    assert gallery_data(page)["cards"] == [] and "<svg" in page
