@@ -60,6 +60,7 @@ from runner.errors import (
 )
 from runner.inputs import InputChecker, InputProber, InputSizer
 from runner.jobs import ExpandOptions, Job, iter_jobs
+from runner.jwks import JwksCache
 from runner.ledger.fold import LedgerState
 from runner.ledger.resume import Action, ResumePolicy, decide
 from runner.ledger.schema import JobState, LedgerEvent
@@ -70,6 +71,7 @@ from runner.progress import Progress, Tally
 from runner.ratelimit import AdaptiveRate
 from runner.retry import RetryPolicy
 from runner.uploads import InputResolver, StorageClient, UploadCache, Uploader, UploadSettings
+from runner.webhook import WebhookReceiver, webhook_server
 from runner.worker import Shared, Ticket, run_job, utcnow
 
 BATCH = 256
@@ -421,20 +423,23 @@ async def _drive(run: Run) -> None:
             on_change=run.progress.refresh, say=run.progress.say, resolve=resolver.resolve,
             downloads=run.downloads.put if run.downloads else None,
         )  # fmt: skip
-        async with anyio.create_task_group() as tg:
-            if hooks.handle_signals:
-                tg.start_soon(run.watch_signals, tg.cancel_scope)
-            tg.start_soon(run.count)
-            tg.start_soon(run.tick)
-            if isinstance(strategy, WebhookWaiter):
-                url = await _start_webhooks(stack, tg, run, strategy, http)
-                shared.webhook_url = config.webhook_url or url
-            async with AsyncExitStack() as stage:
-                if run.downloads is not None:
-                    await stage.enter_async_context(run.downloads.running())
-                async with anyio.create_task_group() as workers:
-                    await run.admit(workers, shared)
-            tg.cancel_scope.cancel()
+        async with _webhooks(run, strategy, http) as receiver:
+            if receiver is not None:
+                shared.webhook_url = config.webhook_url or receiver.local_url
+            async with anyio.create_task_group() as tg:
+                if hooks.handle_signals:
+                    tg.start_soon(run.watch_signals, tg.cancel_scope)
+                tg.start_soon(run.count)
+                tg.start_soon(run.tick)
+                if receiver is not None:
+                    assert isinstance(strategy, WebhookWaiter)
+                    tg.start_soon(_pump, receiver, strategy)
+                async with AsyncExitStack() as stage:
+                    if run.downloads is not None:
+                        await stage.enter_async_context(run.downloads.running())
+                    async with anyio.create_task_group() as workers:
+                        await run.admit(workers, shared)
+                tg.cancel_scope.cancel()
 
 
 def _resolver(run: Run, http: httpx.AsyncClient) -> InputResolver:
@@ -452,30 +457,25 @@ def _resolver(run: Run, http: httpx.AsyncClient) -> InputResolver:
     return InputResolver(run.checker, run.uploader)
 
 
-async def _start_webhooks(
-    stack: AsyncExitStack,
-    tg: anyio.abc.TaskGroup,
-    run: Run,
-    waiter: WebhookWaiter,
-    http: httpx.AsyncClient,
-) -> str:
-    from runner.jwks import JwksCache
-    from runner.webhook import webhook_server
-
+@asynccontextmanager
+async def _webhooks(
+    run: Run, strategy: Strategy, http: httpx.AsyncClient
+) -> AsyncIterator[WebhookReceiver | None]:
+    """The webhook receiver in webhook mode (its own server task group), else None."""
+    if not isinstance(strategy, WebhookWaiter):
+        yield None
+        return
     host, _, port = run.config.webhook_listen.rpartition(":")
     keys = JwksCache(http, run.config.webhook_jwks_url)
-    receiver = await stack.enter_async_context(
-        webhook_server(host or "127.0.0.1", int(port or 0), keys=keys)
-    )
-    run.progress.say(f"webhook receiver listening on {receiver.local_url}")
+    async with webhook_server(host or "127.0.0.1", int(port or 0), keys=keys) as receiver:
+        run.progress.say(f"webhook receiver listening on {receiver.local_url}")
+        yield receiver
 
-    async def pump() -> None:
-        async with receiver.events:
-            async for event in receiver.events:
-                waiter.deliver(event.request_id, ok=event.status == "OK", payload=event.payload)
 
-    tg.start_soon(pump)
-    return receiver.local_url
+async def _pump(receiver: WebhookReceiver, waiter: WebhookWaiter) -> None:
+    async with receiver.events:
+        async for event in receiver.events:
+            waiter.deliver(event.request_id, ok=event.status == "OK", payload=event.payload)
 
 
 def print_summary(report: RunReport, out: TextIO = sys.stderr) -> None:
