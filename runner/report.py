@@ -2,9 +2,9 @@
 
 :func:`build_report` is pure: it takes the folded ledger (one latest row per job,
 as :func:`runner.ledger.fold` returns it) and the run's ``run.json`` and returns a
-frozen :class:`Report`. :func:`load_jobs` does the reading; :func:`render_text` and
-:func:`report_json` render. The HTML page lives in :mod:`runner.report_html` and the
-gallery's rows come from :func:`gallery`.
+frozen :class:`Report`. :func:`load_jobs` does the reading. Rendering is separate:
+:mod:`runner.report_text` (text and JSON), :mod:`runner.report_html` (the page, whose
+gallery rows and thumbnails come from :mod:`runner.gallery`).
 
 Definitions:
 
