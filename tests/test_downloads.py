@@ -313,3 +313,27 @@ async def test_a_run_downloads_every_output_and_a_rerun_only_what_is_missing(
         assert out["sha256"] == hashlib.sha256(data).hexdigest()
         assert record["billed_usd"] is not None  # carried into the download event
         assert json.loads(record["request"])["image_size"] == "square"
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], {"out_dir": None, "download": True, "download_concurrency": 8}),
+        (["--out", "s3://bucket/prefix", "--download-concurrency", "3"],
+         {"out_dir": "s3://bucket/prefix", "download": True, "download_concurrency": 3}),
+        (["--no-download"], {"download": False}),
+        (["--inline-inputs", "--inline-max-bytes", "1000", "--probe-inputs"],
+         {"inline_inputs": True, "inline_max_bytes": 1000, "probe_inputs": True}),
+    ],
+)  # fmt: skip
+def test_run_flags_reach_the_config(
+    tmp_path: Path, flags: list[str], expected: dict[str, Any]
+) -> None:
+    from runner.cli import build_parser
+    from runner.cli import run_config as cli_config
+
+    args = build_parser().parse_args(["run", str(tmp_path / "m.csv"), *flags])
+    config = cli_config(args, {})
+    assert {k: getattr(config, k) for k in expected} == expected
+    default = str(config.run_dir / "outputs")
+    assert config.output_target == (expected.get("out_dir") or default)
