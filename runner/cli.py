@@ -353,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", type=Path, metavar="FILE", help="also write a self-contained page")
     p.add_argument("--gallery-limit", type=int, default=500, metavar="N",
                    help="at most N jobs in the page's gallery (default 500)")  # fmt: skip
+    p.add_argument("--gallery-state", action="append", default=[], metavar="STATE",
+                   help="only jobs in this state in the gallery (repeatable)")  # fmt: skip
     p.add_argument("--link-images", action="store_true",
                    help="link downloaded images by relative path, no thumbnails")  # fmt: skip
     p.set_defaults(func=cmd_report)
@@ -363,18 +365,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from runner.gallery import gallery
-    from runner.ledger import read_run_meta
+    from runner.ledger import JobState, read_run_meta
     from runner.report import build_report, load_jobs
     from runner.report_html import write_html
     from runner.report_text import render_text, report_json
 
     if args.gallery_limit < 0:
         raise UsageError(f"--gallery-limit must be 0 or more, not {args.gallery_limit}")
+    known = [s.value for s in JobState]
+    if bad := [s for s in args.gallery_state if s not in known]:
+        raise UsageError(f"--gallery-state {bad[0]}: not one of {', '.join(known)}")
     jobs = load_jobs(args.run_dir)
     report = build_report(jobs, read_run_meta(args.run_dir), run_dir=args.run_dir)
     print(json.dumps(report_json(report), indent=2) if args.json else render_text(report))
     if args.html:
-        cards = gallery(jobs, limit=args.gallery_limit)
+        cards = gallery(jobs, limit=args.gallery_limit, states=args.gallery_state)
         made = datetime.now(UTC)
         page = write_html(args.html, report, cards, run_dir=args.run_dir,
                           link_images=args.link_images, generated_at=made)  # fmt: skip

@@ -15,13 +15,14 @@ import io
 import json
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from runner.ledger import JobState, OutputImage
@@ -54,23 +55,28 @@ class GalleryItem:
 @dataclass(frozen=True, slots=True)
 class Gallery:
     items: tuple[GalleryItem, ...]
-    total: int  # jobs in the ledger
+    total: int  # jobs that qualified (in ``states``, or all jobs in the ledger)
+    states: tuple[JobState, ...] = ()  # the states asked for; () means every state
 
     @property
     def omitted(self) -> int:
         return self.total - len(self.items)
 
 
-def gallery(jobs: pa.Table, *, limit: int | None = 500) -> Gallery:
-    """The first ``limit`` jobs in manifest order (source, line, variant) as gallery items."""
+def gallery(
+    jobs: pa.Table, *, limit: int | None = 500, states: Collection[JobState] = ()
+) -> Gallery:
+    """The first ``limit`` jobs (of those in ``states``, if given) in manifest order."""
     if limit is not None and limit < 0:
         raise ValueError(f"gallery limit must be >= 0, not {limit}")
-    ordered = jobs.sort_by(
-        [("source", "ascending"), ("line", "ascending"), ("variant", "ascending")]
-    )
+    wanted = tuple(JobState(s) for s in states)
+    if wanted:
+        jobs = jobs.filter(pc.is_in(jobs["state"], pa.array([s.value for s in wanted])))
+    keys = [("source", "ascending"), ("line", "ascending"), ("variant", "ascending")]
+    ordered = jobs.sort_by(keys)
     if limit is not None:
         ordered = ordered.slice(0, limit)
-    return Gallery(tuple(_items(ordered)), jobs.num_rows)
+    return Gallery(tuple(_items(ordered)), jobs.num_rows, wanted)
 
 
 def _items(table: pa.Table) -> Iterator[GalleryItem]:

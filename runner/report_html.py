@@ -286,11 +286,13 @@ def _resume(report: Report) -> str:
 
 
 def _gallery_shell(cards: Gallery) -> str:
-    left_out = ""
+    which = " or ".join(s.value for s in cards.states)
+    left_out = f'<p class="note">Only {_e(which)} jobs are in the gallery.</p>' if which else ""
     if cards.omitted:
-        left_out = (
-            f'<p class="warn" id="gallery-omitted">{len(cards.items)} of {cards.total} jobs '
-            f"are in the gallery; {cards.omitted} were left out (raise --gallery-limit).</p>"
+        left_out += (
+            f'<p class="warn" id="gallery-omitted">{len(cards.items)} of {cards.total} '
+            f"{_e(which + ' ' if which else '')}jobs are in the gallery; {cards.omitted} were "
+            "left out (raise --gallery-limit).</p>"
         )
     return (
         left_out + '<div class="controls">'

@@ -274,10 +274,21 @@ def test_cli_report_html_writes_the_page(
     assert "7 were left out" in page.read_text(encoding="utf-8")
 
 
+def test_cli_report_html_gallery_of_one_state(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    page = tmp_path / "failed.html"
+    argv = ["report", str(run_dir), "--html", str(page), "--gallery-state", "failed"]
+    assert main(argv) == 0
+    assert "3 jobs in the gallery (0 left out), 0 thumbnails made" in capsys.readouterr().err
+    assert "Only failed jobs are in the gallery." in page.read_text(encoding="utf-8")
+
+
 @pytest.mark.parametrize(
     ("argv", "code", "message"),
     [
         (["--gallery-limit", "-1"], 2, "--gallery-limit must be 0 or more"),
+        (["--gallery-state", "done"], 2, "--gallery-state done: not one of submitting, unknown"),
         ([], 4, "not a run directory"),
     ],
 )

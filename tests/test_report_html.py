@@ -234,3 +234,13 @@ def test_empty_run_renders_a_page(tmp_path: Path) -> None:
     page = page_of(run_dir, tmp_path / "r.html")
     assert "No failures." in page and "No completed job" in page
     assert gallery_data(page)["cards"] == [] and "<svg" in page
+
+
+def test_gallery_can_hold_only_some_states(run_dir: Path, tmp_path: Path) -> None:
+    jobs = load_jobs(run_dir)
+    failed = gallery(jobs, limit=1, states=[JobState.FAILED, JobState.INVALID])
+    assert [i.row_id for i in failed.items] == ["chair-01"]
+    assert (failed.total, failed.omitted) == (4, 3)
+    page, _ = render_html(build_report(jobs, None), failed, thumbs=None, page_dir=tmp_path)
+    assert "Only failed or invalid jobs are in the gallery." in page
+    assert "1 of 4 failed or invalid jobs are in the gallery; 3 were left out" in page
