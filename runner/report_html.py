@@ -25,7 +25,7 @@ from runner.gallery import Gallery, GalleryItem, Thumbnails
 from runner.ledger import JobState, OutputImage
 from runner.report import Percentiles, Report
 from runner.report_assets import CSS, JS, PAGE
-from runner.report_text import NEW_JOBS_NOTE, seconds, usd
+from runner.report_text import NEW_JOBS_NOTE, count, seconds, usd
 
 PAGE_SIZE = 48
 _PARAM_CHARS = 120
@@ -151,8 +151,8 @@ def _summary(report: Report) -> str:
     notes = "".join(f'<p class="note">{_e(n)}</p>' for n in report.notes)
     if report.possible_duplicates:
         notes += (
-            f'<p class="warn">{report.possible_duplicates} jobs have an unknown submit outcome '
-            "(a resume may pay for them twice)</p>"
+            f'<p class="warn">{count(report.possible_duplicates, "job")} with an unknown '
+            "submit outcome (a resume may pay for them twice)</p>"
         )
     tiles_html = f'<div class="tiles">{cells}</div>'
     return f'<section id="summary">{tiles_html}<p>{_e(states)}</p>{notes}</section>'
@@ -251,8 +251,8 @@ def _timing(report: Report) -> str:
 def _failures(report: Report) -> str:
     if not report.failed_jobs:
         return "<p>No failures.</p>"
-    groups = "1 group" if report.failure_groups == 1 else f"{report.failure_groups} groups"
-    intro = f"<p>{report.failed_jobs} jobs failed, in {groups}"
+    groups = count(report.failure_groups, "group")
+    intro = f"<p>{count(report.failed_jobs, 'job')} failed, in {groups}"
     if len(report.failures) < report.failure_groups:
         intro += f" (the top {len(report.failures)} shown)"
     rows = []

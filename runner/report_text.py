@@ -58,6 +58,11 @@ def usd(value: Decimal) -> str:
     return f"${whole}.{cents.ljust(2, '0')}"
 
 
+def count(n: int, noun: str) -> str:
+    """``1 job``, ``2 jobs``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def seconds(value: float | None) -> str:
     if value is None:
         return "-"
@@ -94,7 +99,7 @@ def render_text(report: Report) -> str:
         lines[0] += f" from {report.manifest}"
     lines.append("  " + ", ".join(f"{s.value} {n}" for s, n in report.by_state.items()))
     if report.possible_duplicates:
-        lines.append(f"  {report.possible_duplicates} jobs have an unknown submit outcome")
+        lines.append(f"  {count(report.possible_duplicates, 'job')} with an unknown submit outcome")
     lines += ["", "cost by endpoint (estimate of billed jobs vs output-based cost):"]
     rows = [("endpoint", "jobs", "done", "images", "estimated", "est. billed", "billed")]
     for ep in report.endpoints:
@@ -135,8 +140,8 @@ def _failure_lines(report: Report) -> list[str]:
     if not report.failed_jobs:
         return ["failures: none"]
     shown = len(report.failures)
-    groups = "1 group" if report.failure_groups == 1 else f"{report.failure_groups} groups"
-    lines = [f"failures: {report.failed_jobs} jobs in {groups}"]
+    groups = count(report.failure_groups, "group")
+    lines = [f"failures: {count(report.failed_jobs, 'job')} in {groups}"]
     if shown < report.failure_groups:
         lines[0] += f" (top {shown})"
     for g in report.failures:
