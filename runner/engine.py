@@ -410,11 +410,7 @@ async def _drive(run: Run) -> None:
         if config.probe_inputs:
             run.prober = InputProber(http, run.sizer)
         if config.download:
-            run.downloads = DownloadStage(
-                Downloader(http, OutputSink(config.output_target, config.run_dir),
-                           policy=hooks.download_policy, clock=hooks.clock, sleep=hooks.sleep),
-                run.ledger, concurrency=config.download_concurrency, say=run.progress.say,
-            )  # fmt: skip
+            run.downloads = _download_stage(run, http)
         shared = Shared(
             config=config, client=client, ledger=run.ledger, strategy=strategy, pacing=pacing,
             prices=run.prices, rate=rate, tally=run.tally, budget=run.budget,
@@ -440,6 +436,15 @@ async def _drive(run: Run) -> None:
                     async with anyio.create_task_group() as workers:
                         await run.admit(workers, shared)
                 tg.cancel_scope.cancel()
+
+
+def _download_stage(run: Run, http: httpx.AsyncClient) -> DownloadStage:
+    config, hooks = run.config, run.hooks
+    return DownloadStage(
+        Downloader(http, OutputSink(config.output_target, config.run_dir),
+                   policy=hooks.download_policy, clock=hooks.clock, sleep=hooks.sleep),
+        run.ledger, concurrency=config.download_concurrency, say=run.progress.say,
+    )  # fmt: skip
 
 
 def _resolver(run: Run, http: httpx.AsyncClient) -> InputResolver:
