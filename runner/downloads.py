@@ -202,9 +202,10 @@ class Downloader:
         got = 0
         try:
             async with self.http.stream("GET", url, timeout=self.timeout_s) as response:
-                if response.status_code != 200:
-                    raise HTTPStatusError(f"GET {_short(url)}: HTTP {response.status_code}",
-                                          status_code=response.status_code)  # fmt: skip
+                code = response.status_code
+                if code != 200:
+                    gone = " (gone: fal keeps outputs a while only)" if code in (404, 410) else ""
+                    raise HTTPStatusError(f"GET {_short(url)}: HTTP {code}{gone}", status_code=code)
                 declared = response.headers.get("content-length", "")
                 async with await anyio.open_file(temp, "wb") as out:
                     async for chunk in response.aiter_bytes(1 << 16):

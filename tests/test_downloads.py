@@ -196,7 +196,7 @@ async def test_an_expired_output_is_not_retried(tmp_path: Path) -> None:
         calls.append(request)
         return httpx.Response(404)
 
-    with pytest.raises(HTTPStatusError):
+    with pytest.raises(HTTPStatusError, match=r"HTTP 404 \(gone"):
         await downloader(gone, tmp_path / "out").download(item(image()), 0, image())
     assert len(calls) == 1
 
@@ -270,6 +270,9 @@ async def test_a_failed_download_is_completed_not_downloaded_and_a_rerun_fetches
             await stage.put(pending["k1"])
     assert stage.downloader.files == 1  # only the missing one
     assert pending_downloads(LedgerState.load(run_dir).jobs) == {}
+    healed = LedgerState.load(run_dir).get("k1")
+    assert healed is not None and healed.outputs is not None
+    assert all(o.local_path and o.sha256 for o in healed.outputs)
 
 
 def test_pending_downloads_finds_only_completed_jobs_missing_a_file(tmp_path: Path) -> None:
