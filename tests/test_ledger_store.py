@@ -360,3 +360,40 @@ def test_folding_in_groups_equals_folding_at_once(
     grouped, count = fold_tables(tables)
     assert count == len(rows)
     assert grouped.equals(fold(events))
+
+
+def reference_fold(rows: list[dict[str, object]]) -> dict[str, dict[str, object]]:
+    """The folding rule written the slow, obvious way: one dict per job."""
+    from runner.ledger.schema import ATTEMPT_FIELDS
+
+    jobs: dict[str, dict[str, object]] = {}
+    for row in sorted(rows, key=lambda r: r["seq"]):  # type: ignore[arg-type, return-value]
+        job = jobs.setdefault(str(row["job_key"]), {})
+        if row["state"] == "submitting":
+            for name in ATTEMPT_FIELDS:
+                job.pop(name, None)
+        job.update({k: v for k, v in row.items() if v is not None})
+    return jobs
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_vectorised_fold_matches_the_obvious_fold(seed: int) -> None:
+    rng = random.Random(seed)
+    states = ["submitting", "unknown", "queued", "in_progress", "completed", "failed"]
+    rows = []
+    for seq in rng.sample(range(1, 5000), 600):  # out of seq order on purpose
+        fields = {
+            name: f"{name}{seq}"
+            for name in ("request_id", "row_id", "error_type", "endpoint", "error_message")
+            if rng.random() < 0.3
+        }
+        if rng.random() < 0.3:
+            fields["attempt"] = rng.randrange(1, 4)  # type: ignore[assignment]
+        event = LedgerEvent(f"k{rng.randrange(40)}", rng.choice(states), at(seq), **fields)  # type: ignore[arg-type]
+        rows.append(encode_event(event, seq))
+    folded = {r["job_key"]: r for r in fold(rows_to_table(rows)).to_pylist()}
+    expected = reference_fold(rows)
+    assert folded.keys() == expected.keys()
+    for key, want in expected.items():
+        got = {k: v for k, v in folded[key].items() if v is not None and k != "at"}
+        assert got == {k: v for k, v in want.items() if k != "at"}, key
