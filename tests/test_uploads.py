@@ -18,6 +18,7 @@ from PIL import Image
 from pydantic import SecretStr
 
 from runner.emulator import DEFAULT_KEY, Emulator
+from runner.engine import Hooks, execute
 from runner.errors import AuthError
 from runner.inputs import InputChecker, InputRef, LocalFile, inspect_file
 from runner.ledger.fold import LedgerState
@@ -297,3 +298,23 @@ async def test_checker_and_uploader_counts_for_a_shared_file(tmp_path: Path) -> 
     assert not checker.is_cached(ref)
     checker.inspect(ref)
     assert checker.is_cached(ref) and checker.reads == 1
+
+
+async def test_a_run_uploads_a_big_local_lora_multipart_once(emu: Emulator, tmp_path: Path) -> None:
+    (tmp_path / "style.safetensors").write_bytes(bytes(range(256)) * 40)
+    lines = ["id,endpoint,prompt,image_size,loras,seed"]
+    lines += [f"r{i},fal-ai/flux-lora,p{i},square,style.safetensors:0.8,{i}" for i in range(6)]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    hooks = Hooks(
+        transport=httpx.ASGITransport(app=emu.app), stream=io.StringIO(), handle_signals=False,
+        upload_settings=UploadSettings(multipart_threshold=4096, part_size=3000),
+    )  # fmt: skip
+    report = await execute(config(tmp_path / "m.csv", tmp_path / "run"), hooks=hooks)
+    assert report.exit_code == 0 and report.tally.completed == 6
+    stats = emu.snapshot()["storage"]
+    assert stats["uploads_multipart"] == 1 and stats["multipart_parts"] == 4
+    assert stats["uploads_simple"] == 0
+    (entry,) = [
+        json.loads(x) for x in (tmp_path / "run" / "uploads.jsonl").read_text().splitlines()
+    ]
+    assert entry["via"] == "multipart" and entry["size_bytes"] == 10_240
