@@ -19,7 +19,7 @@ from pydantic import SecretStr
 
 from runner.emulator import DEFAULT_KEY, Emulator
 from runner.engine import Hooks, execute
-from runner.errors import AuthError
+from runner.errors import AuthError, HTTPStatusError
 from runner.inputs import InputChecker, InputRef, LocalFile, inspect_file
 from runner.ledger.fold import LedgerState
 from runner.uploads import (
@@ -318,3 +318,19 @@ async def test_a_run_uploads_a_big_local_lora_multipart_once(emu: Emulator, tmp_
         json.loads(x) for x in (tmp_path / "run" / "uploads.jsonl").read_text().splitlines()
     ]
     assert entry["via"] == "multipart" and entry["size_bytes"] == 10_240
+
+
+async def test_a_server_echoing_the_key_does_not_put_it_in_an_error(tmp_path: Path) -> None:
+    secret = "key-id:very-secret-part"
+
+    def echo(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, text=f"bad request from {request.headers['authorization']}")
+
+    path = tmp_path / "a.png"
+    path.write_bytes(png())
+    http, client = storage(httpx.MockTransport(echo), key=secret)
+    async with http:
+        with pytest.raises(HTTPStatusError) as caught:
+            await client.upload(path, size=path.stat().st_size, content_type="image/png")
+    assert "very-secret-part" not in str(caught.value) + caught.value.body
+    assert "[redacted]" in caught.value.body
