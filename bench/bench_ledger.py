@@ -20,6 +20,7 @@ from pathlib import Path
 import anyio
 
 from runner.ledger import (
+    JobState,
     Ledger,
     LedgerEvent,
     LedgerState,
@@ -57,15 +58,15 @@ def job_events(i: int, now: datetime) -> tuple[LedgerEvent, LedgerEvent, LedgerE
     endpoint = ENDPOINTS[i % len(ENDPOINTS)]
     request = f'{{"prompt":"a photo of item {i}","seed":{i},"image_size":"square_hd"}}'
     submitting = LedgerEvent(
-        key, "submitting", now, row_id=f"row-{i}", line=i + 2, source="bench.csv",
+        key, JobState.SUBMITTING, now, row_id=f"row-{i}", line=i + 2, source="bench.csv",
         variant=0, endpoint=endpoint, request=request, metadata={"batch": str(i // 1000)},
         estimated_usd=PRICE, attempt=1,
     )  # fmt: skip
-    queued = LedgerEvent(key, "queued", now, request_id=f"req-{i:012d}", submitted_at=now)
+    queued = LedgerEvent(key, JobState.QUEUED, now, request_id=f"req-{i:012d}", submitted_at=now)
     later = now + timedelta(seconds=3)
     output = OutputImage(f"https://cdn.example/{key}.png", 1024, 1024, "image/png")
     completed = LedgerEvent(
-        key, "completed", later, started_at=now, completed_at=later, queue_s=0.5,
+        key, JobState.COMPLETED, later, started_at=now, completed_at=later, queue_s=0.5,
         inference_s=2.5, outputs=(output,), seed=i, nsfw=(False,), megapixels=1,
         billed_usd=PRICE,
     )  # fmt: skip

@@ -27,7 +27,7 @@ from typing import Any
 import anyio
 import pyarrow.parquet as pq
 
-from runner.ledger import Ledger, LedgerEvent
+from runner.ledger import JobState, Ledger, LedgerEvent
 from runner.ledger.journal import SegmentWriter
 
 TASKS = 4
@@ -102,9 +102,11 @@ async def worker(ledger: Ledger, prefix: str, task: int) -> None:
         request_id = f"req-{key}"
         now = datetime.now(UTC)
         steps = [
-            LedgerEvent(key, "submitting", now, row_id=key, endpoint="fal-ai/flux/dev", attempt=1),
-            LedgerEvent(key, "queued", now, request_id=request_id),
-            LedgerEvent(key, "completed", now, completed_at=now),
+            LedgerEvent(
+                key, JobState.SUBMITTING, now, row_id=key, endpoint="fal-ai/flux/dev", attempt=1
+            ),
+            LedgerEvent(key, JobState.QUEUED, now, request_id=request_id),
+            LedgerEvent(key, JobState.COMPLETED, now, completed_at=now),
         ]
         for event in steps:
             seq = ledger.append(event)

@@ -9,7 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from runner.ledger import Ledger, LedgerEvent, read_events
+from runner.ledger import JobState, Ledger, LedgerEvent, read_events
 from runner.ledger.journal import SegmentWriter, decode_segment, encode_line, list_segments
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
@@ -73,7 +73,7 @@ def test_segments_list_in_seq_order(tmp_path: Path) -> None:
 def test_torn_journal_tail_is_ignored_by_readers_and_recovery(tmp_path: Path) -> None:
     with Ledger.open(tmp_path, checkpoint_events=1000) as ledger:
         for i in range(3):
-            ledger.append(LedgerEvent(f"k{i}", "submitting", NOW))
+            ledger.append(LedgerEvent(f"k{i}", JobState.SUBMITTING, NOW))
         ledger.commit_sync()
         segment = list_segments(tmp_path / "journal")[0]
         with open(segment, "ab") as handle:
@@ -104,7 +104,7 @@ async def test_concurrent_commits_share_fsyncs(
 
     async def worker(ledger: Ledger, task: int) -> None:
         for step in range(5):
-            seq = ledger.append(LedgerEvent(f"t{task}-{step}", "submitting", NOW))
+            seq = ledger.append(LedgerEvent(f"t{task}-{step}", JobState.SUBMITTING, NOW))
             await ledger.commit()
             assert ledger.committed_seq >= seq
             committed.append(seq)
@@ -123,7 +123,7 @@ async def test_commit_with_nothing_pending_does_not_sync(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with Ledger.open(tmp_path) as ledger:
-        ledger.append(LedgerEvent("a", "submitting", NOW))
+        ledger.append(LedgerEvent("a", JobState.SUBMITTING, NOW))
         await ledger.commit()
         monkeypatch.setattr(SegmentWriter, "sync", lambda self: pytest.fail("synced again"))
         await ledger.commit()
@@ -136,14 +136,14 @@ def test_append_after_close_is_refused(tmp_path: Path) -> None:
     ledger = Ledger.open(tmp_path)
     ledger.close()
     with pytest.raises(LedgerError, match="closed"):
-        ledger.append(LedgerEvent("a", "submitting", NOW))
+        ledger.append(LedgerEvent("a", JobState.SUBMITTING, NOW))
 
 
 def test_one_ledger_serves_successive_event_loops(tmp_path: Path) -> None:
     async def commit_some(ledger: Ledger, tag: str) -> None:
         async with anyio.create_task_group() as tg:
             for i in range(10):
-                ledger.append(LedgerEvent(f"{tag}{i}", "submitting", NOW))
+                ledger.append(LedgerEvent(f"{tag}{i}", JobState.SUBMITTING, NOW))
                 tg.start_soon(ledger.commit)
 
     with Ledger.open(tmp_path) as ledger:
@@ -158,19 +158,19 @@ def test_a_failed_fsync_stops_the_ledger_and_keeps_committed_events(
     from runner.errors import LedgerError
 
     ledger = Ledger.open(tmp_path)
-    ledger.append(LedgerEvent("a", "submitting", NOW))
+    ledger.append(LedgerEvent("a", JobState.SUBMITTING, NOW))
     ledger.commit_sync()
 
     def failing_sync(self: SegmentWriter) -> None:
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(SegmentWriter, "sync", failing_sync)
-    ledger.append(LedgerEvent("b", "submitting", NOW))
+    ledger.append(LedgerEvent("b", JobState.SUBMITTING, NOW))
     with pytest.raises(LedgerError, match="Input/output error"):
         ledger.commit_sync()
     monkeypatch.undo()
     with pytest.raises(LedgerError, match="could not be written earlier"):
-        ledger.append(LedgerEvent("c", "submitting", NOW))
+        ledger.append(LedgerEvent("c", JobState.SUBMITTING, NOW))
     with pytest.raises(LedgerError):
         ledger.close()
     with Ledger.open(tmp_path) as reopened:  # the lock was released; "a" survived

@@ -98,12 +98,12 @@ class FakeJob:
 
 def build_ledger(run_dir: Path) -> LedgerState:
     events = [
-        LedgerEvent("done", "completed", T0, attempt=1, request_id="r-done"),
-        LedgerEvent("flying", "submitting", T0, attempt=1),
-        LedgerEvent("flying", "queued", T0, request_id="r-fly"),
-        LedgerEvent("lost", "submitting", T0, attempt=1),
-        LedgerEvent("broke", "failed", T0, attempt=1, retryable=True),
-        LedgerEvent("gone", "completed", T0, attempt=1),
+        LedgerEvent("done", JobState.COMPLETED, T0, attempt=1, request_id="r-done"),
+        LedgerEvent("flying", JobState.SUBMITTING, T0, attempt=1),
+        LedgerEvent("flying", JobState.QUEUED, T0, request_id="r-fly"),
+        LedgerEvent("lost", JobState.SUBMITTING, T0, attempt=1),
+        LedgerEvent("broke", JobState.FAILED, T0, attempt=1, retryable=True),
+        LedgerEvent("gone", JobState.COMPLETED, T0, attempt=1),
     ]
     with Ledger.open(run_dir) as ledger:
         for event in events:

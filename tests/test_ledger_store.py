@@ -53,14 +53,14 @@ def at(seconds: float) -> datetime:
 def job_events(key: str, endpoint: str = "fal-ai/flux/dev") -> list[LedgerEvent]:
     return [
         LedgerEvent(
-            key, "submitting", at(0), row_id=f"row-{key}", line=2, source="m.csv", variant=0,
+            key, JobState.SUBMITTING, at(0), row_id=f"row-{key}", line=2, source="m.csv", variant=0,
             endpoint=endpoint, request='{"prompt":"cat"}', metadata={"shot": "1"},
             estimated_usd=Decimal("0.025"), attempt=1,
         ),
-        LedgerEvent(key, "queued", at(1), request_id=f"req-{key}", submitted_at=at(1)),
-        LedgerEvent(key, "in_progress", at(2), started_at=at(2), queue_s=1.0),
+        LedgerEvent(key, JobState.QUEUED, at(1), request_id=f"req-{key}", submitted_at=at(1)),
+        LedgerEvent(key, JobState.IN_PROGRESS, at(2), started_at=at(2), queue_s=1.0),
         LedgerEvent(
-            key, "completed", at(5), completed_at=at(5), inference_s=3.0, outputs=(IMAGE,),
+            key, JobState.COMPLETED, at(5), completed_at=at(5), inference_s=3.0, outputs=(IMAGE,),
             seed=42, nsfw=(False,), megapixels=1, billed_usd=Decimal("0.025"),
         ),
     ]  # fmt: skip
@@ -91,9 +91,9 @@ def test_new_attempt_clears_the_previous_attempts_fields(tmp_path: Path) -> None
     key = "b"
     events = [
         *job_events(key)[:2],
-        LedgerEvent(key, "failed", at(3), error_type="HTTPStatusError", error_message="500",
+        LedgerEvent(key, JobState.FAILED, at(3), error_type="HTTPStatusError", error_message="500",
                     retryable=True, billed_usd=Decimal(0)),
-        LedgerEvent(key, "submitting", at(4), attempt=2),
+        LedgerEvent(key, JobState.SUBMITTING, at(4), attempt=2),
     ]  # fmt: skip
     write(tmp_path, events)
     record = LedgerState.load(tmp_path).get(key)
@@ -136,12 +136,12 @@ def test_event_refuses_values_the_schema_cannot_hold(
     field: str, value: object, message: str
 ) -> None:
     with pytest.raises(ValueError, match=message):
-        LedgerEvent("k", "queued", T0, **{field: value})  # type: ignore[arg-type]
+        LedgerEvent("k", JobState.QUEUED, T0, **{field: value})  # type: ignore[arg-type]
 
 
 def test_money_round_trips_exactly(tmp_path: Path) -> None:
     amount = Decimal("0.000123456789012345")
-    write(tmp_path, [LedgerEvent("m", "completed", T0, billed_usd=amount)])
+    write(tmp_path, [LedgerEvent("m", JobState.COMPLETED, T0, billed_usd=amount)])
     record = LedgerState.load(tmp_path).get("m")
     assert record is not None and record.billed_usd == amount
 
@@ -230,7 +230,7 @@ def test_recovery_after_crash_between_part_rename_and_journal_delete(tmp_path: P
     assert read_events(run).table.num_rows == 4  # the reader counts each event once
     with Ledger.open(run) as ledger:
         assert ledger.last_seq == 4
-        ledger.append(LedgerEvent("b", "submitting", T0))
+        ledger.append(LedgerEvent("b", JobState.SUBMITTING, T0))
     assert read_events(run).table["seq"].to_pylist() == [1, 2, 3, 4, 5]
 
 
@@ -257,14 +257,16 @@ def test_compaction_keeps_the_folded_state(tmp_path: Path) -> None:
     assert compact(tmp_path) >= 4
     assert len(list((tmp_path / "ledger").glob("*.parquet"))) == 1
     assert LedgerState.load(tmp_path).jobs.equals(before)
-    write(tmp_path, [LedgerEvent("a", "submitting", T0, attempt=2)])  # a new attempt after it
+    write(
+        tmp_path, [LedgerEvent("a", JobState.SUBMITTING, T0, attempt=2)]
+    )  # a new attempt after it
     record = LedgerState.load(tmp_path).get("a")
     assert record is not None and record.request_id is None and record.row_id == "row-a"
 
 
 def test_status_counts_by_state_and_endpoint_with_exact_spend(tmp_path: Path) -> None:
     events = job_events("a") + job_events("b") + job_events("c", "fal-ai/flux/schnell")[:1]
-    events.append(LedgerEvent("d", "invalid", T0, error_message="bad row"))
+    events.append(LedgerEvent("d", JobState.INVALID, T0, error_message="bad row"))
     write(tmp_path, events)
     write_run_meta(tmp_path, {"runner_version": "0.1.0", "manifest_sha256": "00"})
     summary = status_summary(tmp_path)
