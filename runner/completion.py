@@ -205,7 +205,7 @@ class _Slot:
 class WebhookWaiter:
     """Wait for each job's webhook; poll any job whose webhook is late."""
 
-    def __init__(self, poller: Poller, *, grace_s: float = 5.0, lateness: float = 2.0) -> None:
+    def __init__(self, poller: Poller, *, grace_s: float = 1.0, lateness: float = 2.0) -> None:
         self.poller = poller
         self.grace_s = grace_s
         self.lateness = lateness
@@ -230,12 +230,15 @@ class WebhookWaiter:
         slot = self._early.pop(rid, None) or _Slot()
         self._slots[rid] = slot
         try:
-            mean, dev = self.poller.pacing.model.service_s(watch.endpoint, watch.units)
-            ahead = watch.position or 0
-            expected = (ahead / max(self.poller.pacing.slots, 1) + 1) * mean + 3 * dev
-            deadline = min(expected * self.lateness + self.grace_s, 3600.0)
-            with anyio.move_on_after(deadline if math.isfinite(deadline) else 3600.0):
-                await slot.event.wait()
+            started = self.poller.reader.clock()
+            # The deadline follows the model as it learns, so re-check it at least every
+            # second instead of fixing it from the prior at submit time.
+            while not slot.event.is_set():
+                left = started + self._patience_s(watch) - self.poller.reader.clock()
+                if left <= 0:
+                    break
+                with anyio.move_on_after(min(left, 1.0)):
+                    await slot.event.wait()
             if not slot.event.is_set():
                 self.late_jobs += 1
                 try:
@@ -247,6 +250,14 @@ class WebhookWaiter:
             return self._from_webhook(slot)
         finally:
             self._slots.pop(rid, None)
+
+    def _patience_s(self, watch: Watch) -> float:
+        """How long to wait for a webhook before polling: twice the expected time, plus grace."""
+        mean, dev = self.poller.pacing.model.service_s(watch.endpoint, watch.units)
+        ahead = watch.position or 0
+        expected = (ahead / max(self.poller.pacing.slots, 1) + 1) * mean + 3 * dev
+        patience = expected * self.lateness + self.grace_s
+        return min(patience, 3600.0) if math.isfinite(patience) else 3600.0
 
     @staticmethod
     def _from_webhook(slot: _Slot) -> Finished:

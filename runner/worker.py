@@ -278,11 +278,19 @@ async def finish(t: Ticket, s: Shared, ref: RequestRef, attempt: int) -> tuple[E
             timed_out = scope.cancelled_caught
     except AuthError:
         raise
+    except HTTPStatusError as exc:
+        if exc.status_code != 404:
+            return _lost(t, s, ref, exc)
+        # fal no longer knows the request (expired or never queued): re-attaching would
+        # 404 forever, and resubmitting pays again, so it is a failure --retry-failed can redo.
+        message = f"request {ref.request_id} is unknown to the queue (404): {_detail(exc)}"
+        ended = await _failed(
+            t, s, attempt, error_type="request_not_found", message=message,
+            retryable=False, billed=Decimal(0),
+        )  # fmt: skip
+        return ended, False
     except FalError as exc:
-        # Lost contact with a request that fal may still run: keep it re-attachable.
-        s.tally.detached += 1
-        s.say(f"{t.job.row_id}: lost track of request {ref.request_id}: {_detail(exc)}")
-        return Ended(JobState.QUEUED), False
+        return _lost(t, s, ref, exc)
     finally:
         if running:
             s.tally.remote_running -= 1
@@ -292,6 +300,13 @@ async def finish(t: Ticket, s: Shared, ref: RequestRef, attempt: int) -> tuple[E
         return await _timed_out(t, s, ref, attempt), False
     _learn(t, s, watch, finished.status)
     return await _outcome(t, s, ref, attempt, watch, finished)
+
+
+def _lost(t: Ticket, s: Shared, ref: RequestRef, exc: FalError) -> tuple[Ended, bool]:
+    """Lost contact with a request fal may still run: keep it re-attachable next run."""
+    s.tally.detached += 1
+    s.say(f"{t.job.row_id}: lost track of request {ref.request_id}: {_detail(exc)}")
+    return Ended(JobState.QUEUED), False
 
 
 def _learn(t: Ticket, s: Shared, watch: Watch, status: Completed) -> None:
@@ -384,6 +399,8 @@ async def _completed(
     now_s = s.clock()
     queue_s = None if watch.started_s is None else watch.started_s - watch.submitted_s
     inference = status.inference_time_s or _timing(flux.timings)
+    if status.inference_time_s is None and inference is not None and inference > 0:
+        s.pacing.model.observe(t.job.endpoint, t.units, inference)  # e.g. from a webhook
     outputs = tuple(
         OutputImage(url=im.url, width=im.width, height=im.height, content_type=im.content_type)
         for im in flux.images

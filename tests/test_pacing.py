@@ -5,7 +5,7 @@ from runner.pacing import ServiceModel, first_poll_delay_s, next_poll_delay_s
 
 def test_model_learns_mean_per_unit_from_observations() -> None:
     m = ServiceModel(prior_per_unit_s=1.0)
-    assert m.service_s("e", 10) == (10.0, 5.0)
+    assert m.service_s("e", 10) == (10.0, 5.0)  # the prior, before any observation
     for s in (4.0, 6.0, 5.0, 5.0):
         m.observe("e", 10, s)
     mean, dev = m.service_s("e", 10)
