@@ -56,6 +56,7 @@ from runner.errors import (
     EXIT_OK,
     ManifestError,
     RowError,
+    RunnerError,
     UsageError,
 )
 from runner.inputs import InputChecker, InputProber, InputSizer
@@ -379,10 +380,27 @@ async def execute(config: RunConfig, *, hooks: Hooks | None = None) -> RunReport
         run = Run(config, hooks, ledger, state)
         try:
             await _drive(run)
+        except BaseExceptionGroup as group:
+            # A fatal error (a refused key) from one worker: raise it, not the group.
+            fatal = _first_fatal(group)
+            if fatal is None:
+                raise
+            raise fatal from None
         finally:
             run.progress.close()
             await ledger.commit()
         return run.report()
+
+
+def _first_fatal(group: BaseExceptionGroup[BaseException]) -> RunnerError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, RunnerError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_fatal(exc)
+            if found is not None:
+                return found
+    return None
 
 
 async def _drive(run: Run) -> None:

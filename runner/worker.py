@@ -281,11 +281,15 @@ async def finish(t: Ticket, s: Shared, ref: RequestRef, attempt: int) -> tuple[E
     except HTTPStatusError as exc:
         if exc.status_code != 404:
             return _lost(t, s, ref, exc)
-        # fal no longer knows the request (expired or never queued): re-attaching would
-        # 404 forever, and resubmitting pays again, so it is a failure --retry-failed can redo.
-        message = f"request {ref.request_id} is unknown to the queue (404): {_detail(exc)}"
+        # The queue acknowledged this id, so a 404 means it forgot it: the result expired.
+        # Re-attaching would 404 forever and resubmitting pays again, so it is a failure
+        # that only --retry-failed redoes.
+        message = (
+            f"request {ref.request_id} is gone from the queue (404; results are kept about "
+            f"an hour): {_detail(exc)}"
+        )
         ended = await _failed(
-            t, s, attempt, error_type="request_not_found", message=message,
+            t, s, attempt, error_type="result_expired", message=message,
             retryable=False, billed=Decimal(0),
         )  # fmt: skip
         return ended, False
