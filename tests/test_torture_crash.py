@@ -1,0 +1,174 @@
+"""SIGKILL the real runner process at random moments, many times, resuming until done.
+
+The emulator runs in its own process, so it outlives every kill and its accounting
+(``GET /_emulator/stats``) covers all runs. After every kill the ledger must read, and
+every submit the emulator accepted must be accounted for by the ledger; at the end
+every job has completed exactly once. RUNNER_LONG_TESTS=1 runs the long variant.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from runner.emulator import DEFAULT_KEY
+from runner.errors import EXIT_INTERRUPTED, EXIT_JOBS_FAILED, EXIT_OK
+from tests.scenario import manifest
+from tests.torture_support import (
+    LONG,
+    check_accounting,
+    check_readable,
+    check_terminal_once,
+    emulator_process,
+    manifest_jobs,
+    secret_leaks,
+    start_run,
+)
+
+FAST = ["--no-download", "--concurrency", "8", "--max-in-flight", "24", "--rate", "1000"]
+
+
+@dataclass(frozen=True)
+class Chain:
+    rows: int
+    kills: int
+    seed: int
+    faults: str = ""
+    poll_every: int = 0  # every Nth run polls instead of streaming (0: never)
+
+
+@dataclass
+class Outcome:
+    killed: int = 0
+    finished_early: int = 0
+    logs: list[str] = field(default_factory=list)
+
+
+def _flags(chain: Chain, run: int) -> list[str]:
+    poll = chain.poll_every and run % chain.poll_every == chain.poll_every - 1
+    return [*FAST, "--completion", "poll" if poll else "stream"]
+
+
+def _kill_chain(chain: Chain, tmp_path: Path) -> None:
+    rng = random.Random(chain.seed)
+    path = manifest(tmp_path, chain.rows)
+    jobs = manifest_jobs(path)
+    run_dir = tmp_path / "run"
+    outcome = Outcome()
+    with emulator_process(tmp_path, time_scale=0.25, faults=chain.faults) as emu:
+        for i in range(chain.kills):
+            proc = start_run(path, run_dir, emu.url, *_flags(chain, i))
+            time.sleep(rng.uniform(0.5, 2.0))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                outcome.killed += 1
+            else:
+                outcome.finished_early += 1
+            out, err = proc.communicate(timeout=60)
+            outcome.logs += [out, err]
+            check_readable(run_dir)
+            check_accounting(run_dir, emu.stats(), jobs)
+        codes = []
+        for _ in range(4):  # unknown outcomes (reset faults) take one more run each
+            proc = start_run(path, run_dir, emu.url, *FAST, "--completion", "stream")
+            out, err = proc.communicate(timeout=120)
+            outcome.logs += [out, err]
+            codes.append(proc.returncode)
+            assert proc.returncode in (EXIT_OK, EXIT_JOBS_FAILED), err[-2000:]
+            if proc.returncode == EXIT_OK:
+                break
+        assert codes[-1] == EXIT_OK, codes
+        stats = emu.stats()
+    check_terminal_once(run_dir, jobs, allowed=("completed",))
+    acc = check_accounting(run_dir, stats, jobs)
+    assert stats["submits"]["duplicates"] == acc.duplicates <= acc.unknown_attempts
+    print(f"kills={outcome.killed} unknown={acc.unknown_attempts} dup={acc.duplicates}")
+    assert stats["submits"]["distinct_inputs"] == chain.rows
+    assert outcome.killed >= chain.kills // 2, outcome
+    assert not secret_leaks(DEFAULT_KEY, *outcome.logs, root=run_dir)
+
+
+CHAINS = [
+    pytest.param(
+        Chain(rows=200, kills=6, seed=2, faults="reset_after_accept=0.04,seed=5", poll_every=3),
+        id="reset-after-accept",
+    ),
+]
+LONG_CHAINS = [
+    pytest.param(
+        Chain(
+            rows=400,
+            kills=24,
+            seed=11,
+            faults="reset_after_accept=0.03,timeout_after_accept="
+            "0.02,timeout_hang_s=4,submit_429=0.1,gateway_503=0.05,seed=9",
+            poll_every=4,
+        ),
+        id="long-faults",
+    ),  # fmt: skip
+    pytest.param(Chain(rows=300, kills=20, seed=12), id="long-clean"),
+    pytest.param(Chain(rows=200, kills=6, seed=1), id="clean"),
+]
+
+
+@pytest.mark.parametrize("chain", CHAINS)
+def test_sigkill_at_random_moments_then_resume_completes_every_job_once(
+    chain: Chain, tmp_path: Path
+) -> None:
+    _kill_chain(chain, tmp_path)
+
+
+@pytest.mark.skipif(not LONG, reason="long variant: set RUNNER_LONG_TESTS=1")
+@pytest.mark.parametrize("chain", LONG_CHAINS)
+def test_sigkill_twenty_times_then_resume_completes_every_job_once(
+    chain: Chain, tmp_path: Path
+) -> None:
+    _kill_chain(chain, tmp_path)
+
+
+def _wait_for_jobs(run_dir: Path, proc: subprocess.Popen[str], count: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run_dir / "journal").exists():
+            try:
+                if len(check_readable(run_dir)) >= count:
+                    return
+            except Exception:  # a half-created run directory: look again
+                pass
+        time.sleep(0.05)
+    pytest.fail("the run never recorded its first jobs")
+
+
+def test_first_sigint_drains_in_flight_then_rerun_completes_without_duplicates(
+    tmp_path: Path,
+) -> None:
+    path = manifest(tmp_path, 120)
+    jobs = manifest_jobs(path)
+    run_dir = tmp_path / "run"
+    flags = [*FAST, "--completion", "stream"]
+    with emulator_process(tmp_path, time_scale=0.25) as emu:
+        proc = start_run(path, run_dir, emu.url, *flags)
+        _wait_for_jobs(run_dir, proc, 10)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == EXIT_INTERRUPTED, err[-2000:]
+        assert "Traceback" not in err
+        first = check_readable(run_dir)
+        states = {r["state"] for r in first.jobs.to_pylist()}
+        # In-flight jobs were finished, not abandoned; admission stopped well short.
+        assert states == {"completed"}, states
+        assert 10 <= len(first) < len(jobs)
+        again = start_run(path, run_dir, emu.url, *flags)
+        _, err2 = again.communicate(timeout=60)
+        assert again.returncode == EXIT_OK, err2[-2000:]
+        stats = emu.stats()
+    check_terminal_once(run_dir, jobs, allowed=("completed",))
+    assert stats["submits"]["duplicates"] == 0
+    assert stats["submits"]["accepted"] == len(jobs)
+    check_accounting(run_dir, stats, jobs)
