@@ -100,18 +100,14 @@ CHAINS = [
         id="reset-after-accept",
     ),
 ]
+LONG_FAULTS = (
+    "reset_after_accept=0.03,timeout_after_accept=0.02,timeout_hang_s=4,"
+    "submit_429=0.1,gateway_503=0.05,seed=9"
+)
 LONG_CHAINS = [
     pytest.param(
-        Chain(
-            rows=400,
-            kills=24,
-            seed=11,
-            faults="reset_after_accept=0.03,timeout_after_accept="
-            "0.02,timeout_hang_s=4,submit_429=0.1,gateway_503=0.05,seed=9",
-            poll_every=4,
-        ),
-        id="long-faults",
-    ),  # fmt: skip
+        Chain(rows=400, kills=24, seed=11, faults=LONG_FAULTS, poll_every=4), id="long-faults"
+    ),
     pytest.param(Chain(rows=300, kills=20, seed=12), id="long-clean"),
     pytest.param(Chain(rows=200, kills=6, seed=1), id="clean"),
 ]
@@ -156,7 +152,7 @@ def test_first_sigint_drains_in_flight_then_rerun_completes_without_duplicates(
         proc = start_run(path, run_dir, emu.url, *flags)
         _wait_for_jobs(run_dir, proc, 10)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
         assert proc.returncode == EXIT_INTERRUPTED, err[-2000:]
         assert "Traceback" not in err
         first = check_readable(run_dir)
