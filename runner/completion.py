@@ -22,7 +22,7 @@ import anyio
 
 from runner.client import QueueClient, RequestRef
 from runner.errors import FalError
-from runner.pacing import ServiceModel, first_poll_delay_s, next_poll_delay_s
+from runner.pacing import ServiceModel, explore_delay_s, first_poll_delay_s, next_poll_delay_s
 from runner.protocol import Completed, InProgress, Queued, Status
 from runner.retry import Action, RetryPolicy, call_with_retry, classify
 
@@ -109,6 +109,10 @@ class Poller:
         self.pacing = pacing
 
     def _first_delay(self, watch: Watch) -> float:
+        if not self.pacing.model.known(watch.endpoint):
+            return explore_delay_s(
+                polls=0, min_s=self.pacing.min_poll_s, max_s=self.pacing.max_poll_s
+            )
         mean, dev = self.pacing.model.service_s(watch.endpoint, watch.units)
         return first_poll_delay_s(
             position=watch.position,
@@ -120,6 +124,10 @@ class Poller:
         )
 
     def _next_delay(self, watch: Watch, status: Status, polls: int) -> float:
+        if not self.pacing.model.known(watch.endpoint):
+            return explore_delay_s(
+                polls=polls, min_s=self.pacing.min_poll_s, max_s=self.pacing.max_poll_s
+            )
         mean, dev = self.pacing.model.service_s(watch.endpoint, watch.units)
         now = self.reader.clock()
         running_for = 0.0 if watch.started_s is None else now - watch.started_s

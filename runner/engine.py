@@ -102,6 +102,9 @@ class Hooks:
     handle_signals: bool = True
     upload_settings: UploadSettings | None = None  # e.g. a small multipart threshold
     download_policy: RetryPolicy | None = None
+    # The one retry policy per kind of call; tests shrink the waits, never the rules.
+    submit_policy: RetryPolicy = field(default_factory=lambda: RetryPolicy(attempts=8))
+    read_policy: RetryPolicy = field(default_factory=lambda: RetryPolicy(timeout_s=300.0))
 
 
 def manifest_fingerprint(path: Path) -> dict[str, Any]:
@@ -412,7 +415,7 @@ async def _drive(run: Run) -> None:
         )
         assert config.key is not None
         client = QueueClient(http, queue_url=config.queue_url, key=config.key)
-        reader = Reader(client, RetryPolicy(timeout_s=300.0), hooks.clock, hooks.sleep)
+        reader = Reader(client, hooks.read_policy, hooks.clock, hooks.sleep)
         pacing = Pacing(slots=config.concurrency)
         strategy = build_strategy(config, reader, pacing)
         rate = AdaptiveRate(
@@ -430,7 +433,8 @@ async def _drive(run: Run) -> None:
         if config.download:
             run.downloads = _download_stage(run, http)
         shared = Shared(
-            config=config, client=client, ledger=run.ledger, strategy=strategy, pacing=pacing,
+            config=config, submit_policy=hooks.submit_policy, read_policy=hooks.read_policy,
+            client=client, ledger=run.ledger, strategy=strategy, pacing=pacing,
             prices=run.prices, rate=rate, tally=run.tally, budget=run.budget,
             input_sizes=run.sizer, webhook_url=config.webhook_url, clock=hooks.clock,
             sleep=hooks.sleep, endpoint_limits=limits_by_endpoint,

@@ -107,5 +107,14 @@ def next_poll_delay_s(
     return _clamp(target, min_s, max_s)
 
 
+def explore_delay_s(*, polls: int, min_s: float, max_s: float, base_s: float = 0.1) -> float:
+    """Before the model has seen one job of an endpoint: look early, then less often.
+
+    ``base_s * 2**polls`` (0.1, 0.2, 0.4, ... s): a few extra calls for the first jobs of a
+    run buy a model learned from a real completion instead of a guessed prior.
+    """
+    return _clamp(base_s * 2.0 ** min(polls, 16), min_s, max_s)
+
+
 def _clamp(value: float, low: float, high: float) -> float:
     return min(max(value, low), high)

@@ -14,8 +14,12 @@ from pydantic import SecretStr
 from runner.config import RunConfig, build_config
 from runner.emulator import DEFAULT_KEY, Emulator, EmulatorConfig, FaultConfig
 from runner.engine import Hooks, RunReport, execute
+from runner.retry import RetryPolicy
 
 EMULATOR_URL = "http://emulator"
+# The production rules with millisecond waits, so fault storms do not cost test time.
+FAST_SUBMIT = RetryPolicy(attempts=8, base_s=0.005, max_s=0.05)
+FAST_READ = RetryPolicy(attempts=20, timeout_s=30.0, base_s=0.005, max_s=0.05)
 
 
 def manifest(tmp_path: Path, rows: int, *, name: str = "m.csv", extra: str = "") -> Path:
@@ -46,6 +50,8 @@ async def emulator(
     *, concurrency: int = 2, time_scale: float = 0.005, faults: FaultConfig | None = None,
     **kw: Any,
 ) -> AsyncIterator[Emulator]:  # fmt: skip
+    # Results stay as long as a test runs, unless a test is about expiry.
+    kw.setdefault("result_retention_s", 1e9)
     config = EmulatorConfig(
         concurrency=concurrency, time_scale=time_scale, faults=faults or FaultConfig(), **kw
     )
@@ -59,5 +65,7 @@ async def run(emu: Emulator, config: RunConfig) -> RunReport:
         transport=httpx.ASGITransport(app=emu.app),
         stream=io.StringIO(),
         handle_signals=False,
+        submit_policy=FAST_SUBMIT,
+        read_policy=FAST_READ,
     )
     return await execute(config, hooks=hooks)

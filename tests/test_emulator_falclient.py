@@ -99,7 +99,7 @@ async def test_submit_status_with_logs_and_result(point_fal_client: Any) -> None
     assert isinstance(progress.logs, list)
     done = seen[-1]
     assert isinstance(done, fal_client.Completed) and done.error is None
-    assert done.metrics["inference_time"] == pytest.approx(JOB_S, rel=0.01)
+    assert done.metrics["inference_time"] == pytest.approx(JOB_S * SCALE, rel=0.01)
     assert isinstance(done.logs, list) and done.logs[-1]["message"] == "Inference finished"
     assert result == again and result["seed"] == 5 and result["prompt"] == "a red fox"
     assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"

@@ -56,3 +56,11 @@ def test_queued_job_waits_in_proportion_to_its_position() -> None:
     near = next_poll_delay_s(state="IN_QUEUE", position=0, running_for_s=0, polls=1, **kw)
     far = next_poll_delay_s(state="IN_QUEUE", position=10, running_for_s=0, polls=1, **kw)
     assert far - near == pytest.approx(10 * 2.0 / 2)
+
+
+def test_before_any_observation_polls_start_early_and_double() -> None:
+    from runner.pacing import explore_delay_s
+
+    delays = [explore_delay_s(polls=p, min_s=0.05, max_s=2.0) for p in range(7)]
+    assert delays[:4] == [0.1, 0.2, 0.4, 0.8]
+    assert delays[-1] == 2.0

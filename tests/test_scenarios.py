@@ -175,7 +175,8 @@ async def test_validation_error_is_permanent_with_fals_detail(tmp_path: Path) ->
     path.write_text("id,endpoint,prompt\na,acme/unknown-model,x\n")
     async with emulator() as emu:
         report = await run(
-            emu, run_config(path, tmp_path / "run", allowed_endpoints=frozenset({"acme/unknown-model"}))
+            emu,
+            run_config(path, tmp_path / "run", allowed_endpoints=frozenset({"acme/unknown-model"})),
         )
         assert emu.snapshot()["submits"]["accepted"] == 0
     assert report.exit_code == EXIT_JOBS_FAILED
@@ -225,9 +226,9 @@ async def test_job_timeout_cancels_remotely_and_records_failure(tmp_path: Path) 
 
 async def test_hard_interrupt_then_resume_reattaches_without_resubmitting(tmp_path: Path) -> None:
     path = manifest(tmp_path, 10)
-    async with emulator(time_scale=0.05, concurrency=2) as emu:
+    async with emulator(time_scale=0.1, concurrency=2) as emu:
         config = run_config(path, tmp_path / "run")
-        with anyio.move_on_after(0.4):  # like a second Ctrl-C: cancel everything at once
+        with anyio.move_on_after(0.8):  # like a second Ctrl-C: cancel everything at once
             await run(emu, config)
         mid = folded(tmp_path / "run")
         assert any(r["state"] in ("queued", "in_progress") for r in mid)
