@@ -70,9 +70,9 @@ from runner.manifest import read_rows
 from runner.plan import job_estimate
 from runner.progress import Progress, Tally
 from runner.ratelimit import AdaptiveRate
+from runner.receiver import WebhookReceiver, webhook_server
 from runner.retry import RetryPolicy
 from runner.uploads import InputResolver, StorageClient, UploadCache, Uploader, UploadSettings
-from runner.webhook import WebhookReceiver, webhook_server
 from runner.worker import Shared, Ticket, run_job, utcnow
 
 BATCH = 256

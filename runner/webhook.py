@@ -10,7 +10,7 @@ fal POSTs a JSON event when a request completes, signed with Ed25519 over
   signatures (401) and malformed JSON (400), answers 200 to every valid delivery including
   duplicates (so fal stops retrying), forwards each first-seen request_id once through a
   bounded memory stream, and answers 503 when that stream is full (fal retries later);
-- :func:`webhook_server`, uvicorn serving that app on a real socket inside a task group.
+- (:mod:`runner.receiver` serves that app on a real socket.)
 
 Webhooks can be lost; the engine must never rely on them alone.
 """
@@ -21,18 +21,14 @@ import hashlib
 import json
 import logging
 import re
-import socket
 import time
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Protocol, TypeVar, TypeVarTuple
 
 import anyio
-import uvicorn
-from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectSendStream
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -41,7 +37,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from runner.errors import FalError, UsageError
+from runner.errors import FalError
 from runner.jwks import KeySource
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -341,119 +337,3 @@ def build_app(
     app = Starlette(routes=routes)
     app.state.webhook_stats = handler.stats
     return app
-
-
-@dataclass(frozen=True)
-class WebhookReceiver:
-    """A running receiver: where it listens, its events and its counters."""
-
-    host: str
-    port: int
-    events: MemoryObjectReceiveStream[WebhookEvent]
-    stats: WebhookStats
-
-    @property
-    def local_url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/"
-
-
-class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.on_started: Callable[[], None] = lambda: None
-        self.stopped = False
-
-    @contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        # The runner owns Ctrl-C and SIGTERM (first drains, second exits): uvicorn must not.
-        yield
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        if self.started:
-            self.on_started()
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().shutdown(sockets=sockets)
-        self.stopped = True
-
-
-async def _serve(server: _Server, sock: socket.socket, *, task_status: TaskStatus[None]) -> None:
-    server.on_started = task_status.started
-    try:
-        await server.serve(sockets=[sock])
-    finally:
-        if server.started and not server.stopped:  # cancelled: close what uvicorn opened
-            server.force_exit = True
-            with anyio.move_on_after(1.0, shield=True):
-                await server.shutdown(sockets=[sock])
-
-
-async def _listen_socket(host: str, port: int) -> socket.socket:
-    try:
-        infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        family, socktype, proto, _, address = infos[0]
-        sock = socket.socket(family, socktype, proto)
-    except OSError as exc:
-        raise UsageError(f"cannot listen for webhooks on {host}:{port}: {exc}") from exc
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        raise UsageError(f"cannot listen for webhooks on {host}:{port}: {exc}") from exc
-    return sock
-
-
-@asynccontextmanager
-async def webhook_server(
-    host: str,
-    port: int,
-    *,
-    keys: KeySource,
-    queue_size: int = 1024,
-    seen: SeenIds | None = None,
-    wall_clock: Callable[[], float] = time.time,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    max_skew_s: float = DEFAULT_MAX_SKEW_S,
-    shutdown_timeout_s: int = 5,
-) -> AsyncIterator[WebhookReceiver]:
-    """Serve the receiver on ``host:port`` (0: any free port) until the block exits.
-
-    It is accepting connections when the block starts. On exit the send side of the event
-    stream closes, so a consumer iterating ``receiver.events`` ends after the events already
-    buffered. The receive side is the caller's: close it (``async with receiver.events``).
-    asyncio only (uvicorn).
-    """
-    sock = await _listen_socket(host, port)
-    send, receive = anyio.create_memory_object_stream[WebhookEvent](queue_size)
-    stats = WebhookStats()
-    app = build_app(
-        keys=keys,
-        events=send,
-        seen=seen,
-        stats=stats,
-        wall_clock=wall_clock,
-        max_body_bytes=max_body_bytes,
-        max_skew_s=max_skew_s,
-    )
-    config = uvicorn.Config(
-        app,
-        lifespan="off",
-        access_log=False,
-        log_config=None,
-        log_level="warning",
-        timeout_graceful_shutdown=shutdown_timeout_s,
-    )
-    server = _Server(config)
-    try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(_serve, server, sock)
-            try:
-                yield WebhookReceiver(host, sock.getsockname()[1], receive, stats)
-            finally:
-                server.should_exit = True  # uvicorn notices within 0.1 s and shuts down
-    finally:
-        send.close()  # a consumer's receive() then ends with EndOfStream
-        sock.close()

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from runner.emulator.webhooks import WebhookDispatcher, WebhookSigner, webhook_body
 from runner.errors import FalError, ProtocolError, UsageError
 from runner.jwks import DEFAULT_JWKS_URL, JwksCache, StaticKeys, parse_jwks
+from runner.receiver import webhook_server
 from runner.webhook import (
     DeliveredIds,
     WebhookEvent,
@@ -34,7 +35,6 @@ from runner.webhook import (
     WebhookStats,
     build_app,
     verify_signature,
-    webhook_server,
 )
 
 NOW = 1_790_000_000
