@@ -8,7 +8,7 @@
         counter   counts jobs and estimated dollars in a thread, for the bar's total
         webhooks  (webhook mode) the receiver's verified events -> WebhookWaiter
         downloads bounded consumers fetching, verifying and recording completed outputs
-        admit     stream jobs -> resume decision -> budget -> in-flight window -> worker
+        admit     runner.scheduler: jobs -> resume decision -> budget -> window -> worker
 
 Inputs: each worker resolves its job's local files (checked, uploaded once per content
 hash, cached in ``uploads.jsonl``) just before recording its intent. With
@@ -17,77 +17,44 @@ Outputs: a job's images are queued for download as soon as it completes; a compl
 from an earlier run whose outputs lack ``local_path`` is queued instead of skipped (unless
 ``--no-download``), so a rerun downloads only what is missing.
 
-Admission is the only place that decides what is sent: at most ``in_flight_limit`` jobs
-are submitted but unfinished, the submit rate follows a token bucket that halves on 429s,
-and ``--max-cost`` is checked before every new submit.
+Admission (:mod:`runner.scheduler`) is the only place that decides what is sent; this
+module wires the edges (HTTP, ledger, strategy, uploads, downloads, webhooks) around it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from decimal import Decimal
-from itertools import islice
 from pathlib import Path
 from typing import Any, TextIO
 
 import anyio
 import httpx
-import pyarrow.compute as pc
 from pydantic import SecretStr
 
 from runner import __version__
-from runner.budget import Budget
 from runner.client import QueueClient
 from runner.completion import Pacing, Poller, Reader, Strategy, Streamer, WebhookWaiter
 from runner.config import RunConfig
-from runner.cost import Estimate, PriceTable
-from runner.downloads import Downloader, DownloadStage, OutputSink, pending_downloads
+from runner.downloads import Downloader, DownloadStage, OutputSink
 from runner.errors import (
-    EXIT_BUDGET,
-    EXIT_INTERRUPTED,
-    EXIT_JOBS_FAILED,
-    EXIT_OK,
-    ManifestError,
-    RowError,
     RunnerError,
     UsageError,
 )
-from runner.inputs import InputChecker, InputProber, InputSizer
-from runner.jobs import ExpandOptions, Job, iter_jobs
+from runner.inputs import InputProber
 from runner.jwks import JwksCache
-from runner.ledger.fold import LedgerState
-from runner.ledger.resume import Action, ResumePolicy, decide
-from runner.ledger.schema import JobState, LedgerEvent
 from runner.ledger.store import Ledger, write_run_meta
-from runner.manifest import read_rows
-from runner.plan import job_estimate
-from runner.progress import Progress, Tally
 from runner.ratelimit import AdaptiveRate
 from runner.receiver import WebhookReceiver, webhook_server
 from runner.retry import RetryPolicy
+from runner.scheduler import RunReport, Scheduler, strict_check
 from runner.uploads import InputResolver, StorageClient, UploadCache, Uploader, UploadSettings
-from runner.worker import Shared, Ticket, run_job, utcnow
-
-BATCH = 256
-
-
-@dataclass(slots=True)
-class RunReport:
-    """What a finished (or stopped) run says about itself."""
-
-    tally: Tally
-    exit_code: int
-    message: str
-    run_dir: Path
-    duplicates_possible: int = 0
-    lines: list[str] = field(default_factory=list)
+from runner.worker import Shared
 
 
 @dataclass(slots=True)
@@ -125,219 +92,6 @@ def write_run_metadata(config: RunConfig) -> None:
             "config": config.public_dict(),
         },
     )
-
-
-def expand_options(config: RunConfig) -> ExpandOptions:
-    return ExpandOptions(
-        manifest_dir=config.manifest.resolve().parent,
-        default_endpoint=config.default_endpoint,
-        allowed_endpoints=frozenset(config.allowed_endpoints),
-        defaults=dict(config.defaults),
-        prompt_template=config.prompt_template,
-    )
-
-
-def job_stream(config: RunConfig) -> Iterator[Job | RowError]:
-    return iter_jobs(read_rows(config.manifest, fmt=config.fmt), expand_options(config))
-
-
-def strict_check(config: RunConfig) -> None:
-    """``--strict``: refuse the whole manifest if any row is bad, before sending anything."""
-    bad: list[str] = []
-    count = 0
-    for item in job_stream(config):
-        if isinstance(item, RowError):
-            count += 1
-            if len(bad) < 5:
-                bad.extend(str(p) for p in item.problems[:1])
-    if count:
-        more = f" (and {count - len(bad)} more)" if count > len(bad) else ""
-        raise ManifestError(
-            f"--strict: {count} bad rows, nothing was submitted: " + "; ".join(bad) + more
-        )
-
-
-def invalid_event(error: RowError, now: Any) -> LedgerEvent:
-    first = error.problems[0]
-    identity = f"{first.file}\0{first.row_id or first.line}"
-    key = "invalid-" + hashlib.sha256(identity.encode()).hexdigest()[:24]
-    return LedgerEvent(
-        job_key=key,
-        state=JobState.INVALID,
-        at=now,
-        row_id=first.row_id,
-        line=first.line,
-        source=first.file,
-        error_type="invalid_row",
-        error_message="; ".join(p.message for p in error.problems)[:2000],
-        retryable=False,
-    )
-
-
-def prior_spend(state: LedgerState) -> Decimal:
-    if len(state) == 0:
-        return Decimal(0)
-    total = pc.sum(state.jobs["billed_usd"]).as_py()
-    return Decimal(0) if total is None else Decimal(total)
-
-
-class Run:
-    """One execution of a manifest against a queue; see the module docstring."""
-
-    def __init__(self, config: RunConfig, hooks: Hooks, ledger: Ledger, state: LedgerState):
-        self.config = config
-        self.hooks = hooks
-        self.ledger = ledger
-        self.state = state
-        self.prices = PriceTable.from_file(config.prices) if config.prices else PriceTable.default()
-        self.sizer = InputSizer(config.manifest.resolve().parent)
-        self.tally = Tally()
-        self.budget = Budget(config.max_cost_usd)
-        self.budget.add_prior(prior_spend(state))
-        self.policy = ResumePolicy(
-            on_unknown=config.on_unknown,
-            retry_failed=config.retry_failed,
-            max_attempts=config.max_attempts,
-        )
-        self.stop_admitting = anyio.Event()
-        self.interrupted = False
-        self.window = anyio.Semaphore(config.in_flight_limit)
-        self.progress = Progress(self.tally, stream=hooks.stream, quiet=config.quiet)
-        self.possible_duplicates = 0
-        self.checker = InputChecker(config.manifest.resolve().parent)
-        self.prober: InputProber | None = None
-        self.uploader: Uploader | None = None
-        self.downloads: DownloadStage | None = None
-        # Completed earlier but not (fully) downloaded: fetched again instead of skipped.
-        self.pending = pending_downloads(state.jobs) if config.download else {}
-
-    def estimate(self, job: Job) -> Estimate:
-        return job_estimate(job, self.prices, self.sizer, self.sizer.lora_bytes)
-
-    async def count(self) -> None:
-        """The manifest's job count and estimated dollars, for the bar (in a thread)."""
-
-        def tally_all() -> tuple[int, Decimal]:
-            jobs, usd = 0, Decimal(0)
-            sizer = InputSizer(self.config.manifest.resolve().parent)
-            for item in job_stream(self.config):
-                if isinstance(item, Job):
-                    jobs += 1
-                    est = job_estimate(item, self.prices, sizer, sizer.lora_bytes)
-                    usd += est.usd or Decimal(0)
-                else:
-                    jobs += 1
-            return jobs, usd
-
-        total, usd = await anyio.to_thread.run_sync(tally_all, abandon_on_cancel=True)
-        self.tally.total, self.tally.estimate_usd = total, usd
-        self.progress.refresh()
-
-    async def admit(self, tg: anyio.abc.TaskGroup, shared: Shared) -> None:
-        """Stream the manifest and start a worker for every job that should run now."""
-        stream = job_stream(self.config)
-        while not self.stop_admitting.is_set():
-            batch = await anyio.to_thread.run_sync(lambda: list(islice(stream, BATCH)))
-            if not batch:
-                return
-            for item in batch:
-                if self.stop_admitting.is_set():
-                    return
-                if not await self._admit_one(item, tg, shared):
-                    return
-
-    async def _admit_one(self, item: Job | RowError, tg: anyio.abc.TaskGroup, s: Shared) -> bool:
-        if isinstance(item, RowError):
-            self.ledger.append(invalid_event(item, utcnow()))
-            self.tally.invalid += 1
-            return True
-        decision = decide(self.state.brief(item.job_key), self.policy)
-        if decision.action is Action.SKIP:
-            self.tally.skipped += 1
-            missing = self.pending.pop(item.job_key, None)
-            if missing is not None and self.downloads is not None:
-                await self.downloads.put(missing)
-            return True
-        if decision.action is Action.FAIL:
-            self.ledger.append(
-                LedgerEvent(
-                    job_key=item.job_key, state=JobState.FAILED, at=utcnow(),
-                    error_type="unknown_outcome", retryable=False,
-                    error_message="earlier submit outcome unknown; --on-unknown fail",
-                )
-            )  # fmt: skip
-            self.tally.failed += 1
-            return True
-        if self.prober is not None:
-            await self.prober.probe(item)
-        est = self.estimate(item)
-        reattach = None
-        if decision.action is Action.REATTACH:
-            assert decision.request_id is not None
-            reattach = s.client.urls_for(item.endpoint, decision.request_id)
-            self.budget.reserve_committed(est.usd)
-        elif not self.budget.admit(est.usd):
-            self.progress.say(f"budget reached: {self.budget.reason}; finishing jobs in flight")
-            self.stop_admitting.set()
-            return False
-        if decision.possible_duplicate:
-            self.possible_duplicates += 1
-        ticket = Ticket(item, est, attempt=max(decision.attempt, 1), reattach=reattach)
-        await self.window.acquire()
-        self.tally.in_flight += 1
-        tg.start_soon(self._work, ticket, s)
-        return True
-
-    async def _work(self, ticket: Ticket, s: Shared) -> None:
-        try:
-            await run_job(ticket, s)
-        finally:
-            self.tally.in_flight -= 1
-            self.window.release()
-            self.progress.refresh()
-
-    async def watch_signals(self, scope: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                if not self.stop_admitting.is_set() or not self.interrupted:
-                    self.interrupted = True
-                    self.stop_admitting.set()
-                    self.progress.say(
-                        f"interrupted: no new jobs; waiting for {self.tally.in_flight} in flight "
-                        "(press Ctrl-C again to exit now; they will be re-attached next run)"
-                    )
-                    continue
-                self.progress.say("exiting now; in-flight jobs stay recorded with request ids")
-                scope.cancel()
-                return
-
-    async def tick(self) -> None:
-        while True:
-            await anyio.sleep(0.5)
-            self.progress.refresh()
-
-    def report(self) -> RunReport:
-        t = self.tally
-        if self.interrupted:
-            code, message = EXIT_INTERRUPTED, "interrupted; rerun the same command to resume"
-        elif self.budget.exhausted:
-            code, message = EXIT_BUDGET, f"stopped at the budget: {self.budget.reason}"
-        elif t.failed or t.invalid or t.unknown or t.detached:
-            code, message = EXIT_JOBS_FAILED, "some jobs did not complete"
-        elif self.downloads is not None and self.downloads.counts.jobs_failed:
-            code = EXIT_JOBS_FAILED
-            message = "some outputs were not downloaded; rerun to fetch only those"
-        else:
-            code, message = EXIT_OK, "all jobs completed"
-        return RunReport(
-            t, code, message, self.config.run_dir, self.possible_duplicates, self.lines()
-        )
-
-    def lines(self) -> list[str]:
-        """Upload and download figures for the summary."""
-        parts = [self.uploader.summary() if self.uploader else None]
-        parts.append(self.downloads.summary() if self.downloads else None)
-        return [p for p in parts if p]
 
 
 def build_strategy(config: RunConfig, reader: Reader, pacing: Pacing) -> Strategy:
@@ -380,9 +134,9 @@ async def execute(config: RunConfig, *, hooks: Hooks | None = None) -> RunReport
     async with ledger:
         write_run_metadata(config)
         state = await anyio.to_thread.run_sync(ledger.state)
-        run = Run(config, hooks, ledger, state)
+        run = Scheduler(config, ledger, state, stream=hooks.stream)
         try:
-            await _drive(run)
+            await _drive(run, hooks)
         except BaseExceptionGroup as group:
             # A fatal error (a refused key) from one worker: raise it, not the group.
             fatal = _first_fatal(group)
@@ -406,8 +160,8 @@ def _first_fatal(group: BaseExceptionGroup[BaseException]) -> RunnerError | None
     return None
 
 
-async def _drive(run: Run) -> None:
-    config, hooks = run.config, run.hooks
+async def _drive(run: Scheduler, hooks: Hooks) -> None:
+    config = run.config
     limits = httpx.Limits(max_connections=max(64, config.in_flight_limit * 2))
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(
@@ -427,11 +181,11 @@ async def _drive(run: Run) -> None:
         limits_by_endpoint = {
             ep: anyio.CapacityLimiter(n) for ep, n in config.endpoint_limits.items()
         }
-        resolver = _resolver(run, http)
+        resolver = _resolver(run, hooks, http)
         if config.probe_inputs:
             run.prober = InputProber(http, run.sizer)
         if config.download:
-            run.downloads = _download_stage(run, http)
+            run.downloads = _download_stage(run, hooks, http)
         shared = Shared(
             config=config, submit_policy=hooks.submit_policy, read_policy=hooks.read_policy,
             client=client, ledger=run.ledger, strategy=strategy, pacing=pacing,
@@ -460,8 +214,8 @@ async def _drive(run: Run) -> None:
                 tg.cancel_scope.cancel()
 
 
-def _download_stage(run: Run, http: httpx.AsyncClient) -> DownloadStage:
-    config, hooks = run.config, run.hooks
+def _download_stage(run: Scheduler, hooks: Hooks, http: httpx.AsyncClient) -> DownloadStage:
+    config = run.config
     return DownloadStage(
         Downloader(http, OutputSink(config.output_target, config.run_dir),
                    policy=hooks.download_policy, clock=hooks.clock, sleep=hooks.sleep),
@@ -469,8 +223,8 @@ def _download_stage(run: Run, http: httpx.AsyncClient) -> DownloadStage:
     )  # fmt: skip
 
 
-def _resolver(run: Run, http: httpx.AsyncClient) -> InputResolver:
-    config, hooks = run.config, run.hooks
+def _resolver(run: Scheduler, hooks: Hooks, http: httpx.AsyncClient) -> InputResolver:
+    config = run.config
     assert config.key is not None
     settings = hooks.upload_settings or UploadSettings(ttl_s=config.upload_ttl_s)
     storage = StorageClient(
@@ -486,7 +240,7 @@ def _resolver(run: Run, http: httpx.AsyncClient) -> InputResolver:
 
 @asynccontextmanager
 async def _webhooks(
-    run: Run, strategy: Strategy, http: httpx.AsyncClient
+    run: Scheduler, strategy: Strategy, http: httpx.AsyncClient
 ) -> AsyncIterator[WebhookReceiver | None]:
     """The webhook receiver in webhook mode (its own server task group), else None."""
     if not isinstance(strategy, WebhookWaiter):
