@@ -29,20 +29,19 @@ from runner.budget import Budget
 from runner.client import QueueClient, RequestRef
 from runner.completion import Finished, Pacing, Strategy, Watch
 from runner.config import RunConfig
-from runner.cost import Estimate, PriceTable, billed_cost, megapixels
+from runner.cost import Estimate, PriceTable, billed_cost
 from runner.downloads import DownloadItem
 from runner.errors import AuthError, FalError, HTTPStatusError
 from runner.jobs import Job
-from runner.ledger.schema import JobState, LedgerEvent, OutputImage, encode_request
+from runner.ledger.schema import JobState, LedgerEvent, encode_request
 from runner.ledger.store import Ledger
+from runner.outcome import Failure, Success, expired, read_result, read_status
 from runner.progress import Tally
 from runner.protocol import (
     Completed,
-    FluxResult,
     InProgress,
     ResultResponse,
     Status,
-    is_retryable_error_type,
 )
 from runner.ratelimit import AdaptiveRate
 from runner.retry import Action, RetryPolicy, call_with_retry, classify
@@ -118,15 +117,18 @@ async def run_job(t: Ticket, s: Shared) -> Ended:
         return await _attempts(t, s)
 
 
+Step = tuple["Ended", bool]
+"""How an attempt ended, and whether another attempt may help."""
+
+
 async def _attempts(t: Ticket, s: Shared) -> Ended:
     attempt, ref = t.attempt, t.reattach
     while True:
-        if ref is None:
-            submitted = await submit(t, s, attempt)
-            if isinstance(submitted, Ended):
-                return submitted
-            ref = submitted
-        ended, retry = await finish(t, s, ref, attempt)
+        step = await submit(t, s, attempt) if ref is None else ref
+        if isinstance(step, tuple):
+            ended, retry = step
+        else:
+            ended, retry = await finish(t, s, step, attempt)
         if not retry or attempt >= s.config.max_attempts:
             return ended
         attempt, ref = attempt + 1, None
@@ -153,8 +155,12 @@ def _intent(t: Ticket, s: Shared, attempt: int, state: JobState = JobState.SUBMI
     )
 
 
-async def _prepare(t: Ticket, s: Shared, attempt: int) -> Mapping[str, Any] | Ended:
-    """The payload to send, its local files checked and uploaded; or how the job ended."""
+async def _prepare(t: Ticket, s: Shared, attempt: int) -> Mapping[str, Any] | Step:
+    """The payload to send, its local files checked and uploaded; or how the attempt ended.
+
+    Nothing was sent yet, so the failure is recorded as a full record (the ledger learns
+    the row) and no ``submitting`` intent that would look like an unknown outcome.
+    """
     if s.resolve is None:
         return t.job.payload
     try:
@@ -162,31 +168,19 @@ async def _prepare(t: Ticket, s: Shared, attempt: int) -> Mapping[str, Any] | En
     except AuthError:
         raise
     except FalError as exc:
-        return await _not_sent(t, s, attempt, "upload_failed", f"upload: {_detail(exc)}", True)
-    if isinstance(resolved, InputFailure):
-        return await _not_sent(t, s, attempt, "input_error", resolved.message, False)
-    return resolved
+        failure = Failure("upload_failed", f"upload: {_detail(exc)}", retryable=True)
+    else:
+        if not isinstance(resolved, InputFailure):
+            return resolved
+        failure = Failure("input_error", resolved.message, retryable=False)
+    ended = await _failed(t, s, attempt, failure, billed=Decimal(0), full_record=True)
+    return ended, failure.retryable
 
 
-async def _not_sent(
-    t: Ticket, s: Shared, attempt: int, error_type: str, message: str, retryable: bool
-) -> Ended:
-    """A job that failed before its intent: a full record, so the ledger knows the row."""
-    s.ledger.append(
-        _intent(t, s, attempt, JobState.FAILED, error_type=error_type,
-                error_message=message[:2000], retryable=retryable)
-    )  # fmt: skip
-    await s.ledger.commit()
-    s.budget.settle(t.estimate.usd, Decimal(0))
-    s.tally.failed += 1
-    s.on_change()
-    return Ended(JobState.FAILED, Decimal(0))
-
-
-async def submit(t: Ticket, s: Shared, attempt: int) -> RequestRef | Ended:
+async def submit(t: Ticket, s: Shared, attempt: int) -> RequestRef | Step:
     """Resolve inputs, record the intent, POST with the submit policy, record the ack."""
     payload = await _prepare(t, s, attempt)
-    if isinstance(payload, Ended):
+    if isinstance(payload, tuple):
         return payload
     s.ledger.append(_intent(t, s, attempt))
     await s.ledger.commit()
@@ -228,7 +222,7 @@ async def submit(t: Ticket, s: Shared, attempt: int) -> RequestRef | Ended:
     return ref
 
 
-async def _submit_failed(t: Ticket, s: Shared, attempt: int, exc: FalError) -> Ended:
+async def _submit_failed(t: Ticket, s: Shared, attempt: int, exc: FalError) -> Step:
     decision = classify(exc, kind="submit")
     if decision.action is Action.UNKNOWN_OUTCOME:
         # The POST may have been queued and billed: never resubmit blindly.
@@ -236,17 +230,13 @@ async def _submit_failed(t: Ticket, s: Shared, attempt: int, exc: FalError) -> E
         await s.ledger.commit()
         s.budget.settle(t.estimate.usd, t.estimate.usd)
         s.tally.unknown += 1
-        return Ended(JobState.UNKNOWN)
+        return Ended(JobState.UNKNOWN), False
     # Certainly not accepted: nothing was paid. Retryable unless the request itself is bad.
     code = exc.status_code if isinstance(exc, HTTPStatusError) else None
     permanent = code is not None and 400 <= code < 500 and code not in (408, 409, 429)
-    return await _failed(
-        t, s, attempt,
-        error_type=f"submit_http_{code}" if code else "submit_failed",
-        message=_detail(exc),
-        retryable=not permanent,
-        billed=Decimal(0),
-    )  # fmt: skip
+    error_type = f"submit_http_{code}" if code else "submit_failed"
+    failure = Failure(error_type, _detail(exc), retryable=not permanent)
+    return await _failed(t, s, attempt, failure, billed=Decimal(0)), failure.retryable
 
 
 async def finish(t: Ticket, s: Shared, ref: RequestRef, attempt: int) -> tuple[Ended, bool]:
@@ -281,18 +271,9 @@ async def finish(t: Ticket, s: Shared, ref: RequestRef, attempt: int) -> tuple[E
     except HTTPStatusError as exc:
         if exc.status_code != 404:
             return _lost(t, s, ref, exc)
-        # The queue acknowledged this id, so a 404 means it forgot it: the result expired.
-        # Re-attaching would 404 forever and resubmitting pays again, so it is a failure
-        # that only --retry-failed redoes.
-        message = (
-            f"request {ref.request_id} is gone from the queue (404; results are kept about "
-            f"an hour): {_detail(exc)}"
-        )
-        ended = await _failed(
-            t, s, attempt, error_type="result_expired", message=message,
-            retryable=False, billed=Decimal(0),
-        )  # fmt: skip
-        return ended, False
+        # The queue acknowledged this id, so a 404 means it forgot it.
+        failure = expired(ref.request_id, _detail(exc))
+        return await _failed(t, s, attempt, failure, billed=Decimal(0)), False
     except FalError as exc:
         return _lost(t, s, ref, exc)
     finally:
@@ -331,13 +312,9 @@ async def _timed_out(t: Ticket, s: Shared, ref: RequestRef, attempt: int) -> End
             )  # fmt: skip
         except FalError as exc:
             outcome = f"cancel failed: {_detail(exc)}"
-        ended = await _failed(
-            t, s, attempt,
-            error_type="job_timeout",
-            message=f"no result within --job-timeout {s.config.job_timeout_s}s ({outcome})",
-            retryable=False,
-            billed=Decimal(0),
-        )  # fmt: skip
+        message = f"no result within --job-timeout {s.config.job_timeout_s}s ({outcome})"
+        failure = Failure("job_timeout", message, retryable=False)
+        ended = await _failed(t, s, attempt, failure, billed=Decimal(0))
     return ended
 
 
@@ -345,10 +322,11 @@ async def _outcome(
     t: Ticket, s: Shared, ref: RequestRef, attempt: int, watch: Watch, finished: Finished
 ) -> tuple[Ended, bool]:
     status = finished.status
+    read: Success | Failure
     if finished.webhook_payload is not None and finished.webhook_ok:
-        result = ResultResponse(status_code=200, body=finished.webhook_payload)
-    elif status.error is not None and finished.webhook_ok is None:
-        return await _job_error(t, s, attempt, status.error_type, status.error)
+        read = read_result(ResultResponse(status_code=200, body=finished.webhook_payload))
+    elif finished.webhook_ok is None and (failure := read_status(status)) is not None:
+        read = failure
     else:
         try:
             result = await call_with_retry(
@@ -356,71 +334,39 @@ async def _outcome(
                 clock=s.clock, sleep=s.sleep,
             )  # fmt: skip
         except HTTPStatusError as exc:
-            if exc.status_code == 404:
-                ended = await _failed(
-                    t, s, attempt, error_type="result_expired",
-                    message=f"result of {ref.request_id} is gone (404); rerun with "
-                    "--retry-failed to pay for it again",
-                    retryable=False, billed=t.estimate.usd,
-                )  # fmt: skip
-                return ended, False
-            raise
-    if result.ok:
-        return await _completed(t, s, attempt, watch, status, result), False
-    message = _result_message(result)
-    if result.status_code == 422:
-        return await _failed(
-            t, s, attempt, error_type="validation", message=message, retryable=False,
-            billed=Decimal(0),
-        ), False  # fmt: skip
-    return await _job_error(t, s, attempt, result.error_type, message, result.timeout_type)
-
-
-async def _job_error(
-    t: Ticket, s: Shared, attempt: int, error_type: str | None, message: str,
-    timeout_type: str | None = None,
-) -> tuple[Ended, bool]:  # fmt: skip
-    retryable = is_retryable_error_type(error_type, timeout_type=timeout_type)
-    ended = await _failed(
-        t, s, attempt, error_type=error_type or "error", message=message,
-        retryable=retryable, billed=Decimal(0),
-    )  # fmt: skip
-    return ended, retryable
+            if exc.status_code != 404:
+                raise
+            # The job ran and was paid for; only its result is gone.
+            ended = await _failed(t, s, attempt, expired(ref.request_id, _detail(exc)),
+                                  billed=t.estimate.usd)  # fmt: skip
+            return ended, False
+        read = read_result(result)
+    if isinstance(read, Success):
+        return await _completed(t, s, attempt, watch, status, read), False
+    ended = await _failed(t, s, attempt, read, billed=Decimal(0))
+    return ended, read.retryable
 
 
 async def _completed(
-    t: Ticket, s: Shared, attempt: int, watch: Watch, status: Completed, result: ResultResponse
+    t: Ticket, s: Shared, attempt: int, watch: Watch, status: Completed, ok: Success
 ) -> Ended:
-    try:
-        flux = FluxResult.from_payload(result.body)
-    except FalError as exc:
-        ended, _ = await _job_error(t, s, attempt, "bad_result", _detail(exc))
-        return ended
-    sizes = [(im.width, im.height) for im in flux.images]
-    billed = billed_cost(
-        t.job.endpoint, sizes, s.prices, input_sizes=s.input_sizes(t.job)
-    ) if t.job.request is not None else None  # fmt: skip
-    now_s = s.clock()
+    billed = (
+        billed_cost(t.job.endpoint, ok.sizes, s.prices, input_sizes=s.input_sizes(t.job))
+        if t.job.request is not None
+        else None
+    )
     queue_s = None if watch.started_s is None else watch.started_s - watch.submitted_s
-    inference = status.inference_time_s or _timing(flux.timings)
+    inference = status.inference_time_s or ok.inference_s
     if status.inference_time_s is None and inference is not None and inference > 0:
         s.pacing.model.observe(t.job.endpoint, t.units, inference)  # e.g. from a webhook
-    outputs = tuple(
-        OutputImage(url=im.url, width=im.width, height=im.height, content_type=im.content_type)
-        for im in flux.images
-    )
+    if inference is None and watch.started_s is not None:
+        inference = s.clock() - watch.started_s
     done = event(
-            t, JobState.COMPLETED, s.now(), attempt,
-            completed_at=s.now(),
-            queue_s=queue_s,
-            inference_s=inference if inference is not None else (
-                None if watch.started_s is None else now_s - watch.started_s),
-            outputs=outputs,
-            seed=flux.seed,
-            nsfw=tuple(flux.has_nsfw_concepts),
-            megapixels=sum(megapixels(w, h) for w, h in sizes),
-            billed_usd=billed,
-        )  # fmt: skip
+        t, JobState.COMPLETED, s.now(), attempt,
+        completed_at=s.now(), queue_s=queue_s, inference_s=inference, outputs=ok.outputs,
+        seed=ok.result.seed, nsfw=tuple(ok.result.has_nsfw_concepts),
+        megapixels=ok.megapixels, billed_usd=billed,
+    )  # fmt: skip
     s.ledger.append(done)
     await s.ledger.commit()
     actual = billed if billed is not None else t.estimate.usd
@@ -428,42 +374,33 @@ async def _completed(
     s.tally.completed += 1
     s.tally.spent_usd += actual or Decimal(0)
     s.on_change()
-    if s.downloads is not None and outputs:
-        await s.downloads(DownloadItem(t.job.job_key, t.job.row_id, outputs, done))
+    if s.downloads is not None and ok.outputs:
+        await s.downloads(DownloadItem(t.job.job_key, t.job.row_id, ok.outputs, done))
     return Ended(JobState.COMPLETED, billed)
 
 
 async def _failed(
-    t: Ticket, s: Shared, attempt: int, *, error_type: str, message: str, retryable: bool,
-    billed: Decimal | None,
+    t: Ticket, s: Shared, attempt: int, failure: Failure, *, billed: Decimal | None,
+    full_record: bool = False,
 ) -> Ended:  # fmt: skip
-    s.ledger.append(
-        event(
-            t, JobState.FAILED, s.now(), attempt,
-            error_type=error_type, error_message=message[:2000], retryable=retryable,
-        )
-    )  # fmt: skip
+    """Record a failed attempt; count the job failed unless another attempt follows."""
+    fields: dict[str, Any] = {
+        "error_type": failure.error_type,
+        "error_message": failure.message[:2000],
+        "retryable": failure.retryable,
+    }
+    if full_record:
+        s.ledger.append(_intent(t, s, attempt, JobState.FAILED, **fields))
+    else:
+        s.ledger.append(event(t, JobState.FAILED, s.now(), attempt, **fields))
     await s.ledger.commit()
-    will_retry = retryable and attempt < s.config.max_attempts
+    will_retry = failure.retryable and attempt < s.config.max_attempts
     if not will_retry:
         s.budget.settle(t.estimate.usd, billed)
         s.tally.failed += 1
         s.tally.spent_usd += billed or Decimal(0)
         s.on_change()
     return Ended(JobState.FAILED, billed)
-
-
-def _timing(timings: Any) -> float | None:
-    value = timings.get("inference") if isinstance(timings, dict) else None
-    return float(value) if isinstance(value, int | float) else None
-
-
-def _result_message(result: ResultResponse) -> str:
-    body = result.body
-    if isinstance(body, dict):
-        detail = body.get("detail", body.get("error", body))
-        return f"{result.status_code}: {detail}"[:2000]
-    return f"{result.status_code}: {body}"[:2000]
 
 
 def _detail(exc: Exception) -> str:
