@@ -366,7 +366,7 @@ def test_folding_in_groups_equals_folding_at_once(
 
 def reference_fold(rows: list[dict[str, object]]) -> dict[str, dict[str, object]]:
     """The folding rule written the slow, obvious way: one dict per job."""
-    from runner.ledger.schema import ATTEMPT_FIELDS
+    from runner.ledger.schema import ATTEMPT_FIELDS, OUTCOME_FIELDS
 
     jobs: dict[str, dict[str, object]] = {}
     for row in sorted(rows, key=lambda r: r["seq"]):  # type: ignore[arg-type, return-value]
@@ -374,6 +374,8 @@ def reference_fold(rows: list[dict[str, object]]) -> dict[str, dict[str, object]
         if row["state"] == "submitting":
             for name in ATTEMPT_FIELDS:
                 job.pop(name, None)
+        for name in OUTCOME_FIELDS:
+            job.pop(name, None)
         job.update({k: v for k, v in row.items() if v is not None})
     return jobs
 

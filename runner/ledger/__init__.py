@@ -53,8 +53,10 @@ request_id), ``in_progress``, ``completed``, ``failed``, ``cancelled``,
 Folding: a job's latest state is its last event by seq; every other column
 carries forward its last non-null value from earlier events, job-level
 columns (row_id … attempt) over the whole job, attempt-level ones
-(request_id … retryable) only since the latest ``submitting`` event, so a new
-attempt starts clean while request_id survives into ``completed``.
+(request_id … billed_usd) only since the latest ``submitting`` event, so a new
+attempt starts clean while request_id survives into ``completed``. The outcome
+columns (error_type, error_message, retryable) come from the latest event only:
+a reason is never carried into a later success.
 
 Durability:
 

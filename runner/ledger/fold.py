@@ -29,6 +29,7 @@ from runner.ledger.journal import list_segments, read_segment
 from runner.ledger.parts import PartFile, read_part, scan_parts
 from runner.ledger.schema import (
     ATTEMPT_FIELDS,
+    OUTCOME_FIELDS,
     LEDGER_SCHEMA,
     JobRecord,
     JobState,
@@ -223,7 +224,7 @@ def _fold_column(
 ) -> pa.Array | pa.ChunkedArray:
     """A column's value for each job: the last non-null one since the job or attempt start."""
     n = len(column)
-    if column.null_count == 0:
+    if column.null_count == 0 or field.name in OUTCOME_FIELDS:
         return column.take(pa.array(latest))
     if column.null_count == n:
         return pa.nulls(len(last), field.type)

@@ -90,10 +90,10 @@ ATTEMPT_FIELDS = (
     "nsfw",
     "megapixels",
     "billed_usd",
-    "error_type",
-    "error_message",
-    "retryable",
 )
+# Columns that describe the latest event only: a failure's reason is not carried into a
+# later event (a download retried successfully, a job that completed after all).
+OUTCOME_FIELDS = ("error_type", "error_message", "retryable")
 # Columns that always come from the latest event.
 EVENT_FIELDS = ("seq", "at", "job_key", "state")
 
