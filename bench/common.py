@@ -23,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -308,3 +308,50 @@ def _cell(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Phase:
+    """One client's run plus what the emulator saw meanwhile."""
+
+    run: ClientRun
+    calls: dict[str, int]
+    busy_s: float  # slot-seconds (clock) spent on this phase's jobs
+    makespan_s: float  # first accepted submit to last finish (clock)
+    emulator_cpu_s: float
+    webhooks: dict[str, Any]
+
+    @property
+    def queue_calls(self) -> int:
+        """Calls to the queue and storage APIs (the emulator's own /_emulator routes excluded)."""
+        return sum(n for kind, n in self.calls.items() if kind != "emulator")
+
+    def per_job(self, kind: str | None = None) -> float:
+        n = self.queue_calls if kind is None else self.calls.get(kind, 0)
+        return n / max(self.run.completed, 1)
+
+    def bound_s(self, concurrency: int) -> float:
+        """The makespan's lower bound: total service time over the slots."""
+        return self.busy_s / concurrency
+
+
+def measure(emu: EmulatorProcess, start: Callable[[], ClientRun]) -> Phase:
+    """Reset the emulator's accounting, run one client, and read the accounting back."""
+    emu.reset()
+    first = emu.stats()  # reset keeps the slots' and webhooks' running totals
+    before = first["slots"]["busy_s"]
+    hooks0 = first.get("webhooks") or {}
+    cpu0 = emu.cpu_s()
+    run = start()
+    cpu = emu.cpu_s() - cpu0
+    time.sleep(0.2)  # let the last webhooks land before counting
+    stats = emu.stats()
+    slots = stats["slots"]
+    return Phase(
+        run=run,
+        calls={k: int(v) for k, v in stats["calls"].items()},
+        busy_s=float(slots["busy_s"]) - float(before),
+        makespan_s=float(slots["makespan_s"]),
+        emulator_cpu_s=cpu,
+        webhooks={k: v - hooks0.get(k, 0) for k, v in (stats.get("webhooks") or {}).items()},
+    )

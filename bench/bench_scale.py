@@ -1,0 +1,164 @@
+"""Scale: a long manifest through ``runner run`` (a child process), then the resume planning.
+
+    python bench/bench_scale.py [--rows 1000000] [--concurrency 32] [--workdir DIR]
+
+1. writes a JSONL manifest of ``--rows`` flux-lora rows with 64x64 outputs;
+2. runs ``runner run --no-download --quiet`` against the emulator (its own process, time
+   scale 1e-6) and samples the runner's RSS every second, pairing each sample with the
+   progress line the runner logs every 10 s: memory should stay flat as rows go by;
+3. runs the same command again over the finished ledger (every job skipped): the time a
+   resume takes to plan before it would send anything;
+4. opens the ledger in this process and times folding it (``Ledger.state()``) and
+   ``plan_resume`` over every job key.
+
+Prints wall time, peak RSS (``wait4``) and CPU for each run, and the RSS series.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import (
+    KEY,
+    REPO,
+    EmulatorProcess,
+    load_avg,
+    proc_rss_mb,
+    table,
+    tiny_rows,
+    write_jsonl,
+)
+
+from runner.ledger import Ledger, ResumeSummary, plan_resume
+
+PROGRESS = re.compile(r"runner: (\d+)/(\S+) done")
+
+
+@dataclass
+class ChildRun:
+    """A ``runner run`` child: wall time, rusage, and (seconds, rss MiB, jobs done) samples."""
+
+    exit_code: int = 0
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    samples: list[tuple[float, float, int]] = field(default_factory=list)
+    last_line: str = ""
+
+
+def run_child(manifest: Path, run_dir: Path, emu: EmulatorProcess, concurrency: int) -> ChildRun:
+    argv = [
+        sys.executable, "-m", "runner", "run", str(manifest), "--ledger", str(run_dir),
+        "--queue-url", emu.base_url, "--concurrency", str(concurrency), "--rate", "1e9",
+        "--no-download", "--quiet",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FAL_KEY": KEY}
+    log = run_dir.with_suffix(".log")
+    out = ChildRun()
+    with log.open("w") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            try:
+                rss, _ = proc_rss_mb(proc.pid)
+            except (FileNotFoundError, ProcessLookupError):
+                rss = 0.0
+            out.samples.append((time.perf_counter() - t0, rss, _done(log)))
+            time.sleep(1.0)
+    out.wall_s = time.perf_counter() - t0
+    out.exit_code = os.waitstatus_to_exitcode(status)
+    out.cpu_s = usage.ru_utime + usage.ru_stime
+    out.peak_rss_mb = usage.ru_maxrss / 1024
+    lines = log.read_text().splitlines()
+    out.last_line = next((ln for ln in reversed(lines) if "done (" in ln), "")
+    proc.returncode = out.exit_code  # reaped by wait4 already
+    return out
+
+
+def _done(log: Path) -> int:
+    found = PROGRESS.findall(log.read_text()[-4000:])
+    return int(found[-1][0]) if found else 0
+
+
+def series(run: ChildRun, points: int = 8) -> str:
+    """A few (jobs done, RSS) samples spread over the run."""
+    samples = [s for s in run.samples if s[1] > 0]
+    if not samples:
+        return "(no samples)"
+    step = max(len(samples) // points, 1)
+    picked = [*samples[::step][:points], samples[-1]]
+    return ", ".join(f"{t:.0f}s:{done:,} jobs:{rss:.0f} MiB" for t, rss, done in picked)
+
+
+def plan_in_process(run_dir: Path) -> tuple[float, float, int, ResumeSummary]:
+    """(fold seconds, plan seconds, jobs, summary) over the ledger, opened here."""
+    t0 = time.perf_counter()
+    ledger = Ledger.open(run_dir)
+    try:
+        state = ledger.state()
+        fold_s = time.perf_counter() - t0
+        keys = state.jobs["job_key"].to_pylist()
+        t1 = time.perf_counter()
+        summary = ResumeSummary()
+        for _ in plan_resume(keys, state, summary=summary):
+            pass
+        plan_s = time.perf_counter() - t1
+    finally:
+        ledger.close()
+    return fold_s, plan_s, len(keys), summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--workdir", type=Path, help="keep the manifest and ledger here")
+    args = p.parse_args(argv)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    manifest, run_dir = work / f"rows{args.rows}.jsonl", work / f"rows{args.rows}.runner"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    write_jsonl(manifest, tiny_rows(args.rows))
+    print(f"## scale: {args.rows:,} rows, concurrency {args.concurrency}, 64x64, no download "
+          f"(manifest written in {time.perf_counter() - t0:.1f} s, "
+          f"{manifest.stat().st_size / 2**20:.0f} MiB); load average {load_avg()}")  # fmt: skip
+    with EmulatorProcess(concurrency=args.concurrency, time_scale=1e-6) as emu:
+        first = run_child(manifest, run_dir, emu, args.concurrency)
+        emu_rss = emu.rss_mb()
+        second = run_child(manifest, run_dir, emu, args.concurrency)
+    fold_s, plan_s, jobs, summary = plan_in_process(run_dir)
+    rows = [
+        ["first run", first.exit_code, first.wall_s, args.rows / first.wall_s, first.cpu_s,
+         first.peak_rss_mb],
+        ["rerun, all skipped", second.exit_code, second.wall_s, args.rows / second.wall_s,
+         second.cpu_s, second.peak_rss_mb],
+    ]  # fmt: skip
+    print(table(["runner run", "exit", "wall s", "rows/s", "CPU s", "peak RSS MiB"], rows))
+    print(f"first run:  {first.last_line}")
+    print(f"rerun:      {second.last_line}")
+    print(f"RSS series (first run): {series(first)}")
+    print(f"RSS series (rerun): {series(second)}")
+    print(f"emulator RSS after the first run: {emu_rss[0]:.0f} MiB (peak {emu_rss[1]:.0f})")
+    print(f"resume planning in process: fold the ledger {fold_s:.2f} s, plan_resume over "
+          f"{jobs:,} keys {plan_s:.2f} s ({dict(summary.actions)})")  # fmt: skip
+    ledger_mb = sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file()) / 2**20
+    print(f"ledger on disk: {ledger_mb:.0f} MiB; load average after: {load_avg()}")
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
