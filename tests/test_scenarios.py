@@ -272,3 +272,52 @@ async def test_key_never_reaches_ledger_or_output(tmp_path: Path) -> None:
 
 def test_fault_config_defaults_are_off() -> None:
     assert FaultConfig() == parse_faults("")
+
+
+async def test_runner_cancel_cancels_what_a_run_left_in_flight(tmp_path: Path) -> None:
+    from pydantic import SecretStr
+
+    from runner.cancel import cancel_in_flight
+    from runner.emulator import DEFAULT_KEY
+    from tests.scenario import EMULATOR_URL
+
+    path = manifest(tmp_path, 6)
+    async with emulator(time_scale=1.0, concurrency=1) as emu:
+        with anyio.move_on_after(0.5):
+            await run(emu, run_config(path, tmp_path / "run"))
+        left = [r for r in folded(tmp_path / "run") if r["state"] in ("queued", "in_progress")]
+        assert left
+        outcome = await cancel_in_flight(
+            tmp_path / "run", queue_url=EMULATOR_URL, key=SecretStr(DEFAULT_KEY),
+            transport=httpx.ASGITransport(app=emu.app),
+        )  # fmt: skip
+        assert emu.snapshot()["calls"]["cancel"] == len(left)
+    assert outcome.cancelled == len(left)
+    states = [r["state"] for r in folded(tmp_path / "run")]
+    assert states.count("cancelled") == len(left)
+    assert "queued" not in states and "in_progress" not in states
+
+
+async def test_endpoint_limit_caps_jobs_in_flight_for_that_endpoint(tmp_path: Path) -> None:
+    path = manifest(tmp_path, 8)
+    peak = 0
+    async with emulator(concurrency=4) as emu:
+        original = emu.accept
+
+        def accept(*args: Any, **kwargs: Any) -> Any:
+            nonlocal peak
+            result = original(*args, **kwargs)
+            snap = emu.snapshot()["jobs"]
+            peak = max(peak, snap["IN_QUEUE"] + snap["IN_PROGRESS"])
+            return result
+
+        emu.accept = accept  # type: ignore[method-assign]
+        report = await run(
+            emu,
+            run_config(
+                path, tmp_path / "run", concurrency=4,
+                endpoint_limits={"fal-ai/flux-lora": 1},
+            ),
+        )  # fmt: skip
+    assert report.exit_code == EXIT_OK
+    assert peak == 1
