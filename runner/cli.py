@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import anyio
 
 from runner import __version__
+from runner.catalog import CATALOG
 from runner.config import FAL_QUEUE_URL, RunConfig, build_config, key_from_env, load_toml
 from runner.cost import PriceTable
 from runner.errors import EXIT_JOBS_FAILED, EXIT_OK, RowError, RunnerError, UsageError
@@ -123,7 +124,8 @@ def stream_jobs(args: argparse.Namespace) -> tuple[list[str], Iterator[Job | Row
     first = next(rows, None)
     if first is None:
         return [], iter(())
-    warnings = column_warnings(list(first.cells), _endpoints_hint(options, first.cells))
+    columns = [*first.cells, *(k for k in options.defaults if k not in first.cells)]
+    warnings = column_warnings(columns, _endpoints_hint(options, first.cells))
 
     def chained() -> Iterator[Job | RowError]:
         yield from iter_jobs(_prepend(first, rows), options)
@@ -132,8 +134,10 @@ def stream_jobs(args: argparse.Namespace) -> tuple[list[str], Iterator[Job | Row
 
 
 def _endpoints_hint(options: ExpandOptions, cells: dict[str, object]) -> list[str]:
-    endpoint = cells.get("endpoint") or options.default_endpoint
-    return [str(endpoint)] if endpoint else []
+    """Endpoints whose parameters a column may be a near miss of."""
+    if "endpoint" in cells:
+        return list(CATALOG)  # rows may name any endpoint
+    return [options.default_endpoint] if options.default_endpoint else []
 
 
 def _prepend(first: T, rest: Iterator[T]) -> Iterator[T]:
@@ -223,6 +227,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from runner.engine import embedded_emulator, execute, print_summary
 
     config = run_config(args, os.environ)
+    warnings, _ = stream_jobs(args)  # reads the first row only
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
 
     async def go() -> Any:
         if config.emulator:

@@ -143,3 +143,14 @@ def test_price_override_file(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     args = ["plan", str(manifest), "--endpoint", "fal-ai/flux-lora", "--prices", str(prices)]
     assert main([*args, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["total"]["usd"] == "0.05"
+
+
+def test_near_miss_columns_and_set_keys_are_warned_about_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = write(tmp_path, "m.csv", "prompt,guidence_scale\na,3\nb,4\n")
+    args = ["validate", str(manifest), "--endpoint", "fal-ai/flux-lora", "--set", "seedd=3"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("did you mean 'guidance_scale'") == 1
+    assert "did you mean 'seed'" in err
