@@ -53,7 +53,8 @@ from runner.ratelimit import AdaptiveRate
 from runner.receiver import WebhookReceiver, webhook_server
 from runner.retry import RetryPolicy
 from runner.scheduler import RunReport, Scheduler, strict_check
-from runner.uploads import InputResolver, StorageClient, UploadCache, Uploader, UploadSettings
+from runner.storage import StorageClient, UploadSettings
+from runner.uploads import InputResolver, UploadCache, Uploader
 from runner.worker import Shared
 
 

@@ -22,14 +22,8 @@ from runner.engine import Hooks, execute
 from runner.errors import AuthError, HTTPStatusError
 from runner.inputs import InputChecker, InputRef, LocalFile, inspect_file
 from runner.ledger.fold import LedgerState
-from runner.uploads import (
-    CachedUpload,
-    StorageClient,
-    UploadCache,
-    Uploader,
-    UploadSettings,
-    substitute,
-)
+from runner.storage import StorageClient, UploadSettings
+from runner.uploads import CachedUpload, UploadCache, Uploader, substitute
 from tests.scenario import EMULATOR_URL, emulator, run, run_config
 
 pytestmark = pytest.mark.anyio
