@@ -24,7 +24,8 @@ from pydantic import SecretStr
 from starlette.applications import Starlette
 
 from runner.emulator.images import ImageStore
-from runner.emulator.storage import FileStore, StorageError, safe_file_name, storage_routes
+from runner.emulator.storage import FileStore, StorageError, safe_file_name
+from runner.emulator.storage_api import storage_routes
 
 KEY = "kid:secret-value"
 T0 = 1_900_000_000.0

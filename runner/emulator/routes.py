@@ -44,7 +44,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from runner import catalog
 from runner.emulator import results
 from runner.emulator.queue import Job, Phase
-from runner.emulator.storage import origin, storage_routes
+from runner.emulator.storage_api import origin, storage_routes
 from runner.emulator.webhooks import jwks_routes
 
 if TYPE_CHECKING:
