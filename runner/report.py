@@ -1,10 +1,12 @@
-"""The run report: what happened in a run directory, as data, text and JSON.
+"""The run report: what happened in a run directory, as data.
 
 :func:`build_report` is pure: it takes the folded ledger (one latest row per job,
 as :func:`runner.ledger.fold` returns it) and the run's ``run.json`` and returns a
-frozen :class:`Report`. :func:`load_jobs` does the reading. Rendering is separate:
-:mod:`runner.report_text` (text and JSON), :mod:`runner.report_html` (the page, whose
-gallery rows and thumbnails come from :mod:`runner.gallery`).
+frozen :class:`Report`. :func:`load_jobs` does the reading. Two parts have their own
+modules: :mod:`runner.report_failures` (failure groups) and :mod:`runner.report_outlook`
+(the resume outlook). Rendering is separate: :mod:`runner.report_text` (text and JSON),
+:mod:`runner.report_html` (the page, whose gallery rows and thumbnails come from
+:mod:`runner.gallery`).
 
 Definitions:
 
@@ -22,7 +24,6 @@ Definitions:
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,25 +37,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from runner.errors import LedgerError
-from runner.ledger import JobBrief, JobState, ResumePolicy, decide, fold, read_events
-from runner.ledger.resume import Action
+from runner.ledger import JobState, ResumePolicy, fold, read_events
+from runner.report_failures import FailureGroup, failure_groups
+from runner.report_outlook import ResumeOutlook, resume_outlook
 
 _ZERO = Decimal(0)
 STATE_ORDER = tuple(JobState)
 PERCENTILES = (50, 90, 99)
-# Ordered most specific first: a URL would otherwise be half-eaten by the path rule.
-_NORMALISERS = (
-    (re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.I), "<url>"),
-    (re.compile(r"\bdata:[^\s,]*,\S*"), "<data>"),
-    (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I), "<id>"),
-    (re.compile(r"\b[0-9a-f]{16,}\b", re.I), "<id>"),
-    (re.compile(r"(?<![\w<])[\w.~-]*/[\w./~-]+"), "<path>"),
-    (re.compile(r"(?<![\w<])-?\d+(?:\.\d+)?[A-Za-z%]{0,3}(?![\w.])"), "<n>"),  # 40, 3.5s, 2MB
-    # What is left with a digit in it is an identifier of some kind: k10092, r2d2, 1024x768.
-    (re.compile(r"(?<![\w<])[A-Za-z_]*\d[\w-]*"), "<id>"),
-    (re.compile(r"\s+"), " "),
-)
-_MESSAGE_CHARS = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,40 +84,6 @@ class Timing:
     images_per_hour: float | None
     queue: Percentiles
     inference: Percentiles
-
-
-@dataclass(frozen=True, slots=True)
-class FailureExample:
-    row_id: str | None
-    line: int | None
-    source: str | None
-    endpoint: str | None
-    state: JobState
-    message: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class FailureGroup:
-    error_type: str
-    message: str  # normalised
-    count: int
-    retryable: int
-    examples: tuple[FailureExample, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ResumeOutlook:
-    """What ``runner run`` on the same manifest would do with the jobs already in the ledger."""
-
-    policy: ResumePolicy
-    reattach: int  # queued / in progress: poll the request id again
-    retry: int  # failed and retryable (or --retry-failed): a new attempt
-    resubmit: int  # unknown outcome: submit again, possibly paying twice
-    revalidate: int  # invalid rows: validated again, submitted when now valid
-    skip: int
-    fail: int  # unknown outcome recorded as failed (--on-unknown fail)
-    reasons: Mapping[str, int]
-    new_jobs: int | None = None  # rows the ledger never saw: unknown without the manifest
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +133,7 @@ def build_report(
     for ep in endpoints:
         for state, count in ep.by_state.items():
             by_state[state] = by_state.get(state, 0) + count
-    groups, failed = _failure_groups(jobs, examples)
+    groups, failed = failure_groups(jobs, examples)
     notes = []
     if any(ep.billed_jobs < ep.by_state.get(JobState.COMPLETED, 0) for ep in endpoints):
         notes.append("some completed jobs have no output-based cost (unknown endpoint price)")
@@ -215,6 +170,25 @@ def _trim(value: Decimal) -> Decimal:
 
 
 def _endpoint_costs(jobs: pa.Table) -> tuple[EndpointCost, ...]:
+    per = _endpoint_totals(jobs)
+    return tuple(
+        EndpointCost(
+            endpoint=name,
+            jobs=e["jobs"],
+            by_state={s: e[s] for s in STATE_ORDER if e[s]},
+            images=e["images"],
+            megapixels=e["mp"],
+            estimated_usd=_trim(Decimal(e["est"])),
+            estimated_done_usd=_trim(Decimal(e["est_done"])),
+            billed_usd=_trim(Decimal(e["billed"])),
+            billed_jobs=e["billed_jobs"],
+        )
+        for name, e in sorted(per.items(), key=lambda kv: (kv[0] is None, kv[0] or ""))
+    )
+
+
+def _endpoint_totals(jobs: pa.Table) -> dict[str | None, dict[str, Any]]:
+    """Per endpoint: job counts (also keyed by JobState), money sums, images, megapixels."""
     billed_valid = pc.is_valid(jobs["billed_usd"])
     table = pa.table(
         {
@@ -249,20 +223,7 @@ def _endpoint_costs(jobs: pa.Table) -> tuple[EndpointCost, ...]:
         e["billed_jobs"] += row["billed_count"]
         e["images"] += row["images_sum"] or 0
         e["mp"] += row["mp_sum"] or 0
-    return tuple(
-        EndpointCost(
-            endpoint=name,
-            jobs=e["jobs"],
-            by_state={s: e[s] for s in STATE_ORDER if e[s]},
-            images=e["images"],
-            megapixels=e["mp"],
-            estimated_usd=_trim(Decimal(e["est"])),
-            estimated_done_usd=_trim(Decimal(e["est_done"])),
-            billed_usd=_trim(Decimal(e["billed"])),
-            billed_jobs=e["billed_jobs"],
-        )
-        for name, e in sorted(per.items(), key=lambda kv: (kv[0] is None, kv[0] or ""))
-    )
+    return per
 
 
 def percentiles(values: np.ndarray, of: int) -> Percentiles:
@@ -297,116 +258,3 @@ def _timing(jobs: pa.Table) -> Timing:
         queue=percentiles(column("queue_s"), done.num_rows),
         inference=percentiles(column("inference_s"), done.num_rows),
     )
-
-
-def normalise_message(message: str | None) -> str:
-    """A failure message with the parts that differ per row (ids, URLs, numbers) blanked."""
-    if not message:
-        return ""
-    text = message[:2000]
-    for pattern, replacement in _NORMALISERS:
-        text = pattern.sub(replacement, text)
-    text = text.strip()
-    return text if len(text) <= _MESSAGE_CHARS else text[: _MESSAGE_CHARS - 1] + "…"
-
-
-_FAILED_STATES = [s.value for s in (JobState.FAILED, JobState.CANCELLED, JobState.INVALID)]
-
-
-def _failure_groups(jobs: pa.Table, examples: int) -> tuple[list[FailureGroup], int]:
-    mask = pc.or_(
-        pc.is_in(jobs["state"], pa.array(_FAILED_STATES)),
-        pc.and_(
-            pc.is_valid(jobs["error_type"]),
-            pc.not_equal(jobs["state"], JobState.COMPLETED.value),
-        ),
-    )
-    failed = jobs.filter(mask).sort_by([("source", "ascending"), ("line", "ascending")])
-    cols = failed.select(
-        [
-            "error_type",
-            "error_message",
-            "retryable",
-            "row_id",
-            "line",
-            "source",
-            "endpoint",
-            "state",
-        ]
-    ).to_pydict()
-    counts: Counter[tuple[str, str]] = Counter()
-    retryable: Counter[tuple[str, str]] = Counter()
-    samples: dict[tuple[str, str], list[FailureExample]] = {}
-    cache: dict[str | None, str] = {}
-    for i, raw in enumerate(cols["error_message"]):
-        if raw not in cache:
-            cache[raw] = normalise_message(raw)
-        error_type = cols["error_type"][i] or cols["state"][i]
-        key = (error_type, cache[raw])
-        counts[key] += 1
-        retryable[key] += bool(cols["retryable"][i])
-        found = samples.setdefault(key, [])
-        if len(found) < examples:
-            found.append(
-                FailureExample(
-                    row_id=cols["row_id"][i],
-                    line=cols["line"][i],
-                    source=cols["source"][i],
-                    endpoint=cols["endpoint"][i],
-                    state=JobState(cols["state"][i]),
-                    message=raw,
-                )
-            )
-    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    groups = [
-        FailureGroup(key[0], key[1], count, retryable[key], tuple(samples[key]))
-        for key, count in ordered
-    ]
-    return groups, failed.num_rows
-
-
-def resume_outlook(jobs: pa.Table, policy: ResumePolicy) -> ResumeOutlook:
-    """decide() over every folded record, once per distinct (state, attempt, id?, retryable)."""
-    has_id = pc.and_(
-        pc.is_valid(jobs["request_id"]), pc.not_equal(jobs["request_id"], "")
-    ).fill_null(False)
-    table = pa.table(
-        {
-            "state": jobs["state"],
-            "attempt": jobs["attempt"],
-            "has_id": has_id,
-            "retryable": jobs["retryable"],
-        }
-    )
-    grouped = table.group_by(["state", "attempt", "has_id", "retryable"]).aggregate(
-        [("state", "count")]
-    )
-    kinds: Counter[str] = Counter()
-    reasons: Counter[str] = Counter()
-    for row in grouped.to_pylist():
-        brief = JobBrief(
-            "", JobState(row["state"]), row["attempt"], "id" if row["has_id"] else None,
-            row["retryable"],
-        )  # fmt: skip
-        decision = decide(brief, policy)
-        count = row["state_count"]
-        reasons[decision.reason] += count
-        kinds[_kind(decision.action, decision.possible_duplicate, brief.state)] += count
-    return ResumeOutlook(
-        policy=policy,
-        reattach=kinds["reattach"],
-        retry=kinds["retry"],
-        resubmit=kinds["resubmit"],
-        revalidate=kinds["revalidate"],
-        skip=kinds["skip"],
-        fail=kinds["fail"],
-        reasons=dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
-    )
-
-
-def _kind(action: Action, possible_duplicate: bool, state: JobState) -> str:
-    if action is Action.SUBMIT:
-        if possible_duplicate:
-            return "resubmit"
-        return "revalidate" if state is JobState.INVALID else "retry"
-    return action.value

@@ -13,7 +13,8 @@ from report_support import FLUX2, LORA, T0, sample_run, write_run
 
 from runner.cli import main
 from runner.ledger import JobState, LedgerEvent, ResumePolicy, read_run_meta, status_summary
-from runner.report import Report, build_report, load_jobs, normalise_message, percentiles
+from runner.report import Report, build_report, load_jobs, percentiles
+from runner.report_failures import normalise_message
 from runner.report_text import render_text, report_json, usd
 
 

@@ -1,0 +1,115 @@
+"""Failure groups of a run report: the same failure on different rows counted once.
+
+A group is ``error_type`` (or the job's state when fal gave no type) plus the message with
+ids, URLs, data URIs, paths and numbers replaced by placeholders (:func:`normalise_message`).
+Groups are ordered by count, largest first; each keeps a few example rows, in manifest order.
+Pure: a folded ledger table in, frozen groups out.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from runner.ledger import JobState
+
+# Ordered most specific first: a URL would otherwise be half-eaten by the path rule.
+_NORMALISERS = (
+    (re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.I), "<url>"),
+    (re.compile(r"\bdata:[^\s,]*,\S*"), "<data>"),
+    (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I), "<id>"),
+    (re.compile(r"\b[0-9a-f]{16,}\b", re.I), "<id>"),
+    (re.compile(r"(?<![\w<])[\w.~-]*/[\w./~-]+"), "<path>"),
+    (re.compile(r"(?<![\w<])-?\d+(?:\.\d+)?[A-Za-z%]{0,3}(?![\w.])"), "<n>"),  # 40, 3.5s, 2MB
+    # What is left with a digit in it is an identifier of some kind: k10092, r2d2, 1024x768.
+    (re.compile(r"(?<![\w<])[A-Za-z_]*\d[\w-]*"), "<id>"),
+    (re.compile(r"\s+"), " "),
+)
+_MESSAGE_CHARS = 300
+_FAILED_STATES = [s.value for s in (JobState.FAILED, JobState.CANCELLED, JobState.INVALID)]
+_COLUMNS = ["error_type", "error_message", "retryable", "row_id", "line", "source", "endpoint",
+            "state"]  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class FailureExample:
+    row_id: str | None
+    line: int | None
+    source: str | None
+    endpoint: str | None
+    state: JobState
+    message: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class FailureGroup:
+    error_type: str
+    message: str  # normalised
+    count: int
+    retryable: int
+    examples: tuple[FailureExample, ...]
+
+
+def normalise_message(message: str | None) -> str:
+    """A failure message with the parts that differ per row (ids, URLs, numbers) blanked."""
+    if not message:
+        return ""
+    text = message[:2000]
+    for pattern, replacement in _NORMALISERS:
+        text = pattern.sub(replacement, text)
+    text = text.strip()
+    return text if len(text) <= _MESSAGE_CHARS else text[: _MESSAGE_CHARS - 1] + "…"
+
+
+def failed_rows(jobs: pa.Table) -> pa.Table:
+    """Jobs that failed, were cancelled or invalid, or are unfinished after an error."""
+    mask = pc.or_(
+        pc.is_in(jobs["state"], pa.array(_FAILED_STATES)),
+        pc.and_(
+            pc.is_valid(jobs["error_type"]),
+            pc.not_equal(jobs["state"], JobState.COMPLETED.value),
+        ),
+    )
+    return jobs.filter(mask).sort_by([("source", "ascending"), ("line", "ascending")])
+
+
+def failure_groups(jobs: pa.Table, examples: int) -> tuple[list[FailureGroup], int]:
+    """Every failure group, largest first, and the number of failed jobs."""
+    failed = failed_rows(jobs)
+    cols = failed.select(_COLUMNS).to_pydict()
+    counts: Counter[tuple[str, str]] = Counter()
+    retryable: Counter[tuple[str, str]] = Counter()
+    samples: dict[tuple[str, str], list[FailureExample]] = {}
+    cache: dict[str | None, str] = {}
+    for i, raw in enumerate(cols["error_message"]):
+        if raw not in cache:
+            cache[raw] = normalise_message(raw)
+        error_type = cols["error_type"][i] or cols["state"][i]
+        key = (error_type, cache[raw])
+        counts[key] += 1
+        retryable[key] += bool(cols["retryable"][i])
+        found = samples.setdefault(key, [])
+        if len(found) < examples:
+            found.append(_example(cols, i))
+    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    groups = [
+        FailureGroup(key[0], key[1], count, retryable[key], tuple(samples[key]))
+        for key, count in ordered
+    ]
+    return groups, failed.num_rows
+
+
+def _example(cols: dict[str, list[Any]], i: int) -> FailureExample:
+    return FailureExample(
+        row_id=cols["row_id"][i],
+        line=cols["line"][i],
+        source=cols["source"][i],
+        endpoint=cols["endpoint"][i],
+        state=JobState(cols["state"][i]),
+        message=cols["error_message"][i],
+    )

@@ -1,0 +1,81 @@
+"""The resume outlook of a run report: what ``runner run`` would do with the ledger's jobs.
+
+:func:`resume_outlook` applies :func:`runner.ledger.decide` to every folded record, once per
+distinct (state, attempt, has request id, retryable), and counts the outcomes. New manifest
+rows (never seen by the ledger) would be submitted too; without the manifest their number is
+unknown, so ``new_jobs`` stays None. Pure: a folded ledger table in, a frozen outlook out.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from runner.ledger import JobBrief, JobState, ResumePolicy, decide
+from runner.ledger.resume import Action
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeOutlook:
+    """What ``runner run`` on the same manifest would do with the jobs already in the ledger."""
+
+    policy: ResumePolicy
+    reattach: int  # queued / in progress: poll the request id again
+    retry: int  # failed and retryable (or --retry-failed): a new attempt
+    resubmit: int  # unknown outcome: submit again, possibly paying twice
+    revalidate: int  # invalid rows: validated again, submitted when now valid
+    skip: int
+    fail: int  # unknown outcome recorded as failed (--on-unknown fail)
+    reasons: Mapping[str, int]
+    new_jobs: int | None = None  # rows the ledger never saw: unknown without the manifest
+
+
+def resume_outlook(jobs: pa.Table, policy: ResumePolicy) -> ResumeOutlook:
+    """decide() over every folded record, once per distinct (state, attempt, id?, retryable)."""
+    has_id = pc.and_(
+        pc.is_valid(jobs["request_id"]), pc.not_equal(jobs["request_id"], "")
+    ).fill_null(False)
+    table = pa.table(
+        {
+            "state": jobs["state"],
+            "attempt": jobs["attempt"],
+            "has_id": has_id,
+            "retryable": jobs["retryable"],
+        }
+    )
+    grouped = table.group_by(["state", "attempt", "has_id", "retryable"]).aggregate(
+        [("state", "count")]
+    )
+    kinds: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    for row in grouped.to_pylist():
+        brief = JobBrief(
+            "", JobState(row["state"]), row["attempt"], "id" if row["has_id"] else None,
+            row["retryable"],
+        )  # fmt: skip
+        decision = decide(brief, policy)
+        count = row["state_count"]
+        reasons[decision.reason] += count
+        kinds[_kind(decision.action, decision.possible_duplicate, brief.state)] += count
+    return ResumeOutlook(
+        policy=policy,
+        reattach=kinds["reattach"],
+        retry=kinds["retry"],
+        resubmit=kinds["resubmit"],
+        revalidate=kinds["revalidate"],
+        skip=kinds["skip"],
+        fail=kinds["fail"],
+        reasons=dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+    )
+
+
+def _kind(action: Action, possible_duplicate: bool, state: JobState) -> str:
+    if action is Action.SUBMIT:
+        if possible_duplicate:
+            return "resubmit"
+        return "revalidate" if state is JobState.INVALID else "retry"
+    return action.value
