@@ -7,7 +7,7 @@ Path layout, one host::
     GET  /{owner}/{app}/requests/{id}/status/stream       server-sent events
     GET  /{owner}/{app}/requests/{id}[/]                  result
     PUT  /{owner}/{app}/requests/{id}/cancel[/]           cancel
-    /rest/storage/..., /cdn/files/...                     storage, CDN (.storage, .images)
+    /rest/storage/..., /cdn/files/...                     storage, CDN (.storage_api, .images)
     GET  /rest/.well-known/jwks.json                      webhook public key
     GET  /_emulator/stats, POST /_emulator/reset          accounting
 

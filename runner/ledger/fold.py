@@ -29,8 +29,8 @@ from runner.ledger.journal import list_segments, read_segment
 from runner.ledger.parts import PartFile, read_part, scan_parts
 from runner.ledger.schema import (
     ATTEMPT_FIELDS,
-    OUTCOME_FIELDS,
     LEDGER_SCHEMA,
+    OUTCOME_FIELDS,
     JobRecord,
     JobState,
     record_from_row,
