@@ -293,6 +293,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_compact(args: argparse.Namespace) -> int:
+    from runner.ledger.store import compact
+
+    removed = compact(args.run_dir)
+    print(f"folded {removed} parts into one (latest state per job)", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
     from runner.cancel import cancel_in_flight
 
@@ -343,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["csv", "jsonl", "parquet"], default="csv")
     p.add_argument("--out", type=Path, help="output file (default: RUN_DIR/export.FORMAT)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("compact", help="fold the ledger's parts into one (drops history)")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(func=cmd_compact)
 
     p = sub.add_parser("cancel", help="cancel the remote requests still in flight")
     p.add_argument("run_dir", type=Path)

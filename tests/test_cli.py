@@ -154,3 +154,27 @@ def test_near_miss_columns_and_set_keys_are_warned_about_once(
     err = capsys.readouterr().err
     assert err.count("did you mean 'guidance_scale'") == 1
     assert "did you mean 'seed'" in err
+
+
+def test_status_export_and_compact_on_a_run_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from datetime import UTC, datetime
+
+    from runner.ledger.schema import JobState, LedgerEvent
+    from runner.ledger.store import Ledger
+
+    run_dir = tmp_path / "run"
+    with Ledger.open(run_dir, checkpoint_events=2) as ledger:
+        for i in range(3):
+            for state in (JobState.SUBMITTING, JobState.QUEUED, JobState.COMPLETED):
+                at = datetime.now(UTC)
+                ledger.append(LedgerEvent(f"k{i}", state, at, row_id=f"r{i}", attempt=1))
+                ledger.commit_sync()
+    assert main(["status", str(run_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["by_state"] == {"completed": 3}
+    assert main(["compact", str(run_dir)]) == 0
+    assert len(list((run_dir / "ledger").glob("*.parquet"))) == 1
+    assert main(["export", str(run_dir), "--format", "jsonl"]) == 0
+    lines = (run_dir / "export.jsonl").read_text().splitlines()
+    assert sorted(json.loads(x)["row_id"] for x in lines) == ["r0", "r1", "r2"]
