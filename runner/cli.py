@@ -10,8 +10,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
-from decimal import Decimal
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,102 +18,16 @@ import anyio
 
 from runner import __version__
 from runner.catalog import CATALOG
-from runner.config import FAL_QUEUE_URL, RunConfig, build_config, key_from_env, load_toml
+from runner.config import FAL_QUEUE_URL, key_from_env
 from runner.cost import PriceTable
 from runner.errors import EXIT_JOBS_FAILED, EXIT_OK, RowError, RunnerError, UsageError
 from runner.inputs import InputSizer
 from runner.jobs import ExpandOptions, Job, column_warnings, iter_jobs
 from runner.manifest import read_rows
+from runner.options import add_manifest_args, add_run_args, expand_options, run_config
 from runner.plan import build_plan, render_text
 
-FORMATS = ("csv", "tsv", "jsonl", "parquet")
 T = TypeVar("T")
-
-
-def _key_value(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
-    return key.strip(), value
-
-
-def add_manifest_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("manifest", type=Path, help="CSV, TSV, JSONL or Parquet manifest")
-    p.add_argument("--format", choices=FORMATS, help="override the format from the suffix")
-    p.add_argument("--endpoint", help="endpoint for rows without an `endpoint` column")
-    p.add_argument(
-        "--allow-endpoint",
-        action="append",
-        default=[],
-        metavar="ID",
-        help="send rows for this unknown endpoint id untyped (cost unknown)",
-    )
-    p.add_argument(
-        "--set",
-        dest="defaults",
-        action="append",
-        default=[],
-        type=_key_value,
-        metavar="KEY=VALUE",
-        help="a default for every row; a row's own value wins",
-    )
-    p.add_argument("--prompt-template", help="fill `{column}` placeholders into `prompt`")
-
-
-def _endpoint_limit(text: str) -> tuple[str, int]:
-    key, value = _key_value(text)
-    try:
-        return key, int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected ENDPOINT=N, got {text!r}") from None
-
-
-def add_run_args(p: argparse.ArgumentParser) -> None:
-    a = p.add_argument
-    a("--ledger", type=Path, metavar="DIR", help="run directory (default: beside the manifest)")
-    a("--config", type=Path, metavar="TOML", help="options from a TOML file; flags win")
-    a("--emulator", action="store_true", help="run against the embedded local emulator")
-    a("--queue-url", help="fal queue base URL (default https://queue.fal.run)")
-    a("--concurrency", type=int, help="the account's concurrency slots (default 2)")
-    a("--max-in-flight", type=int, help="jobs submitted but unfinished (default 2x slots)")
-    a("--rate", type=float, help="submits per second (default 10); halves on 429s")
-    a("--endpoint-limit", action="append", type=_endpoint_limit, metavar="ID=N",
-      help="at most N jobs of this endpoint in flight")  # fmt: skip
-    a("--max-cost", type=Decimal, metavar="USD", help="hard cap on committed spend")
-    a("--max-attempts", type=int, help="attempts per job for retryable failures (default 3)")
-    a("--on-unknown", choices=["resubmit", "skip", "fail"],
-      help="what a rerun does with submits of unknown outcome (default resubmit)")  # fmt: skip
-    a("--retry-failed", action="store_true", help="run failed jobs again, even non-retryable")
-    a("--completion", choices=["poll", "stream", "webhook"], help="default poll")
-    a("--webhook-listen", metavar="HOST:PORT", help="where the webhook receiver listens")
-    a("--webhook-url", help="the public URL fal calls (e.g. a tunnel to --webhook-listen)")
-    a("--webhook-jwks-url", help="JWKS for webhook signatures (default fal's)")
-    a("--job-timeout", type=float, metavar="S", help="cancel and fail a job after S seconds")
-    a("--start-timeout", type=float, metavar="S", help="sent as X-Fal-Request-Timeout")
-    a("--priority", choices=["normal", "low"])
-    a("--strict", action="store_true", help="refuse the manifest if any row is bad")
-    a("--quiet", action="store_true", help="log lines instead of a progress bar")
-    a("--prices", type=Path, help="JSON price overrides")
-    a("--out", metavar="DIR|URL",
-      help="where outputs are downloaded (default RUN_DIR/outputs; or s3://...)")  # fmt: skip
-    a("--no-download", action="store_true", help="keep only the output URLs in the ledger")
-    a("--download-concurrency", type=int, metavar="N", help="parallel downloads (default 8)")
-    a("--inline-inputs", action="store_true",
-      help="send small local images as data: URIs instead of uploading them")  # fmt: skip
-    a("--inline-max-bytes", type=int, metavar="B", help="largest inlined image (default 2 MiB)")
-    a("--probe-inputs", action="store_true",
-      help="read remote input image sizes (Range request) so estimates are exact")  # fmt: skip
-
-
-def expand_options(args: argparse.Namespace) -> ExpandOptions:
-    manifest: Path = args.manifest
-    return ExpandOptions(
-        manifest_dir=manifest.resolve().parent,
-        default_endpoint=args.endpoint,
-        allowed_endpoints=frozenset(args.allow_endpoint),
-        defaults=dict(args.defaults),
-        prompt_template=args.prompt_template,
-    )
 
 
 def stream_jobs(args: argparse.Namespace) -> tuple[list[str], Iterator[Job | RowError]]:
@@ -176,51 +89,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"warning: {w}", file=sys.stderr)
         print(render_text(plan))
     return EXIT_OK if plan.ok else EXIT_JOBS_FAILED
-
-
-RUN_FLAGS = (
-    "ledger", "emulator", "concurrency", "max_in_flight", "rate", "endpoint_limit", "max_cost",
-    "max_attempts", "on_unknown", "retry_failed", "completion", "webhook_listen", "webhook_url",
-    "webhook_jwks_url", "job_timeout", "start_timeout", "priority", "strict", "quiet", "prices",
-    "queue_url", "out", "download_concurrency", "inline_inputs", "inline_max_bytes",
-    "probe_inputs",
-)  # fmt: skip
-# Flag name -> RunConfig field, where they differ.
-RENAMED = {
-    "ledger": "run_dir", "rate": "rate_per_s", "endpoint_limit": "endpoint_limits",
-    "max_cost": "max_cost_usd", "job_timeout": "job_timeout_s", "start_timeout": "start_timeout_s",
-    "out": "out_dir",
-}  # fmt: skip
-
-
-def default_run_dir(manifest: Path) -> Path:
-    """Beside the manifest: ``demo.csv`` -> ``demo.runner/``."""
-    return manifest.with_name(manifest.stem + ".runner")
-
-
-def run_config(args: argparse.Namespace, environ: Mapping[str, str]) -> RunConfig:
-    """Flags win over the TOML file, which wins over the defaults."""
-    values: dict[str, Any] = load_toml(args.config) if args.config else {}
-    values = {RENAMED.get(k, k): v for k, v in values.items()}
-    for flag in RUN_FLAGS:
-        given = getattr(args, flag, None)
-        if given is not None and given is not False:
-            values[RENAMED.get(flag, flag)] = given
-    if getattr(args, "no_download", False):
-        values["download"] = False
-    if isinstance(values.get("endpoint_limits"), list):
-        values["endpoint_limits"] = dict(values["endpoint_limits"])
-    values.update(
-        manifest=args.manifest,
-        fmt=args.format,
-        default_endpoint=args.endpoint,
-        allowed_endpoints=frozenset(args.allow_endpoint),
-        defaults=dict(args.defaults),
-        prompt_template=args.prompt_template,
-        key=key_from_env(environ),
-    )
-    values.setdefault("run_dir", default_run_dir(args.manifest))
-    return build_config(values)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from runner.cli import build_parser, run_config
+from runner.cli import build_parser
+from runner.options import run_config
 from runner.config import RunConfig, key_from_env
 from runner.errors import UsageError
 

@@ -333,7 +333,7 @@ def test_run_flags_reach_the_config(
     tmp_path: Path, flags: list[str], expected: dict[str, Any]
 ) -> None:
     from runner.cli import build_parser
-    from runner.cli import run_config as cli_config
+    from runner.options import run_config as cli_config
 
     args = build_parser().parse_args(["run", str(tmp_path / "m.csv"), *flags])
     config = cli_config(args, {})
