@@ -20,8 +20,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,12 +104,14 @@ def emulator_process(
             proc.wait()
 
 
-def start_run(manifest: Path, run_dir: Path, queue_url: str, *flags: str) -> subprocess.Popen[str]:
+def start_run(
+    manifest: Path, run_dir: Path, queue_url: str, *flags: str, key: str = DEFAULT_KEY
+) -> subprocess.Popen[str]:
     """``python -m runner run`` against ``queue_url``, output captured."""
     args = [sys.executable, "-m", "runner", "run", str(manifest), "--queue-url", queue_url,
             "--ledger", str(run_dir), "--quiet", *flags]  # fmt: skip
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=child_env(), text=True, cwd=manifest.parent)  # fmt: skip
+                            env=child_env(FAL_KEY=key), text=True, cwd=manifest.parent)  # fmt: skip
 
 
 def manifest_jobs(path: Path) -> dict[str, Job]:
@@ -258,3 +260,29 @@ def secret_leaks(secret: str, *texts: str, root: Path | None = None) -> list[str
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+@asynccontextmanager
+async def serve_app(app: Any, port: int = 0) -> AsyncIterator[str]:
+    """Any ASGI app on a loopback port (uvicorn, asyncio only); yields its base URL."""
+    import anyio
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve, [sock])
+            while not server.started:
+                if server.should_exit:
+                    raise RuntimeError("the server failed to start")
+                await anyio.sleep(0.01)
+            try:
+                yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+            finally:
+                server.should_exit = True
+    finally:
+        sock.close()
