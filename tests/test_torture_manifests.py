@@ -47,7 +47,7 @@ FUZZ = settings(
     ],  # capsys is drained per call
 )
 
-text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+text = st.text(st.characters(blacklist_categories=["Cs"]), max_size=40)
 prompts = text.filter(lambda s: s.strip() != "" and BAD_UTF8 not in s)
 good_values = st.fixed_dictionaries(
     {
