@@ -70,7 +70,8 @@ def row(p: Phase, c: int) -> list[object]:
         p.run.name, f"{p.run.completed}/{p.run.jobs}", p.per_job("submit"), p.per_job("status"),
         p.per_job("stream"), p.per_job("result"),
         p.per_job() - sum(p.per_job(k) for k in ("submit", "status", "stream", "result")),
-        p.per_job(), p.webhooks.get("delivered", 0), p.makespan_s / max(p.bound_s(c), 1e-9),
+        p.per_job(), p.webhooks.get("delivered", 0), p.run.cpu_per_1000_s,
+        p.makespan_s / max(p.bound_s(c), 1e-9),
     ]  # fmt: skip
 
 
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> list[Phase]:
             results.append(measure(emu, start))
     print(table(
         ["client", "completed", "submit", "status", "stream", "result", "other", "calls/job",
-         "webhooks", "makespan/bound"],
+         "webhooks", "client CPU s / 1k jobs", "makespan/bound"],
         [row(r, c) for r in results],
     ))  # fmt: skip
     poll = results[0].per_job()
