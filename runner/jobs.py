@@ -190,10 +190,12 @@ class _Expander:
 
     def expand(self, raw: RawRow) -> list[Job] | list[RowError]:
         row = _Row(raw, _row_id(raw))
+        # Claim the id first, even for a row that cannot be parsed, so a later row
+        # reusing it is reported now rather than once this one is fixed.
+        self._check_unique_id(row)
         if raw.problem is not None:
             row.problem(None, raw.problem)
             return [row.error()]
-        self._check_unique_id(row)
         values = self._with_defaults(raw.cells)
         endpoint = self._endpoint(row, values)
         template = _first_given(values.get("prompt_template"), self.options.prompt_template)

@@ -94,7 +94,8 @@ def strict_check(config: RunConfig) -> None:
 
 def invalid_event(error: RowError, now: Any) -> LedgerEvent:
     first = error.problems[0]
-    identity = f"{first.file}\0{first.row_id or first.line}"
+    # The line too: two bad rows sharing an id are two records, not one.
+    identity = f"{first.file}\0{first.row_id}\0{first.line}"
     key = "invalid-" + hashlib.sha256(identity.encode()).hexdigest()[:24]
     return LedgerEvent(
         job_key=key,
