@@ -76,6 +76,9 @@ def run_child(manifest: Path, run_dir: Path, emu: EmulatorProcess, concurrency: 
             except (FileNotFoundError, ProcessLookupError):
                 rss = 0.0
             out.samples.append((time.perf_counter() - t0, rss, _done(log)))
+            if len(out.samples) % 60 == 0:  # a line a minute, so a cut-short run still tells
+                t, rss, done = out.samples[-1]
+                print(f"  {t:6.0f} s  {done:>9,} jobs done  RSS {rss:6.0f} MiB", flush=True)
             time.sleep(1.0)
     out.wall_s = time.perf_counter() - t0
     out.exit_code = os.waitstatus_to_exitcode(status)
