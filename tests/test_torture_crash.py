@@ -31,7 +31,7 @@ from tests.torture_support import (
     start_run,
 )
 
-FAST = ["--no-download", "--concurrency", "8", "--max-in-flight", "24", "--rate", "1000"]
+FAST = ["--concurrency", "8", "--max-in-flight", "24", "--rate", "1000"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class Chain:
     seed: int
     faults: str = ""
     poll_every: int = 0  # every Nth run polls instead of streaming (0: never)
+    download: bool = False  # download outputs to out/ (killed mid-download too)
 
 
 @dataclass
@@ -50,20 +51,31 @@ class Outcome:
     logs: list[str] = field(default_factory=list)
 
 
-def _flags(chain: Chain, run: int) -> list[str]:
+def _flags(chain: Chain, run: int, out: Path) -> list[str]:
     poll = chain.poll_every and run % chain.poll_every == chain.poll_every - 1
-    return [*FAST, "--completion", "poll" if poll else "stream"]
+    where = ["--out", str(out)] if chain.download else ["--no-download"]
+    return [*FAST, *where, "--completion", "poll" if poll else "stream"]
+
+
+def check_downloads(run_dir: Path, out: Path, jobs: int) -> None:
+    """Every output downloaded once, to a file that exists; no temp file is left behind."""
+    rows = check_readable(run_dir).jobs.to_pylist()
+    paths = [o["local_path"] for r in rows for o in r["outputs"]]
+    assert len(paths) == jobs and all(paths), "an output was not downloaded"
+    assert all(Path(p).is_file() for p in paths)
+    files = {str(p.resolve()) for p in out.rglob("*") if p.is_file()}
+    assert files == {str(Path(p).resolve()) for p in paths}, "stray or temp files in --out"
 
 
 def _kill_chain(chain: Chain, tmp_path: Path) -> None:
     rng = random.Random(chain.seed)
     path = manifest(tmp_path, chain.rows)
     jobs = manifest_jobs(path)
-    run_dir = tmp_path / "run"
+    run_dir, out_dir = tmp_path / "run", tmp_path / "out"
     outcome = Outcome()
     with emulator_process(tmp_path, time_scale=0.25, faults=chain.faults) as emu:
         for i in range(chain.kills):
-            proc = start_run(path, run_dir, emu.url, *_flags(chain, i))
+            proc = start_run(path, run_dir, emu.url, *_flags(chain, i, out_dir))
             time.sleep(rng.uniform(0.5, 2.0))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
@@ -76,14 +88,14 @@ def _kill_chain(chain: Chain, tmp_path: Path) -> None:
             check_accounting(run_dir, emu.stats(), jobs)
         codes = []
         for _ in range(4):  # unknown outcomes (reset faults) take one more run each
-            proc = start_run(path, run_dir, emu.url, *FAST, "--completion", "stream")
+            proc = start_run(path, run_dir, emu.url, *_flags(chain, 0, out_dir))
             out, err = proc.communicate(timeout=120)
             outcome.logs += [out, err]
             codes.append(proc.returncode)
             assert proc.returncode in (EXIT_OK, EXIT_JOBS_FAILED), err[-2000:]
             if proc.returncode == EXIT_OK:
                 break
-        assert codes[-1] == EXIT_OK, codes
+        assert codes[-1] == EXIT_OK, (codes, outcome.logs[-1][-3000:])
         stats = emu.stats()
     check_terminal_once(run_dir, jobs, allowed=("completed",))
     acc = check_accounting(run_dir, stats, jobs)
@@ -92,6 +104,8 @@ def _kill_chain(chain: Chain, tmp_path: Path) -> None:
     assert stats["submits"]["distinct_inputs"] == chain.rows
     assert outcome.killed >= chain.kills // 2, outcome
     assert not secret_leaks(DEFAULT_KEY, *outcome.logs, root=run_dir)
+    if chain.download:
+        check_downloads(run_dir, out_dir, chain.rows)
 
 
 CHAINS = [
@@ -99,6 +113,7 @@ CHAINS = [
         Chain(rows=200, kills=6, seed=2, faults="reset_after_accept=0.04,seed=5", poll_every=3),
         id="reset-after-accept",
     ),
+    pytest.param(Chain(rows=100, kills=5, seed=3, download=True), id="downloads"),
 ]
 LONG_FAULTS = (
     "reset_after_accept=0.03,timeout_after_accept=0.02,timeout_hang_s=4,"
@@ -110,6 +125,7 @@ LONG_CHAINS = [
     ),
     pytest.param(Chain(rows=300, kills=20, seed=12), id="long-clean"),
     pytest.param(Chain(rows=200, kills=6, seed=1), id="clean"),
+    pytest.param(Chain(rows=300, kills=20, seed=13, download=True), id="long-downloads"),
 ]
 
 
@@ -147,7 +163,7 @@ def test_first_sigint_drains_in_flight_then_rerun_completes_without_duplicates(
     path = manifest(tmp_path, 120)
     jobs = manifest_jobs(path)
     run_dir = tmp_path / "run"
-    flags = [*FAST, "--completion", "stream"]
+    flags = [*FAST, "--no-download", "--completion", "stream"]
     with emulator_process(tmp_path, time_scale=0.25) as emu:
         proc = start_run(path, run_dir, emu.url, *flags)
         _wait_for_jobs(run_dir, proc, 10)

@@ -286,11 +286,6 @@ def test_a_run_sends_the_good_rows_and_records_each_bad_one_as_invalid(m: Manife
 # -- known bugs, kept out of the generator above so the fuzzing stays exact ----------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine.invalid_event keys an invalid record by file and row id only: two bad "
-    "rows sharing an id fold into one record, so the first bad row vanishes from the ledger",
-)
 def test_two_bad_rows_sharing_an_id_are_two_invalid_records(tmp_path: Path) -> None:
     path = tmp_path / "m.csv"
     path.write_text(
@@ -301,12 +296,6 @@ def test_two_bad_rows_sharing_an_id_are_two_invalid_records(tmp_path: Path) -> N
     assert sorted(r["line"] for r in rows if r["state"] == "invalid") == [2, 3]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jobs._Expander.expand returns on a row's parse problem (bad UTF-8, extra cells) "
-    "before _check_unique_id, so that row's id is not claimed and a later row reusing it is "
-    "reported only once the first row is fixed",
-)
 def test_a_row_that_cannot_be_parsed_still_claims_its_id(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
