@@ -14,10 +14,12 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
-from runner.emulator import DEFAULT_KEY
+from runner.emulator import DEFAULT_KEY, Emulator, EmulatorConfig
 from runner.errors import EXIT_INTERRUPTED, EXIT_JOBS_FAILED, EXIT_OK
 from tests.scenario import manifest
 from tests.torture_support import (
@@ -28,6 +30,7 @@ from tests.torture_support import (
     emulator_process,
     manifest_jobs,
     secret_leaks,
+    serve_app,
     start_run,
 )
 
@@ -110,7 +113,7 @@ def _kill_chain(chain: Chain, tmp_path: Path) -> None:
 
 CHAINS = [
     pytest.param(
-        Chain(rows=200, kills=6, seed=2, faults="reset_after_accept=0.04,seed=5", poll_every=3),
+        Chain(rows=160, kills=6, seed=2, faults="reset_after_accept=0.04,seed=5", poll_every=3),
         id="reset-after-accept",
     ),
     pytest.param(Chain(rows=100, kills=5, seed=3, download=True), id="downloads"),
@@ -184,3 +187,63 @@ def test_first_sigint_drains_in_flight_then_rerun_completes_without_duplicates(
     assert stats["submits"]["duplicates"] == 0
     assert stats["submits"]["accepted"] == len(jobs)
     check_accounting(run_dir, stats, jobs)
+
+
+class StallingCdn:
+    """The emulator's app, but CDN downloads send half the file and then hang."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.stall = True
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not self.stall or not scope["path"].startswith("/cdn/"):
+            await self.app(scope, receive, send)
+            return
+
+        async def half_then_hang(message: Any) -> None:
+            if message["type"] == "http.response.body":
+                body = message.get("body", b"")
+                await send({"type": "http.response.body", "body": body[: len(body) // 2],
+                            "more_body": True})  # fmt: skip
+                await anyio.sleep(20)  # the runner is killed meanwhile
+                return
+            await send(message)
+
+        await self.app(scope, receive, half_then_hang)
+
+
+def part_files(out_dir: Path) -> list[Path]:
+    return list(out_dir.rglob("*.part"))
+
+
+async def _until_part_file(out_dir: Path, proc: subprocess.Popen[str]) -> None:
+    with anyio.fail_after(30):
+        while not await anyio.to_thread.run_sync(part_files, out_dir):
+            assert proc.poll() is None, "the run ended before downloading"
+            await anyio.sleep(0.05)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # uvicorn serves on asyncio only
+async def test_a_download_killed_midway_leaves_no_temp_file_after_resume(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    path = manifest(tmp_path, 4)
+    run_dir, out_dir = tmp_path / "run", tmp_path / "out"
+    emu = Emulator(EmulatorConfig(time_scale=0.01, concurrency=4))
+    cdn = StallingCdn(emu.app)
+    flags = ["--out", str(out_dir), "--completion", "stream"]
+    async with emu.running(), serve_app(cdn) as url:
+        proc = start_run(path, run_dir, url, *flags)
+        try:
+            await _until_part_file(out_dir, proc)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            await anyio.to_thread.run_sync(proc.communicate)
+        cdn.stall = False
+        again = start_run(path, run_dir, url, *flags)
+        _, err = await anyio.to_thread.run_sync(again.communicate)
+    assert again.returncode == EXIT_OK, err[-2000:]
+    check_downloads(run_dir, out_dir, 4)
+    assert not part_files(out_dir)

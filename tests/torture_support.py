@@ -271,7 +271,8 @@ async def serve_app(app: Any, port: int = 0) -> AsyncIterator[str]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
-    config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False)
+    config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=1)  # fmt: skip
     server = uvicorn.Server(config)
     try:
         async with anyio.create_task_group() as tg:
