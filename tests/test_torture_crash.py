@@ -28,6 +28,7 @@ from tests.torture_support import (
     check_readable,
     check_terminal_once,
     emulator_process,
+    free_port,
     manifest_jobs,
     secret_leaks,
     serve_app,
@@ -43,7 +44,7 @@ class Chain:
     kills: int
     seed: int
     faults: str = ""
-    poll_every: int = 0  # every Nth run polls instead of streaming (0: never)
+    modes: tuple[str, ...] = ("stream",)  # completion mode of each run, in turn
     download: bool = False  # download outputs to out/ (killed mid-download too)
 
 
@@ -54,10 +55,23 @@ class Outcome:
     logs: list[str] = field(default_factory=list)
 
 
-def _flags(chain: Chain, run: int, out: Path) -> list[str]:
-    poll = chain.poll_every and run % chain.poll_every == chain.poll_every - 1
-    where = ["--out", str(out)] if chain.download else ["--no-download"]
-    return [*FAST, *where, "--completion", "poll" if poll else "stream"]
+@dataclass(frozen=True)
+class Where:
+    out: Path
+    queue_url: str
+    webhook_port: int  # the same for every run, so late deliveries reach the next one
+
+
+def _flags(chain: Chain, run: int, where: Where) -> list[str]:
+    mode = chain.modes[run % len(chain.modes)]
+    flags = [*FAST, "--out", str(where.out)] if chain.download else [*FAST, "--no-download"]
+    flags += ["--completion", mode]
+    if mode == "webhook":
+        hook = f"127.0.0.1:{where.webhook_port}"
+        jwks = where.queue_url + "/rest/.well-known/jwks.json"
+        flags += ["--webhook-listen", hook, "--webhook-url", f"http://{hook}/",
+                  "--webhook-jwks-url", jwks]  # fmt: skip
+    return flags
 
 
 def check_downloads(run_dir: Path, out: Path, jobs: int) -> None:
@@ -77,8 +91,9 @@ def _kill_chain(chain: Chain, tmp_path: Path) -> None:
     run_dir, out_dir = tmp_path / "run", tmp_path / "out"
     outcome = Outcome()
     with emulator_process(tmp_path, time_scale=0.25, faults=chain.faults) as emu:
+        where = Where(out_dir, emu.url, free_port())
         for i in range(chain.kills):
-            proc = start_run(path, run_dir, emu.url, *_flags(chain, i, out_dir))
+            proc = start_run(path, run_dir, emu.url, *_flags(chain, i, where))
             time.sleep(rng.uniform(0.5, 2.0))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
@@ -91,7 +106,7 @@ def _kill_chain(chain: Chain, tmp_path: Path) -> None:
             check_accounting(run_dir, emu.stats(), jobs)
         codes = []
         for _ in range(4):  # unknown outcomes (reset faults) take one more run each
-            proc = start_run(path, run_dir, emu.url, *_flags(chain, 0, out_dir))
+            proc = start_run(path, run_dir, emu.url, *_flags(chain, 0, where))
             out, err = proc.communicate(timeout=120)
             outcome.logs += [out, err]
             codes.append(proc.returncode)
@@ -113,7 +128,13 @@ def _kill_chain(chain: Chain, tmp_path: Path) -> None:
 
 CHAINS = [
     pytest.param(
-        Chain(rows=160, kills=6, seed=2, faults="reset_after_accept=0.04,seed=5", poll_every=3),
+        Chain(
+            rows=160,
+            kills=6,
+            seed=2,
+            faults="reset_after_accept=0.04,seed=5",
+            modes=("stream", "webhook", "poll"),
+        ),
         id="reset-after-accept",
     ),
     pytest.param(Chain(rows=100, kills=5, seed=3, download=True), id="downloads"),
@@ -124,9 +145,16 @@ LONG_FAULTS = (
 )
 LONG_CHAINS = [
     pytest.param(
-        Chain(rows=400, kills=24, seed=11, faults=LONG_FAULTS, poll_every=4), id="long-faults"
+        Chain(
+            rows=400,
+            kills=24,
+            seed=11,
+            faults=LONG_FAULTS,
+            modes=("stream", "webhook", "stream", "poll"),
+        ),
+        id="long-faults",
     ),
-    pytest.param(Chain(rows=300, kills=20, seed=12), id="long-clean"),
+    pytest.param(Chain(rows=300, kills=20, seed=12, modes=("webhook",)), id="long-webhook"),
     pytest.param(Chain(rows=200, kills=6, seed=1), id="clean"),
     pytest.param(Chain(rows=300, kills=20, seed=13, download=True), id="long-downloads"),
 ]
