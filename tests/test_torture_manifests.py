@@ -128,19 +128,20 @@ def _not_json_object(s: str) -> bool:
         return True
 
 
-def _csv_line(values: list[Any], newline: str) -> str:
+def _csv_line(values: list[Any], newline: str, sep: str) -> str:
     # Render with CRLF so a cell holding either character is quoted, then end as asked.
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\r\n").writerow(["" if v is None else v for v in values])
+    writer = csv.writer(buf, delimiter=sep, lineterminator="\r\n")
+    writer.writerow(["" if v is None else v for v in values])
     return buf.getvalue().removesuffix("\r\n") + newline
 
 
 @st.composite
-def csv_manifests(draw: st.DrawFn) -> Manifest:
+def csv_manifests(draw: st.DrawFn, sep: str = ",") -> Manifest:
     newline = draw(st.sampled_from(["\n", "\r\n"]))
     bom = draw(st.booleans())
-    text_out = ("\ufeff" if bom else "") + _csv_line(COLUMNS, newline)
-    m = Manifest(b"", ".csv")
+    text_out = ("\ufeff" if bom else "") + _csv_line(COLUMNS, newline, sep)
+    m = Manifest(b"", ".csv" if sep == "," else ".tsv")
     rows = draw(spec_rows(CSV_KINDS))
     for position, (kind, cells, extra) in enumerate(rows):
         line = text_out.count("\n") + 1
@@ -153,12 +154,12 @@ def csv_manifests(draw: st.DrawFn) -> Manifest:
             values[2] = "caf" + BAD_UTF8
         if kind == "extra_cells":
             values.append("surplus")
-        rendered = _csv_line(values, newline)
+        rendered = _csv_line(values, newline, sep)
         if kind == "bad_quote":
             last = position == len(rows) - 1
-            rendered = f'{cells["id"]},fal-ai/flux-lora,"x"y,square{newline}'
+            rendered = sep.join([cells["id"], "fal-ai/flux-lora", '"x"y', "square"]) + newline
             if last and draw(st.booleans()):
-                rendered = f'{cells["id"]},fal-ai/flux-lora,"never closed{newline}'
+                rendered = sep.join([cells["id"], "fal-ai/flux-lora", '"never closed']) + newline
         text_out += rendered
         m.rows += 1
         if kind != "good":
@@ -201,7 +202,7 @@ def jsonl_manifests(draw: st.DrawFn) -> Manifest:
     return m
 
 
-manifests = st.one_of(csv_manifests(), jsonl_manifests())
+manifests = st.one_of(csv_manifests(), csv_manifests(sep="\t"), jsonl_manifests())
 REPORTED = re.compile(r"^(?P<file>.+?):(?P<line>\d+): ", re.MULTILINE)
 
 
