@@ -5,11 +5,12 @@
 Jobs take 2-8 emulated seconds (as in bench_calls). The lower bound of the makespan is
 the total service time divided by the slots: the emulator reports the slot-seconds its
 jobs ran (``slots.busy_s``) and the makespan from the first accepted submit to the last
-finish. The runner keeps twice the slots in flight, so a freed slot starts the next
-queued job at once; the baseline's semaphore holds one job per slot, so each slot idles
+finish. The runner keeps twice the slots in flight (by default), so a freed slot starts
+the next queued job at once; the baseline's semaphore holds one job per slot, so each slot idles
 while the client notices the end, fetches the result and submits the next. fal-client
 runs as written (poll every 0.1 s real) and with the poll interval scaled to 0.1 s
-emulated, which is how it behaves against fal (see bench_calls).
+emulated, which is how it behaves against fal (see bench_calls). The runner runs in poll
+mode, stream mode, and poll mode with ``--max-in-flight`` three times the slots.
 """
 
 from __future__ import annotations
@@ -38,27 +39,31 @@ def main(argv: list[str] | None = None) -> list[Phase]:
     p.add_argument("--jobs", type=int, default=2000)
     p.add_argument("--concurrency", type=int, default=10)
     p.add_argument("--time-scale", type=float, default=0.05)
+    p.add_argument("--clients", nargs="+", default=["runner", "baseline"])
     args = p.parse_args(argv)
     c, scale, n = args.concurrency, args.time_scale, args.jobs
     print(f"## slot utilisation: {n:,} jobs of 2-8 emulated s, concurrency {c}, "
           f"time scale {scale:g}")  # fmt: skip
     results: list[Phase] = []
-    with tempfile.TemporaryDirectory(prefix="bench-slots-") as tmp, EmulatorProcess(
-        concurrency=c, time_scale=scale
-    ) as emu:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-slots-") as tmp,
+        EmulatorProcess(concurrency=c, time_scale=scale) as emu,
+    ):
         manifest = Path(tmp) / "jobs.jsonl"
         write_jsonl(manifest, realistic_rows(n, seed=23))
         requests = [request_of(r) for r in realistic_rows(n, seed=23)]
-        for mode in ("poll", "stream"):
+        runners = [("poll", None), ("stream", None), ("poll", 3 * c)]
+        for mode, window in runners if "runner" in args.clients else []:
             config = runner_config(
-                manifest, Path(tmp) / f"run-{mode}", emu, concurrency=c, completion=mode,
-                rate_per_s=10.0 / scale,
+                manifest, Path(tmp) / f"run-{mode}-{window}", emu, concurrency=c,
+                completion=mode, rate_per_s=10.0 / scale, max_in_flight=window,
             )  # fmt: skip
+            name = f"runner --completion {mode}" + (f" --max-in-flight {window}" if window else "")
             results.append(
-                measure(emu, lambda config=config, mode=mode: run_runner(
-                    f"runner --completion {mode}", config, n))
+                measure(emu, lambda config=config, name=name: run_runner(name, config, n))
             )  # fmt: skip
-        for interval, label in ((0.1, "0.1 s real"), (0.1 * scale, "0.1 s emulated")):
+        baselines = ((0.1, "0.1 s real"), (0.1 * scale, "0.1 s emulated"))
+        for interval, label in baselines if "baseline" in args.clients else ():
             results.append(
                 measure(emu, lambda interval=interval, label=label: run_baseline(
                     f"fal_client, get(interval={label})", emu, requests, concurrency=c,
