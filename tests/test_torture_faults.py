@@ -131,7 +131,10 @@ async def test_every_fault_at_once_loses_nothing_and_records_every_reason(
     assert sum(r.duplicates_possible for r in reports) <= acc.unknown_attempts
 
 
-async def test_webhook_mode_under_every_fault_loses_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # uvicorn serves on asyncio only
+async def test_webhook_mode_under_every_fault_loses_nothing(
+    tmp_path: Path, anyio_backend: str
+) -> None:
     rows = 24 if not LONG else 120
     path = manifest(tmp_path, rows)
     jobs = manifest_jobs(path)
