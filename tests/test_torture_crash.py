@@ -129,8 +129,8 @@ def _kill_chain(chain: Chain, tmp_path: Path) -> None:
 CHAINS = [
     pytest.param(
         Chain(
-            rows=160,
-            kills=6,
+            rows=150,
+            kills=5,
             seed=2,
             faults="reset_after_accept=0.04,seed=5",
             modes=("stream", "webhook", "poll"),
@@ -195,7 +195,7 @@ def test_first_sigint_drains_in_flight_then_rerun_completes_without_duplicates(
     jobs = manifest_jobs(path)
     run_dir = tmp_path / "run"
     flags = [*FAST, "--no-download", "--completion", "stream"]
-    with emulator_process(tmp_path, time_scale=0.25) as emu:
+    with emulator_process(tmp_path, time_scale=0.1) as emu:
         proc = start_run(path, run_dir, emu.url, *flags)
         _wait_for_jobs(run_dir, proc, 10)
         proc.send_signal(signal.SIGINT)
