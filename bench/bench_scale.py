@@ -9,7 +9,8 @@
 3. runs the same command again over the finished ledger (every job skipped): the time a
    resume takes to plan before it would send anything;
 4. opens the ledger in this process and times folding it (``Ledger.state()``) and
-   ``plan_resume`` over every job key.
+   ``plan_resume`` over every job key, then over every job of the manifest (``--plan-only``
+   does just this over an existing ``--workdir``, e.g. of a run cut short).
 
 Prints wall time, peak RSS (``wait4``) and CPU for each run, and the RSS series.
 """
@@ -38,7 +39,9 @@ from common import (
     write_jsonl,
 )
 
+from runner.jobs import ExpandOptions, Job, iter_jobs
 from runner.ledger import Ledger, ResumeSummary, plan_resume
+from runner.manifest import read_rows
 
 PROGRESS = re.compile(r"runner: (\d+)/(\S+) done")
 
@@ -105,22 +108,39 @@ def series(run: ChildRun, points: int = 8) -> str:
     return ", ".join(f"{t:.0f}s:{done:,} jobs:{rss:.0f} MiB" for t, rss, done in picked)
 
 
-def plan_in_process(run_dir: Path) -> tuple[float, float, int, ResumeSummary]:
-    """(fold seconds, plan seconds, jobs, summary) over the ledger, opened here."""
+def plan_in_process(run_dir: Path, manifest: Path) -> str:
+    """Fold the ledger here, then plan a resume over its keys and over the manifest's jobs."""
     t0 = time.perf_counter()
     ledger = Ledger.open(run_dir)
     try:
         state = ledger.state()
-        fold_s = time.perf_counter() - t0
+        fold_s, fold_rss = time.perf_counter() - t0, proc_rss_mb()
         keys = state.jobs["job_key"].to_pylist()
         t1 = time.perf_counter()
-        summary = ResumeSummary()
-        for _ in plan_resume(keys, state, summary=summary):
+        by_key = ResumeSummary()
+        for _ in plan_resume(keys, state, summary=by_key):
             pass
-        plan_s = time.perf_counter() - t1
+        keys_s = time.perf_counter() - t1
+        del keys
+        t2 = time.perf_counter()
+        options = ExpandOptions(manifest_dir=manifest.resolve().parent)
+        jobs = (j for j in iter_jobs(read_rows(manifest), options) if isinstance(j, Job))
+        by_job = ResumeSummary()
+        for _ in plan_resume(jobs, state, summary=by_job):
+            pass
+        manifest_s = time.perf_counter() - t2
     finally:
         ledger.close()
-    return fold_s, plan_s, len(keys), summary
+    return (
+        f"resume planning in process: fold {len(state):,} jobs {fold_s:.2f} s (RSS "
+        f"{fold_rss[0]:.0f} MiB, peak {fold_rss[1]:.0f}); plan_resume over the keys "
+        f"{keys_s:.2f} s; over the manifest's {by_job.total:,} jobs (expanding every row) "
+        f"{manifest_s:.1f} s: {_actions(by_job)}; peak RSS {proc_rss_mb()[1]:.0f} MiB"
+    )
+
+
+def _actions(summary: ResumeSummary) -> str:
+    return ", ".join(f"{a.value} {n:,}" for a, n in sorted(summary.actions.items()))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,10 +148,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--workdir", type=Path, help="keep the manifest and ledger here")
+    p.add_argument(
+        "--plan-only", action="store_true", help="only the resume planning, over --workdir"
+    )
     args = p.parse_args(argv)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     manifest, run_dir = work / f"rows{args.rows}.jsonl", work / f"rows{args.rows}.runner"
+    if args.plan_only:
+        print(plan_in_process(run_dir, manifest))
+        return
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
     write_jsonl(manifest, tiny_rows(args.rows))
@@ -142,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         first = run_child(manifest, run_dir, emu, args.concurrency)
         emu_rss = emu.rss_mb()
         second = run_child(manifest, run_dir, emu, args.concurrency)
-    fold_s, plan_s, jobs, summary = plan_in_process(run_dir)
+    planning = plan_in_process(run_dir, manifest)
     rows = [
         ["first run", first.exit_code, first.wall_s, args.rows / first.wall_s, first.cpu_s,
          first.peak_rss_mb],
@@ -155,8 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"RSS series (first run): {series(first)}")
     print(f"RSS series (rerun): {series(second)}")
     print(f"emulator RSS after the first run: {emu_rss[0]:.0f} MiB (peak {emu_rss[1]:.0f})")
-    print(f"resume planning in process: fold the ledger {fold_s:.2f} s, plan_resume over "
-          f"{jobs:,} keys {plan_s:.2f} s ({dict(summary.actions)})")  # fmt: skip
+    print(planning)
     ledger_mb = sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file()) / 2**20
     print(f"ledger on disk: {ledger_mb:.0f} MiB; load average after: {load_avg()}")
     if args.workdir is None:
