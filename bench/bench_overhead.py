@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from common import (
@@ -50,16 +52,12 @@ def main(argv: list[str] | None = None) -> list[ClientRun]:
         manifest = Path(tmp) / "tiny.jsonl"
         write_jsonl(manifest, tiny_rows(args.jobs))
         requests = [request_of(r) for r in tiny_rows(args.jobs)]
-        phases = [
-            ("runner (poll)", lambda: run_runner(
-                "runner (poll)",
-                runner_config(manifest, Path(tmp) / "run", emu, concurrency=c, rate_per_s=1e9),
-                args.jobs,
-            )),
-            ("fal_client baseline", lambda: run_baseline(
-                "fal_client baseline", emu, requests, concurrency=c)),
-        ]  # fmt: skip
-        for _name, phase in phases:
+        config = runner_config(manifest, Path(tmp) / "run", emu, concurrency=c, rate_per_s=1e9)
+        phases: list[Callable[[], ClientRun]] = [
+            partial(run_runner, "runner (poll)", config, args.jobs),
+            partial(run_baseline, "fal_client baseline", emu, requests, concurrency=c),
+        ]
+        for phase in phases:
             emu.reset()
             emu_cpu0 = emu.cpu_s()
             run = phase()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from functools import partial
 from pathlib import Path
 
 from common import (
@@ -59,16 +60,14 @@ def main(argv: list[str] | None = None) -> list[Phase]:
                 completion=mode, rate_per_s=10.0 / scale, max_in_flight=window,
             )  # fmt: skip
             name = f"runner --completion {mode}" + (f" --max-in-flight {window}" if window else "")
-            results.append(
-                measure(emu, lambda config=config, name=name: run_runner(name, config, n))
-            )  # fmt: skip
+            results.append(measure(emu, partial(run_runner, name, config, n)))
         baselines = ((0.1, "0.1 s real"), (0.1 * scale, "0.1 s emulated"))
         for interval, label in baselines if "baseline" in args.clients else ():
-            results.append(
-                measure(emu, lambda interval=interval, label=label: run_baseline(
-                    f"fal_client, get(interval={label})", emu, requests, concurrency=c,
-                    interval_s=interval))
+            start = partial(
+                run_baseline, f"fal_client, get(interval={label})", emu, requests,
+                concurrency=c, interval_s=interval,
             )  # fmt: skip
+            results.append(measure(emu, start))
     rows = [
         [r.run.name, f"{r.run.completed:,}/{n:,}", r.bound_s(c) / scale, r.makespan_s / scale,
          r.makespan_s / max(r.bound_s(c), 1e-9), r.run.wall_s, r.per_job()]

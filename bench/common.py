@@ -40,7 +40,8 @@ import httpx  # noqa: E402
 from pydantic import SecretStr  # noqa: E402
 
 from runner.config import RunConfig  # noqa: E402
-from runner.engine import Hooks, RunReport, execute  # noqa: E402
+from runner.engine import Hooks, execute  # noqa: E402
+from runner.scheduler import RunReport  # noqa: E402
 
 KEY = "emulator:local-key"
 LORA = "fal-ai/flux-lora"
