@@ -24,7 +24,6 @@ import binascii
 import hashlib
 import os
 import re
-import secrets
 import shutil
 import time
 import unicodedata
@@ -107,8 +106,10 @@ class OutputSink:
             self.scratch = Path(target)
 
     def temp_path(self, relative: str) -> Path:
-        final = self.scratch / relative if self._fs is None else self.scratch / "x"
-        return final.with_name(f".{final.name}.{secrets.token_hex(4)}.part")
+        """A fixed temp name per output: one writer holds the run directory, and a resume
+        after a kill mid-download overwrites and renames the same file, leaving no debris."""
+        final = self.scratch / relative
+        return final.with_name(f".{final.name}.part")
 
     def publish(self, temp: Path, relative: str) -> str:
         """Move a verified temp file into place; returns what the ledger records."""
