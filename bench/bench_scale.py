@@ -1,6 +1,6 @@
 """Scale: a long manifest through ``runner run`` (a child process), then the resume planning.
 
-    python bench/bench_scale.py [--rows 1000000] [--concurrency 32] [--workdir DIR]
+    python bench/bench_scale.py [--rows 1000000] [--concurrency 8] [--workdir DIR]
 
 1. writes a JSONL manifest of ``--rows`` flux-lora rows with 64x64 outputs;
 2. runs ``runner run --no-download --quiet`` against the emulator (its own process, time
@@ -146,7 +146,7 @@ def _actions(summary: ResumeSummary) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=1_000_000)
-    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--workdir", type=Path, help="keep the manifest and ledger here")
     p.add_argument(
         "--plan-only", action="store_true", help="only the resume planning, over --workdir"
