@@ -185,7 +185,7 @@ def tiny_rows(n: int, *, prefix: str = "r") -> Iterator[dict[str, Any]]:
 
 
 # Sizes and steps whose emulated service time (0.5 s + 0.1 s * MP * steps, +/-20%) spreads
-# over 2-8 s: e.g. 1 MP x 15 steps = 2.0 s, 1 MP x 28 = 3.3 s, 1.78 MP x 40 = 7.6 s.
+# over about 2-8 s: nominal 2.0 s (1 MP x 15 steps) to 6.75 s (1.25 MP x 50), mean 4.45 s.
 REALISTIC_SHAPES: tuple[tuple[dict[str, int], int], ...] = (
     ({"width": 1024, "height": 1024}, 15),
     ({"width": 1024, "height": 768}, 28),
