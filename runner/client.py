@@ -95,8 +95,13 @@ class QueueClient:
         key: SecretStr,
         timeouts: CallTimeouts | None = None,
         wall_clock: Callable[[], float] = time.time,
+        max_requests: int | None = None,
     ) -> None:
         self._http = http
+        # Bound requests in flight, not only jobs: httpcore's pool does work proportional
+        # to its size on every request, so a few dozen idle connections cost more CPU than
+        # the calls themselves. Streams (one long request per job) are not counted here.
+        self._requests = anyio.CapacityLimiter(max_requests) if max_requests else None
         self._queue = httpx.URL(queue_url.rstrip("/"))
         if self._queue.scheme not in ("http", "https") or not self._queue.host:
             raise UsageError(f"queue URL must be http(s)://host[:port], got {queue_url!r}")
@@ -276,6 +281,21 @@ class QueueClient:
     ) -> httpx.Response:
         self._check_origin(url)
         timeout = self._timeouts.submit() if kind == "submit" else self._timeouts.read()
+        if self._requests is None:
+            return await self._request(method, url, json, params, headers, per_call=timeout)
+        async with self._requests:
+            return await self._request(method, url, json, params, headers, per_call=timeout)
+
+    async def _request(
+        self,
+        method: str,
+        url: str,
+        json: Any,
+        params: Mapping[str, str] | None,
+        headers: Mapping[str, str] | None,
+        *,
+        per_call: httpx.Timeout,
+    ) -> httpx.Response:
         with self._translated(method, url):
             return await self._http.request(
                 method,
@@ -283,7 +303,7 @@ class QueueClient:
                 json=json,
                 params=params,
                 headers={**self._headers(), **(headers or {})},
-                timeout=timeout,
+                timeout=per_call,
             )
 
     @contextmanager

@@ -64,7 +64,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     a("--emulator", action="store_true", help="run against the embedded local emulator")
     a("--queue-url", help="fal queue base URL (default https://queue.fal.run)")
     a("--concurrency", type=int, help="the account's concurrency slots (default 2)")
-    a("--max-in-flight", type=int, help="jobs submitted but unfinished (default 2x slots)")
+    a("--max-in-flight", type=int, help="submitted, unfinished jobs (3x slots; 2x if streaming)")
     a("--rate", type=float, help="submits per second (default 10); halves on 429s")
     a("--endpoint-limit", action="append", type=_endpoint_limit, metavar="ID=N",
       help="at most N jobs of this endpoint in flight")  # fmt: skip

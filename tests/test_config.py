@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from runner.cli import build_parser
-from runner.options import run_config
 from runner.config import RunConfig, key_from_env
 from runner.errors import UsageError
+from runner.options import run_config
 
 SECRET = "abc123:very-secret"
 
@@ -20,7 +20,9 @@ def parse(argv: list[str]) -> RunConfig:
 def test_defaults_and_derived_values(tmp_path: Path) -> None:
     config = parse([str(tmp_path / "m.csv")])
     assert config.run_dir == tmp_path / "m.runner"
-    assert config.in_flight_limit == 2 * config.concurrency
+    assert config.in_flight_limit == 3 * config.concurrency  # polling: three times the slots
+    streaming = parse([str(tmp_path / "m.csv"), "--completion", "stream"])
+    assert streaming.in_flight_limit == 2 * streaming.concurrency
     assert config.completion == "poll" and config.on_unknown == "resubmit"
 
 
