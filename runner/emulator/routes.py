@@ -29,7 +29,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -170,15 +170,22 @@ class QueueRoutes:
         return _json(body_out, headers={"x-fal-request-id": job.request_id})
 
     async def status(self, request: Request) -> Response:
+        job = await self._gated_job(request)
+        if isinstance(job, Response):
+            return job
+        body = self._status_body(request, job)
+        code = 200 if job.phase is Phase.DONE else 202
+        return _json(body, code, headers={"x-fal-request-id": job.request_id})
+
+    async def _gated_job(
+        self, request: Request, *, not_found: Mapping[str, Any] = results.NOT_FOUND
+    ) -> Job | Response:
+        """The request's job after the gate (auth, faults), or the answer to send instead."""
         refused = await self._gate(request)
         if refused is not None:
             return refused
         job = self._job(request)
-        if job is None:
-            return _json(results.NOT_FOUND, 404)
-        body = self._status_body(request, job)
-        code = 200 if job.phase is Phase.DONE else 202
-        return _json(body, code, headers={"x-fal-request-id": job.request_id})
+        return _json(dict(not_found), 404) if job is None else job
 
     def _status_body(self, request: Request, job: Job) -> dict[str, Any]:
         emu = self.emu
@@ -192,36 +199,27 @@ class QueueRoutes:
         )
 
     async def result(self, request: Request) -> Response:
-        refused = await self._gate(request)
-        if refused is not None:
-            return refused
-        job = self._job(request)
-        if job is None:
-            return _json(results.NOT_FOUND, 404)
+        job = await self._gated_job(request)
+        if isinstance(job, Response):
+            return job
         headers = {"x-fal-request-id": job.request_id}
         if job.result is None:
             return _json(results.STILL_RUNNING, 400, headers=headers)
         return _json(job.result.body, job.result.status_code, {**job.result.headers, **headers})
 
     async def cancel(self, request: Request) -> Response:
-        refused = await self._gate(request)
-        if refused is not None:
-            return refused
-        job = self._job(request)
-        if job is None:
-            return _json({"status": "NOT_FOUND"}, 404)
+        job = await self._gated_job(request, not_found={"status": "NOT_FOUND"})
+        if isinstance(job, Response):
+            return job
         if job.phase is Phase.DONE:
             return _json({"status": "ALREADY_COMPLETED"}, 400)
         self.emu.cancel(job)
         return _json({"status": "CANCELLATION_REQUESTED"}, 202)
 
     async def stream(self, request: Request) -> Response:
-        refused = await self._gate(request)
-        if refused is not None:
-            return refused
-        job = self._job(request)
-        if job is None:
-            return _json(results.NOT_FOUND, 404)
+        job = await self._gated_job(request)
+        if isinstance(job, Response):
+            return job
         headers = {"x-fal-request-id": job.request_id, "Cache-Control": "no-cache"}
         events = self._events(request, job)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
