@@ -170,7 +170,8 @@ async def _drive(run: Scheduler, hooks: Hooks) -> None:
     # Short calls share MAX_REQUESTS connections; each open status stream holds its own,
     # and downloads and uploads theirs.
     streams = config.in_flight_limit if config.completion == "stream" else 0
-    pool = MAX_REQUESTS + streams + config.download_concurrency + 4
+    downloads = config.download_concurrency if config.download else 0
+    pool = MAX_REQUESTS + streams + downloads + 2
     limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(
