@@ -47,7 +47,9 @@ from runner.protocol import (
     SSEParser,
     Status,
     SubmitAck,
+    body_error_type,
     is_gateway_error,
+    is_stored_result,
     parse_ack,
     parse_cancel,
     parse_event_status,
@@ -185,8 +187,12 @@ class QueueClient:
         url = ref.response_url
         response = await self._send("GET", url, kind="read")
         code = response.status_code
+        # Only an error answer needs its body read here (a success body is parsed below).
+        stored = not response.is_success and is_stored_result(
+            response.headers, _json_or_none(response)
+        )
         if code in (401, 403, 404, 408, 409, 429) or not (
-            response.is_success or code == 422 or _is_stored(response)
+            response.is_success or code == 422 or stored
         ):
             self._raise_for(response, "GET", url, allow_timeout_type=True)
         try:
@@ -199,7 +205,7 @@ class QueueClient:
             status_code=code,
             body=body,
             request_id=response.headers.get(REQUEST_ID_HEADER),
-            error_type=response.headers.get(ERROR_TYPE_HEADER) or _body_error_type(body),
+            error_type=response.headers.get(ERROR_TYPE_HEADER) or body_error_type(body),
             timeout_type=response.headers.get(TIMEOUT_TYPE_HEADER),
         )
 
@@ -386,6 +392,13 @@ def _segments(endpoint_id: str) -> list[str]:
     return parts
 
 
+def _json_or_none(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
 def _json(response: httpx.Response, what: str) -> Any:
     try:
         return response.json()
@@ -393,22 +406,3 @@ def _json(response: httpx.Response, what: str) -> Any:
         raise ProtocolError(
             f"{response.request.method} {response.request.url}: {what} is not JSON"
         ) from exc
-
-
-def _is_stored(response: httpx.Response) -> bool:
-    """Whether an error answer was replayed by fal's queue (a result), not the gateway's."""
-    headers = response.headers
-    if REQUEST_ID_HEADER in headers or ERROR_TYPE_HEADER in headers:
-        return True
-    if TIMEOUT_TYPE_HEADER in headers:
-        return True
-    try:
-        body = response.json()
-    except ValueError:
-        return False
-    return _body_error_type(body) is not None
-
-
-def _body_error_type(body: Any) -> str | None:
-    value = body.get("error_type") if isinstance(body, Mapping) else None
-    return value if isinstance(value, str) else None

@@ -245,6 +245,18 @@ def is_retryable_error_type(error_type: str | None, *, timeout_type: str | None 
 GATEWAY_STATUS_CODES = frozenset({502, 503, 504})
 
 
+def body_error_type(body: Any) -> str | None:
+    """The ``error_type`` an error body names, if any."""
+    value = body.get("error_type") if isinstance(body, Mapping) else None
+    return value if isinstance(value, str) else None
+
+
+def is_stored_result(headers: Mapping[str, str], body: Any) -> bool:
+    """Whether an error answer was replayed by fal's queue (a result), not the gateway's."""
+    marks = (REQUEST_ID_HEADER, ERROR_TYPE_HEADER, TIMEOUT_TYPE_HEADER)
+    return any(h in headers for h in marks) or body_error_type(body) is not None
+
+
 def is_gateway_error(status_code: int, body: str, request_id: str | None) -> bool:
     """True when the ingress (nginx) answered, not fal's queue: the request never got in.
 
