@@ -135,24 +135,16 @@ async def _attempts(t: Ticket, s: Shared) -> Ended:
         s.tally.retries += 1
 
 
-def _intent(t: Ticket, s: Shared, attempt: int, state: JobState = JobState.SUBMITTING,
-            **fields: Any) -> LedgerEvent:  # fmt: skip
+def _intent(
+    t: Ticket, s: Shared, attempt: int, state: JobState = JobState.SUBMITTING, **fields: Any
+) -> LedgerEvent:
+    """An event carrying the whole job (row, request, estimate): the first one of an attempt."""
     job = t.job
-    return LedgerEvent(
-        job_key=job.job_key,
-        state=state,
-        at=s.now(),
-        row_id=job.row_id,
-        line=job.line,
-        source=job.source,
-        variant=job.variant,
-        endpoint=job.endpoint,
-        request=encode_request(job.payload),
-        metadata=dict(job.metadata),
-        estimated_usd=t.estimate.usd,
-        attempt=attempt,
-        **fields,
-    )
+    return event(
+        t, state, s.now(), attempt, row_id=job.row_id, line=job.line, source=job.source,
+        variant=job.variant, endpoint=job.endpoint, request=encode_request(job.payload),
+        metadata=dict(job.metadata), estimated_usd=t.estimate.usd, **fields,
+    )  # fmt: skip
 
 
 async def _prepare(t: Ticket, s: Shared, attempt: int) -> Mapping[str, Any] | Step:
@@ -239,7 +231,7 @@ async def _submit_failed(t: Ticket, s: Shared, attempt: int, exc: FalError) -> S
     return await _failed(t, s, attempt, failure, billed=Decimal(0)), failure.retryable
 
 
-async def finish(t: Ticket, s: Shared, ref: RequestRef, attempt: int) -> tuple[Ended, bool]:
+async def finish(t: Ticket, s: Shared, ref: RequestRef, attempt: int) -> Step:
     """Wait for completion and record the outcome; the bool asks for another attempt."""
     position = getattr(ref, "queue_position", None)
     running = False
@@ -287,7 +279,7 @@ async def finish(t: Ticket, s: Shared, ref: RequestRef, attempt: int) -> tuple[E
     return await _outcome(t, s, ref, attempt, watch, finished)
 
 
-def _lost(t: Ticket, s: Shared, ref: RequestRef, exc: FalError) -> tuple[Ended, bool]:
+def _lost(t: Ticket, s: Shared, ref: RequestRef, exc: FalError) -> Step:
     """Lost contact with a request fal may still run: keep it re-attachable next run."""
     s.tally.detached += 1
     s.say(f"{t.job.row_id}: lost track of request {ref.request_id}: {_detail(exc)}")
@@ -320,7 +312,7 @@ async def _timed_out(t: Ticket, s: Shared, ref: RequestRef, attempt: int) -> End
 
 async def _outcome(
     t: Ticket, s: Shared, ref: RequestRef, attempt: int, watch: Watch, finished: Finished
-) -> tuple[Ended, bool]:
+) -> Step:
     status = finished.status
     read: Success | Failure
     if finished.webhook_payload is not None and finished.webhook_ok:
