@@ -36,12 +36,14 @@ from runner import __version__
 from runner.errors import AuthError, HTTPStatusError, ProtocolError, TransportError, UsageError
 from runner.protocol import (
     ERROR_TYPE_HEADER,
+    FAL_NOT_READY,
     NOT_SENT_ERRORS,
     REQUEST_ID_HEADER,
     RETRY_AFTER_HEADER,
     TIMEOUT_TYPE_HEADER,
     CancelOutcome,
     Completed,
+    NotReadyAnswer,
     RequestUrls,
     ResultResponse,
     SSEParser,
@@ -55,6 +57,7 @@ from runner.protocol import (
     parse_event_status,
     parse_retry_after,
     parse_status,
+    peek_verdict,
 )
 
 USER_AGENT = f"runner/{__version__}"
@@ -201,13 +204,23 @@ class QueueClient:
             if response.is_success:
                 raise ProtocolError(f"GET {url}: result is not JSON") from None
             body = self._redact(response.text)
-        return ResultResponse(
-            status_code=code,
-            body=body,
-            request_id=response.headers.get(REQUEST_ID_HEADER),
-            error_type=response.headers.get(ERROR_TYPE_HEADER) or body_error_type(body),
-            timeout_type=response.headers.get(TIMEOUT_TYPE_HEADER),
-        )
+        return _result_response(response, body)
+
+    async def peek_result(self, ref: RequestRef, not_ready: NotReadyAnswer = FAL_NOT_READY) -> Peek:
+        """GET the result once, before the job is known to be done (one call, no retry).
+
+        A success is the result, and saves the status read; fal's "still running" answer
+        says look again later; anything else is left for a status read to explain.
+        """
+        url = ref.response_url
+        response = await self._send("GET", url, kind="read")
+        if response.status_code in (401, 403):
+            self._raise_for(response, "GET", url)
+        body = _json_or_none(response)
+        verdict = peek_verdict(response.status_code, body, not_ready)
+        if verdict == "result":
+            return Peek(_result_response(response, body))
+        return Peek(None, not_ready=verdict == "not_ready")
 
     async def cancel(self, ref: RequestRef) -> CancelOutcome:
         """PUT the cancel once: 202 CANCELLATION_REQUESTED, 400 ALREADY_COMPLETED,
@@ -390,6 +403,24 @@ def _segments(endpoint_id: str) -> list[str]:
     if len(parts) < minimum or not all(_SEGMENT.fullmatch(p) for p in parts):
         raise UsageError(f"endpoint id must look like owner/app[/path], got {endpoint_id!r}")
     return parts
+
+
+@dataclass(frozen=True, slots=True)
+class Peek:
+    """What a result read before completion found: the result, or whether to wait."""
+
+    result: ResultResponse | None
+    not_ready: bool = False
+
+
+def _result_response(response: httpx.Response, body: Any) -> ResultResponse:
+    return ResultResponse(
+        status_code=response.status_code,
+        body=body,
+        request_id=response.headers.get(REQUEST_ID_HEADER),
+        error_type=response.headers.get(ERROR_TYPE_HEADER) or body_error_type(body),
+        timeout_type=response.headers.get(TIMEOUT_TYPE_HEADER),
+    )
 
 
 def _json_or_none(response: httpx.Response) -> Any:

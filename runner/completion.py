@@ -2,8 +2,10 @@
 
 Each strategy answers one question, ``await strategy.wait(watch) -> Finished``, for one job.
 
-- :class:`Poller` asks the status URL at times chosen by :mod:`runner.pacing`: once near
-  the expected completion instead of every 0.1 s.
+- :class:`Poller` looks at times chosen by :mod:`runner.pacing`: once near the expected
+  completion instead of every 0.1 s. By default a look reads the result URL itself, so a
+  job found done costs submit + one read; an answer it does not recognise sends it back
+  to status reads (see :class:`ResultFirst`).
 - :class:`Streamer` holds the SSE status stream open and reconnects when it drops.
 - :class:`WebhookWaiter` waits for the webhook (fed by :meth:`WebhookWaiter.deliver`) and
   polls a job whose webhook is late, so a lost webhook never stalls a run.
@@ -20,10 +22,18 @@ from typing import Any, Protocol
 
 import anyio
 
-from runner.client import QueueClient, RequestRef
-from runner.errors import FalError
+from runner.client import Peek, QueueClient, RequestRef
+from runner.errors import AuthError, FalError
 from runner.pacing import ServiceModel, explore_delay_s, first_poll_delay_s, next_poll_delay_s
-from runner.protocol import Completed, InProgress, Queued, Status
+from runner.protocol import (
+    FAL_NOT_READY,
+    Completed,
+    InProgress,
+    NotReadyAnswer,
+    Queued,
+    ResultResponse,
+    Status,
+)
 from runner.retry import Action, RetryPolicy, call_with_retry, classify
 
 
@@ -43,11 +53,12 @@ class Watch:
 
 @dataclass(frozen=True, slots=True)
 class Finished:
-    """A completed job: its final status, and the result body if a webhook carried it."""
+    """A completed job: its final status, and its result if a look or a webhook carried it."""
 
     status: Completed
     webhook_payload: Any = None
     webhook_ok: bool | None = None
+    result: ResultResponse | None = None
 
 
 class Strategy(Protocol):
@@ -87,6 +98,49 @@ class Reader:
         note(watch, status, self.clock())
         return status
 
+    async def peek(self, watch: Watch, not_ready: NotReadyAnswer) -> Peek | None:
+        """One result read, not retried: None when it failed (a status read follows)."""
+        watch.status_calls += 1
+        try:
+            return await self.client.peek_result(watch.ref, not_ready)
+        except AuthError:
+            raise
+        except FalError:
+            return None
+
+
+@dataclass(slots=True)
+class ResultFirst:
+    """Whether looks read the result URL first, shared by every job of a run.
+
+    fal does not document its answer to a result read before completion (see
+    :class:`~runner.protocol.NotReadyAnswer`). A job whose read gets an answer that is
+    neither the result nor the recognised "still running" goes back to status reads, and
+    when most reads of a run get such answers the run stops reading results first: a
+    queue that answers differently costs a few calls, never an outcome.
+    """
+
+    enabled: bool = True
+    not_ready: NotReadyAnswer = FAL_NOT_READY
+    min_sample: int = 20
+    say: Callable[[str], None] | None = None
+    reads: int = 0
+    unrecognised: int = 0
+
+    def count(self, peek: Peek | None) -> None:
+        self.reads += 1
+        if peek is not None and (peek.result is not None or peek.not_ready):
+            return
+        self.unrecognised += 1
+        if self.enabled and self.reads >= self.min_sample and 2 * self.unrecognised > self.reads:
+            self.enabled = False
+            if self.say is not None:
+                self.say(
+                    f"{self.unrecognised} of {self.reads} early result reads got an answer "
+                    "that is neither a result nor 'still in progress': looking at the "
+                    "status URL first from now on (--first-look status does so from the start)"
+                )
+
 
 def note(watch: Watch, status: Status, now_s: float) -> None:
     """Record what a status says about the job's place and progress."""
@@ -104,9 +158,12 @@ def note(watch: Watch, status: Status, now_s: float) -> None:
 class Poller:
     """Adaptive polling: ask once near the expected completion, then less often."""
 
-    def __init__(self, reader: Reader, pacing: Pacing) -> None:
+    def __init__(
+        self, reader: Reader, pacing: Pacing, result_first: ResultFirst | None = None
+    ) -> None:
         self.reader = reader
         self.pacing = pacing
+        self.result_first = result_first or ResultFirst(enabled=False)
 
     def _first_delay(self, watch: Watch) -> float:
         if not self.pacing.model.known(watch.endpoint):
@@ -147,6 +204,7 @@ class Poller:
         """Poll until COMPLETED. With ``wake``, return early (status None) when it is set."""
         delay = self._first_delay(watch)
         polls = 0
+        peeking = True
         while True:
             if wake is None:
                 await self.reader.sleep(delay)
@@ -155,11 +213,44 @@ class Poller:
                     await wake.wait()
                 if wake.is_set():
                     raise _Woken
+            if peeking and self.result_first.enabled:
+                peek = await self.reader.peek(watch, self.result_first.not_ready)
+                self.result_first.count(peek)
+                polls += 1
+                if peek is not None and peek.result is not None:
+                    done = Completed(logs=None)
+                    note(watch, done, self.reader.clock())
+                    return Finished(done, result=peek.result)
+                if peek is not None and peek.not_ready:
+                    delay = self._not_ready_delay(watch, polls)
+                    continue
+                peeking = False  # an answer we cannot read: the status says what it meant
             status = await self.reader.status(watch)
             polls += 1
             if isinstance(status, Completed):
                 return Finished(status)
             delay = self._next_delay(watch, status, polls)
+
+    def _not_ready_delay(self, watch: Watch, polls: int) -> float:
+        """After "still running": assume it started when predicted, and is now overdue."""
+        if not self.pacing.model.known(watch.endpoint):
+            return explore_delay_s(
+                polls=polls, min_s=self.pacing.min_poll_s, max_s=self.pacing.max_poll_s
+            )
+        mean, dev = self.pacing.model.service_s(watch.endpoint, watch.units)
+        ahead = max(watch.position or 0, 0)
+        started = watch.submitted_s + ahead * mean / max(self.pacing.slots, 1)
+        return next_poll_delay_s(
+            state="IN_PROGRESS",
+            position=None,
+            running_for_s=max(self.reader.clock() - started, 0.0),
+            polls=polls,
+            service_mean_s=mean,
+            service_dev_s=dev,
+            slots=self.pacing.slots,
+            min_s=self.pacing.min_poll_s,
+            max_s=self.pacing.max_poll_s,
+        )
 
 
 class _Woken(Exception):  # control flow between WebhookWaiter and Poller

@@ -56,6 +56,8 @@ class RunConfig(BaseModel):
     retry_failed: bool = False
 
     completion: Completion = "poll"
+    # A look reads the result URL first (one call when the job is done) or the status URL.
+    first_look: Literal["result", "status"] = "result"
     webhook_listen: str = "127.0.0.1:0"
     webhook_url: str | None = None
     webhook_jwks_url: str = FAL_JWKS_URL

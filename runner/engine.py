@@ -39,7 +39,15 @@ from pydantic import SecretStr
 
 from runner import __version__
 from runner.client import QueueClient
-from runner.completion import Pacing, Poller, Reader, Strategy, Streamer, WebhookWaiter
+from runner.completion import (
+    Pacing,
+    Poller,
+    Reader,
+    ResultFirst,
+    Strategy,
+    Streamer,
+    WebhookWaiter,
+)
 from runner.config import RunConfig
 from runner.downloads import Downloader, DownloadStage, OutputSink
 from runner.errors import (
@@ -99,8 +107,11 @@ def write_run_metadata(config: RunConfig) -> None:
     )
 
 
-def build_strategy(config: RunConfig, reader: Reader, pacing: Pacing) -> Strategy:
-    poller = Poller(reader, pacing)
+def build_strategy(
+    config: RunConfig, reader: Reader, pacing: Pacing, say: Callable[[str], None] | None = None
+) -> Strategy:
+    first = ResultFirst(enabled=config.first_look == "result", say=say)
+    poller = Poller(reader, pacing, first)
     if config.completion == "stream":
         return Streamer(reader)
     if config.completion == "webhook":
@@ -183,7 +194,7 @@ async def _drive(run: Scheduler, hooks: Hooks) -> None:
         )
         reader = Reader(client, hooks.read_policy, hooks.clock, hooks.sleep)
         pacing = Pacing(slots=config.concurrency)
-        strategy = build_strategy(config, reader, pacing)
+        strategy = build_strategy(config, reader, pacing, run.progress.say)
         rate = AdaptiveRate(
             config.rate_per_s,
             burst=max(1.0, config.rate_per_s),

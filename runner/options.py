@@ -74,6 +74,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
       help="what a rerun does with submits of unknown outcome (default resubmit)")  # fmt: skip
     a("--retry-failed", action="store_true", help="run failed jobs again, even non-retryable")
     a("--completion", choices=["poll", "stream", "webhook"], help="default poll")
+    a("--first-look", choices=["result", "status"],
+      help="a poll reads the result URL first (default), or the status URL")  # fmt: skip
     a("--webhook-listen", metavar="HOST:PORT", help="where the webhook receiver listens")
     a("--webhook-url", help="the public URL fal calls (e.g. a tunnel to --webhook-listen)")
     a("--webhook-jwks-url", help="JWKS for webhook signatures (default fal's)")
@@ -107,8 +109,9 @@ def expand_options(args: argparse.Namespace) -> ExpandOptions:
 
 RUN_FLAGS = (
     "ledger", "emulator", "concurrency", "max_in_flight", "rate", "endpoint_limit", "max_cost",
-    "max_attempts", "on_unknown", "retry_failed", "completion", "webhook_listen", "webhook_url",
-    "webhook_jwks_url", "job_timeout", "start_timeout", "priority", "strict", "quiet", "prices",
+    "max_attempts", "on_unknown", "retry_failed", "completion", "first_look", "webhook_listen",
+    "webhook_url", "webhook_jwks_url", "job_timeout", "start_timeout", "priority", "strict",
+    "quiet", "prices",
     "queue_url", "out", "download_concurrency", "inline_inputs", "inline_max_bytes",
     "probe_inputs",
 )  # fmt: skip

@@ -257,6 +257,48 @@ def is_stored_result(headers: Mapping[str, str], body: Any) -> bool:
     return any(h in headers for h in marks) or body_error_type(body) is not None
 
 
+@dataclass(frozen=True, slots=True)
+class NotReadyAnswer:
+    """How the queue answers a result read before the request has finished.
+
+    fal's documentation does not say; third-party clients match a 400 whose ``detail`` is
+    "Request is still in progress", and the emulator answers that. It is data so that a
+    different answer only costs calls (an unrecognised answer falls back to a status
+    read), never a wrong outcome.
+    """
+
+    status_codes: frozenset[int] = frozenset({400})
+    detail_contains: str = "in progress"
+
+
+FAL_NOT_READY = NotReadyAnswer()
+PeekVerdict = Literal["result", "not_ready", "unknown"]
+_RUNNING_STATES = frozenset({"IN_QUEUE", "IN_PROGRESS"})
+
+
+def peek_verdict(
+    status_code: int, body: Any, not_ready: NotReadyAnswer = FAL_NOT_READY
+) -> PeekVerdict:
+    """Read the answer to a result GET sent before the job was known to be done.
+
+    Only a success is taken as the result, and not one shaped like a status (a queue that
+    answered the result URL with the status would otherwise finish a running job).
+    Anything that is neither a success nor the recognised "still running" answer, an
+    error result included, is "unknown": the caller asks the status URL what it means.
+    """
+    if 200 <= status_code < 300:
+        if status_code == 200 and not (
+            isinstance(body, Mapping) and body.get("status") in _RUNNING_STATES
+        ):
+            return "result"
+        return "unknown"
+    if status_code in not_ready.status_codes and isinstance(body, Mapping):
+        detail = body.get("detail")
+        if isinstance(detail, str) and not_ready.detail_contains in detail.lower():
+            return "not_ready"
+    return "unknown"
+
+
 def is_gateway_error(status_code: int, body: str, request_id: str | None) -> bool:
     """True when the ingress (nginx) answered, not fal's queue: the request never got in.
 

@@ -315,7 +315,9 @@ async def _outcome(
 ) -> Step:
     status = finished.status
     read: Success | Failure
-    if finished.webhook_payload is not None and finished.webhook_ok:
+    if finished.result is not None:
+        read = read_result(finished.result)  # the look itself read the result
+    elif finished.webhook_payload is not None and finished.webhook_ok:
         read = read_result(ResultResponse(status_code=200, body=finished.webhook_payload))
     elif finished.webhook_ok is None and (failure := read_status(status)) is not None:
         read = failure

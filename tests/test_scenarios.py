@@ -46,6 +46,24 @@ def assert_accounted(emu: Emulator, run_dir: Path) -> None:
     assert stats["submits"]["duplicates"] <= unknown_outcomes(run_dir)
 
 
+@pytest.mark.parametrize("first_look", ["result", "status"])
+async def test_poll_mode_first_look(tmp_path: Path, first_look: str) -> None:
+    path = manifest(tmp_path, 8)
+    async with emulator() as emu:
+        config = run_config(path, tmp_path / "run", first_look=first_look)
+        report = await run(emu, config)
+        calls = emu.snapshot()["calls"]
+    assert report.exit_code == EXIT_OK, report.message
+    rows = folded(tmp_path / "run")
+    assert {r["state"] for r in rows} == {"completed"}
+    assert all(r["outputs"] and r["billed_usd"] is not None for r in rows)
+    if first_look == "result":
+        # Early reads answer "still in progress"; none needs the status URL.
+        assert calls.get("status", 0) == 0 and calls["result"] >= 8
+    else:
+        assert calls["status"] >= 8 and calls["result"] == 8
+
+
 async def test_stream_mode_completes_every_job(tmp_path: Path) -> None:
     path = manifest(tmp_path, 8)
     async with emulator() as emu:
