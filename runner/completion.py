@@ -175,6 +175,7 @@ class Poller:
             position=watch.position,
             service_mean_s=mean,
             service_dev_s=dev,
+            ahead_mean_s=self.pacing.model.ahead_s(mean),
             slots=self.pacing.slots,
             min_s=self.pacing.min_poll_s,
             max_s=self.pacing.max_poll_s,
@@ -195,6 +196,7 @@ class Poller:
             polls=polls,
             service_mean_s=mean,
             service_dev_s=dev,
+            ahead_mean_s=self.pacing.model.ahead_s(mean),
             slots=self.pacing.slots,
             min_s=self.pacing.min_poll_s,
             max_s=self.pacing.max_poll_s,
@@ -239,7 +241,8 @@ class Poller:
             )
         mean, dev = self.pacing.model.service_s(watch.endpoint, watch.units)
         ahead = max(watch.position or 0, 0)
-        started = watch.submitted_s + ahead * mean / max(self.pacing.slots, 1)
+        per_ahead = self.pacing.model.ahead_s(mean)
+        started = watch.submitted_s + ahead * per_ahead / max(self.pacing.slots, 1)
         return next_poll_delay_s(
             state="IN_PROGRESS",
             position=None,

@@ -32,6 +32,10 @@ class ServiceModel:
     prior_per_unit_s: float = 0.12  # about 3.4 s for a 1 MP, 28-step image
     alpha: float = 0.15
     _per_unit: dict[str, _Stat] = field(default_factory=dict)
+    # Seconds per job, whatever its size or endpoint: what the requests queued ahead of a
+    # job hold the slots for. A job's own mean is the wrong measure of them when a
+    # manifest mixes sizes (a small job behind big ones waits longer than its own size says).
+    _per_job: _Stat | None = None
 
     @staticmethod
     def units(megapixels: float, steps: int, images: int) -> float:
@@ -42,12 +46,23 @@ class ServiceModel:
         stat = self._per_unit.get(endpoint)
         if stat is None:
             self._per_unit[endpoint] = _Stat(mean=per_unit, dev=per_unit * 0.25, n=1)
-            return
+        else:
+            self._update(stat, per_unit)
+        if self._per_job is None:
+            self._per_job = _Stat(mean=service_s, dev=service_s * 0.25, n=1)
+        else:
+            self._update(self._per_job, service_s)
+
+    def _update(self, stat: _Stat, value: float) -> None:
         a = max(self.alpha, 1.0 / (stat.n + 1))  # average plainly until enough samples
-        err = per_unit - stat.mean
+        err = value - stat.mean
         stat.mean += a * err
         stat.dev += a * (abs(err) - stat.dev)
         stat.n += 1
+
+    def ahead_s(self, own_mean_s: float) -> float:
+        """Mean seconds a request queued ahead holds a slot (before any: ``own_mean_s``)."""
+        return own_mean_s if self._per_job is None else self._per_job.mean
 
     def service_s(self, endpoint: str, units: float) -> tuple[float, float]:
         """(mean, deviation) of the service time of a job of ``units``."""
@@ -69,11 +84,17 @@ def first_poll_delay_s(
     slots: int,
     min_s: float,
     max_s: float,
+    ahead_mean_s: float | None = None,
 ) -> float:
-    """Delay until the first status call after submit (``position``: from the ack)."""
+    """Delay until the first status call after submit (``position``: from the ack).
+
+    ``ahead_mean_s`` is the mean service time of the requests queued ahead (default: this
+    job's own mean).
+    """
     ahead = 0 if position is None else max(position, 0)
     # `ahead` requests wait before this one; slots free up at slots/mean per second.
-    wait = ahead * service_mean_s / max(slots, 1)
+    per_ahead = service_mean_s if ahead_mean_s is None else ahead_mean_s
+    wait = ahead * per_ahead / max(slots, 1)
     return _clamp(wait + service_mean_s + LATE_DEVS * service_dev_s, min_s, max_s)
 
 
@@ -88,6 +109,7 @@ def next_poll_delay_s(
     slots: int,
     min_s: float,
     max_s: float,
+    ahead_mean_s: float | None = None,
 ) -> float:
     """Delay until the next status call, given what the last one said.
 
@@ -97,7 +119,8 @@ def next_poll_delay_s(
     """
     if state == "IN_QUEUE":
         ahead = max(position or 0, 0)
-        wait = (ahead + 1) * service_mean_s / max(slots, 1)
+        per_ahead = service_mean_s if ahead_mean_s is None else ahead_mean_s
+        wait = (ahead + 1) * per_ahead / max(slots, 1)
         target = wait + service_mean_s + LATE_DEVS * service_dev_s
     else:
         remaining = service_mean_s + LATE_DEVS * service_dev_s - running_for_s

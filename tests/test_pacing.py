@@ -64,3 +64,23 @@ def test_before_any_observation_polls_start_early_and_double() -> None:
     delays = [explore_delay_s(polls=p, min_s=0.05, max_s=2.0) for p in range(7)]
     assert delays[:4] == [0.1, 0.2, 0.4, 0.8]
     assert delays[-1] == 2.0
+
+
+def test_the_queue_ahead_is_measured_in_whole_jobs_not_this_jobs_size() -> None:
+    m = ServiceModel()
+    assert m.ahead_s(3.0) == 3.0  # nothing seen yet: this job's own mean
+    for units, seconds in ((1, 1.0), (10, 10.0), (1, 1.0), (10, 10.0)):
+        m.observe("e", units, seconds)
+    small, _ = m.service_s("e", 1)
+    assert small == pytest.approx(1.0)
+    # The jobs ahead of a small one are a mix of small and big: about 5.5 s each.
+    assert 4.0 < m.ahead_s(small) < 7.0
+    kw = dict(service_mean_s=small, service_dev_s=0.0, slots=2, min_s=0.01, max_s=600.0)
+    own = first_poll_delay_s(position=4, **kw)
+    mixed = first_poll_delay_s(position=4, ahead_mean_s=m.ahead_s(small), **kw)
+    assert own == pytest.approx(4 * 1.0 / 2 + 1.0)
+    assert mixed == pytest.approx(4 * m.ahead_s(small) / 2 + 1.0)
+    queued = next_poll_delay_s(
+        state="IN_QUEUE", position=3, running_for_s=0, polls=1, ahead_mean_s=6.0, **kw
+    )
+    assert queued == pytest.approx(4 * 6.0 / 2 + 1.0)
