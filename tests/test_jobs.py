@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import random
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from runner.catalog import FluxLoraRequest
 from runner.errors import RowError, UnknownEndpointError
 from runner.jobs import (
     ExpandOptions,
+    FirstLines,
     Job,
     column_warnings,
     fill_template,
@@ -213,6 +216,110 @@ def test_duplicate_id_names_the_first_line() -> None:
     assert isinstance(error, RowError)
     assert str(error) == "demo.csv:9: id 'a' is already used on line 2"
     assert error.problems[0].column == "id"
+
+
+def test_duplicate_ids_are_found_after_the_id_table_grows() -> None:
+    rows = [row(i + 2, i, id=f"r{i}", prompt="x") for i in range(3000)]
+    rows += [row(3002, 3000, id="r0", prompt="x"), row(3003, 3001, id="r2999", prompt="x")]
+    out = expand(rows, default_endpoint=FLUX)
+    assert [str(item) for item in out if isinstance(item, RowError)] == [
+        "demo.csv:3002: id 'r0' is already used on line 2",
+        "demo.csv:3003: id 'r2999' is already used on line 3001",
+    ]
+
+
+def test_a_row_that_cannot_be_read_still_claims_its_id() -> None:
+    bad = RawRow("demo.csv", 2, 0, {"id": "a"}, False, problem="the row has 5 cells, not 4")
+    out = expand([bad, row(3, 1, id="a", prompt="x")], default_endpoint=FLUX)
+    assert [str(item) for item in out] == [
+        "demo.csv:2: the row has 5 cells, not 4",
+        "demo.csv:3: id 'a' is already used on line 2",
+    ]
+
+
+def test_a_counting_pass_does_not_check_ids() -> None:
+    rows = [row(2, 0, id="a", prompt="x"), row(3, 1, id="a", prompt="y")]
+    out = expand(rows, default_endpoint=FLUX, check_unique_ids=False)
+    assert [type(item) for item in out] == [Job, Job]
+
+
+# --- the id table ------------------------------------------------------------------------------
+
+
+def test_id_table_answers_the_first_line_of_each_key() -> None:
+    table = FirstLines()
+    assert [table.claim(7, 2), table.claim(9, 3), table.claim(7, 5), table.claim(9, 6)] == [
+        2,
+        3,
+        2,
+        3,
+    ]
+    assert len(table) == 2
+
+
+@pytest.mark.parametrize("key", [0, 1, -1, 2**63 - 1, -(2**63)])
+def test_id_table_takes_any_64_bit_key(key: int) -> None:
+    table = FirstLines(capacity=4)
+    assert table.claim(key, 10) == 10
+    assert table.claim(key ^ 1, 20) == 20
+    assert table.claim(key, 30) == 10
+    assert table.claim(key ^ 1, 40) == 20
+
+
+def test_id_table_keys_sharing_the_last_slot_wrap_around_and_stay_apart() -> None:
+    table = FirstLines(capacity=8)
+    keys = [7 + 8 * i for i in range(5)]  # home slot 7 for all; 5 fit under 3/4 of 8
+    assert [table.claim(key, line) for line, key in enumerate(keys, 1)] == [1, 2, 3, 4, 5]
+    assert table.capacity == 8
+    assert [table.claim(key, 99) for key in keys] == [1, 2, 3, 4, 5]
+
+
+def test_id_table_keys_sharing_low_bits_survive_growth() -> None:
+    table = FirstLines(capacity=2)
+    keys = [3 + (i << 40) for i in range(300)]  # one home slot at every capacity here
+    assert [table.claim(key, line) for line, key in enumerate(keys, 1)] == list(range(1, 301))
+    assert table.capacity == 512
+    assert [table.claim(key, 0) for key in keys] == list(range(1, 301))
+
+
+def test_id_table_agrees_with_a_dict() -> None:
+    rng = random.Random(7)
+    pool = [rng.randrange(-(2**63), 2**63) for _ in range(4000)]
+    pool += [0, 1, -1, *(5 + (i << 20) for i in range(50))]
+    table, reference = FirstLines(capacity=1), dict[int, int]()
+    for line in range(1, 12_001):
+        key = rng.choice(pool)
+        assert table.claim(key, line) == reference.setdefault(key, line), (key, line)
+    assert len(table) == len(reference)
+    assert all(table.claim(key, 0) == first for key, first in reference.items())
+
+
+def test_id_table_keeps_lines_past_32_bits() -> None:
+    table = FirstLines()
+    assert table.claim(1, 3) == 3
+    assert table.claim(2, 2**32 + 5) == 2**32 + 5
+    assert [table.claim(2, 9), table.claim(1, 9)] == [2**32 + 5, 3]
+
+
+def test_id_table_capacity_is_a_power_of_two() -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        FirstLines(capacity=3)
+
+
+def test_id_table_holds_at_most_32_bytes_a_key() -> None:
+    # 50,000 keys is just past 3/4 of 65,536 slots: the table has just doubled,
+    # its emptiest and so costliest point per key.
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        table = FirstLines()
+        for line in range(2, 50_002):
+            table.claim(hash(f"row-{line}"), line)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert table.capacity == 131_072
+    assert held / len(table) <= 32
 
 
 def test_unknown_endpoint_in_a_row_is_a_row_error_naming_the_flag() -> None:
