@@ -110,6 +110,9 @@ class QueueClient:
         self._queue = httpx.URL(queue_url.rstrip("/"))
         if self._queue.scheme not in ("http", "https") or not self._queue.host:
             raise UsageError(f"queue URL must be http(s)://host[:port], got {queue_url!r}")
+        # scheme://netloc/ exactly as configured: a URL that starts with it is on the queue's
+        # origin (the slash ends the host, so queue.fal.run.evil.com does not match).
+        self._origin_prefix = f"{self._queue.scheme}://{self._queue.netloc.decode('ascii')}/"
         self._key = key
         self._timeouts = timeouts or CallTimeouts()
         self._wall_clock = wall_clock  # only to read HTTP-date Retry-After values
@@ -373,6 +376,8 @@ class QueueClient:
         }
 
     def _check_origin(self, url: str) -> None:
+        if url.startswith(self._origin_prefix):
+            return  # the common case, without parsing: the queue's own scheme://host[:port]/
         target = httpx.URL(url)
         if (target.scheme, target.host, target.port) != (
             self._queue.scheme,

@@ -635,6 +635,27 @@ async def test_key_is_never_sent_to_a_url_off_the_queue_origin(
     assert all(r.url.host == "queue.fal.test" for r in fake.requests)
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://queue.fal.test.evil.example/fal-ai/flux-lora/requests/x/status",
+        "https://queue.fal.test@evil.example/fal-ai/flux-lora/requests/x/status",
+        "https://queue.fal.test:8443/fal-ai/flux-lora/requests/x/status",
+        "http://queue.fal.test/fal-ai/flux-lora/requests/x/status",
+    ],
+)
+async def test_lookalike_origins_are_refused_too(
+    client: QueueClient, fake: FakeQueue, url: str
+) -> None:
+    ack = await client.submit("fal-ai/flux-lora", {})
+    with pytest.raises(ProtocolError, match="refusing"):
+        await client.status(ack.model_copy(update={"status_url": url}))
+    with pytest.raises(ProtocolError, match="refusing"):
+        await client.peek_result(ack.model_copy(update={"response_url": url}))
+    assert all(r.url.host == "queue.fal.test" and r.url.port is None for r in fake.requests)
+
+
 # --- the key ---------------------------------------------------------------------------------
 
 
