@@ -56,7 +56,11 @@ class Emulator:
     ) -> None:
         self.config = config or EmulatorConfig()
         self.clock = clock
-        self.scheduler = Scheduler(concurrency=self.config.concurrency, now=clock())
+        self.scheduler = Scheduler(
+            concurrency=self.config.concurrency,
+            now=clock(),
+            retention_s=self.config.scaled(self.config.retention_s),
+        )
         self.faults = FaultInjector(self.config.faults)
         self.stats = Stats(prices or cost.PriceTable.default())
         self.files = FileStore(clock=clock)
@@ -83,15 +87,13 @@ class Emulator:
         self._notify_if_changed()
 
     def lookup(self, app_path: str, request_id: str) -> Job | None:
-        """The job with this id under this owner/app, unless unknown or expired."""
-        job = self.scheduler.jobs.get(request_id)
-        if job is None or job.app_path != app_path:
-            return None
-        if job.finished_at is not None:
-            keep_s = self.config.scaled(self.config.retention_s)
-            if self.clock() >= job.finished_at + keep_s:
-                return None
-        return job
+        """The job with this id under this owner/app, unless unknown or expired.
+
+        An expired job and one already forgotten (see :class:`Scheduler`) look the same:
+        None, which every route answers as an unknown id.
+        """
+        job = self.scheduler.find(request_id, self.clock())
+        return job if job is not None and job.app_path == app_path else None
 
     def position(self, job: Job) -> int:
         return self.scheduler.position(job) if job.phase is Phase.QUEUED else 0
@@ -337,9 +339,12 @@ class Emulator:
     def snapshot(self) -> dict[str, Any]:
         """Everything ``GET /_emulator/stats`` answers."""
         self.advance()
-        phases = {phase.value: 0 for phase in Phase}
-        for job in self.scheduler.jobs.values():
-            phases[job.phase.value] += 1
+        scheduler = self.scheduler
+        phases = {
+            Phase.QUEUED.value: scheduler.queued_count,
+            Phase.RUNNING.value: len(scheduler.running),
+            Phase.DONE.value: scheduler.ended_count,  # forgotten ones included
+        }
         out = self.stats.snapshot(
             busy_s=self.scheduler.busy_s(),
             concurrency=self.config.concurrency,

@@ -8,11 +8,17 @@ polled. Tests move a fake clock forward instead of waiting.
 
 Ordering is fal's: FIFO among normal-priority jobs, then FIFO among
 ``low``-priority ones; at most ``concurrency`` jobs are IN_PROGRESS.
+
+A finished job is kept ``retention_s`` (clock seconds) after it ends, then
+forgotten: :meth:`Scheduler.find` stops returning it at that instant, and the
+next :meth:`Scheduler.advance` drops it from memory, so a long run holds only the
+jobs in flight and those still within retention.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -73,9 +79,10 @@ class Job:
 class Scheduler:
     """Queue state advanced to "now" on demand. Not thread-safe; one event loop."""
 
-    def __init__(self, *, concurrency: int, now: float) -> None:
+    def __init__(self, *, concurrency: int, now: float, retention_s: float = math.inf) -> None:
         self.concurrency = concurrency
-        self.jobs: dict[str, Job] = {}
+        self.retention_s = retention_s
+        self.jobs: dict[str, Job] = {}  # in flight, or ended less than retention_s ago
         self._normal: deque[Job] = deque()
         self._low: deque[Job] = deque()
         self._running: list[Job] = []
@@ -83,6 +90,10 @@ class Scheduler:
         self._cursor = now
         self._seq = 0
         self._ended: list[Job] = []
+        # (forget_at, request_id) in end order. Jobs end in time order (events are replayed
+        # in order, the cursor never goes back), so the head is always the next to forget.
+        self._forget: deque[tuple[float, str]] = deque()
+        self.ended_count = 0
         self.busy_done_s = 0.0
         self.version = 0  # bumped on every state change, so watchers know to look again
 
@@ -97,6 +108,13 @@ class Scheduler:
     @property
     def queued_count(self) -> int:
         return len(self._normal) + len(self._low)
+
+    def find(self, request_id: str, now: float) -> Job | None:
+        """The job with this id, unless unknown or ended ``retention_s`` or more before ``now``."""
+        job = self.jobs.get(request_id)
+        if job is None or job.finished_at is None:
+            return job
+        return job if now < job.finished_at + self.retention_s else None
 
     def submit(self, job: Job) -> None:
         """Enqueue at the current cursor (call :meth:`advance` first)."""
@@ -122,6 +140,7 @@ class Scheduler:
                 self._end(job, Ending.FAILED if job.failure else Ending.SUCCEEDED, job.finish_due)
             self._expire_deadlines(due)
         self._cursor = max(self._cursor, now)
+        self._forget_expired(self._cursor)
         ended, self._ended = self._ended, []
         return ended
 
@@ -172,6 +191,11 @@ class Scheduler:
                 (self._low if job.low_priority else self._normal).remove(job)
                 self._end(job, Ending.START_TIMEOUT, deadline)
 
+    def _forget_expired(self, now: float) -> None:
+        forget = self._forget
+        while forget and forget[0][0] <= now:
+            self.jobs.pop(forget.popleft()[1], None)
+
     def _prune_deadlines(self) -> None:
         while self._deadlines and self._deadlines[0][2].phase is not Phase.QUEUED:
             heapq.heappop(self._deadlines)
@@ -189,5 +213,8 @@ class Scheduler:
         job.phase = Phase.DONE
         job.ending = ending
         job.finished_at = at
+        self.ended_count += 1
         self.version += 1
         self._ended.append(job)
+        if self.retention_s < math.inf:
+            self._forget.append((at + self.retention_s, job.request_id))
