@@ -13,6 +13,7 @@ import pytest
 from emulator_support import JOB_CLOCK_S, SCALE, FakeClock, in_process, make_emulator
 
 from runner.emulator.queue import Job, Scheduler
+from runner.emulator.stats import canonical_input
 
 pytestmark = pytest.mark.anyio
 LORA = "fal-ai/flux-lora"
@@ -153,3 +154,18 @@ async def test_jobs_in_flight_are_never_evicted() -> None:
     assert [a.status_code for a in answers] == [202, 202]
     assert [a.json()["status"] for a in answers] == ["IN_PROGRESS", "IN_QUEUE"]
     assert set(emu.scheduler.jobs) == {running["request_id"], queued["request_id"]}
+
+
+async def test_stats_still_count_an_input_submitted_again_after_its_job_was_evicted() -> None:
+    clock = FakeClock()
+    emu = make_emulator(clock, result_retention_s=RETENTION_S)
+    body = {"prompt": "again", "seed": 3}
+    async with in_process(emu) as client:
+        await client.post(LORA, json=body)
+        clock.advance(JOB_CLOCK_S + RETENTION_CLOCK_S)
+        await client.post(LORA, json={"seed": 3, "prompt": "again"})  # same input, other order
+        assert len(emu.scheduler.jobs) == 1  # the first one is gone
+        stats = (await client.get("/_emulator/stats")).json()
+    submits = stats["submits"]
+    assert submits["by_input"] == {canonical_input(LORA, body): 2}
+    assert (submits["accepted"], submits["distinct_inputs"], submits["duplicates"]) == (2, 1, 1)

@@ -35,6 +35,7 @@ from runner.imageinfo import ImageInfoError, read_image_info_bytes
 
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 _EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+_FORMATS = {name: name for name in CONTENT_TYPES} | {"jpg": "jpeg"}
 MAX_SIDE = 16_384
 OUTPUT_PREFIX = "out/"
 _CDN_PATH = "/cdn/files/"
@@ -45,10 +46,13 @@ class InputImageError(ValueError):
 
 
 def normalize_format(fmt: str) -> str:
-    """``jpeg``/``jpg``/``png``/``webp`` (any case) -> the canonical name; ValueError otherwise."""
-    name = fmt.lower()
-    name = "jpeg" if name == "jpg" else name
-    if name not in CONTENT_TYPES:
+    """``jpeg``/``jpg``/``png``/``webp`` (any case) -> the canonical name; ValueError otherwise.
+
+    The name returned is always the same string object, so the output registry does not hold
+    a copy per image.
+    """
+    name = _FORMATS.get(fmt.lower())
+    if name is None:
         raise ValueError(f"unsupported output format {fmt!r}")
     return name
 
@@ -102,7 +106,6 @@ class _Output:
     fmt: str
     seed: int
     salt: str
-    created_at: float
     expires_at: float | None
 
     def render(self) -> bytes:
@@ -208,9 +211,7 @@ class ImageStore:
         image_id = f"{secrets.token_hex(16)}.{_EXTENSIONS[fmt]}"
         now = self._clock()
         keep_s = self.retention_s if retention_s is None else retention_s
-        output = _Output(
-            width, height, fmt, seed, salt, now, None if keep_s is None else now + keep_s
-        )
+        output = _Output(width, height, fmt, seed, salt, None if keep_s is None else now + keep_s)
         with self._lock:
             self._outputs[image_id] = output
             while len(self._outputs) > self.max_outputs:
