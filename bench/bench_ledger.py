@@ -1,7 +1,14 @@
-"""Ledger benchmark: 1,000,000 jobs x 3 events through the public API, then
+"""Ledger benchmark: 1,000,000 jobs x 4 events (submitting, queued, in_progress,
+completed, with the field sizes of a real run) through the public API, then
 fold -> LedgerState, a resume plan over every key, and compaction.
 
     PYTHONPATH=. python bench/bench_ledger.py [--jobs 1000000] [--batch 2000]
+    PYTHONPATH=. python bench/bench_ledger.py --jobs 1000000 --only-write /tmp/l1m
+    PYTHONPATH=. python bench/bench_ledger.py --jobs 1000000 --state /tmp/l1m
+
+``--state`` measures what a resumed run does first, in this (fresh) process:
+``Ledger.state()`` and ``plan_resume`` over every job's key (plus 1,000 new
+ones); run it once per measurement so the peak RSS is its own.
 
 Prints seconds per phase and the peak RSS after each phase.
 """
@@ -9,6 +16,7 @@ Prints seconds per phase and the peak RSS after each phase.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import resource
 import shutil
 import tempfile
@@ -53,35 +61,77 @@ def report(phase: str, seconds: float) -> None:
     )
 
 
-def job_events(i: int, now: datetime) -> tuple[LedgerEvent, LedgerEvent, LedgerEvent]:
-    key = f"{i:016x}"
+def job_key(i: int) -> str:
+    return hashlib.sha256(str(i).encode()).hexdigest()[:32]  # like jobs.job_key
+
+
+def job_events(i: int, now: datetime, downloaded: bool = False) -> tuple[LedgerEvent, ...]:
+    key = job_key(i)
     endpoint = ENDPOINTS[i % len(ENDPOINTS)]
-    request = f'{{"prompt":"a photo of item {i}","seed":{i},"image_size":"square_hd"}}'
+    request = (
+        f'{{"image_size":"square_hd","prompt":"Studio photo of product {i} in matte black, '
+        f'white background","seed":{i}}}'
+    )
+    metadata = {"sku": f"SKU-{i:07d}", "title": "ceramic coffee mug", "color": "matte black"}
     submitting = LedgerEvent(
         key, JobState.SUBMITTING, now, row_id=f"row-{i}", line=i + 2, source="bench.csv",
-        variant=0, endpoint=endpoint, request=request, metadata={"batch": str(i // 1000)},
+        variant=0, endpoint=endpoint, request=request, metadata=metadata,
         estimated_usd=PRICE, attempt=1,
     )  # fmt: skip
-    queued = LedgerEvent(key, JobState.QUEUED, now, request_id=f"req-{i:012d}", submitted_at=now)
+    request_id = f"{key[:8]}-{key[8:12]}-{key[12:16]}-{key[16:20]}-{key[20:32]}"
+    queued = LedgerEvent(
+        key, JobState.QUEUED, now, attempt=1, request_id=request_id, submitted_at=now
+    )
+    started = now + timedelta(seconds=1)
+    running = LedgerEvent(key, JobState.IN_PROGRESS, started, attempt=1, started_at=started)
     later = now + timedelta(seconds=3)
-    output = OutputImage(f"https://cdn.example/{key}.png", 1024, 1024, "image/png")
+    url = f"https://v3.fal.media/files/out/{hashlib.md5(key.encode()).hexdigest()}.jpg"
+    output = OutputImage(url, 1024, 1024, "image/jpeg")
+    if downloaded:
+        digest = hashlib.sha256(url.encode()).hexdigest()
+        output = OutputImage(url, 1024, 1024, "image/jpeg", f"row-{i}/{key}-0.jpg", digest)
     completed = LedgerEvent(
-        key, JobState.COMPLETED, later, started_at=now, completed_at=later, queue_s=0.5,
-        inference_s=2.5, outputs=(output,), seed=i, nsfw=(False,), megapixels=1,
+        key, JobState.COMPLETED, later, attempt=1, completed_at=later, queue_s=1.0,
+        inference_s=2.0, outputs=(output,), seed=i, nsfw=(False,), megapixels=1,
         billed_usd=PRICE,
     )  # fmt: skip
-    return submitting, queued, completed
+    return submitting, queued, running, completed
 
 
-async def write(run_dir: Path, jobs: int, batch: int) -> None:
+async def write(run_dir: Path, jobs: int, batch: int, downloaded: bool = False) -> None:
     now = datetime.now(UTC)
-    async with Ledger.open(run_dir, checkpoint_events=100_000) as ledger:
+    async with Ledger.open(run_dir) as ledger:
         for start in range(0, jobs, batch):
-            events = [job_events(i, now) for i in range(start, min(start + batch, jobs))]
-            for step in range(3):
-                for triple in events:
-                    ledger.append(triple[step])
+            stop = min(start + batch, jobs)
+            events = [job_events(i, now, downloaded) for i in range(start, stop)]
+            for step in range(4):
+                for job in events:
+                    ledger.append(job[step])
                 await ledger.commit()
+
+
+def measure_state(run_dir: Path, jobs: int, downloads: bool) -> None:
+    """Ledger.state() and plan_resume over every key, as a resumed run starts."""
+    base = current_rss_mb()
+    t0 = time.perf_counter()
+    with Ledger.open(run_dir) as ledger:
+        state = ledger.state(downloads=downloads)
+        fold_s = time.perf_counter() - t0
+        held = current_rss_mb()
+        report(f"Ledger.state() ({len(state):,} jobs)", fold_s)
+        t1 = time.perf_counter()
+        summary = ResumeSummary()
+        keys = (job_key(i) for i in range(jobs + 1000))
+        for _item, _decision in plan_resume(keys, state, summary=summary):
+            pass
+        report("plan_resume over every key", time.perf_counter() - t1)
+        print(f"  {dict(summary.actions)}", flush=True)
+        per_100k = (held - base) * 100_000 / max(len(state), 1)
+        print(
+            f"  held after the fold: {held - base:.0f} MiB over the {base:.0f} MiB base "
+            f"({per_100k:.1f} MiB per 100k jobs); peak {peak_rss_mb():.0f} MiB",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -90,16 +140,28 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2_000)
     parser.add_argument("--only-write", type=Path, help="write the ledger here and stop")
     parser.add_argument("--from-dir", type=Path, help="read a copy of a ledger --only-write made")
+    parser.add_argument("--state", type=Path, help="measure Ledger.state() + plan_resume here")
+    parser.add_argument(
+        "--downloaded", action="store_true", help="--only-write: outputs have a local copy"
+    )
+    parser.add_argument(
+        "--no-download", action="store_true", help="--state: Ledger.state(downloads=False)"
+    )
     args = parser.parse_args()
     if args.only_write:
-        anyio.run(write, args.only_write, args.jobs, args.batch)
+        t0 = time.perf_counter()
+        anyio.run(write, args.only_write, args.jobs, args.batch, args.downloaded)
+        report("write + commit + checkpoints", time.perf_counter() - t0)
+        return
+    if args.state:
+        measure_state(args.state, args.jobs, not args.no_download)
         return
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         if args.from_dir:
             shutil.copytree(args.from_dir, run_dir)
         else:
-            print(f"{args.jobs:,} jobs x 3 events, commit per {args.batch:,} events", flush=True)
+            print(f"{args.jobs:,} jobs x 4 events, commit per {args.batch:,} events", flush=True)
             t0 = time.perf_counter()
             anyio.run(write, run_dir, args.jobs, args.batch)
             report("write + commit + checkpoints", time.perf_counter() - t0)
@@ -114,7 +176,7 @@ def main() -> None:
 
         t0 = time.perf_counter()
         summary = ResumeSummary()
-        keys = (f"{i:016x}" for i in range(args.jobs + 1000))
+        keys = (job_key(i) for i in range(args.jobs + 1000))
         for _item, _decision in plan_resume(keys, state, summary=summary):
             pass
         report("resume plan over all keys", time.perf_counter() - t0)
