@@ -9,13 +9,16 @@ duplicated event is harmless: equal seq, equal values.
 
 Reading folds about FOLD_GROUP_EVENTS events at a time and then folds the
 folded rows, so memory holds one group of events plus one row per job.
+:func:`read_admission` reads only the columns a resumed run needs (a few
+percent of the bytes), and :class:`LedgerState` holds them without a Python
+object per job, so a million-job ledger folds in a few hundred MB.
 Uses numpy (pyarrow does not depend on it since version 16).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from runner.errors import LedgerError
+from runner.ledger.index import KeyIndex, Strings, Values
 from runner.ledger.journal import list_segments, read_segment
 from runner.ledger.parts import PartFile, read_part, scan_parts
 from runner.ledger.schema import (
@@ -41,6 +45,23 @@ LEDGER_DIR = "ledger"
 JOURNAL_DIR = "journal"
 _READ_ATTEMPTS = 20
 FOLD_GROUP_EVENTS = 1_000_000
+# What admission and resume read of each job: decide() (state, attempt, request_id,
+# retryable), the spend so far (billed_usd), cancelling in-flight jobs (endpoint).
+ADMISSION_COLUMNS = (
+    "seq",
+    "job_key",
+    "state",
+    "endpoint",
+    "attempt",
+    "request_id",
+    "retryable",
+    "billed_usd",
+)
+# Per event: does it carry outputs and lack a local copy of any? Folded like outputs.
+_UNFETCHED = "outputs_unfetched"
+_ATTEMPT_LEVEL = frozenset({*ATTEMPT_FIELDS, _UNFETCHED})
+# Past one job in this many with downloads pending, read every column of every job.
+_WHOLE_FRACTION = 8
 _T = TypeVar("_T")
 
 
@@ -70,12 +91,13 @@ class _Snapshot:
     journal_rows: list[dict[str, Any]]
     torn_bytes: int
 
-    def tables(self) -> Iterator[pa.Table]:
-        """Event tables in seq order: each part, then the journal's newer events."""
+    def tables(self, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+        """Event tables in seq order (all columns, or those named): parts, then the journal."""
         for part in self.parts:
-            yield read_part(part.path)
+            yield read_part(part.path, columns)
         if self.journal_rows:
-            yield rows_to_table(self.journal_rows)
+            table = rows_to_table(self.journal_rows)
+            yield table if columns is None else table.select(list(columns))
 
 
 def _retrying(run_dir: Path, read: Callable[[_Snapshot], _T]) -> _T:
@@ -134,8 +156,105 @@ def read_folded(run_dir: Path) -> FoldedRead:
     return _retrying(run_dir, read)
 
 
-def fold_tables(tables: Iterable[pa.Table]) -> tuple[pa.Table, int]:
+def read_admission(run_dir: Path, *, downloads: bool = True) -> pa.Table:
+    """The folded ADMISSION_COLUMNS per job, plus ``outputs``: what a resumed run reads.
+
+    ``outputs`` is null except, when ``downloads``, for completed jobs with an
+    output not yet downloaded: those rows carry every column of LEDGER_SCHEMA
+    (a second pass over their events only), as a download records a whole
+    completed event. When that is most of the jobs (a run without downloads,
+    resumed with them), every column of every job is read instead.
+    ``state`` and ``endpoint`` come dictionary-encoded.
+    """
+    columns = [*ADMISSION_COLUMNS, "outputs"] if downloads else list(ADMISSION_COLUMNS)
+
+    def read(snap: _Snapshot) -> pa.Table:
+        tables = snap.tables(columns)
+        if downloads:
+            tables = (_flag_unfetched(t) for t in tables)
+        jobs, _events = fold_tables(tables, empty=_admission_schema(downloads))
+        if downloads:
+            flag = jobs[_UNFETCHED].fill_null(False)
+            jobs = jobs.drop_columns([_UNFETCHED])
+            done = pc.equal(jobs["state"], JobState.COMPLETED.value)
+            unfetched = np.flatnonzero(_to_bool(pc.and_(done, flag)))
+        else:
+            unfetched = np.zeros(0, dtype=np.int64)
+        if len(unfetched) * _WHOLE_FRACTION > jobs.num_rows:
+            del jobs
+            jobs, _events = fold_tables(snap.tables())
+        elif len(unfetched):
+            keys = jobs["job_key"].take(pa.array(unfetched))
+            wanted = (t.filter(pc.is_in(t["job_key"], value_set=keys)) for t in snap.tables())
+            full, _events = fold_tables(wanted)
+            jobs = _widen(jobs, full, unfetched)
+        else:
+            outputs = pa.nulls(jobs.num_rows, LEDGER_SCHEMA.field("outputs").type)
+            jobs = jobs.append_column(LEDGER_SCHEMA.field("outputs"), outputs)
+        for name in ("state", "endpoint"):
+            encoded = pc.dictionary_encode(jobs[name])
+            jobs = jobs.set_column(jobs.schema.get_field_index(name), name, encoded)
+        return jobs
+
+    return _retrying(run_dir, read)
+
+
+def _admission_schema(downloads: bool) -> pa.Schema:
+    schema = pa.schema([LEDGER_SCHEMA.field(name) for name in ADMISSION_COLUMNS])
+    return schema.append(pa.field(_UNFETCHED, pa.bool_())) if downloads else schema
+
+
+def _flag_unfetched(events: pa.Table) -> pa.Table:
+    """``outputs`` replaced by whether any output lacks local_path (null: no outputs)."""
+    outputs = events["outputs"].combine_chunks()
+    flat = pc.list_flatten(outputs)
+    missing = _to_bool(pc.is_null(pc.struct_field(flat, "local_path")))
+    parents = pc.list_parent_indices(outputs).to_numpy(zero_copy_only=False)
+    any_missing = np.bincount(parents[missing], minlength=len(outputs)) > 0
+    flag = pa.array(any_missing, mask=~_to_bool(pc.is_valid(outputs)))
+    return events.drop_columns(["outputs"]).append_column(_UNFETCHED, flag)
+
+
+def _widen(jobs: pa.Table, full: pa.Table, rows: np.ndarray) -> pa.Table:
+    """Every column of LEDGER_SCHEMA: ``full``'s folded rows at ``rows``, nulls elsewhere.
+
+    Both folds list jobs by the seq of their last event, which is unique, so
+    ``full`` (a subset of the jobs) lines up with ``rows`` by seq. The added
+    flat columns are dictionary-encoded: a few whole records among a million
+    jobs cost an index byte or two per job and column, not a null slot of 4-16.
+    """
+    seqs = jobs["seq"].to_numpy()[rows]
+    at = np.searchsorted(full["seq"].to_numpy(), seqs)
+    if len(at) != full.num_rows or not np.array_equal(full["seq"].to_numpy()[at], seqs):
+        raise LedgerError("ledger changed between two passes of one read")
+    source = np.zeros(jobs.num_rows, dtype=np.int64)
+    source[rows] = at
+    missing = np.ones(jobs.num_rows, dtype=bool)
+    missing[rows] = False
+    index_type = next(t for t in (np.int8, np.int16, np.int32) if len(at) <= np.iinfo(t).max)
+    fields, columns = [], []
+    for field in LEDGER_SCHEMA:
+        if field.name in jobs.column_names:
+            column = jobs[field.name]
+        elif pa.types.is_nested(field.type):
+            column = full[field.name].take(pa.array(source, mask=missing))
+        else:
+            values = full[field.name].combine_chunks()
+            absent = missing | ~_to_bool(values.is_valid())[source]
+            indices = pa.array(source.astype(index_type), mask=absent)
+            column = pa.DictionaryArray.from_arrays(indices, values)
+        fields.append(pa.field(field.name, column.type, nullable=field.nullable))
+        columns.append(column)
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields, LEDGER_SCHEMA.metadata))
+
+
+def fold_tables(
+    tables: Iterable[pa.Table], *, empty: pa.Schema = LEDGER_SCHEMA
+) -> tuple[pa.Table, int]:
     """Fold event tables given in seq order; returns (jobs, events seen).
+
+    The tables may hold any columns of the schema as long as seq, job_key and
+    state are among them; ``empty`` is the schema of the result when there are none.
 
     Tables are folded in groups of about FOLD_GROUP_EVENTS events, so memory
     holds one group of events plus the folded rows, never every event. Each
@@ -150,10 +269,13 @@ def fold_tables(tables: Iterable[pa.Table]) -> tuple[pa.Table, int]:
     grouped = 0
 
     def fold_group() -> None:
-        folded, reset = _fold(pa.concat_tables(group), None)
+        box = [pa.concat_tables(group)]
+        group.clear()
+        folded, reset = _fold(box, None)
         partials.append(folded)
         resets.append(reset)
-        group.clear()
+        # The group's events are garbage now: hand their pages back before the next.
+        pa.default_memory_pool().release_unused()
 
     for table in tables:
         events += table.num_rows
@@ -165,38 +287,47 @@ def fold_tables(tables: Iterable[pa.Table]) -> tuple[pa.Table, int]:
     if group:
         fold_group()
     if not partials:
-        return LEDGER_SCHEMA.empty_table(), 0
+        return empty.empty_table(), 0
     if len(partials) == 1:
         return partials[0], events
-    jobs, _reset = _fold(pa.concat_tables(partials), np.concatenate(resets))
+    box = [pa.concat_tables(partials)]
+    partials.clear()
+    jobs, _reset = _fold(box, np.concatenate(resets))
     return jobs, events
 
 
 def fold(events: pa.Table) -> pa.Table:
     """One row per job (sorted by seq) in LEDGER_SCHEMA: its latest state."""
-    return _fold(events, None)[0]
+    return _fold([events], None)[0]
 
 
-def _fold(events: pa.Table, resets: np.ndarray | None) -> tuple[pa.Table, np.ndarray]:
-    """(folded rows, whether each job started an attempt within ``events``).
+def _fold(box: list[pa.Table], resets: np.ndarray | None) -> tuple[pa.Table, np.ndarray]:
+    """(folded rows, whether each job started an attempt within the events).
 
+    Takes the events out of ``box`` and lets go of each column once folded, so a
+    caller that hands over its only reference never holds input and output whole.
     ``resets`` marks extra rows (already folded ones) that start an attempt.
     """
+    events = box.pop()
     n = events.num_rows
     if n == 0:
-        return LEDGER_SCHEMA.empty_table(), np.zeros(0, dtype=bool)
-    codes = pc.dictionary_encode(events["job_key"].combine_chunks()).indices.to_numpy()
+        return events.schema.empty_table(), np.zeros(0, dtype=bool)
+    codes = _job_codes(events["job_key"], mostly_distinct=resets is not None)
     seq = events["seq"].to_numpy()
     if n < 2 or bool(np.all(seq[1:] >= seq[:-1])):
         order = np.argsort(codes, kind="stable")
     else:
         order = np.lexsort((seq, codes))
     sorted_codes = codes[order]
+    del codes
     change = sorted_codes[1:] != sorted_codes[:-1]
+    del sorted_codes
     starts = np.concatenate(([True], change))
     ends = np.concatenate((change, [True]))
+    del change
     last = np.flatnonzero(ends)
     last = last[np.argsort(seq[order[last]], kind="stable")]
+    del ends, seq
     index = np.arange(n)
     job_start = np.maximum.accumulate(np.where(starts, index, 0))[last]
     submitting = _to_bool(pc.equal(events["state"], JobState.SUBMITTING.value))
@@ -204,12 +335,32 @@ def _fold(events: pa.Table, resets: np.ndarray | None) -> tuple[pa.Table, np.nda
         submitting = submitting | resets
     submitting = submitting[order]
     attempt_row = np.maximum.accumulate(np.where(starts | submitting, index, 0))[last]
+    reset = submitting[attempt_row]
+    del starts, submitting
     latest = order[last]
-    columns = [
-        _fold_column(events[f.name], f, order, index, last, latest, job_start, attempt_row)
-        for f in LEDGER_SCHEMA
-    ]
-    return pa.Table.from_arrays(columns, schema=LEDGER_SCHEMA), submitting[attempt_row]
+    schema = events.schema
+    inputs = events.columns[::-1]
+    del events
+    columns = []
+    for field in schema:
+        column = inputs.pop()
+        columns.append(
+            _fold_column(column, field, order, index, last, latest, job_start, attempt_row)
+        )
+        del column
+    return pa.Table.from_arrays(columns, schema=schema), reset
+
+
+def _job_codes(keys: pa.ChunkedArray, *, mostly_distinct: bool) -> np.ndarray:
+    """A number per job_key, equal for equal keys.
+
+    dictionary_encode is twice as fast as ranking (a sort), but its hash table
+    grows with the distinct keys: +136 MB for 1M distinct keys against +16 MB
+    (measured). Events of a group repeat keys; folded rows hardly do.
+    """
+    if mostly_distinct:
+        return np.asarray(pc.rank(keys, tiebreaker="dense").to_numpy())
+    return np.asarray(pc.dictionary_encode(keys.combine_chunks()).indices.to_numpy())
 
 
 def _fold_column(
@@ -230,7 +381,7 @@ def _fold_column(
         return pa.nulls(len(last), field.type)
     valid = _to_bool(pc.is_valid(column))[order]
     last_valid = np.maximum.accumulate(np.where(valid, index, -1))[last]
-    since = attempt_start if field.name in ATTEMPT_FIELDS else job_start
+    since = attempt_start if field.name in _ATTEMPT_LEVEL else job_start
     keep = last_valid >= since
     source = order[np.where(keep, last_valid, 0)]
     return column.take(pa.array(source, mask=~keep))
@@ -254,14 +405,23 @@ class JobBrief:
 
 
 class LedgerState:
-    """The folded ledger: one latest record per job, looked up by job_key."""
+    """The folded ledger: one latest record per job, looked up by job_key.
+
+    ``jobs`` is the folded table: every column (:meth:`load`), or what
+    :func:`read_admission` reads (``Ledger.state()``). Lookups go through a
+    hash index and flat arrays, never a Python object per job: about 20 bytes a
+    job on top of the table.
+    """
 
     def __init__(self, jobs: pa.Table) -> None:
+        # One chunk per looked-up column, so that the table and the index share it.
+        for name in ("job_key", "request_id"):
+            if name in jobs.column_names and jobs[name].num_chunks > 1:
+                whole = jobs[name].combine_chunks()
+                jobs = jobs.set_column(jobs.schema.get_field_index(name), name, whole)
         self.jobs = jobs
-        keys: list[str] = jobs["job_key"].to_pylist()
-        self._index = dict(zip(keys, range(len(keys)), strict=True))
-        self._brief: tuple[list[str], list[int | None], list[str | None], list[bool | None]]
-        self._brief_ready = False
+        self._index = KeyIndex(jobs["job_key"])
+        self._brief: _Briefs | None = None
 
     @classmethod
     def load(cls, run_dir: Path | str) -> LedgerState:
@@ -271,29 +431,68 @@ class LedgerState:
         return len(self._index)
 
     def __contains__(self, job_key: object) -> bool:
-        return job_key in self._index
+        return isinstance(job_key, str) and self._index.find(job_key) is not None
 
     def keys(self) -> Iterator[str]:
         return iter(self._index)
 
     def get(self, job_key: str) -> JobRecord | None:
-        """The full folded record of one job, or None when the ledger never saw it."""
-        i = self._index.get(job_key)
+        """The folded record of one job (the columns ``jobs`` has), or None when never seen."""
+        i = self._index.find(job_key)
         if i is None:
             return None
         return record_from_row(self.jobs.slice(i, 1).to_pylist()[0])
 
     def brief(self, job_key: str) -> JobBrief | None:
-        i = self._index.get(job_key)
+        i = self._index.find(job_key)
         if i is None:
             return None
-        if not self._brief_ready:
-            self._brief = (
-                self.jobs["state"].to_pylist(),
-                self.jobs["attempt"].to_pylist(),
-                self.jobs["request_id"].to_pylist(),
-                self.jobs["retryable"].to_pylist(),
-            )
-            self._brief_ready = True
-        states, attempts, request_ids, retryable = self._brief
-        return JobBrief(job_key, JobState(states[i]), attempts[i], request_ids[i], retryable[i])
+        if self._brief is None:
+            self._brief = _Briefs(self.jobs)
+        return self._brief.at(job_key, i)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the table, the index and the brief arrays."""
+        brief = 0 if self._brief is None else self._brief.nbytes
+        return int(self.jobs.nbytes) + self._index.nbytes + brief
+
+
+_STATES = tuple(JobState)
+_STATE_VALUES = pa.array([s.value for s in _STATES])
+
+
+class _Briefs:
+    """The fields of JobBrief as flat arrays: a state code, attempt, request_id, retryable."""
+
+    def __init__(self, jobs: pa.Table) -> None:
+        self._states = jobs["state"]
+        names = (
+            self._states.cast(pa.string())
+            if pa.types.is_dictionary(self._states.type)
+            else self._states
+        )
+        codes = pc.index_in(names, value_set=_STATE_VALUES).fill_null(-1)
+        self._codes = np.asarray(codes.to_numpy(), dtype=np.int8).data
+        self._attempt = Values(jobs["attempt"])
+        self._retryable = Values(jobs["retryable"])
+        self._request_id = Strings(jobs["request_id"])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held besides the table (request_id is read where it is)."""
+        return self._codes.nbytes + self._attempt.nbytes + self._retryable.nbytes
+
+    def at(self, job_key: str, i: int) -> JobBrief:
+        code = self._codes[i]
+        # An unknown state raises ValueError, as JobState(value) does.
+        state = _STATES[code] if code >= 0 else JobState(self._states[i].as_py())
+        attempt = self._attempt.get(i)
+        retryable = self._retryable.get(i)
+        return JobBrief(
+            job_key,
+            state,
+            None if attempt is None else int(attempt),
+            self._request_id.get(i),
+            None if retryable is None else bool(retryable),
+        )

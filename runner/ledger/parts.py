@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,23 +96,25 @@ def write_part(
     return PartFile(first, last, final)
 
 
-def read_part(path: Path) -> pa.Table:
-    """Read one part; any unreadable or foreign file is LedgerCorruptError naming it.
+def read_part(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
+    """Read one part (every column, or those named); any unreadable or foreign file is
+    LedgerCorruptError naming it.
 
     FileNotFoundError passes through: a reader racing a compaction retries.
     """
     try:
         with pq.ParquetFile(path) as handle:
+            schema = handle.schema_arrow
+            check_schema(schema, str(path))
+            if not schema.remove_metadata().equals(LEDGER_SCHEMA.remove_metadata()):
+                raise LedgerCorruptError(f"ledger part {path} has an unexpected schema")
             # One part at a time on few cores: threads cost more than they give.
-            table = handle.read(use_threads=False)
-        check_schema(table.schema, str(path))
+            names = None if columns is None else list(columns)
+            return handle.read(columns=names, use_threads=False)
     except FileNotFoundError:
         raise
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise LedgerCorruptError(f"ledger part {path} cannot be read: {exc}") from exc
-    if not table.schema.remove_metadata().equals(LEDGER_SCHEMA.remove_metadata()):
-        raise LedgerCorruptError(f"ledger part {path} has an unexpected schema")
-    return table
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
