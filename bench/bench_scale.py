@@ -1,6 +1,6 @@
 """Scale: a long manifest through ``runner run`` (a child process), then the resume planning.
 
-    python bench/bench_scale.py [--rows 1000000] [--concurrency 8] [--workdir DIR]
+    python bench/bench_scale.py [--rows 1000000] [--concurrency 16] [--workdir DIR]
 
 1. writes a JSONL manifest of ``--rows`` flux-lora rows with 64x64 outputs;
 2. runs ``runner run --no-download --quiet`` against the emulator (its own process, time
@@ -81,7 +81,9 @@ def run_child(manifest: Path, run_dir: Path, emu: EmulatorProcess, concurrency: 
             out.samples.append((time.perf_counter() - t0, rss, _done(log)))
             if len(out.samples) % 60 == 0:  # a line a minute, so a cut-short run still tells
                 t, rss, done = out.samples[-1]
-                print(f"  {t:6.0f} s  {done:>9,} jobs done  RSS {rss:6.0f} MiB", flush=True)
+                emu_rss = emu.rss_mb()[0]
+                print(f"  {t:6.0f} s  {done:>9,} jobs done  RSS {rss:6.0f} MiB  "
+                      f"(emulator {emu_rss:4.0f} MiB)", flush=True)  # fmt: skip
             time.sleep(1.0)
     out.wall_s = time.perf_counter() - t0
     out.exit_code = os.waitstatus_to_exitcode(status)
@@ -146,7 +148,11 @@ def _actions(summary: ResumeSummary) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=1_000_000)
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument(
+        "--retention-s", type=float, default=120.0,
+        help="real seconds the emulator keeps a result (then forgets the job)",
+    )  # fmt: skip
     p.add_argument("--workdir", type=Path, help="keep the manifest and ledger here")
     p.add_argument(
         "--plan-only", action="store_true", help="only the resume planning, over --workdir"
@@ -164,7 +170,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"## scale: {args.rows:,} rows, concurrency {args.concurrency}, 64x64, no download "
           f"(manifest written in {time.perf_counter() - t0:.1f} s, "
           f"{manifest.stat().st_size / 2**20:.0f} MiB); load average {load_avg()}")  # fmt: skip
-    with EmulatorProcess(concurrency=args.concurrency, time_scale=1e-6) as emu:
+    with EmulatorProcess(
+        concurrency=args.concurrency, time_scale=1e-6, retention_real_s=args.retention_s
+    ) as emu:
         first = run_child(manifest, run_dir, emu, args.concurrency)
         emu_rss = emu.rss_mb()
         second = run_child(manifest, run_dir, emu, args.concurrency)

@@ -89,7 +89,13 @@ class EmulatorProcess:
     """``runner emulator serve`` in a child process on 127.0.0.1 (a context manager)."""
 
     def __init__(
-        self, *, concurrency: int, time_scale: float, seed: int = 7, faults: str = ""
+        self,
+        *,
+        concurrency: int,
+        time_scale: float,
+        seed: int = 7,
+        faults: str = "",
+        retention_real_s: float = 3600.0,
     ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -99,8 +105,9 @@ class EmulatorProcess:
             "--time-scale", repr(time_scale), "--seed", str(seed),
         ]  # fmt: skip
         # Results must outlive the run in real time: the default retention (3600 emulated
-        # seconds) is 3.6 ms of real time at a time scale of 1e-6.
-        retention = f"result_retention_s={3600.0 / time_scale!r}"
+        # seconds) is 3.6 ms of real time at a time scale of 1e-6. The emulator forgets a
+        # job once its retention has passed, so a shorter one keeps its memory flat.
+        retention = f"result_retention_s={retention_real_s / time_scale!r}"
         argv += ["--faults", f"{faults},{retention}" if faults else retention]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.proc = subprocess.Popen(
