@@ -67,10 +67,15 @@ Durability:
 - The engine appends ``submitting`` and commits before each POST, so a crash
   between POST and acknowledgement leaves a visible unknown outcome.
 - ``checkpoint()`` (every N committed events and at close): switch to a new
-  journal segment, write the old events as a part under a temp name, fsync,
-  rename, fsync the directory, and only then delete the old segment. Journal
-  events with a seq at or below the newest part's last seq are already in a
-  part, so a crash between any two steps neither loses nor double counts.
+  journal segment, read the old one back (events wait for a checkpoint on
+  disk, not in memory; a segment that does not read back whole is an error
+  and is kept), write its events as a part under a temp name, fsync, rename,
+  fsync the directory, and only then delete the old segment. A newest part
+  smaller than a checkpoint's (left by a close or a recovery) is merged into
+  the next part, which covers its seq range, so small parts do not pile up
+  run after run. Journal events with a seq at or below the newest part's
+  last seq are already in a part, so a crash between any two steps neither
+  loses nor double counts.
 - Opening a writer takes the lock (LedgerLockedError when held), removes
   temp files and parts covered by a wider part (an interrupted compaction),
   folds the surviving journal into a part and starts a fresh segment: a
@@ -84,6 +89,8 @@ lists the parts, drops journal events a part already holds, and starts over
 if a file vanishes under it (a checkpoint or compaction in between).
 :func:`read_folded` folds in groups of events so memory stays near one group
 plus one row per job; :func:`read_events` returns the full history.
+``Ledger.state()`` (admission, resume) folds only the columns a resumed run
+reads (:func:`runner.ledger.fold.read_admission`).
 """
 
 from runner.ledger.fold import JobBrief, LedgerState, fold, fold_tables, read_events, read_folded

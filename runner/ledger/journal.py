@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,16 @@ def _decode_line(line: bytes) -> dict[str, Any] | None:
 
 def read_segment(path: Path) -> SegmentRead:
     return decode_segment(path.read_bytes())
+
+
+def iter_segment(path: Path) -> Iterator[dict[str, Any]]:
+    """The intact events of a segment, one line at a time, up to any torn tail."""
+    with open(path, "rb") as handle:
+        for line in handle:
+            row = _decode_line(line[:-1]) if line.endswith(b"\n") else None
+            if row is None:
+                return
+            yield row
 
 
 def segment_name(first_seq: int) -> str:

@@ -117,6 +117,16 @@ def read_part(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
         raise LedgerCorruptError(f"ledger part {path} cannot be read: {exc}") from exc
 
 
+def part_rows(path: Path) -> int:
+    """How many rows a part holds (from its footer); LedgerCorruptError when unreadable."""
+    try:
+        with pq.ParquetFile(path) as handle:
+            rows: int = handle.metadata.num_rows
+            return rows
+    except (pa.ArrowException, OSError) as exc:
+        raise LedgerCorruptError(f"ledger part {path} cannot be read: {exc}") from exc
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace a file so that a crash leaves either the old or the new content."""
     tmp = path.with_name(f".{path.name}.tmp")

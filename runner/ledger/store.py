@@ -27,13 +27,16 @@ from runner.ledger.journal import (
     SegmentWriter,
     encode_line,
     fsync_dir,
+    iter_segment,
     list_segments,
     read_segment,
     segment_name,
 )
 from runner.ledger.lock import RunLock
 from runner.ledger.parts import (
+    PartFile,
     atomic_write_bytes,
+    part_rows,
     read_part,
     scan_parts,
     stale_temp_files,
@@ -52,6 +55,9 @@ class Ledger:
     every event appended so far durable with one write + fsync, shared by all
     the tasks that await it meanwhile (group commit); every
     ``checkpoint_events`` committed events are folded into a Parquet part.
+    Between checkpoints committed events live in the journal only: a
+    checkpoint reads its closed segments back, a few thousand lines at a time,
+    so memory does not grow with the events waiting for a part.
     """
 
     def __init__(self, run_dir: Path, lock: RunLock, next_seq: int, checkpoint_events: int):
@@ -65,11 +71,11 @@ class Ledger:
         self._checkpointing = threading.Lock()  # one part writer at a time
         self._next_seq = next_seq
         self._durable_seq = next_seq - 1
+        self._folded_seq = next_seq - 1  # every event up to here is in a part
         self._pending: list[bytes] = []
-        self._pending_rows: list[dict[str, Any]] = []
-        self._unfolded: list[dict[str, Any]] = []
-        self._retired: list[Path] = []
+        self._retired: list[Path] = []  # closed segments: events after _folded_seq, in order
         self._segment = SegmentWriter(self.journal_dir / segment_name(next_seq))
+        self._segment_first = next_seq
         self._commit_lock: tuple[object, anyio.Lock] | None = None
         self._closed = False
         self._broken: OSError | None = None
@@ -111,9 +117,7 @@ class Ledger:
             self._check_usable()
             seq = self._next_seq
             self._next_seq += 1
-            row = encode_event(event, seq)
-            self._pending.append(encode_line(row))
-            self._pending_rows.append(row)
+            self._pending.append(encode_line(encode_event(event, seq)))
         return seq
 
     async def commit(self) -> None:
@@ -126,9 +130,19 @@ class Ledger:
                 # A shielded flush: cancelling a waiter must not cancel a half-done write.
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(self._flush)
-        if len(self._unfolded) >= self._checkpoint_events and not self._checkpointing.locked():
+        if self._checkpoint_due() and not self._checkpointing.locked():
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self.checkpoint_sync)
+                await anyio.to_thread.run_sync(self._checkpoint_if_due)
+
+    def _checkpoint_due(self) -> bool:
+        return self._durable_seq - self._folded_seq >= self._checkpoint_events
+
+    def _checkpoint_if_due(self) -> None:
+        # Several committers can see the threshold before the first one's checkpoint
+        # starts; the later ones would each write a part of a few events.
+        with self._checkpointing:
+            if self._checkpoint_due():
+                self._checkpoint_locked()
 
     def _loop_lock(self) -> anyio.Lock:
         """The commit lock of the running event loop (a ledger may outlive one anyio.run)."""
@@ -139,8 +153,8 @@ class Ledger:
 
     def commit_sync(self) -> None:
         self._flush()
-        if len(self._unfolded) >= self._checkpoint_events:
-            self.checkpoint_sync()
+        if self._checkpoint_due():
+            self._checkpoint_if_due()
 
     def _flush(self) -> None:
         with self._write:
@@ -161,8 +175,8 @@ class Ledger:
             if not self._pending:
                 return
             data = b"".join(self._pending)
-            rows = self._pending_rows
-            self._pending, self._pending_rows = [], []
+            last = self._next_seq - 1  # append() adds a line and a seq under this lock
+            self._pending = []
         try:
             self._segment.write(data)
             self._segment.sync()
@@ -172,8 +186,7 @@ class Ledger:
             self._broken = exc
             raise LedgerError(f"cannot write the journal in {self.journal_dir}: {exc}") from exc
         with self._io:
-            self._durable_seq = rows[-1]["seq"]
-            self._unfolded.extend(rows)
+            self._durable_seq = last
 
     async def checkpoint(self) -> None:
         with anyio.CancelScope(shield=True):
@@ -182,28 +195,50 @@ class Ledger:
     def checkpoint_sync(self) -> None:
         """Fold committed journal events into a durable part, then drop their segments."""
         with self._checkpointing:
-            with self._write:
-                self._flush_locked()
-                if not self._unfolded:
-                    return
-                # Every event up to durable_seq is in the old segment; later ones go here.
-                new = SegmentWriter(self.journal_dir / segment_name(self._durable_seq + 1))
-                with self._io:
-                    rows, self._unfolded = self._unfolded, []
-                old, self._segment = self._segment, new
+            self._checkpoint_locked()
+
+    def _checkpoint_locked(self) -> None:
+        with self._write:
+            self._flush_locked()
+            last = self._durable_seq
+            if last == self._folded_seq:
+                return
+            if last >= self._segment_first:
+                # Every event up to `last` is in the old segment; later ones go to the new.
+                new = SegmentWriter(self.journal_dir / segment_name(last + 1))
+                old, self._segment, self._segment_first = self._segment, new, last + 1
                 old.close()
                 self._retired.append(old.path)
-            try:
-                write_part(self.ledger_dir, rows_to_table(rows))
-            except BaseException:
-                with self._io:
-                    self._unfolded[:0] = rows
-                raise
-            # Only now that the part is durable may the journal lines go.
-            retired, self._retired = self._retired, []
-            for path in retired:
-                path.unlink(missing_ok=True)
-            fsync_dir(self.journal_dir)
+        table = _read_back(self._retired, self._folded_seq + 1, last)
+        tail = self._small_tail()
+        if tail is not None:
+            table = pa.concat_tables([read_part(tail.path), table])
+        write_part(self.ledger_dir, table)
+        self._folded_seq = last
+        # Only now that the part is durable may the journal lines and the tail go
+        # (a tail left behind is covered by the new part: recovery deletes it).
+        if tail is not None:
+            tail.path.unlink(missing_ok=True)
+            fsync_dir(self.ledger_dir)
+        retired, self._retired = self._retired, []
+        for path in retired:
+            path.unlink(missing_ok=True)
+        fsync_dir(self.journal_dir)
+        del table
+        # The part's table and its encoding are garbage: return their pages to the OS.
+        pa.default_memory_pool().release_unused()
+
+    def _small_tail(self) -> PartFile | None:
+        """The newest part when it is smaller than a checkpoint's, to be merged into the next.
+
+        A close, or the recovery after a crash, writes whatever the journal held;
+        merged at the next checkpoint, such parts never pile up run after run.
+        """
+        parts, _covered = scan_parts(self.ledger_dir)
+        if not parts or parts[-1].last_seq != self._folded_seq:
+            return None
+        tail = parts[-1]
+        return tail if part_rows(tail.path) < self._checkpoint_events else None
 
     def compact(self) -> int:
         """Fold all parts into one holding only the latest state per job; returns parts removed.
@@ -274,6 +309,37 @@ class Ledger:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+_READ_BACK_ROWS = 4096
+
+
+def _read_back(segments: list[Path], first: int, last: int) -> pa.Table:
+    """Events ``first`` .. ``last`` from closed segments, converted a few thousand at a time.
+
+    They were fsynced by this writer; a segment that does not read back whole
+    (every seq, in order) is an error, and its lines are kept.
+    """
+    tables = []
+    rows: list[dict[str, Any]] = []
+    expected = first
+    for path in segments:
+        for row in iter_segment(path):
+            if row["seq"] != expected:
+                break
+            rows.append(row)
+            expected += 1
+            if len(rows) == _READ_BACK_ROWS:
+                tables.append(rows_to_table(rows))
+                rows = []
+    if rows:
+        tables.append(rows_to_table(rows))
+    if expected != last + 1:
+        raise LedgerError(
+            f"the journal in {segments[0].parent} does not read back as written "
+            f"(events {first}-{last}, read up to {expected - 1}); it is kept for recovery"
+        )
+    return pa.concat_tables(tables)
 
 
 def compact(run_dir: Path | str) -> int:
