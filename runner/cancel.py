@@ -50,7 +50,7 @@ async def cancel_in_flight(
     outcome = CancelOutcome()
     ledger = await anyio.to_thread.run_sync(Ledger.open, run_dir)
     async with ledger, httpx.AsyncClient(transport=transport) as http:
-        state = await anyio.to_thread.run_sync(ledger.state)
+        state = await anyio.to_thread.run_sync(partial(ledger.state, downloads=False))
         client = QueueClient(http, queue_url=queue_url, key=key)
         jobs = state.jobs.select(["job_key", "state", "endpoint", "request_id"]).to_pylist()
         for job in jobs:

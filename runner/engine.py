@@ -30,6 +30,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -149,7 +150,9 @@ async def execute(config: RunConfig, *, hooks: Hooks | None = None) -> RunReport
     ledger = await anyio.to_thread.run_sync(Ledger.open, config.run_dir)
     async with ledger:
         write_run_metadata(config)
-        state = await anyio.to_thread.run_sync(ledger.state)
+        # Without downloads, a completed job's outputs are never read again: fold less.
+        fold = partial(ledger.state, downloads=config.download)
+        state = await anyio.to_thread.run_sync(fold)
         run = Scheduler(config, ledger, state, stream=hooks.stream)
         try:
             await _drive(run, hooks)
