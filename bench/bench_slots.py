@@ -53,13 +53,15 @@ def main(argv: list[str] | None = None) -> list[Phase]:
         manifest = Path(tmp) / "jobs.jsonl"
         write_jsonl(manifest, realistic_rows(n, seed=23))
         requests = [request_of(r) for r in realistic_rows(n, seed=23)]
-        runners = [("poll", None), ("stream", None), ("poll", 3 * c)]
-        for mode, window in runners if "runner" in args.clients else []:
+        runners = [("poll", "result"), ("stream", "result"), ("poll", "status")]
+        for mode, first in runners if "runner" in args.clients else []:
             config = runner_config(
-                manifest, Path(tmp) / f"run-{mode}-{window}", emu, concurrency=c,
-                completion=mode, rate_per_s=10.0 / scale, max_in_flight=window,
+                manifest, Path(tmp) / f"run-{mode}-{first}", emu, concurrency=c,
+                completion=mode, rate_per_s=10.0 / scale, first_look=first,
             )  # fmt: skip
-            name = f"runner --completion {mode}" + (f" --max-in-flight {window}" if window else "")
+            name = f"runner --completion {mode}" + (
+                " --first-look status" if first == "status" else ""
+            )
             results.append(measure(emu, partial(run_runner, name, config, n)))
         baselines = ((0.1, "0.1 s real"), (0.1 * scale, "0.1 s emulated"))
         for interval, label in baselines if "baseline" in args.clients else ():
