@@ -27,7 +27,7 @@ import re
 import shutil
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from dataclasses import fields as dataclass_fields
@@ -38,6 +38,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import httpx
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -45,7 +46,8 @@ from PIL import Image
 
 from runner.errors import HTTPStatusError, TransportError, UsageError
 from runner.imageinfo import sniff_format
-from runner.ledger.schema import JobState, LedgerEvent, OutputImage, record_from_row
+from runner.ledger.fold import LedgerState
+from runner.ledger.schema import JobState, LedgerEvent, OutputImage
 from runner.ledger.store import Ledger
 from runner.protocol import NOT_SENT_ERRORS
 from runner.retry import RetryPolicy, call_with_retry
@@ -364,17 +366,77 @@ class DownloadStage:
         return not failed
 
 
-def pending_downloads(jobs: pa.Table) -> dict[str, DownloadItem]:
-    """Completed jobs of a folded ledger with an output lacking local_path. Pure, vectorised:
-    only the jobs found are turned into Python objects."""
+class PendingDownloads(Mapping[str, DownloadItem]):
+    """Completed jobs of a folded ledger with an output lacking local_path, by job_key.
+
+    Holds a flag per row of the state (a byte a job) and builds each
+    :class:`DownloadItem` from its row when asked for: a ledger written with
+    ``--no-download`` and resumed with downloads has every completed job pending,
+    and a million records held as Python objects would be gigabytes. :meth:`pop`
+    hands a job out once (the scheduler reaches a job once per manifest row).
+    """
+
+    def __init__(self, state: LedgerState) -> None:
+        self._state = state
+        self._flags = _unfetched_rows(state.jobs)
+        self._count = int(np.count_nonzero(self._flags))
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[str]:
+        keys = self._state.jobs["job_key"]
+        for start in range(0, len(self._flags), _KEY_BATCH):
+            rows = np.flatnonzero(self._flags[start : start + _KEY_BATCH]) + start
+            if len(rows):
+                yield from keys.take(pa.array(rows)).to_pylist()
+
+    def __getitem__(self, job_key: str) -> DownloadItem:
+        row = self._row(job_key)
+        if row is None:
+            raise KeyError(job_key)
+        record = self._state.record(row)
+        return DownloadItem(record.job_key, record.row_id or "", record.outputs or (), record)
+
+    def __contains__(self, job_key: object) -> bool:
+        return isinstance(job_key, str) and self._row(job_key) is not None
+
+    def pop(self, job_key: str) -> DownloadItem | None:
+        """The job's item, or None when it has nothing (left) to download; then never again."""
+        row = self._row(job_key)
+        if row is None:
+            return None
+        item = self[job_key]
+        self._flags[row] = False
+        self._count -= 1
+        return item
+
+    def _row(self, job_key: str) -> int | None:
+        row = self._state.row(job_key)
+        return row if row is not None and self._flags[row] else None
+
+
+_KEY_BATCH = 65_536
+
+
+def pending_downloads(state: LedgerState | pa.Table) -> PendingDownloads:
+    """The jobs of a folded ledger (a state, or its table) with downloads pending."""
+    return PendingDownloads(state if isinstance(state, LedgerState) else LedgerState(state))
+
+
+def _unfetched_rows(jobs: pa.Table) -> np.ndarray:
+    """Per row: a completed job with an output lacking local_path. Vectorised, chunk by chunk."""
+    flags = np.zeros(jobs.num_rows, dtype=bool)
     if jobs.num_rows == 0:
-        return {}
-    done = jobs.filter(pc.equal(jobs["state"], JobState.COMPLETED.value))
-    outputs = done["outputs"].combine_chunks()
-    if done.num_rows == 0 or len(pc.list_flatten(outputs)) == 0:
-        return {}
-    flat = pc.list_flatten(outputs)
-    missing = pc.is_null(pc.struct_field(flat, "local_path"))
-    parents = pc.filter(pc.list_parent_indices(outputs), missing)
-    records = [record_from_row(r) for r in done.take(pc.unique(parents)).to_pylist()]
-    return {r.job_key: DownloadItem(r.job_key, r.row_id or "", r.outputs or (), r) for r in records}
+        return flags
+    start = 0
+    for chunk in jobs["outputs"].chunks:
+        flat = pc.list_flatten(chunk)
+        if len(flat):
+            missing = pc.is_null(pc.struct_field(flat, "local_path"))
+            parents = pc.list_parent_indices(chunk).to_numpy(zero_copy_only=False)
+            flags[start + parents[missing.to_numpy(zero_copy_only=False)]] = True
+        start += len(chunk)
+    done = pc.equal(jobs["state"], JobState.COMPLETED.value).combine_chunks()
+    flags &= done.to_numpy(zero_copy_only=False)
+    return flags

@@ -147,7 +147,7 @@ class Scheduler:
         self.uploader: Uploader | None = None
         self.downloads: DownloadStage | None = None
         # Completed earlier but not (fully) downloaded: fetched again instead of skipped.
-        self.pending = pending_downloads(state.jobs) if config.download else {}
+        self.pending = pending_downloads(state) if config.download else None
 
     def estimate(self, job: Job) -> Estimate:
         return job_estimate(job, self.prices, self.sizer, self.sizer.lora_bytes)
@@ -193,7 +193,7 @@ class Scheduler:
         decision = decide(self.state.brief(item.job_key), self.policy)
         if decision.action is Action.SKIP:
             self.tally.skipped += 1
-            missing = self.pending.pop(item.job_key, None)
+            missing = self.pending.pop(item.job_key) if self.pending is not None else None
             if missing is not None and self.downloads is not None:
                 await self.downloads.put(missing)
             return True

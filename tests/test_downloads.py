@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 import httpx
+import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -30,7 +31,7 @@ from runner.downloads import (
 )
 from runner.errors import HTTPStatusError
 from runner.ledger.fold import LedgerState
-from runner.ledger.schema import JobState, LedgerEvent, OutputImage
+from runner.ledger.schema import JobRecord, JobState, LedgerEvent, OutputImage
 from runner.ledger.store import Ledger
 from runner.retry import RetryPolicy
 from tests.scenario import emulator, manifest, run, run_config
@@ -286,6 +287,60 @@ def test_pending_downloads_finds_only_completed_jobs_missing_a_file(tmp_path: Pa
     pending = pending_downloads(LedgerState.load(tmp_path).jobs)
     assert list(pending) == ["missing"]
     assert pending["missing"].row_id == "b" and len(pending["missing"].outputs) == 2
+
+
+class CountingState(LedgerState):
+    """A state that counts the records built from its rows."""
+
+    built = 0
+
+    def record(self, row: int) -> JobRecord:
+        self.built += 1
+        return super().record(row)
+
+
+def no_download_ledger(run_dir: Path, jobs: int) -> None:
+    """``jobs`` completed jobs whose outputs were never downloaded, and a few that need nothing."""
+    done = OutputImage("u", 1, 1, "image/png", "/x.png", "ab")
+    with Ledger.open(run_dir) as ledger:
+        for i in range(jobs):
+            ledger.append(completed_event(f"k{i}", f"r{i}", (image(f"https://cdn.test/{i}.png"),)))
+        ledger.append(completed_event("all-there", "a", (done,)))
+        ledger.append(LedgerEvent("failed", JobState.FAILED, datetime.now(UTC), row_id="f"))
+        ledger.commit_sync()
+
+
+def test_pending_downloads_builds_each_item_when_asked_and_hands_it_out_once(
+    tmp_path: Path,
+) -> None:
+    no_download_ledger(tmp_path, 40)
+    full = LedgerState.load(tmp_path)
+    with Ledger.open(tmp_path) as ledger:
+        state = CountingState(ledger.state().jobs)
+    pending = pending_downloads(state)
+    assert state.built == 0 and len(pending) == 40
+    assert list(pending) == [f"k{i}" for i in range(40)]
+    item = pending.pop("k7")
+    record = full.get("k7")
+    assert record is not None and item == DownloadItem("k7", "r7", record.outputs or (), record)
+    assert state.built == 1
+    assert pending.pop("k7") is None and "k7" not in pending and len(pending) == 39
+    assert "k7" not in list(pending) and pending.get("k7") is None
+    for key in ("all-there", "failed", "never-seen"):
+        assert pending.pop(key) is None and key not in pending
+    assert state.built == 1
+
+
+def test_pending_downloads_reads_a_table_of_several_sliced_chunks(tmp_path: Path) -> None:
+    no_download_ledger(tmp_path, 30)
+    jobs = LedgerState.load(tmp_path).jobs
+    expected = pending_downloads(jobs)
+    # Chunks that start inside their buffers: outputs' offsets are relative to each chunk.
+    chunked = pa.concat_tables([jobs.slice(0, 7), jobs.slice(7, 11), jobs.slice(18)])
+    assert chunked["outputs"].num_chunks == 3
+    got = pending_downloads(chunked)
+    assert list(got) == list(expected) and len(got) == 30
+    assert all(got[key] == expected[key] for key in expected)
 
 
 # -- whole runs ------------------------------------------------------------------------------------
