@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from runner.errors import LedgerError
-from runner.ledger import JobState, ResumePolicy, fold, read_events
+from runner.ledger import JobState, ResumePolicy, read_folded
 from runner.report_failures import FailureGroup, failure_groups
 from runner.report_outlook import ResumeOutlook, resume_outlook
 
@@ -108,11 +108,15 @@ class Report:
 
 
 def load_jobs(run_dir: Path | str) -> pa.Table:
-    """The folded ledger of a run directory (no lock taken; works while a run writes)."""
+    """The folded ledger of a run directory (no lock taken; works while a run writes).
+
+    Folded part by part (:func:`runner.ledger.read_folded`): memory holds one group of
+    events plus one row per job, never the whole history.
+    """
     run_dir = Path(run_dir)
     if not ((run_dir / "ledger").is_dir() or (run_dir / "run.json").is_file()):
         raise LedgerError(f"{run_dir} is not a run directory (no ledger/ and no run.json)")
-    return fold(read_events(run_dir).table)
+    return read_folded(run_dir).jobs
 
 
 def build_report(

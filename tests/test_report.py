@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
-from report_support import FLUX2, LORA, T0, sample_run, write_run
+from report_support import FLUX2, LORA, T0, completed, intent, sample_run, write_run
 
 from runner.cli import main
-from runner.ledger import JobState, LedgerEvent, ResumePolicy, read_run_meta, status_summary
+from runner.ledger import (
+    JobState,
+    Ledger,
+    LedgerEvent,
+    ResumePolicy,
+    read_events,
+    read_run_meta,
+    status_summary,
+)
 from runner.report import Report, build_report, load_jobs, percentiles
 from runner.report_failures import normalise_message
 from runner.report_text import render_text, report_json, usd
+
+# The module, not the function runner.ledger re-exports under the same name.
+fold_module = importlib.import_module("runner.ledger.fold")
 
 
 @pytest.fixture
@@ -203,6 +217,42 @@ def test_not_yet_completed_run_has_no_wall_time(tmp_path: Path) -> None:
     report = build_report(load_jobs(write_run(tmp_path / "run", [event])), None)
     assert report.timing.wall_s is None
     assert "wall time: -" in render_text(report)
+
+
+def test_load_jobs_folds_group_by_group_as_if_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = sample_run(tmp_path / "run")  # one part
+    # A run still writing: the timeout retried and completed, a new job; left in the journal.
+    retry = [intent("f", "rug-01", 8, FLUX2, at=T0 + timedelta(seconds=20), estimated="0.012",
+                    attempt=2)]  # fmt: skip
+    retry += completed("f", submitted_s=21, done_s=50, billed="0.012", queue_s=2.0,
+                       inference_s=3.0, outputs=(), attempt=2)  # fmt: skip
+    retry.append(intent("k", "rug-04", 12, FLUX2, at=T0 + timedelta(seconds=30), estimated="1"))
+    sizes: list[int] = []
+    real_fold = fold_module._fold
+
+    def spy(box: list[pa.Table], resets: np.ndarray | None) -> tuple[pa.Table, np.ndarray]:
+        sizes.append(box[0].num_rows)
+        return real_fold(box, resets)
+
+    with Ledger.open(run_dir) as ledger:
+        for event in retry:
+            ledger.append(event)
+        ledger.commit_sync()
+        history = read_events(run_dir)
+        assert history.parts == 1 and history.journal_events == len(retry)
+        monkeypatch.setattr(fold_module, "FOLD_GROUP_EVENTS", 1)
+        monkeypatch.setattr(fold_module, "_fold", spy)
+        jobs = load_jobs(run_dir)
+    # Each group folded alone, then the folded rows: never every event at once.
+    assert len(sizes) == 3 and max(sizes) < history.table.num_rows
+    assert jobs.equals(fold_module.fold(history.table))
+    record = jobs.filter(pc.equal(jobs["job_key"], "f")).to_pylist()[0]
+    assert record["state"] == "completed" and record["error_type"] is None
+    assert record["request_id"] == "req-f" and record["attempt"] == 2
+    report = build_report(jobs, None)
+    assert report.jobs == 11 and report.by_state[JobState.COMPLETED] == 5
 
 
 def test_load_jobs_refuses_a_directory_that_is_not_a_run(tmp_path: Path) -> None:
