@@ -15,9 +15,9 @@ import pytest
 
 from runner.catalog import FluxLoraRequest
 from runner.errors import RowError, UnknownEndpointError
+from runner.idtable import FirstLines
 from runner.jobs import (
     ExpandOptions,
-    FirstLines,
     Job,
     column_warnings,
     fill_template,
