@@ -27,6 +27,7 @@ from runner.protocol import (
     peek_verdict,
 )
 from runner.retry import RetryPolicy
+from tests.fakes import FakeTime
 
 pytestmark = pytest.mark.anyio
 
@@ -67,19 +68,6 @@ class FakeQueue:
             raise answer
         code, body = answer
         return httpx.Response(code, json=body, headers={"x-fal-request-id": "req-1"})
-
-
-@dataclass
-class FakeTime:
-    now: float = 0.0
-    sleeps: list[float] = field(default_factory=list)
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 def poller(queue: FakeQueue, time: FakeTime, first: ResultFirst) -> Poller:

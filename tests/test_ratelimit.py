@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import anyio
 import pytest
 
@@ -15,25 +13,12 @@ from runner.ratelimit import (
     after_success,
     after_throttle,
 )
-
-
-@dataclass
-class FakeTime:
-    now: float = 0.0
-    sleeps: list[float] = field(default_factory=list)
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-        await anyio.lowlevel.checkpoint()
+from tests.fakes import FakeTime
 
 
 @pytest.mark.anyio
 async def test_bucket_lets_the_burst_through_then_paces_at_the_rate() -> None:
-    time = FakeTime()
+    time = FakeTime(yields=True)
     bucket = TokenBucket(5.0, 3, clock=time.clock, sleep=time.sleep)
     stamps = []
     for _ in range(13):
@@ -46,7 +31,7 @@ async def test_bucket_lets_the_burst_through_then_paces_at_the_rate() -> None:
 
 @pytest.mark.anyio
 async def test_bucket_refills_while_idle_but_never_beyond_burst() -> None:
-    time = FakeTime()
+    time = FakeTime(yields=True)
     bucket = TokenBucket(2.0, 2, clock=time.clock, sleep=time.sleep)
     for _ in range(2):
         await bucket.acquire()
@@ -58,7 +43,7 @@ async def test_bucket_refills_while_idle_but_never_beyond_burst() -> None:
 
 @pytest.mark.anyio
 async def test_bucket_rate_change_applies_to_the_next_wait() -> None:
-    time = FakeTime()
+    time = FakeTime(yields=True)
     bucket = TokenBucket(1.0, 1, clock=time.clock, sleep=time.sleep)
     await bucket.acquire()
     bucket.set_rate(4.0)
@@ -68,7 +53,7 @@ async def test_bucket_rate_change_applies_to_the_next_wait() -> None:
 
 @pytest.mark.anyio
 async def test_bucket_serves_concurrent_waiters_first_come_first_served() -> None:
-    time = FakeTime()
+    time = FakeTime(yields=True)
     gate = anyio.Event()
 
     async def gated_sleep(seconds: float) -> None:
@@ -154,7 +139,7 @@ def test_aimd_config_rejects_nonsense(kwargs: dict[str, float]) -> None:
 
 
 def test_a_burst_of_429s_halves_once_and_successes_recover() -> None:
-    time = FakeTime()
+    time = FakeTime(yields=True)
     rate = AdaptiveRate(8.0, clock=time.clock, sleep=time.sleep, cooldown_s=1.0)
     assert rate.rate_per_s == 8.0
     lowered = [rate.on_throttle() for _ in range(20)]  # one storm, same instant
@@ -170,7 +155,7 @@ def test_a_burst_of_429s_halves_once_and_successes_recover() -> None:
 
 
 def test_adaptive_rate_never_drops_below_the_floor() -> None:
-    time = FakeTime()
+    time = FakeTime(yields=True)
     rate = AdaptiveRate(4.0, min_rate_per_s=0.5, cooldown_s=0.0, clock=time.clock, sleep=time.sleep)
     for _ in range(10):
         rate.on_throttle()
@@ -179,7 +164,7 @@ def test_adaptive_rate_never_drops_below_the_floor() -> None:
 
 @pytest.mark.anyio
 async def test_adaptive_rate_paces_the_bucket_at_the_lowered_rate() -> None:
-    time = FakeTime()
+    time = FakeTime(yields=True)
     rate = AdaptiveRate(10.0, clock=time.clock, sleep=time.sleep)
     await rate.acquire()
     rate.on_throttle()  # 10/s -> 5/s

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import anyio
 import httpx
@@ -21,6 +20,7 @@ from runner.retry import (
     is_throttled,
     retry,
 )
+from tests.fakes import FakeTime
 
 NGINX = "<html><head><title>502 Bad Gateway</title></head><center>nginx</center></html>"
 NOW = 1_700_000_000.0  # 2023-11-14 22:13:20 GMT
@@ -150,21 +150,6 @@ def test_backoff_doubles_with_jitter_and_never_exceeds_the_cap(
 def test_policy_rejects_nonsense(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         RetryPolicy(**kwargs)  # type: ignore[arg-type]
-
-
-@dataclass
-class FakeTime:
-    """A clock that only moves when someone sleeps (or a call takes time)."""
-
-    now: float = 0.0
-    sleeps: list[float] = field(default_factory=list)
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 class Script:
