@@ -115,7 +115,7 @@ def plan_in_process(run_dir: Path, manifest: Path) -> str:
     t0 = time.perf_counter()
     ledger = Ledger.open(run_dir)
     try:
-        state = ledger.state()
+        state = ledger.state(downloads=False)  # what `runner run --no-download` folds
         fold_s, fold_rss = time.perf_counter() - t0, proc_rss_mb()
         keys = state.jobs["job_key"].to_pylist()
         t1 = time.perf_counter()
