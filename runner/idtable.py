@@ -11,11 +11,13 @@ from array import array
 
 
 class FirstLines:
-    """The line of the first claim of each 64-bit key, exactly, at 12 bytes a slot.
+    """The line of the first claim of each (64-bit key, 32-bit check), at 16 bytes a slot.
 
-    Open addressing with linear probing over two flat arrays (key, line), kept at
-    most three quarters full: 16-32 bytes a key, against ~120 for a ``dict[str, int]``
-    of ids. Key 0 marks an empty slot, so its line is kept aside.
+    Open addressing with linear probing over flat arrays (key, check, line), kept at
+    most three quarters full: 21-43 bytes a key, against ~120 for a ``dict[str, int]``
+    of ids. Two ids are taken as one only when both their key and their check agree:
+    with independent hashes that is a 96-bit match (~1e-17 for a pair among 1,000,000
+    ids). Key 0 marks an empty slot, so its claims are kept aside.
     """
 
     MAX_LOAD = 0.75
@@ -24,52 +26,60 @@ class FirstLines:
         if capacity < 1 or capacity & (capacity - 1):
             raise ValueError(f"capacity must be a power of two, not {capacity}")
         self._keys = array("q", [0]) * capacity
+        self._checks = array("I", [0]) * capacity
         # 32-bit lines; widened for a manifest past 4,294,967,295 lines.
         self._lines = array("I", [0]) * capacity
-        self._zero_line: int | None = None
+        self._zero: dict[int, int] = {}
         self._count = 0
 
     def __len__(self) -> int:
-        return self._count + (self._zero_line is not None)
+        return self._count + len(self._zero)
 
     @property
     def capacity(self) -> int:
         return len(self._keys)
 
-    def claim(self, key: int, line: int) -> int:
-        """The line first claimed for ``key`` (a signed 64-bit int); ``line`` if it is new."""
+    def claim(self, key: int, line: int, check: int = 0) -> int:
+        """The line first claimed for ``(key, check)``; ``line`` if it is new.
+
+        ``key`` is a signed 64-bit int, ``check`` an unsigned 32-bit one.
+        """
         if key == 0:
-            if self._zero_line is None:
-                self._zero_line = line
-            return self._zero_line
-        keys = self._keys
+            return self._zero.setdefault(check, line)
+        keys, checks = self._keys, self._checks
         mask = len(keys) - 1
         slot = key & mask
-        while (found := keys[slot]) != key:
+        while True:
+            found = keys[slot]
             if found == 0:
-                self._put(slot, key, line)
+                self._put(slot, key, check, line)
                 return line
+            if found == key and checks[slot] == check:
+                return self._lines[slot]
             slot = (slot + 1) & mask
-        return self._lines[slot]
 
-    def _put(self, slot: int, key: int, line: int) -> None:
+    def _put(self, slot: int, key: int, check: int, line: int) -> None:
         if line > 0xFFFF_FFFF and self._lines.typecode == "I":
             self._lines = array("q", self._lines)
         self._keys[slot] = key
+        self._checks[slot] = check
         self._lines[slot] = line
         self._count += 1
         if self._count > self.MAX_LOAD * len(self._keys):
             self._grow()
 
     def _grow(self) -> None:
-        keys, lines = self._keys, self._lines
-        self._keys = new_keys = array("q", [0]) * (2 * len(keys))
-        self._lines = new_lines = array(lines.typecode, [0]) * (2 * len(keys))
-        mask = len(new_keys) - 1
-        for key, line in zip(keys, lines, strict=True):
+        keys, checks, lines = self._keys, self._checks, self._lines
+        size = 2 * len(keys)
+        self._keys = new_keys = array("q", [0]) * size
+        self._checks = new_checks = array("I", [0]) * size
+        self._lines = new_lines = array(lines.typecode, [0]) * size
+        mask = size - 1
+        for key, check, line in zip(keys, checks, lines, strict=True):
             if key:
                 slot = key & mask
                 while new_keys[slot]:
                     slot = (slot + 1) & mask
                 new_keys[slot] = key
+                new_checks[slot] = check
                 new_lines[slot] = line
