@@ -46,8 +46,8 @@ from PIL import Image
 
 from runner.errors import HTTPStatusError, TransportError, UsageError
 from runner.imageinfo import sniff_format
-from runner.ledger.fold import LedgerState
 from runner.ledger.schema import JobState, LedgerEvent, OutputImage
+from runner.ledger.state import LedgerState
 from runner.ledger.store import Ledger
 from runner.protocol import NOT_SENT_ERRORS
 from runner.retry import RetryPolicy, call_with_retry

@@ -37,9 +37,9 @@ from runner.errors import (
 )
 from runner.inputs import InputChecker, InputProber, InputSizer
 from runner.jobs import ExpandOptions, Job, iter_jobs
-from runner.ledger.fold import LedgerState
 from runner.ledger.resume import Action, ResumePolicy, decide
 from runner.ledger.schema import JobState, LedgerEvent
+from runner.ledger.state import LedgerState
 from runner.ledger.store import Ledger
 from runner.manifest import read_rows
 from runner.plan import job_estimate

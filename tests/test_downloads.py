@@ -30,8 +30,8 @@ from runner.downloads import (
     safe_segment,
 )
 from runner.errors import HTTPStatusError
-from runner.ledger.fold import LedgerState
 from runner.ledger.schema import JobRecord, JobState, LedgerEvent, OutputImage
+from runner.ledger.state import LedgerState
 from runner.ledger.store import Ledger
 from runner.retry import RetryPolicy
 from tests.scenario import emulator, manifest, run, run_config

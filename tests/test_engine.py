@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from runner.ledger.fold import LedgerState
+from runner.ledger.state import LedgerState
 from runner.ledger.views import status_summary
 from tests.scenario import emulator, manifest, run, run_config
 

@@ -17,8 +17,8 @@ import pytest
 from runner.emulator import Emulator, EmulatorConfig, FaultConfig, parse_faults, serve
 from runner.engine import Hooks, execute
 from runner.errors import EXIT_BUDGET, EXIT_JOBS_FAILED, EXIT_OK
-from runner.ledger.fold import LedgerState
 from runner.ledger.schema import JobState
+from runner.ledger.state import LedgerState
 from tests.scenario import emulator, manifest, run, run_config
 
 pytestmark = pytest.mark.anyio

@@ -36,7 +36,7 @@ from runner.emulator import DEFAULT_KEY, Emulator, EmulatorConfig, parse_faults,
 from runner.emulator.webhooks import WebhookSigner
 from runner.engine import Hooks, execute
 from runner.errors import EXIT_JOBS_FAILED, EXIT_OK, EXIT_USAGE
-from runner.ledger.fold import LedgerState
+from runner.ledger.state import LedgerState
 from tests.scenario import emulator, manifest, run_config
 from tests.torture_support import (
     check_terminal_once,

@@ -21,7 +21,7 @@ from runner.emulator import DEFAULT_KEY, Emulator
 from runner.engine import Hooks, execute
 from runner.errors import AuthError, HTTPStatusError
 from runner.inputs import InputChecker, InputRef, LocalFile, inspect_file
-from runner.ledger.fold import LedgerState
+from runner.ledger.state import LedgerState
 from runner.storage import StorageClient, UploadSettings
 from runner.uploads import CachedUpload, UploadCache, Uploader, substitute
 from tests.scenario import EMULATOR_URL, emulator, run, run_config

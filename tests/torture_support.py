@@ -33,7 +33,8 @@ from runner.emulator import DEFAULT_KEY
 from runner.emulator.stats import canonical_input
 from runner.errors import RowError
 from runner.jobs import ExpandOptions, Job, iter_jobs
-from runner.ledger.fold import LedgerState, read_events
+from runner.ledger.fold import read_events
+from runner.ledger.state import LedgerState
 from runner.manifest import read_rows
 
 REPO = Path(__file__).resolve().parent.parent

@@ -93,7 +93,7 @@ plus one row per job; :func:`read_events` returns the full history.
 reads (:func:`runner.ledger.fold.read_admission`).
 """
 
-from runner.ledger.fold import JobBrief, LedgerState, fold, fold_tables, read_events, read_folded
+from runner.ledger.fold import fold, fold_tables, read_events, read_folded
 from runner.ledger.lock import RunLock
 from runner.ledger.resume import (
     Action,
@@ -112,6 +112,7 @@ from runner.ledger.schema import (
     OutputImage,
     encode_request,
 )
+from runner.ledger.state import JobBrief, LedgerState
 from runner.ledger.store import Ledger, compact, read_run_meta, write_run_meta
 from runner.ledger.views import EndpointSummary, StatusSummary, export, status_summary
 

@@ -19,7 +19,6 @@ from runner.errors import LedgerError
 from runner.ledger.fold import (
     JOURNAL_DIR,
     LEDGER_DIR,
-    LedgerState,
     fold_tables,
     read_admission,
 )
@@ -43,6 +42,7 @@ from runner.ledger.parts import (
     write_part,
 )
 from runner.ledger.schema import LedgerEvent, encode_event, rows_to_table
+from runner.ledger.state import LedgerState
 
 RUN_META = "run.json"
 CHECKPOINT_EVENTS = 50_000
