@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -35,6 +36,7 @@ from runner.emulator import (
     serve,
     serve_main,
 )
+from runner.emulator.server import _bind
 
 pytestmark = pytest.mark.anyio
 LORA = "fal-ai/flux-lora"
@@ -268,3 +270,32 @@ async def test_serve_main_answers_plain_http_and_rejects_bad_faults() -> None:
             proc.terminate()
     assert response.status_code == 200 and response.json()["slots"]["concurrency"] == 4
     assert refused.status_code == 401
+
+
+async def test_served_connections_turn_nagle_off(anyio_backend: str) -> None:
+    """uvicorn answers in two writes (headers, then body). With Nagle on, the body waited
+    for the client's delayed ACK and every keep-alive call took ~44 ms on loopback; asyncio
+    turns Nagle off only when the listening socket says TCP. Checked the way uvicorn serves
+    the bound socket: ``loop.create_server(sock=...)``."""
+    if anyio_backend != "asyncio":
+        pytest.skip("uvicorn serves on asyncio only")
+    nodelay: list[int] = []
+    accepted = anyio.Event()
+
+    class Probe(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            sock = transport.get_extra_info("socket")
+            nodelay.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            accepted.set()
+            transport.close()
+
+    sock = _bind("127.0.0.1", 0)
+    server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+    try:
+        async with await anyio.connect_tcp("127.0.0.1", sock.getsockname()[1]):
+            with anyio.fail_after(5):
+                await accepted.wait()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert nodelay == [1]
