@@ -21,6 +21,7 @@ from runner.errors import FalError
 from runner.ledger.schema import JobState, LedgerEvent
 from runner.ledger.store import Ledger
 from runner.retry import RetryPolicy, call_with_retry
+from runner.transport import open_transport
 from runner.worker import utcnow
 
 
@@ -49,9 +50,11 @@ async def cancel_in_flight(
 ) -> CancelOutcome:
     outcome = CancelOutcome()
     ledger = await anyio.to_thread.run_sync(Ledger.open, run_dir)
-    async with ledger, httpx.AsyncClient(transport=transport) as http:
+    if transport is None:
+        transport = open_transport(queue_url, limits=httpx.Limits())
+    async with ledger, transport:
         state = await anyio.to_thread.run_sync(partial(ledger.state, downloads=False))
-        client = QueueClient(http, queue_url=queue_url, key=key)
+        client = QueueClient(transport, queue_url=queue_url, key=key)
         jobs = state.jobs.select(["job_key", "state", "endpoint", "request_id"]).to_pylist()
         for job in jobs:
             if job["state"] not in (JobState.QUEUED, JobState.IN_PROGRESS):

@@ -1,4 +1,4 @@
-"""QueueClient: the runner's side of fal's queue protocol over one injected httpx.AsyncClient.
+"""QueueClient: the runner's side of fal's queue protocol over one injected httpx transport.
 
 Each method makes exactly one HTTP call (one stream for :meth:`QueueClient.stream`);
 retrying is the caller's job through :func:`runner.retry.call_with_retry`, so the policy
@@ -59,6 +59,7 @@ from runner.protocol import (
     parse_status,
     peek_verdict,
 )
+from runner.transport import fetch
 
 USER_AGENT = f"runner/{__version__}"
 BODY_LIMIT = 2000  # characters of an error body kept on HTTPStatusError
@@ -85,6 +86,14 @@ class CallTimeouts:
     def stream(self) -> httpx.Timeout:
         return httpx.Timeout(self.stream_idle_s, connect=self.connect_s)
 
+    def extensions(self) -> dict[str, dict[str, dict[str, float | None]]]:
+        """Each kind's timeouts as the request extension a transport reads."""
+        return {
+            "submit": {"timeout": self.submit().as_dict()},
+            "read": {"timeout": self.read().as_dict()},
+            "stream": {"timeout": self.stream().as_dict()},
+        }
+
 
 RequestRef = SubmitAck | RequestUrls
 
@@ -94,7 +103,7 @@ class QueueClient:
 
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        transport: httpx.AsyncBaseTransport,
         *,
         queue_url: str,
         key: SecretStr,
@@ -102,7 +111,9 @@ class QueueClient:
         wall_clock: Callable[[], float] = time.time,
         max_requests: int | None = None,
     ) -> None:
-        self._http = http
+        # Calls go straight to the transport (runner.transport.fetch): AsyncClient's auth,
+        # redirect and cookie layers cost CPU on every call and none of them is used here.
+        self._transport = transport
         # Bound requests in flight, not only jobs: httpcore's pool does work proportional
         # to its size on every request, so a few dozen idle connections cost more CPU than
         # the calls themselves. Streams (one long request per job) are not counted here.
@@ -115,6 +126,7 @@ class QueueClient:
         self._origin_prefix = f"{self._queue.scheme}://{self._queue.netloc.decode('ascii')}/"
         self._key = key
         self._timeouts = timeouts or CallTimeouts()
+        self._extensions = self._timeouts.extensions()
         self._wall_clock = wall_clock  # only to read HTTP-date Retry-After values
 
     def __repr__(self) -> str:
@@ -254,11 +266,12 @@ class QueueClient:
         self._check_origin(url)
         headers = {**self._headers(), "Accept": "text/event-stream"}
         params = {"logs": "1" if logs else "0"}
-        request = self._http.build_request(
-            "GET", url, params=params, headers=headers, timeout=self._timeouts.stream()
+        request = httpx.Request(
+            "GET", url, params=params, headers=headers, extensions=self._extensions["stream"]
         )
         with self._translated("GET", url):
-            response = await self._http.send(request, stream=True)
+            response = await self._transport.handle_async_request(request)
+        response.request = request
         try:
             if response.status_code != 200:
                 with self._translated("GET", url):
@@ -302,31 +315,19 @@ class QueueClient:
         headers: Mapping[str, str] | None = None,
     ) -> httpx.Response:
         self._check_origin(url)
-        timeout = self._timeouts.submit() if kind == "submit" else self._timeouts.read()
-        if self._requests is None:
-            return await self._request(method, url, json, params, headers, per_call=timeout)
-        async with self._requests:
-            return await self._request(method, url, json, params, headers, per_call=timeout)
-
-    async def _request(
-        self,
-        method: str,
-        url: str,
-        json: Any,
-        params: Mapping[str, str] | None,
-        headers: Mapping[str, str] | None,
-        *,
-        per_call: httpx.Timeout,
-    ) -> httpx.Response:
+        request = httpx.Request(
+            method,
+            url,
+            json=json,
+            params=params,
+            headers={**self._headers(), **headers} if headers else self._headers(),
+            extensions=self._extensions[kind],
+        )
         with self._translated(method, url):
-            return await self._http.request(
-                method,
-                url,
-                json=json,
-                params=params,
-                headers={**self._headers(), **(headers or {})},
-                timeout=per_call,
-            )
+            if self._requests is None:
+                return await fetch(self._transport, request)
+            async with self._requests:
+                return await fetch(self._transport, request)
 
     @contextmanager
     def _translated(self, method: str, url: str) -> Iterator[None]:

@@ -63,6 +63,7 @@ from runner.receiver import WebhookReceiver, webhook_server
 from runner.retry import RetryPolicy
 from runner.scheduler import RunReport, Scheduler, strict_check
 from runner.storage import StorageClient, UploadSettings
+from runner.transport import open_transport
 from runner.uploads import InputResolver, UploadCache, Uploader
 from runner.worker import Shared
 
@@ -187,13 +188,13 @@ async def _drive(run: Scheduler, hooks: Hooks) -> None:
     downloads = config.download_concurrency if config.download else 0
     pool = MAX_REQUESTS + streams + downloads + 2
     limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
+    transport = hooks.transport or open_transport(config.queue_url, limits=limits)
     async with AsyncExitStack() as stack:
-        http = await stack.enter_async_context(
-            httpx.AsyncClient(transport=hooks.transport, limits=limits, timeout=30.0)
-        )
+        # One pool for the queue's calls (straight to the transport) and the rest.
+        http = await stack.enter_async_context(httpx.AsyncClient(transport=transport, timeout=30.0))
         assert config.key is not None
         client = QueueClient(
-            http, queue_url=config.queue_url, key=config.key, max_requests=MAX_REQUESTS
+            transport, queue_url=config.queue_url, key=config.key, max_requests=MAX_REQUESTS
         )
         reader = Reader(client, hooks.read_policy, hooks.clock, hooks.sleep)
         pacing = Pacing(slots=config.concurrency)

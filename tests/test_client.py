@@ -18,6 +18,7 @@ from runner.client import CallTimeouts, QueueClient
 from runner.errors import AuthError, HTTPStatusError, ProtocolError, TransportError, UsageError
 from runner.protocol import Completed, FluxResult, InProgress, Queued, SubmitAck
 from runner.retry import UNKNOWN_OUTCOME, RetryPolicy, call_with_retry, classify
+from runner.transport import open_transport
 
 QUEUE = "https://queue.fal.test"
 SECRET = "key-id-1234:very-secret-value-5678"
@@ -139,6 +140,9 @@ class FakeQueue:
             yield raw[i : i + 5]
 
 
+NOWHERE = httpx.MockTransport(lambda request: httpx.Response(599))  # for URL-only tests
+
+
 @pytest.fixture
 def fake() -> FakeQueue:
     return FakeQueue()
@@ -146,8 +150,8 @@ def fake() -> FakeQueue:
 
 @pytest.fixture
 async def client(fake: FakeQueue) -> AsyncIterator[QueueClient]:
-    async with httpx.AsyncClient(transport=httpx.MockTransport(fake)) as http:
-        yield QueueClient(http, queue_url=QUEUE, key=SecretStr(SECRET))
+    async with httpx.MockTransport(fake) as transport:
+        yield QueueClient(transport, queue_url=QUEUE, key=SecretStr(SECRET))
 
 
 def respond(
@@ -600,7 +604,9 @@ async def test_cancel_404_without_a_cancel_body_is_an_error(
     ],
 )
 def test_urls_for_uses_owner_and_app_only(endpoint: str, base: str) -> None:
-    client = QueueClient(httpx.AsyncClient(), queue_url=QUEUE + "/", key=SecretStr(SECRET))
+    client = QueueClient(
+        httpx.MockTransport(FakeQueue()), queue_url=QUEUE + "/", key=SecretStr(SECRET)
+    )
     urls = client.urls_for(endpoint, "0f1e-2d3c")
     assert urls.response_url == f"{QUEUE}/{base}/requests/0f1e-2d3c"
     assert urls.status_url == urls.response_url + "/status"
@@ -616,7 +622,7 @@ async def test_reattach_from_a_request_id_polls_the_same_request(client: QueueCl
 
 
 def test_urls_for_rejects_a_request_id_that_would_change_the_path() -> None:
-    client = QueueClient(httpx.AsyncClient(), queue_url=QUEUE, key=SecretStr(SECRET))
+    client = QueueClient(NOWHERE, queue_url=QUEUE, key=SecretStr(SECRET))
     with pytest.raises(UsageError):
         client.urls_for("fal-ai/flux-lora", "../../other")
 
@@ -685,7 +691,9 @@ async def test_key_is_absent_from_repr_and_every_error_message(
 
 def test_queue_url_must_be_http() -> None:
     with pytest.raises(UsageError):
-        QueueClient(httpx.AsyncClient(), queue_url="ftp://queue", key=SecretStr(SECRET))
+        QueueClient(
+            httpx.MockTransport(FakeQueue()), queue_url="ftp://queue", key=SecretStr(SECRET)
+        )
 
 
 # --- against the real emulator over loopback -------------------------------------------------
@@ -711,8 +719,11 @@ async def test_client_speaks_to_the_emulator_end_to_end() -> None:
         faults=parse_faults("gateway_502=@1,reset_after_accept=@2,fail_runner_disconnected=@1"),
     )
     payload = {"prompt": "a fox", "image_size": "square", "num_inference_steps": 4}
-    async with serve(Emulator(config)) as served, httpx.AsyncClient() as http:
-        client = QueueClient(http, queue_url=served.base_url, key=SecretStr(DEFAULT_KEY))
+    async with (
+        serve(Emulator(config)) as served,
+        open_transport(served.base_url, limits=httpx.Limits()) as transport,
+    ):
+        client = QueueClient(transport, queue_url=served.base_url, key=SecretStr(DEFAULT_KEY))
 
         async def submit() -> SubmitAck:
             return await call_with_retry(
@@ -742,6 +753,7 @@ async def test_client_speaks_to_the_emulator_end_to_end() -> None:
         assert result.ok and result.request_id == good.request_id
         assert FluxResult.from_payload(result.body).images[0].width == 512
         assert await client.cancel(good) == "ALREADY_COMPLETED"
-        stats = (await http.get(f"{served.base_url}/_emulator/stats")).json()
+        async with httpx.AsyncClient() as http:
+            stats = (await http.get(f"{served.base_url}/_emulator/stats")).json()
     # Four POSTs, three queued: the gateway 502 queued nothing, the reset one was queued.
     assert stats["submits"]["accepted"] == 3

@@ -71,8 +71,8 @@ class FakeQueue:
 
 
 def poller(queue: FakeQueue, time: FakeTime, first: ResultFirst) -> Poller:
-    http = httpx.AsyncClient(transport=httpx.MockTransport(queue.handler))
-    client = QueueClient(http, queue_url=QUEUE, key=SecretStr("k:secret"))
+    transport = httpx.MockTransport(queue.handler)
+    client = QueueClient(transport, queue_url=QUEUE, key=SecretStr("k:secret"))
     policy = RetryPolicy(attempts=5, base_s=0.01, max_s=0.01)
     reader = Reader(client, policy, time.clock, time.sleep)
     return Poller(reader, Pacing(slots=2), first)

@@ -1,0 +1,229 @@
+"""The HTTP transport under the runner's calls: httpcore's pool behind httpx's interface,
+with a cheaper idle-connection check, and :func:`fetch` for one whole call.
+
+Why not ``httpx.AsyncHTTPTransport`` as is: every time httpcore's pool hands out or takes
+back a connection it asks each pooled connection whether it has expired, and for an idle
+one that means asking the anyio stream for its raw socket. anyio answers by building a
+dict of attribute getters and calling ``getpeername()``, then httpcore makes a poll
+object. Over ~20 pooled connections at a few hundred calls per second that was ~20% of
+the runner's CPU (py-spy over ``bench/bench_overhead.py``). :class:`LeanBackend` wraps
+httpcore's own anyio backend and keeps each stream's socket and poll object, so the check
+is one ``poll(0)`` with the same answer. httpx does not let its transport take a network
+backend, hence :class:`PoolTransport`: the same request and response mapping and the same
+exception mapping as httpx's, over a pool built with that backend.
+
+:func:`fetch` sends one request straight to a transport and reads the whole answer. The
+queue's short calls skip ``AsyncClient``'s auth, redirect and cookie layers, which they
+do not use: the key is a header, and the queue neither redirects nor sets cookies.
+
+:func:`open_transport` builds the default transport. When the environment names a proxy
+for the queue's origin (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``, less ``NO_PROXY``)
+it is httpx's own transport through that proxy instead, for every call of the run.
+"""
+
+# httpcore's stream and backend interface takes ``timeout`` arguments; these pass them on.
+# ruff: noqa: ASYNC109
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+import urllib.request
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpcore
+import httpx
+
+# httpcore's errors and httpx's, most specific first (the first match wins).
+_ERRORS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
+    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
+    (httpcore.ReadTimeout, httpx.ReadTimeout),
+    (httpcore.WriteTimeout, httpx.WriteTimeout),
+    (httpcore.PoolTimeout, httpx.PoolTimeout),
+    (httpcore.TimeoutException, httpx.TimeoutException),
+    (httpcore.ConnectError, httpx.ConnectError),
+    (httpcore.ReadError, httpx.ReadError),
+    (httpcore.WriteError, httpx.WriteError),
+    (httpcore.NetworkError, httpx.NetworkError),
+    (httpcore.ProxyError, httpx.ProxyError),
+    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
+    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
+    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
+    (httpcore.ProtocolError, httpx.ProtocolError),
+)
+
+
+@contextmanager
+def _mapped() -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        for core, ours in _ERRORS:
+            if isinstance(exc, core):
+                raise ours(str(exc)) from exc
+        raise
+
+
+class LeanStream(httpcore.AsyncNetworkStream):
+    """httpcore's stream with its socket kept: ``is_readable`` is one ``poll(0)``."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self._inner = inner
+        self._socket: socket.socket | None = inner.get_extra_info("socket")
+        self._poll: Any = None
+        if self._socket is not None and hasattr(select, "poll"):
+            self._poll = select.poll()
+            self._poll.register(self._socket.fileno(), select.POLLIN)
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return await self._inner.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        return LeanStream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable":
+            return self.is_readable()
+        return self._inner.get_extra_info(info)
+
+    def is_readable(self) -> bool:
+        """Whether a read would return at once: data, or the end of a connection the server
+        closed. A closed socket counts as readable, as in httpcore, so the pool drops it."""
+        if self._socket is None or self._socket.fileno() < 0:
+            return True
+        if self._poll is None:  # no poll() on this platform
+            return self._inner.get_extra_info("is_readable") is True
+        return bool(self._poll.poll(0))
+
+
+class LeanBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's anyio backend, its streams wrapped in :class:`LeanStream`."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
+        self._inner = inner if inner is not None else httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        stream = await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        return LeanStream(stream)
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        return LeanStream(await self._inner.connect_unix_socket(path, timeout, socket_options))
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class _ResponseStream(httpx.AsyncByteStream):
+    def __init__(self, stream: AsyncIterator[bytes] | Any) -> None:
+        self._stream = stream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with _mapped():
+            async for part in self._stream:
+                yield part
+
+    async def aclose(self) -> None:
+        if hasattr(self._stream, "aclose"):
+            with _mapped():
+                await self._stream.aclose()
+
+
+class PoolTransport(httpx.AsyncBaseTransport):
+    """An httpx transport over ``httpcore.AsyncConnectionPool`` with :class:`LeanBackend`
+    (HTTP/1.1, TLS verified as httpx verifies it: certifi, or ``SSL_CERT_FILE``)."""
+
+    def __init__(
+        self,
+        *,
+        limits: httpx.Limits,
+        ssl_context: ssl.SSLContext | None = None,
+        backend: httpcore.AsyncNetworkBackend | None = None,
+    ) -> None:
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=ssl_context if ssl_context is not None else httpx.create_ssl_context(),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=backend if backend is not None else LeanBackend(),
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(request.stream, httpx.AsyncByteStream)
+        core = httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(
+                scheme=request.url.raw_scheme,
+                host=request.url.raw_host,
+                port=request.url.port,
+                target=request.url.raw_path,
+            ),
+            headers=request.headers.raw,
+            content=request.stream,
+            extensions=request.extensions,
+        )
+        with _mapped():
+            answer = await self._pool.handle_async_request(core)
+        return httpx.Response(
+            status_code=answer.status,
+            headers=answer.headers,
+            stream=_ResponseStream(answer.stream),
+            extensions=answer.extensions,
+        )
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+
+
+def environment_proxy(url: str) -> str | None:
+    """The proxy the environment names for ``url``'s origin, or None."""
+    target = httpx.URL(url)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(target.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(target.host):
+        return None
+    return proxy
+
+
+def open_transport(queue_url: str, *, limits: httpx.Limits) -> httpx.AsyncBaseTransport:
+    """:class:`PoolTransport`, or httpx's own through the environment's proxy."""
+    proxy = environment_proxy(queue_url)
+    if proxy is not None:
+        return httpx.AsyncHTTPTransport(limits=limits, proxy=proxy)
+    return PoolTransport(limits=limits)
+
+
+async def fetch(transport: httpx.AsyncBaseTransport, request: httpx.Request) -> httpx.Response:
+    """Send ``request`` and read its whole answer; the connection goes back to the pool."""
+    response = await transport.handle_async_request(request)
+    try:
+        await response.aread()
+    finally:
+        await response.aclose()
+    response.request = request
+    return response
