@@ -3,7 +3,6 @@ dropping connections the server closed, httpx's error types, TLS, and the proxy 
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -147,12 +146,22 @@ async def test_errors_arrive_as_httpx_errors() -> None:
             await fetch(transport, httpx.Request("GET", f"http://127.0.0.1:{closed}/"))
 
 
-async def test_queue_calls_over_tls_and_the_status_stream() -> None:
+async def test_queue_calls_over_tls_and_the_status_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The default transport trusts ``SSL_CERT_FILE`` as httpx does (and certifi without)."""
     config = EmulatorConfig(time_scale=0.001, service=ServiceTime(fixed_s=1.0))
     async with serve(Emulator(config), tls=True) as served:
         assert served.cert_file is not None
-        context = ssl.create_default_context(cafile=str(served.cert_file))
-        async with PoolTransport(limits=LIMITS, ssl_context=context) as transport:
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            async with PoolTransport(limits=LIMITS) as untrusting:
+                await fetch(untrusting, httpx.Request("GET", served.base_url + "/_emulator/stats"))
+        monkeypatch.setenv("SSL_CERT_FILE", str(served.cert_file))
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        transport = open_transport(served.base_url, limits=LIMITS)
+        assert isinstance(transport, PoolTransport)
+        async with transport:
             client = QueueClient(transport, queue_url=served.base_url, key=SecretStr(DEFAULT_KEY))
             ack = await client.submit("fal-ai/flux-lora", {"prompt": "over tls"})
             async with client.stream(ack) as events:
