@@ -78,9 +78,11 @@ class Progress:
         eta = ""
         if t.total is not None and rate > 0:
             eta = f" eta {max(t.total - t.finished, 0) / rate:.0f}s"
+        # Result-first looks rarely see a job running, so "(0 seen running)" would say nothing.
+        running = f" ({t.remote_running} seen running)" if t.remote_running else ""
         return (
             f"{t.finished}/{total} done ({t.completed} ok, {t.skipped} skipped, {t.failed} failed"
-            f", {t.invalid} invalid), {t.in_flight} in flight ({t.remote_running} seen running), "
+            f", {t.invalid} invalid), {t.in_flight} in flight{running}, "
             f"{rate:.1f} jobs/s{eta}, "
             f"spent {_money(t.spent_usd)} of est. {_money(t.estimate_usd)}"
         )
