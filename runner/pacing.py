@@ -8,11 +8,14 @@ The model keeps, per endpoint, an exponentially weighted mean and mean absolute 
 of *seconds per work unit*, where a unit is one megapixel-step of one image. Polling aims
 at ``mean + LATE_DEVS * deviation``: late enough that the first look usually finds the
 job COMPLETED, early enough that the in-flight window (twice the slots) keeps fal's
-slots busy while finished jobs wait to be noticed.
+slots busy while finished jobs wait to be noticed. For a job queued behind others the
+deviation also holds the queue wait's: ``ahead / slots`` service times of unknown length
+pass before it starts, so their deviation grows with the square root of that count.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 LATE_DEVS = 1.3
@@ -64,6 +67,10 @@ class ServiceModel:
         """Mean seconds a request queued ahead holds a slot (before any: ``own_mean_s``)."""
         return own_mean_s if self._per_job is None else self._per_job.mean
 
+    def ahead_dev_s(self, own_dev_s: float) -> float:
+        """Deviation of the seconds a request queued ahead holds a slot."""
+        return own_dev_s if self._per_job is None else self._per_job.dev
+
     def service_s(self, endpoint: str, units: float) -> tuple[float, float]:
         """(mean, deviation) of the service time of a job of ``units``."""
         stat = self._per_unit.get(endpoint)
@@ -85,17 +92,20 @@ def first_poll_delay_s(
     min_s: float,
     max_s: float,
     ahead_mean_s: float | None = None,
+    ahead_dev_s: float | None = None,
 ) -> float:
     """Delay until the first status call after submit (``position``: from the ack).
 
-    ``ahead_mean_s`` is the mean service time of the requests queued ahead (default: this
-    job's own mean).
+    ``ahead_mean_s`` and ``ahead_dev_s`` describe the service times of the requests queued
+    ahead (default: this job's own).
     """
     ahead = 0 if position is None else max(position, 0)
     # `ahead` requests wait before this one; slots free up at slots/mean per second.
-    per_ahead = service_mean_s if ahead_mean_s is None else ahead_mean_s
-    wait = ahead * per_ahead / max(slots, 1)
-    return _clamp(wait + service_mean_s + LATE_DEVS * service_dev_s, min_s, max_s)
+    wait, wait_dev = _queue_wait(
+        ahead, slots, service_mean_s, service_dev_s, ahead_mean_s, ahead_dev_s
+    )
+    dev = math.hypot(service_dev_s, wait_dev)
+    return _clamp(wait + service_mean_s + LATE_DEVS * dev, min_s, max_s)
 
 
 def next_poll_delay_s(
@@ -110,6 +120,7 @@ def next_poll_delay_s(
     min_s: float,
     max_s: float,
     ahead_mean_s: float | None = None,
+    ahead_dev_s: float | None = None,
 ) -> float:
     """Delay until the next status call, given what the last one said.
 
@@ -118,10 +129,11 @@ def next_poll_delay_s(
     so a job that keeps surprising the model is looked at with a growing interval.
     """
     if state == "IN_QUEUE":
-        ahead = max(position or 0, 0)
-        per_ahead = service_mean_s if ahead_mean_s is None else ahead_mean_s
-        wait = (ahead + 1) * per_ahead / max(slots, 1)
-        target = wait + service_mean_s + LATE_DEVS * service_dev_s
+        ahead = max(position or 0, 0) + 1
+        wait, wait_dev = _queue_wait(
+            ahead, slots, service_mean_s, service_dev_s, ahead_mean_s, ahead_dev_s
+        )
+        target = wait + service_mean_s + LATE_DEVS * math.hypot(service_dev_s, wait_dev)
     else:
         remaining = service_mean_s + LATE_DEVS * service_dev_s - running_for_s
         # Past the expected end: back off geometrically from a fraction of the mean.
@@ -137,6 +149,21 @@ def explore_delay_s(*, polls: int, min_s: float, max_s: float, base_s: float = 0
     run buy a model learned from a real completion instead of a guessed prior.
     """
     return _clamp(base_s * 2.0 ** min(polls, 16), min_s, max_s)
+
+
+def _queue_wait(
+    ahead: int,
+    slots: int,
+    own_mean_s: float,
+    own_dev_s: float,
+    ahead_mean_s: float | None,
+    ahead_dev_s: float | None,
+) -> tuple[float, float]:
+    """(mean, deviation) of the wait for ``ahead`` queued requests over ``slots`` slots."""
+    rounds = ahead / max(slots, 1)
+    mean = rounds * (own_mean_s if ahead_mean_s is None else ahead_mean_s)
+    dev = math.sqrt(rounds) * (own_dev_s if ahead_dev_s is None else ahead_dev_s)
+    return mean, dev
 
 
 def _clamp(value: float, low: float, high: float) -> float:

@@ -25,7 +25,9 @@ def test_units_grow_with_megapixels_steps_and_images() -> None:
     [
         (None, 5.0 + 1.3),  # just submitted, a slot free
         (0, 5.0 + 1.3),
-        (4, 4 * 5.0 / 2 + 5.0 + 1.3),  # four ahead, two slots: two service times of waiting
+        # Four ahead, two slots: two service times of waiting, whose deviation (sqrt(2) x
+        # 1.0) adds to this job's own in quadrature.
+        (4, 4 * 5.0 / 2 + 5.0 + 1.3 * 3**0.5),
     ],
 )
 def test_first_poll_aims_after_expected_completion(position: int | None, expected: float) -> None:
@@ -84,3 +86,17 @@ def test_the_queue_ahead_is_measured_in_whole_jobs_not_this_jobs_size() -> None:
         state="IN_QUEUE", position=3, running_for_s=0, polls=1, ahead_mean_s=6.0, **kw
     )
     assert queued == pytest.approx(4 * 6.0 / 2 + 1.0)
+
+
+def test_a_longer_queue_ahead_widens_the_margin_not_only_the_wait() -> None:
+    kw = dict(service_mean_s=4.0, service_dev_s=1.0, slots=10, min_s=0.01, max_s=600.0)
+    margins = []
+    for ahead in (0, 10, 40):
+        delay = first_poll_delay_s(position=ahead, ahead_mean_s=4.0, ahead_dev_s=2.0, **kw)
+        margins.append(delay - ahead * 4.0 / 10 - 4.0)
+    # 1.3 x hypot(1, 2 x sqrt(ahead / 10)): 1.3, 2.91, 5.36.
+    assert margins == pytest.approx([1.3, 1.3 * 5**0.5, 1.3 * 17**0.5])
+    queued = next_poll_delay_s(
+        state="IN_QUEUE", position=9, running_for_s=0, polls=1, ahead_dev_s=2.0, **kw
+    )
+    assert queued == pytest.approx(10 * 4.0 / 10 + 4.0 + 1.3 * 5**0.5)
