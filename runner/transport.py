@@ -74,7 +74,7 @@ class LeanStream(httpcore.AsyncNetworkStream):
         self._inner = inner
         self._socket: socket.socket | None = inner.get_extra_info("socket")
         self._poll: Any = None
-        if self._socket is not None and hasattr(select, "poll"):
+        if self._socket is not None and self._socket.fileno() >= 0 and hasattr(select, "poll"):
             self._poll = select.poll()
             self._poll.register(self._socket.fileno(), select.POLLIN)
 

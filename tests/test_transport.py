@@ -3,6 +3,8 @@ dropping connections the server closed, httpx's error types, TLS, and the proxy 
 
 from __future__ import annotations
 
+import select
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -79,6 +81,29 @@ async def test_lean_stream_readability_follows_the_socket() -> None:
         assert stream.get_extra_info("socket") is not None  # other keys pass through
         await stream.aclose()
         assert stream.get_extra_info("is_readable") is True  # closed: the pool drops it
+
+
+class _Inner(httpcore.AsyncNetworkStream):
+    """A stream that only answers get_extra_info, counting readability questions."""
+
+    def __init__(self, sock: socket.socket | None) -> None:
+        self.sock, self.asked = sock, 0
+
+    def get_extra_info(self, info: str) -> object:
+        if info == "is_readable":
+            self.asked += 1
+            return False
+        return self.sock if info == "socket" else None
+
+
+def test_without_poll_the_inner_stream_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        monkeypatch.delattr(select, "poll")
+        inner = _Inner(a)
+        assert LeanStream(inner).is_readable() is False and inner.asked == 1
+    no_socket = _Inner(None)
+    assert LeanStream(no_socket).is_readable() is True and no_socket.asked == 0
 
 
 async def test_the_pool_replaces_a_connection_the_server_closed_while_idle() -> None:
