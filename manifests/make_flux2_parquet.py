@@ -31,5 +31,5 @@ rows = [
     ("f2e-02", "fal-ai/flux-2/lora/edit", "Place this chair in a sunlit loft",
      "1024x768", ["images/chair.jpg"], None, 2, 34, "fabrics"),
 ]
-table = pa.Table.from_pylist([dict(zip(schema.names, r)) for r in rows], schema=schema)
+table = pa.Table.from_pylist([dict(zip(schema.names, r, strict=True)) for r in rows], schema=schema)
 pq.write_table(table, "flux2.parquet", row_group_size=2)
