@@ -59,40 +59,12 @@ from runner.protocol import (
     parse_status,
     peek_verdict,
 )
-from runner.transport import fetch
+from runner.transport import CallTimeouts, fetch
 
 USER_AGENT = f"runner/{__version__}"
 BODY_LIMIT = 2000  # characters of an error body kept on HTTPStatusError
 NAMESPACES = frozenset({"workflows", "comfy"})  # ids shaped namespace/owner/app[/path]
 _SEGMENT = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9._~-]*")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CallTimeouts:
-    """Per-kind timeouts. ``stream_idle_s`` bounds silence on the SSE stream; the queue
-    sends a keep-alive every 15 s, so a longer silence means the stream is dead."""
-
-    connect_s: float = 5.0
-    submit_s: float = 30.0
-    read_s: float = 30.0
-    stream_idle_s: float = 45.0
-
-    def submit(self) -> httpx.Timeout:
-        return httpx.Timeout(self.submit_s, connect=self.connect_s)
-
-    def read(self) -> httpx.Timeout:
-        return httpx.Timeout(self.read_s, connect=self.connect_s)
-
-    def stream(self) -> httpx.Timeout:
-        return httpx.Timeout(self.stream_idle_s, connect=self.connect_s)
-
-    def extensions(self) -> dict[str, dict[str, dict[str, float | None]]]:
-        """Each kind's timeouts as the request extension a transport reads."""
-        return {
-            "submit": {"timeout": self.submit().as_dict()},
-            "read": {"timeout": self.read().as_dict()},
-            "stream": {"timeout": self.stream().as_dict()},
-        }
 
 
 RequestRef = SubmitAck | RequestUrls

@@ -16,9 +16,11 @@ exception mapping as httpx's, over a pool built with that backend.
 queue's short calls skip ``AsyncClient``'s auth, redirect and cookie layers, which they
 do not use: the key is a header, and the queue neither redirects nor sets cookies.
 
-:func:`open_transport` builds the default transport. When the environment names a proxy
-for the queue's origin (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``, less ``NO_PROXY``)
-it is httpx's own transport through that proxy instead, for every call of the run.
+:class:`CallTimeouts` turns each kind of call's timeouts into the request extension the
+transport reads. :func:`open_transport` builds the default transport. When the environment
+names a proxy for the queue's origin (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``, less
+``NO_PROXY``) it is httpx's own transport through that proxy instead, for every call of
+the run.
 """
 
 # httpcore's stream and backend interface takes ``timeout`` arguments; these pass them on.
@@ -32,6 +34,7 @@ import ssl
 import urllib.request
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import httpcore
@@ -54,6 +57,25 @@ _ERRORS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
     (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
     (httpcore.ProtocolError, httpx.ProtocolError),
 )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallTimeouts:
+    """Per-kind timeouts. ``stream_idle_s`` bounds silence on the SSE stream; the queue
+    sends a keep-alive every 15 s, so a longer silence means the stream is dead."""
+
+    connect_s: float = 5.0
+    submit_s: float = 30.0
+    read_s: float = 30.0
+    stream_idle_s: float = 45.0
+
+    def extensions(self) -> dict[str, dict[str, dict[str, float | None]]]:
+        """Each kind's timeouts as the request extension a transport reads."""
+        kinds = {"submit": self.submit_s, "read": self.read_s, "stream": self.stream_idle_s}
+        return {
+            kind: {"timeout": httpx.Timeout(seconds, connect=self.connect_s).as_dict()}
+            for kind, seconds in kinds.items()
+        }
 
 
 @contextmanager
