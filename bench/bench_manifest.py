@@ -101,8 +101,8 @@ def peak_mb() -> float:
 def read_one(path: Path, with_jobs: bool) -> None:
     """Child process: stream one manifest and print one result line."""
     from runner.errors import RowError
-    from runner.jobs import ExpandOptions, iter_jobs
-    from runner.manifest import read_rows
+    from runner.manifest.jobs import ExpandOptions, iter_jobs
+    from runner.manifest.reader import read_rows
 
     start_rss = rss_mb()
     began = time.perf_counter()

@@ -39,9 +39,9 @@ from common import (
     write_jsonl,
 )
 
-from runner.jobs import ExpandOptions, Job, iter_jobs
 from runner.ledger import Ledger, ResumeSummary, plan_resume
-from runner.manifest import read_rows
+from runner.manifest.jobs import ExpandOptions, Job, iter_jobs
+from runner.manifest.reader import read_rows
 
 PROGRESS = re.compile(r"runner: (\d+)/(\S+) done")
 

@@ -17,15 +17,15 @@ from typing import Any, TypeVar
 import anyio
 
 from runner import __version__
-from runner.catalog import CATALOG
 from runner.config import FAL_QUEUE_URL, key_from_env
-from runner.cost import PriceTable
+from runner.endpoints.catalog import CATALOG
+from runner.endpoints.cost import PriceTable
 from runner.errors import EXIT_JOBS_FAILED, EXIT_OK, RowError, RunnerError, UsageError
-from runner.inputs import InputSizer
-from runner.jobs import ExpandOptions, Job, column_warnings, iter_jobs
-from runner.manifest import read_rows
+from runner.manifest.jobs import ExpandOptions, Job, column_warnings, iter_jobs
+from runner.manifest.plan import build_plan, render_text
+from runner.manifest.reader import read_rows
+from runner.media.inputs import InputSizer
 from runner.options import add_manifest_args, add_run_args, expand_options, run_config
-from runner.plan import build_plan, render_text
 
 T = TypeVar("T")
 
@@ -92,7 +92,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from runner.engine import embedded_emulator, execute, print_summary
+    from runner.run.engine import embedded_emulator, execute, print_summary
 
     config = run_config(args, os.environ)
     warnings, _ = stream_jobs(args)  # reads the first row only
@@ -170,7 +170,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from runner.cancel import cancel_in_flight
+    from runner.run.cancel import cancel_in_flight
 
     key = key_from_env(os.environ)
     if key is None:
@@ -251,11 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_report(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from runner.gallery import gallery
     from runner.ledger import JobState, read_run_meta
-    from runner.report import build_report, load_jobs
-    from runner.report_html import write_html
-    from runner.report_text import render_text, report_json
+    from runner.report.data import build_report, load_jobs
+    from runner.report.gallery import gallery
+    from runner.report.html import write_html
+    from runner.report.text import render_text, report_json
 
     if args.gallery_limit < 0:
         raise UsageError(f"--gallery-limit must be 0 or more, not {args.gallery_limit}")

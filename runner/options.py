@@ -2,7 +2,7 @@
 
 ``add_manifest_args`` and ``add_run_args`` declare the flags; :func:`expand_options` and
 :func:`run_config` turn parsed flags (plus a TOML file and the environment) into the
-frozen :class:`runner.jobs.ExpandOptions` and :class:`runner.config.RunConfig`.
+frozen :class:`runner.manifest.jobs.ExpandOptions` and :class:`runner.config.RunConfig`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.config import RunConfig, build_config, key_from_env, load_toml
-from runner.jobs import ExpandOptions
+from runner.manifest.jobs import ExpandOptions
 
 FORMATS = ("csv", "tsv", "jsonl", "parquet")
 

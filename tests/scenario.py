@@ -13,8 +13,8 @@ from pydantic import SecretStr
 
 from runner.config import RunConfig, build_config
 from runner.emulator import DEFAULT_KEY, Emulator, EmulatorConfig, FaultConfig
-from runner.engine import Hooks, RunReport, execute
-from runner.retry import RetryPolicy
+from runner.fal.retry import RetryPolicy
+from runner.run.engine import Hooks, RunReport, execute
 
 EMULATOR_URL = "http://emulator"
 # The production rules with millisecond waits, so fault storms do not cost test time.

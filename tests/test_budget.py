@@ -2,7 +2,7 @@ from decimal import Decimal as D
 
 import pytest
 
-from runner.budget import Budget
+from runner.run.budget import Budget
 
 
 def test_no_cap_admits_everything_and_tracks_reservations() -> None:

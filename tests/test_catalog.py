@@ -1,7 +1,7 @@
 """The endpoint catalog: limits, defaults, enums, image_size forms, payloads and output sizes.
 
 The expected values are written out here from shared/spec/endpoints.md, not read back from
-runner.limits, so a wrong table in the code fails these tests.
+runner.endpoints.limits, so a wrong table in the code fails these tests.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from typing import Any
 import pydantic
 import pytest
 
-from runner import catalog, errors
-from runner.catalog import (
+from runner import errors
+from runner.endpoints import catalog
+from runner.endpoints.catalog import (
     CATALOG,
     ImageSize,
     LoraWeight,

@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal
 import pytest
 from pydantic import Field
 
-from runner import catalog
-from runner.cells import (
+from runner.endpoints import catalog
+from runner.manifest.cells import (
     CellError,
     Kind,
     coerce_text,

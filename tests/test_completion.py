@@ -16,17 +16,17 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from runner.client import QueueClient
-from runner.completion import Pacing, Poller, Reader, ResultFirst, Watch
 from runner.errors import AuthError
-from runner.protocol import (
+from runner.fal.client import QueueClient
+from runner.fal.protocol import (
     Completed,
     NotReadyAnswer,
     RequestUrls,
     Status,
     peek_verdict,
 )
-from runner.retry import RetryPolicy
+from runner.fal.retry import RetryPolicy
+from runner.run.completion import Pacing, Poller, Reader, ResultFirst, Watch
 from tests.fakes import FakeTime
 
 pytestmark = pytest.mark.anyio

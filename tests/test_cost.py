@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from runner import errors
-from runner.catalog import parse_request
-from runner.cost import Estimate, PriceTable, billed_cost, estimate, megapixels
+from runner.endpoints.catalog import parse_request
+from runner.endpoints.cost import Estimate, PriceTable, billed_cost, estimate, megapixels
 
 PRICES = PriceTable.default()
 GB = 1_000_000_000

@@ -19,7 +19,12 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from runner.downloads import (
+from runner.errors import HTTPStatusError
+from runner.fal.retry import RetryPolicy
+from runner.ledger.schema import JobRecord, JobState, LedgerEvent, OutputImage
+from runner.ledger.state import LedgerState
+from runner.ledger.store import Ledger
+from runner.media.downloads import (
     Downloader,
     DownloadError,
     DownloadItem,
@@ -29,11 +34,6 @@ from runner.downloads import (
     pending_downloads,
     safe_segment,
 )
-from runner.errors import HTTPStatusError
-from runner.ledger.schema import JobRecord, JobState, LedgerEvent, OutputImage
-from runner.ledger.state import LedgerState
-from runner.ledger.store import Ledger
-from runner.retry import RetryPolicy
 from tests.scenario import emulator, manifest, run, run_config
 
 pytestmark = pytest.mark.anyio

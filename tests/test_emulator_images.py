@@ -16,6 +16,7 @@ import uvicorn
 from PIL import Image, ImageChops, ImageStat
 from starlette.applications import Starlette
 
+from runner.emulator.filestore import FileStore
 from runner.emulator.images import (
     ImageStore,
     InputImageError,
@@ -23,7 +24,6 @@ from runner.emulator.images import (
     parse_range,
     render,
 )
-from runner.emulator.storage import FileStore
 
 T0 = 1_900_000_000.0
 ORIGIN = "http://testserver"

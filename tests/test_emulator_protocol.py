@@ -19,11 +19,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from runner import catalog
 from runner.emulator import Emulator, ServiceTime
-from runner.emulator.queue import Ending, Job, Scheduler
+from runner.emulator.queue import Ending, Job, QueueModel
 from runner.emulator.routes import route_kind
 from runner.emulator.stats import canonical_input
+from runner.endpoints import catalog
 
 pytestmark = pytest.mark.anyio
 LORA = "fal-ai/flux-lora"
@@ -510,7 +510,7 @@ def _job(rid: str, service_s: float, at: float = 0.0, **kw: Any) -> Job:
 
 
 def test_scheduler_replays_events_exactly_however_rarely_polled() -> None:
-    sparse, dense = Scheduler(concurrency=2, now=0.0), Scheduler(concurrency=2, now=0.0)
+    sparse, dense = QueueModel(concurrency=2, now=0.0), QueueModel(concurrency=2, now=0.0)
     for sched in (sparse, dense):
         for i, service in enumerate([3.0, 1.0, 2.0, 1.5, 0.5]):
             sched.submit(_job(f"j{i}", service))

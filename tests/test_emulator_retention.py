@@ -12,7 +12,7 @@ import httpx
 import pytest
 from emulator_support import JOB_CLOCK_S, SCALE, FakeClock, in_process, make_emulator
 
-from runner.emulator.queue import Job, Scheduler
+from runner.emulator.queue import Job, QueueModel
 from runner.emulator.stats import canonical_input
 
 pytestmark = pytest.mark.anyio
@@ -28,7 +28,7 @@ def job(request_id: str, service_s: float = 1.0) -> Job:
 
 
 def test_scheduler_forgets_each_job_retention_after_it_ended() -> None:
-    scheduler = Scheduler(concurrency=1, now=0.0, retention_s=5.0)
+    scheduler = QueueModel(concurrency=1, now=0.0, retention_s=5.0)
     for name in ("a", "b", "c"):
         scheduler.submit(job(name))  # one slot: they end at 1, 2 and 3
     assert [j.request_id for j in scheduler.advance(3.0)] == ["a", "b", "c"]
@@ -44,7 +44,7 @@ def test_scheduler_forgets_each_job_retention_after_it_ended() -> None:
 
 
 def test_scheduler_keeps_jobs_in_flight_however_long() -> None:
-    scheduler = Scheduler(concurrency=1, now=0.0, retention_s=1.0)
+    scheduler = QueueModel(concurrency=1, now=0.0, retention_s=1.0)
     scheduler.submit(job("long", service_s=100.0))
     scheduler.submit(job("queued"))
     scheduler.advance(50.0)
@@ -53,7 +53,7 @@ def test_scheduler_keeps_jobs_in_flight_however_long() -> None:
 
 
 def test_scheduler_without_retention_keeps_everything() -> None:
-    scheduler = Scheduler(concurrency=2, now=0.0)
+    scheduler = QueueModel(concurrency=2, now=0.0)
     scheduler.submit(job("a"))
     scheduler.advance(1e12)
     assert scheduler.find("a", 1e12) is scheduler.jobs["a"]

@@ -23,8 +23,8 @@ from PIL import Image
 from pydantic import SecretStr
 from starlette.applications import Starlette
 
+from runner.emulator.filestore import FileStore, StorageError, safe_file_name
 from runner.emulator.images import ImageStore
-from runner.emulator.storage import FileStore, StorageError, safe_file_name
 from runner.emulator.storage_api import storage_routes
 
 KEY = "kid:secret-value"

@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from runner.imageinfo import ImageInfo, ImageInfoError, read_image_info, read_image_info_bytes
+from runner.endpoints.imageinfo import (
+    ImageInfo,
+    ImageInfoError,
+    read_image_info,
+    read_image_info_bytes,
+)
 
 
 def encode(fmt: str, size: tuple[int, int], mode: str = "RGB") -> bytes:

@@ -12,11 +12,18 @@ import httpx
 import pytest
 from PIL import Image
 
-from runner.cost import PriceTable
-from runner.inputs import InputChecker, InputProber, InputRef, InputSizer, input_refs, probe_size
-from runner.jobs import ExpandOptions, Job, iter_jobs
-from runner.manifest import RawRow
-from runner.plan import job_estimate
+from runner.endpoints.cost import PriceTable
+from runner.manifest.jobs import ExpandOptions, Job, iter_jobs
+from runner.manifest.plan import job_estimate
+from runner.manifest.reader import RawRow
+from runner.media.inputs import (
+    InputChecker,
+    InputProber,
+    InputRef,
+    InputSizer,
+    input_refs,
+    probe_size,
+)
 
 
 def encode(fmt: str, size: tuple[int, int]) -> bytes:

@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from runner.catalog import FluxLoraRequest
+from runner.endpoints.catalog import FluxLoraRequest
 from runner.errors import RowError, UnknownEndpointError
-from runner.idtable import FirstLines
-from runner.jobs import (
+from runner.manifest.idtable import FirstLines
+from runner.manifest.jobs import (
     ExpandOptions,
     Job,
     column_warnings,
@@ -25,7 +25,7 @@ from runner.jobs import (
     job_key,
     variant_seed,
 )
-from runner.manifest import RawRow, read_rows
+from runner.manifest.reader import RawRow, read_rows
 
 FLUX = "fal-ai/flux-lora"
 FLUX2 = "fal-ai/flux-2/lora"

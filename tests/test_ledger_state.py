@@ -12,10 +12,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from runner.downloads import pending_downloads
 from runner.ledger import JobState, Ledger, LedgerEvent, LedgerState, OutputImage
 from runner.ledger.fold import ADMISSION_COLUMNS
 from runner.ledger.index import KeyIndex, Strings, Values
+from runner.media.downloads import pending_downloads
 
 fold_module = importlib.import_module("runner.ledger.fold")
 T0 = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from runner.errors import ManifestError, UsageError
-from runner.manifest import RawRow, detect_format, read_rows
+from runner.manifest.reader import RawRow, detect_format, read_rows
 
 
 def write(tmp_path: Path, name: str, data: bytes | str) -> Path:

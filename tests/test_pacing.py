@@ -1,6 +1,6 @@
 import pytest
 
-from runner.pacing import ServiceModel, first_poll_delay_s, next_poll_delay_s
+from runner.run.pacing import ServiceModel, first_poll_delay_s, next_poll_delay_s
 
 
 def test_model_learns_mean_per_unit_from_observations() -> None:
@@ -61,7 +61,7 @@ def test_queued_job_waits_in_proportion_to_its_position() -> None:
 
 
 def test_before_any_observation_polls_start_early_and_double() -> None:
-    from runner.pacing import explore_delay_s
+    from runner.run.pacing import explore_delay_s
 
     delays = [explore_delay_s(polls=p, min_s=0.05, max_s=2.0) for p in range(7)]
     assert delays[:4] == [0.1, 0.2, 0.4, 0.8]

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from runner.errors import ProtocolError
-from runner.protocol import (
+from runner.fal.protocol import (
     ERROR_TYPES,
     Completed,
     FluxResult,

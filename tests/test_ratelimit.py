@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from runner.ratelimit import (
+from runner.run.ratelimit import (
     AdaptiveRate,
     AimdConfig,
     AimdState,

@@ -24,9 +24,9 @@ from runner.ledger import (
     read_run_meta,
     status_summary,
 )
-from runner.report import Report, build_report, load_jobs, percentiles
-from runner.report_failures import normalise_message
-from runner.report_text import render_text, report_json, usd
+from runner.report.data import Report, build_report, load_jobs, percentiles
+from runner.report.failures import normalise_message
+from runner.report.text import render_text, report_json, usd
 
 # The module, not the function runner.ledger re-exports under the same name.
 fold_module = importlib.import_module("runner.ledger.fold")

@@ -21,10 +21,10 @@ import pytest
 from PIL import Image
 from report_support import FLUX2, LORA, T0, completed, failed, intent, local, write_run
 
-from runner.gallery import gallery
 from runner.ledger import LedgerEvent, OutputImage, read_run_meta
-from runner.report import build_report, load_jobs
-from runner.report_html import PAGE_SIZE, write_html
+from runner.report.data import build_report, load_jobs
+from runner.report.gallery import gallery
+from runner.report.html import PAGE_SIZE, write_html
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from runner.errors import AuthError, HTTPStatusError, ProtocolError, TransportError
-from runner.retry import (
+from runner.fal.retry import (
     GIVE_UP,
     UNKNOWN_OUTCOME,
     Decision,

@@ -15,10 +15,10 @@ import httpx
 import pytest
 
 from runner.emulator import Emulator, EmulatorConfig, FaultConfig, parse_faults, serve
-from runner.engine import Hooks, execute
 from runner.errors import EXIT_BUDGET, EXIT_JOBS_FAILED, EXIT_OK
 from runner.ledger.schema import JobState
 from runner.ledger.state import LedgerState
+from runner.run.engine import Hooks, execute
 from tests.scenario import emulator, manifest, run, run_config
 
 pytestmark = pytest.mark.anyio
@@ -295,8 +295,8 @@ def test_fault_config_defaults_are_off() -> None:
 async def test_runner_cancel_cancels_what_a_run_left_in_flight(tmp_path: Path) -> None:
     from pydantic import SecretStr
 
-    from runner.cancel import cancel_in_flight
     from runner.emulator import DEFAULT_KEY
+    from runner.run.cancel import cancel_in_flight
     from tests.scenario import EMULATOR_URL
 
     path = manifest(tmp_path, 6)

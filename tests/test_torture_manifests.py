@@ -27,9 +27,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runner.cli import main
-from runner.engine import Hooks, execute
 from runner.errors import EXIT_JOBS_FAILED, EXIT_OK, EXIT_USAGE
 from runner.ledger.state import LedgerState
+from runner.run.engine import Hooks, execute
 from tests.scenario import emulator, run_config
 from tests.torture_support import LONG, manifest_jobs
 

@@ -34,9 +34,9 @@ from starlette.routing import Route
 
 from runner.emulator import DEFAULT_KEY, Emulator, EmulatorConfig, parse_faults, serve
 from runner.emulator.webhooks import WebhookSigner
-from runner.engine import Hooks, execute
 from runner.errors import EXIT_JOBS_FAILED, EXIT_OK, EXIT_USAGE
 from runner.ledger.state import LedgerState
+from runner.run.engine import Hooks, execute
 from tests.scenario import emulator, manifest, run_config
 from tests.torture_support import (
     check_terminal_once,

@@ -1,4 +1,4 @@
-"""runner.transport over real loopback sockets: the lean readability check, the pool
+"""runner.fal.transport over real loopback sockets: the lean readability check, the pool
 dropping connections the server closed, httpx's error types, TLS, and the proxy choice."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from runner.client import QueueClient
 from runner.emulator import DEFAULT_KEY, Emulator, EmulatorConfig, ServiceTime, serve
-from runner.transport import (
+from runner.fal.client import QueueClient
+from runner.fal.transport import (
     LeanBackend,
     LeanStream,
     PoolTransport,

@@ -18,12 +18,12 @@ from PIL import Image
 from pydantic import SecretStr
 
 from runner.emulator import DEFAULT_KEY, Emulator
-from runner.engine import Hooks, execute
 from runner.errors import AuthError, HTTPStatusError
-from runner.inputs import InputChecker, InputRef, LocalFile, inspect_file
+from runner.fal.storage import StorageClient, UploadSettings
 from runner.ledger.state import LedgerState
-from runner.storage import StorageClient, UploadSettings
-from runner.uploads import CachedUpload, UploadCache, Uploader, substitute
+from runner.media.inputs import InputChecker, InputRef, LocalFile, inspect_file
+from runner.media.uploads import CachedUpload, UploadCache, Uploader, substitute
+from runner.run.engine import Hooks, execute
 from tests.scenario import EMULATOR_URL, emulator, run, run_config
 
 pytestmark = pytest.mark.anyio

@@ -1,7 +1,7 @@
 """The webhook receiver: signature checks, JWKS caching, the Starlette app, the real server.
 
 Deliveries are signed here with ``cryptography`` directly, following the byte layout in
-the spec (docs/spec fal-queue.md, Webhooks), independently of runner.webhook's code.
+the spec (docs/spec fal-queue.md, Webhooks), independently of runner.fal.webhook's code.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 
 from runner.emulator.webhooks import WebhookDispatcher, WebhookSigner, webhook_body
 from runner.errors import FalError, ProtocolError, UsageError
-from runner.jwks import DEFAULT_JWKS_URL, JwksCache, StaticKeys, parse_jwks
-from runner.receiver import webhook_server
-from runner.webhook import (
+from runner.fal.jwks import DEFAULT_JWKS_URL, JwksCache, StaticKeys, parse_jwks
+from runner.fal.receiver import webhook_server
+from runner.fal.webhook import (
     DeliveredIds,
     WebhookEvent,
     WebhookHeaders,

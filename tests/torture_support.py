@@ -32,10 +32,10 @@ import pyarrow.dataset as ds
 from runner.emulator import DEFAULT_KEY
 from runner.emulator.stats import canonical_input
 from runner.errors import RowError
-from runner.jobs import ExpandOptions, Job, iter_jobs
 from runner.ledger.fold import read_events
 from runner.ledger.state import LedgerState
-from runner.manifest import read_rows
+from runner.manifest.jobs import ExpandOptions, Job, iter_jobs
+from runner.manifest.reader import read_rows
 
 REPO = Path(__file__).resolve().parent.parent
 LONG = os.environ.get("RUNNER_LONG_TESTS") == "1"

@@ -5,15 +5,15 @@ official ``fal-client`` works against it unchanged, and it imports nothing from 
 runner's client side (only ``catalog``, ``cost``, ``imageinfo`` and ``errors``), so a
 client bug cannot be mirrored by the fake.
 
-    config    EmulatorConfig, ServiceTime: one frozen object
+    settings  EmulatorConfig, ServiceTime: one frozen object
     faults    FaultConfig, parse_faults, FaultInjector: seeded, per-kind fault streams
-    queue     Scheduler: pure, event-driven, advanced from an injected clock
+    queue     QueueModel: pure, event-driven, advanced from an injected clock
     results   status/result JSON, logs, failure bodies
     stats     Stats: submits per canonical input, calls, slot time, billing
     app       Emulator: state + outcomes + background waker (``running()``)
     routes    the Starlette routes (queue, storage, CDN, JWKS, stats)
     server    serve() on loopback via uvicorn (+ self-signed TLS), serve_main for the CLI
-    images, storage, webhooks: outputs/CDN, uploads, signed webhook delivery
+    images, filestore, webhooks: outputs/CDN, uploads, signed webhook delivery
 
 Typical use in a test::
 
@@ -24,9 +24,9 @@ Typical use in a test::
 """
 
 from runner.emulator.app import Emulator
-from runner.emulator.config import DEFAULT_KEY, EmulatorConfig, ServiceTime
 from runner.emulator.faults import FaultConfig, Trigger, parse_faults
 from runner.emulator.server import Served, serve, serve_main
+from runner.emulator.settings import DEFAULT_KEY, EmulatorConfig, ServiceTime
 
 __all__ = [
     "DEFAULT_KEY",

@@ -1,6 +1,6 @@
 """The emulator itself: queue state, job outcomes, webhooks, and its ASGI app.
 
-:class:`Emulator` owns one :class:`~runner.emulator.queue.Scheduler` advanced
+:class:`Emulator` owns one :class:`~runner.emulator.queue.QueueModel` advanced
 from an injected clock (unix seconds; ``time.time`` by default) on every HTTP
 request, the media stores, the fault injector and the accounting. Its ``app``
 attribute is the ASGI application (routes in :mod:`runner.emulator.routes`).
@@ -24,15 +24,15 @@ from typing import Any
 import anyio
 import httpx
 
-from runner import catalog, cost
 from runner.emulator import results, webhooks
-from runner.emulator.config import EmulatorConfig
 from runner.emulator.faults import FaultInjector
+from runner.emulator.filestore import FileStore
 from runner.emulator.images import ImageStore, InputImageError
-from runner.emulator.queue import Ending, Job, Phase, Scheduler, StoredResult
+from runner.emulator.queue import Ending, Job, Phase, QueueModel, StoredResult
 from runner.emulator.routes import build_app
+from runner.emulator.settings import EmulatorConfig
 from runner.emulator.stats import Stats
-from runner.emulator.storage import FileStore
+from runner.endpoints import catalog, cost
 
 Clock = Callable[[], float]
 """Unix seconds: ``time.time`` in production, a fake that tests move forward."""
@@ -56,7 +56,7 @@ class Emulator:
     ) -> None:
         self.config = config or EmulatorConfig()
         self.clock = clock
-        self.scheduler = Scheduler(
+        self.scheduler = QueueModel(
             concurrency=self.config.concurrency,
             now=clock(),
             retention_s=self.config.scaled(self.config.retention_s),
@@ -89,7 +89,7 @@ class Emulator:
     def lookup(self, app_path: str, request_id: str) -> Job | None:
         """The job with this id under this owner/app, unless unknown or expired.
 
-        An expired job and one already forgotten (see :class:`Scheduler`) look the same:
+        An expired job and one already forgotten (see :class:`QueueModel`) look the same:
         None, which every route answers as an unknown id.
         """
         job = self.scheduler.find(request_id, self.clock())

@@ -3,7 +3,7 @@
 :class:`ImageStore` registers each output image when a job completes but renders it only when
 someone asks for its bytes (a GET, ``file_size``), deterministically from (seed, salt, size,
 format), and keeps the latest renders in a byte-bounded LRU cache. It also serves the files that
-:class:`~runner.emulator.storage.FileStore` holds, with ``Range`` and ``HEAD`` support, and reads
+:class:`~runner.emulator.filestore.FileStore` holds, with ``Range`` and ``HEAD`` support, and reads
 the size of input images (``data:`` URIs, its own CDN URLs, or any http(s) URL).
 """
 
@@ -30,8 +30,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from runner.emulator.storage import Clock, FileStore
-from runner.imageinfo import ImageInfoError, read_image_info_bytes
+from runner.emulator.filestore import Clock, FileStore
+from runner.endpoints.imageinfo import ImageInfoError, read_image_info_bytes
 
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 _EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}

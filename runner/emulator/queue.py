@@ -1,6 +1,6 @@
 """The emulated queue: a pure, event-driven scheduler over an injected clock.
 
-Nothing here sleeps or reads a clock. The app calls :meth:`Scheduler.advance`
+Nothing here sleeps or reads a clock. The app calls :meth:`QueueModel.advance`
 with "now" on every request; the scheduler replays every event up to that
 instant in time order (slots freeing, queued jobs starting, start deadlines
 expiring), so a job's start and finish times are exact however rarely it is
@@ -10,8 +10,8 @@ Ordering is fal's: FIFO among normal-priority jobs, then FIFO among
 ``low``-priority ones; at most ``concurrency`` jobs are IN_PROGRESS.
 
 A finished job is kept ``retention_s`` (clock seconds) after it ends, then
-forgotten: :meth:`Scheduler.find` stops returning it at that instant, and the
-next :meth:`Scheduler.advance` drops it from memory, so a long run holds only the
+forgotten: :meth:`QueueModel.find` stops returning it at that instant, and the
+next :meth:`QueueModel.advance` drops it from memory, so a long run holds only the
 jobs in flight and those still within retention.
 """
 
@@ -76,7 +76,7 @@ class Job:
         return self.started_at + self.service_s
 
 
-class Scheduler:
+class QueueModel:
     """Queue state advanced to "now" on demand. Not thread-safe; one event loop."""
 
     def __init__(self, *, concurrency: int, now: float, retention_s: float = math.inf) -> None:

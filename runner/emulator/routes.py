@@ -41,11 +41,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from runner import catalog
 from runner.emulator import results
 from runner.emulator.queue import Job, Phase
 from runner.emulator.storage_api import origin, storage_routes
 from runner.emulator.webhooks import jwks_routes
+from runner.endpoints import catalog
 
 if TYPE_CHECKING:
     from runner.emulator.app import Emulator

@@ -36,9 +36,9 @@ from cryptography.x509.oid import NameOID
 from pydantic import SecretStr
 
 from runner.emulator.app import Emulator
-from runner.emulator.config import DEFAULT_KEY, EmulatorConfig
 from runner.emulator.faults import parse_faults
 from runner.emulator.routes import QuietAborts
+from runner.emulator.settings import DEFAULT_KEY, EmulatorConfig
 from runner.errors import EXIT_OK, EXIT_USAGE, UsageError
 
 

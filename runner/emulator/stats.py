@@ -5,7 +5,7 @@
 - HTTP calls by route kind;
 - busy time of the concurrency slots and the makespan (first submit to last
   completion), both in clock seconds and in emulated seconds;
-- billed megapixels and dollars per endpoint, via :func:`runner.cost.billed_cost`
+- billed megapixels and dollars per endpoint, via :func:`runner.endpoints.cost.billed_cost`
   (only successful outputs are billed, as fal bills).
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from runner import cost
+from runner.endpoints import cost
 
 
 def canonical_input(endpoint: str, body: Any) -> str:

@@ -1,4 +1,4 @@
-"""fal's storage wire protocol over a :class:`~runner.emulator.storage.FileStore`.
+"""fal's storage wire protocol over a :class:`~runner.emulator.filestore.FileStore`.
 
 :func:`storage_routes` speaks the protocol the official ``fal-client`` uses:
 
@@ -10,7 +10,7 @@
   "file_url"}``; ``PUT upload_url`` with the bytes (the URL itself is the credential, as a
   signed GCS URL is).
 
-A :class:`~runner.emulator.storage.StorageError` raised by the store becomes a JSON
+A :class:`~runner.emulator.filestore.StorageError` raised by the store becomes a JSON
 ``{"detail"}`` answer with its status code.
 """
 
@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from runner.emulator.storage import Clock, FileStore, StorageError
+from runner.emulator.filestore import Clock, FileStore, StorageError
 
 
 def origin(request: Request) -> str:

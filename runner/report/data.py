@@ -3,10 +3,10 @@
 :func:`build_report` is pure: it takes the folded ledger (one latest row per job,
 as :func:`runner.ledger.fold` returns it) and the run's ``run.json`` and returns a
 frozen :class:`Report`. :func:`load_jobs` does the reading. Two parts have their own
-modules: :mod:`runner.report_failures` (failure groups) and :mod:`runner.report_outlook`
-(the resume outlook). Rendering is separate: :mod:`runner.report_text` (text and JSON),
-:mod:`runner.report_html` (the page, whose gallery rows and thumbnails come from
-:mod:`runner.gallery`).
+modules: :mod:`runner.report.failures` (failure groups) and :mod:`runner.report.outlook`
+(the resume outlook). Rendering is separate: :mod:`runner.report.text` (text and JSON),
+:mod:`runner.report.html` (the page, whose gallery rows and thumbnails come from
+:mod:`runner.report.gallery`).
 
 Definitions:
 
@@ -38,8 +38,8 @@ import pyarrow.compute as pc
 
 from runner.errors import LedgerError
 from runner.ledger import JobState, ResumePolicy, read_folded
-from runner.report_failures import FailureGroup, failure_groups
-from runner.report_outlook import ResumeOutlook, resume_outlook
+from runner.report.failures import FailureGroup, failure_groups
+from runner.report.outlook import ResumeOutlook, resume_outlook
 
 _ZERO = Decimal(0)
 STATE_ORDER = tuple(JobState)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from runner import catalog
+from runner.endpoints import catalog
 
 Kind = Literal["bool", "int", "float", "str", "json", "any"]
 

@@ -44,13 +44,13 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 from PIL import Image
 
+from runner.endpoints.imageinfo import sniff_format
 from runner.errors import HTTPStatusError, TransportError, UsageError
-from runner.imageinfo import sniff_format
+from runner.fal.protocol import NOT_SENT_ERRORS
+from runner.fal.retry import RetryPolicy, call_with_retry
 from runner.ledger.schema import JobState, LedgerEvent, OutputImage
 from runner.ledger.state import LedgerState
 from runner.ledger.store import Ledger
-from runner.protocol import NOT_SENT_ERRORS
-from runner.retry import RetryPolicy, call_with_retry
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")

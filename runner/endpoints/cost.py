@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from runner.catalog import BaseRequest, num_outputs, output_size
+from runner.endpoints.catalog import BaseRequest, num_outputs, output_size
 from runner.errors import UsageError
 
 MEGAPIXEL_PX = 1_048_576

@@ -33,7 +33,7 @@ from runner.errors import (
     ProtocolError,
     TransportError,
 )
-from runner.protocol import (
+from runner.fal.protocol import (
     NOT_SENT_ERRORS,
     REQUEST_ID_HEADER,
     RETRY_AFTER_HEADER,
@@ -98,7 +98,7 @@ SUBMIT_POLICY = RetryPolicy(attempts=8, timeout_s=300.0, base_s=0.5, max_s=30.0)
 
 
 def is_throttled(failure: BaseException | httpx.Response) -> bool:
-    """A 429: the signal :class:`runner.ratelimit.AdaptiveRate` lowers its rate on."""
+    """A 429: the signal :class:`runner.run.ratelimit.AdaptiveRate` lowers its rate on."""
     if isinstance(failure, httpx.Response):
         return failure.status_code == 429
     if isinstance(failure, httpx.HTTPStatusError):

@@ -24,11 +24,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from runner import catalog, cells
-from runner.catalog import BaseRequest, EndpointSpec
+from runner.endpoints import catalog
+from runner.endpoints.catalog import BaseRequest, EndpointSpec
 from runner.errors import RowError, RowProblem, UnknownEndpointError
-from runner.idtable import FirstLines
-from runner.manifest import RawRow
+from runner.manifest import cells
+from runner.manifest.idtable import FirstLines
+from runner.manifest.reader import RawRow
 
 CONTROL_COLUMNS = frozenset({"seeds", "variants", "prompt_template"})
 IDENTITY_COLUMNS = frozenset({"id", "endpoint"})

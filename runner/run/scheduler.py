@@ -23,10 +23,8 @@ import anyio
 import anyio.abc
 import pyarrow.compute as pc
 
-from runner.budget import Budget
 from runner.config import RunConfig
-from runner.cost import Estimate, PriceTable
-from runner.downloads import DownloadStage, pending_downloads
+from runner.endpoints.cost import Estimate, PriceTable
 from runner.errors import (
     EXIT_BUDGET,
     EXIT_INTERRUPTED,
@@ -35,17 +33,19 @@ from runner.errors import (
     ManifestError,
     RowError,
 )
-from runner.inputs import InputChecker, InputProber, InputSizer
-from runner.jobs import ExpandOptions, Job, iter_jobs
 from runner.ledger.resume import Action, ResumePolicy, decide
 from runner.ledger.schema import JobState, LedgerEvent
 from runner.ledger.state import LedgerState
 from runner.ledger.store import Ledger
-from runner.manifest import read_rows
-from runner.plan import job_estimate
-from runner.progress import Progress, Tally
-from runner.uploads import Uploader
-from runner.worker import Shared, Ticket, run_job, utcnow
+from runner.manifest.jobs import ExpandOptions, Job, iter_jobs
+from runner.manifest.plan import job_estimate
+from runner.manifest.reader import read_rows
+from runner.media.downloads import DownloadStage, pending_downloads
+from runner.media.inputs import InputChecker, InputProber, InputSizer
+from runner.media.uploads import Uploader
+from runner.run.budget import Budget
+from runner.run.progress import Progress, Tally
+from runner.run.worker import Shared, Ticket, run_job, utcnow
 
 BATCH = 256
 

@@ -25,27 +25,27 @@ from typing import Any
 
 import anyio
 
-from runner.budget import Budget
-from runner.client import QueueClient, RequestRef
-from runner.completion import Finished, Pacing, Strategy, Watch
 from runner.config import RunConfig
-from runner.cost import Estimate, PriceTable, billed_cost
-from runner.downloads import DownloadItem
+from runner.endpoints.cost import Estimate, PriceTable, billed_cost
 from runner.errors import AuthError, FalError, HTTPStatusError
-from runner.jobs import Job
-from runner.ledger.schema import JobState, LedgerEvent, encode_request
-from runner.ledger.store import Ledger
-from runner.outcome import Failure, Success, expired, read_result, read_status
-from runner.progress import Tally
-from runner.protocol import (
+from runner.fal.client import QueueClient, RequestRef
+from runner.fal.protocol import (
     Completed,
     InProgress,
     ResultResponse,
     Status,
 )
-from runner.ratelimit import AdaptiveRate
-from runner.retry import Action, RetryPolicy, call_with_retry, classify
-from runner.uploads import InputFailure
+from runner.fal.retry import Action, RetryPolicy, call_with_retry, classify
+from runner.ledger.schema import JobState, LedgerEvent, encode_request
+from runner.ledger.store import Ledger
+from runner.manifest.jobs import Job
+from runner.media.downloads import DownloadItem
+from runner.media.uploads import InputFailure
+from runner.run.budget import Budget
+from runner.run.completion import Finished, Pacing, Strategy, Watch
+from runner.run.outcome import Failure, Success, expired, read_result, read_status
+from runner.run.progress import Tally
+from runner.run.ratelimit import AdaptiveRate
 
 Resolve = Callable[[Job], Awaitable[Mapping[str, Any] | InputFailure]]
 

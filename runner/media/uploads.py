@@ -4,7 +4,7 @@
       -> payload | InputFailure     replace each one by a URL (Uploader) in a copy
     Uploader.url_for(file)          --inline-inputs: a small image becomes a data: URI;
                                     else sha256 -> run_dir/uploads.jsonl cache -> upload
-                                    through :class:`runner.storage.StorageClient`
+                                    through :class:`runner.fal.storage.StorageClient`
 
 Uploads are deduplicated by content: one upload per sha256 per run directory, shared by
 concurrent workers (one lock per hash), and reused by a resume until the URL expires.
@@ -24,9 +24,9 @@ from typing import Any
 
 import anyio
 
-from runner.inputs import InputChecker, InputRef, LocalFile
-from runner.jobs import Job
-from runner.storage import StorageClient
+from runner.fal.storage import StorageClient
+from runner.manifest.jobs import Job
+from runner.media.inputs import InputChecker, InputRef, LocalFile
 
 CACHE_FILE = "uploads.jsonl"
 

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from runner.gallery import Gallery, GalleryItem, Thumbnails
 from runner.ledger import JobState, OutputImage
-from runner.report import Percentiles, Report
-from runner.report_assets import CSS, JS, PAGE
-from runner.report_text import NEW_JOBS_NOTE, count, seconds, usd
+from runner.report.assets import CSS, JS, PAGE
+from runner.report.data import Percentiles, Report
+from runner.report.gallery import Gallery, GalleryItem, Thumbnails
+from runner.report.text import NEW_JOBS_NOTE, count, seconds, usd
 
 PAGE_SIZE = 48
 _PARAM_CHARS = 120

@@ -2,7 +2,7 @@
 
 Holding every row id of a 1,000,000-row manifest as ``dict[str, int]`` costs ~120 bytes a
 row; this table keeps a 64-bit hash of the id and its line in flat arrays, 16-32 bytes a
-row. Used by :mod:`runner.jobs`.
+row. Used by :mod:`runner.manifest.jobs`.
 """
 
 from __future__ import annotations

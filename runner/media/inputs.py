@@ -26,11 +26,16 @@ from typing import Any, Literal, cast
 
 import httpx
 
-from runner.catalog import CATALOG
+from runner.endpoints.catalog import CATALOG
+from runner.endpoints.imageinfo import (
+    ImageInfo,
+    ImageInfoError,
+    read_image_info,
+    read_image_info_bytes,
+)
+from runner.endpoints.limits import KONTEXT_LORA
 from runner.errors import RowProblem
-from runner.imageinfo import ImageInfo, ImageInfoError, read_image_info, read_image_info_bytes
-from runner.jobs import Job
-from runner.limits import KONTEXT_LORA
+from runner.manifest.jobs import Job
 
 # Fields whose images decide output size and input billing, in that order. A mask
 # has the size of its image, so it adds nothing to either.

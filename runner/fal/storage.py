@@ -4,10 +4,10 @@
       -> Uploaded                     ``multipart_threshold``, else multipart; the initiate
                                       (signed URL) flow when the CDN path fails
 
-Each flow is retried as a read (:func:`runner.retry.call_with_retry`); httpx errors become
+Each flow is retried as a read (:func:`runner.fal.retry.call_with_retry`); httpx errors become
 :mod:`runner.errors` at the one ``_send`` boundary. The key goes only to the REST origin, the
 CDN token only to the CDN; neither is logged, and both are redacted from error bodies.
-Which files to upload, and when to reuse an earlier upload, is :mod:`runner.uploads`.
+Which files to upload, and when to reuse an earlier upload, is :mod:`runner.media.uploads`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import httpx
 from pydantic import SecretStr
 
 from runner.errors import AuthError, FalError, HTTPStatusError, ProtocolError, TransportError
-from runner.protocol import NOT_SENT_ERRORS
-from runner.retry import RetryPolicy, call_with_retry
+from runner.fal.protocol import NOT_SENT_ERRORS
+from runner.fal.retry import RetryPolicy, call_with_retry
 
 MiB = 1024 * 1024
 

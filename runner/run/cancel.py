@@ -16,13 +16,14 @@ import anyio
 import httpx
 from pydantic import SecretStr
 
-from runner.client import QueueClient
 from runner.errors import FalError
+from runner.fal.client import QueueClient
+from runner.fal.retry import RetryPolicy, call_with_retry
+from runner.fal.transport import open_transport
 from runner.ledger.schema import JobState, LedgerEvent
 from runner.ledger.store import Ledger
-from runner.retry import RetryPolicy, call_with_retry
-from runner.transport import open_transport
-from runner.worker import utcnow
+from runner.run.engine import USER_AGENT
+from runner.run.worker import utcnow
 
 
 @dataclass(slots=True)
@@ -54,7 +55,7 @@ async def cancel_in_flight(
         transport = open_transport(queue_url, limits=httpx.Limits())
     async with ledger, transport:
         state = await anyio.to_thread.run_sync(partial(ledger.state, downloads=False))
-        client = QueueClient(transport, queue_url=queue_url, key=key)
+        client = QueueClient(transport, queue_url=queue_url, key=key, user_agent=USER_AGENT)
         jobs = state.jobs.select(["job_key", "state", "endpoint", "request_id"]).to_pylist()
         for job in jobs:
             if job["state"] not in (JobState.QUEUED, JobState.IN_PROGRESS):

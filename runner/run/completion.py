@@ -2,7 +2,7 @@
 
 Each strategy answers one question, ``await strategy.wait(watch) -> Finished``, for one job.
 
-- :class:`Poller` looks at times chosen by :mod:`runner.pacing`: once near the expected
+- :class:`Poller` looks at times chosen by :mod:`runner.run.pacing`: once near the expected
   completion instead of every 0.1 s. By default a look reads the result URL itself, so a
   job found done costs submit + one read; an answer it does not recognise sends it back
   to status reads (see :class:`ResultFirst`).
@@ -10,7 +10,7 @@ Each strategy answers one question, ``await strategy.wait(watch) -> Finished``, 
 - :class:`WebhookWaiter` waits for the webhook (fed by :meth:`WebhookWaiter.deliver`) and
   polls a job whose webhook is late, so a lost webhook never stalls a run.
 
-Every HTTP read goes through the one retry policy (:func:`runner.retry.call_with_retry`).
+Every HTTP read goes through the one retry policy (:func:`runner.fal.retry.call_with_retry`).
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ from typing import Any, Protocol
 
 import anyio
 
-from runner.client import Peek, QueueClient, RequestRef
 from runner.errors import AuthError, FalError
-from runner.pacing import ServiceModel, explore_delay_s, first_poll_delay_s, next_poll_delay_s
-from runner.protocol import (
+from runner.fal.client import Peek, QueueClient, RequestRef
+from runner.fal.protocol import (
     FAL_NOT_READY,
     Completed,
     InProgress,
@@ -34,7 +33,8 @@ from runner.protocol import (
     ResultResponse,
     Status,
 )
-from runner.retry import Action, RetryPolicy, call_with_retry, classify
+from runner.fal.retry import Action, RetryPolicy, call_with_retry, classify
+from runner.run.pacing import ServiceModel, explore_delay_s, first_poll_delay_s, next_poll_delay_s
 
 
 @dataclass(slots=True)
@@ -114,7 +114,7 @@ class ResultFirst:
     """Whether looks read the result URL first, shared by every job of a run.
 
     fal does not document its answer to a result read before completion (see
-    :class:`~runner.protocol.NotReadyAnswer`). A job whose read gets an answer that is
+    :class:`~runner.fal.protocol.NotReadyAnswer`). A job whose read gets an answer that is
     neither the result nor the recognised "still running" goes back to status reads, and
     when most reads of a run get such answers the run stops reading results first: a
     queue that answers differently costs a few calls, never an outcome.

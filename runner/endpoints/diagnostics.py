@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from runner.limits import BOUNDS
+from runner.endpoints.limits import BOUNDS
 
 _PREDICATES = {
     "int_from_float": "must be a whole number",

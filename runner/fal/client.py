@@ -1,7 +1,7 @@
 """QueueClient: the runner's side of fal's queue protocol over one injected httpx transport.
 
 Each method makes exactly one HTTP call (one stream for :meth:`QueueClient.stream`);
-retrying is the caller's job through :func:`runner.retry.call_with_retry`, so the policy
+retrying is the caller's job through :func:`runner.fal.retry.call_with_retry`, so the policy
 lives in one place. httpx errors and unexpected answers are translated here, and only
 here, into the runner's tree::
 
@@ -32,9 +32,8 @@ import anyio
 import httpx
 from pydantic import SecretStr
 
-from runner import __version__
 from runner.errors import AuthError, HTTPStatusError, ProtocolError, TransportError, UsageError
-from runner.protocol import (
+from runner.fal.protocol import (
     ERROR_TYPE_HEADER,
     FAL_NOT_READY,
     NOT_SENT_ERRORS,
@@ -59,9 +58,8 @@ from runner.protocol import (
     parse_status,
     peek_verdict,
 )
-from runner.transport import CallTimeouts, fetch
+from runner.fal.transport import CallTimeouts, fetch
 
-USER_AGENT = f"runner/{__version__}"
 BODY_LIMIT = 2000  # characters of an error body kept on HTTPStatusError
 NAMESPACES = frozenset({"workflows", "comfy"})  # ids shaped namespace/owner/app[/path]
 _SEGMENT = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9._~-]*")
@@ -82,8 +80,9 @@ class QueueClient:
         timeouts: CallTimeouts | None = None,
         wall_clock: Callable[[], float] = time.time,
         max_requests: int | None = None,
+        user_agent: str = "runner",
     ) -> None:
-        # Calls go straight to the transport (runner.transport.fetch): AsyncClient's auth,
+        # Calls go straight to the transport (runner.fal.transport.fetch): AsyncClient's auth,
         # redirect and cookie layers cost CPU on every call and none of them is used here.
         self._transport = transport
         # Bound requests in flight, not only jobs: httpcore's pool does work proportional
@@ -97,6 +96,7 @@ class QueueClient:
         # origin (the slash ends the host, so queue.fal.run.evil.com does not match).
         self._origin_prefix = f"{self._queue.scheme}://{self._queue.netloc.decode('ascii')}/"
         self._key = key
+        self._user_agent = user_agent
         self._timeouts = timeouts or CallTimeouts()
         self._extensions = self._timeouts.extensions()
         self._wall_clock = wall_clock  # only to read HTTP-date Retry-After values
@@ -345,7 +345,7 @@ class QueueClient:
     def _headers(self) -> dict[str, str]:
         return {
             "Authorization": f"Key {self._key.get_secret_value()}",
-            "User-Agent": USER_AGENT,
+            "User-Agent": self._user_agent,
         }
 
     def _check_origin(self, url: str) -> None:

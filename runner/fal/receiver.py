@@ -1,4 +1,4 @@
-"""The webhook receiver on a real socket: uvicorn serving :func:`runner.webhook.build_app`.
+"""The webhook receiver on a real socket: uvicorn serving :func:`runner.fal.webhook.build_app`.
 
 :func:`webhook_server` binds (port 0: any free port), starts uvicorn inside a task group and
 is ready when its block starts; uvicorn is kept off SIGINT/SIGTERM, which the runner owns.
@@ -18,8 +18,8 @@ from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from runner.errors import UsageError
-from runner.jwks import KeySource
-from runner.webhook import (
+from runner.fal.jwks import KeySource
+from runner.fal.webhook import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_SKEW_S,
     SeenIds,

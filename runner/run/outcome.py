@@ -5,7 +5,7 @@
     expired(request_id)           -> Failure           the queue forgot the request (404)
 
 A failure says whether a new attempt may help (``retryable``) from fal's error-type table
-(:func:`runner.protocol.is_retryable_error_type`); a 422 is the request's own fault and
+(:func:`runner.fal.protocol.is_retryable_error_type`); a 422 is the request's own fault and
 never retryable. Nothing here does I/O: the worker records what these functions decide.
 """
 
@@ -15,10 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from runner.cost import megapixels
+from runner.endpoints.cost import megapixels
 from runner.errors import ProtocolError
+from runner.fal.protocol import Completed, FluxResult, ResultResponse, is_retryable_error_type
 from runner.ledger.schema import OutputImage
-from runner.protocol import Completed, FluxResult, ResultResponse, is_retryable_error_type
 
 MESSAGE_LIMIT = 2000
 

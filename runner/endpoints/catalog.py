@@ -4,7 +4,7 @@ Every parameter, default, range and enum comes from shared/spec/endpoints.md (un
 the seed pages). Ranges live in :data:`BOUNDS` as data with a ``confirmed`` flag, because two
 of them (flux-kontext/dev steps and guidance) are not published and are borrowed from
 flux-kontext-lora. :func:`describe_errors` turns a pydantic error into lines a user can act on.
-Field value types (strict-ish numbers, image sizes, LoRAs) are in runner.fields.
+Field value types (strict-ish numbers, image sizes, LoRAs) are in runner.endpoints.fields.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from runner import errors
-from runner.diagnostics import describe
-from runner.fields import (
+from runner.endpoints.diagnostics import describe
+from runner.endpoints.fields import (
     Float,
     ImageSize,
     ImageSizeValue,
@@ -29,7 +29,7 @@ from runner.fields import (
     parse_image_size,
     size_of,
 )
-from runner.limits import (
+from runner.endpoints.limits import (
     BOUNDS,
     FLUX2_EDIT,
     FLUX2_LORA,
@@ -49,7 +49,7 @@ from runner.limits import (
     ResolutionMode,
 )
 
-# Re-exported from runner.limits, runner.fields and runner.diagnostics for one import site.
+# Re-exported from limits, fields and diagnostics (runner.endpoints) for one import site.
 __all__ = [
     "BOUNDS",
     "CATALOG",

@@ -1,4 +1,4 @@
-"""A :class:`runner.report.Report` rendered as plain text (``runner report``) or JSON (``--json``).
+"""A :class:`runner.report.data.Report` as plain text (``runner report``) or JSON (``--json``).
 
 JSON keeps money exact: Decimals become strings; times are ISO 8601; seconds are floats.
 """
@@ -13,7 +13,7 @@ from enum import Enum
 from typing import Any
 
 from runner.ledger import JobState
-from runner.report import Percentiles, Report
+from runner.report.data import Percentiles, Report
 
 
 def report_json(report: Report) -> dict[str, Any]:

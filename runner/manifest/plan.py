@@ -1,6 +1,6 @@
 """The cost plan: jobs, images, megapixels and dollars per endpoint over a stream of jobs.
 
-Pure aggregation over :class:`runner.jobs.Job` items and :class:`runner.errors.RowError`
+Pure aggregation over :class:`runner.manifest.jobs.Job` items and :class:`runner.errors.RowError`
 items; input image sizes come from an injected function so the plan itself does no I/O.
 """
 
@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from runner.cost import Estimate, PriceTable, estimate
+from runner.endpoints.cost import Estimate, PriceTable, estimate
 from runner.errors import RowError, RowProblem
-from runner.jobs import Job
+from runner.manifest.jobs import Job
 
 InputSizes = Callable[[Job], Sequence[tuple[int, int]]]
 """Sizes of a job's input images that could be read (missing ones are simply absent)."""

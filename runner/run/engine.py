@@ -8,7 +8,7 @@
         counter   counts jobs and estimated dollars in a thread, for the bar's total
         webhooks  (webhook mode) the receiver's verified events -> WebhookWaiter
         downloads bounded consumers fetching, verifying and recording completed outputs
-        admit     runner.scheduler: jobs -> resume decision -> budget -> window -> worker
+        admit     runner.run.scheduler: jobs -> resume decision -> budget -> window -> worker
 
 Inputs: each worker resolves its job's local files (checked, uploaded once per content
 hash, cached in ``uploads.jsonl``) just before recording its intent. With
@@ -17,7 +17,7 @@ Outputs: a job's images are queued for download as soon as it completes; a compl
 from an earlier run whose outputs lack ``local_path`` is queued instead of skipped (unless
 ``--no-download``), so a rerun downloads only what is missing.
 
-Admission (:mod:`runner.scheduler`) is the only place that decides what is sent; this
+Admission (:mod:`runner.run.scheduler`) is the only place that decides what is sent; this
 module wires the edges (HTTP, ledger, strategy, uploads, downloads, webhooks) around it.
 """
 
@@ -39,8 +39,22 @@ import httpx
 from pydantic import SecretStr
 
 from runner import __version__
-from runner.client import QueueClient
-from runner.completion import (
+from runner.config import RunConfig
+from runner.errors import (
+    RunnerError,
+    UsageError,
+)
+from runner.fal.client import QueueClient
+from runner.fal.jwks import JwksCache
+from runner.fal.receiver import WebhookReceiver, webhook_server
+from runner.fal.retry import RetryPolicy
+from runner.fal.storage import StorageClient, UploadSettings
+from runner.fal.transport import open_transport
+from runner.ledger.store import Ledger, write_run_meta
+from runner.media.downloads import Downloader, DownloadStage, OutputSink
+from runner.media.inputs import InputProber
+from runner.media.uploads import InputResolver, UploadCache, Uploader
+from runner.run.completion import (
     Pacing,
     Poller,
     Reader,
@@ -49,27 +63,14 @@ from runner.completion import (
     Streamer,
     WebhookWaiter,
 )
-from runner.config import RunConfig
-from runner.downloads import Downloader, DownloadStage, OutputSink
-from runner.errors import (
-    RunnerError,
-    UsageError,
-)
-from runner.inputs import InputProber
-from runner.jwks import JwksCache
-from runner.ledger.store import Ledger, write_run_meta
-from runner.ratelimit import AdaptiveRate
-from runner.receiver import WebhookReceiver, webhook_server
-from runner.retry import RetryPolicy
-from runner.scheduler import RunReport, Scheduler, strict_check
-from runner.storage import StorageClient, UploadSettings
-from runner.transport import open_transport
-from runner.uploads import InputResolver, UploadCache, Uploader
-from runner.worker import Shared
+from runner.run.ratelimit import AdaptiveRate
+from runner.run.scheduler import RunReport, Scheduler, strict_check
+from runner.run.worker import Shared
 
 # Queue calls (submit, status, result, cancel) in flight at once. 16 measured best: CPU per
 # 1,000 jobs 12.1 s -> 5.4 s at 32 jobs in flight (bench/README.md, "Bottlenecks").
 MAX_REQUESTS = 16
+USER_AGENT = f"runner/{__version__}"
 
 
 @dataclass(slots=True)
@@ -194,7 +195,11 @@ async def _drive(run: Scheduler, hooks: Hooks) -> None:
         http = await stack.enter_async_context(httpx.AsyncClient(transport=transport, timeout=30.0))
         assert config.key is not None
         client = QueueClient(
-            transport, queue_url=config.queue_url, key=config.key, max_requests=MAX_REQUESTS
+            transport,
+            queue_url=config.queue_url,
+            key=config.key,
+            max_requests=MAX_REQUESTS,
+            user_agent=USER_AGENT,
         )
         reader = Reader(client, hooks.read_policy, hooks.clock, hooks.sleep)
         pacing = Pacing(slots=config.concurrency)

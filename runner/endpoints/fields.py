@@ -3,8 +3,8 @@ and LoRA weights.
 
 "Strict-ish": integers reject booleans and numbers with a fractional part but accept ``28.0``
 and numeric text ``"28"`` (CSV cells arrive as text); floats accept integers and reject
-booleans, NaN and infinity. Custom errors carry a predicate that runner.diagnostics appends to
-``field=value``.
+booleans, NaN and infinity. Custom errors carry a predicate that
+runner.endpoints.diagnostics appends to ``field=value``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, PlainValidator
 from pydantic_core import PydanticCustomError
 
-from runner.limits import PRESETS, Preset
+from runner.endpoints.limits import PRESETS, Preset
 
 
 def _not_bool(value: Any) -> Any:

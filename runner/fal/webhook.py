@@ -10,7 +10,7 @@ fal POSTs a JSON event when a request completes, signed with Ed25519 over
   signatures (401) and malformed JSON (400), answers 200 to every valid delivery including
   duplicates (so fal stops retrying), forwards each first-seen request_id once through a
   bounded memory stream, and answers 503 when that stream is full (fal retries later);
-- (:mod:`runner.receiver` serves that app on a real socket.)
+- (:mod:`runner.fal.receiver` serves that app on a real socket.)
 
 Webhooks can be lost; the engine must never rely on them alone.
 """
@@ -38,7 +38,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from runner.errors import FalError
-from runner.jwks import KeySource
+from runner.fal.jwks import KeySource
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 """Results may carry images as data URIs, so the limit is generous."""

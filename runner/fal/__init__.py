@@ -1,0 +1,13 @@
+"""fal's wire, and nothing else: the queue protocol, storage, webhooks.
+
+    protocol   typed wire models of fal's queue, parsed at the boundary
+    transport  httpcore's pool behind httpx's transport interface; per-call timeouts
+    client     ``QueueClient``: one HTTP call per method
+    retry      the one retry policy: pure classifier, pure backoff, one loop
+    storage    fal's storage protocol (CDN token, simple, multipart, initiate)
+    jwks       the JWKS cache
+    webhook    Ed25519 verification and the receiver app
+    receiver   the receiver on a socket
+
+It imports nothing of the runner but :mod:`runner.errors`, so it could be lifted out whole.
+"""

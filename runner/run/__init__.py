@@ -1,0 +1,13 @@
+"""The run: admission, workers, completion, and the wiring that holds them.
+
+engine      a run's wiring: ledger lock, HTTP client, strategy, uploads, downloads, one task group
+scheduler   admission: resume decisions, budget, in-flight window, invalid rows, signals
+worker      one job's life: intent, submit, completion, result, record, retries
+completion  poll / stream / webhook strategies
+outcome     pure reading of fal's answers: success, or a failure with type and retryability
+pacing      learned service times and the pure poll schedule
+ratelimit   token bucket and AIMD submit rate
+budget      the ``--max-cost`` meter
+progress    the tqdm bar or periodic log lines
+cancel      ``runner cancel``: cancel what a run left in flight
+"""
