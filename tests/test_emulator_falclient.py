@@ -20,7 +20,7 @@ import fal_client
 import fal_client.client
 import httpx
 import pytest
-from emulator_support import png_bytes
+from tests.emulator_support import png_bytes
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response

@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from emulator_support import JOB_CLOCK_S, FakeClock, in_process, make_emulator
+from tests.emulator_support import JOB_CLOCK_S, FakeClock, in_process, make_emulator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response

@@ -11,7 +11,7 @@ import anyio
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from emulator_support import JOB_CLOCK_S, T0, FakeClock, data_uri, in_process, make_emulator
+from tests.emulator_support import JOB_CLOCK_S, T0, FakeClock, data_uri, in_process, make_emulator
 from PIL import Image
 from pydantic import SecretStr
 from starlette.applications import Starlette

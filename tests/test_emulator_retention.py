@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from emulator_support import JOB_CLOCK_S, SCALE, FakeClock, in_process, make_emulator
+from tests.emulator_support import JOB_CLOCK_S, SCALE, FakeClock, in_process, make_emulator
 
 from runner.emulator.queue import Job, QueueModel
 from runner.emulator.stats import canonical_input

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from report_support import FLUX2, LORA, T0, completed, intent, sample_run, write_run
+from tests.report_support import FLUX2, LORA, T0, completed, intent, sample_run, write_run
 
 from runner.cli import main
 from runner.ledger import (

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import pytest
 from PIL import Image
-from report_support import FLUX2, LORA, T0, completed, failed, intent, local, write_run
+from tests.report_support import FLUX2, LORA, T0, completed, failed, intent, local, write_run
 
 from runner.ledger import LedgerEvent, OutputImage, read_run_meta
 from runner.report.data import build_report, load_jobs

@@ -12,7 +12,7 @@ from urllib.parse import unquote
 
 import pytest
 from PIL import Image
-from report_support import LORA, T0, intent, png, sample_run, write_run
+from tests.report_support import LORA, T0, intent, png, sample_run, write_run
 
 from runner.ledger import JobState, LedgerEvent, OutputImage, read_run_meta
 from runner.report.data import build_report, load_jobs
