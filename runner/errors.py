@@ -19,11 +19,11 @@ boundary each, with ``raise ... from exc``.
     │   ├── TransportError        no HTTP answer (connect, read, reset)
     │   ├── HTTPStatusError       an HTTP answer with an unexpected status
     │   └── ProtocolError         an answer that breaks the queue protocol
-    ├── BudgetReachedError      --max-cost would be exceeded                 exit 3
-    └── InterruptedRunError     Ctrl-C / SIGTERM                             exit 130
 
 A per-job failure is a *record* in the ledger, not an exception escaping a worker:
-only the fatal errors above stop a run. No message here ever contains the key.
+only the fatal errors above stop a run. A run that stops at the budget (exit 3) or on
+Ctrl-C / SIGTERM (exit 130) ends normally, with its report: those are outcomes of the
+run, not errors. No message here ever contains the key.
 """
 
 from __future__ import annotations
@@ -141,15 +141,3 @@ class HTTPStatusError(FalError):
 
 class ProtocolError(FalError):
     """A response that does not follow fal's queue protocol."""
-
-
-class BudgetReachedError(RunnerError):
-    """Admitting the next job would exceed ``--max-cost``."""
-
-    exit_code = EXIT_BUDGET
-
-
-class InterruptedRunError(RunnerError):
-    """The run was interrupted by the user."""
-
-    exit_code = EXIT_INTERRUPTED

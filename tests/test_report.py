@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from tests.report_support import FLUX2, LORA, T0, completed, intent, sample_run, write_run
 
 from runner.cli import main
+from runner.endpoints.money import format_usd
 from runner.ledger import (
     JobState,
     Ledger,
@@ -24,9 +24,11 @@ from runner.ledger import (
     read_run_meta,
     status_summary,
 )
+from runner.ledger.fold import _fold as real_fold
 from runner.report.data import Report, build_report, load_jobs, percentiles
 from runner.report.failures import normalise_message
-from runner.report.text import render_text, report_json, usd
+from runner.report.text import render_text, report_json
+from tests.report_support import FLUX2, LORA, T0, completed, intent, sample_run, write_run
 
 # The module, not the function runner.ledger re-exports under the same name.
 fold_module = importlib.import_module("runner.ledger.fold")
@@ -230,7 +232,6 @@ def test_load_jobs_folds_group_by_group_as_if_at_once(
                        inference_s=3.0, outputs=(), attempt=2)  # fmt: skip
     retry.append(intent("k", "rug-04", 12, FLUX2, at=T0 + timedelta(seconds=30), estimated="1"))
     sizes: list[int] = []
-    real_fold = fold_module._fold
 
     def spy(box: list[pa.Table], resets: np.ndarray | None) -> tuple[pa.Table, np.ndarray]:
         sizes.append(box[0].num_rows)
@@ -294,11 +295,11 @@ def test_json_keeps_money_exact_and_names_states(report: Report) -> None:
 
 @pytest.mark.parametrize(
     ("value", "text"),
-    [("0", "$0.00"), ("0.385", "$0.385"), ("12.5", "$12.50"), ("1234.56789", "$1234.57"),
-     ("0.00012345", "$0.0001"), ("3", "$3.00")],
+    [("0", "$0.00"), ("0.385", "$0.385"), ("12.5", "$12.50"), ("1234.56789", "$1234.5679"),
+     ("9.975", "$9.975"), ("-0.5", "-$0.50"), ("0.00012345", "$0.0001"), ("3", "$3.00")],
 )  # fmt: skip
 def test_usd_shows_cents_and_sub_cent_prices(value: str, text: str) -> None:
-    assert usd(Decimal(value)) == text
+    assert format_usd(Decimal(value)) == text
 
 
 def test_cli_report_prints_text_by_default(

@@ -114,14 +114,15 @@ from runner.ledger.schema import (
 )
 from runner.ledger.state import JobBrief, LedgerState
 from runner.ledger.store import Ledger, compact, read_run_meta, write_run_meta
-from runner.ledger.views import EndpointSummary, StatusSummary, export, status_summary
+from runner.ledger.totals import EndpointTotals, Totals, totals
+from runner.ledger.views import StatusSummary, export, status_summary
 
 __all__ = [
     "LEDGER_SCHEMA",
     "SCHEMA_VERSION",
     "Action",
     "Decision",
-    "EndpointSummary",
+    "EndpointTotals",
     "JobBrief",
     "JobRecord",
     "JobState",
@@ -133,6 +134,7 @@ __all__ = [
     "ResumeSummary",
     "RunLock",
     "StatusSummary",
+    "Totals",
     "compact",
     "decide",
     "encode_request",
@@ -144,5 +146,6 @@ __all__ = [
     "read_folded",
     "read_run_meta",
     "status_summary",
+    "totals",
     "write_run_meta",
 ]

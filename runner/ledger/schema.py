@@ -18,6 +18,14 @@ from typing import Any
 
 import pyarrow as pa
 
+from runner.endpoints.money import trim_usd
+
+
+def utcnow() -> datetime:
+    """The wall clock every event is stamped with (tests inject their own)."""
+    return datetime.now(UTC)
+
+
 SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = b"runner.ledger.schema_version"
 
@@ -291,15 +299,8 @@ def record_from_row(row: Mapping[str, Any]) -> JobRecord:
         kwargs["nsfw"] = tuple(kwargs["nsfw"])
     for name in _MONEY_FIELDS:
         if kwargs[name] is not None:
-            kwargs[name] = _trim(kwargs[name])
+            kwargs[name] = trim_usd(kwargs[name])
     return JobRecord(seq=int(row["seq"]), **kwargs)
-
-
-def _trim(value: Decimal) -> Decimal:
-    """Drop the trailing zeros the fixed scale adds, without switching to exponent form."""
-    if value == value.to_integral_value():
-        return value.quantize(Decimal(1))
-    return value.normalize()
 
 
 def check_schema(schema: pa.Schema, where: str) -> None:

@@ -20,23 +20,16 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from runner.endpoints.money import trim_usd
 from runner.errors import LedgerError
 from runner.ledger.fold import read_folded
 from runner.ledger.journal import fsync_dir
 from runner.ledger.schema import JobState
 from runner.ledger.store import read_run_meta
+from runner.ledger.totals import EndpointTotals, totals
 
 ExportFormat = Literal["csv", "jsonl", "parquet"]
 _ZERO = Decimal(0)
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointSummary:
-    endpoint: str | None
-    jobs: int
-    by_state: Mapping[JobState, int]
-    estimated_usd: Decimal
-    billed_usd: Decimal
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +40,7 @@ class StatusSummary:
     jobs: int
     events: int
     by_state: Mapping[JobState, int]
-    by_endpoint: tuple[EndpointSummary, ...]
+    by_endpoint: tuple[EndpointTotals, ...]
     estimated_usd: Decimal  # sum of estimates over every job in the ledger
     billed_usd: Decimal  # sum of output-based cost of each job's latest attempt
     possible_duplicates: int  # jobs in submitting/unknown: outcome of a POST unknown
@@ -67,47 +60,21 @@ def status_summary(run_dir: Path | str) -> StatusSummary:
     _require_run_dir(run_dir)
     read = read_folded(run_dir)
     jobs = read.jobs
-    grouped = jobs.group_by(["endpoint", "state"]).aggregate(
-        [("job_key", "count"), ("estimated_usd", "sum"), ("billed_usd", "sum")]
-    )
-    per_endpoint: dict[str | None, dict[str, Any]] = {}
-    for row in grouped.to_pylist():
-        entry = per_endpoint.setdefault(
-            row["endpoint"], {"jobs": 0, "by_state": {}, "est": _ZERO, "billed": _ZERO}
-        )
-        entry["jobs"] += row["job_key_count"]
-        entry["by_state"][JobState(row["state"])] = row["job_key_count"]
-        entry["est"] += row["estimated_usd_sum"] or _ZERO
-        entry["billed"] += row["billed_usd_sum"] or _ZERO
-    endpoints = tuple(
-        EndpointSummary(k, v["jobs"], v["by_state"], _trim(v["est"]), _trim(v["billed"]))
-        for k, v in sorted(per_endpoint.items(), key=lambda kv: kv[0] or "")
-    )
-    by_state: dict[JobState, int] = {}
-    for endpoint in endpoints:
-        for state, count in endpoint.by_state.items():
-            by_state[state] = by_state.get(state, 0) + count
+    counted = totals(jobs)
     last_at = pc.max(jobs["at"]).as_py() if jobs.num_rows else None
     return StatusSummary(
         run_dir=run_dir,
         jobs=jobs.num_rows,
         events=read.events,
-        by_state=by_state,
-        by_endpoint=endpoints,
-        estimated_usd=_trim(sum((e.estimated_usd for e in endpoints), _ZERO)),
-        billed_usd=_trim(sum((e.billed_usd for e in endpoints), _ZERO)),
-        possible_duplicates=by_state.get(JobState.SUBMITTING, 0)
-        + by_state.get(JobState.UNKNOWN, 0),
+        by_state=counted.by_state,
+        by_endpoint=counted.endpoints,
+        estimated_usd=counted.estimated_usd,
+        billed_usd=counted.billed_usd,
+        possible_duplicates=counted.possible_duplicates,
         last_event_at=last_at,
         torn_bytes=read.torn_bytes,
         run_meta=read_run_meta(run_dir),
     )
-
-
-def _trim(value: Decimal) -> Decimal:
-    if value == value.to_integral_value():
-        return value.quantize(Decimal(1))
-    return value.normalize()
 
 
 def export(run_dir: Path | str, out_path: Path | str, fmt: ExportFormat) -> int:
@@ -146,7 +113,7 @@ def _flat_for_csv(jobs: pa.Table) -> pa.Table:
         values = [None if v is None else json.dumps(v) for v in jobs[name].to_pylist()]
         jobs = jobs.set_column(jobs.schema.get_field_index(name), name, pa.array(values))
     for name in ("estimated_usd", "billed_usd"):
-        values = [None if v is None else str(_trim(v)) for v in jobs[name].to_pylist()]
+        values = [None if v is None else str(trim_usd(v)) for v in jobs[name].to_pylist()]
         jobs = jobs.set_column(jobs.schema.get_field_index(name), name, pa.array(values))
     return jobs
 
@@ -155,7 +122,7 @@ def _json_default(value: object) -> str:
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, Decimal):
-        return str(_trim(value))
+        return str(trim_usd(value))
     raise TypeError(f"cannot export {type(value).__name__}")
 
 

@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from dataclasses import fields as dataclass_fields
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ from runner.endpoints.imageinfo import sniff_format
 from runner.errors import HTTPStatusError, TransportError, UsageError
 from runner.fal.protocol import NOT_SENT_ERRORS
 from runner.fal.retry import RetryPolicy, call_with_retry
-from runner.ledger.schema import JobState, LedgerEvent, OutputImage
+from runner.ledger.schema import JobState, LedgerEvent, OutputImage, utcnow
 from runner.ledger.state import LedgerState
 from runner.ledger.store import Ledger
 
@@ -285,10 +285,6 @@ class DownloadCounts:
     jobs_done: int = 0
     jobs_failed: int = 0
     seconds: float = 0.0
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(slots=True)

@@ -24,7 +24,6 @@ Definitions:
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -38,6 +37,7 @@ import pyarrow.compute as pc
 
 from runner.errors import LedgerError
 from runner.ledger import JobState, ResumePolicy, read_folded
+from runner.ledger.totals import EndpointTotals, totals
 from runner.report.failures import FailureGroup, failure_groups
 from runner.report.outlook import ResumeOutlook, resume_outlook
 
@@ -46,19 +46,7 @@ STATE_ORDER = tuple(JobState)
 PERCENTILES = (50, 90, 99)
 
 
-@dataclass(frozen=True, slots=True)
-class EndpointCost:
-    """One endpoint's jobs and money. ``estimated_done_usd`` covers the jobs that were billed."""
-
-    endpoint: str | None
-    jobs: int
-    by_state: Mapping[JobState, int]
-    images: int
-    megapixels: int
-    estimated_usd: Decimal  # every job's pre-run estimate
-    estimated_done_usd: Decimal  # the estimates of the jobs that have a billed amount
-    billed_usd: Decimal  # output-based cost of each job's latest attempt
-    billed_jobs: int
+EndpointCost = EndpointTotals
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,11 +120,8 @@ def build_report(
     meta = run_meta or {}
     found = meta.get("manifest")
     manifest: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
-    endpoints = _endpoint_costs(jobs)
-    by_state: dict[JobState, int] = {}
-    for ep in endpoints:
-        for state, count in ep.by_state.items():
-            by_state[state] = by_state.get(state, 0) + count
+    counted = totals(jobs)
+    endpoints = counted.endpoints
     groups, failed = failure_groups(jobs, examples)
     notes = []
     if any(ep.billed_jobs < ep.by_state.get(JobState.COMPLETED, 0) for ep in endpoints):
@@ -147,13 +132,12 @@ def build_report(
         manifest_sha256=_str_or_none(manifest.get("sha256")),
         runner_version=_str_or_none(meta.get("runner_version")),
         jobs=jobs.num_rows,
-        by_state={s: by_state[s] for s in STATE_ORDER if s in by_state},
+        by_state=counted.by_state,
         endpoints=endpoints,
-        estimated_usd=_trim(sum((e.estimated_usd for e in endpoints), _ZERO)),
-        estimated_done_usd=_trim(sum((e.estimated_done_usd for e in endpoints), _ZERO)),
-        billed_usd=_trim(sum((e.billed_usd for e in endpoints), _ZERO)),
-        possible_duplicates=by_state.get(JobState.SUBMITTING, 0)
-        + by_state.get(JobState.UNKNOWN, 0),
+        estimated_usd=counted.estimated_usd,
+        estimated_done_usd=counted.estimated_done_usd,
+        billed_usd=counted.billed_usd,
+        possible_duplicates=counted.possible_duplicates,
         timing=_timing(jobs),
         failed_jobs=failed,
         failure_groups=len(groups),
@@ -165,69 +149,6 @@ def build_report(
 
 def _str_or_none(value: object) -> str | None:
     return None if value is None else str(value)
-
-
-def _trim(value: Decimal) -> Decimal:
-    if value == value.to_integral_value():
-        return value.quantize(Decimal(1))
-    return value.normalize()
-
-
-def _endpoint_costs(jobs: pa.Table) -> tuple[EndpointCost, ...]:
-    per = _endpoint_totals(jobs)
-    return tuple(
-        EndpointCost(
-            endpoint=name,
-            jobs=e["jobs"],
-            by_state={s: e[s] for s in STATE_ORDER if e[s]},
-            images=e["images"],
-            megapixels=e["mp"],
-            estimated_usd=_trim(Decimal(e["est"])),
-            estimated_done_usd=_trim(Decimal(e["est_done"])),
-            billed_usd=_trim(Decimal(e["billed"])),
-            billed_jobs=e["billed_jobs"],
-        )
-        for name, e in sorted(per.items(), key=lambda kv: (kv[0] is None, kv[0] or ""))
-    )
-
-
-def _endpoint_totals(jobs: pa.Table) -> dict[str | None, dict[str, Any]]:
-    """Per endpoint: job counts (also keyed by JobState), money sums, images, megapixels."""
-    billed_valid = pc.is_valid(jobs["billed_usd"])
-    table = pa.table(
-        {
-            "endpoint": jobs["endpoint"],
-            "state": jobs["state"],
-            "est": jobs["estimated_usd"],
-            "est_done": pc.if_else(billed_valid, jobs["estimated_usd"], None),
-            "billed": jobs["billed_usd"],
-            "images": pc.list_value_length(jobs["outputs"]),
-            "mp": jobs["megapixels"],
-        }
-    )
-    grouped = table.group_by(["endpoint", "state"]).aggregate(
-        [
-            ("state", "count"),
-            ("est", "sum"),
-            ("est_done", "sum"),
-            ("billed", "sum"),
-            ("billed", "count"),
-            ("images", "sum"),
-            ("mp", "sum"),
-        ]
-    )
-    per: dict[str | None, dict[str, Any]] = {}
-    for row in grouped.to_pylist():
-        e = per.setdefault(row["endpoint"], Counter())
-        e["jobs"] += row["state_count"]
-        e[JobState(row["state"])] += row["state_count"]
-        e["est"] += row["est_sum"] or _ZERO
-        e["est_done"] += row["est_done_sum"] or _ZERO
-        e["billed"] += row["billed_sum"] or _ZERO
-        e["billed_jobs"] += row["billed_count"]
-        e["images"] += row["images_sum"] or 0
-        e["mp"] += row["mp_sum"] or 0
-    return per
 
 
 def percentiles(values: np.ndarray, of: int) -> Percentiles:

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
+from runner.endpoints.money import trim_usd
 from runner.ledger import JobState, OutputImage
 
 CACHE_DIR = ".report-cache/thumbs"
@@ -101,8 +102,8 @@ def _items(table: pa.Table) -> Iterator[GalleryItem]:
             seed=row["seed"] if row["seed"] is not None else _int_or_none(requested_seed),
             parameters=request,
             metadata={str(k): str(v) for k, v in _json_object(row["metadata"]).items()},
-            estimated_usd=None if row["estimated_usd"] is None else _trim(row["estimated_usd"]),
-            billed_usd=None if row["billed_usd"] is None else _trim(row["billed_usd"]),
+            estimated_usd=None if row["estimated_usd"] is None else trim_usd(row["estimated_usd"]),
+            billed_usd=None if row["billed_usd"] is None else trim_usd(row["billed_usd"]),
             outputs=tuple(OutputImage(**o) for o in row["outputs"] or ()),
             error=error,
         )
@@ -125,12 +126,6 @@ def _lora(entry: Mapping[str, Any]) -> tuple[str, float]:
 
 def _int_or_none(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _trim(value: Decimal) -> Decimal:
-    if value == value.to_integral_value():
-        return value.quantize(Decimal(1))
-    return value.normalize()
 
 
 class Thumbnails:

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from runner.endpoints.money import format_usd
 from runner.ledger import JobState, OutputImage
 from runner.report.assets import CSS, JS, PAGE
 from runner.report.data import Percentiles, Report
 from runner.report.gallery import Gallery, GalleryItem, Thumbnails
-from runner.report.text import NEW_JOBS_NOTE, count, seconds, usd
+from runner.report.text import NEW_JOBS_NOTE, count, seconds
 
 PAGE_SIZE = 48
 _PARAM_CHARS = 120
@@ -141,8 +142,8 @@ def _summary(report: Report) -> str:
         ("completed", str(report.by_state.get(JobState.COMPLETED, 0))),
         ("failed / invalid", str(failed)),
         ("images", str(t.images)),
-        ("billed", usd(report.billed_usd)),
-        ("estimated (all jobs)", usd(report.estimated_usd)),
+        ("billed", format_usd(report.billed_usd)),
+        ("estimated (all jobs)", format_usd(report.estimated_usd)),
         ("wall time", seconds(t.wall_s)),
         ("images / hour", "-" if t.images_per_hour is None else f"{t.images_per_hour:,.0f}"),
     ]
@@ -186,9 +187,11 @@ def _cost_chart(report: Report) -> str:
             width = 0.0 if top == 0 else float(value / top) * bar_w
             out.append(
                 f'<rect class="{cls}" x="{label_w}" y="{y}" width="{width:.1f}" '
-                f'height="{bar_h - 2}"><title>{_e(usd(value))}</title></rect>'
+                f'height="{bar_h - 2}"><title>{_e(format_usd(value))}</title></rect>'
             )
-            out.append(f'<text x="{label_w + width + 6:.1f}" y="{y + 10}">{_e(usd(value))}</text>')
+            out.append(
+                f'<text x="{label_w + width + 6:.1f}" y="{y + 10}">{_e(format_usd(value))}</text>'
+            )
             y += bar_h
         y += gap
     out.append("</svg>")
@@ -218,9 +221,9 @@ def _endpoint_table(report: Report) -> str:
             *[str(ep.by_state.get(s, 0)) for s in states],
             str(ep.images),
             str(ep.megapixels),
-            usd(ep.estimated_usd),
-            usd(ep.estimated_done_usd),
-            usd(ep.billed_usd),
+            format_usd(ep.estimated_usd),
+            format_usd(ep.estimated_done_usd),
+            format_usd(ep.billed_usd),
         ]
         for ep in report.endpoints
     ]
@@ -324,9 +327,9 @@ def _card(
         remote = output.url if output.url.startswith(("https://", "http://")) else None
         size = f"{output.width}x{output.height}" if output.width and output.height else None
         imgs.append({"t": src, "h": href, "u": remote, "n": note, "z": size})
-    cost = f"billed {usd(item.billed_usd)}" if item.billed_usd is not None else None
+    cost = f"billed {format_usd(item.billed_usd)}" if item.billed_usd is not None else None
     if cost is None and item.estimated_usd is not None:
-        cost = f"est. {usd(item.estimated_usd)}"
+        cost = f"est. {format_usd(item.estimated_usd)}"
     where = f"{item.source or '?'}:{item.line if item.line is not None else '?'}"
     return {
         "r": item.row_id or item.job_key[:12],

@@ -12,6 +12,7 @@ from decimal import Decimal
 from enum import Enum
 from typing import Any
 
+from runner.endpoints.money import format_usd
 from runner.ledger import JobState
 from runner.report.data import Percentiles, Report
 
@@ -48,14 +49,6 @@ NEW_JOBS_NOTE = (
     "jobs whose row is not in the ledger yet (new or edited manifest rows) would be submitted "
     "too; the report does not read the manifest, so their number is unknown"
 )
-
-
-def usd(value: Decimal) -> str:
-    """Dollars for people: cents from $1 up, else to 1/100 of a cent ($0.385, $12.50)."""
-    places = Decimal("0.01") if abs(value) >= 1 else Decimal("0.0001")
-    text = f"{value.quantize(places).normalize():f}"
-    whole, _, cents = text.partition(".")
-    return f"${whole}.{cents.ljust(2, '0')}"
 
 
 def count(n: int, noun: str) -> str:
@@ -101,16 +94,18 @@ def render_text(report: Report) -> str:
     if report.possible_duplicates:
         lines.append(f"  {count(report.possible_duplicates, 'job')} with an unknown submit outcome")
     lines += ["", "cost by endpoint (estimate of billed jobs vs output-based cost):"]
-    rows = [("endpoint", "jobs", "done", "images", "estimated", "est. billed", "billed")]
+    rows: list[tuple[str, ...]] = [
+        ("endpoint", "jobs", "done", "images", "estimated", "est. billed", "billed")
+    ]
     for ep in report.endpoints:
         done = ep.by_state.get(JobState.COMPLETED, 0)
         rows.append(
             (ep.endpoint or "(no endpoint)", str(ep.jobs), str(done), str(ep.images),
-             usd(ep.estimated_usd), usd(ep.estimated_done_usd), usd(ep.billed_usd))
+             *map(format_usd, (ep.estimated_usd, ep.estimated_done_usd, ep.billed_usd)))
         )  # fmt: skip
     rows.append(
         ("total", str(report.jobs), str(report.timing.completed), str(report.timing.images),
-         usd(report.estimated_usd), usd(report.estimated_done_usd), usd(report.billed_usd))
+         *map(format_usd, (report.estimated_usd, report.estimated_done_usd, report.billed_usd)))
     )  # fmt: skip
     lines += ["  " + line for line in _table(rows)]
     lines += ["", *_timing_lines(report), "", *_failure_lines(report), ""]

@@ -20,10 +20,9 @@ from runner.errors import FalError
 from runner.fal.client import QueueClient
 from runner.fal.retry import RetryPolicy, call_with_retry
 from runner.fal.transport import open_transport
-from runner.ledger.schema import JobState, LedgerEvent
+from runner.ledger.schema import JobState, LedgerEvent, utcnow
 from runner.ledger.store import Ledger
 from runner.run.engine import USER_AGENT
-from runner.run.worker import utcnow
 
 
 @dataclass(slots=True)

@@ -16,6 +16,8 @@ from typing import TextIO
 
 from tqdm import tqdm
 
+from runner.endpoints.money import format_usd
+
 
 @dataclass(slots=True)
 class Tally:
@@ -39,10 +41,6 @@ class Tally:
     @property
     def finished(self) -> int:
         return self.skipped + self.completed + self.failed + self.invalid + self.unknown
-
-
-def _money(value: Decimal | None) -> str:
-    return "?" if value is None else f"${value:.2f}"
 
 
 class Progress:
@@ -84,7 +82,7 @@ class Progress:
             f"{t.finished}/{total} done ({t.completed} ok, {t.skipped} skipped, {t.failed} failed"
             f", {t.invalid} invalid), {t.in_flight} in flight{running}, "
             f"{rate:.1f} jobs/s{eta}, "
-            f"spent {_money(t.spent_usd)} of est. {_money(t.estimate_usd)}"
+            f"spent {format_usd(t.spent_usd)} of est. {format_usd(t.estimate_usd)}"
         )
 
     def refresh(self) -> None:
@@ -95,7 +93,7 @@ class Progress:
             self._bar.n = t.finished
             self._bar.set_postfix_str(
                 f"ok={t.completed} fail={t.failed} inflight={t.in_flight} "
-                f"{_money(t.spent_usd)}/{_money(t.estimate_usd)}",
+                f"{format_usd(t.spent_usd)}/{format_usd(t.estimate_usd)}",
                 refresh=False,
             )
             self._bar.refresh()

@@ -34,7 +34,7 @@ from runner.errors import (
     RowError,
 )
 from runner.ledger.resume import Action, ResumePolicy, decide
-from runner.ledger.schema import JobState, LedgerEvent
+from runner.ledger.schema import JobState, LedgerEvent, utcnow
 from runner.ledger.state import LedgerState
 from runner.ledger.store import Ledger
 from runner.manifest.jobs import ExpandOptions, Job, iter_jobs
@@ -45,7 +45,7 @@ from runner.media.inputs import InputChecker, InputProber, InputSizer
 from runner.media.uploads import Uploader
 from runner.run.budget import Budget
 from runner.run.progress import Progress, Tally
-from runner.run.worker import Shared, Ticket, run_job, utcnow
+from runner.run.worker import Shared, Ticket, run_job
 
 BATCH = 256
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -36,7 +36,7 @@ from runner.fal.protocol import (
     Status,
 )
 from runner.fal.retry import Action, RetryPolicy, call_with_retry, classify
-from runner.ledger.schema import JobState, LedgerEvent, encode_request
+from runner.ledger.schema import JobState, LedgerEvent, encode_request, utcnow
 from runner.ledger.store import Ledger
 from runner.manifest.jobs import Job
 from runner.media.downloads import DownloadItem
@@ -48,10 +48,6 @@ from runner.run.progress import Tally
 from runner.run.ratelimit import AdaptiveRate
 
 Resolve = Callable[[Job], Awaitable[Mapping[str, Any] | InputFailure]]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(slots=True)

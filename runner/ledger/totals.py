@@ -1,0 +1,119 @@
+"""Counts and money of a folded ledger: the one computation behind status, report and export.
+
+:func:`totals` takes the folded jobs (one latest row per job) and returns counts by state
+and endpoint, images, megapixels, and the three sums of money: every job's estimate, the
+estimates of the jobs that were billed, and what was billed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from runner.endpoints.money import trim_usd
+from runner.ledger.schema import JobState
+
+_ZERO = Decimal(0)
+STATE_ORDER = tuple(JobState)
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointTotals:
+    """One endpoint's jobs and money. ``estimated_done_usd`` covers the jobs that were billed."""
+
+    endpoint: str | None
+    jobs: int
+    by_state: Mapping[JobState, int]
+    images: int
+    megapixels: int
+    estimated_usd: Decimal  # every job's pre-run estimate
+    estimated_done_usd: Decimal  # the estimates of the jobs that have a billed amount
+    billed_usd: Decimal  # output-based cost of each job's latest attempt
+    billed_jobs: int
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    jobs: int
+    by_state: Mapping[JobState, int]  # in JobState order, states with no job left out
+    endpoints: tuple[EndpointTotals, ...]  # by endpoint id, the jobs with none last
+    estimated_usd: Decimal
+    estimated_done_usd: Decimal
+    billed_usd: Decimal
+    possible_duplicates: int  # jobs whose submit outcome is unknown (submitting/unknown)
+
+
+def totals(jobs: pa.Table) -> Totals:
+    """Counts and money of the folded ``jobs``. Pure."""
+    per = _endpoint_sums(jobs)
+    endpoints = tuple(
+        EndpointTotals(
+            endpoint=name,
+            jobs=e["jobs"],
+            by_state={s: e[s] for s in STATE_ORDER if e[s]},
+            images=e["images"],
+            megapixels=e["mp"],
+            estimated_usd=trim_usd(Decimal(e["est"])),
+            estimated_done_usd=trim_usd(Decimal(e["est_done"])),
+            billed_usd=trim_usd(Decimal(e["billed"])),
+            billed_jobs=e["billed_jobs"],
+        )
+        for name, e in sorted(per.items(), key=lambda kv: (kv[0] is None, kv[0] or ""))
+    )
+    by_state: Counter[JobState] = Counter()
+    for endpoint in endpoints:
+        by_state.update(endpoint.by_state)
+    return Totals(
+        jobs=jobs.num_rows,
+        by_state={s: by_state[s] for s in STATE_ORDER if by_state[s]},
+        endpoints=endpoints,
+        estimated_usd=trim_usd(sum((e.estimated_usd for e in endpoints), _ZERO)),
+        estimated_done_usd=trim_usd(sum((e.estimated_done_usd for e in endpoints), _ZERO)),
+        billed_usd=trim_usd(sum((e.billed_usd for e in endpoints), _ZERO)),
+        possible_duplicates=by_state[JobState.SUBMITTING] + by_state[JobState.UNKNOWN],
+    )
+
+
+def _endpoint_sums(jobs: pa.Table) -> dict[str | None, dict[Any, Any]]:
+    """Per endpoint: job counts (also keyed by JobState), money sums, images, megapixels."""
+    billed_valid = pc.is_valid(jobs["billed_usd"])
+    table = pa.table(
+        {
+            "endpoint": jobs["endpoint"],
+            "state": jobs["state"],
+            "est": jobs["estimated_usd"],
+            "est_done": pc.if_else(billed_valid, jobs["estimated_usd"], None),
+            "billed": jobs["billed_usd"],
+            "images": pc.list_value_length(jobs["outputs"]),
+            "mp": jobs["megapixels"],
+        }
+    )
+    grouped = table.group_by(["endpoint", "state"]).aggregate(
+        [
+            ("state", "count"),
+            ("est", "sum"),
+            ("est_done", "sum"),
+            ("billed", "sum"),
+            ("billed", "count"),
+            ("images", "sum"),
+            ("mp", "sum"),
+        ]
+    )
+    per: dict[str | None, dict[Any, Any]] = {}
+    for row in grouped.to_pylist():
+        e = per.setdefault(row["endpoint"], defaultdict(int))
+        e["jobs"] += row["state_count"]
+        e[JobState(row["state"])] += row["state_count"]
+        e["est"] += row["est_sum"] or _ZERO
+        e["est_done"] += row["est_done_sum"] or _ZERO
+        e["billed"] += row["billed_sum"] or _ZERO
+        e["billed_jobs"] += row["billed_count"]
+        e["images"] += row["images_sum"] or 0
+        e["mp"] += row["mp_sum"] or 0
+    return per
