@@ -1,12 +1,19 @@
-"""runner.fal.transport over real loopback sockets: the lean readability check, the pool
-dropping connections the server closed, httpx's error types, TLS, and the proxy choice."""
+"""runner.fal.transport over real loopback sockets: the lean readability check and the
+canary that guards it, the pool dropping connections the server closed, httpx's error
+types, TLS, and the transport choice (proxy, or httpx's own when the lean check is off)."""
+
+# The socket-hiding fake implements httpcore's interface, whose methods take ``timeout``.
+# ruff: noqa: ASYNC109
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -21,9 +28,13 @@ from runner.fal.transport import (
     LeanBackend,
     LeanStream,
     PoolTransport,
+    ReadabilityChecks,
+    count_lean_checks,
     environment_proxy,
     fetch,
+    lean_check_engaged,
     open_transport,
+    probe_lean_check,
 )
 
 pytestmark = pytest.mark.anyio
@@ -100,10 +111,134 @@ def test_without_poll_the_inner_stream_answers(monkeypatch: pytest.MonkeyPatch) 
     a, b = socket.socketpair()
     with a, b:
         monkeypatch.delattr(select, "poll")
-        inner = _Inner(a)
-        assert LeanStream(inner).is_readable() is False and inner.asked == 1
-    no_socket = _Inner(None)
-    assert LeanStream(no_socket).is_readable() is True and no_socket.asked == 0
+        inner, checks = _Inner(a), ReadabilityChecks()
+        assert LeanStream(inner, checks).is_readable() is False and inner.asked == 1
+        assert checks == ReadabilityChecks(lean=0, delegated=1)
+
+
+def test_without_a_socket_the_inner_stream_answers() -> None:
+    """No socket through the extra info (a changed httpcore): httpcore's own check answers,
+    rather than "readable", which would have the pool drop every idle connection."""
+    no_socket, checks = _Inner(None), ReadabilityChecks()
+    assert LeanStream(no_socket, checks).is_readable() is False and no_socket.asked == 1
+    assert checks == ReadabilityChecks(lean=0, delegated=1)
+
+
+async def test_a_keep_alive_round_trip_is_answered_by_the_lean_poll() -> None:
+    """The guard against a silent fallback: if a new httpcore stops handing over the socket
+    or stops asking ``get_extra_info("is_readable")``, the lean count stays at 0 here."""
+    connections = 0
+
+    async def handler(conn: anyio.abc.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        async with conn:
+            while True:
+                await read_request(conn)
+                await conn.send(OK)
+
+    backend = LeanBackend()
+    async with listening(handler) as port, PoolTransport(limits=LIMITS, backend=backend) as pool:
+        for _ in range(2):
+            response = await fetch(pool, httpx.Request("GET", f"http://127.0.0.1:{port}/"))
+            assert response.status_code == 200
+    assert connections == 1
+    assert backend.checks.lean > 0 and backend.checks.delegated == 0
+
+
+class _SocketHidingStream(httpcore.AsyncNetworkStream):
+    """httpcore's real stream, minus the ``"socket"`` extra info (as if a release renamed it)."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self._inner = inner
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return await self._inner.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        return _SocketHidingStream(
+            await self._inner.start_tls(ssl_context, server_hostname, timeout)
+        )
+
+    def get_extra_info(self, info: str) -> object:
+        return None if info == "socket" else self._inner.get_extra_info(info)
+
+
+class _SocketHidingBackend(httpcore.AsyncNetworkBackend):
+    def __init__(self) -> None:
+        self._inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        stream = await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        return _SocketHidingStream(stream)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+async def test_the_canary_counts_lean_and_delegated_checks() -> None:
+    engaged = await count_lean_checks()
+    assert engaged.lean > 0 and engaged.delegated == 0
+    hidden = await count_lean_checks(inner=_SocketHidingBackend())
+    assert hidden.lean == 0 and hidden.delegated > 0
+
+
+def test_the_canary_finds_the_lean_check_engaged_here() -> None:
+    assert probe_lean_check() is True
+    assert lean_check_engaged() is True
+    assert lean_check_engaged.cache_info().currsize == 1  # once per process
+
+
+def test_the_canary_says_no_when_the_socket_is_hidden(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="runner.fal.transport"):
+        assert probe_lean_check(inner=_SocketHidingBackend()) is False
+    assert "lean=0" in caplog.text
+
+
+def test_without_the_lean_check_open_transport_is_httpx_own(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    with caplog.at_level(logging.DEBUG, logger="runner.fal.transport"):
+        chosen = open_transport("https://queue.fal.run", limits=LIMITS, lean_engaged=lambda: False)
+    assert type(chosen) is httpx.AsyncHTTPTransport
+    [note] = [r for r in caplog.records if r.name == "runner.fal.transport"]
+    assert note.levelno == logging.DEBUG and "not in use" in note.getMessage()
+    caplog.clear()
+    lean = open_transport("https://queue.fal.run", limits=LIMITS, lean_engaged=lambda: True)
+    assert isinstance(lean, PoolTransport) and not caplog.records
+
+
+def test_a_proxy_is_chosen_without_running_the_canary(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+
+    def unexpected() -> bool:
+        raise AssertionError("the canary ran")
+
+    chosen = open_transport("https://queue.fal.run", limits=LIMITS, lean_engaged=unexpected)
+    assert isinstance(chosen, httpx.AsyncHTTPTransport)
 
 
 async def test_the_pool_replaces_a_connection_the_server_closed_while_idle() -> None:

@@ -12,6 +12,13 @@ is one ``poll(0)`` with the same answer. httpx does not let its transport take a
 backend, hence :class:`PoolTransport`: the same request and response mapping and the same
 exception mapping as httpx's, over a pool built with that backend.
 
+Both lean on httpcore's internals: the stream's undocumented ``"socket"`` extra-info key and
+the pool asking ``get_extra_info("is_readable")``. Should a release change either, the pool
+would quietly stop using the ``poll(0)`` path, so :func:`lean_check_engaged` checks it once
+per process with a canary (two keep-alive calls to a throwaway server on 127.0.0.1, counting
+the checks the ``poll(0)`` path answered; see :class:`ReadabilityChecks`), and
+:func:`open_transport` falls back to ``httpx.AsyncHTTPTransport`` when it is not engaged.
+
 :func:`fetch` sends one request straight to a transport and reads the whole answer. The
 queue's short calls skip ``AsyncClient``'s auth, redirect and cookie layers, which they
 do not use: the key is a header, and the queue neither redirects nor sets cookies.
@@ -28,17 +35,25 @@ the run.
 
 from __future__ import annotations
 
+import functools
+import logging
 import select
 import socket
 import ssl
+import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
+import anyio.abc
 import httpcore
 import httpx
+
+log = logging.getLogger(__name__)
 
 # httpcore's errors and httpx's, most specific first (the first match wins).
 _ERRORS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
@@ -89,11 +104,24 @@ def _mapped() -> Iterator[None]:
         raise
 
 
+@dataclass(slots=True)
+class ReadabilityChecks:
+    """How a :class:`LeanBackend`'s streams answered the pool's idle checks: ``lean`` by
+    their own ``poll(0)``, ``delegated`` by asking httpcore's stream (no socket found through
+    its extra info, or no ``poll()`` on this platform)."""
+
+    lean: int = 0
+    delegated: int = 0
+
+
 class LeanStream(httpcore.AsyncNetworkStream):
     """httpcore's stream with its socket kept: ``is_readable`` is one ``poll(0)``."""
 
-    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+    def __init__(
+        self, inner: httpcore.AsyncNetworkStream, checks: ReadabilityChecks | None = None
+    ) -> None:
         self._inner = inner
+        self._checks = checks if checks is not None else ReadabilityChecks()
         self._socket: socket.socket | None = inner.get_extra_info("socket")
         self._poll: Any = None
         if self._socket is not None and self._socket.fileno() >= 0 and hasattr(select, "poll"):
@@ -115,7 +143,8 @@ class LeanStream(httpcore.AsyncNetworkStream):
         server_hostname: str | None = None,
         timeout: float | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        return LeanStream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
+        tls = await self._inner.start_tls(ssl_context, server_hostname, timeout)
+        return LeanStream(tls, self._checks)
 
     def get_extra_info(self, info: str) -> Any:
         if info == "is_readable":
@@ -124,19 +153,24 @@ class LeanStream(httpcore.AsyncNetworkStream):
 
     def is_readable(self) -> bool:
         """Whether a read would return at once: data, or the end of a connection the server
-        closed. A closed socket counts as readable, as in httpcore, so the pool drops it."""
+        closed. A closed socket counts as readable, as in httpcore, so the pool drops it.
+        Without a socket or ``poll()``, httpcore's stream answers (its own, slower way)."""
+        if self._poll is None:
+            self._checks.delegated += 1
+            return self._inner.get_extra_info("is_readable") is True
         if self._socket is None or self._socket.fileno() < 0:
             return True
-        if self._poll is None:  # no poll() on this platform
-            return self._inner.get_extra_info("is_readable") is True
+        self._checks.lean += 1
         return bool(self._poll.poll(0))
 
 
 class LeanBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's anyio backend, its streams wrapped in :class:`LeanStream`."""
+    """httpcore's anyio backend, its streams wrapped in :class:`LeanStream`; ``checks``
+    tallies how all of them answered the pool's idle checks."""
 
     def __init__(self, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
         self._inner = inner if inner is not None else httpcore.AnyIOBackend()
+        self.checks = ReadabilityChecks()
 
     async def connect_tcp(
         self,
@@ -147,7 +181,7 @@ class LeanBackend(httpcore.AsyncNetworkBackend):
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         stream = await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
-        return LeanStream(stream)
+        return LeanStream(stream, self.checks)
 
     async def connect_unix_socket(
         self,
@@ -155,7 +189,8 @@ class LeanBackend(httpcore.AsyncNetworkBackend):
         timeout: float | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        return LeanStream(await self._inner.connect_unix_socket(path, timeout, socket_options))
+        stream = await self._inner.connect_unix_socket(path, timeout, socket_options)
+        return LeanStream(stream, self.checks)
 
     async def sleep(self, seconds: float) -> None:
         await self._inner.sleep(seconds)
@@ -232,11 +267,90 @@ def environment_proxy(url: str) -> str | None:
     return proxy
 
 
-def open_transport(queue_url: str, *, limits: httpx.Limits) -> httpx.AsyncBaseTransport:
-    """:class:`PoolTransport`, or httpx's own through the environment's proxy."""
+# The canary's server: one fixed, empty answer per request, over keep-alive.
+_CANARY_ANSWER = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
+# Loopback answers in milliseconds; past this the canary gives up and the verdict is "no".
+_CANARY_TIMEOUT_S = 2.0
+
+
+async def _answer_forever(conn: anyio.abc.SocketStream) -> None:
+    async with conn:
+        data = b""
+        while True:
+            try:
+                data += await conn.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                return
+            while b"\r\n\r\n" in data:
+                _, data = data.split(b"\r\n\r\n", 1)
+                await conn.send(_CANARY_ANSWER)
+
+
+async def count_lean_checks(
+    *, inner: httpcore.AsyncNetworkBackend | None = None
+) -> ReadabilityChecks:
+    """Two calls, one after the other, through a :class:`PoolTransport` over a
+    :class:`LeanBackend` (wrapping ``inner``, httpcore's anyio backend by default) to a
+    throwaway server on 127.0.0.1; how the pool's idle checks were answered."""
+    backend = LeanBackend(inner)
+    with anyio.fail_after(_CANARY_TIMEOUT_S):
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)  # noqa: S610 (not Django)
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, _answer_forever)
+            limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+            # Plain HTTP: a bare TLS context spares loading certifi's bundle (~40 ms).
+            bare = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            async with PoolTransport(limits=limits, ssl_context=bare, backend=backend) as transport:
+                for _ in range(2):
+                    await fetch(transport, httpx.Request("GET", f"http://127.0.0.1:{port}/"))
+            tg.cancel_scope.cancel()
+    return backend.checks
+
+
+def probe_lean_check(*, inner: httpcore.AsyncNetworkBackend | None = None) -> bool:
+    """The canary, uncached: whether :func:`count_lean_checks` saw the ``poll(0)`` path
+    answer. It runs on an event loop of its own in a worker thread, so a caller already
+    inside one may call it; that caller's loop waits for it (a few ms, once per process).
+    Any failure (no loopback, a timeout, a changed httpcore) is a "no", noted at debug."""
+    started = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lean-canary") as worker:
+            canary = functools.partial(count_lean_checks, inner=inner)
+            checks = worker.submit(anyio.run, canary).result()
+    except Exception as exc:
+        log.debug("lean transport canary failed: %r", exc)
+        return False
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    log.debug("lean transport canary: %s in %.1f ms", checks, elapsed_ms)
+    return checks.lean > 0
+
+
+@functools.cache
+def lean_check_engaged() -> bool:
+    """:func:`probe_lean_check`'s verdict, found once per process and kept."""
+    return probe_lean_check()
+
+
+def open_transport(
+    queue_url: str,
+    *,
+    limits: httpx.Limits,
+    lean_engaged: Callable[[], bool] = lean_check_engaged,
+) -> httpx.AsyncBaseTransport:
+    """:class:`PoolTransport`; httpx's own through the environment's proxy; or httpx's own
+    when ``lean_engaged`` says the lean idle check would not be used, where PoolTransport
+    is only httpx's work copied, for no gain and with more to go wrong."""
     proxy = environment_proxy(queue_url)
     if proxy is not None:
         return httpx.AsyncHTTPTransport(limits=limits, proxy=proxy)
+    if not lean_engaged():
+        log.debug(
+            "the lean idle-connection check is not in use with httpcore %s; "
+            "using httpx.AsyncHTTPTransport",
+            httpcore.__version__,
+        )
+        return httpx.AsyncHTTPTransport(limits=limits)
     return PoolTransport(limits=limits)
 
 
