@@ -12,6 +12,7 @@ client bug cannot be mirrored by the fake.
     stats     Stats: submits per canonical input, calls, slot time, billing
     app       Emulator: state + outcomes + background waker (``running()``)
     routes    the Starlette routes (queue, storage, CDN, JWKS, stats)
+    breakage  broken answers for faults: nginx error pages, connections cut mid-answer
     server    serve() on loopback via uvicorn (+ self-signed TLS), serve_main for the CLI
     images, filestore, webhooks: outputs/CDN, uploads, signed webhook delivery
 

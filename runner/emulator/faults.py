@@ -22,6 +22,16 @@ Kinds and the events they count:
   billed) whose answer is lost: the connection is reset, or hangs for
   ``timeout_hang_s`` and is then dropped.
 - ``slow``: any queue call delayed by ``slow_s`` before it is answered.
+- ``result_5xx`` / ``result_reset``: authorised result reads (GET of the
+  ``response_url``) answered by "nginx" (502 and 503 by turns, the first hit 502;
+  HTML body, no ``x-fal-request-id``), or whose connection is reset mid-answer as
+  ``reset_after_accept`` does. The job is untouched: a later read may succeed, and
+  a rate of 1 fails every read, so a client's retries run out.
+- ``stream_not_sse``: authorised status-stream requests (``.../status/stream``)
+  answered as a plain status GET is (JSON, 202 or 200), not as ``text/event-stream``.
+- ``stream_drop_after``: not a rate but a count N (0, the default, is off): every
+  status stream ends its body cleanly after its Nth ``data:`` event, without the
+  COMPLETED event; a stream whose first N events include COMPLETED ends as usual.
 - ``fail_<error_type>``: accepted jobs that end COMPLETED with that error.
 - ``webhook_lost`` / ``webhook_duplicate``: rates handed to the webhook dispatcher;
   ``webhook_delay_s`` holds every delivery that long, ``webhook_reorder_s`` holds each for
@@ -35,7 +45,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 from runner.errors import UsageError
 
@@ -103,6 +113,10 @@ class FaultConfig:
     slow: Trigger = NEVER
     slow_s: float = 2.0
     timeout_hang_s: float = 30.0
+    result_5xx: Trigger = NEVER
+    result_reset: Trigger = NEVER
+    stream_not_sse: Trigger = NEVER
+    stream_drop_after: int = 0
     failures: Mapping[str, Trigger] = field(
         default_factory=lambda: MappingProxyType({}), hash=False
     )
@@ -120,6 +134,8 @@ class FaultConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise UsageError(f"{name} must be within 0..1, got {value}")
+        if self.stream_drop_after < 0:
+            raise UsageError(f"stream_drop_after must be 0 or more, got {self.stream_drop_after}")
 
 
 _TRIGGER_FIELDS = frozenset(f.name for f in fields(FaultConfig) if f.type == "Trigger")
@@ -127,6 +143,7 @@ _FLOAT_FIELDS = frozenset(
     {"slow_s", "timeout_hang_s", "result_retention_s"}
     | {"webhook_lost", "webhook_duplicate", "webhook_delay_s", "webhook_reorder_s"}
 )
+_INT_FIELDS = frozenset({"stream_drop_after"})
 
 
 def parse_trigger(text: str) -> Trigger:
@@ -149,8 +166,8 @@ def parse_faults(spec: str) -> FaultConfig:
         name = name.strip()
         if not sep:
             raise UsageError(f"fault {item!r} needs a value: name=value")
-        if name == "seed":
-            values["seed"] = _parse_number(name, raw, int)
+        if name == "seed" or name in _INT_FIELDS:
+            values[name] = _parse_number(name, raw, int)
         elif name in _TRIGGER_FIELDS:
             values[name] = parse_trigger(raw)
         elif name.startswith("fail_") and name[5:] in FAILURE_STATUS:
@@ -158,7 +175,12 @@ def parse_faults(spec: str) -> FaultConfig:
         elif name in _FLOAT_FIELDS:
             values[name] = _parse_number(name, raw, float)
         else:
-            known = sorted(_TRIGGER_FIELDS | _FLOAT_FIELDS | {f"fail_{t}" for t in FAILURE_STATUS})
+            known = sorted(
+                _TRIGGER_FIELDS
+                | _FLOAT_FIELDS
+                | _INT_FIELDS
+                | {f"fail_{t}" for t in FAILURE_STATUS}
+            )
             raise UsageError(f"unknown fault {name!r}; known: seed, {', '.join(known)}")
     return replace(FaultConfig(**values), failures=MappingProxyType(failures))
 
@@ -177,6 +199,7 @@ class FaultInjector:
         self.config = config
         self._ordinals: dict[str, int] = {}
         self._streams: dict[str, random.Random] = {}
+        self._result_5xx_hits = 0
 
     def _fires(self, kind: str, trigger: Trigger) -> bool:
         ordinal = self._ordinals.get(kind, 0) + 1
@@ -209,6 +232,24 @@ class FaultInjector:
         reset = self._fires("reset_after_accept", self.config.reset_after_accept)
         timeout = self._fires("timeout_after_accept", self.config.timeout_after_accept)
         return "reset" if reset else "timeout" if timeout else None
+
+    def result_fault(self) -> int | Literal["reset"] | None:
+        """One result read: ``"reset"``, a gateway status code (502, 503 by turns) or None.
+
+        Both kinds draw on every read; when both hit, the reset wins.
+        """
+        reset = self._fires("result_reset", self.config.result_reset)
+        gateway = self._fires("result_5xx", self.config.result_5xx)
+        if reset:
+            return "reset"
+        if not gateway:
+            return None
+        self._result_5xx_hits += 1
+        return 502 if self._result_5xx_hits % 2 else 503
+
+    def stream_not_sse(self) -> bool:
+        """One status-stream request: answer it as a plain status GET?"""
+        return self._fires("stream_not_sse", self.config.stream_not_sse)
 
     def failure(self) -> str | None:
         """One accepted job: the error_type it will end with, if any."""

@@ -16,24 +16,19 @@ CDN downloads and the JWKS are public. Gateway faults answer before auth, as
 fal's ingress does.
 
 A submit whose answer is "lost" (fault ``reset_after_accept`` /
-``timeout_after_accept``) is queued, then the response is started with a
-Content-Length it never reaches and the handler raises an httpx transport
-error. In-process, httpx's ASGI transport re-raises that exception to the
-client (``httpx.RemoteProtocolError`` / ``httpx.ReadTimeout``); under uvicorn
-the started response makes it close the socket mid-body, which the client sees
-as the same kinds of error.
+``timeout_after_accept``) is queued and billed, and a result read hit by
+``result_reset`` leaves its job as it was; both are then cut short mid-answer
+(:mod:`runner.emulator.breakage` says how the client sees that).
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import httpx
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -42,6 +37,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from runner.emulator import results
+from runner.emulator.breakage import AbortResponse, nginx_error
 from runner.emulator.queue import Job, Phase
 from runner.emulator.storage_api import origin, storage_routes
 from runner.emulator.webhooks import jwks_routes
@@ -50,47 +46,7 @@ from runner.endpoints import catalog
 if TYPE_CHECKING:
     from runner.emulator.app import Emulator
 
-NGINX_BODY = (
-    "<html>\r\n<head><title>{code} {reason}</title></head>\r\n<body>\r\n"
-    "<center><h1>{code} {reason}</h1></center>\r\n<hr><center>nginx</center>\r\n"
-    "</body>\r\n</html>\r\n"
-)
-REASONS = {502: "Bad Gateway", 503: "Service Temporarily Unavailable", 504: "Gateway Time-out"}
 TRUE_VALUES = frozenset({"1", "true", "yes"})
-
-
-class EmulatedDisconnect(httpx.RemoteProtocolError):
-    """The emulator dropped the connection after accepting a submit (a fault)."""
-
-
-class EmulatedTimeout(httpx.ReadTimeout):
-    """The emulator stopped answering after accepting a submit (a fault)."""
-
-
-class QuietAborts(logging.Filter):
-    """Drops uvicorn's traceback for the emulator's deliberate aborts."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, EmulatedDisconnect | EmulatedTimeout)
-
-
-class AbortResponse(Response):
-    """Starts a 200 that never completes, then breaks the connection."""
-
-    def __init__(self, kind: str, hang_s: float) -> None:
-        super().__init__()
-        self.kind = kind
-        self.hang_s = hang_s
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"1024")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": b'{"status": "IN_Q', "more_body": True})
-        if self.kind == "timeout":
-            await anyio.sleep(self.hang_s)
-            raise EmulatedTimeout("emulated: no answer after the submit was accepted")
-        raise EmulatedDisconnect("emulated: connection reset after the submit was accepted")
 
 
 def _json(body: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -117,8 +73,7 @@ class QueueRoutes:
         code = emu.faults.gateway_error()
         if code is not None:
             emu.stats.fault(f"gateway_{code}")
-            html = NGINX_BODY.format(code=code, reason=REASONS[code])
-            return Response(html, status_code=code, media_type="text/html")
+            return nginx_error(code)
         if not self._authorised(request):
             return _json({"detail": "Unauthorized: missing or invalid Key credentials"}, 401)
         emu.advance()
@@ -173,6 +128,9 @@ class QueueRoutes:
         job = await self._gated_job(request)
         if isinstance(job, Response):
             return job
+        return self._status_answer(request, job)
+
+    def _status_answer(self, request: Request, job: Job) -> Response:
         body = self._status_body(request, job)
         code = 200 if job.phase is Phase.DONE else 202
         return _json(body, code, headers={"x-fal-request-id": job.request_id})
@@ -184,6 +142,11 @@ class QueueRoutes:
         refused = await self._gate(request)
         if refused is not None:
             return refused
+        return self._found(request, not_found)
+
+    def _found(
+        self, request: Request, not_found: Mapping[str, Any] = results.NOT_FOUND
+    ) -> Job | Response:
         job = self._job(request)
         return _json(dict(not_found), 404) if job is None else job
 
@@ -199,7 +162,19 @@ class QueueRoutes:
         )
 
     async def result(self, request: Request) -> Response:
-        job = await self._gated_job(request)
+        refused = await self._gate(request)
+        if refused is not None:
+            return refused
+        # Drawn for every authorised read, known id or not, so schedules count reads;
+        # the job is left alone, so the next read may succeed.
+        fault = self.emu.faults.result_fault()
+        if fault == "reset":
+            self.emu.stats.fault("result_reset")
+            return AbortResponse("reset", after="a result read", partial=b'{"')
+        if fault is not None:
+            self.emu.stats.fault("result_5xx")
+            return nginx_error(fault)
+        job = self._found(request)
         if isinstance(job, Response):
             return job
         headers = {"x-fal-request-id": job.request_id}
@@ -217,27 +192,41 @@ class QueueRoutes:
         return _json({"status": "CANCELLATION_REQUESTED"}, 202)
 
     async def stream(self, request: Request) -> Response:
-        job = await self._gated_job(request)
+        refused = await self._gate(request)
+        if refused is not None:
+            return refused
+        not_sse = self.emu.faults.stream_not_sse()  # drawn for every authorised stream request
+        job = self._found(request)
         if isinstance(job, Response):
             return job
+        if not_sse:
+            self.emu.stats.fault("stream_not_sse")
+            return self._status_answer(request, job)
         headers = {"x-fal-request-id": job.request_id, "Cache-Control": "no-cache"}
         events = self._events(request, job)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
     async def _events(self, request: Request, job: Job) -> AsyncIterator[str]:
-        """One ``data:`` event per change, ``: keep-alive`` when quiet, close after COMPLETED."""
+        """One ``data:`` event per change, ``: keep-alive`` when quiet, close after COMPLETED.
+
+        With the fault ``stream_drop_after=N`` the body ends cleanly after N events instead.
+        """
         emu = self.emu
         keepalive_s = emu.config.scaled(emu.config.keepalive_s)
         next_keepalive = anyio.current_time() + keepalive_s
-        last = ""
+        drop_after = emu.config.faults.stream_drop_after
+        last, sent = "", 0
         while True:
             event = emu.change_event()
             emu.advance()
             text = json.dumps(self._status_body(request, job))
             if text != last:
-                last = text
+                last, sent = text, sent + 1
                 yield f"data: {text}\n\n"
             if job.phase is Phase.DONE:
+                return
+            if drop_after and sent >= drop_after:
+                emu.stats.fault("stream_drop_after")
                 return
             wait_s = next_keepalive - anyio.current_time()
             due = emu.scheduler.next_event_at()

@@ -36,8 +36,8 @@ from cryptography.x509.oid import NameOID
 from pydantic import SecretStr
 
 from runner.emulator.app import Emulator
+from runner.emulator.breakage import QuietAborts
 from runner.emulator.faults import parse_faults
-from runner.emulator.routes import QuietAborts
 from runner.emulator.settings import DEFAULT_KEY, EmulatorConfig
 from runner.errors import EXIT_OK, EXIT_USAGE, UsageError
 
