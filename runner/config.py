@@ -50,7 +50,10 @@ class RunConfig(BaseModel):
     max_in_flight: int | None = Field(default=None, ge=1)
     rate_per_s: float = Field(default=10.0, gt=0)
     endpoint_limits: Mapping[str, int] = Field(default_factory=dict)
+    # --max-cost caps what this invocation commits; --max-total-cost the run directory's
+    # total, earlier runs included (runner.run.budget).
     max_cost_usd: Decimal | None = Field(default=None, ge=0)
+    max_total_cost_usd: Decimal | None = Field(default=None, ge=0)
     max_attempts: int = Field(default=3, ge=1, le=100)
     on_unknown: OnUnknown = "resubmit"
     retry_failed: bool = False
@@ -128,13 +131,85 @@ def load_toml(path: Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in section.items()}
 
 
-def build_config(values: Mapping[str, Any]) -> RunConfig:
-    """Validate options into a RunConfig, turning pydantic errors into one UsageError."""
+# Flag (its argparse dest; TOML keys are the same names) -> RunConfig field, where they differ.
+RENAMED: Mapping[str, str] = {
+    "ledger": "run_dir", "rate": "rate_per_s", "endpoint_limit": "endpoint_limits",
+    "max_cost": "max_cost_usd", "max_total_cost": "max_total_cost_usd",
+    "job_timeout": "job_timeout_s", "start_timeout": "start_timeout_s", "out": "out_dir",
+}  # fmt: skip
+# How a user names the fields that are not set by a flag of their own name.
+_NAMES = {field: f"--{flag.replace('_', '-')}" for flag, field in RENAMED.items()} | {
+    "manifest": "MANIFEST", "fmt": "--format", "default_endpoint": "--endpoint",
+    "allowed_endpoints": "--allow-endpoint", "defaults": "--set", "download": "--no-download",
+    "key": "FAL_KEY",
+}  # fmt: skip
+_BOUNDS = {
+    "greater_than_equal": ("ge", "at least"),
+    "greater_than": ("gt", "more than"),
+    "less_than_equal": ("le", "at most"),
+    "less_than": ("lt", "less than"),
+}
+_SHOWN_INPUT_CHARS = 60
+
+
+def option_name(field: str) -> str:
+    """How the user names a RunConfig field: its flag (``max_cost_usd`` -> ``--max-cost``)."""
+    return _NAMES.get(field, f"--{field.replace('_', '-')}")
+
+
+def build_config(
+    values: Mapping[str, Any],
+    *,
+    names: Mapping[str, str] | None = None,
+    origins: Mapping[str, str] | None = None,
+) -> RunConfig:
+    """Validate options into a RunConfig, turning pydantic errors into one UsageError.
+
+    Errors name options as the user gave them: ``names`` maps a field to the name it was
+    given by (``--max-cost``, or the TOML key ``max-cost``) and ``origins`` to the file it
+    came from; other fields are named by their flag (:func:`option_name`).
+    """
     try:
         return RunConfig.model_validate(dict(values))
     except ValidationError as exc:
-        parts = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "config"
-            parts.append(f"{where}: {err['msg']}")
-        raise UsageError("invalid configuration: " + "; ".join(parts)) from exc
+        errors = exc.errors(include_url=False)
+        parts = [_problem(err, names or {}, origins or {}) for err in errors]
+        raise UsageError("; ".join(parts)) from exc
+
+
+def _problem(err: Any, names: Mapping[str, str], origins: Mapping[str, str]) -> str:
+    """One pydantic error as ``--max-cost must be at least 0, not -5``."""
+    loc = [str(p) for p in err["loc"]]
+    msg = str(err["msg"]).split(", unable to ", 1)[0]
+    if not loc:  # a model validator: its message is already written for the user
+        return msg.removeprefix("Value error, ")
+    field = loc[0]
+    # A nested key (an endpoint of --endpoint-limit) follows the option's name.
+    name = " ".join([names.get(field) or option_name(field), *loc[1:]])
+    if field in origins:
+        name += f" in {origins[field]}"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"unknown option {name}"
+    if kind == "missing":
+        return f"{name} is required"
+    shown = "" if field == "key" else f", not {_shown(err.get('input'))}"
+    if kind in _BOUNDS:
+        bound, words = _BOUNDS[kind]
+        return f"{name} must be {words} {_shown(err['ctx'][bound])}{shown}"
+    if msg.startswith("Input should be "):
+        return f"{name} must be {msg.removeprefix('Input should be ')}{shown}"
+    return f"{name}: {msg}"
+
+
+def _shown(value: Any) -> str:
+    """A rejected value as the user typed it: ``-5``, not ``Decimal('-5')``."""
+    if isinstance(value, Decimal):
+        text = format(value, "f")
+    elif isinstance(value, float):
+        text = format(value, "g")  # 0.0 was typed as 0
+    elif isinstance(value, str):
+        text = repr(value)
+    else:
+        text = str(value)
+    return text if len(text) <= _SHOWN_INPUT_CHARS else text[: _SHOWN_INPUT_CHARS - 3] + "..."

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from runner.config import RunConfig, build_config, key_from_env, load_toml
+from runner.config import RENAMED, RunConfig, build_config, key_from_env, load_toml
 from runner.manifest.jobs import ExpandOptions
 
 FORMATS = ("csv", "tsv", "jsonl", "parquet")
@@ -49,6 +49,14 @@ def add_manifest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-template", help="fill `{column}` placeholders into `prompt`")
 
 
+def _usd(text: str) -> Decimal:
+    # Decimal("abc") raises InvalidOperation, which argparse does not turn into a usage error.
+    try:
+        return Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"expected dollars such as 12.50, got {text!r}") from None
+
+
 def _endpoint_limit(text: str) -> tuple[str, int]:
     key, value = _key_value(text)
     try:
@@ -68,7 +76,10 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     a("--rate", type=float, help="submits per second (default 10); halves on 429s")
     a("--endpoint-limit", action="append", type=_endpoint_limit, metavar="ID=N",
       help="at most N jobs of this endpoint in flight")  # fmt: skip
-    a("--max-cost", type=Decimal, metavar="USD", help="hard cap on committed spend")
+    a("--max-cost", type=_usd, metavar="USD",
+      help="hard cap on what this invocation commits (earlier runs not counted)")  # fmt: skip
+    a("--max-total-cost", type=_usd, metavar="USD",
+      help="hard cap on the run directory's total spend, earlier runs included")  # fmt: skip
     a("--max-attempts", type=int, help="attempts per job for retryable failures (default 3)")
     a("--on-unknown", choices=["resubmit", "skip", "fail"],
       help="what a rerun does with submits of unknown outcome (default resubmit)")  # fmt: skip
@@ -109,18 +120,12 @@ def expand_options(args: argparse.Namespace) -> ExpandOptions:
 
 RUN_FLAGS = (
     "ledger", "emulator", "concurrency", "max_in_flight", "rate", "endpoint_limit", "max_cost",
-    "max_attempts", "on_unknown", "retry_failed", "completion", "first_look", "webhook_listen",
-    "webhook_url", "webhook_jwks_url", "job_timeout", "start_timeout", "priority", "strict",
-    "quiet", "prices",
+    "max_total_cost", "max_attempts", "on_unknown", "retry_failed", "completion", "first_look",
+    "webhook_listen", "webhook_url", "webhook_jwks_url", "job_timeout", "start_timeout",
+    "priority", "strict", "quiet", "prices",
     "queue_url", "out", "download_concurrency", "inline_inputs", "inline_max_bytes",
     "probe_inputs",
 )  # fmt: skip
-# Flag name -> RunConfig field, where they differ.
-RENAMED = {
-    "ledger": "run_dir", "rate": "rate_per_s", "endpoint_limit": "endpoint_limits",
-    "max_cost": "max_cost_usd", "job_timeout": "job_timeout_s", "start_timeout": "start_timeout_s",
-    "out": "out_dir",
-}  # fmt: skip
 
 
 def default_run_dir(manifest: Path) -> Path:
@@ -129,13 +134,23 @@ def default_run_dir(manifest: Path) -> Path:
 
 
 def run_config(args: argparse.Namespace, environ: Mapping[str, str]) -> RunConfig:
-    """Flags win over the TOML file, which wins over the defaults."""
-    values: dict[str, Any] = load_toml(args.config) if args.config else {}
-    values = {RENAMED.get(k, k): v for k, v in values.items()}
+    """Flags win over the TOML file, which wins over the defaults.
+
+    A bad value is reported under the name it was given by: ``--max-cost`` for a flag,
+    ``max-cost in run.toml`` for a key of the file.
+    """
+    values: dict[str, Any] = {}
+    names: dict[str, str] = {}
+    origins: dict[str, str] = {}
+    for key, value in (load_toml(args.config) if args.config else {}).items():
+        field = RENAMED.get(key, key)
+        values[field], names[field], origins[field] = value, key.replace("_", "-"), str(args.config)
     for flag in RUN_FLAGS:
         given = getattr(args, flag, None)
         if given is not None and given is not False:
-            values[RENAMED.get(flag, flag)] = given
+            field = RENAMED.get(flag, flag)
+            values[field], names[field] = given, f"--{flag.replace('_', '-')}"
+            origins.pop(field, None)
     if getattr(args, "no_download", False):
         values["download"] = False
     if isinstance(values.get("endpoint_limits"), list):
@@ -150,4 +165,4 @@ def run_config(args: argparse.Namespace, environ: Mapping[str, str]) -> RunConfi
         key=key_from_env(environ),
     )
     values.setdefault("run_dir", default_run_dir(args.manifest))
-    return build_config(values)
+    return build_config(values, names=names, origins=origins)

@@ -107,9 +107,18 @@ HAND_CASES = [
      "0.0525", 1, False, False),
     ("fal-ai/flux-2/lora", {"image_size": "square_hd", "loras": [{"path": "a"}]}, (), 5 * GB,
      "0.0525", 1, False, False),
-    # sizes unknown: no surcharge counted, flagged approximate
+    # sizes unknown: the largest surcharge (x2.5) is counted so a cap holds, flagged approximate
     ("fal-ai/flux-2/lora", {"image_size": "square_hd", "loras": [{"path": "a"}]}, (), None,
-     "0.021", 1, True, False),
+     "0.0525", 1, True, False),
+    # ... on every image: 2 x 2048x2048 = 8 MP x 0.021 x 2.5
+    ("fal-ai/flux-2/lora", {"image_size": "2048x2048", "num_images": 2,
+     "loras": [{"path": "a"}, {"path": "b"}]}, (), None, "0.42", 8, True, False),
+    # ... and on the edit endpoint's inputs as well: (1 MP in + 1 MP out) x 0.021 x 2.5
+    ("fal-ai/flux-2/lora/edit", {"image_urls": [IMG], "loras": [{"path": "a"}]}, [(1024, 1024)],
+     None, "0.105", 2, True, True),
+    # an endpoint without a surcharge table: LoRAs of unknown size change nothing
+    ("fal-ai/flux-lora", {"image_size": "1024x768", "loras": [{"path": "a"}]}, (), None, "0.035",
+     1, False, False),
     # LoRA bytes given but no LoRAs in the request: no surcharge
     ("fal-ai/flux-2/lora", {"image_size": "square_hd"}, (), 4 * GB, "0.021", 1, False, False),
 ]  # fmt: skip
@@ -144,9 +153,39 @@ def test_unknown_input_size_is_noted_as_assumed_one_megapixel() -> None:
     assert any("assumed ~1 MP" in note for note in result.notes)
 
 
-def test_unknown_lora_sizes_on_flux2_are_noted() -> None:
-    result = est("fal-ai/flux-2/lora", {"loras": [{"path": "a"}]})
-    assert any("LoRA" in note and "x2.5" in note for note in result.notes)
+def test_unknown_lora_sizes_on_flux2_are_counted_at_the_largest_surcharge_and_noted() -> None:
+    result = est("fal-ai/flux-2/lora", {"image_size": "square_hd", "loras": [{"path": "a"}]})
+    assert result.usd == Decimal("0.021") * Decimal("2.5") and result.approximate
+    assert any(
+        "LoRA file sizes unknown" in note and "largest LoRA surcharge (x2.5)" in note
+        for note in result.notes
+    )
+
+
+# (tiers of an overriding price file, multiplier counted when LoRA sizes are unknown)
+SURCHARGE_TABLES = [
+    ([{"above_gb": "1", "multiplier": "3"}, {"above_gb": "2", "multiplier": "1.25"}], "3"),
+    ([{"above_gb": "0.5", "multiplier": "1.75"}], "1.75"),
+    ([{"above_gb": "1", "multiplier": "0.5"}], "1"),  # a discount tier: x1 below it is the most
+    ([], "1"),
+]
+
+
+@pytest.mark.parametrize(("tiers", "multiplier"), SURCHARGE_TABLES)
+def test_unknown_lora_sizes_count_the_largest_multiplier_of_the_price_data(
+    tmp_path: Path, tiers: list[dict[str, str]], multiplier: str
+) -> None:
+    surcharge = {"max_gb": "5", "tiers": tiers}
+    doc = {"endpoints": {"fal-ai/flux-2/lora": {"usd": "0.02", "lora_surcharge": surcharge}}}
+    table = PriceTable.from_file(write(tmp_path, doc))
+    fields = {"prompt": "x", "image_size": "square_hd", "loras": [{"path": "a"}]}
+    request = parse_request("fal-ai/flux-2/lora", fields)
+    result = estimate("fal-ai/flux-2/lora", request, table)
+    assert result.usd == Decimal("0.02") * Decimal(multiplier)
+    assert result.approximate
+    assert any(f"(x{multiplier})" in note for note in result.notes)
+    # what a finished call is billed does not guess: no LoRA sizes, no surcharge
+    assert billed_cost("fal-ai/flux-2/lora", [(1024, 1024)], table) == Decimal("0.02")
 
 
 def test_loras_over_five_gb_have_no_price_and_say_why() -> None:

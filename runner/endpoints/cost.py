@@ -10,7 +10,8 @@ as 1 MP, 1920x1080 as 2 MP). Units:
 - ``input_output_mp``: price x (each input image's rounded MP, once per request, plus each
   output image's rounded MP).
 
-A FLUX.2 LoRA surcharge multiplies the whole charge by a tier of the total LoRA file size.
+A FLUX.2 LoRA surcharge multiplies the whole charge by a tier of the total LoRA file size;
+an estimate that does not know that size counts the largest tier, so a cost cap holds.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ class LoraSurcharge:
 
     @property
     def highest(self) -> Decimal:
-        return max((t.multiplier for t in self.tiers), default=Decimal(1))
+        """The largest multiplier any allowed size can get (1 below the first tier)."""
+        return max((Decimal(1), *(t.multiplier for t in self.tiers)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +273,9 @@ def estimate(
     ``input_sizes`` are the sizes of the request's image inputs (image_url / image_urls, in
     order; empty when unknown). Whatever is unknown is assumed to be about 1 MP per image and
     flagged ``approximate`` with a note; an unconfirmed price is flagged ``unconfirmed``.
+    ``lora_bytes`` is the total size of the request's LoRA files; when it is None and the
+    endpoint has a LoRA surcharge, the largest multiplier of its table is counted (an upper
+    bound, so a cost cap holds) and the estimate is flagged ``approximate``.
     """
     notes: list[str] = []
     price = prices.get(endpoint)
@@ -330,11 +335,12 @@ def _surcharge_factor(
     if surcharge is None or request is None or not getattr(request, "loras", ()):
         return Decimal(1)
     if lora_bytes is None:
+        # Counting no surcharge could let a hard cap be exceeded: assume the largest.
         notes.append(
-            f"LoRA file sizes unknown; the LoRA surcharge (up to x{surcharge.highest}) "
-            "is not included"
+            f"LoRA file sizes unknown; counted at the largest LoRA surcharge "
+            f"(x{surcharge.highest}) so a cost cap holds"
         )
-        return Decimal(1)
+        return surcharge.highest
     factor = surcharge.multiplier(lora_bytes)
     if factor is None:
         notes.append(
