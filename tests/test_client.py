@@ -15,10 +15,10 @@ import pytest
 from pydantic import SecretStr
 
 from runner.errors import AuthError, HTTPStatusError, ProtocolError, TransportError, UsageError
-from runner.fal.client import CallTimeouts, QueueClient
+from runner.fal.client import QueueClient
 from runner.fal.protocol import Completed, FluxResult, InProgress, Queued, SubmitAck
 from runner.fal.retry import UNKNOWN_OUTCOME, RetryPolicy, call_with_retry, classify
-from runner.fal.transport import open_transport
+from runner.fal.transport import CallTimeouts, open_transport
 
 QUEUE = "https://queue.fal.test"
 SECRET = "key-id-1234:very-secret-value-5678"

@@ -20,7 +20,6 @@ import fal_client
 import fal_client.client
 import httpx
 import pytest
-from tests.emulator_support import png_bytes
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -37,6 +36,7 @@ from runner.emulator import (
     serve_main,
 )
 from runner.emulator.server import _bind
+from tests.emulator_support import png_bytes
 
 pytestmark = pytest.mark.anyio
 LORA = "fal-ai/flux-lora"

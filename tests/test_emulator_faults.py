@@ -10,7 +10,6 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from tests.emulator_support import JOB_CLOCK_S, FakeClock, in_process, make_emulator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -19,6 +18,7 @@ from starlette.routing import Route
 from runner.emulator import FaultConfig, Trigger, parse_faults
 from runner.emulator.faults import FAILURE_STATUS, FaultInjector
 from runner.errors import UsageError
+from tests.emulator_support import JOB_CLOCK_S, FakeClock, in_process, make_emulator
 
 pytestmark = pytest.mark.anyio
 LORA = "/fal-ai/flux-lora"

@@ -11,7 +11,6 @@ import anyio
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from tests.emulator_support import JOB_CLOCK_S, T0, FakeClock, data_uri, in_process, make_emulator
 from PIL import Image
 from pydantic import SecretStr
 from starlette.applications import Starlette
@@ -24,6 +23,7 @@ from runner.emulator.queue import Ending, Job, QueueModel
 from runner.emulator.routes import route_kind
 from runner.emulator.stats import canonical_input
 from runner.endpoints import catalog
+from tests.emulator_support import JOB_CLOCK_S, T0, FakeClock, data_uri, in_process, make_emulator
 
 pytestmark = pytest.mark.anyio
 LORA = "fal-ai/flux-lora"
@@ -388,7 +388,8 @@ async def test_sse_stream_sends_each_change_keepalives_and_closes_after_complete
             url = sub["status_url"] + "/stream"
             async with client.stream("GET", url, params={"logs": "0"}) as response:
                 assert response.headers["content-type"].startswith("text/event-stream")
-                chunks.append(await response.aread() and response.text)
+                await response.aread()
+                chunks.append(response.text)
 
         with anyio.fail_after(5):
             async with anyio.create_task_group() as tg:

@@ -10,10 +10,10 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.emulator_support import JOB_CLOCK_S, SCALE, FakeClock, in_process, make_emulator
 
 from runner.emulator.queue import Job, QueueModel
 from runner.emulator.stats import canonical_input
+from tests.emulator_support import JOB_CLOCK_S, SCALE, FakeClock, in_process, make_emulator
 
 pytestmark = pytest.mark.anyio
 LORA = "fal-ai/flux-lora"

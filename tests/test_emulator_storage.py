@@ -405,13 +405,16 @@ async def test_official_client_multipart_upload(
             def upload() -> str:
                 tokens = fal_client.client.CDNTokenManager(AuthCredentials("Key", KEY))
                 with httpx.Client() as http:
-                    return fal_client.client.MultipartUpload.save(
+                    access_url = fal_client.client.MultipartUpload.save(
                         client=http,
                         token_manager=tokens,
                         file_name="big.bin",
                         data=data,
                         content_type="application/octet-stream",
                     )
+                # The sync save carries no return annotation upstream (the async one does).
+                assert isinstance(access_url, str)
+                return access_url
 
             url = await anyio.to_thread.run_sync(upload)
         else:

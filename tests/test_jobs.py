@@ -495,7 +495,9 @@ def test_no_seeds_or_variants_is_one_job_variant_0() -> None:
 def test_conflicting_or_bad_expansion_is_a_row_error(
     cells: dict[str, str], column: str, message: str
 ) -> None:
-    error = error_of(row(prompt="x", **cells), default_endpoint=FLUX)
+    error = error_of(
+        RawRow("demo.csv", 2, 0, {"prompt": "x", **cells}, False), default_endpoint=FLUX
+    )
     assert [(p.column, p.message) for p in error.problems] == [(column, message)]
 
 

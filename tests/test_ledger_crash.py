@@ -113,6 +113,7 @@ def run_chain(run_dir: Path, crashes: list[str], seed: int) -> int:
     return len(expected.committed_seqs)
 
 
+@pytest.mark.torture
 def test_sigkilled_writers_never_lose_committed_events(tmp_path: Path) -> None:
     with ThreadPoolExecutor(len(CHAINS)) as pool:
         futures = [

@@ -1,6 +1,18 @@
+from typing import TypedDict
+
 import pytest
 
 from runner.run.pacing import ServiceModel, first_poll_delay_s, next_poll_delay_s
+
+
+class Shape(TypedDict):
+    """The service and clamp arguments both delay functions share."""
+
+    service_mean_s: float
+    service_dev_s: float
+    slots: int
+    min_s: float
+    max_s: float
 
 
 def test_model_learns_mean_per_unit_from_observations() -> None:
@@ -38,23 +50,27 @@ def test_first_poll_aims_after_expected_completion(position: int | None, expecte
 
 
 def test_delays_are_clamped() -> None:
-    kw = dict(service_mean_s=500.0, service_dev_s=1.0, slots=1, min_s=0.1, max_s=30.0)
+    kw = Shape(service_mean_s=500.0, service_dev_s=1.0, slots=1, min_s=0.1, max_s=30.0)
     assert first_poll_delay_s(position=0, **kw) == 30.0
-    kw = dict(service_mean_s=0.0, service_dev_s=0.0, slots=1, min_s=0.1, max_s=30.0)
+    kw = Shape(service_mean_s=0.0, service_dev_s=0.0, slots=1, min_s=0.1, max_s=30.0)
     assert first_poll_delay_s(position=0, **kw) == 0.1
 
 
 def test_running_job_is_polled_at_its_expected_end_then_backs_off() -> None:
-    kw = dict(service_mean_s=4.0, service_dev_s=0.0, slots=1, min_s=0.1, max_s=60.0, position=None)
-    assert next_poll_delay_s(state="IN_PROGRESS", running_for_s=1.0, polls=1, **kw) == 3.0
+    kw = Shape(service_mean_s=4.0, service_dev_s=0.0, slots=1, min_s=0.1, max_s=60.0)
+    assert (
+        next_poll_delay_s(state="IN_PROGRESS", position=None, running_for_s=1.0, polls=1, **kw)
+        == 3.0
+    )
     overdue = [
-        next_poll_delay_s(state="IN_PROGRESS", running_for_s=9.0, polls=p, **kw) for p in (1, 2, 3)
+        next_poll_delay_s(state="IN_PROGRESS", position=None, running_for_s=9.0, polls=p, **kw)
+        for p in (1, 2, 3)
     ]
     assert overdue == sorted(overdue) and overdue[0] < overdue[-1]
 
 
 def test_queued_job_waits_in_proportion_to_its_position() -> None:
-    kw = dict(service_mean_s=2.0, service_dev_s=0.0, slots=2, min_s=0.1, max_s=600.0)
+    kw = Shape(service_mean_s=2.0, service_dev_s=0.0, slots=2, min_s=0.1, max_s=600.0)
     near = next_poll_delay_s(state="IN_QUEUE", position=0, running_for_s=0, polls=1, **kw)
     far = next_poll_delay_s(state="IN_QUEUE", position=10, running_for_s=0, polls=1, **kw)
     assert far - near == pytest.approx(10 * 2.0 / 2)
@@ -77,7 +93,7 @@ def test_the_queue_ahead_is_measured_in_whole_jobs_not_this_jobs_size() -> None:
     assert small == pytest.approx(1.0)
     # The jobs ahead of a small one are a mix of small and big: about 5.5 s each.
     assert 4.0 < m.ahead_s(small) < 7.0
-    kw = dict(service_mean_s=small, service_dev_s=0.0, slots=2, min_s=0.01, max_s=600.0)
+    kw = Shape(service_mean_s=small, service_dev_s=0.0, slots=2, min_s=0.01, max_s=600.0)
     own = first_poll_delay_s(position=4, **kw)
     mixed = first_poll_delay_s(position=4, ahead_mean_s=m.ahead_s(small), **kw)
     assert own == pytest.approx(4 * 1.0 / 2 + 1.0)
@@ -89,7 +105,7 @@ def test_the_queue_ahead_is_measured_in_whole_jobs_not_this_jobs_size() -> None:
 
 
 def test_a_longer_queue_ahead_widens_the_margin_not_only_the_wait() -> None:
-    kw = dict(service_mean_s=4.0, service_dev_s=1.0, slots=10, min_s=0.01, max_s=600.0)
+    kw = Shape(service_mean_s=4.0, service_dev_s=1.0, slots=10, min_s=0.01, max_s=600.0)
     margins = []
     for ahead in (0, 10, 40):
         delay = first_poll_delay_s(position=ahead, ahead_mean_s=4.0, ahead_dev_s=2.0, **kw)

@@ -19,12 +19,12 @@ from typing import ClassVar
 
 import pytest
 from PIL import Image
-from tests.report_support import FLUX2, LORA, T0, completed, failed, intent, local, write_run
 
 from runner.ledger import LedgerEvent, OutputImage, read_run_meta
 from runner.report.data import build_report, load_jobs
 from runner.report.gallery import gallery
 from runner.report.html import PAGE_SIZE, write_html
+from tests.report_support import FLUX2, LORA, T0, completed, failed, intent, local, write_run
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(

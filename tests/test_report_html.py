@@ -12,12 +12,12 @@ from urllib.parse import unquote
 
 import pytest
 from PIL import Image
-from tests.report_support import LORA, T0, intent, png, sample_run, write_run
 
 from runner.ledger import JobState, LedgerEvent, OutputImage, read_run_meta
 from runner.report.data import build_report, load_jobs
 from runner.report.gallery import Thumbnails, gallery
 from runner.report.html import PAGE_SIZE, render_html, write_html
+from tests.report_support import LORA, T0, intent, png, sample_run, write_run
 
 
 @pytest.fixture

@@ -160,6 +160,7 @@ LONG_CHAINS = [
 ]
 
 
+@pytest.mark.torture
 @pytest.mark.parametrize("chain", CHAINS)
 def test_sigkill_at_random_moments_then_resume_completes_every_job_once(
     chain: Chain, tmp_path: Path
@@ -188,6 +189,7 @@ def _wait_for_jobs(run_dir: Path, proc: subprocess.Popen[str], count: int) -> No
     pytest.fail("the run never recorded its first jobs")
 
 
+@pytest.mark.torture
 def test_first_sigint_drains_in_flight_then_rerun_completes_without_duplicates(
     tmp_path: Path,
 ) -> None:

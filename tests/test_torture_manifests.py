@@ -107,14 +107,15 @@ def spec_rows(draw: st.DrawFn, kinds: list[str]) -> list[tuple[str, dict[str, An
         kind = draw(st.sampled_from(kinds))
         if kind == "dup_id" and not claimed:
             kind = "good"
-        cells = {"id": f"row-{i}", "endpoint": "fal-ai/flux-lora", **draw(good_values)}
+        row_id = f"row-{i}"
+        cells = {"id": row_id, "endpoint": "fal-ai/flux-lora", **draw(good_values)}
         extra: Any = None
         if kind == "value":
             extra = draw(st.sampled_from(BAD_NATIVE if "garbage" in kinds else BAD_TEXT))
         elif kind == "dup_id":
             extra = draw(st.sampled_from(claimed))
         if kind not in UNREADABLE["garbage" in kinds]:
-            claimed.append(cells["id"] if kind != "dup_id" else extra)
+            claimed.append(row_id if kind != "dup_id" else extra)
         elif kind == "garbage":
             extra = draw(garbage.filter(_not_json_object))
         out.append((kind, cells, extra))

@@ -57,6 +57,7 @@ ERROR_FAULTS = (
 # -- the key ----------------------------------------------------------------------------------
 
 
+@pytest.mark.torture
 def test_key_is_in_no_log_ledger_run_json_or_output_even_when_everything_fails(
     tmp_path: Path,
 ) -> None:

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 from pydantic import SecretStr
 
+from runner.config import RunConfig
 from runner.emulator import DEFAULT_KEY, Emulator
 from runner.errors import AuthError, HTTPStatusError
 from runner.fal.storage import StorageClient, UploadSettings
@@ -242,7 +243,7 @@ def ledger_rows(run_dir: Path) -> list[dict[str, object]]:
     return rows
 
 
-def config(manifest: Path, run_dir: Path, **extra: object):  # type: ignore[no-untyped-def]
+def config(manifest: Path, run_dir: Path, **extra: object) -> RunConfig:
     return run_config(
         manifest, run_dir, rest_url=f"{EMULATOR_URL}/rest", cdn_url=f"{EMULATOR_URL}/cdn",
         download=False, concurrency=8, completion="stream", **extra,

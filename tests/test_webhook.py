@@ -112,23 +112,48 @@ def test_valid_signature_is_accepted_and_headers_returned() -> None:
     )
 
 
+def as_parsed(headers: dict[str, str]) -> WebhookHeaders:
+    """What verify_signature should return for headers made by :func:`sign`."""
+    timestamp = headers["X-Fal-Webhook-Timestamp"]
+    return WebhookHeaders(
+        request_id=headers["X-Fal-Webhook-Request-Id"],
+        user_id=headers["X-Fal-Webhook-User-Id"],
+        timestamp=timestamp,
+        timestamp_s=int(timestamp),
+        signature=bytes.fromhex(headers["X-Fal-Webhook-Signature"]),
+    )
+
+
 def test_header_names_are_case_insensitive() -> None:
     body = event_body()
-    headers = {name.lower(): value for name, value in sign(FAL_KEY, body).items()}
-    verify_signature(body=body, headers=headers, public_keys=[FAL_KEY.public_key()], now_s=NOW)
+    sent = sign(FAL_KEY, body, request_id="req-lower", user_id="user-lower")
+    headers = {name.lower(): value for name, value in sent.items()}
+    parsed = verify_signature(
+        body=body, headers=headers, public_keys=[FAL_KEY.public_key()], now_s=NOW
+    )
+    assert parsed == as_parsed(sent)
 
 
 def test_every_key_is_tried_so_a_rotated_key_verifies() -> None:
     body = event_body()
+    headers = sign(ROTATED_KEY, body)
+    # The first key alone refuses it, so accepting it below means the second key was tried.
+    with pytest.raises(WebhookRejected, match="bad_signature"):
+        verify_signature(body=body, headers=headers, public_keys=[FAL_KEY.public_key()], now_s=NOW)
     keys = [FAL_KEY.public_key(), ROTATED_KEY.public_key()]
-    verify_signature(body=body, headers=sign(ROTATED_KEY, body), public_keys=keys, now_s=NOW)
+    parsed = verify_signature(body=body, headers=headers, public_keys=keys, now_s=NOW)
+    assert parsed == as_parsed(headers)
 
 
 @pytest.mark.parametrize("age_s", [-300, 0, 300])
 def test_timestamps_within_the_skew_are_accepted(age_s: int) -> None:
     body = event_body()
     headers = sign(FAL_KEY, body, timestamp=NOW - age_s)
-    verify_signature(body=body, headers=headers, public_keys=[FAL_KEY.public_key()], now_s=NOW)
+    parsed = verify_signature(
+        body=body, headers=headers, public_keys=[FAL_KEY.public_key()], now_s=NOW
+    )
+    assert (parsed.timestamp, parsed.timestamp_s) == (str(NOW - age_s), NOW - age_s)
+    assert parsed == as_parsed(headers)
 
 
 def _without(headers: dict[str, str], name: str) -> dict[str, str]:
