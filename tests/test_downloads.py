@@ -4,9 +4,11 @@ resuming only what is missing, data: URIs, and a filesystem URL as --out."""
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import io
 import json
+import os
 import unicodedata
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -395,3 +397,152 @@ def test_run_flags_reach_the_config(
     assert {k: getattr(config, k) for k in expected} == expected
     default = str(config.run_dir / "outputs")
     assert config.output_target == (expected.get("out_dir") or default)
+
+
+# -- storage that refuses writes -------------------------------------------------------------------
+
+
+class FullDisk(io.BytesIO):
+    """A file on a full disk: every write fails the way write(2) does, naming no file."""
+
+    def write(self, _data: Any) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class FullDiskSink(OutputSink):
+    """Temp files whose writes fail with ENOSPC."""
+
+    async def open_temp(self, temp: Path) -> anyio.AsyncFile[bytes]:
+        await anyio.Path(temp.parent).mkdir(parents=True, exist_ok=True)
+        return anyio.AsyncFile(FullDisk())
+
+
+HAS_DEV_FULL = Path("/dev/full").exists()
+
+
+class DevFullSink(OutputSink):
+    """Temp files written to /dev/full: the kernel's own ENOSPC (the temp path stays real)."""
+
+    async def open_temp(self, temp: Path) -> anyio.AsyncFile[bytes]:
+        await anyio.Path(temp.parent).mkdir(parents=True, exist_ok=True)
+        return await anyio.open_file("/dev/full", "wb")
+
+
+class ReadOnlySink(OutputSink):
+    """Temp files are written, but moving one into --out fails with EROFS, naming the file."""
+
+    def publish(self, temp: Path, relative: str) -> str:
+        final = Path(self.target) / relative
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(final))
+
+
+def png_handler(calls: list[httpx.Request]) -> Handler:
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(200, content=PNG, headers={"content-type": "image/png"})
+
+    return handler
+
+
+async def run_stage(
+    tmp_path: Path, sink: OutputSink, handler: Handler, jobs: int = 3
+) -> tuple[DownloadStage, list[str]]:
+    """``jobs`` completed jobs of two outputs each through one consumer, in order."""
+    said: list[str] = []
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    d = Downloader(http, sink, policy=RetryPolicy(attempts=3), sleep=no_sleep)
+    async with Ledger.open(tmp_path / "run") as ledger:
+        stage = DownloadStage(d, ledger, concurrency=1, say=said.append)
+        async with stage.running():
+            for j in range(jobs):
+                outputs = (
+                    image(f"https://cdn.test/{j}-0.png"),
+                    image(f"https://cdn.test/{j}-1.png"),
+                )
+                event = completed_event(f"k{j}", f"r{j}", outputs)
+                ledger.append(event)
+                await stage.put(DownloadItem(f"k{j}", f"r{j}", outputs, event))
+    return stage, said
+
+
+@pytest.mark.parametrize(
+    ("make_sink", "errno_text", "names"),
+    [
+        (FullDiskSink, "[Errno 28] No space left on device", ".k0-0.png.part"),
+        (ReadOnlySink, "[Errno 30] Read-only file system", "k0-0.png"),
+        (DevFullSink, "[Errno 28] No space left on device", ".k0-0.png.part"),
+    ],
+    ids=["enospc-write", "erofs-publish", "dev-full"],
+)
+async def test_storage_that_refuses_a_write_stops_the_stage_and_names_the_path(
+    tmp_path: Path, make_sink: type[OutputSink], errno_text: str, names: str
+) -> None:
+    if make_sink is DevFullSink and not HAS_DEV_FULL:
+        pytest.skip("no /dev/full here")
+    out = tmp_path / "out"
+    calls: list[httpx.Request] = []
+    stage, said = await run_stage(
+        tmp_path, make_sink(str(out), tmp_path / "run"), png_handler(calls)
+    )
+
+    problem = stage.storage_problem
+    assert problem is not None and stage.storage_failed.is_set()
+    where = out / safe_segment("r0") / names
+    assert problem == f"storage refused a write to {where}: {errno_text}"
+    assert "\n" not in problem
+    # One GET: the refused write is not retried, and nothing after it is fetched.
+    assert len(calls) == 1 and stage.downloader.attempts == 1
+    assert stage.counts.jobs_failed == 3 and stage.counts.jobs_done == 0
+    assert stage.counts.outputs_skipped == 5
+    assert sum("downloads stopped" in line for line in said) == 1
+    assert f"downloads stopped: {problem}" in stage.summary()
+
+    state = LedgerState.load(tmp_path / "run")
+    for j in range(3):
+        record = state.get(f"k{j}")
+        assert record is not None and record.state is JobState.COMPLETED
+        assert record.error_type == "download_failed" and record.retryable is True
+        assert record.outputs is not None and all(o.local_path is None for o in record.outputs)
+        assert problem in (record.error_message or "")
+    first = state.get("k0")
+    assert first is not None and "output 1: not attempted" in (first.error_message or "")
+    assert set(pending_downloads(state)) == {"k0", "k1", "k2"}  # a rerun fetches them all
+    assert not [p for p in out.rglob("*") if p.is_file()]
+
+
+async def test_a_rerun_after_the_disk_is_fixed_fetches_everything(tmp_path: Path) -> None:
+    calls: list[httpx.Request] = []
+    out = tmp_path / "out"
+    await run_stage(tmp_path, FullDiskSink(str(out), tmp_path / "run"), png_handler(calls), jobs=2)
+    pending = pending_downloads(LedgerState.load(tmp_path / "run"))
+    calls.clear()
+    async with Ledger.open(tmp_path / "run") as ledger:
+        stage = DownloadStage(downloader(png_handler(calls), out), ledger)
+        async with stage.running():
+            for key in list(pending):
+                await stage.put(pending[key])
+    assert stage.storage_problem is None and stage.counts.jobs_done == 2 and len(calls) == 4
+    assert pending_downloads(LedgerState.load(tmp_path / "run")) == {}
+
+
+def refuse_connect(request: httpx.Request) -> httpx.Response:
+    raise httpx.ConnectError("connection refused", request=request)
+
+
+def gone(_request: httpx.Request) -> httpx.Response:
+    return httpx.Response(404)
+
+
+def not_an_image(_request: httpx.Request) -> httpx.Response:
+    return httpx.Response(200, content=b"<html/>", headers={"content-type": "text/html"})
+
+
+@pytest.mark.parametrize("handler", [refuse_connect, gone, not_an_image])
+async def test_a_network_or_content_failure_is_not_a_storage_failure(
+    tmp_path: Path, handler: Handler
+) -> None:
+    stage, said = await run_stage(tmp_path, OutputSink(str(tmp_path / "out"), tmp_path), handler)
+    assert stage.storage_problem is None and not stage.storage_failed.is_set()
+    assert stage.counts.jobs_failed == 3 and stage.counts.outputs_skipped == 0
+    assert len(said) == 3 and "downloads stopped" not in stage.summary()
+    assert stage.downloader.attempts >= 6  # every output was tried

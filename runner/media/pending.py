@@ -1,0 +1,109 @@
+"""What is still to download: completed jobs whose outputs (some or all) have no local copy.
+
+:class:`DownloadItem` is one job's outputs, handed to the download stage;
+:func:`pending_downloads` finds the jobs of a folded ledger with an output lacking
+local_path (an earlier ``--no-download`` run, or downloads that failed), so a resumed run
+fetches only those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from runner.ledger.schema import JobState, LedgerEvent, OutputImage
+from runner.ledger.state import LedgerState
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadItem:
+    """A completed job whose outputs (some or all) are still to be downloaded.
+
+    ``completed`` is the job's ``completed`` event (or folded record): the event recording
+    the downloads repeats it with new outputs, so every completed event stands alone.
+    """
+
+    job_key: str
+    row_id: str
+    outputs: tuple[OutputImage, ...]
+    completed: LedgerEvent | None = None
+
+
+class PendingDownloads(Mapping[str, DownloadItem]):
+    """Completed jobs of a folded ledger with an output lacking local_path, by job_key.
+
+    Holds a flag per row of the state (a byte a job) and builds each
+    :class:`DownloadItem` from its row when asked for: a ledger written with
+    ``--no-download`` and resumed with downloads has every completed job pending,
+    and a million records held as Python objects would be gigabytes. :meth:`pop`
+    hands a job out once (the scheduler reaches a job once per manifest row).
+    """
+
+    def __init__(self, state: LedgerState) -> None:
+        self._state = state
+        self._flags = _unfetched_rows(state.jobs)
+        self._count = int(np.count_nonzero(self._flags))
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[str]:
+        keys = self._state.jobs["job_key"]
+        for start in range(0, len(self._flags), _KEY_BATCH):
+            rows = np.flatnonzero(self._flags[start : start + _KEY_BATCH]) + start
+            if len(rows):
+                yield from keys.take(pa.array(rows)).to_pylist()
+
+    def __getitem__(self, job_key: str) -> DownloadItem:
+        row = self._row(job_key)
+        if row is None:
+            raise KeyError(job_key)
+        record = self._state.record(row)
+        return DownloadItem(record.job_key, record.row_id or "", record.outputs or (), record)
+
+    def __contains__(self, job_key: object) -> bool:
+        return isinstance(job_key, str) and self._row(job_key) is not None
+
+    def pop(self, job_key: str) -> DownloadItem | None:
+        """The job's item, or None when it has nothing (left) to download; then never again."""
+        row = self._row(job_key)
+        if row is None:
+            return None
+        item = self[job_key]
+        self._flags[row] = False
+        self._count -= 1
+        return item
+
+    def _row(self, job_key: str) -> int | None:
+        row = self._state.row(job_key)
+        return row if row is not None and self._flags[row] else None
+
+
+_KEY_BATCH = 65_536
+
+
+def pending_downloads(state: LedgerState | pa.Table) -> PendingDownloads:
+    """The jobs of a folded ledger (a state, or its table) with downloads pending."""
+    return PendingDownloads(state if isinstance(state, LedgerState) else LedgerState(state))
+
+
+def _unfetched_rows(jobs: pa.Table) -> np.ndarray:
+    """Per row: a completed job with an output lacking local_path. Vectorised, chunk by chunk."""
+    flags = np.zeros(jobs.num_rows, dtype=bool)
+    if jobs.num_rows == 0:
+        return flags
+    start = 0
+    for chunk in jobs["outputs"].chunks:
+        flat = pc.list_flatten(chunk)
+        if len(flat):
+            missing = pc.is_null(pc.struct_field(flat, "local_path"))
+            parents = pc.list_parent_indices(chunk).to_numpy(zero_copy_only=False)
+            flags[start + parents[missing.to_numpy(zero_copy_only=False)]] = True
+        start += len(chunk)
+    done = pc.equal(jobs["state"], JobState.COMPLETED.value).combine_chunks()
+    flags &= done.to_numpy(zero_copy_only=False)
+    return flags
