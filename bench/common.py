@@ -41,7 +41,7 @@ from pydantic import SecretStr  # noqa: E402
 
 from runner.config import RunConfig  # noqa: E402
 from runner.run.engine import Hooks, execute  # noqa: E402
-from runner.run.scheduler import RunReport  # noqa: E402
+from runner.run.summary import RunReport  # noqa: E402
 
 KEY = "emulator:local-key"
 LORA = "fal-ai/flux-lora"

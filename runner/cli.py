@@ -20,6 +20,7 @@ from runner import __version__
 from runner.config import FAL_QUEUE_URL, key_from_env
 from runner.endpoints.catalog import CATALOG
 from runner.endpoints.cost import PriceTable
+from runner.endpoints.money import format_usd
 from runner.errors import EXIT_JOBS_FAILED, EXIT_OK, RowError, RunnerError, UsageError
 from runner.manifest.jobs import ExpandOptions, Job, column_warnings, iter_jobs
 from runner.manifest.plan import build_plan, render_text
@@ -92,7 +93,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from runner.run.engine import embedded_emulator, execute, print_summary
+    from runner.run.engine import embedded_emulator, execute
+    from runner.run.summary import print_summary
 
     config = run_config(args, os.environ)
     warnings, _ = stream_jobs(args)  # reads the first row only
@@ -123,11 +125,28 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {state:<12} {count}")
     for ep in summary.by_endpoint:
         states = ", ".join(f"{k}={v}" for k, v in sorted(ep.by_state.items()))
-        print(f"  {ep.endpoint}: {ep.jobs} jobs ({states}), billed ${ep.billed_usd}")
-    print(f"spent so far ${summary.billed_usd} (estimated ${summary.estimated_usd})")
-    if summary.possible_duplicates:
-        print(f"{summary.possible_duplicates} jobs have an unknown submit outcome")
+        print(f"  {ep.endpoint}: {ep.jobs} jobs ({states}), billed {format_usd(ep.billed_usd)}")
+    spent, estimated = format_usd(summary.billed_usd), format_usd(summary.estimated_usd)
+    print(f"spent so far {spent} (estimated {estimated})")
+    for line in duplicate_lines(summary):
+        print(line)
     return EXIT_OK
+
+
+def duplicate_lines(summary: Any) -> list[str]:
+    """What status says of spend that may have happened twice, or may yet."""
+    lines = []
+    if summary.possible_duplicates:
+        lines.append(
+            f"possible duplicate spend: {summary.possible_duplicates} jobs were resubmitted "
+            f"after an unknown outcome (est. {format_usd(summary.possible_duplicate_usd)})"
+        )
+    if summary.unknown_outcomes:
+        lines.append(
+            f"{summary.unknown_outcomes} jobs have an unknown submit outcome "
+            "(a resume settles them; resubmitting may pay twice)"
+        )
+    return lines
 
 
 def summary_json(summary: Any) -> dict[str, Any]:
@@ -149,6 +168,8 @@ def summary_json(summary: Any) -> dict[str, Any]:
         "estimated_usd": str(summary.estimated_usd),
         "billed_usd": str(summary.billed_usd),
         "possible_duplicates": summary.possible_duplicates,
+        "possible_duplicate_usd": str(summary.possible_duplicate_usd),
+        "unknown_outcomes": summary.unknown_outcomes,
     }
 
 

@@ -76,7 +76,7 @@ def failed(key: str, *, at_s: float, error_type: str, message: str, retryable: b
                     submitted_at=at),
         LedgerEvent(job_key=key, state=JobState.FAILED, at=at + timedelta(seconds=1),
                     error_type=error_type, error_message=message, retryable=retryable,
-                    attempt=attempt),
+                    attempt=attempt, billed_usd=Decimal(0) if retryable else None),
     ]  # fmt: skip
 
 

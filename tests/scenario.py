@@ -13,13 +13,15 @@ from pydantic import SecretStr
 
 from runner.config import RunConfig, build_config
 from runner.emulator import DEFAULT_KEY, Emulator, EmulatorConfig, FaultConfig
-from runner.fal.retry import RetryPolicy
-from runner.run.engine import Hooks, RunReport, execute
+from runner.fal.retry import RetryPolicies, RetryPolicy
+from runner.run.engine import Hooks, execute
+from runner.run.summary import RunReport
 
 EMULATOR_URL = "http://emulator"
 # The production rules with millisecond waits, so fault storms do not cost test time.
 FAST_SUBMIT = RetryPolicy(attempts=8, base_s=0.005, max_s=0.05)
 FAST_READ = RetryPolicy(attempts=20, timeout_s=30.0, base_s=0.005, max_s=0.05)
+FAST_POLICIES = RetryPolicies(submit=FAST_SUBMIT, read=FAST_READ)
 
 
 def manifest(tmp_path: Path, rows: int, *, name: str = "m.csv", extra: str = "") -> Path:
@@ -37,6 +39,9 @@ def run_config(path: Path, run_dir: Path, **overrides: Any) -> RunConfig:
         "run_dir": run_dir,
         "key": SecretStr(DEFAULT_KEY),
         "queue_url": EMULATOR_URL,
+        # Storage follows the queue to the emulator: a test never names a real fal host.
+        "rest_url": f"{EMULATOR_URL}/rest",
+        "cdn_url": f"{EMULATOR_URL}/cdn",
         "concurrency": 2,
         "rate_per_s": 1000.0,
         "quiet": True,
@@ -60,12 +65,13 @@ async def emulator(
         yield emu
 
 
-async def run(emu: Emulator, config: RunConfig) -> RunReport:
+async def run(
+    emu: Emulator, config: RunConfig, *, policies: RetryPolicies = FAST_POLICIES
+) -> RunReport:
     hooks = Hooks(
         transport=httpx.ASGITransport(app=emu.app),
         stream=io.StringIO(),
         handle_signals=False,
-        submit_policy=FAST_SUBMIT,
-        read_policy=FAST_READ,
+        policies=policies,
     )
     return await execute(config, hooks=hooks)

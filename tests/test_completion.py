@@ -26,7 +26,7 @@ from runner.fal.protocol import (
     peek_verdict,
 )
 from runner.fal.retry import RetryPolicy
-from runner.run.completion import Pacing, Poller, Reader, ResultFirst, Watch
+from runner.run.completion import Pacing, Poller, Reader, ResultFirst, ResultIn, StatusIn, Watch
 from tests.fakes import FakeTime
 
 pytestmark = pytest.mark.anyio
@@ -84,9 +84,10 @@ def watch(seen: list[Status] | None = None) -> Watch:
 
 
 async def test_a_job_found_done_costs_one_read_and_no_status() -> None:
-    queue, time, seen = FakeQueue([DONE]), FakeTime(), []
+    queue, time = FakeQueue([DONE]), FakeTime()
+    seen: list[Status] = []
     finished = await poller(queue, time, ResultFirst()).wait(watch(seen))
-    assert finished.result is not None and finished.result.body == RESULT
+    assert isinstance(finished, ResultIn) and finished.result.body == RESULT
     assert isinstance(finished.status, Completed)
     assert queue.calls == {"result": 1}
     # The worker still hears that the job ran (it moves the job to IN_PROGRESS).
@@ -96,7 +97,7 @@ async def test_a_job_found_done_costs_one_read_and_no_status() -> None:
 async def test_still_in_progress_means_look_again_later_without_status_reads() -> None:
     queue, time = FakeQueue([RUNNING, RUNNING, DONE]), FakeTime()
     finished = await poller(queue, time, ResultFirst()).wait(watch())
-    assert finished.result is not None
+    assert isinstance(finished, ResultIn)
     assert queue.calls == {"result": 3}
     assert len(time.sleeps) == 3 and all(s > 0 for s in time.sleeps)
 
@@ -117,7 +118,7 @@ async def test_an_answer_it_cannot_read_goes_to_the_status_url_at_once(answer: A
     queue, time = FakeQueue([answer], statuses=[COMPLETED]), FakeTime()
     finished = await poller(queue, time, ResultFirst()).wait(watch())
     # The status decides; the result is read afterwards by the worker, as before.
-    assert finished.result is None and isinstance(finished.status, Completed)
+    assert isinstance(finished, StatusIn) and isinstance(finished.status, Completed)
     assert queue.calls == {"result": 1, "status": 1}
     assert len(time.sleeps) == 1  # the status read came right after the odd answer
 
@@ -125,14 +126,14 @@ async def test_an_answer_it_cannot_read_goes_to_the_status_url_at_once(answer: A
 async def test_after_an_odd_answer_the_job_stays_on_status_reads() -> None:
     queue = FakeQueue([(500, {"detail": "?"})], statuses=[IN_PROGRESS, IN_PROGRESS, COMPLETED])
     finished = await poller(queue, FakeTime(), ResultFirst()).wait(watch())
-    assert finished.result is None
+    assert isinstance(finished, StatusIn)
     assert queue.calls == {"result": 1, "status": 3}
 
 
 async def test_first_look_status_never_reads_the_result() -> None:
     queue = FakeQueue([DONE], statuses=[IN_PROGRESS, COMPLETED])
     finished = await poller(queue, FakeTime(), ResultFirst(enabled=False)).wait(watch())
-    assert finished.result is None
+    assert isinstance(finished, StatusIn)
     assert queue.calls == {"status": 2}
 
 
@@ -163,7 +164,7 @@ async def test_a_configured_not_ready_answer_is_recognised() -> None:
     custom = NotReadyAnswer(status_codes=frozenset({409}), detail_contains="not finished")
     queue = FakeQueue([(409, {"detail": "Not finished yet"}), DONE])
     finished = await poller(queue, FakeTime(), ResultFirst(not_ready=custom)).wait(watch())
-    assert finished.result is not None
+    assert isinstance(finished, ResultIn)
     assert queue.calls == {"result": 2}
 
 

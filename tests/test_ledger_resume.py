@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -34,8 +35,10 @@ def brief(
     attempt: int | None = 1,
     request_id: str | None = None,
     retryable: bool | None = None,
+    *,
+    free: bool = False,
 ) -> JobBrief:
-    return JobBrief("k", JobState(state), attempt, request_id, retryable)
+    return JobBrief("k", JobState(state), attempt, request_id, retryable, free)
 
 
 S, R, K, F = Action.SUBMIT, Action.REATTACH, Action.SKIP, Action.FAIL
@@ -47,16 +50,23 @@ CASES = [
     ("completed even with retry_failed", brief("completed"), RETRY_FAILED, (K, 1, None, False)),
     ("queued reattaches", brief("queued", 1, "r1"), DEFAULT, (R, 1, "r1", False)),
     ("in_progress reattaches", brief("in_progress", 2, "r2"), DEFAULT, (R, 2, "r2", False)),
-    ("queued without id is unknown", brief("queued"), DEFAULT, (S, 2, None, True)),
-    ("submitting resubmits", brief("submitting"), DEFAULT, (S, 2, None, True)),
-    ("unknown resubmits", brief("unknown", 1), DEFAULT, (S, 2, None, True)),
+    # An unanswered attempt does not count: the resubmit keeps its number.
+    ("queued without id is unknown", brief("queued"), DEFAULT, (S, 1, None, True)),
+    ("submitting resubmits", brief("submitting"), DEFAULT, (S, 1, None, True)),
+    ("unknown resubmits", brief("unknown", 2), DEFAULT, (S, 2, None, True)),
     ("unknown with an id reattaches", brief("unknown", 1, "r1"), DEFAULT, (R, 1, "r1", False)),
     ("unknown skip policy", brief("unknown"), SKIP_UNKNOWN, (K, 1, None, False)),
     ("submitting fail policy", brief("submitting"), FAIL_UNKNOWN, (F, 1, None, False)),
-    ("failed retryable", brief("failed", 1, "r1", True), DEFAULT, (S, 2, None, False)),
-    ("failed retryable at max", brief("failed", 3, "r1", True), DEFAULT, (K, 3, None, False)),
-    ("failed not retryable", brief("failed", 1, "r1", False), DEFAULT, (K, 1, None, False)),
-    ("failed retryable unknown", brief("failed", 1, None, None), DEFAULT, (K, 1, None, False)),
+    # A failure that cost nothing is retried by every rerun, unasked, attempts or not.
+    ("failed free", brief("failed", 1, "r1", True, free=True), DEFAULT, (S, 2, None, False)),
+    ("failed free past max", brief("failed", 9, None, True, free=True), DEFAULT,
+     (S, 10, None, False)),
+    ("failed free not retryable", brief("failed", 1, None, False, free=True), DEFAULT,
+     (S, 2, None, False)),
+    # One that may have been billed needs --retry-failed.
+    ("failed maybe billed", brief("failed", 1, "r1", False), DEFAULT, (K, 1, None, False)),
+    ("failed maybe billed retryable", brief("failed", 1, "r1", True), DEFAULT,
+     (K, 1, None, False)),
     (
         "failed with retry_failed",
         brief("failed", 5, None, False),
@@ -67,7 +77,7 @@ CASES = [
     ("cancelled retry_failed", brief("cancelled"), RETRY_FAILED, (S, 2, None, False)),
     ("invalid validates again", brief("invalid", None), DEFAULT, (S, 1, None, False)),
     ("no attempt recorded", brief("unknown", None), DEFAULT, (S, 1, None, True)),
-]
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -84,10 +94,13 @@ def test_decide(
     assert decision.reason
 
 
-def test_max_attempts_is_a_policy() -> None:
-    record = brief("failed", 3, None, True)
-    assert decide(record, ResumePolicy(max_attempts=4)).action is Action.SUBMIT
-    assert decide(record, ResumePolicy(max_attempts=3)).action is Action.SKIP
+def test_max_attempts_does_not_stop_a_rerun_from_retrying_a_free_failure() -> None:
+    """--max-attempts bounds the attempts of one run; a failure that cost nothing is
+    retried by every rerun, so kills and outages cannot turn it permanent."""
+    free = brief("failed", 3, None, True, free=True)
+    assert decide(free, ResumePolicy(max_attempts=3)).action is Action.SUBMIT
+    billed = brief("failed", 1, "r1", False)
+    assert decide(billed, ResumePolicy(max_attempts=9)).action is Action.SKIP
 
 
 @dataclass(frozen=True)
@@ -102,7 +115,7 @@ def build_ledger(run_dir: Path) -> LedgerState:
         LedgerEvent("flying", JobState.SUBMITTING, T0, attempt=1),
         LedgerEvent("flying", JobState.QUEUED, T0, request_id="r-fly"),
         LedgerEvent("lost", JobState.SUBMITTING, T0, attempt=1),
-        LedgerEvent("broke", JobState.FAILED, T0, attempt=1, retryable=True),
+        LedgerEvent("broke", JobState.FAILED, T0, attempt=1, retryable=True, billed_usd=Decimal(0)),
         LedgerEvent("gone", JobState.COMPLETED, T0, attempt=1),
     ]
     with Ledger.open(run_dir) as ledger:

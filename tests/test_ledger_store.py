@@ -37,7 +37,7 @@ from runner.ledger import (
     status_summary,
     write_run_meta,
 )
-from runner.ledger.schema import encode_event, rows_to_table
+from runner.ledger.schema import SCHEMA_VERSION, encode_event, rows_to_table
 
 REPO = Path(__file__).parent.parent
 # The package exports a fold() function that hides the submodule's attribute name.
@@ -154,7 +154,7 @@ def test_parts_are_readable_by_pyarrow_dataset(tmp_path: Path) -> None:
     glob = ds.dataset(sorted((tmp_path / "ledger").glob("*.parquet")), format="parquet")
     assert sorted(glob.to_table()["seq"].to_pylist()) == list(range(1, 9))
     meta = pq.read_schema(next((tmp_path / "ledger").glob("*.parquet"))).metadata
-    assert meta[b"runner.ledger.schema_version"] == b"1"
+    assert meta[b"runner.ledger.schema_version"] == str(SCHEMA_VERSION).encode()
 
 
 def test_corrupt_part_raises_naming_the_file(tmp_path: Path) -> None:
@@ -176,6 +176,50 @@ def test_part_with_a_newer_schema_version_is_refused(tmp_path: Path) -> None:
     pq.write_table(table, tmp_path / "ledger" / "part-000000000001-000000000001.parquet")
     with pytest.raises(LedgerCorruptError, match="schema version"):
         read_events(tmp_path)
+
+
+V1_COLUMNS = 28  # version 1 ended at "retryable"; version 2 appended five columns
+
+
+def write_v1_part(run_dir: Path, events: list[LedgerEvent]) -> Path:
+    """A part as a version-1 runner wrote it: the first 28 columns, version 1 metadata."""
+    table = rows_to_table([encode_event(e, i + 1) for i, e in enumerate(events)])
+    v1 = table.select(LEDGER_SCHEMA.names[:V1_COLUMNS]).replace_schema_metadata(
+        {b"runner.ledger.schema_version": b"1"}
+    )
+    (run_dir / "ledger").mkdir(parents=True, exist_ok=True)
+    path = run_dir / "ledger" / f"part-000000000001-{len(events):012d}.parquet"
+    pq.write_table(v1, path)
+    return path
+
+
+def test_a_version_1_ledger_is_read_and_resumed_as_version_2(tmp_path: Path) -> None:
+    assert LEDGER_SCHEMA.names[V1_COLUMNS - 1] == "retryable"
+    write_v1_part(tmp_path, job_events("a") + job_events("b"))
+    events = read_events(tmp_path).table
+    assert events.schema.names == LEDGER_SCHEMA.names
+    assert events["possible_duplicate"].null_count == events.num_rows
+    state = LedgerState.load(tmp_path)
+    record = state.get("a")
+    assert record is not None and record.state is JobState.COMPLETED
+    assert record.status_url is None and record.possible_duplicate is None
+    # A v2 writer appends to it, and compaction rewrites it whole in version 2.
+    with Ledger.open(tmp_path) as ledger:
+        ledger.append(
+            LedgerEvent(
+                "c",
+                JobState.QUEUED,
+                T0,
+                request_id="r-c",
+                status_url="http://q/s",
+                possible_duplicate=True,
+            )
+        )
+        ledger.commit_sync()
+    again = LedgerState.load(tmp_path)
+    c = again.get("c")
+    assert c is not None and c.status_url == "http://q/s" and c.possible_duplicate is True
+    assert status_summary(tmp_path).jobs == 3
 
 
 def test_second_writer_is_refused_naming_dir_and_pid(tmp_path: Path) -> None:
@@ -275,7 +319,7 @@ def test_status_counts_by_state_and_endpoint_with_exact_spend(tmp_path: Path) ->
         JobState.COMPLETED: 2, JobState.SUBMITTING: 1, JobState.INVALID: 1,
     }  # fmt: skip
     assert summary.billed_usd == Decimal("0.05") and summary.estimated_usd == Decimal("0.075")
-    assert summary.possible_duplicates == 1
+    assert (summary.unknown_outcomes, summary.possible_duplicates) == (1, 0)
     dev = {e.endpoint: e for e in summary.by_endpoint}["fal-ai/flux/dev"]
     assert (dev.jobs, dev.billed_usd) == (2, Decimal("0.05"))
     assert summary.run_meta is not None and summary.run_meta["runner_version"] == "0.1.0"

@@ -56,7 +56,8 @@ def test_counts_by_state_and_endpoint_agree_with_status(run_dir: Path, report: R
         ep.endpoint: (ep.jobs, dict(ep.by_state)) for ep in status.by_endpoint
     }
     assert [e.endpoint for e in report.endpoints] == [FLUX2, LORA, None]  # no endpoint last
-    assert report.possible_duplicates == status.possible_duplicates == 1
+    assert report.unknown_outcomes == status.unknown_outcomes == 1
+    assert report.possible_duplicates == status.possible_duplicates == 0
 
 
 @pytest.mark.parametrize(
@@ -187,7 +188,8 @@ def test_resume_outlook_counts_what_decide_would_do(report: Report) -> None:
         (ResumePolicy(on_unknown="skip"), 0, 0, 1, 7),
         (ResumePolicy(on_unknown="fail"), 0, 1, 1, 6),
         (ResumePolicy(retry_failed=True), 1, 0, 3, 4),
-        (ResumePolicy(max_attempts=1), 1, 0, 0, 7),
+        # --max-attempts bounds one run; a rerun retries a failure that cost nothing.
+        (ResumePolicy(max_attempts=1), 1, 0, 1, 6),
     ],
 )
 def test_resume_outlook_follows_the_policy(

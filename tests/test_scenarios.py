@@ -168,7 +168,9 @@ async def test_on_unknown_skip_sends_nothing_again(tmp_path: Path) -> None:
         await run(emu, run_config(path, tmp_path / "run"))
         again = await run(emu, run_config(path, tmp_path / "run", on_unknown="skip"))
         assert emu.snapshot()["submits"]["duplicates"] == 0
-    assert again.tally.skipped == 4
+    # Skipped, but not completed: the run does not claim success.
+    assert (again.tally.skipped, again.tally.left, again.exit_code) == (3, 1, 1)
+    assert again.tally.reasons == {"left_unknown": 1}
 
 
 async def test_failed_jobs_are_retried_up_to_max_attempts(tmp_path: Path) -> None:
@@ -222,13 +224,27 @@ async def test_budget_cap_stops_admitting_and_exits_3(tmp_path: Path) -> None:
     assert Decimal(stats["billed_usd"]) <= Decimal("0.1")
 
 
-async def test_budget_counts_spend_of_earlier_runs(tmp_path: Path) -> None:
+async def test_max_total_cost_counts_spend_of_earlier_runs(tmp_path: Path) -> None:
     path = manifest(tmp_path, 4)
+    cap = {"max_total_cost_usd": Decimal("0.07")}
     async with emulator() as emu:
-        await run(emu, run_config(path, tmp_path / "run", max_cost_usd=Decimal("0.07")))
-        again = await run(emu, run_config(path, tmp_path / "run", max_cost_usd=Decimal("0.07")))
+        await run(emu, run_config(path, tmp_path / "run", **cap))
+        again = await run(emu, run_config(path, tmp_path / "run", **cap))
         assert emu.snapshot()["submits"]["accepted"] == 2
     assert again.exit_code == EXIT_BUDGET
+    assert "would exceed --max-total-cost $0.07" in again.message
+
+
+async def test_max_cost_is_per_night_so_a_reused_run_directory_goes_on(tmp_path: Path) -> None:
+    """A nightly job reusing its run directory gets its --max-cost every night."""
+    path = manifest(tmp_path, 4)
+    cap = {"max_cost_usd": Decimal("0.07")}
+    async with emulator() as emu:
+        first = await run(emu, run_config(path, tmp_path / "run", **cap))
+        second = await run(emu, run_config(path, tmp_path / "run", **cap))
+        assert emu.snapshot()["submits"]["accepted"] == 4
+    assert first.exit_code == EXIT_BUDGET and "would exceed --max-cost $0.07" in first.message
+    assert second.exit_code == 0 and second.tally.skipped == 2
 
 
 async def test_job_timeout_cancels_remotely_and_records_failure(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from runner.errors import EXIT_JOBS_FAILED, EXIT_OK
 from runner.ledger.resume import Action, ResumePolicy, decide
 from runner.ledger.state import LedgerState
 from runner.run.engine import Hooks, execute
-from runner.run.scheduler import RunReport
+from runner.run.summary import RunReport
 from tests.scenario import emulator, manifest, run_config
 from tests.torture_support import LONG, check_accounting, histories, manifest_jobs
 

@@ -57,6 +57,10 @@ class Stats:
     billing: dict[str, _Billing] = field(default_factory=dict)
     first_submit_at: float | None = None
     last_finish_at: float | None = None
+    # Accepted and not yet ended (queued or running), now and at its highest: what a
+    # client's in-flight window is checked against.
+    outstanding: int = 0
+    peak_outstanding: int = 0
 
     def call(self, kind: str) -> None:
         self.calls[kind] += 1
@@ -69,11 +73,14 @@ class Stats:
         if digest in self.submits:
             self.duplicates += 1
         self.submits[digest] += 1
+        self.outstanding += 1
+        self.peak_outstanding = max(self.peak_outstanding, self.outstanding)
         if self.first_submit_at is None:
             self.first_submit_at = at
 
     def ended(self, ending: str, at: float) -> None:
         self.endings[ending] += 1
+        self.outstanding -= 1
         self.last_finish_at = at if self.last_finish_at is None else max(self.last_finish_at, at)
 
     def bill(
@@ -106,6 +113,8 @@ class Stats:
                 "accepted": len(self.submits) + self.duplicates,
                 "distinct_inputs": len(self.submits),
                 "duplicates": self.duplicates,
+                "outstanding": self.outstanding,
+                "peak_outstanding": self.peak_outstanding,
                 "by_input": {digest.hex(): n for digest, n in self.submits.items()},
             },
             "jobs": {**queue, "endings": dict(self.endings)},

@@ -91,10 +91,21 @@ class RetryPolicy:
             raise ValueError("jitter must be (low, high) with 0 <= low <= high")
 
 
-# Starting points for the engine. Submits get a longer total time because 429 storms pass
-# slowly and a submit that was certainly not accepted costs nothing to try again.
-READ_POLICY = RetryPolicy(attempts=8, timeout_s=120.0, base_s=0.25, max_s=15.0)
-SUBMIT_POLICY = RetryPolicy(attempts=8, timeout_s=300.0, base_s=0.5, max_s=30.0)
+@dataclass(frozen=True, slots=True)
+class RetryPolicies:
+    """The one table of retry policies of a run, one per kind of call, built once.
+
+    Submits get a long total time because 429 storms pass slowly and a submit that was
+    certainly not accepted costs nothing to try again; a cancel is short because it runs
+    while a run winds down. Tests shrink the waits, never the rules.
+    """
+
+    submit: RetryPolicy = RetryPolicy(attempts=8)
+    read: RetryPolicy = RetryPolicy(timeout_s=300.0)
+    cancel: RetryPolicy = RetryPolicy(attempts=3, timeout_s=10.0)
+    upload: RetryPolicy = RetryPolicy(attempts=5, timeout_s=120.0)
+    download: RetryPolicy = RetryPolicy(attempts=3, timeout_s=300.0)
+    history: RetryPolicy = RetryPolicy(attempts=5, timeout_s=60.0)
 
 
 def is_throttled(failure: BaseException | httpx.Response) -> bool:

@@ -106,15 +106,34 @@ def read_part(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
         with pq.ParquetFile(path) as handle:
             schema = handle.schema_arrow
             check_schema(schema, str(path))
-            if not schema.remove_metadata().equals(LEDGER_SCHEMA.remove_metadata()):
+            # An older version's columns are a prefix of today's (columns are only appended).
+            have = len(schema)
+            if have > len(LEDGER_SCHEMA) or not all(
+                schema.field(i).equals(LEDGER_SCHEMA.field(i)) for i in range(have)
+            ):
                 raise LedgerCorruptError(f"ledger part {path} has an unexpected schema")
+            wanted = LEDGER_SCHEMA.names if columns is None else list(columns)
+            present = [n for n in wanted if n in schema.names]
             # One part at a time on few cores: threads cost more than they give.
-            names = None if columns is None else list(columns)
-            return handle.read(columns=names, use_threads=False)
+            table = handle.read(columns=present, use_threads=False)
+            if len(present) < len(wanted):
+                table = _with_missing_columns(table, wanted)
+            return table
     except FileNotFoundError:
         raise
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise LedgerCorruptError(f"ledger part {path} cannot be read: {exc}") from exc
+
+
+def _with_missing_columns(table: pa.Table, names: Sequence[str]) -> pa.Table:
+    """``table`` with the columns ``names`` in that order, the absent ones all null."""
+    columns = [
+        table[name] if name in table.column_names
+        else pa.nulls(table.num_rows, LEDGER_SCHEMA.field(name).type)
+        for name in names
+    ]  # fmt: skip
+    fields = [LEDGER_SCHEMA.field(name) for name in names]
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
 
 def part_rows(path: Path) -> int:

@@ -8,13 +8,18 @@
       ... without request_id   as unknown
     unknown with request_id    REATTACH (the id proves the POST was accepted)
     submitting / unknown       on_unknown: resubmit -> SUBMIT (possible duplicate
-                               spend), skip -> SKIP, fail -> FAIL
-    failed                     SUBMIT if retryable and attempt < max_attempts,
-                               or retry_failed; else SKIP
-    cancelled                  like a non-retryable failure
+                               spend; the unanswered attempt keeps its number),
+                               skip -> SKIP, fail -> FAIL
+    failed, cost nothing       SUBMIT, unasked: nothing was billed (never accepted,
+      (billed 0)               refused, an input or upload problem, a 5xx)
+    failed, maybe billed       SUBMIT with retry_failed; else SKIP
+    cancelled                  like a failure that may have been billed
     invalid                    SUBMIT (the row is validated again)
 
-FAIL means: send nothing and record the job as failed (``unknown_outcome``).
+FAIL means: send nothing and record the job as failed (``unknown_outcome``). A SKIP of
+anything but a completed job leaves the job not completed: the run does not exit 0.
+``max_attempts`` bounds the attempts within one run (see :mod:`runner.run.worker`); it
+does not stop a rerun from retrying a failure that cost nothing.
 Jobs in the ledger whose key is no longer in the manifest are never visited,
 so they stay in the ledger untouched.
 """
@@ -50,6 +55,8 @@ class JobView(Protocol):
     def request_id(self) -> str | None: ...
     @property
     def retryable(self) -> bool | None: ...
+    @property
+    def cost_nothing(self) -> bool: ...
 
 
 class LedgerView(Protocol):
@@ -100,13 +107,11 @@ def decide(record: JobView | None, policy: ResumePolicy) -> Decision:
         return _decide_unknown(done, policy)
     if state is JobState.INVALID:
         return Decision(Action.SUBMIT, "invalid: validate again", done + 1)
+    if state is JobState.FAILED and record.cost_nothing:
+        return Decision(Action.SUBMIT, "failed at no cost: retry", done + 1)
     if policy.retry_failed:
         return Decision(Action.SUBMIT, f"{state.value}: --retry-failed", done + 1)
-    if state is JobState.FAILED and record.retryable and done < policy.max_attempts:
-        return Decision(Action.SUBMIT, "failed: retryable", done + 1)
-    if state is JobState.FAILED and record.retryable:
-        return Decision(Action.SKIP, f"failed: {done} attempts used", done)
-    return Decision(Action.SKIP, f"{state.value}: not retryable", done)
+    return Decision(Action.SKIP, f"{state.value}: may have been billed (--retry-failed)", done)
 
 
 def _decide_unknown(done: int, policy: ResumePolicy) -> Decision:
@@ -114,7 +119,10 @@ def _decide_unknown(done: int, policy: ResumePolicy) -> Decision:
         return Decision(Action.SKIP, "unknown outcome: --on-unknown skip", done)
     if policy.on_unknown == "fail":
         return Decision(Action.FAIL, "unknown outcome: --on-unknown fail", done)
-    return Decision(Action.SUBMIT, "unknown outcome: resubmit", done + 1, possible_duplicate=True)
+    # The unanswered attempt did not count: the resubmit keeps its number.
+    return Decision(
+        Action.SUBMIT, "unknown outcome: resubmit", max(done, 1), possible_duplicate=True
+    )
 
 
 @dataclass

@@ -26,7 +26,10 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 2 appended possible_duplicate, payload_sha256 and the acknowledged URLs; a
+# version-1 file is read as if those columns were null (runner.ledger.parts.read_part).
+OLDEST_SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = b"runner.ledger.schema_version"
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
@@ -83,6 +86,7 @@ JOB_FIELDS = (
     "metadata",
     "estimated_usd",
     "attempt",
+    "possible_duplicate",
 )
 # Columns that a new attempt's `submitting` event clears.
 ATTEMPT_FIELDS = (
@@ -98,6 +102,10 @@ ATTEMPT_FIELDS = (
     "nsfw",
     "megapixels",
     "billed_usd",
+    "payload_sha256",
+    "status_url",
+    "response_url",
+    "cancel_url",
 )
 # Columns that describe the latest event only: a failure's reason is not carried into a
 # later event (a download retried successfully, a job that completed after all).
@@ -135,6 +143,12 @@ LEDGER_SCHEMA = pa.schema(
         pa.field("error_type", pa.string()),
         pa.field("error_message", pa.string()),
         pa.field("retryable", pa.bool_()),
+        # Version 2 from here on.
+        pa.field("possible_duplicate", pa.bool_()),
+        pa.field("payload_sha256", pa.string()),
+        pa.field("status_url", pa.string()),
+        pa.field("response_url", pa.string()),
+        pa.field("cancel_url", pa.string()),
     ],
     metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )
@@ -193,6 +207,12 @@ class LedgerEvent:
     error_type: str | None = None
     error_message: str | None = None
     retryable: bool | None = None
+    # A submit that followed one of unknown outcome: it may have been billed twice. Sticky.
+    possible_duplicate: bool | None = None
+    payload_sha256: str | None = None  # sha256 of the canonical JSON actually sent
+    status_url: str | None = None  # the acknowledged URLs, followed verbatim
+    response_url: str | None = None
+    cancel_url: str | None = None
 
     def __post_init__(self) -> None:
         if self.state.__class__ is not JobState:
@@ -210,6 +230,11 @@ class JobRecord(LedgerEvent):
     """The folded latest view of one job: its last event plus carried-forward fields."""
 
     seq: int = 0
+
+    @property
+    def cost_nothing(self) -> bool:
+        """A failure recorded as certainly free (billed 0): a rerun retries it unasked."""
+        return self.billed_usd is not None and self.billed_usd == 0
 
 
 _EVENT_NAMES = tuple(f.name for f in fields(LedgerEvent))
@@ -307,5 +332,5 @@ def check_schema(schema: pa.Schema, where: str) -> None:
     """Refuse a file written with a newer or unknown schema version."""
     meta = schema.metadata or {}
     version = meta.get(SCHEMA_VERSION_KEY)
-    if version is None or int(version) > SCHEMA_VERSION:
+    if version is None or not OLDEST_SCHEMA_VERSION <= int(version) <= SCHEMA_VERSION:
         raise ValueError(f"{where}: unsupported ledger schema version {version!r}")

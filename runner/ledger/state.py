@@ -28,6 +28,7 @@ class JobBrief:
     attempt: int | None
     request_id: str | None
     retryable: bool | None
+    cost_nothing: bool = False  # billed 0: a failure that certainly cost nothing
 
 
 class LedgerState:
@@ -113,11 +114,24 @@ class _Briefs:
         self._attempt = Values(jobs["attempt"])
         self._retryable = Values(jobs["retryable"])
         self._request_id = Strings(jobs["request_id"])
+        billed = jobs["billed_usd"] if "billed_usd" in jobs.column_names else None
+        self._free = (
+            np.zeros(jobs.num_rows, dtype=bool)
+            if billed is None
+            else np.asarray(
+                pc.equal(billed, pa.scalar(0, billed.type))
+                .fill_null(False)
+                .to_numpy(zero_copy_only=False),
+                dtype=bool,
+            )
+        )
 
     @property
     def nbytes(self) -> int:
         """Bytes held besides the table (request_id is read where it is)."""
-        return self._codes.nbytes + self._attempt.nbytes + self._retryable.nbytes
+        return (
+            self._codes.nbytes + self._attempt.nbytes + self._retryable.nbytes + self._free.nbytes
+        )
 
     def at(self, job_key: str, i: int) -> JobBrief:
         code = self._codes[i]
@@ -131,4 +145,5 @@ class _Briefs:
             None if attempt is None else int(attempt),
             self._request_id.get(i),
             None if retryable is None else bool(retryable),
+            bool(self._free[i]),
         )

@@ -46,7 +46,11 @@ class Totals:
     estimated_usd: Decimal
     estimated_done_usd: Decimal
     billed_usd: Decimal
-    possible_duplicates: int  # jobs whose submit outcome is unknown (submitting/unknown)
+    # Jobs resubmitted after a submit of unknown outcome: they may have been billed twice.
+    # Durable: the flag stays on the job after it completes.
+    possible_duplicates: int
+    possible_duplicate_usd: Decimal  # their estimates
+    unknown_outcomes: int  # jobs whose latest submit outcome is unknown (submitting/unknown)
 
 
 def totals(jobs: pa.Table) -> Totals:
@@ -66,6 +70,7 @@ def totals(jobs: pa.Table) -> Totals:
         )
         for name, e in sorted(per.items(), key=lambda kv: (kv[0] is None, kv[0] or ""))
     )
+    flagged, flagged_usd = _possible_duplicates(jobs)
     by_state: Counter[JobState] = Counter()
     for endpoint in endpoints:
         by_state.update(endpoint.by_state)
@@ -76,20 +81,40 @@ def totals(jobs: pa.Table) -> Totals:
         estimated_usd=trim_usd(sum((e.estimated_usd for e in endpoints), _ZERO)),
         estimated_done_usd=trim_usd(sum((e.estimated_done_usd for e in endpoints), _ZERO)),
         billed_usd=trim_usd(sum((e.billed_usd for e in endpoints), _ZERO)),
-        possible_duplicates=by_state[JobState.SUBMITTING] + by_state[JobState.UNKNOWN],
+        possible_duplicates=flagged,
+        possible_duplicate_usd=trim_usd(flagged_usd),
+        unknown_outcomes=by_state[JobState.SUBMITTING] + by_state[JobState.UNKNOWN],
     )
+
+
+def _possible_duplicates(jobs: pa.Table) -> tuple[int, Decimal]:
+    if "possible_duplicate" not in jobs.column_names:
+        return 0, _ZERO
+    mask = jobs["possible_duplicate"].fill_null(False)
+    count = int(pc.sum(mask).as_py() or 0)
+    if not count:
+        return 0, _ZERO
+    usd = pc.sum(jobs.filter(mask)["estimated_usd"]).as_py()
+    return count, Decimal(usd or 0)
 
 
 def _endpoint_sums(jobs: pa.Table) -> dict[str | None, dict[Any, Any]]:
     """Per endpoint: job counts (also keyed by JobState), money sums, images, megapixels."""
-    billed_valid = pc.is_valid(jobs["billed_usd"])
+    # A job "was billed" when it completed with a price, or a failure cost something: a
+    # failure recorded at 0 (certainly free) has no estimate to compare.
+    billed = jobs["billed_usd"]
+    zero = pa.scalar(0, billed.type)
+    billed_valid = pc.and_(
+        pc.is_valid(billed),
+        pc.or_(pc.equal(jobs["state"], JobState.COMPLETED.value), pc.greater(billed, zero)),
+    )
     table = pa.table(
         {
             "endpoint": jobs["endpoint"],
             "state": jobs["state"],
             "est": jobs["estimated_usd"],
             "est_done": pc.if_else(billed_valid, jobs["estimated_usd"], None),
-            "billed": jobs["billed_usd"],
+            "billed": pc.if_else(billed_valid, billed, None),
             "images": pc.list_value_length(jobs["outputs"]),
             "mp": jobs["megapixels"],
         }

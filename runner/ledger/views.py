@@ -43,7 +43,9 @@ class StatusSummary:
     by_endpoint: tuple[EndpointTotals, ...]
     estimated_usd: Decimal  # sum of estimates over every job in the ledger
     billed_usd: Decimal  # sum of output-based cost of each job's latest attempt
-    possible_duplicates: int  # jobs in submitting/unknown: outcome of a POST unknown
+    possible_duplicates: int  # jobs resubmitted after an unknown outcome (durable)
+    possible_duplicate_usd: Decimal  # their estimates
+    unknown_outcomes: int  # jobs whose latest submit outcome is still unknown
     last_event_at: datetime | None
     torn_bytes: int  # journal bytes ignored as a torn tail (a writer mid-append or a crash)
     run_meta: Mapping[str, Any] | None
@@ -71,6 +73,8 @@ def status_summary(run_dir: Path | str) -> StatusSummary:
         estimated_usd=counted.estimated_usd,
         billed_usd=counted.billed_usd,
         possible_duplicates=counted.possible_duplicates,
+        possible_duplicate_usd=counted.possible_duplicate_usd,
+        unknown_outcomes=counted.unknown_outcomes,
         last_event_at=last_at,
         torn_bytes=read.torn_bytes,
         run_meta=read_run_meta(run_dir),

@@ -86,7 +86,9 @@ class Report:
     estimated_usd: Decimal
     estimated_done_usd: Decimal
     billed_usd: Decimal
-    possible_duplicates: int
+    possible_duplicates: int  # resubmitted after an unknown outcome: maybe billed twice
+    possible_duplicate_usd: Decimal
+    unknown_outcomes: int  # latest submit outcome still unknown
     timing: Timing
     failed_jobs: int
     failure_groups: int  # how many distinct groups, of which ``failures`` lists the top ones
@@ -138,6 +140,8 @@ def build_report(
         estimated_done_usd=counted.estimated_done_usd,
         billed_usd=counted.billed_usd,
         possible_duplicates=counted.possible_duplicates,
+        possible_duplicate_usd=counted.possible_duplicate_usd,
+        unknown_outcomes=counted.unknown_outcomes,
         timing=_timing(jobs),
         failed_jobs=failed,
         failure_groups=len(groups),

@@ -151,8 +151,14 @@ def _summary(report: Report) -> str:
     states = ", ".join(f"{s.value} {n}" for s, n in report.by_state.items())
     notes = "".join(f'<p class="note">{_e(n)}</p>' for n in report.notes)
     if report.possible_duplicates:
+        dup_usd = format_usd(report.possible_duplicate_usd)
         notes += (
-            f'<p class="warn">{count(report.possible_duplicates, "job")} with an unknown '
+            f'<p class="warn">possible duplicate spend: {count(report.possible_duplicates, "job")}'
+            f" resubmitted after an unknown outcome (est. {_e(dup_usd)})</p>"
+        )
+    if report.unknown_outcomes:
+        notes += (
+            f'<p class="warn">{count(report.unknown_outcomes, "job")} with an unknown '
             "submit outcome (a resume may pay for them twice)</p>"
         )
     tiles_html = f'<div class="tiles">{cells}</div>'

@@ -35,19 +35,23 @@ class ResumeOutlook:
 
 
 def resume_outlook(jobs: pa.Table, policy: ResumePolicy) -> ResumeOutlook:
-    """decide() over every folded record, once per distinct (state, attempt, id?, retryable)."""
+    """decide() over every folded record, once per distinct (state, attempt, id?, retryable,
+    free)."""
     has_id = pc.and_(
         pc.is_valid(jobs["request_id"]), pc.not_equal(jobs["request_id"], "")
     ).fill_null(False)
+    billed = jobs["billed_usd"]
+    free = pc.equal(billed, pa.scalar(0, billed.type)).fill_null(False)
     table = pa.table(
         {
             "state": jobs["state"],
             "attempt": jobs["attempt"],
             "has_id": has_id,
             "retryable": jobs["retryable"],
+            "free": free,
         }
     )
-    grouped = table.group_by(["state", "attempt", "has_id", "retryable"]).aggregate(
+    grouped = table.group_by(["state", "attempt", "has_id", "retryable", "free"]).aggregate(
         [("state", "count")]
     )
     kinds: Counter[str] = Counter()
@@ -55,7 +59,7 @@ def resume_outlook(jobs: pa.Table, policy: ResumePolicy) -> ResumeOutlook:
     for row in grouped.to_pylist():
         brief = JobBrief(
             "", JobState(row["state"]), row["attempt"], "id" if row["has_id"] else None,
-            row["retryable"],
+            row["retryable"], bool(row["free"]),
         )  # fmt: skip
         decision = decide(brief, policy)
         count = row["state_count"]

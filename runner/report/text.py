@@ -92,7 +92,12 @@ def render_text(report: Report) -> str:
         lines[0] += f" from {report.manifest}"
     lines.append("  " + ", ".join(f"{s.value} {n}" for s, n in report.by_state.items()))
     if report.possible_duplicates:
-        lines.append(f"  {count(report.possible_duplicates, 'job')} with an unknown submit outcome")
+        lines.append(
+            f"  possible duplicate spend: {count(report.possible_duplicates, 'job')} resubmitted "
+            f"after an unknown outcome (est. {format_usd(report.possible_duplicate_usd)})"
+        )
+    if report.unknown_outcomes:
+        lines.append(f"  {count(report.unknown_outcomes, 'job')} with an unknown submit outcome")
     lines += ["", "cost by endpoint (estimate of billed jobs vs output-based cost):"]
     rows: list[tuple[str, ...]] = [
         ("endpoint", "jobs", "done", "images", "estimated", "est. billed", "billed")

@@ -1,12 +1,16 @@
 """How the runner learns that a job finished: by polling, by the status stream, or by webhook.
 
 Each strategy answers one question, ``await strategy.wait(watch) -> Finished``, for one job.
+``Finished`` is a sum type: the result itself (a look read it), a COMPLETED status (the
+result is still to be read), or a webhook's payload.
 
 - :class:`Poller` looks at times chosen by :mod:`runner.run.pacing`: once near the expected
   completion instead of every 0.1 s. By default a look reads the result URL itself, so a
   job found done costs submit + one read; an answer it does not recognise sends it back
   to status reads (see :class:`ResultFirst`).
-- :class:`Streamer` holds the SSE status stream open and reconnects when it drops.
+- :class:`Streamer` holds the SSE status stream open. A stream that fails in any way (an
+  answer that is not an event stream, a drop before COMPLETED) hands its job to the
+  poller; when most streams of a run fail, the run polls from then on and says so once.
 - :class:`WebhookWaiter` waits for the webhook (fed by :meth:`WebhookWaiter.deliver`) and
   polls a job whose webhook is late, so a lost webhook never stalls a run.
 
@@ -33,7 +37,7 @@ from runner.fal.protocol import (
     ResultResponse,
     Status,
 )
-from runner.fal.retry import Action, RetryPolicy, call_with_retry, classify
+from runner.fal.retry import RetryPolicy, call_with_retry
 from runner.run.pacing import ServiceModel, explore_delay_s, first_poll_delay_s, next_poll_delay_s
 
 
@@ -52,13 +56,29 @@ class Watch:
 
 
 @dataclass(frozen=True, slots=True)
-class Finished:
-    """A completed job: its final status, and its result if a look or a webhook carried it."""
+class ResultIn:
+    """A look read the result itself: nothing more to fetch."""
 
     status: Completed
-    webhook_payload: Any = None
-    webhook_ok: bool | None = None
-    result: ResultResponse | None = None
+    result: ResultResponse
+
+
+@dataclass(frozen=True, slots=True)
+class StatusIn:
+    """A COMPLETED status (maybe carrying the job's error); the result is still to be read."""
+
+    status: Completed
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookIn:
+    """The webhook arrived: ``ok`` with the result as ``payload``, or the job's error."""
+
+    ok: bool
+    payload: Any
+
+
+Finished = ResultIn | StatusIn | WebhookIn
 
 
 class Strategy(Protocol):
@@ -224,7 +244,7 @@ class Poller:
                 if peek is not None and peek.result is not None:
                     done = Completed(logs=None)
                     note(watch, done, self.reader.clock())
-                    return Finished(done, result=peek.result)
+                    return ResultIn(done, peek.result)
                 if peek is not None and peek.not_ready:
                     delay = self._not_ready_delay(watch, polls)
                     continue
@@ -232,7 +252,7 @@ class Poller:
             status = await self.reader.status(watch)
             polls += 1
             if isinstance(status, Completed):
-                return Finished(status)
+                return StatusIn(status)
             delay = self._next_delay(watch, status, polls)
 
     def _not_ready_delay(self, watch: Watch, polls: int) -> float:
@@ -262,41 +282,63 @@ class _Woken(Exception):  # control flow between WebhookWaiter and Poller
     """The webhook arrived while the poller slept."""
 
 
-class Streamer:
-    """The SSE status stream, one connection per job, reconnecting when it drops."""
+@dataclass(slots=True)
+class ChannelHealth:
+    """Whether a push channel still serves the run, shared by every job of a run.
 
-    def __init__(self, reader: Reader, *, max_reconnects: int = 20) -> None:
+    Each job whose channel fails falls back to polling on its own; once ``min_sample``
+    jobs have tried it and most failed, the run stops opening it and says so once.
+    """
+
+    name: str
+    enabled: bool = True
+    min_sample: int = 10
+    say: Callable[[str], None] | None = None
+    tried: int = 0
+    failed: int = 0
+    first_error: str | None = None
+
+    def count(self, error: str | None) -> None:
+        self.tried += 1
+        if error is None:
+            return
+        self.failed += 1
+        self.first_error = self.first_error or error
+        if self.enabled and self.tried >= self.min_sample and 2 * self.failed > self.tried:
+            self.enabled = False
+            if self.say is not None:
+                self.say(
+                    f"{self.failed} of {self.tried} {self.name}s failed (first: "
+                    f"{self.first_error}): polling every job from now on"
+                )
+
+
+class Streamer:
+    """The SSE status stream, one connection per job; polling when the stream fails."""
+
+    def __init__(self, reader: Reader, poller: Poller, health: ChannelHealth) -> None:
         self.reader = reader
-        self.max_reconnects = max_reconnects
+        self.poller = poller
+        self.health = health
+        self.fallbacks = 0
 
     async def wait(self, watch: Watch) -> Finished:
-        failures = 0
-        while True:
+        if self.health.enabled:
             try:
                 async with self.reader.client.stream(watch.ref) as events:
                     async for status in events:
-                        failures = 0
                         note(watch, status, self.reader.clock())
                         if isinstance(status, Completed):
-                            return Finished(status)
+                            self.health.count(None)
+                            return StatusIn(status)
+            except AuthError:
+                raise
             except FalError as exc:
-                decision = classify(exc, kind="read")
-                failures += 1
-                if decision.action is not Action.RETRY or failures > self.max_reconnects:
-                    raise
-                wait = decision.after_s
-                if wait is None:
-                    wait = min(self.reader.policy.base_s * 2 ** (failures - 1), 5.0)
-                await self.reader.sleep(wait)
-            # A stream that ended cleanly without COMPLETED is a drop: reconnect.
-            else:
-                failures += 1
-                if failures > self.max_reconnects:
-                    # Last resort: one plain status read decides.
-                    status = await self.reader.status(watch)
-                    if isinstance(status, Completed):
-                        return Finished(status)
-                    failures = 0
+                # Not an event stream, refused, or dropped before COMPLETED: the job is
+                # still the queue's, and polling finds it.
+                self.health.count(str(exc)[:300])
+            self.fallbacks += 1
+        return await self.poller.wait(watch)
 
 
 @dataclass(slots=True)
@@ -365,5 +407,4 @@ class WebhookWaiter:
 
     @staticmethod
     def _from_webhook(slot: _Slot) -> Finished:
-        status = Completed(logs=None, error=None if slot.ok else "webhook reported an error")
-        return Finished(status, webhook_payload=slot.payload, webhook_ok=slot.ok)
+        return WebhookIn(ok=bool(slot.ok), payload=slot.payload)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -40,6 +39,7 @@ from pydantic import SecretStr
 
 from runner import __version__
 from runner.config import RunConfig
+from runner.endpoints.cost import PriceTable
 from runner.errors import (
     RunnerError,
     UsageError,
@@ -47,14 +47,19 @@ from runner.errors import (
 from runner.fal.client import QueueClient
 from runner.fal.jwks import JwksCache
 from runner.fal.receiver import WebhookReceiver, webhook_server
-from runner.fal.retry import RetryPolicy
+from runner.fal.retry import RetryPolicies
 from runner.fal.storage import StorageClient, UploadSettings
 from runner.fal.transport import open_transport
+from runner.ledger.probe import probe_writable
+from runner.ledger.schema import utcnow
+from runner.ledger.state import LedgerState
 from runner.ledger.store import Ledger, write_run_meta
 from runner.media.downloads import Downloader, DownloadStage, OutputSink
-from runner.media.inputs import InputProber
+from runner.media.inputs import InputChecker, InputProber, InputSizer
 from runner.media.uploads import InputResolver, UploadCache, Uploader
+from runner.run.budget import Budget
 from runner.run.completion import (
+    ChannelHealth,
     Pacing,
     Poller,
     Reader,
@@ -63,8 +68,11 @@ from runner.run.completion import (
     Streamer,
     WebhookWaiter,
 )
+from runner.run.progress import Progress, Tally
 from runner.run.ratelimit import AdaptiveRate
-from runner.run.scheduler import RunReport, Scheduler, strict_check
+from runner.run.recorder import Recorder
+from runner.run.scheduler import Scheduler, prior_spend, strict_check
+from runner.run.summary import RunReport
 from runner.run.worker import Shared
 
 # Queue calls (submit, status, result, cancel) in flight at once. 16 measured best: CPU per
@@ -84,10 +92,8 @@ class Hooks:
     stream: TextIO | None = None
     handle_signals: bool = True
     upload_settings: UploadSettings | None = None  # e.g. a small multipart threshold
-    download_policy: RetryPolicy | None = None
-    # The one retry policy per kind of call; tests shrink the waits, never the rules.
-    submit_policy: RetryPolicy = field(default_factory=lambda: RetryPolicy(attempts=8))
-    read_policy: RetryPolicy = field(default_factory=lambda: RetryPolicy(timeout_s=300.0))
+    # The one table of retry policies; tests shrink the waits, never the rules.
+    policies: RetryPolicies = field(default_factory=RetryPolicies)
 
 
 def manifest_fingerprint(path: Path) -> dict[str, Any]:
@@ -116,7 +122,7 @@ def build_strategy(
     first = ResultFirst(enabled=config.first_look == "result", say=say)
     poller = Poller(reader, pacing, first)
     if config.completion == "stream":
-        return Streamer(reader)
+        return Streamer(reader, poller, ChannelHealth("status stream", say=say))
     if config.completion == "webhook":
         return WebhookWaiter(poller)
     return poller
@@ -148,16 +154,21 @@ async def execute(config: RunConfig, *, hooks: Hooks | None = None) -> RunReport
         raise UsageError("FAL_KEY is not set (or use --emulator to run on the local emulator)")
     if config.strict:
         await anyio.to_thread.run_sync(strict_check, config)
-    config.run_dir.mkdir(parents=True, exist_ok=True)
+    # Before anything is sent: a run that cannot keep its record or its outputs pays nothing.
+    await anyio.to_thread.run_sync(partial(probe_writable, config.run_dir, what="run directory"))
+    if config.download and "://" not in config.output_target:
+        target = Path(config.output_target)  # object stores are probed by their first write
+        await anyio.to_thread.run_sync(partial(probe_writable, target, what="output folder"))
     ledger = await anyio.to_thread.run_sync(Ledger.open, config.run_dir)
     async with ledger:
         write_run_metadata(config)
         # Without downloads, a completed job's outputs are never read again: fold less.
         fold = partial(ledger.state, downloads=config.download)
         state = await anyio.to_thread.run_sync(fold)
-        run = Scheduler(config, ledger, state, stream=hooks.stream)
+        tally = Tally()
+        progress = Progress(tally, stream=hooks.stream, quiet=config.quiet)
         try:
-            await _drive(run, hooks)
+            return await _drive(config, ledger, state, tally, progress, hooks)
         except BaseExceptionGroup as group:
             # A fatal error (a refused key) from one worker: raise it, not the group.
             fatal = _first_fatal(group)
@@ -165,9 +176,8 @@ async def execute(config: RunConfig, *, hooks: Hooks | None = None) -> RunReport
                 raise
             raise fatal from None
         finally:
-            run.progress.close()
+            progress.close()
             await ledger.commit()
-        return run.report()
 
 
 def _first_fatal(group: BaseExceptionGroup[BaseException]) -> RunnerError | None:
@@ -181,8 +191,20 @@ def _first_fatal(group: BaseExceptionGroup[BaseException]) -> RunnerError | None
     return None
 
 
-async def _drive(run: Scheduler, hooks: Hooks) -> None:
-    config = run.config
+def _budget(config: RunConfig, state: LedgerState) -> Budget:
+    budget = Budget(config.max_cost_usd, config.max_total_cost_usd)
+    budget.add_prior(prior_spend(state))
+    return budget
+
+
+async def _drive(
+    config: RunConfig,
+    ledger: Ledger,
+    state: LedgerState,
+    tally: Tally,
+    progress: Progress,
+    hooks: Hooks,
+) -> RunReport:
     # Short calls share MAX_REQUESTS connections; each open status stream holds its own,
     # and downloads and uploads theirs.
     streams = config.in_flight_limit if config.completion == "stream" else 0
@@ -190,6 +212,7 @@ async def _drive(run: Scheduler, hooks: Hooks) -> None:
     pool = MAX_REQUESTS + streams + downloads + 2
     limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
     transport = hooks.transport or open_transport(config.queue_url, limits=limits)
+    policies = hooks.policies
     async with AsyncExitStack() as stack:
         # One pool for the queue's calls (straight to the transport) and the rest.
         http = await stack.enter_async_context(httpx.AsyncClient(transport=transport, timeout=30.0))
@@ -201,31 +224,38 @@ async def _drive(run: Scheduler, hooks: Hooks) -> None:
             max_requests=MAX_REQUESTS,
             user_agent=USER_AGENT,
         )
-        reader = Reader(client, hooks.read_policy, hooks.clock, hooks.sleep)
+        reader = Reader(client, policies.read, hooks.clock, hooks.sleep)
         pacing = Pacing(slots=config.concurrency)
-        strategy = build_strategy(config, reader, pacing, run.progress.say)
+        strategy = build_strategy(config, reader, pacing, progress.say)
         rate = AdaptiveRate(
             config.rate_per_s,
             burst=max(1.0, config.rate_per_s),
             clock=hooks.clock,
             sleep=hooks.sleep,
         )
-        limits_by_endpoint = {
-            ep: anyio.CapacityLimiter(n) for ep, n in config.endpoint_limits.items()
-        }
-        resolver = _resolver(run, hooks, http)
-        if config.probe_inputs:
-            run.prober = InputProber(http, run.sizer)
-        if config.download:
-            run.downloads = _download_stage(run, hooks, http)
+        prices = PriceTable.from_file(config.prices) if config.prices else PriceTable.default()
+        sizer = InputSizer(config.manifest.resolve().parent)
+        budget = _budget(config, state)
+        stage = _download_stage(config, ledger, progress, hooks, http) if config.download else None
+        uploader, resolver = _resolver(config, hooks, http)
+        recorder = Recorder(
+            ledger, budget, tally, now=utcnow, on_change=progress.refresh, say=progress.say,
+            downloads=stage.put if stage is not None else None,
+        )  # fmt: skip
+        run = Scheduler(
+            config, ledger, state, tally=tally, progress=progress, budget=budget,
+            prices=prices, sizer=sizer, uploader=uploader, downloads=stage,
+            prober=InputProber(http, sizer) if config.probe_inputs else None,
+        )  # fmt: skip
         shared = Shared(
-            config=config, submit_policy=hooks.submit_policy, read_policy=hooks.read_policy,
-            client=client, ledger=run.ledger, strategy=strategy, pacing=pacing,
-            prices=run.prices, rate=rate, tally=run.tally, budget=run.budget,
-            input_sizes=run.sizer, webhook_url=config.webhook_url, clock=hooks.clock,
-            sleep=hooks.sleep, endpoint_limits=limits_by_endpoint,
-            on_change=run.progress.refresh, say=run.progress.say, resolve=resolver.resolve,
-            downloads=run.downloads.put if run.downloads else None,
+            config=config, client=client, recorder=recorder, strategy=strategy, pacing=pacing,
+            prices=prices, rate=rate, tally=tally, input_sizes=sizer,
+            lora_bytes=sizer.lora_bytes, policies=policies,
+            webhook_url=config.webhook_url, clock=hooks.clock, sleep=hooks.sleep,
+            endpoint_limits={
+                ep: anyio.CapacityLimiter(n) for ep, n in config.endpoint_limits.items()
+            },
+            on_change=progress.refresh, resolve=resolver.resolve,
         )  # fmt: skip
         async with _webhooks(run, strategy, http) as receiver:
             if receiver is not None:
@@ -235,39 +265,46 @@ async def _drive(run: Scheduler, hooks: Hooks) -> None:
                     tg.start_soon(run.watch_signals, tg.cancel_scope)
                 tg.start_soon(run.count)
                 tg.start_soon(run.tick)
+                tg.start_soon(run.watch_storage)
                 if receiver is not None:
                     assert isinstance(strategy, WebhookWaiter)
                     tg.start_soon(_pump, receiver, strategy)
-                async with AsyncExitStack() as stage:
-                    if run.downloads is not None:
-                        await stage.enter_async_context(run.downloads.running())
+                async with AsyncExitStack() as running:
+                    if stage is not None:
+                        await running.enter_async_context(stage.running())
                     async with anyio.create_task_group() as workers:
                         await run.admit(workers, shared)
                 tg.cancel_scope.cancel()
+        return run.report()
 
 
-def _download_stage(run: Scheduler, hooks: Hooks, http: httpx.AsyncClient) -> DownloadStage:
-    config = run.config
+def _download_stage(
+    config: RunConfig, ledger: Ledger, progress: Progress, hooks: Hooks, http: httpx.AsyncClient
+) -> DownloadStage:
     return DownloadStage(
         Downloader(http, OutputSink(config.output_target, config.run_dir),
-                   policy=hooks.download_policy, clock=hooks.clock, sleep=hooks.sleep),
-        run.ledger, concurrency=config.download_concurrency, say=run.progress.say,
+                   policy=hooks.policies.download, clock=hooks.clock, sleep=hooks.sleep),
+        ledger, concurrency=config.download_concurrency, say=progress.say,
     )  # fmt: skip
 
 
-def _resolver(run: Scheduler, hooks: Hooks, http: httpx.AsyncClient) -> InputResolver:
-    config = run.config
+def _resolver(
+    config: RunConfig, hooks: Hooks, http: httpx.AsyncClient
+) -> tuple[Uploader, InputResolver]:
     assert config.key is not None
-    settings = hooks.upload_settings or UploadSettings(ttl_s=config.upload_ttl_s)
+    settings = hooks.upload_settings or UploadSettings(
+        ttl_s=config.upload_ttl_s, policy=hooks.policies.upload
+    )
     storage = StorageClient(
         http, rest_url=config.rest_url, cdn_url=config.cdn_url, key=config.key,
         settings=settings, clock=hooks.clock, sleep=hooks.sleep,
     )  # fmt: skip
-    run.uploader = Uploader(
+    uploader = Uploader(
         storage, UploadCache(config.run_dir / "uploads.jsonl"),
         inline_max_bytes=config.inline_max_bytes if config.inline_inputs else None,
     )  # fmt: skip
-    return InputResolver(run.checker, run.uploader)
+    checker = InputChecker(config.manifest.resolve().parent)
+    return uploader, InputResolver(checker, uploader)
 
 
 @asynccontextmanager
@@ -289,30 +326,3 @@ async def _pump(receiver: WebhookReceiver, waiter: WebhookWaiter) -> None:
     async with receiver.events:
         async for event in receiver.events:
             waiter.deliver(event.request_id, ok=event.status == "OK", payload=event.payload)
-
-
-def print_summary(report: RunReport, out: TextIO = sys.stderr) -> None:
-    t = report.tally
-    rows = [
-        ("completed", t.completed),
-        ("skipped (done before)", t.skipped),
-        ("failed", t.failed),
-        ("invalid rows", t.invalid),
-        ("unknown outcome", t.unknown),
-        ("lost contact (re-attach next run)", t.detached),
-        ("retries", t.retries),
-    ]
-    width = max(len(name) for name, _ in rows)
-    print("", file=out)
-    for name, value in rows:
-        print(f"  {name.ljust(width)}  {value}", file=out)
-    print(f"  {'spent'.ljust(width)}  ${t.spent_usd:.3f}", file=out)
-    if report.duplicates_possible:
-        print(
-            f"  {'possible duplicate spend'.ljust(width)}  {report.duplicates_possible} jobs "
-            "resubmitted after an unknown outcome",
-            file=out,
-        )
-    for line in report.lines:
-        print(f"  {line}", file=out)
-    print(f"runner: {report.message} (ledger: {report.run_dir})", file=out)

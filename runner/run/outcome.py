@@ -1,4 +1,17 @@
-"""What a finished request means: a pure reading of fal's answer as a success or a failure.
+"""How a job's attempt ended, as values; and the pure reading of fal's answers behind them.
+
+Every path through a job's life ends in one :data:`Outcome`, which the worker hands to the
+one recorder (:mod:`runner.run.recorder`):
+
+    Done        completed: outputs, timings, what it cost
+    Failed      a failure with its type and retryability; ``answered`` says whether the
+                server answered the attempt (only answered attempts count toward
+                --max-attempts) and ``billed`` what it cost (0: certainly nothing)
+    Unknown     the POST was sent and its answer lost: it may have been queued and billed
+    Lost        an accepted request we lost contact with: re-attached next run
+    Expired     the queue forgot an accepted request (404): its result is gone
+
+The readings:
 
     read_status(Completed)        -> Failure | None   a COMPLETED status carrying an error
     read_result(ResultResponse)   -> Success | Failure
@@ -13,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from runner.endpoints.cost import megapixels
@@ -40,6 +54,57 @@ class Success:
     @property
     def megapixels(self) -> int:
         return sum(megapixels(w, h) for w, h in self.sizes)
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The attempt completed with outputs."""
+
+    success: Success
+    billed_usd: Decimal | None  # from the outputs and the price table; None: unpriced
+    queue_s: float | None
+    inference_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The attempt failed. ``billed_usd`` 0 means it certainly cost nothing."""
+
+    failure: Failure
+    billed_usd: Decimal | None
+    answered: bool = True  # the server answered (acknowledged, or refused with a reason)
+    full_record: bool = False  # nothing was sent: the event carries the whole job
+
+    @property
+    def retryable(self) -> bool:
+        return self.failure.retryable
+
+
+@dataclass(frozen=True, slots=True)
+class Unknown:
+    """The POST was sent and its answer lost: it may have been queued and billed."""
+
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """Contact with an accepted request was lost; it stays in flight, re-attached next run."""
+
+    request_id: str
+    message: str
+    running: bool  # last seen running (else queued)
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    """The queue forgot an accepted request (404); ``billed_usd`` is what it may have cost."""
+
+    failure: Failure
+    billed_usd: Decimal | None
+
+
+Outcome = Done | Failed | Unknown | Lost | Expired
 
 
 def read_status(status: Completed) -> Failure | None:

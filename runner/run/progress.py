@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -21,7 +22,12 @@ from runner.endpoints.money import format_usd
 
 @dataclass(slots=True)
 class Tally:
-    """Counts of a run, by what happened to each job in *this* run."""
+    """Counts of a run, by what happened to each job in *this* run.
+
+    ``reasons`` counts every job that did not complete by why (an error type, or
+    ``left_failed`` and the like for jobs an earlier run left that this run does not
+    retry); ``examples`` keeps the first few messages verbatim for the summary.
+    """
 
     total: int | None = None  # jobs in the manifest, once counted
     estimate_usd: Decimal | None = None  # the plan's total, once counted
@@ -30,17 +36,38 @@ class Tally:
     failed: int = 0
     invalid: int = 0
     unknown: int = 0
+    lost: int = 0  # lost contact; re-attached by the next run
+    left: int = 0  # an earlier run's failure, cancel or unknown outcome, not retried now
     in_flight: int = 0
     remote_queued: int = 0
     remote_running: int = 0
     spent_usd: Decimal = Decimal(0)
     retries: int = 0
-    detached: int = 0  # lost contact; re-attached by the next run
+    possible_duplicates: int = 0  # submits after an unknown outcome (may be billed twice)
+    possible_duplicate_usd: Decimal = Decimal(0)
     by_state: dict[str, int] = field(default_factory=dict)
+    reasons: Counter[str] = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    max_examples: int = 5
 
     @property
     def finished(self) -> int:
-        return self.skipped + self.completed + self.failed + self.invalid + self.unknown
+        return self.skipped + self.completed + self.failed + self.invalid + self.unknown + self.left
+
+    @property
+    def not_completed(self) -> int:
+        """Jobs of the manifest seen by this run that are not completed at its end."""
+        return self.failed + self.invalid + self.unknown + self.lost + self.left
+
+    def note(self, reason: str, example: str) -> None:
+        """One more job that did not complete, and why."""
+        self.reasons[reason] += 1
+        if len(self.examples) < self.max_examples:
+            self.examples.append(example[:300])
+
+    def fail(self, reason: str, example: str) -> None:
+        self.failed += 1
+        self.note(reason, example)
 
 
 class Progress:

@@ -13,11 +13,10 @@ from __future__ import annotations
 import hashlib
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from decimal import Decimal
 from itertools import islice
-from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -25,14 +24,7 @@ import pyarrow.compute as pc
 
 from runner.config import RunConfig
 from runner.endpoints.cost import Estimate, PriceTable
-from runner.errors import (
-    EXIT_BUDGET,
-    EXIT_INTERRUPTED,
-    EXIT_JOBS_FAILED,
-    EXIT_OK,
-    ManifestError,
-    RowError,
-)
+from runner.errors import ManifestError, RowError
 from runner.ledger.resume import Action, ResumePolicy, decide
 from runner.ledger.schema import JobState, LedgerEvent, utcnow
 from runner.ledger.state import LedgerState
@@ -41,25 +33,16 @@ from runner.manifest.jobs import ExpandOptions, Job, iter_jobs
 from runner.manifest.plan import job_estimate
 from runner.manifest.reader import read_rows
 from runner.media.downloads import DownloadStage, pending_downloads
-from runner.media.inputs import InputChecker, InputProber, InputSizer
+from runner.media.inputs import InputProber, InputSizer
 from runner.media.uploads import Uploader
 from runner.run.budget import Budget
+from runner.run.outcome import Lost
 from runner.run.progress import Progress, Tally
-from runner.run.worker import Shared, Ticket, run_job
+from runner.run.recorder import Ticket
+from runner.run.summary import Ending, RunReport, verdict
+from runner.run.worker import Shared, run_job
 
 BATCH = 256
-
-
-@dataclass(slots=True)
-class RunReport:
-    """What a finished (or stopped) run says about itself."""
-
-    tally: Tally
-    exit_code: int
-    message: str
-    run_dir: Path
-    duplicates_possible: int = 0
-    lines: list[str] = field(default_factory=list)
 
 
 def expand_options(config: RunConfig) -> ExpandOptions:
@@ -119,38 +102,64 @@ def prior_spend(state: LedgerState) -> Decimal:
 
 
 class Scheduler:
-    """Admission for one run: what to send, when, and under which limits."""
+    """Admission for one run: what to send, when, and under which limits.
+
+    Built with its collaborators (the engine assembles them); it owns the in-flight
+    window. A job holds its slot until it reaches an end state; a job we lost contact
+    with holds it until the run ends, so lost contact never widens the window. When
+    every slot is held by lost jobs, admission stops and says why.
+    """
 
     def __init__(
-        self, config: RunConfig, ledger: Ledger, state: LedgerState, *, stream: TextIO | None
+        self,
+        config: RunConfig,
+        ledger: Ledger,
+        state: LedgerState,
+        *,
+        tally: Tally,
+        progress: Progress,
+        budget: Budget,
+        prices: PriceTable,
+        sizer: InputSizer,
+        prober: InputProber | None = None,
+        uploader: Uploader | None = None,
+        downloads: DownloadStage | None = None,
     ) -> None:
         self.config = config
         self.ledger = ledger
         self.state = state
-        self.prices = PriceTable.from_file(config.prices) if config.prices else PriceTable.default()
-        self.sizer = InputSizer(config.manifest.resolve().parent)
-        self.tally = Tally()
-        self.budget = Budget(config.max_cost_usd)
-        self.budget.add_prior(prior_spend(state))
+        self.tally = tally
+        self.progress = progress
+        self.budget = budget
+        self.prices = prices
+        self.sizer = sizer
+        self.prober = prober
+        self.uploader = uploader
+        self.downloads = downloads
         self.policy = ResumePolicy(
             on_unknown=config.on_unknown,
             retry_failed=config.retry_failed,
             max_attempts=config.max_attempts,
         )
         self.stop_admitting = anyio.Event()
+        self.stopped_reason: str | None = None
         self.interrupted = False
         self.window = anyio.Semaphore(config.in_flight_limit)
-        self.progress = Progress(self.tally, stream=stream, quiet=config.quiet)
-        self.possible_duplicates = 0
-        self.checker = InputChecker(config.manifest.resolve().parent)
-        self.prober: InputProber | None = None
-        self.uploader: Uploader | None = None
-        self.downloads: DownloadStage | None = None
+        self._acquiring: anyio.CancelScope | None = None
+        self.lost_slots = 0
         # Completed earlier but not (fully) downloaded: fetched again instead of skipped.
         self.pending = pending_downloads(state) if config.download else None
 
     def estimate(self, job: Job) -> Estimate:
         return job_estimate(job, self.prices, self.sizer, self.sizer.lora_bytes)
+
+    def stop(self, reason: str | None = None) -> None:
+        """No new jobs from now on; a wait for a slot ends at once."""
+        if reason is not None and self.stopped_reason is None:
+            self.stopped_reason = reason
+        self.stop_admitting.set()
+        if self._acquiring is not None:
+            self._acquiring.cancel()
 
     async def count(self) -> None:
         """The manifest's job count and estimated dollars, for the bar (in a thread)."""
@@ -185,14 +194,33 @@ class Scheduler:
                 if not await self._admit_one(item, tg, shared):
                     return
 
+    def _storage_stop(self) -> bool:
+        """Stop paying for outputs the local disk cannot keep."""
+        problem = self.downloads.storage_problem if self.downloads is not None else None
+        if problem is None:
+            return False
+        if not self.stop_admitting.is_set():
+            self.progress.say(f"stopping admission: outputs cannot be saved: {problem}")
+        self.stop(f"outputs cannot be saved ({problem}); nothing more was submitted")
+        return True
+
+    async def watch_storage(self) -> None:
+        """Stop admission as soon as the download stage finds the disk full or read-only."""
+        if self.downloads is None:
+            return
+        await self.downloads.storage_failed.wait()
+        self._storage_stop()
+
     async def _admit_one(self, item: Job | RowError, tg: anyio.abc.TaskGroup, s: Shared) -> bool:
         if isinstance(item, RowError):
             self.ledger.append(invalid_event(item, utcnow()))
             self.tally.invalid += 1
+            first = item.problems[0]
+            self.tally.note("invalid_row", str(first))
             return True
         decision = decide(self.state.brief(item.job_key), self.policy)
         if decision.action is Action.SKIP:
-            self.tally.skipped += 1
+            self._skipped(item, decision.reason)
             missing = self.pending.pop(item.job_key) if self.pending is not None else None
             if missing is not None and self.downloads is not None:
                 await self.downloads.put(missing)
@@ -205,8 +233,10 @@ class Scheduler:
                     error_message="earlier submit outcome unknown; --on-unknown fail",
                 )
             )  # fmt: skip
-            self.tally.failed += 1
+            self.tally.fail("unknown_outcome", f"{item.row_id}: --on-unknown fail")
             return True
+        if self._storage_stop():
+            return False
         if self.prober is not None:
             await self.prober.probe(item)
         est = self.estimate(item)
@@ -217,22 +247,57 @@ class Scheduler:
             self.budget.reserve_committed(est.usd)
         elif not self.budget.admit(est.usd):
             self.progress.say(f"budget reached: {self.budget.reason}; finishing jobs in flight")
-            self.stop_admitting.set()
+            self.stop()
             return False
         if decision.possible_duplicate:
-            self.possible_duplicates += 1
-        ticket = Ticket(item, est, attempt=max(decision.attempt, 1), reattach=reattach)
-        await self.window.acquire()
+            self.tally.possible_duplicates += 1
+            self.tally.possible_duplicate_usd += est.usd or Decimal(0)
+        ticket = Ticket(
+            item, est, attempt=max(decision.attempt, 1), reattach=reattach,
+            possible_duplicate=decision.possible_duplicate,
+        )  # fmt: skip
+        if not await self._take_slot():
+            # Reserved, never sent.
+            self.budget.settle(est.usd, Decimal(0), reattached=reattach is not None)
+            return False
         self.tally.in_flight += 1
         tg.start_soon(self._work, ticket, s)
         return True
 
+    def _skipped(self, item: Job, reason: str) -> None:
+        record = self.state.brief(item.job_key)
+        if record is not None and record.state is JobState.COMPLETED:
+            self.tally.skipped += 1
+            return
+        # Left as an earlier run ended it, not retried now: the manifest is not complete.
+        self.tally.left += 1
+        state = record.state.value if record is not None else "?"
+        self.tally.note(f"left_{state}", f"{item.row_id}: {reason}")
+
+    async def _take_slot(self) -> bool:
+        with anyio.CancelScope() as scope:
+            self._acquiring = scope
+            if self.stop_admitting.is_set():
+                scope.cancel()
+            await self.window.acquire()
+        self._acquiring = None
+        return not scope.cancelled_caught
+
     async def _work(self, ticket: Ticket, s: Shared) -> None:
+        outcome = None
         try:
-            await run_job(ticket, s)
+            outcome = await run_job(ticket, s)
         finally:
             self.tally.in_flight -= 1
-            self.window.release()
+            if isinstance(outcome, Lost):
+                # Lost contact is not an end state: the slot stays taken until the run ends.
+                self.lost_slots += 1
+                if self.lost_slots >= self.config.in_flight_limit:
+                    self.stop(
+                        f"all {self.lost_slots} in-flight slots hold jobs we lost contact with"
+                    )
+            else:
+                self.window.release()
             self.progress.refresh()
 
     async def watch_signals(self, scope: anyio.CancelScope) -> None:
@@ -240,7 +305,7 @@ class Scheduler:
             async for _ in signals:
                 if not self.stop_admitting.is_set() or not self.interrupted:
                     self.interrupted = True
-                    self.stop_admitting.set()
+                    self.stop()
                     self.progress.say(
                         f"interrupted: no new jobs; waiting for {self.tally.in_flight} in flight "
                         "(press Ctrl-C again to exit now; they will be re-attached next run)"
@@ -257,20 +322,17 @@ class Scheduler:
 
     def report(self) -> RunReport:
         t = self.tally
-        if self.interrupted:
-            code, message = EXIT_INTERRUPTED, "interrupted; rerun the same command to resume"
-        elif self.budget.exhausted:
-            code, message = EXIT_BUDGET, f"stopped at the budget: {self.budget.reason}"
-        elif t.failed or t.invalid or t.unknown or t.detached:
-            code, message = EXIT_JOBS_FAILED, "some jobs did not complete"
-        elif self.downloads is not None and self.downloads.counts.jobs_failed:
-            code = EXIT_JOBS_FAILED
-            message = "some outputs were not downloaded; rerun to fetch only those"
-        else:
-            code, message = EXIT_OK, "all jobs completed"
-        return RunReport(
-            t, code, message, self.config.run_dir, self.possible_duplicates, self.lines()
-        )
+        downloads_failed = self.downloads.counts.jobs_failed if self.downloads else 0
+        code, message = verdict(
+            Ending(
+                interrupted=self.interrupted,
+                budget_reason=self.budget.reason if self.budget.exhausted else None,
+                stopped_reason=self.stopped_reason,
+                failed=t.failed, invalid=t.invalid, unknown=t.unknown, lost=t.lost,
+                left=t.left, downloads_failed=downloads_failed,
+            )
+        )  # fmt: skip
+        return RunReport(t, code, message, self.config.run_dir, self.lines())
 
     def lines(self) -> list[str]:
         """Upload and download figures for the summary."""

@@ -1,53 +1,72 @@
-"""One job's life: intent, submit, completion, result, record; a new attempt for retryable failures.
+"""One job's life: inputs, intent, submit, completion, result; a new attempt when one may help.
 
-Nothing here raises for a per-job failure: every way a job can end becomes a ledger event
-(``completed``, ``failed``, ``unknown``), and only fatal errors (a refused key) escape.
+Every path returns an :data:`~runner.run.outcome.Outcome` value; the one recorder
+(:class:`~runner.run.recorder.Recorder`) turns it into ledger events, budget settlements,
+tallies and the download hand-off. Nothing here raises for a per-job failure; only a
+refused key (:class:`~runner.errors.AuthError`) escapes, because it is fatal to the run.
+
 The ledger sees the intent to submit, committed, *before* the POST, and the request id,
 committed, right after the acknowledgement: a crash anywhere leaves either a job to
 re-attach to or a visible unknown outcome, never silence.
 
 Local input files are checked and uploaded (``Shared.resolve``) *before* the intent is
-recorded: a bad file becomes a plain ``failed`` record (``input_error``, not retryable)
-and a failed upload a retryable ``upload_failed``, neither of which can be mistaken for a
-POST of unknown outcome. Only the payload sent carries the URLs; the ledger's ``request``
-and the job_key keep the manifest's local paths. A completed job's outputs are handed to
-the download stage (``Shared.downloads``) right after the completion is committed.
+recorded: a bad file becomes a ``failed`` record (``input_error``) and a failed upload a
+retryable ``upload_failed``, neither of which can be mistaken for a POST of unknown outcome.
+Only the payload sent carries the URLs; the ledger's ``request`` and the job_key keep the
+manifest's local paths, and ``payload_sha256`` fingerprints what was actually sent.
+
+Attempts: only an attempt the server answered (acknowledged, or refused with a reason)
+counts toward ``--max-attempts``. One that never reached it keeps its number.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 import anyio
 
 from runner.config import RunConfig
-from runner.endpoints.cost import Estimate, PriceTable, billed_cost
-from runner.errors import AuthError, FalError, HTTPStatusError
+from runner.endpoints.cost import PriceTable, billed_cost
+from runner.errors import AuthError, FalError, HTTPStatusError, TransportError
 from runner.fal.client import QueueClient, RequestRef
-from runner.fal.protocol import (
-    Completed,
-    InProgress,
-    ResultResponse,
-    Status,
-)
-from runner.fal.retry import Action, RetryPolicy, call_with_retry, classify
-from runner.ledger.schema import JobState, LedgerEvent, encode_request, utcnow
-from runner.ledger.store import Ledger
+from runner.fal.protocol import ERROR_TYPES, Completed, InProgress, ResultResponse, Status
+from runner.fal.retry import Action, RetryPolicies, call_with_retry, classify
+from runner.ledger.schema import encode_request
 from runner.manifest.jobs import Job
-from runner.media.downloads import DownloadItem
 from runner.media.uploads import InputFailure
-from runner.run.budget import Budget
-from runner.run.completion import Finished, Pacing, Strategy, Watch
-from runner.run.outcome import Failure, Success, expired, read_result, read_status
+from runner.run.completion import (
+    Finished,
+    Pacing,
+    ResultIn,
+    StatusIn,
+    Strategy,
+    Watch,
+    WebhookIn,
+)
+from runner.run.outcome import (
+    Done,
+    Expired,
+    Failed,
+    Failure,
+    Lost,
+    Outcome,
+    Success,
+    Unknown,
+    expired,
+    read_result,
+    read_status,
+)
 from runner.run.progress import Tally
 from runner.run.ratelimit import AdaptiveRate
+from runner.run.recorder import Recorder, Ticket
 
 Resolve = Callable[[Job], Awaitable[Mapping[str, Any] | InputFailure]]
+ZERO = Decimal(0)
 
 
 @dataclass(slots=True)
@@ -56,56 +75,30 @@ class Shared:
 
     config: RunConfig
     client: QueueClient
-    ledger: Ledger
+    recorder: Recorder
     strategy: Strategy
     pacing: Pacing
     prices: PriceTable
     rate: AdaptiveRate
     tally: Tally
-    budget: Budget
     input_sizes: Callable[[Job], list[tuple[int, int]]]
-    submit_policy: RetryPolicy = field(default_factory=lambda: RetryPolicy(attempts=8))
-    read_policy: RetryPolicy = field(default_factory=lambda: RetryPolicy(timeout_s=300.0))
+    lora_bytes: Callable[[Job], int | None] = lambda _job: None
+    policies: RetryPolicies = field(default_factory=RetryPolicies)
     webhook_url: str | None = None
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], Awaitable[None]] = anyio.sleep
-    now: Callable[[], datetime] = utcnow
     endpoint_limits: dict[str, anyio.CapacityLimiter] = field(default_factory=dict)
     on_change: Callable[[], None] = lambda: None
-    say: Callable[[str], None] = lambda _message: None
     resolve: Resolve | None = None  # local inputs -> URLs; None sends the payload as is
-    downloads: Callable[[DownloadItem], Awaitable[None]] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Ticket:
-    """A job the scheduler admitted: submit it as ``attempt``, or re-attach to ``reattach``."""
-
-    job: Job
-    estimate: Estimate
-    attempt: int = 1
-    reattach: RequestRef | None = None
-
-    @property
-    def units(self) -> float:
-        steps = getattr(self.job.request, "num_inference_steps", None) or 28
-        return max(self.estimate.megapixels, 1) * int(steps)
+def fingerprint(payload: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON actually sent: how fal's history recognises it."""
+    return hashlib.sha256(encode_request(payload).encode()).hexdigest()
 
 
-@dataclass(frozen=True, slots=True)
-class Ended:
-    """How a job's run ended here: a ledger state and whether money was spent."""
-
-    state: JobState
-    billed_usd: Decimal | None = None
-
-
-def event(t: Ticket, state: JobState, at: datetime, attempt: int, **fields: Any) -> LedgerEvent:
-    return LedgerEvent(job_key=t.job.job_key, state=state, at=at, attempt=attempt, **fields)
-
-
-async def run_job(t: Ticket, s: Shared) -> Ended:
-    """Drive one job to an end state, recording every step."""
+async def run_job(t: Ticket, s: Shared) -> Outcome:
+    """Drive one job to an outcome, recording every step."""
     limiter = s.endpoint_limits.get(t.job.endpoint)
     if limiter is None:
         return await _attempts(t, s)
@@ -113,38 +106,36 @@ async def run_job(t: Ticket, s: Shared) -> Ended:
         return await _attempts(t, s)
 
 
-Step = tuple["Ended", bool]
-"""How an attempt ended, and whether another attempt may help."""
-
-
-async def _attempts(t: Ticket, s: Shared) -> Ended:
-    attempt, ref = t.attempt, t.reattach
+async def _attempts(t: Ticket, s: Shared) -> Outcome:
+    attempt, ref = max(t.attempt, 1), t.reattach
+    answered = unanswered = 0
     while True:
-        step = await submit(t, s, attempt) if ref is None else ref
-        if isinstance(step, tuple):
-            ended, retry = step
-        else:
-            ended, retry = await finish(t, s, step, attempt)
-        if not retry or attempt >= s.config.max_attempts:
-            return ended
-        attempt, ref = attempt + 1, None
+        sent = await submit(t, s, attempt) if ref is None else ref
+        outcome = sent if isinstance(sent, _OUTCOMES) else await finish(t, s, sent, attempt)
+        retry = isinstance(outcome, Failed) and outcome.retryable
+        if isinstance(outcome, Failed):
+            if outcome.answered:
+                answered += 1
+            else:
+                unanswered += 1
+        limit = s.config.max_attempts
+        # A re-attached job was admitted by an earlier run's budget: a new submit of it is
+        # new spend, which only admission may allow, so it is left to the next run.
+        final = not retry or answered >= limit or unanswered >= limit or t.reattach is not None
+        await s.recorder.record(t, attempt, outcome, final=final)
+        if final:
+            return outcome
+        if isinstance(outcome, Failed) and outcome.answered:
+            attempt += 1  # an attempt the server never saw keeps its number
+        ref = None
         s.tally.retries += 1
 
 
-def _intent(
-    t: Ticket, s: Shared, attempt: int, state: JobState = JobState.SUBMITTING, **fields: Any
-) -> LedgerEvent:
-    """An event carrying the whole job (row, request, estimate): the first one of an attempt."""
-    job = t.job
-    return event(
-        t, state, s.now(), attempt, row_id=job.row_id, line=job.line, source=job.source,
-        variant=job.variant, endpoint=job.endpoint, request=encode_request(job.payload),
-        metadata=dict(job.metadata), estimated_usd=t.estimate.usd, **fields,
-    )  # fmt: skip
+_OUTCOMES = (Done, Failed, Unknown, Lost, Expired)
 
 
-async def _prepare(t: Ticket, s: Shared, attempt: int) -> Mapping[str, Any] | Step:
-    """The payload to send, its local files checked and uploaded; or how the attempt ended.
+async def _prepare(t: Ticket, s: Shared) -> Mapping[str, Any] | Failed:
+    """The payload to send, its local files checked and uploaded; or why it cannot be sent.
 
     Nothing was sent yet, so the failure is recorded as a full record (the ledger learns
     the row) and no ``submitting`` intent that would look like an unknown outcome.
@@ -161,17 +152,15 @@ async def _prepare(t: Ticket, s: Shared, attempt: int) -> Mapping[str, Any] | St
         if not isinstance(resolved, InputFailure):
             return resolved
         failure = Failure("input_error", resolved.message, retryable=False)
-    ended = await _failed(t, s, attempt, failure, billed=Decimal(0), full_record=True)
-    return ended, failure.retryable
+    return Failed(failure, billed_usd=ZERO, answered=False, full_record=True)
 
 
-async def submit(t: Ticket, s: Shared, attempt: int) -> RequestRef | Step:
+async def submit(t: Ticket, s: Shared, attempt: int) -> RequestRef | Outcome:
     """Resolve inputs, record the intent, POST with the submit policy, record the ack."""
-    payload = await _prepare(t, s, attempt)
-    if isinstance(payload, tuple):
+    payload = await _prepare(t, s)
+    if isinstance(payload, Failed):
         return payload
-    s.ledger.append(_intent(t, s, attempt))
-    await s.ledger.commit()
+    await s.recorder.intent(t, attempt, payload_sha256=fingerprint(payload))
 
     async def post() -> Any:
         await s.rate.acquire()
@@ -189,46 +178,36 @@ async def submit(t: Ticket, s: Shared, attempt: int) -> RequestRef | Step:
 
     try:
         ack = await call_with_retry(
-            post, policy=s.submit_policy, kind="submit", clock=s.clock, sleep=s.sleep,
+            post, policy=s.policies.submit, kind="submit", clock=s.clock, sleep=s.sleep,
             on_retry=on_retry,
         )  # fmt: skip
     except AuthError:
         raise
     except FalError as exc:
-        return await _submit_failed(t, s, attempt, exc)
+        return submit_failed(exc)
     s.rate.on_success()
-    s.ledger.append(
-        event(
-            t, JobState.QUEUED, s.now(), attempt,
-            request_id=ack.request_id,
-            gateway_request_id=ack.gateway_request_id,
-            submitted_at=s.now(),
-        )
-    )  # fmt: skip
-    await s.ledger.commit()
+    await s.recorder.acknowledged(t, attempt, ack)
     ref: RequestRef = ack
     return ref
 
 
-async def _submit_failed(t: Ticket, s: Shared, attempt: int, exc: FalError) -> Step:
-    decision = classify(exc, kind="submit")
-    if decision.action is Action.UNKNOWN_OUTCOME:
+def submit_failed(exc: FalError) -> Outcome:
+    """What a submit that failed after its retries means. Pure."""
+    if classify(exc, kind="submit").action is Action.UNKNOWN_OUTCOME:
         # The POST may have been queued and billed: never resubmit blindly.
-        s.ledger.append(event(t, JobState.UNKNOWN, s.now(), attempt, error_message=str(exc)))
-        await s.ledger.commit()
-        s.budget.settle(t.estimate.usd, t.estimate.usd)
-        s.tally.unknown += 1
-        return Ended(JobState.UNKNOWN), False
+        return Unknown(_detail(exc))
     # Certainly not accepted: nothing was paid. Retryable unless the request itself is bad.
     code = exc.status_code if isinstance(exc, HTTPStatusError) else None
     permanent = code is not None and 400 <= code < 500 and code not in (408, 409, 429)
     error_type = f"submit_http_{code}" if code else "submit_failed"
     failure = Failure(error_type, _detail(exc), retryable=not permanent)
-    return await _failed(t, s, attempt, failure, billed=Decimal(0)), failure.retryable
+    # A refusal is an answer; a request that never reached the server is not.
+    answered = not (isinstance(exc, TransportError) and not exc.sent)
+    return Failed(failure, billed_usd=ZERO, answered=answered)
 
 
-async def finish(t: Ticket, s: Shared, ref: RequestRef, attempt: int) -> Step:
-    """Wait for completion and record the outcome; the bool asks for another attempt."""
+async def finish(t: Ticket, s: Shared, ref: RequestRef, attempt: int) -> Outcome:
+    """Wait for completion and read the result, as an outcome."""
     position = getattr(ref, "queue_position", None)
     running = False
 
@@ -238,7 +217,7 @@ async def finish(t: Ticket, s: Shared, ref: RequestRef, attempt: int) -> Step:
             running = True
             s.tally.remote_queued -= 1
             s.tally.remote_running += 1
-            s.ledger.append(event(t, JobState.IN_PROGRESS, s.now(), attempt, started_at=s.now()))
+            s.recorder.started(t, attempt)
         s.on_change()
 
     watch = Watch(
@@ -258,139 +237,98 @@ async def finish(t: Ticket, s: Shared, ref: RequestRef, attempt: int) -> Step:
         raise
     except HTTPStatusError as exc:
         if exc.status_code != 404:
-            return _lost(t, s, ref, exc)
-        # The queue acknowledged this id, so a 404 means it forgot it.
-        failure = expired(ref.request_id, _detail(exc))
-        return await _failed(t, s, attempt, failure, billed=Decimal(0)), False
+            return Lost(ref.request_id, _detail(exc), running)
+        # The queue acknowledged this id, so a 404 means it forgot it: it may have run.
+        return Expired(expired(ref.request_id, _detail(exc)), billed_usd=None)
     except FalError as exc:
-        return _lost(t, s, ref, exc)
+        return Lost(ref.request_id, _detail(exc), running)
     finally:
         if running:
             s.tally.remote_running -= 1
         else:
             s.tally.remote_queued -= 1
     if timed_out:
-        return await _timed_out(t, s, ref, attempt), False
-    _learn(t, s, watch, finished.status)
-    return await _outcome(t, s, ref, attempt, watch, finished)
+        return await _timed_out(s, ref)
+    _learn(t, s, watch, finished)
+    return await _outcome(t, s, ref, watch, finished)
 
 
-def _lost(t: Ticket, s: Shared, ref: RequestRef, exc: FalError) -> Step:
-    """Lost contact with a request fal may still run: keep it re-attachable next run."""
-    s.tally.detached += 1
-    s.say(f"{t.job.row_id}: lost track of request {ref.request_id}: {_detail(exc)}")
-    return Ended(JobState.QUEUED), False
-
-
-def _learn(t: Ticket, s: Shared, watch: Watch, status: Completed) -> None:
-    service = status.inference_time_s
+def _learn(t: Ticket, s: Shared, watch: Watch, finished: Finished) -> None:
+    service = None if isinstance(finished, WebhookIn) else finished.status.inference_time_s
     if service is None and watch.started_s is not None:
         service = s.clock() - watch.started_s
     if service is not None and service > 0:
         s.pacing.model.observe(t.job.endpoint, t.units, service)
 
 
-async def _timed_out(t: Ticket, s: Shared, ref: RequestRef, attempt: int) -> Ended:
+async def _timed_out(s: Shared, ref: RequestRef) -> Outcome:
     with anyio.CancelScope(shield=True):
         outcome = "not cancelled"
         try:
             outcome = await call_with_retry(
-                lambda: s.client.cancel(ref), policy=RetryPolicy(attempts=3, timeout_s=10.0),
-                kind="read", clock=s.clock, sleep=s.sleep,
+                lambda: s.client.cancel(ref), policy=s.policies.cancel, kind="read",
+                clock=s.clock, sleep=s.sleep,
             )  # fmt: skip
         except FalError as exc:
             outcome = f"cancel failed: {_detail(exc)}"
-        message = f"no result within --job-timeout {s.config.job_timeout_s}s ({outcome})"
-        failure = Failure("job_timeout", message, retryable=False)
-        ended = await _failed(t, s, attempt, failure, billed=Decimal(0))
-    return ended
+    message = f"no result within --job-timeout {s.config.job_timeout_s}s ({outcome})"
+    # It may have run before the cancel reached it: the cost is not known to be zero.
+    return Failed(Failure("job_timeout", message, retryable=False), billed_usd=None)
 
 
 async def _outcome(
-    t: Ticket, s: Shared, ref: RequestRef, attempt: int, watch: Watch, finished: Finished
-) -> Step:
-    status = finished.status
+    t: Ticket, s: Shared, ref: RequestRef, watch: Watch, finished: Finished
+) -> Outcome:
     read: Success | Failure
-    if finished.result is not None:
-        read = read_result(finished.result)  # the look itself read the result
-    elif finished.webhook_payload is not None and finished.webhook_ok:
-        read = read_result(ResultResponse(status_code=200, body=finished.webhook_payload))
-    elif finished.webhook_ok is None and (failure := read_status(status)) is not None:
-        read = failure
-    else:
-        try:
-            result = await call_with_retry(
-                lambda: s.client.result(ref), policy=s.read_policy, kind="read",
-                clock=s.clock, sleep=s.sleep,
-            )  # fmt: skip
-        except HTTPStatusError as exc:
-            if exc.status_code != 404:
+    match finished:
+        case ResultIn(result=result):
+            read = read_result(result)  # the look itself read the result
+        case WebhookIn(ok=True, payload=payload):
+            read = read_result(ResultResponse(status_code=200, body=payload))
+        case StatusIn(status=status) if (failure := read_status(status)) is not None:
+            read = failure
+        case _:
+            # A COMPLETED status, or a webhook reporting an error: the result says what.
+            try:
+                result = await call_with_retry(
+                    lambda: s.client.result(ref), policy=s.policies.read, kind="read",
+                    clock=s.clock, sleep=s.sleep,
+                )  # fmt: skip
+            except AuthError:
                 raise
-            # The job ran and was paid for; only its result is gone.
-            ended = await _failed(t, s, attempt, expired(ref.request_id, _detail(exc)),
-                                  billed=t.estimate.usd)  # fmt: skip
-            return ended, False
-        read = read_result(result)
+            except HTTPStatusError as exc:
+                if exc.status_code != 404:
+                    return Lost(ref.request_id, f"result: {_detail(exc)}", True)
+                # The job ran and was paid for; only its result is gone.
+                return Expired(expired(ref.request_id, _detail(exc)), billed_usd=t.estimate.usd)
+            except FalError as exc:
+                return Lost(ref.request_id, f"result: {_detail(exc)}", True)
+            read = read_result(result)
     if isinstance(read, Success):
-        return await _completed(t, s, attempt, watch, status, read), False
-    ended = await _failed(t, s, attempt, read, billed=Decimal(0))
-    return ended, read.retryable
+        return _done(t, s, watch, finished, read)
+    # fal bills no infrastructure failure (5xx); any other may have used GPU time.
+    billed = ZERO if read.error_type in ERROR_TYPES else None
+    return Failed(read, billed_usd=billed)
 
 
-async def _completed(
-    t: Ticket, s: Shared, attempt: int, watch: Watch, status: Completed, ok: Success
-) -> Ended:
-    billed = (
-        billed_cost(t.job.endpoint, ok.sizes, s.prices, input_sizes=s.input_sizes(t.job))
-        if t.job.request is not None
-        else None
-    )
+def _done(t: Ticket, s: Shared, watch: Watch, finished: Finished, ok: Success) -> Done:
+    billed = None
+    if t.job.request is not None:
+        lora_bytes = s.lora_bytes(t.job)
+        billed = billed_cost(t.job.endpoint, ok.sizes, s.prices,
+                             input_sizes=s.input_sizes(t.job), lora_bytes=lora_bytes)  # fmt: skip
+        if billed is not None and lora_bytes is None and t.job.payload.get("loras"):
+            # LoRA sizes unknown: the surcharge is too, so settle no lower than the
+            # estimate, which counted the largest one (the cap must hold).
+            billed = max(billed, t.estimate.usd or billed)
     queue_s = None if watch.started_s is None else watch.started_s - watch.submitted_s
-    inference = status.inference_time_s or ok.inference_s
-    if status.inference_time_s is None and inference is not None and inference > 0:
+    status_s = None if isinstance(finished, WebhookIn) else finished.status.inference_time_s
+    inference = status_s or ok.inference_s
+    if status_s is None and inference is not None and inference > 0:
         s.pacing.model.observe(t.job.endpoint, t.units, inference)  # e.g. from a webhook
     if inference is None and watch.started_s is not None:
         inference = s.clock() - watch.started_s
-    done = event(
-        t, JobState.COMPLETED, s.now(), attempt,
-        completed_at=s.now(), queue_s=queue_s, inference_s=inference, outputs=ok.outputs,
-        seed=ok.result.seed, nsfw=tuple(ok.result.has_nsfw_concepts),
-        megapixels=ok.megapixels, billed_usd=billed,
-    )  # fmt: skip
-    s.ledger.append(done)
-    await s.ledger.commit()
-    actual = billed if billed is not None else t.estimate.usd
-    s.budget.settle(t.estimate.usd, actual)
-    s.tally.completed += 1
-    s.tally.spent_usd += actual or Decimal(0)
-    s.on_change()
-    if s.downloads is not None and ok.outputs:
-        await s.downloads(DownloadItem(t.job.job_key, t.job.row_id, ok.outputs, done))
-    return Ended(JobState.COMPLETED, billed)
-
-
-async def _failed(
-    t: Ticket, s: Shared, attempt: int, failure: Failure, *, billed: Decimal | None,
-    full_record: bool = False,
-) -> Ended:  # fmt: skip
-    """Record a failed attempt; count the job failed unless another attempt follows."""
-    fields: dict[str, Any] = {
-        "error_type": failure.error_type,
-        "error_message": failure.message[:2000],
-        "retryable": failure.retryable,
-    }
-    if full_record:
-        s.ledger.append(_intent(t, s, attempt, JobState.FAILED, **fields))
-    else:
-        s.ledger.append(event(t, JobState.FAILED, s.now(), attempt, **fields))
-    await s.ledger.commit()
-    will_retry = failure.retryable and attempt < s.config.max_attempts
-    if not will_retry:
-        s.budget.settle(t.estimate.usd, billed)
-        s.tally.failed += 1
-        s.tally.spent_usd += billed or Decimal(0)
-        s.on_change()
-    return Ended(JobState.FAILED, billed)
+    return Done(ok, billed_usd=billed, queue_s=queue_s, inference_s=inference)
 
 
 def _detail(exc: Exception) -> str:

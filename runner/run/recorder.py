@@ -1,0 +1,206 @@
+"""The one place that turns what happened to a job into ledger events, spend and counts.
+
+The worker decides; the recorder records. For each attempt it writes the intent (committed
+before the POST), the acknowledgement (committed right after it) and the start, and for
+each :data:`~runner.run.outcome.Outcome` it writes the end event, then, when no further
+attempt follows in this run, settles the budget, counts the tally and hands a completed
+job's outputs to the download stage. No path can forget one of those, because no other
+module does them.
+
+A lost job is the exception by design: it is not an end state. Its estimate stays in
+committed spend and its slot stays taken until the run ends (see
+:class:`runner.run.scheduler.Scheduler`); the next run re-attaches to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from runner.endpoints.cost import Estimate
+from runner.fal.client import RequestRef
+from runner.fal.protocol import SubmitAck
+from runner.ledger.schema import JobState, LedgerEvent, encode_request
+from runner.ledger.store import Ledger
+from runner.manifest.jobs import Job
+from runner.media.downloads import DownloadItem
+from runner.run.budget import Budget
+from runner.run.outcome import Done, Expired, Failed, Lost, Outcome, Unknown
+from runner.run.progress import Tally
+
+MESSAGE_LIMIT = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """A job the scheduler admitted: submit it as ``attempt``, or re-attach to ``reattach``.
+
+    ``possible_duplicate``: this submit follows an earlier one of unknown outcome, so the
+    job may be billed twice; the intent records it for ever.
+    """
+
+    job: Job
+    estimate: Estimate
+    attempt: int = 1
+    reattach: RequestRef | None = None  # where an earlier run's accepted submit lives
+    possible_duplicate: bool = False
+
+    @property
+    def units(self) -> float:
+        steps = getattr(self.job.request, "num_inference_steps", None) or 28
+        return max(self.estimate.megapixels, 1) * int(steps)
+
+
+class Recorder:
+    """Ledger events, budget settlements, tallies and download hand-offs of one run."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        budget: Budget,
+        tally: Tally,
+        *,
+        now: Callable[[], datetime],
+        on_change: Callable[[], None] = lambda: None,
+        say: Callable[[str], None] = lambda _message: None,
+        downloads: Callable[[DownloadItem], Awaitable[None]] | None = None,
+        examples: int = 5,
+    ) -> None:
+        self.ledger = ledger
+        self.budget = budget
+        self.tally = tally
+        self.now = now
+        self.on_change = on_change
+        self.say = say
+        self.downloads = downloads
+        self.examples = examples
+
+    def _event(self, t: Ticket, state: JobState, attempt: int, **fields: Any) -> LedgerEvent:
+        return LedgerEvent(job_key=t.job.job_key, state=state, at=self.now(), attempt=attempt,
+                           **fields)  # fmt: skip
+
+    def _full(self, t: Ticket, state: JobState, attempt: int, **fields: Any) -> LedgerEvent:
+        """An event carrying the whole job (row, request, estimate): an attempt's first."""
+        job = t.job
+        return self._event(
+            t, state, attempt, row_id=job.row_id, line=job.line, source=job.source,
+            variant=job.variant, endpoint=job.endpoint, request=encode_request(job.payload),
+            metadata=dict(job.metadata), estimated_usd=t.estimate.usd, **fields,
+        )  # fmt: skip
+
+    # --- an attempt's progress ---------------------------------------------------------
+
+    async def intent(self, t: Ticket, attempt: int, *, payload_sha256: str | None) -> None:
+        """Committed before the POST: a crash after it leaves a visible unknown outcome."""
+        extra: dict[str, Any] = {"payload_sha256": payload_sha256}
+        if t.possible_duplicate:
+            extra["possible_duplicate"] = True
+        self.ledger.append(self._full(t, JobState.SUBMITTING, attempt, **extra))
+        await self.ledger.commit()
+
+    async def acknowledged(self, t: Ticket, attempt: int, ack: SubmitAck) -> None:
+        """Committed right after the answer: the request id and the URLs to follow."""
+        at = self.now()
+        self.ledger.append(
+            self._event(
+                t, JobState.QUEUED, attempt, request_id=ack.request_id,
+                gateway_request_id=ack.gateway_request_id, submitted_at=at,
+                status_url=ack.status_url, response_url=ack.response_url,
+                cancel_url=ack.cancel_url,
+            )
+        )  # fmt: skip
+        await self.ledger.commit()
+
+    def started(self, t: Ticket, attempt: int) -> None:
+        self.ledger.append(self._event(t, JobState.IN_PROGRESS, attempt, started_at=self.now()))
+
+    # --- how an attempt ended ------------------------------------------------------------
+
+    async def record(self, t: Ticket, attempt: int, outcome: Outcome, *, final: bool) -> None:
+        """Record how an attempt ended; ``final``: no further attempt follows in this run."""
+        match outcome:
+            case Done():
+                await self._done(t, attempt, outcome)
+            case Failed():
+                await self._failed(t, attempt, outcome, final=final)
+            case Expired():
+                await self._expired(t, attempt, outcome)
+            case Unknown():
+                await self._unknown(t, attempt, outcome)
+            case Lost():
+                await self._lost(t, attempt, outcome)
+        self.on_change()
+
+    async def _done(self, t: Ticket, attempt: int, done: Done) -> None:
+        ok = done.success
+        event = self._event(
+            t, JobState.COMPLETED, attempt, completed_at=self.now(), queue_s=done.queue_s,
+            inference_s=done.inference_s, outputs=ok.outputs, seed=ok.result.seed,
+            nsfw=tuple(ok.result.has_nsfw_concepts), megapixels=ok.megapixels,
+            billed_usd=done.billed_usd,
+        )  # fmt: skip
+        self.ledger.append(event)
+        await self.ledger.commit()
+        actual = done.billed_usd if done.billed_usd is not None else t.estimate.usd
+        self._settle(t, actual)
+        self.tally.completed += 1
+        if self.downloads is not None and ok.outputs:
+            await self.downloads(DownloadItem(t.job.job_key, t.job.row_id, ok.outputs, event))
+
+    async def _failed(self, t: Ticket, attempt: int, failed: Failed, *, final: bool) -> None:
+        failure = failed.failure
+        fields: dict[str, Any] = {
+            "error_type": failure.error_type,
+            "error_message": failure.message[:MESSAGE_LIMIT],
+            "retryable": failure.retryable,
+            "billed_usd": failed.billed_usd,
+        }
+        build = self._full if failed.full_record else self._event
+        self.ledger.append(build(t, JobState.FAILED, attempt, **fields))
+        await self.ledger.commit()
+        if final:
+            self._settle(t, failed.billed_usd)
+            self.tally.fail(failure.error_type, f"{t.job.row_id}: {failure.message}")
+
+    async def _expired(self, t: Ticket, attempt: int, expired: Expired) -> None:
+        failure = expired.failure
+        self.ledger.append(
+            self._event(
+                t, JobState.FAILED, attempt, error_type=failure.error_type,
+                error_message=failure.message[:MESSAGE_LIMIT], retryable=failure.retryable,
+                billed_usd=expired.billed_usd,
+            )
+        )  # fmt: skip
+        await self.ledger.commit()
+        self._settle(t, expired.billed_usd)
+        self.tally.fail(failure.error_type, f"{t.job.row_id}: {failure.message}")
+
+    async def _unknown(self, t: Ticket, attempt: int, unknown: Unknown) -> None:
+        message = unknown.message[:MESSAGE_LIMIT]
+        self.ledger.append(self._event(t, JobState.UNKNOWN, attempt, error_message=message))
+        await self.ledger.commit()
+        # It may have been queued and billed: for a cap, assume it was.
+        self._settle(t, t.estimate.usd)
+        self.tally.unknown += 1
+        self.tally.note("unknown_outcome", f"{t.job.row_id}: {message}")
+
+    async def _lost(self, t: Ticket, attempt: int, lost: Lost) -> None:
+        # Not an end state: the state stays what it was, with the reason beside it. The
+        # estimate stays committed (no settle) and the slot stays taken until the run ends.
+        state = JobState.IN_PROGRESS if lost.running else JobState.QUEUED
+        message = f"lost contact with request {lost.request_id}: {lost.message}"
+        self.ledger.append(
+            self._event(t, state, attempt, error_type="lost_contact",
+                        error_message=message[:MESSAGE_LIMIT], retryable=True)
+        )  # fmt: skip
+        await self.ledger.commit()
+        self.tally.lost += 1
+        self.tally.note("lost_contact", f"{t.job.row_id}: {message}")
+        self.say(f"{t.job.row_id}: {message}; it is re-attached next run")
+
+    def _settle(self, t: Ticket, actual: Decimal | None) -> None:
+        self.budget.settle(t.estimate.usd, actual, reattached=t.reattach is not None)
+        self.tally.spent_usd += actual or Decimal(0)

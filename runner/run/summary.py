@@ -1,0 +1,123 @@
+"""What a run says about itself at the end: the exit status (pure) and the summary lines.
+
+    verdict(Ending) -> (exit code, message)
+
+Exit 0 only when every job of the manifest is completed, in this run or an earlier one.
+The table, first match wins:
+
+    interrupted (Ctrl-C, SIGTERM)                         130
+    stopped at the budget                                   3
+    admission stopped early (lost slots, local disk)        1
+    any job failed, invalid, unknown, lost or left over     1
+      from an earlier run without a retry
+    outputs not downloaded                                  1
+    otherwise                                               0
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from runner.endpoints.money import format_usd
+from runner.errors import EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_JOBS_FAILED, EXIT_OK
+from runner.run.progress import Tally
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """The facts a verdict is drawn from."""
+
+    interrupted: bool = False
+    budget_reason: str | None = None
+    stopped_reason: str | None = None  # admission stopped for another reason
+    failed: int = 0
+    invalid: int = 0
+    unknown: int = 0
+    lost: int = 0
+    left: int = 0  # not completed in an earlier run and not retried now
+    downloads_failed: int = 0
+
+
+def verdict(end: Ending) -> tuple[int, str]:
+    """The exit code and one-line message of a run. Pure."""
+    if end.interrupted:
+        return EXIT_INTERRUPTED, "interrupted; rerun the same command to resume"
+    if end.budget_reason is not None:
+        return EXIT_BUDGET, f"stopped at the budget: {end.budget_reason}"
+    if end.stopped_reason is not None:
+        return EXIT_JOBS_FAILED, f"stopped early: {end.stopped_reason}"
+    parts = [
+        (end.failed, "failed"),
+        (end.invalid, "invalid"),
+        (end.unknown, "with an unknown outcome"),
+        (end.lost, "lost contact (re-attached next run)"),
+        (end.left, "left from earlier runs"),
+    ]
+    named = [f"{n} {what}" for n, what in parts if n]
+    if named:
+        return EXIT_JOBS_FAILED, "not every job completed: " + ", ".join(named)
+    if end.downloads_failed:
+        return EXIT_JOBS_FAILED, "some outputs were not downloaded; rerun to fetch only those"
+    return EXIT_OK, "all jobs completed"
+
+
+@dataclass(slots=True)
+class RunReport:
+    """What a finished (or stopped) run says about itself."""
+
+    tally: Tally
+    exit_code: int
+    message: str
+    run_dir: Path
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def duplicates_possible(self) -> int:
+        """Submits of this run that followed one of unknown outcome (may be billed twice)."""
+        return self.tally.possible_duplicates
+
+
+def reason_lines(reasons: Mapping[str, int], examples: list[str]) -> list[str]:
+    """Counts by reason, most first, then the first few messages verbatim."""
+    ranked = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+    lines = [f"{count:>6}  {reason}" for reason, count in ranked]
+    if examples:
+        lines.append("first reasons:")
+        lines += [f"  {example}" for example in examples]
+    return lines
+
+
+def print_summary(report: RunReport, out: TextIO = sys.stderr) -> None:
+    t = report.tally
+    rows = [
+        ("completed", t.completed),
+        ("skipped (done before)", t.skipped),
+        ("failed", t.failed),
+        ("invalid rows", t.invalid),
+        ("unknown outcome", t.unknown),
+        ("lost contact (re-attach next run)", t.lost),
+        ("left from earlier runs", t.left),
+        ("retries", t.retries),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print("", file=out)
+    for name, value in rows:
+        print(f"  {name.ljust(width)}  {value}", file=out)
+    print(f"  {'spent'.ljust(width)}  {format_usd(t.spent_usd)}", file=out)
+    if t.possible_duplicates:
+        print(
+            f"  {'possible duplicate spend'.ljust(width)}  {t.possible_duplicates} jobs "
+            f"resubmitted after an unknown outcome (est. {format_usd(t.possible_duplicate_usd)})",
+            file=out,
+        )
+    if t.reasons:
+        print("  not completed, by reason:", file=out)
+        for line in reason_lines(t.reasons, t.examples):
+            print(f"    {line}", file=out)
+    for line in report.lines:
+        print(f"  {line}", file=out)
+    print(f"runner: {report.message} (ledger: {report.run_dir})", file=out)
