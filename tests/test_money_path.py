@@ -3,9 +3,12 @@ failures, lost contact never widens the window, duplicate spend stays on the rec
 
 from __future__ import annotations
 
+import errno
+import io
 from decimal import Decimal
 from pathlib import Path
 
+import httpx
 import pytest
 
 from runner.emulator import FaultConfig, parse_faults
@@ -23,10 +26,12 @@ from runner.fal.retry import RetryPolicies, RetryPolicy
 from runner.ledger import status_summary
 from runner.ledger.schema import JobState
 from runner.ledger.state import LedgerState
+from runner.media.sink import OutputSink
+from runner.run.engine import Hooks, execute
 from runner.run.outcome import Failed, Unknown
 from runner.run.summary import Ending, verdict
 from runner.run.worker import submit_failed
-from tests.scenario import FAST_SUBMIT, emulator, manifest, run, run_config
+from tests.scenario import FAST_POLICIES, FAST_SUBMIT, emulator, manifest, run, run_config
 
 pytestmark = pytest.mark.anyio
 
@@ -275,3 +280,31 @@ async def test_an_unwritable_out_folder_stops_the_run_before_any_submit(tmp_path
             await run(emu, config)
         assert emu.snapshot()["submits"]["accepted"] == 0
     assert caught.value.exit_code == 4 and str(blocker) in str(caught.value)
+
+
+class FullDisk(OutputSink):
+    """The local disk fills up: every output write fails with ENOSPC."""
+
+    def publish(self, temp: Path, relative: str) -> str:
+        raise OSError(errno.ENOSPC, "No space left on device", str(temp))
+
+
+async def test_a_full_disk_stops_admission_instead_of_paying_for_lost_outputs(
+    tmp_path: Path,
+) -> None:
+    path = manifest(tmp_path, 40)
+    run_dir = tmp_path / "run"
+    config = run_config(path, run_dir, max_in_flight=2)
+    async with emulator() as emu:
+        hooks = Hooks(
+            transport=httpx.ASGITransport(app=emu.app), stream=io.StringIO(),
+            handle_signals=False, policies=FAST_POLICIES,
+            sink=FullDisk(config.output_target, run_dir),
+        )  # fmt: skip
+        report = await execute(config, hooks=hooks)
+        accepted = emu.snapshot()["submits"]["accepted"]
+    assert report.exit_code == EXIT_JOBS_FAILED
+    assert "outputs cannot be saved" in report.message and "No space left" in report.message
+    # Admission stops once the first output fails to save: what was in flight then, plus
+    # the few admitted while that download ran, never the manifest's 40.
+    assert accepted < 12, accepted

@@ -21,6 +21,7 @@ import pytest
 
 from runner.emulator import DEFAULT_KEY, Emulator, EmulatorConfig
 from runner.errors import EXIT_INTERRUPTED, EXIT_JOBS_FAILED, EXIT_OK
+from runner.ledger import status_summary
 from tests.scenario import manifest
 from tests.torture_support import (
     LONG,
@@ -105,7 +106,7 @@ def _kill_chain(chain: Chain, tmp_path: Path) -> None:
             check_readable(run_dir)
             check_accounting(run_dir, emu.stats(), jobs)
         codes = []
-        for _ in range(4):  # unknown outcomes (reset faults) take one more run each
+        for _ in range(8):  # unknown outcomes and lost jobs take one more run each
             proc = start_run(path, run_dir, emu.url, *_flags(chain, 0, where))
             out, err = proc.communicate(timeout=120)
             outcome.logs += [out, err]
@@ -115,10 +116,17 @@ def _kill_chain(chain: Chain, tmp_path: Path) -> None:
                 break
         assert codes[-1] == EXIT_OK, (codes, outcome.logs[-1][-3000:])
         stats = emu.stats()
+    # No job ends failed because of kills (or faults) alone: every one completed, once.
     check_terminal_once(run_dir, jobs, allowed=("completed",))
     acc = check_accounting(run_dir, stats, jobs)
-    assert stats["submits"]["duplicates"] == acc.duplicates <= acc.unknown_attempts
-    print(f"kills={outcome.killed} unknown={acc.unknown_attempts} dup={acc.duplicates}")
+    if "fail_" not in chain.faults:  # a retry after a failed job is a second accept too
+        assert stats["submits"]["duplicates"] == acc.duplicates <= acc.unknown_attempts
+    # Every completion the server billed twice is on the record, after the last run.
+    billed_twice = sum(b["images"] for b in stats["billing"].values()) - chain.rows
+    status = status_summary(run_dir)
+    assert status.possible_duplicates >= billed_twice, (status.possible_duplicates, billed_twice)
+    print(f"kills={outcome.killed} unknown={acc.unknown_attempts} dup={acc.duplicates} "
+          f"billed_twice={billed_twice} recorded={status.possible_duplicates}")  # fmt: skip
     assert stats["submits"]["distinct_inputs"] == chain.rows
     assert outcome.killed >= chain.kills // 2, outcome
     assert not secret_leaks(DEFAULT_KEY, *outcome.logs, root=run_dir)
@@ -126,7 +134,19 @@ def _kill_chain(chain: Chain, tmp_path: Path) -> None:
         check_downloads(run_dir, out_dir, chain.rows)
 
 
+# Every fault the emulator has, at once.
+EVERY_FAULT = (
+    "reset_after_accept=0.03,timeout_after_accept=0.02,timeout_hang_s=2,submit_429=0.05,"
+    "gateway_503=0.02,result_5xx=0.05,result_reset=0.03,stream_not_sse=0.3,"
+    "stream_drop_after=2,fail_runner_disconnected=0.03,webhook_lost=0.1,"
+    "webhook_duplicate=0.1,seed=21"
+)
 CHAINS = [
+    pytest.param(
+        Chain(rows=200, kills=20, seed=21, faults=EVERY_FAULT,
+              modes=("stream", "poll", "webhook", "stream")),  # fmt: skip
+        id="every-fault-twenty-kills",
+    ),
     pytest.param(
         Chain(
             rows=150,

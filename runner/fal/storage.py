@@ -26,7 +26,7 @@ from pydantic import SecretStr
 
 from runner.errors import AuthError, FalError, HTTPStatusError, ProtocolError, TransportError
 from runner.fal.protocol import NOT_SENT_ERRORS
-from runner.fal.retry import RetryPolicy, call_with_retry
+from runner.fal.retry import RetryPolicies, RetryPolicy, call_with_retry
 
 MiB = 1024 * 1024
 
@@ -37,7 +37,7 @@ class UploadSettings:
     part_size: int = 10 * MiB
     ttl_s: float = 7 * 86_400.0  # asked of the CDN (object lifecycle); the cache trusts it
     min_remaining_s: float = 3_600.0  # a cached URL closer to expiry is uploaded again
-    policy: RetryPolicy = field(default_factory=lambda: RetryPolicy(attempts=5, timeout_s=120.0))
+    policy: RetryPolicy = field(default_factory=lambda: RetryPolicies().upload)
     timeout_s: float = 120.0
 
 

@@ -46,7 +46,7 @@ from PIL import Image
 from runner.endpoints.imageinfo import sniff_format
 from runner.errors import HTTPStatusError, TransportError
 from runner.fal.protocol import NOT_SENT_ERRORS
-from runner.fal.retry import RetryPolicy, call_with_retry
+from runner.fal.retry import RetryPolicies, RetryPolicy, call_with_retry
 from runner.ledger.schema import JobState, LedgerEvent, OutputImage, utcnow
 from runner.ledger.store import Ledger
 from runner.media.pending import DownloadItem, PendingDownloads, pending_downloads
@@ -102,7 +102,7 @@ class Downloader:
     ) -> None:
         self.http = http
         self.sink = sink
-        self.policy = policy or RetryPolicy(attempts=3, timeout_s=300.0)
+        self.policy = policy or RetryPolicies().download
         self.clock = clock
         self.sleep = sleep
         self.max_bytes = max_bytes

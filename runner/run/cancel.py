@@ -18,7 +18,7 @@ from pydantic import SecretStr
 
 from runner.errors import FalError
 from runner.fal.client import QueueClient
-from runner.fal.retry import RetryPolicy, call_with_retry
+from runner.fal.retry import RetryPolicies, call_with_retry
 from runner.fal.transport import open_transport
 from runner.ledger.schema import JobState, LedgerEvent, utcnow
 from runner.ledger.store import Ledger
@@ -47,7 +47,9 @@ async def cancel_in_flight(
     queue_url: str,
     key: SecretStr,
     transport: httpx.AsyncBaseTransport | None = None,
+    policies: RetryPolicies | None = None,
 ) -> CancelOutcome:
+    policies = policies or RetryPolicies()
     outcome = CancelOutcome()
     ledger = await anyio.to_thread.run_sync(Ledger.open, run_dir)
     if transport is None:
@@ -65,7 +67,7 @@ async def cancel_in_flight(
             try:
                 answer = await call_with_retry(
                     partial(client.cancel, ref),
-                    policy=RetryPolicy(attempts=5, timeout_s=30.0),
+                    policy=policies.cancel,
                     kind="read",
                 )
             except FalError as exc:

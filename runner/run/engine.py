@@ -54,8 +54,9 @@ from runner.ledger.probe import probe_writable
 from runner.ledger.schema import utcnow
 from runner.ledger.state import LedgerState
 from runner.ledger.store import Ledger, write_run_meta
-from runner.media.downloads import Downloader, DownloadStage, OutputSink
+from runner.media.downloads import Downloader, DownloadStage
 from runner.media.inputs import InputChecker, InputProber, InputSizer
+from runner.media.sink import OutputSink
 from runner.media.uploads import InputResolver, UploadCache, Uploader
 from runner.run.budget import Budget
 from runner.run.completion import (
@@ -92,6 +93,7 @@ class Hooks:
     stream: TextIO | None = None
     handle_signals: bool = True
     upload_settings: UploadSettings | None = None  # e.g. a small multipart threshold
+    sink: OutputSink | None = None  # where outputs are written (a full disk, in tests)
     # The one table of retry policies; tests shrink the waits, never the rules.
     policies: RetryPolicies = field(default_factory=RetryPolicies)
 
@@ -282,7 +284,7 @@ def _download_stage(
     config: RunConfig, ledger: Ledger, progress: Progress, hooks: Hooks, http: httpx.AsyncClient
 ) -> DownloadStage:
     return DownloadStage(
-        Downloader(http, OutputSink(config.output_target, config.run_dir),
+        Downloader(http, hooks.sink or OutputSink(config.output_target, config.run_dir),
                    policy=hooks.policies.download, clock=hooks.clock, sleep=hooks.sleep),
         ledger, concurrency=config.download_concurrency, say=progress.say,
     )  # fmt: skip
