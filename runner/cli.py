@@ -141,6 +141,15 @@ def duplicate_lines(summary: Any) -> list[str]:
             f"possible duplicate spend: {summary.possible_duplicates} jobs were resubmitted "
             f"after an unknown outcome (est. {format_usd(summary.possible_duplicate_usd)})"
         )
+    if summary.reconciled:
+        settled = ", ".join(f"{n} {how.replace('_', ' ')}" for how, n in
+                            sorted(summary.reconciled.items()))  # fmt: skip
+        lines.append(f"unknown outcomes settled from fal's request history: {settled}")
+    if summary.duplicates_found:
+        lines.append(
+            f"duplicates billed, found in fal's history: {summary.duplicates_found} requests "
+            f"(est. {format_usd(summary.duplicates_found_usd)})"
+        )
     if summary.unknown_outcomes:
         lines.append(
             f"{summary.unknown_outcomes} jobs have an unknown submit outcome "
@@ -170,6 +179,9 @@ def summary_json(summary: Any) -> dict[str, Any]:
         "possible_duplicates": summary.possible_duplicates,
         "possible_duplicate_usd": str(summary.possible_duplicate_usd),
         "unknown_outcomes": summary.unknown_outcomes,
+        "reconciled": dict(summary.reconciled),
+        "duplicates_found": summary.duplicates_found,
+        "duplicates_found_usd": str(summary.duplicates_found_usd),
     }
 
 

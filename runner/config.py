@@ -7,11 +7,13 @@ appears in a repr, a log line, the ledger (``public_dict`` drops it) or an error
 
 from __future__ import annotations
 
+import json
 import tomllib
 from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
@@ -21,9 +23,17 @@ FAL_QUEUE_URL = "https://queue.fal.run"
 FAL_REST_URL = "https://rest.fal.ai"
 FAL_CDN_URL = "https://v3.fal.media"
 FAL_JWKS_URL = "https://rest.fal.ai/.well-known/jwks.json"
+FAL_API_URL = "https://api.fal.ai"  # the Platform API (request history, prices)
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 Completion = Literal["poll", "stream", "webhook"]
-OnUnknown = Literal["resubmit", "skip", "fail"]
+OnUnknown = Literal["reconcile", "resubmit", "skip", "fail"]
+# How long after a submit of unknown outcome its absence from fal's request history means
+# "never accepted". fal does not document how soon an accepted request is listed
+# (shared/spec/fal-platform.md), so this is configuration, conservative by default.
+RECONCILE_AFTER_S = 60.0
+# The CDN lifetime asked for outputs: long enough to outlive a crash and a late resume.
+OUTPUT_LIFETIME_S = 7 * 86_400.0
 
 
 class RunConfig(BaseModel):
@@ -45,6 +55,7 @@ class RunConfig(BaseModel):
     queue_url: str = FAL_QUEUE_URL
     rest_url: str = FAL_REST_URL
     cdn_url: str = FAL_CDN_URL
+    api_url: str = FAL_API_URL
 
     concurrency: int = Field(default=2, ge=1, le=10_000)
     max_in_flight: int | None = Field(default=None, ge=1)
@@ -55,8 +66,14 @@ class RunConfig(BaseModel):
     max_cost_usd: Decimal | None = Field(default=None, ge=0)
     max_total_cost_usd: Decimal | None = Field(default=None, ge=0)
     max_attempts: int = Field(default=3, ge=1, le=100)
-    on_unknown: OnUnknown = "resubmit"
+    on_unknown: OnUnknown = "reconcile"
+    reconcile_after_s: float = Field(default=RECONCILE_AFTER_S, ge=0)
     retry_failed: bool = False
+    # Submit headers: X-Fal-Object-Lifecycle-Preference (None: fal's default lifetime),
+    # x-fal-disable-fallbacks, and X-Fal-Store-IO: 0 when store_io is off.
+    output_lifetime_s: float | None = Field(default=OUTPUT_LIFETIME_S, gt=0)
+    no_fallbacks: bool = False
+    store_io: bool = True
 
     completion: Completion = "poll"
     # A look reads the result URL first (one call when the job is done) or the status URL.
@@ -83,10 +100,48 @@ class RunConfig(BaseModel):
     quiet: bool = False
 
     @model_validator(mode="after")
+    def _reconcile_needs_payloads(self) -> RunConfig:
+        if self.on_unknown == "reconcile" and not self.store_io:
+            raise ValueError(
+                "--no-store-io keeps fal from storing payloads, which --on-unknown reconcile "
+                "(the default) needs to recognise a request: choose another --on-unknown"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _webhook_needs_url(self) -> RunConfig:
         if self.completion == "webhook" and not self.webhook_url and not self.emulator:
             raise ValueError("--completion webhook needs --webhook-url (the public URL fal calls)")
         return self
+
+    @property
+    def submit_headers(self) -> dict[str, str]:
+        """The batch's own submit headers (fal's Platform headers), from the options."""
+        headers: dict[str, str] = {}
+        if self.output_lifetime_s is not None:
+            lifetime = {"expiration_duration_seconds": int(self.output_lifetime_s)}
+            headers["X-Fal-Object-Lifecycle-Preference"] = json.dumps(lifetime)
+        if self.no_fallbacks:
+            headers["x-fal-disable-fallbacks"] = "true"
+        if not self.store_io:
+            headers["X-Fal-Store-IO"] = "0"
+        return headers
+
+    @model_validator(mode="before")
+    @classmethod
+    def _local_queue_keeps_everything_local(cls, values: Any) -> Any:
+        """A queue on this machine (an emulator) brings storage, CDN and the Platform API
+        with it, at the emulator's paths, unless they are given: a local run never
+        reaches a real fal host by default."""
+        if not isinstance(values, dict) or not values.get("queue_url"):
+            return values
+        base = str(values["queue_url"]).rstrip("/")
+        host = urlsplit(base).hostname or ""
+        if host not in LOCAL_HOSTS:
+            return values
+        local = {"rest_url": "/rest", "cdn_url": "/cdn", "api_url": "/api",
+                 "webhook_jwks_url": "/rest/.well-known/jwks.json"}  # fmt: skip
+        return {**{k: base + path for k, path in local.items()}, **values}
 
     @property
     def output_target(self) -> str:
@@ -136,12 +191,13 @@ RENAMED: Mapping[str, str] = {
     "ledger": "run_dir", "rate": "rate_per_s", "endpoint_limit": "endpoint_limits",
     "max_cost": "max_cost_usd", "max_total_cost": "max_total_cost_usd",
     "job_timeout": "job_timeout_s", "start_timeout": "start_timeout_s", "out": "out_dir",
+    "reconcile_after": "reconcile_after_s", "output_lifetime": "output_lifetime_s",
 }  # fmt: skip
 # How a user names the fields that are not set by a flag of their own name.
 _NAMES = {field: f"--{flag.replace('_', '-')}" for flag, field in RENAMED.items()} | {
     "manifest": "MANIFEST", "fmt": "--format", "default_endpoint": "--endpoint",
     "allowed_endpoints": "--allow-endpoint", "defaults": "--set", "download": "--no-download",
-    "key": "FAL_KEY",
+    "key": "FAL_KEY", "store_io": "--no-store-io",
 }  # fmt: skip
 _BOUNDS = {
     "greater_than_equal": ("ge", "at least"),

@@ -18,7 +18,10 @@ boundary each, with ``raise ... from exc``.
     │   ├── AuthError             401/403: the key is wrong                  exit 2
     │   ├── TransportError        no HTTP answer (connect, read, reset)
     │   ├── HTTPStatusError       an HTTP answer with an unexpected status
-    │   └── ProtocolError         an answer that breaks the queue protocol
+    │   ├── ProtocolError         an answer that breaks the queue protocol
+    │   └── PlatformUnavailableError
+    │                             the Platform API refuses this key          not fatal: no
+    │                             (401/403/404) or fails past retries        history or prices
 
 A per-job failure is a *record* in the ledger, not an exception escaping a worker:
 only the fatal errors above stop a run. A run that stops at the budget (exit 3) or on
@@ -141,3 +144,18 @@ class HTTPStatusError(FalError):
 
 class ProtocolError(FalError):
     """A response that does not follow fal's queue protocol."""
+
+
+class PlatformUnavailableError(FalError):
+    """fal's Platform API cannot be read with this key: history or prices unavailable.
+
+    Raised for 401/403/404 (the API is unavailable to some keys or plans) and for failures
+    that outlast the retry policy. Not an :class:`AuthError`: a key the queue accepts but the
+    Platform API refuses means "fall back and say so", not "stop the run". ``path`` is the
+    URL path called and ``status_code`` the HTTP status (None when no answer came).
+    """
+
+    def __init__(self, message: str, *, path: str, status_code: int | None = None) -> None:
+        self.path = path
+        self.status_code = status_code
+        super().__init__(message)

@@ -81,8 +81,29 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     a("--max-total-cost", type=_usd, metavar="USD",
       help="hard cap on the run directory's total spend, earlier runs included")  # fmt: skip
     a("--max-attempts", type=int, help="attempts per job for retryable failures (default 3)")
-    a("--on-unknown", choices=["resubmit", "skip", "fail"],
-      help="what a rerun does with submits of unknown outcome (default resubmit)")  # fmt: skip
+    a("--on-unknown", choices=["reconcile", "resubmit", "skip", "fail"],
+      help="a submit of unknown outcome: settle it from fal's request history (default "
+           "reconcile), resubmit (may pay twice), skip or fail")  # fmt: skip
+    a("--reconcile-after", type=float, metavar="S",
+      help="a request absent from fal's history this long after its submit was never "
+           "accepted (default 60)")  # fmt: skip
+    a("--api-url", help="fal Platform API base URL (default https://api.fal.ai)")
+    a(
+        "--output-lifetime",
+        type=float,
+        metavar="S",
+        help="CDN lifetime asked for outputs (X-Fal-Object-Lifecycle-Preference; default 7 days)",
+    )
+    a(
+        "--no-fallbacks",
+        action="store_true",
+        help="ask fal not to reroute to a fallback endpoint (x-fal-disable-fallbacks)",
+    )
+    a(
+        "--no-store-io",
+        action="store_true",
+        help="ask fal not to keep payloads (X-Fal-Store-IO: 0); not with --on-unknown reconcile",
+    )
     a("--retry-failed", action="store_true", help="run failed jobs again, even non-retryable")
     a("--completion", choices=["poll", "stream", "webhook"], help="default poll")
     a("--first-look", choices=["result", "status"],
@@ -124,7 +145,7 @@ RUN_FLAGS = (
     "webhook_listen", "webhook_url", "webhook_jwks_url", "job_timeout", "start_timeout",
     "priority", "strict", "quiet", "prices",
     "queue_url", "out", "download_concurrency", "inline_inputs", "inline_max_bytes",
-    "probe_inputs",
+    "probe_inputs", "reconcile_after", "api_url", "output_lifetime", "no_fallbacks",
 )  # fmt: skip
 
 
@@ -153,6 +174,8 @@ def run_config(args: argparse.Namespace, environ: Mapping[str, str]) -> RunConfi
             origins.pop(field, None)
     if getattr(args, "no_download", False):
         values["download"] = False
+    if getattr(args, "no_store_io", False):
+        values["store_io"], names["store_io"] = False, "--no-store-io"
     if isinstance(values.get("endpoint_limits"), list):
         values["endpoint_limits"] = dict(values["endpoint_limits"])
     values.update(

@@ -42,6 +42,7 @@ def run_config(path: Path, run_dir: Path, **overrides: Any) -> RunConfig:
         # Storage follows the queue to the emulator: a test never names a real fal host.
         "rest_url": f"{EMULATOR_URL}/rest",
         "cdn_url": f"{EMULATOR_URL}/cdn",
+        "api_url": f"{EMULATOR_URL}/api",
         "concurrency": 2,
         "rate_per_s": 1000.0,
         "quiet": True,

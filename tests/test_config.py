@@ -24,7 +24,7 @@ def test_defaults_and_derived_values(tmp_path: Path) -> None:
     assert config.in_flight_limit == 3 * config.concurrency  # polling: three times the slots
     streaming = parse([str(tmp_path / "m.csv"), "--completion", "stream"])
     assert streaming.in_flight_limit == 2 * streaming.concurrency
-    assert config.completion == "poll" and config.on_unknown == "resubmit"
+    assert config.completion == "poll" and config.on_unknown == "reconcile"
 
 
 def test_flags_win_over_the_toml_file(tmp_path: Path) -> None:

@@ -149,7 +149,9 @@ async def test_a_result_read_that_keeps_failing_leaves_the_job_lost_and_the_run_
     config = run_config(path, run_dir, max_in_flight=2, first_look="status")
     once = RetryPolicy(attempts=1, timeout_s=5.0, base_s=0.001, max_s=0.002)
     policies = RetryPolicies(submit=FAST_SUBMIT, read=once)
-    async with emulator(faults=parse_faults("result_5xx=@1")) as emu:
+    # Without fal's history (which would recover the result: see test_reconcile.py).
+    faults = parse_faults("result_5xx=@1,history_unavailable=1")
+    async with emulator(faults=faults) as emu:
         report = await run(emu, config, policies=policies)
         assert (report.tally.lost, report.tally.completed) == (1, 5)
         assert report.exit_code == EXIT_JOBS_FAILED
@@ -171,7 +173,7 @@ async def test_when_every_slot_holds_a_lost_job_admission_stops_and_says_why(
     path = manifest(tmp_path, 10)
     config = run_config(path, tmp_path / "run", max_in_flight=2, first_look="status")
     short = RetryPolicy(attempts=2, timeout_s=5.0, base_s=0.001, max_s=0.002)
-    async with emulator(faults=parse_faults("result_5xx=1")) as emu:
+    async with emulator(faults=parse_faults("result_5xx=1,history_unavailable=1")) as emu:
         report = await run(emu, config, policies=RetryPolicies(submit=FAST_SUBMIT, read=short))
         stats = emu.snapshot()
         emu.faults = FaultInjector(FaultConfig())  # the queue recovers
@@ -249,12 +251,15 @@ async def test_an_input_error_is_retried_once_the_file_is_fixed(tmp_path: Path) 
 async def test_possible_duplicate_spend_stays_in_status_after_the_jobs_complete(
     tmp_path: Path,
 ) -> None:
+    """--on-unknown resubmit: the old way, without fal's history (the default reconciles:
+    see test_reconcile.py)."""
     path = manifest(tmp_path, 4)
     run_dir = tmp_path / "run"
+    resubmit = {"on_unknown": "resubmit"}
     async with emulator(faults=parse_faults("reset_after_accept=@1+3")) as emu:
-        first = await run(emu, run_config(path, run_dir))
-        second = await run(emu, run_config(path, run_dir))
-        third = await run(emu, run_config(path, run_dir))
+        first = await run(emu, run_config(path, run_dir, **resubmit))
+        second = await run(emu, run_config(path, run_dir, **resubmit))
+        third = await run(emu, run_config(path, run_dir, **resubmit))
         billed_twice = emu.snapshot()["submits"]["duplicates"]
     assert first.tally.unknown == 2 and first.exit_code == EXIT_JOBS_FAILED
     assert second.exit_code == EXIT_OK and second.tally.possible_duplicates == 2

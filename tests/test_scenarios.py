@@ -143,8 +143,9 @@ async def test_submit_accepted_then_reset_is_recorded_as_unknown_not_resubmitted
 ) -> None:
     path = manifest(tmp_path, 10)
     faults = parse_faults("reset_after_accept=@2+5,timeout_after_accept=@7,timeout_hang_s=1")
+    resubmit = {"on_unknown": "resubmit"}  # without fal's history (test_reconcile.py has it)
     async with emulator(faults=faults) as emu:
-        report = await run(emu, run_config(path, tmp_path / "run"))
+        report = await run(emu, run_config(path, tmp_path / "run", **resubmit))
         first = emu.snapshot()
         assert first["submits"]["accepted"] == 10
         assert first["submits"]["duplicates"] == 0
@@ -153,8 +154,8 @@ async def test_submit_accepted_then_reset_is_recorded_as_unknown_not_resubmitted
         states = [r["state"] for r in folded(tmp_path / "run")]
         assert states.count("unknown") == 3 and states.count("completed") == 7
 
-        # Default policy on a rerun: resubmit, counted as possible duplicate spend.
-        again = await run(emu, run_config(path, tmp_path / "run"))
+        # --on-unknown resubmit on a rerun: counted as possible duplicate spend.
+        again = await run(emu, run_config(path, tmp_path / "run", **resubmit))
         assert again.exit_code == EXIT_OK
         assert again.duplicates_possible == 3
         assert_accounted(emu, tmp_path / "run")
@@ -165,7 +166,7 @@ async def test_submit_accepted_then_reset_is_recorded_as_unknown_not_resubmitted
 async def test_on_unknown_skip_sends_nothing_again(tmp_path: Path) -> None:
     path = manifest(tmp_path, 4)
     async with emulator(faults=parse_faults("reset_after_accept=@1")) as emu:
-        await run(emu, run_config(path, tmp_path / "run"))
+        await run(emu, run_config(path, tmp_path / "run", on_unknown="skip"))
         again = await run(emu, run_config(path, tmp_path / "run", on_unknown="skip"))
         assert emu.snapshot()["submits"]["duplicates"] == 0
     # Skipped, but not completed: the run does not claim success.
@@ -206,7 +207,8 @@ async def test_validation_error_is_permanent_with_fals_detail(tmp_path: Path) ->
 
 async def test_expired_result_is_a_clear_failure(tmp_path: Path) -> None:
     path = manifest(tmp_path, 3)
-    async with emulator(faults=parse_faults("result_retention_s=0")) as emu:
+    # Without fal's history, which would recover it (test_reconcile.py).
+    async with emulator(faults=parse_faults("result_retention_s=0,history_unavailable=1")) as emu:
         report = await run(emu, run_config(path, tmp_path / "run"))
     rows = folded(tmp_path / "run")
     assert report.exit_code == EXIT_JOBS_FAILED

@@ -119,7 +119,11 @@ async def test_every_fault_at_once_loses_nothing_and_records_every_reason(
         reports = await rerun_until_settled(run_dir, jobs, once, max_attempts=2)
         stats = emu.snapshot()
     acc = check_accounting(run_dir, stats, jobs)
-    assert acc.unknown_attempts > 0, "the storm produced no unknown outcome"
+    # Unknown outcomes happened; fal's history settled them (adopted), so none stays open.
+    unknown_events = sum(
+        e["state"] == "unknown" for h in histories(run_dir).values() for e in h.events
+    )
+    assert unknown_events > 0, "the storm produced no unknown outcome"
     fired = set(stats["faults"])
     assert {"submit_429", "reset_after_accept", "timeout_after_accept", "slow"} <= fired, fired
     assert any(f.startswith("gateway_") for f in fired), fired

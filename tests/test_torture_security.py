@@ -6,9 +6,10 @@ inside the output directory.
   run.json, the downloaded outputs and everything else in the run directory.
 - During a real webhook-mode run an attacker posts forged (wrong key, tampered body),
   replayed (verbatim genuine deliveries, and genuine headers over another body), stale
-  and future-dated deliveries, each claiming the job failed, plus oversized bodies. Each
-  is refused (or, for a verbatim replay, acknowledged as a duplicate and ignored), and
-  every job still completes with the genuine result.
+  and future-dated deliveries, each claiming the job failed and each before the runner
+  even knows the job's id, plus bodies many times the size cap. Each is refused (or, for
+  a verbatim replay, acknowledged as a duplicate and ignored), and every job still
+  completes with the genuine result.
 - Row ids built to escape (``../../etc/passwd``, absolute paths, NUL, 5,000 characters)
   go through a real run with downloads on; every file written is under --out.
 """
@@ -20,6 +21,7 @@ import json
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +34,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from runner.emulator import DEFAULT_KEY, Emulator, EmulatorConfig, parse_faults, serve
+from runner.emulator import DEFAULT_KEY, Emulator, EmulatorConfig, serve
 from runner.emulator.webhooks import WebhookSigner
 from runner.errors import EXIT_JOBS_FAILED, EXIT_OK, EXIT_USAGE
+from runner.fal.transport import open_transport
+from runner.fal.webhook import DEFAULT_MAX_BODY_BYTES
 from runner.ledger.state import LedgerState
 from runner.run.engine import Hooks, execute
 from tests.scenario import emulator, manifest, run_config
@@ -96,85 +100,135 @@ def test_a_refused_key_is_named_nowhere(tmp_path: Path) -> None:
 
 
 # -- hostile webhooks during a real run -------------------------------------------------------
+#
+# Every hostile post is made while the runner waits for the answer to one of its submits: the
+# run cannot end then, so each post meets a receiver that is up. Posting on a timer raced the
+# run instead: a post made before the receiver listened was refused a connection, and one
+# made as the last job came in met the receiver closing its connections (ConnectError, or a
+# ReadError for a request sent on a connection being closed).
+
+HUGE = 8 * DEFAULT_MAX_BODY_BYTES
 
 
-class Relay:
-    """The public webhook URL: records each genuine delivery, then forwards it."""
+@dataclass
+class Delivery:
+    """A genuine delivery as it passed the relay."""
 
-    def __init__(self, target: str) -> None:
-        self.target = target
-        self.captured: list[tuple[dict[str, str], bytes]] = []
-        self.app = Starlette(routes=[Route("/{p:path}", self.forward, methods=["POST"])])
-
-    async def forward(self, request: Request) -> Response:
-        body = await request.body()
-        headers = {k: v for k, v in request.headers.items() if k.startswith("x-fal-webhook")}
-        self.captured.append((headers, body))
-        async with httpx.AsyncClient() as client:
-            answer = await client.post(self.target, content=body, headers=headers)
-        return Response(answer.content, status_code=answer.status_code)
-
-
-def error_body(request_id: str) -> bytes:
-    return json.dumps({"request_id": request_id, "status": "ERROR", "payload": None,
-                       "error": "forged: give up"}).encode()  # fmt: skip
+    headers: dict[str, str]
+    body: bytes
+    forwarded: anyio.Event = field(default_factory=anyio.Event)
 
 
 class Attacker:
     """Posts hostile deliveries to the runner's receiver; counts the answers by kind."""
 
-    def __init__(self, receiver: str, emu: Emulator, relay: Relay) -> None:
+    def __init__(self, receiver: str, emu: Emulator, client: httpx.AsyncClient) -> None:
         self.receiver = receiver
         self.emu = emu
-        self.relay = relay
+        self.client = client
         self.forger = WebhookSigner(Ed25519PrivateKey.generate(), user_id=emu.config.user_id)
         self.answers: dict[str, Counter[int]] = {}
-        self.attacked: set[str] = set()
+        self.struck: dict[str, anyio.Event] = {}
+        self.delivered: list[Delivery] = []
         self.replayed = 0
+        self.went_huge = False
 
-    async def post(self, client: httpx.AsyncClient, kind: str, body: Any,
-                   headers: dict[str, str]) -> None:  # fmt: skip
-        answer = await client.post(self.receiver, content=body, headers=headers)
+    def strike_done(self, request_id: str) -> anyio.Event:
+        return self.struck.setdefault(request_id, anyio.Event())
+
+    async def at_submit(self, request_id: str) -> None:
+        """fal has accepted ``request_id`` and the runner does not know it yet."""
+        first, self.went_huge = not self.went_huge, True
+        await self.strike(request_id)
+        self.strike_done(request_id).set()
+        await self.replay()
+        if first:
+            await self.huge(request_id)
+
+    async def post(self, kind: str, body: Any, headers: dict[str, str]) -> None:
+        answer = await self.client.post(self.receiver, content=body, headers=headers)
         self.answers.setdefault(kind, Counter())[answer.status_code] += 1
 
-    async def strike(self, client: httpx.AsyncClient, request_id: str) -> None:
+    async def strike(self, request_id: str) -> None:
         body = error_body(request_id)
         now = int(time.time())
         genuine = self.emu.signer
-        await self.post(client, "forged", body, self.forger.sign(request_id, now, body))
-        await self.post(client, "stale", body, genuine.sign(request_id, now - 3600, body))
-        await self.post(client, "future", body, genuine.sign(request_id, now + 3600, body))
-        await self.post(client, "unsigned", body, {})
+        await self.post("forged", body, self.forger.sign(request_id, now, body))
+        await self.post("stale", body, genuine.sign(request_id, now - 3600, body))
+        await self.post("future", body, genuine.sign(request_id, now + 3600, body))
+        await self.post("unsigned", body, {})
         signed = genuine.sign(request_id, now, b"{}")
-        await self.post(client, "tampered", body, signed)  # signature of another body
+        await self.post("tampered", body, signed)  # signature of another body
 
-    async def run(self) -> None:
-        async with httpx.AsyncClient(timeout=30.0) as client:
-            while True:
-                for request_id in list(self.emu.scheduler.jobs):
-                    if request_id not in self.attacked:
-                        self.attacked.add(request_id)
-                        await self.strike(client, request_id)
-                while self.replayed < len(self.relay.captured):
-                    headers, body = self.relay.captured[self.replayed]
-                    self.replayed += 1
-                    await self.post(client, "replayed", body, headers)
-                    other = error_body(headers["x-fal-webhook-request-id"])
-                    await self.post(client, "replayed_other_body", other, headers)
-                await anyio.sleep(0.02)
+    async def replay(self) -> None:
+        while self.replayed < len(self.delivered):
+            delivery = self.delivered[self.replayed]
+            self.replayed += 1
+            await delivery.forwarded.wait()  # a replay comes after the genuine delivery
+            await self.post("replayed", delivery.body, delivery.headers)
+            other = error_body(delivery.headers["x-fal-webhook-request-id"])
+            await self.post("replayed_other_body", other, delivery.headers)
+
+    async def huge(self, request_id: str) -> None:
+        """Bodies of many times the cap: refused on their headers, or at the cap."""
+
+        async def chunks() -> Any:
+            for _ in range(HUGE // (1 << 20)):
+                yield b"x" * (1 << 20)
+
+        fresh = self.forger.sign(request_id, int(time.time()), b"")  # well formed, unverified
+        await self.post("huge_unsigned", b"x" * HUGE, {})
+        await self.post("huge_declared", b"x" * HUGE, fresh)
+        await self.post("huge_chunked", chunks(), fresh)
 
 
-async def oversized(receiver: str) -> list[int]:
-    limit = 32 * 1024 * 1024
+class Relay:
+    """The public webhook URL: forwards each genuine delivery once its job has been struck,
+    and keeps it for the attacker to replay."""
 
-    async def chunks() -> Any:
-        for _ in range(limit // (1 << 20) + 2):
-            yield b"x" * (1 << 20)
+    def __init__(self, target: str, attacker: Attacker) -> None:
+        self.target = target
+        self.attacker = attacker
+        self.app = Starlette(routes=[Route("/{p:path}", self.forward, methods=["POST"])])
 
-    async with httpx.AsyncClient(timeout=60.0) as client:
-        declared = await client.post(receiver, content=b"x" * (limit + 1))
-        chunked = await client.post(receiver, content=chunks())
-    return [declared.status_code, chunked.status_code]
+    async def forward(self, request: Request) -> Response:
+        body = await request.body()
+        headers = {k: v for k, v in request.headers.items() if k.startswith("x-fal-webhook")}
+        await self.attacker.strike_done(headers["x-fal-webhook-request-id"]).wait()
+        delivery = Delivery(headers, body)
+        self.attacker.delivered.append(delivery)
+        try:
+            async with httpx.AsyncClient() as client:
+                answer = await client.post(self.target, content=body, headers=headers)
+        except httpx.TransportError:
+            return Response(status_code=502)  # the run is over (its job was polled)
+        finally:
+            delivery.forwarded.set()
+        return Response(answer.content, status_code=answer.status_code)
+
+
+class StrikeAtSubmit(httpx.AsyncBaseTransport):
+    """The runner's transport: each submit's answer waits while the attacker strikes."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, attacker: Attacker) -> None:
+        self.inner = inner
+        self.attacker = attacker
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if request.method == "POST" and "fal_webhook" in request.url.params:
+            await response.aread()
+            if response.is_success:
+                await self.attacker.at_submit(response.json()["request_id"])
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def error_body(request_id: str) -> bytes:
+    return json.dumps({"request_id": request_id, "status": "ERROR", "payload": None,
+                       "error": "forged: give up"}).encode()  # fmt: skip
 
 
 @pytest.mark.anyio
@@ -185,41 +239,43 @@ async def test_forged_replayed_stale_and_oversized_webhooks_change_nothing(
     rows = 16
     path = manifest(tmp_path, rows)
     jobs = manifest_jobs(path)
-    # Genuine deliveries come a second late, so the attacks reach jobs still waiting.
-    faults = parse_faults("webhook_delay_s=200")
-    emu = Emulator(EmulatorConfig(time_scale=0.005, concurrency=4, faults=faults))
+    emu = Emulator(EmulatorConfig(time_scale=0.005, concurrency=4))
     listen = free_port()
-    relay = Relay(f"http://127.0.0.1:{listen}/")
-    async with serve(emu) as served, serve_app(relay.app) as relay_url:
-        config = run_config(
-            path, tmp_path / "run", completion="webhook", emulator=True,
-            queue_url=served.base_url, webhook_listen=f"127.0.0.1:{listen}",
-            webhook_url=relay_url + "/hook", concurrency=4, download=False,
-            webhook_jwks_url=served.base_url + "/rest/.well-known/jwks.json",
-        )  # fmt: skip
-        attacker = Attacker(f"http://127.0.0.1:{listen}/", emu, relay)
-        big: list[int] = []
-        async with anyio.create_task_group() as tg:
-
-            async def attack_when_up() -> None:
-                await anyio.sleep(0.3)
-                big.extend(await oversized(attacker.receiver))
-
-            tg.start_soon(attacker.run)
-            tg.start_soon(attack_when_up)
-            report = await execute(config, hooks=Hooks(stream=io.StringIO(), handle_signals=False))
-            tg.cancel_scope.cancel()
+    receiver = f"http://127.0.0.1:{listen}/"
+    # No keep-alive: a kept connection can be closed idle by the server as a post goes out.
+    no_reuse = httpx.Limits(max_keepalive_connections=0)
+    async with (
+        serve(emu) as served,
+        httpx.AsyncClient(timeout=30.0, limits=no_reuse) as client,
+    ):
+        attacker = Attacker(receiver, emu, client)
+        relay = Relay(receiver, attacker)
+        inner = open_transport(served.base_url, limits=httpx.Limits())
+        async with serve_app(relay.app) as relay_url, StrikeAtSubmit(inner, attacker) as transport:
+            config = run_config(
+                path, tmp_path / "run", completion="webhook", emulator=True,
+                queue_url=served.base_url, webhook_listen=f"127.0.0.1:{listen}",
+                webhook_url=relay_url + "/hook", concurrency=4, download=False,
+                webhook_jwks_url=served.base_url + "/rest/.well-known/jwks.json",
+            )  # fmt: skip
+            hooks = Hooks(transport=transport, stream=io.StringIO(), handle_signals=False)
+            report = await execute(config, hooks=hooks)
         stats = emu.snapshot()
     assert report.exit_code == EXIT_OK, report.message
     check_terminal_once(tmp_path / "run", jobs, allowed=("completed",))
-    assert stats["calls"].get("result", 0) < rows, "results did not come by webhook"
-    assert len(attacker.attacked) == rows
+    polled = stats["calls"].get("result", 0)
+    assert polled < rows, "results did not come by webhook"
     answers = attacker.answers
-    for kind in ("forged", "stale", "future", "unsigned", "tampered", "replayed_other_body"):
-        assert set(answers[kind]) == {401}, (kind, answers[kind])
-    assert set(answers["replayed"]) == {200}, answers["replayed"]  # a duplicate: ignored
-    assert sum(answers["replayed"].values()) >= rows // 2
-    assert big == [413, 413]
+    for kind in ("forged", "stale", "future", "unsigned", "tampered"):
+        assert answers[kind] == {401: rows}, (kind, answers[kind])
+    # The last submit waited for rows - in_flight_limit jobs to finish, each by a delivery
+    # (replayed before that submit was answered) or by a poll.
+    replays = attacker.replayed
+    assert replays >= max(1, rows - config.in_flight_limit - polled), (replays, polled)
+    assert answers["replayed"] == {200: replays}  # a duplicate: ignored
+    assert answers["replayed_other_body"] == {401: replays}
+    huge = {kind: answers[kind] for kind in answers if kind.startswith("huge")}
+    assert huge == {"huge_unsigned": {401: 1}, "huge_declared": {413: 1}, "huge_chunked": {413: 1}}
 
 
 # -- output paths -----------------------------------------------------------------------------

@@ -12,6 +12,8 @@ client bug cannot be mirrored by the fake.
     stats     Stats: submits per canonical input, calls, slot time, billing
     app       Emulator: state + outcomes + background waker (``running()``)
     routes    the Starlette routes (queue, storage, CDN, JWKS, stats)
+    history   RequestHistory: every accepted request, kept after the queue forgets it
+    platform_api  fal's Platform API under /api: request history and prices
     breakage  broken answers for faults: nginx error pages, connections cut mid-answer
     server    serve() on loopback via uvicorn (+ self-signed TLS), serve_main for the CLI
     images, filestore, webhooks: outputs/CDN, uploads, signed webhook delivery

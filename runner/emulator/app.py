@@ -27,7 +27,9 @@ import httpx
 from runner.emulator import results, webhooks
 from runner.emulator.faults import FaultInjector
 from runner.emulator.filestore import FileStore
+from runner.emulator.history import RequestHistory
 from runner.emulator.images import ImageStore, InputImageError
+from runner.emulator.platform_api import account_table
 from runner.emulator.queue import Ending, Job, Phase, QueueModel, StoredResult
 from runner.emulator.routes import build_app
 from runner.emulator.settings import EmulatorConfig
@@ -62,7 +64,14 @@ class Emulator:
             retention_s=self.config.scaled(self.config.retention_s),
         )
         self.faults = FaultInjector(self.config.faults)
-        self.stats = Stats(prices or cost.PriceTable.default())
+        # What the account pays: its custom prices win over the table, in billing and in
+        # the Platform API's pricing answer alike.
+        self.prices = account_table(prices or cost.PriceTable.default(), self.config.account_prices)
+        self.stats = Stats(self.prices)
+        self.history = RequestHistory(
+            retention_s=self.config.scaled(self.config.history_retention_s),
+            max_items=self.config.history_max_items,
+        )
         self.files = FileStore(clock=clock)
         self.images = ImageStore(self.files, clock=clock)
         self.signer = webhooks.WebhookSigner(user_id=self.config.user_id)
@@ -185,8 +194,13 @@ class Emulator:
         *,
         low_priority: bool = False,
         start_timeout_s: float | None = None,
+        store_io: bool = True,
     ) -> Job:
-        """Queue one job now (the submit was accepted: from here on it is billed)."""
+        """Queue one job now (the submit was accepted: from here on it is billed).
+
+        It enters the request history too, with its payloads unless ``store_io`` is False
+        (``X-Fal-Store-IO: 0``).
+        """
         self.advance()
         now = self.clock()
         failure = self.faults.failure()  # drawn for every job, so the sequence is stable
@@ -215,6 +229,8 @@ class Emulator:
         )
         self.stats.accepted(endpoint, plan.body, now)
         self.scheduler.submit(job)
+        self.history.prune(now)
+        self.history.record(job.request_id, endpoint, now, plan.body, store_io=store_io)
         self._notify_if_changed()
         return job
 
@@ -235,6 +251,9 @@ class Emulator:
         else:
             job.result = results.infra_failure("request_timeout", user_timeout=True)
         self.stats.ended(job.ending.value, job.finished_at)
+        self.history.ended(
+            job.request_id, started_at=job.started_at, ended_at=job.finished_at, result=job.result
+        )
         if plan.webhook_url:
             self._queue_webhook(plan.webhook_url, job.request_id, job.result)
 
@@ -355,6 +374,7 @@ class Emulator:
         out["images"] = self.images.stats()
         out["webhooks"] = self._dispatcher.stats() if self._dispatcher else {}
         out["webhooks_pending"] = len(self._pending_webhooks)
+        out["history"] = {"entries": len(self.history), "dropped": self.history.dropped}
         return out
 
     def reset_stats(self) -> None:

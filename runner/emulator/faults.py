@@ -37,6 +37,17 @@ Kinds and the events they count:
   ``webhook_delay_s`` holds every delivery that long, ``webhook_reorder_s`` holds each for
   a random time within that window so later deliveries overtake earlier ones.
 - ``result_retention_s``: results (and status) answer 404 this long after completion.
+
+Platform API faults (:mod:`runner.emulator.platform_api`, the request history and prices):
+
+- ``history_unavailable``: authorised history or pricing calls answered 403 ``{"detail"}``,
+  as for a key or plan without access.
+- ``history_unordered``: listings (counted at their first page, a call without ``cursor``)
+  whose items come shuffled across all their pages instead of in sent order; the
+  cursor carries the shuffle, so every item still comes exactly once.
+- ``history_delay_s``: an accepted request is listed only this long after its ``sent_at``.
+- ``history_page_limit``: not a rate but a count N (0, the default, is off): the server
+  caps every page's ``limit`` at N, forcing pagination.
 """
 
 from __future__ import annotations
@@ -125,6 +136,10 @@ class FaultConfig:
     webhook_delay_s: float = 0.0
     webhook_reorder_s: float = 0.0
     result_retention_s: float | None = None
+    history_unavailable: Trigger = NEVER
+    history_unordered: Trigger = NEVER
+    history_delay_s: float = 0.0
+    history_page_limit: int = 0
 
     def __post_init__(self) -> None:
         unknown = set(self.failures) - set(FAILURE_STATUS)
@@ -134,16 +149,18 @@ class FaultConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise UsageError(f"{name} must be within 0..1, got {value}")
-        if self.stream_drop_after < 0:
-            raise UsageError(f"stream_drop_after must be 0 or more, got {self.stream_drop_after}")
+        for name in ("stream_drop_after", "history_page_limit", "history_delay_s"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} must be 0 or more, got {getattr(self, name)}")
 
 
 _TRIGGER_FIELDS = frozenset(f.name for f in fields(FaultConfig) if f.type == "Trigger")
 _FLOAT_FIELDS = frozenset(
     {"slow_s", "timeout_hang_s", "result_retention_s"}
     | {"webhook_lost", "webhook_duplicate", "webhook_delay_s", "webhook_reorder_s"}
+    | {"history_delay_s"}
 )
-_INT_FIELDS = frozenset({"stream_drop_after"})
+_INT_FIELDS = frozenset({"stream_drop_after", "history_page_limit"})
 
 
 def parse_trigger(text: str) -> Trigger:
@@ -250,6 +267,14 @@ class FaultInjector:
     def stream_not_sse(self) -> bool:
         """One status-stream request: answer it as a plain status GET?"""
         return self._fires("stream_not_sse", self.config.stream_not_sse)
+
+    def history_unavailable(self) -> bool:
+        """One authorised history or pricing call: answer it 403?"""
+        return self._fires("history_unavailable", self.config.history_unavailable)
+
+    def history_unordered(self) -> bool:
+        """One new listing (its first page): shuffle its items across pages?"""
+        return self._fires("history_unordered", self.config.history_unordered)
 
     def failure(self) -> str | None:
         """One accepted job: the error_type it will end with, if any."""

@@ -9,7 +9,12 @@ Path layout, one host::
     PUT  /{owner}/{app}/requests/{id}/cancel[/]           cancel
     /rest/storage/..., /cdn/files/...                     storage, CDN (.storage_api, .images)
     GET  /rest/.well-known/jwks.json                      webhook public key
+    GET  /api/v1/models/requests/by-endpoint, /pricing    Platform API (.platform_api)
     GET  /_emulator/stats, POST /_emulator/reset          accounting
+
+The ``/api`` mount comes before the queue's patterns, so they cannot shadow it (a queue app
+owned by ``api`` could not be reached; fal has none). A submit with ``X-Fal-Store-IO: 0``
+keeps no payloads in the request history.
 
 Every queue and storage route needs ``Authorization: Key <key>`` (401 otherwise);
 CDN downloads and the JWKS are public. Gateway faults answer before auth, as
@@ -38,6 +43,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from runner.emulator import results
 from runner.emulator.breakage import AbortResponse, nginx_error
+from runner.emulator.platform_api import PREFIX as PLATFORM_PREFIX
+from runner.emulator.platform_api import platform_routes
 from runner.emulator.queue import Job, Phase
 from runner.emulator.storage_api import origin, storage_routes
 from runner.emulator.webhooks import jwks_routes
@@ -116,6 +123,7 @@ class QueueRoutes:
             plan,
             low_priority=request.headers.get("x-fal-queue-priority", "").lower() == "low",
             start_timeout_s=timeout_s,
+            store_io=_store_io(request),
         )
         lost = emu.faults.lost_answer()
         if lost is not None:
@@ -268,6 +276,11 @@ def _lifecycle_s(request: Request) -> float | None:
     return float(seconds) if ok else None
 
 
+def _store_io(request: Request) -> bool:
+    """False when the submit opts out of payload storage (``X-Fal-Store-IO: 0``)."""
+    return request.headers.get("x-fal-store-io", "1").strip().lower() not in {"0", "false"}
+
+
 def _start_timeout(request: Request) -> float | None:
     raw = request.headers.get("x-fal-request-timeout")
     if raw is None:
@@ -297,6 +310,7 @@ def build_app(emu: Emulator) -> ASGIApp:
     routes: list[BaseRoute] = [
         Route("/_emulator/stats", stats, methods=["GET"]),
         Route("/_emulator/reset", reset, methods=["POST"]),
+        *platform_routes(emu),
         *jwks_routes(emu.signer),
         *storage_routes(emu.files, key=emu.config.key, clock=emu.clock),
         *emu.images.routes(),
@@ -317,6 +331,8 @@ def route_kind(method: str, path: str) -> str:
     path = path.rstrip("/")
     if path.startswith("/_emulator"):
         return "emulator"
+    if path.startswith(PLATFORM_PREFIX + "/"):
+        return "platform"
     if path == "/rest/.well-known/jwks.json":
         return "jwks"
     if path.startswith("/rest/") or (path.startswith("/cdn/") and method != "GET"):

@@ -8,7 +8,10 @@ Client-supplied durations (``X-Fal-Request-Timeout``) are scaled the same way.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
+from types import MappingProxyType
 
 from pydantic import SecretStr
 
@@ -46,6 +49,12 @@ class EmulatorConfig:
 
     The defaults suit the demo: 4 slots at real-time speed finish ~20 small jobs
     in well under a minute while queue positions and progress stay visible.
+
+    The request history (the Platform API's ``requests/by-endpoint``) keeps each request
+    ``history_retention_s`` (emulated; fal keeps payloads 30 days) after it was sent, and
+    at most ``history_max_items`` requests, the oldest dropped first: an emulator limit,
+    not fal's. ``account_prices`` are the account's custom unit prices by endpoint id:
+    they win over the price table, both in ``/api/v1/models/pricing`` and in billing.
     """
 
     key: SecretStr = field(default_factory=lambda: SecretStr(DEFAULT_KEY))
@@ -57,12 +66,26 @@ class EmulatorConfig:
     result_retention_s: float = 3600.0
     keepalive_s: float = 15.0
     user_id: str = "emulator-user"
+    history_retention_s: float = 30 * 86_400.0
+    history_max_items: int = 200_000
+    account_prices: Mapping[str, Decimal] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False
+    )
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise UsageError(f"concurrency must be at least 1, got {self.concurrency}")
         if self.time_scale <= 0:
             raise UsageError(f"time scale must be positive, got {self.time_scale}")
+        if self.history_retention_s < 0:
+            raise UsageError(f"history retention must be 0 or more, got {self.history_retention_s}")
+        if self.history_max_items < 1:
+            raise UsageError(f"history_max_items must be at least 1, got {self.history_max_items}")
+        prices = MappingProxyType(dict(self.account_prices))
+        for endpoint, usd in prices.items():
+            if not isinstance(usd, Decimal) or not usd.is_finite() or usd < 0:
+                raise UsageError(f"account price of {endpoint} must be a Decimal >= 0, got {usd!r}")
+        object.__setattr__(self, "account_prices", prices)  # a caller's dict cannot change it
 
     def scaled(self, emulated_s: float) -> float:
         """Real (clock) seconds for an emulated duration."""

@@ -117,6 +117,9 @@ class _FileDoc(BaseModel):
     endpoints: dict[str, _PriceDoc]
 
 
+ACCOUNT_PRICE_SOURCE = "account price (fal Platform API)"
+
+
 class PriceTable:
     """Prices by endpoint id. Immutable once built."""
 
@@ -147,6 +150,25 @@ class PriceTable:
         for endpoint, entry in doc.endpoints.items():
             merged[endpoint] = _merge(endpoint, entry, base.get(endpoint), path, mtime)
         return cls(merged)
+
+    def with_account_prices(self, unit_prices: Mapping[str, Decimal], *, date: str) -> PriceTable:
+        """This table with the account's own unit prices (fal's pricing endpoint) in place.
+
+        fal lists FLUX prices per ``image`` while billing per megapixel, so a unit price is
+        read as the price of one billed unit of the entry it replaces (one megapixel): an
+        assumption, kept here and in the README. Endpoints the table does not know are
+        left out (their billing rules are unknown).
+        """
+        merged = dict(self._prices)
+        for endpoint, usd in unit_prices.items():
+            old = merged.get(endpoint)
+            if old is None:
+                continue
+            merged[endpoint] = Price(
+                endpoint, usd, old.unit, ACCOUNT_PRICE_SOURCE, date, "confirmed",
+                old.lora_surcharge,
+            )  # fmt: skip
+        return PriceTable(merged)
 
     def get(self, endpoint: str) -> Price | None:
         return self._prices.get(endpoint)
@@ -223,6 +245,7 @@ class Estimate:
     approximate: bool
     unconfirmed: bool
     notes: tuple[str, ...] = ()
+    price_source: str | None = None  # where the unit price came from (recorded per job)
 
 
 def billed_cost(
@@ -298,7 +321,7 @@ def estimate(
     if unconfirmed:
         notes.append(f"price unconfirmed: {price.source}")
     usd = None if factor is None else _charge(price, images, out_mp, in_mp) * factor
-    return Estimate(usd, images, billed_mp, approximate, unconfirmed, tuple(notes))
+    return Estimate(usd, images, billed_mp, approximate, unconfirmed, tuple(notes), price.source)
 
 
 def _bills_inputs(price: Price | None) -> bool:

@@ -20,7 +20,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from runner.errors import UsageError
 from runner.fal.jwks import KeySource
 from runner.fal.webhook import (
+    DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_BODY_READS,
     DEFAULT_MAX_SKEW_S,
     SeenIds,
     WebhookEvent,
@@ -103,6 +105,8 @@ async def webhook_server(
     wall_clock: Callable[[], float] = time.time,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_skew_s: float = DEFAULT_MAX_SKEW_S,
+    max_body_reads: int = DEFAULT_MAX_BODY_READS,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     shutdown_timeout_s: int = 5,
 ) -> AsyncIterator[WebhookReceiver]:
     """Serve the receiver on ``host:port`` (0: any free port) until the block exits.
@@ -110,7 +114,7 @@ async def webhook_server(
     It is accepting connections when the block starts. On exit the send side of the event
     stream closes, so a consumer iterating ``receiver.events`` ends after the events already
     buffered. The receive side is the caller's: close it (``async with receiver.events``).
-    asyncio only (uvicorn).
+    The body limits are :func:`runner.fal.webhook.build_app`'s. asyncio only (uvicorn).
     """
     sock = await _listen_socket(host, port)
     send, receive = anyio.create_memory_object_stream[WebhookEvent](queue_size)
@@ -123,6 +127,8 @@ async def webhook_server(
         wall_clock=wall_clock,
         max_body_bytes=max_body_bytes,
         max_skew_s=max_skew_s,
+        max_body_reads=max_body_reads,
+        body_timeout_s=body_timeout_s,
     )
     config = uvicorn.Config(
         app,

@@ -6,13 +6,23 @@ fal POSTs a JSON event when a request completes, signed with Ed25519 over
 - :func:`verify_signature`, pure: headers + raw body + keys + now -> :class:`WebhookHeaders`
   or :class:`WebhookRejected` (never escapes the receiver; it becomes a 401);
 - :class:`WebhookEvent`, the typed delivery (payload stays opaque JSON);
-- :func:`build_app`, a Starlette app that refuses oversized bodies (413), bad or stale
-  signatures (401) and malformed JSON (400), answers 200 to every valid delivery including
-  duplicates (so fal stops retrying), forwards each first-seen request_id once through a
-  bounded memory stream, and answers 503 when that stream is full (fal retries later);
+- :func:`build_app`, a Starlette app that checks a delivery's headers before reading a byte
+  of its body (missing, malformed, stale or future: 401 unread), then reads the body capped
+  in size (413), in time (408) and in how many are read at once (503 when no reader frees
+  up in time), then checks the signature (401) and the JSON (400); it answers 200 to every
+  valid delivery including duplicates (so fal stops retrying), forwards each first-seen
+  request_id once through a bounded memory stream, and answers 503 when that stream is
+  full (fal retries later);
 - (:mod:`runner.fal.receiver` serves that app on a real socket.)
 
-Webhooks can be lost; the engine must never rely on them alone.
+Webhooks can be lost; the engine must never rely on them alone. So a refusal costs at most a
+poll: a genuine delivery that is refused (too large, say) is retried by fal and its job is
+polled when the webhook is late.
+
+Until the signature is checked anyone can post, so the memory a stranger can pin is at most
+``max_body_reads * max_body_bytes``. Whether the request id is one the run waits for is not
+checked: the receiver is not told, and a delivery can arrive before the submit's answer
+has been recorded (the engine keeps such early deliveries).
 """
 
 from __future__ import annotations
@@ -40,8 +50,12 @@ from starlette.routing import Route
 from runner.errors import FalError
 from runner.fal.jwks import KeySource
 
-DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
-"""Results may carry images as data URIs, so the limit is generous."""
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+"""fal's results carry URLs; one carrying a larger data URI is refused and its job polled."""
+DEFAULT_MAX_BODY_READS = 16
+"""Bodies read at once before their signature is checked."""
+DEFAULT_BODY_TIMEOUT_S = 10.0
+"""To wait for a reader and read a body: a slow sender cannot hold a reader for longer."""
 DEFAULT_MAX_SKEW_S = 300.0
 DEFAULT_MAX_REMEMBERED = 1_000_000
 
@@ -213,21 +227,26 @@ class WebhookStats:
     rejected: Counter[str] = field(default_factory=Counter)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _Refused(Exception):
+    """A delivery answered before its body is read (or read whole)."""
+
+    def __init__(self, status_code: int, reason: str) -> None:
+        self.status_code = status_code
+        self.reason = reason
+        super().__init__(f"{status_code} {reason}")
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _BodyTooLarge
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:  # chunked, or a Content-Length that lied
-            raise _BodyTooLarge
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:  # chunked, or a Content-Length that lied
+                raise _Refused(413, "too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise _Refused(400, "disconnected") from None
     return b"".join(chunks)
 
 
@@ -251,17 +270,25 @@ class _Handler:
     wall_clock: Callable[[], float]
     max_body_bytes: int
     max_skew_s: float
+    body_timeout_s: float
+    readers: anyio.Semaphore
 
     async def handle(self, request: Request) -> JSONResponse:
         self.stats.received += 1
         try:
-            body = await _read_body(request, self.max_body_bytes)
-        except _BodyTooLarge:
-            return self._reject(413, "too_large")
-        except ClientDisconnect:
-            return self._reject(400, "disconnected")
+            # Headers first: a post that cannot be a fresh delivery is answered unread.
+            parsed = read_headers(
+                request.headers, now_s=self.wall_clock(), max_skew_s=self.max_skew_s
+            )
+        except WebhookRejected as exc:
+            log.debug("webhook rejected: %s", exc)
+            return self._reject(401, exc.reason)
         try:
-            await self._authenticate(body, request.headers)
+            body = await self._read(request)
+        except _Refused as exc:
+            return self._reject(exc.status_code, exc.reason)
+        try:
+            await self._authenticate(parsed, body)
         except WebhookRejected as exc:
             log.debug("webhook rejected: %s", exc)
             return self._reject(401, exc.reason)
@@ -275,8 +302,19 @@ class _Handler:
         self.stats.valid += 1
         return self._deliver(event)
 
-    async def _authenticate(self, body: bytes, headers: Mapping[str, str]) -> None:
-        parsed = read_headers(headers, now_s=self.wall_clock(), max_skew_s=self.max_skew_s)
+    async def _read(self, request: Request) -> bytes:
+        """The body, read whole only if small enough, soon enough, with a reader free."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise _Refused(413, "too_large")
+        reading = False
+        with anyio.move_on_after(self.body_timeout_s):
+            async with self.readers:
+                reading = True
+                return await _read_body(request, self.max_body_bytes)
+        raise _Refused(408, "slow_body") if reading else _Refused(503, "readers_busy")
+
+    async def _authenticate(self, parsed: WebhookHeaders, body: bytes) -> None:
         try:
             await _off_loop_if_large(body, check_signature, parsed, body, await self.keys.keys())
         except WebhookRejected:
@@ -315,11 +353,17 @@ def build_app(
     wall_clock: Callable[[], float] = time.time,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_skew_s: float = DEFAULT_MAX_SKEW_S,
+    max_body_reads: int = DEFAULT_MAX_BODY_READS,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> Starlette:
     """The receiver as an ASGI app; ``app.state.webhook_stats`` holds its counters.
 
-    ``wall_clock`` gives unix seconds (the signed timestamps are wall-clock time).
+    ``wall_clock`` gives unix seconds (the signed timestamps are wall-clock time). At most
+    ``max_body_reads`` bodies of at most ``max_body_bytes`` are read at once, each within
+    ``body_timeout_s`` of its headers passing (waiting for a reader included).
     """
+    if max_body_bytes < 0 or max_body_reads < 1 or not body_timeout_s > 0:
+        raise ValueError("need max_body_bytes >= 0, max_body_reads >= 1, body_timeout_s > 0")
     handler = _Handler(
         keys=keys,
         events=events,
@@ -328,6 +372,8 @@ def build_app(
         wall_clock=wall_clock,
         max_body_bytes=max_body_bytes,
         max_skew_s=max_skew_s,
+        body_timeout_s=body_timeout_s,
+        readers=anyio.Semaphore(max_body_reads),
     )
     # A tunnel may forward to a path of its own, so every path is the receiver.
     routes = [

@@ -7,9 +7,11 @@
     queued / in_progress       REATTACH to its request_id (poll; never resubmit)
       ... without request_id   as unknown
     unknown with request_id    REATTACH (the id proves the POST was accepted)
-    submitting / unknown       on_unknown: resubmit -> SUBMIT (possible duplicate
-                               spend; the unanswered attempt keeps its number),
-                               skip -> SKIP, fail -> FAIL
+    submitting / unknown       on_unknown: reconcile -> RECONCILE (fal's request history
+                               says whether it was accepted: re-attach, or resubmit
+                               safely), resubmit -> SUBMIT (possible duplicate spend;
+                               the unanswered attempt keeps its number), skip -> SKIP,
+                               fail -> FAIL
     failed, cost nothing       SUBMIT, unasked: nothing was billed (never accepted,
       (billed 0)               refused, an input or upload problem, a 5xx)
     failed, maybe billed       SUBMIT with retry_failed; else SKIP
@@ -34,12 +36,13 @@ from typing import Literal, Protocol, TypeVar
 
 from runner.ledger.schema import JobState
 
-OnUnknown = Literal["resubmit", "skip", "fail"]
+OnUnknown = Literal["reconcile", "resubmit", "skip", "fail"]
 
 
 class Action(StrEnum):
     SUBMIT = "submit"
     REATTACH = "reattach"
+    RECONCILE = "reconcile"  # settle an unknown outcome from fal's history, then act
     SKIP = "skip"
     FAIL = "fail"
 
@@ -115,6 +118,8 @@ def decide(record: JobView | None, policy: ResumePolicy) -> Decision:
 
 
 def _decide_unknown(done: int, policy: ResumePolicy) -> Decision:
+    if policy.on_unknown == "reconcile":
+        return Decision(Action.RECONCILE, "unknown outcome: reconcile", max(done, 1))
     if policy.on_unknown == "skip":
         return Decision(Action.SKIP, "unknown outcome: --on-unknown skip", done)
     if policy.on_unknown == "fail":
@@ -158,8 +163,10 @@ def plan_resume(
     Lazy: the manifest is never held in memory. Pass a ResumeSummary to have
     it counted as the stream is consumed.
     """
-    if on_unknown not in ("resubmit", "skip", "fail"):
-        raise ValueError(f"on_unknown must be resubmit, skip or fail, not {on_unknown!r}")
+    if on_unknown not in ("reconcile", "resubmit", "skip", "fail"):
+        raise ValueError(
+            f"on_unknown must be reconcile, resubmit, skip or fail, not {on_unknown!r}"
+        )
     policy = ResumePolicy(on_unknown, retry_failed, max_attempts)
     for job in jobs:
         key = job if isinstance(job, str) else job.job_key

@@ -8,6 +8,7 @@ money as decimal strings), which converts losslessly to Arrow columns.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -27,7 +28,8 @@ def utcnow() -> datetime:
 
 
 SCHEMA_VERSION = 2
-# Version 2 appended possible_duplicate, payload_sha256 and the acknowledged URLs; a
+# Version 2 appended possible_duplicate, payload_sha256, the acknowledged URLs, how an
+# unknown outcome was reconciled, billed duplicates and the price's source; a
 # version-1 file is read as if those columns were null (runner.ledger.parts.read_part).
 OLDEST_SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = b"runner.ledger.schema_version"
@@ -87,6 +89,9 @@ JOB_FIELDS = (
     "estimated_usd",
     "attempt",
     "possible_duplicate",
+    "reconciled",
+    "duplicate_request_ids",
+    "price_source",
 )
 # Columns that a new attempt's `submitting` event clears.
 ATTEMPT_FIELDS = (
@@ -149,6 +154,9 @@ LEDGER_SCHEMA = pa.schema(
         pa.field("status_url", pa.string()),
         pa.field("response_url", pa.string()),
         pa.field("cancel_url", pa.string()),
+        pa.field("reconciled", pa.string()),
+        pa.field("duplicate_request_ids", pa.list_(pa.string())),
+        pa.field("price_source", pa.string()),
     ],
     metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )
@@ -159,6 +167,11 @@ _MONEY_FIELDS = frozenset({"estimated_usd", "billed_usd"})
 def encode_request(payload: Mapping[str, Any]) -> str:
     """Canonical JSON for a request body (sorted keys, no spaces)."""
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def payload_fingerprint(payload: Any) -> str:
+    """sha256 of the canonical JSON of what was sent: how fal's history recognises it."""
+    return hashlib.sha256(encode_request(payload).encode()).hexdigest()
 
 
 def _check_money(name: str, value: Decimal | None) -> None:
@@ -213,6 +226,12 @@ class LedgerEvent:
     status_url: str | None = None  # the acknowledged URLs, followed verbatim
     response_url: str | None = None
     cancel_url: str | None = None
+    # How fal's request history settled an unknown outcome (see runner.run.reconcile):
+    # adopted, resubmitted_safe, history_unavailable. Sticky.
+    reconciled: str | None = None
+    # Other requests of the same payload the history showed: billed duplicates. Sticky.
+    duplicate_request_ids: tuple[str, ...] | None = None
+    price_source: str | None = None  # where the estimate's unit price came from. Sticky.
 
     def __post_init__(self) -> None:
         if self.state.__class__ is not JobState:
@@ -261,6 +280,7 @@ def _encoder(name: str) -> Callable[[Any], Any] | None:
     special: dict[str, Callable[[Any], Any]] = {
         "outputs": _outputs_json,
         "nsfw": list,
+        "duplicate_request_ids": list,
         "metadata": _metadata_json,
         "state": str,
     }
@@ -320,8 +340,9 @@ def record_from_row(row: Mapping[str, Any]) -> JobRecord:
         kwargs["metadata"] = json.loads(kwargs["metadata"])
     if kwargs["outputs"] is not None:
         kwargs["outputs"] = tuple(OutputImage(**o) for o in kwargs["outputs"])
-    if kwargs["nsfw"] is not None:
-        kwargs["nsfw"] = tuple(kwargs["nsfw"])
+    for name in ("nsfw", "duplicate_request_ids"):
+        if kwargs[name] is not None:
+            kwargs[name] = tuple(kwargs[name])
     for name in _MONEY_FIELDS:
         if kwargs[name] is not None:
             kwargs[name] = trim_usd(kwargs[name])

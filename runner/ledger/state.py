@@ -63,6 +63,18 @@ class LedgerState:
     def keys(self) -> Iterator[str]:
         return iter(self._index)
 
+    def keys_in(self, states: frozenset[JobState]) -> list[str]:
+        """The job keys whose latest state is one of ``states`` (in flight, say: few)."""
+        if len(self) == 0:
+            return []
+        names = self.jobs["state"]
+        if pa.types.is_dictionary(names.type):
+            names = names.cast(pa.string())
+        value_set = pa.array([s.value for s in states], pa.string())
+        mask = pc.is_in(names, value_set=value_set)
+        keys: list[str] = self.jobs["job_key"].filter(mask).to_pylist()
+        return keys
+
     def row(self, job_key: str) -> int | None:
         """The row of ``jobs`` holding job_key, or None when never seen."""
         return self._index.find(job_key)

@@ -51,6 +51,11 @@ class Totals:
     possible_duplicates: int
     possible_duplicate_usd: Decimal  # their estimates
     unknown_outcomes: int  # jobs whose latest submit outcome is unknown (submitting/unknown)
+    # How fal's history settled unknown outcomes (adopted, resubmitted_safe,
+    # history_unavailable), and the other billed requests it showed, with their estimates.
+    reconciled: Mapping[str, int]
+    duplicates_found: int
+    duplicates_found_usd: Decimal
 
 
 def totals(jobs: pa.Table) -> Totals:
@@ -84,7 +89,27 @@ def totals(jobs: pa.Table) -> Totals:
         possible_duplicates=flagged,
         possible_duplicate_usd=trim_usd(flagged_usd),
         unknown_outcomes=by_state[JobState.SUBMITTING] + by_state[JobState.UNKNOWN],
+        **_reconciliation(jobs),
     )
+
+
+def _reconciliation(jobs: pa.Table) -> dict[str, Any]:
+    if "reconciled" not in jobs.column_names:
+        return {"reconciled": {}, "duplicates_found": 0, "duplicates_found_usd": _ZERO}
+    counts = pc.value_counts(jobs["reconciled"].drop_null()).to_pylist()
+    found = pc.list_value_length(jobs["duplicate_request_ids"]).fill_null(0)
+    exact = _ZERO
+    if pc.sum(found).as_py():
+        # Exact dollars: one Decimal per job that has found duplicates (few).
+        mask = pc.greater(found, 0)
+        for est, n in zip(jobs.filter(mask)["estimated_usd"].to_pylist(),
+                          found.filter(mask).to_pylist(), strict=True):  # fmt: skip
+            exact += (est or _ZERO) * n
+    return {
+        "reconciled": {c["values"]: c["counts"] for c in counts},
+        "duplicates_found": int(pc.sum(found).as_py() or 0),
+        "duplicates_found_usd": trim_usd(exact),
+    }
 
 
 def _possible_duplicates(jobs: pa.Table) -> tuple[int, Decimal]:

@@ -46,6 +46,9 @@ class StatusSummary:
     possible_duplicates: int  # jobs resubmitted after an unknown outcome (durable)
     possible_duplicate_usd: Decimal  # their estimates
     unknown_outcomes: int  # jobs whose latest submit outcome is still unknown
+    reconciled: Mapping[str, int]  # how fal's history settled unknown outcomes
+    duplicates_found: int  # other billed requests the history showed
+    duplicates_found_usd: Decimal
     last_event_at: datetime | None
     torn_bytes: int  # journal bytes ignored as a torn tail (a writer mid-append or a crash)
     run_meta: Mapping[str, Any] | None
@@ -75,6 +78,9 @@ def status_summary(run_dir: Path | str) -> StatusSummary:
         possible_duplicates=counted.possible_duplicates,
         possible_duplicate_usd=counted.possible_duplicate_usd,
         unknown_outcomes=counted.unknown_outcomes,
+        reconciled=counted.reconciled,
+        duplicates_found=counted.duplicates_found,
+        duplicates_found_usd=counted.duplicates_found_usd,
         last_event_at=last_at,
         torn_bytes=read.torn_bytes,
         run_meta=read_run_meta(run_dir),
@@ -113,7 +119,7 @@ def export(run_dir: Path | str, out_path: Path | str, fmt: ExportFormat) -> int:
 
 def _flat_for_csv(jobs: pa.Table) -> pa.Table:
     """CSV has no nested types: outputs and nsfw become JSON text, money exact text."""
-    for name in ("outputs", "nsfw"):
+    for name in ("outputs", "nsfw", "duplicate_request_ids"):
         values = [None if v is None else json.dumps(v) for v in jobs[name].to_pylist()]
         jobs = jobs.set_column(jobs.schema.get_field_index(name), name, pa.array(values))
     for name in ("estimated_usd", "billed_usd"):

@@ -2,5 +2,7 @@
 
 inputs     local input checks and sizes
 uploads    inputs to URLs, with content-hash dedup
+sink       output names, where files land, which OS errors mean the storage refuses writes
+pending    completed jobs whose outputs are still to download
 downloads  verify, hash and record outputs; resumable
 """

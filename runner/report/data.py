@@ -89,6 +89,9 @@ class Report:
     possible_duplicates: int  # resubmitted after an unknown outcome: maybe billed twice
     possible_duplicate_usd: Decimal
     unknown_outcomes: int  # latest submit outcome still unknown
+    reconciled: Mapping[str, int]  # how fal's history settled unknown outcomes
+    duplicates_found: int  # other billed requests the history showed
+    duplicates_found_usd: Decimal
     timing: Timing
     failed_jobs: int
     failure_groups: int  # how many distinct groups, of which ``failures`` lists the top ones
@@ -142,6 +145,9 @@ def build_report(
         possible_duplicates=counted.possible_duplicates,
         possible_duplicate_usd=counted.possible_duplicate_usd,
         unknown_outcomes=counted.unknown_outcomes,
+        reconciled=counted.reconciled,
+        duplicates_found=counted.duplicates_found,
+        duplicates_found_usd=counted.duplicates_found_usd,
         timing=_timing(jobs),
         failed_jobs=failed,
         failure_groups=len(groups),

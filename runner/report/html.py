@@ -156,6 +156,16 @@ def _summary(report: Report) -> str:
             f'<p class="warn">possible duplicate spend: {count(report.possible_duplicates, "job")}'
             f" resubmitted after an unknown outcome (est. {_e(dup_usd)})</p>"
         )
+    if report.reconciled or report.duplicates_found:
+        settled = ", ".join(f"{n} {how.replace('_', ' ')}" for how, n in
+                            sorted(report.reconciled.items()))  # fmt: skip
+        dups = (
+            f"; duplicates billed: {report.duplicates_found} "
+            f"(est. {format_usd(report.duplicates_found_usd)})"
+            if report.duplicates_found
+            else ""
+        )
+        notes += f'<p class="note">{_e("settled from fal request history: " + settled + dups)}</p>'
     if report.unknown_outcomes:
         notes += (
             f'<p class="warn">{count(report.unknown_outcomes, "job")} with an unknown '
@@ -281,6 +291,7 @@ def _resume(report: Report) -> str:
     counts = [
         ("re-attach to the request id (queued / in progress)", r.reattach),
         ("retry (failed, retryable)", r.retry),
+        ("settle from fal's request history: unknown outcome", r.reconcile),
         ("resubmit: unknown outcome, may pay twice", r.resubmit),
         ("validate again (invalid rows)", r.revalidate),
         ("record as failed (unknown outcome)", r.fail),

@@ -32,6 +32,7 @@ class ResumeOutlook:
     fail: int  # unknown outcome recorded as failed (--on-unknown fail)
     reasons: Mapping[str, int]
     new_jobs: int | None = None  # rows the ledger never saw: unknown without the manifest
+    reconcile: int = 0  # unknown outcome: settled from fal's history (re-attach or resubmit)
 
 
 def resume_outlook(jobs: pa.Table, policy: ResumePolicy) -> ResumeOutlook:
@@ -73,6 +74,7 @@ def resume_outlook(jobs: pa.Table, policy: ResumePolicy) -> ResumeOutlook:
         revalidate=kinds["revalidate"],
         skip=kinds["skip"],
         fail=kinds["fail"],
+        reconcile=kinds["reconcile"],
         reasons=dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
     )
 

@@ -98,6 +98,15 @@ def render_text(report: Report) -> str:
         )
     if report.unknown_outcomes:
         lines.append(f"  {count(report.unknown_outcomes, 'job')} with an unknown submit outcome")
+    if report.reconciled:
+        settled = ", ".join(f"{n} {how.replace('_', ' ')}" for how, n in
+                            sorted(report.reconciled.items()))  # fmt: skip
+        lines.append(f"  settled from fal's request history: {settled}")
+    if report.duplicates_found:
+        lines.append(
+            f"  duplicates billed (found in fal's history): {report.duplicates_found} "
+            f"(est. {format_usd(report.duplicates_found_usd)})"
+        )
     lines += ["", "cost by endpoint (estimate of billed jobs vs output-based cost):"]
     rows: list[tuple[str, ...]] = [
         ("endpoint", "jobs", "done", "images", "estimated", "est. billed", "billed")
@@ -158,6 +167,7 @@ def _resume_lines(report: Report) -> list[str]:
     p = r.policy
     counts = (
         ("re-attach", r.reattach), ("retry", r.retry),
+        ("reconcile with fal's history", r.reconcile),
         ("resubmit (possible duplicate)", r.resubmit), ("validate again", r.revalidate),
         ("skip", r.skip), ("record as failed", r.fail),
     )  # fmt: skip

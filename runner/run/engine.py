@@ -39,19 +39,19 @@ from pydantic import SecretStr
 
 from runner import __version__
 from runner.config import RunConfig
+from runner.endpoints.catalog import CATALOG
 from runner.endpoints.cost import PriceTable
-from runner.errors import (
-    RunnerError,
-    UsageError,
-)
+from runner.errors import PlatformUnavailableError, ProtocolError, RunnerError, UsageError
 from runner.fal.client import QueueClient
+from runner.fal.history import HistoryClient
 from runner.fal.jwks import JwksCache
 from runner.fal.receiver import WebhookReceiver, webhook_server
 from runner.fal.retry import RetryPolicies
 from runner.fal.storage import StorageClient, UploadSettings
 from runner.fal.transport import open_transport
+from runner.ledger.fold import read_records
 from runner.ledger.probe import probe_writable
-from runner.ledger.schema import utcnow
+from runner.ledger.schema import JobRecord, JobState, utcnow
 from runner.ledger.state import LedgerState
 from runner.ledger.store import Ledger, write_run_meta
 from runner.media.downloads import Downloader, DownloadStage
@@ -71,6 +71,7 @@ from runner.run.completion import (
 )
 from runner.run.progress import Progress, Tally
 from runner.run.ratelimit import AdaptiveRate
+from runner.run.reconcile import Reconciler
 from runner.run.recorder import Recorder
 from runner.run.scheduler import Scheduler, prior_spend, strict_check
 from runner.run.summary import RunReport
@@ -142,6 +143,7 @@ async def embedded_emulator(config: RunConfig) -> AsyncIterator[RunConfig]:
                 "queue_url": served.base_url,
                 "rest_url": served.base_url + "/rest",
                 "cdn_url": served.base_url + "/cdn",
+                "api_url": served.base_url + "/api",
                 "key": SecretStr(DEFAULT_KEY),
                 "webhook_jwks_url": served.base_url + "/rest/.well-known/jwks.json",
                 "concurrency": emulator.config.concurrency,
@@ -235,7 +237,16 @@ async def _drive(
             clock=hooks.clock,
             sleep=hooks.sleep,
         )
-        prices = PriceTable.from_file(config.prices) if config.prices else PriceTable.default()
+        history = HistoryClient(
+            transport, api_url=config.api_url, key=config.key, policy=policies.history,
+            clock=hooks.clock, sleep=hooks.sleep, user_agent=USER_AGENT,
+        )  # fmt: skip
+        prices = await _prices(config, history, progress.say)
+        reconciler = Reconciler(
+            history, settle_s=config.reconcile_after_s, now=utcnow, sleep=hooks.sleep,
+            say=progress.say,
+        )  # fmt: skip
+        records = await anyio.to_thread.run_sync(_left_in_flight, config.run_dir, state)
         sizer = InputSizer(config.manifest.resolve().parent)
         budget = _budget(config, state)
         stage = _download_stage(config, ledger, progress, hooks, http) if config.download else None
@@ -248,6 +259,7 @@ async def _drive(
             config, ledger, state, tally=tally, progress=progress, budget=budget,
             prices=prices, sizer=sizer, uploader=uploader, downloads=stage,
             prober=InputProber(http, sizer) if config.probe_inputs else None,
+            records=records, submit_window_s=policies.submit.timeout_s,
         )  # fmt: skip
         shared = Shared(
             config=config, client=client, recorder=recorder, strategy=strategy, pacing=pacing,
@@ -258,6 +270,7 @@ async def _drive(
                 ep: anyio.CapacityLimiter(n) for ep, n in config.endpoint_limits.items()
             },
             on_change=progress.refresh, resolve=resolver.resolve,
+            reconciler=reconciler if config.on_unknown == "reconcile" else None, now=utcnow,
         )  # fmt: skip
         async with _webhooks(run, strategy, http) as receiver:
             if receiver is not None:
@@ -278,6 +291,34 @@ async def _drive(
                         await run.admit(workers, shared)
                 tg.cancel_scope.cancel()
         return run.report()
+
+
+_LEFT_IN_FLIGHT = frozenset(
+    {JobState.SUBMITTING, JobState.UNKNOWN, JobState.QUEUED, JobState.IN_PROGRESS}
+)
+
+
+def _left_in_flight(run_dir: Path, state: LedgerState) -> dict[str, JobRecord]:
+    """Whole records of the jobs an earlier run left in flight (few): URLs and intents."""
+    return read_records(run_dir, state.keys_in(_LEFT_IN_FLIGHT))
+
+
+async def _prices(
+    config: RunConfig, history: HistoryClient, say: Callable[[str], None]
+) -> PriceTable:
+    """--prices wins; else the account's own prices from fal, over the built-in table."""
+    if config.prices:
+        return PriceTable.from_file(config.prices)
+    table = PriceTable.default()
+    try:
+        found = await history.prices(sorted(CATALOG))
+    except (PlatformUnavailableError, ProtocolError) as exc:
+        say(f"the account's prices cannot be read ({str(exc)[:200]}): using the built-in table")
+        return table
+    if not found:
+        return table
+    today = utcnow().date().isoformat()
+    return table.with_account_prices({k: p.unit_price for k, p in found.items()}, date=today)
 
 
 def _download_stage(

@@ -82,9 +82,13 @@ class Failed:
 
 @dataclass(frozen=True, slots=True)
 class Unknown:
-    """The POST was sent and its answer lost: it may have been queued and billed."""
+    """The POST was sent and its answer lost: it may have been queued and billed.
+
+    ``intent`` is what fal's request history needs to settle it (runner.run.reconcile).
+    """
 
     message: str
+    intent: Any = None  # a runner.run.reconcile.Intent
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,11 @@ class Tally:
     retries: int = 0
     possible_duplicates: int = 0  # submits after an unknown outcome (may be billed twice)
     possible_duplicate_usd: Decimal = Decimal(0)
+    # How fal's history settled unknown outcomes: adopted, resubmitted_safe,
+    # history_unavailable; and the other billed requests it showed.
+    reconciled: Counter[str] = field(default_factory=Counter)
+    duplicates_found: int = 0
+    duplicates_found_usd: Decimal = Decimal(0)
     by_state: dict[str, int] = field(default_factory=dict)
     reasons: Counter[str] = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)

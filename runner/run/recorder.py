@@ -30,6 +30,7 @@ from runner.media.downloads import DownloadItem
 from runner.run.budget import Budget
 from runner.run.outcome import Done, Expired, Failed, Lost, Outcome, Unknown
 from runner.run.progress import Tally
+from runner.run.reconcile import Intent
 
 MESSAGE_LIMIT = 2000
 
@@ -47,6 +48,9 @@ class Ticket:
     attempt: int = 1
     reattach: RequestRef | None = None  # where an earlier run's accepted submit lives
     possible_duplicate: bool = False
+    # An earlier run's submit of unknown outcome, to settle from fal's history first.
+    reconcile: Intent | None = None
+    reconciled: str | None = None  # how it was settled, recorded with the next intent
 
     @property
     def units(self) -> float:
@@ -93,13 +97,43 @@ class Recorder:
 
     # --- an attempt's progress ---------------------------------------------------------
 
-    async def intent(self, t: Ticket, attempt: int, *, payload_sha256: str | None) -> None:
-        """Committed before the POST: a crash after it leaves a visible unknown outcome."""
+    async def intent(self, t: Ticket, attempt: int, *, payload_sha256: str | None) -> datetime:
+        """Committed before the POST: a crash after it leaves a visible unknown outcome.
+        Returns the time it was stamped with."""
         extra: dict[str, Any] = {"payload_sha256": payload_sha256}
         if t.possible_duplicate:
             extra["possible_duplicate"] = True
-        self.ledger.append(self._full(t, JobState.SUBMITTING, attempt, **extra))
+        if t.reconciled is not None:
+            extra["reconciled"] = t.reconciled
+        if t.estimate.price_source is not None:
+            extra["price_source"] = t.estimate.price_source
+        event = self._full(t, JobState.SUBMITTING, attempt, **extra)
+        self.ledger.append(event)
         await self.ledger.commit()
+        return event.at
+
+    async def adopted(
+        self, t: Ticket, attempt: int, ref: RequestRef, duplicates: tuple[str, ...]
+    ) -> None:
+        """fal's history had the request of an unknown outcome: it is this job's now."""
+        self.ledger.append(
+            self._event(
+                t, JobState.QUEUED, attempt, request_id=ref.request_id,
+                status_url=ref.status_url, response_url=ref.response_url,
+                cancel_url=ref.cancel_url, reconciled="adopted",
+                duplicate_request_ids=duplicates or None,
+            )
+        )  # fmt: skip
+        await self.ledger.commit()
+        self.tally.reconciled["adopted"] += 1
+        if duplicates:
+            self.tally.duplicates_found += len(duplicates)
+            self.tally.duplicates_found_usd += (t.estimate.usd or Decimal(0)) * len(duplicates)
+            self.say(
+                f"{t.job.row_id}: fal's history shows {len(duplicates) + 1} requests of one "
+                f"submit; {ref.request_id} is followed, the others were billed too: "
+                + ", ".join(duplicates)
+            )
 
     async def acknowledged(self, t: Ticket, attempt: int, ack: SubmitAck) -> None:
         """Committed right after the answer: the request id and the URLs to follow."""
@@ -129,7 +163,7 @@ class Recorder:
             case Expired():
                 await self._expired(t, attempt, outcome)
             case Unknown():
-                await self._unknown(t, attempt, outcome)
+                await self._unknown(t, attempt, outcome, final=final)
             case Lost():
                 await self._lost(t, attempt, outcome)
         self.on_change()
@@ -178,10 +212,12 @@ class Recorder:
         self._settle(t, expired.billed_usd)
         self.tally.fail(failure.error_type, f"{t.job.row_id}: {failure.message}")
 
-    async def _unknown(self, t: Ticket, attempt: int, unknown: Unknown) -> None:
+    async def _unknown(self, t: Ticket, attempt: int, unknown: Unknown, *, final: bool) -> None:
         message = unknown.message[:MESSAGE_LIMIT]
         self.ledger.append(self._event(t, JobState.UNKNOWN, attempt, error_message=message))
         await self.ledger.commit()
+        if not final:
+            return  # settled next from fal's history
         # It may have been queued and billed: for a cap, assume it was.
         self._settle(t, t.estimate.usd)
         self.tally.unknown += 1

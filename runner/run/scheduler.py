@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
+from datetime import timedelta
 from decimal import Decimal
 from itertools import islice
 from typing import Any
@@ -25,8 +26,10 @@ import pyarrow.compute as pc
 from runner.config import RunConfig
 from runner.endpoints.cost import Estimate, PriceTable
 from runner.errors import ManifestError, RowError
+from runner.fal.client import RequestRef
+from runner.fal.protocol import RequestUrls
 from runner.ledger.resume import Action, ResumePolicy, decide
-from runner.ledger.schema import JobState, LedgerEvent, utcnow
+from runner.ledger.schema import JobRecord, JobState, LedgerEvent, utcnow
 from runner.ledger.state import LedgerState
 from runner.ledger.store import Ledger
 from runner.manifest.jobs import ExpandOptions, Job, iter_jobs
@@ -38,6 +41,7 @@ from runner.media.uploads import Uploader
 from runner.run.budget import Budget
 from runner.run.outcome import Lost
 from runner.run.progress import Progress, Tally
+from runner.run.reconcile import Intent
 from runner.run.recorder import Ticket
 from runner.run.summary import Ending, RunReport, verdict
 from runner.run.worker import Shared, run_job
@@ -124,6 +128,8 @@ class Scheduler:
         prober: InputProber | None = None,
         uploader: Uploader | None = None,
         downloads: DownloadStage | None = None,
+        records: Mapping[str, JobRecord] | None = None,
+        submit_window_s: float = 300.0,
     ) -> None:
         self.config = config
         self.ledger = ledger
@@ -136,6 +142,11 @@ class Scheduler:
         self.prober = prober
         self.uploader = uploader
         self.downloads = downloads
+        # Whole records of the jobs an earlier run left in flight: their acknowledged URLs
+        # (re-attach) and intents (reconcile). ``submit_window_s``: how long before its
+        # unknown outcome a submit's retries may have begun.
+        self.records = records or {}
+        self.submit_window = timedelta(seconds=submit_window_s)
         self.policy = ResumePolicy(
             on_unknown=config.on_unknown,
             retry_failed=config.retry_failed,
@@ -240,11 +251,15 @@ class Scheduler:
         if self.prober is not None:
             await self.prober.probe(item)
         est = self.estimate(item)
-        reattach = None
+        reattach, reconcile = None, None
         if decision.action is Action.REATTACH:
             assert decision.request_id is not None
-            reattach = s.client.urls_for(item.endpoint, decision.request_id)
+            reattach = self._where(item, decision.request_id, s)
             self.budget.reserve_committed(est.usd)
+        elif decision.action is Action.RECONCILE and not self.budget.admit(est.usd):
+            return self._budget_stop()
+        elif decision.action is Action.RECONCILE:
+            reconcile = self._intent(item)
         elif not self.budget.admit(est.usd):
             self.progress.say(f"budget reached: {self.budget.reason}; finishing jobs in flight")
             self.stop()
@@ -254,7 +269,7 @@ class Scheduler:
             self.tally.possible_duplicate_usd += est.usd or Decimal(0)
         ticket = Ticket(
             item, est, attempt=max(decision.attempt, 1), reattach=reattach,
-            possible_duplicate=decision.possible_duplicate,
+            possible_duplicate=decision.possible_duplicate, reconcile=reconcile,
         )  # fmt: skip
         if not await self._take_slot():
             # Reserved, never sent.
@@ -263,6 +278,30 @@ class Scheduler:
         self.tally.in_flight += 1
         tg.start_soon(self._work, ticket, s)
         return True
+
+    def _budget_stop(self) -> bool:
+        self.progress.say(f"budget reached: {self.budget.reason}; finishing jobs in flight")
+        self.stop()
+        return False
+
+    def _where(self, item: Job, request_id: str, s: Shared) -> RequestRef:
+        """Where an earlier run's request lives: the URLs its acknowledgement gave, verbatim,
+        or (a ledger from before they were kept) the ones fal's protocol builds."""
+        record = self.records.get(item.job_key)
+        if record is not None and record.status_url and record.response_url:
+            return RequestUrls(
+                request_id=request_id, status_url=record.status_url,
+                response_url=record.response_url,
+                cancel_url=record.cancel_url or record.response_url + "/cancel",
+            )  # fmt: skip
+        return s.client.urls_for(item.endpoint, request_id)
+
+    def _intent(self, item: Job) -> Intent:
+        """What fal's history is searched for: the payload's fingerprint, around the time."""
+        record = self.records.get(item.job_key)
+        last = record.at if record is not None else utcnow()
+        sha = record.payload_sha256 if record is not None else None
+        return Intent(item.endpoint, last - self.submit_window, last, sha or "")
 
     def _skipped(self, item: Job, reason: str) -> None:
         record = self.state.brief(item.job_key)

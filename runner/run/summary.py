@@ -114,6 +114,17 @@ def print_summary(report: RunReport, out: TextIO = sys.stderr) -> None:
             f"resubmitted after an unknown outcome (est. {format_usd(t.possible_duplicate_usd)})",
             file=out,
         )
+    if t.reconciled:
+        settled = ", ".join(
+            f"{n} {how.replace('_', ' ')}" for how, n in sorted(t.reconciled.items())
+        )
+        print(f"  {'unknown outcomes settled'.ljust(width)}  {settled}", file=out)
+    if t.duplicates_found:
+        print(
+            f"  {'duplicates billed (history)'.ljust(width)}  {t.duplicates_found} requests "
+            f"(est. {format_usd(t.duplicates_found_usd)})",
+            file=out,
+        )
     if t.reasons:
         print("  not completed, by reason:", file=out)
         for line in reason_lines(t.reasons, t.examples):

@@ -21,10 +21,10 @@ counts toward ``--max-attempts``. One that never reached it keeps its number.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -36,7 +36,7 @@ from runner.errors import AuthError, FalError, HTTPStatusError, TransportError
 from runner.fal.client import QueueClient, RequestRef
 from runner.fal.protocol import ERROR_TYPES, Completed, InProgress, ResultResponse, Status
 from runner.fal.retry import Action, RetryPolicies, call_with_retry, classify
-from runner.ledger.schema import encode_request
+from runner.ledger.schema import payload_fingerprint, utcnow
 from runner.manifest.jobs import Job
 from runner.media.uploads import InputFailure
 from runner.run.completion import (
@@ -63,6 +63,7 @@ from runner.run.outcome import (
 )
 from runner.run.progress import Tally
 from runner.run.ratelimit import AdaptiveRate
+from runner.run.reconcile import Absent, Adopt, Intent, Reconciler, Unavailable, describe
 from runner.run.recorder import Recorder, Ticket
 
 Resolve = Callable[[Job], Awaitable[Mapping[str, Any] | InputFailure]]
@@ -90,11 +91,8 @@ class Shared:
     endpoint_limits: dict[str, anyio.CapacityLimiter] = field(default_factory=dict)
     on_change: Callable[[], None] = lambda: None
     resolve: Resolve | None = None  # local inputs -> URLs; None sends the payload as is
-
-
-def fingerprint(payload: Mapping[str, Any]) -> str:
-    """sha256 of the canonical JSON actually sent: how fal's history recognises it."""
-    return hashlib.sha256(encode_request(payload).encode()).hexdigest()
+    reconciler: Reconciler | None = None  # --on-unknown reconcile: fal's history settles
+    now: Callable[[], datetime] = utcnow
 
 
 async def run_job(t: Ticket, s: Shared) -> Outcome:
@@ -109,9 +107,25 @@ async def run_job(t: Ticket, s: Shared) -> Outcome:
 async def _attempts(t: Ticket, s: Shared) -> Outcome:
     attempt, ref = max(t.attempt, 1), t.reattach
     answered = unanswered = 0
+    if t.reconcile is not None:
+        # An earlier run's submit of unknown outcome: fal's history says what it became.
+        intent = await _with_fingerprint(t, s, t.reconcile)
+        if isinstance(intent, Failed):
+            await s.recorder.record(t, attempt, intent, final=True)
+            return intent
+        t, ref = await _settle(t, s, attempt, intent)
     while True:
         sent = await submit(t, s, attempt) if ref is None else ref
         outcome = sent if isinstance(sent, _OUTCOMES) else await finish(t, s, sent, attempt)
+        if isinstance(outcome, Unknown) and s.reconciler is not None and outcome.intent:
+            unanswered += 1
+            if unanswered < s.config.max_attempts:
+                # Settle it now, from fal's history, rather than leave it to a rerun.
+                await s.recorder.record(t, attempt, outcome, final=False)
+                t, ref = await _settle(t, s, attempt, outcome.intent)
+                if ref is None:
+                    s.tally.retries += 1
+                continue
         retry = isinstance(outcome, Failed) and outcome.retryable
         if isinstance(outcome, Failed):
             if outcome.answered:
@@ -132,6 +146,39 @@ async def _attempts(t: Ticket, s: Shared) -> Outcome:
 
 
 _OUTCOMES = (Done, Failed, Unknown, Lost, Expired)
+
+
+async def _with_fingerprint(t: Ticket, s: Shared, intent: Intent) -> Intent | Failed:
+    """An intent recorded before fingerprints were: the payload is resolved again (uploads
+    come from the cache, so the URLs are the ones sent) and fingerprinted."""
+    if intent.payload_sha256:
+        return intent
+    payload = await _prepare(t, s)
+    if isinstance(payload, Failed):
+        return payload
+    return replace(intent, payload_sha256=payload_fingerprint(payload))
+
+
+async def _settle(
+    t: Ticket, s: Shared, attempt: int, intent: Intent
+) -> tuple[Ticket, RequestRef | None]:
+    """Follow the request fal's history shows, or resubmit: safely when it shows none, as
+    a possible duplicate when it cannot be read. The ticket carries what the next intent
+    records."""
+    settled = await s.reconciler.settle(intent) if s.reconciler is not None else Unavailable("off")
+    s.recorder.say(f"{t.job.row_id}: unknown submit outcome: {describe(settled)}")
+    if isinstance(settled, Adopt):
+        ref = s.client.urls_for(t.job.endpoint, settled.item.request_id)
+        await s.recorder.adopted(t, attempt, ref, settled.duplicates)
+        return replace(t, reconcile=None), ref
+    if isinstance(settled, Absent):
+        s.tally.reconciled["resubmitted_safe"] += 1
+        return replace(t, reconcile=None, reconciled="resubmitted_safe"), None
+    s.tally.reconciled["history_unavailable"] += 1
+    s.tally.possible_duplicates += 1
+    s.tally.possible_duplicate_usd += t.estimate.usd or ZERO
+    ticket = replace(t, reconcile=None, reconciled="history_unavailable", possible_duplicate=True)
+    return ticket, None
 
 
 async def _prepare(t: Ticket, s: Shared) -> Mapping[str, Any] | Failed:
@@ -160,7 +207,9 @@ async def submit(t: Ticket, s: Shared, attempt: int) -> RequestRef | Outcome:
     payload = await _prepare(t, s)
     if isinstance(payload, Failed):
         return payload
-    await s.recorder.intent(t, attempt, payload_sha256=fingerprint(payload))
+    sha = payload_fingerprint(payload)
+    headers = s.config.submit_headers
+    intent_at = await s.recorder.intent(t, attempt, payload_sha256=sha)
 
     async def post() -> Any:
         await s.rate.acquire()
@@ -170,6 +219,7 @@ async def submit(t: Ticket, s: Shared, attempt: int) -> RequestRef | Outcome:
             webhook_url=s.webhook_url,
             priority=s.config.priority,
             start_timeout_s=s.config.start_timeout_s,
+            extra_headers=headers,
         )
 
     def on_retry(_attempt: int, exc: Exception, _wait_s: float) -> None:
@@ -184,7 +234,10 @@ async def submit(t: Ticket, s: Shared, attempt: int) -> RequestRef | Outcome:
     except AuthError:
         raise
     except FalError as exc:
-        return submit_failed(exc)
+        failed = submit_failed(exc)
+        if isinstance(failed, Unknown):
+            return replace(failed, intent=Intent(t.job.endpoint, intent_at, s.now(), sha))
+        return failed
     s.rate.on_success()
     await s.recorder.acknowledged(t, attempt, ack)
     ref: RequestRef = ack
@@ -238,7 +291,11 @@ async def finish(t: Ticket, s: Shared, ref: RequestRef, attempt: int) -> Outcome
     except HTTPStatusError as exc:
         if exc.status_code != 404:
             return Lost(ref.request_id, _detail(exc), running)
-        # The queue acknowledged this id, so a 404 means it forgot it: it may have run.
+        # The queue acknowledged this id, so a 404 means it forgot it: it may have run,
+        # and fal's history keeps what it returned for 30 days.
+        found = await _recovered(t, s, ref, watch)
+        if found is not None:
+            return found
         return Expired(expired(ref.request_id, _detail(exc)), billed_usd=None)
     except FalError as exc:
         return Lost(ref.request_id, _detail(exc), running)
@@ -296,12 +353,15 @@ async def _outcome(
                 )  # fmt: skip
             except AuthError:
                 raise
-            except HTTPStatusError as exc:
-                if exc.status_code != 404:
-                    return Lost(ref.request_id, f"result: {_detail(exc)}", True)
-                # The job ran and was paid for; only its result is gone.
-                return Expired(expired(ref.request_id, _detail(exc)), billed_usd=t.estimate.usd)
             except FalError as exc:
+                # Gone from the queue (404) or unreadable: fal's history may still have it.
+                found = await _recovered(t, s, ref, watch, finished)
+                if found is not None:
+                    return found
+                if isinstance(exc, HTTPStatusError) and exc.status_code == 404:
+                    # The job ran and was paid for; only its result is gone.
+                    gone = expired(ref.request_id, _detail(exc))
+                    return Expired(gone, billed_usd=t.estimate.usd)
                 return Lost(ref.request_id, f"result: {_detail(exc)}", True)
             read = read_result(result)
     if isinstance(read, Success):
@@ -309,6 +369,23 @@ async def _outcome(
     # fal bills no infrastructure failure (5xx); any other may have used GPU time.
     billed = ZERO if read.error_type in ERROR_TYPES else None
     return Failed(read, billed_usd=billed)
+
+
+async def _recovered(
+    t: Ticket, s: Shared, ref: RequestRef, watch: Watch, finished: Finished | None = None
+) -> Outcome | None:
+    """The job's output from fal's request history, when the queue no longer has it."""
+    if s.reconciler is None:
+        return None
+    output = await s.reconciler.recover(t.job.endpoint, ref.request_id, None)
+    if output is None:
+        return None
+    read = read_result(ResultResponse(status_code=200, body=output))
+    if isinstance(read, Failure):
+        return Failed(read, billed_usd=None)
+    s.recorder.say(f"{t.job.row_id}: result of {ref.request_id} recovered from fal's history")
+    done = finished or StatusIn(Completed(logs=None))
+    return _done(t, s, watch, done, read)
 
 
 def _done(t: Ticket, s: Shared, watch: Watch, finished: Finished, ok: Success) -> Done:
