@@ -146,8 +146,13 @@ EVERY_FAULT = (
 )
 CHAINS = [
     pytest.param(
-        Chain(rows=200, kills=20, seed=21, faults=EVERY_FAULT,
-              modes=("stream", "poll", "webhook", "stream")),  # fmt: skip
+        Chain(
+            rows=200,
+            kills=20,
+            seed=21,
+            faults=EVERY_FAULT,
+            modes=("stream", "poll", "webhook", "stream"),
+        ),
         id="every-fault-twenty-kills",
     ),
     pytest.param(
