@@ -17,9 +17,8 @@ from typing import Any, TypeVar
 import anyio
 
 from runner import __version__
-from runner.config import FAL_QUEUE_URL, key_from_env
+from runner.config import FAL_API_URL, FAL_QUEUE_URL, key_from_env
 from runner.endpoints.catalog import CATALOG
-from runner.endpoints.cost import PriceTable
 from runner.endpoints.money import format_usd
 from runner.errors import EXIT_JOBS_FAILED, EXIT_OK, RowError, RunnerError, UsageError
 from runner.manifest.jobs import ExpandOptions, Job, column_warnings, iter_jobs
@@ -77,7 +76,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    prices = PriceTable.from_file(args.prices) if args.prices else PriceTable.default()
+    from runner.run.prices import plan_prices
+
+    def say(message: str) -> None:
+        print(f"note: {message}", file=sys.stderr)
+
+    key = key_from_env(os.environ)
+    prices = anyio.run(plan_prices, args.api_url, key, args.prices, say)
     warnings, items = stream_jobs(args)
     sizer = InputSizer(args.manifest.resolve().parent)
     plan = build_plan(items, prices, input_sizes=sizer, lora_bytes=sizer.lora_bytes)
@@ -234,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="jobs, images, megapixels and dollars per endpoint")
     add_manifest_args(p)
     p.add_argument("--prices", type=Path, help="JSON price overrides (see README)")
+    p.add_argument(
+        "--api-url",
+        default=FAL_API_URL,
+        help="fal Platform API, for the account's own prices when FAL_KEY is set",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plan)
 

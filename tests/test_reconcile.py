@@ -219,3 +219,25 @@ async def test_without_access_to_prices_the_built_in_table_is_used(tmp_path: Pat
     rows = LedgerState.load(tmp_path / "run").jobs.to_pylist()
     assert {r["estimated_usd"] for r in rows} == {Decimal("0.035")}
     assert all(r["price_source"] != ACCOUNT_PRICE_SOURCE for r in rows)
+
+
+async def test_plan_prices_with_the_accounts_own_prices_when_a_key_is_set() -> None:
+    from pydantic import SecretStr
+
+    from runner.emulator import DEFAULT_KEY, Emulator, EmulatorConfig, serve
+    from runner.run.prices import plan_prices
+
+    said: list[str] = []
+    emu = Emulator(EmulatorConfig(account_prices={"fal-ai/flux-lora": Decimal("0.02")}))
+    async with serve(emu) as served:
+        api = served.base_url + "/api"
+        table = await plan_prices(api, SecretStr(DEFAULT_KEY), None, said.append)
+        refused = await plan_prices(api, SecretStr("emulator:wrong"), None, said.append)
+        keyless = await plan_prices(api, None, None, said.append)
+    price = table.get("fal-ai/flux-lora")
+    assert price is not None and price.usd == Decimal("0.02")
+    assert price.source == ACCOUNT_PRICE_SOURCE
+    for fallback in (refused, keyless):
+        builtin = fallback.get("fal-ai/flux-lora")
+        assert builtin is not None and builtin.source != ACCOUNT_PRICE_SOURCE
+    assert len(said) == 1 and "built-in table" in said[0]  # the refused key, said once

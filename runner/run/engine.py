@@ -39,9 +39,7 @@ from pydantic import SecretStr
 
 from runner import __version__
 from runner.config import RunConfig
-from runner.endpoints.catalog import CATALOG
-from runner.endpoints.cost import PriceTable
-from runner.errors import PlatformUnavailableError, ProtocolError, RunnerError, UsageError
+from runner.errors import RunnerError, UsageError
 from runner.fal.client import QueueClient
 from runner.fal.history import HistoryClient
 from runner.fal.jwks import JwksCache
@@ -69,6 +67,7 @@ from runner.run.completion import (
     Streamer,
     WebhookWaiter,
 )
+from runner.run.prices import price_table
 from runner.run.progress import Progress, Tally
 from runner.run.ratelimit import AdaptiveRate
 from runner.run.reconcile import Reconciler
@@ -241,7 +240,7 @@ async def _drive(
             transport, api_url=config.api_url, key=config.key, policy=policies.history,
             clock=hooks.clock, sleep=hooks.sleep, user_agent=USER_AGENT,
         )  # fmt: skip
-        prices = await _prices(config, history, progress.say)
+        prices = await price_table(history, config.prices, progress.say)
         reconciler = Reconciler(
             history, settle_s=config.reconcile_after_s, now=utcnow, sleep=hooks.sleep,
             say=progress.say,
@@ -301,24 +300,6 @@ _LEFT_IN_FLIGHT = frozenset(
 def _left_in_flight(run_dir: Path, state: LedgerState) -> dict[str, JobRecord]:
     """Whole records of the jobs an earlier run left in flight (few): URLs and intents."""
     return read_records(run_dir, state.keys_in(_LEFT_IN_FLIGHT))
-
-
-async def _prices(
-    config: RunConfig, history: HistoryClient, say: Callable[[str], None]
-) -> PriceTable:
-    """--prices wins; else the account's own prices from fal, over the built-in table."""
-    if config.prices:
-        return PriceTable.from_file(config.prices)
-    table = PriceTable.default()
-    try:
-        found = await history.prices(sorted(CATALOG))
-    except (PlatformUnavailableError, ProtocolError) as exc:
-        say(f"the account's prices cannot be read ({str(exc)[:200]}): using the built-in table")
-        return table
-    if not found:
-        return table
-    today = utcnow().date().isoformat()
-    return table.with_account_prices({k: p.unit_price for k, p in found.items()}, date=today)
 
 
 def _download_stage(
