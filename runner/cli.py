@@ -20,7 +20,15 @@ from runner import __version__
 from runner.config import FAL_API_URL, FAL_QUEUE_URL, key_from_env
 from runner.endpoints.catalog import CATALOG
 from runner.endpoints.money import format_usd
-from runner.errors import EXIT_JOBS_FAILED, EXIT_OK, RowError, RunnerError, UsageError
+from runner.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_JOBS_FAILED,
+    EXIT_LEDGER,
+    EXIT_OK,
+    RowError,
+    RunnerError,
+    UsageError,
+)
 from runner.manifest.jobs import ExpandOptions, Job, column_warnings, iter_jobs
 from runner.manifest.plan import build_plan, render_text
 from runner.manifest.reader import read_rows
@@ -28,6 +36,9 @@ from runner.media.inputs import InputSizer
 from runner.options import add_manifest_args, add_run_args, expand_options, run_config
 
 T = TypeVar("T")
+
+# 128 + SIGPIPE: what a program killed by writing to a closed pipe exits with.
+EXIT_BROKEN_PIPE = 141
 
 
 def stream_jobs(args: argparse.Namespace) -> tuple[list[str], Iterator[Job | RowError]]:
@@ -114,7 +125,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return await execute(config)
 
     report = anyio.run(go)
-    print_summary(report)
+    print_summary(report, sys.stderr)  # the stream of now, not of import time
     return int(report.exit_code)
 
 
@@ -324,11 +335,72 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        code: int = args.func(args)
+        try:
+            code: int = args.func(args)
+        except BaseExceptionGroup as group:
+            # Raised inside a task group (the embedded emulator's): the error that matters,
+            # reported as it is when no task group is in the way.
+            leaf = _what_matters(group)
+            if leaf is None:
+                raise
+            raise leaf from group
+    except BrokenPipeError:
+        return _closed_stdout()
     except RunnerError as exc:
         print(f"runner: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("runner: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except OSError as exc:
+        if exc.filename is None:
+            raise  # not about a file of ours: a bug, and its traceback says where
+        print(f"runner: error: {_os_error_line(exc)}", file=sys.stderr)
+        return EXIT_LEDGER
     return code
+
+
+def _what_matters(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The first RunnerError in a (nested) exception group, else the first interrupt or
+    OSError; None when it holds none of them (a bug, whose traceback is the report)."""
+    leaves = list(_leaves(group))
+    for kind in (RunnerError, KeyboardInterrupt, OSError):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    return None
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
+def _os_error_line(exc: OSError) -> str:
+    """``cannot use PATH: [Errno 20] Not a directory``: one line, whatever the path holds."""
+    where = " -> ".join(_shown(name) for name in (exc.filename, exc.filename2) if name)
+    reason = f"[Errno {exc.errno}] {exc.strerror}" if exc.errno is not None else str(exc)
+    return f"cannot use {where}: {reason}"
+
+
+def _shown(name: object) -> str:
+    text = os.fsdecode(name) if isinstance(name, str | bytes) else str(name)
+    return text if text.isprintable() else repr(text)
+
+
+def _closed_stdout() -> int:
+    """The reader went away (``runner status RUN | head``): end quietly. Both streams point
+    at /dev/null from here on, so the flush at exit raises nothing more to print."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                os.dup2(devnull, stream.fileno())
+            except (AttributeError, OSError, ValueError):
+                continue  # not a real file (captured in tests): nothing is flushed at exit
+    finally:
+        os.close(devnull)
+    return EXIT_BROKEN_PIPE

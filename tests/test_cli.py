@@ -178,3 +178,149 @@ def test_status_export_and_compact_on_a_run_directory(
     assert main(["export", str(run_dir), "--format", "jsonl"]) == 0
     lines = (run_dir / "export.jsonl").read_text().splitlines()
     assert sorted(json.loads(x)["row_id"] for x in lines) == ["r0", "r1", "r2"]
+
+
+# -- errors: one line and the documented exit code, with or without --emulator -----------------
+
+
+# Nothing leaves the host: fal's queue and Platform API (prices) at a closed local port.
+LOCAL = ["--queue-url", "http://127.0.0.1:9", "--api-url", "http://127.0.0.1:9"]
+
+
+def one_error_line(err: str) -> str:
+    """The one ``runner: error:`` line of stderr; no traceback, no exception group."""
+    assert "Traceback" not in err and "ExceptionGroup" not in err, err
+    (line,) = [x for x in err.splitlines() if x.startswith("runner: error: ")]
+    return line
+
+
+@pytest.mark.parametrize("emulator", [[], ["--emulator"]], ids=["fal", "emulator"])
+def test_an_unknown_endpoint_in_a_run_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    emulator: list[str],
+) -> None:  # fmt: skip
+    monkeypatch.setenv("FAL_KEY", "emulator:local-key")
+    manifest = write(tmp_path, "m.csv", "id,prompt\na,a cat\n")
+    args = ["run", str(manifest), "--endpoint", "acme/nope", "--ledger", str(tmp_path / "run")]
+    assert main([*args, *emulator, *LOCAL]) == 2
+    assert "unknown endpoint 'acme/nope'" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("emulator", [[], ["--emulator"]], ids=["fal", "emulator"])
+def test_a_locked_run_directory_is_one_line_and_exit_4(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    emulator: list[str],
+) -> None:  # fmt: skip
+    from runner.ledger.store import Ledger
+
+    monkeypatch.setenv("FAL_KEY", "emulator:local-key")
+    manifest = write(tmp_path, "m.csv", "id,prompt\na,a cat\n")
+    run_dir = tmp_path / "run"
+    args = ["run", str(manifest), "--endpoint", "fal-ai/flux-lora", "--ledger", str(run_dir)]
+    with Ledger.open(run_dir):  # another runner holds the directory
+        assert main([*args, *emulator, *LOCAL]) == 4
+    assert "is in use by another runner" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("emulator", [[], ["--emulator"]], ids=["fal", "emulator"])
+@pytest.mark.parametrize("where", ["under-a-file", "run-json-is-a-folder"])
+def test_an_unusable_ledger_is_one_line_naming_it_and_exit_4(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    emulator: list[str], where: str,
+) -> None:  # fmt: skip
+    monkeypatch.setenv("FAL_KEY", "emulator:local-key")
+    manifest = write(tmp_path, "m.csv", "id,prompt\na,a cat\n")
+    # As root nothing is read-only to chmod: a path under a regular file (ENOTDIR), or a
+    # folder where the run directory's own file goes (EISDIR), cannot be written by anyone.
+    write(tmp_path, "a-file", "not a folder")
+    if where == "under-a-file":
+        run_dir = tmp_path / "a-file" / "run"
+    else:
+        run_dir = tmp_path / "run"
+        (run_dir / "run.json").mkdir(parents=True)
+    args = ["run", str(manifest), "--endpoint", "fal-ai/flux-lora", "--ledger", str(run_dir)]
+    assert main([*args, *emulator, *LOCAL]) == 4
+    line = one_error_line(capsys.readouterr().err)
+    assert str(run_dir) in line and "[Errno" in line
+
+
+def test_a_ledger_with_a_missing_parent_is_made(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAL_KEY", "emulator:local-key")
+    manifest = write(tmp_path, "m.csv", "id,prompt\na,a cat\n")
+    run_dir = tmp_path / "no" / "such" / "run"
+    args = ["run", str(manifest), "--endpoint", "fal-ai/flux-lora", "--ledger", str(run_dir)]
+    assert main([*args, "--emulator", "--no-download"]) == 0
+    assert (run_dir / "run.json").is_file()
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def a_run_directory(tmp_path: Path) -> Path:
+    from datetime import UTC, datetime
+
+    from runner.ledger.schema import JobState, LedgerEvent
+    from runner.ledger.store import Ledger
+
+    run_dir = tmp_path / "run"
+    with Ledger.open(run_dir) as ledger:
+        ledger.append(LedgerEvent("k0", JobState.COMPLETED, datetime.now(UTC), row_id="r0"))
+        ledger.commit_sync()
+    return run_dir
+
+
+@pytest.mark.parametrize("where", ["run-dir", "under-a-file", "missing-folder"])
+def test_an_export_that_cannot_be_written_is_one_line_naming_it_and_exit_4(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    run_dir = a_run_directory(tmp_path)
+    write(tmp_path, "a-file", "not a folder")
+    if where == "run-dir":  # the default place: the run directory will not take the file
+        out, flags = run_dir / "export.csv", []
+        (run_dir / ".export.csv.tmp").mkdir()
+    else:
+        parent = tmp_path / ("a-file" if where == "under-a-file" else "no-such-folder")
+        out = parent / "x.csv"
+        flags = ["--out", str(out)]
+    assert main(["export", str(run_dir), *flags]) == 4
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"runner: error: cannot write the export {out}: [Errno ")
+    assert not out.exists()
+
+
+def test_a_run_directory_that_cannot_be_read_is_one_line_naming_it_and_exit_4(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = a_run_directory(tmp_path)
+    journal = run_dir / "journal"
+    for part in journal.iterdir():
+        part.unlink()
+    journal.rmdir()
+    journal.write_text("a file where a folder goes")
+    for command in (["status", str(run_dir)], ["export", str(run_dir)], ["report", str(run_dir)]):
+        assert main(command) == 4, command
+        line = one_error_line(capsys.readouterr().err)
+        assert str(journal) in line and "Not a directory" in line, command
+
+
+@pytest.mark.parametrize(
+    "command", [["status"], ["status", "--json"], ["report"], ["report", "--json"]]
+)
+def test_a_closed_stdout_ends_quietly(tmp_path: Path, command: list[str]) -> None:
+    import os
+    import subprocess
+    import sys
+
+    run_dir = a_run_directory(tmp_path)
+    read, written = os.pipe()
+    os.close(read)  # `runner status RUN | head`, once head has gone
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "runner", command[0], str(run_dir), *command[1:]],
+            stdout=written, stderr=subprocess.PIPE, cwd=Path(__file__).parent.parent,
+            timeout=120, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(written)
+    assert done.stderr.decode() == ""
+    assert done.returncode == 141  # 128 + SIGPIPE, as for any program writing to a closed pipe

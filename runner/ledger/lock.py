@@ -14,6 +14,7 @@ from pathlib import Path
 from runner.errors import LedgerLockedError
 
 LOCK_NAME = ".lock"
+_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
 class RunLock:
@@ -29,7 +30,8 @@ class RunLock:
         return self._fd >= 0
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        # O_NOFOLLOW: a link planted as .lock would have us truncate the file it points at.
+        fd = os.open(self.path, _FLAGS, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

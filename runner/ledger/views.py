@@ -6,6 +6,7 @@ committed parts and journal as they are at that moment.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping
@@ -110,11 +111,28 @@ def export(run_dir: Path | str, out_path: Path | str, fmt: ExportFormat) -> int:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, out_path)
+        fsync_dir(out_path.parent)
+    except OSError as exc:
+        _remove(tmp)
+        # The one boundary for the export's own file: a folder that is missing, read-only
+        # or full is one line naming the file (exit 4), not a traceback.
+        reason = f"[Errno {exc.errno}] {exc.strerror}" if exc.errno is not None else str(exc)
+        raise LedgerError(f"cannot write the export {_shown(out_path)}: {reason}") from exc
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
-    fsync_dir(out_path.parent)
     return int(jobs.num_rows)
+
+
+def _remove(tmp: Path) -> None:
+    """Remove a half-written temp file, if there is one to remove."""
+    with contextlib.suppress(OSError):  # its folder is unusable: the error raised says so
+        tmp.unlink(missing_ok=True)
+
+
+def _shown(path: Path) -> str:
+    text = str(path)
+    return text if text.isprintable() else repr(text)
 
 
 def _flat_for_csv(jobs: pa.Table) -> pa.Table:

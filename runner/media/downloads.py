@@ -6,7 +6,9 @@
         stream to a temp file      bounded memory; sha256 on the way; size cap
         verify                     Content-Type, magic bytes, Pillow verify + full decode,
                                    dimensions as the result reported
-        publish                    atomic rename in a local --out, or pyarrow.fs for a URL
+        publish                    atomic rename in a local --out, or pyarrow.fs for a URL;
+                                   no symbolic link below --out is followed (a planted one
+                                   fails that output, naming it, and is left alone)
       ledger                       a new ``completed`` event with the outputs' local_path and
                                    sha256; on failure ``error_type="download_failed"``: the
                                    job is "completed, not downloaded" and a rerun fetches
@@ -133,8 +135,8 @@ class Downloader:
                 raise
             raise located from exc
         finally:
-            with anyio.CancelScope(shield=True):
-                await anyio.Path(temp).unlink(missing_ok=True)
+            with anyio.CancelScope(shield=True):  # a link planted at the temp name stays
+                await anyio.to_thread.run_sync(self.sink.discard, temp)
         return replace(output, local_path=where, sha256=sha)
 
     async def _attempt(self, output: OutputImage, temp: Path) -> str:
