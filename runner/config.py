@@ -3,21 +3,33 @@
 Nothing reads ``os.environ`` at import time: :func:`key_from_env` is called by the CLI and
 its result travels down inside :class:`RunConfig`. The key is a ``SecretStr``: it never
 appears in a repr, a log line, the ledger (``public_dict`` drops it) or an error message.
+Its shape is checked once, here (:func:`runner.fal.key.key_problem`): a bad key is a
+:class:`UsageError` before anything is sent, and :meth:`RunConfig.redactor` gives the one
+function that removes it from every text the run writes.
 """
 
 from __future__ import annotations
 
 import json
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from runner.errors import UsageError
+from runner.fal.key import key_problem, redactor
 
 FAL_QUEUE_URL = "https://queue.fal.run"
 FAL_REST_URL = "https://rest.fal.ai"
@@ -99,6 +111,15 @@ class RunConfig(BaseModel):
     upload_ttl_s: float = Field(default=7 * 86_400.0, gt=0)  # CDN lifetime asked for uploads
     quiet: bool = False
 
+    @field_validator("key")
+    @classmethod
+    def _key_is_well_formed(cls, key: SecretStr | None) -> SecretStr | None:
+        # The message names what is wrong, never the key (build_config drops the cause).
+        problem = None if key is None else key_problem(key.get_secret_value())
+        if problem:
+            raise ValueError(problem)
+        return key
+
     @model_validator(mode="after")
     def _reconcile_needs_payloads(self) -> RunConfig:
         if self.on_unknown == "reconcile" and not self.store_io:
@@ -159,6 +180,13 @@ class RunConfig(BaseModel):
         """
         return self.max_in_flight or (3 if self.completion == "poll" else 2) * self.concurrency
 
+    def redactor(self) -> Callable[[str], str]:
+        """The run's one redaction function: text without the key or its parts.
+
+        :func:`runner.fal.key.redactor` of this config's key (identity when there is none).
+        """
+        return redactor(self.key)
+
     def public_dict(self) -> dict[str, Any]:
         """The configuration as JSON for run metadata, without the key."""
         data = self.model_dump(mode="json", exclude={"key"})
@@ -167,8 +195,19 @@ class RunConfig(BaseModel):
 
 
 def key_from_env(environ: Mapping[str, str]) -> SecretStr | None:
+    """``FAL_KEY`` without surrounding whitespace; None when unset or blank.
+
+    Checked once, here: a key with a newline, whitespace or characters outside printable
+    ASCII inside it, or with a colon but not of the form ``id:secret``, is a
+    :class:`UsageError` (exit 2) whose message says what is wrong and never shows the key.
+    """
     value = environ.get("FAL_KEY", "").strip()
-    return SecretStr(value) if value else None
+    if not value:
+        return None
+    problem = key_problem(value)
+    if problem:
+        raise UsageError(problem)
+    return SecretStr(value)
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -230,6 +269,9 @@ def build_config(
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         parts = [_problem(err, names or {}, origins or {}) for err in errors]
+        if any(err["loc"][:1] == ("key",) for err in errors):
+            # pydantic's own text of a key error holds the key (its input): not chained.
+            raise UsageError("; ".join(parts)) from None
         raise UsageError("; ".join(parts)) from exc
 
 
@@ -249,6 +291,8 @@ def _problem(err: Any, names: Mapping[str, str], origins: Mapping[str, str]) -> 
         return f"unknown option {name}"
     if kind == "missing":
         return f"{name} is required"
+    if kind == "value_error" and field == "key":  # key_problem names FAL_KEY itself
+        return msg.removeprefix("Value error, ")
     shown = "" if field == "key" else f", not {_shown(err.get('input'))}"
     if kind in _BOUNDS:
         bound, words = _BOUNDS[kind]

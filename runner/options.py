@@ -185,7 +185,8 @@ def run_config(args: argparse.Namespace, environ: Mapping[str, str]) -> RunConfi
         allowed_endpoints=frozenset(args.allow_endpoint),
         defaults=dict(args.defaults),
         prompt_template=args.prompt_template,
-        key=key_from_env(environ),
+        # The embedded emulator brings its own key: FAL_KEY is neither read nor checked.
+        key=None if values.get("emulator") is True else key_from_env(environ),
     )
     values.setdefault("run_dir", default_run_dir(args.manifest))
     return build_config(values, names=names, origins=origins)

@@ -4,6 +4,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from runner.cli import build_parser
 from runner.config import RunConfig, build_config, key_from_env
@@ -62,6 +63,40 @@ def test_key_is_never_in_repr_or_run_metadata(tmp_path: Path) -> None:
 def test_key_from_env_ignores_blank_values() -> None:
     assert key_from_env({"FAL_KEY": "  "}) is None
     assert key_from_env({}) is None
+
+
+def test_a_key_with_a_newline_from_the_environment_is_a_usage_error(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["run", str(tmp_path / "m.csv")])
+    with pytest.raises(UsageError, match=r"^FAL_KEY contains a newline") as caught:
+        run_config(args, {"FAL_KEY": "emulator:local-key\nX"})
+    assert "local-key" not in str(caught.value)
+
+
+def test_a_bad_key_given_to_the_config_is_a_usage_error_without_the_key(tmp_path: Path) -> None:
+    values = {"manifest": tmp_path / "m.csv", "run_dir": tmp_path / "run"}
+    with pytest.raises(UsageError) as caught:
+        build_config({**values, "key": SecretStr("emulator:local-key\nX")})
+    assert str(caught.value) == "FAL_KEY contains a newline: set it to the key alone, on one line"
+    assert caught.value.__cause__ is None  # pydantic's own text would hold the input
+    with pytest.raises(UsageError) as raw:
+        build_config({**values, "key": "emulator:lócal-key"})
+    assert "lócal" not in str(raw.value) and raw.value.__cause__ is None
+
+
+def test_the_embedded_emulator_neither_reads_nor_checks_fal_key(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["run", str(tmp_path / "m.csv"), "--emulator"])
+    config = run_config(args, {"FAL_KEY": "emulator:local-key\nX"})
+    assert config.emulator and config.key is None
+
+
+def test_the_config_gives_the_redaction_function_of_its_key(tmp_path: Path) -> None:
+    config = parse([str(tmp_path / "m.csv")])
+    redact = config.redactor()
+    assert redact(f"echo {SECRET}") == "echo [redacted]"
+    assert redact("secret very-secret") == "secret [redacted]"
+    assert redact("id abc123") == "id abc123"  # too short to tell from ordinary text
+    unkeyed = build_config({"manifest": tmp_path / "m.csv", "run_dir": tmp_path / "run"})
+    assert unkeyed.redactor()("any text") == "any text"
 
 
 def test_max_total_cost_from_the_flag_and_the_toml_file(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@
     retry      the one retry policy: pure classifier, pure backoff, one loop
     storage    fal's storage protocol (CDN token, simple, multipart, initiate)
     history    the Platform API: request history (payloads) and the account's prices
+    key        the API key's shape check and the one redaction function
     jwks       the JWKS cache
     webhook    Ed25519 verification and the receiver app
     receiver   the receiver on a socket

@@ -16,7 +16,8 @@ here, into the runner's tree::
 
 The key is a ``SecretStr``; it goes only into the Authorization header of requests to
 the configured queue origin (URLs from an ack that point elsewhere are refused) and is
-redacted from any server text copied into an error.
+removed, with its parts, from any server or library text copied into an error
+(:func:`runner.fal.key.redactor`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import httpx
 from pydantic import SecretStr
 
 from runner.errors import AuthError, HTTPStatusError, ProtocolError, TransportError, UsageError
+from runner.fal.key import redactor
 from runner.fal.protocol import (
     ERROR_TYPE_HEADER,
     FAL_NOT_READY,
@@ -96,6 +98,7 @@ class QueueClient:
         # origin (the slash ends the host, so queue.fal.run.evil.com does not match).
         self._origin_prefix = f"{self._queue.scheme}://{self._queue.netloc.decode('ascii')}/"
         self._key = key
+        self._redact = redactor(key)
         self._user_agent = user_agent
         self._timeouts = timeouts or CallTimeouts()
         self._extensions = self._timeouts.extensions()
@@ -361,13 +364,6 @@ class QueueClient:
                 f"refusing to send the key to {target.scheme}://{target.host}: "
                 f"not the queue origin {self._queue.scheme}://{self._queue.host}"
             )
-
-    def _redact(self, text: str) -> str:
-        secret = self._key.get_secret_value()
-        for piece in (secret, secret.partition(":")[2]):
-            if len(piece) >= 4:
-                text = text.replace(piece, "[redacted]")
-        return text
 
     @staticmethod
     def _stream_url(status_url: str) -> str:

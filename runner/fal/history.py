@@ -43,6 +43,7 @@ from runner.errors import (
     TransportError,
     UsageError,
 )
+from runner.fal.key import redactor
 from runner.fal.protocol import NOT_SENT_ERRORS, RETRY_AFTER_HEADER, parse_retry_after
 from runner.fal.retry import READ_RETRY_CODES, RetryPolicy, call_with_retry
 from runner.fal.transport import CallTimeouts, fetch
@@ -153,6 +154,7 @@ class HistoryClient:
         self._transport = transport
         self._api = api
         self._key = key
+        self._redact_key = redactor(key)
         self._policy = policy
         self._clock = clock
         self._sleep = sleep
@@ -354,11 +356,7 @@ class HistoryClient:
         }
 
     def _redact(self, text: str) -> str:
-        secret = self._key.get_secret_value()
-        for piece in (secret, secret.partition(":")[2]):
-            if len(piece) >= 4:
-                text = text.replace(piece, "[redacted]")
-        return text
+        return self._redact_key(text)
 
 
 def _parse(model: type[P], body: Any, where: str) -> P:

@@ -25,6 +25,7 @@ import httpx
 from pydantic import SecretStr
 
 from runner.errors import AuthError, FalError, HTTPStatusError, ProtocolError, TransportError
+from runner.fal.key import REDACTED, redactor
 from runner.fal.protocol import NOT_SENT_ERRORS
 from runner.fal.retry import RetryPolicies, RetryPolicy, call_with_retry
 
@@ -75,6 +76,7 @@ class StorageClient:
         self._rest = rest_url.rstrip("/")
         self._cdn = cdn_url.rstrip("/")
         self._key = key
+        self._redact_key = redactor(key)
         self.settings = settings or UploadSettings()
         self._wall_clock = wall_clock
         self._clock = clock
@@ -231,11 +233,9 @@ class StorageClient:
         return value
 
     def _redact(self, text: str) -> str:
-        secret = self._key.get_secret_value()
-        for piece in (secret, secret.partition(":")[2], self._token.token if self._token else ""):
-            if len(piece) >= 4:
-                text = text.replace(piece, "[redacted]")
-        return text
+        text = self._redact_key(text)
+        token = self._token.token if self._token else ""
+        return text.replace(token, REDACTED) if len(token) >= 4 else text
 
 
 def _read_part(path: Path, offset: int, size: int) -> bytes:

@@ -18,6 +18,7 @@ from pydantic import SecretStr
 
 from runner.errors import FalError
 from runner.fal.client import QueueClient
+from runner.fal.key import redactor
 from runner.fal.retry import RetryPolicies, call_with_retry
 from runner.fal.transport import open_transport
 from runner.ledger.schema import JobState, LedgerEvent, utcnow
@@ -51,7 +52,7 @@ async def cancel_in_flight(
 ) -> CancelOutcome:
     policies = policies or RetryPolicies()
     outcome = CancelOutcome()
-    ledger = await anyio.to_thread.run_sync(Ledger.open, run_dir)
+    ledger = await anyio.to_thread.run_sync(partial(Ledger.open, run_dir, redact=redactor(key)))
     if transport is None:
         transport = open_transport(queue_url, limits=httpx.Limits())
     async with ledger, transport:

@@ -107,7 +107,7 @@ def manifest_fingerprint(path: Path) -> dict[str, Any]:
     return {"path": str(path), "sha256": digest.hexdigest(), "bytes": stat.st_size}
 
 
-def write_run_metadata(config: RunConfig) -> None:
+def write_run_metadata(config: RunConfig, *, redact: Callable[[str], str] | None = None) -> None:
     write_run_meta(
         config.run_dir,
         {
@@ -115,6 +115,7 @@ def write_run_metadata(config: RunConfig) -> None:
             "manifest": manifest_fingerprint(config.manifest),
             "config": config.public_dict(),
         },
+        redact=redact,
     )
 
 
@@ -162,14 +163,15 @@ async def execute(config: RunConfig, *, hooks: Hooks | None = None) -> RunReport
     if config.download and "://" not in config.output_target:
         target = Path(config.output_target)  # object stores are probed by their first write
         await anyio.to_thread.run_sync(partial(probe_writable, target, what="output folder"))
-    ledger = await anyio.to_thread.run_sync(Ledger.open, config.run_dir)
+    redact = config.redactor()  # every text the run writes or prints passes it
+    ledger = await anyio.to_thread.run_sync(partial(Ledger.open, config.run_dir, redact=redact))
     async with ledger:
-        write_run_metadata(config)
+        write_run_metadata(config, redact=redact)
         # Without downloads, a completed job's outputs are never read again: fold less.
         fold = partial(ledger.state, downloads=config.download)
         state = await anyio.to_thread.run_sync(fold)
-        tally = Tally()
-        progress = Progress(tally, stream=hooks.stream, quiet=config.quiet)
+        tally = Tally(redact=redact)
+        progress = Progress(tally, stream=hooks.stream, quiet=config.quiet, redact=redact)
         try:
             return await _drive(config, ledger, state, tally, progress, hooks)
         except BaseExceptionGroup as group:

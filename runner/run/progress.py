@@ -3,6 +3,10 @@
 The engine owns a :class:`Tally` and calls :meth:`Progress.refresh` when it changes; the
 display decides how often to draw. ``--quiet`` or a stderr that is not a terminal gives one
 log line every ``interval_s`` instead of a bar.
+
+Both take the run's redaction function (``redact=``, :meth:`runner.config.RunConfig.redactor`):
+every message :meth:`Progress.say` prints, and every example a :class:`Tally` keeps for the
+summary, passes it first.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ class Tally:
     reasons: Counter[str] = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
     max_examples: int = 5
+    # Applied to each example before it is kept: the summary prints them.
+    redact: Callable[[str], str] | None = field(default=None, repr=False, compare=False)
 
     @property
     def finished(self) -> int:
@@ -68,7 +74,9 @@ class Tally:
         """One more job that did not complete, and why."""
         self.reasons[reason] += 1
         if len(self.examples) < self.max_examples:
-            self.examples.append(example[:300])
+            # Redacted before it is cut: a cut could leave a piece of the key unrecognised.
+            kept = example if self.redact is None else self.redact(example)
+            self.examples.append(kept[:300])
 
     def fail(self, reason: str, example: str) -> None:
         self.failed += 1
@@ -86,8 +94,10 @@ class Progress:
         quiet: bool = False,
         interval_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        redact: Callable[[str], str] | None = None,
     ) -> None:
         self.tally = tally
+        self._redact = redact
         self.stream = stream if stream is not None else sys.stderr
         self.clock = clock
         self.interval_s = interval_s
@@ -136,7 +146,12 @@ class Progress:
             self.say(self.line())
 
     def say(self, message: str) -> None:
-        """A message that must be seen (interrupts, budget), above the bar if there is one."""
+        """A message that must be seen (interrupts, budget), above the bar if there is one.
+
+        Every log line goes through here, so the redaction function is applied here once.
+        """
+        if self._redact is not None:
+            message = self._redact(message)
         if self._bar is not None:
             self._bar.write(message, file=self.stream)
         else:
