@@ -3,10 +3,10 @@
 - :class:`EmulatorProcess` runs ``python -m runner emulator serve`` in its own process on
   127.0.0.1 and reads its accounting (``GET /_emulator/stats``) and its CPU and memory
   from ``/proc``, so the emulator's work is never counted as the client's.
-- :func:`run_runner` runs :func:`runner.run.engine.execute` in this process; :func:`run_baseline`
-  runs the official ``fal_client.AsyncClient`` the way fal's docs show (``submit`` then
-  ``handle.get()`` under an ``asyncio.Semaphore``). Both return a :class:`ClientRun` with
-  wall seconds and this process's CPU seconds (user + system, all threads).
+- :func:`run_runner` runs :func:`runner.execution.engine.execute` in this process;
+  :func:`run_baseline` runs the official ``fal_client.AsyncClient`` the way fal's docs show
+  (``submit`` then ``handle.get()`` under an ``asyncio.Semaphore``). Both return a
+  :class:`ClientRun` with wall seconds and this process's CPU seconds (user + system, all threads).
 
 Run the scripts from the repository root: ``python bench/run_all.py [--quick]``.
 """
@@ -40,8 +40,8 @@ import httpx  # noqa: E402
 from pydantic import SecretStr  # noqa: E402
 
 from runner.config import RunConfig  # noqa: E402
-from runner.run.engine import Hooks, execute  # noqa: E402
-from runner.run.summary import RunReport  # noqa: E402
+from runner.execution.engine import Hooks, execute  # noqa: E402
+from runner.execution.summary import RunReport  # noqa: E402
 
 KEY = "emulator:local-key"
 LORA = "fal-ai/flux-lora"

@@ -87,7 +87,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from runner.run.prices import plan_prices
+    from runner.execution.prices import plan_prices
 
     def say(message: str) -> None:
         print(f"note: {message}", file=sys.stderr)
@@ -109,8 +109,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from runner.run.engine import embedded_emulator, execute
-    from runner.run.summary import print_summary
+    from runner.execution.engine import embedded_emulator, execute
+    from runner.execution.summary import print_summary
 
     config = run_config(args, os.environ)
     warnings, _ = stream_jobs(args)  # reads the first row only
@@ -219,7 +219,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from runner.run.cancel import cancel_in_flight
+    from runner.execution.cancel import cancel_in_flight
 
     key = key_from_env(os.environ)
     if key is None:

@@ -74,7 +74,7 @@ class RunConfig(BaseModel):
     rate_per_s: float = Field(default=10.0, gt=0)
     endpoint_limits: Mapping[str, int] = Field(default_factory=dict)
     # --max-cost caps what this invocation commits; --max-total-cost the run directory's
-    # total, earlier runs included (runner.run.budget).
+    # total, earlier runs included (runner.execution.budget).
     max_cost_usd: Decimal | None = Field(default=None, ge=0)
     max_total_cost_usd: Decimal | None = Field(default=None, ge=0)
     max_attempts: int = Field(default=3, ge=1, le=100)

@@ -13,9 +13,9 @@ from pydantic import SecretStr
 
 from runner.config import RunConfig, build_config
 from runner.emulator import DEFAULT_KEY, Emulator, EmulatorConfig, FaultConfig
+from runner.execution.engine import Hooks, execute
+from runner.execution.summary import RunReport
 from runner.fal.retry import RetryPolicies, RetryPolicy
-from runner.run.engine import Hooks, execute
-from runner.run.summary import RunReport
 
 EMULATOR_URL = "http://emulator"
 # The production rules with millisecond waits, so fault storms do not cost test time.

@@ -7,7 +7,7 @@ from decimal import Decimal as D
 
 import pytest
 
-from runner.run.budget import Budget
+from runner.execution.budget import Budget
 
 
 def test_no_cap_admits_everything_and_tracks_reservations() -> None:

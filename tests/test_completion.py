@@ -17,6 +17,15 @@ import pytest
 from pydantic import SecretStr
 
 from runner.errors import AuthError
+from runner.execution.completion import (
+    Pacing,
+    Poller,
+    Reader,
+    ResultFirst,
+    ResultIn,
+    StatusIn,
+    Watch,
+)
 from runner.fal.client import QueueClient
 from runner.fal.protocol import (
     Completed,
@@ -26,7 +35,6 @@ from runner.fal.protocol import (
     peek_verdict,
 )
 from runner.fal.retry import RetryPolicy
-from runner.run.completion import Pacing, Poller, Reader, ResultFirst, ResultIn, StatusIn, Watch
 from tests.fakes import FakeTime
 
 pytestmark = pytest.mark.anyio

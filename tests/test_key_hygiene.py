@@ -38,6 +38,9 @@ from runner.config import key_from_env
 from runner.emulator import DEFAULT_KEY, Emulator
 from runner.emulator.faults import parse_faults
 from runner.errors import EXIT_USAGE, AuthError, TransportError, UsageError
+from runner.execution.engine import Hooks, execute
+from runner.execution.progress import Progress, Tally
+from runner.execution.summary import RunReport, print_summary
 from runner.fal.client import QueueClient
 from runner.fal.key import (
     MIN_KEY_CHARS,
@@ -57,9 +60,6 @@ from runner.report.data import build_report, load_jobs
 from runner.report.gallery import gallery
 from runner.report.html import write_html
 from runner.report.text import render_text, report_json
-from runner.run.engine import Hooks, execute
-from runner.run.progress import Progress, Tally
-from runner.run.summary import RunReport, print_summary
 from tests.scenario import FAST_POLICIES, manifest, run_config
 from tests.scenario import emulator as emulator_running
 from tests.torture_support import secret_leaks

@@ -23,11 +23,11 @@ LAYERS: tuple[str, ...] = (
     "ledger",
     "media",
     "config",
-    "run",
+    "execution",
     "report",
     "options",
-    "api",
     "cli",
+    "api",
     "__main__",
 )
 # What a top-level name of the package belongs to ("runner/__init__.py" is the public API).
@@ -129,20 +129,20 @@ def test_the_checker_catches_an_upward_and_a_sealed_import() -> None:
     """The rule can fail: an upward import and a sealed-package breach are both reported."""
     source = (
         "from runner.endpoints.cost import Price\n"
-        "from runner.run.worker import run_job\n"
+        "from runner.execution.worker import run_job\n"
         "from runner import errors\n"
         "from runner.fal import protocol\n"
     )
     assert violations(source, "runner.fal.probe") == [
         "runner.fal.probe:1: fal may import only errors of the runner, not runner.endpoints.cost",
-        "runner.fal.probe:2: fal imports runner.run.worker, a later stage (run)",
+        "runner.fal.probe:2: fal imports runner.execution.worker, a later stage (execution)",
     ]
 
 
 def test_relative_and_lazy_imports_are_read() -> None:
-    source = "from . import cost\n\ndef f():\n    from ..run import worker\n"
+    source = "from . import cost\n\ndef f():\n    from ..execution import worker\n"
     assert violations(source, "runner.endpoints.probe") == [
-        "runner.endpoints.probe:4: endpoints imports runner.run, a later stage (run)"
+        "runner.endpoints.probe:4: endpoints imports runner.execution, a later stage (execution)"
     ]
 
 

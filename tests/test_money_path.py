@@ -22,15 +22,15 @@ from runner.errors import (
     LedgerError,
     TransportError,
 )
+from runner.execution.engine import Hooks, execute
+from runner.execution.outcome import Failed, Unknown
+from runner.execution.summary import Ending, verdict
+from runner.execution.worker import submit_failed
 from runner.fal.retry import RetryPolicies, RetryPolicy
 from runner.ledger import status_summary
 from runner.ledger.schema import JobState
 from runner.ledger.state import LedgerState
 from runner.media.sink import OutputSink
-from runner.run.engine import Hooks, execute
-from runner.run.outcome import Failed, Unknown
-from runner.run.summary import Ending, verdict
-from runner.run.worker import submit_failed
 from tests.scenario import FAST_POLICIES, FAST_SUBMIT, emulator, manifest, run, run_config
 
 pytestmark = pytest.mark.anyio

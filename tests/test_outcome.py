@@ -2,8 +2,8 @@
 
 import pytest
 
+from runner.execution.outcome import Failure, Success, expired, read_result, read_status
 from runner.fal.protocol import Completed, ResultResponse
-from runner.run.outcome import Failure, Success, expired, read_result, read_status
 
 IMAGE = {"url": "https://cdn/x.png", "width": 1024, "height": 768, "content_type": "image/png"}
 OK_BODY = {

@@ -2,7 +2,7 @@ from typing import TypedDict
 
 import pytest
 
-from runner.run.pacing import ServiceModel, first_poll_delay_s, next_poll_delay_s
+from runner.execution.pacing import ServiceModel, first_poll_delay_s, next_poll_delay_s
 
 
 class Shape(TypedDict):
@@ -77,7 +77,7 @@ def test_queued_job_waits_in_proportion_to_its_position() -> None:
 
 
 def test_before_any_observation_polls_start_early_and_double() -> None:
-    from runner.run.pacing import explore_delay_s
+    from runner.execution.pacing import explore_delay_s
 
     delays = [explore_delay_s(polls=p, min_s=0.05, max_s=2.0) for p in range(7)]
     assert delays[:4] == [0.1, 0.2, 0.4, 0.8]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from decimal import Decimal
 
-from runner.run.progress import Progress, Tally
+from runner.execution.progress import Progress, Tally
 
 
 def test_log_line_counts_rate_eta_and_money() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from runner.run.ratelimit import (
+from runner.execution.ratelimit import (
     AdaptiveRate,
     AimdConfig,
     AimdState,

@@ -14,11 +14,11 @@ from runner.config import build_config
 from runner.emulator import parse_faults
 from runner.endpoints.cost import ACCOUNT_PRICE_SOURCE
 from runner.errors import EXIT_OK, UsageError
+from runner.execution.reconcile import Absent, Adopt, Intent, matches, settle_from
 from runner.fal.history import HistoryItem
 from runner.ledger import Ledger, status_summary
 from runner.ledger.schema import JobState, LedgerEvent, payload_fingerprint
 from runner.ledger.state import LedgerState
-from runner.run.reconcile import Absent, Adopt, Intent, matches, settle_from
 from tests.scenario import emulator, manifest, run, run_config
 from tests.torture_support import manifest_jobs
 
@@ -225,7 +225,7 @@ async def test_plan_prices_with_the_accounts_own_prices_when_a_key_is_set() -> N
     from pydantic import SecretStr
 
     from runner.emulator import DEFAULT_KEY, Emulator, EmulatorConfig, serve
-    from runner.run.prices import plan_prices
+    from runner.execution.prices import plan_prices
 
     said: list[str] = []
     emu = Emulator(EmulatorConfig(account_prices={"fal-ai/flux-lora": Decimal("0.02")}))

@@ -16,9 +16,9 @@ import pytest
 
 from runner.emulator import Emulator, EmulatorConfig, FaultConfig, parse_faults, serve
 from runner.errors import EXIT_BUDGET, EXIT_JOBS_FAILED, EXIT_OK
+from runner.execution.engine import Hooks, execute
 from runner.ledger.schema import JobState
 from runner.ledger.state import LedgerState
-from runner.run.engine import Hooks, execute
 from tests.scenario import emulator, manifest, run, run_config
 
 pytestmark = pytest.mark.anyio
@@ -314,7 +314,7 @@ async def test_runner_cancel_cancels_what_a_run_left_in_flight(tmp_path: Path) -
     from pydantic import SecretStr
 
     from runner.emulator import DEFAULT_KEY
-    from runner.run.cancel import cancel_in_flight
+    from runner.execution.cancel import cancel_in_flight
     from tests.scenario import EMULATOR_URL
 
     path = manifest(tmp_path, 6)

@@ -21,10 +21,10 @@ import pytest
 from runner.emulator import Emulator, EmulatorConfig, parse_faults, serve
 from runner.emulator.faults import FAILURE_STATUS
 from runner.errors import EXIT_JOBS_FAILED, EXIT_OK
+from runner.execution.engine import Hooks, execute
+from runner.execution.summary import RunReport
 from runner.ledger.resume import Action, ResumePolicy, decide
 from runner.ledger.state import LedgerState
-from runner.run.engine import Hooks, execute
-from runner.run.summary import RunReport
 from tests.scenario import emulator, manifest, run_config
 from tests.torture_support import LONG, check_accounting, histories, manifest_jobs
 

@@ -37,10 +37,10 @@ from starlette.routing import Route
 from runner.emulator import DEFAULT_KEY, Emulator, EmulatorConfig, serve
 from runner.emulator.webhooks import WebhookSigner
 from runner.errors import EXIT_JOBS_FAILED, EXIT_OK, EXIT_USAGE
+from runner.execution.engine import Hooks, execute
 from runner.fal.transport import open_transport
 from runner.fal.webhook import DEFAULT_MAX_BODY_BYTES
 from runner.ledger.state import LedgerState
-from runner.run.engine import Hooks, execute
 from tests.scenario import emulator, manifest, run_config
 from tests.torture_support import (
     check_terminal_once,

@@ -20,11 +20,11 @@ from pydantic import SecretStr
 from runner.config import RunConfig
 from runner.emulator import DEFAULT_KEY, Emulator
 from runner.errors import AuthError, HTTPStatusError
+from runner.execution.engine import Hooks, execute
 from runner.fal.storage import StorageClient, UploadSettings
 from runner.ledger.state import LedgerState
 from runner.media.inputs import InputChecker, InputRef, LocalFile, inspect_file
 from runner.media.uploads import CachedUpload, UploadCache, Uploader, substitute
-from runner.run.engine import Hooks, execute
 from tests.scenario import EMULATOR_URL, emulator, run, run_config
 
 pytestmark = pytest.mark.anyio

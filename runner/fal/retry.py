@@ -109,7 +109,7 @@ class RetryPolicies:
 
 
 def is_throttled(failure: BaseException | httpx.Response) -> bool:
-    """A 429: the signal :class:`runner.run.ratelimit.AdaptiveRate` lowers its rate on."""
+    """A 429: the signal :class:`runner.execution.ratelimit.AdaptiveRate` lowers its rate on."""
     if isinstance(failure, httpx.Response):
         return failure.status_code == 429
     if isinstance(failure, httpx.HTTPStatusError):

@@ -20,7 +20,7 @@
 
 FAIL means: send nothing and record the job as failed (``unknown_outcome``). A SKIP of
 anything but a completed job leaves the job not completed: the run does not exit 0.
-``max_attempts`` bounds the attempts within one run (see :mod:`runner.run.worker`); it
+``max_attempts`` bounds the attempts within one run (see :mod:`runner.execution.worker`); it
 does not stop a rerun from retrying a failure that cost nothing.
 Jobs in the ledger whose key is no longer in the manifest are never visited,
 so they stay in the ledger untouched.

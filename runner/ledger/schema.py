@@ -226,7 +226,7 @@ class LedgerEvent:
     status_url: str | None = None  # the acknowledged URLs, followed verbatim
     response_url: str | None = None
     cancel_url: str | None = None
-    # How fal's request history settled an unknown outcome (see runner.run.reconcile):
+    # How fal's request history settled an unknown outcome (see runner.execution.reconcile):
     # adopted, resubmitted_safe, history_unavailable. Sticky.
     reconciled: str | None = None
     # Other requests of the same payload the history showed: billed duplicates. Sticky.

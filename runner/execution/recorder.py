@@ -2,14 +2,14 @@
 
 The worker decides; the recorder records. For each attempt it writes the intent (committed
 before the POST), the acknowledgement (committed right after it) and the start, and for
-each :data:`~runner.run.outcome.Outcome` it writes the end event, then, when no further
+each :data:`~runner.execution.outcome.Outcome` it writes the end event, then, when no further
 attempt follows in this run, settles the budget, counts the tally and hands a completed
 job's outputs to the download stage. No path can forget one of those, because no other
 module does them.
 
 A lost job is the exception by design: it is not an end state. Its estimate stays in
 committed spend and its slot stays taken until the run ends (see
-:class:`runner.run.scheduler.Scheduler`); the next run re-attaches to it.
+:class:`runner.execution.scheduler.Scheduler`); the next run re-attaches to it.
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from decimal import Decimal
 from typing import Any
 
 from runner.endpoints.cost import Estimate
+from runner.execution.budget import Budget
+from runner.execution.outcome import Done, Expired, Failed, Lost, Outcome, Unknown
+from runner.execution.progress import Tally
+from runner.execution.reconcile import Intent
 from runner.fal.client import RequestRef
 from runner.fal.protocol import SubmitAck
 from runner.ledger.schema import JobState, LedgerEvent, encode_request
 from runner.ledger.store import Ledger
 from runner.manifest.jobs import Job
 from runner.media.downloads import DownloadItem
-from runner.run.budget import Budget
-from runner.run.outcome import Done, Expired, Failed, Lost, Outcome, Unknown
-from runner.run.progress import Tally
-from runner.run.reconcile import Intent
 
 MESSAGE_LIMIT = 2000
 

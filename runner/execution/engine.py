@@ -8,7 +8,7 @@
         counter   counts jobs and estimated dollars in a thread, for the bar's total
         webhooks  (webhook mode) the receiver's verified events -> WebhookWaiter
         downloads bounded consumers fetching, verifying and recording completed outputs
-        admit     runner.run.scheduler: jobs -> resume decision -> budget -> window -> worker
+        admit     runner.execution.scheduler: jobs -> resume decision -> budget -> window -> worker
 
 Inputs: each worker resolves its job's local files (checked, uploaded once per content
 hash, cached in ``uploads.jsonl``) just before recording its intent. With
@@ -17,7 +17,7 @@ Outputs: a job's images are queued for download as soon as it completes; a compl
 from an earlier run whose outputs lack ``local_path`` is queued instead of skipped (unless
 ``--no-download``), so a rerun downloads only what is missing.
 
-Admission (:mod:`runner.run.scheduler`) is the only place that decides what is sent; this
+Admission (:mod:`runner.execution.scheduler`) is the only place that decides what is sent; this
 module wires the edges (HTTP, ledger, strategy, uploads, downloads, webhooks) around it.
 """
 
@@ -40,6 +40,25 @@ from pydantic import SecretStr
 from runner import __version__
 from runner.config import RunConfig
 from runner.errors import RunnerError, UsageError
+from runner.execution.budget import Budget
+from runner.execution.completion import (
+    ChannelHealth,
+    Pacing,
+    Poller,
+    Reader,
+    ResultFirst,
+    Strategy,
+    Streamer,
+    WebhookWaiter,
+)
+from runner.execution.prices import price_table
+from runner.execution.progress import Progress, Tally
+from runner.execution.ratelimit import AdaptiveRate
+from runner.execution.reconcile import Reconciler
+from runner.execution.recorder import Recorder
+from runner.execution.scheduler import Scheduler, prior_spend, strict_check
+from runner.execution.summary import RunReport
+from runner.execution.worker import Shared
 from runner.fal.client import QueueClient
 from runner.fal.history import HistoryClient
 from runner.fal.jwks import JwksCache
@@ -56,25 +75,6 @@ from runner.media.downloads import Downloader, DownloadStage
 from runner.media.inputs import InputChecker, InputProber, InputSizer
 from runner.media.sink import OutputSink
 from runner.media.uploads import InputResolver, UploadCache, Uploader
-from runner.run.budget import Budget
-from runner.run.completion import (
-    ChannelHealth,
-    Pacing,
-    Poller,
-    Reader,
-    ResultFirst,
-    Strategy,
-    Streamer,
-    WebhookWaiter,
-)
-from runner.run.prices import price_table
-from runner.run.progress import Progress, Tally
-from runner.run.ratelimit import AdaptiveRate
-from runner.run.reconcile import Reconciler
-from runner.run.recorder import Recorder
-from runner.run.scheduler import Scheduler, prior_spend, strict_check
-from runner.run.summary import RunReport
-from runner.run.worker import Shared
 
 # Queue calls (submit, status, result, cancel) in flight at once. 16 measured best: CPU per
 # 1,000 jobs 12.1 s -> 5.4 s at 32 jobs in flight (bench/README.md, "Bottlenecks").

@@ -1,7 +1,7 @@
 """One job's life: inputs, intent, submit, completion, result; a new attempt when one may help.
 
-Every path returns an :data:`~runner.run.outcome.Outcome` value; the one recorder
-(:class:`~runner.run.recorder.Recorder`) turns it into ledger events, budget settlements,
+Every path returns an :data:`~runner.execution.outcome.Outcome` value; the one recorder
+(:class:`~runner.execution.recorder.Recorder`) turns it into ledger events, budget settlements,
 tallies and the download hand-off. Nothing here raises for a per-job failure; only a
 refused key (:class:`~runner.errors.AuthError`) escapes, because it is fatal to the run.
 
@@ -33,13 +33,7 @@ import anyio
 from runner.config import RunConfig
 from runner.endpoints.cost import PriceTable, billed_cost
 from runner.errors import AuthError, FalError, HTTPStatusError, TransportError
-from runner.fal.client import QueueClient, RequestRef
-from runner.fal.protocol import ERROR_TYPES, Completed, InProgress, ResultResponse, Status
-from runner.fal.retry import Action, RetryPolicies, call_with_retry, classify
-from runner.ledger.schema import payload_fingerprint, utcnow
-from runner.manifest.jobs import Job
-from runner.media.uploads import InputFailure
-from runner.run.completion import (
+from runner.execution.completion import (
     Finished,
     Pacing,
     ResultIn,
@@ -48,7 +42,7 @@ from runner.run.completion import (
     Watch,
     WebhookIn,
 )
-from runner.run.outcome import (
+from runner.execution.outcome import (
     Done,
     Expired,
     Failed,
@@ -61,10 +55,16 @@ from runner.run.outcome import (
     read_result,
     read_status,
 )
-from runner.run.progress import Tally
-from runner.run.ratelimit import AdaptiveRate
-from runner.run.reconcile import Absent, Adopt, Intent, Reconciler, Unavailable, describe
-from runner.run.recorder import Recorder, Ticket
+from runner.execution.progress import Tally
+from runner.execution.ratelimit import AdaptiveRate
+from runner.execution.reconcile import Absent, Adopt, Intent, Reconciler, Unavailable, describe
+from runner.execution.recorder import Recorder, Ticket
+from runner.fal.client import QueueClient, RequestRef
+from runner.fal.protocol import ERROR_TYPES, Completed, InProgress, ResultResponse, Status
+from runner.fal.retry import Action, RetryPolicies, call_with_retry, classify
+from runner.ledger.schema import payload_fingerprint, utcnow
+from runner.manifest.jobs import Job
+from runner.media.uploads import InputFailure
 
 Resolve = Callable[[Job], Awaitable[Mapping[str, Any] | InputFailure]]
 ZERO = Decimal(0)

@@ -1,7 +1,7 @@
 """How a job's attempt ended, as values; and the pure reading of fal's answers behind them.
 
 Every path through a job's life ends in one :data:`Outcome`, which the worker hands to the
-one recorder (:mod:`runner.run.recorder`):
+one recorder (:mod:`runner.execution.recorder`):
 
     Done        completed: outputs, timings, what it cost
     Failed      a failure with its type and retryability; ``answered`` says whether the
@@ -84,11 +84,11 @@ class Failed:
 class Unknown:
     """The POST was sent and its answer lost: it may have been queued and billed.
 
-    ``intent`` is what fal's request history needs to settle it (runner.run.reconcile).
+    ``intent`` is what fal's request history needs to settle it (runner.execution.reconcile).
     """
 
     message: str
-    intent: Any = None  # a runner.run.reconcile.Intent
+    intent: Any = None  # a runner.execution.reconcile.Intent
 
 
 @dataclass(frozen=True, slots=True)

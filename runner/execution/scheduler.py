@@ -26,6 +26,13 @@ import pyarrow.compute as pc
 from runner.config import RunConfig
 from runner.endpoints.cost import Estimate, PriceTable
 from runner.errors import ManifestError, RowError
+from runner.execution.budget import Budget
+from runner.execution.outcome import Lost
+from runner.execution.progress import Progress, Tally
+from runner.execution.reconcile import Intent
+from runner.execution.recorder import Ticket
+from runner.execution.summary import Ending, RunReport, verdict
+from runner.execution.worker import Shared, run_job
 from runner.fal.client import RequestRef
 from runner.fal.protocol import RequestUrls
 from runner.ledger.resume import Action, ResumePolicy, decide
@@ -38,13 +45,6 @@ from runner.manifest.reader import read_rows
 from runner.media.downloads import DownloadStage, pending_downloads
 from runner.media.inputs import InputProber, InputSizer
 from runner.media.uploads import Uploader
-from runner.run.budget import Budget
-from runner.run.outcome import Lost
-from runner.run.progress import Progress, Tally
-from runner.run.reconcile import Intent
-from runner.run.recorder import Ticket
-from runner.run.summary import Ending, RunReport, verdict
-from runner.run.worker import Shared, run_job
 
 BATCH = 256
 

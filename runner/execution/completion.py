@@ -4,7 +4,7 @@ Each strategy answers one question, ``await strategy.wait(watch) -> Finished``, 
 ``Finished`` is a sum type: the result itself (a look read it), a COMPLETED status (the
 result is still to be read), or a webhook's payload.
 
-- :class:`Poller` looks at times chosen by :mod:`runner.run.pacing`: once near the expected
+- :class:`Poller` looks at times chosen by :mod:`runner.execution.pacing`: once near the expected
   completion instead of every 0.1 s. By default a look reads the result URL itself, so a
   job found done costs submit + one read; an answer it does not recognise sends it back
   to status reads (see :class:`ResultFirst`).
@@ -27,6 +27,12 @@ from typing import Any, Protocol
 import anyio
 
 from runner.errors import AuthError, FalError
+from runner.execution.pacing import (
+    ServiceModel,
+    explore_delay_s,
+    first_poll_delay_s,
+    next_poll_delay_s,
+)
 from runner.fal.client import Peek, QueueClient, RequestRef
 from runner.fal.protocol import (
     FAL_NOT_READY,
@@ -38,7 +44,6 @@ from runner.fal.protocol import (
     Status,
 )
 from runner.fal.retry import RetryPolicy, call_with_retry
-from runner.run.pacing import ServiceModel, explore_delay_s, first_poll_delay_s, next_poll_delay_s
 
 
 @dataclass(slots=True)

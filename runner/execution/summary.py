@@ -24,7 +24,7 @@ from typing import TextIO
 
 from runner.endpoints.money import format_usd
 from runner.errors import EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_JOBS_FAILED, EXIT_OK
-from runner.run.progress import Tally
+from runner.execution.progress import Tally
 
 
 @dataclass(frozen=True, slots=True)

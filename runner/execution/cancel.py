@@ -17,13 +17,13 @@ import httpx
 from pydantic import SecretStr
 
 from runner.errors import FalError
+from runner.execution.engine import USER_AGENT
 from runner.fal.client import QueueClient
 from runner.fal.key import redactor
 from runner.fal.retry import RetryPolicies, call_with_retry
 from runner.fal.transport import open_transport
 from runner.ledger.schema import JobState, LedgerEvent, utcnow
 from runner.ledger.store import Ledger
-from runner.run.engine import USER_AGENT
 
 
 @dataclass(slots=True)

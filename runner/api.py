@@ -1,0 +1,122 @@
+"""The Python API: what the CLI does, as functions, safe to call from any thread.
+
+    run(manifest, **options) -> RunReport         synchronous; its own event loop
+    await arun(manifest, **options) -> RunReport  inside a running event loop
+    plan(manifest, **options) -> Plan             jobs, images and dollars, nothing sent
+    status(run_dir) -> StatusSummary              counts and spend of a run directory
+    load_ledger(run_dir) -> pyarrow.Table         one row per job, its latest state
+
+Options are the CLI's long names with underscores (``max_cost="10"``, ``concurrency=8``,
+``completion="stream"``, ``emulator=True``, ``ledger=Path("night.runner")``, ``set={"seed": 1}``,
+``allow_endpoint=["owner/app"]``) and go through the very parser the CLI uses, so they mean
+exactly what the flags mean and fail with the same messages (as :class:`UsageError`). The key
+is ``key=`` or ``FAL_KEY`` in the environment.
+
+Signal handlers are installed only on the main thread: called from a worker thread (Airflow,
+Dagster, Prefect tasks), a run never touches the process's signals, and Ctrl-C is the host's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pyarrow as pa
+
+from runner.cli import build_parser, stream_jobs
+from runner.config import key_from_env
+from runner.endpoints.cost import PriceTable
+from runner.errors import UsageError
+from runner.execution.engine import Hooks, embedded_emulator, execute
+from runner.execution.prices import plan_prices
+from runner.execution.summary import RunReport
+from runner.ledger.fold import read_folded
+from runner.ledger.views import StatusSummary, status_summary
+from runner.manifest.plan import Plan, build_plan
+from runner.media.inputs import InputSizer
+from runner.options import run_config
+
+
+def _argv(command: str, manifest: Path | str, options: Mapping[str, Any]) -> list[str]:
+    argv = [command, str(manifest)]
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, Mapping):
+            argv += [part for k, v in value.items() for part in (flag, f"{k}={v}")]
+        elif isinstance(value, list | tuple | set | frozenset):
+            argv += [part for v in value for part in (flag, str(v))]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _parse(command: str, manifest: Path | str, options: Mapping[str, Any]) -> argparse.Namespace:
+    """The CLI's own parser over the options; its complaints become a UsageError."""
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            return build_parser().parse_args(_argv(command, manifest, options))
+    except SystemExit:
+        lines = [line for line in errors.getvalue().splitlines() if line.strip()]
+        reason = lines[-1].split("error: ", 1)[-1] if lines else "bad options"
+        raise UsageError(reason) from None
+
+
+def _environ(key: str | None) -> Mapping[str, str]:
+    return {**os.environ, "FAL_KEY": key} if key is not None else os.environ
+
+
+async def arun(manifest: Path | str, *, key: str | None = None, **options: Any) -> RunReport:
+    """Run a manifest to the end (or the budget), in the running event loop."""
+    args = _parse("run", manifest, options)
+    config = run_config(args, _environ(key))
+    on_main = threading.current_thread() is threading.main_thread()
+    hooks = Hooks(handle_signals=on_main)
+    if config.emulator:
+        async with embedded_emulator(config) as local:
+            return await execute(local, hooks=hooks)
+    return await execute(config, hooks=hooks)
+
+
+def run(manifest: Path | str, *, key: str | None = None, **options: Any) -> RunReport:
+    """Run a manifest to the end, synchronously; safe from any thread."""
+
+    async def go() -> RunReport:
+        return await arun(manifest, key=key, **options)
+
+    return anyio.run(go)
+
+
+def plan(manifest: Path | str, *, key: str | None = None, **options: Any) -> Plan:
+    """What a run would cost and send, per endpoint; nothing is sent."""
+    args = _parse("plan", manifest, options)
+
+    async def prices() -> PriceTable:
+        found = key_from_env(_environ(key))
+        return await plan_prices(args.api_url, found, args.prices, lambda _message: None)
+
+    table = anyio.run(prices)
+    _warnings, items = stream_jobs(args)
+    sizer = InputSizer(Path(manifest).resolve().parent)
+    return build_plan(items, table, input_sizes=sizer, lora_bytes=sizer.lora_bytes)
+
+
+def status(run_dir: Path | str) -> StatusSummary:
+    """Counts by state and endpoint, and the spend so far; works while a run writes."""
+    return status_summary(run_dir)
+
+
+def load_ledger(run_dir: Path | str) -> pa.Table:
+    """One row per job: its latest state, every column of the ledger."""
+    return read_folded(Path(run_dir)).jobs
