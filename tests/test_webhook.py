@@ -710,7 +710,9 @@ async def test_the_server_on_loopback_receives_verifies_and_shuts_down_cleanly()
 async def test_the_server_refuses_an_oversized_chunked_body_on_loopback() -> None:
     keys = StaticKeys([FAL_KEY.public_key()])
     async with (
-        webhook_server("127.0.0.1", 0, keys=keys, max_body_bytes=10_000) as receiver,
+        webhook_server(
+            "127.0.0.1", 0, keys=keys, max_body_bytes=10_000, wall_clock=FakeClock(NOW)
+        ) as receiver,
         receiver.events,
         httpx.AsyncClient() as http,
     ):

@@ -19,10 +19,11 @@ Webhooks can be lost; the engine must never rely on them alone. So a refusal cos
 poll: a genuine delivery that is refused (too large, say) is retried by fal and its job is
 polled when the webhook is late.
 
-Until the signature is checked anyone can post, so the memory a stranger can pin is at most
-``max_body_reads * max_body_bytes``. Whether the request id is one the run waits for is not
-checked: the receiver is not told, and a delivery can arrive before the submit's answer
-has been recorded (the engine keeps such early deliveries).
+Until the signature is checked anyone can post, so the bodies a stranger can make it hold
+come to at most ``max_body_reads * max_body_bytes`` (uvicorn reads at most 64 KiB ahead on
+any other connection). Whether the request id is one the run waits for is not checked: the
+receiver is not told, and a delivery can arrive before the submit's answer has been
+recorded (the engine keeps such early deliveries).
 """
 
 from __future__ import annotations
