@@ -313,3 +313,17 @@ async def test_a_full_disk_stops_admission_instead_of_paying_for_lost_outputs(
     # Admission stops once the first output fails to save: what was in flight then, plus
     # the few admitted while that download ran, never the manifest's 40.
     assert accepted < 12, accepted
+
+
+def test_the_summary_lists_invalid_rows_like_validate_does() -> None:
+    from runner.execution.progress import Tally
+    from runner.execution.summary import RunReport, print_summary
+
+    tally = Tally()
+    for line in range(2, 30):
+        tally.bad_row([f"m.csv:{line}: prompt: '{{titel}}' is not a column"])
+    out = io.StringIO()
+    print_summary(RunReport(tally, 1, "not every job completed", Path("run")), out)
+    text = out.getvalue()
+    assert "m.csv:2: prompt" in text and "m.csv:21: prompt" in text
+    assert "m.csv:22:" not in text and "and 8 more rows" in text

@@ -57,6 +57,9 @@ class Tally:
     by_state: dict[str, int] = field(default_factory=dict)
     reasons: Counter[str] = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
+    # Every invalid row's reasons, as `validate` prints them: the first 20, then a count.
+    invalid_reasons: list[str] = field(default_factory=list)
+    max_invalid_shown: int = 20
     max_examples: int = 5
     # Applied to each example before it is kept: the summary prints them.
     redact: Callable[[str], str] | None = field(default=None, repr=False, compare=False)
@@ -77,6 +80,15 @@ class Tally:
             # Redacted before it is cut: a cut could leave a piece of the key unrecognised.
             kept = example if self.redact is None else self.redact(example)
             self.examples.append(kept[:300])
+
+    def bad_row(self, problems: list[str]) -> None:
+        """An invalid row: counted, and its reasons kept (the first ``max_invalid_shown``)."""
+        self.invalid += 1
+        self.note("invalid_row", problems[0] if problems else "invalid row")
+        for problem in problems:
+            if len(self.invalid_reasons) >= self.max_invalid_shown:
+                break
+            self.invalid_reasons.append(problem if self.redact is None else self.redact(problem))
 
     def fail(self, reason: str, example: str) -> None:
         self.failed += 1

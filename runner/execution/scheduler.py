@@ -225,9 +225,7 @@ class Scheduler:
     async def _admit_one(self, item: Job | RowError, tg: anyio.abc.TaskGroup, s: Shared) -> bool:
         if isinstance(item, RowError):
             self.ledger.append(invalid_event(item, utcnow()))
-            self.tally.invalid += 1
-            first = item.problems[0]
-            self.tally.note("invalid_row", str(first))
+            self.tally.bad_row([str(p) for p in item.problems])
             return True
         decision = decide(self.state.brief(item.job_key), self.policy)
         if decision.action is Action.SKIP:

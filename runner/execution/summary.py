@@ -91,6 +91,11 @@ def reason_lines(reasons: Mapping[str, int], examples: list[str]) -> list[str]:
     return lines
 
 
+def count(n: int, noun: str) -> str:
+    """``1 job``, ``2 jobs``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def print_summary(report: RunReport, out: TextIO = sys.stderr) -> None:
     t = report.tally
     rows = [
@@ -110,7 +115,7 @@ def print_summary(report: RunReport, out: TextIO = sys.stderr) -> None:
     print(f"  {'spent'.ljust(width)}  {format_usd(t.spent_usd)}", file=out)
     if t.possible_duplicates:
         print(
-            f"  {'possible duplicate spend'.ljust(width)}  {t.possible_duplicates} jobs "
+            f"  {'possible duplicate spend'.ljust(width)}  {count(t.possible_duplicates, 'job')} "
             f"resubmitted after an unknown outcome (est. {format_usd(t.possible_duplicate_usd)})",
             file=out,
         )
@@ -125,6 +130,13 @@ def print_summary(report: RunReport, out: TextIO = sys.stderr) -> None:
             f"(est. {format_usd(t.duplicates_found_usd)})",
             file=out,
         )
+    if t.invalid_reasons:
+        print("  invalid rows (fix them; the good rows ran):", file=out)
+        for reason in t.invalid_reasons:
+            print(f"    {reason}", file=out)
+        hidden = t.invalid - len({r.split(": ", 1)[0] for r in t.invalid_reasons})
+        if hidden > 0:
+            print(f"    ... and {count(hidden, 'more row')} (runner validate lists all)", file=out)
     if t.reasons:
         print("  not completed, by reason:", file=out)
         for line in reason_lines(t.reasons, t.examples):
