@@ -96,6 +96,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     prices = anyio.run(plan_prices, args.api_url, key, args.prices, say)
     warnings, items = stream_jobs(args)
     sizer = InputSizer(args.manifest.resolve().parent)
+    if args.ledger is not None:
+        return _preview(args, items, prices, sizer)
     plan = build_plan(items, prices, input_sizes=sizer, lora_bytes=sizer.lora_bytes)
     if args.json:
         doc = plan.as_json()
@@ -106,6 +108,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"warning: {w}", file=sys.stderr)
         print(render_text(plan))
     return EXIT_OK if plan.ok else EXIT_JOBS_FAILED
+
+
+def _preview(args: argparse.Namespace, items: Any, prices: Any, sizer: InputSizer) -> int:
+    """``plan --ledger DIR``: what a rerun would do with that run directory."""
+    from runner.execution.preview import preview, render_preview
+    from runner.ledger.resume import ResumePolicy
+    from runner.ledger.state import LedgerState
+
+    state = LedgerState.load(args.ledger) if args.ledger.exists() else LedgerState.empty()
+    policy = ResumePolicy(on_unknown=args.on_unknown, retry_failed=args.retry_failed)
+    result = preview(items, state, prices, policy, input_sizes=sizer, lora_bytes=sizer.lora_bytes)
+    if args.json:
+        print(json.dumps(result.as_json(), indent=2))
+    else:
+        print(render_preview(result))
+    return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -255,6 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=FAL_API_URL,
         help="fal Platform API, for the account's own prices when FAL_KEY is set",
     )
+    p.add_argument(
+        "--ledger",
+        type=Path,
+        metavar="DIR",
+        help="preview what a rerun with this run directory would do, and its cost",
+    )
+    p.add_argument(
+        "--on-unknown",
+        choices=["reconcile", "resubmit", "skip", "fail"],
+        default="reconcile",
+        help="as for run, with --ledger (default reconcile)",
+    )
+    p.add_argument("--retry-failed", action="store_true", help="as for run, with --ledger")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plan)
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 from decimal import Decimal
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
@@ -327,3 +329,23 @@ def test_the_summary_lists_invalid_rows_like_validate_does() -> None:
     text = out.getvalue()
     assert "m.csv:2: prompt" in text and "m.csv:21: prompt" in text
     assert "m.csv:22:" not in text and "and 8 more rows" in text
+
+
+async def test_plan_with_a_ledger_previews_the_rerun_and_its_cost(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runner.cli import main
+
+    monkeypatch.delenv("FAL_KEY", raising=False)
+    path = manifest(tmp_path, 6)
+    run_dir = tmp_path / "run"
+    async with emulator(faults=parse_faults("fail_runner_disconnected=@1")) as emu:
+        await run(emu, run_config(path, run_dir, max_attempts=1))
+    # Two more rows, and one row's prompt changed.
+    text = path.read_text().replace("prompt number 5,", "prompt number five,")
+    path.write_text(text + "r6,fal-ai/flux-lora,six,square,6\nr7,fal-ai/flux-lora,seven,square,7\n")
+    argv = ["plan", str(path), "--ledger", str(run_dir), "--json"]
+    assert await anyio.to_thread.run_sync(main, argv) == 0  # the CLI runs its own loop
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["jobs"] == {"new": 2, "changed": 1, "retry": 1, "done": 4}
+    assert doc["would_send_usd"] == "0.140"  # four jobs at $0.035

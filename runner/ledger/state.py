@@ -51,6 +51,13 @@ class LedgerState:
         self._brief: _Briefs | None = None
 
     @classmethod
+    def empty(cls) -> LedgerState:
+        """A ledger that has seen nothing."""
+        from runner.ledger.schema import LEDGER_SCHEMA
+
+        return cls(LEDGER_SCHEMA.empty_table())
+
+    @classmethod
     def load(cls, run_dir: Path | str) -> LedgerState:
         return cls(read_folded(Path(run_dir)).jobs)
 
