@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any, Literal
 
 import pytest
@@ -323,6 +324,45 @@ def test_parse_cell_dispatches_special_columns_then_types() -> None:
 @pytest.mark.parametrize("value", [3, 2.5, True, None, [1], {"a": 1}])
 def test_native_values_pass_through_for_the_model_to_check(value: Any) -> None:
     assert parse_cell("num_images", value, "int") is value
+
+
+@pytest.mark.parametrize("value", [5, 2.5, True, ["a"], {"a": 1}, b"x"])
+def test_a_native_value_where_text_goes_is_refused_naming_the_column(value: Any) -> None:
+    # The request model's text checks assume text: an int reached them as 5.strip().
+    with pytest.raises(CellError) as caught:
+        parse_cell("prompt", value, "str")
+    assert str(caught.value) == f"prompt={value!r} is not text"
+    assert caught.value.column == "prompt"
+
+
+DEEP = "[" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("parse", "column", "text"),
+    [
+        (parse_loras, "loras", DEEP),
+        (parse_image_urls, "image_urls", DEEP),
+        (parse_seeds, "seeds", DEEP),
+        (parse_image_size, "image_size", '{"a":' * 100_000),
+        (functools.partial(coerce_text, kind="json"), "extra", DEEP),
+        (functools.partial(coerce_text, kind="any"), "extra", DEEP),
+        (parse_untyped_cell, "extra", DEEP),
+    ],
+    ids=["loras", "image_urls", "seeds", "image_size", "json", "any", "untyped"],
+)
+def test_json_nested_past_the_limit_is_a_cell_error(parse: Any, column: str, text: str) -> None:
+    with pytest.raises(CellError) as caught:
+        parse(column, text)
+    assert str(caught.value).startswith(f"{column}=")
+    assert str(caught.value).endswith("is nested deeper than 64 levels")
+    assert caught.value.column == column
+
+
+def test_an_integer_past_pythons_digit_limit_stays_text() -> None:
+    assert guess_text("9" * 5000) == "9" * 5000
+    with pytest.raises(CellError, match="holds a number of more than 4300 digits"):
+        coerce_text("extra", "[" + "9" * 5000 + "]", "json")
 
 
 def test_untyped_cells_keep_special_syntax_but_not_image_size_checks() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import tracemalloc
 from collections.abc import Iterator
@@ -21,8 +22,11 @@ from runner.manifest.jobs import (
     Job,
     column_warnings,
     fill_template,
+    is_row_number_id,
     iter_jobs,
     job_key,
+    row_identity,
+    row_number_id,
     variant_seed,
 )
 from runner.manifest.reader import RawRow, read_rows
@@ -109,9 +113,9 @@ def test_no_endpoint_anywhere_is_a_row_error() -> None:
     assert str(error) == "demo.csv:2: no endpoint: add an endpoint column or pass --endpoint"
 
 
-def test_id_defaults_to_the_data_row_number() -> None:
+def test_id_defaults_to_hash_and_the_data_row_number() -> None:
     jobs = jobs_of([row(2, 0, prompt="a"), row(5, 1, prompt="b")], default_endpoint=FLUX)
-    assert [j.row_id for j in jobs] == ["1", "2"]
+    assert [j.row_id for j in jobs] == ["#1", "#2"]
 
 
 def test_typed_ids_become_text() -> None:
@@ -167,7 +171,7 @@ def test_validation_error_reads_file_line_and_reason() -> None:
         "demo.csv",
         14,
         "guidance_scale",
-        "1",
+        "#1",
     )
 
 
@@ -199,7 +203,7 @@ def test_a_manifest_row_problem_becomes_a_row_error() -> None:
     [item] = expand([bad], default_endpoint=FLUX)
     assert isinstance(item, RowError)
     assert str(item) == "m.jsonl:7: the line is not valid JSON"
-    assert item.problems[0].row_id == "4"
+    assert item.problems[0].row_id == "#4"
 
 
 def test_duplicate_id_names_the_first_line() -> None:
@@ -380,7 +384,7 @@ def test_bad_set_default_is_reported_like_a_cell() -> None:
 
 def test_set_cannot_change_the_row_identity() -> None:
     [job] = jobs_of([row(prompt="a")], default_endpoint=FLUX, defaults={"id": "same"})
-    assert job.row_id == "1"
+    assert job.row_id == "#1"
 
 
 # --- templates ------------------------------------------------------------------------------
@@ -507,7 +511,7 @@ def test_set_variants_applies_only_to_rows_that_chose_no_expansion() -> None:
         default_endpoint=FLUX,
         defaults={"variants": "2"},
     )
-    assert [(j.row_id, j.variant) for j in jobs] == [("1", 0), ("1", 1), ("2", 0), ("3", 0)]
+    assert [(j.row_id, j.variant) for j in jobs] == [("#1", 0), ("#1", 1), ("#2", 0), ("#3", 0)]
     assert [j.payload["seed"] for j in jobs][2:] == [1, 5]
 
 
@@ -599,7 +603,7 @@ def test_iter_jobs_is_lazy_over_an_endless_stream() -> None:
 
     options = ExpandOptions(Path("."), default_endpoint=FLUX)
     first = list(itertools.islice(iter_jobs(endless(), options), 5))
-    assert [j.row_id for j in first if isinstance(j, Job)] == ["1", "2", "3", "4", "5"]
+    assert [j.row_id for j in first if isinstance(j, Job)] == ["#1", "#2", "#3", "#4", "#5"]
 
 
 @pytest.mark.parametrize(
@@ -654,3 +658,184 @@ def test_row_errors_carry_the_editor_line_after_bom_crlf_and_multiline_cells(
         "c",
         "d",
     ]
+
+
+# --- hostile values: wrong types, deep nesting (issue 16) ----------------------------------
+
+
+def expand_file(path: Path) -> list[Job | RowError]:
+    return list(iter_jobs(read_rows(path), ExpandOptions(manifest_dir=path.parent)))
+
+
+def reported(items: list[Job | RowError]) -> list[tuple[int, str | None, str]]:
+    return [
+        (p.line, p.column, p.message)
+        for item in items
+        if isinstance(item, RowError)
+        for p in item.problems
+    ]
+
+
+def test_a_jsonl_value_of_the_wrong_type_is_a_row_error_naming_line_and_field(
+    tmp_path: Path,
+) -> None:
+    lines: list[dict[str, Any]] = [
+        {"id": "ok1", "prompt": "fine"},
+        {"id": "a", "prompt": 5},
+        {"id": "b", "prompt": ["x"]},
+        {"id": "c", "prompt": {"text": "x"}},
+        {"id": "d", "endpoint": I2I, "prompt": "x", "image_url": 7},
+        {"id": "e", "endpoint": ["x"], "prompt": "x"},
+        {"id": "f", "prompt_template": 3, "n": 1},
+        {"id": ["g"], "prompt": "x"},
+        {"id": True, "prompt": "x"},
+        {"id": "h", "prompt": "x", "output_format": 1},
+        {"id": "ok2", "prompt": "also fine", "num_images": 2},
+    ]
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps({"endpoint": FLUX, **d}) + "\n" for d in lines))
+    items = expand_file(path)
+    assert [j.row_id for j in items if isinstance(j, Job)] == ["ok1", "ok2"]
+    assert reported(items) == [
+        (2, "prompt", "prompt=5 is not text"),
+        (3, "prompt", "prompt=['x'] is not text"),
+        (4, "prompt", "prompt={'text': 'x'} is not text"),
+        (5, "image_url", "image_url=7 is not text"),
+        (6, "endpoint", "endpoint=['x'] is not text"),
+        (7, "prompt_template", "prompt_template=3 is not text"),
+        (8, "id", "id=['g'] is not text or a number"),
+        (9, "id", "id=True is not text or a number"),
+        (10, "output_format", "output_format=1 is not text"),
+    ]
+    assert str(items[1]) == f"{path}:2: prompt=5 is not text"
+
+
+def test_an_int64_prompt_column_in_parquet_is_a_row_error_per_row(tmp_path: Path) -> None:
+    path = tmp_path / "m.parquet"
+    pq.write_table(
+        pa.table({"id": ["a", "b", "c"], "prompt": pa.array([5, None, 7], type=pa.int64())}), path
+    )
+    items = list(iter_jobs(read_rows(path), ExpandOptions(tmp_path, default_endpoint=FLUX)))
+    assert reported(items) == [
+        (1, "prompt", "prompt=5 is not text"),
+        (2, "prompt", "prompt is required for fal-ai/flux-lora"),
+        (3, "prompt", "prompt=7 is not text"),
+    ]
+
+
+def test_a_parquet_row_with_good_values_still_runs_beside_bad_ones(tmp_path: Path) -> None:
+    path = tmp_path / "m.parquet"
+    table = pa.table(
+        {
+            "id": pa.array([1, 2], type=pa.int64()),
+            "prompt": ["fine", "also fine"],
+            "num_images": pa.array([2.0, 2.5], type=pa.float64()),
+        }
+    )
+    pq.write_table(table, path)
+    items = list(iter_jobs(read_rows(path), ExpandOptions(tmp_path, default_endpoint=FLUX)))
+    assert isinstance(items[0], Job) and items[0].row_id == "1"
+    assert [(line, column) for line, column, _ in reported(items)] == [(2, "num_images")]
+
+
+def test_json_nested_100000_deep_is_a_row_error_in_a_jsonl_line_and_a_csv_cell(
+    tmp_path: Path,
+) -> None:
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_text(
+        f'{{"id": "a", "endpoint": "{FLUX}", "prompt": "x"}}\n' + "[" * 100_000 + "\n"
+        f'{{"id": "b", "endpoint": "{FLUX}", "prompt": "x", "loras": {"[" * 100_000}}}\n'
+    )
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text(
+        f"id,endpoint,prompt,loras,note\na,{FLUX},x,,\nb,{FLUX},x,{'[' * 100_000},\n"
+        f"c,{FLUX},x,,{'[' * 100_000}\n"
+    )
+    deep = "is nested deeper than 64 levels"
+    assert [(line, column, deep in m) for line, column, m in reported(expand_file(jsonl))] == [
+        (2, None, True),
+        (3, None, True),
+    ]
+    csv_items = expand_file(csv_path)
+    assert isinstance(csv_items[0], Job)
+    assert [(line, column, deep in m) for line, column, m in reported(csv_items)] == [
+        (3, "loras", True)
+    ]
+    # A metadata cell is never parsed as JSON: it is text, whatever it looks like.
+    assert isinstance(csv_items[2], Job) and csv_items[2].metadata["note"] == "[" * 100_000
+
+
+# --- row identity: blank ids, path spellings (issue 16) ------------------------------------
+
+
+def test_a_blank_id_never_collides_with_an_explicit_numeric_id(tmp_path: Path) -> None:
+    path = tmp_path / "m.csv"
+    path.write_text(f"id,endpoint,prompt\n,{FLUX},first\n1,{FLUX},second\n#a,{FLUX},third\n")
+    items = expand_file(path)
+    assert [(j.row_id, j.line) for j in items if isinstance(j, Job)] == [
+        ("#1", 2),
+        ("1", 3),
+        ("#a", 4),
+    ]
+
+
+@pytest.mark.parametrize("given", ["#2", " #12 ", "#0"])
+def test_an_explicit_id_of_the_row_number_form_is_a_row_error(given: str) -> None:
+    error = error_of(row(2, 4, id=given, prompt="x"), default_endpoint=FLUX)
+    assert [(p.column, p.row_id) for p in error.problems] == [("id", "#5")]
+    assert str(error) == (
+        f"demo.csv:2: id {given.strip()!r} has the form kept for rows without an id "
+        "(# and a row number)"
+    )
+
+
+def test_row_number_ids_are_the_only_ids_of_their_form() -> None:
+    assert [row_number_id(i) for i in (0, 9)] == ["#1", "#10"]
+    assert is_row_number_id("#10")
+    assert not any(is_row_number_id(s) for s in ("10", "#", "#a", "a#1", "#1a", "#١"))
+
+
+def bad_row_identities(path: str) -> list[str]:
+    return [
+        row_identity(item.problems[0])
+        for item in iter_jobs(read_rows(Path(path)), ExpandOptions(Path(".")))
+        if isinstance(item, RowError)
+    ]
+
+
+def test_a_bad_rows_identity_is_the_same_however_the_manifest_path_is_spelt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "dir").mkdir()
+    path = tmp_path / "dir" / "bad.csv"
+    path.write_text(f"id,endpoint,prompt\n,{FLUX},\nr,{FLUX},\n")
+    (tmp_path / "link").symlink_to(tmp_path / "dir")
+    monkeypatch.chdir(tmp_path)
+    spellings = [str(path), "dir/bad.csv", "./dir/../dir/bad.csv", "link/bad.csv"]
+    first = bad_row_identities(spellings[0])
+    assert len(first) == 2 and len(set(first)) == 2
+    for spelling in spellings[1:]:
+        assert bad_row_identities(spelling) == first, spelling
+    monkeypatch.chdir(tmp_path / "dir")
+    assert bad_row_identities("bad.csv") == first
+
+
+def test_a_bad_row_with_an_id_has_no_path_in_its_identity(tmp_path: Path) -> None:
+    for name in ("a.csv", "b.csv"):
+        (tmp_path / name).write_text(f"id,endpoint,prompt\n,{FLUX},\nr,{FLUX},\n")
+    blank_a, id_a = bad_row_identities(str(tmp_path / "a.csv"))
+    blank_b, id_b = bad_row_identities(str(tmp_path / "b.csv"))
+    assert id_a == id_b  # like job_key: a renamed manifest is the same rows
+    assert blank_a != blank_b  # without an id, the file is all that tells the rows apart
+
+
+def test_one_relative_spelling_in_two_folders_is_two_manifests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "bad.csv").write_text(f"id,endpoint,prompt\n,{FLUX},\n")
+    monkeypatch.chdir(tmp_path / "a")
+    in_a = bad_row_identities("bad.csv")
+    monkeypatch.chdir(tmp_path / "b")
+    assert bad_row_identities("bad.csv") != in_a

@@ -10,7 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from runner.errors import ManifestError, UsageError
-from runner.manifest.reader import RawRow, detect_format, read_rows
+from runner.manifest.reader import (
+    MAX_JSON_DEPTH,
+    JSONLimitError,
+    RawRow,
+    detect_format,
+    load_json,
+    read_rows,
+)
 
 
 def write(tmp_path: Path, name: str, data: bytes | str) -> Path:
@@ -233,6 +240,64 @@ def test_bad_jsonl_line_is_a_row_problem_and_reading_goes_on(
     assert [r.line for r in rows] == [1, 2, 3]
     assert rows[1].problem is not None and rows[1].problem.startswith(problem)
     assert rows[0].problem is None and rows[2].cells == {"id": "c"}
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        (b"[" * 100_000, f"the line is nested deeper than {MAX_JSON_DEPTH} levels"),
+        (b'{"a": ' * 100_000, f"the line is nested deeper than {MAX_JSON_DEPTH} levels"),
+        (b'{"prompt": ' + b"9" * 5000 + b"}", "the line holds a number of more than 4300 digits"),
+        (b'{"prompt": "\\ud800"}', "the line holds a lone surrogate escape"),
+    ],
+    ids=["deep-lists", "deep-objects", "5000-digits", "lone-surrogate"],
+)
+def test_jsonl_line_past_a_json_limit_is_a_row_problem(
+    tmp_path: Path, line: bytes, problem: str
+) -> None:
+    data = b'{"id": "a"}\n' + line + b'\n{"id": "c"}\n'
+    rows = list(read_rows(write(tmp_path, "m.jsonl", data)))
+    assert [r.line for r in rows] == [1, 2, 3]
+    assert rows[1].problem is not None and rows[1].problem.startswith(problem), rows[1].problem
+    assert rows[0].problem is None and rows[2].cells == {"id": "c"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1),
+        '{"a":' * (MAX_JSON_DEPTH + 1) + "1" + "}" * (MAX_JSON_DEPTH + 1),
+        # Unbalanced and invalid: refused before the parser can recurse into it.
+        "[" * 100_000,
+        '"x", ' + "[" * 100_000,
+        # A string that looks closed by an escaped quote does not hide the brackets after it.
+        '["a\\\\", ' + "[" * 100 + "]" * 100 + "]",
+    ],
+    ids=["lists", "objects", "unclosed", "after-a-string", "after-an-escaped-backslash"],
+)
+def test_load_json_refuses_nesting_past_the_limit(text: str) -> None:
+    with pytest.raises(JSONLimitError, match=f"nested deeper than {MAX_JSON_DEPTH} levels"):
+        load_json(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH,
+        # Brackets inside strings, escaped quotes included, are text, not nesting.
+        json.dumps(["[" * 1000, '\\"' + "{" * 1000, "\\"]),
+        json.dumps({"a": [[1, 2], [3, 4]] * 500}),
+        json.dumps(["\ud83d\ude00", "caf\u00e9"]),  # a surrogate *pair* is one character
+    ],
+    ids=["at-the-limit", "brackets-in-strings", "wide", "surrogate-pair"],
+)
+def test_load_json_reads_what_fits_within_the_limits(text: str) -> None:
+    assert load_json(text) == json.loads(text)
+
+
+def test_load_json_syntax_errors_stay_json_decode_errors() -> None:
+    with pytest.raises(json.JSONDecodeError):
+        load_json("{not json}")
 
 
 # --- Parquet ----------------------------------------------------------------------------

@@ -39,7 +39,7 @@ def _finite(value: Any) -> Any:
 
 
 def _not_blank(value: str) -> str:
-    if not value.strip():
+    if isinstance(value, str) and not value.strip():
         raise PydanticCustomError("blank", "must not be empty")
     return value
 

@@ -39,7 +39,7 @@ from runner.ledger.resume import Action, ResumePolicy, decide
 from runner.ledger.schema import JobRecord, JobState, LedgerEvent, utcnow
 from runner.ledger.state import LedgerState
 from runner.ledger.store import Ledger
-from runner.manifest.jobs import ExpandOptions, Job, iter_jobs
+from runner.manifest.jobs import ExpandOptions, Job, iter_jobs, row_identity
 from runner.manifest.plan import job_estimate
 from runner.manifest.reader import read_rows
 from runner.media.downloads import DownloadStage, pending_downloads
@@ -82,8 +82,9 @@ def strict_check(config: RunConfig) -> None:
 
 def invalid_event(error: RowError, now: Any) -> LedgerEvent:
     first = error.problems[0]
-    # The line too: two bad rows sharing an id are two records, not one.
-    identity = f"{first.file}\0{first.row_id}\0{first.line}"
+    # However the manifest's path is spelt; the line too, so two bad rows sharing an id
+    # are two records, not one (runner.manifest.jobs.row_identity).
+    identity = row_identity(first)
     key = "invalid-" + hashlib.sha256(identity.encode()).hexdigest()[:24]
     return LedgerEvent(
         job_key=key,

@@ -6,7 +6,9 @@ This module owns the small languages of a cell: ``loras`` (JSON or the
 list), and scalars typed by the request field they fill. Every function is pure
 and raises :class:`CellError`, whose message names the column and the value
 (``num_images='two' is not an integer``). Final range checks belong to the
-endpoint's request model, not here.
+endpoint's request model, not here; a native value (JSONL, Parquet) of a type the
+model cannot check safely (a number where text goes) is refused here. JSON in a
+cell is parsed by :func:`runner.manifest.reader.load_json`, within its limits.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from runner.endpoints import catalog
+from runner.manifest.reader import JSONLimitError, load_json
 
 Kind = Literal["bool", "int", "float", "str", "json", "any"]
 
@@ -56,7 +59,9 @@ def is_blank(value: Any) -> bool:
 
 def _load_json(column: str, text: str) -> Any:
     try:
-        return json.loads(text)
+        return load_json(text)
+    except JSONLimitError as exc:
+        raise CellError(column, f"{column}={show(text)} {exc}") from exc
     except json.JSONDecodeError as exc:
         raise CellError(column, f"{column}={show(text)} is not valid JSON: {exc.msg}") from exc
 
@@ -258,24 +263,38 @@ def coerce_text(column: str, text: str, kind: Kind) -> Any:
         return number
     if kind == "json":
         return _load_json(column, text)
-    return guess_text(text)
+    return _guess(column, text)
 
 
 def guess_text(text: str) -> Any:
-    """An untyped cell's best JSON reading: JSON list/object, number, boolean, or text."""
+    """An untyped cell's best JSON reading: JSON list/object, number, boolean, or text.
+
+    Text that is not JSON stays text; JSON past :func:`load_json`'s limits raises
+    :class:`~runner.manifest.reader.JSONLimitError` (it is JSON, just unusable).
+    """
     text = text.strip()
     if text[:1] in "[{":
         try:
-            return json.loads(text)
+            return load_json(text)
         except json.JSONDecodeError:
             return text
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
     if re.fullmatch(r"[+-]?\d+", text):
-        return int(text)
+        try:
+            return int(text)
+        except ValueError:  # past Python's 4300-digit limit: no field takes it as a number
+            return text
     number = _float_or_none(text)
     return number if number is not None and re.fullmatch(r"[0-9eE+.-]+", text) else text
+
+
+def _guess(column: str, text: str) -> Any:
+    try:
+        return guess_text(text)
+    except JSONLimitError as exc:
+        raise CellError(column, f"{column}={show(text.strip())} {exc}") from exc
 
 
 _SYNTAXES = {
@@ -290,13 +309,16 @@ def parse_cell(column: str, value: Any, kind: Kind) -> Any:
 
     ``kind`` is :func:`field_kind` of the field's annotation (computed once per
     endpoint by the caller). Native (JSONL/Parquet) values other than text pass
-    through for the request model to validate.
+    through for the request model to validate, except where text goes: there the
+    model's checks assume text, so a number, list or object is refused here.
     """
     syntax = _SYNTAXES.get(column)
     if syntax is not None:
         return syntax(column, value)
     if isinstance(value, str):
         return coerce_text(column, value, kind)
+    if kind == "str":
+        raise CellError(column, f"{column}={show(value)} is not text")
     return value
 
 
@@ -306,5 +328,5 @@ def parse_untyped_cell(column: str, value: Any) -> Any:
     if syntax is not None and column != "image_size":
         return syntax(column, value)
     if isinstance(value, str):
-        return guess_text(value)
+        return _guess(column, value)
     return value

@@ -6,6 +6,15 @@ control columns (``seeds``, ``variants``, ``prompt_template``) and which are
 metadata (kept as text, never sent); ``--set`` defaults; prompt templates;
 expansion into one job per seed or variant; and the stable ``job_key``.
 
+Row identity. A row is identified by its ``id`` cell: text, or a number, which
+becomes its text (``17``). A row whose id is missing or blank is ``#`` and its row
+number instead: ``#1`` is the first data row (the header and blank lines do not count).
+No explicit id can take that form: an id of ``#`` and digits alone (``#3``, after
+trimming) is a row error, so the two never collide; ``#a`` or ``a#1`` are fine.
+The manifest's name and location are never part of a row's identity, except for
+the ``invalid`` record of a bad row without an id (:func:`row_identity`), which
+uses the manifest's resolved path.
+
 A bad row becomes a :class:`~runner.errors.RowError` carrying every problem
 found in it, yielded in place of its jobs; it never stops the stream.
 """
@@ -16,6 +25,8 @@ import difflib
 import functools
 import hashlib
 import json
+import os
+import re
 import string
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +47,8 @@ IDENTITY_COLUMNS = frozenset({"id", "endpoint"})
 KEY_HEX_CHARS = 32
 SEED_SPACE = 2**31  # derived seeds fall in 0..2**31-1
 NEAR_MISS_CUTOFF = 0.8
+# The identity of a row without an id; explicit ids of this form are refused.
+_ROW_NUMBER_ID = re.compile(r"#[0-9]+")
 _EXPANSION_COLUMNS = ("seed", "seeds", "variants")
 # Parameters of any catalog endpoint: in a mixed manifest, a column for one
 # endpoint's parameter is not metadata on another endpoint's row.
@@ -85,6 +98,39 @@ def job_key(row_id: str, endpoint: str, payload: Mapping[str, Any], variant: int
     """
     body = {"row": row_id, "endpoint": endpoint, "payload": payload, "variant": variant}
     return hashlib.sha256(canonical_json(body).encode()).hexdigest()[:KEY_HEX_CHARS]
+
+
+def row_number_id(index: int) -> str:
+    """The identity of the row at 0-based data-row ``index`` when it has no id: ``#1``, ``#2``..."""
+    return f"#{index + 1}"
+
+
+def is_row_number_id(row_id: str) -> bool:
+    """Whether ``row_id`` stands in for a missing id (no explicit id has this form)."""
+    return _ROW_NUMBER_ID.fullmatch(row_id) is not None
+
+
+def row_identity(problem: RowProblem) -> str:
+    """What makes a bad row's ``invalid`` record one record, however the manifest is spelt.
+
+    A row with an id: that id and its line (two bad rows sharing an id are two records),
+    and no path, as in :func:`job_key`, so ``/abs/m.csv``, ``m.csv`` and ``dir/m.csv`` are
+    one record. A row without one: the manifest's resolved path, its ``#n`` and its line.
+    """
+    if problem.row_id is not None and not is_row_number_id(problem.row_id):
+        return f"id\0{problem.row_id}\0{problem.line}"
+    resolved = _resolved(os.getcwd(), problem.file)
+    return f"file\0{resolved}\0{problem.row_id}\0{problem.line}"
+
+
+@functools.lru_cache(maxsize=16)
+def _resolved(cwd: str, file: str) -> str:
+    # Cached per working directory: a relative spelling means another file elsewhere.
+    path = os.path.join(cwd, file)
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError):  # a symlink loop: the absolute spelling is the best left
+        return os.path.normpath(path)
 
 
 def variant_seed(row_id: str, variant: int) -> int:
@@ -192,19 +238,22 @@ class _Expander:
         self.first_lines = FirstLines()
 
     def expand(self, raw: RawRow) -> list[Job] | list[RowError]:
-        row = _Row(raw, _row_id(raw))
+        row_id, id_problem = _row_id(raw)
+        row = _Row(raw, row_id)
         # Claim the id first, even for a row that cannot be parsed, so a later row
         # reusing it is reported now rather than once this one is fixed.
         self._check_unique_id(row)
         if raw.problem is not None:
             row.problem(None, raw.problem)
             return [row.error()]
+        if id_problem is not None:
+            row.problem("id", id_problem)
         values = self._with_defaults(raw.cells)
         endpoint = self._endpoint(row, values)
         template = _first_given(values.get("prompt_template"), self.options.prompt_template)
         if template is not None:
             try:
-                values["prompt"] = fill_template(str(template), values)
+                values["prompt"] = fill_template(_template_text(template), values)
             except ValueError as exc:
                 row.problem("prompt_template", str(exc))
                 values["prompt"] = None
@@ -228,8 +277,8 @@ class _Expander:
         return [job for job in jobs if job is not None]
 
     def _check_unique_id(self, row: _Row) -> None:
-        if not self.options.check_unique_ids:
-            return
+        if not self.options.check_unique_ids or is_row_number_id(row.row_id):
+            return  # a row number is unique by construction
         # An id is held as two independent hashes (of the id, and of the id plus a
         # separator): a dict of the ids themselves cost ~120 bytes per row. Telling a
         # duplicate from two ids that share both hashes would need the first id, so
@@ -257,7 +306,10 @@ class _Expander:
 
     def _endpoint(self, row: _Row, values: Mapping[str, Any]) -> str | None:
         given = values.get("endpoint")
-        endpoint = str(given).strip() if not cells.is_blank(given) else None
+        if not cells.is_blank(given) and not isinstance(given, str):
+            row.problem("endpoint", f"endpoint={cells.show(given)} is not text")
+            return None
+        endpoint = given.strip() if isinstance(given, str) and given.strip() else None
         endpoint = endpoint or self.options.default_endpoint
         if endpoint is None:
             row.problem("endpoint", "no endpoint: add an endpoint column or pass --endpoint")
@@ -300,11 +352,26 @@ class _Expander:
         )
 
 
-def _row_id(raw: RawRow) -> str:
+def _row_id(raw: RawRow) -> tuple[str, str | None]:
+    """The row's identity, and why its id cell cannot be one (its row number stands in)."""
     given = raw.cells.get("id")
+    fallback = row_number_id(raw.index)
     if cells.is_blank(given):
-        return str(raw.index + 1)
-    return given.strip() if isinstance(given, str) else _as_text(given)
+        return fallback, None
+    if isinstance(given, bool) or not isinstance(given, str | int | float):
+        return fallback, f"id={cells.show(given)} is not text or a number"
+    row_id = given.strip() if isinstance(given, str) else _as_text(given)
+    if is_row_number_id(row_id):
+        return fallback, (
+            f"id {row_id!r} has the form kept for rows without an id (# and a row number)"
+        )
+    return row_id, None
+
+
+def _template_text(template: Any) -> str:
+    if not isinstance(template, str):
+        raise ValueError(f"prompt_template={cells.show(template)} is not text")
+    return template
 
 
 def _first_given(*candidates: Any) -> Any:

@@ -8,6 +8,10 @@ Whole-file problems (missing, unreadable, empty, bad header, bad Parquet) raise
 one :class:`~runner.errors.ManifestError` naming the file. A single bad row (a
 JSONL line that is not an object, a CSV row with invalid UTF-8 or too many
 cells) is yielded as a ``RawRow`` with ``problem`` set, so the rest still runs.
+
+It also owns :func:`load_json`, the one JSON parser for manifest text (JSONL lines
+here, JSON in CSV cells in :mod:`runner.manifest.cells`): ``json.loads`` behind the
+limits that keep hostile text a row problem rather than a crash.
 """
 
 from __future__ import annotations
@@ -39,6 +43,13 @@ _BOM = "\ufeff"
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 # Parquet rows are converted to Python one batch at a time; this bounds memory.
 _PARQUET_BATCH_ROWS = 4096
+# Nesting past this is refused before json.loads, whose C parser recurses once per level
+# (100,000 "[" raise RecursionError). No manifest value needs more than a few levels.
+MAX_JSON_DEPTH = 64
+# What the nesting scan stops at: brackets, and what opens, closes or escapes a string.
+_JSON_SPECIAL = re.compile(r'[\[\]{}"\\]')
+# A "\uD800".."\uDFFF" escape: the only way JSON text yields a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +62,70 @@ class RawRow:
     cells: dict[str, Any]
     typed: bool
     problem: str | None = None
+
+
+class JSONLimitError(ValueError):
+    """JSON text past a limit of the runner; ``str()`` completes "the line ..."."""
+
+
+def load_json(text: str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` that never recurses deeply and returns only storable text.
+
+    Raises ``json.JSONDecodeError`` for bad syntax and :class:`JSONLimitError` for
+    nesting deeper than ``max_depth``, a number past Python's 4300-digit limit, or a
+    lone surrogate escape (``"\\ud800"``: not text, so no Parquet ledger can store it).
+    Both are ``ValueError``.
+    """
+    if _nesting_exceeds(text, max_depth):
+        raise JSONLimitError(f"is nested deeper than {max_depth} levels")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except ValueError as exc:  # int('9' * 5000): Python's guard against quadratic parsing
+        raise JSONLimitError(
+            f"holds a number of more than {sys.get_int_max_str_digits()} digits"
+        ) from exc
+    if "\\u" in text and _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise JSONLimitError(
+                "holds a lone surrogate escape (\\ud800-\\udfff), which is not text"
+            ) from exc
+    return value
+
+
+def _nesting_exceeds(text: str, limit: int) -> bool:
+    """Whether brackets outside strings nest deeper than ``limit``: a linear scan, no recursion.
+
+    In a valid prefix of JSON this agrees with the parser exactly; in invalid text it may
+    over-count, which only turns one reason for refusing the text into another.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    in_string = False
+    escaped = -1  # the position a backslash in a string escapes
+    for match in _JSON_SPECIAL.finditer(text):
+        position = match.start()
+        if position == escaped:
+            continue
+        char = match.group()
+        if in_string:
+            if char == "\\":
+                escaped = position + 1
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
 
 
 def detect_format(path: Path, override: str | None) -> Format:
@@ -240,12 +315,14 @@ def _jsonl_rows(path: Path, display: str) -> Iterator[RawRow]:
 
 def _jsonl_row(display: str, line: int, index: int, raw: bytes) -> RawRow:
     try:
-        value = json.loads(raw.decode("utf-8"))
+        value = load_json(raw.decode("utf-8"))
     except UnicodeDecodeError:
         return RawRow(display, line, index, {}, typed=True, problem="the line is not UTF-8 text")
     except json.JSONDecodeError as exc:
         problem = f"the line is not valid JSON: {exc.msg} (column {exc.colno})"
         return RawRow(display, line, index, {}, typed=True, problem=problem)
+    except JSONLimitError as exc:
+        return RawRow(display, line, index, {}, typed=True, problem=f"the line {exc}")
     if not isinstance(value, dict):
         problem = f"the line is a JSON {type(value).__name__}, not an object"
         return RawRow(display, line, index, {}, typed=True, problem=problem)
