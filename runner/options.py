@@ -105,7 +105,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
         help="ask fal not to keep payloads (X-Fal-Store-IO: 0); not with --on-unknown reconcile",
     )
     a("--retry-failed", action="store_true", help="run failed jobs again, even non-retryable")
-    a("--completion", choices=["poll", "stream", "webhook"], help="default poll")
+    a("--completion", choices=["poll", "stream", "webhook"],
+      help="how a finished job is noticed: poll (default; one look near the predicted end), "
+           "stream (fal's status stream, polling if it fails) or webhook")  # fmt: skip
     a("--first-look", choices=["result", "status"],
       help="a poll reads the result URL first (default), or the status URL")  # fmt: skip
     a("--webhook-listen", metavar="HOST:PORT", help="where the webhook receiver listens")
@@ -113,10 +115,18 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     a("--webhook-jwks-url", help="JWKS for webhook signatures (default fal's)")
     a("--job-timeout", type=float, metavar="S", help="cancel and fail a job after S seconds")
     a("--start-timeout", type=float, metavar="S", help="sent as X-Fal-Request-Timeout")
-    a("--priority", choices=["normal", "low"])
+    a(
+        "--priority",
+        choices=["normal", "low"],
+        help="fal queue priority sent as X-Fal-Queue-Priority (default: fal's, normal)",
+    )
     a("--strict", action="store_true", help="refuse the manifest if any row is bad")
     a("--quiet", action="store_true", help="log lines instead of a progress bar")
-    a("--prices", type=Path, help="JSON price overrides")
+    a(
+        "--prices",
+        type=Path,
+        help="JSON price overrides; win over the account's prices and the built-in table",
+    )
     a("--out", metavar="DIR|URL",
       help="where outputs are downloaded (default RUN_DIR/outputs; or s3://...)")  # fmt: skip
     a("--no-download", action="store_true", help="keep only the output URLs in the ledger")

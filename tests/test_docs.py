@@ -35,3 +35,13 @@ def test_quick_start_has_exactly_two_commands() -> None:
     assert "python -m pytest" in first_two[1]
     ci = (Path(__file__).parent.parent / ".ci" / "run").read_text()
     assert first_two[1] in ci.splitlines()
+
+
+def test_every_run_flag_says_what_it_does() -> None:
+    run = subcommands()["run"]
+    terse = [
+        a.option_strings[0]
+        for a in run._actions
+        if a.option_strings and a.option_strings[0] != "-h" and len(a.help or "") < 20
+    ]
+    assert not terse, f"flags without a sentence of help: {terse}"

@@ -161,8 +161,8 @@ def parser() -> argparse.ArgumentParser:
         prog="runner emulator serve",
         description="Serve a local fal queue emulator on loopback.",
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8787)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8787, help="port to listen on (default 8787)")
     p.add_argument("--concurrency", type=int, default=4, help="IN_PROGRESS slots (default 4)")
     p.add_argument("--time-scale", type=float, default=1.0, help="multiply every duration")
     p.add_argument("--faults", default="", metavar="SPEC", help='e.g. "submit_429=0.1,seed=7"')
