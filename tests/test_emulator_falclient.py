@@ -299,3 +299,15 @@ async def test_served_connections_turn_nagle_off(anyio_backend: str) -> None:
         server.close()
         await server.wait_closed()
     assert nodelay == [1]
+
+
+def test_emulator_serve_says_exactly_how_to_run_against_it() -> None:
+    from runner.emulator.server import how_to_use
+
+    lines = how_to_use("http://127.0.0.1:8787", None)
+    assert (
+        "FAL_KEY='emulator:local-key' runner run MANIFEST --queue-url http://127.0.0.1:8787"
+        in (lines[1])
+    )
+    own = how_to_use("https://127.0.0.1:9", "my:key", "/tmp/cert.pem")
+    assert "my:key" not in "".join(own) and "SSL_CERT_FILE=/tmp/cert.pem" in own[1]

@@ -182,6 +182,25 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
     )
 
 
+def how_to_use(base_url: str, key: str | None, cert_file: object = None) -> list[str]:
+    """What a run needs to use this emulator: the environment and the flags, exactly.
+
+    Storage (``/rest``), the CDN (``/cdn``) and the Platform API (``/api``) follow a
+    loopback queue URL by themselves, so ``--queue-url`` is the only flag.
+    """
+    shown_key = "<the --key you gave>" if key is not None else DEFAULT_KEY
+    env = f"FAL_KEY='{shown_key}'"
+    if cert_file is not None:
+        env += f" SSL_CERT_FILE={cert_file}"
+    jwks = f"{base_url}/rest/.well-known/jwks.json"
+    return [
+        "to run against it:",
+        f"  {env} runner run MANIFEST --queue-url {base_url}",
+        f"  (webhook mode also: --webhook-jwks-url {jwks} --webhook-url http://127.0.0.1:PORT/"
+        " --webhook-listen 127.0.0.1:PORT)",
+    ]
+
+
 def serve_main(argv: list[str]) -> int:
     """``runner emulator serve [flags]``: serve until Ctrl-C. Returns an exit code."""
     args = parser().parse_args(argv)
@@ -198,6 +217,8 @@ def serve_main(argv: list[str]) -> int:
                 print(f"accepting the default key: Authorization: Key {DEFAULT_KEY}", flush=True)
             if s.cert_file is not None:
                 print(f"self-signed certificate: {s.cert_file}", flush=True)
+            for line in how_to_use(s.base_url, args.key, s.cert_file):
+                print(line, flush=True)
             await anyio.sleep_forever()
 
     try:
