@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -222,10 +224,24 @@ def summary_json(summary: Any) -> dict[str, Any]:
 def cmd_export(args: argparse.Namespace) -> int:
     from runner.ledger.views import export
 
+    if args.out is not None and str(args.out) == "-":
+        # To stdout: the file appears whole in a scratch folder first, then is copied out.
+        with tempfile.TemporaryDirectory() as scratch:
+            staged = Path(scratch) / f"export.{args.format}"
+            count = export(args.run_dir, staged, args.format)
+            with staged.open("rb") as handle:
+                shutil.copyfileobj(handle, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+        print(f"wrote {_jobs(count)} to stdout", file=sys.stderr)
+        return EXIT_OK
     out = args.out or args.run_dir / f"export.{args.format}"
     count = export(args.run_dir, out, args.format)
-    print(f"wrote {count} jobs to {out}", file=sys.stderr)
+    print(f"wrote {_jobs(count)} to {out}", file=sys.stderr)
     return EXIT_OK
+
+
+def _jobs(n: int) -> str:
+    return "1 job" if n == 1 else f"{n} jobs"
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
@@ -302,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="one row per job, latest state")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--format", choices=["csv", "jsonl", "parquet"], default="csv")
-    p.add_argument("--out", type=Path, help="output file (default: RUN_DIR/export.FORMAT)")
+    p.add_argument(
+        "--out", type=Path, help="output file, or - for stdout (default: RUN_DIR/export.FORMAT)"
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compact", help="fold the ledger's parts into one (drops history)")

@@ -324,3 +324,20 @@ def test_a_closed_stdout_ends_quietly(tmp_path: Path, command: list[str]) -> Non
         os.close(written)
     assert done.stderr.decode() == ""
     assert done.returncode == 141  # 128 + SIGPIPE, as for any program writing to a closed pipe
+
+
+def test_export_to_stdout_with_out_dash(
+    tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    from datetime import UTC, datetime
+
+    from runner.ledger import JobState, Ledger, LedgerEvent
+
+    run_dir = tmp_path / "run"
+    with Ledger.open(run_dir) as ledger:
+        ledger.append(LedgerEvent("k", JobState.COMPLETED, datetime.now(UTC), row_id="r1"))
+        ledger.commit_sync()
+    assert main(["export", str(run_dir), "--format", "jsonl", "--out", "-"]) == 0
+    captured = capsysbinary.readouterr()
+    assert b'"row_id": "r1"' in captured.out and b"wrote 1 job to stdout" in captured.err
+    assert not list(run_dir.glob("export.*"))
