@@ -34,7 +34,7 @@ from runner.errors import (
 from runner.manifest.jobs import ExpandOptions, Job, column_warnings, iter_jobs
 from runner.manifest.plan import build_plan, render_text
 from runner.manifest.reader import read_rows
-from runner.media.inputs import InputSizer
+from runner.media.inputs import InputChecker, InputSizer
 from runner.options import add_manifest_args, add_run_args, expand_options, run_config
 
 T = TypeVar("T")
@@ -76,15 +76,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     good = bad = 0
+    # Local input files too (exists, type, dimensions, mask size), as a run checks them.
+    checker = InputChecker(args.manifest.resolve().parent)
     for item in items:
-        if isinstance(item, RowError):
+        problems = item.problems if isinstance(item, RowError) else checker.check(item)[1]
+        if problems:
             bad += 1
-            for problem in item.problems:
+            for problem in problems:
                 print(problem)
         else:
             good += 1
     name = args.manifest.name
-    print(f"{name}: {good} jobs ok, {bad} bad rows", file=sys.stderr)
+    print(f"{name}: {_jobs(good)} ok, {bad} bad rows", file=sys.stderr)
     return EXIT_JOBS_FAILED if bad else EXIT_OK
 
 

@@ -341,3 +341,24 @@ def test_export_to_stdout_with_out_dash(
     captured = capsysbinary.readouterr()
     assert b'"row_id": "r1"' in captured.out and b"wrote 1 job to stdout" in captured.err
     assert not list(run_dir.glob("export.*"))
+
+
+def test_validate_checks_local_input_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
+    (tmp_path / "not-an-image.png").write_text("hello")
+    path = tmp_path / "m.csv"
+    path.write_text(
+        "id,endpoint,prompt,image_url\n"
+        "a,fal-ai/flux-lora/image-to-image,p,ok.png\n"
+        "b,fal-ai/flux-lora/image-to-image,p,missing.png\n"
+        "c,fal-ai/flux-lora/image-to-image,p,not-an-image.png\n"
+    )
+    assert main(["validate", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert "m.csv:3: image_url=missing.png: file not found" in out
+    assert "m.csv:4: image_url=not-an-image.png" in out
+    assert "1 job ok, 2 bad rows" in err
