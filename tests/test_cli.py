@@ -40,7 +40,7 @@ def test_validate_reports_every_bad_row_and_counts_good_ones(
     captured = capsys.readouterr()
     assert "m.jsonl:1:" in captured.out and "num_images" in captured.out
     assert "m.jsonl:4:" in captured.out
-    assert "1 jobs ok, 2 bad rows" in captured.err
+    assert "1 job ok, 2 bad rows" in captured.err
 
 
 @pytest.mark.parametrize(
