@@ -31,6 +31,7 @@ from runner.errors import (
     RunnerError,
     UsageError,
 )
+from runner.manifest.identity import identity_notice
 from runner.manifest.jobs import ExpandOptions, Job, column_warnings, iter_jobs
 from runner.manifest.plan import build_plan, render_text
 from runner.manifest.reader import read_rows
@@ -43,6 +44,16 @@ T = TypeVar("T")
 EXIT_BROKEN_PIPE = 141
 
 
+class Notice(str):
+    """A start-up message that is information, not a warning: printed as ``note:``."""
+
+    __slots__ = ()
+
+
+def labelled(message: str) -> str:
+    return f"{'note' if isinstance(message, Notice) else 'warning'}: {message}"
+
+
 def stream_jobs(args: argparse.Namespace) -> tuple[list[str], Iterator[Job | RowError]]:
     """Warnings about the file's columns, and the lazy stream of jobs and bad rows."""
     options = expand_options(args)
@@ -52,6 +63,7 @@ def stream_jobs(args: argparse.Namespace) -> tuple[list[str], Iterator[Job | Row
         return [], iter(())
     columns = [*first.cells, *(k for k in options.defaults if k not in first.cells)]
     warnings = column_warnings(columns, _endpoints_hint(options, first.cells))
+    warnings.append(Notice(identity_notice(first.cells, options.id_column)))
 
     def chained() -> Iterator[Job | RowError]:
         yield from iter_jobs(_prepend(first, rows), options)
@@ -74,7 +86,7 @@ def _prepend(first: T, rest: Iterator[T]) -> Iterator[T]:
 def cmd_validate(args: argparse.Namespace) -> int:
     warnings, items = stream_jobs(args)
     for w in warnings:
-        print(f"warning: {w}", file=sys.stderr)
+        print(labelled(w), file=sys.stderr)
     good = bad = 0
     # Local input files too (exists, type, dimensions, mask size), as a run checks them.
     checker = InputChecker(args.manifest.resolve().parent)
@@ -110,7 +122,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
     else:
         for w in warnings:
-            print(f"warning: {w}", file=sys.stderr)
+            print(labelled(w), file=sys.stderr)
         print(render_text(plan))
     return EXIT_OK if plan.ok else EXIT_JOBS_FAILED
 
@@ -133,23 +145,45 @@ def _preview(args: argparse.Namespace, items: Any, prices: Any, sizer: InputSize
 
 def cmd_run(args: argparse.Namespace) -> int:
     from runner.execution.engine import embedded_emulator, execute
-    from runner.execution.summary import print_summary
+    from runner.execution.summary import print_summary, print_summary_json
 
     config = run_config(args, os.environ)
+    json_lines = config.log_format == "json"
     warnings, _ = stream_jobs(args)  # reads the first row only
     for w in warnings:
-        print(f"warning: {w}", file=sys.stderr)
+        _tell(json_lines, labelled(w))
 
     async def go() -> Any:
         if config.emulator:
             async with embedded_emulator(config) as local:
-                print(f"runner: using the local emulator at {local.queue_url}", file=sys.stderr)
+                _tell(json_lines, f"runner: using the local emulator at {local.queue_url}")
                 return await execute(local)
         return await execute(config)
 
-    report = anyio.run(go)
-    print_summary(report, sys.stderr)  # the stream of now, not of import time
+    try:
+        report = anyio.run(go)
+    except RunnerError as exc:
+        if not json_lines:
+            raise  # main prints it
+        # A fatal error (refused key, unusable run directory) still ends with an exit line.
+        from runner.execution.events import now_iso, write_event
+
+        write_event(sys.stderr, "exit", at=now_iso(), code=exc.exit_code, message=f"error: {exc}",
+                    run_dir=str(config.run_dir))  # fmt: skip
+        return exc.exit_code
+    # The stream of now, not of import time.
+    (print_summary_json if json_lines else print_summary)(report, sys.stderr)
     return int(report.exit_code)
+
+
+def _tell(json_lines: bool, line: str) -> None:
+    """A line of ``run`` on stderr, or its ``message`` event with ``--log-format json``."""
+    if not json_lines:
+        print(line, file=sys.stderr)
+        return
+    from runner.execution.events import now_iso, write_event
+
+    write_event(sys.stderr, "message", at=now_iso(), text=line.removeprefix("runner: "))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -198,7 +232,11 @@ def duplicate_lines(summary: Any) -> list[str]:
 
 
 def summary_json(summary: Any) -> dict[str, Any]:
+    """``status --json``, as :data:`runner.report.schemas.STATUS_SCHEMA` describes it."""
+    from runner.report.schemas import STATUS
+
     return {
+        "schema": STATUS,
         "run_dir": str(summary.run_dir),
         "jobs": summary.jobs,
         "events": summary.events,

@@ -60,6 +60,7 @@ class RunConfig(BaseModel):
     allowed_endpoints: frozenset[str] = frozenset()
     defaults: Mapping[str, str] = Field(default_factory=dict)
     prompt_template: str | None = None
+    id_column: str | None = None
     strict: bool = False
     prices: Path | None = None
 
@@ -110,6 +111,7 @@ class RunConfig(BaseModel):
     probe_inputs: bool = False  # read remote input sizes with a Range request, for exact costs
     upload_ttl_s: float = Field(default=7 * 86_400.0, gt=0)  # CDN lifetime asked for uploads
     quiet: bool = False
+    log_format: Literal["text", "json"] = "text"  # json: one object per line on stderr
 
     @field_validator("key")
     @classmethod

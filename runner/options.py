@@ -47,6 +47,12 @@ def add_manifest_args(p: argparse.ArgumentParser) -> None:
         help="a default for every row; a row's own value wins",
     )
     p.add_argument("--prompt-template", help="fill `{column}` placeholders into `prompt`")
+    p.add_argument(
+        "--id-column",
+        metavar="NAME",
+        help="the column that identifies a row (e.g. sku); every row needs a value. "
+        "Default: the column `id`, else each row's content",
+    )
 
 
 def _usd(text: str) -> Decimal:
@@ -122,6 +128,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     )
     a("--strict", action="store_true", help="refuse the manifest if any row is bad")
     a("--quiet", action="store_true", help="log lines instead of a progress bar")
+    a("--log-format", choices=["text", "json"],
+      help="stderr as text (default) or JSON lines: progress, failures, summary, exit")  # fmt: skip
     a(
         "--prices",
         type=Path,
@@ -146,6 +154,7 @@ def expand_options(args: argparse.Namespace) -> ExpandOptions:
         allowed_endpoints=frozenset(args.allow_endpoint),
         defaults=dict(args.defaults),
         prompt_template=args.prompt_template,
+        id_column=args.id_column,
     )
 
 
@@ -153,9 +162,10 @@ RUN_FLAGS = (
     "ledger", "emulator", "concurrency", "max_in_flight", "rate", "endpoint_limit", "max_cost",
     "max_total_cost", "max_attempts", "on_unknown", "retry_failed", "completion", "first_look",
     "webhook_listen", "webhook_url", "webhook_jwks_url", "job_timeout", "start_timeout",
-    "priority", "strict", "quiet", "prices",
+    "priority", "strict", "quiet", "log_format", "prices",
     "queue_url", "out", "download_concurrency", "inline_inputs", "inline_max_bytes",
     "probe_inputs", "reconcile_after", "api_url", "output_lifetime", "no_fallbacks",
+    "id_column",
 )  # fmt: skip
 
 

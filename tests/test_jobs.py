@@ -16,6 +16,7 @@ import pytest
 
 from runner.endpoints.catalog import FluxLoraRequest
 from runner.errors import RowError, UnknownEndpointError
+from runner.manifest.identity import is_content_id
 from runner.manifest.idtable import FirstLines
 from runner.manifest.jobs import (
     ExpandOptions,
@@ -113,9 +114,11 @@ def test_no_endpoint_anywhere_is_a_row_error() -> None:
     assert str(error) == "demo.csv:2: no endpoint: add an endpoint column or pass --endpoint"
 
 
-def test_id_defaults_to_hash_and_the_data_row_number() -> None:
+def test_a_row_without_an_id_is_identified_by_its_content() -> None:
     jobs = jobs_of([row(2, 0, prompt="a"), row(5, 1, prompt="b")], default_endpoint=FLUX)
-    assert [j.row_id for j in jobs] == ["#1", "#2"]
+    assert all(is_content_id(j.row_id) and len(j.row_id) == 17 for j in jobs)
+    [moved] = jobs_of([row(9, 7, prompt="a")], default_endpoint=FLUX)
+    assert moved.row_id == jobs[0].row_id != jobs[1].row_id
 
 
 def test_typed_ids_become_text() -> None:
@@ -384,7 +387,7 @@ def test_bad_set_default_is_reported_like_a_cell() -> None:
 
 def test_set_cannot_change_the_row_identity() -> None:
     [job] = jobs_of([row(prompt="a")], default_endpoint=FLUX, defaults={"id": "same"})
-    assert job.row_id == "#1"
+    assert is_content_id(job.row_id)
 
 
 # --- templates ------------------------------------------------------------------------------
@@ -511,7 +514,9 @@ def test_set_variants_applies_only_to_rows_that_chose_no_expansion() -> None:
         default_endpoint=FLUX,
         defaults={"variants": "2"},
     )
-    assert [(j.row_id, j.variant) for j in jobs] == [("#1", 0), ("#1", 1), ("#2", 0), ("#3", 0)]
+    ids = [j.row_id for j in jobs]
+    assert ids[0] == ids[1] != ids[2] != ids[3]
+    assert [j.variant for j in jobs] == [0, 1, 0, 0]
     assert [j.payload["seed"] for j in jobs][2:] == [1, 5]
 
 
@@ -603,7 +608,7 @@ def test_iter_jobs_is_lazy_over_an_endless_stream() -> None:
 
     options = ExpandOptions(Path("."), default_endpoint=FLUX)
     first = list(itertools.islice(iter_jobs(endless(), options), 5))
-    assert [j.row_id for j in first if isinstance(j, Job)] == ["#1", "#2", "#3", "#4", "#5"]
+    assert [j.line for j in first if isinstance(j, Job)] == [2, 3, 4, 5, 6]
 
 
 @pytest.mark.parametrize(
@@ -772,11 +777,9 @@ def test_a_blank_id_never_collides_with_an_explicit_numeric_id(tmp_path: Path) -
     path = tmp_path / "m.csv"
     path.write_text(f"id,endpoint,prompt\n,{FLUX},first\n1,{FLUX},second\n#a,{FLUX},third\n")
     items = expand_file(path)
-    assert [(j.row_id, j.line) for j in items if isinstance(j, Job)] == [
-        ("#1", 2),
-        ("1", 3),
-        ("#a", 4),
-    ]
+    found = [(j.row_id, j.line) for j in items if isinstance(j, Job)]
+    assert is_content_id(found[0][0])
+    assert found[1:] == [("1", 3), ("#a", 4)]
 
 
 @pytest.mark.parametrize("given", ["#2", " #12 ", "#0"])

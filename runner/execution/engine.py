@@ -171,7 +171,10 @@ async def execute(config: RunConfig, *, hooks: Hooks | None = None) -> RunReport
         fold = partial(ledger.state, downloads=config.download)
         state = await anyio.to_thread.run_sync(fold)
         tally = Tally(redact=redact)
-        progress = Progress(tally, stream=hooks.stream, quiet=config.quiet, redact=redact)
+        progress = Progress(
+            tally, stream=hooks.stream, quiet=config.quiet, redact=redact,
+            log_format=config.log_format,
+        )  # fmt: skip
         try:
             return await _drive(config, ledger, state, tally, progress, hooks)
         except BaseExceptionGroup as group:

@@ -2,7 +2,9 @@
 
 The engine owns a :class:`Tally` and calls :meth:`Progress.refresh` when it changes; the
 display decides how often to draw. ``--quiet`` or a stderr that is not a terminal gives one
-log line every ``interval_s`` instead of a bar.
+log line every ``interval_s`` instead of a bar. ``--log-format json`` gives JSON lines
+instead (:mod:`runner.execution.events`): progress, messages and each job that did not
+complete, as the tally records it.
 
 Both take the run's redaction function (``redact=``, :meth:`runner.config.RunConfig.redactor`):
 every message :meth:`Progress.say` prints, and every example a :class:`Tally` keeps for the
@@ -17,11 +19,16 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TextIO
+from typing import Literal, TextIO
 
 from tqdm import tqdm
 
 from runner.endpoints.money import format_usd
+from runner.execution.events import now_iso, usd, write_event
+
+LogFormat = Literal["text", "json"]
+# Told of each job that did not complete: (reason, row id or None, message), unredacted.
+NoteListener = Callable[[str, str | None, str], None]
 
 
 @dataclass(slots=True)
@@ -63,6 +70,7 @@ class Tally:
     max_examples: int = 5
     # Applied to each example before it is kept: the summary prints them.
     redact: Callable[[str], str] | None = field(default=None, repr=False, compare=False)
+    listener: NoteListener | None = field(default=None, repr=False, compare=False)
 
     @property
     def finished(self) -> int:
@@ -74,7 +82,16 @@ class Tally:
         return self.failed + self.invalid + self.unknown + self.lost + self.left
 
     def note(self, reason: str, example: str) -> None:
-        """One more job that did not complete, and why."""
+        """One more job that did not complete, and why.
+
+        ``example`` reads ``"<row id>: <message>"``, as every caller writes it.
+        """
+        row_id, sep, message = example.partition(": ")
+        self._count(reason, example, row_id if sep else None, message if sep else example)
+
+    def _count(self, reason: str, example: str, row_id: str | None, message: str) -> None:
+        if self.listener is not None:
+            self.listener(reason, row_id, message)
         self.reasons[reason] += 1
         if len(self.examples) < self.max_examples:
             # Redacted before it is cut: a cut could leave a piece of the key unrecognised.
@@ -84,7 +101,9 @@ class Tally:
     def bad_row(self, problems: list[str]) -> None:
         """An invalid row: counted, and its reasons kept (the first ``max_invalid_shown``)."""
         self.invalid += 1
-        self.note("invalid_row", problems[0] if problems else "invalid row")
+        first = problems[0] if problems else "invalid row"
+        # ``file:line: message``: no row id to split off.
+        self._count("invalid_row", first, None, first)
         for problem in problems:
             if len(self.invalid_reasons) >= self.max_invalid_shown:
                 break
@@ -107,6 +126,7 @@ class Progress:
         interval_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         redact: Callable[[str], str] | None = None,
+        log_format: LogFormat = "text",
     ) -> None:
         self.tally = tally
         self._redact = redact
@@ -115,7 +135,11 @@ class Progress:
         self.interval_s = interval_s
         self.started_s = clock()
         self._last_line_s = self.started_s
-        use_bar = not quiet and self.stream.isatty()
+        self._json = log_format == "json"
+        if self._json:
+            tally.listener = self._failure
+            self._last_line_s = float("-inf")  # a watcher sees the first counts at once
+        use_bar = not quiet and not self._json and self.stream.isatty()
         self._bar: tqdm[int] | None = None
         if use_bar:
             self._bar = tqdm(
@@ -155,7 +179,28 @@ class Progress:
         now = self.clock()
         if now - self._last_line_s >= self.interval_s:
             self._last_line_s = now
-            self.say(self.line())
+            if self._json:
+                self._progress_event()
+            else:
+                self.say(self.line())
+
+    def _progress_event(self) -> None:
+        t = self.tally
+        write_event(
+            self.stream, "progress", at=now_iso(), done=t.finished, completed=t.completed,
+            skipped=t.skipped, failed=t.failed, invalid=t.invalid, in_flight=t.in_flight,
+            total=t.total, spent_usd=usd(t.spent_usd), estimate_usd=usd(t.estimate_usd),
+            elapsed_s=round(self.clock() - self.started_s, 3),
+        )  # fmt: skip
+
+    def _failure(self, reason: str, row_id: str | None, message: str) -> None:
+        write_event(
+            self.stream, "failure", at=now_iso(), row_id=self._clean(row_id),
+            reason=reason, message=self._clean(message),
+        )  # fmt: skip
+
+    def _clean(self, text: str | None) -> str | None:
+        return text if text is None or self._redact is None else self._redact(text)
 
     def say(self, message: str) -> None:
         """A message that must be seen (interrupts, budget), above the bar if there is one.
@@ -164,12 +209,16 @@ class Progress:
         """
         if self._redact is not None:
             message = self._redact(message)
-        if self._bar is not None:
+        if self._json:
+            write_event(self.stream, "message", at=now_iso(), text=message)
+        elif self._bar is not None:
             self._bar.write(message, file=self.stream)
         else:
             print(f"runner: {message}", file=self.stream, flush=True)
 
     def close(self) -> None:
+        if self._json:
+            self._progress_event()  # the last counts, before the summary
         if self._bar is not None:
             self._bar.n = self.tally.finished
             self._bar.close()

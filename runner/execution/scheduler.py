@@ -56,6 +56,7 @@ def expand_options(config: RunConfig) -> ExpandOptions:
         allowed_endpoints=frozenset(config.allowed_endpoints),
         defaults=dict(config.defaults),
         prompt_template=config.prompt_template,
+        id_column=config.id_column,
     )
 
 

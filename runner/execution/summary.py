@@ -12,6 +12,9 @@ The table, first match wins:
       from an earlier run without a retry
     outputs not downloaded                                  1
     otherwise                                               0
+
+:func:`print_summary` writes the summary for a person; :func:`print_summary_json` the
+``summary`` and ``exit`` lines of ``--log-format json``.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from runner.endpoints.money import format_usd
 from runner.errors import EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_JOBS_FAILED, EXIT_OK
+from runner.execution.events import now_iso, usd, write_event
 from runner.execution.progress import Tally
 
 
@@ -144,3 +148,34 @@ def print_summary(report: RunReport, out: TextIO = sys.stderr) -> None:
     for line in report.lines:
         print(f"  {line}", file=out)
     print(f"runner: {report.message} (ledger: {report.run_dir})", file=out)
+
+
+def summary_json(report: RunReport) -> dict[str, Any]:
+    """The end of a run as JSON-ready values: what :func:`print_summary` says, money as strings."""
+    t = report.tally
+    return {
+        "outcomes": {
+            "completed": t.completed, "skipped": t.skipped, "failed": t.failed,
+            "invalid": t.invalid, "unknown": t.unknown, "lost": t.lost, "left": t.left,
+        },
+        "retries": t.retries,
+        "total": t.total,
+        "spent_usd": usd(t.spent_usd),
+        "estimate_usd": usd(t.estimate_usd),
+        "reasons": dict(sorted(t.reasons.items())),
+        "examples": list(t.examples),
+        "invalid_reasons": list(t.invalid_reasons),
+        "possible_duplicates": {"jobs": t.possible_duplicates,
+                                "usd": usd(t.possible_duplicate_usd)},
+        "reconciled": dict(sorted(t.reconciled.items())),
+        "duplicates_found": {"requests": t.duplicates_found, "usd": usd(t.duplicates_found_usd)},
+        "notes": list(report.lines),
+        "run_dir": str(report.run_dir),
+    }  # fmt: skip
+
+
+def print_summary_json(report: RunReport, out: TextIO = sys.stderr) -> None:
+    """``--log-format json``: the summary line, then the exit line."""
+    write_event(out, "summary", at=now_iso(), **summary_json(report))
+    write_event(out, "exit", at=now_iso(), code=report.exit_code, message=report.message,
+                run_dir=str(report.run_dir))  # fmt: skip

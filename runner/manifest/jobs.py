@@ -6,14 +6,8 @@ control columns (``seeds``, ``variants``, ``prompt_template``) and which are
 metadata (kept as text, never sent); ``--set`` defaults; prompt templates;
 expansion into one job per seed or variant; and the stable ``job_key``.
 
-Row identity. A row is identified by its ``id`` cell: text, or a number, which
-becomes its text (``17``). A row whose id is missing or blank is ``#`` and its row
-number instead: ``#1`` is the first data row (the header and blank lines do not count).
-No explicit id can take that form: an id of ``#`` and digits alone (``#3``, after
-trimming) is a row error, so the two never collide; ``#a`` or ``a#1`` are fine.
-The manifest's name and location are never part of a row's identity, except for
-the ``invalid`` record of a bad row without an id (:func:`row_identity`), which
-uses the manifest's resolved path.
+Row identity (an id column, else the row's content) is :mod:`runner.manifest.identity`;
+``ExpandOptions.id_column`` names the column, and :func:`identity_notice` says which is in use.
 
 A bad row becomes a :class:`~runner.errors.RowError` carrying every problem
 found in it, yielded in place of its jobs; it never stops the stream.
@@ -23,10 +17,7 @@ from __future__ import annotations
 
 import difflib
 import functools
-import hashlib
 import json
-import os
-import re
 import string
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -39,16 +30,25 @@ from runner.endpoints import catalog
 from runner.endpoints.catalog import BaseRequest, EndpointSpec
 from runner.errors import RowError, RowProblem, UnknownEndpointError
 from runner.manifest import cells
-from runner.manifest.idtable import FirstLines
+from runner.manifest.identity import (
+    DEFAULT_ID_COLUMN,
+    SeenRows,
+    given_id,
+)
+
+# Re-exported: the identity functions lived here, and callers still import them from here.
+from runner.manifest.identity import canonical_json as canonical_json
+from runner.manifest.identity import identity_notice as identity_notice
+from runner.manifest.identity import is_row_number_id as is_row_number_id
+from runner.manifest.identity import job_key as job_key
+from runner.manifest.identity import row_identity as row_identity
+from runner.manifest.identity import row_number_id as row_number_id
+from runner.manifest.identity import variant_seed as variant_seed
 from runner.manifest.reader import RawRow
 
 CONTROL_COLUMNS = frozenset({"seeds", "variants", "prompt_template"})
 IDENTITY_COLUMNS = frozenset({"id", "endpoint"})
-KEY_HEX_CHARS = 32
-SEED_SPACE = 2**31  # derived seeds fall in 0..2**31-1
 NEAR_MISS_CUTOFF = 0.8
-# The identity of a row without an id; explicit ids of this form are refused.
-_ROW_NUMBER_ID = re.compile(r"#[0-9]+")
 _EXPANSION_COLUMNS = ("seed", "seeds", "variants")
 # Parameters of any catalog endpoint: in a mixed manifest, a column for one
 # endpoint's parameter is not metadata on another endpoint's row.
@@ -66,6 +66,8 @@ class ExpandOptions:
     allowed_endpoints: frozenset[str] = frozenset()
     defaults: Mapping[str, str] = field(default_factory=dict)
     prompt_template: str | None = None
+    # The column that identifies a row (--id-column); None: ``id`` where given, else content.
+    id_column: str | None = None
     # Duplicate ids cost 21-43 bytes per row to detect; a pass that only counts skips it.
     check_unique_ids: bool = True
 
@@ -83,60 +85,6 @@ class Job:
     payload: Mapping[str, Any]
     request: BaseRequest | None
     metadata: Mapping[str, str]
-
-
-def canonical_json(value: Any) -> str:
-    """The one JSON spelling of a value: sorted keys, compact, non-ASCII kept."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
-def job_key(row_id: str, endpoint: str, payload: Mapping[str, Any], variant: int) -> str:
-    """A stable key: the same row, endpoint, body and variant give the same key.
-
-    The manifest's name and location are deliberately not part of it, so a
-    moved or renamed manifest resumes where it stopped.
-    """
-    body = {"row": row_id, "endpoint": endpoint, "payload": payload, "variant": variant}
-    return hashlib.sha256(canonical_json(body).encode()).hexdigest()[:KEY_HEX_CHARS]
-
-
-def row_number_id(index: int) -> str:
-    """The identity of the row at 0-based data-row ``index`` when it has no id: ``#1``, ``#2``..."""
-    return f"#{index + 1}"
-
-
-def is_row_number_id(row_id: str) -> bool:
-    """Whether ``row_id`` stands in for a missing id (no explicit id has this form)."""
-    return _ROW_NUMBER_ID.fullmatch(row_id) is not None
-
-
-def row_identity(problem: RowProblem) -> str:
-    """What makes a bad row's ``invalid`` record one record, however the manifest is spelt.
-
-    A row with an id: that id and its line (two bad rows sharing an id are two records),
-    and no path, as in :func:`job_key`, so ``/abs/m.csv``, ``m.csv`` and ``dir/m.csv`` are
-    one record. A row without one: the manifest's resolved path, its ``#n`` and its line.
-    """
-    if problem.row_id is not None and not is_row_number_id(problem.row_id):
-        return f"id\0{problem.row_id}\0{problem.line}"
-    resolved = _resolved(os.getcwd(), problem.file)
-    return f"file\0{resolved}\0{problem.row_id}\0{problem.line}"
-
-
-@functools.lru_cache(maxsize=16)
-def _resolved(cwd: str, file: str) -> str:
-    # Cached per working directory: a relative spelling means another file elsewhere.
-    path = os.path.join(cwd, file)
-    try:
-        return str(Path(path).resolve())
-    except (OSError, RuntimeError):  # a symlink loop: the absolute spelling is the best left
-        return os.path.normpath(path)
-
-
-def variant_seed(row_id: str, variant: int) -> int:
-    """The seed of variant ``variant`` of a row: deterministic, in 0..2**31-1."""
-    digest = hashlib.sha256(f"{row_id}\x1f{variant}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % SEED_SPACE
 
 
 def column_warnings(columns: Iterable[str], endpoint_ids: Iterable[str]) -> list[str]:
@@ -230,24 +178,28 @@ class _Row:
 
 
 class _Expander:
-    """Row expansion state for one manifest: options, endpoint cache, ids seen."""
+    """Row expansion state for one manifest: options, endpoint cache, ids and contents seen."""
 
     def __init__(self, options: ExpandOptions) -> None:
         self.options = options
+        self.id_column = options.id_column or DEFAULT_ID_COLUMN
+        self.identity_columns = frozenset({self.id_column, "endpoint"})
         self.specs: dict[str, EndpointSpec | None] = {}
-        self.first_lines = FirstLines()
+        self.seen = SeenRows()
 
     def expand(self, raw: RawRow) -> list[Job] | list[RowError]:
-        row_id, id_problem = _row_id(raw)
-        row = _Row(raw, row_id)
-        # Claim the id first, even for a row that cannot be parsed, so a later row
-        # reusing it is reported now rather than once this one is fixed.
-        self._check_unique_id(row)
+        required = self.options.id_column is not None
+        given, id_problem = given_id(raw.cells, self.id_column, required=required)
+        row = _Row(raw, given if given is not None else row_number_id(raw.index))
+        if given is not None:
+            # Claim the id first, even for a row that cannot be parsed, so a later row
+            # reusing it is reported now rather than once this one is fixed.
+            self._check_unique_id(row)
         if raw.problem is not None:
             row.problem(None, raw.problem)
             return [row.error()]
         if id_problem is not None:
-            row.problem("id", id_problem)
+            row.problem(self.id_column, id_problem)
         values = self._with_defaults(raw.cells)
         endpoint = self._endpoint(row, values)
         template = _first_given(values.get("prompt_template"), self.options.prompt_template)
@@ -260,37 +212,55 @@ class _Expander:
         if endpoint is None:
             return [row.error()]
         spec = self.specs[endpoint]
-        payload, metadata, failed = _split_columns(row, values, spec)
+        payload, metadata, failed = _split_columns(row, values, spec, self.identity_columns)
         if template is not None and values["prompt"] is None:
             failed.add("prompt")
-        variants = _expansion(row, values, payload)
+        expansion = _expansion(row, values, payload)
         if row.problems:
             # Validate what parsed anyway so the user sees every problem at once.
             _validate(row, endpoint, spec, payload, failed)
             return [row.error()]
+        base: BaseRequest | None = None
+        if given is None:
+            base = _validate(row, endpoint, spec, payload, failed)
+            if spec is not None and base is None:
+                return [row.error()]
+            self._identify_by_content(row, endpoint, base, payload, metadata, expansion)
         jobs = [
-            self._job(row, endpoint, spec, payload, metadata, failed, variant, seed)
-            for variant, seed in variants
+            self._job(row, endpoint, spec, payload, metadata, failed, variant, seed, base)
+            for variant, seed in _variants(row.row_id, expansion)
         ]
         if row.problems:
             return [row.error()]
         return [job for job in jobs if job is not None]
 
+    def _identify_by_content(
+        self,
+        row: _Row,
+        endpoint: str,
+        base: BaseRequest | None,
+        payload: Mapping[str, Any],
+        metadata: Mapping[str, str],
+        expansion: tuple[int, ...] | int | None,
+    ) -> None:
+        """Name a row without an id by its content and how many identical rows came before."""
+        sent = base.to_payload() if base is not None else json.loads(canonical_json(payload))
+        content = {
+            "endpoint": endpoint,
+            "payload": sent,
+            # An empty cell says nothing: adding an empty column must not renew every row.
+            "metadata": {k: v for k, v in metadata.items() if v != ""},
+            "expansion": list(expansion) if isinstance(expansion, tuple) else expansion,
+        }
+        row.row_id = self.seen.by_content(content)
+
     def _check_unique_id(self, row: _Row) -> None:
-        if not self.options.check_unique_ids or is_row_number_id(row.row_id):
-            return  # a row number is unique by construction
-        # An id is held as two independent hashes (of the id, and of the id plus a
-        # separator): a dict of the ids themselves cost ~120 bytes per row. Telling a
-        # duplicate from two ids that share both hashes would need the first id, so
-        # such a pair (96 bits alike: ~n**2 / 2**97, 6e-18 at 1M rows) is reported as
-        # a duplicate. hash() over blake2b: 20 ns against 520 per id; its per-process
-        # salt (unless PYTHONHASHSEED is set) makes even that an accident of one run.
-        row_id = row.row_id
-        first = self.first_lines.claim(
-            hash(row_id), row.raw.line, hash(row_id + "\x1f") & 0xFFFF_FFFF
-        )
+        if not self.options.check_unique_ids:
+            return
+        first = self.seen.claim(row.row_id, row.raw.line)
         if first != row.raw.line:
-            row.problem("id", f"id {row.row_id!r} is already used on line {first}")
+            message = f"{self.id_column} {row.row_id!r} is already used on line {first}"
+            row.problem(self.id_column, message)
 
     def _with_defaults(self, raw_cells: Mapping[str, Any]) -> dict[str, Any]:
         values = dict(raw_cells)
@@ -298,7 +268,7 @@ class _Expander:
         # them has chosen its expansion, and a --set of another must not clash.
         chosen = any(not cells.is_blank(values.get(key)) for key in _EXPANSION_COLUMNS)
         for key, text in self.options.defaults.items():
-            if key in IDENTITY_COLUMNS or (chosen and key in _EXPANSION_COLUMNS):
+            if key in self.identity_columns or (chosen and key in _EXPANSION_COLUMNS):
                 continue
             if cells.is_blank(values.get(key)):
                 values[key] = text
@@ -333,9 +303,12 @@ class _Expander:
         failed: Collection[str],
         variant: int,
         seed: int | None,
+        base: BaseRequest | None,
     ) -> Job | None:
         body = dict(payload) if seed is None else {**payload, "seed": seed}
-        request = _validate(row, endpoint, spec, body, failed)
+        # A row identified by content has its request validated already (``base``).
+        known = base if seed is None else None
+        request = known or _validate(row, endpoint, spec, body, failed)
         if spec is not None and request is None:
             return None
         sent = request.to_payload() if request is not None else json.loads(canonical_json(body))
@@ -352,22 +325,6 @@ class _Expander:
         )
 
 
-def _row_id(raw: RawRow) -> tuple[str, str | None]:
-    """The row's identity, and why its id cell cannot be one (its row number stands in)."""
-    given = raw.cells.get("id")
-    fallback = row_number_id(raw.index)
-    if cells.is_blank(given):
-        return fallback, None
-    if isinstance(given, bool) or not isinstance(given, str | int | float):
-        return fallback, f"id={cells.show(given)} is not text or a number"
-    row_id = given.strip() if isinstance(given, str) else _as_text(given)
-    if is_row_number_id(row_id):
-        return fallback, (
-            f"id {row_id!r} has the form kept for rows without an id (# and a row number)"
-        )
-    return row_id, None
-
-
 def _template_text(template: Any) -> str:
     if not isinstance(template, str):
         raise ValueError(f"prompt_template={cells.show(template)} is not text")
@@ -379,7 +336,7 @@ def _first_given(*candidates: Any) -> Any:
 
 
 def _split_columns(
-    row: _Row, values: Mapping[str, Any], spec: EndpointSpec | None
+    row: _Row, values: Mapping[str, Any], spec: EndpointSpec | None, identity: Collection[str]
 ) -> tuple[dict[str, Any], dict[str, str], set[str]]:
     """The request body, the metadata, and the parameter columns that failed to parse."""
     fields = _field_kinds(spec) if spec is not None else None
@@ -387,7 +344,7 @@ def _split_columns(
     metadata: dict[str, str] = {}
     failed: set[str] = set()
     for column, value in values.items():
-        if column in CONTROL_COLUMNS or column in IDENTITY_COLUMNS:
+        if column in CONTROL_COLUMNS or column in identity:
             continue
         if fields is not None and column not in fields:
             if column not in _ALL_PARAMETERS:
@@ -421,27 +378,33 @@ def _field_kinds(spec: EndpointSpec) -> dict[str, cells.Kind]:
 
 def _expansion(
     row: _Row, values: Mapping[str, Any], payload: Mapping[str, Any]
-) -> list[tuple[int, int | None]]:
-    """(variant, seed) pairs: one per seed, one per variant, or a single (0, None)."""
+) -> tuple[int, ...] | int | None:
+    """The row's seeds (a tuple), its number of variants (an int), or None for one job."""
     seeds_cell, variants_cell = values.get("seeds"), values.get("variants")
     has_seeds, has_variants = not cells.is_blank(seeds_cell), not cells.is_blank(variants_cell)
     if has_seeds and has_variants:
         row.problem("seeds", "give either seeds or variants, not both")
-        return []
+        return None
     if (has_seeds or has_variants) and "seed" in payload:
         other = "seeds" if has_seeds else "variants"
         row.problem("seed", f"give either seed or {other}, not both")
-        return []
+        return None
     try:
         if has_seeds:
-            seeds = cells.parse_seeds("seeds", seeds_cell)
-            return list(enumerate(seeds))
+            return tuple(cells.parse_seeds("seeds", seeds_cell))
         if has_variants:
-            count = cells.parse_count("variants", variants_cell)
-            return [(i, variant_seed(row.row_id, i)) for i in range(count)]
+            return cells.parse_count("variants", variants_cell)
     except cells.CellError as exc:
         row.problem(exc.column, str(exc))
-        return []
+    return None
+
+
+def _variants(row_id: str, expansion: tuple[int, ...] | int | None) -> list[tuple[int, int | None]]:
+    """(variant, seed) pairs: one per seed, one per variant (seeded by the row's identity)."""
+    if isinstance(expansion, tuple):
+        return list(enumerate(expansion))
+    if isinstance(expansion, int):
+        return [(i, variant_seed(row_id, i)) for i in range(expansion)]
     return [(0, None)]
 
 

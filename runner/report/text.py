@@ -15,14 +15,15 @@ from typing import Any
 from runner.endpoints.money import format_usd
 from runner.ledger import JobState
 from runner.report.data import Percentiles, Report
+from runner.report.schemas import REPORT
 
 
 def report_json(report: Report) -> dict[str, Any]:
-    """The report as JSON-ready values."""
+    """The report as JSON-ready values, as :data:`runner.report.schemas.REPORT_SCHEMA` says."""
     doc = _plain(report)
     assert isinstance(doc, dict)
     doc["resume"]["note"] = NEW_JOBS_NOTE
-    return doc
+    return {"schema": REPORT, **doc}
 
 
 def _plain(value: Any) -> Any:

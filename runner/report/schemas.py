@@ -1,0 +1,206 @@
+"""The JSON Schemas (draft 2020-12) of what the runner writes for other programs.
+
+    runner.status/1   ``runner status --json``            STATUS_SCHEMA
+    runner.report/1   ``runner report --json``            REPORT_SCHEMA
+    runner.log/1      each line of ``run --log-format json``  LOG_EVENT_SCHEMA
+
+Each document names its schema in a ``"schema"`` field. Within a version, fields are only
+ever added (readers should ignore unknown keys); a removal or a change of meaning bumps the
+number. Money is a string of decimal dollars, times are ISO 8601, seconds are numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from runner.execution.events import LOG_SCHEMA
+
+STATUS = "runner.status/1"
+REPORT = "runner.report/1"
+LOG = LOG_SCHEMA
+
+DRAFT = "https://json-schema.org/draft/2020-12/schema"
+
+_USD: dict[str, Any] = {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$"}
+_USD_OR_NULL: dict[str, Any] = {"anyOf": [_USD, {"type": "null"}]}
+_COUNT: dict[str, Any] = {"type": "integer", "minimum": 0}
+_COUNTS: dict[str, Any] = {"type": "object", "additionalProperties": _COUNT}
+_TIME: dict[str, Any] = {"type": "string", "format": "date-time"}
+
+
+def _object(required: dict[str, Any], **optional: Any) -> dict[str, Any]:
+    """An object with these keys required (and any others allowed)."""
+    return {
+        "type": "object",
+        "required": list(required),
+        "properties": {**required, **optional},
+    }
+
+
+def _document(name: str, title: str, required: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "$schema": DRAFT,
+        "$id": f"https://runner.invalid/schemas/{name}",
+        "title": title,
+        **_object({"schema": {"const": name}, **required}),
+    }
+
+
+STATUS_SCHEMA: dict[str, Any] = _document(
+    STATUS,
+    "runner status --json",
+    {
+        "run_dir": {"type": "string"},
+        "jobs": _COUNT,
+        "events": _COUNT,
+        "by_state": _COUNTS,
+        "by_endpoint": {
+            "type": "array",
+            "items": _object(
+                {
+                    "endpoint": {"type": "string"},
+                    "jobs": _COUNT,
+                    "by_state": _COUNTS,
+                    "estimated_usd": _USD,
+                    "billed_usd": _USD,
+                }
+            ),
+        },
+        "estimated_usd": _USD,
+        "billed_usd": _USD,
+        "possible_duplicates": _COUNT,
+        "possible_duplicate_usd": _USD,
+        "unknown_outcomes": _COUNT,
+        "reconciled": _COUNTS,
+        "duplicates_found": _COUNT,
+        "duplicates_found_usd": _USD,
+    },
+)
+
+_PERCENTILES = _object(
+    {"known": _COUNT, "of": _COUNT},
+    **{k: {"type": ["number", "null"]} for k in ("p50", "p90", "p99", "max")},
+)
+
+REPORT_SCHEMA: dict[str, Any] = _document(
+    REPORT,
+    "runner report --json",
+    {
+        "run_dir": {"type": ["string", "null"]},
+        "manifest": {"type": ["string", "null"]},
+        "runner_version": {"type": ["string", "null"]},
+        "jobs": _COUNT,
+        "by_state": _COUNTS,
+        "endpoints": {
+            "type": "array",
+            "items": _object(
+                {"endpoint": {"type": ["string", "null"]}, "jobs": _COUNT, "by_state": _COUNTS}
+            ),
+        },
+        "estimated_usd": _USD,
+        "estimated_done_usd": _USD,
+        "billed_usd": _USD,
+        "possible_duplicates": _COUNT,
+        "possible_duplicate_usd": _USD,
+        "unknown_outcomes": _COUNT,
+        "reconciled": _COUNTS,
+        "duplicates_found": _COUNT,
+        "duplicates_found_usd": _USD,
+        "timing": _object(
+            {
+                "first_submitted_at": {"anyOf": [_TIME, {"type": "null"}]},
+                "last_completed_at": {"anyOf": [_TIME, {"type": "null"}]},
+                "wall_s": {"type": ["number", "null"]},
+                "completed": _COUNT,
+                "images": _COUNT,
+                "queue": _PERCENTILES,
+                "inference": _PERCENTILES,
+            }
+        ),
+        "failed_jobs": _COUNT,
+        "failure_groups": _COUNT,
+        "failures": {
+            "type": "array",
+            "items": _object(
+                {
+                    "error_type": {"type": "string"},
+                    "message": {"type": "string"},
+                    "count": _COUNT,
+                    "retryable": _COUNT,
+                    "examples": {"type": "array", "items": {"type": "object"}},
+                }
+            ),
+        },
+        "resume": _object({"policy": {"type": "object"}, "note": {"type": "string"}}),
+        "notes": {"type": "array", "items": {"type": "string"}},
+    },
+)
+
+
+def _event(name: str, fields: dict[str, Any]) -> dict[str, Any]:
+    return _object({"schema": {"const": LOG}, "event": {"const": name}, "at": _TIME, **fields})
+
+
+_NULLABLE_COUNT: dict[str, Any] = {"type": ["integer", "null"], "minimum": 0}
+_OUTCOMES = ("completed", "skipped", "failed", "invalid", "unknown", "lost", "left")
+
+LOG_EVENT_SCHEMA: dict[str, Any] = {
+    "$schema": DRAFT,
+    "$id": f"https://runner.invalid/schemas/{LOG}",
+    "title": "one line of runner run --log-format json",
+    "oneOf": [
+        _event(
+            "progress",
+            {
+                "done": _COUNT,
+                "completed": _COUNT,
+                "failed": _COUNT,
+                "in_flight": _COUNT,
+                "total": _NULLABLE_COUNT,
+                "spent_usd": _USD,
+                "estimate_usd": _USD_OR_NULL,
+            },
+        ),
+        _event("message", {"text": {"type": "string"}}),
+        _event(
+            "failure",
+            {
+                "row_id": {"type": ["string", "null"]},
+                "reason": {"type": "string"},
+                "message": {"type": "string"},
+            },
+        ),
+        _event(
+            "summary",
+            {
+                "outcomes": _object(dict.fromkeys(_OUTCOMES, _COUNT)),
+                "retries": _COUNT,
+                "total": _NULLABLE_COUNT,
+                "spent_usd": _USD,
+                "estimate_usd": _USD_OR_NULL,
+                "reasons": _COUNTS,
+                "examples": {"type": "array", "items": {"type": "string"}},
+                "invalid_reasons": {"type": "array", "items": {"type": "string"}},
+                "possible_duplicates": _object({"jobs": _COUNT, "usd": _USD}),
+                "reconciled": _COUNTS,
+                "duplicates_found": _object({"requests": _COUNT, "usd": _USD}),
+                "notes": {"type": "array", "items": {"type": "string"}},
+                "run_dir": {"type": "string"},
+            },
+        ),
+        _event(
+            "exit",
+            {
+                "code": {"type": "integer"},
+                "message": {"type": "string"},
+                "run_dir": {"type": "string"},
+            },
+        ),
+    ],
+}
+
+SCHEMAS: dict[str, dict[str, Any]] = {
+    STATUS: STATUS_SCHEMA,
+    REPORT: REPORT_SCHEMA,
+    LOG: LOG_EVENT_SCHEMA,
+}
