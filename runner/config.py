@@ -100,6 +100,9 @@ class RunConfig(BaseModel):
     priority: Literal["normal", "low"] | None = None
 
     emulator: bool = False  # the embedded local emulator stands in for fal
+    emulator_time_scale: float = Field(default=1.0, gt=0)
+    emulator_concurrency: int | None = Field(default=None, ge=1)
+    emulator_faults: str = ""
 
     # --out: a directory or a filesystem URL (s3://bucket/prefix, file:///...); None means
     # outputs/ in the run directory. --no-download keeps only the URLs.

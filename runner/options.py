@@ -77,6 +77,19 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     a("--config", type=Path, metavar="TOML", help="options from a TOML file; flags win")
     a("--emulator", action="store_true", help="run against the embedded local emulator")
     a("--queue-url", help="fal queue base URL (default https://queue.fal.run)")
+    a("--rest-url", help="fal storage REST base URL (default https://rest.fal.ai; follows a "
+      "local --queue-url)")  # fmt: skip
+    a("--cdn-url", help="fal CDN upload base URL (default https://v3.fal.media; follows a "
+      "local --queue-url)")  # fmt: skip
+    a("--emulator-time-scale", type=float, metavar="X",
+      help="with --emulator: multiply every emulated duration (default 1.0)")  # fmt: skip
+    a("--emulator-concurrency", type=int, metavar="N",
+      help="with --emulator: the emulated account's slots (default 4)")  # fmt: skip
+    a(
+        "--emulator-faults",
+        metavar="SPEC",
+        help='with --emulator: faults to inject, e.g. "submit_429=0.1,seed=7" (see README)',
+    )
     a("--concurrency", type=int, help="the account's concurrency slots (default 2)")
     a("--max-in-flight", type=int, help="submitted, unfinished jobs (3x slots; 2x if streaming)")
     a("--rate", type=float, help="submits per second (default 10); halves on 429s")
@@ -163,7 +176,8 @@ RUN_FLAGS = (
     "max_total_cost", "max_attempts", "on_unknown", "retry_failed", "completion", "first_look",
     "webhook_listen", "webhook_url", "webhook_jwks_url", "job_timeout", "start_timeout",
     "priority", "strict", "quiet", "log_format", "prices",
-    "queue_url", "out", "download_concurrency", "inline_inputs", "inline_max_bytes",
+    "queue_url", "rest_url", "cdn_url", "emulator_time_scale", "emulator_concurrency",
+    "emulator_faults", "out", "download_concurrency", "inline_inputs", "inline_max_bytes",
     "probe_inputs", "reconcile_after", "api_url", "output_lifetime", "no_fallbacks",
     "id_column",
 )  # fmt: skip

@@ -59,3 +59,13 @@ def test_a_bad_option_is_a_usage_error_naming_it(tmp_path: Path) -> None:
         runner.run(path, completion="sometimes", key=DEFAULT_KEY)
     with pytest.raises(runner.UsageError, match="--max-cost must be at least 0"):
         runner.run(path, max_cost="-5", key=DEFAULT_KEY, ledger=tmp_path / "r")
+
+
+def test_the_embedded_emulator_takes_time_scale_concurrency_and_faults(tmp_path: Path) -> None:
+    report = runner.run(
+        manifest(tmp_path, 3), emulator=True, ledger=tmp_path / "run", no_download=True,
+        quiet=True, max_attempts=1, emulator_time_scale=0.01, emulator_concurrency=3,
+        emulator_faults="fail_runner_disconnected=@1",
+    )  # fmt: skip
+    assert report.exit_code == 1 and report.tally.failed == 1 and report.tally.completed == 2
+    assert report.tally.reasons == {"runner_disconnected": 1}

@@ -134,9 +134,16 @@ def build_strategy(
 @asynccontextmanager
 async def embedded_emulator(config: RunConfig) -> AsyncIterator[RunConfig]:
     """Start the local emulator on loopback and point the config at it."""
-    from runner.emulator import DEFAULT_KEY, Emulator, EmulatorConfig, serve
+    from runner.emulator import DEFAULT_KEY, Emulator, EmulatorConfig, parse_faults, serve
 
-    emulator = Emulator(EmulatorConfig(key=SecretStr(DEFAULT_KEY)))
+    settings: dict[str, Any] = {
+        "key": SecretStr(DEFAULT_KEY),
+        "time_scale": config.emulator_time_scale,
+        "faults": parse_faults(config.emulator_faults),
+    }
+    if config.emulator_concurrency is not None:
+        settings["concurrency"] = config.emulator_concurrency
+    emulator = Emulator(EmulatorConfig(**settings))
     async with serve(emulator) as served:
         yield config.model_copy(
             update={
