@@ -31,6 +31,7 @@ from runner.errors import (
     RunnerError,
     UsageError,
 )
+from runner.ledger.totals import spend_notes
 from runner.manifest.identity import identity_notice
 from runner.manifest.jobs import ExpandOptions, Job, column_warnings, iter_jobs
 from runner.manifest.plan import build_plan, render_text
@@ -201,34 +202,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {ep.endpoint}: {ep.jobs} jobs ({states}), billed {format_usd(ep.billed_usd)}")
     spent, estimated = format_usd(summary.billed_usd), format_usd(summary.estimated_usd)
     print(f"spent so far {spent} (estimated {estimated})")
-    for line in duplicate_lines(summary):
+    for line in spend_notes(summary):
         print(line)
     return EXIT_OK
-
-
-def duplicate_lines(summary: Any) -> list[str]:
-    """What status says of spend that may have happened twice, or may yet."""
-    lines = []
-    if summary.possible_duplicates:
-        lines.append(
-            f"possible duplicate spend: {summary.possible_duplicates} jobs were resubmitted "
-            f"after an unknown outcome (est. {format_usd(summary.possible_duplicate_usd)})"
-        )
-    if summary.reconciled:
-        settled = ", ".join(f"{n} {how.replace('_', ' ')}" for how, n in
-                            sorted(summary.reconciled.items()))  # fmt: skip
-        lines.append(f"unknown outcomes settled from fal's request history: {settled}")
-    if summary.duplicates_found:
-        lines.append(
-            f"duplicates billed, found in fal's history: {summary.duplicates_found} requests "
-            f"(est. {format_usd(summary.duplicates_found_usd)})"
-        )
-    if summary.unknown_outcomes:
-        lines.append(
-            f"{summary.unknown_outcomes} jobs have an unknown submit outcome "
-            "(a resume settles them; resubmitting may pay twice)"
-        )
-    return lines
 
 
 def summary_json(summary: Any) -> dict[str, Any]:

@@ -11,12 +11,12 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from runner.endpoints.money import trim_usd
+from runner.endpoints.money import format_usd, trim_usd
 from runner.ledger.schema import JobState
 
 _ZERO = Decimal(0)
@@ -91,6 +91,52 @@ def totals(jobs: pa.Table) -> Totals:
         unknown_outcomes=by_state[JobState.SUBMITTING] + by_state[JobState.UNKNOWN],
         **_reconciliation(jobs),
     )
+
+
+class SpendFacts(Protocol):
+    """What status and the report know of spend that may have happened twice."""
+
+    @property
+    def possible_duplicates(self) -> int: ...
+    @property
+    def possible_duplicate_usd(self) -> Decimal: ...
+    @property
+    def reconciled(self) -> Mapping[str, int]: ...
+    @property
+    def duplicates_found(self) -> int: ...
+    @property
+    def duplicates_found_usd(self) -> Decimal: ...
+    @property
+    def unknown_outcomes(self) -> int: ...
+
+
+def spend_notes(facts: SpendFacts) -> list[str]:
+    """The sentences status and the report say about duplicate spend, worded once."""
+    notes = []
+    if facts.possible_duplicates:
+        notes.append(
+            f"possible duplicate spend: {_jobs(facts.possible_duplicates)} resubmitted after an "
+            f"unknown outcome (est. {format_usd(facts.possible_duplicate_usd)})"
+        )
+    if facts.reconciled:
+        ways = sorted(facts.reconciled.items())
+        settled = ", ".join(f"{n} {how.replace('_', ' ')}" for how, n in ways)
+        notes.append(f"unknown outcomes settled from fal's request history: {settled}")
+    if facts.duplicates_found:
+        notes.append(
+            f"duplicates billed, found in fal's history: {facts.duplicates_found} requests "
+            f"(est. {format_usd(facts.duplicates_found_usd)})"
+        )
+    if facts.unknown_outcomes:
+        notes.append(
+            f"{_jobs(facts.unknown_outcomes)} with an unknown submit outcome (a resume settles "
+            "them; resubmitting may pay twice)"
+        )
+    return notes
+
+
+def _jobs(n: int) -> str:
+    return "1 job" if n == 1 else f"{n} jobs"
 
 
 def _reconciliation(jobs: pa.Table) -> dict[str, Any]:

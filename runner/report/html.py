@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 from runner.endpoints.money import format_usd
 from runner.ledger import JobState, OutputImage
+from runner.ledger.totals import spend_notes
 from runner.report.assets import CSS, JS, PAGE
 from runner.report.data import Percentiles, Report
 from runner.report.gallery import Gallery, GalleryItem, Thumbnails
@@ -150,27 +151,7 @@ def _summary(report: Report) -> str:
     cells = "".join(f'<div class="tile"><b>{_e(v)}</b><span>{_e(k)}</span></div>' for k, v in tiles)
     states = ", ".join(f"{s.value} {n}" for s, n in report.by_state.items())
     notes = "".join(f'<p class="note">{_e(n)}</p>' for n in report.notes)
-    if report.possible_duplicates:
-        dup_usd = format_usd(report.possible_duplicate_usd)
-        notes += (
-            f'<p class="warn">possible duplicate spend: {count(report.possible_duplicates, "job")}'
-            f" resubmitted after an unknown outcome (est. {_e(dup_usd)})</p>"
-        )
-    if report.reconciled or report.duplicates_found:
-        settled = ", ".join(f"{n} {how.replace('_', ' ')}" for how, n in
-                            sorted(report.reconciled.items()))  # fmt: skip
-        dups = (
-            f"; duplicates billed: {report.duplicates_found} "
-            f"(est. {format_usd(report.duplicates_found_usd)})"
-            if report.duplicates_found
-            else ""
-        )
-        notes += f'<p class="note">{_e("settled from fal request history: " + settled + dups)}</p>'
-    if report.unknown_outcomes:
-        notes += (
-            f'<p class="warn">{count(report.unknown_outcomes, "job")} with an unknown '
-            "submit outcome (a resume may pay for them twice)</p>"
-        )
+    notes += "".join(f'<p class="warn">{_e(note)}</p>' for note in spend_notes(report))
     tiles_html = f'<div class="tiles">{cells}</div>'
     return f'<section id="summary">{tiles_html}<p>{_e(states)}</p>{notes}</section>'
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from runner.endpoints.money import format_usd
 from runner.ledger import JobState
+from runner.ledger.totals import spend_notes
 from runner.report.data import Percentiles, Report
 from runner.report.schemas import REPORT
 
@@ -92,22 +93,7 @@ def render_text(report: Report) -> str:
     if report.manifest:
         lines[0] += f" from {report.manifest}"
     lines.append("  " + ", ".join(f"{s.value} {n}" for s, n in report.by_state.items()))
-    if report.possible_duplicates:
-        lines.append(
-            f"  possible duplicate spend: {count(report.possible_duplicates, 'job')} resubmitted "
-            f"after an unknown outcome (est. {format_usd(report.possible_duplicate_usd)})"
-        )
-    if report.unknown_outcomes:
-        lines.append(f"  {count(report.unknown_outcomes, 'job')} with an unknown submit outcome")
-    if report.reconciled:
-        settled = ", ".join(f"{n} {how.replace('_', ' ')}" for how, n in
-                            sorted(report.reconciled.items()))  # fmt: skip
-        lines.append(f"  settled from fal's request history: {settled}")
-    if report.duplicates_found:
-        lines.append(
-            f"  duplicates billed (found in fal's history): {report.duplicates_found} "
-            f"(est. {format_usd(report.duplicates_found_usd)})"
-        )
+    lines += [f"  {note}" for note in spend_notes(report)]
     lines += ["", "cost by endpoint (estimate of billed jobs vs output-based cost):"]
     rows: list[tuple[str, ...]] = [
         ("endpoint", "jobs", "done", "images", "estimated", "est. billed", "billed")
