@@ -67,10 +67,11 @@ from runner.fal.retry import RetryPolicies
 from runner.fal.storage import StorageClient, UploadSettings
 from runner.fal.transport import open_transport
 from runner.ledger.fold import read_records
+from runner.ledger.meta import write_run_meta
 from runner.ledger.probe import probe_writable
 from runner.ledger.schema import JobRecord, JobState, utcnow
 from runner.ledger.state import LedgerState
-from runner.ledger.store import Ledger, write_run_meta
+from runner.ledger.store import Ledger
 from runner.media.downloads import Downloader, DownloadStage
 from runner.media.inputs import InputChecker, InputProber, InputSizer
 from runner.media.sink import OutputSink

@@ -95,6 +95,7 @@ reads (:func:`runner.ledger.fold.read_admission`).
 
 from runner.ledger.fold import fold, fold_tables, read_events, read_folded
 from runner.ledger.lock import RunLock
+from runner.ledger.meta import read_run_meta, write_run_meta
 from runner.ledger.resume import (
     Action,
     Decision,
@@ -113,7 +114,7 @@ from runner.ledger.schema import (
     encode_request,
 )
 from runner.ledger.state import JobBrief, LedgerState
-from runner.ledger.store import Ledger, compact, read_run_meta, write_run_meta
+from runner.ledger.store import Ledger, compact
 from runner.ledger.totals import EndpointTotals, Totals, totals
 from runner.ledger.views import StatusSummary, export, status_summary
 

@@ -10,12 +10,8 @@ their own.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import fields, replace
-from operator import attrgetter
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -44,20 +40,17 @@ from runner.ledger.journal import (
 from runner.ledger.lock import RunLock
 from runner.ledger.parts import (
     PartFile,
-    atomic_write_bytes,
     part_rows,
     read_part,
     scan_parts,
     stale_temp_files,
     write_part,
 )
-from runner.ledger.schema import LedgerEvent, OutputImage, encode_event, rows_to_table
+from runner.ledger.redaction import Redact, redacted_event
+from runner.ledger.schema import LedgerEvent, encode_event, rows_to_table
 from runner.ledger.state import LedgerState
 
-RUN_META = "run.json"
 CHECKPOINT_EVENTS = 50_000
-
-Redact = Callable[[str], str]
 
 
 class Ledger:
@@ -344,74 +337,6 @@ class Ledger:
         await self.aclose()
 
 
-# The text fields of an event and of an output, but for the digests the runner computes
-# itself (job_key, payload_sha256, an output's sha256): hex that cannot carry a key, and
-# job_key ties the event to its job.
-_DIGESTS = frozenset({"job_key", "payload_sha256", "sha256"})
-
-
-def _text_fields(cls: type[Any]) -> tuple[str, ...]:
-    texts = ("str", "str | None")  # annotations are strings here (postponed evaluation)
-    return tuple(f.name for f in fields(cls) if f.type in texts and f.name not in _DIGESTS)
-
-
-_TEXT_FIELDS = _text_fields(LedgerEvent)
-_OUTPUT_TEXT_FIELDS = _text_fields(OutputImage)
-
-
-def redacted_event(event: LedgerEvent, redact: Redact) -> LedgerEvent:
-    """``event`` with ``redact`` applied to every text it holds: each string field, the
-    metadata's keys and values, the outputs' URLs and paths, the duplicate request ids.
-
-    The event itself when nothing changes: the usual case, found with one pass of
-    ``redact`` over all the texts joined, so an append pays a few microseconds for it.
-    """
-    text = _all_text(event)
-    if redact(text) == text:
-        return event
-    changes: dict[str, Any] = {}
-    for name in _TEXT_FIELDS:
-        value = getattr(event, name)
-        if value is not None and (clean := redact(value)) != value:
-            changes[name] = clean
-    if event.metadata:
-        metadata = {redact(k): redact(v) for k, v in event.metadata.items()}
-        if metadata != dict(event.metadata):
-            changes["metadata"] = metadata
-    if event.outputs:
-        outputs = tuple(_redacted_output(o, redact) for o in event.outputs)
-        if outputs != event.outputs:
-            changes["outputs"] = outputs
-    if event.duplicate_request_ids:
-        ids = tuple(redact(i) for i in event.duplicate_request_ids)
-        if ids != event.duplicate_request_ids:
-            changes["duplicate_request_ids"] = ids
-    return replace(event, **changes) if changes else event
-
-
-_event_texts = attrgetter(*_TEXT_FIELDS)
-_output_texts = attrgetter(*_OUTPUT_TEXT_FIELDS)
-
-
-def _all_text(event: LedgerEvent) -> str:
-    texts = [value for value in _event_texts(event) if value is not None]
-    if event.metadata:
-        texts += [*event.metadata.keys(), *event.metadata.values()]
-    for output in event.outputs or ():
-        texts += [value for value in _output_texts(output) if value is not None]
-    texts += event.duplicate_request_ids or ()
-    return "\n".join(texts)
-
-
-def _redacted_output(output: OutputImage, redact: Redact) -> OutputImage:
-    changes: dict[str, Any] = {}
-    for name in _OUTPUT_TEXT_FIELDS:
-        value = getattr(output, name)
-        if value is not None and (clean := redact(value)) != value:
-            changes[name] = clean
-    return replace(output, **changes) if changes else output
-
-
 _READ_BACK_ROWS = 4096
 
 
@@ -479,56 +404,3 @@ def _recover(run_dir: Path) -> int:
     if segments:
         fsync_dir(journal_dir)
     return max_seq + 1
-
-
-def write_run_meta(
-    run_dir: Path | str, meta: Mapping[str, Any], *, redact: Redact | None = None
-) -> None:
-    """Write run.json atomically (manifest fingerprint, version, config without secrets).
-
-    ``redact``, when given, is applied to every string in ``meta`` (keys and values, at
-    any depth) before it is written.
-    """
-    _refuse_secrets(meta, "run.json")
-    if redact is not None:
-        meta = _redacted_json(meta, redact)
-    data = json.dumps(meta, indent=2, sort_keys=True, default=str).encode() + b"\n"
-    atomic_write_bytes(Path(run_dir) / RUN_META, data)
-
-
-def read_run_meta(run_dir: Path | str) -> dict[str, Any] | None:
-    path = Path(run_dir) / RUN_META
-    try:
-        data = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return None
-    except ValueError as exc:
-        raise LedgerError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise LedgerError(f"{path} does not hold a JSON object")
-    return data
-
-
-def _redacted_json(value: Any, redact: Redact) -> Any:
-    if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, Mapping):
-        return {redact(str(k)): _redacted_json(v, redact) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_redacted_json(item, redact) for item in value]
-    if isinstance(value, int | float | bool) or value is None:
-        return value
-    return redact(str(value))  # what json.dumps(default=str) would write
-
-
-def _refuse_secrets(value: Any, where: str) -> None:
-    from pydantic import SecretBytes, SecretStr
-
-    if isinstance(value, SecretStr | SecretBytes):
-        raise ValueError(f"{where}: refusing to write a secret value")
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            _refuse_secrets(item, f"{where}.{key}")
-    elif isinstance(value, list | tuple):
-        for item in value:
-            _refuse_secrets(item, where)

@@ -25,8 +25,8 @@ from runner.endpoints.money import trim_usd
 from runner.errors import LedgerError
 from runner.ledger.fold import read_folded
 from runner.ledger.journal import fsync_dir
+from runner.ledger.meta import read_run_meta
 from runner.ledger.schema import JobState
-from runner.ledger.store import read_run_meta
 from runner.ledger.totals import EndpointTotals, totals
 
 ExportFormat = Literal["csv", "jsonl", "parquet"]
