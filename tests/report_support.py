@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from runner.ledger import JobState, Ledger, LedgerEvent, OutputImage, encode_request
-from runner.ledger.store import write_run_meta
+from runner.ledger.meta import write_run_meta
 
 T0 = datetime(2026, 11, 20, 22, 0, 0, tzinfo=UTC)
 LORA = "fal-ai/flux-lora"

@@ -53,8 +53,10 @@ from runner.fal.key import (
 )
 from runner.fal.retry import RetryPolicy
 from runner.fal.storage import UploadSettings
+from runner.ledger.meta import read_run_meta, write_run_meta
+from runner.ledger.redaction import redacted_event
 from runner.ledger.schema import JobState, LedgerEvent, OutputImage
-from runner.ledger.store import Ledger, read_run_meta, redacted_event, write_run_meta
+from runner.ledger.store import Ledger
 from runner.ledger.views import export
 from runner.report.data import build_report, load_jobs
 from runner.report.gallery import gallery

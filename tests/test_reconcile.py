@@ -241,3 +241,12 @@ async def test_plan_prices_with_the_accounts_own_prices_when_a_key_is_set() -> N
         builtin = fallback.get("fal-ai/flux-lora")
         assert builtin is not None and builtin.source != ACCOUNT_PRICE_SOURCE
     assert len(said) == 1 and "built-in table" in said[0]  # the refused key, said once
+
+
+def test_a_request_the_job_already_followed_is_not_this_submit() -> None:
+    """A retry sends the same JSON: the earlier attempt's request is in the history too."""
+    earlier, this = item("r-old", SENT, 0.1), item("r-new", SENT, 0.6)
+    intent = Intent(INTENT.endpoint, INTENT.first_at, INTENT.last_at, SHA, frozenset({"r-old"}))
+    assert settle_from([earlier, this], intent, T0, settle_s=60.0) == Adopt(this)
+    gone = settle_from([earlier], intent, T0 + timedelta(seconds=90), settle_s=60.0)
+    assert gone == Absent()

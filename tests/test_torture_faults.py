@@ -131,7 +131,11 @@ async def test_every_fault_at_once_loses_nothing_and_records_every_reason(
         e["error_type"] for h in histories(run_dir).values() for e in h.events
         if e["state"] == "failed"
     }  # fmt: skip
-    assert len(failed_types & set(FAILURE_STATUS)) >= 4, failed_types
+    # Every failure the emulator planned is on the record, by its type (how many kinds a
+    # storm draws depends on how many submits it accepted, which reconciliation lowers).
+    planned = {k.removeprefix("fail_") for k in fired if k.startswith("fail_")}
+    assert planned and planned <= set(FAILURE_STATUS), fired
+    assert planned <= failed_types, (planned, failed_types)
     assert sum(r.duplicates_possible for r in reports) <= acc.unknown_attempts
 
 

@@ -214,6 +214,7 @@ class Emulator:
             failure, emulated_s = "input", min(emulated_s, INPUT_FAILURE_S)
         elif failure is not None:
             emulated_s *= FAILURE_FRACTION
+            self.stats.fault(f"fail_{failure}")
         job = Job(
             request_id=str(uuid.uuid4()),
             endpoint=endpoint,

@@ -66,7 +66,7 @@ from runner.fal.receiver import WebhookReceiver, webhook_server
 from runner.fal.retry import RetryPolicies
 from runner.fal.storage import StorageClient, UploadSettings
 from runner.fal.transport import open_transport
-from runner.ledger.fold import read_records
+from runner.ledger.fold import read_records, read_requests_seen
 from runner.ledger.meta import write_run_meta
 from runner.ledger.probe import probe_writable
 from runner.ledger.schema import JobRecord, JobState, utcnow
@@ -258,7 +258,7 @@ async def _drive(
             history, settle_s=config.reconcile_after_s, now=utcnow, sleep=hooks.sleep,
             say=progress.say,
         )  # fmt: skip
-        records = await anyio.to_thread.run_sync(_left_in_flight, config.run_dir, state)
+        records, followed = await anyio.to_thread.run_sync(_left_in_flight, config.run_dir, state)
         sizer = InputSizer(config.manifest.resolve().parent)
         budget = _budget(config, state)
         stage = _download_stage(config, ledger, progress, hooks, http) if config.download else None
@@ -271,7 +271,7 @@ async def _drive(
             config, ledger, state, tally=tally, progress=progress, budget=budget,
             prices=prices, sizer=sizer, uploader=uploader, downloads=stage,
             prober=InputProber(http, sizer) if config.probe_inputs else None,
-            records=records, submit_window_s=policies.submit.timeout_s,
+            records=records, followed=followed, submit_window_s=policies.submit.timeout_s,
         )  # fmt: skip
         shared = Shared(
             config=config, client=client, recorder=recorder, strategy=strategy, pacing=pacing,
@@ -310,9 +310,13 @@ _LEFT_IN_FLIGHT = frozenset(
 )
 
 
-def _left_in_flight(run_dir: Path, state: LedgerState) -> dict[str, JobRecord]:
-    """Whole records of the jobs an earlier run left in flight (few): URLs and intents."""
-    return read_records(run_dir, state.keys_in(_LEFT_IN_FLIGHT))
+def _left_in_flight(
+    run_dir: Path, state: LedgerState
+) -> tuple[dict[str, JobRecord], dict[str, frozenset[str]]]:
+    """Whole records of the jobs an earlier run left in flight (few): URLs and intents; and
+    the requests each already followed."""
+    keys = state.keys_in(_LEFT_IN_FLIGHT)
+    return read_records(run_dir, keys), read_requests_seen(run_dir, keys)
 
 
 def _download_stage(

@@ -39,6 +39,9 @@ class Intent:
     first_at: datetime  # no earlier than the intent was recorded
     last_at: datetime  # no earlier than the POST's outcome became unknown
     payload_sha256: str
+    # Requests this job already followed (earlier attempts of the same payload): a retry
+    # sends the same JSON, so fal's history lists them too, and they are not this submit.
+    followed: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +86,9 @@ def settle_from(
 ) -> Adopt | Absent | None:
     """Adopt the earliest match (the others are billed duplicates); Absent once the settle
     delay has passed with no match; None while a match may still appear. Pure."""
-    found = matches(items, intent.payload_sha256)
+    found = [
+        i for i in matches(items, intent.payload_sha256) if i.request_id not in intent.followed
+    ]
     if found:
         return Adopt(found[0], tuple(i.request_id for i in found[1:]))
     if now >= intent.last_at + timedelta(seconds=settle_s):
@@ -150,8 +155,11 @@ class Reconciler:
             due = intent.last_at + timedelta(seconds=self.settle_s) - self.now()
             await self.sleep(max(due.total_seconds(), 0.0) + 0.001)
 
-    async def recover(self, endpoint: str, request_id: str, sent_after: datetime | None) -> Any:
-        """The stored output of an ended, successful request; None when the history has none."""
+    async def recover(
+        self, endpoint: str, request_id: str, sent_after: datetime | None
+    ) -> HistoryItem | None:
+        """The history's record of an ended request, with its output (success or error);
+        None when the history has none."""
         if self.history is None or self.unavailable is not None:
             return None
         try:
@@ -159,9 +167,11 @@ class Reconciler:
         except (PlatformUnavailableError, ProtocolError) as exc:
             self._give_up(exc)
             return None
-        if item is None or not item.ended or item.status_code != 200:
+        if item is None or not item.ended or item.status_code is None:
             return None
-        return item.json_output
+        if item.json_output is None:
+            return None
+        return item
 
 
 def describe(settled: Settlement) -> str:

@@ -131,6 +131,7 @@ class Scheduler:
         uploader: Uploader | None = None,
         downloads: DownloadStage | None = None,
         records: Mapping[str, JobRecord] | None = None,
+        followed: Mapping[str, frozenset[str]] | None = None,
         submit_window_s: float = 300.0,
     ) -> None:
         self.config = config
@@ -148,6 +149,7 @@ class Scheduler:
         # (re-attach) and intents (reconcile). ``submit_window_s``: how long before its
         # unknown outcome a submit's retries may have begun.
         self.records = records or {}
+        self.followed = followed or {}
         self.submit_window = timedelta(seconds=submit_window_s)
         self.policy = ResumePolicy(
             on_unknown=config.on_unknown,
@@ -301,7 +303,8 @@ class Scheduler:
         record = self.records.get(item.job_key)
         last = record.at if record is not None else utcnow()
         sha = record.payload_sha256 if record is not None else None
-        return Intent(item.endpoint, last - self.submit_window, last, sha or "")
+        followed = self.followed.get(item.job_key, frozenset())
+        return Intent(item.endpoint, last - self.submit_window, last, sha or "", followed)
 
     def _skipped(self, item: Job, reason: str) -> None:
         record = self.state.brief(item.job_key)

@@ -60,7 +60,14 @@ from runner.execution.ratelimit import AdaptiveRate
 from runner.execution.reconcile import Absent, Adopt, Intent, Reconciler, Unavailable, describe
 from runner.execution.recorder import Recorder, Ticket
 from runner.fal.client import QueueClient, RequestRef
-from runner.fal.protocol import ERROR_TYPES, Completed, InProgress, ResultResponse, Status
+from runner.fal.protocol import (
+    ERROR_TYPES,
+    Completed,
+    InProgress,
+    ResultResponse,
+    Status,
+    body_error_type,
+)
 from runner.fal.retry import Action, RetryPolicies, call_with_retry, classify
 from runner.ledger.schema import payload_fingerprint, utcnow
 from runner.manifest.jobs import Job
@@ -107,6 +114,7 @@ async def run_job(t: Ticket, s: Shared) -> Outcome:
 async def _attempts(t: Ticket, s: Shared) -> Outcome:
     attempt, ref = max(t.attempt, 1), t.reattach
     answered = unanswered = 0
+    followed: set[str] = set() if ref is None else {ref.request_id}
     if t.reconcile is not None:
         # An earlier run's submit of unknown outcome: fal's history says what it became.
         intent = await _with_fingerprint(t, s, t.reconcile)
@@ -116,13 +124,16 @@ async def _attempts(t: Ticket, s: Shared) -> Outcome:
         t, ref = await _settle(t, s, attempt, intent)
     while True:
         sent = await submit(t, s, attempt) if ref is None else ref
+        if not isinstance(sent, _OUTCOMES):
+            followed.add(sent.request_id)
         outcome = sent if isinstance(sent, _OUTCOMES) else await finish(t, s, sent, attempt)
         if isinstance(outcome, Unknown) and s.reconciler is not None and outcome.intent:
             unanswered += 1
             if unanswered < s.config.max_attempts:
                 # Settle it now, from fal's history, rather than leave it to a rerun.
                 await s.recorder.record(t, attempt, outcome, final=False)
-                t, ref = await _settle(t, s, attempt, outcome.intent)
+                intent = replace(outcome.intent, followed=frozenset(followed))
+                t, ref = await _settle(t, s, attempt, intent)
                 if ref is None:
                     s.tally.retries += 1
                 continue
@@ -377,12 +388,18 @@ async def _recovered(
     """The job's output from fal's request history, when the queue no longer has it."""
     if s.reconciler is None:
         return None
-    output = await s.reconciler.recover(t.job.endpoint, ref.request_id, None)
-    if output is None:
+    item = await s.reconciler.recover(t.job.endpoint, ref.request_id, None)
+    if item is None or item.status_code is None:
         return None
-    read = read_result(ResultResponse(status_code=200, body=output))
+    body = item.json_output
+    answer = ResultResponse(
+        status_code=item.status_code, body=body, request_id=ref.request_id,
+        error_type=body_error_type(body),
+    )  # fmt: skip
+    read = read_result(answer)
     if isinstance(read, Failure):
-        return Failed(read, billed_usd=None)
+        # What the job really ended with, not "result expired"; fal bills no 5xx.
+        return Failed(read, billed_usd=ZERO if read.error_type in ERROR_TYPES else None)
     s.recorder.say(f"{t.job.row_id}: result of {ref.request_id} recovered from fal's history")
     done = finished or StatusIn(Completed(logs=None))
     return _done(t, s, watch, done, read)

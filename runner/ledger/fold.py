@@ -216,6 +216,26 @@ def read_records(run_dir: Path, keys: Sequence[str]) -> dict[str, JobRecord]:
     return _retrying(run_dir, read)
 
 
+def read_requests_seen(run_dir: Path, keys: Sequence[str]) -> dict[str, frozenset[str]]:
+    """Every request id each of a few jobs was ever acknowledged under, by job_key: the
+    requests its earlier attempts followed (the fold keeps only the latest)."""
+    if not keys:
+        return {}
+    value_set = pa.array(list(keys), pa.string())
+
+    def read(snap: _Snapshot) -> dict[str, frozenset[str]]:
+        seen: dict[str, set[str]] = {}
+        for table in snap.tables(["job_key", "request_id"]):
+            rows = table.filter(pc.is_in(table["job_key"], value_set=value_set))
+            for key, rid in zip(rows["job_key"].to_pylist(), rows["request_id"].to_pylist(),
+                                strict=True):  # fmt: skip
+                if rid:
+                    seen.setdefault(key, set()).add(rid)
+        return {k: frozenset(v) for k, v in seen.items()}
+
+    return _retrying(run_dir, read)
+
+
 def _admission_schema(downloads: bool) -> pa.Schema:
     schema = pa.schema([LEDGER_SCHEMA.field(name) for name in ADMISSION_COLUMNS])
     return schema.append(pa.field(_UNFETCHED, pa.bool_())) if downloads else schema
