@@ -220,10 +220,17 @@ async def submit(t: Ticket, s: Shared, attempt: int) -> RequestRef | Outcome:
         return payload
     sha = payload_fingerprint(payload)
     headers = s.config.submit_headers
+    # The rate token first: an intent then waits on nothing before its POST, so a kill
+    # leaves only intents that were about to be sent to settle, not a queue of them.
+    await s.rate.acquire()
     intent_at = await s.recorder.intent(t, attempt, payload_sha256=sha)
+    tries = 0
 
     async def post() -> Any:
-        await s.rate.acquire()
+        nonlocal tries
+        tries += 1
+        if tries > 1:
+            await s.rate.acquire()
         return await s.client.submit(
             t.job.endpoint,
             payload,
