@@ -25,9 +25,8 @@ from runner.errors import (
     TransportError,
 )
 from runner.execution.engine import Hooks, execute
-from runner.execution.outcome import Failed, Unknown
+from runner.execution.outcome import Failed, Unknown, submit_failed
 from runner.execution.summary import Ending, verdict
-from runner.execution.worker import submit_failed
 from runner.fal.retry import RetryPolicies, RetryPolicy
 from runner.ledger import status_summary
 from runner.ledger.schema import JobState

@@ -57,8 +57,8 @@ from runner.execution.ratelimit import AdaptiveRate
 from runner.execution.reconcile import Reconciler
 from runner.execution.recorder import Recorder
 from runner.execution.scheduler import Scheduler, prior_spend, strict_check
+from runner.execution.shared import Shared
 from runner.execution.summary import RunReport
-from runner.execution.worker import Shared
 from runner.fal.client import QueueClient
 from runner.fal.history import HistoryClient
 from runner.fal.jwks import JwksCache
@@ -66,9 +66,9 @@ from runner.fal.receiver import WebhookReceiver, webhook_server
 from runner.fal.retry import RetryPolicies
 from runner.fal.storage import StorageClient, UploadSettings
 from runner.fal.transport import open_transport
-from runner.ledger.fold import read_records, read_requests_seen
 from runner.ledger.meta import write_run_meta
 from runner.ledger.probe import probe_writable
+from runner.ledger.records import read_records, read_requests_seen
 from runner.ledger.schema import JobRecord, JobState, utcnow
 from runner.ledger.state import LedgerState
 from runner.ledger.store import Ledger

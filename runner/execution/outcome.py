@@ -16,6 +16,7 @@ The readings:
     read_status(Completed)        -> Failure | None   a COMPLETED status carrying an error
     read_result(ResultResponse)   -> Success | Failure
     expired(request_id)           -> Failure           the queue forgot the request (404)
+    submit_failed(FalError)       -> Outcome           a submit that failed after its retries
 
 A failure says whether a new attempt may help (``retryable``) from fal's error-type table
 (:func:`runner.fal.protocol.is_retryable_error_type`); a 422 is the request's own fault and
@@ -30,8 +31,9 @@ from decimal import Decimal
 from typing import Any
 
 from runner.endpoints.cost import megapixels
-from runner.errors import ProtocolError
+from runner.errors import FalError, HTTPStatusError, ProtocolError, TransportError
 from runner.fal.protocol import Completed, FluxResult, ResultResponse, is_retryable_error_type
+from runner.fal.retry import Action, classify
 from runner.ledger.schema import OutputImage
 
 MESSAGE_LIMIT = 2000
@@ -165,3 +167,18 @@ def result_message(result: ResultResponse) -> str:
         detail = body.get("detail", body.get("error", body))
         return f"{result.status_code}: {detail}"[:MESSAGE_LIMIT]
     return f"{result.status_code}: {body}"[:MESSAGE_LIMIT]
+
+
+def submit_failed(exc: FalError) -> Outcome:
+    """What a submit that failed after its retries means. Pure."""
+    if classify(exc, kind="submit").action is Action.UNKNOWN_OUTCOME:
+        # The POST may have been queued and billed: never resubmit blindly.
+        return Unknown(str(exc)[:MESSAGE_LIMIT])
+    # Certainly not accepted: nothing was paid. Retryable unless the request itself is bad.
+    code = exc.status_code if isinstance(exc, HTTPStatusError) else None
+    permanent = code is not None and 400 <= code < 500 and code not in (408, 409, 429)
+    error_type = f"submit_http_{code}" if code else "submit_failed"
+    failure = Failure(error_type, str(exc)[:MESSAGE_LIMIT], retryable=not permanent)
+    # A refusal is an answer; a request that never reached the server is not.
+    answered = not (isinstance(exc, TransportError) and not exc.sent)
+    return Failed(failure, billed_usd=Decimal(0), answered=answered)

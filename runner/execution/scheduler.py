@@ -31,8 +31,9 @@ from runner.execution.outcome import Lost
 from runner.execution.progress import Progress, Tally
 from runner.execution.reconcile import Intent
 from runner.execution.recorder import Ticket
+from runner.execution.shared import Shared
 from runner.execution.summary import Ending, RunReport, verdict
-from runner.execution.worker import Shared, run_job
+from runner.execution.worker import run_job
 from runner.fal.client import RequestRef
 from runner.fal.protocol import RequestUrls
 from runner.ledger.resume import Action, ResumePolicy, decide

@@ -21,24 +21,19 @@ counts toward ``--max-attempts``. One that never reached it keeps its number.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
-from datetime import datetime
+from collections.abc import Mapping
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
 import anyio
 
-from runner.config import RunConfig
-from runner.endpoints.cost import PriceTable, billed_cost
-from runner.errors import AuthError, FalError, HTTPStatusError, TransportError
+from runner.endpoints.cost import billed_cost
+from runner.errors import AuthError, FalError, HTTPStatusError
 from runner.execution.completion import (
     Finished,
-    Pacing,
     ResultIn,
     StatusIn,
-    Strategy,
     Watch,
     WebhookIn,
 )
@@ -54,12 +49,12 @@ from runner.execution.outcome import (
     expired,
     read_result,
     read_status,
+    submit_failed,
 )
-from runner.execution.progress import Tally
-from runner.execution.ratelimit import AdaptiveRate
-from runner.execution.reconcile import Absent, Adopt, Intent, Reconciler, Unavailable, describe
-from runner.execution.recorder import Recorder, Ticket
-from runner.fal.client import QueueClient, RequestRef
+from runner.execution.reconcile import Absent, Adopt, Intent, Unavailable, describe
+from runner.execution.recorder import Ticket
+from runner.execution.shared import Shared
+from runner.fal.client import RequestRef
 from runner.fal.protocol import (
     ERROR_TYPES,
     Completed,
@@ -68,38 +63,11 @@ from runner.fal.protocol import (
     Status,
     body_error_type,
 )
-from runner.fal.retry import Action, RetryPolicies, call_with_retry, classify
-from runner.ledger.schema import payload_fingerprint, utcnow
-from runner.manifest.jobs import Job
+from runner.fal.retry import call_with_retry
+from runner.ledger.schema import payload_fingerprint
 from runner.media.uploads import InputFailure
 
-Resolve = Callable[[Job], Awaitable[Mapping[str, Any] | InputFailure]]
 ZERO = Decimal(0)
-
-
-@dataclass(slots=True)
-class Shared:
-    """Everything the workers of one run share; built once by the engine."""
-
-    config: RunConfig
-    client: QueueClient
-    recorder: Recorder
-    strategy: Strategy
-    pacing: Pacing
-    prices: PriceTable
-    rate: AdaptiveRate
-    tally: Tally
-    input_sizes: Callable[[Job], list[tuple[int, int]]]
-    lora_bytes: Callable[[Job], int | None] = lambda _job: None
-    policies: RetryPolicies = field(default_factory=RetryPolicies)
-    webhook_url: str | None = None
-    clock: Callable[[], float] = time.monotonic
-    sleep: Callable[[float], Awaitable[None]] = anyio.sleep
-    endpoint_limits: dict[str, anyio.CapacityLimiter] = field(default_factory=dict)
-    on_change: Callable[[], None] = lambda: None
-    resolve: Resolve | None = None  # local inputs -> URLs; None sends the payload as is
-    reconciler: Reconciler | None = None  # --on-unknown reconcile: fal's history settles
-    now: Callable[[], datetime] = utcnow
 
 
 async def run_job(t: Ticket, s: Shared) -> Outcome:
@@ -260,21 +228,6 @@ async def submit(t: Ticket, s: Shared, attempt: int) -> RequestRef | Outcome:
     await s.recorder.acknowledged(t, attempt, ack)
     ref: RequestRef = ack
     return ref
-
-
-def submit_failed(exc: FalError) -> Outcome:
-    """What a submit that failed after its retries means. Pure."""
-    if classify(exc, kind="submit").action is Action.UNKNOWN_OUTCOME:
-        # The POST may have been queued and billed: never resubmit blindly.
-        return Unknown(_detail(exc))
-    # Certainly not accepted: nothing was paid. Retryable unless the request itself is bad.
-    code = exc.status_code if isinstance(exc, HTTPStatusError) else None
-    permanent = code is not None and 400 <= code < 500 and code not in (408, 409, 429)
-    error_type = f"submit_http_{code}" if code else "submit_failed"
-    failure = Failure(error_type, _detail(exc), retryable=not permanent)
-    # A refusal is an answer; a request that never reached the server is not.
-    answered = not (isinstance(exc, TransportError) and not exc.sent)
-    return Failed(failure, billed_usd=ZERO, answered=answered)
 
 
 async def finish(t: Ticket, s: Shared, ref: RequestRef, attempt: int) -> Outcome:
