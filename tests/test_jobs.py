@@ -16,13 +16,12 @@ import pytest
 
 from runner.endpoints.catalog import FluxLoraRequest
 from runner.errors import RowError, UnknownEndpointError
+from runner.manifest.columns import column_warnings, fill_template
 from runner.manifest.identity import is_content_id
 from runner.manifest.idtable import FirstLines
 from runner.manifest.jobs import (
     ExpandOptions,
     Job,
-    column_warnings,
-    fill_template,
     is_row_number_id,
     iter_jobs,
     job_key,

@@ -25,8 +25,9 @@ from runner.errors import (
     UsageError,
 )
 from runner.ledger.totals import spend_notes
+from runner.manifest.columns import column_warnings
 from runner.manifest.identity import identity_notice
-from runner.manifest.jobs import ExpandOptions, Job, column_warnings, iter_jobs
+from runner.manifest.jobs import ExpandOptions, Job, iter_jobs
 from runner.manifest.plan import build_plan, render_text
 from runner.manifest.reader import read_rows
 from runner.media.inputs import InputChecker, InputSizer

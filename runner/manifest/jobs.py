@@ -15,10 +15,8 @@ found in it, yielded in place of its jobs; it never stops the stream.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import json
-import string
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,11 @@ from runner.endpoints import catalog
 from runner.endpoints.catalog import BaseRequest, EndpointSpec
 from runner.errors import RowError, RowProblem, UnknownEndpointError
 from runner.manifest import cells
+from runner.manifest.columns import (
+    CONTROL_COLUMNS,
+    as_text,
+    fill_template,
+)
 from runner.manifest.identity import (
     DEFAULT_ID_COLUMN,
     SeenRows,
@@ -46,9 +49,6 @@ from runner.manifest.identity import row_number_id as row_number_id
 from runner.manifest.identity import variant_seed as variant_seed
 from runner.manifest.reader import RawRow
 
-CONTROL_COLUMNS = frozenset({"seeds", "variants", "prompt_template"})
-IDENTITY_COLUMNS = frozenset({"id", "endpoint"})
-NEAR_MISS_CUTOFF = 0.8
 _EXPANSION_COLUMNS = ("seed", "seeds", "variants")
 # Parameters of any catalog endpoint: in a mixed manifest, a column for one
 # endpoint's parameter is not metadata on another endpoint's row.
@@ -85,67 +85,6 @@ class Job:
     payload: Mapping[str, Any]
     request: BaseRequest | None
     metadata: Mapping[str, str]
-
-
-def column_warnings(columns: Iterable[str], endpoint_ids: Iterable[str]) -> list[str]:
-    """Warnings for metadata columns that look like misspelt parameter names.
-
-    Called once per file with its header (and ``--set`` keys) and the
-    endpoints it uses; unknown endpoints contribute no parameter names.
-    """
-    specs = [catalog.CATALOG[e] for e in dict.fromkeys(endpoint_ids) if e in catalog.CATALOG]
-    params = {name for spec in specs for name in spec.model.model_fields}
-    known = params | CONTROL_COLUMNS | IDENTITY_COLUMNS
-    by_lower = {name.lower(): name for name in sorted(known)}
-    where = ", ".join(spec.id for spec in specs) or "any known endpoint"
-    warnings = []
-    for column in dict.fromkeys(columns):
-        if column in known:
-            continue
-        close = difflib.get_close_matches(column.lower(), by_lower, n=1, cutoff=NEAR_MISS_CUTOFF)
-        if close:
-            warnings.append(
-                f"column {column!r} is not a parameter of {where} and is kept as metadata "
-                f"(never sent); did you mean {by_lower[close[0]]!r}?"
-            )
-    return warnings
-
-
-def fill_template(template: str, values: Mapping[str, Any]) -> str:
-    """``{column}`` placeholders filled from a row's cells.
-
-    Raises ValueError naming every placeholder whose column is missing or
-    empty, or describing a malformed template.
-    """
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise ValueError(f"prompt_template is not a valid template: {exc}") from exc
-    out: list[str] = []
-    missing: list[str] = []
-    for literal, name, spec, conversion in parts:
-        out.append(literal)
-        if name is None:
-            continue
-        if not name or spec or conversion or any(c in name for c in ".[]"):
-            raise ValueError(
-                f"prompt_template placeholder {{{name}}} is not a plain {{column}} name"
-            )
-        value = values.get(name)
-        if cells.is_blank(value):
-            missing.append(name)
-        else:
-            out.append(_as_text(value))
-    if missing:
-        names = ", ".join(f"{{{m}}}" for m in dict.fromkeys(missing))
-        raise ValueError(f"prompt_template needs {names} but the column is missing or empty")
-    return "".join(out)
-
-
-def _as_text(value: Any) -> str:
-    if isinstance(value, str):
-        return value.strip()
-    return canonical_json(value)
 
 
 def iter_jobs(rows: Iterable[RawRow], options: ExpandOptions) -> Iterator[Job | RowError]:
@@ -348,7 +287,7 @@ def _split_columns(
             continue
         if fields is not None and column not in fields:
             if column not in _ALL_PARAMETERS:
-                metadata[column] = "" if value is None else _as_text(value)
+                metadata[column] = "" if value is None else as_text(value)
             elif not cells.is_blank(value):
                 # Another endpoint's parameter (a mixed manifest): dropping it
                 # silently would change what the user asked for.
