@@ -31,7 +31,7 @@ from runner.execution.outcome import Lost
 from runner.execution.progress import Progress, Tally
 from runner.execution.reconcile import Intent
 from runner.execution.recorder import Ticket
-from runner.execution.shared import Shared
+from runner.execution.shared import Shared, Unsent
 from runner.execution.summary import Ending, RunReport, verdict
 from runner.execution.worker import run_job
 from runner.fal.client import RequestRef
@@ -162,6 +162,7 @@ class Scheduler:
         self.interrupted = False
         self.window = anyio.Semaphore(config.in_flight_limit)
         self._acquiring: anyio.CancelScope | None = None
+        self._unsent: Unsent | None = None  # the workers' jobs that have sent nothing yet
         self.lost_slots = 0
         # Completed earlier but not (fully) downloaded: fetched again instead of skipped.
         self.pending = pending_downloads(state) if config.download else None
@@ -200,6 +201,7 @@ class Scheduler:
     async def admit(self, tg: anyio.abc.TaskGroup, shared: Shared) -> None:
         """Stream the manifest and start a worker for every job that should run now."""
         stream = job_stream(self.config)
+        self._unsent = shared.unsent
         while not self.stop_admitting.is_set():
             batch = await anyio.to_thread.run_sync(lambda: list(islice(stream, BATCH)))
             if not batch:
@@ -349,6 +351,8 @@ class Scheduler:
                 if not self.stop_admitting.is_set() or not self.interrupted:
                     self.interrupted = True
                     self.stop()
+                    if self._unsent is not None:
+                        self._unsent.abandon()  # uploads and rate waits: nothing sent yet
                     self.progress.say(
                         f"interrupted: no new jobs; waiting for {self.tally.in_flight} in flight "
                         "(press Ctrl-C again to exit now; they will be re-attached next run)"

@@ -4,7 +4,8 @@ the strategy, the limits, the policies and the injected clock and sleep."""
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -25,6 +26,42 @@ from runner.manifest.jobs import Job
 from runner.media.uploads import InputFailure
 
 Resolve = Callable[[Job], Awaitable[Mapping[str, Any] | InputFailure]]
+
+
+class NotSentError(Exception):
+    """A job stopped before it sent anything (an interrupt): nothing to record or settle."""
+
+
+class Unsent:
+    """The jobs that have sent nothing yet: their uploads and waits for a rate token.
+
+    On an interrupt they stop at once (:meth:`abandon`): nothing of theirs reached fal, so
+    there is nothing to wait for or settle, and a stuck upload no longer holds Ctrl-C for
+    its retries. A job already past its intent is waited for as before.
+    """
+
+    def __init__(self) -> None:
+        self._scopes: set[anyio.CancelScope] = set()
+        self.abandoned = False
+
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        """Run the body until it ends or :meth:`abandon`; then :class:`NotSentError`."""
+        with anyio.CancelScope() as scope:
+            if self.abandoned:
+                scope.cancel()
+            self._scopes.add(scope)
+            try:
+                yield
+            finally:
+                self._scopes.discard(scope)
+        if scope.cancelled_caught:
+            raise NotSentError
+
+    def abandon(self) -> None:
+        self.abandoned = True
+        for scope in list(self._scopes):
+            scope.cancel()
 
 
 @dataclass(slots=True)
@@ -50,3 +87,4 @@ class Shared:
     resolve: Resolve | None = None  # local inputs -> URLs; None sends the payload as is
     reconciler: Reconciler | None = None  # --on-unknown reconcile: fal's history settles
     now: Callable[[], datetime] = utcnow
+    unsent: Unsent = field(default_factory=Unsent)

@@ -53,7 +53,7 @@ from runner.execution.outcome import (
 )
 from runner.execution.reconcile import Absent, Adopt, Intent, Unavailable, describe
 from runner.execution.recorder import Ticket
-from runner.execution.shared import Shared
+from runner.execution.shared import NotSentError, Shared
 from runner.fal.client import RequestRef
 from runner.fal.protocol import (
     ERROR_TYPES,
@@ -70,13 +70,17 @@ from runner.media.uploads import InputFailure
 ZERO = Decimal(0)
 
 
-async def run_job(t: Ticket, s: Shared) -> Outcome:
-    """Drive one job to an outcome, recording every step."""
-    limiter = s.endpoint_limits.get(t.job.endpoint)
-    if limiter is None:
-        return await _attempts(t, s)
-    async with limiter:
-        return await _attempts(t, s)
+async def run_job(t: Ticket, s: Shared) -> Outcome | None:
+    """Drive one job to an outcome, recording every step; None if an interrupt stopped it
+    before it sent anything."""
+    try:
+        limiter = s.endpoint_limits.get(t.job.endpoint)
+        if limiter is None:
+            return await _attempts(t, s)
+        async with limiter:
+            return await _attempts(t, s)
+    except NotSentError:
+        return None
 
 
 async def _attempts(t: Ticket, s: Shared) -> Outcome:
@@ -183,14 +187,15 @@ async def _prepare(t: Ticket, s: Shared) -> Mapping[str, Any] | Failed:
 
 async def submit(t: Ticket, s: Shared, attempt: int) -> RequestRef | Outcome:
     """Resolve inputs, record the intent, POST with the submit policy, record the ack."""
-    payload = await _prepare(t, s)
-    if isinstance(payload, Failed):
-        return payload
+    with s.unsent.guard():  # an interrupt stops uploads and waits: nothing was sent
+        payload = await _prepare(t, s)
+        if isinstance(payload, Failed):
+            return payload
+        # The rate token first: an intent then waits on nothing before its POST, so a kill
+        # leaves only intents that were about to be sent to settle, not a queue of them.
+        await s.rate.acquire()
     sha = payload_fingerprint(payload)
     headers = s.config.submit_headers
-    # The rate token first: an intent then waits on nothing before its POST, so a kill
-    # leaves only intents that were about to be sent to settle, not a queue of them.
-    await s.rate.acquire()
     intent_at = await s.recorder.intent(t, attempt, payload_sha256=sha)
     tries = 0
 
