@@ -362,3 +362,17 @@ def test_validate_checks_local_input_files(
     assert "m.csv:3: image_url=missing.png: file not found" in out
     assert "m.csv:4: image_url=not-an-image.png" in out
     assert "1 job ok, 2 bad rows" in err
+
+
+@pytest.mark.parametrize("command", ["status", "export", "report", "compact", "cancel"])
+def test_a_mistyped_run_directory_is_a_usage_error_and_is_not_created(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+) -> None:
+    monkeypatch.setenv("FAL_KEY", "key-id:key-secret")
+    missing = tmp_path / "nightly.runnr"
+    assert main([command, str(missing)]) == 2
+    assert f"{missing} is not a run directory" in capsys.readouterr().err
+    assert not missing.exists()

@@ -33,6 +33,7 @@ from runner.errors import (
     EXIT_INTERRUPTED,
     EXIT_LEDGER,
     RunnerError,
+    UsageError,
 )
 from runner.options import add_manifest_args, add_run_args
 
@@ -136,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         try:
+            _check_run_dir(args)
             code: int = args.func(args)
         except BaseExceptionGroup as group:
             # Raised inside a task group (the embedded emulator's): the error that matters,
@@ -158,6 +160,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"runner: error: {_os_error_line(exc)}", file=sys.stderr)
         return EXIT_LEDGER
     return code
+
+
+def _check_run_dir(args: argparse.Namespace) -> None:
+    """A mistyped run directory is a usage error, before anything creates or reads it."""
+    from runner.ledger.views import is_run_dir, not_a_run_dir
+
+    run_dir = getattr(args, "run_dir", None)
+    if isinstance(run_dir, Path) and not is_run_dir(run_dir):
+        raise UsageError(not_a_run_dir(run_dir))
 
 
 def _what_matters(group: BaseExceptionGroup[BaseException]) -> BaseException | None:

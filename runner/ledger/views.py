@@ -55,9 +55,18 @@ class StatusSummary:
     run_meta: Mapping[str, Any] | None
 
 
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` holds a run's ledger, journal or run.json."""
+    return any((path / name).exists() for name in ("ledger", "journal", "run.json"))
+
+
+def not_a_run_dir(path: Path) -> str:
+    return f"{path} is not a run directory (no ledger/, journal/ or run.json)"
+
+
 def _require_run_dir(run_dir: Path) -> None:
-    if not any((run_dir / name).exists() for name in ("ledger", "journal", "run.json")):
-        raise LedgerError(f"{run_dir} is not a run directory (no ledger/, journal/ or run.json)")
+    if not is_run_dir(run_dir):
+        raise LedgerError(not_a_run_dir(run_dir))
 
 
 def status_summary(run_dir: Path | str) -> StatusSummary:
