@@ -218,7 +218,8 @@ OPTIONS: tuple[Option, ...] = (
        "s3://bucket/prefix (default RUN_DIR/outputs)", metavar="DIR|URL"),
     _o(IO, "download", "download", "--no-download keeps only the output URLs in the ledger "
        "(default: each output is downloaded when its job completes)", kind="bool"),
-    _o(IO, "download-concurrency", "download_concurrency", "downloads at once (default 8)",
+    _o(IO, "download-concurrency", "download_concurrency", "how many outputs are downloaded at "
+       "once (default 8)",
        parse=int, metavar="N"),
     _o(IO, "inline-inputs", "inline_inputs", "send small local images inside the request as "
        "data: URIs instead of uploading them (default off)", kind="bool"),
