@@ -108,6 +108,13 @@ def test_every_option_has_a_sample() -> None:
     assert set(SAMPLES) == {o.name for o in OPTIONS}
 
 
+def test_every_run_config_field_comes_from_the_table() -> None:
+    """Besides the manifest (an argument) and the key (FAL_KEY, never a flag or a file)."""
+    fields = [o.field for o in OPTIONS]
+    assert len(fields) == len(set(fields))
+    assert set(RunConfig.model_fields) == {*fields, "manifest", "key"}
+
+
 @pytest.mark.parametrize("option", OPTIONS, ids=lambda o: o.name)
 def test_every_run_flag_lands_in_the_same_field_from_the_cli_and_from_toml(
     tmp_path: Path, option: Option
@@ -295,7 +302,7 @@ def test_errors_before_the_run_are_json_when_json_logs_were_asked_for(
     out = capsys.readouterr()
     (end,) = json_lines(out.err)  # nothing but the one JSON line
     assert end["event"] == "exit" and end["code"] == code == 2
-    assert said in end["message"], end["message"]
+    assert said in end["message"] and end["message"].startswith("error: "), end["message"]
     # as text without --log-format json, the same message (argparse's own exit for usage)
     try:
         text_code: object = main(["run", "--emulator", "--config", str(toml), *argv])

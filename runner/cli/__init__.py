@@ -180,7 +180,9 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str], *, json_log: bool) 
         if code == 0:
             raise
         lines = [line for line in said.getvalue().splitlines() if line.strip()]
-        raise _Rejected(code, lines[-1] if lines else "usage error") from None
+        # "runner run: error: argument --max-cost: ..." as the other exit lines say it
+        last = lines[-1] if lines else "error: bad command line"
+        raise _Rejected(code, "error: " + last.split(": error: ", 1)[-1]) from None
 
 
 def _fatal(json_log: bool, code: int, message: str) -> int:

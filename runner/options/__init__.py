@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import SecretStr
 
 from runner.config import RunConfig, build_config, key_from_env, load_toml
 from runner.errors import UsageError
@@ -147,7 +149,10 @@ def default_run_dir(manifest: Path) -> Path:
     return manifest.with_name(manifest.stem + ".runner")
 
 
-def _merged(args: argparse.Namespace, *, key: Any) -> RunConfig:
+KeyOf = Callable[[Mapping[str, Any]], SecretStr | None]
+
+
+def _merged(args: argparse.Namespace, *, key: KeyOf) -> RunConfig:
     """Flags over the ``--config`` file over the defaults, validated.
 
     A bad value is reported under the name it was given by: ``--max-cost`` for a flag,
@@ -175,7 +180,7 @@ def _merged(args: argparse.Namespace, *, key: Any) -> RunConfig:
 def run_config(args: argparse.Namespace, environ: Mapping[str, str]) -> RunConfig:
     """``run``'s configuration: the table's options, the manifest and ``FAL_KEY``."""
 
-    def key(values: Mapping[str, Any]) -> Any:
+    def key(values: Mapping[str, Any]) -> SecretStr | None:
         # The embedded emulator brings its own key: FAL_KEY is neither read nor checked.
         return None if values.get("emulator") is True else key_from_env(environ)
 

@@ -193,11 +193,12 @@ OPTIONS: tuple[Option, ...] = (
        commands=PLAN_AND_RUN),
     # completion
     _o(COMPLETION, "completion", "completion", "how a finished job is noticed: poll (default; "
-       "one look near its predicted end), stream (fal's status stream, polling if it fails) "
-       "or webhook (fal calls --webhook-url)", choices=("poll", "stream", "webhook")),
-    _o(COMPLETION, "first-look", "first_look", "when polling, what a look reads first: result "
-       "(default; the result URL, so a finished job costs one read) or status (the status "
-       "URL, then the result)", choices=("result", "status")),
+       "each job is checked once, near the end its queue position predicts), stream (fal's "
+       "status stream, polling if it fails) or webhook (fal calls --webhook-url)",
+       choices=("poll", "stream", "webhook")),
+    _o(COMPLETION, "first-look", "first_look", "when polling, which URL a check of a job reads "
+       "first: result (default; a finished job then costs a single read) or status (its "
+       "status, then its result)", choices=("result", "status")),
     _o(COMPLETION, "webhook-listen", "webhook_listen", "with --completion webhook: where the "
        "receiver listens (default 127.0.0.1 on a free port)", metavar="HOST:PORT"),
     _o(COMPLETION, "webhook-url", "webhook_url", "with --completion webhook: the public URL "
