@@ -6,7 +6,8 @@
     status(run_dir) -> StatusSummary              counts and spend of a run directory
     load_ledger(run_dir) -> pyarrow.Table         one row per job, its latest state
 
-Options are the CLI's long names with underscores (``max_cost="10"``, ``concurrency=8``,
+Options are the CLI's long names with underscores (the table
+:data:`runner.options.table.OPTIONS`: ``max_cost="10"``, ``concurrency=8``,
 ``completion="stream"``, ``emulator=True``, ``ledger=Path("night.runner")``, ``set={"seed": 1}``,
 ``allow_endpoint=["owner/app"]``) and go through the very parser the CLI uses, so they mean
 exactly what the flags mean and fail with the same messages (as :class:`UsageError`). The key
@@ -41,16 +42,22 @@ from runner.ledger.fold import read_folded
 from runner.ledger.views import StatusSummary, status_summary
 from runner.manifest.plan import Plan, build_plan
 from runner.media.inputs import InputSizer
-from runner.options import run_config
+from runner.options import manifest_config, run_config
+from runner.options.table import BY_NAME
 
 
 def _argv(command: str, manifest: Path | str, options: Mapping[str, Any]) -> list[str]:
     argv = [command, str(manifest)]
     for name, value in options.items():
         flag = "--" + name.replace("_", "-")
-        if value is None or value is False:
+        option = BY_NAME.get(flag[2:])
+        if value is None:
             continue
-        if value is True:
+        if option is not None and option.kind == "bool" and isinstance(value, bool):
+            argv.append(option.flag_for(value))  # False is --no-X: it overrides a TOML true
+        elif value is False:
+            continue
+        elif value is True:
             argv.append(flag)
         elif isinstance(value, Mapping):
             argv += [part for k, v in value.items() for part in (flag, f"{k}={v}")]
@@ -100,14 +107,14 @@ def run(manifest: Path | str, *, key: str | None = None, **options: Any) -> RunR
 
 def plan(manifest: Path | str, *, key: str | None = None, **options: Any) -> Plan:
     """What a run would cost and send, per endpoint; nothing is sent."""
-    args = _parse("plan", manifest, options)
+    config = manifest_config(_parse("plan", manifest, options))
 
     async def prices() -> PriceTable:
         found = key_from_env(_environ(key))
-        return await plan_prices(args.api_url, found, args.prices, lambda _message: None)
+        return await plan_prices(config.api_url, found, config.prices, lambda _message: None)
 
     table = anyio.run(prices)
-    _warnings, items = stream_jobs(args)
+    _warnings, items = stream_jobs(config)
     sizer = InputSizer(Path(manifest).resolve().parent)
     return build_plan(items, table, input_sizes=sizer, lora_bytes=sizer.lora_bytes)
 

@@ -216,7 +216,9 @@ def key_from_env(environ: Mapping[str, str]) -> SecretStr | None:
 
 
 def load_toml(path: Path) -> dict[str, Any]:
-    """Options from a TOML file; keys are the long flag names with dashes or underscores."""
+    """The options table of a TOML file (``[runner]``, else the top level), keys as written.
+
+    Which keys are options, and what they set, is :mod:`runner.options`' business."""
     try:
         with path.open("rb") as fh:
             raw = tomllib.load(fh)
@@ -227,22 +229,11 @@ def load_toml(path: Path) -> dict[str, Any]:
     section = raw.get("runner", raw)
     if not isinstance(section, dict):
         raise UsageError(f"{path}: [runner] must be a table")
-    return {str(k).replace("-", "_"): v for k, v in section.items()}
+    return {str(k): v for k, v in section.items()}
 
 
-# Flag (its argparse dest; TOML keys are the same names) -> RunConfig field, where they differ.
-RENAMED: Mapping[str, str] = {
-    "ledger": "run_dir", "rate": "rate_per_s", "endpoint_limit": "endpoint_limits",
-    "max_cost": "max_cost_usd", "max_total_cost": "max_total_cost_usd",
-    "job_timeout": "job_timeout_s", "start_timeout": "start_timeout_s", "out": "out_dir",
-    "reconcile_after": "reconcile_after_s", "output_lifetime": "output_lifetime_s",
-}  # fmt: skip
-# How a user names the fields that are not set by a flag of their own name.
-_NAMES = {field: f"--{flag.replace('_', '-')}" for flag, field in RENAMED.items()} | {
-    "manifest": "MANIFEST", "fmt": "--format", "default_endpoint": "--endpoint",
-    "allowed_endpoints": "--allow-endpoint", "defaults": "--set", "download": "--no-download",
-    "key": "FAL_KEY", "store_io": "--no-store-io",
-}  # fmt: skip
+# How a user names the fields no option of the table sets (runner.options passes the rest).
+_NAMES = {"manifest": "MANIFEST", "key": "FAL_KEY"}
 _BOUNDS = {
     "greater_than_equal": ("ge", "at least"),
     "greater_than": ("gt", "more than"),
@@ -253,7 +244,7 @@ _SHOWN_INPUT_CHARS = 60
 
 
 def option_name(field: str) -> str:
-    """How the user names a RunConfig field: its flag (``max_cost_usd`` -> ``--max-cost``)."""
+    """How the user names a RunConfig field that ``names`` did not name."""
     return _NAMES.get(field, f"--{field.replace('_', '-')}")
 
 
@@ -267,7 +258,7 @@ def build_config(
 
     Errors name options as the user gave them: ``names`` maps a field to the name it was
     given by (``--max-cost``, or the TOML key ``max-cost``) and ``origins`` to the file it
-    came from; other fields are named by their flag (:func:`option_name`).
+    came from (:mod:`runner.options` names every field of its table).
     """
     try:
         return RunConfig.model_validate(dict(values))

@@ -7,10 +7,13 @@ exit codes. Only this package crosses from sync to async (``anyio.run``).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from runner import __version__
 from runner.cli.commands import (
@@ -28,14 +31,15 @@ from runner.cli.commands import (
     stream_jobs,
     summary_json,
 )
-from runner.config import FAL_API_URL, FAL_QUEUE_URL
+from runner.config import FAL_QUEUE_URL
 from runner.errors import (
     EXIT_INTERRUPTED,
     EXIT_LEDGER,
+    EXIT_USAGE,
     RunnerError,
     UsageError,
 )
-from runner.options import add_manifest_args, add_run_args
+from runner.options import add_options
 
 __all__ = [
     "EXIT_BROKEN_PIPE",
@@ -59,36 +63,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="report every bad row of a manifest")
-    add_manifest_args(p)
+    add_options(p, "validate")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("plan", help="jobs, images, megapixels and dollars per endpoint")
-    add_manifest_args(p)
-    p.add_argument("--prices", type=Path, help="JSON price overrides (see README)")
-    p.add_argument(
-        "--api-url",
-        default=FAL_API_URL,
-        help="fal Platform API, for the account's own prices when FAL_KEY is set",
-    )
+    add_options(p, "plan")
     p.add_argument(
         "--ledger",
         type=Path,
         metavar="DIR",
-        help="preview what a rerun with this run directory would do, and its cost",
+        help="preview what a rerun with this run directory would do, and its cost "
+        "(default: plan from scratch)",
     )
-    p.add_argument(
-        "--on-unknown",
-        choices=["reconcile", "resubmit", "skip", "fail"],
-        default="reconcile",
-        help="as for run, with --ledger (default reconcile)",
-    )
-    p.add_argument("--retry-failed", action="store_true", help="as for run, with --ledger")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", action="store_true", help="machine-readable output (default text)")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("run", help="run a manifest through the queue, resumably")
-    add_manifest_args(p)
-    add_run_args(p)
+    p = sub.add_parser(
+        "run",
+        help="run a manifest through the queue, resumably",
+        description="Run a manifest through fal's queue (or --emulator), resumably: run the "
+        "same command again to resume. Options may come from a TOML file (--config); flags win.",
+    )
+    add_options(p, "run")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="counts by state and endpoint, spend so far")
@@ -133,8 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    json_log = _asks_for_json_log(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = _parse(parser, argv, json_log=json_log)
+    except _Rejected as exc:
+        return _fatal(json_log, exc.code, str(exc))
     try:
         try:
             _check_run_dir(args)
@@ -149,16 +150,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return _closed_stdout()
     except RunnerError as exc:
-        print(f"runner: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _fatal(json_log, exc.exit_code, f"error: {exc}")
     except KeyboardInterrupt:
-        print("runner: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _fatal(json_log, EXIT_INTERRUPTED, "interrupted")
     except OSError as exc:
         if exc.filename is None:
             raise  # not about a file of ours: a bug, and its traceback says where
-        print(f"runner: error: {_os_error_line(exc)}", file=sys.stderr)
-        return EXIT_LEDGER
+        return _fatal(json_log, EXIT_LEDGER, f"error: {_os_error_line(exc)}")
     return code
 
 
@@ -169,6 +167,78 @@ def _check_run_dir(args: argparse.Namespace) -> None:
     run_dir = getattr(args, "run_dir", None)
     if isinstance(run_dir, Path) and not is_run_dir(run_dir):
         raise UsageError(not_a_run_dir(run_dir))
+
+
+class _Rejected(Exception):
+    """argparse refused the command line (with ``--log-format json``): its message."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str], *, json_log: bool) -> Any:
+    """argparse's own usage errors, or with a JSON log its message as an ``exit`` line:
+    a program watching stderr gets JSON from the first line, whatever goes wrong."""
+    if not json_log:
+        return parser.parse_args(argv)
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            return parser.parse_args(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        if code == 0:
+            raise
+        lines = [line for line in said.getvalue().splitlines() if line.strip()]
+        # "runner run: error: argument --max-cost: ..." as the other exit lines say it
+        last = lines[-1] if lines else "error: bad command line"
+        raise _Rejected(code, "error: " + last.split(": error: ", 1)[-1]) from None
+
+
+def _fatal(json_log: bool, code: int, message: str) -> int:
+    """The one line that ends a command that could not go on, as text or as JSON."""
+    if json_log:
+        from runner.execution.events import now_iso, write_event
+
+        write_event(sys.stderr, "exit", at=now_iso(), code=code, message=message)
+    else:
+        print(f"runner: {message}", file=sys.stderr)
+    return code
+
+
+def _asks_for_json_log(argv: Sequence[str]) -> bool:
+    """``run ... --log-format json`` (or ``log-format = "json"`` in its ``--config`` file):
+    read before parsing, so even a command line argparse refuses is answered in JSON."""
+    if not argv or argv[0] != "run":
+        return False
+    given = _flag_value(argv, "--log-format")
+    if given is not None:
+        return given == "json"
+    path = _flag_value(argv, "--config")
+    if path is None:
+        return False
+    try:
+        from runner.config import load_toml
+
+        section = load_toml(Path(path))
+    except RunnerError:
+        return False  # an unreadable file is reported when it is read
+    value = section.get("log-format", section.get("log_format"))
+    return value == "json"
+
+
+def _flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The last value given to ``flag`` (``--flag V`` or ``--flag=V``), else None."""
+    found = None
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg == flag and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            found = arg.split("=", 1)[1]
+    return found
 
 
 def _what_matters(group: BaseExceptionGroup[BaseException]) -> BaseException | None:

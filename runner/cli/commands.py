@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from runner.config import key_from_env
+from runner.config import RunConfig, key_from_env
 from runner.endpoints.catalog import CATALOG
 from runner.endpoints.money import format_usd
 from runner.errors import (
@@ -31,7 +31,7 @@ from runner.manifest.jobs import ExpandOptions, Job, iter_jobs
 from runner.manifest.plan import build_plan, render_text
 from runner.manifest.reader import read_rows
 from runner.media.inputs import InputChecker, InputSizer
-from runner.options import expand_options, run_config
+from runner.options import expand_options, manifest_config, run_config
 
 T = TypeVar("T")
 
@@ -46,10 +46,10 @@ def labelled(message: str) -> str:
     return f"{'note' if isinstance(message, Notice) else 'warning'}: {message}"
 
 
-def stream_jobs(args: argparse.Namespace) -> tuple[list[str], Iterator[Job | RowError]]:
+def stream_jobs(config: RunConfig) -> tuple[list[str], Iterator[Job | RowError]]:
     """Warnings about the file's columns, and the lazy stream of jobs and bad rows."""
-    options = expand_options(args)
-    rows = read_rows(args.manifest, fmt=args.format)
+    options = expand_options(config)
+    rows = read_rows(config.manifest, fmt=config.fmt)
     first = next(rows, None)
     if first is None:
         return [], iter(())
@@ -76,7 +76,7 @@ def _prepend(first: T, rest: Iterator[T]) -> Iterator[T]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    warnings, items = stream_jobs(args)
+    warnings, items = stream_jobs(manifest_config(args))
     for w in warnings:
         print(labelled(w), file=sys.stderr)
     good = bad = 0
@@ -101,12 +101,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     def say(message: str) -> None:
         print(f"note: {message}", file=sys.stderr)
 
+    config = manifest_config(args)
     key = key_from_env(os.environ)
-    prices = anyio.run(plan_prices, args.api_url, key, args.prices, say)
-    warnings, items = stream_jobs(args)
+    prices = anyio.run(plan_prices, config.api_url, key, config.prices, say)
+    warnings, items = stream_jobs(config)
     sizer = InputSizer(args.manifest.resolve().parent)
     if args.ledger is not None:
-        return _preview(args, items, prices, sizer)
+        return _preview(args, config, items, prices, sizer)
     plan = build_plan(items, prices, input_sizes=sizer, lora_bytes=sizer.lora_bytes)
     if args.json:
         doc = plan.as_json()
@@ -119,14 +120,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK if plan.ok else EXIT_JOBS_FAILED
 
 
-def _preview(args: argparse.Namespace, items: Any, prices: Any, sizer: InputSizer) -> int:
+def _preview(
+    args: argparse.Namespace, config: RunConfig, items: Any, prices: Any, sizer: InputSizer
+) -> int:
     """``plan --ledger DIR``: what a rerun would do with that run directory."""
     from runner.execution.preview import preview, render_preview
     from runner.ledger.resume import ResumePolicy
     from runner.ledger.state import LedgerState
 
     state = LedgerState.load(args.ledger) if args.ledger.exists() else LedgerState.empty()
-    policy = ResumePolicy(on_unknown=args.on_unknown, retry_failed=args.retry_failed)
+    policy = ResumePolicy(on_unknown=config.on_unknown, retry_failed=config.retry_failed)
     result = preview(items, state, prices, policy, input_sizes=sizer, lora_bytes=sizer.lora_bytes)
     if args.json:
         print(json.dumps(result.as_json(), indent=2))
@@ -141,7 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = run_config(args, os.environ)
     json_lines = config.log_format == "json"
-    warnings, _ = stream_jobs(args)  # reads the first row only
+    warnings, _ = stream_jobs(config)  # reads the first row only
     for w in warnings:
         _tell(json_lines, labelled(w))
 

@@ -161,14 +161,23 @@ def parser() -> argparse.ArgumentParser:
         prog="runner emulator serve",
         description="Serve a local fal queue emulator on loopback.",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8787, help="port to listen on (default 8787)")
-    p.add_argument("--concurrency", type=int, default=4, help="IN_PROGRESS slots (default 4)")
-    p.add_argument("--time-scale", type=float, default=1.0, help="multiply every duration")
-    p.add_argument("--faults", default="", metavar="SPEC", help='e.g. "submit_429=0.1,seed=7"')
-    p.add_argument("--seed", type=int, default=0, help="seed for job seeds and jitter")
-    p.add_argument("--key", default=None, help=f"accepted FAL key (default {DEFAULT_KEY!r})")
-    p.add_argument("--tls", action="store_true", help="serve https with a self-signed cert")
+    a = p.add_argument
+    a("--host", default="127.0.0.1",
+      help="the address to listen on; loopback keeps it private (default 127.0.0.1)")  # fmt: skip
+    a("--port", type=int, default=8787,
+      help="the port to listen on; 0 picks a free one (default 8787)")  # fmt: skip
+    a("--concurrency", type=int, default=4,
+      help="the emulated account's slots: jobs IN_PROGRESS at once (default 4)")  # fmt: skip
+    a("--time-scale", type=float, default=1.0,
+      help="multiply every emulated duration, e.g. 0.01 for quick tests (default 1.0)")  # fmt: skip
+    a("--faults", default="", metavar="SPEC",
+      help='faults to inject, e.g. "submit_429=0.1,seed=7" (default none; see README)')  # fmt: skip
+    a("--seed", type=int, default=0,
+      help="seed for the generated images' seeds and for jitter (default 0)")  # fmt: skip
+    a("--key", default=None,
+      help=f"the FAL key the emulator accepts (default {DEFAULT_KEY!r})")  # fmt: skip
+    a("--tls", action="store_true",
+      help="serve https with a self-signed certificate (default plain http)")  # fmt: skip
     return p
 
 

@@ -137,8 +137,9 @@ REPORT_SCHEMA: dict[str, Any] = _document(
 )
 
 
-def _event(name: str, fields: dict[str, Any]) -> dict[str, Any]:
-    return _object({"schema": {"const": LOG}, "event": {"const": name}, "at": _TIME, **fields})
+def _event(name: str, fields: dict[str, Any], **optional: Any) -> dict[str, Any]:
+    required = {"schema": {"const": LOG}, "event": {"const": name}, "at": _TIME, **fields}
+    return _object(required, **optional)
 
 
 _NULLABLE_COUNT: dict[str, Any] = {"type": ["integer", "null"], "minimum": 0}
@@ -188,13 +189,12 @@ LOG_EVENT_SCHEMA: dict[str, Any] = {
                 "run_dir": {"type": "string"},
             },
         ),
+        # run_dir is absent when the command line or the configuration was refused
+        # before a run directory was settled.
         _event(
             "exit",
-            {
-                "code": {"type": "integer"},
-                "message": {"type": "string"},
-                "run_dir": {"type": "string"},
-            },
+            {"code": {"type": "integer"}, "message": {"type": "string"}},
+            run_dir={"type": "string"},
         ),
     ],
 }
