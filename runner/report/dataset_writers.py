@@ -137,11 +137,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _by_split(images: Sequence[DatasetImage]) -> dict[str | None, list[DatasetImage]]:
-    groups: dict[str | None, list[DatasetImage]] = {}
-    for image in images:
-        groups.setdefault(image.split, []).append(image)
-    return groups
+def _by_split(selection: Selection) -> Iterator[tuple[str | None, list[DatasetImage], pa.Table]]:
+    """Each split's images and their rows of the one table of the whole export (so every
+    split has the same columns and types)."""
+    table = columns_table(selection.images)
+    groups: dict[str | None, list[int]] = {}
+    for index, image in enumerate(selection.images):
+        groups.setdefault(image.split, []).append(index)
+    for split, rows in groups.items():
+        images = [selection.images[i] for i in rows]
+        yield split, images, table.take(pa.array(rows, pa.int64()))
 
 
 def _source(image: DatasetImage) -> Path:
@@ -154,13 +159,13 @@ def _source(image: DatasetImage) -> Path:
 
 def _imagefolder(selection: Selection, root: Path) -> DatasetWritten:
     files = linked = 0
-    for split, images in _by_split(selection.images).items():
+    for split, images, table in _by_split(selection):
         folder = root if split is None else root / split
         folder.mkdir(exist_ok=True)
         for image in images:
             linked += _place(_source(image), folder / image.file_name)
         with open(folder / "metadata.jsonl", "wb") as handle:
-            for row in rows_of(columns_table(images)):
+            for row in rows_of(table):
                 handle.write(_json_line(row))
             handle.flush()
             os.fsync(handle.fileno())
@@ -187,9 +192,9 @@ def _json_line(row: dict[str, Any]) -> bytes:
 
 def _webdataset(selection: Selection, root: Path, shard_bytes: int) -> DatasetWritten:
     files = 0
-    for split, images in _by_split(selection.images).items():
+    for split, images, table in _by_split(selection):
         name = split or DEFAULT_SPLIT
-        rows = rows_of(columns_table(images))
+        rows = rows_of(table)
         files += _shards(root, name, zip(images, rows, strict=True), shard_bytes)
     return DatasetWritten(root, len(selection.images), files, 0)
 
@@ -257,8 +262,8 @@ def _member(name: str, size: int) -> tarfile.TarInfo:
 
 
 def _parquet_splits(selection: Selection, root: Path, with_bytes: bool) -> DatasetWritten:
-    for split, images in _by_split(selection.images).items():
-        _write_parquet(images, root / f"{split or DEFAULT_SPLIT}.parquet", with_bytes)
+    for split, images, table in _by_split(selection):
+        _write_parquet(images, table, root / f"{split or DEFAULT_SPLIT}.parquet", with_bytes)
     return DatasetWritten(root, len(selection.images), len(selection.splits), 0)
 
 
@@ -268,7 +273,7 @@ def _parquet_file(images: Sequence[DatasetImage], out: Path, with_bytes: bool) -
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        _write_parquet(images, tmp, with_bytes)
+        _write_parquet(images, columns_table(images), tmp, with_bytes)
         os.replace(tmp, out)
         _fsync_dir(out.parent)
     except BaseException:
@@ -277,8 +282,9 @@ def _parquet_file(images: Sequence[DatasetImage], out: Path, with_bytes: bool) -
     return DatasetWritten(out, len(images), 1, 0)
 
 
-def _write_parquet(images: Sequence[DatasetImage], path: Path, with_bytes: bool) -> None:
-    table = columns_table(images)
+def _write_parquet(
+    images: Sequence[DatasetImage], table: pa.Table, path: Path, with_bytes: bool
+) -> None:
     if not with_bytes:
         with open(path, "wb") as handle:
             pq.write_table(table, handle, compression="zstd")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,7 @@ class DatasetImage:
     split: str | None
     local_file: Path | None  # the downloaded copy, when it is a local file that exists
     missing: str | None  # why there is no local file ("not downloaded", ...)
+    metadata_columns: tuple[str, ...] = ()  # which of the columns are the row's metadata
 
     @property
     def file_name(self) -> str:
@@ -201,16 +202,21 @@ def _image(
     }
     columns = dict(own)
     _merge(columns, flatten(request), "request.")
-    _merge(columns, {str(k): v for k, v in metadata.items()}, "metadata.")
+    named = _merge(columns, {str(k): v for k, v in metadata.items()}, "metadata.")
     split = None
     if split_column is not None:
         split = _split_of(row, split_column, metadata, request)
-    return DatasetImage(columns, split, local_file, missing)
+    return DatasetImage(columns, split, local_file, missing, named)
 
 
-def _merge(columns: dict[str, Any], extra: Mapping[str, Any], prefix: str) -> None:
+def _merge(columns: dict[str, Any], extra: Mapping[str, Any], prefix: str) -> tuple[str, ...]:
+    """Add ``extra`` to ``columns`` (``prefix`` on a name already taken); returns the names."""
+    named = []
     for name, value in extra.items():
-        columns[prefix + name if name in columns else name] = value
+        column = prefix + name if name in columns else name
+        columns[column] = value
+        named.append(column)
+    return tuple(named)
 
 
 def _split_of(
@@ -273,14 +279,42 @@ def _json_object(text: str | None) -> dict[str, Any]:
     return dict(value) if isinstance(value, dict) else {}
 
 
-def columns_table(images: Iterable[DatasetImage]) -> pa.Table:
-    """Every image's columns as one table: each column one Arrow type, missing cells null."""
+def columns_table(images: Sequence[DatasetImage]) -> pa.Table:
+    """Every image's columns as one table: each column one Arrow type, missing cells null.
+
+    A metadata column a row leaves empty is ``""``, as its manifest cell was. With splits,
+    a column with no value in some split but values in another is text in every split
+    (``""`` where a row has none): Hugging Face's ImageFolder loader infers each split's
+    column types from its own ``metadata.jsonl`` and refuses splits that disagree.
+    """
     records = [image.columns for image in images]
     names: dict[str, None] = dict.fromkeys(OWN_COLUMNS)
-    for record in records:
-        names.update(dict.fromkeys(record))
-    arrays = [_column([record.get(name) for record in records]) for name in names]
+    texts: set[str] = set()
+    for image in images:
+        names.update(dict.fromkeys(image.columns))
+        texts.update(image.metadata_columns)
+    splits = _split_rows(images)
+    arrays = []
+    for name in names:
+        values = [record.get(name) for record in records]
+        if name in texts:
+            values = ["" if v is None else v for v in values]
+        elif _empty_in_some_split(values, splits):
+            values = ["" if v is None else _as_text(v) for v in values]
+        arrays.append(_column(values))
     return pa.Table.from_arrays(arrays, names=list(names))
+
+
+def _split_rows(images: Sequence[DatasetImage]) -> list[list[int]]:
+    groups: dict[str | None, list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(image.split, []).append(index)
+    return list(groups.values()) if len(groups) > 1 else []
+
+
+def _empty_in_some_split(values: list[Any], splits: list[list[int]]) -> bool:
+    filled = [any(values[i] is not None for i in rows) for rows in splits]
+    return any(filled) and not all(filled)
 
 
 def _column(values: list[Any]) -> pa.Array:
