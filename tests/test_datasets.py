@@ -96,10 +96,14 @@ def test_demo_exports_to_imagefolder_that_datasets_loads(demo_run: Path, tmp_pat
     out = tmp_path / "ds"
     code, err = _export(demo_run, out, "--format", "imagefolder")
     assert code == EXIT_OK, err
-    assert f"wrote {DEMO_IMAGES} images of 13 jobs to {out}" in err
+    assert f"wrote {DEMO_IMAGES} images of 13 jobs to {out} (" in err
     lines = _lines(out / "metadata.jsonl")
     assert len(lines) == DEMO_IMAGES
     assert all((out / line["file_name"]).is_file() for line in lines)
+    # Hard links where the file system allows: the run's outputs, not copies of them.
+    assert f"({DEMO_IMAGES} hard-linked to the run's outputs)" in err
+    outputs = {p.stat().st_ino for p in (demo_run / "outputs").rglob("*.jpg")}
+    assert {(out / line["file_name"]).stat().st_ino for line in lines} == outputs
 
     loaded = _load_imagefolder(out, tmp_path / "hf")
     train = loaded["train"]

@@ -256,13 +256,16 @@ def _export_dataset(args: argparse.Namespace) -> int:
 
     if args.out is not None and str(args.out) == "-":
         raise UsageError(f"--format {args.format}: a dataset is files, not a stream; use --out")
-    name = "export-images.parquet" if args.format == "parquet" else f"export-{args.format}"
+    name = f"export-{args.format}"
+    if args.format == "parquet" and args.split_column is None:
+        name = "export-images.parquet"  # one file; with splits, a folder of SPLIT.parquet
     out = args.out or args.run_dir / name
     options = DatasetOptions(args.include_failed, args.include_flagged, args.split_column)
     shard = DEFAULT_SHARD_BYTES if args.shard_size is None else parse_size(args.shard_size)
     chosen, written = export_dataset(args.run_dir, out, args.format, options,
                                      shard_bytes=shard, with_bytes=args.with_bytes)  # fmt: skip
-    print(f"wrote {_count(written.images, 'image')} of {_jobs(chosen.jobs)} to {out}",
+    linked = f" ({written.linked} hard-linked to the run's outputs)" if written.linked else ""
+    print(f"wrote {_count(written.images, 'image')} of {_jobs(chosen.jobs)} to {out}{linked}",
           file=sys.stderr)  # fmt: skip
     left = [_count(chosen.failed_jobs_left_out, "failed job")] * bool(chosen.failed_jobs_left_out)
     if chosen.flagged_left_out:

@@ -118,12 +118,11 @@ def _how_to_fetch(run_dir: Path, missing: list[DatasetImage]) -> str:
 def select_images(jobs: pa.Table, run_dir: Path, options: DatasetOptions) -> Selection:
     """The images of ``jobs`` an export holds, in manifest order (pure but for stat calls)."""
     order = [("source", "ascending"), ("line", "ascending"), ("variant", "ascending")]
-    rows = jobs.sort_by(order).to_pylist()
     keys = _Keys()
     images: list[DatasetImage] = []
     failed_out = flagged_out = exported_jobs = 0
     splits: dict[str | None, int] = {}
-    for row in rows:
+    for row in _rows(jobs.select(list(_READ)).sort_by(order)):
         state = row["state"]
         if state == JobState.FAILED and not options.include_failed:
             failed_out += 1
@@ -145,6 +144,15 @@ def select_images(jobs: pa.Table, run_dir: Path, options: DatasetOptions) -> Sel
     return Selection(
         tuple(images), exported_jobs, failed_out, flagged_out, splits, options.split_column
     )
+
+
+_READ = ("job_key", "row_id", "source", "line", "variant", "state", "endpoint", "request",
+         "metadata", "seed", "nsfw", "outputs")  # fmt: skip
+
+
+def _rows(table: pa.Table) -> Iterator[dict[str, Any]]:
+    for batch in table.to_batches(max_chunksize=4096):
+        yield from batch.to_pylist()
 
 
 class _Keys:
@@ -336,8 +344,7 @@ def _as_text(value: Any) -> str | None:
 
 def rows_of(table: pa.Table) -> Iterator[dict[str, Any]]:
     """The table's rows as JSON-ready dicts (one per image), in order."""
-    for batch in table.to_batches(max_chunksize=4096):
-        yield from batch.to_pylist()
+    return _rows(table)
 
 
 def parse_size(text: str) -> int:
