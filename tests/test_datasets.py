@@ -315,11 +315,12 @@ def test_keys_are_webdataset_safe_and_unique(tmp_path: Path) -> None:
          "outputs": [_output("1"), _output("2")]},
         {"job_key": "bbbb2222", "row_id": "shots_v1_2_final", "line": 3, "outputs": [_output("3")]},
         {"job_key": "cccc3333", "row_id": "x", "line": 4, "variant": 2, "outputs": [_output("4")]},
+        {"job_key": "dddd4444", "row_id": "X", "line": 5, "variant": 2, "outputs": [_output("5")]},
     )  # fmt: skip
     selection = select_images(jobs, tmp_path, DatasetOptions())
     keys = [image.columns["key"] for image in selection.images]
     assert keys == ["shots_v1_2_final-0", "shots_v1_2_final-1", "shots_v1_2_final-0-bbbb2222",
-                    "x-v2-0"]  # fmt: skip
+                    "x-v2-0", "X-v2-0-dddd4444"]  # fmt: skip
     assert selection.images[0].file_name == "shots_v1_2_final-0.png"
 
 

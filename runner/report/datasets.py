@@ -156,20 +156,21 @@ def _rows(table: pa.Table) -> Iterator[dict[str, Any]]:
 
 
 class _Keys:
-    """WebDataset-safe keys, unique in one export (a clash gets the job key's prefix)."""
+    """WebDataset-safe keys, unique in one export even to a file system that ignores case
+    (a clash gets the job key's prefix)."""
 
     def __init__(self) -> None:
-        self.used: set[str] = set()
+        self.used: set[str] = set()  # lower-cased
 
     def make(self, row: Mapping[str, Any], index: int) -> str:
         base = _UNSAFE_KEY.sub("_", str(row["row_id"] or "")).strip("_") or "job"
         variant = row["variant"] or 0
         key = f"{base}-v{variant}-{index}" if variant else f"{base}-{index}"
-        if key in self.used:
+        if key.lower() in self.used:
             key = f"{key}-{_UNSAFE_KEY.sub('_', row['job_key'])[:12]}"
-        while key in self.used:  # only if two job keys share their first 12 characters
+        while key.lower() in self.used:  # only if two job keys share their first 12 characters
             key += "_"
-        self.used.add(key)
+        self.used.add(key.lower())
         return key
 
 
