@@ -59,6 +59,8 @@ from runner.ledger.schema import JobState, LedgerEvent, OutputImage
 from runner.ledger.store import Ledger
 from runner.ledger.views import export
 from runner.report.data import build_report, load_jobs
+from runner.report.dataset_writers import write_dataset
+from runner.report.datasets import DatasetOptions, current_jobs, select_images
 from runner.report.gallery import gallery
 from runner.report.html import write_html
 from runner.report.text import render_text, report_json
@@ -330,6 +332,10 @@ def written_views(run_dir: Path, out: Path) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     for fmt in ("csv", "jsonl", "parquet"):
         export(run_dir, out / f"export.{fmt}", fmt)
+    everything = DatasetOptions(include_failed=True, include_flagged=True)
+    chosen = select_images(current_jobs(run_dir), run_dir, everything)
+    assert chosen.images, "the dataset export has an image to check"
+    write_dataset(chosen, out / "images.parquet", "parquet")
     jobs = load_jobs(run_dir)
     report = build_report(jobs, read_run_meta(run_dir), run_dir=run_dir)
     write_html(out / "report.html", report, gallery(jobs), run_dir=run_dir, generated_at=T0)
