@@ -28,6 +28,13 @@ def test_every_run_flag_is_in_the_readme() -> None:
     assert not missing, f"undocumented flags: {missing}"
 
 
+def test_every_export_flag_is_in_the_readme() -> None:
+    export = subcommands()["export"]
+    flags = [s for a in export._actions for s in a.option_strings if s.startswith("--")]
+    missing = [f for f in flags if f not in README and f != "--help"]
+    assert not missing, f"undocumented flags: {missing}"
+
+
 def test_quick_start_has_exactly_two_commands() -> None:
     quick = README.split("## Quick start", 1)[1].split("## ", 1)[0]
     first_two = [block.split("```")[0].strip() for block in quick.split("```sh")[1:3]]

@@ -59,6 +59,8 @@ from runner.ledger.schema import JobState, LedgerEvent, OutputImage
 from runner.ledger.store import Ledger
 from runner.ledger.views import export
 from runner.report.data import build_report, load_jobs
+from runner.report.dataset_writers import write_dataset
+from runner.report.datasets import DatasetOptions, current_jobs, select_images
 from runner.report.gallery import gallery
 from runner.report.html import write_html
 from runner.report.text import render_text, report_json
@@ -168,6 +170,8 @@ def test_the_cli_refuses_a_bad_key_with_exit_2_before_sending_anything(
     url, sock = listener
     path = manifest(tmp_path, 3)
     run_dir = tmp_path / "run"
+    if command == "cancel":
+        (run_dir / "journal").mkdir(parents=True)  # cancel needs a run directory to name
     monkeypatch.setenv("FAL_KEY", key)
     argv = {
         "run": ["run", str(path), "--queue-url", url, "--ledger", str(run_dir), "--quiet"],
@@ -179,7 +183,12 @@ def test_the_cli_refuses_a_bad_key_with_exit_2_before_sending_anything(
     assert err.startswith("runner: error: FAL_KEY "), err
     assert "Traceback" not in out + err
     assert not connected(sock), "something was sent"
-    assert not run_dir.exists()
+    # Nothing created: no run directory, and cancel took no lock in the one it was given.
+    assert (
+        [p.name for p in run_dir.iterdir()] == ["journal"]
+        if command == "cancel"
+        else (not run_dir.exists())
+    )
     for piece in (key, *key.replace("\n", ":").split(":")):
         assert piece not in out + err
 
@@ -321,15 +330,20 @@ def test_the_ledger_writes_no_key_to_the_journal_parts_exports_or_report(tmp_pat
         assert b"Illegal header" in journal and not leaks(CANARY, journal.decode())
     write_run_meta(run_dir, {"config": {"queue_url": f"http://{CANARY}@q/"}}, redact=clean)
     assert read_run_meta(run_dir) == {"config": {"queue_url": f"http://{REDACTED}@q/"}}
-    texts = written_views(run_dir, tmp_path / "views")
+    texts = written_views(run_dir, tmp_path / "views", images=True)
     assert not leaks(CANARY, *texts, *parquet_texts(tmp_path), root=tmp_path)
 
 
-def written_views(run_dir: Path, out: Path) -> list[str]:
-    """Every export format and both reports of ``run_dir``, written under ``out``."""
+def written_views(run_dir: Path, out: Path, *, images: bool = False) -> list[str]:
+    """Every export format and both reports of ``run_dir``, written under ``out``;
+    ``images``: the run has output images, so the dataset export has something to check."""
     out.mkdir(parents=True, exist_ok=True)
     for fmt in ("csv", "jsonl", "parquet"):
         export(run_dir, out / f"export.{fmt}", fmt)
+    everything = DatasetOptions(include_failed=True, include_flagged=True)
+    chosen = select_images(current_jobs(run_dir), run_dir, everything)
+    assert bool(chosen.images) is images, chosen
+    write_dataset(chosen, out / "images.parquet", "parquet")
     jobs = load_jobs(run_dir)
     report = build_report(jobs, read_run_meta(run_dir), run_dir=run_dir)
     write_html(out / "report.html", report, gallery(jobs), run_dir=run_dir, generated_at=T0)

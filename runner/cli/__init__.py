@@ -40,6 +40,7 @@ from runner.errors import (
     UsageError,
 )
 from runner.options import add_options
+from runner.options.export import add_dataset_args
 
 __all__ = [
     "EXIT_BROKEN_PIPE",
@@ -92,12 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("export", help="one row per job, latest state")
+    p = sub.add_parser("export", help="one row per job, or a dataset of the images")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--format", choices=["csv", "jsonl", "parquet"], default="csv")
+    p.add_argument("--format", default="csv",
+                   choices=["csv", "jsonl", "parquet", "imagefolder", "webdataset"])  # fmt: skip
     p.add_argument(
         "--out", type=Path, help="output file, or - for stdout (default: RUN_DIR/export.FORMAT)"
     )
+    add_dataset_args(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compact", help="fold the ledger's parts into one (drops history)")

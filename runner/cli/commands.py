@@ -32,6 +32,7 @@ from runner.manifest.plan import build_plan, render_text
 from runner.manifest.reader import read_rows
 from runner.media.inputs import InputChecker, InputSizer
 from runner.options import expand_options, manifest_config, run_config
+from runner.options.export import dataset_export
 
 T = TypeVar("T")
 
@@ -235,6 +236,8 @@ def summary_json(summary: Any) -> dict[str, Any]:
 def cmd_export(args: argparse.Namespace) -> int:
     from runner.ledger.views import export
 
+    if dataset_export(args):
+        return _export_dataset(args)
     if args.out is not None and str(args.out) == "-":
         # To stdout: the file appears whole in a scratch folder first, then is copied out.
         with tempfile.TemporaryDirectory() as scratch:
@@ -249,6 +252,36 @@ def cmd_export(args: argparse.Namespace) -> int:
     count = export(args.run_dir, out, args.format)
     print(f"wrote {_jobs(count)} to {out}", file=sys.stderr)
     return EXIT_OK
+
+
+def _export_dataset(args: argparse.Namespace) -> int:
+    from runner.report.dataset_writers import DEFAULT_SHARD_BYTES, export_dataset
+    from runner.report.datasets import DatasetOptions, parse_size
+
+    if args.out is not None and str(args.out) == "-":
+        raise UsageError(f"--format {args.format}: a dataset is files, not a stream; use --out")
+    name = f"export-{args.format}"
+    if args.format == "parquet" and args.split_column is None:
+        name = "export-images.parquet"  # one file; with splits, a folder of SPLIT.parquet
+    out = args.out or args.run_dir / name
+    options = DatasetOptions(args.include_failed, args.include_flagged, args.split_column)
+    shard = DEFAULT_SHARD_BYTES if args.shard_size is None else parse_size(args.shard_size)
+    chosen, written = export_dataset(args.run_dir, out, args.format, options,
+                                     shard_bytes=shard, with_bytes=args.with_bytes)  # fmt: skip
+    linked = f" ({written.linked} hard-linked to the run's outputs)" if written.linked else ""
+    print(f"wrote {_count(written.images, 'image')} of {_jobs(chosen.jobs)} to {out}{linked}",
+          file=sys.stderr)  # fmt: skip
+    left = [_count(chosen.failed_jobs_left_out, "failed job")] * bool(chosen.failed_jobs_left_out)
+    if chosen.flagged_left_out:
+        left.append(_count(chosen.flagged_left_out, "flagged image"))
+    if left:
+        print(f"left out {' and '.join(left)} (--include-failed, --include-flagged to keep them)",
+              file=sys.stderr)  # fmt: skip
+    return EXIT_OK
+
+
+def _count(n: int, noun: str) -> str:
+    return f"1 {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _jobs(n: int) -> str:
