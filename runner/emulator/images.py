@@ -14,12 +14,13 @@ import binascii
 import contextlib
 import hashlib
 import io
+import json
 import random
 import secrets
 import threading
 import urllib.parse
 from collections import Counter, OrderedDict
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -57,11 +58,28 @@ def normalize_format(fmt: str) -> str:
     return name
 
 
-def render(*, width: int, height: int, fmt: str, seed: int, salt: str) -> bytes:
-    """Encode a cheap picture that differs visibly per seed; same inputs, same bytes."""
+def render_salt(endpoint: str, body: Mapping[str, Any], index: int) -> str:
+    """What, besides the seed, an output's picture is a function of: the request and the
+    image's index. Not the request id: the same request with the same seed renders the same
+    bytes, as FLUX does. The seed is left out (it is rendered in its own right) and so is
+    ``sync_mode``, which changes how an image is delivered, not what it shows."""
+    kept = {k: v for k, v in body.items() if k not in ("seed", "sync_mode")}
+    text = json.dumps([endpoint, kept], sort_keys=True, separators=(",", ":"), default=str)
+    return f"{hashlib.sha256(text.encode()).hexdigest()[:32]}/{index}"
+
+
+def render(
+    *, width: int, height: int, fmt: str, seed: int, salt: str, black: bool = False
+) -> bytes:
+    """Encode a cheap picture that differs visibly per seed; same inputs, same bytes.
+
+    ``black``: what FLUX returns for an image its safety checker flagged.
+    """
     fmt = normalize_format(fmt)
     if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
         raise ValueError(f"image size {width}x{height} is out of range")
+    if black:
+        return _encode(Image.new("RGB", (width, height)), fmt)
     digest = hashlib.sha256(f"{seed}|{salt}|{width}x{height}|{fmt}".encode()).digest()
     rng = random.Random(digest)
 
@@ -89,6 +107,10 @@ def render(*, width: int, height: int, fmt: str, seed: int, salt: str) -> bytes:
             draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=color())
     font = ImageFont.load_default(size=max(8, min(width, height) // 12))
     draw.text((width // 20, height // 20), f"seed {seed}", fill=(255, 255, 255), font=font)
+    return _encode(image, fmt)
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
     buffer = io.BytesIO()
     if fmt == "jpeg":
         image.save(buffer, format="JPEG", quality=90)
@@ -107,11 +129,13 @@ class _Output:
     seed: int
     salt: str
     expires_at: float | None
+    black: bool = False
 
     def render(self) -> bytes:
         return render(
-            width=self.width, height=self.height, fmt=self.fmt, seed=self.seed, salt=self.salt
-        )
+            width=self.width, height=self.height, fmt=self.fmt, seed=self.seed, salt=self.salt,
+            black=self.black,
+        )  # fmt: skip
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -198,6 +222,7 @@ class ImageStore:
         salt: str,
         base_url: str,
         retention_s: float | None = None,
+        black: bool = False,
     ) -> dict[str, Any]:
         """Register one output and return fal's image JSON (without ``file_size``).
 
@@ -211,7 +236,8 @@ class ImageStore:
         image_id = f"{secrets.token_hex(16)}.{_EXTENSIONS[fmt]}"
         now = self._clock()
         keep_s = self.retention_s if retention_s is None else retention_s
-        output = _Output(width, height, fmt, seed, salt, None if keep_s is None else now + keep_s)
+        expires_at = None if keep_s is None else now + keep_s
+        output = _Output(width, height, fmt, seed, salt, expires_at, black)
         with self._lock:
             self._outputs[image_id] = output
             while len(self._outputs) > self.max_outputs:
@@ -232,10 +258,12 @@ class ImageStore:
             raise KeyError(image_id)
         return len(data)
 
-    def data_uri(self, *, width: int, height: int, fmt: str, seed: int, salt: str) -> str:
+    def data_uri(
+        self, *, width: int, height: int, fmt: str, seed: int, salt: str, black: bool = False
+    ) -> str:
         """The rendered image as a ``data:`` URI (for ``sync_mode``); not registered."""
         fmt = normalize_format(fmt)
-        data = render(width=width, height=height, fmt=fmt, seed=seed, salt=salt)
+        data = render(width=width, height=height, fmt=fmt, seed=seed, salt=salt, black=black)
         with self._lock:
             self._counts["renders"] += 1
         return f"data:{CONTENT_TYPES[fmt]};base64,{base64.b64encode(data).decode('ascii')}"
