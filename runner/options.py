@@ -123,6 +123,15 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="ask fal not to keep payloads (X-Fal-Store-IO: 0); not with --on-unknown reconcile",
     )
+    a("--flagged", choices=["keep", "reroll", "fail"],
+      help="an output fal's safety checker flagged (a black image): keep it (default; "
+           "counted), reroll it with a new seed (each re-roll a paid attempt) or fail the "
+           "job")  # fmt: skip
+    a("--max-rerolls", type=int, metavar="N",
+      help="with --flagged reroll: re-rolls per job (default 2); then the last is kept")  # fmt: skip
+    a("--cache", type=Path, metavar="DIR",
+      help="a cache shared by run directories: a fixed-seed job already done there is "
+           "copied from it at $0")  # fmt: skip
     a("--retry-failed", action="store_true", help="run failed jobs again, even non-retryable")
     a("--completion", choices=["poll", "stream", "webhook"],
       help="how a finished job is noticed: poll (default; one look near the predicted end), "
@@ -179,7 +188,7 @@ RUN_FLAGS = (
     "queue_url", "rest_url", "cdn_url", "emulator_time_scale", "emulator_concurrency",
     "emulator_faults", "out", "download_concurrency", "inline_inputs", "inline_max_bytes",
     "probe_inputs", "reconcile_after", "api_url", "output_lifetime", "no_fallbacks",
-    "id_column",
+    "id_column", "flagged", "max_rerolls", "cache",
 )  # fmt: skip
 
 
