@@ -28,9 +28,10 @@ from runner.emulator import results, webhooks
 from runner.emulator.faults import FaultInjector
 from runner.emulator.filestore import FileStore
 from runner.emulator.history import RequestHistory
-from runner.emulator.images import ImageStore, InputImageError, render_salt
+from runner.emulator.images import ImageStore, InputImageError
 from runner.emulator.platform_api import account_table
 from runner.emulator.queue import Ending, Job, Phase, QueueModel, StoredResult
+from runner.emulator.rendering import render_body, render_salt
 from runner.emulator.routes import build_app
 from runner.emulator.settings import EmulatorConfig
 from runner.emulator.stats import Stats
@@ -163,6 +164,7 @@ class Emulator:
             sync_mode=request.sync_mode,
             origin=origin,
             output_retention_s=output_retention_s,
+            render_body=render_body(body, spec.input_image_fields, self.images.content_id),
         )
 
     async def _read_inputs(
@@ -264,7 +266,7 @@ class Emulator:
         checked = plan.body.get("enable_safety_checker", True) is not False
         for index in range(plan.num_images):
             # The picture is a function of the request and its seed, never of the request id.
-            salt = render_salt(job.endpoint, plan.body, index)
+            salt = render_salt(job.endpoint, plan.render_body or plan.body, index)
             black = checked and self.faults.flagged(f"{salt}/{plan.seed}")
             if black:
                 self.stats.fault("flagged")

@@ -46,6 +46,9 @@ class JobPlan:
     sync_mode: bool = False
     origin: str = ""  # scheme://host the client used: output URLs point back there
     output_retention_s: float | None = None  # CDN lifetime of outputs (emulated seconds)
+    # The body as the picture depends on it: input images held here by their content, not
+    # their URL (None: the body itself).
+    render_body: dict[str, Any] | None = None
 
 
 def plan_of(job: Job) -> JobPlan:
