@@ -32,7 +32,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -155,18 +155,11 @@ class OutputCache:
             ]
             entry = {
                 "endpoint": endpoint, "seed": seed, "source_run": self.run_dir,
-                "source_request": request_id, "files": [f.__dict__ for f in files],
+                "source_request": request_id, "files": [asdict(f) for f in files],
             }  # fmt: skip
             _write_new(work / ENTRY, json.dumps(entry, sort_keys=True).encode())
-            _fsync_dir(work)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.rename(work, final)
-            except OSError as exc:
-                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                    return False  # another writer filled it first; theirs stands
-                raise
-            _fsync_dir(final.parent)
+            if not publish(work, final):
+                return False
         finally:
             shutil.rmtree(work, ignore_errors=True)
         self.stored += 1
@@ -216,6 +209,21 @@ class OutputCache:
             )  # fmt: skip
         self.hits += 1
         return tuple(outputs)
+
+
+def publish(work: Path, final: Path) -> bool:
+    """Rename a whole entry written in ``work`` into place; False when ``final`` is there
+    already (another writer filled it first: theirs stands, ``work`` is left to remove)."""
+    _fsync_dir(work)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(work, final)  # a folder renames only onto an absent or empty one
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            return False
+        raise
+    _fsync_dir(final.parent)
+    return True
 
 
 async def _copy(source: Path, out: anyio.AsyncFile[bytes]) -> str:
