@@ -189,8 +189,10 @@ class RunConfig(BaseModel):
     def deterministic(self, endpoint: str) -> bool:
         """May a fixed seed's output on ``endpoint`` be reused (the cross-run cache)?"""
         spec = CATALOG.get(endpoint)
-        return spec is not None and spec.deterministic and (
-            endpoint not in self.nondeterministic_endpoints
+        return (
+            spec is not None
+            and spec.deterministic
+            and (endpoint not in self.nondeterministic_endpoints)
         )
 
     @property

@@ -128,7 +128,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
            "counted), reroll it with a new seed (each re-roll a paid attempt) or fail the "
            "job")  # fmt: skip
     a("--max-rerolls", type=int, metavar="N",
-      help="with --flagged reroll: re-rolls per job (default 2); then the last is kept")  # fmt: skip
+      help="with --flagged reroll: re-rolls per job (default 2), then the last is "
+           "kept")  # fmt: skip
     a("--cache", type=Path, metavar="DIR",
       help="a cache shared by run directories: a fixed-seed job already done there is "
            "copied from it at $0")  # fmt: skip

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path

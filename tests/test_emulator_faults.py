@@ -268,7 +268,7 @@ async def test_same_request_and_seed_render_the_same_bytes_across_requests() -> 
     body = {"prompt": "a mug", "seed": 7, "num_images": 2}
     first, first_files = await _render(emu, clock, body)
     second, second_files = await _render(emu, clock, body)
-    other, other_files = await _render(emu, clock, {**body, "seed": 8})
+    _, other_files = await _render(emu, clock, {**body, "seed": 8})
     assert first_files == second_files
     assert first_files[0] != first_files[1]  # each image of a request is its own picture
     assert other_files[0] != first_files[0]

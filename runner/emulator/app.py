@@ -271,7 +271,7 @@ class Emulator:
             if black:
                 self.stats.fault("flagged")
             flags.append(black)
-            look = {"width": width, "height": height, "fmt": plan.output_format,
+            look: dict[str, Any] = {"width": width, "height": height, "fmt": plan.output_format,
                     "seed": plan.seed, "salt": salt, "black": black}  # fmt: skip
             if plan.sync_mode:
                 url = self.images.data_uri(**look)

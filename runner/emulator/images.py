@@ -2,7 +2,8 @@
 
 :class:`ImageStore` registers each output image when a job completes but renders it only when
 someone asks for its bytes (a GET, ``file_size``), deterministically from (seed, salt, size,
-format; :mod:`runner.emulator.rendering`), and keeps the latest renders in a byte-bounded LRU cache. It also serves the files that
+format; :mod:`runner.emulator.rendering`), and keeps the latest renders in a byte-bounded LRU
+cache. It also serves the files that
 :class:`~runner.emulator.filestore.FileStore` holds, with ``Range`` and ``HEAD`` support, and reads
 the size of input images (``data:`` URIs, its own CDN URLs, or any http(s) URL).
 """
