@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -29,7 +30,7 @@ from runner.media.cache import (
 from runner.report.data import build_report
 from runner.report.text import render_text
 from tests.scenario import emulator, manifest, run, run_config
-from tests.test_flagged import demo, jobs
+from tests.test_flagged import MANIFESTS, demo, jobs
 
 pytestmark = pytest.mark.anyio
 
@@ -204,3 +205,24 @@ def test_store_refuses_outputs_without_a_local_file(tmp_path: Path) -> None:
     remote = OutputImage(url="u", local_path="s3://bucket/x.png")
     assert not cache.store("ab" * 32, endpoint="e", seed=1, outputs=[remote], request_id=None)
     assert cache.lookup("ab" * 32) is None
+
+
+async def test_the_emulator_renders_the_same_bytes_for_the_same_request_and_seed(
+    tmp_path: Path,
+) -> None:
+    """What the cache relies on, as FLUX behaves: an edit of a local file uploaded again
+    (a new URL) and a text-to-image row give the same bytes in two run directories."""
+    shutil.copytree(MANIFESTS / "images", tmp_path / "images")
+    path = tmp_path / "m.csv"
+    path.write_text(
+        "id,endpoint,prompt,seed,image_url,strength\n"
+        "t,fal-ai/flux-lora,a mug,5,,\n"
+        "e,fal-ai/flux-lora/image-to-image,red chair,6,images/chair.jpg,0.6\n"
+    )
+    hashes = []
+    for name in ("a", "b"):
+        async with emulator() as emu:
+            await run(emu, run_config(path, tmp_path / name))
+        rows = sorted(jobs(tmp_path / name), key=lambda r: r["row_id"])
+        hashes.append([(r["row_id"], r["outputs"][0]["sha256"]) for r in rows])
+    assert hashes[0] == hashes[1] and len(hashes[0]) == 2
