@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import replace
+from decimal import Decimal
 from typing import Any
 
 from runner.config import RunConfig
@@ -47,14 +48,14 @@ def reseeded(t: Ticket, payload: Mapping[str, Any]) -> Mapping[str, Any]:
     return {**payload, "seed": reroll_seed(t.job.job_key, t.reroll)}
 
 
-def flagged_failure(done: Done) -> Failed:
-    """``--flagged fail``: the job failed for its flagged outputs; paid all the same."""
+def flagged_failure(done: Done, estimate_usd: Decimal | None = None) -> Failed:
+    """``--flagged fail``: the job failed for its flagged outputs; paid all the same (the
+    estimate, when the outputs' price is unknown)."""
     n, of = done.flagged_images, len(done.success.outputs)
     seed = done.success.result.seed
     message = f"fal's safety checker flagged {n} of {of} images (seed {seed}); --flagged fail"
-    return Failed(
-        Failure(FLAGGED, message, retryable=False), billed_usd=done.billed_usd, flagged_images=n
-    )
+    billed = done.billed_usd if done.billed_usd is not None else estimate_usd
+    return Failed(Failure(FLAGGED, message, retryable=False), billed_usd=billed, flagged_images=n)
 
 
 async def judge(
@@ -67,7 +68,7 @@ async def judge(
         return done, t
     kept = replace(done, cache=None)
     if config.flagged == "fail":
-        return flagged_failure(done), t
+        return flagged_failure(done, t.estimate.usd), t
     if config.flagged == "keep" or t.reroll >= config.max_rerolls:
         return kept, t
     cost = await recorder.reroll(t, attempt, done)
