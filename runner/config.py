@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from runner.endpoints.catalog import CATALOG
 from runner.errors import UsageError
 from runner.fal.key import key_problem, redactor
 
@@ -40,6 +41,8 @@ LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 Completion = Literal["poll", "stream", "webhook"]
 OnUnknown = Literal["reconcile", "resubmit", "skip", "fail"]
+# What to do with an output fal's safety checker flagged (has_nsfw_concepts: a black image).
+OnFlagged = Literal["keep", "reroll", "fail"]
 # How long after a submit of unknown outcome its absence from fal's request history means
 # "never accepted". fal does not document how soon an accepted request is listed
 # (shared/spec/fal-platform.md), so this is configuration, conservative by default.
@@ -113,6 +116,15 @@ class RunConfig(BaseModel):
     inline_max_bytes: int = Field(default=2 * 1024 * 1024, ge=0)
     probe_inputs: bool = False  # read remote input sizes with a Range request, for exact costs
     upload_ttl_s: float = Field(default=7 * 86_400.0, gt=0)  # CDN lifetime asked for uploads
+    # --flagged: keep a flagged output (counted), re-roll it with a new seed up to
+    # --max-rerolls times (each a paid attempt), or fail the job (paid).
+    flagged: OnFlagged = "keep"
+    max_rerolls: int = Field(default=2, ge=0, le=20)
+    # --cache DIR: the cross-run output cache shared by run directories (runner.media.cache).
+    cache_dir: Path | None = None
+    # Endpoints whose output the cache must not trust to repeat for a fixed seed (the
+    # catalog assumes every FLUX endpoint does; an unknown endpoint never does).
+    nondeterministic_endpoints: frozenset[str] = frozenset()
     quiet: bool = False
     log_format: Literal["text", "json"] = "text"  # json: one object per line on stderr
 
@@ -173,6 +185,15 @@ class RunConfig(BaseModel):
     def output_target(self) -> str:
         """Where downloaded outputs go: --out, or ``outputs/`` in the run directory."""
         return self.out_dir or str(self.run_dir / "outputs")
+
+    def deterministic(self, endpoint: str) -> bool:
+        """May a fixed seed's output on ``endpoint`` be reused (the cross-run cache)?"""
+        spec = CATALOG.get(endpoint)
+        return (
+            spec is not None
+            and spec.deterministic
+            and (endpoint not in self.nondeterministic_endpoints)
+        )
 
     @property
     def in_flight_limit(self) -> int:

@@ -251,3 +251,72 @@ async def test_webhook_delay_holds_deliveries_and_reorder_holds_each_within_wind
     _, reordered = await _webhooks("webhook_reorder_s=2,seed=4", jobs=3)
     assert len(delayed) == 2 and elapsed >= 0.05
     assert reordered["held"] == 3 and reordered["delivered"] == 3
+
+
+async def _render(emu: Any, clock: FakeClock, body: dict[str, Any]) -> tuple[Any, list[bytes]]:
+    async with in_process(emu) as client:
+        sub = (await client.post(LORA, json=body)).json()
+        clock.advance(JOB_CLOCK_S)
+        result = (await client.get(sub["response_url"])).json()
+        files = [(await client.get(image["url"])).content for image in result["images"]]
+    return result, files
+
+
+async def test_same_request_and_seed_render_the_same_bytes_across_requests() -> None:
+    clock = FakeClock()
+    emu = make_emulator(clock)
+    body = {"prompt": "a mug", "seed": 7, "num_images": 2}
+    first, first_files = await _render(emu, clock, body)
+    second, second_files = await _render(emu, clock, body)
+    _, other_files = await _render(emu, clock, {**body, "seed": 8})
+    assert first_files == second_files
+    assert first_files[0] != first_files[1]  # each image of a request is its own picture
+    assert other_files[0] != first_files[0]
+    assert first["seed"] == second["seed"] == 7
+
+
+async def test_a_request_without_seed_gets_a_random_one_it_reports() -> None:
+    clock = FakeClock()
+    emu = make_emulator(clock)
+    first, first_files = await _render(emu, clock, {"prompt": "a mug"})
+    second, second_files = await _render(emu, clock, {"prompt": "a mug"})
+    assert isinstance(first["seed"], int) and first["seed"] != second["seed"]
+    assert first_files != second_files
+
+
+def _is_black(data: bytes) -> bool:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("L").getextrema() == (0, 0)
+
+
+async def test_flagged_images_are_black_and_reported_in_has_nsfw_concepts() -> None:
+    clock = FakeClock()
+    emu = make_emulator(clock, faults=parse_faults("flagged=@2"))
+    result, files = await _render(emu, clock, {"prompt": "x", "seed": 1, "num_images": 3})
+    assert result["has_nsfw_concepts"] == [False, True, False]
+    assert [_is_black(f) for f in files] == [False, True, False]
+    assert emu.snapshot()["faults"] == {"flagged": 1}
+    assert emu.snapshot()["billing"]  # flagged images are billed all the same
+
+
+async def test_a_flagged_rate_is_a_function_of_the_image_so_the_same_seed_flags_again() -> None:
+    clock = FakeClock()
+    emu = make_emulator(clock, faults=parse_faults("flagged=0.5,seed=3"))
+    body = {"prompt": "x", "seed": 11, "num_images": 4}
+    first, _ = await _render(emu, clock, body)
+    again, _ = await _render(emu, clock, body)
+    seeds = [(await _render(emu, clock, {**body, "seed": s}))[0] for s in range(12, 16)]
+    assert first["has_nsfw_concepts"] == again["has_nsfw_concepts"]
+    flags = [f for r in [first, *seeds] for f in r["has_nsfw_concepts"]]
+    assert 0 < sum(flags) < len(flags)
+
+
+async def test_no_image_is_flagged_with_the_safety_checker_off() -> None:
+    clock = FakeClock()
+    emu = make_emulator(clock, faults=parse_faults("flagged=1"))
+    result, _ = await _render(emu, clock, {"prompt": "x", "enable_safety_checker": False})
+    assert result["has_nsfw_concepts"] == [False]

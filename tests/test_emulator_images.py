@@ -22,8 +22,8 @@ from runner.emulator.images import (
     InputImageError,
     decode_data_uri,
     parse_range,
-    render,
 )
+from runner.emulator.rendering import render
 
 T0 = 1_900_000_000.0
 ORIGIN = "http://testserver"

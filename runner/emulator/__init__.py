@@ -17,6 +17,7 @@ client bug cannot be mirrored by the fake.
     breakage  broken answers for faults: nginx error pages, connections cut mid-answer
     server    serve() on loopback via uvicorn (+ self-signed TLS), serve_main for the CLI
     images, filestore, webhooks: outputs/CDN, uploads, signed webhook delivery
+    rendering the pictures: a function of (seed, request, index), black when flagged
 
 Typical use in a test::
 

@@ -31,6 +31,7 @@ from runner.emulator.history import RequestHistory
 from runner.emulator.images import ImageStore, InputImageError
 from runner.emulator.platform_api import account_table
 from runner.emulator.queue import Ending, Job, Phase, QueueModel, StoredResult
+from runner.emulator.rendering import render_body, render_salt
 from runner.emulator.routes import build_app
 from runner.emulator.settings import EmulatorConfig
 from runner.emulator.stats import Stats
@@ -163,6 +164,7 @@ class Emulator:
             sync_mode=request.sync_mode,
             origin=origin,
             output_retention_s=output_retention_s,
+            render_body=render_body(body, spec.input_image_fields, self.images.content_id),
         )
 
     async def _read_inputs(
@@ -260,35 +262,35 @@ class Emulator:
 
     def _success(self, job: Job, plan: results.JobPlan) -> StoredResult:
         width, height = plan.output_size or (1024, 768)
-        images = []
+        images, flags = [], []
+        checked = plan.body.get("enable_safety_checker", True) is not False
         for index in range(plan.num_images):
-            salt = f"{job.request_id}/{index}"
+            # The picture is a function of the request and its seed, never of the request id.
+            salt = render_salt(job.endpoint, plan.render_body or plan.body, index)
+            black = checked and self.faults.flagged(f"{salt}/{plan.seed}")
+            if black:
+                self.stats.fault("flagged")
+            flags.append(black)
+            look: dict[str, Any] = {"width": width, "height": height, "fmt": plan.output_format,
+                    "seed": plan.seed, "salt": salt, "black": black}  # fmt: skip
             if plan.sync_mode:
-                url = self.images.data_uri(
-                    width=width, height=height, fmt=plan.output_format, seed=plan.seed, salt=salt
-                )
+                url = self.images.data_uri(**look)
                 content_type = url[5 : url.index(";")]
                 images.append(
                     {"url": url, "width": width, "height": height, "content_type": content_type}
                 )
             else:
+                retention = plan.output_retention_s
                 images.append(
                     self.images.add_output(
-                        width=width,
-                        height=height,
-                        fmt=plan.output_format,
-                        seed=plan.seed,
-                        salt=salt,
-                        base_url=plan.origin,
-                        retention_s=None
-                        if plan.output_retention_s is None
-                        else self.config.scaled(plan.output_retention_s),
+                        **look, base_url=plan.origin,
+                        retention_s=None if retention is None else self.config.scaled(retention),
                     )
-                )
+                )  # fmt: skip
         self.stats.bill(
             job.endpoint, [(width, height)] * plan.num_images, input_sizes=plan.input_sizes
         )
-        return results.success(job, images, time_scale=self.config.time_scale)
+        return results.success(job, images, flags, time_scale=self.config.time_scale)
 
     def _queue_webhook(self, url: str, request_id: str, result: StoredResult) -> None:
         ok = result.status_code < 300

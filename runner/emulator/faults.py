@@ -37,6 +37,12 @@ Kinds and the events they count:
   ``webhook_delay_s`` holds every delivery that long, ``webhook_reorder_s`` holds each for
   a random time within that window so later deliveries overtake earlier ones.
 - ``result_retention_s``: results (and status) answer 404 this long after completion.
+- ``flagged``: output images the safety checker flags, as FLUX does: the image is black and
+  its ``has_nsfw_concepts`` entry ``true`` (billed all the same). A schedule counts output
+  images in the order they are made; a rate is drawn from the image itself (the request,
+  its seed, the image's index), not from a stream, so the same request with the same seed
+  is flagged again, as FLUX's checker would flag the same picture. A request with
+  ``enable_safety_checker: false`` is never flagged.
 
 Platform API faults (:mod:`runner.emulator.platform_api`, the request history and prices):
 
@@ -52,6 +58,7 @@ Platform API faults (:mod:`runner.emulator.platform_api`, the request history an
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -140,6 +147,7 @@ class FaultConfig:
     history_unordered: Trigger = NEVER
     history_delay_s: float = 0.0
     history_page_limit: int = 0
+    flagged: Trigger = NEVER
 
     def __post_init__(self) -> None:
         unknown = set(self.failures) - set(FAILURE_STATUS)
@@ -275,6 +283,14 @@ class FaultInjector:
     def history_unordered(self) -> bool:
         """One new listing (its first page): shuffle its items across pages?"""
         return self._fires("history_unordered", self.config.history_unordered)
+
+    def flagged(self, image_key: str) -> bool:
+        """One output image (``image_key`` names its request, seed and index): flagged?"""
+        ordinal = self._ordinals.get("flagged", 0) + 1
+        self._ordinals["flagged"] = ordinal
+        text = f"{self.config.seed}/flagged/{image_key}".encode()
+        draw = int.from_bytes(hashlib.sha256(text).digest()[:8]) / 2**64
+        return self.config.flagged.fires(ordinal, draw)
 
     def failure(self) -> str | None:
         """One accepted job: the error_type it will end with, if any."""

@@ -2,7 +2,8 @@
 
 :class:`ImageStore` registers each output image when a job completes but renders it only when
 someone asks for its bytes (a GET, ``file_size``), deterministically from (seed, salt, size,
-format), and keeps the latest renders in a byte-bounded LRU cache. It also serves the files that
+format; :mod:`runner.emulator.rendering`), and keeps the latest renders in a byte-bounded LRU
+cache. It also serves the files that
 :class:`~runner.emulator.filestore.FileStore` holds, with ``Range`` and ``HEAD`` support, and reads
 the size of input images (``data:`` URIs, its own CDN URLs, or any http(s) URL).
 """
@@ -13,8 +14,6 @@ import base64
 import binascii
 import contextlib
 import hashlib
-import io
-import random
 import secrets
 import threading
 import urllib.parse
@@ -25,78 +24,26 @@ from typing import Any, cast
 
 import anyio.to_thread
 import httpx
-from PIL import Image, ImageDraw, ImageFont, ImageOps
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from runner.emulator.filestore import Clock, FileStore
+from runner.emulator.rendering import (
+    CONTENT_TYPES,
+    EXTENSIONS,
+    MAX_SIDE,
+    normalize_format,
+    render,
+)
 from runner.endpoints.imageinfo import ImageInfoError, read_image_info_bytes
 
-CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
-_EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
-_FORMATS = {name: name for name in CONTENT_TYPES} | {"jpg": "jpeg"}
-MAX_SIDE = 16_384
 OUTPUT_PREFIX = "out/"
 _CDN_PATH = "/cdn/files/"
 
 
 class InputImageError(ValueError):
     """An input image that cannot be fetched or whose dimensions cannot be read."""
-
-
-def normalize_format(fmt: str) -> str:
-    """``jpeg``/``jpg``/``png``/``webp`` (any case) -> the canonical name; ValueError otherwise.
-
-    The name returned is always the same string object, so the output registry does not hold
-    a copy per image.
-    """
-    name = _FORMATS.get(fmt.lower())
-    if name is None:
-        raise ValueError(f"unsupported output format {fmt!r}")
-    return name
-
-
-def render(*, width: int, height: int, fmt: str, seed: int, salt: str) -> bytes:
-    """Encode a cheap picture that differs visibly per seed; same inputs, same bytes."""
-    fmt = normalize_format(fmt)
-    if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
-        raise ValueError(f"image size {width}x{height} is out of range")
-    digest = hashlib.sha256(f"{seed}|{salt}|{width}x{height}|{fmt}".encode()).digest()
-    rng = random.Random(digest)
-
-    def color() -> tuple[int, int, int]:
-        return (rng.randrange(256), rng.randrange(256), rng.randrange(256))
-
-    # Rotate, then keep the central square that every rotation still covers (256 / sqrt 2).
-    gradient = (
-        Image.linear_gradient("L")
-        .rotate(rng.uniform(0, 360), resample=Image.Resampling.BILINEAR)
-        .crop((38, 38, 218, 218))
-        .resize((width, height), Image.Resampling.BILINEAR)
-    )
-    image = ImageOps.colorize(gradient, color(), color())
-    draw = ImageDraw.Draw(image)
-    for _ in range(rng.randint(3, 6)):
-        x0, x1 = sorted((rng.randrange(width), rng.randrange(width)))
-        y0, y1 = sorted((rng.randrange(height), rng.randrange(height)))
-        shape = rng.choice(("ellipse", "rectangle", "triangle"))
-        if shape == "ellipse":
-            draw.ellipse((x0, y0, x1, y1), fill=color())
-        elif shape == "rectangle":
-            draw.rectangle((x0, y0, x1, y1), fill=color())
-        else:
-            draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=color())
-    font = ImageFont.load_default(size=max(8, min(width, height) // 12))
-    draw.text((width // 20, height // 20), f"seed {seed}", fill=(255, 255, 255), font=font)
-    buffer = io.BytesIO()
-    if fmt == "jpeg":
-        image.save(buffer, format="JPEG", quality=90)
-    elif fmt == "png":
-        image.save(buffer, format="PNG", compress_level=1)
-    else:
-        image.save(buffer, format="WEBP", quality=80, method=0)
-    return buffer.getvalue()
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,11 +54,13 @@ class _Output:
     seed: int
     salt: str
     expires_at: float | None
+    black: bool = False
 
     def render(self) -> bytes:
         return render(
-            width=self.width, height=self.height, fmt=self.fmt, seed=self.seed, salt=self.salt
-        )
+            width=self.width, height=self.height, fmt=self.fmt, seed=self.seed, salt=self.salt,
+            black=self.black,
+        )  # fmt: skip
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -198,6 +147,7 @@ class ImageStore:
         salt: str,
         base_url: str,
         retention_s: float | None = None,
+        black: bool = False,
     ) -> dict[str, Any]:
         """Register one output and return fal's image JSON (without ``file_size``).
 
@@ -208,10 +158,11 @@ class ImageStore:
         fmt = normalize_format(fmt)
         if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
             raise ValueError(f"image size {width}x{height} is out of range")
-        image_id = f"{secrets.token_hex(16)}.{_EXTENSIONS[fmt]}"
+        image_id = f"{secrets.token_hex(16)}.{EXTENSIONS[fmt]}"
         now = self._clock()
         keep_s = self.retention_s if retention_s is None else retention_s
-        output = _Output(width, height, fmt, seed, salt, None if keep_s is None else now + keep_s)
+        expires_at = None if keep_s is None else now + keep_s
+        output = _Output(width, height, fmt, seed, salt, expires_at, black)
         with self._lock:
             self._outputs[image_id] = output
             while len(self._outputs) > self.max_outputs:
@@ -232,10 +183,12 @@ class ImageStore:
             raise KeyError(image_id)
         return len(data)
 
-    def data_uri(self, *, width: int, height: int, fmt: str, seed: int, salt: str) -> str:
+    def data_uri(
+        self, *, width: int, height: int, fmt: str, seed: int, salt: str, black: bool = False
+    ) -> str:
         """The rendered image as a ``data:`` URI (for ``sync_mode``); not registered."""
         fmt = normalize_format(fmt)
-        data = render(width=width, height=height, fmt=fmt, seed=seed, salt=salt)
+        data = render(width=width, height=height, fmt=fmt, seed=seed, salt=salt, black=black)
         with self._lock:
             self._counts["renders"] += 1
         return f"data:{CONTENT_TYPES[fmt]};base64,{base64.b64encode(data).decode('ascii')}"
@@ -320,6 +273,22 @@ class ImageStore:
         return [Route(_CDN_PATH + "{path:path}", self._serve, methods=["GET"])]
 
     # -- inputs ------------------------------------------------------------------------------
+
+    def content_id(self, url: str) -> str | None:
+        """What an input image served here *is*, whatever its URL: an uploaded file's sha256,
+        an output's (seed, salt). None for a URL this emulator does not hold. FLUX's output
+        depends on the input's pixels, not on the URL an upload happened to get."""
+        path = urllib.parse.urlsplit(url).path
+        if not url.startswith(("http://", "https://")) or not path.startswith(_CDN_PATH):
+            return None
+        key = path[len(_CDN_PATH) :]
+        output = (
+            self._live_output(key[len(OUTPUT_PREFIX) :]) if key.startswith(OUTPUT_PREFIX) else None
+        )
+        if output is not None:
+            return f"output:{output.seed}/{output.salt}/{output.black}"
+        stored = self.files.get(key)
+        return None if stored is None else "sha256:" + hashlib.sha256(stored.data).hexdigest()
 
     async def read_input_size(self, url: str, client: httpx.AsyncClient) -> tuple[int, int]:
         """(width, height) of an input image; raises :class:`InputImageError`.

@@ -46,6 +46,9 @@ class JobPlan:
     sync_mode: bool = False
     origin: str = ""  # scheme://host the client used: output URLs point back there
     output_retention_s: float | None = None  # CDN lifetime of outputs (emulated seconds)
+    # The body as the picture depends on it: input images held here by their content, not
+    # their URL (None: the body itself).
+    render_body: dict[str, Any] | None = None
 
 
 def plan_of(job: Job) -> JobPlan:
@@ -158,7 +161,9 @@ def input_failure(field: str, message: str) -> StoredResult:
     )
 
 
-def success(job: Job, images: Sequence[dict[str, Any]], *, time_scale: float) -> StoredResult:
+def success(
+    job: Job, images: Sequence[dict[str, Any]], flagged: Sequence[bool], *, time_scale: float
+) -> StoredResult:
     plan = plan_of(job)
     assert job.started_at is not None and job.finished_at is not None
     return StoredResult(
@@ -167,7 +172,7 @@ def success(job: Job, images: Sequence[dict[str, Any]], *, time_scale: float) ->
             "images": list(images),
             "timings": {"inference": round(job.finished_at - job.started_at, 6)},
             "seed": plan.seed,
-            "has_nsfw_concepts": [False] * len(images),
+            "has_nsfw_concepts": list(flagged),
             "prompt": plan.body.get("prompt", ""),
         },
     )

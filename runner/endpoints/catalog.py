@@ -219,6 +219,11 @@ class EndpointSpec:
     side_limits: tuple[int, int] | None = None  # explicit image_size width/height range
     max_input_side: int | None = None  # largest input image side the endpoint accepts
     streaming: bool = False
+    # The same request with the same seed gives the same image. An assumption, not a
+    # documented fact: fal does not promise it (shared/spec/endpoints.md is silent), FLUX on
+    # the same weights behaves so. The cross-run cache (--cache) trusts it; a run can say
+    # otherwise for an endpoint (RunConfig.nondeterministic_endpoints).
+    deterministic: bool = True
 
 
 _F1_FMT = ("jpeg", "png")

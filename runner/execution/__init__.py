@@ -5,6 +5,8 @@ scheduler   admission: resume decisions, budget, in-flight window, invalid rows,
 worker      one job's life: intent, submit, completion, result, record, retries
 completion  poll / stream / webhook strategies
 outcome     pure reading of fal's answers: success, or a failure with type and retryability
+flagged     --flagged keep|reroll|fail: outputs fal's safety checker flagged; re-roll seeds
+reuse       --cache: jobs fulfilled from the cross-run output cache at $0
 pacing      learned service times and the pure poll schedule
 ratelimit   token bucket and AIMD submit rate
 budget      the ``--max-cost`` meter

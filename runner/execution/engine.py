@@ -56,6 +56,7 @@ from runner.execution.progress import Progress, Tally
 from runner.execution.ratelimit import AdaptiveRate
 from runner.execution.reconcile import Reconciler
 from runner.execution.recorder import Recorder
+from runner.execution.reuse import open_reuse
 from runner.execution.scheduler import Scheduler, prior_spend, strict_check
 from runner.execution.shared import Shared
 from runner.execution.summary import RunReport
@@ -262,6 +263,9 @@ async def _drive(
         sizer = InputSizer(config.manifest.resolve().parent)
         budget = _budget(config, state)
         stage = _download_stage(config, ledger, progress, hooks, http) if config.download else None
+        reuse = open_reuse(config, stage.downloader.sink if stage is not None else None)
+        if stage is not None and reuse is not None:
+            stage.cache = reuse.cache
         uploader, resolver = _resolver(config, hooks, http)
         recorder = Recorder(
             ledger, budget, tally, now=utcnow, on_change=progress.refresh, say=progress.say,
@@ -283,6 +287,7 @@ async def _drive(
             },
             on_change=progress.refresh, resolve=resolver.resolve,
             reconciler=reconciler if config.on_unknown == "reconcile" else None, now=utcnow,
+            reuse=reuse,
         )  # fmt: skip
         async with _webhooks(run, strategy, http) as receiver:
             if receiver is not None:

@@ -35,6 +35,7 @@ from runner.errors import FalError, HTTPStatusError, ProtocolError, TransportErr
 from runner.fal.protocol import Completed, FluxResult, ResultResponse, is_retryable_error_type
 from runner.fal.retry import Action, classify
 from runner.ledger.schema import OutputImage
+from runner.media.cache import CacheSlot
 
 MESSAGE_LIMIT = 2000
 
@@ -66,6 +67,12 @@ class Done:
     billed_usd: Decimal | None  # from the outputs and the price table; None: unpriced
     queue_s: float | None
     inference_s: float | None
+    cache: CacheSlot | None = None  # file the outputs in the cross-run cache once downloaded
+
+    @property
+    def flagged_images(self) -> int:
+        """Outputs fal's safety checker flagged (``has_nsfw_concepts``): black images."""
+        return sum(1 for flag in self.success.result.has_nsfw_concepts if flag)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +83,7 @@ class Failed:
     billed_usd: Decimal | None
     answered: bool = True  # the server answered (acknowledged, or refused with a reason)
     full_record: bool = False  # nothing was sent: the event carries the whole job
+    flagged_images: int = 0  # --flagged fail: the outputs fal's safety checker flagged
 
     @property
     def retryable(self) -> bool:
@@ -110,7 +118,18 @@ class Expired:
     billed_usd: Decimal | None
 
 
-Outcome = Done | Failed | Unknown | Lost | Expired
+@dataclass(frozen=True, slots=True)
+class Cached:
+    """Fulfilled from the cross-run cache: the outputs copied in, nothing submitted, $0."""
+
+    outputs: tuple[OutputImage, ...]
+    seed: int | None
+    megapixels: int
+    source_run: str
+    source_request: str | None
+
+
+Outcome = Done | Failed | Unknown | Lost | Expired | Cached
 
 
 def read_status(status: Completed) -> Failure | None:

@@ -54,6 +54,12 @@ class Tally:
     remote_running: int = 0
     spent_usd: Decimal = Decimal(0)
     retries: int = 0
+    # fal's safety checker: flagged images kept (or failed) at the end of their job, the
+    # flagged outputs re-rolled and what those discarded attempts cost (runner.execution.flagged).
+    flagged_images: int = 0
+    rerolls: int = 0
+    reroll_usd: Decimal = Decimal(0)
+    cached: int = 0  # completed from the cross-run cache (--cache), at $0
     possible_duplicates: int = 0  # submits after an unknown outcome (may be billed twice)
     possible_duplicate_usd: Decimal = Decimal(0)
     # How fal's history settled unknown outcomes: adopted, resubmitted_safe,

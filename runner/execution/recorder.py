@@ -22,7 +22,7 @@ from typing import Any
 
 from runner.endpoints.cost import Estimate
 from runner.execution.budget import Budget
-from runner.execution.outcome import Done, Expired, Failed, Lost, Outcome, Unknown
+from runner.execution.outcome import Cached, Done, Expired, Failed, Lost, Outcome, Unknown
 from runner.execution.progress import Tally
 from runner.execution.reconcile import Intent
 from runner.fal.client import RequestRef
@@ -51,6 +51,10 @@ class Ticket:
     # An earlier run's submit of unknown outcome, to settle from fal's history first.
     reconcile: Intent | None = None
     reconciled: str | None = None  # how it was settled, recorded with the next intent
+    # --flagged reroll: how many times this job's flagged output was re-rolled in this run,
+    # and what the discarded attempts cost (runner.execution.flagged).
+    reroll: int = 0
+    reroll_usd: Decimal = Decimal(0)
 
     @property
     def units(self) -> float:
@@ -166,23 +170,74 @@ class Recorder:
                 await self._unknown(t, attempt, outcome, final=final)
             case Lost():
                 await self._lost(t, attempt, outcome)
+            case Cached():
+                await self._cached(t, attempt, outcome)
         self.on_change()
+
+    def _attempt_result(self, done: Done) -> dict[str, Any]:
+        ok = done.success
+        return {
+            "queue_s": done.queue_s, "inference_s": done.inference_s, "outputs": ok.outputs,
+            "seed": ok.result.seed, "nsfw": tuple(ok.result.has_nsfw_concepts),
+            "flagged": done.flagged_images > 0, "megapixels": ok.megapixels,
+            "billed_usd": done.billed_usd,
+        }  # fmt: skip
 
     async def _done(self, t: Ticket, attempt: int, done: Done) -> None:
         ok = done.success
         event = self._event(
-            t, JobState.COMPLETED, attempt, completed_at=self.now(), queue_s=done.queue_s,
-            inference_s=done.inference_s, outputs=ok.outputs, seed=ok.result.seed,
-            nsfw=tuple(ok.result.has_nsfw_concepts), megapixels=ok.megapixels,
-            billed_usd=done.billed_usd,
-        )  # fmt: skip
+            t, JobState.COMPLETED, attempt, completed_at=self.now(), **self._attempt_result(done)
+        )
         self.ledger.append(event)
         await self.ledger.commit()
         actual = done.billed_usd if done.billed_usd is not None else t.estimate.usd
         self._settle(t, actual)
         self.tally.completed += 1
+        self.tally.flagged_images += done.flagged_images
         if self.downloads is not None and ok.outputs:
-            await self.downloads(DownloadItem(t.job.job_key, t.job.row_id, ok.outputs, event))
+            item = DownloadItem(t.job.job_key, t.job.row_id, ok.outputs, event, done.cache)
+            await self.downloads(item)
+
+    async def reroll(self, t: Ticket, attempt: int, done: Done) -> Decimal | None:
+        """A flagged output re-rolled (--flagged reroll): reserve the next attempt's estimate,
+        then record this one paid and discarded. Returns what it cost, or None (nothing
+        recorded) when the budget refuses another attempt."""
+        if not self.budget.admit(t.estimate.usd):
+            self.say(f"{t.job.row_id}: flagged output kept: no budget to re-roll it "
+                     f"({self.budget.reason})")  # fmt: skip
+            return None
+        actual = done.billed_usd if done.billed_usd is not None else t.estimate.usd
+        cost = actual or Decimal(0)
+        n, of = done.flagged_images, len(done.success.outputs)
+        self.ledger.append(
+            self._event(
+                t, JobState.FAILED, attempt, completed_at=self.now(),
+                **self._attempt_result(done), error_type="flagged",
+                error_message=f"fal's safety checker flagged {n} of {of} images; re-rolled "
+                f"with a new seed", retryable=True, rerolls=t.reroll + 1,
+                reroll_usd=t.reroll_usd + cost,
+            )
+        )  # fmt: skip
+        await self.ledger.commit()
+        self._settle(t, actual)
+        self.tally.rerolls += 1
+        self.tally.reroll_usd += cost
+        return cost
+
+    async def _cached(self, t: Ticket, attempt: int, cached: Cached) -> None:
+        """Fulfilled from the cross-run cache: the whole job, completed at $0, its source."""
+        self.ledger.append(
+            self._full(
+                t, JobState.COMPLETED, attempt, completed_at=self.now(),
+                outputs=cached.outputs, seed=cached.seed, megapixels=cached.megapixels,
+                nsfw=(False,) * len(cached.outputs), flagged=False, billed_usd=Decimal(0),
+                request_id=cached.source_request, cached_from=cached.source_run,
+            )
+        )  # fmt: skip
+        await self.ledger.commit()
+        self._settle(t, Decimal(0))
+        self.tally.completed += 1
+        self.tally.cached += 1
 
     async def _failed(self, t: Ticket, attempt: int, failed: Failed, *, final: bool) -> None:
         failure = failed.failure
@@ -192,10 +247,13 @@ class Recorder:
             "retryable": failure.retryable,
             "billed_usd": failed.billed_usd,
         }
+        if failed.flagged_images:
+            fields["flagged"] = True
         build = self._full if failed.full_record else self._event
         self.ledger.append(build(t, JobState.FAILED, attempt, **fields))
         await self.ledger.commit()
         if final:
+            self.tally.flagged_images += failed.flagged_images
             self._settle(t, failed.billed_usd)
             self.tally.fail(failure.error_type, f"{t.job.row_id}: {failure.message}")
 

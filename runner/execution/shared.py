@@ -19,6 +19,7 @@ from runner.execution.progress import Tally
 from runner.execution.ratelimit import AdaptiveRate
 from runner.execution.reconcile import Reconciler
 from runner.execution.recorder import Recorder
+from runner.execution.reuse import Reuse
 from runner.fal.client import QueueClient
 from runner.fal.retry import RetryPolicies
 from runner.ledger.schema import utcnow
@@ -86,5 +87,6 @@ class Shared:
     on_change: Callable[[], None] = lambda: None
     resolve: Resolve | None = None  # local inputs -> URLs; None sends the payload as is
     reconciler: Reconciler | None = None  # --on-unknown reconcile: fal's history settles
+    reuse: Reuse | None = None  # --cache: outputs of earlier runs, reused at $0
     now: Callable[[], datetime] = utcnow
     unsent: Unsent = field(default_factory=Unsent)

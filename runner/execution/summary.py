@@ -111,12 +111,21 @@ def print_summary(report: RunReport, out: TextIO = sys.stderr) -> None:
         ("lost contact (re-attach next run)", t.lost),
         ("left from earlier runs", t.left),
         ("retries", t.retries),
+        ("flagged images (safety checker)", t.flagged_images),
     ]
+    if t.cached:
+        rows.insert(1, ("from the cache ($0)", t.cached))
     width = max(len(name) for name, _ in rows)
     print("", file=out)
     for name, value in rows:
         print(f"  {name.ljust(width)}  {value}", file=out)
     print(f"  {'spent'.ljust(width)}  {format_usd(t.spent_usd)}", file=out)
+    if t.rerolls:
+        print(
+            f"  {'re-rolls of flagged outputs'.ljust(width)}  {t.rerolls} "
+            f"({format_usd(t.reroll_usd)} of the spend)",
+            file=out,
+        )
     if t.possible_duplicates:
         print(
             f"  {'possible duplicate spend'.ljust(width)}  {count(t.possible_duplicates, 'job')} "
@@ -159,6 +168,9 @@ def summary_json(report: RunReport) -> dict[str, Any]:
             "invalid": t.invalid, "unknown": t.unknown, "lost": t.lost, "left": t.left,
         },
         "retries": t.retries,
+        "flagged_images": t.flagged_images,
+        "rerolls": {"count": t.rerolls, "usd": usd(t.reroll_usd)},
+        "cached": t.cached,
         "total": t.total,
         "spent_usd": usd(t.spent_usd),
         "estimate_usd": usd(t.estimate_usd),

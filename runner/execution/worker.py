@@ -16,7 +16,9 @@ Only the payload sent carries the URLs; the ledger's ``request`` and the job_key
 manifest's local paths, and ``payload_sha256`` fingerprints what was actually sent.
 
 Attempts: only an attempt the server answered (acknowledged, or refused with a reason)
-counts toward ``--max-attempts``. One that never reached it keeps its number.
+counts toward ``--max-attempts``. One that never reached it keeps its number. A re-roll of a
+flagged output (:mod:`runner.execution.flagged`) is an attempt of its own; a job the cross-run
+cache holds (:mod:`runner.execution.reuse`) is never sent.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from runner.execution.completion import (
     Watch,
     WebhookIn,
 )
+from runner.execution.flagged import judge, reseeded
 from runner.execution.outcome import (
+    Cached,
     Done,
     Expired,
     Failed,
@@ -95,10 +99,22 @@ async def _attempts(t: Ticket, s: Shared) -> Outcome:
             return intent
         t, ref = await _settle(t, s, attempt, intent)
     while True:
+        slot, cached = await s.reuse.lookup(t) if ref is None and s.reuse else (None, None)
+        if cached is not None:  # done in an earlier run using the same --cache: $0
+            await s.recorder.record(t, attempt, cached, final=True)
+            return cached
         sent = await submit(t, s, attempt) if ref is None else ref
         if not isinstance(sent, _OUTCOMES):
             followed.add(sent.request_id)
         outcome = sent if isinstance(sent, _OUTCOMES) else await finish(t, s, sent, attempt)
+        if isinstance(outcome, Done):
+            if slot is not None and not isinstance(sent, _OUTCOMES):  # filed once downloaded
+                outcome = replace(outcome, cache=replace(slot, request_id=sent.request_id))
+            judged, t = await judge(t, attempt, outcome, config=s.config, recorder=s.recorder)
+            if judged is None:  # re-rolled with a new seed: a new attempt of its own
+                attempt, ref = attempt + 1, None
+                continue
+            outcome = judged
         if isinstance(outcome, Unknown) and s.reconciler is not None and outcome.intent:
             unanswered += 1
             if unanswered < s.config.max_attempts:
@@ -128,7 +144,7 @@ async def _attempts(t: Ticket, s: Shared) -> Outcome:
         s.tally.retries += 1
 
 
-_OUTCOMES = (Done, Failed, Unknown, Lost, Expired)
+_OUTCOMES = (Done, Failed, Unknown, Lost, Expired, Cached)
 
 
 async def _with_fingerprint(t: Ticket, s: Shared, intent: Intent) -> Intent | Failed:
@@ -188,12 +204,13 @@ async def _prepare(t: Ticket, s: Shared) -> Mapping[str, Any] | Failed:
 async def submit(t: Ticket, s: Shared, attempt: int) -> RequestRef | Outcome:
     """Resolve inputs, record the intent, POST with the submit policy, record the ack."""
     with s.unsent.guard():  # an interrupt stops uploads and waits: nothing was sent
-        payload = await _prepare(t, s)
-        if isinstance(payload, Failed):
-            return payload
+        prepared = await _prepare(t, s)
+        if isinstance(prepared, Failed):
+            return prepared
         # The rate token first: an intent then waits on nothing before its POST, so a kill
         # leaves only intents that were about to be sent to settle, not a queue of them.
         await s.rate.acquire()
+    payload = reseeded(t, prepared)  # a re-roll of a flagged output sends its own seed
     sha = payload_fingerprint(payload)
     headers = s.config.submit_headers
     intent_at = await s.recorder.intent(t, attempt, payload_sha256=sha)

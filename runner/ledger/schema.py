@@ -27,10 +27,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Version 2 appended possible_duplicate, payload_sha256, the acknowledged URLs, how an
 # unknown outcome was reconciled, billed duplicates and the price's source; a
 # version-1 file is read as if those columns were null (runner.ledger.parts.read_part).
+# Version 3 appended flagged (fal's safety checker), the re-rolls of flagged outputs and
+# what they cost, and where a cached output came from.
 OLDEST_SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = b"runner.ledger.schema_version"
 
@@ -92,6 +94,8 @@ JOB_FIELDS = (
     "reconciled",
     "duplicate_request_ids",
     "price_source",
+    "rerolls",
+    "reroll_usd",
 )
 # Columns that a new attempt's `submitting` event clears.
 ATTEMPT_FIELDS = (
@@ -111,6 +115,8 @@ ATTEMPT_FIELDS = (
     "status_url",
     "response_url",
     "cancel_url",
+    "flagged",
+    "cached_from",
 )
 # Columns that describe the latest event only: a failure's reason is not carried into a
 # later event (a download retried successfully, a job that completed after all).
@@ -157,11 +163,16 @@ LEDGER_SCHEMA = pa.schema(
         pa.field("reconciled", pa.string()),
         pa.field("duplicate_request_ids", pa.list_(pa.string())),
         pa.field("price_source", pa.string()),
+        # Version 3 from here on.
+        pa.field("flagged", pa.bool_()),
+        pa.field("rerolls", pa.int32()),
+        pa.field("reroll_usd", MONEY),
+        pa.field("cached_from", pa.string()),
     ],
     metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )
 _TIME_FIELDS = frozenset({"at", "submitted_at", "started_at", "completed_at"})
-_MONEY_FIELDS = frozenset({"estimated_usd", "billed_usd"})
+_MONEY_FIELDS = frozenset({"estimated_usd", "billed_usd", "reroll_usd"})
 
 
 def encode_request(payload: Mapping[str, Any]) -> str:
@@ -232,6 +243,16 @@ class LedgerEvent:
     # Other requests of the same payload the history showed: billed duplicates. Sticky.
     duplicate_request_ids: tuple[str, ...] | None = None
     price_source: str | None = None  # where the estimate's unit price came from. Sticky.
+    # fal's safety checker flagged an output of this attempt (has_nsfw_concepts): derived
+    # from ``nsfw`` so it can be queried as a plain column.
+    flagged: bool | None = None
+    # Flagged outputs re-rolled with a new seed (--flagged reroll) so far, and what those
+    # discarded attempts were billed. Sticky.
+    rerolls: int | None = None
+    reroll_usd: Decimal | None = None
+    # Fulfilled from the cross-run cache (--cache): the run directory the outputs came
+    # from; request_id is the source run's request. Null for an output fal made for this run.
+    cached_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.state.__class__ is not JobState:
@@ -242,6 +263,8 @@ class LedgerEvent:
             _check_money("estimated_usd", self.estimated_usd)
         if self.billed_usd is not None:
             _check_money("billed_usd", self.billed_usd)
+        if self.reroll_usd is not None:
+            _check_money("reroll_usd", self.reroll_usd)
 
 
 @dataclass(frozen=True, slots=True)

@@ -149,7 +149,7 @@ def _flat_for_csv(jobs: pa.Table) -> pa.Table:
     for name in ("outputs", "nsfw", "duplicate_request_ids"):
         values = [None if v is None else json.dumps(v) for v in jobs[name].to_pylist()]
         jobs = jobs.set_column(jobs.schema.get_field_index(name), name, pa.array(values))
-    for name in ("estimated_usd", "billed_usd"):
+    for name in ("estimated_usd", "billed_usd", "reroll_usd"):
         values = [None if v is None else str(trim_usd(v)) for v in jobs[name].to_pylist()]
         jobs = jobs.set_column(jobs.schema.get_field_index(name), name, pa.array(values))
     return jobs

@@ -4,5 +4,6 @@ inputs     local input checks and sizes
 uploads    inputs to URLs, with content-hash dedup
 sink       output names, where files land, which OS errors mean the storage refuses writes
 pending    completed jobs whose outputs are still to download
-downloads  verify, hash and record outputs; resumable
+downloads  verify, hash and record outputs; resumable; file them in the cache
+cache      the cross-run output cache: content-addressed entries, written whole by rename
 """

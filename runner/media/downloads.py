@@ -51,6 +51,7 @@ from runner.fal.protocol import NOT_SENT_ERRORS
 from runner.fal.retry import RetryPolicies, RetryPolicy, call_with_retry
 from runner.ledger.schema import JobState, LedgerEvent, OutputImage, utcnow
 from runner.ledger.store import Ledger
+from runner.media.cache import OutputCache
 from runner.media.pending import DownloadItem, PendingDownloads, pending_downloads
 from runner.media.sink import (
     OutputSink,
@@ -264,6 +265,7 @@ class DownloadStage:
     counts: DownloadCounts = field(default_factory=DownloadCounts)
     storage_problem: str | None = None
     storage_failed: anyio.Event = field(default_factory=anyio.Event)
+    cache: OutputCache | None = None  # --cache: completed downloads are filed there too
     _send: Any = None
 
     @asynccontextmanager
@@ -321,7 +323,23 @@ class DownloadStage:
                 self.say(f"{item.row_id}: completed, not downloaded: {errors[0]}")
         else:
             self.counts.jobs_done += 1
+            await self._file(item, outputs)
         return not failed
+
+    async def _file(self, item: DownloadItem, outputs: list[OutputImage]) -> None:
+        """File a downloaded job's outputs in the cross-run cache, when it may be reused."""
+        slot, cache = item.cache, self.cache
+        if slot is None or cache is None:
+            return
+        seed = item.completed.seed if item.completed is not None else None
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: cache.store(slot.key, endpoint=slot.endpoint, seed=seed,
+                                    outputs=outputs, request_id=slot.request_id)
+            )  # fmt: skip
+        except OSError as exc:
+            # The outputs are safe in --out; only their reuse by later runs is lost.
+            self.say(f"{item.row_id}: not stored in the cache: {exc}")
 
     async def _fetch_missing(self, item: DownloadItem) -> tuple[list[OutputImage], list[str], bool]:
         """The job's outputs with those fetched now filled in, the errors, and whether any

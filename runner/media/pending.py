@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from runner.ledger.schema import JobState, LedgerEvent, OutputImage
 from runner.ledger.state import LedgerState
+from runner.media.cache import CacheSlot
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,7 @@ class DownloadItem:
     row_id: str
     outputs: tuple[OutputImage, ...]
     completed: LedgerEvent | None = None
+    cache: CacheSlot | None = None  # file the outputs in the cross-run cache once downloaded
 
 
 class PendingDownloads(Mapping[str, DownloadItem]):

@@ -182,6 +182,12 @@ OPTIONS: tuple[Option, ...] = (
     _o(PACE, "retry-failed", "retry_failed", "run again the jobs an earlier run left failed "
        "even when the failure may have been billed, e.g. a 422 (default off: only failures "
        "that cost nothing are retried)", kind="bool", commands=PLAN_AND_RUN),
+    _o(PACE, "flagged", "flagged", "an output fal's safety checker flagged (has_nsfw_concepts: "
+       "a black image): keep it (default; counted), reroll it with a new seed (each re-roll a "
+       "paid attempt) or fail the job (paid)", choices=("keep", "reroll", "fail")),
+    _o(PACE, "max-rerolls", "max_rerolls", "with --flagged reroll: re-rolls per job, after "
+       "which the last output is kept and counted as flagged (default 2)", parse=int,
+       metavar="N"),
     _o(PACE, "on-unknown", "on_unknown", "a submit whose answer was lost: reconcile (default) "
        "looks it up in fal's request history; resubmit (may pay twice), skip or fail",
        choices=("reconcile", "resubmit", "skip", "fail"), commands=PLAN_AND_RUN),
@@ -217,6 +223,12 @@ OPTIONS: tuple[Option, ...] = (
        parse=Path, metavar="DIR"),
     _o(IO, "out", "out_dir", "where outputs are downloaded: a directory or a URL such as "
        "s3://bucket/prefix (default RUN_DIR/outputs)", metavar="DIR|URL"),
+    _o(IO, "cache", "cache_dir", "a cache shared by run directories: a job with a fixed seed "
+       "on a deterministic endpoint, already done in any run using it, is copied from it at $0 "
+       "(default none)", parse=Path, metavar="DIR"),
+    _o(IO, "nondeterministic-endpoint", "nondeterministic_endpoints", "never serve this "
+       "endpoint from --cache though the catalog takes it as deterministic (repeatable; "
+       "default none)", kind="list", metavar="ID", from_toml=text_list),
     _o(IO, "download", "download", "--no-download keeps only the output URLs in the ledger "
        "(default: each output is downloaded when its job completes)", kind="bool"),
     _o(IO, "download-concurrency", "download_concurrency", "how many outputs are downloaded at "

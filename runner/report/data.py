@@ -17,6 +17,10 @@ Definitions:
   never told us when the job started);
 - failure groups: ``error_type`` plus the message with ids, URLs, paths and numbers
   replaced by placeholders, so the same failure on different rows is one group;
+- flagged: completed jobs whose outputs fal's safety checker flagged (``flagged``, from
+  ``has_nsfw_concepts``), and how many such images they hold; re-rolls: flagged outputs
+  discarded for a new seed (``--flagged reroll``) and what they cost, on top of ``billed``
+  (which is each job's latest attempt); cached: jobs completed from the cross-run cache;
 - the resume outlook: :func:`runner.ledger.decide` over every folded record. New
   manifest rows (never seen by the ledger) would be submitted too; the report has
   no manifest, so their number is unknown.
@@ -35,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from runner.endpoints.money import trim_usd
 from runner.errors import LedgerError
 from runner.ledger import JobState, ResumePolicy, read_folded
 from runner.ledger.totals import EndpointTotals, totals
@@ -75,6 +80,17 @@ class Timing:
 
 
 @dataclass(frozen=True, slots=True)
+class Safety:
+    """fal's safety checker and the cross-run cache, over the current jobs."""
+
+    flagged_jobs: int = 0  # completed with a flagged output kept
+    flagged_images: int = 0  # black images among those outputs
+    rerolls: int = 0  # flagged outputs discarded for a new seed
+    reroll_usd: Decimal = _ZERO  # what those discarded attempts were billed
+    cached_jobs: int = 0  # completed from the cross-run cache, at $0
+
+
+@dataclass(frozen=True, slots=True)
 class Report:
     run_dir: str | None
     manifest: str | None
@@ -98,6 +114,24 @@ class Report:
     failures: tuple[FailureGroup, ...]
     resume: ResumeOutlook
     notes: tuple[str, ...] = field(default=())
+    safety: Safety = field(default_factory=Safety)
+
+
+def _safety(jobs: pa.Table) -> Safety:
+    names = set(jobs.column_names)
+    if not {"flagged", "rerolls", "reroll_usd", "cached_from"} <= names:
+        return Safety()
+    done = jobs.filter(pc.equal(jobs["state"], JobState.COMPLETED.value))
+    flagged = done.filter(pc.fill_null(done["flagged"], False))
+    images = pc.sum(pc.cast(pc.list_flatten(flagged["nsfw"]), pa.int64())).as_py()
+    usd = pc.sum(jobs["reroll_usd"]).as_py()
+    return Safety(
+        flagged_jobs=flagged.num_rows,
+        flagged_images=int(images or 0),
+        rerolls=int(pc.sum(jobs["rerolls"]).as_py() or 0),
+        reroll_usd=trim_usd(Decimal(usd or 0)),
+        cached_jobs=int(pc.sum(pc.is_valid(done["cached_from"])).as_py() or 0),
+    )
 
 
 def load_jobs(run_dir: Path | str) -> pa.Table:
@@ -154,6 +188,7 @@ def build_report(
         failures=tuple(groups[:top_failures]),
         resume=resume_outlook(jobs, policy or ResumePolicy()),
         notes=tuple(notes),
+        safety=_safety(jobs),
     )
 
 

@@ -133,6 +133,15 @@ REPORT_SCHEMA: dict[str, Any] = _document(
         },
         "resume": _object({"policy": {"type": "object"}, "note": {"type": "string"}}),
         "notes": {"type": "array", "items": {"type": "string"}},
+        "safety": _object(
+            {
+                "flagged_jobs": _COUNT,
+                "flagged_images": _COUNT,
+                "rerolls": _COUNT,
+                "reroll_usd": _USD,
+                "cached_jobs": _COUNT,
+            }
+        ),
     },
 )
 
@@ -176,6 +185,9 @@ LOG_EVENT_SCHEMA: dict[str, Any] = {
             {
                 "outcomes": _object(dict.fromkeys(_OUTCOMES, _COUNT)),
                 "retries": _COUNT,
+                "flagged_images": _COUNT,
+                "rerolls": _object({"count": _COUNT, "usd": _USD}),
+                "cached": _COUNT,
                 "total": _NULLABLE_COUNT,
                 "spent_usd": _USD,
                 "estimate_usd": _USD_OR_NULL,

@@ -109,10 +109,30 @@ def render_text(report: Report) -> str:
          *map(format_usd, (report.estimated_usd, report.estimated_done_usd, report.billed_usd)))
     )  # fmt: skip
     lines += ["  " + line for line in _table(rows)]
+    lines += _safety_lines(report)
     lines += ["", *_timing_lines(report), "", *_failure_lines(report), ""]
     lines += _resume_lines(report)
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
+
+
+def _safety_lines(report: Report) -> list[str]:
+    """Re-rolls (on top of billed), flagged outputs kept, jobs from the cache."""
+    k = report.safety
+    lines = []
+    if k.rerolls:
+        lines.append(
+            f"  re-rolls of flagged outputs: {k.rerolls}, {format_usd(k.reroll_usd)} on top of "
+            f"billed (total paid {format_usd(report.billed_usd + k.reroll_usd)})"
+        )
+    if k.flagged_jobs:
+        lines.append(
+            f"  flagged by fal's safety checker and kept: {count(k.flagged_images, 'image')} "
+            f"in {count(k.flagged_jobs, 'job')}"
+        )
+    if k.cached_jobs:
+        lines.append(f"  from the cross-run cache ($0): {count(k.cached_jobs, 'job')}")
+    return lines
 
 
 def _timing_lines(report: Report) -> list[str]:
