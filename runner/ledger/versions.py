@@ -104,19 +104,20 @@ def mark_superseded(jobs: pa.Table) -> pa.Table:
 class Versions:
     """A folded ledger split into the jobs to count and the superseded ones.
 
-    ``shown`` holds every job (marked) with ``all_versions``, else only the current ones.
-    ``superseded`` always holds the superseded jobs, so their spend can be told apart.
+    ``every`` holds every job, marked; ``shown`` the same with ``all_versions``, else only
+    the current ones; ``superseded`` always the superseded ones, so their spend is told apart.
     """
 
+    every: pa.Table
     shown: pa.Table
     superseded: pa.Table
     all_versions: bool
 
 
 def split_versions(jobs: pa.Table, *, all_versions: bool = False) -> Versions:
-    """Mark ``jobs`` and split them (see :class:`Versions`)."""
-    marked = mark_superseded(jobs)
+    """Mark ``jobs`` (unless they carry the mark already) and split them (:class:`Versions`)."""
+    marked = jobs if SUPERSEDED in jobs.column_names else mark_superseded(jobs)
     flag = marked[SUPERSEDED]
     old = marked.filter(flag)
     shown = marked if all_versions else marked.filter(pc.invert(flag))
-    return Versions(shown, old, all_versions)
+    return Versions(marked, shown, old, all_versions)

@@ -23,11 +23,11 @@ import pyarrow.parquet as pq
 
 from runner.endpoints.money import trim_usd
 from runner.errors import LedgerError
+from runner.ledger.exports import MONEY_COLUMNS, export_batches, export_schema
 from runner.ledger.fold import read_folded
 from runner.ledger.journal import fsync_dir
 from runner.ledger.meta import read_run_meta
 from runner.ledger.schema import JobState
-from runner.ledger.exports import MONEY_COLUMNS, export_batches, export_schema
 from runner.ledger.totals import EndpointTotals, totals
 from runner.ledger.versions import split_versions
 

@@ -35,9 +35,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from runner.endpoints.money import trim_usd
 from runner.errors import LedgerError
 from runner.ledger import JobState, ResumePolicy, read_folded
 from runner.ledger.totals import EndpointTotals, totals
+from runner.ledger.versions import split_versions
 from runner.report.failures import FailureGroup, failure_groups
 from runner.report.outlook import ResumeOutlook, resume_outlook
 
@@ -98,6 +100,19 @@ class Report:
     failures: tuple[FailureGroup, ...]
     resume: ResumeOutlook
     notes: tuple[str, ...] = field(default=())
+    # Older versions of rows recorded again (runner.ledger.versions): left out of every
+    # count and sum above unless ``all_versions``; what they were billed is still spent.
+    superseded: int = 0
+    superseded_billed_usd: Decimal = _ZERO
+    superseded_estimated_usd: Decimal = _ZERO
+    all_versions: bool = False
+
+    @property
+    def spent_usd(self) -> Decimal:
+        """Everything billed, superseded versions included, whatever the counts show."""
+        if self.all_versions:
+            return self.billed_usd
+        return trim_usd(self.billed_usd + self.superseded_billed_usd)
 
 
 def load_jobs(run_dir: Path | str) -> pa.Table:
@@ -120,8 +135,16 @@ def build_report(
     policy: ResumePolicy | None = None,
     top_failures: int = 10,
     examples: int = 3,
+    all_versions: bool = False,
 ) -> Report:
-    """The report of a folded ledger. Pure: no I/O, no clock."""
+    """The report of a folded ledger (every version). Pure: no I/O, no clock.
+
+    Superseded jobs (:mod:`runner.ledger.versions`) are left out of every count, sum,
+    timing and failure unless ``all_versions``; their spend is reported on its own.
+    """
+    versions = split_versions(jobs, all_versions=all_versions)
+    jobs = versions.shown
+    old = totals(versions.superseded)
     meta = run_meta or {}
     found = meta.get("manifest")
     manifest: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
@@ -154,6 +177,10 @@ def build_report(
         failures=tuple(groups[:top_failures]),
         resume=resume_outlook(jobs, policy or ResumePolicy()),
         notes=tuple(notes),
+        superseded=old.jobs,
+        superseded_billed_usd=old.billed_usd,
+        superseded_estimated_usd=old.estimated_usd,
+        all_versions=all_versions,
     )
 
 
