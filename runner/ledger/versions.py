@@ -32,7 +32,7 @@ What the ledger cannot know, and so does not claim:
 
 Superseded jobs are left out of ``status``, ``export`` and ``report`` by default
 (``--all-versions`` includes them); the money they were billed is still spent, so status and
-the report show it on its own line. The run's budget counts every version (the spend so far).
+the report show it on its own line.
 Pure, vectorised (pyarrow; no Python loop over jobs).
 """
 
