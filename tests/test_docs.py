@@ -2,6 +2,7 @@
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,8 +75,8 @@ async def test_the_readmes_duckdb_queries_count_what_status_counts(tmp_path: Pat
     export_sql, raw_sql = duckdb_queries()
     here = str(tmp_path).replace("'", "''")
 
-    def query(sql: str) -> list[tuple[object, ...]]:
-        rows: list[tuple[object, ...]] = duckdb.sql(
+    def query(sql: str) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = duckdb.sql(
             sql.replace("nightly.runner", f"{here}/nightly.runner")
         ).fetchall()
         return rows
@@ -84,7 +85,7 @@ async def test_the_readmes_duckdb_queries_count_what_status_counts(tmp_path: Pat
     assert (current.jobs, every.jobs, current.superseded) == (4, 5, 1)
     exported = query(export_sql)
     assert {state: jobs for state, jobs, _usd in exported} == dict(current.by_state)
-    assert sum(usd for *_, usd in exported) == current.billed_usd  # type: ignore[misc]
+    assert sum(usd for *_, usd in exported) == current.billed_usd
     assert dict(query(raw_sql)) == dict(every.by_state)
     # What the query is for: the raw glob's rows are events, several per job.
     events = query("SELECT count(*) FROM 'nightly.runner/ledger/*.parquet'")[0][0]

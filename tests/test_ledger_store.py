@@ -373,7 +373,7 @@ def test_empty_run_dir_reads_as_empty(tmp_path: Path) -> None:
     assert schema.names == [*LEDGER_SCHEMA.names, "superseded"]
     assert schema.field("billed_usd").type == pa.decimal128(18, 6)
     for name in ("csv", "jsonl"):
-        assert export(tmp_path, tmp_path / f"empty.{name}", name) == 0  # type: ignore[arg-type]
+        assert export(tmp_path, tmp_path / f"empty.{name}", name) == 0
 
 
 def test_status_of_a_directory_that_is_no_run_is_an_error(tmp_path: Path) -> None:
