@@ -3,11 +3,13 @@ report unless ``--all-versions``, and what it was billed stays on the record."""
 
 from __future__ import annotations
 
+import functools
 import json
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -19,8 +21,6 @@ from runner.ledger.fold import read_folded
 from runner.ledger.versions import split_versions, superseded_mask
 from runner.ledger.views import export, status_summary
 from tests.scenario import emulator, run, run_config
-
-pytestmark = pytest.mark.anyio
 
 ROWS = [
     {"sku": "a1", "prompt": "red mug", "image_size": "square", "seed": 1, "shelf": "A"},
@@ -78,16 +78,18 @@ async def two_runs(tmp_path: Path, *, id_column: str | None) -> Path:
     return run_dir
 
 
-@pytest.fixture
-async def edited_run(tmp_path: Path) -> Path:
-    return await two_runs(tmp_path, id_column="sku")
+@pytest.fixture(scope="module")
+def edited_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ledger for the module's read-only tests (two emulator runs cost ~2 s)."""
+    tmp_path = tmp_path_factory.mktemp("edited")
+    return anyio.run(functools.partial(two_runs, tmp_path, id_column="sku"))
 
 
 def billed(table: pa.Table) -> Decimal:
     return Decimal(pc.sum(table["billed_usd"]).as_py() or 0)
 
 
-async def test_status_leaves_superseded_out_and_keeps_their_spend(edited_run: Path) -> None:
+def test_status_leaves_superseded_out_and_keeps_their_spend(edited_run: Path) -> None:
     every = read_folded(edited_run).jobs
     assert every.num_rows == 4
     summary = status_summary(edited_run)
@@ -100,7 +102,7 @@ async def test_status_leaves_superseded_out_and_keeps_their_spend(edited_run: Pa
     assert (both.jobs, both.billed_usd, both.spent_usd) == (4, billed(every), billed(every))
 
 
-async def test_status_cli_says_superseded_and_all_versions_counts_them(
+def test_status_cli_says_superseded_and_all_versions_counts_them(
     edited_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["status", str(edited_run)]) == 0
@@ -115,7 +117,7 @@ async def test_status_cli_says_superseded_and_all_versions_counts_them(
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
-async def test_export_leaves_superseded_out_unless_all_versions(
+def test_export_leaves_superseded_out_unless_all_versions(
     edited_run: Path, fmt: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     def rows(*flags: str) -> list[dict[str, Any]]:
@@ -145,7 +147,7 @@ def read_export(out: Path, fmt: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
-async def test_report_leaves_superseded_out_unless_all_versions(
+def test_report_leaves_superseded_out_unless_all_versions(
     edited_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["report", str(edited_run), "--json"]) == 0
@@ -160,7 +162,7 @@ async def test_report_leaves_superseded_out_unless_all_versions(
     assert "superseded: 1 job" in text and "counted above (--all-versions)" in text
 
 
-async def test_api_load_ledger_marks_versions(edited_run: Path) -> None:
+def test_api_load_ledger_marks_versions(edited_run: Path) -> None:
     import runner
 
     assert runner.load_ledger(edited_run).num_rows == 3
@@ -169,6 +171,7 @@ async def test_api_load_ledger_marks_versions(edited_run: Path) -> None:
     assert runner.status(edited_run, all_versions=True).jobs == 4
 
 
+@pytest.mark.anyio
 async def test_with_content_identity_an_edited_row_is_a_new_row_not_a_version(
     tmp_path: Path,
 ) -> None:
@@ -179,7 +182,7 @@ async def test_with_content_identity_an_edited_row_is_a_new_row_not_a_version(
     assert (summary.jobs, summary.superseded) == (4, 0)
 
 
-async def test_export_columns_are_typed_and_the_union_of_every_endpoint(edited_run: Path) -> None:
+def test_export_columns_are_typed_and_the_union_of_every_endpoint(edited_run: Path) -> None:
     out = edited_run / "typed.parquet"
     assert export(edited_run, out, "parquet") == 3
     table = pq.read_table(out)
