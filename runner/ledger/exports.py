@@ -40,16 +40,15 @@ BATCH_ROWS = 50_000
 _INT64 = (-(2**63), 2**63 - 1)
 
 
+# json.loads gives exactly these types, so a lookup by type() (no isinstance chain).
+_KINDS = {bool: "bool", int: "int", float: "float", str: "str"}
+
+
 def _kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "int" if _INT64[0] <= value <= _INT64[1] else "json"
-    if isinstance(value, float):
-        return "float"
-    if isinstance(value, str):
-        return "str"
-    return "json"
+    kind = _KINDS.get(type(value), "json")
+    if kind == "int" and not _INT64[0] <= value <= _INT64[1]:
+        return "json"
+    return kind
 
 
 def flatten_request(request: Mapping[str, Any]) -> dict[str, Any]:
@@ -61,8 +60,8 @@ def flatten_request(request: Mapping[str, Any]) -> dict[str, Any]:
 
 def _flatten(value: Mapping[str, Any], prefix: str, out: dict[str, Any]) -> None:
     for key, item in value.items():
-        name = f"{prefix}{key}"
-        if isinstance(item, Mapping) and item:
+        name = prefix + key
+        if type(item) is dict and item:
             _flatten(item, name + NESTED_SEPARATOR, out)
         elif item is not None and name not in out:
             out[name] = item
@@ -75,7 +74,7 @@ def _parsed(text: str | None) -> Mapping[str, Any]:
         value = json.loads(text)
     except ValueError:
         return {}
-    return value if isinstance(value, Mapping) else {}
+    return value if type(value) is dict else {}
 
 
 def _extra(request: str | None, metadata: str | None) -> dict[str, Any]:
