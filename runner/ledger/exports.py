@@ -5,7 +5,8 @@ kept as JSON text):
 
 - ``superseded``: bool, an older version of a row recorded again
   (:mod:`runner.ledger.versions`); only true under ``--all-versions``.
-- ``req_<field>``: each field of the request sent. A nested object's fields are
+- ``req_<field>``: each field of the ``request`` column (the request as the manifest gives
+  it: local paths, not upload URLs). A nested object's fields are
   ``req_<field>_<key>`` (``image_size`` given as ``{"width": 1024, "height": 768}`` gives
   ``req_image_size_width`` and ``req_image_size_height``; given as ``"square_hd"``, it is
   ``req_image_size``). Lists (``image_urls``, ``loras``) are JSON text.
