@@ -190,7 +190,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {state:<12} {count}")
     for ep in summary.by_endpoint:
         states = ", ".join(f"{k}={v}" for k, v in sorted(ep.by_state.items()))
-        print(f"  {ep.endpoint}: {ep.jobs} jobs ({states}), billed {format_usd(ep.billed_usd)}")
+        print(f"  {ep.endpoint}: {_jobs(ep.jobs)} ({states}), billed {format_usd(ep.billed_usd)}")
     spent, estimated = format_usd(summary.billed_usd), format_usd(summary.estimated_usd)
     print(f"spent so far {spent} (estimated {estimated})")
     if summary.superseded:
