@@ -5,6 +5,7 @@
     plan(manifest, **options) -> Plan             jobs, images and dollars, nothing sent
     status(run_dir) -> StatusSummary              counts and spend of a run directory
     load_ledger(run_dir) -> pyarrow.Table         one row per job, its latest state
+    (both take ``all_versions=True`` to count superseded jobs: older content of a row)
 
 Options are the CLI's long names with underscores (the table
 :data:`runner.options.table.OPTIONS`: ``max_cost="10"``, ``concurrency=8``,
@@ -39,6 +40,7 @@ from runner.execution.engine import Hooks, embedded_emulator, execute
 from runner.execution.prices import plan_prices
 from runner.execution.summary import RunReport
 from runner.ledger.fold import read_folded
+from runner.ledger.versions import split_versions
 from runner.ledger.views import StatusSummary, status_summary
 from runner.manifest.plan import Plan, build_plan
 from runner.media.inputs import InputSizer
@@ -119,11 +121,18 @@ def plan(manifest: Path | str, *, key: str | None = None, **options: Any) -> Pla
     return build_plan(items, table, input_sizes=sizer, lora_bytes=sizer.lora_bytes)
 
 
-def status(run_dir: Path | str) -> StatusSummary:
-    """Counts by state and endpoint, and the spend so far; works while a run writes."""
-    return status_summary(run_dir)
+def status(run_dir: Path | str, *, all_versions: bool = False) -> StatusSummary:
+    """Counts by state and endpoint, and the spend so far; works while a run writes.
+
+    Superseded jobs (older content of a row recorded again) are counted apart
+    (``superseded``, ``superseded_billed_usd``) unless ``all_versions``.
+    """
+    return status_summary(run_dir, all_versions=all_versions)
 
 
-def load_ledger(run_dir: Path | str) -> pa.Table:
-    """One row per job: its latest state, every column of the ledger."""
-    return read_folded(Path(run_dir)).jobs
+def load_ledger(run_dir: Path | str, *, all_versions: bool = False) -> pa.Table:
+    """One row per job: its latest state, every column of the ledger, and ``superseded``.
+
+    Superseded jobs are left out unless ``all_versions`` (then ``superseded`` marks them).
+    """
+    return split_versions(read_folded(Path(run_dir)).jobs, all_versions=all_versions).shown

@@ -2,6 +2,7 @@
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,3 +53,47 @@ def test_every_run_flag_says_what_it_does() -> None:
         if a.option_strings and a.option_strings[0] != "-h" and len(a.help or "") < 20
     ]
     assert not terse, f"flags without a sentence of help: {terse}"
+
+
+def duckdb_queries() -> list[str]:
+    """The SQL blocks of the README's "Querying with DuckDB", in order."""
+    section = README.split("### Querying with DuckDB", 1)[1].split("\n## ", 1)[0]
+    return [block.split("```", 1)[0] for block in section.split("```sql\n")[1:]]
+
+
+@pytest.mark.anyio
+async def test_the_readmes_duckdb_queries_count_what_status_counts(tmp_path: Path) -> None:
+    duckdb = pytest.importorskip("duckdb")
+    from runner.cli import main
+    from runner.ledger.views import status_summary
+    from tests.scenario import emulator, run, run_config
+
+    run_dir = tmp_path / "nightly.runner"
+    async with emulator() as emu:
+        for edited in ("first", "second"):  # the second run edits row r1: one superseded job
+            rows = [
+                f"r{i},fal-ai/flux-lora,mug {i} {edited if i == 1 else ''},square" for i in range(4)
+            ]
+            path = tmp_path / "m.csv"
+            path.write_text("id,endpoint,prompt,image_size\n" + "\n".join(rows) + "\n")
+            report = await run(emu, run_config(path, run_dir))
+            assert report.exit_code == 0, report.message
+    assert main(["export", str(run_dir), "--format", "parquet"]) == 0
+    export_sql, raw_sql = duckdb_queries()
+    here = str(tmp_path).replace("'", "''")
+
+    def query(sql: str) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = duckdb.sql(
+            sql.replace("nightly.runner", f"{here}/nightly.runner")
+        ).fetchall()
+        return rows
+
+    current, every = status_summary(run_dir), status_summary(run_dir, all_versions=True)
+    assert (current.jobs, every.jobs, current.superseded) == (4, 5, 1)
+    exported = query(export_sql)
+    assert {state: jobs for state, jobs, _usd in exported} == dict(current.by_state)
+    assert sum(usd for *_, usd in exported) == current.billed_usd
+    assert dict(query(raw_sql)) == dict(every.by_state)
+    # What the query is for: the raw glob's rows are events, several per job.
+    events = query("SELECT count(*) FROM 'nightly.runner/ledger/*.parquet'")[0][0]
+    assert isinstance(events, int) and events > every.jobs

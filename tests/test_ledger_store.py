@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -367,7 +368,12 @@ def test_empty_run_dir_reads_as_empty(tmp_path: Path) -> None:
     assert len(LedgerState.load(tmp_path)) == 0
     assert status_summary(tmp_path).jobs == 0
     assert export(tmp_path, tmp_path / "empty.parquet", "parquet") == 0
-    assert pq.read_table(tmp_path / "empty.parquet").schema.equals(LEDGER_SCHEMA)
+    schema = pq.read_table(tmp_path / "empty.parquet").schema
+    # The ledger's columns, money at the micro-dollar, and whether a job is superseded.
+    assert schema.names == [*LEDGER_SCHEMA.names, "superseded"]
+    assert schema.field("billed_usd").type == pa.decimal128(18, 6)
+    for name in ("csv", "jsonl"):
+        assert export(tmp_path, tmp_path / f"empty.{name}", name) == 0
 
 
 def test_status_of_a_directory_that_is_no_run_is_an_error(tmp_path: Path) -> None:

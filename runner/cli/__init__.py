@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="counts by state and endpoint, spend so far")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--json", action="store_true")
+    _add_all_versions(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("export", help="one row per job, or a dataset of the images")
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, help="output file, or - for stdout (default: RUN_DIR/export.FORMAT)"
     )
     add_dataset_args(p)
+    _add_all_versions(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compact", help="fold the ledger's parts into one (drops history)")
@@ -127,8 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only jobs in this state in the gallery (repeatable)")  # fmt: skip
     p.add_argument("--link-images", action="store_true",
                    help="link downloaded images by relative path, no thumbnails")  # fmt: skip
+    _add_all_versions(p)
     p.set_defaults(func=cmd_report)
     return parser
+
+
+def _add_all_versions(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--all-versions",
+        action="store_true",
+        help="include superseded jobs (older content of a row recorded again); "
+        "default: current versions only",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

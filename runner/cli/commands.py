@@ -24,7 +24,7 @@ from runner.errors import (
     RunnerError,
     UsageError,
 )
-from runner.ledger.totals import spend_notes
+from runner.ledger.totals import spend_notes, superseded_note
 from runner.manifest.columns import column_warnings
 from runner.manifest.identity import identity_notice
 from runner.manifest.jobs import ExpandOptions, Job, iter_jobs
@@ -185,18 +185,20 @@ def _tell(json_lines: bool, line: str) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     from runner.ledger.views import status_summary
 
-    summary = status_summary(args.run_dir)
+    summary = status_summary(args.run_dir, all_versions=args.all_versions)
     if args.json:
         print(json.dumps(summary_json(summary), indent=2))
         return EXIT_OK
-    print(f"{summary.run_dir}: {summary.jobs} jobs, {summary.events} events")
+    print(f"{summary.run_dir}: {_jobs(summary.jobs)}, {summary.events} events")
     for state, count in sorted(summary.by_state.items()):
         print(f"  {state:<12} {count}")
     for ep in summary.by_endpoint:
         states = ", ".join(f"{k}={v}" for k, v in sorted(ep.by_state.items()))
-        print(f"  {ep.endpoint}: {ep.jobs} jobs ({states}), billed {format_usd(ep.billed_usd)}")
+        print(f"  {ep.endpoint}: {_jobs(ep.jobs)} ({states}), billed {format_usd(ep.billed_usd)}")
     spent, estimated = format_usd(summary.billed_usd), format_usd(summary.estimated_usd)
     print(f"spent so far {spent} (estimated {estimated})")
+    if summary.superseded:
+        print(superseded_note(summary))
     for line in spend_notes(summary):
         print(line)
     return EXIT_OK
@@ -230,6 +232,11 @@ def summary_json(summary: Any) -> dict[str, Any]:
         "reconciled": dict(summary.reconciled),
         "duplicates_found": summary.duplicates_found,
         "duplicates_found_usd": str(summary.duplicates_found_usd),
+        "superseded": summary.superseded,
+        "superseded_billed_usd": str(summary.superseded_billed_usd),
+        "superseded_estimated_usd": str(summary.superseded_estimated_usd),
+        "all_versions": summary.all_versions,
+        "spent_usd": str(summary.spent_usd),
     }
 
 
@@ -242,14 +249,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         # To stdout: the file appears whole in a scratch folder first, then is copied out.
         with tempfile.TemporaryDirectory() as scratch:
             staged = Path(scratch) / f"export.{args.format}"
-            count = export(args.run_dir, staged, args.format)
+            count = export(args.run_dir, staged, args.format, all_versions=args.all_versions)
             with staged.open("rb") as handle:
                 shutil.copyfileobj(handle, sys.stdout.buffer)
             sys.stdout.buffer.flush()
         print(f"wrote {_jobs(count)} to stdout", file=sys.stderr)
         return EXIT_OK
     out = args.out or args.run_dir / f"export.{args.format}"
-    count = export(args.run_dir, out, args.format)
+    count = export(args.run_dir, out, args.format, all_versions=args.all_versions)
     print(f"wrote {_jobs(count)} to {out}", file=sys.stderr)
     return EXIT_OK
 
@@ -264,7 +271,8 @@ def _export_dataset(args: argparse.Namespace) -> int:
     if args.format == "parquet" and args.split_column is None:
         name = "export-images.parquet"  # one file; with splits, a folder of SPLIT.parquet
     out = args.out or args.run_dir / name
-    options = DatasetOptions(args.include_failed, args.include_flagged, args.split_column)
+    options = DatasetOptions(args.include_failed, args.include_flagged, args.split_column,
+                             args.all_versions)  # fmt: skip
     shard = DEFAULT_SHARD_BYTES if args.shard_size is None else parse_size(args.shard_size)
     chosen, written = export_dataset(args.run_dir, out, args.format, options,
                                      shard_bytes=shard, with_bytes=args.with_bytes)  # fmt: skip
@@ -318,6 +326,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from runner.ledger import JobState, read_run_meta
+    from runner.ledger.versions import split_versions
     from runner.report.data import build_report, load_jobs
     from runner.report.gallery import gallery
     from runner.report.html import write_html
@@ -328,11 +337,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     known = [s.value for s in JobState]
     if bad := [s for s in args.gallery_state if s not in known]:
         raise UsageError(f"--gallery-state {bad[0]}: not one of {', '.join(known)}")
-    jobs = load_jobs(args.run_dir)
-    report = build_report(jobs, read_run_meta(args.run_dir), run_dir=args.run_dir)
+    versions = split_versions(load_jobs(args.run_dir), all_versions=args.all_versions)
+    # Every version (marked), so the report can tell what superseded jobs were billed.
+    report = build_report(versions.every, read_run_meta(args.run_dir), run_dir=args.run_dir,
+                          all_versions=args.all_versions)  # fmt: skip
     print(json.dumps(report_json(report), indent=2) if args.json else render_text(report))
     if args.html:
-        cards = gallery(jobs, limit=args.gallery_limit, states=args.gallery_state)
+        cards = gallery(versions.shown, limit=args.gallery_limit, states=args.gallery_state)
         made = datetime.now(UTC)
         page = write_html(args.html, report, cards, run_dir=args.run_dir,
                           link_images=args.link_images, generated_at=made)  # fmt: skip

@@ -84,6 +84,12 @@ Durability:
   folded latest row: earlier events (history) are dropped by design.
 - A part that cannot be read raises LedgerCorruptError naming the file.
 
+Versions (:mod:`runner.ledger.versions`): a job whose identity (row id, variant) was
+recorded later with other content is *superseded*; status, export and report leave such jobs
+out unless asked for all versions, and count what they were billed apart. The export's
+columns (request fields as ``req_*``, metadata as ``meta_*``, money as ``decimal(18,6)``)
+are :mod:`runner.ledger.exports`.
+
 Reading (status, export, resume) takes no lock: it reads the journal, then
 lists the parts, drops journal events a part already holds, and starts over
 if a file vanishes under it (a checkpoint or compaction in between).

@@ -135,6 +135,33 @@ def spend_notes(facts: SpendFacts) -> list[str]:
     return notes
 
 
+class SupersededFacts(Protocol):
+    """What status and the report know of superseded versions (runner.ledger.versions)."""
+
+    @property
+    def superseded(self) -> int: ...
+    @property
+    def superseded_billed_usd(self) -> Decimal: ...
+    @property
+    def superseded_estimated_usd(self) -> Decimal: ...
+    @property
+    def all_versions(self) -> bool: ...
+    @property
+    def spent_usd(self) -> Decimal: ...
+
+
+def superseded_note(facts: SupersededFacts) -> str:
+    """The sentence on superseded jobs: their money is spent whether they are counted or not."""
+    billed = format_usd(facts.superseded_billed_usd)
+    head = f"superseded: {_jobs(facts.superseded)} (older content of rows recorded again)"
+    if facts.all_versions:
+        return f"{head}, billed {billed}: counted above (--all-versions)"
+    return (
+        f"{head}, billed {billed} (est. {format_usd(facts.superseded_estimated_usd)}): not "
+        f"counted above (--all-versions counts them); spent in all {format_usd(facts.spent_usd)}"
+    )
+
+
 def _jobs(n: int) -> str:
     return "1 job" if n == 1 else f"{n} jobs"
 

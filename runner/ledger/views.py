@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -23,11 +23,13 @@ import pyarrow.parquet as pq
 
 from runner.endpoints.money import trim_usd
 from runner.errors import LedgerError
+from runner.ledger.exports import MONEY_COLUMNS, export_batches, export_schema
 from runner.ledger.fold import read_folded
 from runner.ledger.journal import fsync_dir
 from runner.ledger.meta import read_run_meta
 from runner.ledger.schema import JobState
 from runner.ledger.totals import EndpointTotals, totals
+from runner.ledger.versions import split_versions
 
 ExportFormat = Literal["csv", "jsonl", "parquet"]
 _ZERO = Decimal(0)
@@ -53,6 +55,19 @@ class StatusSummary:
     last_event_at: datetime | None
     torn_bytes: int  # journal bytes ignored as a torn tail (a writer mid-append or a crash)
     run_meta: Mapping[str, Any] | None
+    # Older versions of rows recorded again (runner.ledger.versions): left out of the counts
+    # and sums above unless ``all_versions``; what they were billed is still spent.
+    superseded: int = 0
+    superseded_billed_usd: Decimal = _ZERO
+    superseded_estimated_usd: Decimal = _ZERO
+    all_versions: bool = False
+
+    @property
+    def spent_usd(self) -> Decimal:
+        """Everything billed, superseded versions included, whatever the counts show."""
+        if self.all_versions:
+            return self.billed_usd
+        return trim_usd(self.billed_usd + self.superseded_billed_usd)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -69,14 +84,19 @@ def _require_run_dir(run_dir: Path) -> None:
         raise LedgerError(not_a_run_dir(run_dir))
 
 
-def status_summary(run_dir: Path | str) -> StatusSummary:
-    """Counts and spend of a run directory; takes no lock, so it works during a run."""
+def status_summary(run_dir: Path | str, *, all_versions: bool = False) -> StatusSummary:
+    """Counts and spend of a run directory; takes no lock, so it works during a run.
+
+    Superseded jobs (:mod:`runner.ledger.versions`) are counted apart unless ``all_versions``.
+    """
     run_dir = Path(run_dir)
     _require_run_dir(run_dir)
     read = read_folded(run_dir)
-    jobs = read.jobs
+    versions = split_versions(read.jobs, all_versions=all_versions)
+    jobs = versions.shown
     counted = totals(jobs)
-    last_at = pc.max(jobs["at"]).as_py() if jobs.num_rows else None
+    old = totals(versions.superseded)
+    last_at = pc.max(read.jobs["at"]).as_py() if read.jobs.num_rows else None
     return StatusSummary(
         run_dir=run_dir,
         jobs=jobs.num_rows,
@@ -94,29 +114,32 @@ def status_summary(run_dir: Path | str) -> StatusSummary:
         last_event_at=last_at,
         torn_bytes=read.torn_bytes,
         run_meta=read_run_meta(run_dir),
+        superseded=old.jobs,
+        superseded_billed_usd=old.billed_usd,
+        superseded_estimated_usd=old.estimated_usd,
+        all_versions=all_versions,
     )
 
 
-def export(run_dir: Path | str, out_path: Path | str, fmt: ExportFormat) -> int:
+def export(
+    run_dir: Path | str, out_path: Path | str, fmt: ExportFormat, *, all_versions: bool = False
+) -> int:
     """Write one row per job (latest state) to out_path; returns the number of jobs.
 
-    Joinable with the manifest by row_id (and source/line). The file appears
-    whole or not at all (temp name, then rename).
+    Joinable with the manifest by row_id (and source/line); the columns are those of
+    :mod:`runner.ledger.exports`. Superseded jobs are left out unless ``all_versions``.
+    The file appears whole or not at all (temp name, then rename).
     """
     if fmt not in ("csv", "jsonl", "parquet"):
         raise ValueError(f"export format must be csv, jsonl or parquet, not {fmt!r}")
     out_path = Path(out_path)
     _require_run_dir(Path(run_dir))
-    jobs = read_folded(Path(run_dir)).jobs
+    jobs = split_versions(read_folded(Path(run_dir)).jobs, all_versions=all_versions).shown
+    schema = export_schema(jobs)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     try:
         with open(tmp, "wb") as handle:
-            if fmt == "parquet":
-                pq.write_table(jobs, handle, compression="zstd")
-            elif fmt == "csv":
-                pacsv.write_csv(_flat_for_csv(jobs), handle)
-            else:
-                _write_jsonl(jobs, handle)
+            _write(export_batches(jobs, schema), schema, handle, fmt)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, out_path)
@@ -133,6 +156,22 @@ def export(run_dir: Path | str, out_path: Path | str, fmt: ExportFormat) -> int:
     return int(jobs.num_rows)
 
 
+def _write(batches: Iterator[pa.RecordBatch], schema: pa.Schema, handle: Any, fmt: str) -> None:
+    if fmt == "parquet":
+        with pq.ParquetWriter(handle, schema, compression="zstd") as writer:
+            for batch in batches:
+                writer.write_batch(batch)
+        return
+    if fmt == "csv":
+        flat = _flat_for_csv(schema.empty_table()).schema
+        with pacsv.CSVWriter(handle, flat) as csv_writer:
+            for batch in batches:
+                csv_writer.write_table(_flat_for_csv(pa.Table.from_batches([batch], schema)))
+        return
+    for batch in batches:
+        _write_jsonl(batch, handle)
+
+
 def _remove(tmp: Path) -> None:
     """Remove a half-written temp file, if there is one to remove."""
     with contextlib.suppress(OSError):  # its folder is unusable: the error raised says so
@@ -145,13 +184,17 @@ def _shown(path: Path) -> str:
 
 
 def _flat_for_csv(jobs: pa.Table) -> pa.Table:
-    """CSV has no nested types: outputs and nsfw become JSON text, money exact text."""
+    """CSV has no nested types: outputs and nsfw become JSON text, money its shortest text."""
     for name in ("outputs", "nsfw", "duplicate_request_ids"):
         values = [None if v is None else json.dumps(v) for v in jobs[name].to_pylist()]
-        jobs = jobs.set_column(jobs.schema.get_field_index(name), name, pa.array(values))
-    for name in ("estimated_usd", "billed_usd", "reroll_usd"):
+        jobs = jobs.set_column(
+            jobs.schema.get_field_index(name), name, pa.array(values, pa.string())
+        )
+    for name in MONEY_COLUMNS:
         values = [None if v is None else str(trim_usd(v)) for v in jobs[name].to_pylist()]
-        jobs = jobs.set_column(jobs.schema.get_field_index(name), name, pa.array(values))
+        jobs = jobs.set_column(
+            jobs.schema.get_field_index(name), name, pa.array(values, pa.string())
+        )
     return jobs
 
 
@@ -163,12 +206,11 @@ def _json_default(value: object) -> str:
     raise TypeError(f"cannot export {type(value).__name__}")
 
 
-def _write_jsonl(jobs: pa.Table, handle: Any) -> None:
-    for batch in jobs.to_batches(max_chunksize=10_000):
-        rows = batch.to_pylist()
-        for row in rows:
-            if row["metadata"] is not None:
-                row["metadata"] = json.loads(row["metadata"])
-        lines = [json.dumps(row, default=_json_default, ensure_ascii=False) for row in rows]
-        if lines:
-            handle.write(("\n".join(lines) + "\n").encode())
+def _write_jsonl(batch: pa.RecordBatch, handle: Any) -> None:
+    rows = batch.to_pylist()
+    for row in rows:
+        if row["metadata"] is not None:
+            row["metadata"] = json.loads(row["metadata"])
+    lines = [json.dumps(row, default=_json_default, ensure_ascii=False) for row in rows]
+    if lines:
+        handle.write(("\n".join(lines) + "\n").encode())

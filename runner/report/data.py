@@ -43,6 +43,7 @@ from runner.endpoints.money import trim_usd
 from runner.errors import LedgerError
 from runner.ledger import JobState, ResumePolicy, read_folded
 from runner.ledger.totals import EndpointTotals, totals
+from runner.ledger.versions import split_versions
 from runner.report.failures import FailureGroup, failure_groups
 from runner.report.outlook import ResumeOutlook, resume_outlook
 
@@ -116,6 +117,20 @@ class Report:
     notes: tuple[str, ...] = field(default=())
     safety: Safety = field(default_factory=Safety)
 
+    # Older versions of rows recorded again (runner.ledger.versions): left out of every
+    # count and sum above unless ``all_versions``; what they were billed is still spent.
+    superseded: int = 0
+    superseded_billed_usd: Decimal = _ZERO
+    superseded_estimated_usd: Decimal = _ZERO
+    all_versions: bool = False
+
+    @property
+    def spent_usd(self) -> Decimal:
+        """Everything billed, superseded versions included, whatever the counts show."""
+        if self.all_versions:
+            return self.billed_usd
+        return trim_usd(self.billed_usd + self.superseded_billed_usd)
+
 
 def _safety(jobs: pa.Table) -> Safety:
     names = set(jobs.column_names)
@@ -154,8 +169,16 @@ def build_report(
     policy: ResumePolicy | None = None,
     top_failures: int = 10,
     examples: int = 3,
+    all_versions: bool = False,
 ) -> Report:
-    """The report of a folded ledger. Pure: no I/O, no clock."""
+    """The report of a folded ledger (every version). Pure: no I/O, no clock.
+
+    Superseded jobs (:mod:`runner.ledger.versions`) are left out of every count, sum,
+    timing and failure unless ``all_versions``; their spend is reported on its own.
+    """
+    versions = split_versions(jobs, all_versions=all_versions)
+    jobs = versions.shown
+    old = totals(versions.superseded)
     meta = run_meta or {}
     found = meta.get("manifest")
     manifest: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
@@ -189,6 +212,10 @@ def build_report(
         resume=resume_outlook(jobs, policy or ResumePolicy()),
         notes=tuple(notes),
         safety=_safety(jobs),
+        superseded=old.jobs,
+        superseded_billed_usd=old.billed_usd,
+        superseded_estimated_usd=old.estimated_usd,
+        all_versions=all_versions,
     )
 
 

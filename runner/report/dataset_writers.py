@@ -72,7 +72,9 @@ def export_dataset(
     Raises LedgerError naming what is missing (outputs not downloaded) or what could not
     be written, UsageError for a bad split column.
     """
-    selection = select_images(current_jobs(run_dir), run_dir, options)
+    selection = select_images(
+        current_jobs(run_dir, all_versions=options.all_versions), run_dir, options
+    )
     if fmt != "parquet" or with_bytes:
         selection.require_files(run_dir)
     return selection, write_dataset(

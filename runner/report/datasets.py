@@ -35,6 +35,7 @@ import pyarrow as pa
 
 from runner.errors import LedgerError, UsageError
 from runner.ledger import JobState, read_run_meta
+from runner.ledger.versions import split_versions
 from runner.report.data import load_jobs
 
 OWN_COLUMNS = (
@@ -47,13 +48,14 @@ _UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]+")
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
-def current_jobs(run_dir: Path | str) -> pa.Table:
-    """The jobs every dataset export is made of: the folded ledger, one row per job.
+def current_jobs(run_dir: Path | str, *, all_versions: bool = False) -> pa.Table:
+    """The jobs every dataset export is made of: the folded ledger, one row per job, without
+    superseded versions (older content of a row recorded again) unless ``all_versions``.
 
     The one function the exports read jobs through, so which versions of a manifest row
-    count as current is decided here and nowhere else.
+    count as current is decided here and nowhere else (:mod:`runner.ledger.versions`).
     """
-    return load_jobs(run_dir)
+    return split_versions(load_jobs(run_dir), all_versions=all_versions).shown
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,7 @@ class DatasetOptions:
     include_failed: bool = False  # images of failed jobs too (a job failed after its outputs)
     include_flagged: bool = False  # images the endpoint's safety checker flagged too
     split_column: str | None = None  # a manifest column naming each image's split
+    all_versions: bool = False  # superseded versions of rows too
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 from runner.endpoints.money import format_usd
 from runner.ledger import JobState, OutputImage
-from runner.ledger.totals import spend_notes
+from runner.ledger.totals import spend_notes, superseded_note
 from runner.report.assets import CSS, JS, PAGE
 from runner.report.data import Percentiles, Report
 from runner.report.gallery import Gallery, GalleryItem, Thumbnails
@@ -151,6 +151,8 @@ def _summary(report: Report) -> str:
     cells = "".join(f'<div class="tile"><b>{_e(v)}</b><span>{_e(k)}</span></div>' for k, v in tiles)
     states = ", ".join(f"{s.value} {n}" for s, n in report.by_state.items())
     notes = "".join(f'<p class="note">{_e(n)}</p>' for n in report.notes)
+    if report.superseded:
+        notes += f'<p class="note">{_e(superseded_note(report))}</p>'
     notes += "".join(f'<p class="warn">{_e(note)}</p>' for note in spend_notes(report))
     tiles_html = f'<div class="tiles">{cells}</div>'
     return f'<section id="summary">{tiles_html}<p>{_e(states)}</p>{notes}</section>'

@@ -46,6 +46,16 @@ def _document(name: str, title: str, required: dict[str, Any]) -> dict[str, Any]
     }
 
 
+# Superseded jobs (older content of rows recorded again): left out of the counts and sums
+# unless all_versions; spent_usd is everything billed, superseded versions included.
+_VERSIONS: dict[str, Any] = {
+    "superseded": _COUNT,
+    "superseded_billed_usd": _USD,
+    "superseded_estimated_usd": _USD,
+    "all_versions": {"type": "boolean"},
+    "spent_usd": _USD,
+}
+
 STATUS_SCHEMA: dict[str, Any] = _document(
     STATUS,
     "runner status --json",
@@ -74,6 +84,7 @@ STATUS_SCHEMA: dict[str, Any] = _document(
         "reconciled": _COUNTS,
         "duplicates_found": _COUNT,
         "duplicates_found_usd": _USD,
+        **_VERSIONS,
     },
 )
 
@@ -142,6 +153,7 @@ REPORT_SCHEMA: dict[str, Any] = _document(
                 "cached_jobs": _COUNT,
             }
         ),
+        **_VERSIONS,
     },
 )
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from runner.endpoints.money import format_usd
 from runner.ledger import JobState
-from runner.ledger.totals import spend_notes
+from runner.ledger.totals import spend_notes, superseded_note
 from runner.report.data import Percentiles, Report
 from runner.report.schemas import REPORT
 
@@ -24,6 +24,7 @@ def report_json(report: Report) -> dict[str, Any]:
     doc = _plain(report)
     assert isinstance(doc, dict)
     doc["resume"]["note"] = NEW_JOBS_NOTE
+    doc["spent_usd"] = str(report.spent_usd)
     return {"schema": REPORT, **doc}
 
 
@@ -89,10 +90,12 @@ def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
 
 
 def render_text(report: Report) -> str:
-    lines = [f"run {report.run_dir or '-'}: {report.jobs} jobs"]
+    lines = [f"run {report.run_dir or '-'}: {count(report.jobs, 'job')}"]
     if report.manifest:
         lines[0] += f" from {report.manifest}"
     lines.append("  " + ", ".join(f"{s.value} {n}" for s, n in report.by_state.items()))
+    if report.superseded:
+        lines.append(f"  {superseded_note(report)}")
     lines += [f"  {note}" for note in spend_notes(report)]
     lines += ["", "cost by endpoint (estimate of billed jobs vs output-based cost):"]
     rows: list[tuple[str, ...]] = [

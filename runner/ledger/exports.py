@@ -1,0 +1,155 @@
+"""The columns of ``runner export``: the folded ledger made easy to query.
+
+One row per job, with, beside every column of the ledger (``request`` and ``metadata``
+kept as JSON text):
+
+- ``superseded``: bool, an older version of a row recorded again
+  (:mod:`runner.ledger.versions`); only true under ``--all-versions``.
+- ``req_<field>``: each field of the ``request`` column (the request as the manifest gives
+  it: local paths, not upload URLs). A nested object's fields are
+  ``req_<field>_<key>`` (``image_size`` given as ``{"width": 1024, "height": 768}`` gives
+  ``req_image_size_width`` and ``req_image_size_height``; given as ``"square_hd"``, it is
+  ``req_image_size``). Lists (``image_urls``, ``loras``) are JSON text.
+- ``meta_<column>``: each metadata column of the manifest row (text).
+
+Endpoints take different fields: the export has the union of every job's columns, null
+where a job has no such field. A column's type is the narrowest that holds all its values:
+bool, int64, float64 (ints and floats mixed), else text (a value that is not text written
+as JSON). Where two fields would flatten to one name, the first in the request wins.
+Money (``estimated_usd``, ``billed_usd``) is ``decimal(18,6)``: rounded half-even to the
+micro-dollar, in every format (the ledger's parts keep the exact value, at 18 places).
+
+The jobs are read twice in batches (once for the columns and their types, once to write),
+so memory holds the folded ledger plus one batch of parsed requests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+REQUEST_PREFIX = "req_"
+METADATA_PREFIX = "meta_"
+NESTED_SEPARATOR = "_"
+EXPORT_MONEY = pa.decimal128(18, 6)
+MONEY_COLUMNS = ("estimated_usd", "billed_usd", "reroll_usd")
+BATCH_ROWS = 50_000
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+# json.loads gives exactly these types, so a lookup by type() (no isinstance chain).
+_KINDS = {bool: "bool", int: "int", float: "float", str: "str"}
+
+
+def _kind(value: Any) -> str:
+    kind = _KINDS.get(type(value), "json")
+    if kind == "int" and not _INT64[0] <= value <= _INT64[1]:
+        return "json"
+    return kind
+
+
+def flatten_request(request: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"req_prompt": ..., "req_image_size_width": ...}``: a request's fields as columns."""
+    out: dict[str, Any] = {}
+    _flatten(request, REQUEST_PREFIX, out)
+    return out
+
+
+def _flatten(value: Mapping[str, Any], prefix: str, out: dict[str, Any]) -> None:
+    for key, item in value.items():
+        name = prefix + key
+        if type(item) is dict and item:
+            _flatten(item, name + NESTED_SEPARATOR, out)
+        elif item is not None and name not in out:
+            out[name] = item
+
+
+def _parsed(text: str | None) -> Mapping[str, Any]:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if type(value) is dict else {}
+
+
+def _extra(request: str | None, metadata: str | None) -> dict[str, Any]:
+    fields = flatten_request(_parsed(request))
+    for name, value in _parsed(metadata).items():
+        fields.setdefault(f"{METADATA_PREFIX}{name}", value)
+    return fields
+
+
+def _type_of(kinds: set[str]) -> pa.DataType:
+    if kinds == {"bool"}:
+        return pa.bool_()
+    if kinds == {"int"}:
+        return pa.int64()
+    if kinds and kinds <= {"int", "float"}:
+        return pa.float64()
+    return pa.string()
+
+
+def _ledger_fields(jobs: pa.Table) -> list[pa.Field]:
+    fields = []
+    for field in jobs.schema:
+        if field.name in MONEY_COLUMNS:
+            field = field.with_type(EXPORT_MONEY)
+        fields.append(field)
+    return fields
+
+
+def export_schema(jobs: pa.Table) -> pa.Schema:
+    """The export's columns for these folded jobs: the ledger's, then req_*, then meta_*."""
+    kinds: dict[str, set[str]] = {}
+    for batch in jobs.select(["request", "metadata"]).to_batches(max_chunksize=BATCH_ROWS):
+        for request, metadata in zip(batch["request"].to_pylist(), batch["metadata"].to_pylist(),
+                                     strict=True):  # fmt: skip
+            for name, value in _extra(request, metadata).items():
+                kinds.setdefault(name, set()).add(_kind(value))
+    taken = set(jobs.column_names)
+    extra = [pa.field(name, _type_of(kinds[name])) for name in sorted(kinds) if name not in taken]
+    return pa.schema([*_ledger_fields(jobs), *extra], metadata=jobs.schema.metadata)
+
+
+def export_batches(jobs: pa.Table, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+    """The folded jobs as record batches of ``schema`` (from :func:`export_schema`)."""
+    extra = [f for f in schema if f.name not in jobs.column_names]
+    for batch in jobs.to_batches(max_chunksize=BATCH_ROWS):
+        rows = [
+            _extra(request, metadata)
+            for request, metadata in zip(
+                batch["request"].to_pylist(), batch["metadata"].to_pylist(), strict=True
+            )
+        ]
+        columns: list[pa.Array] = []
+        for field in schema:
+            if field.name in MONEY_COLUMNS:
+                columns.append(export_money(batch[field.name]))
+            elif field.name in batch.schema.names:
+                columns.append(batch[field.name])
+        for field in extra:
+            values = [_cell(row.get(field.name), field.type) for row in rows]
+            columns.append(pa.array(values, field.type))
+        yield pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def export_money(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Exact ledger money as ``decimal(18,6)``, rounded half-even to the micro-dollar."""
+    rounded = pc.round(values, ndigits=6, round_mode="half_to_even")
+    return pc.cast(rounded, EXPORT_MONEY)
+
+
+def _cell(value: Any, kind: pa.DataType) -> Any:
+    if value is None:
+        return None
+    if pa.types.is_string(kind) and not isinstance(value, str):
+        return json.dumps(value, sort_keys=True, ensure_ascii=False)
+    if pa.types.is_floating(kind):
+        return float(value)
+    return value
