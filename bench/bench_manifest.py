@@ -24,20 +24,37 @@ from pathlib import Path
 from typing import Any
 
 ENDPOINT = "fal-ai/flux-lora"
-COLUMNS = ["id", "endpoint", "prompt", "image_size", "num_images", "seed", "loras", "sku"]
+# Like manifests/demo.csv: an id (every 10th row left empty, so identified by content),
+# metadata columns filling a prompt template on half the rows, a written prompt (with a
+# comma, sometimes a line break) on the other half, presets and WxH sizes, a LoRA on 1%.
+COLUMNS = ["id", "endpoint", "title", "color", "prompt_template", "prompt", "image_size",
+           "num_images", "seed", "guidance_scale", "loras", "sku"]  # fmt: skip
 CHECKPOINT = 100_000
 PARQUET_CHUNK = 50_000
+_TITLES = ["ceramic coffee mug", "brass desk lamp", "wool area rug", "oak dining chair"]
+_COLORS = ["matte black", "sage green", "polished brass", "terracotta", "indigo", "walnut"]
+_SIZES = ["square_hd", "landscape_4_3", "portrait_4_3", "1024x768", "square"]
 
 
 def make_row(i: int) -> dict[str, Any]:
+    templated = i % 2 == 0
     return {
-        "id": f"row-{i:07d}",
+        "id": "" if i % 10 == 9 else f"row-{i:07d}",
         "endpoint": ENDPOINT,
-        "prompt": f"A studio photo of product {i}, white background,\nsoft light",
-        "image_size": "square_hd" if i % 2 else "1024x768",
-        "num_images": 1 + i % 4,
+        "title": _TITLES[i % 4],
+        "color": _COLORS[i % 6],
+        "prompt_template": "Studio photo of {title} in {color}, white background"
+        if templated
+        else "",
+        "prompt": ""
+        if templated
+        else f"A studio photo of product {i}, white background"
+        + ("\nsoft light" if i % 7 == 0 else ""),
+        "image_size": _SIZES[i % 5],
+        "num_images": "" if i % 3 else 1 + i % 4,
         "seed": i,
-        "loras": f"https://host:8080/loras/l{i % 7}.safetensors:0.8" if i % 3 == 0 else "",
+        "guidance_scale": "" if i % 4 else 3.5,
+        "loras": f"https://host:8080/loras/l{i % 7}.safetensors:0.8" if i % 100 == 0 else "",
         "sku": f"SKU-{i}",
     }
 
@@ -53,11 +70,17 @@ def write_csv(path: Path, count: int) -> None:
         writer.writerows(rows(count))
 
 
+def _typed(row: dict[str, Any]) -> dict[str, Any]:
+    """The row as JSONL and Parquet give it: empty cells absent, LoRAs as a list."""
+    typed = {k: (None if v == "" else v) for k, v in row.items()}
+    typed["loras"] = _lora_list(row["loras"])
+    return typed
+
+
 def write_jsonl(path: Path, count: int) -> None:
     with path.open("w", encoding="utf-8") as fh:
         for r in rows(count):
-            r["loras"] = _lora_list(r["loras"])
-            fh.write(json.dumps({k: v for k, v in r.items() if v is not None}) + "\n")
+            fh.write(json.dumps({k: v for k, v in _typed(r).items() if v is not None}) + "\n")
 
 
 def _lora_list(cell: str) -> list[dict[str, Any]] | None:
@@ -72,15 +95,12 @@ def write_parquet(path: Path, count: int) -> None:
     import pyarrow.parquet as pq
 
     lora = pa.list_(pa.struct([("path", pa.string()), ("scale", pa.float64())]))
-    schema = pa.schema(
-        [(c, pa.string()) for c in COLUMNS[:4]]
-        + [("num_images", pa.int64()), ("seed", pa.int64()), ("loras", lora), ("sku", pa.string())]
-    )
+    special = {"num_images": pa.int64(), "seed": pa.int64(), "guidance_scale": pa.float64(),
+               "loras": lora}  # fmt: skip
+    schema = pa.schema([(c, special.get(c, pa.string())) for c in COLUMNS])
     with pq.ParquetWriter(path, schema) as writer:
         for start in range(0, count, PARQUET_CHUNK):
-            chunk = [make_row(i) for i in range(start, min(count, start + PARQUET_CHUNK))]
-            for r in chunk:
-                r["loras"] = _lora_list(r["loras"])
+            chunk = [_typed(make_row(i)) for i in range(start, min(count, start + PARQUET_CHUNK))]
             writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
 
 
