@@ -13,7 +13,6 @@ Line numbers are counted from the line ends, so each batch carries the line of e
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path

@@ -72,13 +72,17 @@ def iter_job_batches(
     kind = detect_format(path, fmt)
     expander = _Expander(options)
     if kind in ("csv", "tsv"):
-        blocks: Iterator[ArrowRows | list[RawRow]] = arrow_blocks(path, "\t" if kind == "tsv" else ",")
+        blocks: Iterator[ArrowRows | list[RawRow]] = arrow_blocks(
+            path, "\t" if kind == "tsv" else ","
+        )
     else:
         blocks = _row_chunks(read_rows(path, fmt=fmt))
     return _batches(blocks, expander, materialize)
 
 
-def iter_manifest_jobs(path: Path, fmt: str | None, options: ExpandOptions) -> Iterator[Job | RowError]:
+def iter_manifest_jobs(
+    path: Path, fmt: str | None, options: ExpandOptions
+) -> Iterator[Job | RowError]:
     """Every job and bad row, in order: :func:`iter_jobs` over :func:`read_rows`, faster."""
     batches = iter_job_batches(path, fmt, options, materialize=True)
     return (item for batch in batches for item in batch.items)
@@ -192,9 +196,13 @@ def _sequence(
     for number, group in enumerate(typed):
         owner[group.positions] = number
         within[group.positions] = np.arange(len(group.positions))
-        ids.append(group.ids.to_pylist() if group.ids is not None else [None] * len(group.positions))
+        ids.append(
+            group.ids.to_pylist() if group.ids is not None else [None] * len(group.positions)
+        )
     makers = [_Maker(group, block, expander) for group in typed]
-    wanted = [np.ones(len(g.positions), dtype=bool) if materialize else g.needs_files for g in typed]
+    wanted = [
+        np.ones(len(g.positions), dtype=bool) if materialize else g.needs_files for g in typed
+    ]
     quick = [np.zeros(len(g.positions), dtype=bool) for g in typed]
     claim = expander.seen.claim if expander.options.check_unique_ids else None
     owner_list, within_list, slow_list = owner.tolist(), within.tolist(), slow.tolist()
@@ -249,7 +257,9 @@ class _Maker:
         row = _Row(raw, row_id if row_id is not None else row_number_id(raw.index))
         payload, metadata = self.payload(at)
         group = self.group
-        return self.expander.finish(row, group.endpoint, group.spec, payload, metadata, (), None, row_id)
+        return self.expander.finish(
+            row, group.endpoint, group.spec, payload, metadata, (), None, row_id
+        )
 
 
 def _cost_groups(group: vector.Typed, counted: np.ndarray, maker: _Maker) -> list[CostGroup]:
@@ -266,7 +276,9 @@ def _cost_groups(group: vector.Typed, counted: np.ndarray, maker: _Maker) -> lis
     keys = [name for name in columns if name != "at"]
     summary = table.group_by(keys, use_threads=False).aggregate([("at", "min"), ("at", "count")])
     found = []
-    for first, count in zip(summary["at_min"].to_pylist(), summary["at_count"].to_pylist(), strict=True):
+    for first, count in zip(
+        summary["at_min"].to_pylist(), summary["at_count"].to_pylist(), strict=True
+    ):
         payload, _ = maker.payload(first)
         request = catalog.parse_request(group.endpoint, payload)
         found.append(CostGroup(group.endpoint, count, request))

@@ -178,7 +178,9 @@ def _typed_field(
         pattern = _INT if kind == "int" else _FLOAT
         ok = _np(pc.match_substring_regex(text, pattern)) & ~blank
         slow |= ~blank & ~ok
-        cast = pc.cast(pc.if_else(pa.array(ok), text, "0"), pa.int64() if kind == "int" else pa.float64())
+        cast = pc.cast(
+            pc.if_else(pa.array(ok), text, "0"), pa.int64() if kind == "int" else pa.float64()
+        )
         numbers = cast.to_numpy(zero_copy_only=False)
         low, high = _bounds(spec, name)
         within = np.isfinite(numbers) if kind == "float" else np.ones(len(numbers), dtype=bool)
@@ -192,7 +194,9 @@ def _typed_field(
     return pa.nulls(len(text), pa.string())
 
 
-def _image_size(text: pa.Array, blank: np.ndarray, spec: EndpointSpec, slow: np.ndarray) -> pa.Array:
+def _image_size(
+    text: pa.Array, blank: np.ndarray, spec: EndpointSpec, slow: np.ndarray
+) -> pa.Array:
     preset = _np(pc.is_in(text, pa.array(list(PRESETS))))
     wxh = _np(pc.match_substring_regex(text, _WXH)) & ~preset
     ok = preset | wxh
@@ -257,7 +261,9 @@ def _templated(
     return prompt, ~blank
 
 
-def _template_parts(template: str, values: Mapping[str, Any]) -> list[tuple[str, str | None]] | None:
+def _template_parts(
+    template: str, values: Mapping[str, Any]
+) -> list[tuple[str, str | None]] | None:
     """(literal, column) pairs of a plain ``{column}`` template whose columns exist, or None."""
     try:
         parsed = list(string.Formatter().parse(template))
