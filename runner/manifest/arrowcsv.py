@@ -27,7 +27,7 @@ from runner.errors import ManifestError
 from runner.manifest import reader
 from runner.manifest.reader import RawRow
 
-BLOCK_BYTES = 4 << 20
+BLOCK_BYTES = 1 << 20  # 4 MiB: the same CPU, 60 MB more peak RSS (pyarrow keeps its buffers)
 # A block that finds no line end outside quotes within this many bytes is left to the csv
 # module with the rest of the file (an unclosed quote swallows everything after it).
 MAX_BLOCK_BYTES = 64 << 20
