@@ -1,12 +1,15 @@
-"""Benchmark: stream a 1,000,000-row manifest through read_rows and iter_jobs.
+"""Benchmark: a 1,000,000-row manifest through the readers and ``runner validate`` / ``plan``.
 
-Writes CSV, JSONL and Parquet manifests of the same rows to a temp dir, then
-reads each one in a fresh child process (so ``ru_maxrss`` is that read's own
-peak) twice: rows only, and rows through ``iter_jobs``. Prints rows/s, time and
-resident memory at 100k rows, at the last 100k before the stream ends and at the
-end, to show memory stays flat.
+Writes CSV, JSONL and Parquet manifests of the same rows to a temp dir. Then, each in a
+fresh child process (so ``ru_maxrss`` is that child's own peak):
 
-    PYTHONPATH=. python bench/bench_manifest.py [--rows 1000000] [--keep DIR]
+- ``--commands`` (the issue-18 table): ``runner validate`` and ``runner plan`` of the CSV
+  as the CLI runs them, beside pyarrow's streaming CSV reader and a ``csv.DictReader``
+  loop over the same file: wall s, CPU s (user + system), rows/s and peak RSS each;
+- by default also each format through ``read_rows`` alone and through ``iter_jobs`` (the
+  per-row path), with RSS at 100k rows and every 100k after, to show memory stays flat.
+
+    PYTHONPATH=. python bench/bench_manifest.py [--rows 1000000] [--keep DIR] [--commands]
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -159,7 +163,12 @@ def main() -> None:
     parser.add_argument("--write", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--read", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--jobs", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--raw", choices=["pyarrow", "dictreader"], help=argparse.SUPPRESS)
+    parser.add_argument("--commands", action="store_true", help="only the validate/plan table")
     args = parser.parse_args()
+    if args.raw is not None:
+        raw_read(args.read, args.raw)
+        return
     if args.read is not None:
         read_one(args.read, args.jobs)
         return
@@ -173,12 +182,58 @@ def main() -> None:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         child = [sys.executable, __file__, "--rows", str(args.rows)]
-        subprocess.run([*child, "--write", str(folder)], check=True)
+        if not (folder / "m.csv").exists():
+            subprocess.run([*child, "--write", str(folder)], check=True)
         print(f"parent rss={rss_mb():.0f}MB peak={peak_mb():.0f}MB")
+        commands_table(folder / "m.csv", args.rows, child)
+        if args.commands:
+            return
         for name in MANIFESTS:
             for with_jobs in (False, True):
                 command = [*child, "--read", str(folder / name)]
                 subprocess.run(command + (["--jobs"] if with_jobs else []), check=True)
+
+
+def raw_read(path: Path, how: str) -> None:
+    """Child process: read every row and nothing else."""
+    count = 0
+    if how == "pyarrow":
+        import pyarrow.csv as pa_csv
+
+        options = pa_csv.ParseOptions(newlines_in_values=True)  # the prompts hold line breaks
+        for batch in pa_csv.open_csv(path, parse_options=options):
+            count += batch.num_rows
+    else:
+        with path.open(newline="", encoding="utf-8") as fh:
+            for _row in csv.DictReader(fh):
+                count += 1
+    print(count)
+
+
+def commands_table(path: Path, rows: int, child: list[str]) -> None:
+    """``runner validate`` and ``plan`` of the CSV beside the two raw readers, one child each."""
+    runs = {
+        "pyarrow.csv.open_csv": [*child, "--read", str(path), "--raw", "pyarrow"],
+        "csv.DictReader loop": [*child, "--read", str(path), "--raw", "dictreader"],
+        "runner validate": [sys.executable, "-m", "runner", "validate", str(path)],
+        "runner plan": [sys.executable, "-m", "runner", "plan", str(path)],
+    }
+    print(f"\n{rows:,}-row CSV ({path.stat().st_size / 1e6:.0f} MB)\n")
+    print("| reader | wall s | CPU s | rows/s (wall) | peak RSS MiB |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, command in runs.items():
+        began = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - began
+        if process.returncode not in (0, 1):
+            assert process.stderr is not None
+            print(f"{name} failed: {process.stderr.read().decode()[-500:]}", file=sys.stderr)
+        cpu = usage.ru_utime + usage.ru_stime
+        print(
+            f"| {name} | {wall:.1f} | {cpu:.1f} | {rows / wall:,.0f} | {usage.ru_maxrss / 1024:.0f} |"
+        )
 
 
 def write_all(folder: Path, count: int) -> None:
