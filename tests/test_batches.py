@@ -30,16 +30,17 @@ from tests.torture_support import LONG
 COLUMNS = ["id", "endpoint", "title", "prompt_template", "prompt", "image_size", "num_images",
            "seed", "guidance_scale", "strength", "image_url", "output_format", "sync_mode",
            "loras", "variants", "note"]  # fmt: skip
+# fmt: off
 CELLS: dict[str, list[str]] = {
     "id": ["", "a", "b", "c", "  d ", "#3", "~abc", "~ab.2", "x-1", "x-2", "17"],
     "endpoint": ["", "fal-ai/flux-lora", "fal-ai/flux-lora/image-to-image", " fal-ai/flux-2/lora",
-                 "fal-ai/flux-kontext/dev", "fal-ai/nope"],  # fmt: skip
+                 "fal-ai/flux-kontext/dev", "fal-ai/nope"],
     "title": ["", "mug", "lamp, brass", "rug\nwool", 'say "hi"'],
     "prompt_template": ["", "Photo of {title}", " {title} and {note} ", "bad {", "{nope}",
-                        "{title!r}"],  # fmt: skip
+                        "{title!r}"],
     "prompt": ["", "a cat", "  a dog  ", "line\nbreak", "   ", "ünïcödé ✓"],
     "image_size": ["", "square_hd", "landscape_4_3", "1024x768", "300X300", "0x10", "big",
-                   "3000x3000", " square ", '{"width": 64, "height": 64}'],  # fmt: skip
+                   "3000x3000", " square ", '{"width": 64, "height": 64}'],
     "num_images": ["", "1", "4", "5", "0", "2.0", "two", "-1", " 3 ", "+2"],
     "seed": ["", "0", "42", "-7", "1e3", "9999999999999999999", "x"],
     "guidance_scale": ["", "3.5", "0", "35", "36", ".5", "5.", "nan", "inf", "1e1", "-0"],
@@ -51,6 +52,7 @@ CELLS: dict[str, list[str]] = {
     "variants": ["", "", "", "", "2", "0"],
     "note": ["", "n1", " n2 ", "x,y"],
 }
+# fmt: on
 FUZZ = settings(
     max_examples=60 if LONG else 12,
     deadline=None,
@@ -157,7 +159,7 @@ def test_plain_rows_take_the_vector_path(tmp_path: Path, small_blocks: None) -> 
     "body",
     [
         'a,"b"c,3\n',  # a quoted cell continued: the csv module refuses, pyarrow would join
-        "a,15\" sleeve,3\n",  # a quote in unquoted text
+        'a,15" sleeve,3\n',  # a quote in unquoted text
         "a,2,3\rb,4,5\n",  # a bare carriage return
         "\n\n   \na,2,3\n,,\n",  # blank lines and rows
         "a,2\nb,3,4,5\n",  # short and long rows
@@ -169,7 +171,9 @@ def test_plain_rows_take_the_vector_path(tmp_path: Path, small_blocks: None) -> 
 def test_irregular_csv_reads_as_the_csv_module_does(tmp_path: Path, body: str) -> None:
     head = "id,prompt,num_images\nz,ok,1\n"
     path = tmp_path / "m.csv"
-    path.write_bytes((head + body + "y,fine,2\n").encode("utf-8", "surrogateescape")
-                     if "\xff" not in body else head.encode() + b"a,\xff\xfe,3\ny,fine,2\n")  # fmt: skip
+    data = (head + body + "y,fine,2\n").encode("utf-8", "surrogateescape")
+    if "\xff" in body:  # invalid UTF-8: the bytes themselves
+        data = head.encode() + b"a,\xff\xfe,3\ny,fine,2\n"
+    path.write_bytes(data)
     options = ExpandOptions(manifest_dir=tmp_path, default_endpoint="fal-ai/flux-lora")
     check_same(path, options)

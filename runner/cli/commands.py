@@ -56,7 +56,6 @@ def stream_jobs(args: argparse.Namespace) -> tuple[list[str], Iterator[Job | Row
     warnings = column_warnings(columns, _endpoints_hint(options, first.cells))
     warnings.append(Notice(identity_notice(first.cells, options.id_column)))
 
-    rows.close()
     return warnings, iter_manifest_jobs(args.manifest, args.format, options)
 
 

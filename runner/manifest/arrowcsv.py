@@ -88,7 +88,6 @@ def arrow_blocks(path: Path, delimiter: str) -> Iterator[Block]:
     names = _plain_header(path, delimiter)
     if names is None:
         return _chunks(rows)
-    rows.close()
     return _blocks(path, display, delimiter, *names)
 
 
@@ -191,7 +190,7 @@ def _python_rows(
 ) -> Iterator[RawRow]:
     lines = (
         raw.decode("utf-8", errors="surrogateescape")
-        for raw in io.BufferedReader(_ChunkStream(chunks))  # type: ignore[arg-type]
+        for raw in io.BufferedReader(_ChunkStream(chunks))
     )
     csv_reader = reader.block_reader(lines, delimiter)
     yield from reader.delimited_records(csv_reader, names, display, line - 1, index)
