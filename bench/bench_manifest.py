@@ -1,12 +1,15 @@
-"""Benchmark: stream a 1,000,000-row manifest through read_rows and iter_jobs.
+"""Benchmark: a 1,000,000-row manifest through the readers and ``runner validate`` / ``plan``.
 
-Writes CSV, JSONL and Parquet manifests of the same rows to a temp dir, then
-reads each one in a fresh child process (so ``ru_maxrss`` is that read's own
-peak) twice: rows only, and rows through ``iter_jobs``. Prints rows/s, time and
-resident memory at 100k rows, at the last 100k before the stream ends and at the
-end, to show memory stays flat.
+Writes CSV, JSONL and Parquet manifests of the same rows to a temp dir. Then, each in a
+fresh child process (so ``ru_maxrss`` is that child's own peak):
 
-    PYTHONPATH=. python bench/bench_manifest.py [--rows 1000000] [--keep DIR]
+- ``--commands`` (the issue-18 table): ``runner validate`` and ``runner plan`` of the CSV
+  as the CLI runs them, beside pyarrow's streaming CSV reader and a ``csv.DictReader``
+  loop over the same file: wall s, CPU s (user + system), rows/s and peak RSS each;
+- by default also each format through ``read_rows`` alone and through ``iter_jobs`` (the
+  per-row path), with RSS at 100k rows and every 100k after, to show memory stays flat.
+
+    PYTHONPATH=. python bench/bench_manifest.py [--rows 1000000] [--keep DIR] [--commands]
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -24,20 +28,37 @@ from pathlib import Path
 from typing import Any
 
 ENDPOINT = "fal-ai/flux-lora"
-COLUMNS = ["id", "endpoint", "prompt", "image_size", "num_images", "seed", "loras", "sku"]
+# Like manifests/demo.csv: an id (every 10th row left empty, so identified by content),
+# metadata columns filling a prompt template on half the rows, a written prompt (with a
+# comma, sometimes a line break) on the other half, presets and WxH sizes, a LoRA on 1%.
+COLUMNS = ["id", "endpoint", "title", "color", "prompt_template", "prompt", "image_size",
+           "num_images", "seed", "guidance_scale", "loras", "sku"]  # fmt: skip
 CHECKPOINT = 100_000
 PARQUET_CHUNK = 50_000
+_TITLES = ["ceramic coffee mug", "brass desk lamp", "wool area rug", "oak dining chair"]
+_COLORS = ["matte black", "sage green", "polished brass", "terracotta", "indigo", "walnut"]
+_SIZES = ["square_hd", "landscape_4_3", "portrait_4_3", "1024x768", "square"]
 
 
 def make_row(i: int) -> dict[str, Any]:
+    templated = i % 2 == 0
     return {
-        "id": f"row-{i:07d}",
+        "id": "" if i % 10 == 9 else f"row-{i:07d}",
         "endpoint": ENDPOINT,
-        "prompt": f"A studio photo of product {i}, white background,\nsoft light",
-        "image_size": "square_hd" if i % 2 else "1024x768",
-        "num_images": 1 + i % 4,
+        "title": _TITLES[i % 4],
+        "color": _COLORS[i % 6],
+        "prompt_template": "Studio photo of {title} in {color}, white background"
+        if templated
+        else "",
+        "prompt": ""
+        if templated
+        else f"A studio photo of product {i}, white background"
+        + ("\nsoft light" if i % 7 == 0 else ""),
+        "image_size": _SIZES[i % 5],
+        "num_images": "" if i % 3 else 1 + i % 4,
         "seed": i,
-        "loras": f"https://host:8080/loras/l{i % 7}.safetensors:0.8" if i % 3 == 0 else "",
+        "guidance_scale": "" if i % 4 else 3.5,
+        "loras": f"https://host:8080/loras/l{i % 7}.safetensors:0.8" if i % 100 == 0 else "",
         "sku": f"SKU-{i}",
     }
 
@@ -53,11 +74,17 @@ def write_csv(path: Path, count: int) -> None:
         writer.writerows(rows(count))
 
 
+def _typed(row: dict[str, Any]) -> dict[str, Any]:
+    """The row as JSONL and Parquet give it: empty cells absent, LoRAs as a list."""
+    typed = {k: (None if v == "" else v) for k, v in row.items()}
+    typed["loras"] = _lora_list(row["loras"])
+    return typed
+
+
 def write_jsonl(path: Path, count: int) -> None:
     with path.open("w", encoding="utf-8") as fh:
         for r in rows(count):
-            r["loras"] = _lora_list(r["loras"])
-            fh.write(json.dumps({k: v for k, v in r.items() if v is not None}) + "\n")
+            fh.write(json.dumps({k: v for k, v in _typed(r).items() if v is not None}) + "\n")
 
 
 def _lora_list(cell: str) -> list[dict[str, Any]] | None:
@@ -72,15 +99,12 @@ def write_parquet(path: Path, count: int) -> None:
     import pyarrow.parquet as pq
 
     lora = pa.list_(pa.struct([("path", pa.string()), ("scale", pa.float64())]))
-    schema = pa.schema(
-        [(c, pa.string()) for c in COLUMNS[:4]]
-        + [("num_images", pa.int64()), ("seed", pa.int64()), ("loras", lora), ("sku", pa.string())]
-    )
+    special = {"num_images": pa.int64(), "seed": pa.int64(), "guidance_scale": pa.float64(),
+               "loras": lora}  # fmt: skip
+    schema = pa.schema([(c, special.get(c, pa.string())) for c in COLUMNS])
     with pq.ParquetWriter(path, schema) as writer:
         for start in range(0, count, PARQUET_CHUNK):
-            chunk = [make_row(i) for i in range(start, min(count, start + PARQUET_CHUNK))]
-            for r in chunk:
-                r["loras"] = _lora_list(r["loras"])
+            chunk = [_typed(make_row(i)) for i in range(start, min(count, start + PARQUET_CHUNK))]
             writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
 
 
@@ -139,7 +163,12 @@ def main() -> None:
     parser.add_argument("--write", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--read", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--jobs", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--raw", choices=["pyarrow", "dictreader"], help=argparse.SUPPRESS)
+    parser.add_argument("--commands", action="store_true", help="only the validate/plan table")
     args = parser.parse_args()
+    if args.raw is not None:
+        raw_read(args.read, args.raw)
+        return
     if args.read is not None:
         read_one(args.read, args.jobs)
         return
@@ -153,12 +182,57 @@ def main() -> None:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         child = [sys.executable, __file__, "--rows", str(args.rows)]
-        subprocess.run([*child, "--write", str(folder)], check=True)
+        if not (folder / "m.csv").exists():
+            subprocess.run([*child, "--write", str(folder)], check=True)
         print(f"parent rss={rss_mb():.0f}MB peak={peak_mb():.0f}MB")
+        commands_table(folder / "m.csv", args.rows, child)
+        if args.commands:
+            return
         for name in MANIFESTS:
             for with_jobs in (False, True):
                 command = [*child, "--read", str(folder / name)]
                 subprocess.run(command + (["--jobs"] if with_jobs else []), check=True)
+
+
+def raw_read(path: Path, how: str) -> None:
+    """Child process: read every row and nothing else."""
+    count = 0
+    if how == "pyarrow":
+        import pyarrow.csv as pa_csv
+
+        options = pa_csv.ParseOptions(newlines_in_values=True)  # the prompts hold line breaks
+        for batch in pa_csv.open_csv(path, parse_options=options):
+            count += batch.num_rows
+    else:
+        with path.open(newline="", encoding="utf-8") as fh:
+            for _row in csv.DictReader(fh):
+                count += 1
+    print(count)
+
+
+def commands_table(path: Path, rows: int, child: list[str]) -> None:
+    """``runner validate`` and ``plan`` of the CSV beside the two raw readers, one child each."""
+    runs = {
+        "pyarrow.csv.open_csv": [*child, "--read", str(path), "--raw", "pyarrow"],
+        "csv.DictReader loop": [*child, "--read", str(path), "--raw", "dictreader"],
+        "runner validate": [sys.executable, "-m", "runner", "validate", str(path)],
+        "runner plan": [sys.executable, "-m", "runner", "plan", str(path)],
+    }
+    print(f"\n{rows:,}-row CSV ({path.stat().st_size / 1e6:.0f} MB)\n")
+    print("| reader | wall s | CPU s | rows/s (wall) | rows per CPU s | peak RSS MiB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, command in runs.items():
+        began = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - began
+        if process.returncode not in (0, 1):
+            assert process.stderr is not None
+            print(f"{name} failed: {process.stderr.read().decode()[-500:]}", file=sys.stderr)
+        cpu = usage.ru_utime + usage.ru_stime
+        figures = [f"{wall:.1f}", f"{cpu:.1f}", f"{rows / wall:,.0f}", f"{rows / cpu:,.0f}"]
+        print(f"| {name} | {' | '.join(figures)} | {usage.ru_maxrss / 1024:.0f} |")
 
 
 def write_all(folder: Path, count: int) -> None:

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 
@@ -25,16 +25,15 @@ from runner.errors import (
     UsageError,
 )
 from runner.ledger.totals import spend_notes, superseded_note
+from runner.manifest.batches import JobBatch, iter_job_batches, iter_manifest_jobs
 from runner.manifest.columns import column_warnings
 from runner.manifest.identity import identity_notice
-from runner.manifest.jobs import ExpandOptions, Job, iter_jobs
-from runner.manifest.plan import build_plan, render_text
+from runner.manifest.jobs import ExpandOptions, Job
+from runner.manifest.plan import build_plan_batches, render_text
 from runner.manifest.reader import read_rows
 from runner.media.inputs import InputChecker, InputSizer
 from runner.options import expand_options, manifest_config, run_config
 from runner.options.export import dataset_export
-
-T = TypeVar("T")
 
 
 class Notice(str):
@@ -58,10 +57,15 @@ def stream_jobs(config: RunConfig) -> tuple[list[str], Iterator[Job | RowError]]
     warnings = column_warnings(columns, _endpoints_hint(options, first.cells))
     warnings.append(Notice(identity_notice(first.cells, options.id_column)))
 
-    def chained() -> Iterator[Job | RowError]:
-        yield from iter_jobs(_prepend(first, rows), options)
+    return warnings, iter_manifest_jobs(config.manifest, config.fmt, options)
 
-    return warnings, chained()
+
+def stream_batches(config: RunConfig, *, materialize: bool) -> tuple[list[str], Iterator[JobBatch]]:
+    """:func:`stream_jobs` in batches (runner.manifest.batches): the fast reader."""
+    warnings, _ = stream_jobs(config)  # reads the first row only
+    options = expand_options(config)
+    return warnings, iter_job_batches(config.manifest, config.fmt, options,
+                                      materialize=materialize)  # fmt: skip
 
 
 def _endpoints_hint(options: ExpandOptions, cells: dict[str, object]) -> list[str]:
@@ -71,26 +75,23 @@ def _endpoints_hint(options: ExpandOptions, cells: dict[str, object]) -> list[st
     return [options.default_endpoint] if options.default_endpoint else []
 
 
-def _prepend(first: T, rest: Iterator[T]) -> Iterator[T]:
-    yield first
-    yield from rest
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
-    warnings, items = stream_jobs(manifest_config(args))
+    warnings, batches = stream_batches(manifest_config(args), materialize=False)
     for w in warnings:
         print(labelled(w), file=sys.stderr)
     good = bad = 0
     # Local input files too (exists, type, dimensions, mask size), as a run checks them.
     checker = InputChecker(args.manifest.resolve().parent)
-    for item in items:
-        problems = item.problems if isinstance(item, RowError) else checker.check(item)[1]
-        if problems:
-            bad += 1
-            for problem in problems:
-                print(problem)
-        else:
-            good += 1
+    for batch in batches:
+        good += batch.counted  # jobs that name no local file
+        for item in batch.items:
+            problems = item.problems if isinstance(item, RowError) else checker.check(item)[1]
+            if problems:
+                bad += 1
+                for problem in problems:
+                    print(problem)
+            else:
+                good += 1
     name = args.manifest.name
     print(f"{name}: {_jobs(good)} ok, {bad} bad rows", file=sys.stderr)
     return EXIT_JOBS_FAILED if bad else EXIT_OK
@@ -105,11 +106,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = manifest_config(args)
     key = key_from_env(os.environ)
     prices = anyio.run(plan_prices, config.api_url, key, config.prices, say)
-    warnings, items = stream_jobs(config)
     sizer = InputSizer(args.manifest.resolve().parent)
     if args.ledger is not None:
-        return _preview(args, config, items, prices, sizer)
-    plan = build_plan(items, prices, input_sizes=sizer, lora_bytes=sizer.lora_bytes)
+        return _preview(args, config, stream_jobs(config)[1], prices, sizer)
+    warnings, batches = stream_batches(config, materialize=False)
+    plan = build_plan_batches(batches, prices, input_sizes=sizer, lora_bytes=sizer.lora_bytes)
     if args.json:
         doc = plan.as_json()
         doc["warnings"] = warnings

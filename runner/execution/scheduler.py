@@ -40,9 +40,9 @@ from runner.ledger.resume import Action, ResumePolicy, decide
 from runner.ledger.schema import JobRecord, JobState, LedgerEvent, utcnow
 from runner.ledger.state import LedgerState
 from runner.ledger.store import Ledger
-from runner.manifest.jobs import ExpandOptions, Job, iter_jobs, row_identity
+from runner.manifest.batches import iter_manifest_jobs
+from runner.manifest.jobs import ExpandOptions, Job, row_identity
 from runner.manifest.plan import job_estimate
-from runner.manifest.reader import read_rows
 from runner.media.downloads import DownloadStage, pending_downloads
 from runner.media.inputs import InputProber, InputSizer
 from runner.media.uploads import Uploader
@@ -63,7 +63,7 @@ def expand_options(config: RunConfig) -> ExpandOptions:
 
 def job_stream(config: RunConfig, *, check_unique_ids: bool = True) -> Iterator[Job | RowError]:
     options = replace(expand_options(config), check_unique_ids=check_unique_ids)
-    return iter_jobs(read_rows(config.manifest, fmt=config.fmt), options)
+    return iter_manifest_jobs(config.manifest, config.fmt, options)
 
 
 def strict_check(config: RunConfig) -> None:

@@ -159,6 +159,24 @@ class _Expander:
             # Validate what parsed anyway so the user sees every problem at once.
             _validate(row, endpoint, spec, payload, failed)
             return [row.error()]
+        return self.finish(row, endpoint, spec, payload, metadata, failed, expansion, given)
+
+    def finish(
+        self,
+        row: _Row,
+        endpoint: str,
+        spec: EndpointSpec | None,
+        payload: Mapping[str, Any],
+        metadata: Mapping[str, str],
+        failed: Collection[str],
+        expansion: tuple[int, ...] | int | None,
+        given: str | None,
+    ) -> list[Job] | list[RowError]:
+        """A parsed row's jobs: its request validated, its identity, one job per variant.
+
+        The vector path (:mod:`runner.manifest.batches`) enters here with cells it typed
+        itself, so a job's key and payload are made by one piece of code either way.
+        """
         base: BaseRequest | None = None
         if given is None:
             base = _validate(row, endpoint, spec, payload, failed)

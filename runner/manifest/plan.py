@@ -13,6 +13,7 @@ from typing import Any
 
 from runner.endpoints.cost import Estimate, PriceTable, estimate
 from runner.errors import RowError, RowProblem
+from runner.manifest.batches import JobBatch
 from runner.manifest.jobs import Job
 
 InputSizes = Callable[[Job], Sequence[tuple[int, int]]]
@@ -36,18 +37,19 @@ class Totals:
     unconfirmed_jobs: int = 0
     notes: set[str] = field(default_factory=set)
 
-    def add(self, est: Estimate) -> None:
-        self.jobs += 1
-        self.images += est.images
-        self.megapixels += est.megapixels
+    def add(self, est: Estimate, count: int = 1) -> None:
+        """Count ``count`` jobs of this estimate."""
+        self.jobs += count
+        self.images += est.images * count
+        self.megapixels += est.megapixels * count
         if est.usd is None:
-            self.unpriced_jobs += 1
+            self.unpriced_jobs += count
         else:
-            self.usd += est.usd
+            self.usd += est.usd * count
         if est.approximate:
-            self.approximate_jobs += 1
+            self.approximate_jobs += count
         if est.unconfirmed:
-            self.unconfirmed_jobs += 1
+            self.unconfirmed_jobs += count
         self.notes.update(est.notes)
 
     def as_json(self) -> dict[str, Any]:
@@ -106,6 +108,37 @@ def build_plan(
     lora_bytes: LoraBytes = lambda _job: None,
 ) -> Plan:
     plan = Plan()
+    _add_items(plan, items, prices, input_sizes, lora_bytes)
+    return plan
+
+
+def build_plan_batches(
+    batches: Iterable[JobBatch],
+    prices: PriceTable,
+    *,
+    input_sizes: InputSizes,
+    lora_bytes: LoraBytes = lambda _job: None,
+) -> Plan:
+    """:func:`build_plan` over :func:`iter_job_batches`: jobs only counted are estimated once
+    per cost group (no input file, no LoRA file: nothing to size, as ``input_sizes`` and
+    ``lora_bytes`` would find)."""
+    plan = Plan()
+    for batch in batches:
+        _add_items(plan, batch.items, prices, input_sizes, lora_bytes)
+        for group in batch.groups:
+            est = estimate(group.endpoint, group.request, prices)
+            plan.by_endpoint.setdefault(group.endpoint, Totals()).add(est, group.count)
+            plan.total.add(est, group.count)
+    return plan
+
+
+def _add_items(
+    plan: Plan,
+    items: Iterable[Job | RowError],
+    prices: PriceTable,
+    input_sizes: InputSizes,
+    lora_bytes: LoraBytes,
+) -> None:
     for item in items:
         if isinstance(item, RowError):
             plan.bad_rows += 1
@@ -115,7 +148,6 @@ def build_plan(
         est = job_estimate(item, prices, input_sizes, lora_bytes)
         plan.by_endpoint.setdefault(item.endpoint, Totals()).add(est)
         plan.total.add(est)
-    return plan
 
 
 def _usd(totals: Totals) -> str:

@@ -245,29 +245,49 @@ def _delimited_rows(path: Path, display: str, delimiter: str) -> Iterator[RawRow
     with _open(path, display) as fh:
         reader, names, last_line = _read_header(_decoded_lines(fh), delimiter, display)
         index = 0
-        while True:
-            start = last_line + 1
-            try:
-                record = next(reader, None)
-            except csv.Error as exc:
-                # strict mode: a broken quote is this row's problem, and the
-                # reader carries on at the next line.
-                last_line = reader.line_num
-                yield RawRow(display, start, index, {}, typed=False, problem=_csv_problem(exc))
-                index += 1
-                continue
-            except OSError as exc:
-                raise ManifestError(f"{display}: read failed: {exc.strerror}") from exc
-            if record is None:
-                break
-            # Blank lines end where the reader now stands; they are not rows.
-            last_line = reader.line_num
-            if not any(cell.strip() for cell in record):
-                continue
-            yield _delimited_row(display, start, index, names, record)
+        for row in delimited_records(reader, names, display, last_line, 0):
+            yield row
             index += 1
     if index == 0:
         raise ManifestError(f"{display}: the manifest has a header but no data rows")
+
+
+def delimited_records(
+    reader: Any, names: list[str], display: str, last_line: int, index: int
+) -> Iterator[RawRow]:
+    """The rows of a csv ``reader`` after a header that ended on ``last_line``.
+
+    ``index`` is the 0-based number of the first data row; :mod:`runner.manifest.arrowcsv`
+    also uses this for a block of the file it leaves to the csv module.
+    """
+    line_base = last_line - reader.line_num
+    while True:
+        start = last_line + 1
+        try:
+            record = next(reader, None)
+        except csv.Error as exc:
+            # strict mode: a broken quote is this row's problem, and the
+            # reader carries on at the next line.
+            last_line = line_base + reader.line_num
+            yield RawRow(display, start, index, {}, typed=False, problem=_csv_problem(exc))
+            index += 1
+            continue
+        except OSError as exc:
+            raise ManifestError(f"{display}: read failed: {exc.strerror}") from exc
+        if record is None:
+            break
+        # Blank lines end where the reader now stands; they are not rows.
+        last_line = line_base + reader.line_num
+        if not any(cell.strip() for cell in record):
+            continue
+        yield _delimited_row(display, start, index, names, record)
+        index += 1
+
+
+def block_reader(lines: Iterator[str], delimiter: str) -> Any:
+    """A csv reader as :func:`read_rows` makes one, over lines from the middle of a file."""
+    _raise_field_limit()
+    return csv.reader(lines, delimiter=delimiter, strict=True)
 
 
 def _csv_problem(exc: csv.Error) -> str:

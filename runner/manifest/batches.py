@@ -1,0 +1,288 @@
+"""A manifest as batches of jobs: the reader every command uses.
+
+CSV and TSV are read in Arrow batches (:mod:`runner.manifest.arrowcsv`) and typed as vectors
+(:mod:`runner.manifest.vector`); a row the vectors do not vouch for, and every JSONL and
+Parquet row, goes through :class:`runner.manifest.jobs._Expander` one by one, as
+:func:`iter_jobs` does, so its problems read the same. Duplicate ids are claimed in row
+order whichever way a row goes.
+
+``materialize=True`` (``run``, ``plan --ledger``) makes every job, with the key and content
+identity :func:`iter_jobs` gives. ``materialize=False`` (``validate``, ``plan``) makes only the
+jobs that name a local file (they are checked or sized one by one) and counts the others,
+grouped by what their cost depends on, so a million plain rows cost no Python object each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from runner.endpoints import catalog
+from runner.endpoints.catalog import BaseRequest
+from runner.errors import RowError
+from runner.manifest import vector
+from runner.manifest.arrowcsv import ArrowRows, arrow_blocks
+from runner.manifest.identity import row_number_id
+from runner.manifest.jobs import (
+    _ALL_PARAMETERS,
+    _EXPANSION_COLUMNS,
+    ExpandOptions,
+    Job,
+    _Expander,
+    _Row,
+    iter_jobs,
+)
+from runner.manifest.reader import RawRow, detect_format, read_rows
+
+# What an estimate reads of a request (runner.endpoints.cost.estimate): rows alike in these
+# cost alike, so one request is validated per group.
+COST_FIELDS = ("num_images", "image_size", "resolution_mode", "image_url", "mask_url")
+
+
+@dataclass
+class CostGroup:
+    """``count`` jobs of one endpoint that cost what ``request`` costs (no local file, no LoRA)."""
+
+    endpoint: str
+    count: int
+    request: BaseRequest | None
+
+
+@dataclass
+class JobBatch:
+    """Some rows' jobs: ``items`` in row order, and jobs only counted (``counted``)."""
+
+    items: list[Job | RowError] = field(default_factory=list)
+    counted: int = 0
+    groups: list[CostGroup] = field(default_factory=list)
+
+
+def iter_job_batches(
+    path: Path, fmt: str | None, options: ExpandOptions, *, materialize: bool
+) -> Iterator[JobBatch]:
+    """The manifest's jobs in batches; raises as :func:`read_rows` does for the whole file."""
+    if options.default_endpoint is not None:
+        catalog.get_endpoint(options.default_endpoint, allowed=options.allowed_endpoints)
+    kind = detect_format(path, fmt)
+    expander = _Expander(options)
+    if kind in ("csv", "tsv"):
+        blocks: Iterator[ArrowRows | list[RawRow]] = arrow_blocks(
+            path, "\t" if kind == "tsv" else ","
+        )
+    else:
+        blocks = _row_chunks(read_rows(path, fmt=fmt))
+    return _batches(blocks, expander, materialize)
+
+
+def iter_manifest_jobs(
+    path: Path, fmt: str | None, options: ExpandOptions
+) -> Iterator[Job | RowError]:
+    """Every job and bad row, in order: :func:`iter_jobs` over :func:`read_rows`, faster."""
+    batches = iter_job_batches(path, fmt, options, materialize=True)
+    return (item for batch in batches for item in batch.items)
+
+
+def _row_chunks(rows: Iterator[RawRow], size: int = 4096) -> Iterator[list[RawRow]]:
+    chunk: list[RawRow] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _batches(
+    blocks: Iterator[ArrowRows | list[RawRow]], expander: _Expander, materialize: bool
+) -> Iterator[JobBatch]:
+    for block in blocks:
+        if isinstance(block, ArrowRows):
+            yield _typed_batch(block, expander, materialize)
+        else:
+            batch = JobBatch()
+            for raw in block:
+                batch.items.extend(expander.expand(raw))
+            yield batch
+
+
+def _values(block: ArrowRows, options: ExpandOptions, id_column: str) -> dict[str, pa.Array] | None:
+    """The columns with ``--set`` defaults filled in, as :meth:`_Expander._with_defaults`."""
+    values = dict(zip(block.batch.schema.names, block.batch.columns, strict=True))
+    rows = block.batch.num_rows
+    for key, text in options.defaults.items():
+        if key in (id_column, "endpoint"):
+            continue
+        if key in _EXPANSION_COLUMNS:
+            return None  # which rows chose their own expansion: row by row
+        column = values.get(key)
+        if column is None:
+            values[key] = pa.array([text] * rows, pa.string())
+        else:
+            blank = pc.equal(pc.utf8_trim_whitespace(column), "")
+            values[key] = pc.if_else(blank, text, column)
+    return values
+
+
+def _typed_batch(block: ArrowRows, expander: _Expander, materialize: bool) -> JobBatch:
+    options = expander.options
+    rows = block.batch.num_rows
+    values = _values(block, options, expander.id_column)
+    typed: list[vector.Typed] = []
+    slow = np.ones(rows, dtype=bool)
+    if values is not None:
+        typed = _by_endpoint(values, expander, rows)
+        for group in typed:
+            slow[group.positions] = group.slow
+    return _sequence(block, expander, typed, slow, materialize)
+
+
+def _by_endpoint(values: dict[str, pa.Array], expander: _Expander, rows: int) -> list[vector.Typed]:
+    options = expander.options
+    default = options.default_endpoint
+    if "endpoint" in values:
+        text = pc.utf8_trim_whitespace(values["endpoint"])
+        if default is not None:
+            text = pc.if_else(pc.equal(text, ""), default, text)
+    elif default is not None:
+        text = pa.array([default] * rows, pa.string())
+    else:
+        return []
+    encoded = pc.dictionary_encode(text)
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    found = []
+    for code, endpoint in enumerate(encoded.dictionary.to_pylist()):
+        spec = catalog.CATALOG.get(endpoint)
+        if spec is None:
+            continue  # unknown or allowed-untyped: row by row
+        mask = codes == code
+        positions = np.flatnonzero(mask)
+        own = values if mask.all() else {k: v.take(pa.array(positions)) for k, v in values.items()}
+        found.append(
+            vector.type_rows(
+                endpoint,
+                spec,
+                own,
+                positions,
+                id_column=expander.id_column,
+                id_required=options.id_column is not None,
+                template=options.prompt_template,
+                all_parameters=_ALL_PARAMETERS,
+            )
+        )
+    return found
+
+
+def _sequence(
+    block: ArrowRows,
+    expander: _Expander,
+    typed: list[vector.Typed],
+    slow: np.ndarray,
+    materialize: bool,
+) -> JobBatch:
+    """Walk the rows in order: claim ids, expand slow rows, make or count the others."""
+    batch = JobBatch()
+    rows = block.batch.num_rows
+    lines = block.lines
+    owner = np.full(rows, -1, dtype=np.int64)
+    within = np.zeros(rows, dtype=np.int64)
+    ids: list[list[Any]] = []
+    for number, group in enumerate(typed):
+        owner[group.positions] = number
+        within[group.positions] = np.arange(len(group.positions))
+        ids.append(
+            group.ids.to_pylist() if group.ids is not None else [None] * len(group.positions)
+        )
+    makers = [_Maker(group, block, expander) for group in typed]
+    wanted = [
+        np.ones(len(g.positions), dtype=bool) if materialize else g.needs_files for g in typed
+    ]
+    quick = [np.zeros(len(g.positions), dtype=bool) for g in typed]
+    claim = expander.seen.claim if expander.options.check_unique_ids else None
+    owner_list, within_list, slow_list = owner.tolist(), within.tolist(), slow.tolist()
+    for position in range(rows):
+        if slow_list[position]:
+            batch.items.extend(expander.expand(block.raw(position)))
+            continue
+        number, at = owner_list[position], within_list[position]
+        row_id = ids[number][at]
+        if row_id is not None and claim is not None:
+            line = lines[position]
+            if claim(row_id, line) != line:
+                batch.items.extend(expander.expand(block.raw(position)))
+                continue
+        if wanted[number][at]:
+            batch.items.extend(makers[number].make(position, at, row_id))
+        else:
+            quick[number][at] = True
+    for group, counted in zip(typed, quick, strict=True):
+        batch.counted += int(counted.sum())
+        if counted.any():
+            batch.groups.extend(_cost_groups(group, counted, makers[typed.index(group)]))
+    return batch
+
+
+class _Maker:
+    """Jobs of typed rows, made by the per-row path's own :meth:`_Expander.finish`."""
+
+    def __init__(self, group: vector.Typed, block: ArrowRows, expander: _Expander) -> None:
+        self.group = group
+        self.block = block
+        self.expander = expander
+        self._fields: dict[str, list[Any]] | None = None
+        self._metadata: dict[str, list[Any]] | None = None
+
+    def payload(self, at: int) -> tuple[dict[str, Any], dict[str, str]]:
+        if self._fields is None or self._metadata is None:
+            self._fields = {k: v.to_pylist() for k, v in self.group.fields.items()}
+            self._metadata = {k: v.to_pylist() for k, v in self.group.metadata.items()}
+        spec = self.group.spec
+        payload = {
+            name: vector.row_value(spec, name, column[at])
+            for name, column in self._fields.items()
+            if column[at] is not None
+        }
+        metadata = {name: column[at] for name, column in self._metadata.items()}
+        return payload, metadata
+
+    def make(self, position: int, at: int, row_id: str | None) -> list[Job] | list[RowError]:
+        block = self.block
+        raw = RawRow(block.file, block.lines[position], block.first_index + position, {}, False)
+        row = _Row(raw, row_id if row_id is not None else row_number_id(raw.index))
+        payload, metadata = self.payload(at)
+        group = self.group
+        return self.expander.finish(
+            row, group.endpoint, group.spec, payload, metadata, (), None, row_id
+        )
+
+
+def _cost_groups(group: vector.Typed, counted: np.ndarray, maker: _Maker) -> list[CostGroup]:
+    """The counted rows grouped by what their estimate reads, one request for each group."""
+    where = np.flatnonzero(counted)
+    columns = {"at": pa.array(where), "_": pa.nulls(len(where), pa.bool_())}
+    for name in COST_FIELDS:
+        if name in group.fields:
+            values = group.fields[name].take(pa.array(where))
+            # An input URL's cost is its count (its size is unknown until probed).
+            given = name in vector.FILE_FIELDS
+            columns[name] = pc.is_valid(values) if given else values.cast(pa.string())
+    table = pa.table(columns)
+    keys = [name for name in columns if name != "at"]
+    summary = table.group_by(keys, use_threads=False).aggregate([("at", "min"), ("at", "count")])
+    found = []
+    for first, count in zip(
+        summary["at_min"].to_pylist(), summary["at_count"].to_pylist(), strict=True
+    ):
+        payload, _ = maker.payload(first)
+        request = catalog.parse_request(group.endpoint, payload)
+        found.append(CostGroup(group.endpoint, count, request))
+    return found
+
+
+__all__ = ["CostGroup", "JobBatch", "iter_job_batches", "iter_jobs", "iter_manifest_jobs"]

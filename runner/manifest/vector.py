@@ -1,0 +1,312 @@
+"""Typing a batch of text cells as vectors, for the rows whose every cell is plain.
+
+For one endpoint of the catalog and a batch of CSV text columns (:class:`ArrowRows`), this
+finds the rows the per-row path would accept without a second look: integers, numbers,
+booleans, enums, size presets and ``WxH`` within the request model's ranges, required
+fields given, no cell in a form that needs parsing (``loras``, ``image_urls``, ``seeds``,
+``variants``), another endpoint's parameter left empty, ``{column}`` templates whose
+columns are given. Every other row is left to :meth:`_Expander.expand`, which words its
+problems. A kept row is still validated by the request model when its job is made (the
+model's errors would be the per-row path's), so this only decides which rows are cheap.
+"""
+
+from __future__ import annotations
+
+import string
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from runner.endpoints.catalog import PRESETS, EndpointSpec
+from runner.manifest import cells
+from runner.manifest.columns import CONTROL_COLUMNS
+
+_INT = r"^-?[0-9]{1,15}$"
+_FLOAT = r"^-?(?:[0-9]{1,20}\.?[0-9]{0,20}|\.[0-9]{1,20})(?:[eE][+-]?[0-9]{1,3})?$"
+_WXH = r"^(?P<w>[0-9]{1,9})[xX](?P<h>[0-9]{1,9})$"
+_TRUE = ["true", "1", "yes"]
+_FALSE = ["false", "0", "no"]
+_REMOTE = r"^https?://"
+_RESERVED = r"^(?:#[0-9]+|~[0-9A-Fa-f]+(?:\.[0-9]+)?)$"
+SYNTAX_FIELDS = frozenset({"loras", "image_urls"})
+FILE_FIELDS = ("image_url", "mask_url")
+MAX_TEMPLATES = 16
+
+
+@dataclass
+class Typed:
+    """One endpoint's rows of a batch, typed: which must go row by row, and the values."""
+
+    endpoint: str
+    spec: EndpointSpec
+    positions: np.ndarray  # positions in the batch
+    slow: np.ndarray  # per position: left to the per-row path
+    needs_files: np.ndarray  # per position: names a local file (checked, sized per job)
+    fields: dict[str, pa.Array]  # request field -> typed values (null: not given)
+    metadata: dict[str, pa.Array]  # metadata column -> stripped text
+    ids: pa.Array | None  # the given id, stripped (null: identified by content)
+
+
+class _Blank:
+    """Stripped columns and their blank masks, each computed once."""
+
+    def __init__(self, values: Mapping[str, pa.Array]) -> None:
+        self.values = values
+        self._trimmed: dict[str, pa.Array] = {}
+        self._blank: dict[str, np.ndarray] = {}
+
+    def trimmed(self, name: str) -> pa.Array:
+        found = self._trimmed.get(name)
+        if found is None:
+            found = self._trimmed[name] = pc.utf8_trim_whitespace(self.values[name])
+        return found
+
+    def blank(self, name: str) -> np.ndarray:
+        found = self._blank.get(name)
+        if found is None:
+            found = self._blank[name] = _np(pc.equal(self.trimmed(name), ""))
+        return found
+
+
+def _np(mask: pa.Array) -> np.ndarray:
+    return np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def type_rows(
+    endpoint: str,
+    spec: EndpointSpec,
+    values: Mapping[str, pa.Array],
+    positions: np.ndarray,
+    *,
+    id_column: str,
+    id_required: bool,
+    template: str | None,
+    all_parameters: frozenset[str],
+) -> Typed:
+    """Type the rows ``values`` holds (already one endpoint's, defaults applied)."""
+    size = len(positions)
+    cols = _Blank(values)
+    slow = np.zeros(size, dtype=bool)
+    fields: dict[str, pa.Array] = {}
+    metadata: dict[str, pa.Array] = {}
+    model_fields = spec.model.model_fields
+    identity = {id_column, "endpoint"}
+    templated = _templated(cols, template, slow)
+    for name in values:
+        if name in identity:
+            continue
+        if name in CONTROL_COLUMNS:
+            if name != "prompt_template":
+                slow |= ~cols.blank(name)
+            continue
+        if name not in model_fields:
+            if name in all_parameters:
+                slow |= ~cols.blank(name)  # another endpoint's parameter: the row says why
+            else:
+                metadata[name] = cols.trimmed(name)
+            continue
+        fields[name] = _typed_field(name, spec, cols, slow, skip=templated)
+    if templated is not None:
+        filled, rows = templated
+        given = fields.get("prompt", pa.nulls(size, pa.string()))
+        fields["prompt"] = pc.if_else(pa.array(rows), filled, given)
+    for name, info in model_fields.items():
+        if info.is_required():
+            given = fields.get(name)
+            slow |= np.ones(size, dtype=bool) if given is None else _np(pc.is_null(given))
+    needs_files = np.zeros(size, dtype=bool)
+    for name in FILE_FIELDS:
+        if name in fields:
+            local = pc.invert(pc.match_substring_regex(fields[name], _REMOTE))
+            needs_files |= _np(pc.fill_null(local, False))
+    ids = _ids(cols, id_column, id_required, slow)
+    return Typed(endpoint, spec, positions, slow, needs_files, fields, metadata, ids)
+
+
+def _ids(cols: _Blank, column: str, required: bool, slow: np.ndarray) -> pa.Array | None:
+    if column not in cols.values:
+        if required:
+            slow |= True
+        return None
+    blank = cols.blank(column)
+    if required:
+        slow |= blank
+    trimmed = cols.trimmed(column)
+    slow |= _np(pc.match_substring_regex(trimmed, _RESERVED))
+    return _nulled(trimmed, blank)
+
+
+def _nulled(text: pa.Array, blank: np.ndarray) -> pa.Array:
+    return pc.if_else(pa.array(blank), pa.scalar(None, pa.string()), text)
+
+
+def _typed_field(
+    name: str,
+    spec: EndpointSpec,
+    cols: _Blank,
+    slow: np.ndarray,
+    skip: tuple[pa.Array, np.ndarray] | None = None,
+) -> pa.Array:
+    """The column as the field's values (null where blank); rows it cannot type go slow.
+
+    ``skip``: rows whose prompt a template makes (their ``prompt`` cell is not read).
+    """
+    text = cols.trimmed(name)
+    blank = cols.blank(name)
+    if skip is not None and name == "prompt":
+        blank = blank | skip[1]
+    if name == "image_size":
+        return _image_size(text, blank, spec, slow)
+    kind = _kind(spec, name)
+    if kind == "str":
+        allowed = _literal(spec.model.model_fields[name].annotation)
+        if allowed is not None:
+            slow |= ~blank & ~_np(pc.is_in(text, pa.array(allowed)))
+        return _nulled(text, blank)
+    if kind == "bool":
+        lowered = pc.utf8_lower(text)
+        true = _np(pc.is_in(lowered, pa.array(_TRUE)))
+        false = _np(pc.is_in(lowered, pa.array(_FALSE)))
+        slow |= ~blank & ~true & ~false
+        return pa.array(np.where(true, True, False), mask=blank | (~true & ~false))
+    if kind in ("int", "float"):
+        pattern = _INT if kind == "int" else _FLOAT
+        ok = _np(pc.match_substring_regex(text, pattern)) & ~blank
+        slow |= ~blank & ~ok
+        cast = pc.cast(
+            pc.if_else(pa.array(ok), text, "0"), pa.int64() if kind == "int" else pa.float64()
+        )
+        numbers = cast.to_numpy(zero_copy_only=False)
+        low, high = _bounds(spec, name)
+        within = np.isfinite(numbers) if kind == "float" else np.ones(len(numbers), dtype=bool)
+        if low is not None:
+            within &= numbers >= low
+        if high is not None:
+            within &= numbers <= high
+        slow |= ok & ~within
+        return pa.array(numbers, mask=~ok)
+    slow |= ~blank  # loras, image_urls, JSON and the like: parsed row by row
+    return pa.nulls(len(text), pa.string())
+
+
+def _image_size(
+    text: pa.Array, blank: np.ndarray, spec: EndpointSpec, slow: np.ndarray
+) -> pa.Array:
+    preset = _np(pc.is_in(text, pa.array(list(PRESETS))))
+    wxh = _np(pc.match_substring_regex(text, _WXH)) & ~preset
+    ok = preset | wxh
+    if wxh.any():
+        parts = pc.extract_regex(pc.if_else(pa.array(wxh), text, "1x1"), _WXH)
+        width = pc.cast(parts.field(0), pa.int64()).to_numpy()
+        height = pc.cast(parts.field(1), pa.int64()).to_numpy()
+        low, high = spec.side_limits or (1, None)
+        fits = (width >= max(low, 1)) & (height >= max(low, 1))
+        if high is not None:
+            fits &= (width <= high) & (height <= high)
+        ok &= ~wxh | fits
+    if spec.side_limits is not None and preset.any():
+        low, high = spec.side_limits
+        fine = [n for n, (w, h) in PRESETS.items() if low <= w <= high and low <= h <= high]
+        ok &= ~preset | _np(pc.is_in(text, pa.array(fine)))
+    slow |= ~blank & ~ok
+    return _nulled(text, blank)
+
+
+def _templated(
+    cols: _Blank, fallback: str | None, slow: np.ndarray
+) -> tuple[pa.Array, np.ndarray] | None:
+    """The prompts templates fill in, and which rows have one; None: no row has a template."""
+    values = cols.values
+    if "prompt_template" in values:
+        blank = cols.blank("prompt_template")
+        raw = values["prompt_template"]
+        if fallback is not None:
+            raw = pc.if_else(pa.array(blank), fallback, raw)
+            blank = np.zeros(len(raw), dtype=bool)
+    elif fallback is not None:
+        raw = pa.array([fallback] * len(slow), pa.string())
+        blank = np.zeros(len(raw), dtype=bool)
+    else:
+        return None
+    if blank.all():
+        return None
+    encoded = pc.dictionary_encode(raw)
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    prompt: pa.Array = pa.nulls(len(raw), pa.string())
+    for code, template in enumerate(encoded.dictionary.to_pylist()):
+        rows = (codes == code) & ~blank
+        if not rows.any():
+            continue
+        if code >= MAX_TEMPLATES:
+            slow |= rows
+            continue
+        parts = _template_parts(template, values)
+        if parts is None:
+            slow |= rows
+            continue
+        pieces: list[Any] = []
+        for literal, name in parts:
+            pieces.append(literal)
+            if name is not None:
+                slow |= rows & cols.blank(name)
+                pieces.append(cols.trimmed(name))
+        filled = pc.utf8_trim_whitespace(pc.binary_join_element_wise(*pieces, ""))
+        slow |= rows & _np(pc.equal(filled, ""))
+        prompt = pc.if_else(pa.array(rows), filled, prompt)
+    return prompt, ~blank
+
+
+def _template_parts(
+    template: str, values: Mapping[str, Any]
+) -> list[tuple[str, str | None]] | None:
+    """(literal, column) pairs of a plain ``{column}`` template whose columns exist, or None."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError:
+        return None
+    parts: list[tuple[str, str | None]] = []
+    for literal, name, spec, conversion in parsed:
+        if name is not None and (
+            not name or spec or conversion or any(c in name for c in ".[]") or name not in values
+        ):
+            return None
+        parts.append((literal, name))
+    return parts
+
+
+def _kind(spec: EndpointSpec, name: str) -> cells.Kind:
+    return cells.field_kind(spec.model.model_fields[name].annotation)
+
+
+def _literal(annotation: Any) -> list[str] | None:
+    args = [a for a in cells._union_args(annotation)]
+    if len(args) == 1 and typing.get_origin(args[0]) is Literal:
+        values = typing.get_args(args[0])
+        if all(isinstance(v, str) for v in values):
+            return list(values)
+    return None
+
+
+def _bounds(spec: EndpointSpec, name: str) -> tuple[float | None, float | None]:
+    low = high = None
+    for item in spec.model.model_fields[name].metadata:
+        if getattr(item, "ge", None) is not None:
+            low = item.ge
+        if getattr(item, "le", None) is not None:
+            high = item.le
+        if getattr(item, "gt", None) is not None or getattr(item, "lt", None) is not None:
+            return float("inf"), None  # strict bounds: left to the model
+    return low, high
+
+
+def row_value(spec: EndpointSpec, name: str, value: Any) -> Any:
+    """A typed cell as the per-row path parses it (``image_size``: preset or width/height)."""
+    if name == "image_size" and value not in PRESETS:
+        width, height = value.lower().split("x")
+        return {"width": int(width), "height": int(height)}
+    return value
