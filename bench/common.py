@@ -96,6 +96,7 @@ class EmulatorProcess:
         seed: int = 7,
         faults: str = "",
         retention_real_s: float = 3600.0,
+        service_s: float | None = None,
     ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -104,6 +105,8 @@ class EmulatorProcess:
             "--port", str(self.port), "--concurrency", str(concurrency),
             "--time-scale", repr(time_scale), "--seed", str(seed),
         ]  # fmt: skip
+        if service_s is not None:  # every job the same emulated seconds
+            argv += ["--service-s", repr(service_s)]
         # Results must outlive the run in real time: the default retention (3600 emulated
         # seconds) is 3.6 ms of real time at a time scale of 1e-6. The emulator forgets a
         # job once its retention has passed, so a shorter one keeps its memory flat.

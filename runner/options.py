@@ -92,7 +92,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     )
     a("--concurrency", type=int, help="the account's concurrency slots (default 2)")
     a("--max-in-flight", type=int, help="submitted, unfinished jobs (3x slots; 2x if streaming)")
-    a("--rate", type=float, help="submits per second (default 10); halves on 429s")
+    a("--rate", type=float,
+      help="cap on submits/s (default: follows slots and job times); halves on 429s")  # fmt: skip
     a("--endpoint-limit", action="append", type=_endpoint_limit, metavar="ID=N",
       help="at most N jobs of this endpoint in flight")  # fmt: skip
     a("--max-cost", type=_usd, metavar="USD",

@@ -38,7 +38,7 @@ from pydantic import SecretStr
 from runner.emulator.app import Emulator
 from runner.emulator.breakage import QuietAborts
 from runner.emulator.faults import parse_faults
-from runner.emulator.settings import DEFAULT_KEY, EmulatorConfig
+from runner.emulator.settings import DEFAULT_KEY, EmulatorConfig, ServiceTime
 from runner.errors import EXIT_OK, EXIT_USAGE, UsageError
 
 
@@ -165,6 +165,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8787, help="port to listen on (default 8787)")
     p.add_argument("--concurrency", type=int, default=4, help="IN_PROGRESS slots (default 4)")
     p.add_argument("--time-scale", type=float, default=1.0, help="multiply every duration")
+    p.add_argument(
+        "--service-s", type=float, default=None, metavar="S",
+        help="every job runs S emulated seconds (default: by size and steps)",
+    )  # fmt: skip
     p.add_argument("--faults", default="", metavar="SPEC", help='e.g. "submit_429=0.1,seed=7"')
     p.add_argument("--seed", type=int, default=0, help="seed for job seeds and jitter")
     p.add_argument("--key", default=None, help=f"accepted FAL key (default {DEFAULT_KEY!r})")
@@ -177,6 +181,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         key=SecretStr(args.key or DEFAULT_KEY),
         concurrency=args.concurrency,
         time_scale=args.time_scale,
+        service=ServiceTime(fixed_s=args.service_s),
         faults=parse_faults(args.faults),
         seed=args.seed,
     )

@@ -53,7 +53,7 @@ from runner.execution.completion import (
 )
 from runner.execution.prices import price_table
 from runner.execution.progress import Progress, Tally
-from runner.execution.ratelimit import AdaptiveRate
+from runner.execution.ratelimit import submit_rate
 from runner.execution.reconcile import Reconciler
 from runner.execution.recorder import Recorder
 from runner.execution.scheduler import Scheduler, prior_spend, strict_check
@@ -243,12 +243,10 @@ async def _drive(
         reader = Reader(client, policies.read, hooks.clock, hooks.sleep)
         pacing = Pacing(slots=config.concurrency)
         strategy = build_strategy(config, reader, pacing, progress.say)
-        rate = AdaptiveRate(
-            config.rate_per_s,
-            burst=max(1.0, config.rate_per_s),
-            clock=hooks.clock,
-            sleep=hooks.sleep,
-        )
+        rate = submit_rate(
+            config.rate_per_s, slots=config.concurrency, mean_service_s=pacing.model.job_mean_s,
+            clock=hooks.clock, sleep=hooks.sleep,
+        )  # fmt: skip
         history = HistoryClient(
             transport, api_url=config.api_url, key=config.key, policy=policies.history,
             clock=hooks.clock, sleep=hooks.sleep, user_agent=USER_AGENT,
