@@ -42,6 +42,7 @@ from pydantic import SecretStr  # noqa: E402
 from runner.config import RunConfig  # noqa: E402
 from runner.execution.engine import Hooks, execute  # noqa: E402
 from runner.execution.summary import RunReport  # noqa: E402
+from runner.fal.transport import open_transport  # noqa: E402
 
 KEY = "emulator:local-key"
 LORA = "fal-ai/flux-lora"
@@ -248,9 +249,18 @@ def runner_config(
     return RunConfig(**(values | extra))
 
 
-def run_runner(name: str, config: RunConfig, jobs: int) -> ClientRun:
-    """``execute(config)`` in this process; CPU is this process's delta (all threads)."""
-    hooks = Hooks(stream=io.StringIO(), handle_signals=False)
+def run_runner(
+    name: str, config: RunConfig, jobs: int, *, httpcore_calls: bool = False
+) -> ClientRun:
+    """``execute(config)`` in this process; CPU is this process's delta (all threads).
+
+    ``httpcore_calls``: the queue's one-shot calls on httpcore's pool (the transport every
+    call used before the lean keep-alive one), injected as the run's one transport."""
+    transport = None
+    if httpcore_calls:
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        transport = open_transport(config.queue_url, limits=limits)
+    hooks = Hooks(stream=io.StringIO(), handle_signals=False, transport=transport)
 
     async def go() -> RunReport:
         return await execute(config, hooks=hooks)
