@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> list[ClientRun]:
     p.add_argument("--jobs", type=int, default=20_000)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--time-scale", type=float, default=1e-6)
+    p.add_argument("--httpcore", action="store_true",
+                   help="also the runner with its queue calls on httpcore's pool")  # fmt: skip
     args = p.parse_args(argv)
     c = args.concurrency
     print(
@@ -57,6 +59,10 @@ def main(argv: list[str] | None = None) -> list[ClientRun]:
             partial(run_runner, "runner (poll)", config, args.jobs),
             partial(run_baseline, "fal_client baseline", emu, requests, concurrency=c),
         ]
+        if args.httpcore:
+            config2 = config.model_copy(update={"run_dir": Path(tmp) / "run-httpcore"})
+            phases.append(partial(run_runner, "runner (poll), httpcore calls", config2,
+                                  args.jobs, httpcore_calls=True))  # fmt: skip
         for phase in phases:
             emu.reset()
             emu_cpu0 = emu.cpu_s()
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> list[ClientRun]:
     print(table(
         ["client", "completed", "wall s", "jobs/s", "client CPU s", "client CPU s / 1k jobs",
          "emulator CPU s / 1k jobs", "HTTP calls / job"], rows))  # fmt: skip
-    runner_run, base_run = runs
+    runner_run, base_run = runs[:2]
     ratio = runner_run.cpu_per_1000_s / max(base_run.cpu_per_1000_s, 1e-9)
     print(f"runner CPU per job = {ratio:.2f} x baseline; load average after: {load_avg()}")
     return runs

@@ -42,6 +42,7 @@ from pydantic import SecretStr  # noqa: E402
 from runner.config import RunConfig  # noqa: E402
 from runner.execution.engine import Hooks, execute  # noqa: E402
 from runner.execution.summary import RunReport  # noqa: E402
+from runner.fal.transport import open_transport  # noqa: E402
 
 KEY = "emulator:local-key"
 LORA = "fal-ai/flux-lora"
@@ -96,6 +97,7 @@ class EmulatorProcess:
         seed: int = 7,
         faults: str = "",
         retention_real_s: float = 3600.0,
+        service_s: float | None = None,
     ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -104,6 +106,8 @@ class EmulatorProcess:
             "--port", str(self.port), "--concurrency", str(concurrency),
             "--time-scale", repr(time_scale), "--seed", str(seed),
         ]  # fmt: skip
+        if service_s is not None:  # every job the same emulated seconds
+            argv += ["--service-s", repr(service_s)]
         # Results must outlive the run in real time: the default retention (3600 emulated
         # seconds) is 3.6 ms of real time at a time scale of 1e-6. The emulator forgets a
         # job once its retention has passed, so a shorter one keeps its memory flat.
@@ -245,9 +249,18 @@ def runner_config(
     return RunConfig(**(values | extra))
 
 
-def run_runner(name: str, config: RunConfig, jobs: int) -> ClientRun:
-    """``execute(config)`` in this process; CPU is this process's delta (all threads)."""
-    hooks = Hooks(stream=io.StringIO(), handle_signals=False)
+def run_runner(
+    name: str, config: RunConfig, jobs: int, *, httpcore_calls: bool = False
+) -> ClientRun:
+    """``execute(config)`` in this process; CPU is this process's delta (all threads).
+
+    ``httpcore_calls``: the queue's one-shot calls on httpcore's pool (the transport every
+    call used before the lean keep-alive one), injected as the run's one transport."""
+    transport = None
+    if httpcore_calls:
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        transport = open_transport(config.queue_url, limits=limits)
+    hooks = Hooks(stream=io.StringIO(), handle_signals=False, transport=transport)
 
     async def go() -> RunReport:
         return await execute(config, hooks=hooks)

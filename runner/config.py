@@ -75,7 +75,7 @@ class RunConfig(BaseModel):
 
     concurrency: int = Field(default=2, ge=1, le=10_000)
     max_in_flight: int | None = Field(default=None, ge=1)
-    rate_per_s: float = Field(default=10.0, gt=0)
+    rate_per_s: float | None = Field(default=None, gt=0)  # None: follow the account
     endpoint_limits: Mapping[str, int] = Field(default_factory=dict)
     # --max-cost caps what this invocation commits; --max-total-cost the run directory's
     # total, earlier runs included (runner.execution.budget).

@@ -116,3 +116,12 @@ def test_a_longer_queue_ahead_widens_the_margin_not_only_the_wait() -> None:
         state="IN_QUEUE", position=9, running_for_s=0, polls=1, ahead_dev_s=2.0, **kw
     )
     assert queued == pytest.approx(10 * 4.0 / 10 + 4.0 + 1.3 * 5**0.5)
+
+
+def test_job_mean_is_none_until_a_job_is_seen_then_follows_every_endpoint() -> None:
+    model = ServiceModel(alpha=0.5)
+    assert model.job_mean_s() is None
+    model.observe("a", units=1.0, service_s=2.0)
+    assert model.job_mean_s() == pytest.approx(2.0)
+    model.observe("b", units=10.0, service_s=4.0)  # another endpoint, counted alike
+    assert model.job_mean_s() == pytest.approx(3.0)

@@ -6,12 +6,14 @@ import anyio
 import pytest
 
 from runner.execution.ratelimit import (
+    AccountPace,
     AdaptiveRate,
     AimdConfig,
     AimdState,
     TokenBucket,
     after_success,
     after_throttle,
+    submit_rate,
 )
 from tests.fakes import FakeTime
 
@@ -171,3 +173,90 @@ async def test_adaptive_rate_paces_the_bucket_at_the_lowered_rate() -> None:
     await rate.acquire()
     await rate.acquire()
     assert time.sleeps == pytest.approx([0.2, 0.2])
+
+
+PACE = AccountPace(start_per_s=50.0, headroom=2.0, min_per_s=0.5, max_per_s=2000.0)
+
+
+@pytest.mark.parametrize(
+    ("slots", "mean_s", "expected"),
+    [
+        (40, None, 50.0),  # nothing seen yet: start high
+        (40, 0.0, 50.0),
+        (40, 3.0, 2 * 40 / 3.0),  # twice what 40 busy slots of 3 s jobs finish
+        (4, 10.0, 0.8),
+        (1, 100.0, 0.5),  # floor
+        (40, 0.001, 2000.0),  # ceiling
+    ],
+)
+def test_account_pace_is_headroom_times_the_completion_rate(
+    slots: int, mean_s: float | None, expected: float
+) -> None:
+    assert PACE.ceiling(slots, mean_s) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"start_per_s": 0.1, "min_per_s": 1.0}, {"headroom": 0.0}, {"max_per_s": 10.0}]
+)
+def test_account_pace_rejects_nonsense(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        AccountPace(**kwargs)
+
+
+@pytest.mark.anyio
+async def test_default_rate_follows_the_observed_service_time() -> None:
+    """No --rate: the ceiling moves with the mean the model reports, before each token."""
+    time = FakeTime(yields=True)
+    mean: list[float | None] = [None]
+    rate = submit_rate(
+        None, slots=8, mean_service_s=lambda: mean[0], pace=PACE, clock=time.clock,
+        sleep=time.sleep,
+    )  # fmt: skip
+    for _ in range(8):  # a burst of one token per slot, at once
+        await rate.acquire()
+    assert time.now == 0.0
+    await rate.acquire()
+    assert rate.rate_per_s == 50.0 and time.sleeps == pytest.approx([1 / 50])
+    mean[0] = 0.4  # 8 slots of 0.4 s jobs: 20 finish a second, the ceiling is 40/s
+    await rate.acquire()
+    assert rate.rate_per_s == pytest.approx(40.0)
+    assert time.sleeps[-1] == pytest.approx(1 / 40)
+    mean[0] = 8.0  # long jobs: 1 a second finishes, 2/s is the ceiling
+    await rate.acquire()
+    assert rate.max_rate_per_s == pytest.approx(2.0)
+    assert time.sleeps[-1] == pytest.approx(1 / 2)
+
+
+@pytest.mark.anyio
+async def test_a_throttled_default_rate_keeps_its_share_when_the_ceiling_moves() -> None:
+    time = FakeTime(yields=True)
+    mean: list[float | None] = [1.0]
+    rate = submit_rate(
+        None, slots=10, mean_service_s=lambda: mean[0], pace=PACE, clock=time.clock,
+        sleep=time.sleep,
+    )  # fmt: skip
+    await rate.acquire()
+    assert rate.max_rate_per_s == pytest.approx(20.0)
+    assert rate.on_throttle()
+    assert rate.rate_per_s == pytest.approx(10.0)
+    mean[0] = 0.5  # the ceiling doubles; the 429's halving still holds
+    await rate.acquire()
+    assert rate.max_rate_per_s == pytest.approx(40.0)
+    assert rate.rate_per_s == pytest.approx(20.0)
+    assert rate.config.min_rate_per_s == pytest.approx(40.0 / 32)
+    for _ in range(100):
+        rate.on_success()
+    assert rate.rate_per_s == pytest.approx(40.0)
+
+
+@pytest.mark.anyio
+async def test_an_explicit_rate_is_a_fixed_cap() -> None:
+    time = FakeTime(yields=True)
+    rate = submit_rate(
+        3.0, slots=40, mean_service_s=lambda: 0.01, pace=PACE, clock=time.clock,
+        sleep=time.sleep,
+    )  # fmt: skip
+    for _ in range(6):
+        await rate.acquire()
+    assert rate.max_rate_per_s == 3.0
+    assert time.sleeps == pytest.approx([1 / 3] * 3)

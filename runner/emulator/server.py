@@ -38,7 +38,7 @@ from pydantic import SecretStr
 from runner.emulator.app import Emulator
 from runner.emulator.breakage import QuietAborts
 from runner.emulator.faults import parse_faults
-from runner.emulator.settings import DEFAULT_KEY, EmulatorConfig
+from runner.emulator.settings import DEFAULT_KEY, EmulatorConfig, ServiceTime
 from runner.errors import EXIT_OK, EXIT_USAGE, UsageError
 
 
@@ -170,6 +170,8 @@ def parser() -> argparse.ArgumentParser:
       help="the emulated account's slots: jobs IN_PROGRESS at once (default 4)")  # fmt: skip
     a("--time-scale", type=float, default=1.0,
       help="multiply every emulated duration, e.g. 0.01 for quick tests (default 1.0)")  # fmt: skip
+    a("--service-s", type=float, default=None, metavar="S",
+      help="every job runs S emulated seconds (default: by size and steps)")  # fmt: skip
     a("--faults", default="", metavar="SPEC",
       help='faults to inject, e.g. "submit_429=0.1,seed=7" (default none; see README)')  # fmt: skip
     a("--seed", type=int, default=0,
@@ -186,6 +188,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         key=SecretStr(args.key or DEFAULT_KEY),
         concurrency=args.concurrency,
         time_scale=args.time_scale,
+        service=ServiceTime(fixed_s=args.service_s),
         faults=parse_faults(args.faults),
         seed=args.seed,
     )

@@ -53,7 +53,7 @@ from runner.execution.completion import (
 )
 from runner.execution.prices import price_table
 from runner.execution.progress import Progress, Tally
-from runner.execution.ratelimit import AdaptiveRate
+from runner.execution.ratelimit import submit_rate
 from runner.execution.reconcile import Reconciler
 from runner.execution.recorder import Recorder
 from runner.execution.reuse import open_reuse
@@ -66,7 +66,7 @@ from runner.fal.jwks import JwksCache
 from runner.fal.receiver import WebhookReceiver, webhook_server
 from runner.fal.retry import RetryPolicies
 from runner.fal.storage import StorageClient, UploadSettings
-from runner.fal.transport import open_transport
+from runner.fal.transport import open_call_transport, open_transport
 from runner.ledger.meta import write_run_meta
 from runner.ledger.probe import probe_writable
 from runner.ledger.records import read_records, read_requests_seen
@@ -234,22 +234,26 @@ async def _drive(
         # One pool for the queue's calls (straight to the transport) and the rest.
         http = await stack.enter_async_context(httpx.AsyncClient(transport=transport, timeout=30.0))
         assert config.key is not None
+        # The queue's one-shot calls on the lean keep-alive transport (unless a test injects
+        # one transport for everything, or a proxy is set); streams and the rest on httpx.
+        calls = None if hooks.transport else open_call_transport(config.queue_url, max_idle=pool)
+        if calls is not None:
+            stack.push_async_callback(calls.aclose)
         client = QueueClient(
             transport,
             queue_url=config.queue_url,
             key=config.key,
             max_requests=MAX_REQUESTS,
             user_agent=USER_AGENT,
+            calls=calls,
         )
         reader = Reader(client, policies.read, hooks.clock, hooks.sleep)
         pacing = Pacing(slots=config.concurrency)
         strategy = build_strategy(config, reader, pacing, progress.say)
-        rate = AdaptiveRate(
-            config.rate_per_s,
-            burst=max(1.0, config.rate_per_s),
-            clock=hooks.clock,
-            sleep=hooks.sleep,
-        )
+        rate = submit_rate(
+            config.rate_per_s, slots=config.concurrency, mean_service_s=pacing.model.job_mean_s,
+            clock=hooks.clock, sleep=hooks.sleep,
+        )  # fmt: skip
         history = HistoryClient(
             transport, api_url=config.api_url, key=config.key, policy=policies.history,
             clock=hooks.clock, sleep=hooks.sleep, user_agent=USER_AGENT,

@@ -63,6 +63,10 @@ class ServiceModel:
         stat.dev += a * (abs(err) - stat.dev)
         stat.n += 1
 
+    def job_mean_s(self) -> float | None:
+        """Mean seconds per job over every endpoint (None before the first is seen)."""
+        return None if self._per_job is None else self._per_job.mean
+
     def ahead_s(self, own_mean_s: float) -> float:
         """Mean seconds a request queued ahead holds a slot (before any: ``own_mean_s``)."""
         return own_mean_s if self._per_job is None else self._per_job.mean

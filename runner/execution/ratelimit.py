@@ -7,6 +7,14 @@ multiplicative decrease: every 429 halves the rate (down to a floor), but only o
 cooldown window, so a volley of 429s answering requests sent at the old rate counts as one
 signal; every success adds a small step back toward the configured maximum. The AIMD
 arithmetic is two pure functions over a frozen state.
+
+Without ``--rate`` the maximum follows the account (:class:`AccountPace`): a saturated
+account finishes ``slots / mean service time`` jobs a second, and the runner submits one
+job per finished one, so the ceiling is that completion rate times a headroom, recomputed
+as service times are observed. Before the first is seen it starts high. Whether fal
+answers a burst of submits with 429s is not documented (shared/spec/fal-queue.md says
+queued requests over the slots wait, not that submits are limited): the start, the
+headroom and the bounds are configuration, and a 429 still halves the rate.
 """
 
 from __future__ import annotations
@@ -110,8 +118,48 @@ def after_success(state: AimdState, config: AimdConfig) -> AimdState:
     return replace(state, rate_per_s=rate)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AccountPace:
+    """The submit ceiling when ``--rate`` is not given: derived from the account.
+
+    ``headroom`` times the completion rate of ``slots`` busy slots (``slots / mean``), kept
+    within ``[min_per_s, max_per_s]``; ``start_per_s`` until a service time is known.
+    """
+
+    start_per_s: float = 50.0
+    headroom: float = 2.0
+    min_per_s: float = 0.5
+    max_per_s: float = 2000.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_per_s <= self.start_per_s <= self.max_per_s or self.headroom <= 0:
+            raise ValueError("need 0 < min_per_s <= start_per_s <= max_per_s and headroom > 0")
+
+    def ceiling(self, slots: int, mean_service_s: float | None) -> float:
+        if mean_service_s is None or mean_service_s <= 0:
+            return self.start_per_s
+        wanted = self.headroom * max(slots, 1) / mean_service_s
+        return min(max(wanted, self.min_per_s), self.max_per_s)
+
+
+def retarget(old: AimdConfig, max_rate_per_s: float) -> AimdConfig:
+    """The AIMD config for a new maximum, its floor and step scaled alike."""
+    scale = max_rate_per_s / old.max_rate_per_s
+    return replace(
+        old,
+        max_rate_per_s=max_rate_per_s,
+        min_rate_per_s=old.min_rate_per_s * scale,
+        increase_per_success=old.increase_per_success * scale,
+    )
+
+
 class AdaptiveRate:
-    """A token bucket whose rate follows AIMD. ``rate_per_s`` is for the progress display."""
+    """A token bucket whose rate follows AIMD. ``rate_per_s`` is for the progress display.
+
+    ``follow`` (optional) returns the current ceiling; it is asked before every token, and
+    a changed ceiling moves the maximum, the floor, the step and the rate in proportion (a
+    rate halved by 429s stays halved relative to the new ceiling).
+    """
 
     def __init__(
         self,
@@ -123,6 +171,7 @@ class AdaptiveRate:
         cooldown_s: float = 2.0,
         clock: Clock = time.monotonic,
         sleep: Sleep = anyio.sleep,
+        follow: Callable[[], float] | None = None,
     ) -> None:
         # Defaults: floor at 1/32 of the maximum (five halvings); from half to full rate
         # in 25 successes, quick enough to recover, slow enough not to re-trigger at once.
@@ -138,13 +187,29 @@ class AdaptiveRate:
         self._clock = clock
         self._bucket = TokenBucket(max_rate_per_s, burst, clock=clock, sleep=sleep)
         self.decreases = 0
+        self._follow = follow
 
     @property
     def rate_per_s(self) -> float:
         return self._state.rate_per_s
 
+    @property
+    def max_rate_per_s(self) -> float:
+        return self.config.max_rate_per_s
+
     async def acquire(self) -> None:
+        if self._follow is not None:
+            self.set_ceiling(self._follow())
         await self._bucket.acquire()
+
+    def set_ceiling(self, max_rate_per_s: float) -> None:
+        """Move the maximum; the rate keeps its fraction of it."""
+        old = self.config
+        if max_rate_per_s <= 0 or max_rate_per_s == old.max_rate_per_s:
+            return
+        self.config = retarget(old, max_rate_per_s)
+        scaled = min(self._state.rate_per_s * max_rate_per_s / old.max_rate_per_s, max_rate_per_s)
+        self._set(replace(self._state, rate_per_s=scaled))
 
     def on_throttle(self) -> bool:
         """Record a 429; returns whether the rate was lowered (False inside the cooldown)."""
@@ -161,3 +226,26 @@ class AdaptiveRate:
         if state.rate_per_s != self._state.rate_per_s:
             self._bucket.set_rate(state.rate_per_s)
         self._state = state
+
+
+def submit_rate(
+    rate_per_s: float | None,
+    *,
+    slots: int,
+    mean_service_s: Callable[[], float | None],
+    pace: AccountPace | None = None,
+    clock: Clock = time.monotonic,
+    sleep: Sleep = anyio.sleep,
+) -> AdaptiveRate:
+    """The run's submit limiter: ``--rate`` as a fixed cap, or (None) one that follows the
+    account's slots and the mean service time observed so far (:class:`AccountPace`)."""
+    if rate_per_s is not None:
+        return AdaptiveRate(rate_per_s, burst=max(1.0, rate_per_s), clock=clock, sleep=sleep)
+    pace = pace if pace is not None else AccountPace()
+    return AdaptiveRate(
+        pace.start_per_s,
+        burst=max(1.0, float(slots)),
+        clock=clock,
+        sleep=sleep,
+        follow=lambda: pace.ceiling(slots, mean_service_s()),
+    )

@@ -83,10 +83,14 @@ class QueueClient:
         wall_clock: Callable[[], float] = time.time,
         max_requests: int | None = None,
         user_agent: str = "runner",
+        calls: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         # Calls go straight to the transport (runner.fal.transport.fetch): AsyncClient's auth,
         # redirect and cookie layers cost CPU on every call and none of them is used here.
+        # ``calls`` (default: ``transport``) carries the one-shot calls, streams stay on
+        # ``transport`` (runner.fal.keepalive.KeepAliveTransport is the lean one).
         self._transport = transport
+        self._calls = calls if calls is not None else transport
         # Bound requests in flight, not only jobs: httpcore's pool does work proportional
         # to its size on every request, so a few dozen idle connections cost more CPU than
         # the calls themselves. Streams (one long request per job) are not counted here.
@@ -300,9 +304,9 @@ class QueueClient:
         )
         with self._translated(method, url):
             if self._requests is None:
-                return await fetch(self._transport, request)
+                return await fetch(self._calls, request)
             async with self._requests:
-                return await fetch(self._transport, request)
+                return await fetch(self._calls, request)
 
     @contextmanager
     def _translated(self, method: str, url: str) -> Iterator[None]:

@@ -53,6 +53,8 @@ import anyio.abc
 import httpcore
 import httpx
 
+from runner.fal.keepalive import KeepAliveTransport
+
 log = logging.getLogger(__name__)
 
 # httpcore's errors and httpx's, most specific first (the first match wins).
@@ -352,6 +354,15 @@ def open_transport(
         )
         return httpx.AsyncHTTPTransport(limits=limits)
     return PoolTransport(limits=limits)
+
+
+def open_call_transport(queue_url: str, *, max_idle: int) -> httpx.AsyncBaseTransport | None:
+    """The lean keep-alive transport for the queue's one-shot calls
+    (:class:`runner.fal.keepalive.KeepAliveTransport`), or None when the environment names
+    a proxy for the queue (then every call goes through :func:`open_transport`'s)."""
+    if environment_proxy(queue_url) is not None:
+        return None
+    return KeepAliveTransport(max_idle=max_idle)
 
 
 async def fetch(transport: httpx.AsyncBaseTransport, request: httpx.Request) -> httpx.Response:

@@ -168,8 +168,9 @@ OPTIONS: tuple[Option, ...] = (
     _o(PACE, "max-in-flight", "max_in_flight", "jobs submitted but unfinished at any time "
        "(default 3x --concurrency when polling, 2x with stream or webhook)", parse=int,
        metavar="N"),
-    _o(PACE, "rate", "rate_per_s", "submits per second at most; halves on a 429 and recovers "
-       "(default 10)", parse=float, metavar="R"),
+    _o(PACE, "rate", "rate_per_s", "a fixed cap on submits per second; halves on a 429 and "
+       "recovers (default: no cap, the pace follows the slots and the observed job times)",
+       parse=float, metavar="R"),
     _o(PACE, "endpoint-limit", "endpoint_limits", "at most N jobs of endpoint ID in flight "
        "(repeatable; default: no limit of its own)", kind="map", parse=endpoint_limit,
        metavar="ID=N"),
