@@ -113,6 +113,12 @@ class RunConfig(BaseModel):
     inline_max_bytes: int = Field(default=2 * 1024 * 1024, ge=0)
     probe_inputs: bool = False  # read remote input sizes with a Range request, for exact costs
     upload_ttl_s: float = Field(default=7 * 86_400.0, gt=0)  # CDN lifetime asked for uploads
+    # --shards N: jobs split by a hash of their row identity, a ledger per shard under
+    # RUN_DIR/shards/K; --shard K runs that shard only (runner.scale).
+    shards: int | None = Field(default=None, ge=1, le=65_536)
+    shard: int | None = Field(default=None, ge=0)
+    keys_file: Path | None = None  # several keys, one per shard group (runner.scale.keys)
+    gate_dir: Path | None = None  # file-lock leases shared by processes on one machine
     quiet: bool = False
     log_format: Literal["text", "json"] = "text"  # json: one object per line on stderr
 
@@ -138,6 +144,12 @@ class RunConfig(BaseModel):
     def _webhook_needs_url(self) -> RunConfig:
         if self.completion == "webhook" and not self.webhook_url and not self.emulator:
             raise ValueError("--completion webhook needs --webhook-url (the public URL fal calls)")
+        return self
+
+    @model_validator(mode="after")
+    def _shard_within_shards(self) -> RunConfig:
+        if self.shard is not None and (self.shards is None or self.shard >= self.shards):
+            raise ValueError(f"--shard {self.shard} needs --shards N with N > {self.shard}")
         return self
 
     @property

@@ -157,6 +157,15 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     a("--inline-max-bytes", type=int, metavar="B", help="largest inlined image (default 2 MiB)")
     a("--probe-inputs", action="store_true",
       help="read remote input image sizes (Range request) so estimates are exact")  # fmt: skip
+    a("--shards", type=int, metavar="N",
+      help="split the jobs into N shards by row identity, a ledger each "
+           "(fixed per run dir)")  # fmt: skip
+    a("--shard", type=int, metavar="K", help="with --shards: run shard K only (0..N-1)")
+    a("--keys-file", type=Path, metavar="FILE",
+      help="fal keys, one a line, each with optional concurrency=N rate=R "
+           "(docs/SCALE.md)")  # fmt: skip
+    a("--gate-dir", type=Path, metavar="DIR",
+      help="share each key's slots with other processes on this machine (file leases)")  # fmt: skip
 
 
 def expand_options(args: argparse.Namespace) -> ExpandOptions:
@@ -179,7 +188,7 @@ RUN_FLAGS = (
     "queue_url", "rest_url", "cdn_url", "emulator_time_scale", "emulator_concurrency",
     "emulator_faults", "out", "download_concurrency", "inline_inputs", "inline_max_bytes",
     "probe_inputs", "reconcile_after", "api_url", "output_lifetime", "no_fallbacks",
-    "id_column",
+    "id_column", "shards", "shard", "keys_file", "gate_dir",
 )  # fmt: skip
 
 

@@ -145,12 +145,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     for w in warnings:
         _tell(json_lines, labelled(w))
 
+    from runner.scale.layout import refuse_mismatch
+    from runner.scale.shards import execute_sharded
+
+    if config.keys_file is not None and config.shards is None:
+        raise UsageError("--keys-file needs --shards N (each shard is pinned to one key)")
+    run = execute if config.shards is None else execute_sharded
+    if config.shards is None:
+        refuse_mismatch(config.run_dir, None)
+
     async def go() -> Any:
         if config.emulator:
             async with embedded_emulator(config) as local:
                 _tell(json_lines, f"runner: using the local emulator at {local.queue_url}")
-                return await execute(local)
-        return await execute(config)
+                return await run(local)
+        return await run(config)
 
     try:
         report = anyio.run(go)
