@@ -13,6 +13,8 @@ row identity modulo N, so another N would look for a job's record in the wrong l
 
 from __future__ import annotations
 
+import fcntl
+import os
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +62,22 @@ def _has_ledger(run_dir: Path) -> bool:
     )
 
 
+def claim(config: RunConfig, manifest: dict[str, Any]) -> None:
+    """Check the shard count and write the top run.json, under a lock: processes taking
+    other shards (``--shard K``) may start at the same instant."""
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(config.run_dir / ".shards.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        refuse_mismatch(config.run_dir, config.shards)
+        write_sharded_meta(config, manifest)
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
 def write_sharded_meta(config: RunConfig, manifest: dict[str, Any]) -> None:
     """The top run.json of a sharded run directory (each shard writes its own)."""
     assert config.shards is not None
-    config.run_dir.mkdir(parents=True, exist_ok=True)
     public = config.public_dict()
     public.pop("shard", None)  # which shard one process runs is not a fact of the run
     write_run_meta(

@@ -33,12 +33,7 @@ from runner.execution.lease import FileSlots
 from runner.execution.progress import Progress, Tally
 from runner.execution.summary import RunReport
 from runner.scale.keys import KeySpec, key_for_shard, load_keys
-from runner.scale.layout import (
-    recorded_keys,
-    refuse_mismatch,
-    shard_dir,
-    write_sharded_meta,
-)
+from runner.scale.layout import claim, recorded_keys, shard_dir
 
 # Worst exit first: the one a sharded run reports is the worst of its shards'.
 _EXIT_ORDER = (EXIT_INTERRUPTED, EXIT_BUDGET, EXIT_JOBS_FAILED, EXIT_OK)
@@ -85,8 +80,7 @@ def build_gate(
 def prepare(config: RunConfig) -> tuple[list[int], dict[int, KeySpec]]:
     """Check and write the sharded run directory; the shards to run and each one's key."""
     assert config.shards is not None
-    refuse_mismatch(config.run_dir, config.shards)
-    write_sharded_meta(config, manifest_fingerprint(config.manifest))
+    claim(config, manifest_fingerprint(config.manifest))
     keys = run_keys(config)
     picks = [config.shard] if config.shard is not None else list(range(config.shards))
     recorded = recorded_keys(config.run_dir, config.shards)
