@@ -51,6 +51,51 @@ async def test_a_dead_holder_frees_its_slot(tmp_path: Path) -> None:
     slots.close()
 
 
+_HOLDER = """
+import anyio, sys, time
+from pathlib import Path
+from runner.execution.lease import FileSlots
+
+async def main() -> None:
+    slots = FileSlots(Path(sys.argv[1]), 2, poll_s=0.001)
+    with open(sys.argv[2], "a") as log:
+        for _ in range(40):
+            await slots.acquire()
+            start = time.monotonic()
+            await anyio.sleep(0.003)
+            print(start, time.monotonic(), file=log)
+            log.flush()
+            slots.release()
+
+anyio.run(main)
+"""
+
+
+async def test_holders_in_four_processes_never_exceed_the_count(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+
+    async def holder(n: int) -> None:
+        argv = [sys.executable, "-c", _HOLDER, str(tmp_path / "gate"), str(tmp_path / f"{n}.log")]
+        # The logs are the evidence (asyncio may report a fast child's exit as 255).
+        done = await anyio.run_process(argv, env=env, check=False)
+        assert not done.stderr, done.stderr.decode()[-1000:]
+
+    async with anyio.create_task_group() as tg:
+        for n in range(4):
+            tg.start_soon(holder, n)
+    marks = []
+    for log in tmp_path.glob("*.log"):
+        for line in log.read_text().splitlines():
+            start, end = map(float, line.split())
+            marks += [(start, 1), (end, -1)]
+    held = peak = 0
+    for _at, step in sorted(marks, key=lambda m: (m[0], m[1])):
+        held += step
+        peak = max(peak, held)
+    assert len(marks) == 2 * 4 * 40
+    assert peak == 2  # held side by side, never by three
+
+
 async def test_processes_on_one_key_never_exceed_its_window(tmp_path: Path) -> None:
     path = manifest(tmp_path, 60)
     run_dir, gate = tmp_path / "run", tmp_path / "gates"

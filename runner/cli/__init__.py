@@ -20,6 +20,7 @@ from runner.cli.commands import (
     cmd_emulator,
     cmd_export,
     cmd_plan,
+    cmd_ray,
     cmd_report,
     cmd_run,
     cmd_status,
@@ -89,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_manifest_args(p)
     add_run_args(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("ray", help="run a sharded manifest on Ray (extra runner[ray])")
+    add_manifest_args(p)
+    add_run_args(p)
+    p.add_argument("--address", help="the Ray cluster to join (e.g. auto); default: start one")
+    p.add_argument("--workers", type=int, metavar="N", help="shards running at once (default all)")
+    p.set_defaults(func=cmd_ray)
 
     p = sub.add_parser("status", help="counts by state and endpoint, spend so far")
     p.add_argument("run_dir", type=Path)

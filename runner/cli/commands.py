@@ -177,6 +177,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return int(report.exit_code)
 
 
+def cmd_ray(args: argparse.Namespace) -> int:
+    """``runner ray``: the shards as Ray actors (runner.scale.ray_driver)."""
+    from runner.execution.summary import print_summary
+
+    try:
+        from runner.scale.ray_driver import run_ray
+    except ImportError:
+        raise UsageError("runner ray needs Ray: pip install 'runner[ray]'") from None
+    config = run_config(args, os.environ)
+    if config.emulator:
+        raise UsageError("runner ray needs --queue-url (runner emulator serve gives a local one)")
+    report = run_ray(config, address=args.address, workers=args.workers)
+    print_summary(report, sys.stderr)
+    return int(report.exit_code)
+
+
 def _tell(json_lines: bool, line: str) -> None:
     """A line of ``run`` on stderr, or its ``message`` event with ``--log-format json``."""
     if not json_lines:
