@@ -13,6 +13,7 @@ from runner.errors import UsageError
 from runner.execution.engine import Hooks
 from runner.fal.key import fingerprint
 from runner.ledger.meta import read_run_meta
+from runner.scale.cancel import cancel_sharded
 from runner.scale.keys import KeySpec, key_for_shard, parse_keys
 from runner.scale.layout import shard_dir
 from runner.scale.shards import execute_sharded
@@ -77,6 +78,15 @@ async def test_two_keys_each_held_to_their_own_limit(tmp_path: Path) -> None:
     )  # fmt: skip
     async with accounts.running():
         report = await execute_sharded(config, hooks=hooks)
+        specs = parse_keys(keys.read_text())
+        # Cancel asks each shard's own key: without key A, its shards are refused.
+        with pytest.raises(UsageError, match="shard 0 was submitted with key"):
+            await cancel_sharded(run_dir, queue_url="http://emulator", keys=specs[1:],
+                                 transport=hooks.transport)  # fmt: skip
+        cancelled = await cancel_sharded(
+            run_dir, queue_url="http://emulator", keys=specs[::-1], transport=hooks.transport
+        )
+    assert (cancelled.cancelled, cancelled.not_found, cancelled.errors) == (0, 0, [])
     assert report.exit_code == 0, report.message
     a, b = accounts.by_key[KEY_A].stats, accounts.by_key[KEY_B].stats
     assert a.duplicates == b.duplicates == 0

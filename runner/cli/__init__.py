@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cancel", help="cancel the remote requests still in flight")
     p.add_argument("run_dir", type=Path)
+    p.add_argument("--keys-file", type=Path, metavar="FILE",
+                   help="a sharded run's keys: each shard cancels with its own")  # fmt: skip
     p.add_argument("--queue-url", default=FAL_QUEUE_URL)
     p.set_defaults(func=cmd_cancel)
 

@@ -287,11 +287,25 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     from runner.execution.cancel import cancel_in_flight
+    from runner.scale.cancel import cancel_sharded
+    from runner.scale.keys import KeySpec, load_keys
+    from runner.scale.layout import recorded_shards
 
     key = key_from_env(os.environ)
-    if key is None:
+    if recorded_shards(args.run_dir) is not None:
+        # Each shard with the key that submitted it: from --keys-file, else FAL_KEY.
+        keys = load_keys(args.keys_file) if args.keys_file else [KeySpec.of(key)] if key else []
+        if not keys:
+            raise UsageError("FAL_KEY is not set (or give --keys-file)")
+        outcome = anyio.run(
+            lambda: cancel_sharded(args.run_dir, queue_url=args.queue_url, keys=keys)
+        )
+    elif key is None:
         raise UsageError("FAL_KEY is not set")
-    outcome = anyio.run(lambda: cancel_in_flight(args.run_dir, queue_url=args.queue_url, key=key))
+    else:
+        outcome = anyio.run(
+            lambda: cancel_in_flight(args.run_dir, queue_url=args.queue_url, key=key)
+        )
     for line in outcome.lines():
         print(line)
     return EXIT_OK
