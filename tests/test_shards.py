@@ -4,6 +4,7 @@ every shard on a key admits through one gate (runner.scale.shards)."""
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import httpx
@@ -90,3 +91,30 @@ async def test_one_shard_runs_only_its_jobs(tmp_path: Path) -> None:
     assert report.tally.completed == mine
     assert [p.name for p in shard_dirs(run_dir)] == ["1"]
     assert status_summary(run_dir).by_state == {"completed": mine}
+
+
+def test_cli_runs_and_reads_a_sharded_run_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from runner.cli import main
+
+    path = manifest(tmp_path, 30)
+    run_dir = tmp_path / "run"
+    run = ["run", str(path), "--ledger", str(run_dir), "--emulator", "--quiet",
+           "--emulator-time-scale", "0.002", "--no-download", "--rate", "1000"]  # fmt: skip
+    assert main([*run, "--shards", "3"]) == 0
+    capsys.readouterr()
+    assert main(["status", str(run_dir), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["jobs"] == 30, status
+    assert main(["export", str(run_dir), "--format", "jsonl", "--out", "-"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 30
+    assert main(["compact", str(run_dir)]) == 0
+    assert not (run_dir / "ledger").exists()  # each shard compacted, nothing at the top
+    # Another shard count, or none, is refused with the count to use.
+    assert main([*run, "--shards", "4"]) == 2
+    assert "split into 3 shards, not 4" in capsys.readouterr().err
+    assert main(run) == 2
+    assert "run it with --shards 3" in capsys.readouterr().err
+    # A rerun with the same count finds every job done.
+    assert main([*run, "--shards", "3"]) == 0

@@ -150,6 +150,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if config.keys_file is not None and config.shards is None:
         raise UsageError("--keys-file needs --shards N (each shard is pinned to one key)")
+    if config.keys_file is not None and config.emulator:
+        raise UsageError("--keys-file is not for --emulator, which has one key of its own")
     run = execute if config.shards is None else execute_sharded
     if config.shards is None:
         refuse_mismatch(config.run_dir, None)
@@ -278,9 +280,11 @@ def _jobs(n: int) -> str:
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
+    from runner.ledger.fold import shard_dirs
     from runner.ledger.store import compact
 
-    removed = compact(args.run_dir)
+    # A sharded run directory: each shard's ledger (the top holds none).
+    removed = sum(compact(d) for d in shard_dirs(args.run_dir) or [args.run_dir])
     print(f"folded {removed} parts into one (latest state per job)", file=sys.stderr)
     return EXIT_OK
 
