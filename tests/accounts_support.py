@@ -20,8 +20,25 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
+class Router:
+    """The ASGI app in front (a class with an async ``__call__``, so uvicorn sees ASGI 3)."""
+
+    def __init__(self, by_key: Mapping[str, Emulator]) -> None:
+        self.by_key = by_key
+        self.first = next(iter(by_key.values()))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        emu = self.first
+        if scope["type"] == "http":
+            for name, value in scope.get("headers", []):
+                if name == b"authorization":
+                    emu = self.by_key.get(value.decode().partition(" ")[2], emu)
+        await emu.app(scope, receive, send)
+
+
 class Accounts:
-    """Emulators by key, and one ASGI app in front of them (``app``, ``running()``)."""
+    """Emulators by key, and one ASGI app in front of them (``app``, ``running()``): what
+    :func:`runner.emulator.server.serve` and ``httpx.ASGITransport`` need of an emulator."""
 
     def __init__(self, concurrency_by_key: Mapping[str, int], *, time_scale: float) -> None:
         self.by_key = {
@@ -33,16 +50,8 @@ class Accounts:
             )
             for key, n in concurrency_by_key.items()
         }  # fmt: skip
-        self._first = next(iter(self.by_key.values()))
-        self.config = self._first.config  # what serve() reads of an emulator
-
-    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
-        emu = self._first
-        if scope["type"] == "http":
-            for name, value in scope.get("headers", []):
-                if name == b"authorization":
-                    emu = self.by_key.get(value.decode().partition(" ")[2], emu)
-        await emu.app(scope, receive, send)
+        self.app = Router(self.by_key)
+        self.config = self.app.first.config
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Accounts]:

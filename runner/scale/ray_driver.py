@@ -141,13 +141,10 @@ class ActorSlots:
 class ShardWorker:
     """Runs one shard to its end in this worker process."""
 
-    def run(self, config: RunConfig, spec: KeySpec, gate_name: str, board_name: str,
-            lease_ttl_s: float) -> tuple[Tally, int, str, list[str]]:  # fmt: skip
-        return anyio.run(self._run, config, spec, gate_name, board_name, lease_ttl_s)
-
-    async def _run(
+    async def run(
         self, config: RunConfig, spec: KeySpec, gate_name: str, board_name: str, ttl_s: float
     ) -> tuple[Tally, int, str, list[str]]:
+        # An async actor: this runs on the worker's asyncio loop (anyio runs on it as is).
         assert config.shard is not None
         shard = config.shard
         slots = ActorSlots(ray.get_actor(gate_name, namespace=NAMESPACE), f"shard-{shard}",
@@ -253,6 +250,8 @@ def run_ray(
                 shard = running.pop(ref)
                 try:
                     results[shard] = ray.get(ref)
+                    # A finished shard's actor would keep its half CPU: let the next one in.
+                    ray.kill(run.actors.pop(shard))
                 except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError):
                     run.restarts[shard] += 1
                     if run.restarts[shard] > restarts:
