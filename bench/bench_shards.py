@@ -37,19 +37,20 @@ from common import (
 
 from runner.config import RunConfig
 from runner.execution.engine import Hooks
+from runner.execution.summary import RunReport
 from runner.scale.shards import execute_sharded
 
 
 def run_sharded(name: str, config: RunConfig, jobs: int) -> ClientRun:
     hooks = Hooks(stream=io.StringIO(), handle_signals=False)
 
-    async def go() -> object:
+    async def go() -> RunReport:
         return await execute_sharded(config, hooks=hooks)
 
     cpu0, t0 = cpu_self_s(), time.perf_counter()
     report = anyio.run(go)
     wall, cpu = time.perf_counter() - t0, cpu_self_s() - cpu0
-    return ClientRun(name, jobs, report.tally.completed, wall, cpu, report)  # type: ignore[attr-defined]
+    return ClientRun(name, jobs, report.tally.completed, wall, cpu, report)
 
 
 def main(argv: list[str] | None = None) -> list[Phase]:
