@@ -71,6 +71,20 @@ anyio.run(main)
 """
 
 
+def _overlap(tmp_path: Path) -> tuple[list[tuple[float, int]], int]:
+    """Every hold's start and end from the logs, and the most held at once."""
+    marks = []
+    for log in tmp_path.glob("*.log"):
+        for line in log.read_text().splitlines():
+            start, end = map(float, line.split())
+            marks += [(start, 1), (end, -1)]
+    held = peak = 0
+    for _at, step in sorted(marks, key=lambda m: (m[0], m[1])):
+        held += step
+        peak = max(peak, held)
+    return marks, peak
+
+
 async def test_holders_in_four_processes_never_exceed_the_count(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
 
@@ -83,15 +97,7 @@ async def test_holders_in_four_processes_never_exceed_the_count(tmp_path: Path) 
     async with anyio.create_task_group() as tg:
         for n in range(4):
             tg.start_soon(holder, n)
-    marks = []
-    for log in tmp_path.glob("*.log"):
-        for line in log.read_text().splitlines():
-            start, end = map(float, line.split())
-            marks += [(start, 1), (end, -1)]
-    held = peak = 0
-    for _at, step in sorted(marks, key=lambda m: (m[0], m[1])):
-        held += step
-        peak = max(peak, held)
+    marks, peak = _overlap(tmp_path)
     assert len(marks) == 2 * 4 * 40
     assert peak == 2  # held side by side, never by three
 
