@@ -125,6 +125,12 @@ class RunConfig(BaseModel):
     # Endpoints whose output the cache must not trust to repeat for a fixed seed (the
     # catalog assumes every FLUX endpoint does; an unknown endpoint never does).
     nondeterministic_endpoints: frozenset[str] = frozenset()
+    # --shards N: jobs split by a hash of their row identity, a ledger per shard under
+    # RUN_DIR/shards/K; --shard K runs that shard only (runner.scale).
+    shards: int | None = Field(default=None, ge=1, le=65_536)
+    shard: int | None = Field(default=None, ge=0)
+    keys_file: Path | None = None  # several keys, one per shard group (runner.scale.keys)
+    gate_dir: Path | None = None  # file-lock leases shared by processes on one machine
     quiet: bool = False
     log_format: Literal["text", "json"] = "text"  # json: one object per line on stderr
 
@@ -150,6 +156,12 @@ class RunConfig(BaseModel):
     def _webhook_needs_url(self) -> RunConfig:
         if self.completion == "webhook" and not self.webhook_url and not self.emulator:
             raise ValueError("--completion webhook needs --webhook-url (the public URL fal calls)")
+        return self
+
+    @model_validator(mode="after")
+    def _shard_within_shards(self) -> RunConfig:
+        if self.shard is not None and (self.shards is None or self.shard >= self.shards):
+            raise ValueError(f"--shard {self.shard} needs --shards N with N > {self.shard}")
         return self
 
     @property

@@ -25,6 +25,7 @@ LAYERS: tuple[str, ...] = (
     "config",
     "execution",
     "report",
+    "scale",
     "options",
     "cli",
     "api",

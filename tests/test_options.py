@@ -53,6 +53,10 @@ SAMPLES: dict[str, tuple[list[str], Any]] = {
     "max-attempts": (["5"], 5),
     "retry-failed": ([], True),
     "on-unknown": (["skip"], "skip"),
+    "shards": (["4"], 4),
+    "shard": (["1"], 1),
+    "keys-file": (["keys.txt"], "keys.txt"),
+    "gate-dir": (["gates"], "gates"),
     "flagged": (["reroll"], "reroll"),
     "max-rerolls": (["4"], 4),
     "cache": (["shared.cache"], "shared.cache"),
@@ -79,6 +83,7 @@ SAMPLES: dict[str, tuple[list[str], Any]] = {
 # What an option needs beside it to be valid (as flags, and as TOML lines).
 CONTEXT: dict[str, tuple[list[str], str]] = {
     "store-io": (["--on-unknown", "skip"], 'on-unknown = "skip"\n'),
+    "shard": (["--shards", "4"], "shards = 4\n"),
 }
 
 

@@ -23,6 +23,7 @@ from runner.cli.commands import (
     cmd_emulator,
     cmd_export,
     cmd_plan,
+    cmd_ray,
     cmd_report,
     cmd_run,
     cmd_status,
@@ -88,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p, "run")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("ray", help="run a sharded manifest on Ray (extra runner[ray])")
+    add_options(p, "run")  # every run option: each shard runs as `runner run` would
+    p.add_argument("--address", help="the Ray cluster to join (e.g. auto); default: start one")
+    p.add_argument("--workers", type=int, metavar="N", help="shards running at once (default all)")
+    p.set_defaults(func=cmd_ray)
+
     p = sub.add_parser("status", help="counts by state and endpoint, spend so far")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--json", action="store_true")
@@ -111,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cancel", help="cancel the remote requests still in flight")
     p.add_argument("run_dir", type=Path)
+    p.add_argument("--keys-file", type=Path, metavar="FILE",
+                   help="a sharded run's keys: each shard cancels with its own")  # fmt: skip
     p.add_argument("--queue-url", default=FAL_QUEUE_URL)
     p.set_defaults(func=cmd_cancel)
 

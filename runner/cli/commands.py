@@ -150,12 +150,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     for w in warnings:
         _tell(json_lines, labelled(w))
 
+    from runner.scale.layout import refuse_mismatch
+    from runner.scale.shards import execute_sharded
+
+    if config.keys_file is not None and config.shards is None:
+        raise UsageError("--keys-file needs --shards N (each shard is pinned to one key)")
+    if config.keys_file is not None and config.emulator:
+        raise UsageError("--keys-file is not for --emulator, which has one key of its own")
+    run = execute if config.shards is None else execute_sharded
+    if config.shards is None:
+        refuse_mismatch(config.run_dir, None)
+
     async def go() -> Any:
         if config.emulator:
             async with embedded_emulator(config) as local:
                 _tell(json_lines, f"runner: using the local emulator at {local.queue_url}")
-                return await execute(local)
-        return await execute(config)
+                return await run(local)
+        return await run(config)
 
     try:
         report = anyio.run(go)
@@ -170,6 +181,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         return exc.exit_code
     # The stream of now, not of import time.
     (print_summary_json if json_lines else print_summary)(report, sys.stderr)
+    return int(report.exit_code)
+
+
+def cmd_ray(args: argparse.Namespace) -> int:
+    """``runner ray``: the shards as Ray actors (runner.scale.ray_driver)."""
+    from runner.execution.summary import print_summary
+
+    try:
+        from runner.scale.ray_driver import run_ray
+    except ImportError:
+        raise UsageError("runner ray needs Ray: pip install 'runner[ray]'") from None
+    config = run_config(args, os.environ)
+    if config.emulator:
+        raise UsageError("runner ray needs --queue-url (runner emulator serve gives a local one)")
+    report = run_ray(config, address=args.address, workers=args.workers)
+    print_summary(report, sys.stderr)
     return int(report.exit_code)
 
 
@@ -298,20 +325,36 @@ def _jobs(n: int) -> str:
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
+    from runner.ledger.fold import shard_dirs
     from runner.ledger.store import compact
 
-    removed = compact(args.run_dir)
+    # A sharded run directory: each shard's ledger (the top holds none).
+    removed = sum(compact(d) for d in shard_dirs(args.run_dir) or [args.run_dir])
     print(f"folded {removed} parts into one (latest state per job)", file=sys.stderr)
     return EXIT_OK
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     from runner.execution.cancel import cancel_in_flight
+    from runner.scale.cancel import cancel_sharded
+    from runner.scale.keys import KeySpec, load_keys
+    from runner.scale.layout import recorded_shards
 
     key = key_from_env(os.environ)
-    if key is None:
+    if recorded_shards(args.run_dir) is not None:
+        # Each shard with the key that submitted it: from --keys-file, else FAL_KEY.
+        keys = load_keys(args.keys_file) if args.keys_file else [KeySpec.of(key)] if key else []
+        if not keys:
+            raise UsageError("FAL_KEY is not set (or give --keys-file)")
+        outcome = anyio.run(
+            lambda: cancel_sharded(args.run_dir, queue_url=args.queue_url, keys=keys)
+        )
+    elif key is None:
         raise UsageError("FAL_KEY is not set")
-    outcome = anyio.run(lambda: cancel_in_flight(args.run_dir, queue_url=args.queue_url, key=key))
+    else:
+        outcome = anyio.run(
+            lambda: cancel_in_flight(args.run_dir, queue_url=args.queue_url, key=key)
+        )
     for line in outcome.lines():
         print(line)
     return EXIT_OK

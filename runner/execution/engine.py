@@ -51,6 +51,7 @@ from runner.execution.completion import (
     Streamer,
     WebhookWaiter,
 )
+from runner.execution.gate import AccountGate
 from runner.execution.prices import price_table
 from runner.execution.progress import Progress, Tally
 from runner.execution.ratelimit import submit_rate
@@ -63,6 +64,7 @@ from runner.execution.summary import RunReport
 from runner.fal.client import QueueClient
 from runner.fal.history import HistoryClient
 from runner.fal.jwks import JwksCache
+from runner.fal.key import fingerprint
 from runner.fal.receiver import WebhookReceiver, webhook_server
 from runner.fal.retry import RetryPolicies
 from runner.fal.storage import StorageClient, UploadSettings
@@ -98,6 +100,11 @@ class Hooks:
     sink: OutputSink | None = None  # where outputs are written (a full disk, in tests)
     # The one table of retry policies; tests shrink the waits, never the rules.
     policies: RetryPolicies = field(default_factory=RetryPolicies)
+    # The account gate this run admits through (shared with other shards on the key);
+    # None: the run's own slots, rate, budget and pacing.
+    gate: AccountGate | None = None
+    # Called with the run's tally once it exists (a sharded run's one progress view).
+    on_tally: Callable[[Tally], None] | None = None
 
 
 def manifest_fingerprint(path: Path) -> dict[str, Any]:
@@ -116,6 +123,9 @@ def write_run_metadata(config: RunConfig, *, redact: Callable[[str], str] | None
             "runner_version": __version__,
             "manifest": manifest_fingerprint(config.manifest),
             "config": config.public_dict(),
+            # Which key submitted (its fingerprint, never the key): re-attach and cancel
+            # of a sharded run pick the same key again (runner.scale.keys).
+            "key_fingerprint": fingerprint(config.key) if config.key is not None else None,
         },
         redact=redact,
     )
@@ -180,6 +190,8 @@ async def execute(config: RunConfig, *, hooks: Hooks | None = None) -> RunReport
         fold = partial(ledger.state, downloads=config.download)
         state = await anyio.to_thread.run_sync(fold)
         tally = Tally(redact=redact)
+        if hooks.on_tally is not None:
+            hooks.on_tally(tally)
         progress = Progress(
             tally, stream=hooks.stream, quiet=config.quiet, redact=redact,
             log_format=config.log_format,
@@ -208,8 +220,9 @@ def _first_fatal(group: BaseExceptionGroup[BaseException]) -> RunnerError | None
     return None
 
 
-def _budget(config: RunConfig, state: LedgerState) -> Budget:
-    budget = Budget(config.max_cost_usd, config.max_total_cost_usd)
+def _budget(config: RunConfig, state: LedgerState, gate: AccountGate | None) -> Budget:
+    # A gate's budget is shared: each shard adds its own ledger's earlier spend.
+    budget = Budget(config.max_cost_usd, config.max_total_cost_usd) if gate is None else gate.budget
     budget.add_prior(prior_spend(state))
     return budget
 
@@ -248,9 +261,10 @@ async def _drive(
             calls=calls,
         )
         reader = Reader(client, policies.read, hooks.clock, hooks.sleep)
-        pacing = Pacing(slots=config.concurrency)
+        gate = hooks.gate
+        pacing = Pacing(slots=config.concurrency) if gate is None else gate.pacing
         strategy = build_strategy(config, reader, pacing, progress.say)
-        rate = submit_rate(
+        rate = gate.rate if gate is not None else submit_rate(
             config.rate_per_s, slots=config.concurrency, mean_service_s=pacing.model.job_mean_s,
             clock=hooks.clock, sleep=hooks.sleep,
         )  # fmt: skip
@@ -265,7 +279,7 @@ async def _drive(
         )  # fmt: skip
         records, followed = await anyio.to_thread.run_sync(_left_in_flight, config.run_dir, state)
         sizer = InputSizer(config.manifest.resolve().parent)
-        budget = _budget(config, state)
+        budget = _budget(config, state, gate)
         stage = _download_stage(config, ledger, progress, hooks, http) if config.download else None
         reuse = open_reuse(config, stage.downloader.sink if stage is not None else None)
         if stage is not None and reuse is not None:
@@ -280,6 +294,7 @@ async def _drive(
             prices=prices, sizer=sizer, uploader=uploader, downloads=stage,
             prober=InputProber(http, sizer) if config.probe_inputs else None,
             records=records, followed=followed, submit_window_s=policies.submit.timeout_s,
+            window=gate.slots if gate is not None else None,
         )  # fmt: skip
         shared = Shared(
             config=config, client=client, recorder=recorder, strategy=strategy, pacing=pacing,

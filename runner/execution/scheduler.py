@@ -27,6 +27,7 @@ from runner.config import RunConfig
 from runner.endpoints.cost import Estimate, PriceTable
 from runner.errors import ManifestError, RowError
 from runner.execution.budget import Budget
+from runner.execution.gate import Slots
 from runner.execution.outcome import Lost
 from runner.execution.progress import Progress, Tally
 from runner.execution.reconcile import Intent
@@ -41,6 +42,7 @@ from runner.ledger.schema import JobRecord, JobState, LedgerEvent, utcnow
 from runner.ledger.state import LedgerState
 from runner.ledger.store import Ledger
 from runner.manifest.batches import iter_manifest_jobs
+from runner.manifest.identity import shard_of
 from runner.manifest.jobs import ExpandOptions, Job, row_identity
 from runner.manifest.plan import job_estimate
 from runner.media.downloads import DownloadStage, pending_downloads
@@ -63,7 +65,18 @@ def expand_options(config: RunConfig) -> ExpandOptions:
 
 def job_stream(config: RunConfig, *, check_unique_ids: bool = True) -> Iterator[Job | RowError]:
     options = replace(expand_options(config), check_unique_ids=check_unique_ids)
-    return iter_manifest_jobs(config.manifest, config.fmt, options)
+    items = iter_manifest_jobs(config.manifest, config.fmt, options)
+    if config.shards is None or config.shard is None:
+        return items
+    return _in_shard(items, config.shard, config.shards)
+
+
+def _in_shard(items: Iterator[Job | RowError], shard: int, shards: int) -> Iterator[Job | RowError]:
+    """The jobs (and bad rows) of one shard: by a hash of the row's identity."""
+    for item in items:
+        identity = item.row_id if isinstance(item, Job) else row_identity(item.problems[0])
+        if shard_of(identity, shards) == shard:
+            yield item
 
 
 def strict_check(config: RunConfig) -> None:
@@ -134,6 +147,7 @@ class Scheduler:
         records: Mapping[str, JobRecord] | None = None,
         followed: Mapping[str, frozenset[str]] | None = None,
         submit_window_s: float = 300.0,
+        window: Slots | None = None,
     ) -> None:
         self.config = config
         self.ledger = ledger
@@ -160,7 +174,8 @@ class Scheduler:
         self.stop_admitting = anyio.Event()
         self.stopped_reason: str | None = None
         self.interrupted = False
-        self.window = anyio.Semaphore(config.in_flight_limit)
+        # The key's in-flight slots: this run's own, or an account gate's shared ones.
+        self.window: Slots = window or anyio.Semaphore(config.in_flight_limit)
         self._acquiring: anyio.CancelScope | None = None
         self._unsent: Unsent | None = None  # the workers' jobs that have sent nothing yet
         self.lost_slots = 0

@@ -15,6 +15,7 @@ each of its parts with :data:`REDACTED`, in the forms a server or a library may 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Callable
 from urllib.parse import quote
@@ -115,3 +116,11 @@ def redactor(key: SecretStr | str | None) -> Callable[[str], str]:
 def redact(text: str, key: SecretStr | str | None) -> str:
     """``text`` without ``key`` or its parts: :func:`redactor` for a single use."""
     return redactor(key)(text)
+
+
+def fingerprint(key: SecretStr | str) -> str:
+    """A short, stable name for a key that reveals nothing of it: what run.json records
+    and what a gate directory is named after (``fp-`` and 16 hex digits of a SHA-256)."""
+    secret = key.get_secret_value() if isinstance(key, SecretStr) else key
+    digest = hashlib.sha256(b"runner key fingerprint\0" + secret.encode()).hexdigest()
+    return "fp-" + digest[:16]

@@ -40,6 +40,7 @@ from runner.ledger.schema import (
 
 LEDGER_DIR = "ledger"
 JOURNAL_DIR = "journal"
+SHARDS_DIR = "shards"  # a sharded run directory: shards/<K>/ each a run directory
 _READ_ATTEMPTS = 20
 FOLD_GROUP_EVENTS = 1_000_000
 # What admission and resume read of each job: decide() (state, attempt, request_id,
@@ -87,9 +88,19 @@ class _Snapshot:
     parts: list[PartFile]
     journal_rows: list[dict[str, Any]]
     torn_bytes: int
+    # A sharded run directory: one snapshot per shard (each with its own seq), read as one.
+    shards: tuple[_Snapshot, ...] = ()
 
     def tables(self, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
-        """Event tables in seq order (all columns, or those named): parts, then the journal."""
+        """Event tables in seq order (all columns, or those named): parts, then the journal.
+
+        For a sharded run directory, shard after shard: a job's events are all in its one
+        shard, in that shard's seq order, which is all the fold needs.
+        """
+        if self.shards:
+            for shard in self.shards:
+                yield from shard.tables(columns)
+            return
         for part in self.parts:
             yield read_part(part.path, columns)
         if self.journal_rows:
@@ -113,7 +124,29 @@ def _retrying(run_dir: Path, read: Callable[[_Snapshot], _T]) -> _T:
     raise LedgerError(f"ledger in {run_dir} kept changing while being read; try again")
 
 
+def shard_dirs(run_dir: Path) -> list[Path]:
+    """The shards' run directories of a sharded run directory (``shards/K``), by K."""
+    root = run_dir / SHARDS_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.isdigit()]
+    return sorted(found, key=lambda p: int(p.name))
+
+
 def _snapshot(run_dir: Path) -> _Snapshot:
+    """The run directory's parts and journal; a sharded one's are those of its shards."""
+    shards = tuple(_snapshot_one(d) for d in shard_dirs(run_dir))
+    if not shards:
+        return _snapshot_one(run_dir)
+    return _Snapshot(
+        parts=[p for s in shards for p in s.parts],
+        journal_rows=[r for s in shards for r in s.journal_rows],
+        torn_bytes=sum(s.torn_bytes for s in shards),
+        shards=shards,
+    )
+
+
+def _snapshot_one(run_dir: Path) -> _Snapshot:
     rows: list[dict[str, Any]] = []
     torn = 0
     for segment in list_segments(run_dir / JOURNAL_DIR):

@@ -48,6 +48,16 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
+def shard_of(identity: str, shards: int) -> int:
+    """The shard (0 .. ``shards`` - 1) of a row, from a stable hash of its identity.
+
+    Not the row's position: inserting or reordering rows moves no row to another shard,
+    and every variant of a row lands with the row.
+    """
+    digest = hashlib.sha256(identity.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % shards
+
+
 def job_key(row_id: str, endpoint: str, payload: Mapping[str, Any], variant: int) -> str:
     """A stable key: the same row, endpoint, body and variant give the same key.
 

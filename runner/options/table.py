@@ -183,6 +183,18 @@ OPTIONS: tuple[Option, ...] = (
     _o(PACE, "retry-failed", "retry_failed", "run again the jobs an earlier run left failed "
        "even when the failure may have been billed, e.g. a 422 (default off: only failures "
        "that cost nothing are retried)", kind="bool", commands=PLAN_AND_RUN),
+    _o(PACE, "shards", "shards", "split the jobs into N shards by a hash of each row's "
+       "identity, a ledger each under RUN_DIR/shards/K; fixed for a run directory (default: "
+       "not sharded)", parse=int, metavar="N"),
+    _o(PACE, "shard", "shard", "with --shards: run shard K only (0..N-1), so other processes "
+       "or machines can take the others (default: every shard, in this process)", parse=int,
+       metavar="K"),
+    _o(PACE, "keys-file", "keys_file", "fal keys, one a line, each with optional concurrency=N "
+       "and rate=R; shards are spread over them (docs/SCALE.md; default: FAL_KEY)", parse=Path,
+       metavar="FILE"),
+    _o(PACE, "gate-dir", "gate_dir", "share each key's slots with other processes on this "
+       "machine through file leases in DIR (default: this process only)", parse=Path,
+       metavar="DIR"),
     _o(PACE, "flagged", "flagged", "an output fal's safety checker flagged (has_nsfw_concepts: "
        "a black image): keep it (default; counted), reroll it with a new seed (each re-roll a "
        "paid attempt) or fail the job (paid)", choices=("keep", "reroll", "fail")),

@@ -1,0 +1,67 @@
+"""The account gate: admission for one fal key, shared by every shard that uses it.
+
+A key's admission is three things, and all three sit behind one :class:`AccountGate`:
+
+- the **slots**: how many of the key's requests may be submitted and unfinished at once
+  (the in-flight window, :attr:`runner.config.RunConfig.in_flight_limit`);
+- the **submit rate** with its AIMD backoff (:class:`runner.execution.ratelimit.AdaptiveRate`),
+  so a 429 seen by one shard slows every shard on that key;
+- the **budget reservation** (:class:`runner.execution.budget.Budget`);
+
+plus the learned service-time model (:class:`runner.execution.completion.Pacing`), which
+is a fact about the account's endpoints, not about one shard.
+
+Inside one process the gate is this object, handed to every shard's engine. Across
+processes on one machine its slots are file-lock leases (:mod:`runner.execution.lease`);
+across machines they are a named Ray actor (:mod:`runner.scale.ray_driver`). Both only
+replace :attr:`AccountGate.slots`: anything with ``acquire``/``release`` will do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from runner.execution.budget import Budget
+from runner.execution.completion import Pacing
+from runner.execution.ratelimit import AdaptiveRate, submit_rate
+
+
+class Slots(Protocol):
+    """A counting semaphore over a key's in-flight slots (anyio.Semaphore is one)."""
+
+    async def acquire(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
+@dataclass(slots=True)
+class AccountGate:
+    """Everything that admits a job on one key. ``fingerprint`` names the key, never is it."""
+
+    fingerprint: str
+    slots: Slots
+    rate: AdaptiveRate
+    budget: Budget
+    pacing: Pacing
+    limit: int  # how many slots ``slots`` holds
+
+
+def local_gate(
+    *,
+    fingerprint: str,
+    slots: Slots,
+    limit: int,
+    concurrency: int,
+    rate_per_s: float | None,
+    budget: Budget,
+    clock: Callable[[], float],
+    sleep: Callable[[float], Awaitable[None]],
+) -> AccountGate:
+    """A gate whose rate and pacing live in this process (its slots may be shared further)."""
+    pacing = Pacing(slots=concurrency)
+    # --rate as a fixed cap, else a pace that follows the key's slots and observed job times.
+    rate = submit_rate(rate_per_s, slots=concurrency, mean_service_s=pacing.model.job_mean_s,
+                       clock=clock, sleep=sleep)  # fmt: skip
+    return AccountGate(fingerprint, slots, rate, budget, pacing, limit)

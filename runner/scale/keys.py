@@ -1,0 +1,123 @@
+"""``--keys-file``: several fal keys, each with its own limits, and which shard uses which.
+
+The file holds one key per line; after the key, optional ``name=value`` settings separated
+by spaces; blank lines and lines starting with ``#`` are ignored::
+
+    # key                                       settings
+    0f1e...:9a8b...                             concurrency=8
+    5d6c...:7e8f...                             concurrency=40 rate=20
+
+``concurrency`` is the key's slots (default ``--concurrency``), ``rate`` its submits per
+second (default ``--rate``). Each key is checked like ``FAL_KEY``
+(:func:`runner.fal.key.key_problem`); an error names the file and line, never the key.
+A key is known everywhere else by its fingerprint (:func:`runner.fal.key.fingerprint`).
+
+Shard ``K`` uses key ``K mod len(keys)``, unless its ledger says another key submitted its
+jobs: then it keeps that key, so re-attach and cancel ask with the key that submitted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from runner.errors import UsageError
+from runner.fal.key import fingerprint, key_problem
+
+_SETTINGS = ("concurrency", "rate")
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpec:
+    """One key and its limits. Its repr shows the fingerprint, never the key."""
+
+    key: SecretStr
+    fingerprint: str
+    concurrency: int | None = None
+    rate_per_s: float | None = None
+
+    @classmethod
+    def of(
+        cls, key: SecretStr, *, concurrency: int | None = None, rate_per_s: float | None = None
+    ) -> KeySpec:
+        return cls(key, fingerprint(key), concurrency, rate_per_s)
+
+    def __repr__(self) -> str:
+        return (
+            f"KeySpec({self.fingerprint}, concurrency={self.concurrency}, "
+            f"rate_per_s={self.rate_per_s})"
+        )
+
+
+def parse_keys(text: str, *, source: str = "keys file") -> list[KeySpec]:
+    """The keys of a keys file's text, in order. Raises UsageError naming the line only."""
+    specs: list[KeySpec] = []
+    seen: set[str] = set()
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, *settings = line.split()
+        where = f"{source} line {number}"
+        problem = key_problem(key, name=f"the key on {where}")
+        if problem:
+            raise UsageError(problem)
+        values = _settings(settings, where)
+        spec = KeySpec.of(
+            SecretStr(key),
+            concurrency=int(values["concurrency"]) if "concurrency" in values else None,
+            rate_per_s=float(values["rate"]) if "rate" in values else None,
+        )
+        if spec.fingerprint in seen:
+            raise UsageError(f"{where}: the same key is listed twice")
+        seen.add(spec.fingerprint)
+        specs.append(spec)
+    if not specs:
+        raise UsageError(f"{source} holds no key")
+    return specs
+
+
+def _settings(items: Sequence[str], where: str) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in _SETTINGS:
+            # The item may be a second key pasted on the line: never echo it.
+            raise UsageError(
+                f"{where}: after the key, expected settings such as concurrency=8 or rate=10"
+            )
+        try:
+            number = int(value) if name == "concurrency" else float(value)
+        except ValueError:
+            raise UsageError(f"{where}: {name} must be a number") from None
+        if number <= 0:
+            raise UsageError(f"{where}: {name} must be positive")
+        values[name] = value
+    return values
+
+
+def load_keys(path: Path) -> list[KeySpec]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read --keys-file {path}: {exc.__class__.__name__}") from None
+    return parse_keys(text, source=str(path))
+
+
+def key_for_shard(
+    shard: int, keys: Sequence[KeySpec], recorded: Mapping[int, str | None]
+) -> KeySpec:
+    """The key shard ``shard`` runs with: the one its ledger recorded, else by position."""
+    was = recorded.get(shard)
+    if was is None:
+        return keys[shard % len(keys)]
+    for spec in keys:
+        if spec.fingerprint == was:
+            return spec
+    raise UsageError(
+        f"shard {shard} was submitted with key {was}, which is not among the keys given; "
+        "add it back (its in-flight jobs can only be re-attached or cancelled with it)"
+    )

@@ -1,0 +1,103 @@
+"""--keys-file: keys checked and never shown, each shard pinned to one, each key held to its
+own limits (runner.scale.keys, runner.scale.shards)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import httpx
+import pytest
+
+from runner.errors import UsageError
+from runner.execution.engine import Hooks
+from runner.fal.key import fingerprint
+from runner.ledger.meta import read_run_meta
+from runner.scale.cancel import cancel_sharded
+from runner.scale.keys import KeySpec, key_for_shard, parse_keys
+from runner.scale.layout import shard_dir
+from runner.scale.shards import execute_sharded
+from tests.accounts_support import Accounts
+from tests.scenario import FAST_POLICIES, manifest, run_config
+
+pytestmark = pytest.mark.anyio
+
+KEY_A = "alpha-key-id-0001:aaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+KEY_B = "bravo-key-id-0002:bbbbbbbbbbbbbbbbbbbbbbbbbbbb"
+
+
+def test_keys_file_lines_with_settings_and_comments() -> None:
+    specs = parse_keys(f"# two accounts\n{KEY_A} concurrency=8\n\n{KEY_B} rate=2.5 concurrency=3\n")
+    assert [(s.concurrency, s.rate_per_s) for s in specs] == [(8, None), (3, 2.5)]
+    assert specs[0].fingerprint == fingerprint(KEY_A)
+    assert KEY_A not in repr(specs) and "aaaaaaaaaa" not in repr(specs)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "holds no key"),
+        (f"{KEY_A}\n{KEY_A} concurrency=2\n", "line 2: the same key is listed twice"),
+        (f"{KEY_A} {KEY_B}\n", "line 1: after the key, expected settings"),
+        (f"{KEY_A} concurrency=zero\n", "line 1: concurrency must be a number"),
+        (f"{KEY_A} concurrency=0\n", "line 1: concurrency must be positive"),
+        ("a:b:c\n", "line 1 has a colon but is not of the form id:secret"),
+    ],
+)
+def test_a_bad_keys_file_names_the_line_never_the_key(text: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message) as caught:
+        parse_keys(text, source="keys.txt")
+    for secret in (KEY_A, KEY_B, "aaaaaaaaaaaa", "bbbbbbbbbbbb"):
+        assert secret not in str(caught.value)
+
+
+def test_a_shard_keeps_the_key_its_ledger_recorded() -> None:
+    a, b = parse_keys(f"{KEY_A}\n{KEY_B}\n")
+    assert key_for_shard(0, [a, b], {}) == a
+    assert key_for_shard(1, [a, b], {}) == b
+    assert key_for_shard(0, [a, b], {0: b.fingerprint}) == b
+    with pytest.raises(UsageError, match=f"shard 0 was submitted with key {a.fingerprint}"):
+        key_for_shard(0, [b], {0: a.fingerprint})
+
+
+def test_a_key_spec_repr_hides_the_key() -> None:
+    spec = KeySpec.of(parse_keys(KEY_A)[0].key, concurrency=2)
+    assert "alpha" not in repr(spec) and spec.fingerprint in repr(spec)
+
+
+async def test_two_keys_each_held_to_their_own_limit(tmp_path: Path) -> None:
+    path = manifest(tmp_path, 48)
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"{KEY_A} concurrency=1\n{KEY_B} concurrency=3\n")
+    run_dir = tmp_path / "run"
+    config = run_config(path, run_dir, shards=4, keys_file=keys, download=False, key=None)
+    accounts = Accounts({KEY_A: 1, KEY_B: 3}, time_scale=0.01)
+    hooks = Hooks(
+        transport=httpx.ASGITransport(app=accounts.app), stream=io.StringIO(),
+        handle_signals=False, policies=FAST_POLICIES,
+    )  # fmt: skip
+    async with accounts.running():
+        report = await execute_sharded(config, hooks=hooks)
+        specs = parse_keys(keys.read_text())
+        # Cancel asks each shard's own key: without key A, its shards are refused.
+        with pytest.raises(UsageError, match="shard 0 was submitted with key"):
+            await cancel_sharded(run_dir, queue_url="http://emulator", keys=specs[1:],
+                                 transport=hooks.transport)  # fmt: skip
+        cancelled = await cancel_sharded(
+            run_dir, queue_url="http://emulator", keys=specs[::-1], transport=hooks.transport
+        )
+    assert (cancelled.cancelled, cancelled.not_found, cancelled.errors) == (0, 0, [])
+    assert report.exit_code == 0, report.message
+    a, b = accounts.by_key[KEY_A].stats, accounts.by_key[KEY_B].stats
+    assert a.duplicates == b.duplicates == 0
+    assert sum(a.endings.values()) + sum(b.endings.values()) == 48
+    # Each key's window is 3 x its own slots (polling), shared by its two shards.
+    assert 0 < a.peak_outstanding <= 3
+    assert 0 < b.peak_outstanding <= 9
+    for k, key in enumerate([KEY_A, KEY_B, KEY_A, KEY_B]):
+        meta = read_run_meta(shard_dir(run_dir, k))
+        assert meta is not None and meta["key_fingerprint"] == fingerprint(key)
+    for file in run_dir.rglob("*"):
+        if file.is_file():
+            data = file.read_bytes()
+            assert b"aaaaaaaaaaaa" not in data and b"bbbbbbbbbbbb" not in data, file
