@@ -11,10 +11,12 @@ import argparse
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from runner.config import RENAMED, RunConfig, build_config, key_from_env, load_toml
-from runner.manifest.jobs import ExpandOptions
+# Declaring the flags needs neither: `runner --help` stays clear of pydantic's models.
+if TYPE_CHECKING:
+    from runner.config import RunConfig
+    from runner.manifest.jobs import ExpandOptions
 
 FORMATS = ("csv", "tsv", "jsonl", "parquet")
 
@@ -160,6 +162,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def expand_options(args: argparse.Namespace) -> ExpandOptions:
+    from runner.manifest.jobs import ExpandOptions
+
     manifest: Path = args.manifest
     return ExpandOptions(
         manifest_dir=manifest.resolve().parent,
@@ -194,6 +198,8 @@ def run_config(args: argparse.Namespace, environ: Mapping[str, str]) -> RunConfi
     A bad value is reported under the name it was given by: ``--max-cost`` for a flag,
     ``max-cost in run.toml`` for a key of the file.
     """
+    from runner.config import RENAMED, build_config, key_from_env, load_toml
+
     values: dict[str, Any] = {}
     names: dict[str, str] = {}
     origins: dict[str, str] = {}

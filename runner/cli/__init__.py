@@ -28,12 +28,13 @@ from runner.cli.commands import (
     stream_jobs,
     summary_json,
 )
-from runner.config import FAL_API_URL, FAL_QUEUE_URL
+from runner.cli.imports import without_unused
 from runner.errors import (
     EXIT_INTERRUPTED,
     EXIT_LEDGER,
     RunnerError,
 )
+from runner.fal.urls import FAL_API_URL, FAL_QUEUE_URL
 from runner.options import add_manifest_args, add_run_args
 
 __all__ = [
@@ -136,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         try:
-            code: int = args.func(args)
+            with without_unused():
+                code: int = args.func(args)
         except BaseExceptionGroup as group:
             # Raised inside a task group (the embedded emulator's): the error that matters,
             # reported as it is when no task group is in the way.

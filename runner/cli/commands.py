@@ -10,28 +10,17 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import anyio
-
-from runner.config import key_from_env
-from runner.endpoints.catalog import CATALOG
 from runner.endpoints.money import format_usd
-from runner.errors import (
-    EXIT_JOBS_FAILED,
-    EXIT_OK,
-    RowError,
-    RunnerError,
-    UsageError,
-)
-from runner.ledger.totals import spend_notes
-from runner.manifest.columns import column_warnings
-from runner.manifest.identity import identity_notice
-from runner.manifest.jobs import ExpandOptions, Job, iter_jobs
-from runner.manifest.plan import build_plan, render_text
-from runner.manifest.reader import read_rows
-from runner.media.inputs import InputChecker, InputSizer
-from runner.options import expand_options, run_config
+from runner.errors import EXIT_JOBS_FAILED, EXIT_OK, RowError, RunnerError, UsageError
+
+# A command imports what it uses when it runs: `runner --help` and the commands that never
+# touch a manifest, Parquet or the network do not pay for pydantic models, pyarrow, httpx or
+# Pillow (see tests/test_startup.py).
+if TYPE_CHECKING:
+    from runner.manifest.jobs import ExpandOptions, Job
+    from runner.media.inputs import InputSizer
 
 T = TypeVar("T")
 
@@ -48,6 +37,12 @@ def labelled(message: str) -> str:
 
 def stream_jobs(args: argparse.Namespace) -> tuple[list[str], Iterator[Job | RowError]]:
     """Warnings about the file's columns, and the lazy stream of jobs and bad rows."""
+    from runner.manifest.columns import column_warnings
+    from runner.manifest.identity import identity_notice
+    from runner.manifest.jobs import iter_jobs
+    from runner.manifest.reader import read_rows
+    from runner.options import expand_options
+
     options = expand_options(args)
     rows = read_rows(args.manifest, fmt=args.format)
     first = next(rows, None)
@@ -65,6 +60,8 @@ def stream_jobs(args: argparse.Namespace) -> tuple[list[str], Iterator[Job | Row
 
 def _endpoints_hint(options: ExpandOptions, cells: dict[str, object]) -> list[str]:
     """Endpoints whose parameters a column may be a near miss of."""
+    from runner.endpoints.catalog import CATALOG
+
     if "endpoint" in cells:
         return list(CATALOG)  # rows may name any endpoint
     return [options.default_endpoint] if options.default_endpoint else []
@@ -76,6 +73,8 @@ def _prepend(first: T, rest: Iterator[T]) -> Iterator[T]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from runner.media.inputs import InputChecker
+
     warnings, items = stream_jobs(args)
     for w in warnings:
         print(labelled(w), file=sys.stderr)
@@ -96,7 +95,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    import anyio
+
+    from runner.config import key_from_env
     from runner.execution.prices import plan_prices
+    from runner.manifest.plan import build_plan, render_text
+    from runner.media.inputs import InputSizer
 
     def say(message: str) -> None:
         print(f"note: {message}", file=sys.stderr)
@@ -136,8 +140,11 @@ def _preview(args: argparse.Namespace, items: Any, prices: Any, sizer: InputSize
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import anyio
+
     from runner.execution.engine import embedded_emulator, execute
     from runner.execution.summary import print_summary, print_summary_json
+    from runner.options import run_config
 
     config = run_config(args, os.environ)
     json_lines = config.log_format == "json"
@@ -179,6 +186,7 @@ def _tell(json_lines: bool, line: str) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from runner.ledger.totals import spend_notes
     from runner.ledger.views import status_summary
 
     summary = status_summary(args.run_dir)
@@ -261,6 +269,9 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    import anyio
+
+    from runner.config import key_from_env
     from runner.execution.cancel import cancel_in_flight
 
     key = key_from_env(os.environ)
