@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -23,11 +23,12 @@ import pyarrow.parquet as pq
 
 from runner.endpoints.money import trim_usd
 from runner.errors import LedgerError
-from runner.ledger.fold import read_folded
 from runner.ledger.journal import fsync_dir
 from runner.ledger.meta import read_run_meta
-from runner.ledger.schema import JobState
-from runner.ledger.totals import EndpointTotals, totals
+from runner.ledger.scan import scan_folded
+from runner.ledger.schema import LEDGER_SCHEMA, JobState
+from runner.ledger.totals import COLUMNS as TOTALS_COLUMNS
+from runner.ledger.totals import EndpointTotals, Totals, merge_totals, totals
 
 ExportFormat = Literal["csv", "jsonl", "parquet"]
 _ZERO = Decimal(0)
@@ -64,13 +65,19 @@ def status_summary(run_dir: Path | str) -> StatusSummary:
     """Counts and spend of a run directory; takes no lock, so it works during a run."""
     run_dir = Path(run_dir)
     _require_run_dir(run_dir)
-    read = read_folded(run_dir)
-    jobs = read.jobs
-    counted = totals(jobs)
-    last_at = pc.max(jobs["at"]).as_py() if jobs.num_rows else None
+
+    def reduce(slices: Iterator[pa.Table]) -> tuple[Totals, datetime | None]:
+        parts, last = [], None
+        for jobs in slices:
+            parts.append(totals(jobs))
+            at = pc.max(jobs["at"]).as_py()
+            last = at if last is None or (at is not None and at > last) else last
+        return merge_totals(parts), last
+
+    (counted, last_at), read = scan_folded(run_dir, [*TOTALS_COLUMNS, "at"], reduce)
     return StatusSummary(
         run_dir=run_dir,
-        jobs=jobs.num_rows,
+        jobs=counted.jobs,
         events=read.events,
         by_state=counted.by_state,
         by_endpoint=counted.endpoints,
@@ -92,24 +99,27 @@ def export(run_dir: Path | str, out_path: Path | str, fmt: ExportFormat) -> int:
     """Write one row per job (latest state) to out_path; returns the number of jobs.
 
     Joinable with the manifest by row_id (and source/line). The file appears
-    whole or not at all (temp name, then rename).
+    whole or not at all (temp name, then rename). Written a slice of jobs at a time
+    (:func:`runner.ledger.scan.scan_folded`), so memory does not grow with the ledger: a
+    ledger of up to PASS_EVENTS events is one slice, its rows in the order of each job's
+    last event; a bigger one comes a range of job keys after another, each so ordered.
     """
     if fmt not in ("csv", "jsonl", "parquet"):
         raise ValueError(f"export format must be csv, jsonl or parquet, not {fmt!r}")
     out_path = Path(out_path)
     _require_run_dir(Path(run_dir))
-    jobs = read_folded(Path(run_dir)).jobs
     tmp = out_path.with_name(f".{out_path.name}.tmp")
-    try:
+
+    def write(slices: Iterator[pa.Table]) -> int:
+        # Called again from the start when a writer compacts mid-read: "wb" starts over.
         with open(tmp, "wb") as handle:
-            if fmt == "parquet":
-                pq.write_table(jobs, handle, compression="zstd")
-            elif fmt == "csv":
-                pacsv.write_csv(_flat_for_csv(jobs), handle)
-            else:
-                _write_jsonl(jobs, handle)
+            rows = _write_slices(slices, handle, fmt)
             handle.flush()
             os.fsync(handle.fileno())
+        return rows
+
+    try:
+        count, _read = scan_folded(Path(run_dir), None, write)
         os.replace(tmp, out_path)
         fsync_dir(out_path.parent)
     except OSError as exc:
@@ -121,7 +131,35 @@ def export(run_dir: Path | str, out_path: Path | str, fmt: ExportFormat) -> int:
     except BaseException:
         _remove(tmp)
         raise
-    return int(jobs.num_rows)
+    return count
+
+
+def _write_slices(slices: Iterator[pa.Table], handle: Any, fmt: ExportFormat) -> int:
+    """Write the folded slices one after the other (one file, one header); returns rows."""
+    rows = 0
+    writer: Any = None
+    for jobs in slices:
+        rows += jobs.num_rows
+        if fmt == "jsonl":
+            _write_jsonl(jobs, handle)
+            continue
+        table = _flat_for_csv(jobs) if fmt == "csv" else jobs
+        if writer is None:
+            writer = (
+                pacsv.CSVWriter(handle, table.schema)
+                if fmt == "csv"
+                else pq.ParquetWriter(handle, table.schema, compression="zstd")
+            )
+        writer.write_table(table)
+    if writer is None and fmt != "jsonl":
+        empty = LEDGER_SCHEMA.empty_table()
+        if fmt == "parquet":
+            pq.write_table(empty, handle, compression="zstd")
+        else:
+            pacsv.write_csv(_flat_for_csv(empty), handle)
+    if writer is not None:
+        writer.close()
+    return rows
 
 
 def _remove(tmp: Path) -> None:
@@ -139,10 +177,12 @@ def _flat_for_csv(jobs: pa.Table) -> pa.Table:
     """CSV has no nested types: outputs and nsfw become JSON text, money exact text."""
     for name in ("outputs", "nsfw", "duplicate_request_ids"):
         values = [None if v is None else json.dumps(v) for v in jobs[name].to_pylist()]
-        jobs = jobs.set_column(jobs.schema.get_field_index(name), name, pa.array(values))
+        column = pa.array(values, pa.string())
+        jobs = jobs.set_column(jobs.schema.get_field_index(name), name, column)
     for name in ("estimated_usd", "billed_usd"):
         values = [None if v is None else str(trim_usd(v)) for v in jobs[name].to_pylist()]
-        jobs = jobs.set_column(jobs.schema.get_field_index(name), name, pa.array(values))
+        column = pa.array(values, pa.string())
+        jobs = jobs.set_column(jobs.schema.get_field_index(name), name, column)
     return jobs
 
 

@@ -1,0 +1,128 @@
+"""Reading the folded ledger in bounded memory: the columns a reader needs, a range of jobs
+at a time.
+
+:func:`scan_folded` folds only the named columns (plus seq, job_key and state) and hands
+the reader the folded rows in *slices*: the jobs are split into ranges of job_key, and each
+range is folded in a pass of its own over every part (read a batch at a time, the other
+ranges' events dropped as they are read). Every job is in exactly one slice, folded from all
+of its events, so a reader that reduces each slice and combines the results (sums, counts,
+a file written slice after slice) sees what one fold of the whole ledger gives. Memory holds
+one range's events and folded rows; the number of ranges follows the ledger's size (about
+``PASS_EVENTS`` events each), the time grows with it (each pass decodes the columns again).
+
+Within a slice, rows are in the order of each job's last event (as :func:`fold` returns
+them); slices come in job_key order.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from runner.ledger.fold import _retrying, _Snapshot, fold_tables
+from runner.ledger.parts import iter_part, part_rows
+from runner.ledger.schema import LEDGER_SCHEMA, rows_to_table
+
+# Events folded per pass: the fold of a pass peaks at roughly 3x its events' bytes.
+PASS_EVENTS = 1_000_000
+_SAMPLE_ROWS = 4_096  # job keys sampled per part to place the range boundaries
+_KEYS = ("seq", "job_key", "state")
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class ScanInfo:
+    """What a scan read: its events, parts and the journal bytes it skipped as torn."""
+
+    events: int
+    parts: int
+    torn_bytes: int
+    passes: int
+
+
+def scan_folded(
+    run_dir: Path,
+    columns: Sequence[str] | None,
+    reduce: Callable[[Iterator[pa.Table]], _T],
+    *,
+    pass_events: int | None = None,
+) -> tuple[_T, ScanInfo]:
+    """``reduce`` over the folded slices of the ledger (the named columns, or every one).
+
+    ``reduce`` takes the slices' iterator and returns the result; it must keep nothing
+    else, for when a writer checkpoints or compacts mid-read the scan starts over and calls
+    it again. Takes no lock.
+    """
+    names = LEDGER_SCHEMA.names if columns is None else _with_keys(columns)
+
+    def read(snap: _Snapshot) -> tuple[_T, ScanInfo]:
+        events = sum(part_rows(p.path) for p in snap.parts) + len(snap.journal_rows)
+        bounds = _boundaries(snap, -(-events // (pass_events or PASS_EVENTS)))
+        info = ScanInfo(events, len(snap.parts), snap.torn_bytes, len(bounds) + 1)
+        return reduce(_slices(snap, names, bounds)), info
+
+    return _retrying(run_dir, read)
+
+
+def _with_keys(columns: Sequence[str]) -> list[str]:
+    wanted = set(columns) | set(_KEYS)
+    return [name for name in LEDGER_SCHEMA.names if name in wanted]
+
+
+def _slices(snap: _Snapshot, names: list[str], bounds: list[str]) -> Iterator[pa.Table]:
+    empty = pa.schema([LEDGER_SCHEMA.field(n) for n in names])
+    edges: list[str | None] = [None, *bounds, None]
+    for low, high in itertools.pairwise(edges):
+        jobs, _events = fold_tables(_events_in(snap, names, low, high), empty=empty)
+        if jobs.num_rows:
+            yield jobs
+        del jobs
+        pa.default_memory_pool().release_unused()
+
+
+def _events_in(
+    snap: _Snapshot, names: list[str], low: str | None, high: str | None
+) -> Iterator[pa.Table]:
+    """The events whose job_key is in [low, high), in seq order, a batch at a time."""
+
+    def keep(table: pa.Table) -> pa.Table:
+        keys = table["job_key"]
+        mask = None
+        if low is not None:
+            mask = pc.greater_equal(keys, low)
+        if high is not None:
+            below = pc.less(keys, high)
+            mask = below if mask is None else pc.and_(mask, below)
+        return table if mask is None else table.filter(mask)
+
+    for part in snap.parts:
+        for table in iter_part(part.path, names):
+            yield keep(table)
+    if snap.journal_rows:
+        yield keep(rows_to_table(snap.journal_rows).select(names))
+
+
+def _boundaries(snap: _Snapshot, ranges: int) -> list[str]:
+    """``ranges - 1`` job keys splitting a sample of the ledger's keys into equal ranges."""
+    if ranges <= 1:
+        return []
+    samples = []
+    for part in snap.parts:
+        first = next(iter_part(part.path, ["job_key"], batch_rows=_SAMPLE_ROWS), None)
+        if first is not None:
+            samples.append(first["job_key"])
+    if snap.journal_rows:
+        samples.append(pa.chunked_array([[r["job_key"] for r in snap.journal_rows[::64]]]))
+    keys = pc.unique(pa.chunked_array(samples, pa.string()).combine_chunks())
+    keys = keys.take(pc.sort_indices(keys))
+    if len(keys) < 2:
+        return []
+    step = len(keys) / ranges
+    picked = {keys[int(step * i)].as_py() for i in range(1, ranges) if int(step * i) > 0}
+    return sorted(k for k in picked if k is not None)
