@@ -24,6 +24,8 @@ STATE_ORDER = tuple(JobState)
 # The folded columns totals() reads (what a scan of the ledger must fold for it).
 COLUMNS = ("endpoint", "state", "estimated_usd", "billed_usd", "outputs", "megapixels",
            "possible_duplicate", "reconciled", "duplicate_request_ids")  # fmt: skip
+# The list columns of which totals() reads only the number of items.
+LENGTHS = ("outputs", "duplicate_request_ids")
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from runner.ledger.meta import read_run_meta
 from runner.ledger.scan import scan_folded
 from runner.ledger.schema import LEDGER_SCHEMA, JobState
 from runner.ledger.totals import COLUMNS as TOTALS_COLUMNS
+from runner.ledger.totals import LENGTHS as TOTALS_LENGTHS
 from runner.ledger.totals import EndpointTotals, Totals, merge_totals, totals
 
 ExportFormat = Literal["csv", "jsonl", "parquet"]
@@ -74,7 +75,9 @@ def status_summary(run_dir: Path | str) -> StatusSummary:
             last = at if last is None or (at is not None and at > last) else last
         return merge_totals(parts), last
 
-    (counted, last_at), read = scan_folded(run_dir, [*TOTALS_COLUMNS, "at"], reduce)
+    (counted, last_at), read = scan_folded(
+        run_dir, [*TOTALS_COLUMNS, "at"], reduce, lengths=TOTALS_LENGTHS
+    )
     return StatusSummary(
         run_dir=run_dir,
         jobs=counted.jobs,
