@@ -293,7 +293,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from runner.ledger import JobState, read_run_meta
-    from runner.report.data import build_report, load_jobs
+    from runner.report.data import load_jobs, load_report
     from runner.report.gallery import gallery
     from runner.report.html import write_html
     from runner.report.text import render_text, report_json
@@ -303,11 +303,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     known = [s.value for s in JobState]
     if bad := [s for s in args.gallery_state if s not in known]:
         raise UsageError(f"--gallery-state {bad[0]}: not one of {', '.join(known)}")
-    jobs = load_jobs(args.run_dir)
-    report = build_report(jobs, read_run_meta(args.run_dir), run_dir=args.run_dir)
+    report = load_report(args.run_dir, read_run_meta(args.run_dir))
     print(json.dumps(report_json(report), indent=2) if args.json else render_text(report))
     if args.html:
-        cards = gallery(jobs, limit=args.gallery_limit, states=args.gallery_state)
+        # The gallery reads every column of the jobs it shows: the whole folded ledger.
+        cards = gallery(load_jobs(args.run_dir), limit=args.gallery_limit,
+                        states=args.gallery_state)  # fmt: skip
         made = datetime.now(UTC)
         page = write_html(args.html, report, cards, run_dir=args.run_dir,
                           link_images=args.link_images, generated_at=made)  # fmt: skip
