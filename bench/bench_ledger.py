@@ -155,10 +155,10 @@ def read_one(command: str, run_dir: Path) -> None:
         print(f"  {status.jobs:,} jobs, billed {status.billed_usd}", flush=True)
     elif command == "report":
         from runner.ledger import read_run_meta
-        from runner.report.data import build_report, load_jobs
+        from runner.report.data import load_report
         from runner.report.text import render_text, report_json
 
-        made = build_report(load_jobs(run_dir), read_run_meta(run_dir), run_dir=run_dir)
+        made = load_report(run_dir, read_run_meta(run_dir))
         render_text(made)
         report_json(made)
         print(f"  {made.jobs:,} jobs, {made.failed_jobs:,} failed", flush=True)
@@ -192,7 +192,7 @@ def measure_reads(run_dir: Path, commands: tuple[str, ...]) -> None:
     """Each read in a fresh child: wall seconds, CPU seconds and the child's peak RSS."""
     here = Path(__file__).resolve().parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)])}
-    print(f"| read | wall s | CPU s | peak RSS MiB |\n| --- | --- | --- | --- |", flush=True)
+    print("| read | wall s | CPU s | peak RSS MiB |\n| --- | --- | --- | --- |", flush=True)
     for command in commands:
         t0 = time.perf_counter()
         child = subprocess.Popen(
@@ -226,7 +226,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.read_one:
-        read_one(args.read_one[0], Path(args.read_one[1]))
+        from runner.cli.imports import without_unused
+
+        with without_unused():  # as the command line runs it
+            read_one(args.read_one[0], Path(args.read_one[1]))
         return
     if args.reads:
         if args.generate:

@@ -172,6 +172,27 @@ def part_rows(path: Path) -> int:
         raise LedgerCorruptError(f"ledger part {path} cannot be read: {exc}") from exc
 
 
+def part_size_of(
+    path: Path, columns: Sequence[str], lengths: Sequence[str] = ()
+) -> tuple[int, int]:
+    """(rows, uncompressed bytes of ``columns``) of a part, from its footer; a column of
+    ``lengths`` (read for its lengths only) counts 4 bytes a row."""
+    try:
+        with pq.ParquetFile(path) as handle:
+            meta = handle.metadata
+            wanted = set(columns) - set(lengths)
+            size = 4 * len(lengths) * meta.num_rows
+            for g in range(meta.num_row_groups):
+                group = meta.row_group(g)
+                for c in range(group.num_columns):
+                    chunk = group.column(c)
+                    if chunk.path_in_schema.split(".")[0] in wanted:
+                        size += chunk.total_uncompressed_size
+            return meta.num_rows, size
+    except (pa.ArrowException, OSError) as exc:
+        raise LedgerCorruptError(f"ledger part {path} cannot be read: {exc}") from exc
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace a file so that a crash leaves either the old or the new content."""
     tmp = path.with_name(f".{path.name}.tmp")

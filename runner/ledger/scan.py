@@ -28,12 +28,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from runner.ledger.fold import _retrying, _Snapshot, fold_tables
-from runner.ledger.parts import iter_part, part_rows
+from runner.ledger.parts import iter_part, part_size_of
 from runner.ledger.schema import LEDGER_SCHEMA, rows_to_table
 
-# Events per pass (a range of job keys): a job's events lie close together in seq, so a
-# pass holds about one folded row per job of its range plus one group of GROUP_EVENTS events.
-PASS_EVENTS = 750_000
+# Bytes of the named columns (uncompressed, as the parts' footers count them) folded per
+# pass, a range of job keys: a job's events lie close together in seq, so a pass holds
+# about one folded row per job of its range plus one group of GROUP_EVENTS events, and the
+# fold's peak is a few times its range's bytes.
+PASS_BYTES = 32 * 2**20
 GROUP_EVENTS = 150_000
 _SAMPLE_ROWS = 4_096  # job keys sampled per part to place the range boundaries
 _KEYS = ("seq", "job_key", "state")
@@ -56,7 +58,7 @@ def scan_folded(
     reduce: Callable[[Iterator[pa.Table]], _T],
     *,
     lengths: Sequence[str] = (),
-    pass_events: int | None = None,
+    pass_bytes: int | None = None,
 ) -> tuple[_T, ScanInfo]:
     """``reduce`` over the folded slices of the ledger (the named columns, or every one).
 
@@ -70,8 +72,14 @@ def scan_folded(
     names = LEDGER_SCHEMA.names if columns is None else _with_keys(columns)
 
     def read(snap: _Snapshot) -> tuple[_T, ScanInfo]:
-        events = sum(part_rows(p.path) for p in snap.parts) + len(snap.journal_rows)
-        bounds = _boundaries(snap, -(-events // (pass_events or PASS_EVENTS)))
+        events, size = 0, 0
+        for part in snap.parts:
+            rows, part_size = part_size_of(part.path, names, lengths)
+            events += rows
+            size += part_size
+        events += len(snap.journal_rows)
+        size += len(snap.journal_rows) * (size // max(events, 1) or 100)
+        bounds = _boundaries(snap, -(-size // (pass_bytes or PASS_BYTES)))
         info = ScanInfo(events, len(snap.parts), snap.torn_bytes, len(bounds) + 1)
         return reduce(_slices(snap, names, tuple(lengths), bounds)), info
 

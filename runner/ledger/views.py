@@ -103,9 +103,9 @@ def export(run_dir: Path | str, out_path: Path | str, fmt: ExportFormat) -> int:
 
     Joinable with the manifest by row_id (and source/line). The file appears
     whole or not at all (temp name, then rename). Written a slice of jobs at a time
-    (:func:`runner.ledger.scan.scan_folded`), so memory does not grow with the ledger: a
-    ledger of up to PASS_EVENTS events is one slice, its rows in the order of each job's
-    last event; a bigger one comes a range of job keys after another, each so ordered.
+    (:func:`runner.ledger.scan.scan_folded`), so memory does not grow with the ledger. A
+    ledger that fits one pass is one slice, its rows in the order of each job's last
+    event; a bigger one comes a range of job keys after another, each so ordered.
     """
     if fmt not in ("csv", "jsonl", "parquet"):
         raise ValueError(f"export format must be csv, jsonl or parquet, not {fmt!r}")
@@ -113,16 +113,18 @@ def export(run_dir: Path | str, out_path: Path | str, fmt: ExportFormat) -> int:
     _require_run_dir(Path(run_dir))
     tmp = out_path.with_name(f".{out_path.name}.tmp")
 
-    def write(slices: Iterator[pa.Table]) -> int:
-        # Called again from the start when a writer compacts mid-read: "wb" starts over.
+    try:
         with open(tmp, "wb") as handle:
-            rows = _write_slices(slices, handle, fmt)
+
+            def write(slices: Iterator[pa.Table]) -> int:
+                # Called again from the start when a writer compacts mid-read.
+                handle.seek(0)
+                handle.truncate()
+                return _write_slices(slices, handle, fmt)
+
+            count, _read = scan_folded(Path(run_dir), None, write)
             handle.flush()
             os.fsync(handle.fileno())
-        return rows
-
-    try:
-        count, _read = scan_folded(Path(run_dir), None, write)
         os.replace(tmp, out_path)
         fsync_dir(out_path.parent)
     except OSError as exc:
