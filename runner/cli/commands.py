@@ -294,8 +294,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from runner.ledger import JobState, read_run_meta
     from runner.report.data import load_jobs, load_report
-    from runner.report.gallery import gallery
-    from runner.report.html import write_html
     from runner.report.text import render_text, report_json
 
     if args.gallery_limit < 0:
@@ -306,6 +304,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     report = load_report(args.run_dir, read_run_meta(args.run_dir))
     print(json.dumps(report_json(report), indent=2) if args.json else render_text(report))
     if args.html:
+        from runner.report.gallery import gallery
+        from runner.report.html import write_html
+
         # The gallery reads every column of the jobs it shows: the whole folded ledger.
         cards = gallery(load_jobs(args.run_dir), limit=args.gallery_limit,
                         states=args.gallery_state)  # fmt: skip
