@@ -13,10 +13,11 @@ ones); run it once per measurement so the peak RSS is its own.
 Prints seconds per phase and the peak RSS after each phase.
 
 ``--reads DIR`` measures what reads a finished ledger, each command in its own child process
-(peak RSS from ``os.wait4``, the child's own rusage): ``status``, ``report`` (text and JSON),
-``export`` to Parquet, CSV and JSONL, and a resume's planning (``Ledger.state()`` and
-``plan_resume`` over every job's key). ``--generate N`` first writes an N-job ledger there
-straight as Parquet parts (:mod:`ledger_gen`: intent, acknowledgement, end with outputs)::
+(peak RSS from ``os.wait4``, the child's own rusage): ``runner status``, ``runner report``,
+``runner export`` to Parquet, CSV and JSONL, and a resume's planning (``Ledger.state()`` and
+``plan_resume`` over every job's key, in a child running this script; ``resume`` with
+downloads, whose outputs the generated ledger never downloaded, ``resume-nodl`` without).
+``--generate N`` first writes an N-job ledger there straight as Parquet parts (:mod:`ledger_gen`: intent, acknowledgement, end with outputs)::
 
     PYTHONPATH=. python bench/bench_ledger.py --generate 1000000 --reads /tmp/l1m
 """
@@ -145,7 +146,8 @@ def measure_state(run_dir: Path, jobs: int, downloads: bool) -> None:
         )
 
 
-READS = ("status", "report", "export-parquet", "export-csv", "export-jsonl", "resume")
+READS = ("status", "report", "export-parquet", "export-csv", "export-jsonl", "resume",
+         "resume-nodl")  # fmt: skip
 
 
 def read_one(command: str, run_dir: Path) -> None:
@@ -170,12 +172,12 @@ def read_one(command: str, run_dir: Path) -> None:
             out = Path(tmp) / f"jobs.{fmt}"
             rows = export(run_dir, out, fmt)  # type: ignore[arg-type]
             print(f"  {rows:,} rows, {out.stat().st_size / 2**20:.0f} MiB", flush=True)
-    elif command == "resume":
+    elif command in ("resume", "resume-nodl"):
         import ledger_gen
         import numpy as np
 
         with Ledger.open(run_dir) as ledger:
-            state = ledger.state(downloads=True)
+            state = ledger.state(downloads=command == "resume")
             summary = ResumeSummary()
             jobs = len(state)
             for start in range(0, jobs, 100_000):
@@ -193,11 +195,17 @@ def measure_reads(run_dir: Path, commands: tuple[str, ...]) -> None:
     here = Path(__file__).resolve().parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)])}
     print("| read | wall s | CPU s | peak RSS MiB |\n| --- | --- | --- | --- |", flush=True)
+    scratch = Path(tempfile.mkdtemp(dir=run_dir.parent))
     for command in commands:
+        argv = [sys.executable, __file__, "--read-one", command, str(run_dir)]
+        if command in ("status", "report"):
+            argv = [sys.executable, "-m", "runner", command, str(run_dir)]
+        elif command.startswith("export-"):
+            fmt = command.removeprefix("export-")
+            argv = [sys.executable, "-m", "runner", "export", str(run_dir), "--format", fmt,
+                    "--out", str(scratch / f"jobs.{fmt}")]  # fmt: skip
         t0 = time.perf_counter()
-        child = subprocess.Popen(
-            [sys.executable, __file__, "--read-one", command, str(run_dir)], env=env
-        )
+        child = subprocess.Popen(argv, env=env, cwd=here.parent, stdout=subprocess.DEVNULL)
         _pid, status, usage = os.wait4(child.pid, 0)
         wall = time.perf_counter() - t0
         if status != 0:
@@ -205,6 +213,7 @@ def measure_reads(run_dir: Path, commands: tuple[str, ...]) -> None:
         cpu = usage.ru_utime + usage.ru_stime
         print(f"| {command} | {wall:.2f} | {cpu:.2f} | {usage.ru_maxrss / 1024:.0f} |",
               flush=True)  # fmt: skip
+    shutil.rmtree(scratch)
 
 
 def main() -> None:

@@ -46,7 +46,8 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 def _hex(jobs: np.ndarray, salt: int, chars: int) -> pa.Array:
     """A fixed-width lowercase hex string per job (``chars`` of them, up to 64)."""
-    words = np.stack([_mix(jobs * np.uint64(16) + np.uint64(salt * 4 + k)) for k in range(4)], axis=1)
+    seeds = [jobs * np.uint64(16) + np.uint64(salt * 4 + k) for k in range(4)]
+    words = np.stack([_mix(seed) for seed in seeds], axis=1)
     nibbles = words.view(np.uint8).reshape(len(jobs), 32)
     text = np.empty((len(jobs), 64), dtype=np.uint8)
     text[:, 0::2] = _HEX[nibbles >> 4]
@@ -101,11 +102,15 @@ def _job_columns(jobs: np.ndarray) -> dict[str, pa.Array]:
         "variant": pa.repeat(0, n).cast(pa.int32()),
         "endpoint": ENDPOINTS.take(which),
         "request": _join(
-            '{"image_size":"square_hd","prompt":"Studio photo of product ', number,
-            ' in matte black, white background","seed":', number, "}",
-        ),  # fmt: skip
-        "metadata": _join('{"color": "matte black", "sku": "SKU-', number,
-                          '", "title": "ceramic coffee mug"}'),  # fmt: skip
+            '{"image_size":"square_hd","prompt":"Studio photo of product ',
+            number,
+            ' in matte black, white background","seed":',
+            number,
+            "}",
+        ),
+        "metadata": _join(
+            '{"color": "matte black", "sku": "SKU-', number, '", "title": "ceramic coffee mug"}'
+        ),
         "estimated_usd": PRICES.take(which),
         "attempt": pa.repeat(1, n).cast(pa.int32()),
         "price_source": pa.repeat("catalog", n),

@@ -129,6 +129,8 @@ def export(run_dir: Path | str, out_path: Path | str, fmt: ExportFormat) -> int:
         fsync_dir(out_path.parent)
     except OSError as exc:
         _remove(tmp)
+        if exc.filename is not None and os.fsdecode(exc.filename) != str(tmp):
+            raise  # reading the run directory failed (the file named), not the export
         # The one boundary for the export's own file: a folder that is missing, read-only
         # or full is one line naming the file (exit 4), not a traceback.
         reason = f"[Errno {exc.errno}] {exc.strerror}" if exc.errno is not None else str(exc)
