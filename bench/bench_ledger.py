@@ -17,7 +17,8 @@ Prints seconds per phase and the peak RSS after each phase.
 ``runner export`` to Parquet, CSV and JSONL, and a resume's planning (``Ledger.state()`` and
 ``plan_resume`` over every job's key, in a child running this script; ``resume`` with
 downloads, whose outputs the generated ledger never downloaded, ``resume-nodl`` without).
-``--generate N`` first writes an N-job ledger there straight as Parquet parts (:mod:`ledger_gen`: intent, acknowledgement, end with outputs)::
+``--generate N`` first writes an N-job ledger there straight as Parquet parts
+(:mod:`ledger_gen`: intent, acknowledgement, end with outputs)::
 
     PYTHONPATH=. python bench/bench_ledger.py --generate 1000000 --reads /tmp/l1m
 """
