@@ -11,14 +11,27 @@ fold -> LedgerState, a resume plan over every key, and compaction.
 ones); run it once per measurement so the peak RSS is its own.
 
 Prints seconds per phase and the peak RSS after each phase.
+
+``--reads DIR`` measures what reads a finished ledger, each command in its own child process
+(peak RSS from ``os.wait4``, the child's own rusage): ``runner status``, ``runner report``,
+``runner export`` to Parquet, CSV and JSONL, and a resume's planning (``Ledger.state()`` and
+``plan_resume`` over every job's key, in a child running this script; ``resume`` with
+downloads, whose outputs the generated ledger never downloaded, ``resume-nodl`` without).
+``--generate N`` first writes an N-job ledger there straight as Parquet parts
+(:mod:`ledger_gen`: intent, acknowledgement, end with outputs)::
+
+    PYTHONPATH=. python bench/bench_ledger.py --generate 1000000 --reads /tmp/l1m
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
@@ -134,8 +147,82 @@ def measure_state(run_dir: Path, jobs: int, downloads: bool) -> None:
         )
 
 
+READS = ("status", "report", "export-parquet", "export-csv", "export-jsonl", "resume",
+         "resume-nodl")  # fmt: skip
+
+
+def read_one(command: str, run_dir: Path) -> None:
+    """One read of a finished ledger, as the CLI does it (run in a child process)."""
+    if command == "status":
+        status = status_summary(run_dir)
+        print(f"  {status.jobs:,} jobs, billed {status.billed_usd}", flush=True)
+    elif command == "report":
+        from runner.ledger import read_run_meta
+        from runner.report.data import load_report
+        from runner.report.text import render_text, report_json
+
+        made = load_report(run_dir, read_run_meta(run_dir))
+        render_text(made)
+        report_json(made)
+        print(f"  {made.jobs:,} jobs, {made.failed_jobs:,} failed", flush=True)
+    elif command.startswith("export-"):
+        from runner.ledger import export
+
+        fmt = command.removeprefix("export-")
+        with tempfile.TemporaryDirectory(dir=run_dir.parent) as tmp:
+            out = Path(tmp) / f"jobs.{fmt}"
+            rows = export(run_dir, out, fmt)  # type: ignore[arg-type]
+            print(f"  {rows:,} rows, {out.stat().st_size / 2**20:.0f} MiB", flush=True)
+    elif command in ("resume", "resume-nodl"):
+        import ledger_gen
+        import numpy as np
+
+        with Ledger.open(run_dir) as ledger:
+            state = ledger.state(downloads=command == "resume")
+            summary = ResumeSummary()
+            jobs = len(state)
+            for start in range(0, jobs, 100_000):
+                numbers = np.arange(start, min(start + 100_000, jobs), dtype=np.int64)
+                keys = ledger_gen.job_keys(numbers).to_pylist()
+                for _item, _decision in plan_resume(keys, state, summary=summary):
+                    pass
+            print(f"  {dict(summary.actions)}", flush=True)
+    else:
+        raise SystemExit(f"unknown read {command!r}")
+
+
+def measure_reads(run_dir: Path, commands: tuple[str, ...]) -> None:
+    """Each read in a fresh child: wall seconds, CPU seconds and the child's peak RSS."""
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)])}
+    print("| read | wall s | CPU s | peak RSS MiB |\n| --- | --- | --- | --- |", flush=True)
+    scratch = Path(tempfile.mkdtemp(dir=run_dir.parent))
+    for command in commands:
+        argv = [sys.executable, __file__, "--read-one", command, str(run_dir)]
+        if command in ("status", "report"):
+            argv = [sys.executable, "-m", "runner", command, str(run_dir)]
+        elif command.startswith("export-"):
+            fmt = command.removeprefix("export-")
+            argv = [sys.executable, "-m", "runner", "export", str(run_dir), "--format", fmt,
+                    "--out", str(scratch / f"jobs.{fmt}")]  # fmt: skip
+        t0 = time.perf_counter()
+        child = subprocess.Popen(argv, env=env, cwd=here.parent, stdout=subprocess.DEVNULL)
+        _pid, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - t0
+        if status != 0:
+            raise SystemExit(f"{command} failed ({status})")
+        cpu = usage.ru_utime + usage.ru_stime
+        print(f"| {command} | {wall:.2f} | {cpu:.2f} | {usage.ru_maxrss / 1024:.0f} |",
+              flush=True)  # fmt: skip
+    shutil.rmtree(scratch)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--generate", type=int, help="--reads: first write this many jobs")
+    parser.add_argument("--reads", type=Path, help="measure status/report/export/resume here")
+    parser.add_argument("--only", nargs="*", choices=READS, help="--reads: just these")
+    parser.add_argument("--read-one", nargs=2, metavar=("READ", "DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--jobs", type=int, default=1_000_000)
     parser.add_argument("--batch", type=int, default=2_000)
     parser.add_argument("--only-write", type=Path, help="write the ledger here and stop")
@@ -148,6 +235,22 @@ def main() -> None:
         "--no-download", action="store_true", help="--state: Ledger.state(downloads=False)"
     )
     args = parser.parse_args()
+    if args.read_one:
+        from runner.cli.imports import without_unused
+
+        with without_unused():  # as the command line runs it
+            read_one(args.read_one[0], Path(args.read_one[1]))
+        return
+    if args.reads:
+        if args.generate:
+            import ledger_gen
+
+            t0 = time.perf_counter()
+            events = ledger_gen.generate(args.reads, args.generate)
+            print(f"generated {args.generate:,} jobs, {events:,} events in "
+                  f"{time.perf_counter() - t0:.1f} s", flush=True)  # fmt: skip
+        measure_reads(args.reads, tuple(args.only or READS))
+        return
     if args.only_write:
         t0 = time.perf_counter()
         anyio.run(write, args.only_write, args.jobs, args.batch, args.downloaded)

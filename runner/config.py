@@ -31,12 +31,12 @@ from pydantic import (
 from runner.endpoints.catalog import CATALOG
 from runner.errors import UsageError
 from runner.fal.key import key_problem, redactor
+from runner.fal.urls import FAL_API_URL as FAL_API_URL
+from runner.fal.urls import FAL_CDN_URL as FAL_CDN_URL
+from runner.fal.urls import FAL_JWKS_URL as FAL_JWKS_URL
+from runner.fal.urls import FAL_QUEUE_URL as FAL_QUEUE_URL
+from runner.fal.urls import FAL_REST_URL as FAL_REST_URL
 
-FAL_QUEUE_URL = "https://queue.fal.run"
-FAL_REST_URL = "https://rest.fal.ai"
-FAL_CDN_URL = "https://v3.fal.media"
-FAL_JWKS_URL = "https://rest.fal.ai/.well-known/jwks.json"
-FAL_API_URL = "https://api.fal.ai"  # the Platform API (request history, prices)
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 Completion = Literal["poll", "stream", "webhook"]

@@ -32,7 +32,7 @@ from runner.cli.commands import (
     stream_jobs,
     summary_json,
 )
-from runner.config import FAL_QUEUE_URL
+from runner.cli.imports import without_unused
 from runner.errors import (
     EXIT_INTERRUPTED,
     EXIT_LEDGER,
@@ -40,6 +40,7 @@ from runner.errors import (
     RunnerError,
     UsageError,
 )
+from runner.fal.urls import FAL_QUEUE_URL
 from runner.options import add_options
 from runner.options.export import add_dataset_args
 
@@ -163,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             _check_run_dir(args)
-            code: int = args.func(args)
+            with without_unused():
+                code: int = args.func(args)
         except BaseExceptionGroup as group:
             # Raised inside a task group (the embedded emulator's): the error that matters,
             # reported as it is when no task group is in the way.

@@ -10,30 +10,19 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anyio
-
-from runner.config import RunConfig, key_from_env
-from runner.endpoints.catalog import CATALOG
 from runner.endpoints.money import format_usd
-from runner.errors import (
-    EXIT_JOBS_FAILED,
-    EXIT_OK,
-    RowError,
-    RunnerError,
-    UsageError,
-)
-from runner.ledger.totals import spend_notes, superseded_note
-from runner.manifest.batches import JobBatch, iter_job_batches, iter_manifest_jobs
-from runner.manifest.columns import column_warnings
-from runner.manifest.identity import identity_notice
-from runner.manifest.jobs import ExpandOptions, Job
-from runner.manifest.plan import build_plan_batches, render_text
-from runner.manifest.reader import read_rows
-from runner.media.inputs import InputChecker, InputSizer
-from runner.options import expand_options, manifest_config, run_config
-from runner.options.export import dataset_export
+from runner.errors import EXIT_JOBS_FAILED, EXIT_OK, RowError, RunnerError, UsageError
+
+# A command imports what it uses when it runs: `runner --help` and the commands that never
+# touch a manifest, Parquet or the network do not pay for pydantic models, pyarrow, httpx or
+# Pillow (see tests/test_startup.py).
+if TYPE_CHECKING:
+    from runner.config import RunConfig
+    from runner.manifest.batches import JobBatch
+    from runner.manifest.jobs import ExpandOptions, Job
+    from runner.media.inputs import InputSizer
 
 
 class Notice(str):
@@ -48,6 +37,12 @@ def labelled(message: str) -> str:
 
 def stream_jobs(config: RunConfig) -> tuple[list[str], Iterator[Job | RowError]]:
     """Warnings about the file's columns, and the lazy stream of jobs and bad rows."""
+    from runner.manifest.batches import iter_manifest_jobs
+    from runner.manifest.columns import column_warnings
+    from runner.manifest.identity import identity_notice
+    from runner.manifest.reader import read_rows
+    from runner.options import expand_options
+
     options = expand_options(config)
     rows = read_rows(config.manifest, fmt=config.fmt)
     first = next(rows, None)
@@ -62,6 +57,9 @@ def stream_jobs(config: RunConfig) -> tuple[list[str], Iterator[Job | RowError]]
 
 def stream_batches(config: RunConfig, *, materialize: bool) -> tuple[list[str], Iterator[JobBatch]]:
     """:func:`stream_jobs` in batches (runner.manifest.batches): the fast reader."""
+    from runner.manifest.batches import iter_job_batches
+    from runner.options import expand_options
+
     warnings, _ = stream_jobs(config)  # reads the first row only
     options = expand_options(config)
     return warnings, iter_job_batches(config.manifest, config.fmt, options,
@@ -70,12 +68,17 @@ def stream_batches(config: RunConfig, *, materialize: bool) -> tuple[list[str], 
 
 def _endpoints_hint(options: ExpandOptions, cells: dict[str, object]) -> list[str]:
     """Endpoints whose parameters a column may be a near miss of."""
+    from runner.endpoints.catalog import CATALOG
+
     if "endpoint" in cells:
         return list(CATALOG)  # rows may name any endpoint
     return [options.default_endpoint] if options.default_endpoint else []
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from runner.media.inputs import InputChecker
+    from runner.options import manifest_config
+
     warnings, batches = stream_batches(manifest_config(args), materialize=False)
     for w in warnings:
         print(labelled(w), file=sys.stderr)
@@ -98,7 +101,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    import anyio
+
+    from runner.config import key_from_env
     from runner.execution.prices import plan_prices
+    from runner.manifest.plan import build_plan_batches, render_text
+    from runner.media.inputs import InputSizer
+    from runner.options import manifest_config
 
     def say(message: str) -> None:
         print(f"note: {message}", file=sys.stderr)
@@ -141,8 +150,11 @@ def _preview(
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import anyio
+
     from runner.execution.engine import embedded_emulator, execute
     from runner.execution.summary import print_summary, print_summary_json
+    from runner.options import run_config
 
     config = run_config(args, os.environ)
     json_lines = config.log_format == "json"
@@ -192,6 +204,8 @@ def cmd_ray(args: argparse.Namespace) -> int:
         from runner.scale.ray_driver import run_ray
     except ImportError:
         raise UsageError("runner ray needs Ray: pip install 'runner[ray]'") from None
+    from runner.options import run_config
+
     config = run_config(args, os.environ)
     if config.emulator:
         raise UsageError("runner ray needs --queue-url (runner emulator serve gives a local one)")
@@ -211,6 +225,7 @@ def _tell(json_lines: bool, line: str) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from runner.ledger.totals import spend_notes, superseded_note
     from runner.ledger.views import status_summary
 
     summary = status_summary(args.run_dir, all_versions=args.all_versions)
@@ -270,6 +285,7 @@ def summary_json(summary: Any) -> dict[str, Any]:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from runner.ledger.views import export
+    from runner.options.export import dataset_export
 
     if dataset_export(args):
         return _export_dataset(args)
@@ -335,6 +351,9 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    import anyio
+
+    from runner.config import key_from_env
     from runner.execution.cancel import cancel_in_flight
     from runner.scale.cancel import cancel_sharded
     from runner.scale.keys import KeySpec, load_keys
@@ -372,8 +391,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     from runner.ledger import JobState, read_run_meta
     from runner.ledger.versions import split_versions
     from runner.report.data import build_report, load_jobs
-    from runner.report.gallery import gallery
-    from runner.report.html import write_html
     from runner.report.text import render_text, report_json
 
     if args.gallery_limit < 0:
@@ -387,6 +404,9 @@ def cmd_report(args: argparse.Namespace) -> int:
                           all_versions=args.all_versions)  # fmt: skip
     print(json.dumps(report_json(report), indent=2) if args.json else render_text(report))
     if args.html:
+        from runner.report.gallery import gallery
+        from runner.report.html import write_html
+
         cards = gallery(versions.shown, limit=args.gallery_limit, states=args.gallery_state)
         made = datetime.now(UTC)
         page = write_html(args.html, report, cards, run_dir=args.run_dir,

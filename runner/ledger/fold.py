@@ -279,12 +279,13 @@ def _widen(jobs: pa.Table, full: pa.Table, rows: np.ndarray) -> pa.Table:
 
 
 def fold_tables(
-    tables: Iterable[pa.Table], *, empty: pa.Schema = LEDGER_SCHEMA
+    tables: Iterable[pa.Table], *, empty: pa.Schema = LEDGER_SCHEMA, group_events: int = 0
 ) -> tuple[pa.Table, int]:
     """Fold event tables given in seq order; returns (jobs, events seen).
 
     The tables may hold any columns of the schema as long as seq, job_key and
     state are among them; ``empty`` is the schema of the result when there are none.
+    ``group_events`` (default FOLD_GROUP_EVENTS) sets the size of the groups.
 
     Tables are folded in groups of about FOLD_GROUP_EVENTS events, so memory
     holds one group of events plus the folded rows, never every event. Each
@@ -311,7 +312,7 @@ def fold_tables(
         events += table.num_rows
         group.append(table)
         grouped += table.num_rows
-        if grouped >= FOLD_GROUP_EVENTS:
+        if grouped >= (group_events or FOLD_GROUP_EVENTS):
             fold_group()
             grouped = 0
     if group:

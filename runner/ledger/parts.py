@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,13 +105,7 @@ def read_part(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
     try:
         with pq.ParquetFile(path) as handle:
             schema = handle.schema_arrow
-            check_schema(schema, str(path))
-            # An older version's columns are a prefix of today's (columns are only appended).
-            have = len(schema)
-            if have > len(LEDGER_SCHEMA) or not all(
-                schema.field(i).equals(LEDGER_SCHEMA.field(i)) for i in range(have)
-            ):
-                raise LedgerCorruptError(f"ledger part {path} has an unexpected schema")
+            _check_part_schema(schema, path)
             wanted = LEDGER_SCHEMA.names if columns is None else list(columns)
             present = [n for n in wanted if n in schema.names]
             # One part at a time on few cores: threads cost more than they give.
@@ -123,6 +117,38 @@ def read_part(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
         raise
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise LedgerCorruptError(f"ledger part {path} cannot be read: {exc}") from exc
+
+
+def iter_part(
+    path: Path, columns: Sequence[str] | None = None, *, batch_rows: int = 65_536
+) -> Iterator[pa.Table]:
+    """One part in tables of at most ``batch_rows`` rows (every column, or those named), so
+    a part of millions of rows (a compacted ledger) is never read whole. Errors as read_part.
+    """
+    try:
+        with pq.ParquetFile(path) as handle:
+            schema = handle.schema_arrow
+            _check_part_schema(schema, path)
+            wanted = LEDGER_SCHEMA.names if columns is None else list(columns)
+            present = [n for n in wanted if n in schema.names]
+            batches = handle.iter_batches(batch_rows, columns=present, use_threads=False)
+            for batch in batches:
+                table = pa.Table.from_batches([batch])
+                yield table if len(present) == len(wanted) else _with_missing_columns(table, wanted)
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise LedgerCorruptError(f"ledger part {path} cannot be read: {exc}") from exc
+
+
+def _check_part_schema(schema: pa.Schema, path: Path) -> None:
+    check_schema(schema, str(path))
+    # An older version's columns are a prefix of today's (columns are only appended).
+    have = len(schema)
+    if have > len(LEDGER_SCHEMA) or not all(
+        schema.field(i).equals(LEDGER_SCHEMA.field(i)) for i in range(have)
+    ):
+        raise LedgerCorruptError(f"ledger part {path} has an unexpected schema")
 
 
 def _with_missing_columns(table: pa.Table, names: Sequence[str]) -> pa.Table:
@@ -142,6 +168,27 @@ def part_rows(path: Path) -> int:
         with pq.ParquetFile(path) as handle:
             rows: int = handle.metadata.num_rows
             return rows
+    except (pa.ArrowException, OSError) as exc:
+        raise LedgerCorruptError(f"ledger part {path} cannot be read: {exc}") from exc
+
+
+def part_size_of(
+    path: Path, columns: Sequence[str], lengths: Sequence[str] = ()
+) -> tuple[int, int]:
+    """(rows, uncompressed bytes of ``columns``) of a part, from its footer; a column of
+    ``lengths`` (read for its lengths only) counts 4 bytes a row."""
+    try:
+        with pq.ParquetFile(path) as handle:
+            meta = handle.metadata
+            wanted = set(columns) - set(lengths)
+            size = 4 * len(lengths) * meta.num_rows
+            for g in range(meta.num_row_groups):
+                group = meta.row_group(g)
+                for c in range(group.num_columns):
+                    chunk = group.column(c)
+                    if chunk.path_in_schema.split(".")[0] in wanted:
+                        size += chunk.total_uncompressed_size
+            return meta.num_rows, size
     except (pa.ArrowException, OSError) as exc:
         raise LedgerCorruptError(f"ledger part {path} cannot be read: {exc}") from exc
 

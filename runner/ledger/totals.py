@@ -8,8 +8,8 @@ estimates of the jobs that were billed, and what was billed.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -17,10 +17,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from runner.endpoints.money import format_usd, trim_usd
-from runner.ledger.schema import JobState
+from runner.ledger.schema import LEDGER_SCHEMA, JobState
 
 _ZERO = Decimal(0)
 STATE_ORDER = tuple(JobState)
+# The folded columns totals() reads (what a scan of the ledger must fold for it).
+COLUMNS = ("endpoint", "state", "estimated_usd", "billed_usd", "outputs", "megapixels",
+           "possible_duplicate", "reconciled", "duplicate_request_ids")  # fmt: skip
+# The list columns of which totals() reads only the number of items.
+LENGTHS = ("outputs", "duplicate_request_ids")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +96,9 @@ def totals(jobs: pa.Table) -> Totals:
         unknown_outcomes=by_state[JobState.SUBMITTING] + by_state[JobState.UNKNOWN],
         **_reconciliation(jobs),
     )
+
+
+_EMPTY = LEDGER_SCHEMA.empty_table()
 
 
 class SpendFacts(Protocol):
@@ -240,3 +248,52 @@ def _endpoint_sums(jobs: pa.Table) -> dict[str | None, dict[Any, Any]]:
         e["images"] += row["images_sum"] or 0
         e["mp"] += row["mp_sum"] or 0
     return per
+
+
+def merge_totals(parts: Iterable[Totals]) -> Totals:
+    """The totals of the jobs of several disjoint folded tables, from each one's totals.
+
+    Field by field, whatever the fields are: numbers and money add up (money trimmed as
+    totals() trims it), counts by key add up (states in JobState order), endpoints merge
+    by id (sorted as totals() sorts them).
+    """
+    merged: Totals | None = None
+    for part in parts:
+        merged = part if merged is None else _merged(merged, part)
+    return merged if merged is not None else totals(_EMPTY)
+
+
+def _merged(a: Any, b: Any) -> Any:
+    values: dict[str, Any] = {}
+    for f in fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if f.name == "endpoints":
+            values[f.name] = _merged_endpoints(x, y)
+        elif isinstance(x, Decimal):
+            values[f.name] = trim_usd(x + y)
+        elif isinstance(x, Mapping):
+            values[f.name] = _merged_counts(x, y)
+        elif isinstance(x, int) and not isinstance(x, bool):
+            values[f.name] = x + y
+        elif x == y:
+            values[f.name] = x
+        else:
+            raise ValueError(f"cannot merge {type(a).__name__}.{f.name}: {x!r} and {y!r}")
+    return type(a)(**values)
+
+
+def _merged_counts(x: Mapping[Any, int], y: Mapping[Any, int]) -> dict[Any, int]:
+    counts = Counter(x)
+    counts.update(y)
+    if all(isinstance(k, JobState) for k in counts):
+        return {s: counts[s] for s in STATE_ORDER if counts[s]}
+    return dict(sorted(counts.items()))
+
+
+def _merged_endpoints(
+    x: tuple[EndpointTotals, ...], y: tuple[EndpointTotals, ...]
+) -> tuple[EndpointTotals, ...]:
+    by_id: dict[str | None, EndpointTotals] = {e.endpoint: e for e in x}
+    for e in y:
+        by_id[e.endpoint] = _merged(by_id[e.endpoint], e) if e.endpoint in by_id else e
+    return tuple(v for _k, v in sorted(by_id.items(), key=lambda kv: (kv[0] is None, kv[0] or "")))

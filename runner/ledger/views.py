@@ -27,12 +27,16 @@ from runner.ledger.exports import MONEY_COLUMNS, export_batches, export_schema
 from runner.ledger.fold import read_folded
 from runner.ledger.journal import fsync_dir
 from runner.ledger.meta import read_run_meta
-from runner.ledger.schema import JobState
-from runner.ledger.totals import EndpointTotals, totals
-from runner.ledger.versions import split_versions
+from runner.ledger.scan import scan_folded
+from runner.ledger.schema import LEDGER_SCHEMA, JobState
+from runner.ledger.totals import COLUMNS as TOTALS_COLUMNS
+from runner.ledger.totals import LENGTHS as TOTALS_LENGTHS
+from runner.ledger.totals import EndpointTotals, Totals, merge_totals, totals
+from runner.ledger.versions import split_versions, superseded_mask
 
 ExportFormat = Literal["csv", "jsonl", "parquet"]
 _ZERO = Decimal(0)
+_EMPTY = LEDGER_SCHEMA.empty_table()
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,18 +92,48 @@ def status_summary(run_dir: Path | str, *, all_versions: bool = False) -> Status
     """Counts and spend of a run directory; takes no lock, so it works during a run.
 
     Superseded jobs (:mod:`runner.ledger.versions`) are counted apart unless ``all_versions``.
+    Read in slices of job keys with only the columns the totals need
+    (:func:`runner.ledger.scan.scan_folded`), so memory does not grow with the ledger; a
+    second pass tells superseded versions apart, only when there are some.
     """
     run_dir = Path(run_dir)
     _require_run_dir(run_dir)
-    read = read_folded(run_dir)
-    versions = split_versions(read.jobs, all_versions=all_versions)
-    jobs = versions.shown
-    counted = totals(jobs)
-    old = totals(versions.superseded)
-    last_at = pc.max(read.jobs["at"]).as_py() if read.jobs.num_rows else None
+    columns = [*TOTALS_COLUMNS, "at", "row_id", "variant"]
+
+    def reduce(slices: Iterator[pa.Table]) -> tuple[list[Totals], list[pa.Table], Any]:
+        parts, ids, last = [], [], None
+        for jobs in slices:
+            parts.append(totals(jobs))
+            ids.append(jobs.select(["job_key", "row_id", "variant", "seq"]))
+            at = pc.max(jobs["at"]).as_py()
+            last = at if last is None or (at is not None and at > last) else last
+        return parts, ids, last
+
+    (parts, ids, last_at), read = scan_folded(run_dir, columns, reduce, lengths=TOTALS_LENGTHS)
+    every = merge_totals(parts) if parts else totals(_EMPTY)
+    versions = pa.concat_tables(ids) if ids else None
+    mask = superseded_mask(versions) if versions is not None else None
+    old = totals(_EMPTY)
+    counted = every
+    if versions is not None and mask is not None and mask.any():
+        old_keys = versions["job_key"].filter(pa.array(mask))
+
+        def split(slices: Iterator[pa.Table]) -> tuple[list[Totals], list[Totals]]:
+            current, superseded = [], []
+            for jobs in slices:
+                gone = pc.is_in(jobs["job_key"], value_set=old_keys)
+                superseded.append(totals(jobs.filter(gone)))
+                current.append(totals(jobs.filter(pc.invert(gone))))
+            return current, superseded
+
+        (current, superseded), _ = scan_folded(
+            run_dir, TOTALS_COLUMNS, split, lengths=TOTALS_LENGTHS
+        )
+        old = merge_totals(superseded)
+        counted = every if all_versions else merge_totals(current)
     return StatusSummary(
         run_dir=run_dir,
-        jobs=jobs.num_rows,
+        jobs=counted.jobs,
         events=read.events,
         by_state=counted.by_state,
         by_endpoint=counted.endpoints,

@@ -14,13 +14,18 @@ import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import SecretStr
-
-from runner.config import RunConfig, build_config, key_from_env, load_toml
 from runner.errors import UsageError
-from runner.manifest.jobs import ExpandOptions
+
+# Declaring the flags needs none of these: `runner --help` stays clear of pydantic's models
+# (tests/test_startup.py); the functions that build a RunConfig import them when called.
+if TYPE_CHECKING:
+    from pydantic import SecretStr
+
+    from runner.config import RunConfig
+    from runner.manifest.jobs import ExpandOptions
+
 from runner.options.table import (
     BY_NAME,
     FLAG_OF_FIELD,
@@ -116,6 +121,8 @@ def file_values(path: Path) -> Given:
     boolean ``X`` may be given as ``no-X``. Unknown keys are problems naming key and file."""
     given = Given()
     seen: dict[str, str] = {}  # field -> the key that gave it
+    from runner.config import load_toml
+
     for key, raw in load_toml(path).items():
         name = key.replace("_", "-")
         option, negated = BY_NAME.get(name), False
@@ -149,7 +156,7 @@ def default_run_dir(manifest: Path) -> Path:
     return manifest.with_name(manifest.stem + ".runner")
 
 
-KeyOf = Callable[[Mapping[str, Any]], SecretStr | None]
+KeyOf = Callable[[Mapping[str, Any]], "SecretStr | None"]
 
 
 def _merged(args: argparse.Namespace, *, key: KeyOf) -> RunConfig:
@@ -158,6 +165,8 @@ def _merged(args: argparse.Namespace, *, key: KeyOf) -> RunConfig:
     A bad value is reported under the name it was given by: ``--max-cost`` for a flag,
     ``max-cost in run.toml`` for a key of the file; unknown keys are reported with them.
     """
+    from runner.config import build_config
+
     config_path: Path | None = getattr(args, "config", None)
     from_file = file_values(config_path) if config_path is not None else Given()
     from_flags = flag_values(args)
@@ -179,6 +188,8 @@ def _merged(args: argparse.Namespace, *, key: KeyOf) -> RunConfig:
 
 def run_config(args: argparse.Namespace, environ: Mapping[str, str]) -> RunConfig:
     """``run``'s configuration: the table's options, the manifest and ``FAL_KEY``."""
+
+    from runner.config import key_from_env
 
     def key(values: Mapping[str, Any]) -> SecretStr | None:
         # The embedded emulator brings its own key: FAL_KEY is neither read nor checked.

@@ -32,7 +32,7 @@ _NORMALISERS = (
 )
 _MESSAGE_CHARS = 300
 _FAILED_STATES = [s.value for s in (JobState.FAILED, JobState.CANCELLED, JobState.INVALID)]
-_COLUMNS = ["error_type", "error_message", "retryable", "row_id", "line", "source", "endpoint",
+COLUMNS = ["error_type", "error_message", "retryable", "row_id", "line", "source", "endpoint",
             "state"]  # fmt: skip
 
 
@@ -81,7 +81,7 @@ def failed_rows(jobs: pa.Table) -> pa.Table:
 def failure_groups(jobs: pa.Table, examples: int) -> tuple[list[FailureGroup], int]:
     """Every failure group, largest first, and the number of failed jobs."""
     failed = failed_rows(jobs)
-    cols = failed.select(_COLUMNS).to_pydict()
+    cols = failed.select(COLUMNS).to_pydict()
     counts: Counter[tuple[str, str]] = Counter()
     retryable: Counter[tuple[str, str]] = Counter()
     samples: dict[tuple[str, str], list[FailureExample]] = {}
