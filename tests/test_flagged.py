@@ -16,8 +16,11 @@ from PIL import Image
 from runner.emulator import parse_faults
 from runner.errors import EXIT_JOBS_FAILED, EXIT_OK
 from runner.execution.flagged import reroll_seed
+from runner.execution.scheduler import prior_spend
 from runner.execution.summary import print_summary
 from runner.ledger.fold import read_events, read_folded
+from runner.ledger.store import Ledger
+from runner.ledger.views import status_summary
 from runner.report.data import build_report
 from runner.report.text import render_text
 from tests.scenario import emulator, manifest, run, run_config
@@ -87,6 +90,13 @@ async def test_demo_with_flagged_rerolls_ends_with_no_flagged_output_and_reports
     print_summary(report, out)
     line = next(x for x in out.getvalue().splitlines() if "re-rolls of flagged" in x)
     assert line.endswith(f"  {t.rerolls} (${reroll_usd.normalize()} of the spend)")
+    # Status, the report and a later run's budget count the re-rolls as spent: everything
+    # the account was billed.
+    billed = Decimal(stats["billed_usd"])
+    assert status_summary(run_dir).spent_usd == billed
+    assert build_report(read_folded(run_dir).jobs, None, run_dir=run_dir).spent_usd == billed
+    with Ledger.open(run_dir) as ledger:
+        assert prior_spend(ledger.state(downloads=False)) == billed
 
 
 async def test_keep_is_the_default_and_counts_flagged_images(tmp_path: Path) -> None:

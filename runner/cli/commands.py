@@ -240,6 +240,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {ep.endpoint}: {_jobs(ep.jobs)} ({states}), billed {format_usd(ep.billed_usd)}")
     spent, estimated = format_usd(summary.billed_usd), format_usd(summary.estimated_usd)
     print(f"spent so far {spent} (estimated {estimated})")
+    if summary.reroll_usd:
+        print(f"re-rolls of flagged outputs: {format_usd(summary.reroll_usd)} on top "
+              f"(spent in all {format_usd(summary.spent_usd)})")  # fmt: skip
     if summary.superseded:
         print(superseded_note(summary))
     for line in spend_notes(summary):
@@ -280,6 +283,7 @@ def summary_json(summary: Any) -> dict[str, Any]:
         "superseded_estimated_usd": str(summary.superseded_estimated_usd),
         "all_versions": summary.all_versions,
         "spent_usd": str(summary.spent_usd),
+        "reroll_usd": str(summary.reroll_usd),
     }
 
 

@@ -115,10 +115,13 @@ def invalid_event(error: RowError, now: Any) -> LedgerEvent:
 
 
 def prior_spend(state: LedgerState) -> Decimal:
+    """What earlier runs spent: each job's latest billed attempt plus its paid re-rolls."""
     if len(state) == 0:
         return Decimal(0)
-    total = pc.sum(state.jobs["billed_usd"]).as_py()
-    return Decimal(0) if total is None else Decimal(total)
+    total = Decimal(pc.sum(state.jobs["billed_usd"]).as_py() or 0)
+    if "reroll_usd" in state.jobs.column_names:
+        total += Decimal(pc.sum(state.jobs["reroll_usd"]).as_py() or 0)
+    return total
 
 
 class Scheduler:

@@ -44,7 +44,7 @@ SHARDS_DIR = "shards"  # a sharded run directory: shards/<K>/ each a run directo
 _READ_ATTEMPTS = 20
 FOLD_GROUP_EVENTS = 1_000_000
 # What admission and resume read of each job: decide() (state, attempt, request_id,
-# retryable), the spend so far (billed_usd), cancelling in-flight jobs (endpoint).
+# retryable), the spend so far (billed_usd, reroll_usd), cancelling in-flight jobs (endpoint).
 ADMISSION_COLUMNS = (
     "seq",
     "job_key",
@@ -54,6 +54,7 @@ ADMISSION_COLUMNS = (
     "request_id",
     "retryable",
     "billed_usd",
+    "reroll_usd",  # paid re-rolls of flagged outputs: earlier spend, like billed_usd
 )
 # Per event: does it carry outputs and lack a local copy of any? Folded like outputs.
 _UNFETCHED = "outputs_unfetched"

@@ -23,7 +23,8 @@ _ZERO = Decimal(0)
 STATE_ORDER = tuple(JobState)
 # The folded columns totals() reads (what a scan of the ledger must fold for it).
 COLUMNS = ("endpoint", "state", "estimated_usd", "billed_usd", "outputs", "megapixels",
-           "possible_duplicate", "reconciled", "duplicate_request_ids")  # fmt: skip
+           "possible_duplicate", "reconciled", "duplicate_request_ids",
+           "reroll_usd")  # fmt: skip
 # The list columns of which totals() reads only the number of items.
 LENGTHS = ("outputs", "duplicate_request_ids")
 
@@ -61,6 +62,8 @@ class Totals:
     reconciled: Mapping[str, int]
     duplicates_found: int
     duplicates_found_usd: Decimal
+    # What re-rolls of flagged outputs (--flagged reroll) were billed: paid, on top of billed.
+    reroll_usd: Decimal = _ZERO
 
 
 def totals(jobs: pa.Table) -> Totals:
@@ -95,7 +98,15 @@ def totals(jobs: pa.Table) -> Totals:
         possible_duplicate_usd=trim_usd(flagged_usd),
         unknown_outcomes=by_state[JobState.SUBMITTING] + by_state[JobState.UNKNOWN],
         **_reconciliation(jobs),
+        reroll_usd=reroll_spend(jobs),
     )
+
+
+def reroll_spend(jobs: pa.Table) -> Decimal:
+    """What the re-rolls of flagged outputs cost (``reroll_usd``, carried on each job)."""
+    if "reroll_usd" not in jobs.column_names or jobs.num_rows == 0:
+        return _ZERO
+    return trim_usd(Decimal(pc.sum(jobs["reroll_usd"]).as_py() or 0))
 
 
 _EMPTY = LEDGER_SCHEMA.empty_table()

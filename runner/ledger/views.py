@@ -65,13 +65,15 @@ class StatusSummary:
     superseded_billed_usd: Decimal = _ZERO
     superseded_estimated_usd: Decimal = _ZERO
     all_versions: bool = False
+    # Re-rolls of flagged outputs, every version: paid, on top of what billed_usd counts.
+    reroll_usd: Decimal = _ZERO
 
     @property
     def spent_usd(self) -> Decimal:
-        """Everything billed, superseded versions included, whatever the counts show."""
-        if self.all_versions:
-            return self.billed_usd
-        return trim_usd(self.billed_usd + self.superseded_billed_usd)
+        """Everything billed: superseded versions and re-rolls included, whatever the counts
+        show."""
+        older = _ZERO if self.all_versions else self.superseded_billed_usd
+        return trim_usd(self.billed_usd + older + self.reroll_usd)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -152,6 +154,7 @@ def status_summary(run_dir: Path | str, *, all_versions: bool = False) -> Status
         superseded_billed_usd=old.billed_usd,
         superseded_estimated_usd=old.estimated_usd,
         all_versions=all_versions,
+        reroll_usd=every.reroll_usd,
     )
 
 

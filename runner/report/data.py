@@ -126,10 +126,10 @@ class Report:
 
     @property
     def spent_usd(self) -> Decimal:
-        """Everything billed, superseded versions included, whatever the counts show."""
-        if self.all_versions:
-            return self.billed_usd
-        return trim_usd(self.billed_usd + self.superseded_billed_usd)
+        """Everything billed: superseded versions and re-rolls included, whatever the counts
+        show."""
+        older = _ZERO if self.all_versions else self.superseded_billed_usd
+        return trim_usd(self.billed_usd + older + self.safety.reroll_usd)
 
 
 def _safety(jobs: pa.Table) -> Safety:

@@ -85,6 +85,7 @@ STATUS_SCHEMA: dict[str, Any] = _document(
         "duplicates_found": _COUNT,
         "duplicates_found_usd": _USD,
         **_VERSIONS,
+        "reroll_usd": _USD,  # re-rolls of flagged outputs, on top of billed_usd; in spent_usd
     },
 )
 
