@@ -4,6 +4,7 @@ re-rolled and recorded, and the re-roll cost in the summary and the report."""
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from decimal import Decimal
 from pathlib import Path
@@ -22,6 +23,8 @@ from runner.ledger.fold import read_events, read_folded
 from runner.ledger.store import Ledger
 from runner.ledger.views import status_summary
 from runner.report.data import build_report
+from runner.report.dataset_writers import export_dataset
+from runner.report.datasets import DatasetOptions
 from runner.report.text import render_text
 from tests.scenario import emulator, manifest, run, run_config
 
@@ -97,6 +100,13 @@ async def test_demo_with_flagged_rerolls_ends_with_no_flagged_output_and_reports
     assert build_report(read_folded(run_dir).jobs, None, run_dir=run_dir).spent_usd == billed
     with Ledger.open(run_dir) as ledger:
         assert prior_spend(ledger.state(downloads=False)) == billed
+    # The ImageFolder export (everything, flagged included if there were any) has no
+    # flagged and no black image.
+    everything = DatasetOptions(include_failed=True, include_flagged=True)
+    _chosen, written = export_dataset(run_dir, tmp_path / "ds", "imagefolder", everything)
+    lines = [json.loads(x) for x in (tmp_path / "ds" / "metadata.jsonl").read_text().splitlines()]
+    assert written.images == len(lines) == 14 and not any(x["flagged"] for x in lines)
+    assert not any(is_black(str(tmp_path / "ds" / x["file_name"])) for x in lines)
 
 
 async def test_keep_is_the_default_and_counts_flagged_images(tmp_path: Path) -> None:
