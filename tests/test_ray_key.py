@@ -50,7 +50,8 @@ def test_what_the_driver_sends_a_worker_holds_no_key(tmp_path: Path, with_keys_f
     assert specs[0].key.get_secret_value() == CANARY
     calls = [shard_call(config, shard, specs[shard % len(specs)], "board", 5.0)
              for shard in range(config.shards or 0)]  # fmt: skip
-    for blob in (pickle.dumps(calls), ray.cloudpickle.dumps(calls)):
+    blobs = (pickle.dumps(calls), ray.cloudpickle.dumps(calls))  # type: ignore[no-untyped-call]
+    for blob in blobs:
         assert _leaks(blob, CANARY, OTHER) == []
     wire, ref, keys_path, gate, board, ttl = calls[1]
     assert wire.key is None and wire.shard == 1 and wire.keys_file is None
