@@ -14,7 +14,11 @@ ray = pytest.importorskip("ray")
 
 from anyio.from_thread import start_blocking_portal  # noqa: E402
 
+from runner.cli import main  # noqa: E402
 from runner.emulator.server import serve  # noqa: E402
+from runner.emulator.settings import DEFAULT_KEY  # noqa: E402
+from runner.errors import EXIT_USAGE  # noqa: E402
+from runner.fal.key import fingerprint, secret_forms  # noqa: E402
 from runner.ledger.views import status_summary  # noqa: E402
 from runner.scale.ray_driver import RayRun, run_ray  # noqa: E402
 from tests.accounts_support import Accounts  # noqa: E402
@@ -24,9 +28,15 @@ from tests.test_keys import KEY_A, KEY_B  # noqa: E402
 
 @pytest.fixture(scope="module")
 def ray_local() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, namespace="runner", log_to_driver=False)
-    yield
-    ray.shutdown()
+    # No key travels through Ray: each worker finds its own in FAL_KEY (or --keys-file). A
+    # local cluster's workers inherit this environment as it is at ray.init.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("FAL_KEY", DEFAULT_KEY)
+        ray.init(num_cpus=2, include_dashboard=False, namespace="runner", log_to_driver=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 @asynccontextmanager
@@ -91,3 +101,41 @@ def test_two_keys_on_ray_each_held_to_their_own(ray_local: None, tmp_path: Path)
     assert sum(a.endings.values()) + sum(b.endings.values()) == 200
     assert 0 < a.peak_outstanding <= 3
     assert 0 < b.peak_outstanding <= 9
+
+
+def _ray_argv(path: Path, run_dir: Path, base_url: str) -> list[str]:
+    return ["ray", str(path), "--ledger", str(run_dir), "--shards", "2", "--workers", "2",
+            "--queue-url", base_url, "--concurrency", "2", "--rate", "1000", "--no-download",
+            "--quiet"]  # fmt: skip
+
+
+def test_runner_ray_command_runs_the_shards(
+    ray_local: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, run_dir = manifest(tmp_path, 20), tmp_path / "run"
+    with (
+        start_blocking_portal() as portal,
+        portal.wrap_async_context_manager(emulator(concurrency=2, time_scale=0.002)) as emu,
+        portal.wrap_async_context_manager(_served(emu)) as served,
+    ):
+        code = main(_ray_argv(path, run_dir, served.base_url))
+        stats = emu.stats
+    assert code == 0, capsys.readouterr().err
+    assert status_summary(run_dir).by_state == {"completed": 20}
+    assert sorted(p.name for p in (run_dir / "shards").iterdir()) == ["0", "1"]
+    assert stats.duplicates == 0 and stats.endings["succeeded"] == 20
+
+
+def test_a_worker_without_the_drivers_key_fails_naming_its_fingerprint(
+    ray_local: None, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    # The driver's FAL_KEY is not the workers' (theirs is the emulator's, from ray.init).
+    other = "0a1b2c3d-4e5f-6a7b-8c9d-driverkey001:ffeeddccbbaa00998877665544332211aabbccdd"
+    monkeypatch.setenv("FAL_KEY", other)
+    code = main(_ray_argv(manifest(tmp_path, 4), tmp_path / "run", "http://127.0.0.1:9"))
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE, err
+    assert f"no key with fingerprint {fingerprint(other)}" in err
+    assert "set FAL_KEY or --keys-file" in err and "every node" in err
+    assert not [form for form in secret_forms(other) if form in err]

@@ -14,6 +14,10 @@ A key is known everywhere else by its fingerprint (:func:`runner.fal.key.fingerp
 
 Shard ``K`` uses key ``K mod len(keys)``, unless its ledger says another key submitted its
 jobs: then it keeps that key, so re-attach and cancel ask with the key that submitted.
+
+A key never travels to another machine (Ray's task arguments pass through its object store,
+which can spill to disk): what travels is a :class:`KeyRef`, the fingerprint and limits, and
+the worker finds the key itself in its own ``FAL_KEY`` or keys file (:func:`find_key`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
+from runner.config import key_from_env
 from runner.errors import UsageError
 from runner.fal.key import fingerprint, key_problem
 
@@ -50,6 +55,19 @@ class KeySpec:
             f"KeySpec({self.fingerprint}, concurrency={self.concurrency}, "
             f"rate_per_s={self.rate_per_s})"
         )
+
+    def ref(self) -> KeyRef:
+        """This key's fingerprint and limits, without the key: what may cross machines."""
+        return KeyRef(self.fingerprint, self.concurrency, self.rate_per_s)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRef:
+    """A key known by its fingerprint and limits only; :func:`find_key` gives the key back."""
+
+    fingerprint: str
+    concurrency: int | None = None
+    rate_per_s: float | None = None
 
 
 def parse_keys(text: str, *, source: str = "keys file") -> list[KeySpec]:
@@ -120,4 +138,34 @@ def key_for_shard(
     raise UsageError(
         f"shard {shard} was submitted with key {was}, which is not among the keys given; "
         "add it back (its in-flight jobs can only be re-attached or cancelled with it)"
+    )
+
+
+def find_key(ref: KeyRef, *, environ: Mapping[str, str], keys_file: Path | None) -> KeySpec:
+    """The key of fingerprint ``ref.fingerprint`` on this machine, with ``ref``'s limits.
+
+    Looks at ``FAL_KEY`` in ``environ``, then at the keys of ``keys_file`` (when given).
+    None matching is a UsageError naming the fingerprint and what was looked at, never a key.
+    """
+    looked: list[str] = []
+    candidates: list[SecretStr] = []
+    env_key = key_from_env(environ)
+    looked.append("FAL_KEY (not set)" if env_key is None else "FAL_KEY (another key)")
+    if env_key is not None:
+        candidates.append(env_key)
+    if keys_file is not None:
+        try:
+            listed = load_keys(keys_file)
+        except UsageError as exc:
+            looked.append(f"--keys-file ({exc})")
+        else:
+            candidates.extend(spec.key for spec in listed)
+            looked.append(f"--keys-file {keys_file} ({len(listed)} keys, none of them it)")
+    for key in candidates:
+        if fingerprint(key) == ref.fingerprint:
+            return KeySpec(key, ref.fingerprint, ref.concurrency, ref.rate_per_s)
+    raise UsageError(
+        f"this machine has no key with fingerprint {ref.fingerprint} (looked at "
+        f"{'; '.join(looked)}): keys never travel with the work, so set FAL_KEY or "
+        "--keys-file (the same path) to that key on every node"
     )

@@ -9,6 +9,12 @@
       a shard whose worker dies is started again (up to ``restarts`` times): it resumes
         from its own ledger and adopts the leases its previous worker still held
 
+No key travels through Ray (its task arguments pass through the object store and the GCS,
+which can spill to disk under /tmp/ray): a shard's worker is sent its config without the key,
+the key's fingerprint and limits (:class:`runner.scale.keys.KeyRef`) and the path of
+``--keys-file``, and finds the key on its own machine, in ``FAL_KEY`` or that file
+(:func:`shard_call`, :func:`runner.scale.keys.find_key`).
+
 The ledger, not Ray, decides what is sent again: Ray only restarts a shard, whose run
 re-attaches or reconciles what its ledger left in flight. A dead worker's leases expire
 after ``lease_ttl_s`` unless its shard's next worker adopts them first.
@@ -20,14 +26,17 @@ this module except the ``ray`` command.
 from __future__ import annotations
 
 import io
+import os
 import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import ray
 
 from runner.config import RunConfig
@@ -36,7 +45,7 @@ from runner.execution.budget import Budget
 from runner.execution.engine import Hooks, execute
 from runner.execution.progress import Progress, Tally
 from runner.execution.summary import RunReport
-from runner.scale.keys import KeySpec
+from runner.scale.keys import KeyRef, KeySpec, find_key
 from runner.scale.shards import build_gate, combine, prepare, shard_config, sum_tallies
 
 NAMESPACE = "runner"
@@ -142,11 +151,16 @@ class ShardWorker:
     """Runs one shard to its end in this worker process."""
 
     async def run(
-        self, config: RunConfig, spec: KeySpec, gate_name: str, board_name: str, ttl_s: float
-    ) -> tuple[Tally, int, str, list[str]]:
+        self, config: RunConfig, ref: KeyRef, keys_file: Path | None, gate_name: str,
+        board_name: str, ttl_s: float,
+    ) -> tuple[Tally, int, str, list[str]]:  # fmt: skip
         # An async actor: this runs on the worker's asyncio loop (anyio runs on it as is).
         assert config.shard is not None
         shard = config.shard
+        spec = await anyio.to_thread.run_sync(
+            lambda: find_key(ref, environ=os.environ, keys_file=keys_file)
+        )
+        config = config.model_copy(update={"key": spec.key})
         slots = ActorSlots(ray.get_actor(gate_name, namespace=NAMESPACE), f"shard-{shard}",
                            ttl_s=ttl_s)  # fmt: skip
         await slots.start()
@@ -173,6 +187,24 @@ class ShardWorker:
         tally = _portable(report.tally)
         await board.update.remote(shard, tally)
         return tally, report.exit_code, report.message, report.lines
+
+
+def shard_call(
+    config: RunConfig, shard: int, spec: KeySpec, board_name: str, ttl_s: float
+) -> tuple[RunConfig, KeyRef, Path | None, str, str, float]:
+    """The arguments of ``ShardWorker.run`` for ``shard``: everything but the key.
+
+    They cross Ray's object store, so the config goes without its key, the key as its
+    fingerprint and limits, and ``--keys-file`` as its path; the worker finds the key.
+    """
+    keys_file = None if config.keys_file is None else config.keys_file.resolve()
+    wire = shard_config(config, shard, spec).model_copy(update={"key": None})
+    return wire, spec.ref(), keys_file, gate_actor_name(spec.fingerprint), board_name, ttl_s
+
+
+def gate_actor_name(fingerprint: str) -> str:
+    """The named actor holding a key's slots."""
+    return f"runner-gate-{fingerprint}"
 
 
 def _portable(tally: Tally) -> Tally:
@@ -214,7 +246,7 @@ def run_ray(
         if spec.fingerprint not in run.gates:
             limit = shard_config(config, 0, spec).in_flight_limit
             run.gates[spec.fingerprint] = SlotGate.options(  # type: ignore[attr-defined]
-                name=f"runner-gate-{spec.fingerprint}", namespace=NAMESPACE,
+                name=gate_actor_name(spec.fingerprint), namespace=NAMESPACE,
                 get_if_exists=True, lifetime="detached",
             ).remote(limit)  # fmt: skip
     board_name = f"runner-progress-{tag}"
@@ -230,10 +262,7 @@ def run_ray(
         spec = chosen[shard]
         actor = ShardWorker.remote()  # type: ignore[attr-defined]
         run.actors[shard] = actor
-        ref = actor.run.remote(
-            shard_config(config, shard, spec), spec, f"runner-gate-{spec.fingerprint}",
-            board_name, lease_ttl_s,
-        )  # fmt: skip
+        ref = actor.run.remote(*shard_call(config, shard, spec, board_name, lease_ttl_s))
         running[ref] = shard
 
     try:
@@ -252,6 +281,10 @@ def run_ray(
                     results[shard] = ray.get(ref)
                     # A finished shard's actor would keep its half CPU: let the next one in.
                     ray.kill(run.actors.pop(shard))
+                except ray.exceptions.RayTaskError as exc:
+                    if isinstance(exc.cause, UsageError):  # no key on that node, say
+                        raise UsageError(f"shard {shard}: {exc.cause}") from None
+                    raise
                 except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError):
                     run.restarts[shard] += 1
                     if run.restarts[shard] > restarts:
@@ -259,6 +292,8 @@ def run_ray(
                     progress.say(f"shard {shard}: worker died; starting it again (resumes)")
                     pending.appendleft(shard)
     finally:
+        for actor in run.actors.values():  # left running only when the run failed
+            ray.kill(actor)
         progress.close()
     tallies = [results[k][0] for k in picks]
     reports = [
