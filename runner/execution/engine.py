@@ -108,7 +108,9 @@ def manifest_fingerprint(path: Path) -> dict[str, Any]:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     stat = path.stat()
-    return {"path": str(path), "sha256": digest.hexdigest(), "bytes": stat.st_size}
+    # dir: where its relative input paths start, for a report made from elsewhere.
+    return {"path": str(path), "sha256": digest.hexdigest(), "bytes": stat.st_size,
+            "dir": str(path.resolve().parent)}  # fmt: skip
 
 
 def write_run_metadata(

@@ -106,7 +106,8 @@ class Ledger:
     ) -> Ledger:
         """Lock the run directory, recover from any crash, and start a new journal segment.
 
-        ``run_id``, when given, is stamped on every event appended that has none
+        ``run_id``, when given, is stamped on every event appended (its own wins over one
+        an event copied from an earlier record carries)
         (:func:`runner.ledger.meta.new_run_id`: one per invocation of ``runner run``).
 
         ``redact``, when given, is applied to every text of every event appended
@@ -151,7 +152,8 @@ class Ledger:
             self._next_seq += 1
             encoded = encode_event(event, seq)
             if self.run_id is not None:
-                encoded.setdefault("run_id", self.run_id)
+                # This invocation wrote it, even when it copies an earlier run's record.
+                encoded["run_id"] = self.run_id
             self._pending.append(encode_line(encoded))
         return seq
 
