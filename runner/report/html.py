@@ -236,11 +236,15 @@ def _failures(report: Report) -> str:
     rows = []
     for g in report.failures:
         examples = "<br>".join(
-            f"row <code>{_e(x.row_id or '?')}</code> ({_e(x.source or '?')}:{_e(x.line or '?')})"
+            f"row <code>{_e(x.row_id or '?')}</code> ({_e(x.source or '?')}:{_e(x.line or '?')}"
+            f"{', ' + _e(x.endpoint) if x.endpoint else ''})"
             for x in g.examples
         )
-        rows.append([str(g.count), _e(g.error_type), _e(g.message), str(g.retryable), examples])
-    head = ["jobs", "error type", "message (normalised)", "retryable", "examples"]
+        on = "<br>".join(f"<code>{_e(ep)}</code> ({n})" for ep, n in g.endpoints)
+        message = _e(g.summary or g.message)
+        rows.append([str(g.count), _e(g.error_type), message, on, str(g.retryable), examples])
+    head = ["jobs", "error type", "message (what differs blanked)", "endpoints", "retryable",
+            "examples"]  # fmt: skip
     return intro + ".</p>" + _table(head, rows, numeric_from=9)
 
 

@@ -50,6 +50,7 @@ class Invocation:
     events: int  # ledger events it wrote (fewer after a compaction)
     counts_from: str  # "run.json" or "ledger"
     last_event_at: datetime | None = None  # its latest event: where one that died stopped
+    skipped: int = 0  # completed before it, left alone (run.json only)
 
     @property
     def status(self) -> str:
@@ -146,6 +147,7 @@ def _from_meta(entry: Mapping[str, Any], seen: _Seen) -> Invocation:
         events=seen.events,
         counts_from="run.json" if use_meta else "ledger",
         last_event_at=seen.last_at,
+        skipped=_int(entry.get("skipped")) if use_meta else 0,
     )
 
 

@@ -171,7 +171,9 @@ REPORT_SCHEMA: dict[str, Any] = _document(
                     "spent_usd": _USD,
                     "events": _COUNT,
                     "counts_from": {"enum": ["run.json", "ledger"]},
-                }
+                },
+                skipped=_COUNT,
+                last_event_at={"anyOf": [_TIME, {"type": "null"}]},
             ),
         },
         # The run over time, per bucket of bucket_s seconds from start (runner.report.timeline).

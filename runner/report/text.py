@@ -156,7 +156,8 @@ def when(inv: Invocation) -> str:
 
 def invocation_summary(inv: Invocation) -> str:
     """Its jobs and spend: ``13 completed, 1 failed, $0.49``."""
-    return f"{inv.completed} completed, {inv.failed} failed, {format_usd(inv.spent_usd)}"
+    skipped = f", {inv.skipped} skipped (done before)" if inv.skipped else ""
+    return f"{inv.completed} completed{skipped}, {inv.failed} failed, {format_usd(inv.spent_usd)}"
 
 
 def _invocation_lines(report: Report) -> list[str]:
@@ -196,7 +197,10 @@ def _failure_lines(report: Report) -> list[str]:
         lines[0] += f" (top {shown})"
     for g in report.failures:
         retry = f", {g.retryable} retryable" if g.retryable else ""
-        lines.append(f"  {g.count:>6}  {g.error_type}: {g.message or '(no message)'}{retry}")
+        lines.append(f"  {g.count:>6}  {g.error_type}: {g.summary or '(no message)'}{retry}")
+        if g.endpoints:
+            on = ", ".join(f"{ep} ({n})" for ep, n in g.endpoints)
+            lines.append(f"          on {on}")
         for ex in g.examples:
             where = f"{ex.source or '?'}:{ex.line if ex.line is not None else '?'}"
             lines.append(f"          e.g. row {ex.row_id or '?'} ({where}, {ex.endpoint or '-'})")
