@@ -98,9 +98,10 @@ def _merge_word(words: set[str]) -> str:
     tail = min(tail, shortest)
     while tail and rest[0][len(rest[0]) - tail] not in _TAIL_BREAKS:
         tail -= 1
-    middle = first[head : len(first) - tail]
-    blank = normalise_message(middle)
-    if not blank or "<" not in blank or len(blank) > 12:
+    # The middles' own placeholder when they agree on one (all numbers: <n>), else <…>.
+    blanks = {normalise_message(w[head : len(w) - tail]) for w in words}
+    blank = blanks.pop() if len(blanks) == 1 else _BLANK
+    if not blank.startswith("<") or len(blank) > 12:
         blank = _BLANK
     return first[:head] + blank + first[len(first) - tail :]
 
