@@ -18,7 +18,7 @@ from runner.ledger.meta import write_run_meta
 from runner.report.data import build_report, load_jobs
 from runner.report.gallery import Thumbnails, gallery
 from runner.report.html import PAGE_SIZE, render_html, write_html
-from tests.report_support import LORA, T0, intent, local, png, sample_run, write_run
+from tests.report_support import LORA, T0, edit_run, intent, png, sample_run, write_run
 
 
 @pytest.fixture
@@ -245,29 +245,6 @@ def test_gallery_can_hold_only_some_states(run_dir: Path, tmp_path: Path) -> Non
     page, _ = render_html(build_report(jobs, None), failed, thumbs=None, page_dir=tmp_path)
     assert "Only failed or invalid jobs are in the gallery." in page
     assert "1 of 4 failed or invalid jobs are in the gallery; 3 were left out" in page
-
-
-def edit_run(tmp_path: Path) -> Path:
-    """Edits: a local input beside its output, a remote input, a missing one, a mask."""
-    folder = tmp_path / "manifests"
-    png(folder / "images" / "chair.png", (80, 60), (10, 120, 200))
-    png(folder / "images" / "mask.png", (80, 60), (255, 255, 255))
-    run_dir = tmp_path / "run"
-    out = local(run_dir, "edit-0.png")
-    edits = [
-        ("e1", "chair-red", {"prompt": "red", "image_url": "images/chair.png",
-                             "mask_url": "images/mask.png"}),
-        ("e2", "chair-url", {"prompt": "url", "image_url": "https://cdn.example/in.png"}),
-        ("e3", "chair-gone", {"prompt": "gone", "image_urls": ["images/none.png"]}),
-        ("e4", "plain", {"prompt": "no input"}),
-    ]  # fmt: skip
-    events: list[LedgerEvent] = []
-    for i, (key, row, request) in enumerate(edits):
-        events.append(intent(key, row, i + 2, LORA, at=T0, estimated="0.035", request=request))
-    events.append(LedgerEvent(job_key="e1", state=JobState.COMPLETED, at=T0, outputs=(out,)))
-    write_run(run_dir, events, meta=False)
-    write_run_meta(run_dir, {"manifest": {"path": "manifests/edits.csv", "dir": str(folder)}})
-    return run_dir
 
 
 def test_edits_show_their_input_beside_the_output(tmp_path: Path) -> None:
