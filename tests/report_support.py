@@ -161,7 +161,7 @@ def edit_run(tmp_path: Path) -> Path:
     png(folder / "images" / "mask.png", (80, 60), (255, 255, 255))
     run_dir = tmp_path / "run"
     out = local(run_dir, "edit-0.png")
-    edits = [
+    edits: list[tuple[str, str, dict[str, object]]] = [
         ("e1", "chair-red", {"prompt": "red", "image_url": "images/chair.png",
                              "mask_url": "images/mask.png"}),
         ("e2", "chair-url", {"prompt": "url", "image_url": "https://cdn.example/in.png"}),

@@ -153,7 +153,6 @@ def test_without_events_run_json_alone_gives_the_lines(tmp_path: Path) -> None:
     assert lines[1].completed == 0 and lines[1].status == "did not finish"
 
 
-
 @pytest.mark.anyio
 async def test_each_run_records_its_invocation_and_stamps_its_events(tmp_path: Path) -> None:
     path = manifest(tmp_path, 3)

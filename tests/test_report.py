@@ -193,15 +193,23 @@ def test_failure_groups_show_what_their_messages_share(report: Report) -> None:
         (["no such file: images/chair.jpg"] * 3, "no such file: images/chair.jpg"),
         (["timed out after 300 s", "timed out after 20 s"], "timed out after <n> s"),
         (
-            [f"GET https://queue.fal.run/fal-ai/flux-lora/requests/{rid}/status: HTTP 500"
-             for rid in ("3f2b1c9e-1d2a-4b3c-8d4e-5f6a7b8c9d0e",
-                         "1f2b1c9e-1d2a-4b3c-8d4e-5f6a7b8c9d0f")],
+            [
+                f"GET https://queue.fal.run/fal-ai/flux-lora/requests/{rid}/status: HTTP 500"
+                for rid in (
+                    "3f2b1c9e-1d2a-4b3c-8d4e-5f6a7b8c9d0e",
+                    "1f2b1c9e-1d2a-4b3c-8d4e-5f6a7b8c9d0f",
+                )
+            ],
             "GET https://queue.fal.run/fal-ai/flux-lora/requests/<id>/status: HTTP 500",
-        ),  # fmt: skip
-        (["input /data/in/a1.png is not a PNG", "input /data/in/b22.png is not a PNG"],
-         "input /data/in/<id>.png is not a PNG"),  # fmt: skip
-        (["model fal-ai/flux-2 refused", "model fal-ai/flux-lora refused"],
-         "model fal-ai/flux-<…> refused"),  # fmt: skip
+        ),
+        (
+            ["input /data/in/a1.png is not a PNG", "input /data/in/b22.png is not a PNG"],
+            "input /data/in/<id>.png is not a PNG",
+        ),
+        (
+            ["model fal-ai/flux-2 refused", "model fal-ai/flux-lora refused"],
+            "model fal-ai/flux-<…> refused",
+        ),
         # Word counts differ: no word-by-word merge, the normalised message.
         (["bad file a/b.png", "bad file a/c.png now"], "bad file <path>"),
     ],

@@ -271,7 +271,7 @@ def test_edits_show_their_input_beside_the_output(tmp_path: Path) -> None:
     assert gone["f"] == "image_urls[0]" and gone["t"] is None
     assert gone["n"] == "input file not found: images/none.png"
     assert cards["plain"]["i"] == []
-    assert "figure(\"before\"" in page and "figcaption" in page  # the script draws the pair
+    assert 'figure("before"' in page and "figcaption" in page  # the script draws the pair
 
 
 def test_edit_inputs_link_relative_to_the_page_with_link_images(tmp_path: Path) -> None:

@@ -133,8 +133,9 @@ def invocation_facts(tally: Tally, exit_code: int | None, message: str) -> dict[
     """What run.json keeps of how one invocation ended: its exit, its jobs, its spend."""
     return {
         "exit_code": exit_code, "message": message, "completed": tally.completed,
-        "skipped": tally.skipped, "failed": tally.failed, "invalid": tally.invalid, "unknown": tally.unknown,
-        "cached": tally.cached, "rerolls": tally.rerolls, "spent_usd": str(tally.spent_usd),
+        "skipped": tally.skipped, "failed": tally.failed, "invalid": tally.invalid,
+        "unknown": tally.unknown, "cached": tally.cached, "rerolls": tally.rerolls,
+        "spent_usd": str(tally.spent_usd),
     }  # fmt: skip
 
 

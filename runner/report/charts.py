@@ -86,7 +86,7 @@ def _bar(slot: float) -> tuple[float, float]:
 
 
 def _count(value: float) -> str:
-    return f"{value:,.0f}"
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.1f}"
 
 
 def bar_chart(values: Sequence[int], *, labels: Sequence[str], title: str, unit: str = "") -> str:

@@ -15,7 +15,6 @@ group also counts its jobs per endpoint.
 
 from __future__ import annotations
 
-import os
 import re
 from collections import Counter
 from collections.abc import Collection
@@ -86,14 +85,23 @@ def _cut(text: str, limit: int = _MESSAGE_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _common_start(texts: list[str]) -> int:
+    """How many leading characters every text shares."""
+    shortest = min(len(t) for t in texts)
+    for i in range(shortest):
+        if len({t[i] for t in texts}) > 1:
+            return i
+    return shortest
+
+
 def _merge_word(words: set[str]) -> str:
     """One word of several messages: their common start and end around a blank."""
     first = min(words)
-    head = len(os.path.commonprefix(list(words)))
+    head = _common_start(list(words))
     while head and first[head - 1] not in _HEAD_BREAKS:
         head -= 1
     rest = [w[head:] for w in words]
-    tail = len(os.path.commonprefix([w[::-1] for w in rest]))
+    tail = _common_start([w[::-1] for w in rest])
     shortest = min(len(w) for w in rest)
     tail = min(tail, shortest)
     while tail and rest[0][len(rest[0]) - tail] not in _TAIL_BREAKS:
@@ -164,10 +172,14 @@ def failure_groups(jobs: pa.Table, examples: int) -> tuple[list[FailureGroup], i
     ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     groups = [
         FailureGroup(
-            key[0], key[1], count, retryable[key], tuple(samples[key]),
+            key[0],
+            key[1],
+            count,
+            retryable[key],
+            tuple(samples[key]),
             summary=common_message(distinct[key]) or key[1],
             endpoints=tuple(sorted(endpoints[key].items(), key=lambda kv: (-kv[1], kv[0]))),
-        )  # fmt: skip
+        )
         for key, count in ordered
     ]
     return groups, failed.num_rows

@@ -1,11 +1,14 @@
 """The run report as one self-contained HTML page that loads nothing from the network.
 
-Everything is inline: CSS, a few lines of JavaScript, the cost chart (SVG) and the gallery's
-data (JSON in a ``<script type="application/json">``). Output images appear as JPEG
-thumbnails embedded as data URIs, or (``link_images``) by a path relative to the page; an
-output that was never downloaded shows a placeholder and a plain link to its URL, never an
-``<img>`` pointing at the network. The gallery is filtered by state and endpoint and
-paginated in the browser; user text reaches the DOM only through ``textContent``.
+Everything is inline: CSS, a few lines of JavaScript, the charts (SVG from
+:mod:`runner.report.charts`: cost by endpoint, and the run over time) and the gallery's data
+(JSON in a ``<script type="application/json">``). Output images appear as JPEG thumbnails
+embedded as data URIs, or (``link_images``) by a path relative to the page; an output that
+was never downloaded shows a placeholder and a plain link to its URL, never an ``<img>``
+pointing at the network. An edit's card shows its input images ("before",
+:mod:`runner.report.pairs`) beside its outputs ("after"), the same way. The gallery is
+filtered by state and endpoint and paginated in the browser; user text reaches the DOM
+only through ``textContent``.
 """
 
 from __future__ import annotations
