@@ -25,13 +25,14 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from runner.endpoints.money import trim_usd
 from runner.ledger import JobState
 from runner.ledger.meta import invocations as meta_invocations
-from runner.report.timeline import transitions
+from runner.report.timeline import JobOrder, transitions
 
 _ZERO = Decimal(0)
 
@@ -99,34 +100,50 @@ def invocation_lines(
 def _by_run_id(events: pa.Table | None) -> dict[str | None, _Seen]:
     if events is None or events.num_rows == 0:
         return {}
-    table = events.select(["seq", "at", "job_key", "state", "run_id", "billed_usd"])
+    jobs = JobOrder.of(events)
     # A bill counts at the job's move into its end state, not again when re-recorded.
-    moved = pa.array(transitions(table))
-    billed = pc.if_else(moved, table["billed_usd"], pa.scalar(None, table["billed_usd"].type))
-    table = table.set_column(5, "billed_usd", billed)
-    out: dict[str | None, _Seen] = {}
+    moved = pa.array(transitions(events, jobs))
+    billed = pc.if_else(moved, events["billed_usd"], pa.scalar(None, events["billed_usd"].type))
+    table = pa.table({"run_id": events["run_id"], "at": events["at"], "billed_usd": billed})
     stats = table.group_by("run_id", use_threads=False).aggregate(
-        [("at", "min"), ("at", "max"), ("seq", "count"), ("billed_usd", "sum")]
+        [("at", "min"), ("at", "max"), ("at", "count"), ("billed_usd", "sum")]
     )
-    # Each job's last event within each invocation: what that invocation left it in.
-    ordered = table.sort_by([("seq", "ascending")])
-    last = ordered.group_by(["run_id", "job_key"], use_threads=False).aggregate([("state", "last")])
-    ends: dict[str | None, dict[str, int]] = {}
-    for run_id, state in zip(last["run_id"].to_pylist(), last["state_last"].to_pylist(),
-                             strict=True):  # fmt: skip
-        counts = ends.setdefault(run_id, {})
-        counts[state] = counts.get(state, 0) + 1
+    ends = _end_states(events, jobs)
+    out: dict[str | None, _Seen] = {}
     for row in stats.to_pylist():
         run_id = row["run_id"]
         counts = ends.get(run_id, {})
         out[run_id] = _Seen(
             first_at=row["at_min"],
             last_at=row["at_max"],
-            events=int(row["seq_count"]),
+            events=int(row["at_count"]),
             completed=counts.get(JobState.COMPLETED.value, 0),
             failed=counts.get(JobState.FAILED.value, 0),
             spent_usd=trim_usd(row["billed_usd_sum"] or _ZERO),
         )
+    return out
+
+
+def _end_states(events: pa.Table, jobs: JobOrder) -> dict[str | None, dict[str, int]]:
+    """How many jobs each invocation left in each state: each job's last event in it.
+
+    One writer at a time, so a job's events of one invocation are consecutive in seq."""
+    runs = pc.dictionary_encode(pc.fill_null(events["run_id"], "").combine_chunks())
+    run_codes = np.asarray(runs.indices)[jobs.order]
+    n = len(run_codes)
+    last = np.ones(n, dtype=bool)
+    last[:-1] = ~(jobs.same_job[1:] & (run_codes[1:] == run_codes[:-1]))
+    rows = jobs.order[last]
+    ends = (
+        pa.table({"run": pa.array(run_codes[last]), "state": events["state"].take(pa.array(rows))})
+        .group_by(["run", "state"], use_threads=False)
+        .aggregate([("state", "count")])
+    )
+    names = runs.dictionary.to_pylist()
+    out: dict[str | None, dict[str, int]] = {}
+    for code, state, count in zip(ends["run"].to_pylist(), ends["state"].to_pylist(),
+                                  ends["state_count"].to_pylist(), strict=True):  # fmt: skip
+        out.setdefault(names[code] or None, {})[state] = count
     return out
 
 

@@ -82,7 +82,7 @@ def timeline(events: pa.Table, *, estimate_usd: Decimal = _ZERO) -> Timeline:
     width = bucket_width_s(span_s)
     index = (micros // 1_000_000 - start_s) // width
     count = int(index.max()) + 1
-    moved = transitions(events)
+    moved = transitions(events, JobOrder.of(events))
     done = _mask(pc.equal(events["state"], JobState.COMPLETED.value)) & moved
     return Timeline(
         start=datetime.fromtimestamp(start_s, UTC),
@@ -95,21 +95,36 @@ def timeline(events: pa.Table, *, estimate_usd: Decimal = _ZERO) -> Timeline:
     )
 
 
-def transitions(events: pa.Table) -> np.ndarray:
+@dataclass(frozen=True, slots=True)
+class JobOrder:
+    """Events sorted by (job, seq): ``order`` holds their rows, ``same_job[i]`` says whether
+    sorted row ``i`` belongs to the job of sorted row ``i - 1``."""
+
+    order: np.ndarray
+    same_job: np.ndarray
+
+    @classmethod
+    def of(cls, events: pa.Table) -> JobOrder:
+        if events.num_rows == 0:
+            return cls(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
+        codes = np.asarray(pc.dictionary_encode(events["job_key"].combine_chunks()).indices)
+        order = np.lexsort((events["seq"].to_numpy(), codes))
+        ranked = codes[order]
+        return cls(order, np.concatenate(([False], ranked[1:] == ranked[:-1])))
+
+
+def transitions(events: pa.Table, jobs: JobOrder | None = None) -> np.ndarray:
     """For each event (in the table's order): does its state differ from the previous
     event of the same job (by seq)? A job's first event always does."""
     n = events.num_rows
     if n == 0:
         return np.zeros(0, dtype=bool)
-    codes = np.asarray(pc.dictionary_encode(events["job_key"].combine_chunks()).indices)
-    seq = events["seq"].to_numpy()
+    jobs = jobs or JobOrder.of(events)
     states = np.asarray(pc.dictionary_encode(events["state"].combine_chunks()).indices)
-    order = np.lexsort((seq, codes))
-    same_job = codes[order][1:] == codes[order][:-1]
-    same_state = states[order][1:] == states[order][:-1]
-    repeat = np.concatenate(([False], same_job & same_state))
+    ranked = states[jobs.order]
+    repeat = jobs.same_job & np.concatenate(([False], ranked[1:] == ranked[:-1]))
     out = np.empty(n, dtype=bool)
-    out[order] = ~repeat
+    out[jobs.order] = ~repeat
     return out
 
 
