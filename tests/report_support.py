@@ -152,3 +152,26 @@ def sample_events(run_dir: Path, *, remote_base: str = "https://cdn.example") ->
 
 def sample_run(run_dir: Path, *, remote_base: str = "https://cdn.example") -> Path:
     return write_run(run_dir, sample_events(run_dir, remote_base=remote_base))
+
+
+def edit_run(tmp_path: Path) -> Path:
+    """Edits: a local input beside its output, a remote input, a missing one, a mask."""
+    folder = tmp_path / "manifests"
+    png(folder / "images" / "chair.png", (80, 60), (10, 120, 200))
+    png(folder / "images" / "mask.png", (80, 60), (255, 255, 255))
+    run_dir = tmp_path / "run"
+    out = local(run_dir, "edit-0.png")
+    edits: list[tuple[str, str, dict[str, object]]] = [
+        ("e1", "chair-red", {"prompt": "red", "image_url": "images/chair.png",
+                             "mask_url": "images/mask.png"}),
+        ("e2", "chair-url", {"prompt": "url", "image_url": "https://cdn.example/in.png"}),
+        ("e3", "chair-gone", {"prompt": "gone", "image_urls": ["images/none.png"]}),
+        ("e4", "plain", {"prompt": "no input"}),
+    ]  # fmt: skip
+    events: list[LedgerEvent] = []
+    for i, (key, row, request) in enumerate(edits):
+        events.append(intent(key, row, i + 2, LORA, at=T0, estimated="0.035", request=request))
+    events.append(LedgerEvent(job_key="e1", state=JobState.COMPLETED, at=T0, outputs=(out,)))
+    write_run(run_dir, events, meta=False)
+    write_run_meta(run_dir, {"manifest": {"path": "manifests/edits.csv", "dir": str(folder)}})
+    return run_dir

@@ -223,6 +223,33 @@ def test_a_version_1_ledger_is_read_and_resumed_as_version_2(tmp_path: Path) -> 
     assert status_summary(tmp_path).jobs == 3
 
 
+V3_COLUMNS = 40  # version 3 ended at "cached_from"; version 4 appended run_id
+
+
+def test_a_version_3_ledger_is_read_with_null_run_ids_and_compacts_to_version_4(
+    tmp_path: Path,
+) -> None:
+    assert LEDGER_SCHEMA.names[V3_COLUMNS - 1] == "cached_from"
+    assert LEDGER_SCHEMA.names[V3_COLUMNS:] == ["run_id"]
+    table = rows_to_table([encode_event(e, i + 1) for i, e in enumerate(job_events("a"))])
+    v3 = table.select(LEDGER_SCHEMA.names[:V3_COLUMNS]).replace_schema_metadata(
+        {b"runner.ledger.schema_version": b"3"}
+    )
+    (tmp_path / "ledger").mkdir()
+    pq.write_table(v3, tmp_path / "ledger" / f"part-000000000001-{v3.num_rows:012d}.parquet")
+    events = read_events(tmp_path).table
+    assert events.schema.names == LEDGER_SCHEMA.names
+    assert events["run_id"].null_count == events.num_rows
+    with Ledger.open(tmp_path, run_id="20261202T051500Z-abcd") as ledger:
+        ledger.append(LedgerEvent("b", JobState.QUEUED, T0, request_id="r-b"))
+        ledger.commit_sync()
+        ledger.compact()
+    (part,) = (tmp_path / "ledger").glob("part-*.parquet")
+    assert pq.read_schema(part).metadata[b"runner.ledger.schema_version"] == b"4"
+    folded = {r["job_key"]: r["run_id"] for r in LedgerState.load(tmp_path).jobs.to_pylist()}
+    assert folded == {"a": None, "b": "20261202T051500Z-abcd"}
+
+
 def test_second_writer_is_refused_naming_dir_and_pid(tmp_path: Path) -> None:
     with Ledger.open(tmp_path), pytest.raises(LedgerLockedError) as info:
         Ledger.open(tmp_path)

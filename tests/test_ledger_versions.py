@@ -175,6 +175,23 @@ def test_report_leaves_superseded_out_unless_all_versions(
     assert "superseded: 1 job" in text and "counted above (--all-versions)" in text
 
 
+def test_html_report_says_superseded_and_shows_both_invocations(
+    edited_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    page = tmp_path / "r.html"
+    assert main(["report", str(edited_run), "--html", str(page), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    text = page.read_text(encoding="utf-8")
+    assert "superseded: 1 job (older content of rows recorded again)" in text
+    assert "not counted above (--all-versions counts them)" in text
+    # Two runs, both finished; the second paid only for the edited row.
+    assert [i["status"] for i in doc["invocations"]] == ["exit 0", "exit 0"]
+    assert [i["completed"] for i in doc["invocations"]] == [3, 1]
+    assert text.count('<tr class="inv') == 2
+    # Spend over time reaches everything billed, superseded versions included.
+    assert Decimal(doc["timeline"]["spend_usd"][-1]) == Decimal(doc["spent_usd"])
+
+
 def test_api_load_ledger_marks_versions(edited_run: Path) -> None:
     import runner
 

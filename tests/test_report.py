@@ -26,7 +26,7 @@ from runner.ledger import (
 )
 from runner.ledger.fold import _fold as real_fold
 from runner.report.data import Report, build_report, load_jobs, percentiles
-from runner.report.failures import normalise_message
+from runner.report.failures import common_message, normalise_message
 from runner.report.text import render_text, report_json
 from tests.report_support import FLUX2, LORA, T0, completed, intent, sample_run, write_run
 
@@ -170,6 +170,52 @@ def test_failure_list_is_capped_but_group_count_is_not(run_dir: Path) -> None:
 )
 def test_normalise_message_blanks_what_differs_per_row(message: str | None, expected: str) -> None:
     assert normalise_message(message) == expected
+
+
+def test_failure_groups_show_what_their_messages_share(report: Report) -> None:
+    top = report.failures[0]
+    # The two rows failed on different files of one folder: the folder and suffix stay.
+    assert top.summary == "Failed to download the file: unsupported image URL images/<…>.jpg"
+    assert top.endpoints == (("fal-ai/flux-lora", 2),)
+    by_type = {g.error_type: g for g in report.failures}
+    # A group of one message shows it whole.
+    assert by_type["timeout"].summary == "timed out after 300 s"
+    text = render_text(report)
+    assert "file_download_error: Failed to download the file: unsupported image URL " \
+        "images/<…>.jpg" in text  # fmt: skip
+    assert "on fal-ai/flux-lora (2)" in text
+
+
+@pytest.mark.parametrize(
+    ("messages", "expected"),
+    [
+        ([], ""),
+        (["no such file: images/chair.jpg"] * 3, "no such file: images/chair.jpg"),
+        (["timed out after 300 s", "timed out after 20 s"], "timed out after <n> s"),
+        (
+            [
+                f"GET https://queue.fal.run/fal-ai/flux-lora/requests/{rid}/status: HTTP 500"
+                for rid in (
+                    "3f2b1c9e-1d2a-4b3c-8d4e-5f6a7b8c9d0e",
+                    "1f2b1c9e-1d2a-4b3c-8d4e-5f6a7b8c9d0f",
+                )
+            ],
+            "GET https://queue.fal.run/fal-ai/flux-lora/requests/<id>/status: HTTP 500",
+        ),
+        (
+            ["input /data/in/a1.png is not a PNG", "input /data/in/b22.png is not a PNG"],
+            "input /data/in/<id>.png is not a PNG",
+        ),
+        (
+            ["model fal-ai/flux-2 refused", "model fal-ai/flux-lora refused"],
+            "model fal-ai/flux-<…> refused",
+        ),
+        # Word counts differ: no word-by-word merge, the normalised message.
+        (["bad file a/b.png", "bad file a/c.png now"], "bad file <path>"),
+    ],
+)
+def test_common_message_blanks_only_what_differs(messages: list[str], expected: str) -> None:
+    assert common_message(messages) == expected
 
 
 def test_resume_outlook_counts_what_decide_would_do(report: Report) -> None:

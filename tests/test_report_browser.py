@@ -1,5 +1,6 @@
 """The report page in a real headless Chromium: the gallery renders, filters and paginates,
-and the page fetches nothing from the network.
+the charts over time and the before/after pairs of edits render, and the page fetches
+nothing from the network.
 
 Skipped when Debian's ``chromium`` is not installed. Outputs that were never downloaded point
 at a loopback HTTP server that counts requests: after the page has run, it must have none.
@@ -7,6 +8,7 @@ at a loopback HTTP server that counts requests: after the page has run, it must 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -21,10 +23,20 @@ import pytest
 from PIL import Image
 
 from runner.ledger import LedgerEvent, OutputImage, read_run_meta
-from runner.report.data import build_report, load_jobs
+from runner.report.data import build_report, load_events, load_jobs
 from runner.report.gallery import gallery
 from runner.report.html import PAGE_SIZE, write_html
-from tests.report_support import FLUX2, LORA, T0, completed, failed, intent, local, write_run
+from tests.report_support import (
+    FLUX2,
+    LORA,
+    T0,
+    completed,
+    edit_run,
+    failed,
+    intent,
+    local,
+    write_run,
+)
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(
@@ -85,7 +97,8 @@ def big_run(run_dir: Path, base: str) -> Path:
 def page(tmp_path: Path, cdn: tuple[str, list[str]]) -> Path:
     run_dir = big_run(tmp_path / "run", cdn[0])
     jobs = load_jobs(run_dir)
-    report = build_report(jobs, read_run_meta(run_dir), run_dir=run_dir)
+    report = build_report(jobs, read_run_meta(run_dir), run_dir=run_dir,
+                          events=load_events(run_dir))  # fmt: skip
     assert report.billed_usd == Decimal("3.5")
     out = tmp_path / "report.html"
     write_html(out, report, gallery(jobs), run_dir=run_dir)
@@ -169,3 +182,64 @@ def test_screenshot_shows_the_page(page: Path, tmp_path: Path, cdn: tuple[str, l
         colors = image.convert("RGB").getcolors(maxcolors=1_000_000)
     assert colors is not None and len(colors) > 50  # text, chart and thumbnails, not a blank
     assert cdn[1] == []
+
+
+# Measures what the browser laid out and decoded, once the page has run, into #probe.
+PROBE = """<script>
+window.addEventListener("load", function () {
+  function all(sel) { return Array.prototype.slice.call(document.querySelectorAll(sel)); }
+  var line = document.querySelector("svg.chart polyline.line");
+  var before = all("figure.before img");
+  var found = {
+    bars: all("svg.chart rect.bar").filter(function (r) { return r.getBBox().height > 0; }).length,
+    segments: all("svg.chart rect[class^=s]").filter(function (r) {
+      return r.getBBox().height > 0 && r.getBBox().y > 20; }).length,
+    line: line ? line.getTotalLength() : 0,
+    ref: all("svg.chart line.ref").length,
+    before: before.length,
+    decoded: before.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length,
+    after: all("figure.after img").length,
+    captions: all("figure.before figcaption").map(function (c) { return c.textContent; })
+  };
+  var out = document.createElement("pre");
+  out.id = "probe";
+  out.textContent = JSON.stringify(found);
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def probe(tmp_path: Path, page: Path) -> dict[str, object]:
+    probed = page.with_name("probed.html")
+    probed.write_text(page.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"),
+                      encoding="utf-8")  # fmt: skip
+    dom = chromium(tmp_path, probed.as_uri(), "--dump-dom")
+    found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
+    assert found is not None, "the probe did not run"
+    result: dict[str, object] = json.loads(found.group(1).replace("&amp;", "&"))
+    return result
+
+
+def test_charts_over_time_render(page: Path, tmp_path: Path, cdn: tuple[str, list[str]]) -> None:
+    found = probe(tmp_path, page)
+    # 100 completions over 100 s from 22:00: two minutes with bars; 20 failures in minute 0.
+    assert found["bars"] == 2
+    assert found["segments"] == 1
+    assert isinstance(found["line"], float | int) and found["line"] > 0
+    assert found["ref"] == 1
+    assert cdn[1] == []
+
+
+def test_edits_render_before_beside_after(tmp_path: Path) -> None:
+    run_dir = edit_run(tmp_path)
+    jobs = load_jobs(run_dir)
+    report = build_report(jobs, read_run_meta(run_dir), run_dir=run_dir,
+                          events=load_events(run_dir))  # fmt: skip
+    out = tmp_path / "edits.html"
+    write_html(out, report, gallery(jobs), run_dir=run_dir)
+    found = probe(tmp_path, out)
+    # chair-red: its input and mask, decoded; chair-url and chair-gone: placeholders.
+    assert found["before"] == 2 and found["decoded"] == 2
+    assert found["after"] == 1
+    assert found["captions"] == ["before · image_url, mask_url", "before · image_url",
+                                 "before · image_urls[0]"]  # fmt: skip

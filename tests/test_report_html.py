@@ -14,10 +14,11 @@ import pytest
 from PIL import Image
 
 from runner.ledger import JobState, LedgerEvent, OutputImage, read_run_meta
+from runner.ledger.meta import write_run_meta
 from runner.report.data import build_report, load_jobs
 from runner.report.gallery import Thumbnails, gallery
 from runner.report.html import PAGE_SIZE, render_html, write_html
-from tests.report_support import LORA, T0, intent, png, sample_run, write_run
+from tests.report_support import LORA, T0, edit_run, intent, png, sample_run, write_run
 
 
 @pytest.fixture
@@ -244,3 +245,73 @@ def test_gallery_can_hold_only_some_states(run_dir: Path, tmp_path: Path) -> Non
     page, _ = render_html(build_report(jobs, None), failed, thumbs=None, page_dir=tmp_path)
     assert "Only failed or invalid jobs are in the gallery." in page
     assert "1 of 4 failed or invalid jobs are in the gallery; 3 were left out" in page
+
+
+def test_edits_show_their_input_beside_the_output(tmp_path: Path) -> None:
+    run_dir = edit_run(tmp_path)
+    page = page_of(run_dir, tmp_path / "report.html")
+    cards = cards_by_row(page)
+    before = cards["chair-red"]["i"]
+    assert [(p["f"], p["v"]) for p in before] == [
+        ("image_url", "images/chair.png"), ("mask_url", "images/mask.png"),
+    ]  # fmt: skip
+    assert all(p["t"].startswith("data:image/jpeg;base64,") for p in before)
+    data = base64.b64decode(before[0]["t"].split(",", 1)[1])
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.size == (80, 60)  # the input itself, not the output
+    assert (tmp_path / unquote(before[0]["h"])).resolve() == (
+        tmp_path / "manifests" / "images" / "chair.png"
+    )
+    assert "image_url" not in dict(cards["chair-red"]["k"])  # shown as the "before", not twice
+    # A remote input is a link, never loaded; a missing file says so.
+    assert cards["chair-url"]["i"] == [{"f": "image_url", "v": "https://cdn.example/in.png",
+                                        "t": None, "h": None, "u": "https://cdn.example/in.png",
+                                        "n": "input at a URL (not loaded)"}]  # fmt: skip
+    gone = cards["chair-gone"]["i"][0]
+    assert gone["f"] == "image_urls[0]" and gone["t"] is None
+    assert gone["n"] == "input file not found: images/none.png"
+    assert cards["plain"]["i"] == []
+    assert 'figure("before"' in page and "figcaption" in page  # the script draws the pair
+
+
+def test_edit_inputs_link_relative_to_the_page_with_link_images(tmp_path: Path) -> None:
+    run_dir = edit_run(tmp_path)
+    out = tmp_path / "pages" / "report.html"
+    out.parent.mkdir()
+    page = page_of(run_dir, out, link_images=True)
+    first = cards_by_row(page)["chair-red"]["i"][0]
+    assert first["t"] == first["h"] and not first["t"].startswith("data:")
+    assert (out.parent / unquote(first["t"])).resolve() == (
+        tmp_path / "manifests" / "images" / "chair.png"
+    )
+
+
+def test_inputs_resolve_from_the_manifest_path_without_its_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = edit_run(tmp_path)
+    write_run_meta(run_dir, {"manifest": {"path": "manifests/edits.csv"}})  # an older run.json
+    monkeypatch.chdir(tmp_path)
+    cards = cards_by_row(page_of(run_dir, tmp_path / "report.html"))
+    assert cards["chair-red"]["i"][0]["t"].startswith("data:image/jpeg;base64,")
+
+
+def test_page_shows_safety_invocations_and_charts_over_time(tmp_path: Path) -> None:
+    from runner.report.data import load_events
+
+    run_dir = sample_run(tmp_path / "run")
+    jobs = load_jobs(run_dir)
+    report = build_report(jobs, read_run_meta(run_dir), run_dir=run_dir,
+                          events=load_events(run_dir))  # fmt: skip
+    page, _ = render_html(report, gallery(jobs), thumbs=None, page_dir=tmp_path)
+    for marker in ("Safety checker and cache", "re-rolls of flagged outputs", "re-rolls cost",
+                   "from the cache ($0)", "Over time", "completions per minute",
+                   "spend so far against the estimate", "failures per minute, by reason",
+                   "Invocations"):  # fmt: skip
+        assert marker in page
+    # 4 charts: cost, completions, spend, failures; events of the sample span 60 minutes.
+    assert page.count('<svg class="chart"') == 4
+    assert page.count('<rect class="bar"') == report.timeline.buckets == 61
+    assert 'class="line"' in page and 'class="ref"' in page
+    # The sample's events carry no run id: one line for them.
+    assert page.count('<tr class="inv') == 1 and "before run ids" in page

@@ -21,7 +21,10 @@ import pytest
 
 from runner.emulator import DEFAULT_KEY, Emulator, EmulatorConfig
 from runner.errors import EXIT_INTERRUPTED, EXIT_JOBS_FAILED, EXIT_OK
-from runner.ledger import status_summary
+from runner.ledger import read_run_meta, status_summary
+from runner.report.data import build_report, load_events, load_jobs
+from runner.report.invocations import Invocation
+from runner.report.text import render_text
 from tests.scenario import manifest
 from tests.torture_support import (
     LONG,
@@ -135,6 +138,21 @@ def _kill_chain(chain: Chain, tmp_path: Path) -> None:
     assert not secret_leaks(DEFAULT_KEY, *outcome.logs, root=run_dir)
     if chain.download:
         check_downloads(run_dir, out_dir, chain.rows)
+    check_invocations(run_dir, outcome, codes)
+
+
+def check_invocations(run_dir: Path, outcome: Outcome, codes: list[int]) -> None:
+    """The report has a line per run that got as far as its ledger: every killed one
+    "did not finish", every other one has its exit code."""
+    events = load_events(run_dir)
+    lines = build_report(load_jobs(run_dir), read_run_meta(run_dir), events=events).invocations
+    assert events["run_id"].null_count == 0 and all(line.run_id for line in lines)
+    killed = [line for line in lines if line.status == "did not finish"]
+    finished = [line for line in lines if line.finished]
+    assert len(killed) + len(finished) == len(lines)
+    assert len(killed) <= outcome.killed  # one killed before it opened the ledger has no line
+    assert len(finished) == outcome.finished_early + len(codes)
+    assert lines[-1].exit_code == codes[-1] == EXIT_OK
 
 
 # Every fault the emulator has, at once.
@@ -245,6 +263,37 @@ def test_first_sigint_drains_in_flight_then_rerun_completes_without_duplicates(
     assert stats["submits"]["duplicates"] == 0
     assert stats["submits"]["accepted"] == len(jobs)
     check_accounting(run_dir, stats, jobs)
+    assert [line.status for line in invocation_lines(run_dir)] == ["exit 130", "exit 0"]
+
+
+def invocation_lines(run_dir: Path) -> tuple[Invocation, ...]:
+    jobs, meta, events = load_jobs(run_dir), read_run_meta(run_dir), load_events(run_dir)
+    return build_report(jobs, meta, events=events).invocations
+
+
+@pytest.mark.torture
+def test_a_run_killed_by_sigkill_is_a_line_that_did_not_finish(tmp_path: Path) -> None:
+    path = manifest(tmp_path, 30)
+    run_dir = tmp_path / "run"
+    # An unknown outcome the kill left is settled from fal's history at once, not after 60 s.
+    flags = [*FAST, "--no-download", "--reconcile-after", "0"]
+    with emulator_process(tmp_path, time_scale=0.1) as emu:
+        proc = start_run(path, run_dir, emu.url, *flags)
+        _wait_for_jobs(run_dir, proc, 5)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+        again = start_run(path, run_dir, emu.url, *flags)
+        _, err = again.communicate(timeout=120)
+        assert again.returncode == EXIT_OK, err[-2000:]
+    killed, finished = invocation_lines(run_dir)
+    assert killed.status == "did not finish" and killed.ended_at is None
+    assert killed.counts_from == "ledger" and killed.events > 0
+    assert killed.last_event_at is not None and killed.started_at is not None
+    assert finished.status == "exit 0" and finished.message == "all jobs completed"
+    assert killed.completed + finished.completed == 30
+    text = render_text(build_report(load_jobs(run_dir), read_run_meta(run_dir),
+                                    events=load_events(run_dir)))  # fmt: skip
+    assert f"{killed.run_id}  " in text and "did not finish" in text
 
 
 class StallingCdn:

@@ -394,7 +394,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from runner.ledger import JobState, read_run_meta
     from runner.ledger.versions import split_versions
-    from runner.report.data import build_report, load_jobs
+    from runner.report.data import build_report, load_events, load_jobs
     from runner.report.text import render_text, report_json
 
     if args.gallery_limit < 0:
@@ -405,7 +405,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     versions = split_versions(load_jobs(args.run_dir), all_versions=args.all_versions)
     # Every version (marked), so the report can tell what superseded jobs were billed.
     report = build_report(versions.every, read_run_meta(args.run_dir), run_dir=args.run_dir,
-                          all_versions=args.all_versions)  # fmt: skip
+                          all_versions=args.all_versions,
+                          events=load_events(args.run_dir))  # fmt: skip
     print(json.dumps(report_json(report), indent=2) if args.json else render_text(report))
     if args.html:
         from runner.report.gallery import gallery

@@ -23,12 +23,14 @@ module wires the edges (HTTP, ledger, strategy, uploads, downloads, webhooks) ar
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
@@ -39,7 +41,7 @@ from pydantic import SecretStr
 
 from runner import __version__
 from runner.config import RunConfig
-from runner.errors import RunnerError, UsageError
+from runner.errors import LedgerError, RunnerError, UsageError
 from runner.execution.budget import Budget
 from runner.execution.completion import (
     ChannelHealth,
@@ -69,7 +71,7 @@ from runner.fal.receiver import WebhookReceiver, webhook_server
 from runner.fal.retry import RetryPolicies
 from runner.fal.storage import StorageClient, UploadSettings
 from runner.fal.transport import open_call_transport, open_transport
-from runner.ledger.meta import write_run_meta
+from runner.ledger.meta import end_invocation, new_run_id, start_invocation
 from runner.ledger.probe import probe_writable
 from runner.ledger.records import read_records, read_requests_seen
 from runner.ledger.schema import JobRecord, JobState, utcnow
@@ -113,22 +115,38 @@ def manifest_fingerprint(path: Path) -> dict[str, Any]:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     stat = path.stat()
-    return {"path": str(path), "sha256": digest.hexdigest(), "bytes": stat.st_size}
+    # dir: where its relative input paths start, for a report made from elsewhere.
+    return {"path": str(path), "sha256": digest.hexdigest(), "bytes": stat.st_size,
+            "dir": str(path.resolve().parent)}  # fmt: skip
 
 
-def write_run_metadata(config: RunConfig, *, redact: Callable[[str], str] | None = None) -> None:
-    write_run_meta(
-        config.run_dir,
-        {
-            "runner_version": __version__,
-            "manifest": manifest_fingerprint(config.manifest),
-            "config": config.public_dict(),
-            # Which key submitted (its fingerprint, never the key): re-attach and cancel
-            # of a sharded run pick the same key again (runner.scale.keys).
-            "key_fingerprint": fingerprint(config.key) if config.key is not None else None,
-        },
-        redact=redact,
-    )
+def write_run_metadata(
+    config: RunConfig,
+    *,
+    run_id: str,
+    started_at: datetime,
+    redact: Callable[[str], str] | None = None,
+) -> None:
+    """run.json, with this invocation appended unfinished to the earlier ones."""
+    meta = {
+        "runner_version": __version__,
+        "manifest": manifest_fingerprint(config.manifest),
+        "config": config.public_dict(),
+        # Which key submitted (its fingerprint, never the key): re-attach and cancel of a
+        # sharded run pick the same key again (runner.scale.keys).
+        "key_fingerprint": fingerprint(config.key) if config.key is not None else None,
+    }
+    start_invocation(config.run_dir, meta, run_id=run_id, started_at=started_at, redact=redact)
+
+
+def invocation_facts(tally: Tally, exit_code: int | None, message: str) -> dict[str, Any]:
+    """What run.json keeps of how one invocation ended: its exit, its jobs, its spend."""
+    return {
+        "exit_code": exit_code, "message": message, "completed": tally.completed,
+        "skipped": tally.skipped, "failed": tally.failed, "invalid": tally.invalid,
+        "unknown": tally.unknown, "cached": tally.cached, "rerolls": tally.rerolls,
+        "spent_usd": str(tally.spent_usd),
+    }  # fmt: skip
 
 
 def build_strategy(
@@ -183,9 +201,12 @@ async def execute(config: RunConfig, *, hooks: Hooks | None = None) -> RunReport
         target = Path(config.output_target)  # object stores are probed by their first write
         await anyio.to_thread.run_sync(partial(probe_writable, target, what="output folder"))
     redact = config.redactor()  # every text the run writes or prints passes it
-    ledger = await anyio.to_thread.run_sync(partial(Ledger.open, config.run_dir, redact=redact))
+    started = utcnow()
+    run_id = new_run_id(started, hooks.rng.getrandbits(16))
+    opened = partial(Ledger.open, config.run_dir, redact=redact, run_id=run_id)
+    ledger = await anyio.to_thread.run_sync(opened)
     async with ledger:
-        write_run_metadata(config, redact=redact)
+        write_run_metadata(config, run_id=run_id, started_at=started, redact=redact)
         # Without downloads, a completed job's outputs are never read again: fold less.
         fold = partial(ledger.state, downloads=config.download)
         state = await anyio.to_thread.run_sync(fold)
@@ -196,17 +217,32 @@ async def execute(config: RunConfig, *, hooks: Hooks | None = None) -> RunReport
             tally, stream=hooks.stream, quiet=config.quiet, redact=redact,
             log_format=config.log_format,
         )  # fmt: skip
+        ending: tuple[int | None, str] = (None, "stopped by an unexpected error")
         try:
-            return await _drive(config, ledger, state, tally, progress, hooks)
+            report = await _drive(config, ledger, state, tally, progress, hooks)
+            ending = (report.exit_code, report.message)
+            return report
         except BaseExceptionGroup as group:
             # A fatal error (a refused key) from one worker: raise it, not the group.
             fatal = _first_fatal(group)
             if fatal is None:
                 raise
+            ending = (fatal.exit_code, f"error: {fatal}")
             raise fatal from None
+        except RunnerError as exc:
+            ending = (exc.exit_code, f"error: {exc}")
+            raise
         finally:
             progress.close()
-            await ledger.commit()
+            with anyio.CancelScope(shield=True):
+                await ledger.commit()
+            # The run's outcome is in the ledger already: a run.json that cannot be written
+            # now loses only this line of the report, never the run's exit.
+            with contextlib.suppress(OSError, LedgerError):
+                end_invocation(
+                    config.run_dir, run_id, invocation_facts(tally, *ending), ended_at=utcnow(),
+                    redact=redact,
+                )  # fmt: skip
 
 
 def _first_fatal(group: BaseExceptionGroup[BaseException]) -> RunnerError | None:

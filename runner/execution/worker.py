@@ -397,14 +397,25 @@ def _done(t: Ticket, s: Shared, watch: Watch, finished: Finished, ok: Success) -
             # LoRA sizes unknown: the surcharge is too, so settle no lower than the
             # estimate, which counted the largest one (the cap must hold).
             billed = max(billed, t.estimate.usd or billed)
-    queue_s = None if watch.started_s is None else watch.started_s - watch.submitted_s
     status_s = None if isinstance(finished, WebhookIn) else finished.status.inference_time_s
     inference = status_s or ok.inference_s
     if status_s is None and inference is not None and inference > 0:
         s.pacing.model.observe(t.job.endpoint, t.units, inference)  # e.g. from a webhook
+    queue_s = queue_time_s(watch, s.clock(), inference)
     if inference is None and watch.started_s is not None:
         inference = s.clock() - watch.started_s
     return Done(ok, billed_usd=billed, queue_s=queue_s, inference_s=inference)
+
+
+def queue_time_s(watch: Watch, now_s: float, fal_inference_s: float | None) -> float | None:
+    """How long a job waited in the queue, at most: from the submit to the first look that
+    saw it running or, for a job first seen done (a result read first, a webhook), to
+    that look less the inference time fal reported. None when neither is known."""
+    if watch.started_s is not None:
+        return max(watch.started_s - watch.submitted_s, 0.0)
+    if fal_inference_s is None:
+        return None
+    return max(now_s - watch.submitted_s - fal_inference_s, 0.0)
 
 
 def _detail(exc: Exception) -> str:

@@ -40,6 +40,9 @@ Schema (version 1, in the Parquet key-value metadata
     megapixels         int64             billed megapixel units
     billed_usd         decimal128(38,18) output-based cost (exact Decimal)
     error_type, error_message string; retryable bool
+    ... (versions 2 and 3: see runner.ledger.schema)
+    run_id             string            the `runner run` invocation that wrote the event
+                                         (version 4; run.json's ``invocations``)
 
 Money is decimal128 with scale 18, so every Decimal with up to 18 decimal
 places round-trips exactly (LedgerEvent refuses more). DuckDB, polars and
@@ -56,7 +59,8 @@ columns (row_id … attempt) over the whole job, attempt-level ones
 (request_id … billed_usd) only since the latest ``submitting`` event, so a new
 attempt starts clean while request_id survives into ``completed``. The outcome
 columns (error_type, error_message, retryable) come from the latest event only:
-a reason is never carried into a later success.
+a reason is never carried into a later success. ``run_id`` too comes from the latest
+event only.
 
 Durability:
 

@@ -32,6 +32,7 @@ from runner.ledger.journal import list_segments, read_segment
 from runner.ledger.parts import PartFile, read_part, scan_parts
 from runner.ledger.schema import (
     ATTEMPT_FIELDS,
+    EVENT_FIELDS,
     LEDGER_SCHEMA,
     OUTCOME_FIELDS,
     JobState,
@@ -62,6 +63,9 @@ _ATTEMPT_LEVEL = frozenset({*ATTEMPT_FIELDS, _UNFETCHED})
 # Past one job in this many with downloads pending, read every column of every job.
 _WHOLE_FRACTION = 8
 _T = TypeVar("_T")
+# Columns a job takes from its latest event, null or not (run_id: an event an older
+# runner wrote belongs to no invocation).
+_LATEST_ONLY = frozenset({*OUTCOME_FIELDS, *EVENT_FIELDS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,7 +411,7 @@ def _fold_column(
 ) -> pa.Array | pa.ChunkedArray:
     """A column's value for each job: the last non-null one since the job or attempt start."""
     n = len(column)
-    if column.null_count == 0 or field.name in OUTCOME_FIELDS:
+    if column.null_count == 0 or field.name in _LATEST_ONLY:
         return column.take(pa.array(latest))
     if column.null_count == n:
         return pa.nulls(len(last), field.type)

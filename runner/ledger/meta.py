@@ -1,10 +1,19 @@
 """run.json: what a run directory says about its runs (manifest fingerprint, version, the
-configuration without secrets), written whole or not at all."""
+configuration without secrets, one entry per invocation of ``runner run``), written whole
+or not at all.
+
+Invocations: each ``runner run`` gets a run id (:func:`new_run_id`, time-sortable), stamped
+on every ledger event it writes. :func:`start_invocation` appends an unfinished entry
+(``run_id``, ``started_at``) when the run starts, keeping every earlier entry;
+:func:`end_invocation` fills in ``ended_at``, ``exit_code``, ``message`` and the counts at
+the end. An invocation killed outright (SIGKILL, power loss) keeps ``ended_at`` null.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +22,58 @@ from runner.ledger.parts import atomic_write_bytes
 from runner.ledger.redaction import Redact
 
 RUN_META = "run.json"
+INVOCATIONS = "invocations"
+
+
+def new_run_id(at: datetime, salt: int) -> str:
+    """``20261202T051500Z-abcd``: the start time (UTC, sorts by time) and 16 random bits,
+    so two invocations in one second still differ."""
+    return f"{at.astimezone(UTC):%Y%m%dT%H%M%SZ}-{salt & 0xFFFF:04x}"
+
+
+def invocations(meta: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """run.json's invocation entries (dicts with a string ``run_id``), in the order written."""
+    found = (meta or {}).get(INVOCATIONS)
+    if not isinstance(found, list):
+        return []
+    return [dict(e) for e in found if isinstance(e, Mapping) and isinstance(e.get("run_id"), str)]
+
+
+def start_invocation(
+    run_dir: Path | str,
+    meta: Mapping[str, Any],
+    *,
+    run_id: str,
+    started_at: datetime,
+    redact: Redact | None = None,
+) -> None:
+    """Write run.json as ``meta`` plus every earlier invocation and this one, unfinished."""
+    try:
+        earlier = invocations(read_run_meta(run_dir))
+    except LedgerError:
+        earlier = []  # an unreadable run.json is replaced, as it always was
+    entry = {"run_id": run_id, "started_at": started_at.isoformat(), "ended_at": None}
+    write_run_meta(run_dir, {**meta, INVOCATIONS: [*earlier, entry]}, redact=redact)
+
+
+def end_invocation(
+    run_dir: Path | str,
+    run_id: str,
+    facts: Mapping[str, Any],
+    *,
+    ended_at: datetime,
+    redact: Redact | None = None,
+) -> None:
+    """Fill in how invocation ``run_id`` ended (``facts``: exit code, counts, spend)."""
+    meta = read_run_meta(run_dir) or {}
+    entries = invocations(meta)
+    mine = next((e for e in entries if e["run_id"] == run_id), None)
+    if mine is None:  # run.json was replaced meanwhile: keep what is known
+        mine = {"run_id": run_id}
+        entries.append(mine)
+    mine.update(facts)
+    mine["ended_at"] = ended_at.isoformat()
+    write_run_meta(run_dir, {**meta, INVOCATIONS: entries}, redact=redact)
 
 
 def write_run_meta(

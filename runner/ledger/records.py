@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from runner.ledger.fold import _retrying, _Snapshot, fold_tables
-from runner.ledger.schema import JobRecord, record_from_row
+from runner.ledger.schema import LEDGER_SCHEMA, JobRecord, record_from_row
 
 
 def read_records(run_dir: Path, keys: Sequence[str]) -> dict[str, JobRecord]:
@@ -48,5 +48,19 @@ def read_requests_seen(run_dir: Path, keys: Sequence[str]) -> dict[str, frozense
                 if rid:
                     seen.setdefault(key, set()).add(rid)
         return {k: frozenset(v) for k, v in seen.items()}
+
+    return _retrying(run_dir, read)
+
+
+def read_event_columns(run_dir: Path, columns: Sequence[str]) -> pa.Table:
+    """Every event's ``columns`` (parts, then the journal), unfolded: the history over
+    time. Columns an older part lacks read as null. A compacted ledger holds only each
+    job's latest event."""
+
+    def read(snap: _Snapshot) -> pa.Table:
+        tables = list(snap.tables(columns))
+        if not tables:
+            return LEDGER_SCHEMA.empty_table().select(list(columns))
+        return pa.concat_tables(tables)
 
     return _retrying(run_dir, read)

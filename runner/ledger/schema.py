@@ -27,12 +27,14 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Version 2 appended possible_duplicate, payload_sha256, the acknowledged URLs, how an
 # unknown outcome was reconciled, billed duplicates and the price's source; a
 # version-1 file is read as if those columns were null (runner.ledger.parts.read_part).
 # Version 3 appended flagged (fal's safety checker), the re-rolls of flagged outputs and
 # what they cost, and where a cached output came from.
+# Version 4 appended run_id: which invocation of `runner run` wrote the event (null in
+# older parts, whose events no invocation claims).
 OLDEST_SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = b"runner.ledger.schema_version"
 
@@ -122,7 +124,7 @@ ATTEMPT_FIELDS = (
 # later event (a download retried successfully, a job that completed after all).
 OUTCOME_FIELDS = ("error_type", "error_message", "retryable")
 # Columns that always come from the latest event.
-EVENT_FIELDS = ("seq", "at", "job_key", "state")
+EVENT_FIELDS = ("seq", "at", "job_key", "state", "run_id")
 
 LEDGER_SCHEMA = pa.schema(
     [
@@ -168,6 +170,8 @@ LEDGER_SCHEMA = pa.schema(
         pa.field("rerolls", pa.int32()),
         pa.field("reroll_usd", MONEY),
         pa.field("cached_from", pa.string()),
+        # Version 4 from here on.
+        pa.field("run_id", pa.string()),
     ],
     metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )
@@ -253,6 +257,9 @@ class LedgerEvent:
     # Fulfilled from the cross-run cache (--cache): the run directory the outputs came
     # from; request_id is the source run's request. Null for an output fal made for this run.
     cached_from: str | None = None
+    # The invocation of `runner run` that wrote this event (run.json's ``invocations``);
+    # stamped by the Ledger that appends it. Null in parts written before version 4.
+    run_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.state.__class__ is not JobState:

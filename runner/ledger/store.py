@@ -72,9 +72,11 @@ class Ledger:
         next_seq: int,
         checkpoint_events: int,
         redact: Redact | None = None,
+        run_id: str | None = None,
     ):
         self.run_dir = run_dir
         self._redact = redact
+        self.run_id = run_id
         self.ledger_dir = run_dir / LEDGER_DIR
         self.journal_dir = run_dir / JOURNAL_DIR
         self._lock = lock
@@ -100,8 +102,13 @@ class Ledger:
         *,
         checkpoint_events: int = CHECKPOINT_EVENTS,
         redact: Redact | None = None,
+        run_id: str | None = None,
     ) -> Ledger:
         """Lock the run directory, recover from any crash, and start a new journal segment.
+
+        ``run_id``, when given, is stamped on every event appended (its own wins over one
+        an event copied from an earlier record carries)
+        (:func:`runner.ledger.meta.new_run_id`: one per invocation of ``runner run``).
 
         ``redact``, when given, is applied to every text of every event appended
         (:func:`redacted_event`): what it removes never reaches the journal, a part, an
@@ -117,7 +124,7 @@ class Ledger:
         except OSError as exc:
             raise LedgerError(f"cannot use run directory {run_dir}: {exc}") from exc
         try:
-            return cls(run_dir, lock, _recover(run_dir), checkpoint_events, redact)
+            return cls(run_dir, lock, _recover(run_dir), checkpoint_events, redact, run_id)
         except OSError as exc:
             lock.release()
             raise LedgerError(f"cannot recover the ledger in {run_dir}: {exc}") from exc
@@ -143,7 +150,11 @@ class Ledger:
             self._check_usable()
             seq = self._next_seq
             self._next_seq += 1
-            self._pending.append(encode_line(encode_event(event, seq)))
+            encoded = encode_event(event, seq)
+            if self.run_id is not None:
+                # This invocation wrote it, even when it copies an earlier run's record.
+                encoded["run_id"] = self.run_id
+            self._pending.append(encode_line(encoded))
         return seq
 
     async def commit(self) -> None:

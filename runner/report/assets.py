@@ -58,6 +58,23 @@ td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
 .chart .est { fill: var(--est); }
 .chart .estd { fill: var(--estd); }
 .chart .bill { fill: var(--bill); }
+.charts { display: grid; gap: 10px; }
+.chart .title { font-weight: 600; }
+.chart .axis, .chart .legend, .chart .empty { fill: var(--muted); font-size: 11px; }
+.chart .grid { stroke: var(--line); stroke-width: 1; }
+.chart .bar { fill: var(--estd); }
+.chart .line { fill: none; stroke: var(--bill); stroke-width: 2; }
+.chart .line-key, .chart .dot { fill: var(--bill); }
+.chart .ref { stroke: var(--estd); stroke-width: 1.5; stroke-dasharray: 6 4; }
+.chart .ref-key { fill: var(--estd); }
+.chart .s0 { fill: #c0392b; } .chart .s1 { fill: #e08a2e; } .chart .s2 { fill: #8a6d1c; }
+.chart .s3 { fill: #7d5ba6; } .chart .s4 { fill: #4a7fb5; } .chart .s5 { fill: #98a2ad; }
+tr.inv.warn td.status { color: var(--bad); font-weight: 600; }
+tr.inv.ok td.status { color: var(--ok); }
+.pair { display: flex; gap: 6px; margin-bottom: 8px; }
+.pair figure { flex: 1 1 50%; margin: 0; }
+.pair figcaption { color: var(--muted); font-size: 11px; margin-top: 2px; }
+.pair .pics { margin-bottom: 0; }
 .controls { display: flex; flex-wrap: wrap; gap: 12px; align-items: center; margin: 8px 0; }
 .controls select, .controls input, .controls button { font: inherit; padding: 3px 6px; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(250px, 1fr)); gap: 14px; }
@@ -148,13 +165,34 @@ JS = r"""
     pairs.forEach(function (p) { row.appendChild(el("span", null, p[0] + "=" + p[1])); });
     return row;
   }
+  function figure(cls, caption, pics) {
+    var fig = el("figure", cls);
+    fig.appendChild(pics);
+    fig.appendChild(el("figcaption", null, caption));
+    return fig;
+  }
   function card(c) {
     var node = el("article", "card " + c.s);
     node.setAttribute("data-state", c.s);
     var pics = el("div", "pics");
     if (!c.imgs.length) pics.appendChild(el("div", "ph", c.s === "completed" ? "no output" : c.s));
     c.imgs.forEach(function (im) { pics.appendChild(picture(c, im)); });
-    node.appendChild(pics);
+    if (c.i && c.i.length) {
+      // An edit: its input images (before) beside its outputs (after).
+      var before = el("div", "pics");
+      c.i.forEach(function (im) {
+        var pic = picture(c, im);
+        pic.title = im.f + ": " + im.v;
+        before.appendChild(pic);
+      });
+      var pair = el("div", "pair");
+      pair.appendChild(figure("before", "before · " + c.i.map(function (im) {
+        return im.f; }).join(", "), before));
+      pair.appendChild(figure("after", "after", pics));
+      node.appendChild(pair);
+    } else {
+      node.appendChild(pics);
+    }
     var head = el("div", "head");
     head.appendChild(el("b", null, c.r));
     head.appendChild(el("span", "badge " + c.s, c.s));

@@ -42,10 +42,13 @@ import pyarrow.compute as pc
 from runner.endpoints.money import trim_usd
 from runner.errors import LedgerError
 from runner.ledger import JobState, ResumePolicy, read_folded
+from runner.ledger.records import read_event_columns
 from runner.ledger.totals import EndpointTotals, totals
 from runner.ledger.versions import split_versions
 from runner.report.failures import FailureGroup, failure_groups
+from runner.report.invocations import Invocation, invocation_lines
 from runner.report.outlook import ResumeOutlook, resume_outlook
+from runner.report.timeline import EVENT_COLUMNS, Timeline, timeline
 
 _ZERO = Decimal(0)
 STATE_ORDER = tuple(JobState)
@@ -123,6 +126,11 @@ class Report:
     superseded_billed_usd: Decimal = _ZERO
     superseded_estimated_usd: Decimal = _ZERO
     all_versions: bool = False
+    # One line per `runner run` on the directory, and the run over time (from every
+    # event, superseded versions included: they happened). Empty without the events.
+    invocations: tuple[Invocation, ...] = ()
+    timeline: Timeline = field(default_factory=Timeline)
+    manifest_dir: str | None = None  # absolute, where its relative input paths start
 
     @property
     def spent_usd(self) -> Decimal:
@@ -161,6 +169,11 @@ def load_jobs(run_dir: Path | str) -> pa.Table:
     return read_folded(run_dir).jobs
 
 
+def load_events(run_dir: Path | str) -> pa.Table:
+    """The columns of every event the invocations and the timeline read (no lock taken)."""
+    return read_event_columns(Path(run_dir), EVENT_COLUMNS)
+
+
 def build_report(
     jobs: pa.Table,
     run_meta: Mapping[str, Any] | None,
@@ -170,11 +183,14 @@ def build_report(
     top_failures: int = 10,
     examples: int = 3,
     all_versions: bool = False,
+    events: pa.Table | None = None,
 ) -> Report:
     """The report of a folded ledger (every version). Pure: no I/O, no clock.
 
     Superseded jobs (:mod:`runner.ledger.versions`) are left out of every count, sum,
     timing and failure unless ``all_versions``; their spend is reported on its own.
+    ``events`` (:func:`load_events`) give the invocations and the timeline; without them
+    the invocations come from run.json alone and the timeline is empty.
     """
     versions = split_versions(jobs, all_versions=all_versions)
     jobs = versions.shown
@@ -216,6 +232,11 @@ def build_report(
         superseded_billed_usd=old.billed_usd,
         superseded_estimated_usd=old.estimated_usd,
         all_versions=all_versions,
+        manifest_dir=_str_or_none(manifest.get("dir")),
+        invocations=invocation_lines(events, meta),
+        timeline=Timeline(estimate_usd=counted.estimated_usd)
+        if events is None
+        else timeline(events, estimate_usd=counted.estimated_usd),
     )
 
 

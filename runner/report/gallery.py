@@ -27,8 +27,10 @@ from PIL import Image
 
 from runner.endpoints.money import trim_usd
 from runner.ledger import JobState, OutputImage
+from runner.media.inputs import IMAGE_FIELDS
 
 CACHE_DIR = ".report-cache/thumbs"
+INPUT_FIELDS = IMAGE_FIELDS  # image_url, mask_url, image_urls
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,9 @@ class GalleryItem:
     billed_usd: Decimal | None
     outputs: tuple[OutputImage, ...]
     error: str | None
+    # Input images the request names (an edit's "before"), as the manifest gave them:
+    # (field, value), e.g. ("image_url", "images/chair.jpg"). See runner.report.pairs.
+    inputs: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +91,7 @@ def _items(table: pa.Table) -> Iterator[GalleryItem]:
         prompt = request.pop("prompt", None)
         requested_seed = request.pop("seed", None)
         loras = tuple(_lora(x) for x in request.pop("loras", None) or [] if isinstance(x, dict))
+        inputs = _inputs(request)
         error = None
         if row["error_type"] or row["error_message"]:
             error = ": ".join(p for p in (row["error_type"], row["error_message"]) if p)
@@ -106,7 +112,23 @@ def _items(table: pa.Table) -> Iterator[GalleryItem]:
             billed_usd=None if row["billed_usd"] is None else trim_usd(row["billed_usd"]),
             outputs=tuple(OutputImage(**o) for o in row["outputs"] or ()),
             error=error,
+            inputs=inputs,
         )
+
+
+def _inputs(request: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """Take the input image fields out of the request: (field, value) each."""
+    found: list[tuple[str, str]] = []
+    for name in INPUT_FIELDS:
+        value = request.get(name)
+        if isinstance(value, str) and value:
+            found.append((name, value))
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            found += [(f"{name}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            continue
+        del request[name]
+    return tuple(found)
 
 
 def _json_object(text: str | None) -> dict[str, Any]:

@@ -1,11 +1,14 @@
 """The run report as one self-contained HTML page that loads nothing from the network.
 
-Everything is inline: CSS, a few lines of JavaScript, the cost chart (SVG) and the gallery's
-data (JSON in a ``<script type="application/json">``). Output images appear as JPEG
-thumbnails embedded as data URIs, or (``link_images``) by a path relative to the page; an
-output that was never downloaded shows a placeholder and a plain link to its URL, never an
-``<img>`` pointing at the network. The gallery is filtered by state and endpoint and
-paginated in the browser; user text reaches the DOM only through ``textContent``.
+Everything is inline: CSS, a few lines of JavaScript, the charts (SVG from
+:mod:`runner.report.charts`: cost by endpoint, and the run over time) and the gallery's data
+(JSON in a ``<script type="application/json">``). Output images appear as JPEG thumbnails
+embedded as data URIs, or (``link_images``) by a path relative to the page; an output that
+was never downloaded shows a placeholder and a plain link to its URL, never an ``<img>``
+pointing at the network. An edit's card shows its input images ("before",
+:mod:`runner.report.pairs`) beside its outputs ("after"), the same way. The gallery is
+filtered by state and endpoint and paginated in the browser; user text reaches the DOM
+only through ``textContent``.
 """
 
 from __future__ import annotations
@@ -13,24 +16,25 @@ from __future__ import annotations
 import html
 import json
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from runner.endpoints.money import format_usd
-from runner.ledger import JobState, OutputImage
+from runner.ledger import JobState
 from runner.ledger.totals import spend_notes, superseded_note
 from runner.report.assets import CSS, JS, PAGE
+from runner.report.cards import card
+from runner.report.charts import cost_chart
 from runner.report.data import Percentiles, Report
-from runner.report.gallery import Gallery, GalleryItem, Thumbnails
+from runner.report.gallery import Gallery, Thumbnails
+from runner.report.pairs import InputPictures, manifest_dir
+from runner.report.panels import invocations_panel, safety_panel, timeline_panel
 from runner.report.text import NEW_JOBS_NOTE, count, seconds
 
 PAGE_SIZE = 48
-_PARAM_CHARS = 120
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +86,9 @@ def render_html(
     generated_at: datetime | None = None,
 ) -> tuple[str, int]:
     """(the page, how many outputs got a placeholder instead of an image)."""
-    data = [_card(item, thumbs, page_dir, link_images) for item in cards.items]
+    base = manifest_dir(report.manifest_dir, report.manifest)
+    inputs = InputPictures(base, thumbs, page_dir, link_images)
+    data = [card(item, thumbs, page_dir, link_images, inputs) for item in cards.items]
     placeholders = sum(1 for card in data for im in card["imgs"] if not im["t"])
     doc = {
         "cards": data,
@@ -97,6 +103,9 @@ def render_html(
             f"<header><h1>{_e(title)}</h1>{_meta(report, generated_at)}</header>",
             _summary(report),
             _section("Cost by endpoint", _cost_chart(report) + _endpoint_table(report)),
+            _section("Safety checker and cache", safety_panel(report)),
+            _section("Over time", timeline_panel(report.timeline)),
+            _section("Invocations", invocations_panel(report.invocations)),
             _section("Timing", _timing(report)),
             _section("Failures", _failures(report)),
             _section("What a resume would do", _resume(report)),
@@ -159,42 +168,12 @@ def _summary(report: Report) -> str:
 
 
 def _cost_chart(report: Report) -> str:
-    """Horizontal bars per endpoint: estimate of all jobs, estimate of billed jobs, billed."""
-    series = (
-        ("estimated, all jobs", "est", "estimated_usd"),
-        ("estimated, billed jobs", "estd", "estimated_done_usd"),
-        ("billed (output-based)", "bill", "billed_usd"),
-    )
-    eps = report.endpoints
-    values = [[Decimal(getattr(e, attr)) for _, _, attr in series] for e in eps]
-    top = max([Decimal(0), *(v for row in values for v in row)])
-    label_w, bar_w, bar_h, gap = 250, 420, 14, 14
-    height = 28 + len(eps) * (3 * bar_h + gap)
-    out = [
-        f'<svg class="chart" viewBox="0 0 {label_w + bar_w + 110} {height}" role="img" '
-        f'aria-label="cost by endpoint" xmlns="http://www.w3.org/2000/svg">'
-    ]
-    for i, (name, cls, _) in enumerate(series):
-        x = label_w + i * 150
-        out.append(f'<rect class="{cls}" x="{x}" y="4" width="12" height="12"/>')
-        out.append(f'<text x="{x + 16}" y="14">{_e(name)}</text>')
-    y = 28
-    for ep, row in zip(eps, values, strict=True):
-        out.append(f'<text x="{label_w - 8}" y="{y + 1.5 * bar_h + 4}" text-anchor="end">')
-        out.append(f"{_e(ep.endpoint or '(no endpoint)')}</text>")
-        for (_, cls, _), value in zip(series, row, strict=True):
-            width = 0.0 if top == 0 else float(value / top) * bar_w
-            out.append(
-                f'<rect class="{cls}" x="{label_w}" y="{y}" width="{width:.1f}" '
-                f'height="{bar_h - 2}"><title>{_e(format_usd(value))}</title></rect>'
-            )
-            out.append(
-                f'<text x="{label_w + width + 6:.1f}" y="{y + 10}">{_e(format_usd(value))}</text>'
-            )
-            y += bar_h
-        y += gap
-    out.append("</svg>")
-    return "".join(out)
+    rows = [
+        (ep.endpoint or "(no endpoint)",
+         [Decimal(ep.estimated_usd), Decimal(ep.estimated_done_usd), Decimal(ep.billed_usd)])
+        for ep in report.endpoints
+    ]  # fmt: skip
+    return cost_chart(rows, format_usd)
 
 
 def _table(head: list[str], rows: list[list[str]], numeric_from: int = 1) -> str:
@@ -260,11 +239,15 @@ def _failures(report: Report) -> str:
     rows = []
     for g in report.failures:
         examples = "<br>".join(
-            f"row <code>{_e(x.row_id or '?')}</code> ({_e(x.source or '?')}:{_e(x.line or '?')})"
+            f"row <code>{_e(x.row_id or '?')}</code> ({_e(x.source or '?')}:{_e(x.line or '?')}"
+            f"{', ' + _e(x.endpoint) if x.endpoint else ''})"
             for x in g.examples
         )
-        rows.append([str(g.count), _e(g.error_type), _e(g.message), str(g.retryable), examples])
-    head = ["jobs", "error type", "message (normalised)", "retryable", "examples"]
+        on = "<br>".join(f"<code>{_e(ep)}</code> ({n})" for ep, n in g.endpoints)
+        message = _e(g.summary or g.message)
+        rows.append([str(g.count), _e(g.error_type), message, on, str(g.retryable), examples])
+    head = ["jobs", "error type", "message (what differs blanked)", "endpoints", "retryable",
+            "examples"]  # fmt: skip
     return intro + ".</p>" + _table(head, rows, numeric_from=9)
 
 
@@ -308,53 +291,3 @@ def _gallery_shell(cards: Gallery) -> str:
         '<noscript><p class="warn">The gallery needs JavaScript.</p></noscript>'
         '<div id="cards" class="grid"></div>'
     )
-
-
-def _card(
-    item: GalleryItem, thumbs: Thumbnails | None, page_dir: Path, link: bool
-) -> dict[str, Any]:
-    imgs = []
-    for output in item.outputs:
-        local = thumbs.local_file(output) if thumbs else None
-        href = None if local is None else quote(os.path.relpath(local, page_dir))
-        if local is None:
-            src, note = None, _missing(output)
-        elif link:
-            src, note = href, None
-        else:
-            src = thumbs.data_uri(local) if thumbs else None
-            note = None if src else "unreadable image"
-        remote = output.url if output.url.startswith(("https://", "http://")) else None
-        size = f"{output.width}x{output.height}" if output.width and output.height else None
-        imgs.append({"t": src, "h": href, "u": remote, "n": note, "z": size})
-    cost = f"billed {format_usd(item.billed_usd)}" if item.billed_usd is not None else None
-    if cost is None and item.estimated_usd is not None:
-        cost = f"est. {format_usd(item.estimated_usd)}"
-    where = f"{item.source or '?'}:{item.line if item.line is not None else '?'}"
-    return {
-        "r": item.row_id or item.job_key[:12],
-        "w": where + (f" #{item.variant}" if item.variant else ""),
-        "e": item.endpoint or "",
-        "s": item.state.value,
-        "p": item.prompt or "",
-        "k": [[k, _param(v)] for k, v in sorted(item.parameters.items())],
-        "l": [f"{path} × {scale:g}" for path, scale in item.loras],
-        "m": [[k, v] for k, v in sorted(item.metadata.items())],
-        "d": item.seed,
-        "c": cost,
-        "x": item.error,
-        "imgs": imgs,
-    }
-
-
-def _missing(output: OutputImage) -> str:
-    if output.local_path and "://" in output.local_path:
-        return f"stored at {output.local_path}"
-    return "file missing" if output.local_path else "not downloaded"
-
-
-def _param(value: object) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    if isinstance(value, Mapping) and "width" in value and "height" in value:
-        text = f"{value['width']}x{value['height']}"
-    return text if len(text) <= _PARAM_CHARS else text[: _PARAM_CHARS - 1] + "…"

@@ -155,6 +155,39 @@ REPORT_SCHEMA: dict[str, Any] = _document(
             }
         ),
         **_VERSIONS,
+        # One entry per `runner run` on the directory (runner.report.invocations).
+        "invocations": {
+            "type": "array",
+            "items": _object(
+                {
+                    "run_id": {"type": ["string", "null"]},
+                    "started_at": {"anyOf": [_TIME, {"type": "null"}]},
+                    "ended_at": {"anyOf": [_TIME, {"type": "null"}]},
+                    "exit_code": {"type": ["integer", "null"]},
+                    "message": {"type": ["string", "null"]},
+                    "finished": {"type": "boolean"},
+                    "status": {"type": "string"},
+                    "completed": _COUNT,
+                    "failed": _COUNT,
+                    "spent_usd": _USD,
+                    "events": _COUNT,
+                    "counts_from": {"enum": ["run.json", "ledger"]},
+                },
+                skipped=_COUNT,
+                last_event_at={"anyOf": [_TIME, {"type": "null"}]},
+            ),
+        },
+        # The run over time, per bucket of bucket_s seconds from start (runner.report.timeline).
+        "timeline": _object(
+            {
+                "start": {"anyOf": [_TIME, {"type": "null"}]},
+                "bucket_s": _COUNT,
+                "completions": {"type": "array", "items": _COUNT},
+                "failures": {"type": "array", "items": {"type": "array"}},
+                "spend_usd": {"type": "array", "items": _USD},
+                "estimate_usd": _USD,
+            }
+        ),
     },
 )
 

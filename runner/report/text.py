@@ -16,6 +16,7 @@ from runner.endpoints.money import format_usd
 from runner.ledger import JobState
 from runner.ledger.totals import spend_notes, superseded_note
 from runner.report.data import Percentiles, Report
+from runner.report.invocations import Invocation
 from runner.report.schemas import REPORT
 
 
@@ -25,6 +26,8 @@ def report_json(report: Report) -> dict[str, Any]:
     assert isinstance(doc, dict)
     doc["resume"]["note"] = NEW_JOBS_NOTE
     doc["spent_usd"] = str(report.spent_usd)
+    for line, inv in zip(doc["invocations"], report.invocations, strict=True):
+        line["status"] = inv.status
     return {"schema": REPORT, **doc}
 
 
@@ -113,6 +116,7 @@ def render_text(report: Report) -> str:
     )  # fmt: skip
     lines += ["  " + line for line in _table(rows)]
     lines += _safety_lines(report)
+    lines += ["", *_invocation_lines(report)]
     lines += ["", *_timing_lines(report), "", *_failure_lines(report), ""]
     lines += _resume_lines(report)
     lines += [f"note: {n}" for n in report.notes]
@@ -135,6 +139,34 @@ def _safety_lines(report: Report) -> list[str]:
         )
     if k.cached_jobs:
         lines.append(f"  from the cross-run cache ($0): {count(k.cached_jobs, 'job')}")
+    return lines
+
+
+def when(inv: Invocation) -> str:
+    """``2026-12-02 05:15:00 to 05:31:12 UTC``; an unfinished one, to its last event."""
+    if inv.started_at is None:
+        return "time unknown"
+    start = f"{inv.started_at:%Y-%m-%d %H:%M:%S}"
+    if inv.ended_at is not None:
+        return f"{start} to {inv.ended_at:%H:%M:%S} UTC"
+    if inv.last_event_at is not None:
+        return f"{start} UTC, last event {inv.last_event_at:%H:%M:%S}"
+    return f"{start} UTC"
+
+
+def invocation_summary(inv: Invocation) -> str:
+    """Its jobs and spend: ``13 completed, 1 failed, $0.49``."""
+    skipped = f", {inv.skipped} skipped (done before)" if inv.skipped else ""
+    return f"{inv.completed} completed{skipped}, {inv.failed} failed, {format_usd(inv.spent_usd)}"
+
+
+def _invocation_lines(report: Report) -> list[str]:
+    if not report.invocations:
+        return ["invocations: none recorded"]
+    lines = [f"invocations ({len(report.invocations)}):"]
+    for inv in report.invocations:
+        name = inv.run_id or "(before run ids)"
+        lines.append(f"  {name}  {when(inv)}  {invocation_summary(inv)}  {inv.status}")
     return lines
 
 
@@ -165,7 +197,10 @@ def _failure_lines(report: Report) -> list[str]:
         lines[0] += f" (top {shown})"
     for g in report.failures:
         retry = f", {g.retryable} retryable" if g.retryable else ""
-        lines.append(f"  {g.count:>6}  {g.error_type}: {g.message or '(no message)'}{retry}")
+        lines.append(f"  {g.count:>6}  {g.error_type}: {g.summary or '(no message)'}{retry}")
+        if g.endpoints:
+            on = ", ".join(f"{ep} ({n})" for ep, n in g.endpoints)
+            lines.append(f"          on {on}")
         for ex in g.examples:
             where = f"{ex.source or '?'}:{ex.line if ex.line is not None else '?'}"
             lines.append(f"          e.g. row {ex.row_id or '?'} ({where}, {ex.endpoint or '-'})")
