@@ -11,11 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from runner.emulator import DEFAULT_KEY
-from runner.emulator.server import serve
 from runner.execution.lease import FileSlots
-from runner.ledger.views import status_summary
-from tests.scenario import emulator, manifest
 
 pytestmark = pytest.mark.anyio
 
@@ -100,30 +96,3 @@ async def test_holders_in_four_processes_never_exceed_the_count(tmp_path: Path) 
     marks, peak = _overlap(tmp_path)
     assert len(marks) == 2 * 4 * 40
     assert peak == 2  # held side by side, never by three
-
-
-async def test_processes_on_one_key_never_exceed_its_window(tmp_path: Path) -> None:
-    path = manifest(tmp_path, 60)
-    run_dir, gate = tmp_path / "run", tmp_path / "gates"
-    env = {**os.environ, "FAL_KEY": DEFAULT_KEY, "PYTHONPATH": str(Path(__file__).parents[1])}
-    async with emulator(concurrency=2, time_scale=0.01) as emu, serve(emu) as served:
-
-        async def one(shard: int) -> None:
-            argv = [
-                sys.executable, "-m", "runner", "run", str(path), "--ledger", str(run_dir),
-                "--shards", "3", "--shard", str(shard), "--gate-dir", str(gate),
-                "--queue-url", served.base_url, "--concurrency", "2", "--rate", "1000",
-                "--no-download", "--quiet",
-            ]  # fmt: skip
-            done = await anyio.run_process(argv, env=env, check=False)
-            assert done.returncode == 0, done.stderr.decode()[-2000:]
-
-        async with anyio.create_task_group() as tg:
-            for shard in range(3):
-                tg.start_soon(one, shard)
-        stats = emu.stats
-    assert stats.duplicates == 0
-    assert sum(stats.endings.values()) == 60
-    # Three processes, one key: its window (3 x 2 slots), not one per process.
-    assert stats.peak_outstanding <= 6, stats.peak_outstanding
-    assert status_summary(run_dir).by_state == {"completed": 60}
