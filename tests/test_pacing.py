@@ -1,8 +1,14 @@
+import random
 from typing import TypedDict
 
 import pytest
 
-from runner.execution.pacing import ServiceModel, first_poll_delay_s, next_poll_delay_s
+from runner.execution.pacing import (
+    QueueLag,
+    ServiceModel,
+    first_poll_delay_s,
+    next_poll_delay_s,
+)
 
 
 class Shape(TypedDict):
@@ -125,3 +131,73 @@ def test_job_mean_is_none_until_a_job_is_seen_then_follows_every_endpoint() -> N
     assert model.job_mean_s() == pytest.approx(2.0)
     model.observe("b", units=10.0, service_s=4.0)  # another endpoint, counted alike
     assert model.job_mean_s() == pytest.approx(3.0)
+
+
+def test_the_learned_lag_moves_the_queued_looks_and_stays_within_one_service_time() -> None:
+    kw = Shape(service_mean_s=2.0, service_dev_s=0.0, slots=4, min_s=0.01, max_s=600.0)
+    base = first_poll_delay_s(position=6, **kw)
+    assert first_poll_delay_s(position=6, lag_s=0.7, **kw) == pytest.approx(base + 0.7)
+    queued = next_poll_delay_s(state="IN_QUEUE", position=6, running_for_s=0, polls=1, **kw)
+    lagged = next_poll_delay_s(
+        state="IN_QUEUE", position=6, running_for_s=0, polls=1, lag_s=0.7, **kw
+    )
+    assert lagged == pytest.approx(queued + 0.7)
+    model = ServiceModel()
+    model.observe("e", 1.0, 2.0)
+    assert model.lag_s(2.0) == 0.0
+    for _ in range(100):
+        model.lag.first_look(done=False)
+    assert model.lag.lag == 1.0 and model.lag_s(2.0) == pytest.approx(2.0)  # the cap
+    for _ in range(1000):
+        model.lag.first_look(done=True)
+    assert model.lag.lag == 0.0
+
+
+def _first_looks(model: ServiceModel, queue: str, looks: int, seed: int) -> tuple[float, float]:
+    """Share of first looks that come early, and their mean lateness in service times.
+
+    A simulated queue with an injected clock: ``lockstep``, every job takes T and the slots
+    free up together at whole rounds, and a job is submitted up to 0.3 T into a round (as
+    its predecessors are noticed) behind ``slots`` to ``2 slots`` others; ``staggered``, the
+    slots free up evenly spread with a random phase.
+    """
+    rng = random.Random(seed)
+    slots, service = 8, 1.0
+    early, late = 0, 0.0
+    for k in range(looks):
+        position = rng.randrange(slots, 2 * slots)
+        if queue == "lockstep":
+            submitted = k * service + rng.uniform(0, 0.3) * service
+            ends = (k + 1 + position // slots) * service + service
+        else:
+            submitted = k * service + rng.uniform(0, 1) * service
+            ends = submitted + (position + 1 - rng.random()) * service / slots + service
+        mean, dev = model.service_s("e", 1.0)
+        look = submitted + first_poll_delay_s(
+            position=position, service_mean_s=mean, service_dev_s=dev, slots=slots,
+            min_s=0.01, max_s=600.0, lag_s=model.lag_s(mean),
+        )  # fmt: skip
+        model.lag.first_look(done=look >= ends)
+        early += look < ends
+        late += max(look - ends, 0.0) / service
+    return early / looks, late / looks
+
+
+@pytest.mark.parametrize("queue", ["lockstep", "staggered"])
+def test_first_looks_land_after_the_end_in_rounds_and_stay_near_it_when_spread(
+    queue: str,
+) -> None:
+    model, unlearned = ServiceModel(), ServiceModel(lag=QueueLag(step=0.0))
+    for _ in range(20):  # fixed service times: the deviation dies away
+        model.observe("e", 1.0, 1.0)
+        unlearned.observe("e", 1.0, 1.0)
+    before, _ = _first_looks(unlearned, queue, 400, seed=1)
+    _first_looks(model, queue, 400, seed=2)  # learn
+    after, lateness = _first_looks(model, queue, 400, seed=3)
+    assert after <= 0.1
+    if queue == "lockstep":
+        # position / slots alone leaves out the rest of the round: most looks come early.
+        assert before > 0.5 and 0.3 < model.lag.lag <= 1.0
+    else:
+        # Spread slots: the lag only covers the last release's phase, under 1 / slots.
+        assert model.lag.lag < 0.25 and lateness < 0.3
