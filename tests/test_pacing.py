@@ -3,6 +3,7 @@ from typing import TypedDict
 
 import pytest
 
+from runner.execution.completion import ResultFirst, ResultIn
 from runner.execution.pacing import (
     QueueLag,
     ServiceModel,
@@ -201,3 +202,41 @@ def test_first_looks_land_after_the_end_in_rounds_and_stay_near_it_when_spread(
     else:
         # Spread slots: the lag only covers the last release's phase, under 1 / slots.
         assert model.lag.lag < 0.25 and lateness < 0.3
+
+
+@pytest.mark.anyio
+async def test_a_queued_job_waits_for_the_model_without_calls_then_looks_once() -> None:
+    from tests.fakes import FakeTime
+    from tests.test_completion import DONE, FakeQueue, poller, watch
+
+    queue, time = FakeQueue([DONE]), FakeTime(now=100.0)
+    p = poller(queue, time, ResultFirst())  # two slots
+    sleep = time.sleep
+
+    async def learning_sleep(seconds: float) -> None:
+        await sleep(seconds)
+        if time.now >= 101.0 and not p.pacing.model.known("fal-ai/flux-lora"):
+            p.pacing.model.observe("fal-ai/flux-lora", 1.0, 1.0)  # a job ahead finished
+
+    p.reader.sleep = learning_sleep
+    w = watch()
+    w.position, w.submitted_s = 4, 100.0
+    assert isinstance(await p.wait(w), ResultIn)
+    assert queue.calls == {"result": 1}  # no exploring looks while the model was unknown
+    # Four ahead on two slots, then its own second, from the submit, plus the margin
+    # (the first sample's deviation is a quarter of it).
+    assert time.now == pytest.approx(100.0 + 2.0 + 1.0 + 1.3 * 0.25 * 3**0.5)
+    assert p.pacing.model.lag.looks == 1 and p.pacing.model.lag.early == 0
+
+
+@pytest.mark.anyio
+async def test_an_early_first_look_raises_the_lag_and_a_later_look_does_not_count() -> None:
+    from tests.fakes import FakeTime
+    from tests.test_completion import DONE, RUNNING, FakeQueue, poller, watch
+
+    queue, time = FakeQueue([RUNNING, RUNNING, DONE]), FakeTime()
+    p = poller(queue, time, ResultFirst())
+    p.pacing.model.observe("fal-ai/flux-lora", 1.0, 1.0)
+    assert isinstance(await p.wait(watch()), ResultIn)
+    lag = p.pacing.model.lag
+    assert (lag.looks, lag.early) == (1, 1) and lag.lag == pytest.approx(lag.step)
