@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass, field
 
 LATE_DEVS = 1.3
+ROUND_SPREAD = 0.1  # deviation / mean below which the queue moves in rounds
 
 
 @dataclass(slots=True)
@@ -208,10 +209,14 @@ def _queue_wait(
     ahead_dev_s: float | None,
 ) -> tuple[float, float]:
     """(mean, deviation) of the wait for ``ahead`` queued requests over ``slots`` slots."""
+    per_mean = own_mean_s if ahead_mean_s is None else ahead_mean_s
+    per_dev = own_dev_s if ahead_dev_s is None else ahead_dev_s
     rounds = ahead / max(slots, 1)
-    mean = rounds * (own_mean_s if ahead_mean_s is None else ahead_mean_s)
-    dev = math.sqrt(rounds) * (own_dev_s if ahead_dev_s is None else ahead_dev_s)
-    return mean, dev
+    if per_dev < ROUND_SPREAD * per_mean:
+        # Jobs of one length: the slots free up together, so the queue moves in whole
+        # rounds, and the rest of the round in service is the learned lag.
+        rounds = float(ahead // max(slots, 1))
+    return rounds * per_mean, math.sqrt(rounds) * per_dev
 
 
 def _clamp(value: float, low: float, high: float) -> float:
