@@ -13,12 +13,14 @@ deviation also holds the queue wait's: ``ahead / slots`` service times of unknow
 pass before it starts, so their deviation grows with the square root of that count.
 
 ``ahead / slots`` service times is the wait when the slots free up evenly spread in time.
-When every job takes about the same time they free up together and the queue moves in
-whole rounds: a queued job also waits out the rest of the round in service, up to one
-more service time, which position and slots do not tell. The client cannot see the
-slots' phase, so the model learns that remainder (:class:`QueueLag`) from what the first
-looks find: a look that finds its job still running raises it, one that finds it done
-lowers it a little, so that about ``early_share`` of first looks come early.
+When every job takes about the same time (deviation under ``ROUND_SPREAD`` of the mean)
+they free up together and the queue moves in whole rounds: a queued job waits
+``ahead // slots`` whole service times plus the rest of the round in service, up to one
+more, which position and slots do not tell. The client cannot see the slots' phase, so
+the model learns that remainder (:class:`QueueLag`) from what the first looks find: a look
+that finds its job still running raises it, one that finds it done lowers it a little, so
+that about ``early_share`` of first looks come early. With spread service times the
+deviation margin already covers the wait and the lag stays near zero.
 """
 
 from __future__ import annotations
