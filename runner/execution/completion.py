@@ -32,6 +32,7 @@ from runner.execution.pacing import (
     explore_delay_s,
     first_poll_delay_s,
     next_poll_delay_s,
+    queue_wait_s,
 )
 from runner.fal.client import Peek, QueueClient, RequestRef
 from runner.fal.protocol import (
@@ -294,9 +295,11 @@ class Poller:
             )
         mean, dev = self.pacing.model.service_s(watch.endpoint, watch.units)
         ahead = max(watch.position or 0, 0)
-        per_ahead = self.pacing.model.ahead_s(mean)
-        wait = ahead * per_ahead / max(self.pacing.slots, 1) + self.pacing.model.lag_s(mean)
-        started = watch.submitted_s + wait
+        model = self.pacing.model
+        wait, _ = queue_wait_s(
+            ahead, self.pacing.slots, mean, dev, model.ahead_s(mean), model.ahead_dev_s(dev)
+        )
+        started = watch.submitted_s + wait + model.lag_s(mean)
         return next_poll_delay_s(
             state="IN_PROGRESS",
             position=None,

@@ -150,7 +150,7 @@ def first_poll_delay_s(
     """
     ahead = 0 if position is None else max(position, 0)
     # `ahead` requests wait before this one; slots free up at slots/mean per second.
-    wait, wait_dev = _queue_wait(
+    wait, wait_dev = queue_wait_s(
         ahead, slots, service_mean_s, service_dev_s, ahead_mean_s, ahead_dev_s
     )
     dev = math.hypot(service_dev_s, wait_dev)
@@ -180,7 +180,7 @@ def next_poll_delay_s(
     """
     if state == "IN_QUEUE":
         ahead = max(position or 0, 0) + 1
-        wait, wait_dev = _queue_wait(
+        wait, wait_dev = queue_wait_s(
             ahead, slots, service_mean_s, service_dev_s, ahead_mean_s, ahead_dev_s
         )
         spread = LATE_DEVS * math.hypot(service_dev_s, wait_dev)
@@ -202,7 +202,7 @@ def explore_delay_s(*, polls: int, min_s: float, max_s: float, base_s: float = 0
     return _clamp(base_s * 2.0 ** min(polls, 16), min_s, max_s)
 
 
-def _queue_wait(
+def queue_wait_s(
     ahead: int,
     slots: int,
     own_mean_s: float,
