@@ -1,8 +1,15 @@
+import random
 from typing import TypedDict
 
 import pytest
 
-from runner.execution.pacing import ServiceModel, first_poll_delay_s, next_poll_delay_s
+from runner.execution.completion import ResultFirst, ResultIn
+from runner.execution.pacing import (
+    QueueLag,
+    ServiceModel,
+    first_poll_delay_s,
+    next_poll_delay_s,
+)
 
 
 class Shape(TypedDict):
@@ -125,3 +132,119 @@ def test_job_mean_is_none_until_a_job_is_seen_then_follows_every_endpoint() -> N
     assert model.job_mean_s() == pytest.approx(2.0)
     model.observe("b", units=10.0, service_s=4.0)  # another endpoint, counted alike
     assert model.job_mean_s() == pytest.approx(3.0)
+
+
+def test_the_learned_lag_moves_the_queued_looks_and_stays_within_one_service_time() -> None:
+    kw = Shape(service_mean_s=2.0, service_dev_s=0.0, slots=4, min_s=0.01, max_s=600.0)
+    base = first_poll_delay_s(position=6, **kw)
+    assert first_poll_delay_s(position=6, lag_s=0.7, **kw) == pytest.approx(base + 0.7)
+    queued = next_poll_delay_s(state="IN_QUEUE", position=6, running_for_s=0, polls=1, **kw)
+    lagged = next_poll_delay_s(
+        state="IN_QUEUE", position=6, running_for_s=0, polls=1, lag_s=0.7, **kw
+    )
+    assert lagged == pytest.approx(queued + 0.7)
+    model = ServiceModel()
+    model.observe("e", 1.0, 2.0)
+    assert model.lag_s(2.0) == 0.0
+    for _ in range(100):
+        model.lag.first_look(done=False)
+    assert model.lag.lag == 1.0 and model.lag_s(2.0) == pytest.approx(2.0)  # the cap
+    for _ in range(1000):
+        model.lag.first_look(done=True)
+    assert model.lag.lag == 0.0
+
+
+def _first_looks(model: ServiceModel, queue: str, looks: int, seed: int) -> tuple[float, float]:
+    """Share of first looks that come early, and their mean lateness in service times.
+
+    A simulated queue with an injected clock: ``lockstep``, every job takes T and the slots
+    free up together at whole rounds, and a job is submitted up to 0.3 T into a round (as
+    its predecessors are noticed) behind ``slots`` to ``2 slots`` others; ``staggered``, jobs
+    take 0.6-1.4 T and the slots free up evenly spread with a random phase.
+    """
+    rng = random.Random(seed)
+    slots, service = 8, 1.0
+    early, late = 0, 0.0
+    for k in range(looks):
+        position = rng.randrange(slots, 2 * slots)
+        if queue == "lockstep":
+            submitted = k * service + rng.uniform(0, 0.3) * service
+            ends = (k + 1 + position // slots) * service + service
+        else:
+            submitted = k * service + rng.uniform(0, 1) * service
+            own = rng.uniform(0.6, 1.4) * service
+            ends = submitted + (position + 1 - rng.random()) * service / slots + own
+        mean, dev = model.service_s("e", 1.0)
+        mean = service  # the simulated queue's, whatever the model's last update said
+        look = submitted + first_poll_delay_s(
+            position=position, service_mean_s=mean, service_dev_s=dev, slots=slots,
+            min_s=0.01, max_s=600.0, lag_s=model.lag_s(mean),
+        )  # fmt: skip
+        model.lag.first_look(done=look >= ends)
+        early += look < ends
+        late += max(look - ends, 0.0) / service
+    return early / looks, late / looks
+
+
+@pytest.mark.parametrize("queue", ["lockstep", "staggered"])
+def test_first_looks_land_after_the_end_in_rounds_and_stay_near_it_when_spread(
+    queue: str,
+) -> None:
+    model, unlearned = ServiceModel(), ServiceModel(lag=QueueLag(step=0.0))
+    for k in range(20):
+        # In rounds every job takes the same time (the deviation dies away); spread, they
+        # vary (mean 1 s, deviation about 0.4 s).
+        seconds = 1.0 if queue == "lockstep" else 0.6 + 0.8 * (k % 2)
+        model.observe("e", 1.0, seconds)
+        unlearned.observe("e", 1.0, seconds)
+    before, late_before = _first_looks(unlearned, queue, 400, seed=1)
+    _first_looks(model, queue, 400, seed=2)  # learn
+    after, lateness = _first_looks(model, queue, 400, seed=3)
+    assert after <= 0.1
+    if queue == "lockstep":
+        # Whole rounds ahead, but not the rest of the round in service: every look early.
+        # Learned, that rest puts the looks just after the end (the round's phase is
+        # unknown, so up to the 0.3 T of spread in the submits).
+        assert before > 0.9 and 0.5 < model.lag.lag <= 1.0 and lateness < 0.3
+    else:
+        # Spread slots and sizes: the deviation already covers the wait, no lag is needed
+        # and the looks come no later for it.
+        assert model.lag.lag < 0.1 and lateness <= late_before + 0.01
+
+
+@pytest.mark.anyio
+async def test_a_queued_job_waits_for_the_model_without_calls_then_looks_once() -> None:
+    from tests.fakes import FakeTime
+    from tests.test_completion import DONE, FakeQueue, poller, watch
+
+    queue, time = FakeQueue([DONE]), FakeTime(now=100.0)
+    p = poller(queue, time, ResultFirst())  # two slots
+    sleep = time.sleep
+
+    async def learning_sleep(seconds: float) -> None:
+        await sleep(seconds)
+        if time.now >= 101.0 and not p.pacing.model.known("fal-ai/flux-lora"):
+            p.pacing.model.observe("fal-ai/flux-lora", 1.0, 1.0)  # a job ahead finished
+
+    p.reader.sleep = learning_sleep
+    w = watch()
+    w.position, w.submitted_s = 4, 100.0
+    assert isinstance(await p.wait(w), ResultIn)
+    assert queue.calls == {"result": 1}  # no exploring looks while the model was unknown
+    # Four ahead on two slots, then its own second, from the submit, plus the margin
+    # (the first sample's deviation is a quarter of it).
+    assert time.now == pytest.approx(100.0 + 2.0 + 1.0 + 1.3 * 0.25 * 3**0.5)
+    assert p.pacing.model.lag.looks == 1 and p.pacing.model.lag.early == 0
+
+
+@pytest.mark.anyio
+async def test_an_early_first_look_raises_the_lag_and_a_later_look_does_not_count() -> None:
+    from tests.fakes import FakeTime
+    from tests.test_completion import DONE, RUNNING, FakeQueue, poller, watch
+
+    queue, time = FakeQueue([RUNNING, RUNNING, DONE]), FakeTime()
+    p = poller(queue, time, ResultFirst())
+    p.pacing.model.observe("fal-ai/flux-lora", 1.0, 1.0)
+    assert isinstance(await p.wait(watch()), ResultIn)
+    lag = p.pacing.model.lag
+    assert (lag.looks, lag.early) == (1, 1) and lag.lag == pytest.approx(lag.step)

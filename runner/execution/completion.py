@@ -32,6 +32,7 @@ from runner.execution.pacing import (
     explore_delay_s,
     first_poll_delay_s,
     next_poll_delay_s,
+    queue_wait_s,
 )
 from runner.fal.client import Peek, QueueClient, RequestRef
 from runner.fal.protocol import (
@@ -202,6 +203,7 @@ class Poller:
             service_dev_s=dev,
             ahead_mean_s=self.pacing.model.ahead_s(mean),
             ahead_dev_s=self.pacing.model.ahead_dev_s(dev),
+            lag_s=self.pacing.model.lag_s(mean),
             slots=self.pacing.slots,
             min_s=self.pacing.min_poll_s,
             max_s=self.pacing.max_poll_s,
@@ -224,6 +226,7 @@ class Poller:
             service_dev_s=dev,
             ahead_mean_s=self.pacing.model.ahead_s(mean),
             ahead_dev_s=self.pacing.model.ahead_dev_s(dev),
+            lag_s=self.pacing.model.lag_s(mean),
             slots=self.pacing.slots,
             min_s=self.pacing.min_poll_s,
             max_s=self.pacing.max_poll_s,
@@ -231,34 +234,58 @@ class Poller:
 
     async def wait(self, watch: Watch, *, wake: anyio.Event | None = None) -> Finished:
         """Poll until COMPLETED. With ``wake``, return early (status None) when it is set."""
-        delay = self._first_delay(watch)
+        model, waited = self.pacing.model, 0.0
+        if not model.known(watch.endpoint) and (watch.position or 0) > 0:
+            waited = await self._await_model(watch, wake)
+        judge = model.known(watch.endpoint)  # a look the model aimed trains its lag
+        delay = max(self._first_delay(watch) - waited, self.pacing.min_poll_s)
         polls = 0
         peeking = True
         while True:
-            if wake is None:
-                await self.reader.sleep(delay)
-            else:
-                with anyio.move_on_after(delay):
-                    await wake.wait()
-                if wake.is_set():
-                    raise _Woken
+            await self._nap(delay, wake)
             if peeking and self.result_first.enabled:
                 peek = await self.reader.peek(watch, self.result_first.not_ready)
                 self.result_first.count(peek)
                 polls += 1
                 if peek is not None and peek.result is not None:
+                    if judge:
+                        model.lag.first_look(done=True)
                     done = Completed(logs=None)
                     note(watch, done, self.reader.clock())
                     return ResultIn(done, peek.result)
                 if peek is not None and peek.not_ready:
+                    if judge:
+                        model.lag.first_look(done=False)
+                        judge = False
                     delay = self._not_ready_delay(watch, polls)
                     continue
                 peeking = False  # an answer we cannot read: the status says what it meant
             status = await self.reader.status(watch)
             polls += 1
+            if judge:
+                model.lag.first_look(done=isinstance(status, Completed))
+                judge = False
             if isinstance(status, Completed):
                 return StatusIn(status)
             delay = self._next_delay(watch, status, polls)
+
+    async def _nap(self, delay: float, wake: anyio.Event | None) -> None:
+        if wake is None:
+            await self.reader.sleep(delay)
+            return
+        with anyio.move_on_after(delay):
+            await wake.wait()
+        if wake.is_set():
+            raise _Woken
+
+    async def _await_model(self, watch: Watch, wake: anyio.Event | None) -> float:
+        """A queued job ends after one ahead of it, which teaches the model: wait for that
+        without calls instead of exploring (at most ``max_poll_s``). Returns the wait."""
+        step, waited = self.pacing.min_poll_s, 0.0
+        while not self.pacing.model.known(watch.endpoint) and waited < self.pacing.max_poll_s:
+            await self._nap(step, wake)
+            waited, step = waited + step, min(step * 1.5, 1.0)
+        return waited
 
     def _not_ready_delay(self, watch: Watch, polls: int) -> float:
         """After "still running": assume it started when predicted, and is now overdue."""
@@ -268,8 +295,11 @@ class Poller:
             )
         mean, dev = self.pacing.model.service_s(watch.endpoint, watch.units)
         ahead = max(watch.position or 0, 0)
-        per_ahead = self.pacing.model.ahead_s(mean)
-        started = watch.submitted_s + ahead * per_ahead / max(self.pacing.slots, 1)
+        model = self.pacing.model
+        wait, _ = queue_wait_s(
+            ahead, self.pacing.slots, mean, dev, model.ahead_s(mean), model.ahead_dev_s(dev)
+        )
+        started = watch.submitted_s + wait + model.lag_s(mean)
         return next_poll_delay_s(
             state="IN_PROGRESS",
             position=None,

@@ -11,6 +11,16 @@ job COMPLETED, early enough that the in-flight window (twice the slots) keeps fa
 slots busy while finished jobs wait to be noticed. For a job queued behind others the
 deviation also holds the queue wait's: ``ahead / slots`` service times of unknown length
 pass before it starts, so their deviation grows with the square root of that count.
+
+``ahead / slots`` service times is the wait when the slots free up evenly spread in time.
+When every job takes about the same time (deviation under ``ROUND_SPREAD`` of the mean)
+they free up together and the queue moves in whole rounds: a queued job waits
+``ahead // slots`` whole service times plus the rest of the round in service, up to one
+more, which position and slots do not tell. The client cannot see the slots' phase, so
+the model learns that remainder (:class:`QueueLag`) from what the first looks find: a look
+that finds its job still running raises it, one that finds it done lowers it a little, so
+that about ``early_share`` of first looks come early. With spread service times the
+deviation margin already covers the wait and the lag stays near zero.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import math
 from dataclasses import dataclass, field
 
 LATE_DEVS = 1.3
+ROUND_SPREAD = 0.1  # deviation / mean below which the queue moves in rounds
 
 
 @dataclass(slots=True)
@@ -26,6 +37,33 @@ class _Stat:
     mean: float
     dev: float
     n: int = 0
+
+
+@dataclass(slots=True)
+class QueueLag:
+    """The queue wait that ``ahead / slots`` leaves out, in service times of a job ahead.
+
+    A quantile tracker: each first look that finds its job still running adds ``step``;
+    each that finds it done takes away ``step * early_share / (1 - early_share)``, so the
+    lag settles where about ``early_share`` of first looks are early. It stays within
+    ``[0, max_lag]``: the rest of a round in service is at most one service time.
+    """
+
+    early_share: float = 0.05
+    step: float = 0.05
+    max_lag: float = 1.0
+    lag: float = 0.0
+    early: int = 0
+    looks: int = 0
+
+    def first_look(self, *, done: bool) -> None:
+        self.looks += 1
+        if done:
+            down = self.step * self.early_share / (1.0 - self.early_share)
+            self.lag = max(0.0, self.lag - down)
+        else:
+            self.early += 1
+            self.lag = min(self.max_lag, self.lag + self.step)
 
 
 @dataclass(slots=True)
@@ -39,6 +77,7 @@ class ServiceModel:
     # job hold the slots for. A job's own mean is the wrong measure of them when a
     # manifest mixes sizes (a small job behind big ones waits longer than its own size says).
     _per_job: _Stat | None = None
+    lag: QueueLag = field(default_factory=QueueLag)
 
     @staticmethod
     def units(megapixels: float, steps: int, images: int) -> float:
@@ -71,6 +110,10 @@ class ServiceModel:
         """Mean seconds a request queued ahead holds a slot (before any: ``own_mean_s``)."""
         return own_mean_s if self._per_job is None else self._per_job.mean
 
+    def lag_s(self, own_mean_s: float) -> float:
+        """Seconds of queue wait beyond ``ahead / slots`` service times (see QueueLag)."""
+        return self.lag.lag * self.ahead_s(own_mean_s)
+
     def ahead_dev_s(self, own_dev_s: float) -> float:
         """Deviation of the seconds a request queued ahead holds a slot."""
         return own_dev_s if self._per_job is None else self._per_job.dev
@@ -97,19 +140,21 @@ def first_poll_delay_s(
     max_s: float,
     ahead_mean_s: float | None = None,
     ahead_dev_s: float | None = None,
+    lag_s: float = 0.0,
 ) -> float:
     """Delay until the first status call after submit (``position``: from the ack).
 
     ``ahead_mean_s`` and ``ahead_dev_s`` describe the service times of the requests queued
-    ahead (default: this job's own).
+    ahead (default: this job's own); ``lag_s`` is the learned rest of the round in service
+    (:meth:`ServiceModel.lag_s`).
     """
     ahead = 0 if position is None else max(position, 0)
     # `ahead` requests wait before this one; slots free up at slots/mean per second.
-    wait, wait_dev = _queue_wait(
+    wait, wait_dev = queue_wait_s(
         ahead, slots, service_mean_s, service_dev_s, ahead_mean_s, ahead_dev_s
     )
     dev = math.hypot(service_dev_s, wait_dev)
-    return _clamp(wait + service_mean_s + LATE_DEVS * dev, min_s, max_s)
+    return _clamp(wait + lag_s + service_mean_s + LATE_DEVS * dev, min_s, max_s)
 
 
 def next_poll_delay_s(
@@ -125,6 +170,7 @@ def next_poll_delay_s(
     max_s: float,
     ahead_mean_s: float | None = None,
     ahead_dev_s: float | None = None,
+    lag_s: float = 0.0,
 ) -> float:
     """Delay until the next status call, given what the last one said.
 
@@ -134,10 +180,11 @@ def next_poll_delay_s(
     """
     if state == "IN_QUEUE":
         ahead = max(position or 0, 0) + 1
-        wait, wait_dev = _queue_wait(
+        wait, wait_dev = queue_wait_s(
             ahead, slots, service_mean_s, service_dev_s, ahead_mean_s, ahead_dev_s
         )
-        target = wait + service_mean_s + LATE_DEVS * math.hypot(service_dev_s, wait_dev)
+        spread = LATE_DEVS * math.hypot(service_dev_s, wait_dev)
+        target = wait + lag_s + service_mean_s + spread
     else:
         remaining = service_mean_s + LATE_DEVS * service_dev_s - running_for_s
         # Past the expected end: back off geometrically from a fraction of the mean.
@@ -155,7 +202,7 @@ def explore_delay_s(*, polls: int, min_s: float, max_s: float, base_s: float = 0
     return _clamp(base_s * 2.0 ** min(polls, 16), min_s, max_s)
 
 
-def _queue_wait(
+def queue_wait_s(
     ahead: int,
     slots: int,
     own_mean_s: float,
@@ -164,10 +211,14 @@ def _queue_wait(
     ahead_dev_s: float | None,
 ) -> tuple[float, float]:
     """(mean, deviation) of the wait for ``ahead`` queued requests over ``slots`` slots."""
+    per_mean = own_mean_s if ahead_mean_s is None else ahead_mean_s
+    per_dev = own_dev_s if ahead_dev_s is None else ahead_dev_s
     rounds = ahead / max(slots, 1)
-    mean = rounds * (own_mean_s if ahead_mean_s is None else ahead_mean_s)
-    dev = math.sqrt(rounds) * (own_dev_s if ahead_dev_s is None else ahead_dev_s)
-    return mean, dev
+    if per_dev < ROUND_SPREAD * per_mean:
+        # Jobs of one length: the slots free up together, so the queue moves in whole
+        # rounds, and the rest of the round in service is the learned lag.
+        rounds = float(ahead // max(slots, 1))
+    return rounds * per_mean, math.sqrt(rounds) * per_dev
 
 
 def _clamp(value: float, low: float, high: float) -> float:
