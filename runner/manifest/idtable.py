@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from array import array
 
+import numpy as np
+
 
 class FirstLines:
     """The line of the first claim of each (64-bit key, 32-bit check), at 16 bytes a slot.
@@ -83,3 +85,114 @@ class FirstLines:
                 new_keys[slot] = key
                 new_checks[slot] = check
                 new_lines[slot] = line
+
+
+# Scalar claims gather here until there are this many, then become one sorted run.
+_PENDING_MAX = 65_536
+
+
+class KeyLines:
+    """The least line claimed for each 64-bit key, as sorted runs of (key, line): 12 bytes a key.
+
+    A run is a sorted ``int64`` array of keys beside its ``uint32`` lines. Claims arrive
+    one at a time (:meth:`claim`, into a small dict flushed into a run every 65,536) or a
+    batch at a time (:meth:`lookup` then :meth:`add`); runs of like size are merged, so a
+    key is found with one binary search in each of ~log4(n / 65,536) runs.
+
+    The least line wins: a claim of a line below the one held takes the key over (the
+    vector path claims a batch's plain rows before its slow rows claim theirs one by one)
+    and the line taken over is put in :attr:`displaced`, for the batch to visit.
+    """
+
+    def __init__(self) -> None:
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending: dict[int, int] = {}
+        self.displaced: set[int] = set()
+
+    def __len__(self) -> int:
+        return sum(len(keys) for keys, _ in self._runs) + len(self._pending)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(keys.nbytes + lines.nbytes for keys, lines in self._runs)
+
+    def claim(self, key: int, line: int) -> int:
+        """The least line claimed for ``key``, this one included."""
+        first = self._pending.get(key)
+        if first is None:
+            first = self._find(key)
+        if first and first <= line:
+            return first
+        if first:
+            self.displaced.add(first)
+            self._set(key, line)
+        else:
+            self._pending[key] = line
+            if len(self._pending) >= _PENDING_MAX:
+                self._flush()
+        return line
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """The line held for each key (``int64``), 0 for a key not claimed."""
+        self._flush()
+        found = np.zeros(len(keys), dtype=np.int64)
+        for run_keys, run_lines in self._runs:
+            at = np.searchsorted(run_keys, keys)
+            at[at == len(run_keys)] = 0
+            hit = run_keys[at] == keys
+            found[hit] = run_lines[at[hit]]
+        return found
+
+    def add(self, keys: np.ndarray, lines: np.ndarray) -> None:
+        """Hold new keys (distinct, none held yet) with their lines, as one more run."""
+        if len(keys):
+            order = np.argsort(keys, kind="stable")
+            self._push(keys[order].astype(np.int64), _narrow(lines[order]))
+
+    def _find(self, key: int) -> int:
+        for run_keys, run_lines in self._runs:
+            at = int(np.searchsorted(run_keys, key))
+            if at < len(run_keys) and run_keys[at] == key:
+                return int(run_lines[at])
+        return 0
+
+    def _set(self, key: int, line: int) -> None:
+        if key in self._pending:
+            self._pending[key] = line
+            return
+        for run_keys, run_lines in self._runs:
+            at = int(np.searchsorted(run_keys, key))
+            if at < len(run_keys) and run_keys[at] == key:
+                if line > np.iinfo(run_lines.dtype).max:
+                    self._pending[key] = line  # found there first from now on
+                    return
+                run_lines[at] = line
+                return
+
+    def _flush(self) -> None:
+        if self._pending:
+            keys = np.fromiter(self._pending.keys(), np.int64, len(self._pending))
+            lines = np.fromiter(self._pending.values(), np.int64, len(self._pending))
+            self._pending = {}
+            self.add(keys, lines)
+
+    def _push(self, keys: np.ndarray, lines: np.ndarray) -> None:
+        runs = self._runs
+        runs.append((keys, lines))
+        while len(runs) > 1 and len(runs[-2][0]) <= 4 * len(runs[-1][0]):
+            (old_keys, old_lines), (new_keys, new_lines) = runs[-2], runs[-1]
+            # A linear merge: each new key goes after the old keys below it.
+            at = np.searchsorted(old_keys, new_keys) + np.arange(len(new_keys))
+            old = np.ones(len(old_keys) + len(new_keys), dtype=bool)
+            old[at] = False
+            keys = np.empty(len(old), dtype=np.int64)
+            keys[at], keys[old] = new_keys, old_keys
+            lines = np.empty(len(old), dtype=np.result_type(old_lines, new_lines))
+            lines[at], lines[old] = new_lines, old_lines
+            runs[-2:] = [(keys, lines)]
+
+
+def _narrow(lines: np.ndarray) -> np.ndarray:
+    """Lines as ``uint32`` while they fit (a manifest past 4,294,967,295 lines: ``int64``)."""
+    wide = len(lines) > 0 and int(lines.max()) > 0xFFFF_FFFF
+    return lines.astype(np.int64 if wide else np.uint32)
