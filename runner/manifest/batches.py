@@ -262,7 +262,7 @@ def _claim_block(
     parts = [(g.positions, g.ids) for g in typed if g.ids is not None]
     if not parts:
         return np.zeros(0, dtype=np.int64)
-    positions = np.concatenate([p for p, _ in parts])
+    positions: np.ndarray = np.concatenate([p for p, _ in parts])
     given = pa.concat_arrays([i for _, i in parts])
     keep = ~slow[positions] & _np(pc.is_valid(given))
     positions, given = positions[keep], given.filter(pa.array(keep))
@@ -281,7 +281,8 @@ def _claim_block(
     new = held == 0
     table.add(keys[new], lines[first[new]])
     firsts = np.where(new, lines[first], held)
-    return positions[firsts[where.reshape(-1)] != lines]
+    claimed: np.ndarray = positions[firsts[where.reshape(-1)] != lines]
+    return claimed
 
 
 def _take_over(
