@@ -3,8 +3,9 @@
 CSV and TSV are read in Arrow batches (:mod:`runner.manifest.arrowcsv`) and typed as vectors
 (:mod:`runner.manifest.vector`); a row the vectors do not vouch for, and every JSONL and
 Parquet row, goes through :class:`runner.manifest.jobs._Expander` one by one, as
-:func:`iter_jobs` does, so its problems read the same. Duplicate ids are claimed in row
-order whichever way a row goes.
+:func:`iter_jobs` does, so its problems read the same. A block's plain ids are claimed at
+once, the slow rows' one by one as the block is walked; the first line of an id is the
+least that gave it whichever way a row goes, so duplicates read as in row order.
 
 ``materialize=True`` (``run``, ``plan --ledger``) makes every job, with the key and content
 identity :func:`iter_jobs` gives. ``materialize=False`` (``validate``, ``plan``) makes only the
