@@ -40,6 +40,7 @@ IDS = ["a", "a", "b", "A", " a", "a ", "a\t", "aa", "a.", "b b", "b  b", "", "  
 def small(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(arrowcsv, "BLOCK_BYTES", 300)
     monkeypatch.setattr(idtable, "_PENDING_MAX", 4)
+    monkeypatch.setattr(idtable, "_DIRECTORY_MIN", 8)  # runs searched through a directory
 
 
 @FUZZ
@@ -144,3 +145,14 @@ def test_duplicates_are_found_as_the_ids_text_says(
         if "already used" in problem.message
     ]
     assert [m.replace(str(tmp_path) + "/", "") for m in messages] == reference(data)
+
+
+def test_a_long_run_is_searched_through_its_directory(small: None) -> None:
+    table = KeyLines()
+    rng = np.random.default_rng(3)
+    keys = np.unique(rng.integers(-(2**63), 2**63 - 1, 3_000, dtype=np.int64))
+    keys = np.unique(np.concatenate([keys, [-(2**63), 2**63 - 1, 0, -1]]))
+    table.add(keys, np.arange(2, len(keys) + 2))
+    probes = np.concatenate([keys, keys + 1, keys - 1])
+    expected = {int(k): n for n, k in enumerate(keys.tolist(), 2)}
+    assert table.lookup(probes).tolist() == [expected.get(int(k), 0) for k in probes.tolist()]
