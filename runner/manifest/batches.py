@@ -3,8 +3,9 @@
 CSV and TSV are read in Arrow batches (:mod:`runner.manifest.arrowcsv`) and typed as vectors
 (:mod:`runner.manifest.vector`); a row the vectors do not vouch for, and every JSONL and
 Parquet row, goes through :class:`runner.manifest.jobs._Expander` one by one, as
-:func:`iter_jobs` does, so its problems read the same. Duplicate ids are claimed in row
-order whichever way a row goes.
+:func:`iter_jobs` does, so its problems read the same. A block's plain ids are claimed at
+once, the slow rows' one by one as the block is walked; the first line of an id is the
+least that gave it whichever way a row goes, so duplicates read as in row order.
 
 ``materialize=True`` (``run``, ``plan --ledger``) makes every job, with the key and content
 identity :func:`iter_jobs` gives. ``materialize=False`` (``validate``, ``plan``) makes only the
@@ -14,6 +15,8 @@ grouped by what their cost depends on, so a million plain rows cost no Python ob
 
 from __future__ import annotations
 
+import bisect
+import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +31,7 @@ from runner.endpoints.catalog import BaseRequest
 from runner.errors import RowError
 from runner.manifest import vector
 from runner.manifest.arrowcsv import ArrowRows, arrow_blocks
-from runner.manifest.identity import row_number_id
+from runner.manifest.identity import id_key, row_number_id
 from runner.manifest.jobs import (
     _ALL_PARAMETERS,
     _EXPANSION_COLUMNS,
@@ -186,46 +189,124 @@ def _sequence(
     slow: np.ndarray,
     materialize: bool,
 ) -> JobBatch:
-    """Walk the rows in order: claim ids, expand slow rows, make or count the others."""
+    """Walk the rows in order: expand slow rows and duplicates, make or count the others.
+
+    The plain rows' ids are claimed for the whole block at once (:func:`_claim_block`);
+    only the rows that make something (slow, duplicate, wanted) are visited in Python.
+    """
     batch = JobBatch()
     rows = block.batch.num_rows
-    lines = block.lines
     owner = np.full(rows, -1, dtype=np.int64)
     within = np.zeros(rows, dtype=np.int64)
-    ids: list[list[Any]] = []
+    visit = slow.copy()
     for number, group in enumerate(typed):
         owner[group.positions] = number
         within[group.positions] = np.arange(len(group.positions))
-        ids.append(
-            group.ids.to_pylist() if group.ids is not None else [None] * len(group.positions)
-        )
+        if materialize:
+            visit[group.positions] = True
+        else:
+            visit[group.positions[group.needs_files]] = True
+    seen = expander.seen.first_lines
+    again = np.zeros(rows, dtype=bool)  # plain rows expanded row by row: duplicates
+    if expander.options.check_unique_ids:
+        again[_claim_block(block, typed, slow, expander)] = True
+        visit |= again
+    seen.displaced.clear()
     makers = [_Maker(group, block, expander) for group in typed]
-    wanted = [
-        np.ones(len(g.positions), dtype=bool) if materialize else g.needs_files for g in typed
-    ]
-    quick = [np.zeros(len(g.positions), dtype=bool) for g in typed]
-    claim = expander.seen.claim if expander.options.check_unique_ids else None
-    owner_list, within_list, slow_list = owner.tolist(), within.tolist(), slow.tolist()
-    for position in range(rows):
-        if slow_list[position]:
+    ids: list[list[Any] | None] = [None] * len(typed)
+    todo = np.flatnonzero(visit).tolist()
+    later: list[int] = []  # plain rows a slow row's id took over, found while walking
+    lines = block.lines
+    owner_list, within_list = owner.tolist(), within.tolist()
+    next_todo = 0
+    while next_todo < len(todo) or later:
+        if later and (next_todo == len(todo) or later[0] <= todo[next_todo]):
+            position = heapq.heappop(later)
+            if next_todo < len(todo) and todo[next_todo] == position:
+                next_todo += 1
+        else:
+            position = todo[next_todo]
+            next_todo += 1
+        if slow[position]:
+            batch.items.extend(expander.expand(block.raw(position)))
+            if seen.displaced:
+                _take_over(seen.displaced, lines, position, again, visit, later)
+            continue
+        if again[position]:
             batch.items.extend(expander.expand(block.raw(position)))
             continue
         number, at = owner_list[position], within_list[position]
-        row_id = ids[number][at]
-        if row_id is not None and claim is not None:
-            line = lines[position]
-            if claim(row_id, line) != line:
-                batch.items.extend(expander.expand(block.raw(position)))
-                continue
-        if wanted[number][at]:
-            batch.items.extend(makers[number].make(position, at, row_id))
-        else:
-            quick[number][at] = True
-    for group, counted in zip(typed, quick, strict=True):
+        own = ids[number]
+        if own is None:
+            group_ids = typed[number].ids
+            own = ids[number] = [None] * len(typed[number].positions)
+            if group_ids is not None:
+                own = ids[number] = group_ids.to_pylist()
+        batch.items.extend(makers[number].make(position, at, own[at]))
+    for number, group in enumerate(typed):
+        counted = ~visit[group.positions]
         batch.counted += int(counted.sum())
         if counted.any():
-            batch.groups.extend(_cost_groups(group, counted, makers[typed.index(group)]))
+            batch.groups.extend(_cost_groups(group, counted, makers[number]))
     return batch
+
+
+def _claim_block(
+    block: ArrowRows, typed: list[vector.Typed], slow: np.ndarray, expander: _Expander
+) -> np.ndarray:
+    """Claim the ids of the block's plain rows; the positions of those already claimed.
+
+    Ids are hashed once per distinct id in the block (``dictionary_encode``), and looked up
+    and added with numpy. The slow rows claim theirs one by one while the block is walked;
+    one that comes before a plain row of its id takes the id over (:func:`_take_over`).
+    """
+    parts = [(g.positions, g.ids) for g in typed if g.ids is not None]
+    if not parts:
+        return np.zeros(0, dtype=np.int64)
+    positions: np.ndarray = np.concatenate([p for p, _ in parts])
+    given = pa.concat_arrays([i for _, i in parts])
+    keep = ~slow[positions] & _np(pc.is_valid(given))
+    positions, given = positions[keep], given.filter(pa.array(keep))
+    order = np.argsort(positions, kind="stable")
+    positions, given = positions[order], given.take(pa.array(order))
+    if len(positions) == 0:
+        return positions
+    encoded = pc.dictionary_encode(given)
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    distinct = encoded.dictionary.to_pylist()
+    row_keys = np.fromiter(map(id_key, distinct), np.int64, len(distinct))[codes]
+    keys, first, where = np.unique(row_keys, return_index=True, return_inverse=True)
+    lines = np.asarray(block.lines, dtype=np.int64)[positions]
+    table = expander.seen.first_lines
+    held = table.lookup(keys)
+    new = held == 0
+    table.add(keys[new], lines[first[new]])
+    firsts = np.where(new, lines[first], held)
+    claimed: np.ndarray = positions[firsts[where.reshape(-1)] != lines]
+    return claimed
+
+
+def _take_over(
+    displaced: set[int],
+    lines: list[int],
+    position: int,
+    again: np.ndarray,
+    visit: np.ndarray,
+    later: list[int],
+) -> None:
+    """A slow row's id was first given by a plain row below it: that row is a duplicate now."""
+    for line in displaced:
+        found = bisect.bisect_left(lines, line)
+        if position < found < len(lines) and lines[found] == line:
+            again[found] = True
+            if not visit[found]:
+                visit[found] = True
+                heapq.heappush(later, found)
+    displaced.clear()
+
+
+def _np(mask: pa.Array) -> np.ndarray:
+    return np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool)
 
 
 class _Maker:

@@ -33,7 +33,7 @@ from typing import Any
 
 from runner.errors import RowProblem
 from runner.manifest import cells
-from runner.manifest.idtable import FirstLines
+from runner.manifest.idtable import KeyLines
 
 KEY_HEX_CHARS = 32
 CONTENT_HEX_CHARS = 16
@@ -204,23 +204,29 @@ def given_id(
     return row_id, None
 
 
+def id_key(row_id: str) -> int:
+    """The 64-bit key an id is held by in :class:`SeenRows` (never the text itself).
+
+    A dict of the ids themselves cost ~120 bytes per row. Telling a duplicate from two ids
+    that share their key would need the first id, so such a pair is reported as a
+    duplicate: ~n**2 / 2**65 (3e-8 at 1M rows, 3e-6 at 10M). hash() over blake2b: 20 ns
+    against 520 per id; its per-process salt (unless PYTHONHASHSEED is set) makes such a
+    pair an accident of one run, not of the ids.
+    """
+    return hash(row_id)
+
+
 class SeenRows:
     """One manifest's ids and contents so far: the first line of each id, the count of each
-    content. Bounded: 21-43 bytes per id, 16-32 per distinct content, never the text."""
+    content. Bounded: 12 bytes per id, 16-32 per distinct content, never the text."""
 
     def __init__(self) -> None:
-        self._first_lines = FirstLines()
+        self.first_lines = KeyLines()
         self._occurrences = Occurrences()
 
     def claim(self, row_id: str, line: int) -> int:
         """The first line that gave ``row_id``; ``line`` itself if none did."""
-        # An id is held as two independent hashes (of the id, and of the id plus a
-        # separator): a dict of the ids themselves cost ~120 bytes per row. Telling a
-        # duplicate from two ids that share both hashes would need the first id, so
-        # such a pair (96 bits alike: ~n**2 / 2**97, 6e-18 at 1M rows) is reported as
-        # a duplicate. hash() over blake2b: 20 ns against 520 per id; its per-process
-        # salt (unless PYTHONHASHSEED is set) makes even that an accident of one run.
-        return self._first_lines.claim(hash(row_id), line, hash(row_id + "\x1f") & 0xFFFF_FFFF)
+        return self.first_lines.claim(id_key(row_id), line)
 
     def by_content(self, content: Mapping[str, Any]) -> str:
         """The content identity of the next row of this content: ``~hex``, ``~hex.2``..."""

@@ -1,13 +1,16 @@
-"""A compact table of 64-bit keys: the first line that claimed each (duplicate-id checks).
+"""Compact tables of 64-bit keys: the first line that claimed each (duplicate-id checks).
 
 Holding every row id of a 1,000,000-row manifest as ``dict[str, int]`` costs ~120 bytes a
-row; this table keeps a 64-bit hash of the id and its line in flat arrays, 16-32 bytes a
-row. Used by :mod:`runner.manifest.jobs`.
+row. :class:`KeyLines` (what :class:`runner.manifest.identity.SeenRows` uses) keeps a 64-bit
+hash of the id and its line in sorted numpy runs, 12 bytes a row, and takes a block's keys
+at once; :class:`FirstLines`, an open-addressing table in flat arrays, 21-43 bytes a row.
 """
 
 from __future__ import annotations
 
 from array import array
+
+import numpy as np
 
 
 class FirstLines:
@@ -83,3 +86,153 @@ class FirstLines:
                 new_keys[slot] = key
                 new_checks[slot] = check
                 new_lines[slot] = line
+
+
+# Scalar claims gather here until there are this many, then become one sorted run.
+_PENDING_MAX = 65_536
+# A run this long gets a directory of where each range of keys starts (~8 keys a range), so a
+# lookup searches a few neighbouring keys instead of the whole run (cache misses at 10M keys).
+_DIRECTORY_MIN = 1 << 17
+
+
+class KeyLines:
+    """The least line claimed for each 64-bit key, as sorted runs of (key, line): 12 bytes a key.
+
+    A run is a sorted ``int64`` array of keys beside its ``uint32`` lines. Claims arrive
+    one at a time (:meth:`claim`, into a small dict flushed into a run every 65,536) or a
+    batch at a time (:meth:`lookup` then :meth:`add`); runs of like size are merged, so a
+    key is found with one binary search in each of ~log4(n / 65,536) runs.
+
+    The least line wins: a claim of a line below the one held takes the key over (the
+    vector path claims a batch's plain rows before its slow rows claim theirs one by one)
+    and the line taken over is put in :attr:`displaced`, for the batch to visit.
+    """
+
+    def __init__(self) -> None:
+        # (keys, lines, directory): the directory of a long run, else None
+        self._runs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
+        self._pending: dict[int, int] = {}
+        self.displaced: set[int] = set()
+
+    def __len__(self) -> int:
+        return sum(len(keys) for keys, _, _ in self._runs) + len(self._pending)
+
+    @property
+    def nbytes(self) -> int:
+        sizes = [(keys, lines, d if d is not None else keys[:0]) for keys, lines, d in self._runs]
+        return sum(keys.nbytes + lines.nbytes + d.nbytes for keys, lines, d in sizes)
+
+    def claim(self, key: int, line: int) -> int:
+        """The least line claimed for ``key``, this one included."""
+        first = self._pending.get(key)
+        if first is None:
+            first = self._find(key)
+        if first and first <= line:
+            return first
+        if first:
+            self.displaced.add(first)
+            self._set(key, line)
+        else:
+            self._pending[key] = line
+            if len(self._pending) >= _PENDING_MAX:
+                self._flush()
+        return line
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """The line held for each key (``int64``), 0 for a key not claimed."""
+        self._flush()
+        found = np.zeros(len(keys), dtype=np.int64)
+        for run_keys, run_lines, directory in self._runs:
+            at = _search(run_keys, directory, keys)
+            at[at == len(run_keys)] = 0
+            hit = run_keys[at] == keys
+            found[hit] = run_lines[at[hit]]
+        return found
+
+    def add(self, keys: np.ndarray, lines: np.ndarray) -> None:
+        """Hold new keys (distinct, none held yet) with their lines, as one more run."""
+        if len(keys):
+            order = np.argsort(keys, kind="stable")
+            self._push(keys[order].astype(np.int64), _narrow(lines[order]))
+
+    def _find(self, key: int) -> int:
+        for run_keys, run_lines, _ in self._runs:
+            at = int(np.searchsorted(run_keys, key))
+            if at < len(run_keys) and run_keys[at] == key:
+                return int(run_lines[at])
+        return 0
+
+    def _set(self, key: int, line: int) -> None:
+        if key in self._pending:
+            self._pending[key] = line
+            return
+        for run_keys, run_lines, _ in self._runs:
+            at = int(np.searchsorted(run_keys, key))
+            if at < len(run_keys) and run_keys[at] == key:
+                if line > np.iinfo(run_lines.dtype).max:
+                    self._pending[key] = line  # found there first from now on
+                    return
+                run_lines[at] = line
+                return
+
+    def _flush(self) -> None:
+        if self._pending:
+            keys = np.fromiter(self._pending.keys(), np.int64, len(self._pending))
+            lines = np.fromiter(self._pending.values(), np.int64, len(self._pending))
+            self._pending = {}
+            self.add(keys, lines)
+
+    def _push(self, keys: np.ndarray, lines: np.ndarray) -> None:
+        runs = self._runs
+        runs.append((keys, lines, None))
+        while len(runs) > 1 and len(runs[-2][0]) <= 4 * len(runs[-1][0]):
+            (old_keys, old_lines, _), (new_keys, new_lines, _) = runs[-2], runs[-1]
+            # A linear merge: each new key goes after the old keys below it.
+            at = np.searchsorted(old_keys, new_keys) + np.arange(len(new_keys))
+            old = np.ones(len(old_keys) + len(new_keys), dtype=bool)
+            old[at] = False
+            keys = np.empty(len(old), dtype=np.int64)
+            keys[at], keys[old] = new_keys, old_keys
+            lines = np.empty(len(old), dtype=np.result_type(old_lines, new_lines))
+            lines[at], lines[old] = new_lines, old_lines
+            runs[-2:] = [(keys, lines, None)]
+        keys, lines, directory = runs[-1]
+        if directory is None and len(keys) >= _DIRECTORY_MIN:
+            runs[-1] = (keys, lines, _directory(keys))
+
+
+def _search(run_keys: np.ndarray, directory: np.ndarray | None, keys: np.ndarray) -> np.ndarray:
+    """``np.searchsorted(run_keys, keys)``, through the run's directory if it has one."""
+    if directory is None:
+        found: np.ndarray = np.searchsorted(run_keys, keys)
+        return found
+    bits = (len(directory) - 2).bit_length()
+    bucket = (keys.view(np.uint64) ^ _SIGN) >> np.uint64(64 - bits)
+    low: np.ndarray = directory[bucket]
+    high: np.ndarray = directory[bucket + 1]
+    last = len(run_keys) - 1
+    while True:
+        open_ = low < high
+        if not open_.any():
+            return low
+        middle = (low + high) >> 1
+        below = open_ & (run_keys[np.minimum(middle, last)] < keys)
+        low = np.where(below, middle + 1, low)
+        high = np.where(open_ & ~below, middle, high)
+
+
+_SIGN = np.uint64(1 << 63)
+
+
+def _directory(run_keys: np.ndarray) -> np.ndarray:
+    """Where each of 2**bits ranges of keys (by their top bits) starts in the run, and its end."""
+    bits = max(1, (len(run_keys) // 16).bit_length())
+    edges = (np.arange(1 << bits, dtype=np.uint64) << np.uint64(64 - bits)) ^ _SIGN
+    starts = np.searchsorted(run_keys, edges.view(np.int64))
+    return np.append(starts, len(run_keys)).astype(np.int64)
+
+
+def _narrow(lines: np.ndarray) -> np.ndarray:
+    """Lines as ``uint32`` while they fit (a manifest past 4,294,967,295 lines: ``int64``)."""
+    wide = len(lines) > 0 and int(lines.max()) > 0xFFFF_FFFF
+    return lines.astype(np.int64 if wide else np.uint32)
