@@ -176,6 +176,10 @@ def test_seeds_cell_syntax(cell: Any, expected: list[int]) -> None:
         ("[]", "seeds lists no seeds"),
         (",", "seeds lists no seeds"),
         ("1,2,1", "seeds repeats the seed 1"),
+        (
+            "1,9223372036854775808",
+            "seeds value 9223372036854775808 is outside the 64-bit seed range",
+        ),
         (",".join(str(i) for i in range(1001)), "seeds lists 1001 seeds; at most 1000"),
     ],
 )

@@ -47,6 +47,9 @@ def _not_blank(value: str) -> str:
 Int = Annotated[int, BeforeValidator(_not_bool)]
 Float = Annotated[float, BeforeValidator(_finite), BeforeValidator(_not_bool)]
 NonEmpty = Annotated[str, Field(min_length=1), BeforeValidator(_not_blank)]
+# The ledger stores seeds as int64: a larger one is a bad row, not a ledger it cannot write.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+Seed = Annotated[Int, Field(ge=SEED_MIN, le=SEED_MAX)]
 # FLUX.1 sizes: the seeds state no upper bound, so only "positive" is enforced.
 PositiveInt = Annotated[Int, Field(gt=0)]
 
