@@ -140,6 +140,11 @@ def test_image_size_cell_syntax(cell: Any, expected: Any) -> None:
         ('{"width": 5}', "image_size={'width': 5} must have exactly the keys"),
         ("{nope", "image_size='{nope' is not valid JSON"),
         (12, "image_size=12 is not an image size"),
+        (  # once valid, and its estimate broke the ledger's money column
+            "99999999999999999999x8",
+            "image_size='99999999999999999999x8' has width 99999999999999999999, above the "
+            "largest side 2147483647",
+        ),
     ],
 )
 def test_bad_image_size_cell(cell: Any, message: str) -> None:
