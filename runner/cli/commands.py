@@ -197,6 +197,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {ep.endpoint}: {_jobs(ep.jobs)} ({states}), billed {format_usd(ep.billed_usd)}")
     spent, estimated = format_usd(summary.billed_usd), format_usd(summary.estimated_usd)
     print(f"spent so far {spent} (estimated {estimated})")
+    if summary.reroll_usd:
+        print(f"  re-rolls of flagged outputs: {format_usd(summary.reroll_usd)} on top of billed "
+              f"(total paid {format_usd(summary.billed_usd + summary.reroll_usd)})")  # fmt: skip
     if summary.superseded:
         print(superseded_note(summary))
     for line in spend_notes(summary):
@@ -237,6 +240,7 @@ def summary_json(summary: Any) -> dict[str, Any]:
         "superseded_estimated_usd": str(summary.superseded_estimated_usd),
         "all_versions": summary.all_versions,
         "spent_usd": str(summary.spent_usd),
+        "reroll_usd": str(summary.reroll_usd),
     }
 
 
@@ -322,6 +326,25 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     return serve_main(list(args.rest))
 
 
+def _rerun_policy(meta: Any) -> Any:
+    """The resume policy the same command would use again: the last run's, else run's defaults."""
+    from runner.config import RunConfig
+    from runner.ledger import ResumePolicy
+
+    found = meta.get("config") if isinstance(meta, dict) else None
+    config = found if isinstance(found, dict) else {}
+    fields = RunConfig.model_fields
+    on_unknown = config.get("on_unknown", fields["on_unknown"].default)
+    if on_unknown not in ("reconcile", "resubmit", "skip", "fail"):
+        on_unknown = fields["on_unknown"].default
+    attempts = config.get("max_attempts")
+    return ResumePolicy(
+        on_unknown=on_unknown,
+        retry_failed=config.get("retry_failed") is True,
+        max_attempts=attempts if isinstance(attempts, int) else fields["max_attempts"].default,
+    )
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
@@ -338,8 +361,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     if bad := [s for s in args.gallery_state if s not in known]:
         raise UsageError(f"--gallery-state {bad[0]}: not one of {', '.join(known)}")
     versions = split_versions(load_jobs(args.run_dir), all_versions=args.all_versions)
+    meta = read_run_meta(args.run_dir)
     # Every version (marked), so the report can tell what superseded jobs were billed.
-    report = build_report(versions.every, read_run_meta(args.run_dir), run_dir=args.run_dir,
+    report = build_report(versions.every, meta, run_dir=args.run_dir, policy=_rerun_policy(meta),
                           all_versions=args.all_versions)  # fmt: skip
     print(json.dumps(report_json(report), indent=2) if args.json else render_text(report))
     if args.html:

@@ -102,10 +102,15 @@ def invalid_event(error: RowError, now: Any) -> LedgerEvent:
 
 
 def prior_spend(state: LedgerState) -> Decimal:
+    """What earlier runs paid: each job's billed attempt plus the re-rolls it discarded."""
     if len(state) == 0:
         return Decimal(0)
-    total = pc.sum(state.jobs["billed_usd"]).as_py()
-    return Decimal(0) if total is None else Decimal(total)
+    spent = Decimal(0)
+    for name in ("billed_usd", "reroll_usd"):
+        if name in state.jobs.column_names:
+            total = pc.sum(state.jobs[name]).as_py()
+            spent += Decimal(0) if total is None else Decimal(total)
+    return spent
 
 
 class Scheduler:

@@ -53,6 +53,7 @@ ADMISSION_COLUMNS = (
     "request_id",
     "retryable",
     "billed_usd",
+    "reroll_usd",  # paid for flagged outputs re-rolled: spent, so --max-total-cost counts it
 )
 # Per event: does it carry outputs and lack a local copy of any? Folded like outputs.
 _UNFETCHED = "outputs_unfetched"

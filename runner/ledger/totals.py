@@ -56,6 +56,8 @@ class Totals:
     reconciled: Mapping[str, int]
     duplicates_found: int
     duplicates_found_usd: Decimal
+    # Paid for flagged outputs that were re-rolled and discarded: spent, on top of billed_usd.
+    reroll_usd: Decimal = _ZERO
 
 
 def totals(jobs: pa.Table) -> Totals:
@@ -90,7 +92,14 @@ def totals(jobs: pa.Table) -> Totals:
         possible_duplicate_usd=trim_usd(flagged_usd),
         unknown_outcomes=by_state[JobState.SUBMITTING] + by_state[JobState.UNKNOWN],
         **_reconciliation(jobs),
+        reroll_usd=_rerolls(jobs),
     )
+
+
+def _rerolls(jobs: pa.Table) -> Decimal:
+    if "reroll_usd" not in jobs.column_names:
+        return _ZERO
+    return trim_usd(Decimal(pc.sum(jobs["reroll_usd"]).as_py() or 0))
 
 
 class SpendFacts(Protocol):

@@ -61,13 +61,17 @@ class StatusSummary:
     superseded_billed_usd: Decimal = _ZERO
     superseded_estimated_usd: Decimal = _ZERO
     all_versions: bool = False
+    # Paid for discarded re-rolls of flagged outputs, on top of billed_usd (and superseded's).
+    reroll_usd: Decimal = _ZERO
+    superseded_reroll_usd: Decimal = _ZERO
 
     @property
     def spent_usd(self) -> Decimal:
-        """Everything billed, superseded versions included, whatever the counts show."""
+        """Everything paid, re-rolls and superseded versions included, whatever the counts show."""
+        paid = self.billed_usd + self.reroll_usd
         if self.all_versions:
-            return self.billed_usd
-        return trim_usd(self.billed_usd + self.superseded_billed_usd)
+            return trim_usd(paid)
+        return trim_usd(paid + self.superseded_billed_usd + self.superseded_reroll_usd)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -118,6 +122,8 @@ def status_summary(run_dir: Path | str, *, all_versions: bool = False) -> Status
         superseded_billed_usd=old.billed_usd,
         superseded_estimated_usd=old.estimated_usd,
         all_versions=all_versions,
+        reroll_usd=counted.reroll_usd,
+        superseded_reroll_usd=old.reroll_usd,
     )
 
 

@@ -123,13 +123,15 @@ class Report:
     superseded_billed_usd: Decimal = _ZERO
     superseded_estimated_usd: Decimal = _ZERO
     all_versions: bool = False
+    superseded_reroll_usd: Decimal = _ZERO  # re-rolls paid for superseded jobs
 
     @property
     def spent_usd(self) -> Decimal:
-        """Everything billed, superseded versions included, whatever the counts show."""
+        """Everything paid, re-rolls and superseded versions included, whatever the counts show."""
+        paid = self.billed_usd + self.safety.reroll_usd
         if self.all_versions:
-            return self.billed_usd
-        return trim_usd(self.billed_usd + self.superseded_billed_usd)
+            return trim_usd(paid)
+        return trim_usd(paid + self.superseded_billed_usd + self.superseded_reroll_usd)
 
 
 def _safety(jobs: pa.Table) -> Safety:
@@ -216,6 +218,7 @@ def build_report(
         superseded_billed_usd=old.billed_usd,
         superseded_estimated_usd=old.estimated_usd,
         all_versions=all_versions,
+        superseded_reroll_usd=old.reroll_usd,
     )
 
 

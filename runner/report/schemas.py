@@ -53,7 +53,7 @@ _VERSIONS: dict[str, Any] = {
     "superseded_billed_usd": _USD,
     "superseded_estimated_usd": _USD,
     "all_versions": {"type": "boolean"},
-    "spent_usd": _USD,
+    "spent_usd": _USD,  # re-rolls of flagged outputs included
 }
 
 STATUS_SCHEMA: dict[str, Any] = _document(
@@ -84,6 +84,7 @@ STATUS_SCHEMA: dict[str, Any] = _document(
         "reconciled": _COUNTS,
         "duplicates_found": _COUNT,
         "duplicates_found_usd": _USD,
+        "reroll_usd": _USD,  # paid for discarded re-rolls of the jobs counted, on top of billed
         **_VERSIONS,
     },
 )
