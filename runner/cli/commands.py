@@ -194,7 +194,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {state:<12} {count}")
     for ep in summary.by_endpoint:
         states = ", ".join(f"{k}={v}" for k, v in sorted(ep.by_state.items()))
-        print(f"  {ep.endpoint}: {_jobs(ep.jobs)} ({states}), billed {format_usd(ep.billed_usd)}")
+        name = ep.endpoint or "(no endpoint)"  # invalid rows, as the report names them
+        print(f"  {name}: {_jobs(ep.jobs)} ({states}), billed {format_usd(ep.billed_usd)}")
     spent, estimated = format_usd(summary.billed_usd), format_usd(summary.estimated_usd)
     print(f"spent so far {spent} (estimated {estimated})")
     if summary.reroll_usd:

@@ -68,7 +68,7 @@ STATUS_SCHEMA: dict[str, Any] = _document(
             "type": "array",
             "items": _object(
                 {
-                    "endpoint": {"type": "string"},
+                    "endpoint": {"type": ["string", "null"]},  # null: invalid rows
                     "jobs": _COUNT,
                     "by_state": _COUNTS,
                     "estimated_usd": _USD,
