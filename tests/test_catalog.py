@@ -494,3 +494,11 @@ def test_kontext_ratio_modes_are_about_one_megapixel_in_multiples_of_16(ratio: s
 ])  # fmt: skip
 def test_num_outputs_is_num_images(endpoint: str, fields: dict[str, Any], expected: int) -> None:
     assert num_outputs(parse(endpoint, **fields)) == expected
+
+
+def test_a_seed_past_the_ledgers_int64_is_a_bad_row_not_a_ledger_crash() -> None:
+    # A seed of 10**23 once reached the ledger's int64 column and broke the run directory.
+    assert parse(FLUX_LORA, seed=2**63 - 1).seed == 2**63 - 1
+    assert messages(FLUX_LORA, seed=10**23) == [
+        ("seed", f"seed={10**23} is above the maximum 9223372036854775807 for fal-ai/flux-lora")
+    ]

@@ -140,6 +140,11 @@ def test_image_size_cell_syntax(cell: Any, expected: Any) -> None:
         ('{"width": 5}', "image_size={'width': 5} must have exactly the keys"),
         ("{nope", "image_size='{nope' is not valid JSON"),
         (12, "image_size=12 is not an image size"),
+        (  # once valid, and its estimate broke the ledger's money column
+            "99999999999999999999x8",
+            "image_size='99999999999999999999x8' has width 99999999999999999999, above the "
+            "largest side 2147483647",
+        ),
     ],
 )
 def test_bad_image_size_cell(cell: Any, message: str) -> None:
@@ -176,6 +181,10 @@ def test_seeds_cell_syntax(cell: Any, expected: list[int]) -> None:
         ("[]", "seeds lists no seeds"),
         (",", "seeds lists no seeds"),
         ("1,2,1", "seeds repeats the seed 1"),
+        (
+            "1,9223372036854775808",
+            "seeds value 9223372036854775808 is outside the 64-bit seed range",
+        ),
         (",".join(str(i) for i in range(1001)), "seeds lists 1001 seeds; at most 1000"),
     ],
 )

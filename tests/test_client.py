@@ -662,6 +662,19 @@ async def test_lookalike_origins_are_refused_too(
     assert all(r.url.host == "queue.fal.test" and r.url.port is None for r in fake.requests)
 
 
+@pytest.mark.anyio
+async def test_a_refused_origin_is_named_with_its_port(client: QueueClient) -> None:
+    # On loopback two origins differ only by port: a message without them reads "x is not x".
+    ack = await client.submit("fal-ai/flux-lora", {})
+    other = "https://queue.fal.test:8443/fal-ai/flux-lora/requests/x/status"
+    with pytest.raises(ProtocolError) as caught:
+        await client.status(ack.model_copy(update={"status_url": other}))
+    assert str(caught.value) == (
+        "refusing to send the key to https://queue.fal.test:8443: "
+        "not the queue origin https://queue.fal.test"
+    )
+
+
 # --- the key ---------------------------------------------------------------------------------
 
 

@@ -304,6 +304,21 @@ async def test_start_deadline_expiry_completes_as_user_timeout_504_without_runni
     assert bad.status_code == 400
 
 
+async def test_an_output_larger_than_the_emulator_renders_is_a_422_not_a_crash() -> None:
+    # 100000x100000 once raised inside the emulator's completion and hung the run.
+    clock = FakeClock()
+    emu = make_emulator(clock)
+    body = {"prompt": "x", "image_size": {"width": 100_000, "height": 100_000}}
+    async with in_process(emu) as client:
+        sub = await submit(client, body)
+        clock.advance(JOB_CLOCK_S)
+        done = (await status(client, sub)).json()
+        result = await client.get(sub["response_url"])
+    assert done["status"] == "COMPLETED" and done["error_type"] == "value_error"
+    assert result.status_code == 422
+    assert result.json()["detail"][0]["loc"] == ["body", "image_size"]
+
+
 async def test_unreadable_input_completes_with_422_naming_the_field() -> None:
     clock = FakeClock()
     emu = make_emulator(clock)

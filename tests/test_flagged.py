@@ -19,9 +19,8 @@ from runner.errors import EXIT_JOBS_FAILED, EXIT_OK
 from runner.execution.flagged import reroll_seed
 from runner.execution.scheduler import prior_spend
 from runner.execution.summary import print_summary
+from runner.ledger import Ledger, status_summary
 from runner.ledger.fold import read_events, read_folded
-from runner.ledger.store import Ledger
-from runner.ledger.views import status_summary
 from runner.report.data import build_report
 from runner.report.dataset_writers import export_dataset
 from runner.report.datasets import DatasetOptions
@@ -153,6 +152,14 @@ async def test_when_rerolls_run_out_the_last_output_is_kept_flagged_and_counted(
         )  # fmt: skip
         assert row["reroll_usd"] == 2 * PRICE
         assert row["seed"] == reroll_seed(row["job_key"], 2)
+    # What was paid, re-rolls included, is what status, the report and the next run's
+    # --max-total-cost see (they once counted only the kept attempts: 2 of the 6 paid).
+    run_dir = tmp_path / "run"
+    assert status_summary(run_dir).spent_usd == 6 * PRICE
+    assert build_report(read_folded(run_dir).jobs, None).spent_usd == 6 * PRICE
+    for downloads in (True, False):
+        with Ledger.open(run_dir) as ledger:
+            assert prior_spend(ledger.state(downloads=downloads)) == 6 * PRICE
 
 
 async def test_a_reroll_the_budget_cannot_pay_keeps_the_flagged_output(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from runner.report.schemas import (
     STATUS,
     STATUS_SCHEMA,
 )
+from tests.report_support import sample_run
 from tests.scenario import FAST_POLICIES, emulator, manifest, run_config
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
@@ -227,3 +228,17 @@ def test_a_fatal_error_ends_the_json_log_with_an_exit_line(
     end = json_lines(err)[-1]
     assert end["event"] == "exit" and end["code"] == code == 2
     assert "FAL_KEY" in end["message"]
+
+
+def test_status_json_of_a_run_with_invalid_rows_validates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Invalid rows have no endpoint: their group's endpoint is null, which the schema allows.
+    run_dir = sample_run(tmp_path / "run")
+    assert main(["status", str(run_dir), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert None in [e["endpoint"] for e in status["by_endpoint"]]
+    assert_valid(status, STATUS_SCHEMA)
+    assert main(["status", str(run_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "  (no endpoint): 1 job (invalid=1)" in text and "None:" not in text

@@ -287,3 +287,8 @@ def test_sse_parser_drops_an_unterminated_event() -> None:
 def test_sse_event_that_is_not_json_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError, match="not JSON"):
         parse_event_status("<html>")
+
+
+def test_a_result_seed_past_int64_is_a_protocol_error_not_a_ledger_crash() -> None:
+    with pytest.raises(ProtocolError, match="seed"):
+        FluxResult.from_payload({**FLUX, "seed": 10**23})

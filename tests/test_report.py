@@ -23,12 +23,22 @@ from runner.ledger import (
     read_events,
     read_run_meta,
     status_summary,
+    write_run_meta,
 )
 from runner.ledger.fold import _fold as real_fold
 from runner.report.data import Report, build_report, load_jobs, percentiles
 from runner.report.failures import common_message, normalise_message
 from runner.report.text import render_text, report_json
-from tests.report_support import FLUX2, LORA, T0, completed, intent, sample_run, write_run
+from tests.report_support import (
+    FLUX2,
+    LORA,
+    T0,
+    completed,
+    intent,
+    sample_events,
+    sample_run,
+    write_run,
+)
 
 # The module, not the function runner.ledger re-exports under the same name.
 fold_module = importlib.import_module("runner.ledger.fold")
@@ -361,6 +371,24 @@ def test_cli_report_prints_text_by_default(
 def test_cli_report_json(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(run_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["jobs"] == 10
+
+
+@pytest.mark.parametrize(
+    ("config", "on_unknown", "resubmit", "reconcile"),
+    [({}, "reconcile", 0, 1), ({"on_unknown": "resubmit"}, "resubmit", 1, 0)],
+)
+def test_cli_report_resume_follows_the_runs_own_policy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], config: dict[str, str],
+    on_unknown: str, resubmit: int, reconcile: int,
+) -> None:  # fmt: skip
+    # A plain rerun reconciles an unknown outcome (run's default), so the report must not
+    # promise a resubmit the rerun would not do.
+    run_dir = write_run(tmp_path / "run", sample_events(tmp_path / "run"), meta=False)
+    write_run_meta(run_dir, {"config": config})
+    assert main(["report", str(run_dir), "--json"]) == 0
+    resume = json.loads(capsys.readouterr().out)["resume"]
+    assert resume["policy"]["on_unknown"] == on_unknown
+    assert (resume["resubmit"], resume["reconcile"]) == (resubmit, reconcile)
 
 
 def test_cli_report_html_writes_the_page(

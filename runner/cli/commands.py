@@ -237,7 +237,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {state:<12} {count}")
     for ep in summary.by_endpoint:
         states = ", ".join(f"{k}={v}" for k, v in sorted(ep.by_state.items()))
-        print(f"  {ep.endpoint}: {_jobs(ep.jobs)} ({states}), billed {format_usd(ep.billed_usd)}")
+        name = ep.endpoint or "(no endpoint)"  # invalid rows, as the report names them
+        print(f"  {name}: {_jobs(ep.jobs)} ({states}), billed {format_usd(ep.billed_usd)}")
     spent, estimated = format_usd(summary.billed_usd), format_usd(summary.estimated_usd)
     print(f"spent so far {spent} (estimated {estimated})")
     if summary.reroll_usd:
@@ -389,6 +390,25 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     return serve_main(list(args.rest))
 
 
+def _rerun_policy(meta: Any) -> Any:
+    """The resume policy the same command would use again: the last run's, else run's defaults."""
+    from runner.config import RunConfig
+    from runner.ledger import ResumePolicy
+
+    found = meta.get("config") if isinstance(meta, dict) else None
+    config = found if isinstance(found, dict) else {}
+    fields = RunConfig.model_fields
+    on_unknown = config.get("on_unknown", fields["on_unknown"].default)
+    if on_unknown not in ("reconcile", "resubmit", "skip", "fail"):
+        on_unknown = fields["on_unknown"].default
+    attempts = config.get("max_attempts")
+    return ResumePolicy(
+        on_unknown=on_unknown,
+        retry_failed=config.get("retry_failed") is True,
+        max_attempts=attempts if isinstance(attempts, int) else fields["max_attempts"].default,
+    )
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
@@ -403,8 +423,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     if bad := [s for s in args.gallery_state if s not in known]:
         raise UsageError(f"--gallery-state {bad[0]}: not one of {', '.join(known)}")
     versions = split_versions(load_jobs(args.run_dir), all_versions=args.all_versions)
+    meta = read_run_meta(args.run_dir)
     # Every version (marked), so the report can tell what superseded jobs were billed.
-    report = build_report(versions.every, read_run_meta(args.run_dir), run_dir=args.run_dir,
+    report = build_report(versions.every, meta, run_dir=args.run_dir, policy=_rerun_policy(meta),
                           all_versions=args.all_versions,
                           events=load_events(args.run_dir))  # fmt: skip
     print(json.dumps(report_json(report), indent=2) if args.json else render_text(report))

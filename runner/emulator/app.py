@@ -31,7 +31,7 @@ from runner.emulator.history import RequestHistory
 from runner.emulator.images import ImageStore, InputImageError
 from runner.emulator.platform_api import account_table
 from runner.emulator.queue import Ending, Job, Phase, QueueModel, StoredResult
-from runner.emulator.rendering import render_body, render_salt
+from runner.emulator.rendering import MAX_SIDE, render_body, render_salt
 from runner.emulator.routes import build_app
 from runner.emulator.settings import EmulatorConfig
 from runner.emulator.stats import Stats
@@ -149,6 +149,11 @@ class Emulator:
         """
         sizes, error = await self._read_inputs(request)
         out = catalog.output_size(request, sizes[0][1] if sizes else None)
+        kind = "file_download_error"
+        if error is None and out is not None and max(out) > MAX_SIDE:
+            # The emulator renders at most MAX_SIDE a side: larger is a 422, not a crash.
+            error = ("image_size", f"Output size {out[0]}x{out[1]} is above {MAX_SIDE} a side")
+            kind, out = "value_error", None
         seed = request.seed if request.seed is not None else self._rng.randrange(2**31)
         spec = catalog.CATALOG[request.endpoint_id]
         return results.JobPlan(
@@ -160,6 +165,7 @@ class Emulator:
             output_size=out,
             input_sizes=tuple(size for name, size in sizes if name not in MASK_FIELDS),
             input_error=error,
+            input_error_type=kind,
             webhook_url=webhook_url,
             sync_mode=request.sync_mode,
             origin=origin,
@@ -245,7 +251,7 @@ class Emulator:
         if job.ending is Ending.SUCCEEDED:
             job.result = self._success(job, plan)
         elif job.ending is Ending.FAILED and plan.input_error is not None:
-            job.result = results.input_failure(*plan.input_error)
+            job.result = results.input_failure(*plan.input_error, plan.input_error_type)
         elif job.ending is Ending.FAILED:
             assert job.failure is not None
             job.result = results.infra_failure(job.failure)

@@ -42,6 +42,7 @@ class JobPlan:
     output_size: tuple[int, int] | None
     input_sizes: tuple[tuple[int, int], ...] = ()
     input_error: tuple[str, str] | None = None  # (field, message)
+    input_error_type: str = "file_download_error"  # the 422's type for input_error
     webhook_url: str | None = None
     sync_mode: bool = False
     origin: str = ""  # scheme://host the client used: output URLs point back there
@@ -152,12 +153,12 @@ def cancelled() -> StoredResult:
     )
 
 
-def input_failure(field: str, message: str) -> StoredResult:
+def input_failure(field: str, message: str, kind: str = "file_download_error") -> StoredResult:
     return StoredResult(
         status_code=422,
-        body={"detail": [{"loc": ["body", field], "msg": message, "type": "file_download_error"}]},
+        body={"detail": [{"loc": ["body", field], "msg": message, "type": kind}]},
         error=message,
-        error_type="file_download_error",
+        error_type=kind,
     )
 
 

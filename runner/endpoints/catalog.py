@@ -26,6 +26,7 @@ from runner.endpoints.fields import (
     Int,
     LoraWeight,
     NonEmpty,
+    Seed,
     parse_image_size,
     size_of,
 )
@@ -80,7 +81,7 @@ class BaseRequest(BaseModel):
     endpoint_id: ClassVar[str] = ""
 
     prompt: NonEmpty
-    seed: Int | None = None
+    seed: Seed | None = None
     sync_mode: bool = False
     enable_safety_checker: bool = True
 

@@ -47,8 +47,13 @@ def _not_blank(value: str) -> str:
 Int = Annotated[int, BeforeValidator(_not_bool)]
 Float = Annotated[float, BeforeValidator(_finite), BeforeValidator(_not_bool)]
 NonEmpty = Annotated[str, Field(min_length=1), BeforeValidator(_not_blank)]
-# FLUX.1 sizes: the seeds state no upper bound, so only "positive" is enforced.
-PositiveInt = Annotated[Int, Field(gt=0)]
+# The ledger stores seeds as int64: a larger one is a bad row, not a ledger it cannot write.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+Seed = Annotated[Int, Field(ge=SEED_MIN, le=SEED_MAX)]
+# FLUX.1 sizes: the seeds state no upper bound, so only "positive" and the ledger's int32
+# width/height columns are enforced (a side past them once broke the ledger's money column).
+SIDE_MAX = 2**31 - 1
+PositiveInt = Annotated[Int, Field(gt=0, le=SIDE_MAX)]
 
 
 class ImageSize(BaseModel):
@@ -100,6 +105,8 @@ def _size(width: Any, height: Any) -> ImageSize:
         whole = whole or (isinstance(px, float) and px.is_integer())
         if not whole or px <= 0:
             raise ValueError(f"has {side} {px!r}; width and height must be positive whole numbers")
+        if px > SIDE_MAX:
+            raise ValueError(f"has {side} {int(px)}, above the largest side {SIDE_MAX}")
     return ImageSize(width=int(width), height=int(height))
 
 

@@ -364,9 +364,10 @@ class QueueClient:
             self._queue.host,
             self._queue.port,
         ):
+            # The ports too: on loopback they are all that tells two origins apart.
             raise ProtocolError(
-                f"refusing to send the key to {target.scheme}://{target.host}: "
-                f"not the queue origin {self._queue.scheme}://{self._queue.host}"
+                f"refusing to send the key to {target.scheme}://{target.netloc.decode('ascii')}: "
+                f"not the queue origin {self._origin_prefix.rstrip('/')}"
             )
 
     @staticmethod

@@ -173,7 +173,7 @@ class FluxResult(_Wire):
     """The fields the runner uses from a FLUX result; the whole payload is kept in ``raw``."""
 
     images: tuple[ImageOut, ...]
-    seed: int
+    seed: int = Field(ge=-(2**63), le=2**63 - 1)  # the ledger's int64 column
     has_nsfw_concepts: tuple[bool, ...]
     timings: Mapping[str, Any]
     prompt: str | None = None

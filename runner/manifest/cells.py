@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from runner.endpoints import catalog
+from runner.endpoints.fields import SEED_MAX, SEED_MIN
 from runner.manifest.reader import JSONLimitError, load_json
 
 Kind = Literal["bool", "int", "float", "str", "json", "any"]
@@ -150,6 +151,8 @@ def parse_seeds(column: str, value: Any) -> list[int]:
         raise CellError(column, f"{column} lists {len(seeds)} seeds; at most {MAX_EXPANSION}")
     seen: set[int] = set()
     for seed in seeds:
+        if not SEED_MIN <= seed <= SEED_MAX:
+            raise CellError(column, f"{column} value {seed} is outside the 64-bit seed range")
         if seed in seen:
             raise CellError(column, f"{column} repeats the seed {seed}")
         seen.add(seed)

@@ -126,6 +126,7 @@ class Report:
     superseded_billed_usd: Decimal = _ZERO
     superseded_estimated_usd: Decimal = _ZERO
     all_versions: bool = False
+    superseded_reroll_usd: Decimal = _ZERO  # re-rolls paid for superseded jobs
     # One line per `runner run` on the directory, and the run over time (from every
     # event, superseded versions included: they happened). Empty without the events.
     invocations: tuple[Invocation, ...] = ()
@@ -134,10 +135,12 @@ class Report:
 
     @property
     def spent_usd(self) -> Decimal:
-        """Everything billed: superseded versions and re-rolls included, whatever the counts
+        """Everything paid, re-rolls and superseded versions included, whatever the counts
         show."""
-        older = _ZERO if self.all_versions else self.superseded_billed_usd
-        return trim_usd(self.billed_usd + older + self.safety.reroll_usd)
+        paid = self.billed_usd + self.safety.reroll_usd
+        if self.all_versions:
+            return trim_usd(paid)
+        return trim_usd(paid + self.superseded_billed_usd + self.superseded_reroll_usd)
 
 
 def _safety(jobs: pa.Table) -> Safety:
@@ -237,6 +240,7 @@ def build_report(
         timeline=Timeline(estimate_usd=counted.estimated_usd)
         if events is None
         else timeline(events, estimate_usd=counted.estimated_usd),
+        superseded_reroll_usd=old.reroll_usd,
     )
 
 

@@ -53,7 +53,7 @@ _VERSIONS: dict[str, Any] = {
     "superseded_billed_usd": _USD,
     "superseded_estimated_usd": _USD,
     "all_versions": {"type": "boolean"},
-    "spent_usd": _USD,
+    "spent_usd": _USD,  # re-rolls of flagged outputs included
 }
 
 STATUS_SCHEMA: dict[str, Any] = _document(
@@ -68,7 +68,7 @@ STATUS_SCHEMA: dict[str, Any] = _document(
             "type": "array",
             "items": _object(
                 {
-                    "endpoint": {"type": "string"},
+                    "endpoint": {"type": ["string", "null"]},  # null: invalid rows
                     "jobs": _COUNT,
                     "by_state": _COUNTS,
                     "estimated_usd": _USD,
