@@ -376,3 +376,18 @@ def test_a_mistyped_run_directory_is_a_usage_error_and_is_not_created(
     assert main([command, str(missing)]) == 2
     assert f"{missing} is not a run directory" in capsys.readouterr().err
     assert not missing.exists()
+
+
+@pytest.mark.parametrize("command", ["validate", "plan", "run"])
+def test_an_id_column_the_header_lacks_is_one_usage_error_naming_the_columns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    path = tmp_path / "catalog.csv"
+    path.write_text("sku,prompt\na1,red mug\nb2,blue mug\n")
+    argv = [command, str(path), "--endpoint", "fal-ai/flux-lora", "--id-column", "skus"]
+    if command == "run":
+        argv += ["--emulator", "--ledger", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--id-column skus: " in err and "(its columns: sku, prompt)" in err
+    assert not (tmp_path / "run").exists()

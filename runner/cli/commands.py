@@ -40,7 +40,7 @@ def stream_jobs(config: RunConfig) -> tuple[list[str], Iterator[Job | RowError]]
     from runner.manifest.batches import iter_manifest_jobs
     from runner.manifest.columns import column_warnings
     from runner.manifest.identity import identity_notice
-    from runner.manifest.reader import read_rows
+    from runner.manifest.reader import detect_format, read_rows
     from runner.options import expand_options
 
     options = expand_options(config)
@@ -48,6 +48,11 @@ def stream_jobs(config: RunConfig) -> tuple[list[str], Iterator[Job | RowError]]
     first = next(rows, None)
     if first is None:
         return [], iter(())
+    tabular = detect_format(config.manifest, config.fmt) != "jsonl"  # a header names every column
+    if tabular and options.id_column is not None and options.id_column not in first.cells:
+        # One usage error, not one invalid row per line and a run directory of them.
+        raise UsageError(f"--id-column {options.id_column}: {config.manifest} has no such column "
+                         f"(its columns: {', '.join(first.cells)})")  # fmt: skip
     columns = [*first.cells, *(k for k in options.defaults if k not in first.cells)]
     warnings = column_warnings(columns, _endpoints_hint(options, first.cells))
     warnings.append(Notice(identity_notice(first.cells, options.id_column)))
