@@ -21,7 +21,6 @@ from runner.cli.commands import (
     cmd_cancel,
     cmd_compact,
     cmd_emulator,
-    cmd_export,
     cmd_plan,
     cmd_ray,
     cmd_report,
@@ -32,6 +31,7 @@ from runner.cli.commands import (
     stream_jobs,
     summary_json,
 )
+from runner.cli.export import cmd_export
 from runner.cli.imports import without_unused
 from runner.errors import (
     EXIT_INTERRUPTED,

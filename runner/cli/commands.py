@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner.endpoints.money import format_usd
@@ -101,7 +98,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             else:
                 good += 1
     name = args.manifest.name
-    print(f"{name}: {_jobs(good)} ok, {bad} bad rows", file=sys.stderr)
+    print(f"{name}: {jobs_phrase(good)} ok, {bad} bad rows", file=sys.stderr)
     return EXIT_JOBS_FAILED if bad else EXIT_OK
 
 
@@ -237,13 +234,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary_json(summary), indent=2))
         return EXIT_OK
-    print(f"{summary.run_dir}: {_jobs(summary.jobs)}, {summary.events} events")
+    print(f"{summary.run_dir}: {jobs_phrase(summary.jobs)}, {summary.events} events")
     for state, count in sorted(summary.by_state.items()):
         print(f"  {state:<12} {count}")
     for ep in summary.by_endpoint:
         states = ", ".join(f"{k}={v}" for k, v in sorted(ep.by_state.items()))
         name = ep.endpoint or "(no endpoint)"  # invalid rows, as the report names them
-        print(f"  {name}: {_jobs(ep.jobs)} ({states}), billed {format_usd(ep.billed_usd)}")
+        print(f"  {name}: {jobs_phrase(ep.jobs)} ({states}), billed {format_usd(ep.billed_usd)}")
     spent, estimated = format_usd(summary.billed_usd), format_usd(summary.estimated_usd)
     print(f"spent so far {spent} (estimated {estimated})")
     if summary.reroll_usd:
@@ -293,60 +290,7 @@ def summary_json(summary: Any) -> dict[str, Any]:
     }
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from runner.ledger.views import export
-    from runner.options.export import dataset_export
-
-    if dataset_export(args):
-        return _export_dataset(args)
-    if args.out is not None and str(args.out) == "-":
-        # To stdout: the file appears whole in a scratch folder first, then is copied out.
-        with tempfile.TemporaryDirectory() as scratch:
-            staged = Path(scratch) / f"export.{args.format}"
-            count = export(args.run_dir, staged, args.format, all_versions=args.all_versions)
-            with staged.open("rb") as handle:
-                shutil.copyfileobj(handle, sys.stdout.buffer)
-            sys.stdout.buffer.flush()
-        print(f"wrote {_jobs(count)} to stdout", file=sys.stderr)
-        return EXIT_OK
-    out = args.out or args.run_dir / f"export.{args.format}"
-    count = export(args.run_dir, out, args.format, all_versions=args.all_versions)
-    print(f"wrote {_jobs(count)} to {out}", file=sys.stderr)
-    return EXIT_OK
-
-
-def _export_dataset(args: argparse.Namespace) -> int:
-    from runner.report.dataset_writers import DEFAULT_SHARD_BYTES, export_dataset
-    from runner.report.datasets import DatasetOptions, parse_size
-
-    if args.out is not None and str(args.out) == "-":
-        raise UsageError(f"--format {args.format}: a dataset is files, not a stream; use --out")
-    name = f"export-{args.format}"
-    if args.format == "parquet" and args.split_column is None:
-        name = "export-images.parquet"  # one file; with splits, a folder of SPLIT.parquet
-    out = args.out or args.run_dir / name
-    options = DatasetOptions(args.include_failed, args.include_flagged, args.split_column,
-                             args.all_versions)  # fmt: skip
-    shard = DEFAULT_SHARD_BYTES if args.shard_size is None else parse_size(args.shard_size)
-    chosen, written = export_dataset(args.run_dir, out, args.format, options,
-                                     shard_bytes=shard, with_bytes=args.with_bytes)  # fmt: skip
-    linked = f" ({written.linked} hard-linked to the run's outputs)" if written.linked else ""
-    print(f"wrote {_count(written.images, 'image')} of {_jobs(chosen.jobs)} to {out}{linked}",
-          file=sys.stderr)  # fmt: skip
-    left = [_count(chosen.failed_jobs_left_out, "failed job")] * bool(chosen.failed_jobs_left_out)
-    if chosen.flagged_left_out:
-        left.append(_count(chosen.flagged_left_out, "flagged image"))
-    if left:
-        print(f"left out {' and '.join(left)} (--include-failed, --include-flagged to keep them)",
-              file=sys.stderr)  # fmt: skip
-    return EXIT_OK
-
-
-def _count(n: int, noun: str) -> str:
-    return f"1 {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def _jobs(n: int) -> str:
+def jobs_phrase(n: int) -> str:
     return "1 job" if n == 1 else f"{n} jobs"
 
 

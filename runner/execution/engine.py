@@ -24,13 +24,11 @@ module wires the edges (HTTP, ledger, strategy, uploads, downloads, webhooks) ar
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
@@ -60,18 +58,18 @@ from runner.execution.ratelimit import submit_rate
 from runner.execution.reconcile import Reconciler
 from runner.execution.recorder import Recorder
 from runner.execution.reuse import open_reuse
+from runner.execution.runmeta import invocation_facts, write_run_metadata
 from runner.execution.scheduler import Scheduler, prior_spend, strict_check
 from runner.execution.shared import Shared
 from runner.execution.summary import RunReport
 from runner.fal.client import QueueClient
 from runner.fal.history import HistoryClient
 from runner.fal.jwks import JwksCache
-from runner.fal.key import fingerprint
 from runner.fal.receiver import WebhookReceiver, webhook_server
 from runner.fal.retry import RetryPolicies
 from runner.fal.storage import StorageClient, UploadSettings
 from runner.fal.transport import open_call_transport, open_transport
-from runner.ledger.meta import end_invocation, new_run_id, start_invocation
+from runner.ledger.meta import end_invocation, new_run_id
 from runner.ledger.probe import probe_writable
 from runner.ledger.records import read_records, read_requests_seen
 from runner.ledger.schema import JobRecord, JobState, utcnow
@@ -107,46 +105,6 @@ class Hooks:
     gate: AccountGate | None = None
     # Called with the run's tally once it exists (a sharded run's one progress view).
     on_tally: Callable[[Tally], None] | None = None
-
-
-def manifest_fingerprint(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    stat = path.stat()
-    # dir: where its relative input paths start, for a report made from elsewhere.
-    return {"path": str(path), "sha256": digest.hexdigest(), "bytes": stat.st_size,
-            "dir": str(path.resolve().parent)}  # fmt: skip
-
-
-def write_run_metadata(
-    config: RunConfig,
-    *,
-    run_id: str,
-    started_at: datetime,
-    redact: Callable[[str], str] | None = None,
-) -> None:
-    """run.json, with this invocation appended unfinished to the earlier ones."""
-    meta = {
-        "runner_version": __version__,
-        "manifest": manifest_fingerprint(config.manifest),
-        "config": config.public_dict(),
-        # Which key submitted (its fingerprint, never the key): re-attach and cancel of a
-        # sharded run pick the same key again (runner.scale.keys).
-        "key_fingerprint": fingerprint(config.key) if config.key is not None else None,
-    }
-    start_invocation(config.run_dir, meta, run_id=run_id, started_at=started_at, redact=redact)
-
-
-def invocation_facts(tally: Tally, exit_code: int | None, message: str) -> dict[str, Any]:
-    """What run.json keeps of how one invocation ended: its exit, its jobs, its spend."""
-    return {
-        "exit_code": exit_code, "message": message, "completed": tally.completed,
-        "skipped": tally.skipped, "failed": tally.failed, "invalid": tally.invalid,
-        "unknown": tally.unknown, "cached": tally.cached, "rerolls": tally.rerolls,
-        "spent_usd": str(tally.spent_usd),
-    }  # fmt: skip
 
 
 def build_strategy(

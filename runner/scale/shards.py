@@ -27,10 +27,11 @@ import anyio.to_thread
 from runner.config import RunConfig
 from runner.errors import EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_JOBS_FAILED, EXIT_OK, UsageError
 from runner.execution.budget import Budget
-from runner.execution.engine import Hooks, execute, manifest_fingerprint
+from runner.execution.engine import Hooks, execute
 from runner.execution.gate import AccountGate, Slots, local_gate
 from runner.execution.lease import FileSlots
 from runner.execution.progress import Progress, Tally
+from runner.execution.runmeta import manifest_fingerprint
 from runner.execution.summary import RunReport
 from runner.scale.keys import KeySpec, key_for_shard, load_keys
 from runner.scale.layout import claim, recorded_keys, shard_dir
