@@ -87,11 +87,11 @@ def arrow_blocks(path: Path, delimiter: str) -> Iterator[Block]:
     rows = reader.read_rows(path, fmt="tsv" if delimiter == "\t" else "csv")  # checks the header
     names = _plain_header(path, delimiter)
     if names is None:
-        return _chunks(rows)
+        return row_chunks(rows)
     return _blocks(path, display, delimiter, *names)
 
 
-def _chunks(rows: Iterator[RawRow], size: int = 4096) -> Iterator[list[RawRow]]:
+def row_chunks(rows: Iterator[RawRow], size: int = 4096) -> Iterator[list[RawRow]]:
     chunk: list[RawRow] = []
     for row in rows:
         chunk.append(row)
@@ -139,7 +139,7 @@ def _blocks(
             if cut is None or lone:
                 # From here on the csv module reads, as the per-row reader would.
                 rest = _rest(fh, data)
-                yield from _chunks(_python_rows(rest, display, delimiter, names, line, index))
+                yield from row_chunks(_python_rows(rest, display, delimiter, names, line, index))
                 return
             block, pending = data[:cut], data[cut:]
             found = None

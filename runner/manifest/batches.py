@@ -30,7 +30,7 @@ from runner.endpoints import catalog
 from runner.endpoints.catalog import BaseRequest
 from runner.errors import RowError
 from runner.manifest import vector
-from runner.manifest.arrowcsv import ArrowRows, arrow_blocks
+from runner.manifest.arrowcsv import ArrowRows, arrow_blocks, row_chunks
 from runner.manifest.identity import id_key, row_number_id
 from runner.manifest.jobs import (
     _ALL_PARAMETERS,
@@ -79,7 +79,7 @@ def iter_job_batches(
             path, "\t" if kind == "tsv" else ","
         )
     else:
-        blocks = _row_chunks(read_rows(path, fmt=fmt))
+        blocks = row_chunks(read_rows(path, fmt=fmt))
     return _batches(blocks, expander, materialize)
 
 
@@ -89,17 +89,6 @@ def iter_manifest_jobs(
     """Every job and bad row, in order: :func:`iter_jobs` over :func:`read_rows`, faster."""
     batches = iter_job_batches(path, fmt, options, materialize=True)
     return (item for batch in batches for item in batch.items)
-
-
-def _row_chunks(rows: Iterator[RawRow], size: int = 4096) -> Iterator[list[RawRow]]:
-    chunk: list[RawRow] = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def _batches(
