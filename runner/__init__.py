@@ -9,7 +9,8 @@ The public API (see :mod:`runner.api`)::
         raise RuntimeError(report.message)
 
 ``run`` is synchronous and safe from any thread; ``arun`` is its async twin; ``plan``,
-``status`` and ``load_ledger`` read without sending anything. Names are imported on first
+``preview`` (what a rerun would do), ``status`` and ``load_ledger`` read without sending
+anything. Names are imported on first
 use, so ``import runner`` stays cheap.
 """
 
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Plan",
+    "Preview",
     "RunReport",
     "RunnerError",
     "StatusSummary",
@@ -29,13 +31,15 @@ __all__ = [
     "arun",
     "load_ledger",
     "plan",
+    "preview",
     "run",
     "status",
 ]
 
 if TYPE_CHECKING:
-    from runner.api import arun, load_ledger, plan, run, status
+    from runner.api import arun, load_ledger, plan, preview, run, status
     from runner.errors import RunnerError, UsageError
+    from runner.execution.preview import Preview
     from runner.execution.summary import RunReport
     from runner.ledger.views import StatusSummary
     from runner.manifest.plan import Plan
@@ -44,6 +48,8 @@ _WHERE = {
     "arun": "runner.api",
     "run": "runner.api",
     "plan": "runner.api",
+    "preview": "runner.api",
+    "Preview": "runner.execution.preview",
     "status": "runner.api",
     "load_ledger": "runner.api",
     "RunReport": "runner.execution.summary",

@@ -3,6 +3,8 @@
     run(manifest, **options) -> RunReport         synchronous; its own event loop
     await arun(manifest, **options) -> RunReport  inside a running event loop
     plan(manifest, **options) -> Plan             jobs, images and dollars, nothing sent
+    preview(manifest, ledger, **options) -> Preview   what a rerun over that run directory
+                                                  would skip, re-attach, settle and send
     status(run_dir) -> StatusSummary              counts and spend of a run directory
     load_ledger(run_dir) -> pyarrow.Table         one row per job, its latest state
     (both take ``all_versions=True`` to count superseded jobs: older content of a row)
@@ -37,9 +39,13 @@ from runner.config import key_from_env
 from runner.endpoints.cost import PriceTable
 from runner.errors import UsageError
 from runner.execution.engine import Hooks, embedded_emulator, execute
+from runner.execution.preview import Preview
+from runner.execution.preview import preview as run_preview
 from runner.execution.prices import plan_prices
 from runner.execution.summary import RunReport
 from runner.ledger.fold import read_folded
+from runner.ledger.resume import ResumePolicy
+from runner.ledger.state import LedgerState
 from runner.ledger.versions import split_versions
 from runner.ledger.views import StatusSummary, status_summary
 from runner.manifest.plan import Plan, build_plan
@@ -108,17 +114,45 @@ def run(manifest: Path | str, *, key: str | None = None, **options: Any) -> RunR
 
 
 def plan(manifest: Path | str, *, key: str | None = None, **options: Any) -> Plan:
-    """What a run would cost and send, per endpoint; nothing is sent."""
+    """What a run would cost and send, per endpoint; nothing is sent.
+
+    With a run directory (``ledger=``) the question is another one, what a rerun would do:
+    that is :func:`preview`, and ``plan`` refuses it rather than answer the first question.
+    """
+    if options.get("ledger") is not None:
+        raise UsageError("plan(ledger=...) is preview(manifest, ledger): what a rerun would do")
     config = manifest_config(_parse("plan", manifest, options))
-
-    async def prices() -> PriceTable:
-        found = key_from_env(_environ(key))
-        return await plan_prices(config.api_url, found, config.prices, lambda _message: None)
-
-    table = anyio.run(prices)
+    table = _prices(config.api_url, config.prices, key)
     _warnings, items = stream_jobs(config)
     sizer = InputSizer(Path(manifest).resolve().parent)
     return build_plan(items, table, input_sizes=sizer, lora_bytes=sizer.lora_bytes)
+
+
+def preview(
+    manifest: Path | str, ledger: Path | str, *, key: str | None = None, **options: Any
+) -> Preview:
+    """What a rerun over ``ledger`` (a run directory) would do, job by job; nothing is sent.
+
+    The same decisions and dollars as ``runner plan MANIFEST --ledger DIR``: new, changed,
+    done, retry, re-attach, reconcile, resubmit, left, invalid (``Preview.as_json()``).
+    """
+    args = _parse("plan", manifest, {**options, "ledger": Path(ledger)})
+    config = manifest_config(args)
+    table = _prices(config.api_url, config.prices, key)
+    _warnings, items = stream_jobs(config)
+    sizer = InputSizer(Path(manifest).resolve().parent)
+    run_dir = Path(ledger)
+    state = LedgerState.load(run_dir) if run_dir.exists() else LedgerState.empty()
+    policy = ResumePolicy(on_unknown=config.on_unknown, retry_failed=config.retry_failed)
+    return run_preview(items, state, table, policy, input_sizes=sizer, lora_bytes=sizer.lora_bytes)
+
+
+def _prices(api_url: str, prices: Any, key: str | None) -> PriceTable:
+    async def fetch() -> PriceTable:
+        found = key_from_env(_environ(key))
+        return await plan_prices(api_url, found, prices, lambda _message: None)
+
+    return anyio.run(fetch)
 
 
 def status(run_dir: Path | str, *, all_versions: bool = False) -> StatusSummary:

@@ -53,6 +53,24 @@ def test_plan_counts_without_sending(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert result.total.jobs == 3 and result.total.usd == Decimal("0.105")
 
 
+def test_preview_says_what_a_rerun_would_do_and_plan_refuses_a_ledger(tmp_path: Path) -> None:
+    path = manifest(tmp_path, 3)
+    run_dir = tmp_path / "run"
+    report = runner.run(
+        path, emulator=True, ledger=run_dir, no_download=True, quiet=True,
+        emulator_time_scale=0.01,
+    )  # fmt: skip
+    assert report.exit_code == 0
+    more = manifest(tmp_path, 5)  # the same three rows and two new ones
+    assert more == path
+    seen = runner.preview(more, run_dir)
+    assert dict(seen.jobs) == {"done": 3, "new": 2}
+    assert seen.would_send_usd == Decimal("0.07")
+    assert dict(runner.preview(more, tmp_path / "never").jobs) == {"new": 5}
+    with pytest.raises(runner.UsageError, match="preview"):
+        runner.plan(more, ledger=run_dir)
+
+
 def test_a_bad_option_is_a_usage_error_naming_it(tmp_path: Path) -> None:
     path = manifest(tmp_path, 1)
     with pytest.raises(runner.UsageError, match="--completion"):
