@@ -4,6 +4,7 @@ only fixed-seed, unflagged, downloaded outputs are filed; concurrent writers of 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -30,7 +31,7 @@ from runner.media.cache import (
 from runner.report.data import build_report
 from runner.report.text import render_text
 from tests.scenario import emulator, manifest, run, run_config
-from tests.test_flagged import MANIFESTS, demo, jobs
+from tests.test_flagged import DEMO_FAULTS, MANIFESTS, demo, jobs
 
 pytestmark = pytest.mark.anyio
 
@@ -100,6 +101,37 @@ async def test_flagged_outputs_and_untrusted_endpoints_are_not_cached(tmp_path: 
                             nondeterministic_endpoints=untrusted)  # fmt: skip
         await run(emu, config)
     assert entries(cache) == []
+
+
+async def test_a_cached_rerun_after_re_rolls_is_free_and_steps_over_the_flag_marks(
+    tmp_path: Path,
+) -> None:
+    """The first night re-rolls its flagged images; the second, with the same cache and
+    policy, is served every final output at $0 and sends nothing (not the flagged seeds)."""
+    path, cache = demo(tmp_path), tmp_path / "cache"
+    async with emulator(faults=parse_faults(DEMO_FAULTS)) as emu:
+        first = await run(emu, run_config(path, tmp_path / "night1", cache_dir=cache,
+                                          flagged="reroll"))  # fmt: skip
+    assert first.exit_code == EXIT_OK and first.tally.rerolls > 0
+    marks = [p for p in entries(cache) if json.loads((p / ENTRY).read_text()).get("flagged")]
+    assert len(marks) == first.tally.rerolls and len(entries(cache)) == 13 + len(marks)
+    async with emulator(faults=parse_faults(DEMO_FAULTS)) as emu:
+        second = await run(emu, run_config(path, tmp_path / "night2", cache_dir=cache,
+                                           flagged="reroll"))  # fmt: skip
+        stats = emu.snapshot()
+    assert second.exit_code == EXIT_OK and stats["submits"]["accepted"] == 0
+    assert second.tally.cached == 13 and second.tally.spent_usd == 0
+    before = {r["job_key"]: r for r in jobs(tmp_path / "night1")}
+    for row in jobs(tmp_path / "night2"):
+        assert row["seed"] == before[row["job_key"]]["seed"] and not row["flagged"]
+    # Under --flagged keep a mark is a miss: a job's first, flagged roll is sent as the run
+    # would send it (one job may have been re-rolled twice: two marks, one submit).
+    rerolled = sum(1 for r in before.values() if r["rerolls"])
+    assert 0 < rerolled <= len(marks)
+    async with emulator(faults=parse_faults(DEMO_FAULTS)) as emu:
+        kept = await run(emu, run_config(path, tmp_path / "night3", cache_dir=cache))
+        assert emu.snapshot()["submits"]["accepted"] == rerolled
+    assert kept.tally.cached == 13 - rerolled
 
 
 async def test_a_damaged_entry_is_a_miss_and_the_job_runs(tmp_path: Path) -> None:

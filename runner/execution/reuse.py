@@ -10,11 +10,16 @@ picks a random one, so no earlier output is "the" output of that request.
 On a hit the files are copied where downloads go and the job is recorded completed at $0,
 with the run directory and request id the outputs came from; nothing is uploaded or sent.
 On a miss the job runs as usual, and its outputs, once downloaded and if not flagged, are
-filed under the same key by the download stage.
+filed under the same key by the download stage. A roll re-rolled under ``--flagged reroll``
+leaves a flag mark under its key (:meth:`Reuse.mark_flagged`); a later lookup under the same
+policy steps over marks to the next roll's key (:meth:`Reuse.lookup`), so a cached run whose
+first rolls were flagged is served the re-rolled outputs at $0 too.
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -24,7 +29,7 @@ from runner.endpoints.cost import megapixels
 from runner.execution.flagged import reseeded
 from runner.execution.outcome import Cached
 from runner.execution.recorder import Ticket
-from runner.media.cache import CacheSlot, OutputCache, cache_key, keyed_payload
+from runner.media.cache import CacheEntry, CacheSlot, OutputCache, cache_key, keyed_payload
 from runner.media.sink import OutputSink
 
 
@@ -45,10 +50,28 @@ class Reuse:
             and self.config.deterministic(job.endpoint)
         )
 
-    async def lookup(self, t: Ticket) -> tuple[CacheSlot | None, Cached | None]:
-        """This attempt's cache slot (None: not reusable) and, on a hit, its outputs."""
-        slot = await self.slot(t)
-        return slot, None if slot is None else await self.fulfil(t, slot)
+    async def lookup(self, t: Ticket) -> tuple[Ticket, CacheSlot | None, Cached | None]:
+        """This attempt's ticket, cache slot (None: not reusable) and, on a hit, its outputs.
+
+        Under ``--flagged reroll`` a flag mark moves the ticket on to the next roll (as the
+        run would, without paying for the flagged one), up to ``--max-rerolls``."""
+        while True:
+            slot = await self.slot(t)
+            if slot is None:
+                return t, None, None
+            entry = await anyio.to_thread.run_sync(self.cache.lookup, slot.key)
+            if entry is not None and entry.flagged and entry.endpoint == t.job.endpoint:
+                if self.config.flagged == "reroll" and t.reroll < self.config.max_rerolls:
+                    t = replace(t, reroll=t.reroll + 1, reattach=None)
+                    continue
+                return t, slot, None
+            return t, slot, None if entry is None else await self.fulfil(t, slot, entry)
+
+    async def mark_flagged(self, slot: CacheSlot, seed: int | None) -> None:
+        """Leave a flag mark under ``slot``: this roll's output was flagged and re-rolled."""
+        mark = functools.partial(self.cache.mark_flagged, slot.key, endpoint=slot.endpoint,
+                                 seed=seed, request_id=slot.request_id)  # fmt: skip
+        await anyio.to_thread.run_sync(mark)
 
     async def slot(self, t: Ticket) -> CacheSlot | None:
         """The key this attempt's outputs are filed under, or None when it may not be reused
@@ -62,10 +85,9 @@ class Reuse:
             return None
         return CacheSlot(cache_key(t.job.endpoint, keyed), t.job.endpoint, None)
 
-    async def fulfil(self, t: Ticket, slot: CacheSlot) -> Cached | None:
+    async def fulfil(self, t: Ticket, slot: CacheSlot, entry: CacheEntry) -> Cached | None:
         """The job's outputs copied from the cache, or None on a miss."""
-        entry = await anyio.to_thread.run_sync(self.cache.lookup, slot.key)
-        if entry is None or entry.endpoint != t.job.endpoint:
+        if entry.endpoint != t.job.endpoint or entry.flagged or not entry.files:
             return None
         outputs = await self.cache.fulfil(entry, self.sink, row_id=t.job.row_id,
                                           job_key=t.job.job_key)  # fmt: skip

@@ -99,7 +99,9 @@ async def _attempts(t: Ticket, s: Shared) -> Outcome:
             return intent
         t, ref = await _settle(t, s, attempt, intent)
     while True:
-        slot, cached = await s.reuse.lookup(t) if ref is None and s.reuse else (None, None)
+        slot, cached = None, None
+        if ref is None and s.reuse is not None:
+            t, slot, cached = await s.reuse.lookup(t)
         if cached is not None:  # done in an earlier run using the same --cache: $0
             await s.recorder.record(t, attempt, cached, final=True)
             return cached
@@ -112,6 +114,8 @@ async def _attempts(t: Ticket, s: Shared) -> Outcome:
                 outcome = replace(outcome, cache=replace(slot, request_id=sent.request_id))
             judged, t = await judge(t, attempt, outcome, config=s.config, recorder=s.recorder)
             if judged is None:  # re-rolled with a new seed: a new attempt of its own
+                if s.reuse is not None and outcome.cache is not None:
+                    await s.reuse.mark_flagged(outcome.cache, outcome.success.result.seed)
                 attempt, ref = attempt + 1, None
                 continue
             outcome = judged

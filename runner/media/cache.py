@@ -10,6 +10,7 @@ deterministic, is ever looked up or stored (the caller decides: runner.execution
 Layout::
 
     DIR/v1/ab/abcdef.../entry.json    what the entry holds: endpoint, seed, files, source
+                                      (or ``"flagged": true`` and no files: see below)
     DIR/v1/ab/abcdef.../0.png ...     the output files, as downloaded and verified
     DIR/tmp/                          entries being written
 
@@ -20,6 +21,12 @@ fill the same entry, the second rename fails (the folder is there and not empty)
 second writer drops its copy: the first one stands, and both were the same bytes anyway.
 Files are checked against their sha256 as they are copied out, so an entry damaged on disk
 is a miss, never a wrong output.
+
+A flagged output is never filed, but the fact that a request was flagged is: a job re-rolled
+under ``--flagged reroll`` leaves a *flag mark* (an entry with ``"flagged": true`` and no
+files) under the key of the roll that was flagged. Under the determinism assumption the same
+request is flagged again, so a later run re-rolling from the cache steps over the mark to the
+next roll's key instead of paying for a black picture (runner.execution.reuse).
 """
 
 from __future__ import annotations
@@ -76,6 +83,7 @@ class CacheEntry:
     files: tuple[CachedFile, ...]
     source_run: str  # the run directory whose download filled the entry
     source_request: str | None  # fal's request id there
+    flagged: bool = False  # a flag mark: this request's output was flagged; no files
 
     @property
     def sizes(self) -> tuple[tuple[int, int], ...]:
@@ -119,10 +127,31 @@ class OutputCache:
             return CacheEntry(
                 key=key, folder=folder, endpoint=str(data["endpoint"]), seed=data.get("seed"),
                 files=files, source_run=str(data["source_run"]),
-                source_request=data.get("source_request"),
+                source_request=data.get("source_request"), flagged=data.get("flagged") is True,
             )  # fmt: skip
         except (OSError, ValueError, KeyError, TypeError):
             return None
+
+    def mark_flagged(
+        self, key: str, *, endpoint: str, seed: int | None, request_id: str | None
+    ) -> bool:
+        """File a flag mark under ``key``: that request's output was flagged. True when this
+        call filled it (False: an entry is there already). Blocking: call it in a thread."""
+        final = self._folder(key)
+        if (final / ENTRY).is_file():
+            return False
+        tmp_root = self.root / "tmp"
+        tmp_root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f"{key[:16]}.", dir=tmp_root))
+        try:
+            entry: dict[str, object] = {
+                "endpoint": endpoint, "seed": seed, "source_run": self.run_dir,
+                "source_request": request_id, "files": [], "flagged": True,
+            }  # fmt: skip
+            _write_new(work / ENTRY, json.dumps(entry, sort_keys=True).encode())
+            return publish(work, final)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
     def store(
         self,
