@@ -48,7 +48,7 @@ def test_what_the_driver_sends_a_worker_holds_no_key(tmp_path: Path, with_keys_f
     config = _config(tmp_path, keys_file=_keys_file(tmp_path) if with_keys_file else None)
     specs = run_keys(config)  # as run_ray's prepare picks them
     assert specs[0].key.get_secret_value() == CANARY
-    calls = [shard_call(config, shard, specs[shard % len(specs)], "board", 5.0)
+    calls = [shard_call(config, shard, specs[shard % len(specs)], ("budget", "board"), 5.0)
              for shard in range(config.shards or 0)]  # fmt: skip
     blobs = (pickle.dumps(calls), ray.cloudpickle.dumps(calls))  # type: ignore[no-untyped-call]
     for blob in blobs:
