@@ -29,6 +29,7 @@ and checks the caps against their sums:
   included: its reservations count as spent, since its jobs may have been submitted;
 - ``--max-total-cost`` against the latest share of each shard: a later run of a shard read
   its ledger (earlier spend, jobs to re-attach), which settles what a dead share reserved.
+  A shard that has not run yet counts with its ledger's spend (:meth:`SpendBook.seed`).
 
 :class:`Budget` is one share in a book of its own, with a synchronous ``admit``.
 """
@@ -125,6 +126,14 @@ class SpendBook:
         share = self.shares.setdefault(member, Share())
         share.shard = shard
         share.prior_usd += prior_usd
+
+    def seed(self, priors: dict[int, Decimal]) -> None:
+        """What each shard's ledger says earlier runs spent, before its run joins (so a
+        total cap counts the shards not running yet); a shard already in the book is left."""
+        known = {s.shard for s in self.shares.values()}
+        for shard, prior_usd in priors.items():
+            if shard not in known:
+                self.shares[f"ledger-{shard}"] = Share(shard, prior_usd)
 
     def admit(self, member: str, estimate_usd: Decimal | None, caps: Caps) -> str | None:
         """Reserve a new job's estimate for ``member`` if it fits; else why not."""

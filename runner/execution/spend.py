@@ -33,6 +33,8 @@ class Pool(Protocol):
 
     def join(self, member: str, shard: int | None, prior_usd: Decimal) -> None: ...
 
+    def seed(self, priors: dict[int, Decimal]) -> None: ...
+
     def reserve_committed(self, member: str, estimate_usd: Decimal | None) -> None: ...
 
     def settle(
@@ -52,6 +54,9 @@ class LocalPool:
 
     def join(self, member: str, shard: int | None, prior_usd: Decimal) -> None:
         self.book.join(member, shard, prior_usd)
+
+    def seed(self, priors: dict[int, Decimal]) -> None:
+        self.book.seed(priors)
 
     def reserve_committed(self, member: str, estimate_usd: Decimal | None) -> None:
         self.book.reserve_committed(member, estimate_usd)

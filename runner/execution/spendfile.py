@@ -104,6 +104,10 @@ class FilePool:
         with self._changing() as book:
             book.join(member, shard, prior_usd)
 
+    def seed(self, priors: dict[int, Decimal]) -> None:
+        with self._changing() as book:
+            book.seed(priors)
+
     def reserve_committed(self, member: str, estimate_usd: Decimal | None) -> None:
         with self._changing() as book:
             book.reserve_committed(member, estimate_usd)

@@ -61,6 +61,7 @@ from runner.scale.ray_gate import (
 )
 from runner.scale.shardlog import Relay, ShardLines
 from runner.scale.shards import build_gate, combine, prepare, shard_config, sum_tallies
+from runner.scale.spending import ledger_priors
 
 SHARD_CPUS = 0.5
 
@@ -201,6 +202,8 @@ def run_ray(
         run.budget = SpendActor.options(name=names[0], namespace=NAMESPACE).remote()  # type: ignore[attr-defined]
         board = ProgressBoard.options(name=names[1], namespace=NAMESPACE).remote()  # type: ignore[attr-defined]
         run.created += [run.budget, board]
+        if config.max_total_cost_usd is not None:  # shards not started yet count too
+            ray.get(run.budget.seed.remote(ledger_priors(config)))
         results = _drive(
             config, run, board, names, picks, chosen, workers=workers, restarts=restarts,
             ttl_s=lease_ttl_s, stream=stream, on_tick=on_tick,

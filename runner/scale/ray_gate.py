@@ -108,6 +108,9 @@ class SpendActor:
     def join(self, member: str, shard: int | None, prior_usd: Decimal) -> None:
         self.book.join(member, shard, prior_usd)
 
+    def seed(self, priors: dict[int, Decimal]) -> None:
+        self.book.seed(priors)
+
     def reserve_committed(self, member: str, estimate_usd: Decimal | None) -> None:
         self.book.reserve_committed(member, estimate_usd)
 
@@ -219,6 +222,9 @@ class ActorPool:
 
     def join(self, member: str, shard: int | None, prior_usd: Decimal) -> None:
         self._actor.join.remote(member, shard, prior_usd)
+
+    def seed(self, priors: dict[int, Decimal]) -> None:
+        self._actor.seed.remote(priors)
 
     def reserve_committed(self, member: str, estimate_usd: Decimal | None) -> None:
         self._actor.reserve_committed.remote(member, estimate_usd)

@@ -38,12 +38,13 @@ from runner.execution.progress import Progress, Tally
 from runner.execution.ratelimit import Level
 from runner.execution.runmeta import manifest_fingerprint
 from runner.execution.sharedrate import FileLevel
-from runner.execution.spend import LocalPool, Pool, PooledSpend
-from runner.execution.spendfile import FilePool, book_dir
+from runner.execution.spend import PooledSpend
+from runner.execution.spendfile import FilePool
 from runner.execution.summary import RunReport
 from runner.scale.keys import KeySpec, key_for_shard, load_keys
 from runner.scale.layout import claim, recorded_keys, shard_dir
 from runner.scale.shardlog import Relay, ShardLines
+from runner.scale.spending import open_pool
 
 # Worst exit first: the one a sharded run reports is the worst of its shards'.
 _EXIT_ORDER = (EXIT_INTERRUPTED, EXIT_BUDGET, EXIT_JOBS_FAILED, EXIT_OK)
@@ -90,15 +91,6 @@ def build_gate(
         concurrency=keyed.concurrency, rate_per_s=keyed.rate_per_s, budget=budget,
         clock=hooks.clock, sleep=hooks.sleep, level=level,
     )  # fmt: skip
-
-
-def open_pool(config: RunConfig) -> Pool:
-    """The invocation's budget pool: shared through --gate-dir, else this process's."""
-    if config.gate_dir is None:
-        return LocalPool()
-    pool = FilePool(book_dir(config.gate_dir, config.run_dir))
-    pool.open()
-    return pool
 
 
 def prepare(config: RunConfig) -> tuple[list[int], dict[int, KeySpec]]:
