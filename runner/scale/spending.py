@@ -1,11 +1,11 @@
 """A sharded run's budget pool: where it lives, and what the shards' ledgers already spent.
 
-open_pool(config)       this process's (runner.execution.spend.LocalPool), or with
-                        --gate-dir a book every process on the run directory shares
-                        (runner.execution.spendfile.FilePool)
-ledger_priors(config)   with --max-total-cost, each shard's spend so far, read from its
-                        ledger (as ``runner status`` reads it), so the total cap counts
-                        the shards that are not running yet, not only those that are
+:func:`open_pool` gives this process's pool (:class:`runner.execution.spend.LocalPool`), or,
+with ``--gate-dir`` and a cap, a book every process on the run directory shares
+(:class:`runner.execution.spendfile.FilePool`: about 1 CPU ms a job, so not without a cap to
+keep). With ``--max-total-cost`` it is seeded with each shard's spend so far, read from its
+ledger as ``runner status`` reads it (:func:`ledger_priors`), so the total cap counts the
+shards that are not running yet, not only those that are.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from runner.scale.layout import shard_dir
 def open_pool(config: RunConfig) -> Pool:
     """The invocation's budget pool, seeded with the shards' earlier spend (when capped)."""
     pool: Pool
-    if config.gate_dir is None:
+    capped = config.max_cost_usd is not None or config.max_total_cost_usd is not None
+    if config.gate_dir is None or not capped:
         pool = LocalPool()
     else:
         pool = FilePool(book_dir(config.gate_dir, config.run_dir))
