@@ -16,6 +16,7 @@ import pytest
 from runner.errors import EXIT_BUDGET, EXIT_OK
 from runner.execution.budget import Caps, SpendBook
 from runner.execution.spendfile import FilePool, book_dir
+from runner.ledger.schema import JobState
 from runner.ledger.views import status_summary
 from tests.scenario import manifest
 from tests.torture_support import REPO, emulator_process, start_run
@@ -138,7 +139,7 @@ def test_max_cost_holds_across_shard_processes(tmp_path: Path) -> None:
     assert billed <= cap, billed
     # The cap was reached, not merely respected: within one job per shard of it.
     assert billed > cap - shards * JOB, billed
-    completed = status_summary(run_dir).by_state.get("completed", 0)
+    completed = status_summary(run_dir).by_state.get(JobState.COMPLETED, 0)
     assert completed * JOB == billed
     assert stats["submits"]["duplicates"] == 0
     assert all("stopped at the budget" in err for err in errs), errs[0][-600:]
@@ -180,4 +181,4 @@ def test_a_killed_shard_process_does_not_break_the_cap(tmp_path: Path) -> None:
     assert billed <= cap, billed
     assert book.run_committed_usd <= cap
     assert stats["submits"]["duplicates"] == 0
-    assert status_summary(run_dir).by_state.get("completed", 0) * JOB == billed
+    assert status_summary(run_dir).by_state.get(JobState.COMPLETED, 0) * JOB == billed
