@@ -4,6 +4,7 @@ shared by processes (runner.execution.spendfile), and end to end with several
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import sys
@@ -11,14 +12,17 @@ import time
 from decimal import Decimal as D
 from pathlib import Path
 
+import httpx
 import pytest
 
 from runner.errors import EXIT_BUDGET, EXIT_OK
 from runner.execution.budget import Caps, SpendBook
+from runner.execution.engine import Hooks
 from runner.execution.spendfile import FilePool, book_dir
 from runner.ledger.schema import JobState
 from runner.ledger.views import status_summary
-from tests.scenario import manifest
+from runner.scale.shards import execute_sharded
+from tests.scenario import FAST_POLICIES, emulator, manifest, run_config
 from tests.torture_support import REPO, emulator_process, start_run
 
 pytestmark = pytest.mark.anyio
@@ -182,3 +186,23 @@ def test_a_killed_shard_process_does_not_break_the_cap(tmp_path: Path) -> None:
     assert book.run_committed_usd <= cap
     assert stats["submits"]["duplicates"] == 0
     assert status_summary(run_dir).by_state.get(JobState.COMPLETED, 0) * JOB == billed
+
+
+async def test_max_total_cost_counts_the_spend_of_shards_not_running(tmp_path: Path) -> None:
+    path, run_dir = manifest(tmp_path, 40), tmp_path / "run"
+    async with emulator(concurrency=2, time_scale=0.002) as emu:
+        hooks = Hooks(transport=httpx.ASGITransport(app=emu.app), stream=io.StringIO(),
+                      handle_signals=False, policies=FAST_POLICIES)  # fmt: skip
+        first = await execute_sharded(
+            run_config(path, run_dir, shards=2, shard=0, download=False), hooks=hooks
+        )
+        spent = _billed(emu.snapshot())
+        # Shard 1 alone, capped at the run directory's total so far: shard 0's ledger counts.
+        config = run_config(path, run_dir, shards=2, shard=1, download=False,
+                            max_total_cost_usd=spent + JOB / 2)  # fmt: skip
+        second = await execute_sharded(config, hooks=hooks)
+        after = _billed(emu.snapshot())
+    assert first.exit_code == EXIT_OK and spent > 0
+    assert second.exit_code == EXIT_BUDGET, second.message
+    assert "would exceed --max-total-cost" in second.message
+    assert after == spent  # nothing more was sent
