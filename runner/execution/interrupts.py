@@ -47,11 +47,27 @@ class Interrupts:
                 self.press()
 
 
+async def two_steps(
+    interrupts: Interrupts | None, *, first: Callable[[], None], second: Callable[[], None]
+) -> None:
+    """Call ``first`` at the first press and ``second`` at the next; ``interrupts`` None:
+    count this process's SIGINT and SIGTERM."""
+    async with anyio.create_task_group() as tg:
+        if interrupts is None:
+            interrupts = Interrupts()
+            tg.start_soon(interrupts.from_signals)
+        seen = await interrupts.next(0)
+        first()
+        await interrupts.next(seen)
+        second()
+        tg.cancel_scope.cancel()
+
+
 async def announce(
     interrupts: Interrupts, in_flight: Callable[[], int], say: Callable[[str], None]
 ) -> None:
     """Say what the first and the second press do, once for every run watching them."""
-    seen = await interrupts.next(0)
-    say(FIRST.format(in_flight=in_flight()))
-    await interrupts.next(seen)
-    say(SECOND)
+    await two_steps(
+        interrupts, first=lambda: say(FIRST.format(in_flight=in_flight())),
+        second=lambda: say(SECOND),
+    )  # fmt: skip

@@ -27,7 +27,7 @@ from runner.endpoints.cost import Estimate, PriceTable
 from runner.errors import ManifestError, RowError
 from runner.execution.budget import Spend
 from runner.execution.gate import Slots
-from runner.execution.interrupts import FIRST, SECOND, Interrupts
+from runner.execution.interrupts import FIRST, SECOND, Interrupts, two_steps
 from runner.execution.outcome import Lost
 from runner.execution.progress import Progress, Tally
 from runner.execution.reconcile import Intent
@@ -367,25 +367,21 @@ class Scheduler:
         self, scope: anyio.CancelScope, interrupts: Interrupts | None = None
     ) -> None:
         """The first Ctrl-C (or press of ``interrupts``) stops admitting, the second cancels."""
-        async with anyio.create_task_group() as tg:
-            if interrupts is None:
-                interrupts = Interrupts()
-                tg.start_soon(interrupts.from_signals)
-            say = self.progress.say if interrupts.announce else lambda _message: None
-            seen = 0
-            while True:
-                seen = await interrupts.next(seen)
-                if not self.stop_admitting.is_set() or not self.interrupted:
-                    self.interrupted = True
-                    self.stop()
-                    if self._unsent is not None:
-                        self._unsent.abandon()  # uploads and rate waits: nothing sent yet
-                    say(FIRST.format(in_flight=self.tally.in_flight))
-                    continue
-                say(SECOND)
-                scope.cancel()
-                tg.cancel_scope.cancel()
-                return
+        announce = interrupts is None or interrupts.announce
+        say = self.progress.say if announce else lambda _message: None
+
+        def first() -> None:
+            self.interrupted = True
+            self.stop()
+            if self._unsent is not None:
+                self._unsent.abandon()  # uploads and rate waits: nothing sent yet
+            say(FIRST.format(in_flight=self.tally.in_flight))
+
+        def second() -> None:
+            say(SECOND)
+            scope.cancel()
+
+        await two_steps(interrupts, first=first, second=second)
 
     async def tick(self) -> None:
         while True:
