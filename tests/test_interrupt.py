@@ -1,4 +1,5 @@
-"""Ctrl-C while local inputs are still uploading: the run stops in seconds.
+"""Ctrl-C while local inputs are still uploading: the run stops in seconds; and the
+two-step stop of a sharded run in one process (runner.execution.interrupts).
 
 A job that has sent nothing to fal (its inputs still uploading, or waiting for a rate token)
 has nothing to wait for or settle, so the first Ctrl-C stops it at once. Before, the run
@@ -17,8 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from runner.errors import EXIT_INTERRUPTED
+from runner.ledger.views import status_summary
 from tests.emulator_support import png_bytes
-from tests.torture_support import check_readable, emulator_process, start_run
+from tests.scenario import manifest
+from tests.torture_support import EmulatorProcess, check_readable, emulator_process, start_run
 
 
 @contextmanager
@@ -80,3 +83,48 @@ def test_first_ctrl_c_stops_stuck_uploads_in_seconds(tmp_path: Path) -> None:
     # Nothing was recorded as sent: no intent is left to settle on the rerun.
     states = [r["state"] for r in check_readable(run_dir).jobs.to_pylist()]
     assert "submitting" not in states, states
+
+
+def _in_flight_states(run_dir: Path) -> dict[str, int]:
+    states = status_summary(run_dir).by_state
+    return {s: n for s, n in states.items() if s in ("submitting", "queued", "in_progress")}
+
+
+def test_first_ctrl_c_on_in_process_shards_finishes_the_jobs_in_flight(tmp_path: Path) -> None:
+    path, run_dir = manifest(tmp_path, 60), tmp_path / "run"
+    with emulator_process(tmp_path, time_scale=0.3, concurrency=4) as emu:  # ~1 s a job
+        proc = start_run(path, run_dir, emu.url, "--shards", "3", "--rate", "1000",
+                         "--no-download")  # fmt: skip
+        _wait_for_submits(emu, 4)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        stats = emu.stats()
+    assert proc.returncode == EXIT_INTERRUPTED, err[-2000:]
+    assert err.count("interrupted: no new jobs") == 1, err[-2000:]  # said once, not per shard
+    accepted = stats["submits"]["accepted"]
+    assert accepted < 60  # admission stopped in every shard
+    # Every job sent was waited for and recorded as it ended: nothing left in flight.
+    assert _in_flight_states(run_dir) == {}
+    assert status_summary(run_dir).by_state == {"completed": accepted}
+
+
+def test_second_ctrl_c_on_in_process_shards_exits_leaving_jobs_recorded(tmp_path: Path) -> None:
+    path, run_dir = manifest(tmp_path, 60), tmp_path / "run"
+    with emulator_process(tmp_path, time_scale=2.0, concurrency=4) as emu:  # ~7 s a job
+        proc = start_run(path, run_dir, emu.url, "--shards", "3", "--rate", "1000",
+                         "--no-download")  # fmt: skip
+        _wait_for_submits(emu, 4)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_INTERRUPTED, err[-2000:]
+    assert "exiting now" in err and "Traceback" not in err
+    assert _in_flight_states(run_dir)  # re-attached by the next run
+
+
+def _wait_for_submits(emu: EmulatorProcess, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while emu.stats()["submits"]["accepted"] < count:
+        assert time.monotonic() < deadline, "nothing was submitted"
+        time.sleep(0.05)

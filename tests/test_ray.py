@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from contextlib import asynccontextmanager
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +17,13 @@ ray = pytest.importorskip("ray")
 from anyio.from_thread import start_blocking_portal  # noqa: E402
 
 from runner.cli import main  # noqa: E402
+from runner.emulator.faults import parse_faults  # noqa: E402
 from runner.emulator.server import serve  # noqa: E402
 from runner.emulator.settings import DEFAULT_KEY  # noqa: E402
-from runner.errors import EXIT_USAGE  # noqa: E402
+from runner.errors import EXIT_BUDGET, EXIT_USAGE  # noqa: E402
 from runner.fal.key import fingerprint, secret_forms  # noqa: E402
 from runner.ledger.views import status_summary  # noqa: E402
-from runner.scale.ray_driver import RayRun, run_ray  # noqa: E402
+from runner.scale.ray_driver import RayRun, gate_actor_name, run_ray  # noqa: E402
 from tests.accounts_support import Accounts  # noqa: E402
 from tests.scenario import emulator, manifest, run_config  # noqa: E402
 from tests.test_keys import KEY_A, KEY_B  # noqa: E402
@@ -139,3 +142,62 @@ def test_a_worker_without_the_drivers_key_fails_naming_its_fingerprint(
     assert f"no key with fingerprint {fingerprint(other)}" in err
     assert "set FAL_KEY or --keys-file" in err and "every node" in err
     assert not [form for form in secret_forms(other) if form in err]
+
+
+def _gate_is_gone(key: str) -> bool:
+    try:
+        ray.get_actor(gate_actor_name(fingerprint(key)), namespace="runner")
+    except ValueError:
+        return True
+    return False
+
+
+@pytest.mark.timeout(600)
+def test_max_cost_holds_across_ray_workers(ray_local: None, tmp_path: Path) -> None:
+    path, cap, job = manifest(tmp_path, 200), Decimal("1.05"), Decimal("0.035")  # 30 jobs
+    stream = io.StringIO()
+    with (
+        start_blocking_portal() as portal,
+        portal.wrap_async_context_manager(emulator(concurrency=4, time_scale=0.005)) as emu,
+        portal.wrap_async_context_manager(_served(emu)) as served,
+    ):
+        config = run_config(
+            path, tmp_path / "run", **_urls(served.base_url), shards=4, concurrency=4,
+            download=False, max_cost_usd=cap, quiet=False,
+        )  # fmt: skip
+        report = run_ray(config, workers=4, stream=stream)
+        billed = sum((b.usd for b in emu.stats.billing.values()), Decimal(0))
+        duplicates = emu.stats.duplicates
+    assert report.exit_code == EXIT_BUDGET, report.message
+    assert billed <= cap, billed
+    assert billed > cap - 4 * job, billed  # reached, not merely respected
+    assert duplicates == 0
+    assert status_summary(tmp_path / "run").by_state == {"completed": int(billed / job)}
+    # The shards' budget messages reached the driver's stream, each with its shard.
+    assert "runner: shard " in stream.getvalue() and "budget reached" in stream.getvalue()
+    assert _gate_is_gone(DEFAULT_KEY)  # the run's actors do not outlive it
+
+
+def test_a_429_on_one_ray_worker_lowers_the_keys_level(ray_local: None, tmp_path: Path) -> None:
+    path = manifest(tmp_path, 60)
+    seen: list[dict[str, Any]] = []
+
+    def look(run: RayRun) -> None:
+        seen.extend(ray.get([gate.stats.remote() for gate in run.gates.values()]))
+
+    faults = parse_faults("submit_429=@1+2+3")
+    with (
+        start_blocking_portal() as portal,
+        portal.wrap_async_context_manager(
+            emulator(concurrency=4, time_scale=0.01, faults=faults)
+        ) as emu,  # fmt: skip
+        portal.wrap_async_context_manager(_served(emu)) as served,
+    ):
+        config = run_config(path, tmp_path / "run", **_urls(served.base_url), shards=4,
+                            concurrency=4, download=False)  # fmt: skip
+        report = run_ray(config, workers=4, on_tick=look)
+    assert report.exit_code == 0, report.message
+    assert seen and max(s["throttles"] for s in seen) >= 1
+    # One gate for the key: every worker's rate follows this level.
+    assert min(s["level"] for s in seen) < 1.0
+    assert _gate_is_gone(DEFAULT_KEY)

@@ -48,15 +48,15 @@ def test_what_the_driver_sends_a_worker_holds_no_key(tmp_path: Path, with_keys_f
     config = _config(tmp_path, keys_file=_keys_file(tmp_path) if with_keys_file else None)
     specs = run_keys(config)  # as run_ray's prepare picks them
     assert specs[0].key.get_secret_value() == CANARY
-    calls = [shard_call(config, shard, specs[shard % len(specs)], "board", 5.0)
+    calls = [shard_call(config, shard, specs[shard % len(specs)], ("budget", "board"), 5.0)
              for shard in range(config.shards or 0)]  # fmt: skip
     blobs = (pickle.dumps(calls), ray.cloudpickle.dumps(calls))  # type: ignore[no-untyped-call]
     for blob in blobs:
         assert _leaks(blob, CANARY, OTHER) == []
-    wire, ref, keys_path, gate, board, ttl = calls[1]
+    wire, ref, keys_path, gate, names, ttl = calls[1]
     assert wire.key is None and wire.shard == 1 and wire.keys_file is None
     assert ref == specs[1 % len(specs)].ref()
-    assert (gate, board, ttl) == (f"runner-gate-{ref.fingerprint}", "board", 5.0)
+    assert (gate, names, ttl) == (f"runner-gate-{ref.fingerprint}", ("budget", "board"), 5.0)
     # The worker's side: its own FAL_KEY or the keys file gives the key back.
     assert keys_path == (config.keys_file.resolve() if config.keys_file else None)
     env = {} if with_keys_file else {"FAL_KEY": CANARY}

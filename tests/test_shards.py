@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import re
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
 import pytest
 
-from runner.errors import UsageError
+from runner.errors import EXIT_BUDGET, UsageError
 from runner.execution.engine import Hooks
 from runner.ledger.fold import shard_dirs
 from runner.ledger.views import status_summary
@@ -118,3 +120,28 @@ def test_cli_runs_and_reads_a_sharded_run_directory(
     assert "run it with --shards 3" in capsys.readouterr().err
     # A rerun with the same count finds every job done.
     assert main([*run, "--shards", "3"]) == 0
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+async def test_shard_messages_reach_the_live_stream_with_their_shard(
+    tmp_path: Path, log_format: str
+) -> None:
+    path = manifest(tmp_path, 40)
+    config = run_config(path, tmp_path / "run", shards=2, download=False,
+                        max_cost_usd=Decimal("0.35"), log_format=log_format)  # fmt: skip
+    async with emulator(concurrency=2, time_scale=0.002) as emu:
+        hooks = _hooks(emu)
+        report = await execute_sharded(config, hooks=hooks)
+    assert isinstance(hooks.stream, io.StringIO)
+    out = hooks.stream.getvalue()
+    assert report.exit_code == EXIT_BUDGET, report.message
+    if log_format == "json":
+        events = [json.loads(line) for line in out.splitlines()]
+        said = [e["text"] for e in events if e["event"] == "message"]
+        # One progress view: the shards' own progress events are not relayed.
+        assert {e["event"] for e in events} == {"message", "progress"}
+    else:
+        said = [line.removeprefix("runner: ") for line in out.splitlines()]
+    budget = [s for s in said if re.fullmatch(r"shard [01]: budget reached: the next job .*", s)]
+    assert budget, out
+    assert not [s for s in said if re.match(r"shard \d+: \d+/", s)]  # nor their count lines

@@ -9,7 +9,10 @@ flagged     --flagged keep|reroll|fail: outputs fal's safety checker flagged; re
 reuse       --cache: jobs fulfilled from the cross-run output cache at $0
 pacing      learned service times and the pure poll schedule
 ratelimit   token bucket and AIMD submit rate
-budget      the ``--max-cost`` meter
+budget      the ``--max-cost`` meter: shares of one book, checked against the caps
+spend       a run's budget pool and each shard run's handle on it; spendfile: across processes
+sharedrate  a key's AIMD level shared by processes (a file in the gate directory)
+interrupts  Ctrl-C counted once for every shard of a process: the two-step stop
 progress    the tqdm bar or periodic log lines
 cancel      ``runner cancel``: cancel what a run left in flight
 """

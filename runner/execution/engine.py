@@ -40,7 +40,7 @@ from pydantic import SecretStr
 from runner import __version__
 from runner.config import RunConfig
 from runner.errors import LedgerError, RunnerError, UsageError
-from runner.execution.budget import Budget
+from runner.execution.budget import Spend
 from runner.execution.completion import (
     ChannelHealth,
     Pacing,
@@ -52,6 +52,7 @@ from runner.execution.completion import (
     WebhookWaiter,
 )
 from runner.execution.gate import AccountGate
+from runner.execution.interrupts import Interrupts
 from runner.execution.prices import price_table
 from runner.execution.progress import Progress, Tally
 from runner.execution.ratelimit import submit_rate
@@ -61,6 +62,7 @@ from runner.execution.reuse import open_reuse
 from runner.execution.runmeta import invocation_facts, write_run_metadata
 from runner.execution.scheduler import Scheduler, prior_spend, strict_check
 from runner.execution.shared import Shared
+from runner.execution.spend import local_spend
 from runner.execution.summary import RunReport
 from runner.fal.client import QueueClient
 from runner.fal.history import HistoryClient
@@ -105,6 +107,9 @@ class Hooks:
     gate: AccountGate | None = None
     # Called with the run's tally once it exists (a sharded run's one progress view).
     on_tally: Callable[[Tally], None] | None = None
+    # Ctrl-C presses shared with other runs (a process's shards): watched even when
+    # handle_signals is False, for the same two-step stop.
+    interrupts: Interrupts | None = None
 
 
 def build_strategy(
@@ -214,9 +219,11 @@ def _first_fatal(group: BaseExceptionGroup[BaseException]) -> RunnerError | None
     return None
 
 
-def _budget(config: RunConfig, state: LedgerState, gate: AccountGate | None) -> Budget:
-    # A gate's budget is shared: each shard adds its own ledger's earlier spend.
-    budget = Budget(config.max_cost_usd, config.max_total_cost_usd) if gate is None else gate.budget
+def _budget(config: RunConfig, state: LedgerState, gate: AccountGate | None) -> Spend:
+    # A gate's budget is shared: each shard joins it with its own ledger's earlier spend.
+    budget = (
+        local_spend(config.max_cost_usd, config.max_total_cost_usd) if gate is None else gate.budget
+    )
     budget.add_prior(prior_spend(state))
     return budget
 
@@ -306,8 +313,8 @@ async def _drive(
             if receiver is not None:
                 shared.webhook_url = config.webhook_url or receiver.local_url
             async with anyio.create_task_group() as tg:
-                if hooks.handle_signals:
-                    tg.start_soon(run.watch_signals, tg.cancel_scope)
+                if hooks.handle_signals or hooks.interrupts is not None:
+                    tg.start_soon(run.watch_signals, tg.cancel_scope, hooks.interrupts)
                 tg.start_soon(run.count)
                 tg.start_soon(run.tick)
                 tg.start_soon(run.watch_storage)

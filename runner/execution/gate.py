@@ -13,8 +13,11 @@ is a fact about the account's endpoints, not about one shard.
 
 Inside one process the gate is this object, handed to every shard's engine. Across
 processes on one machine its slots are file-lock leases (:mod:`runner.execution.lease`);
-across machines they are a named Ray actor (:mod:`runner.scale.ray_driver`). Both only
-replace :attr:`AccountGate.slots`: anything with ``acquire``/``release`` will do.
+across machines they are a named Ray actor (:mod:`runner.scale.ray_driver`); anything with
+``acquire``/``release`` will do. Across processes and machines the rate's AIMD level is
+shared the same way (:class:`runner.execution.ratelimit.Level`: a file in the gate directory,
+or the gate actor), and the budget is one pool per run (:mod:`runner.execution.spend`): each
+shard's run gets its own handle on it as :attr:`AccountGate.budget`.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from runner.execution.budget import Budget
+from runner.execution.budget import Spend
 from runner.execution.completion import Pacing
-from runner.execution.ratelimit import AdaptiveRate, submit_rate
+from runner.execution.ratelimit import AdaptiveRate, Level, submit_rate
 
 
 class Slots(Protocol):
@@ -43,7 +46,7 @@ class AccountGate:
     fingerprint: str
     slots: Slots
     rate: AdaptiveRate
-    budget: Budget
+    budget: Spend  # each shard's run gets its own handle on the run's pool
     pacing: Pacing
     limit: int  # how many slots ``slots`` holds
 
@@ -55,13 +58,15 @@ def local_gate(
     limit: int,
     concurrency: int,
     rate_per_s: float | None,
-    budget: Budget,
+    budget: Spend,
     clock: Callable[[], float],
     sleep: Callable[[float], Awaitable[None]],
+    level: Level | None = None,
 ) -> AccountGate:
-    """A gate whose rate and pacing live in this process (its slots may be shared further)."""
+    """A gate whose rate and pacing live in this process; its slots, and its rate's AIMD
+    level, may be shared further."""
     pacing = Pacing(slots=concurrency)
     # --rate as a fixed cap, else a pace that follows the key's slots and observed job times.
     rate = submit_rate(rate_per_s, slots=concurrency, mean_service_s=pacing.model.job_mean_s,
-                       clock=clock, sleep=sleep)  # fmt: skip
+                       clock=clock, sleep=sleep, level=level)  # fmt: skip
     return AccountGate(fingerprint, slots, rate, budget, pacing, limit)

@@ -15,6 +15,10 @@ as service times are observed. Before the first is seen it starts high. Whether 
 answers a burst of submits with 429s is not documented (shared/spec/fal-queue.md says
 queued requests over the slots wait, not that submits are limited): the start, the
 headroom and the bounds are configuration, and a 429 still halves the rate.
+
+Shared by processes or machines (a key's gate across them), the AIMD state is a *level*, the
+fraction of its ceiling each one runs at, kept where all of them see it (:class:`Level`,
+:mod:`runner.execution.sharedrate`): a 429 seen by one halves it for all.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import anyio
 
@@ -153,12 +158,31 @@ def retarget(old: AimdConfig, max_rate_per_s: float) -> AimdConfig:
     )
 
 
+class Level(Protocol):
+    """A key's AIMD level in (0, 1], shared: every process on the key runs at it."""
+
+    def level(self) -> float:
+        """The level as last seen (cheap: asked before every token)."""
+        ...
+
+    def throttle(self) -> None:
+        """A 429: halve the level (once per cooldown, whoever saw it)."""
+        ...
+
+    def success(self) -> None:
+        """An accepted submit: raise the level a step."""
+        ...
+
+
 class AdaptiveRate:
     """A token bucket whose rate follows AIMD. ``rate_per_s`` is for the progress display.
 
     ``follow`` (optional) returns the current ceiling; it is asked before every token, and
     a changed ceiling moves the maximum, the floor, the step and the rate in proportion (a
     rate halved by 429s stays halved relative to the new ceiling).
+
+    ``level`` (optional) is the AIMD state shared with other processes on the key: 429s and
+    successes go to it, and the rate follows it (its fraction of this process's maximum).
     """
 
     def __init__(
@@ -172,6 +196,7 @@ class AdaptiveRate:
         clock: Clock = time.monotonic,
         sleep: Sleep = anyio.sleep,
         follow: Callable[[], float] | None = None,
+        level: Level | None = None,
     ) -> None:
         # Defaults: floor at 1/32 of the maximum (five halvings); from half to full rate
         # in 25 successes, quick enough to recover, slow enough not to re-trigger at once.
@@ -188,6 +213,7 @@ class AdaptiveRate:
         self._bucket = TokenBucket(max_rate_per_s, burst, clock=clock, sleep=sleep)
         self.decreases = 0
         self._follow = follow
+        self._level = level
 
     @property
     def rate_per_s(self) -> float:
@@ -200,6 +226,8 @@ class AdaptiveRate:
     async def acquire(self) -> None:
         if self._follow is not None:
             self.set_ceiling(self._follow())
+        if self._level is not None:
+            self.set_level(self._level.level())
         await self._bucket.acquire()
 
     def set_ceiling(self, max_rate_per_s: float) -> None:
@@ -211,8 +239,22 @@ class AdaptiveRate:
         scaled = min(self._state.rate_per_s * max_rate_per_s / old.max_rate_per_s, max_rate_per_s)
         self._set(replace(self._state, rate_per_s=scaled))
 
+    def set_level(self, level: float) -> None:
+        """Run at ``level`` of the maximum (kept within the floor)."""
+        c = self.config
+        rate = min(max(level * c.max_rate_per_s, c.min_rate_per_s), c.max_rate_per_s)
+        if rate != self._state.rate_per_s:
+            self._set(replace(self._state, rate_per_s=rate))
+
     def on_throttle(self) -> bool:
         """Record a 429; returns whether the rate was lowered (False inside the cooldown)."""
+        if self._level is not None:
+            before = self._state.rate_per_s
+            self._level.throttle()
+            self.set_level(self._level.level())
+            lowered = self._state.rate_per_s < before
+            self.decreases += lowered
+            return lowered
         new = after_throttle(self._state, self.config, now_s=self._clock())
         lowered = new is not self._state
         self._set(new)
@@ -220,6 +262,9 @@ class AdaptiveRate:
         return lowered
 
     def on_success(self) -> None:
+        if self._level is not None:
+            self._level.success()
+            return
         self._set(after_success(self._state, self.config))
 
     def _set(self, state: AimdState) -> None:
@@ -236,11 +281,13 @@ def submit_rate(
     pace: AccountPace | None = None,
     clock: Clock = time.monotonic,
     sleep: Sleep = anyio.sleep,
+    level: Level | None = None,
 ) -> AdaptiveRate:
     """The run's submit limiter: ``--rate`` as a fixed cap, or (None) one that follows the
     account's slots and the mean service time observed so far (:class:`AccountPace`)."""
     if rate_per_s is not None:
-        return AdaptiveRate(rate_per_s, burst=max(1.0, rate_per_s), clock=clock, sleep=sleep)
+        return AdaptiveRate(rate_per_s, burst=max(1.0, rate_per_s), clock=clock, sleep=sleep,
+                            level=level)  # fmt: skip
     pace = pace if pace is not None else AccountPace()
     return AdaptiveRate(
         pace.start_per_s,
@@ -248,4 +295,5 @@ def submit_rate(
         clock=clock,
         sleep=sleep,
         follow=lambda: pace.ceiling(slots, mean_service_s()),
+        level=level,
     )

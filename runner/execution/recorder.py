@@ -21,7 +21,7 @@ from decimal import Decimal
 from typing import Any
 
 from runner.endpoints.cost import Estimate
-from runner.execution.budget import Budget
+from runner.execution.budget import Spend
 from runner.execution.outcome import Cached, Done, Expired, Failed, Lost, Outcome, Unknown
 from runner.execution.progress import Tally
 from runner.execution.reconcile import Intent
@@ -68,7 +68,7 @@ class Recorder:
     def __init__(
         self,
         ledger: Ledger,
-        budget: Budget,
+        budget: Spend,
         tally: Tally,
         *,
         now: Callable[[], datetime],
@@ -202,7 +202,7 @@ class Recorder:
         """A flagged output re-rolled (--flagged reroll): reserve the next attempt's estimate,
         then record this one paid and discarded. Returns what it cost, or None (nothing
         recorded) when the budget refuses another attempt."""
-        if not self.budget.admit(t.estimate.usd):
+        if not await self.budget.admit(t.estimate.usd):
             self.say(f"{t.job.row_id}: flagged output kept: no budget to re-roll it "
                      f"({self.budget.reason})")  # fmt: skip
             return None

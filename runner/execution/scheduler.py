@@ -11,7 +11,6 @@ admitting; the second cancels everything (in-flight jobs stay recorded with requ
 from __future__ import annotations
 
 import hashlib
-import signal
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from datetime import timedelta
@@ -26,8 +25,9 @@ import pyarrow.compute as pc
 from runner.config import RunConfig
 from runner.endpoints.cost import Estimate, PriceTable
 from runner.errors import ManifestError, RowError
-from runner.execution.budget import Budget
+from runner.execution.budget import Spend
 from runner.execution.gate import Slots
+from runner.execution.interrupts import FIRST, SECOND, Interrupts, two_steps
 from runner.execution.outcome import Lost
 from runner.execution.progress import Progress, Tally
 from runner.execution.reconcile import Intent
@@ -141,7 +141,7 @@ class Scheduler:
         *,
         tally: Tally,
         progress: Progress,
-        budget: Budget,
+        budget: Spend,
         prices: PriceTable,
         sizer: InputSizer,
         prober: InputProber | None = None,
@@ -279,11 +279,11 @@ class Scheduler:
             assert decision.request_id is not None
             reattach = self._where(item, decision.request_id, s)
             self.budget.reserve_committed(est.usd)
-        elif decision.action is Action.RECONCILE and not self.budget.admit(est.usd):
+        elif decision.action is Action.RECONCILE and not await self.budget.admit(est.usd):
             return self._budget_stop()
         elif decision.action is Action.RECONCILE:
             reconcile = self._intent(item)
-        elif not self.budget.admit(est.usd):
+        elif not await self.budget.admit(est.usd):
             self.progress.say(f"budget reached: {self.budget.reason}; finishing jobs in flight")
             self.stop()
             return False
@@ -363,22 +363,25 @@ class Scheduler:
                 self.window.release()
             self.progress.refresh()
 
-    async def watch_signals(self, scope: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                if not self.stop_admitting.is_set() or not self.interrupted:
-                    self.interrupted = True
-                    self.stop()
-                    if self._unsent is not None:
-                        self._unsent.abandon()  # uploads and rate waits: nothing sent yet
-                    self.progress.say(
-                        f"interrupted: no new jobs; waiting for {self.tally.in_flight} in flight "
-                        "(press Ctrl-C again to exit now; they will be re-attached next run)"
-                    )
-                    continue
-                self.progress.say("exiting now; in-flight jobs stay recorded with request ids")
-                scope.cancel()
-                return
+    async def watch_signals(
+        self, scope: anyio.CancelScope, interrupts: Interrupts | None = None
+    ) -> None:
+        """The first Ctrl-C (or press of ``interrupts``) stops admitting, the second cancels."""
+        announce = interrupts is None or interrupts.announce
+        say = self.progress.say if announce else lambda _message: None
+
+        def first() -> None:
+            self.interrupted = True
+            self.stop()
+            if self._unsent is not None:
+                self._unsent.abandon()  # uploads and rate waits: nothing sent yet
+            say(FIRST.format(in_flight=self.tally.in_flight))
+
+        def second() -> None:
+            say(SECOND)
+            scope.cancel()
+
+        await two_steps(interrupts, first=first, second=second)
 
     async def tick(self) -> None:
         while True:

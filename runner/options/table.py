@@ -192,9 +192,9 @@ OPTIONS: tuple[Option, ...] = (
     _o(PACE, "keys-file", "keys_file", "fal keys, one a line, each with optional concurrency=N "
        "and rate=R; shards are spread over them (docs/SCALE.md; default: FAL_KEY)", parse=Path,
        metavar="FILE"),
-    _o(PACE, "gate-dir", "gate_dir", "share each key's slots with other processes on this "
-       "machine through file leases in DIR (default: this process only)", parse=Path,
-       metavar="DIR"),
+    _o(PACE, "gate-dir", "gate_dir", "share each key's slots and submit rate, and the run's "
+       "--max-cost/--max-total-cost budget, with other processes on this machine through "
+       "locked files in DIR (default: this process only)", parse=Path, metavar="DIR"),
     _o(PACE, "flagged", "flagged", "an output fal's safety checker flagged (has_nsfw_concepts: "
        "a black image): keep it (default; counted), reroll it with a new seed (each re-roll a "
        "paid attempt) or fail the job (paid)", choices=("keep", "reroll", "fail")),

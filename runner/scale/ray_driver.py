@@ -2,12 +2,16 @@
 
     run_ray(config, address=..., workers=N)
       prepare the sharded run directory (runner.scale.shards.prepare) on the shared fs
-      one SlotGate actor per key, named ``runner-gate-<fingerprint>`` (leases with a TTL)
-      one ProgressBoard actor: each shard pushes its tally there; the driver shows the sum
+      one SlotGate actor per key, named ``runner-gate-<fingerprint>`` (leases with a TTL,
+        the key's AIMD level); one SpendActor for the run's budget (runner.scale.ray_gate)
+      one ProgressBoard actor: each shard pushes its tally and messages there; the driver
+        shows the sum, and the messages prefixed with their shard
       keep at most N ShardWorker actors running; each runs one shard to its end with
-        runner.execution.engine.execute, admitting through its key's gate actor
+        runner.execution.engine.execute, admitting through its key's gate actor and the
+        run's budget actor
       a shard whose worker dies is started again (up to ``restarts`` times): it resumes
         from its own ledger and adopts the leases its previous worker still held
+      at the end (or a failure) the actors this run created are killed: none outlives it
 
 No key travels through Ray (its task arguments pass through the object store and the GCS,
 which can spill to disk under /tmp/ray): a shard's worker is sent its config without the key,
@@ -19,15 +23,13 @@ The ledger, not Ray, decides what is sent again: Ray only restarts a shard, whos
 re-attaches or reconciles what its ledger left in flight. A dead worker's leases expire
 after ``lease_ttl_s`` unless its shard's next worker adopts them first.
 
-Only this module imports ``ray`` (the optional extra ``runner[ray]``), and nothing imports
-this module except the ``ray`` command.
+Only this module and :mod:`runner.scale.ray_gate` import ``ray`` (the optional extra
+``runner[ray]``), and nothing imports them except the ``ray`` command.
 """
 
 from __future__ import annotations
 
-import io
 import os
-import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable
@@ -41,109 +43,27 @@ import ray
 
 from runner.config import RunConfig
 from runner.errors import UsageError
-from runner.execution.budget import Budget
+from runner.execution.budget import Caps
 from runner.execution.engine import Hooks, execute
 from runner.execution.progress import Progress, Tally
+from runner.execution.spend import PooledSpend
 from runner.execution.summary import RunReport
 from runner.scale.keys import KeyRef, KeySpec, find_key
+from runner.scale.ray_gate import (
+    NAMESPACE,
+    ActorLevel,
+    ActorPool,
+    ActorSlots,
+    Message,
+    ProgressBoard,
+    SlotGate,
+    SpendActor,
+)
+from runner.scale.shardlog import Relay, ShardLines
 from runner.scale.shards import build_gate, combine, prepare, shard_config, sum_tallies
+from runner.scale.spending import ledger_priors
 
-NAMESPACE = "runner"
 SHARD_CPUS = 0.5
-
-
-@ray.remote(num_cpus=0)
-class SlotGate:
-    """A key's in-flight slots for every worker of every machine: leases with a deadline."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.leases: dict[str, tuple[str, float]] = {}  # id -> (holder, expires at)
-        self.peak = 0
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        for lease, (_holder, expires) in list(self.leases.items()):
-            if expires < now:
-                del self.leases[lease]
-
-    def acquire(self, holder: str, ttl_s: float) -> str | None:
-        self._expire()
-        if len(self.leases) >= self.limit:
-            return None
-        lease = uuid.uuid4().hex
-        self.leases[lease] = (holder, time.monotonic() + ttl_s)
-        self.peak = max(self.peak, len(self.leases))
-        return lease
-
-    def adopt(self, holder: str, ttl_s: float) -> list[str]:
-        """The leases ``holder`` (a shard) still holds from a previous worker, renewed."""
-        self.renew(holder, ttl_s)
-        return [lease for lease, (h, _e) in self.leases.items() if h == holder]
-
-    def renew(self, holder: str, ttl_s: float) -> None:
-        self._expire()
-        deadline = time.monotonic() + ttl_s
-        for lease, (h, _e) in self.leases.items():
-            if h == holder:
-                self.leases[lease] = (h, deadline)
-
-    def release(self, lease: str) -> None:
-        self.leases.pop(lease, None)
-
-    def stats(self) -> dict[str, int]:
-        self._expire()
-        return {"limit": self.limit, "held": len(self.leases), "peak": self.peak}
-
-
-@ray.remote(num_cpus=0)
-class ProgressBoard:
-    """Each shard's latest tally, for one progress view."""
-
-    def __init__(self) -> None:
-        self.tallies: dict[int, Tally] = {}
-
-    def update(self, shard: int, tally: Tally) -> None:
-        self.tallies[shard] = tally
-
-    def all(self) -> list[Tally]:
-        return list(self.tallies.values())
-
-
-class ActorSlots:
-    """:class:`runner.execution.gate.Slots` over a SlotGate actor (polls when all are held)."""
-
-    def __init__(self, gate: Any, holder: str, *, ttl_s: float, poll_s: float = 0.02) -> None:
-        self._gate, self._holder, self._ttl_s, self._poll_s = gate, holder, ttl_s, poll_s
-        self._held: list[str] = []
-        self._spare: list[str] = []  # adopted from this shard's previous worker
-
-    async def start(self) -> None:
-        self._spare = await self._gate.adopt.remote(self._holder, self._ttl_s)
-
-    async def acquire(self) -> None:
-        if self._spare:
-            self._held.append(self._spare.pop())
-            return
-        while True:
-            lease = await self._gate.acquire.remote(self._holder, self._ttl_s)
-            if lease is not None:
-                self._held.append(lease)
-                return
-            await anyio.sleep(self._poll_s)
-
-    def release(self) -> None:
-        self._gate.release.remote(self._held.pop())
-
-    async def renew_forever(self) -> None:
-        while True:
-            await anyio.sleep(self._ttl_s / 3)
-            await self._gate.renew.remote(self._holder, self._ttl_s)
-
-    def close(self) -> None:
-        for lease in self._held + self._spare:
-            self._gate.release.remote(lease)
-        self._held, self._spare = [], []
 
 
 @ray.remote(num_cpus=SHARD_CPUS, max_restarts=0)
@@ -152,7 +72,7 @@ class ShardWorker:
 
     async def run(
         self, config: RunConfig, ref: KeyRef, keys_file: Path | None, gate_name: str,
-        board_name: str, ttl_s: float,
+        names: tuple[str, str], ttl_s: float,
     ) -> tuple[Tally, int, str, list[str]]:  # fmt: skip
         # An async actor: this runs on the worker's asyncio loop (anyio runs on it as is).
         assert config.shard is not None
@@ -161,12 +81,19 @@ class ShardWorker:
             lambda: find_key(ref, environ=os.environ, keys_file=keys_file)
         )
         config = config.model_copy(update={"key": spec.key})
-        slots = ActorSlots(ray.get_actor(gate_name, namespace=NAMESPACE), f"shard-{shard}",
-                           ttl_s=ttl_s)  # fmt: skip
+        gate_actor = ray.get_actor(gate_name, namespace=NAMESPACE)
+        slots = ActorSlots(gate_actor, f"shard-{shard}", ttl_s=ttl_s)
+        level = ActorLevel(gate_actor)
         await slots.start()
+        budget_name, board_name = names
+        pool = ActorPool(ray.get_actor(budget_name, namespace=NAMESPACE))
+        spend = PooledSpend(pool, Caps(config.max_cost_usd, config.max_total_cost_usd), shard=shard)
         board = ray.get_actor(board_name, namespace=NAMESPACE)
-        hooks = Hooks(stream=io.StringIO(), handle_signals=False)
-        gate = build_gate(config, spec, Budget(None), hooks, slots=slots)
+        messages: list[Message] = []
+        relay = Relay(lambda text: messages.append(("say", text)),
+                      lambda *failure: messages.append(("failure", *failure)))  # fmt: skip
+        hooks = Hooks(stream=ShardLines(shard, relay), handle_signals=False)
+        gate = build_gate(config, spec, spend, hooks, slots=slots, level=level)
         tallies: list[Tally] = []
         hooks = replace(hooks, gate=gate, on_tally=tallies.append)
 
@@ -174,24 +101,26 @@ class ShardWorker:
             while True:
                 await anyio.sleep(0.5)
                 if tallies:
-                    await board.update.remote(shard, _portable(tallies[0]))
+                    sent, messages[:] = list(messages), []
+                    await board.update.remote(shard, _portable(tallies[0]), sent)
 
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(slots.renew_forever)
+                tg.start_soon(level.refresh_forever)
                 tg.start_soon(push)
                 report = await execute(config, hooks=hooks)
                 tg.cancel_scope.cancel()
         finally:
             slots.close()
         tally = _portable(report.tally)
-        await board.update.remote(shard, tally)
+        await board.update.remote(shard, tally, list(messages))
         return tally, report.exit_code, report.message, report.lines
 
 
 def shard_call(
-    config: RunConfig, shard: int, spec: KeySpec, board_name: str, ttl_s: float
-) -> tuple[RunConfig, KeyRef, Path | None, str, str, float]:
+    config: RunConfig, shard: int, spec: KeySpec, names: tuple[str, str], ttl_s: float
+) -> tuple[RunConfig, KeyRef, Path | None, str, tuple[str, str], float]:
     """The arguments of ``ShardWorker.run`` for ``shard``: everything but the key.
 
     They cross Ray's object store, so the config goes without its key, the key as its
@@ -199,7 +128,7 @@ def shard_call(
     """
     keys_file = None if config.keys_file is None else config.keys_file.resolve()
     wire = shard_config(config, shard, spec).model_copy(update={"key": None})
-    return wire, spec.ref(), keys_file, gate_actor_name(spec.fingerprint), board_name, ttl_s
+    return wire, spec.ref(), keys_file, gate_actor_name(spec.fingerprint), names, ttl_s
 
 
 def gate_actor_name(fingerprint: str) -> str:
@@ -220,6 +149,30 @@ class RayRun:
     restarts: Counter[int] = field(default_factory=Counter)
     tallies: list[Tally] = field(default_factory=list)
     gates: dict[str, Any] = field(default_factory=dict)
+    budget: Any = None  # the SpendActor
+    created: list[Any] = field(default_factory=list)  # killed at the end
+
+
+def _gate(run: RayRun, name: str, limit: int) -> Any:
+    """The key's gate actor: another run's on this cluster if there is one, else a new one,
+    owned by this driver (it dies with it) and killed when this run ends."""
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        pass
+    gate = SlotGate.options(  # type: ignore[attr-defined]
+        name=name, namespace=NAMESPACE, get_if_exists=True
+    ).remote(limit)
+    run.created.append(gate)
+    return gate
+
+
+def _replay(messages: list[Message], progress: Progress, view: Tally) -> None:
+    for kind, *fields in messages:
+        if kind == "say":
+            progress.say(fields[0])
+        elif view.listener is not None:  # a failure, shown as JSON lines show them
+            view.listener(*fields)
 
 
 def run_ray(
@@ -235,22 +188,44 @@ def run_ray(
     """Run the shards of ``config`` on Ray; one report. ``ray.init`` is called if needed."""
     if config.shards is None:
         raise UsageError("runner ray needs --shards N")
-    if config.max_cost_usd is not None or config.max_total_cost_usd is not None:
-        raise UsageError("--max-cost and --max-total-cost are not yet shared across Ray workers")
     if not ray.is_initialized():
         ray.init(address=address, namespace=NAMESPACE, include_dashboard=False)
     picks, chosen = prepare(config)
     run = RayRun()
     tag = uuid.uuid4().hex[:8]
-    for spec in chosen.values():
-        if spec.fingerprint not in run.gates:
-            limit = shard_config(config, 0, spec).in_flight_limit
-            run.gates[spec.fingerprint] = SlotGate.options(  # type: ignore[attr-defined]
-                name=gate_actor_name(spec.fingerprint), namespace=NAMESPACE,
-                get_if_exists=True, lifetime="detached",
-            ).remote(limit)  # fmt: skip
-    board_name = f"runner-progress-{tag}"
-    board = ProgressBoard.options(name=board_name, namespace=NAMESPACE).remote()  # type: ignore[attr-defined]
+    names = (f"runner-budget-{tag}", f"runner-progress-{tag}")
+    try:
+        for spec in chosen.values():
+            if spec.fingerprint not in run.gates:
+                limit = shard_config(config, 0, spec).in_flight_limit
+                run.gates[spec.fingerprint] = _gate(run, gate_actor_name(spec.fingerprint), limit)
+        run.budget = SpendActor.options(name=names[0], namespace=NAMESPACE).remote()  # type: ignore[attr-defined]
+        board = ProgressBoard.options(name=names[1], namespace=NAMESPACE).remote()  # type: ignore[attr-defined]
+        run.created += [run.budget, board]
+        if config.max_total_cost_usd is not None:  # shards not started yet count too
+            ray.get(run.budget.seed.remote(ledger_priors(config)))
+        results = _drive(
+            config, run, board, names, picks, chosen, workers=workers, restarts=restarts,
+            ttl_s=lease_ttl_s, stream=stream, on_tick=on_tick,
+        )  # fmt: skip
+    finally:
+        for actor in [*run.actors.values(), *run.created]:  # none outlives the run
+            ray.kill(actor)
+    tallies = [results[k][0] for k in picks]
+    reports = [
+        RunReport(results[k][0], results[k][1], results[k][2],
+                  shard_config(config, k, chosen[k]).run_dir, results[k][3])
+        for k in picks
+    ]  # fmt: skip
+    return combine(config.run_dir, reports, sum_tallies(tallies, into=Tally()))
+
+
+def _drive(
+    config: RunConfig, run: RayRun, board: Any, names: tuple[str, str], picks: list[int],
+    chosen: dict[int, KeySpec], *, workers: int | None, restarts: int, ttl_s: float,
+    stream: Any, on_tick: Callable[[RayRun], None] | None,
+) -> dict[int, tuple[Tally, int, str, list[str]]]:  # fmt: skip
+    """Keep at most ``workers`` shards running until all are done; restart the dead."""
     view = Tally(redact=config.redactor())
     progress = Progress(view, stream=stream, quiet=config.quiet, log_format=config.log_format)
     results: dict[int, tuple[Tally, int, str, list[str]]] = {}
@@ -259,10 +234,9 @@ def run_ray(
     limit = workers or len(picks)
 
     def start(shard: int) -> None:
-        spec = chosen[shard]
         actor = ShardWorker.remote()  # type: ignore[attr-defined]
         run.actors[shard] = actor
-        ref = actor.run.remote(*shard_call(config, shard, spec, board_name, lease_ttl_s))
+        ref = actor.run.remote(*shard_call(config, shard, chosen[shard], names, ttl_s))
         running[ref] = shard
 
     try:
@@ -270,7 +244,8 @@ def run_ray(
             while pending and len(running) < limit:
                 start(pending.popleft())
             ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
-            run.tallies = ray.get(board.all.remote())
+            run.tallies, messages = ray.get(board.all.remote())
+            _replay(messages, progress, view)
             sum_tallies(run.tallies, into=view)
             progress.refresh()
             if on_tick is not None:
@@ -291,14 +266,7 @@ def run_ray(
                         raise
                     progress.say(f"shard {shard}: worker died; starting it again (resumes)")
                     pending.appendleft(shard)
+        _replay(ray.get(board.all.remote())[1], progress, view)
     finally:
-        for actor in run.actors.values():  # left running only when the run failed
-            ray.kill(actor)
         progress.close()
-    tallies = [results[k][0] for k in picks]
-    reports = [
-        RunReport(results[k][0], results[k][1], results[k][2],
-                  shard_config(config, k, chosen[k]).run_dir, results[k][3])
-        for k in picks
-    ]  # fmt: skip
-    return combine(config.run_dir, reports, sum_tallies(tallies, into=Tally()))
+    return results

@@ -4,16 +4,19 @@
       refuse another shard count than run.json's; write the top run.json
       pick each shard's key (the one its ledger recorded, else shard mod keys)
       one AccountGate per key: slots (in-process, or file-lock leases with --gate-dir),
-        rate with AIMD, pacing; one budget for the whole invocation
+        rate with AIMD (its level in a file with --gate-dir), pacing
+      one budget pool for the invocation (with --gate-dir, a file every process on the run
+        directory shares: runner.execution.spendfile); each shard's run its own handle on it
       task group: every shard (or --shard K's) runs runner.execution.engine.execute on
-        RUN_DIR/shards/K with only its jobs; one progress view over all their tallies
+        RUN_DIR/shards/K with only its jobs; one progress view over all their tallies;
+        Ctrl-C counted once for all of them (the two-step stop of runner.execution.interrupts)
 
-The shards' own progress goes nowhere: the view here sums their tallies.
+The shards' own progress lines go nowhere (the view here sums their tallies); their messages
+and failures reach the view's stream, prefixed with the shard (runner.scale.shardlog).
 """
 
 from __future__ import annotations
 
-import io
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import fields, replace
@@ -26,15 +29,22 @@ import anyio.to_thread
 
 from runner.config import RunConfig
 from runner.errors import EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_JOBS_FAILED, EXIT_OK, UsageError
-from runner.execution.budget import Budget
+from runner.execution.budget import Caps, Spend
 from runner.execution.engine import Hooks, execute
 from runner.execution.gate import AccountGate, Slots, local_gate
+from runner.execution.interrupts import Interrupts, announce
 from runner.execution.lease import FileSlots
 from runner.execution.progress import Progress, Tally
+from runner.execution.ratelimit import Level
 from runner.execution.runmeta import manifest_fingerprint
+from runner.execution.sharedrate import FileLevel
+from runner.execution.spend import PooledSpend
+from runner.execution.spendfile import FilePool
 from runner.execution.summary import RunReport
 from runner.scale.keys import KeySpec, key_for_shard, load_keys
 from runner.scale.layout import claim, recorded_keys, shard_dir
+from runner.scale.shardlog import Relay, ShardLines
+from runner.scale.spending import open_pool
 
 # Worst exit first: the one a sharded run reports is the worst of its shards'.
 _EXIT_ORDER = (EXIT_INTERRUPTED, EXIT_BUDGET, EXIT_JOBS_FAILED, EXIT_OK)
@@ -64,17 +74,22 @@ def shard_config(config: RunConfig, shard: int, spec: KeySpec) -> RunConfig:
 
 
 def build_gate(
-    config: RunConfig, spec: KeySpec, budget: Budget, hooks: Hooks, slots: Slots | None = None
-) -> AccountGate:
-    """The gate of one key: its slots (given, file leases under --gate-dir, or in-process)."""
+    config: RunConfig, spec: KeySpec, budget: Spend, hooks: Hooks, slots: Slots | None = None,
+    level: Level | None = None,
+) -> AccountGate:  # fmt: skip
+    """The gate of one key: its slots and AIMD level (given, files under --gate-dir, or this
+    process's own)."""
     keyed = shard_config(config, 0, spec)
     limit = keyed.in_flight_limit
-    if slots is None and config.gate_dir is not None:
-        slots = FileSlots(config.gate_dir / spec.fingerprint, limit, sleep=hooks.sleep)
+    if config.gate_dir is not None:
+        if slots is None:
+            slots = FileSlots(config.gate_dir / spec.fingerprint, limit, sleep=hooks.sleep)
+        if level is None:
+            level = FileLevel(config.gate_dir / spec.fingerprint)
     return local_gate(
         fingerprint=spec.fingerprint, slots=slots or anyio.Semaphore(limit), limit=limit,
         concurrency=keyed.concurrency, rate_per_s=keyed.rate_per_s, budget=budget,
-        clock=hooks.clock, sleep=hooks.sleep,
+        clock=hooks.clock, sleep=hooks.sleep, level=level,
     )  # fmt: skip
 
 
@@ -92,27 +107,35 @@ async def execute_sharded(config: RunConfig, *, hooks: Hooks | None = None) -> R
     """Run the shards this invocation takes, all in this process; one report for them."""
     hooks = hooks or Hooks()
     picks, chosen = await anyio.to_thread.run_sync(prepare, config)
-    budget = Budget(config.max_cost_usd, config.max_total_cost_usd)
+    caps = Caps(config.max_cost_usd, config.max_total_cost_usd)
+    pool = await anyio.to_thread.run_sync(open_pool, config)
     gates: dict[str, AccountGate] = {}
     for spec in chosen.values():
-        if spec.fingerprint not in gates:
-            gates[spec.fingerprint] = build_gate(config, spec, budget, hooks)
+        if spec.fingerprint not in gates:  # each shard's run gets its own budget handle
+            gates[spec.fingerprint] = build_gate(config, spec, PooledSpend(pool, caps), hooks)
     tallies: list[Tally] = []
     reports: dict[int, RunReport] = {}
     view = Tally(redact=config.redactor())
     progress = Progress(view, stream=hooks.stream, quiet=config.quiet, log_format=config.log_format)
+    relay = Relay(progress.say, view.listener)  # the listener: JSON failure events
+    # Ctrl-C is counted once here and watched by every shard: the two-step stop, said once.
+    interrupts = Interrupts(announce=False) if hooks.handle_signals else hooks.interrupts
 
     async def one(shard: int) -> None:
         spec = chosen[shard]
+        gate = replace(gates[spec.fingerprint], budget=PooledSpend(pool, caps, shard=shard))
         shard_hooks = replace(
-            hooks, gate=gates[spec.fingerprint], handle_signals=False, stream=io.StringIO(),
-            on_tally=tallies.append,
+            hooks, gate=gate, handle_signals=False, interrupts=interrupts,
+            stream=ShardLines(shard, relay), on_tally=tallies.append,
         )  # fmt: skip
         reports[shard] = await execute(shard_config(config, shard, spec), hooks=shard_hooks)
 
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_show, view, tallies, progress)
+            if hooks.handle_signals and interrupts is not None:
+                tg.start_soon(interrupts.from_signals)
+                tg.start_soon(announce, interrupts, lambda: view.in_flight, progress.say)
             async with anyio.create_task_group() as shards:
                 for shard in picks:
                     shards.start_soon(one, shard)
@@ -121,6 +144,8 @@ async def execute_sharded(config: RunConfig, *, hooks: Hooks | None = None) -> R
         for gate in gates.values():
             if isinstance(gate.slots, FileSlots):
                 gate.slots.close()
+        if isinstance(pool, FilePool):
+            pool.close()
         sum_tallies(tallies, into=view)
         progress.close()
     return combine(config.run_dir, [reports[k] for k in picks], view)
