@@ -163,8 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fatal(json_log, exc.code, str(exc))
     try:
         try:
-            _check_run_dir(args)
             with without_unused():
+                _check_run_dir(args)
                 code: int = args.func(args)
         except BaseExceptionGroup as group:
             # Raised inside a task group (the embedded emulator's): the error that matters,
@@ -187,11 +187,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_run_dir(args: argparse.Namespace) -> None:
-    """A mistyped run directory is a usage error, before anything creates or reads it."""
+    """A mistyped run directory is a usage error, before anything creates or reads it.
+    Only the commands that take one import the ledger's views (and pyarrow)."""
+    run_dir = getattr(args, "run_dir", None)
+    if not isinstance(run_dir, Path):
+        return
     from runner.ledger.views import is_run_dir, not_a_run_dir
 
-    run_dir = getattr(args, "run_dir", None)
-    if isinstance(run_dir, Path) and not is_run_dir(run_dir):
+    if not is_run_dir(run_dir):
         raise UsageError(not_a_run_dir(run_dir))
 
 

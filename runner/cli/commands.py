@@ -165,15 +165,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         _tell(json_lines, labelled(w))
 
     from runner.scale.layout import refuse_mismatch
-    from runner.scale.shards import execute_sharded
 
     if config.keys_file is not None and config.shards is None:
         raise UsageError("--keys-file needs --shards N (each shard is pinned to one key)")
     if config.keys_file is not None and config.emulator:
         raise UsageError("--keys-file is not for --emulator, which has one key of its own")
-    run = execute if config.shards is None else execute_sharded
+    run: Any = execute
     if config.shards is None:
         refuse_mismatch(config.run_dir, None)
+    else:
+        from runner.scale.shards import execute_sharded
+
+        run = execute_sharded
 
     async def go() -> Any:
         if config.emulator:

@@ -5,9 +5,12 @@
   second of CPU and 30 MB. The runner passes pyarrow no pandas object.
 - trio: httpcore imports it when installed, in case it runs under trio; the command line
   runs on asyncio (``anyio.run``'s default backend).
+- httpx._main: httpx's own command line, which ``import httpx`` loads when click, rich and
+  pygments are installed (about 60 ms of CPU); without it ``httpx.main`` is a stub. click
+  itself stays importable (uvicorn needs it).
 
-While a command runs, importing either fails with ModuleNotFoundError, as if it were not
-installed: the prober records "absent" and moves on. Afterwards both import again as usual
+While a command runs, importing any of them fails with ModuleNotFoundError, as if it were not
+installed: the prober records "absent" and moves on. Afterwards all import again as usual
 (pyarrow's own ``to_pandas`` retries the import when it is called). A package that is
 already imported is left as it is.
 """
@@ -20,11 +23,11 @@ from contextlib import contextmanager
 from importlib.machinery import ModuleSpec
 from types import ModuleType
 
-UNUSED = ("pandas", "trio")
+UNUSED = ("pandas", "trio", "httpx._main")
 
 
 class _Refuse:
-    """A meta path finder that makes importing the named packages (and submodules) fail."""
+    """A meta path finder that makes importing the named modules (and submodules) fail."""
 
     def __init__(self, names: frozenset[str]) -> None:
         self.names = names
@@ -32,7 +35,7 @@ class _Refuse:
     def find_spec(
         self, name: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> ModuleSpec | None:
-        if name.partition(".")[0] in self.names:
+        if any(name == n or name.startswith(n + ".") for n in self.names):
             raise ModuleNotFoundError(f"No module named {name!r} (runner: not needed)", name=name)
         return None
 
