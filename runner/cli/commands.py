@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from runner.cli.imports import resume_collection
 from runner.endpoints.money import format_usd
 from runner.errors import EXIT_JOBS_FAILED, EXIT_OK, RowError, RunnerError, UsageError
 
@@ -185,6 +186,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 return await run(local)
         return await run(config)
 
+    if config.emulator:
+        import runner.emulator.server  # noqa: F401  (imported with the rest, before resuming)
+    resume_collection()  # start-up's imports are done (runner.cli.imports)
     try:
         report = anyio.run(go)
     except RunnerError as exc:

@@ -77,7 +77,8 @@ def _bounded(endpoint: str, name: str) -> Any:
 class BaseRequest(BaseModel):
     """Fields every endpoint takes. Subclasses are the typed bodies of one endpoint each."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Each endpoint's validator is built when it first validates: a run builds only its own.
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
     endpoint_id: ClassVar[str] = ""
 
     prompt: NonEmpty
