@@ -76,12 +76,14 @@ def timed(
     """(wall s, CPU s) of one child process; it must exit 0."""
     env = {**os.environ, "PYTHONPATH": str(repo), **(extra_env or {})}
     t0 = time.perf_counter()
-    child = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)  # fmt: skip
-    _pid, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - t0
-    if status != 0:
-        raise SystemExit(f"{' '.join(argv)} exited with status {status}")
+    with tempfile.TemporaryFile() as err:
+        child = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _pid, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - t0
+        if status != 0:
+            err.seek(0)
+            said = err.read().decode(errors="replace")[-2000:]
+            raise SystemExit(f"{' '.join(argv)} exited with status {status}:\n{said}")
     return wall, usage.ru_utime + usage.ru_stime
 
 

@@ -77,8 +77,10 @@ def _bounded(endpoint: str, name: str) -> Any:
 class BaseRequest(BaseModel):
     """Fields every endpoint takes. Subclasses are the typed bodies of one endpoint each."""
 
-    # Each endpoint's validator is built when it first validates: a run builds only its own.
-    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
+    # Built at import, not deferred: defer_build's first validation is not thread-safe (the
+    # counter thread and admission validate the first rows at once: seen as "unknown
+    # parameter 'image_size'" on one run in ten).
+    model_config = ConfigDict(frozen=True, extra="forbid")
     endpoint_id: ClassVar[str] = ""
 
     prompt: NonEmpty
