@@ -135,3 +135,34 @@ def test_what_is_imported_already_is_left_alone() -> None:
     with without_unused():
         import trio  # noqa: F401  # imported by this test session: still there
     assert "trio" in sys.modules
+
+
+def test_endpoint_models_are_built_on_first_use_once_across_threads() -> None:
+    """A run builds only its endpoints' validators; the first parse from many threads at once
+    gets the endpoint's own (pydantic's rebuild is not thread-safe: a racing thread could
+    validate with the parent model's, refusing every field as an unknown parameter)."""
+    code = """
+import sys, threading
+sys.setswitchinterval(1e-6)  # switch threads often: without the lock, 1 run in 10 fails
+from runner.endpoints import catalog
+models = [spec.model for spec in catalog.CATALOG.values()]
+print(sum(m.__pydantic_complete__ for m in models))
+barrier, failed = threading.Barrier(16), []
+def parse():
+    barrier.wait()
+    try:
+        catalog.parse_request("fal-ai/flux-2/lora", {"prompt": "x", "image_size": "square",
+                              "num_images": 2, "loras": [{"path": "https://x/a.safetensors"}]})
+    except Exception as exc:
+        failed.append(repr(exc))
+threads = [threading.Thread(target=parse) for _ in range(16)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(sum(m.__pydantic_complete__ for m in models), failed)
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert done.stdout.split("\n")[:2] == ["0", "1 []"]
