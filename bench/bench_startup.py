@@ -1,17 +1,31 @@
-"""Start-up: ``runner --help`` and a 10-job ``runner run --emulator``, each in a fresh process.
+"""Start-up: ``runner --help`` and 10-job runs, each in a fresh process, beside fal-client's.
 
     PYTHONPATH=. python bench/bench_startup.py [--repeat 5]
 
 Prints, for each, the best and median wall seconds and CPU seconds (user + system, from
-``os.wait4``: the child's own rusage) over ``--repeat`` runs, and which heavy packages
-``--help`` imported. The run is 10 jobs of 64x64 on the embedded emulator at a time scale of
-1e-6 with ``--no-download``, so nearly all of its CPU is the fixed cost of starting: imports,
-the ledger's open, checkpoint and close, the emulator's start.
+``os.wait4``: the child's own rusage, every thread) over ``--repeat`` runs, interleaved, and
+which heavy packages ``--help`` imported. Each run is 10 jobs of 64x64 at a time scale of 1e-6
+(``--no-download``), so nearly all of its CPU is the fixed cost of a run: the interpreter,
+imports, the price table, run.json, the ledger's open, checkpoint and close, the summary.
+
+- ``runner run --queue-url`` (10 jobs, emulator process): the runner as it runs against fal,
+  the emulator in its own process (``runner emulator serve``, not counted). This is the
+  figure issue 18 goal 4 asks for (a 10-job run's fixed CPU at most 0.5 s).
+- ``fal-client`` (10 jobs, same emulator): the official client's ``submit`` + ``handle.get()``
+  for the same 10 requests under a semaphore of the emulator's slots, in a fresh process that
+  imports it (``bench_overhead.py`` points it at the emulator the same way).
+- ``runner run --emulator`` (10 jobs, embedded): the demo, whose emulator (uvicorn, starlette,
+  Pillow) starts and runs inside the measured process, so it counts.
+
+The measured runner's modules are byte-compiled first (``compileall``), as a pip install
+leaves them: this environment sets PYTHONDONTWRITEBYTECODE, and without the .pyc files every
+run would compile ~100 modules again (~1 CPU s on a loaded machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import statistics
@@ -19,9 +33,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+KEY = "emulator:local-key"
+SLOTS = 2  # the emulator's slots = runner's default --concurrency = fal-client's semaphore
 HEAVY = ("pyarrow", "numpy", "pandas", "pydantic", "httpx", "PIL", "runner.emulator",
          "runner.report", "runner.execution")  # fmt: skip
 _PROBE = (
@@ -31,18 +48,42 @@ _PROBE = (
     "except SystemExit:\n    pass\n"
     f"print(','.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)\n"
 )
+# fal-client's 10 jobs: argv = base URL, manifest (JSONL), slots.
+_FAL_CLIENT = f"""
+import asyncio, json, sys
+import fal_client, fal_client.client
+base, manifest, slots = sys.argv[1], sys.argv[2], int(sys.argv[3])
+fal_client.client.QUEUE_URL_FORMAT = base + "/"
+fal_client.client.REST_URL = base + "/rest"
+fal_client.client.CDN_URL = base + "/cdn"
+rows = [json.loads(line) for line in open(manifest)]
+async def main():
+    client = fal_client.AsyncClient(key={KEY!r})
+    semaphore = asyncio.Semaphore(slots)
+    async def one(arguments):
+        async with semaphore:
+            handle = await client.submit("fal-ai/flux-lora", arguments=arguments)
+            return await handle.get()
+    results = await asyncio.gather(*(one(row) for row in rows))
+    assert all(r.get("images") for r in results), results
+asyncio.run(main())
+"""
 
 
-def timed(argv: list[str], cwd: Path, repo: Path = REPO) -> tuple[float, float]:
+def timed(
+    argv: list[str], cwd: Path, repo: Path = REPO, extra_env: dict[str, str] | None = None
+) -> tuple[float, float]:
     """(wall s, CPU s) of one child process; it must exit 0."""
-    env = {**os.environ, "PYTHONPATH": str(repo)}
+    env = {**os.environ, "PYTHONPATH": str(repo), **(extra_env or {})}
     t0 = time.perf_counter()
-    child = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)  # fmt: skip
-    _pid, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - t0
-    if status != 0:
-        raise SystemExit(f"{' '.join(argv)} exited with status {status}")
+    with tempfile.TemporaryFile() as err:
+        child = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _pid, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - t0
+        if status != 0:
+            err.seek(0)
+            said = err.read().decode(errors="replace")[-2000:]
+            raise SystemExit(f"{' '.join(argv)} exited with status {status}:\n{said}")
     return wall, usage.ru_utime + usage.ru_stime
 
 
@@ -58,32 +99,51 @@ def main() -> None:
     parser.add_argument("--repo", type=Path, default=REPO, help="the runner to measure")
     args = parser.parse_args()
     repo = args.repo.resolve()
-    print(f"runner from {repo}")
+    sys.path.insert(0, str(REPO / "bench"))
+    from common import EmulatorProcess, load_avg
+
+    print(f"runner from {repo}; load average before: {load_avg()}")
+    compileall.compile_dir(repo / "runner", quiet=1)
     env = {**os.environ, "PYTHONPATH": str(repo)}
     # The current directory comes first on sys.path: run where the measured runner is.
     probe = subprocess.run([sys.executable, "-c", _PROBE], env=env, cwd=repo,
                            capture_output=True, text=True, check=True)  # fmt: skip
     print(f"`runner --help` imports: {probe.stderr.strip() or 'none of ' + ', '.join(HEAVY)}")
-    print("| command | best wall s | median wall s | best CPU s | median CPU s |")
-    print("| --- | --- | --- | --- | --- |")
-    help_argv = [sys.executable, "-m", "runner", "--help"]
-    print(
-        row("runner --help", [timed(help_argv, repo, repo) for _ in range(args.repeat)]), flush=True
-    )
-    bare = [sys.executable, "-c", "pass"]
-    print(row("python -c pass", [timed(bare, REPO) for _ in range(args.repeat)]), flush=True)
-    with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp,
+        EmulatorProcess(concurrency=SLOTS, time_scale=1e-6) as emu,
+    ):
         manifest = Path(tmp) / "ten.jsonl"
         lines = [{"prompt": f"a small test image {i}", "image_size": {"width": 64, "height": 64},
                   "num_inference_steps": 1} for i in range(10)]  # fmt: skip
         manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
-        samples = []
-        for i in range(args.repeat):
-            run = [sys.executable, "-m", "runner", "run", str(manifest), "--emulator",
-                   "--endpoint", "fal-ai/flux-lora", "--no-download", "--quiet",
-                   "--emulator-time-scale", "1e-6", "--ledger", f"{tmp}/run{i}"]  # fmt: skip
-            samples.append(timed(run, Path(tmp), repo))
-        print(row("runner run --emulator (10 jobs)", samples), flush=True)
+        runs = iter(range(1_000_000))
+        common = [str(manifest), "--endpoint", "fal-ai/flux-lora", "--no-download", "--quiet"]
+
+        def runner_run(*extra: str) -> list[str]:
+            return [sys.executable, "-m", "runner", "run", *common, *extra,
+                    "--ledger", f"{tmp}/run{next(runs)}"]  # fmt: skip
+
+        cases: dict[str, tuple[Callable[[], list[str]], Path, dict[str, str]]] = {
+            "runner --help": (lambda: [sys.executable, "-m", "runner", "--help"], repo, {}),
+            "python -c pass": (lambda: [sys.executable, "-c", "pass"], REPO, {}),
+            "runner run --queue-url (10 jobs, emulator process)": (
+                lambda: runner_run("--queue-url", emu.base_url), Path(tmp), {"FAL_KEY": KEY}),
+            "fal-client (10 jobs, same emulator)": (
+                lambda: [sys.executable, "-c", _FAL_CLIENT, emu.base_url, str(manifest),
+                         str(SLOTS)], Path(tmp), {}),
+            "runner run --emulator (10 jobs, embedded)": (
+                lambda: runner_run("--emulator", "--emulator-time-scale", "1e-6"), Path(tmp), {}),
+        }  # fmt: skip
+        samples: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
+        for _ in range(args.repeat):  # interleaved: a change in load hits every row alike
+            for name, (argv, cwd, extra_env) in cases.items():
+                samples[name].append(timed(argv(), cwd, repo, extra_env))
+    print("| command | best wall s | median wall s | best CPU s | median CPU s |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, got in samples.items():
+        print(row(name, got))
+    print(f"load average after: {load_avg()}")
 
 
 if __name__ == "__main__":

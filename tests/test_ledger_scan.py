@@ -23,11 +23,10 @@ from runner.ledger import (
     OutputImage,
     read_folded,
     status_summary,
-    totals,
 )
 from runner.ledger import scan as scan_module
 from runner.ledger.scan import scan_folded
-from runner.ledger.totals import COLUMNS, merge_totals
+from runner.ledger.totals import COLUMNS, merge_totals, totals
 from tests.report_support import FLUX2, LORA, T0, sample_events, write_run
 
 JOBS = 120

@@ -31,13 +31,13 @@ from runner.ledger import (
     OutputImage,
     compact,
     export,
-    fold,
     fold_tables,
     read_events,
     read_run_meta,
     status_summary,
     write_run_meta,
 )
+from runner.ledger.fold import fold
 from runner.ledger.schema import SCHEMA_VERSION, encode_event, rows_to_table
 
 REPO = Path(__file__).parent.parent

@@ -1,11 +1,15 @@
-"""Start-up stays cheap: ``runner --help`` imports none of the heavy parts, and a command runs
-with pandas and trio unimportable (pyarrow and httpcore only probe for them)."""
+"""Start-up stays cheap: ``runner --help`` imports none of the heavy parts, ``runner run``
+against a queue URL imports none of the parts it does not use, and a command runs with
+pandas and trio unimportable (pyarrow and httpcore only probe for them)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,6 +45,65 @@ def test_help_imports_none_of_the_heavy_parts(argv: list[str]) -> None:
     assert not {m for m in loaded for h in HEAVY if m == h or m.startswith(h + ".")}
 
 
+# What `runner run` against a queue URL (fal, or an emulator in another process) must not
+# import: the emulator and the report, the webhook receiver's server stack (webhook mode
+# only), sharding, the ledger's read views, Pillow (until an image is checked), tqdm (a
+# terminal only), pandas, and httpx's own command line (click, rich, pygments).
+RUN_UNUSED = ("runner.emulator", "runner.report", "runner.fal.receiver", "runner.fal.webhook",
+              "runner.fal.jwks", "runner.scale.shards", "runner.ledger.views", "uvicorn",
+              "starlette", "cryptography", "PIL", "tqdm", "pandas", "httpx._main", "click",
+              "rich", "pygments")  # fmt: skip
+_RUN_PROBE = """
+import runpy, sys
+out, sys.argv = sys.argv[1], ["runner", *sys.argv[2:]]
+try:
+    runpy.run_module("runner", run_name="__main__")
+except SystemExit as exc:
+    code = exc.code
+with open(out, "w") as fh:
+    fh.write(str(code) + "\\n" + "\\n".join(sorted(sys.modules)))
+"""
+
+
+@pytest.fixture(scope="module")
+def emulator_url() -> Iterator[str]:
+    """``runner emulator serve`` in its own process, answering at once."""
+    argv = [sys.executable, "-m", "runner", "emulator", "serve", "--host", "127.0.0.1", "--port",
+            "0", "--time-scale", "1e-6", "--faults", "result_retention_s=3.6e9"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        found = re.search(r"http://\S+", proc.stdout.readline())
+        assert found, "the emulator did not start"
+        yield found.group(0)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_a_run_against_a_queue_url_imports_only_what_it_uses(
+    tmp_path: Path, emulator_url: str
+) -> None:
+    manifest = tmp_path / "three.jsonl"
+    rows = [{"prompt": f"a test image {i}", "image_size": {"width": 64, "height": 64}}
+            for i in range(3)]  # fmt: skip
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "modules.txt"
+    argv = ["run", str(manifest), "--queue-url", emulator_url, "--endpoint", "fal-ai/flux-lora",
+            "--no-download", "--quiet", "--ledger", str(tmp_path / "run")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FAL_KEY": "emulator:local-key"}
+    subprocess.run([sys.executable, "-c", _RUN_PROBE, str(out), *argv], cwd=tmp_path, env=env,
+                   capture_output=True, timeout=120, check=True)  # fmt: skip
+    code, *loaded = out.read_text().split("\n")
+    assert code == "0"  # every job completed
+    assert "runner.execution.engine" in loaded and "runner.ledger.store" in loaded
+    assert not {m for m in loaded for u in RUN_UNUSED if m == u or m.startswith(u + ".")}
+
+
 def test_a_command_cannot_import_pandas_or_trio_and_afterwards_can() -> None:
     pytest.importorskip("pandas")
     code = """
@@ -72,3 +135,34 @@ def test_what_is_imported_already_is_left_alone() -> None:
     with without_unused():
         import trio  # noqa: F401  # imported by this test session: still there
     assert "trio" in sys.modules
+
+
+def test_endpoint_models_are_built_on_first_use_once_across_threads() -> None:
+    """A run builds only its endpoints' validators; the first parse from many threads at once
+    gets the endpoint's own (pydantic's rebuild is not thread-safe: a racing thread could
+    validate with the parent model's, refusing every field as an unknown parameter)."""
+    code = """
+import sys, threading
+sys.setswitchinterval(1e-6)  # switch threads often: without the lock, 1 run in 10 fails
+from runner.endpoints import catalog
+models = [spec.model for spec in catalog.CATALOG.values()]
+print(sum(m.__pydantic_complete__ for m in models))
+barrier, failed = threading.Barrier(16), []
+def parse():
+    barrier.wait()
+    try:
+        catalog.parse_request("fal-ai/flux-2/lora", {"prompt": "x", "image_size": "square",
+                              "num_images": 2, "loras": [{"path": "https://x/a.safetensors"}]})
+    except Exception as exc:
+        failed.append(repr(exc))
+threads = [threading.Thread(target=parse) for _ in range(16)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(sum(m.__pydantic_complete__ for m in models), failed)
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert done.stdout.split("\n")[:2] == ["0", "1 []"]

@@ -32,7 +32,7 @@ from runner.cli.commands import (
     summary_json,
 )
 from runner.cli.export import cmd_export
-from runner.cli.imports import without_unused
+from runner.cli.imports import collection_paused, resume_collection, without_unused
 from runner.errors import (
     EXIT_INTERRUPTED,
     EXIT_LEDGER,
@@ -154,7 +154,13 @@ def _add_all_versions(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    # Run as the program (no argv given): no garbage collection while it imports
+    # (runner.cli.imports); a test calling main(argv) keeps its own collector as it is.
+    with contextlib.nullcontext() if argv is not None else collection_paused():
+        return _main(list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
     json_log = _asks_for_json_log(argv)
     parser = build_parser()
     try:
@@ -163,8 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fatal(json_log, exc.code, str(exc))
     try:
         try:
-            _check_run_dir(args)
             with without_unused():
+                _check_run_dir(args)
+                if args.func is not cmd_run:
+                    resume_collection()  # cmd_run resumes once it has imported the run's
                 code: int = args.func(args)
         except BaseExceptionGroup as group:
             # Raised inside a task group (the embedded emulator's): the error that matters,
@@ -187,11 +195,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_run_dir(args: argparse.Namespace) -> None:
-    """A mistyped run directory is a usage error, before anything creates or reads it."""
+    """A mistyped run directory is a usage error, before anything creates or reads it.
+    Only the commands that take one import the ledger's views (and pyarrow)."""
+    run_dir = getattr(args, "run_dir", None)
+    if not isinstance(run_dir, Path):
+        return
     from runner.ledger.views import is_run_dir, not_a_run_dir
 
-    run_dir = getattr(args, "run_dir", None)
-    if isinstance(run_dir, Path) and not is_run_dir(run_dir):
+    if not is_run_dir(run_dir):
         raise UsageError(not_a_run_dir(run_dir))
 
 

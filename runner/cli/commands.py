@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from runner.cli.imports import resume_collection
 from runner.endpoints.money import format_usd
 from runner.errors import EXIT_JOBS_FAILED, EXIT_OK, RowError, RunnerError, UsageError
 
@@ -165,15 +166,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         _tell(json_lines, labelled(w))
 
     from runner.scale.layout import refuse_mismatch
-    from runner.scale.shards import execute_sharded
 
     if config.keys_file is not None and config.shards is None:
         raise UsageError("--keys-file needs --shards N (each shard is pinned to one key)")
     if config.keys_file is not None and config.emulator:
         raise UsageError("--keys-file is not for --emulator, which has one key of its own")
-    run = execute if config.shards is None else execute_sharded
+    run: Any = execute
     if config.shards is None:
         refuse_mismatch(config.run_dir, None)
+    else:
+        from runner.scale.shards import execute_sharded
+
+        run = execute_sharded
 
     async def go() -> Any:
         if config.emulator:
@@ -182,6 +186,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 return await run(local)
         return await run(config)
 
+    if config.emulator:
+        import runner.emulator.server  # noqa: F401  (imported with the rest, before resuming)
+    resume_collection()  # start-up's imports are done (runner.cli.imports)
     try:
         report = anyio.run(go)
     except RunnerError as exc:

@@ -1,30 +1,41 @@
-"""What the command line keeps out of its process: optional packages its libraries probe for.
+"""What the command line keeps out of its process, and how it imports what it keeps.
+
+Optional packages its libraries probe for:
 
 - pandas: pyarrow looks for it the first time it converts Python values to an array (any
   ``pa.array([...])``), to recognise pandas objects; importing pandas costs about half a
   second of CPU and 30 MB. The runner passes pyarrow no pandas object.
 - trio: httpcore imports it when installed, in case it runs under trio; the command line
   runs on asyncio (``anyio.run``'s default backend).
+- httpx._main: httpx's own command line, which ``import httpx`` loads when click, rich and
+  pygments are installed (about 60 ms of CPU); without it ``httpx.main`` is a stub. click
+  itself stays importable (uvicorn needs it).
 
-While a command runs, importing either fails with ModuleNotFoundError, as if it were not
-installed: the prober records "absent" and moves on. Afterwards both import again as usual
+While a command runs, importing any of them fails with ModuleNotFoundError, as if it were not
+installed: the prober records "absent" and moves on. Afterwards all import again as usual
 (pyarrow's own ``to_pandas`` retries the import when it is called). A package that is
 already imported is left as it is.
+
+Collection while importing (:func:`collection_paused`): importing what ``runner run`` needs
+makes a few hundred thousand objects that live as long as the process, and the cyclic
+garbage collector, which runs every 700 new objects and scans the older generations now and
+then, spent about a tenth of a short run's CPU scanning them (bench/README.md, start-up).
 """
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib.machinery import ModuleSpec
 from types import ModuleType
 
-UNUSED = ("pandas", "trio")
+UNUSED = ("pandas", "trio", "httpx._main")
 
 
 class _Refuse:
-    """A meta path finder that makes importing the named packages (and submodules) fail."""
+    """A meta path finder that makes importing the named modules (and submodules) fail."""
 
     def __init__(self, names: frozenset[str]) -> None:
         self.names = names
@@ -32,7 +43,7 @@ class _Refuse:
     def find_spec(
         self, name: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> ModuleSpec | None:
-        if name.partition(".")[0] in self.names:
+        if any(name == n or name.startswith(n + ".") for n in self.names):
             raise ModuleNotFoundError(f"No module named {name!r} (runner: not needed)", name=name)
         return None
 
@@ -50,3 +61,34 @@ def without_unused() -> Iterator[None]:
         yield
     finally:
         sys.meta_path.remove(finder)
+
+
+@contextmanager
+def collection_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside the block, until :func:`resume_collection` (or
+    the block's end) freezes what was made (``gc.freeze``: never scanned again) and turns
+    collection back on. The command line's own process only: a caller that had collection
+    off already keeps it so."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    global _paused
+    _paused = True
+    try:
+        yield
+    finally:
+        resume_collection()
+
+
+_paused = False
+
+
+def resume_collection() -> None:
+    """Start-up is over (its imports are done): freeze and collect again. Idempotent; does
+    nothing outside :func:`collection_paused`."""
+    global _paused
+    if _paused:
+        _paused = False
+        gc.freeze()
+        gc.enable()

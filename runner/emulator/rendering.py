@@ -13,9 +13,10 @@ import io
 import json
 import random
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+if TYPE_CHECKING:  # Pillow loads when the first image is rendered, not when the emulator starts
+    from PIL import Image
 
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
@@ -55,6 +56,8 @@ def render(
     fmt = normalize_format(fmt)
     if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
         raise ValueError(f"image size {width}x{height} is out of range")
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
+
     if black:
         return _encode(Image.new("RGB", (width, height)), fmt)
     digest = hashlib.sha256(f"{seed}|{salt}|{width}x{height}|{fmt}".encode()).digest()

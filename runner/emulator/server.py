@@ -29,10 +29,6 @@ from pathlib import Path
 import anyio
 import uvicorn
 from anyio.abc import TaskStatus
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from pydantic import SecretStr
 
 from runner.emulator.app import Emulator
@@ -54,6 +50,11 @@ class Served:
 
 def write_self_signed(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
     """A fresh self-signed certificate and key for localhost/``host``: (cert, key) paths."""
+    from cryptography import x509  # with tls=True only
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "runner emulator")])
     now = datetime.datetime.now(datetime.UTC)
@@ -138,6 +139,7 @@ async def serve(
             emulator.app,
             log_level=log_level,
             lifespan="off",
+            ws="none",  # no WebSocket route: spares importing a websockets implementation
             timeout_graceful_shutdown=1,
             ssl_certfile=str(cert_file) if cert_file else None,
             ssl_keyfile=str(key_file) if key_file else None,

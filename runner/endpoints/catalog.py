@@ -10,6 +10,7 @@ Field value types (strict-ish numbers, image sizes, LoRAs) are in runner.endpoin
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -77,7 +78,10 @@ def _bounded(endpoint: str, name: str) -> Any:
 class BaseRequest(BaseModel):
     """Fields every endpoint takes. Subclasses are the typed bodies of one endpoint each."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Each endpoint's validator is built when first needed (a run builds only its own), by
+    # parse_request under a lock: a first validation from two threads at once (the counter
+    # thread and admission) once failed every row as "unknown parameter 'image_size'".
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
     endpoint_id: ClassVar[str] = ""
 
     prompt: NonEmpty
@@ -284,7 +288,13 @@ def parse_request(endpoint_id: str, payload: Mapping[str, Any]) -> BaseRequest:
     """Validate a payload for a catalog endpoint. Raises pydantic.ValidationError."""
     spec = get_endpoint(endpoint_id)
     assert spec is not None  # no allowed ids were passed
+    if not spec.model.__pydantic_complete__:
+        with _BUILDING:
+            spec.model.model_rebuild()  # does nothing once another thread has built it
     return spec.model.model_validate(dict(payload))
+
+
+_BUILDING = threading.Lock()
 
 
 def describe_errors(exc: ValidationError, endpoint_id: str) -> list[tuple[str, str]]:

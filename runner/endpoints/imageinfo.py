@@ -18,9 +18,10 @@ import io
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import TYPE_CHECKING, BinaryIO, Literal
 
-from PIL import ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+if TYPE_CHECKING:  # Pillow is imported when the first image is opened, not at start-up
+    from PIL import ImageFile
 
 Format = Literal["png", "jpeg", "webp"]
 
@@ -36,11 +37,15 @@ class ImageInfo:
     format: Format
 
 
-_PLUGINS: dict[Format, type[ImageFile.ImageFile]] = {
-    "png": PngImagePlugin.PngImageFile,
-    "jpeg": JpegImagePlugin.JpegImageFile,
-    "webp": WebPImagePlugin.WebPImageFile,
-}
+def _plugin(fmt: Format) -> type[ImageFile.ImageFile]:
+    from PIL import JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+
+    plugins: dict[Format, type[ImageFile.ImageFile]] = {
+        "png": PngImagePlugin.PngImageFile,
+        "jpeg": JpegImagePlugin.JpegImageFile,
+        "webp": WebPImagePlugin.WebPImageFile,
+    }
+    return plugins[fmt]
 
 
 def sniff_format(head: bytes) -> Format | None:
@@ -78,8 +83,9 @@ def _read(fp: BinaryIO) -> ImageInfo:
     if fmt is None:
         raise ImageInfoError("not a PNG, JPEG or WebP image")
     fp.seek(0)
+    plugin = _plugin(fmt)
     try:
-        image = _PLUGINS[fmt](fp)
+        image = plugin(fp)
     except (OSError, SyntaxError, ValueError, IndexError, EOFError, struct.error) as exc:
         # Pillow reports a bad header as SyntaxError, a short one as OSError/EOFError.
         raise ImageInfoError(f"unreadable {fmt.upper()} header: {exc}") from exc

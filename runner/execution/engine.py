@@ -31,7 +31,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import anyio
 import httpx
@@ -66,8 +66,6 @@ from runner.execution.spend import local_spend
 from runner.execution.summary import RunReport
 from runner.fal.client import QueueClient
 from runner.fal.history import HistoryClient
-from runner.fal.jwks import JwksCache
-from runner.fal.receiver import WebhookReceiver, webhook_server
 from runner.fal.retry import RetryPolicies
 from runner.fal.storage import StorageClient, UploadSettings
 from runner.fal.transport import open_call_transport, open_transport
@@ -81,6 +79,9 @@ from runner.media.downloads import Downloader, DownloadStage
 from runner.media.inputs import InputChecker, InputProber, InputSizer
 from runner.media.sink import OutputSink
 from runner.media.uploads import InputResolver, UploadCache, Uploader
+
+if TYPE_CHECKING:  # webhook mode only: its server stack (uvicorn, starlette) loads then
+    from runner.fal.receiver import WebhookReceiver
 
 # Queue calls (submit, status, result, cancel) in flight at once. 16 measured best: CPU per
 # 1,000 jobs 12.1 s -> 5.4 s at 32 jobs in flight (bench/README.md, "Bottlenecks").
@@ -381,6 +382,9 @@ async def _webhooks(
     if not isinstance(strategy, WebhookWaiter):
         yield None
         return
+    from runner.fal.jwks import JwksCache
+    from runner.fal.receiver import webhook_server
+
     host, _, port = run.config.webhook_listen.rpartition(":")
     keys = JwksCache(http, run.config.webhook_jwks_url)
     async with webhook_server(host or "127.0.0.1", int(port or 0), keys=keys) as receiver:

@@ -19,12 +19,13 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Literal, TextIO
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Literal, TextIO
 
 from runner.endpoints.money import format_usd
 from runner.execution.events import now_iso, usd, write_event
+
+if TYPE_CHECKING:  # the bar is drawn on a terminal only: tqdm loads then
+    from tqdm import tqdm
 
 LogFormat = Literal["text", "json"]
 # Told of each job that did not complete: (reason, row id or None, message), unredacted.
@@ -148,6 +149,8 @@ class Progress:
         use_bar = not quiet and not self._json and self.stream.isatty()
         self._bar: tqdm[int] | None = None
         if use_bar:
+            from tqdm import tqdm
+
             self._bar = tqdm(
                 total=tally.total, file=self.stream, unit="job", dynamic_ncols=True, smoothing=0.1
             )

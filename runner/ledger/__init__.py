@@ -103,30 +103,39 @@ plus one row per job; :func:`read_events` returns the full history.
 reads (:func:`runner.ledger.fold.read_admission`).
 """
 
-from runner.ledger.fold import fold, fold_tables, read_events, read_folded
-from runner.ledger.lock import RunLock
-from runner.ledger.meta import read_run_meta, write_run_meta
-from runner.ledger.resume import (
-    Action,
-    Decision,
-    ResumePolicy,
-    ResumeSummary,
-    decide,
-    plan_resume,
-)
-from runner.ledger.schema import (
-    LEDGER_SCHEMA,
-    SCHEMA_VERSION,
-    JobRecord,
-    JobState,
-    LedgerEvent,
-    OutputImage,
-    encode_request,
-)
-from runner.ledger.state import JobBrief, LedgerState
-from runner.ledger.store import Ledger, compact
-from runner.ledger.totals import EndpointTotals, Totals, totals
-from runner.ledger.views import StatusSummary, export, status_summary
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+# Names are imported on first use: a run imports the writer's modules, not the readers'
+# (views, exports, totals: pyarrow.csv and the rest), tests/test_startup.py. The functions
+# fold() and totals() share their modules' names, which the package attribute holds once
+# the module is imported: import them from runner.ledger.fold and runner.ledger.totals.
+if TYPE_CHECKING:
+    from runner.ledger.fold import fold_tables, read_events, read_folded
+    from runner.ledger.lock import RunLock
+    from runner.ledger.meta import read_run_meta, write_run_meta
+    from runner.ledger.resume import (
+        Action,
+        Decision,
+        ResumePolicy,
+        ResumeSummary,
+        decide,
+        plan_resume,
+    )
+    from runner.ledger.schema import (
+        LEDGER_SCHEMA,
+        SCHEMA_VERSION,
+        JobRecord,
+        JobState,
+        LedgerEvent,
+        OutputImage,
+        encode_request,
+    )
+    from runner.ledger.state import JobBrief, LedgerState
+    from runner.ledger.store import Ledger, compact
+    from runner.ledger.totals import EndpointTotals, Totals
+    from runner.ledger.views import StatusSummary, export, status_summary
 
 __all__ = [
     "LEDGER_SCHEMA",
@@ -150,13 +159,51 @@ __all__ = [
     "decide",
     "encode_request",
     "export",
-    "fold",
     "fold_tables",
     "plan_resume",
     "read_events",
     "read_folded",
     "read_run_meta",
     "status_summary",
-    "totals",
     "write_run_meta",
 ]
+
+_WHERE = {
+    "Action": "runner.ledger.resume",
+    "Decision": "runner.ledger.resume",
+    "EndpointTotals": "runner.ledger.totals",
+    "JobBrief": "runner.ledger.state",
+    "JobRecord": "runner.ledger.schema",
+    "JobState": "runner.ledger.schema",
+    "LEDGER_SCHEMA": "runner.ledger.schema",
+    "Ledger": "runner.ledger.store",
+    "LedgerEvent": "runner.ledger.schema",
+    "LedgerState": "runner.ledger.state",
+    "OutputImage": "runner.ledger.schema",
+    "ResumePolicy": "runner.ledger.resume",
+    "ResumeSummary": "runner.ledger.resume",
+    "RunLock": "runner.ledger.lock",
+    "SCHEMA_VERSION": "runner.ledger.schema",
+    "StatusSummary": "runner.ledger.views",
+    "Totals": "runner.ledger.totals",
+    "compact": "runner.ledger.store",
+    "decide": "runner.ledger.resume",
+    "encode_request": "runner.ledger.schema",
+    "export": "runner.ledger.views",
+    "fold_tables": "runner.ledger.fold",
+    "plan_resume": "runner.ledger.resume",
+    "read_events": "runner.ledger.fold",
+    "read_folded": "runner.ledger.fold",
+    "read_run_meta": "runner.ledger.meta",
+    "status_summary": "runner.ledger.views",
+    "write_run_meta": "runner.ledger.meta",
+}
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'runner.ledger' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(where), name)

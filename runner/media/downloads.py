@@ -43,7 +43,6 @@ from typing import Any, cast
 import anyio
 import anyio.abc
 import httpx
-from PIL import Image
 
 from runner.endpoints.imageinfo import sniff_format
 from runner.errors import HTTPStatusError, TransportError
@@ -217,6 +216,8 @@ def _verify(path: Path, content_type: str, output: OutputImage) -> None:
     promised = _format_of(output.content_type) or served
     if sniffed != served or sniffed != promised:
         raise DownloadError(f"bytes are {sniffed}, served as {served}, result said {promised}")
+    from PIL import Image  # when the first image is checked, not at start-up
+
     try:
         with Image.open(path) as image:
             image.verify()
