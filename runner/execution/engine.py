@@ -52,6 +52,7 @@ from runner.execution.completion import (
     WebhookWaiter,
 )
 from runner.execution.gate import AccountGate
+from runner.execution.jobsource import JobSource
 from runner.execution.prices import price_table
 from runner.execution.progress import Progress, Tally
 from runner.execution.ratelimit import submit_rate
@@ -105,6 +106,9 @@ class Hooks:
     gate: AccountGate | None = None
     # Called with the run's tally once it exists (a sharded run's one progress view).
     on_tally: Callable[[Tally], None] | None = None
+    # Where admission reads its jobs (a sharded run's one reading of the manifest);
+    # None: this run reads the manifest itself.
+    jobs: JobSource | None = None
 
 
 def build_strategy(
@@ -266,7 +270,8 @@ async def _drive(
             transport, api_url=config.api_url, key=config.key, policy=policies.history,
             clock=hooks.clock, sleep=hooks.sleep, user_agent=USER_AGENT,
         )  # fmt: skip
-        prices = await price_table(history, config.prices, progress.say)
+        fetch = partial(price_table, history, config.prices, progress.say)
+        prices = await (fetch() if gate is None else gate.prices.get(fetch))
         reconciler = Reconciler(
             history, settle_s=config.reconcile_after_s, now=utcnow, sleep=hooks.sleep,
             say=progress.say,
@@ -288,7 +293,7 @@ async def _drive(
             prices=prices, sizer=sizer, uploader=uploader, downloads=stage,
             prober=InputProber(http, sizer) if config.probe_inputs else None,
             records=records, followed=followed, submit_window_s=policies.submit.timeout_s,
-            window=gate.slots if gate is not None else None,
+            window=gate.slots if gate is not None else None, source=hooks.jobs,
         )  # fmt: skip
         shared = Shared(
             config=config, client=client, recorder=recorder, strategy=strategy, pacing=pacing,

@@ -4,7 +4,8 @@
       refuse another shard count than run.json's; write the top run.json
       pick each shard's key (the one its ledger recorded, else shard mod keys)
       one AccountGate per key: slots (in-process, or file-lock leases with --gate-dir),
-        rate with AIMD, pacing; one budget for the whole invocation
+        rate with AIMD, pacing, price table; one budget for the whole invocation
+      one ManifestFeed: the manifest read once (and counted once), each job to its shard
       task group: every shard (or --shard K's) runs runner.execution.engine.execute on
         RUN_DIR/shards/K with only its jobs; one progress view over all their tallies
 
@@ -33,6 +34,7 @@ from runner.execution.lease import FileSlots
 from runner.execution.progress import Progress, Tally
 from runner.execution.runmeta import manifest_fingerprint
 from runner.execution.summary import RunReport
+from runner.scale.feed import ManifestFeed
 from runner.scale.keys import KeySpec, key_for_shard, load_keys
 from runner.scale.layout import claim, recorded_keys, shard_dir
 
@@ -99,6 +101,7 @@ async def execute_sharded(config: RunConfig, *, hooks: Hooks | None = None) -> R
             gates[spec.fingerprint] = build_gate(config, spec, budget, hooks)
     tallies: list[Tally] = []
     reports: dict[int, RunReport] = {}
+    feed = ManifestFeed(config, picks)  # the manifest read once for all of them
     view = Tally(redact=config.redactor())
     progress = Progress(view, stream=hooks.stream, quiet=config.quiet, log_format=config.log_format)
 
@@ -106,13 +109,15 @@ async def execute_sharded(config: RunConfig, *, hooks: Hooks | None = None) -> R
         spec = chosen[shard]
         shard_hooks = replace(
             hooks, gate=gates[spec.fingerprint], handle_signals=False, stream=io.StringIO(),
-            on_tally=tallies.append,
+            on_tally=tallies.append, jobs=feed.source(shard),
         )  # fmt: skip
         reports[shard] = await execute(shard_config(config, shard, spec), hooks=shard_hooks)
 
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_show, view, tallies, progress)
+            tg.start_soon(feed.run)
+            tg.start_soon(feed.run_count)
             async with anyio.create_task_group() as shards:
                 for shard in picks:
                     shards.start_soon(one, shard)
