@@ -5,7 +5,8 @@
       pick each shard's key (the one its ledger recorded, else shard mod keys)
       one AccountGate per key: slots (in-process, or file-lock leases with --gate-dir),
         rate with AIMD, pacing, price table; one budget for the whole invocation
-      one ManifestFeed: the manifest read once (and counted once), each job to its shard
+      one ManifestFeed: the manifest read once (and counted once), each job to its shard;
+        one TLS context; one CommitGroup: the shards' ledgers fsync in shared rounds
       task group: every shard (or --shard K's) runs runner.execution.engine.execute on
         RUN_DIR/shards/K with only its jobs; one progress view over all their tallies
 
@@ -24,6 +25,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import httpx
 
 from runner.config import RunConfig
 from runner.errors import EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_JOBS_FAILED, EXIT_OK, UsageError
@@ -34,6 +36,7 @@ from runner.execution.lease import FileSlots
 from runner.execution.progress import Progress, Tally
 from runner.execution.runmeta import manifest_fingerprint
 from runner.execution.summary import RunReport
+from runner.ledger.commits import CommitGroup
 from runner.scale.feed import ManifestFeed
 from runner.scale.keys import KeySpec, key_for_shard, load_keys
 from runner.scale.layout import claim, recorded_keys, shard_dir
@@ -102,6 +105,8 @@ async def execute_sharded(config: RunConfig, *, hooks: Hooks | None = None) -> R
     tallies: list[Tally] = []
     reports: dict[int, RunReport] = {}
     feed = ManifestFeed(config, picks)  # the manifest read once for all of them
+    tls = None if hooks.transport else await anyio.to_thread.run_sync(httpx.create_ssl_context)
+    commits = CommitGroup()  # the shards' ledgers fsync in shared rounds
     view = Tally(redact=config.redactor())
     progress = Progress(view, stream=hooks.stream, quiet=config.quiet, log_format=config.log_format)
 
@@ -109,7 +114,8 @@ async def execute_sharded(config: RunConfig, *, hooks: Hooks | None = None) -> R
         spec = chosen[shard]
         shard_hooks = replace(
             hooks, gate=gates[spec.fingerprint], handle_signals=False, stream=io.StringIO(),
-            on_tally=tallies.append, jobs=feed.source(shard),
+            on_tally=tallies.append, jobs=feed.source(shard), ssl_context=tls,
+            commits=commits,
         )  # fmt: skip
         reports[shard] = await execute(shard_config(config, shard, spec), hooks=shard_hooks)
 
@@ -123,6 +129,7 @@ async def execute_sharded(config: RunConfig, *, hooks: Hooks | None = None) -> R
                     shards.start_soon(one, shard)
             tg.cancel_scope.cancel()
     finally:
+        commits.close()
         for gate in gates.values():
             if isinstance(gate.slots, FileSlots):
                 gate.slots.close()
