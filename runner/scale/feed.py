@@ -59,8 +59,8 @@ class ManifestFeed:
     async def run(self) -> None:
         """Read the manifest and hand out its jobs; every source ends when it ends."""
         self.passes += 1
-        stream = job_stream(self._config)
         try:
+            stream = job_stream(self._config)
             while self._sends:
                 batch = await anyio.to_thread.run_sync(lambda: list(islice(stream, BATCH)))
                 if not batch:
@@ -75,6 +75,13 @@ class ManifestFeed:
         finally:
             for send in self._sends.values():
                 send.close()
+
+    def close(self) -> None:
+        """Close every shard's stream (those a shard never read included)."""
+        for send in self._sends.values():
+            send.close()
+        for receive in self._receives.values():
+            receive.close()
 
     async def _send(self, shard: int, items: Batch) -> None:
         send = self._sends.get(shard)
@@ -143,6 +150,7 @@ class ShardSource:
         try:
             return await self._receive.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
+            self._receive.close()
             if self._feed.error is not None:
                 raise self._feed.error from None
             return []

@@ -130,6 +130,7 @@ async def execute_sharded(config: RunConfig, *, hooks: Hooks | None = None) -> R
             tg.cancel_scope.cancel()
     finally:
         commits.close()
+        feed.close()
         for gate in gates.values():
             if isinstance(gate.slots, FileSlots):
                 gate.slots.close()
@@ -140,8 +141,9 @@ async def execute_sharded(config: RunConfig, *, hooks: Hooks | None = None) -> R
 
 async def _show(view: Tally, tallies: Sequence[Tally], progress: Progress) -> None:
     while True:
-        sum_tallies(tallies, into=view)
-        progress.refresh()
+        if progress.due():  # summing 16 tallies twice a second for nothing cost ~1% CPU
+            sum_tallies(tallies, into=view)
+            progress.refresh()
         await anyio.sleep(0.5)
 
 
