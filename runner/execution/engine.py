@@ -108,11 +108,9 @@ class Hooks:
     gate: AccountGate | None = None
     # Called with the run's tally once it exists (a sharded run's one progress view).
     on_tally: Callable[[Tally], None] | None = None
-    # Where admission reads its jobs (a sharded run's one reading of the manifest);
-    # None: this run reads the manifest itself.
+    # Shared by a process's shards (None: the run's own): one reading of the manifest,
+    # one TLS context (~0.1-0.3 CPU s each to build), commit rounds over their ledgers.
     jobs: JobSource | None = None
-    # Shared by a process's shards: one TLS context (each costs ~0.1-0.3 CPU s to build),
-    # and commit rounds that fsync several shards' ledgers per trip to a thread.
     ssl_context: ssl.SSLContext | None = None
     commits: CommitGroup | None = None
 
@@ -246,9 +244,8 @@ async def _drive(
     downloads = config.download_concurrency if config.download else 0
     pool = MAX_REQUESTS + streams + downloads + 2
     limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
-    transport = hooks.transport or open_transport(
-        config.queue_url, limits=limits, ssl_context=hooks.ssl_context
-    )
+    tls = hooks.ssl_context
+    transport = hooks.transport or open_transport(config.queue_url, limits=limits, ssl_context=tls)
     policies = hooks.policies
     async with AsyncExitStack() as stack:
         # One pool for the queue's calls (straight to the transport) and the rest.
@@ -256,7 +253,6 @@ async def _drive(
         assert config.key is not None
         # The queue's one-shot calls on the lean keep-alive transport (unless a test injects
         # one transport for everything, or a proxy is set); streams and the rest on httpx.
-        tls = hooks.ssl_context
         calls = None if hooks.transport else open_call_transport(config.queue_url, max_idle=pool,
                                                                  ssl_context=tls)  # fmt: skip
         if calls is not None:
