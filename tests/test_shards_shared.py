@@ -21,6 +21,7 @@ from runner.execution.engine import Hooks, execute
 from runner.ledger import JobState, Ledger, LedgerEvent, read_events
 from runner.ledger.commits import CommitGroup
 from runner.ledger.journal import SegmentWriter
+from runner.manifest.batches import iter_manifest_jobs
 from runner.manifest.identity import shard_of
 from runner.manifest.jobs import Job
 from runner.scale.feed import ManifestFeed
@@ -65,7 +66,7 @@ async def test_sixteen_shards_read_the_manifest_twice(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     readings: list[Path] = []
-    real = jobsource.iter_manifest_jobs
+    real = iter_manifest_jobs
 
     def counted(path: Path, *args: Any, **kwargs: Any) -> Iterator[Any]:
         readings.append(path)
