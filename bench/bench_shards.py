@@ -82,11 +82,14 @@ def main(argv: list[str] | None = None) -> list[Phase]:
     base = results[0].run.wall_s
     rows = [
         [r.run.name, f"{r.run.completed:,}/{n:,}", r.run.wall_s, r.run.wall_s / base,
-         r.makespan_s / max(r.bound_s(c), 1e-9), r.run.cpu_per_1000_s]
+         r.makespan_s / max(r.bound_s(c), 1e-9), r.run.cpu_per_1000_s, r.per_job()]
         for r in results
     ]  # fmt: skip
     print(table(["run", "completed", "wall s", "wall / unsharded", "makespan/bound",
-                 "client CPU s per 1,000 jobs"], rows))  # fmt: skip
+                 "client CPU s per 1,000 jobs", "calls per job"], rows))  # fmt: skip
+    for r in results:
+        calls = ", ".join(f"{k} {r.per_job(k):.3f}" for k in sorted(r.calls) if k != "emulator")
+        print(f"{r.run.name}: calls per job by route: {calls}")
     print(f"goal: sharded wall <= 1.05x unsharded; load average after: {load_avg()}")
     return results
 

@@ -10,7 +10,7 @@ import pytest
 
 from runner.cli import build_parser, main
 from runner.errors import RowError
-from runner.execution.scheduler import job_stream
+from runner.execution.jobsource import job_stream
 from runner.manifest.identity import (
     Occurrences,
     content_id,

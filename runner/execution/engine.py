@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -53,6 +54,7 @@ from runner.execution.completion import (
 )
 from runner.execution.gate import AccountGate
 from runner.execution.interrupts import Interrupts
+from runner.execution.jobsource import JobSource
 from runner.execution.prices import price_table
 from runner.execution.progress import Progress, Tally
 from runner.execution.ratelimit import submit_rate
@@ -69,6 +71,7 @@ from runner.fal.history import HistoryClient
 from runner.fal.retry import RetryPolicies
 from runner.fal.storage import StorageClient, UploadSettings
 from runner.fal.transport import open_call_transport, open_transport
+from runner.ledger.commits import CommitGroup
 from runner.ledger.meta import end_invocation, new_run_id
 from runner.ledger.probe import probe_writable
 from runner.ledger.records import read_records, read_requests_seen
@@ -111,6 +114,11 @@ class Hooks:
     # Ctrl-C presses shared with other runs (a process's shards): watched even when
     # handle_signals is False, for the same two-step stop.
     interrupts: Interrupts | None = None
+    # Shared by a process's shards (None: the run's own): one reading of the manifest,
+    # one TLS context (~0.1-0.3 CPU s each to build), commit rounds over their ledgers.
+    jobs: JobSource | None = None
+    ssl_context: ssl.SSLContext | None = None
+    commits: CommitGroup | None = None
 
 
 def build_strategy(
@@ -169,6 +177,7 @@ async def execute(config: RunConfig, *, hooks: Hooks | None = None) -> RunReport
     run_id = new_run_id(started, hooks.rng.getrandbits(16))
     opened = partial(Ledger.open, config.run_dir, redact=redact, run_id=run_id)
     ledger = await anyio.to_thread.run_sync(opened)
+    ledger.commits = hooks.commits
     async with ledger:
         write_run_metadata(config, run_id=run_id, started_at=started, redact=redact)
         # Without downloads, a completed job's outputs are never read again: fold less.
@@ -243,7 +252,8 @@ async def _drive(
     downloads = config.download_concurrency if config.download else 0
     pool = MAX_REQUESTS + streams + downloads + 2
     limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
-    transport = hooks.transport or open_transport(config.queue_url, limits=limits)
+    tls = hooks.ssl_context
+    transport = hooks.transport or open_transport(config.queue_url, limits=limits, ssl_context=tls)
     policies = hooks.policies
     async with AsyncExitStack() as stack:
         # One pool for the queue's calls (straight to the transport) and the rest.
@@ -251,7 +261,8 @@ async def _drive(
         assert config.key is not None
         # The queue's one-shot calls on the lean keep-alive transport (unless a test injects
         # one transport for everything, or a proxy is set); streams and the rest on httpx.
-        calls = None if hooks.transport else open_call_transport(config.queue_url, max_idle=pool)
+        calls = None if hooks.transport else open_call_transport(config.queue_url, max_idle=pool,
+                                                                 ssl_context=tls)  # fmt: skip
         if calls is not None:
             stack.push_async_callback(calls.aclose)
         client = QueueClient(
@@ -274,7 +285,8 @@ async def _drive(
             transport, api_url=config.api_url, key=config.key, policy=policies.history,
             clock=hooks.clock, sleep=hooks.sleep, user_agent=USER_AGENT,
         )  # fmt: skip
-        prices = await price_table(history, config.prices, progress.say)
+        fetch = partial(price_table, history, config.prices, progress.say)
+        prices = await (fetch() if gate is None else gate.prices.get(fetch))
         reconciler = Reconciler(
             history, settle_s=config.reconcile_after_s, now=utcnow, sleep=hooks.sleep,
             say=progress.say,
@@ -296,7 +308,7 @@ async def _drive(
             prices=prices, sizer=sizer, uploader=uploader, downloads=stage,
             prober=InputProber(http, sizer) if config.probe_inputs else None,
             records=records, followed=followed, submit_window_s=policies.submit.timeout_s,
-            window=gate.slots if gate is not None else None,
+            window=gate.slots if gate is not None else None, source=hooks.jobs,
         )  # fmt: skip
         shared = Shared(
             config=config, client=client, recorder=recorder, strategy=strategy, pacing=pacing,

@@ -8,8 +8,9 @@ A key's admission is three things, and all three sit behind one :class:`AccountG
   so a 429 seen by one shard slows every shard on that key;
 - the **budget reservation** (:class:`runner.execution.budget.Budget`);
 
-plus the learned service-time model (:class:`runner.execution.completion.Pacing`), which
-is a fact about the account's endpoints, not about one shard.
+plus the learned service-time model (:class:`runner.execution.completion.Pacing`) and the
+account's price table (:class:`runner.execution.prices.SharedPrices`), which are facts
+about the account, not about one shard.
 
 Inside one process the gate is this object, handed to every shard's engine. Across
 processes on one machine its slots are file-lock leases (:mod:`runner.execution.lease`);
@@ -23,11 +24,12 @@ shard's run gets its own handle on it as :attr:`AccountGate.budget`.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from runner.execution.budget import Spend
 from runner.execution.completion import Pacing
+from runner.execution.prices import SharedPrices
 from runner.execution.ratelimit import AdaptiveRate, Level, submit_rate
 
 
@@ -49,6 +51,8 @@ class AccountGate:
     budget: Spend  # each shard's run gets its own handle on the run's pool
     pacing: Pacing
     limit: int  # how many slots ``slots`` holds
+    # The account's price table, asked of fal once for every shard on the key.
+    prices: SharedPrices = field(default_factory=SharedPrices)
 
 
 def local_gate(

@@ -8,10 +8,11 @@ read it, no network), the built-in table is used and the caller is told once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import anyio
 import httpx
 from pydantic import SecretStr
 
@@ -56,3 +57,20 @@ async def plan_prices(
     async with transport:
         history = HistoryClient(transport, api_url=api_url, key=key, policy=PLAN_POLICY)
         return await price_table(history, None, say)
+
+
+class SharedPrices:
+    """One price table for every shard on a key: the first shard asks fal, the rest wait
+    for its answer (a sharded run in one process asked once per shard before)."""
+
+    def __init__(self) -> None:
+        self._table: PriceTable | None = None
+        self._lock: anyio.Lock | None = None
+
+    async def get(self, fetch: Callable[[], Awaitable[PriceTable]]) -> PriceTable:
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        async with self._lock:
+            if self._table is None:
+                self._table = await fetch()
+        return self._table

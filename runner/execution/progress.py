@@ -172,6 +172,10 @@ class Progress:
             f"spent {format_usd(t.spent_usd)} of est. {format_usd(t.estimate_usd)}"
         )
 
+    def due(self) -> bool:
+        """Whether :meth:`refresh` would draw now (a caller summing a tally may skip it)."""
+        return self._bar is not None or self.clock() - self._last_line_s >= self.interval_s
+
     def refresh(self) -> None:
         t = self.tally
         if self._bar is not None:

@@ -11,11 +11,9 @@ admitting; the second cancels everything (in-flight jobs stay recorded with requ
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
-from dataclasses import replace
+from collections.abc import Mapping
 from datetime import timedelta
 from decimal import Decimal
-from itertools import islice
 from typing import Any
 
 import anyio
@@ -28,6 +26,7 @@ from runner.errors import ManifestError, RowError
 from runner.execution.budget import Spend
 from runner.execution.gate import Slots
 from runner.execution.interrupts import FIRST, SECOND, Interrupts, two_steps
+from runner.execution.jobsource import JobSource, ManifestSource, job_stream
 from runner.execution.outcome import Lost
 from runner.execution.progress import Progress, Tally
 from runner.execution.reconcile import Intent
@@ -41,42 +40,11 @@ from runner.ledger.resume import Action, ResumePolicy, decide
 from runner.ledger.schema import JobRecord, JobState, LedgerEvent, utcnow
 from runner.ledger.state import LedgerState
 from runner.ledger.store import Ledger
-from runner.manifest.batches import iter_manifest_jobs
-from runner.manifest.identity import shard_of
-from runner.manifest.jobs import ExpandOptions, Job, row_identity
+from runner.manifest.jobs import Job, row_identity
 from runner.manifest.plan import job_estimate
 from runner.media.downloads import DownloadStage, pending_downloads
 from runner.media.inputs import InputProber, InputSizer
 from runner.media.uploads import Uploader
-
-BATCH = 256
-
-
-def expand_options(config: RunConfig) -> ExpandOptions:
-    return ExpandOptions(
-        manifest_dir=config.manifest.resolve().parent,
-        default_endpoint=config.default_endpoint,
-        allowed_endpoints=frozenset(config.allowed_endpoints),
-        defaults=dict(config.defaults),
-        prompt_template=config.prompt_template,
-        id_column=config.id_column,
-    )
-
-
-def job_stream(config: RunConfig, *, check_unique_ids: bool = True) -> Iterator[Job | RowError]:
-    options = replace(expand_options(config), check_unique_ids=check_unique_ids)
-    items = iter_manifest_jobs(config.manifest, config.fmt, options)
-    if config.shards is None or config.shard is None:
-        return items
-    return _in_shard(items, config.shard, config.shards)
-
-
-def _in_shard(items: Iterator[Job | RowError], shard: int, shards: int) -> Iterator[Job | RowError]:
-    """The jobs (and bad rows) of one shard: by a hash of the row's identity."""
-    for item in items:
-        identity = item.row_id if isinstance(item, Job) else row_identity(item.problems[0])
-        if shard_of(identity, shards) == shard:
-            yield item
 
 
 def strict_check(config: RunConfig) -> None:
@@ -151,6 +119,7 @@ class Scheduler:
         followed: Mapping[str, frozenset[str]] | None = None,
         submit_window_s: float = 300.0,
         window: Slots | None = None,
+        source: JobSource | None = None,
     ) -> None:
         self.config = config
         self.ledger = ledger
@@ -179,6 +148,8 @@ class Scheduler:
         self.interrupted = False
         # The key's in-flight slots: this run's own, or an account gate's shared ones.
         self.window: Slots = window or anyio.Semaphore(config.in_flight_limit)
+        # Its jobs: the manifest read here, or a sharded run's one reading of it.
+        self.source: JobSource = source or ManifestSource(config)
         self._acquiring: anyio.CancelScope | None = None
         self._unsent: Unsent | None = None  # the workers' jobs that have sent nothing yet
         self.lost_slots = 0
@@ -197,38 +168,31 @@ class Scheduler:
             self._acquiring.cancel()
 
     async def count(self) -> None:
-        """The manifest's job count and estimated dollars, for the bar (in a thread)."""
+        """The manifest's job count and estimated dollars, for the bar."""
+        sizer = InputSizer(self.config.manifest.resolve().parent)
 
-        def tally_all() -> tuple[int, Decimal]:
-            jobs, usd = 0, Decimal(0)
-            sizer = InputSizer(self.config.manifest.resolve().parent)
-            # Only counting: admission reports duplicate ids, this pass need not hold them.
-            for item in job_stream(self.config, check_unique_ids=False):
-                if isinstance(item, Job):
-                    jobs += 1
-                    est = job_estimate(item, self.prices, sizer, sizer.lora_bytes)
-                    usd += est.usd or Decimal(0)
-                else:
-                    jobs += 1
-            return jobs, usd
+        def estimate(job: Job) -> Decimal | None:
+            return job_estimate(job, self.prices, sizer, sizer.lora_bytes).usd
 
-        total, usd = await anyio.to_thread.run_sync(tally_all, abandon_on_cancel=True)
+        total, usd = await self.source.count(estimate)
         self.tally.total, self.tally.estimate_usd = total, usd
         self.progress.refresh()
 
     async def admit(self, tg: anyio.abc.TaskGroup, shared: Shared) -> None:
-        """Stream the manifest and start a worker for every job that should run now."""
-        stream = job_stream(self.config)
+        """Read the jobs and start a worker for every job that should run now."""
         self._unsent = shared.unsent
-        while not self.stop_admitting.is_set():
-            batch = await anyio.to_thread.run_sync(lambda: list(islice(stream, BATCH)))
-            if not batch:
-                return
-            for item in batch:
-                if self.stop_admitting.is_set():
+        try:
+            while not self.stop_admitting.is_set():
+                batch = await self.source.next_batch()
+                if not batch:
                     return
-                if not await self._admit_one(item, tg, shared):
-                    return
+                for item in batch:
+                    if self.stop_admitting.is_set():
+                        return
+                    if not await self._admit_one(item, tg, shared):
+                        return
+        finally:
+            self.source.close()
 
     def _storage_stop(self) -> bool:
         """Stop paying for outputs the local disk cannot keep."""

@@ -22,6 +22,7 @@ import anyio.to_thread
 import pyarrow as pa
 
 from runner.errors import LedgerError
+from runner.ledger.commits import CommitGroup
 from runner.ledger.fold import (
     JOURNAL_DIR,
     LEDGER_DIR,
@@ -94,6 +95,8 @@ class Ledger:
         self._commit_lock: tuple[object, anyio.Lock] | None = None
         self._closed = False
         self._broken: OSError | None = None
+        # Shards in one process commit in shared rounds (None: this ledger's own thread trip).
+        self.commits: CommitGroup | None = None
 
     @classmethod
     def open(
@@ -166,7 +169,10 @@ class Ledger:
             if self._durable_seq < target:
                 # A shielded flush: cancelling a waiter must not cancel a half-done write.
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(self._flush)
+                    if self.commits is None:
+                        await anyio.to_thread.run_sync(self._flush)
+                    else:
+                        await self.commits.flush(self._flush)
         if self._checkpoint_due() and not self._checkpointing.locked():
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._checkpoint_if_due)

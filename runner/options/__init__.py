@@ -206,6 +206,6 @@ def manifest_config(args: argparse.Namespace) -> RunConfig:
 
 def expand_options(config: RunConfig) -> ExpandOptions:
     """How the configuration's manifest rows become jobs."""
-    from runner.execution.scheduler import expand_options as from_config
+    from runner.execution.jobsource import expand_options as from_config
 
     return from_config(config)

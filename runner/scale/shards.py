@@ -7,6 +7,9 @@
         rate with AIMD (its level in a file with --gate-dir), pacing
       one budget pool for the invocation (with --gate-dir, a file every process on the run
         directory shares: runner.execution.spendfile); each shard's run its own handle on it
+      one ManifestFeed: the manifest read once (and counted once), each job to its shard;
+        one TLS context; one CommitGroup: the shards' ledgers fsync in shared rounds; one price
+        table per key (on its gate)
       task group: every shard (or --shard K's) runs runner.execution.engine.execute on
         RUN_DIR/shards/K with only its jobs; one progress view over all their tallies;
         Ctrl-C counted once for all of them (the two-step stop of runner.execution.interrupts)
@@ -26,6 +29,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import httpx
 
 from runner.config import RunConfig
 from runner.errors import EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_JOBS_FAILED, EXIT_OK, UsageError
@@ -41,6 +45,8 @@ from runner.execution.sharedrate import FileLevel
 from runner.execution.spend import PooledSpend
 from runner.execution.spendfile import FilePool
 from runner.execution.summary import RunReport
+from runner.ledger.commits import CommitGroup
+from runner.scale.feed import ManifestFeed
 from runner.scale.keys import KeySpec, key_for_shard, load_keys
 from runner.scale.layout import claim, recorded_keys, shard_dir
 from runner.scale.shardlog import Relay, ShardLines
@@ -115,6 +121,9 @@ async def execute_sharded(config: RunConfig, *, hooks: Hooks | None = None) -> R
             gates[spec.fingerprint] = build_gate(config, spec, PooledSpend(pool, caps), hooks)
     tallies: list[Tally] = []
     reports: dict[int, RunReport] = {}
+    feed = ManifestFeed(config, picks)  # the manifest read once for all of them
+    tls = None if hooks.transport else await anyio.to_thread.run_sync(httpx.create_ssl_context)
+    commits = CommitGroup()  # the shards' ledgers fsync in shared rounds
     view = Tally(redact=config.redactor())
     progress = Progress(view, stream=hooks.stream, quiet=config.quiet, log_format=config.log_format)
     relay = Relay(progress.say, view.listener)  # the listener: JSON failure events
@@ -126,7 +135,8 @@ async def execute_sharded(config: RunConfig, *, hooks: Hooks | None = None) -> R
         gate = replace(gates[spec.fingerprint], budget=PooledSpend(pool, caps, shard=shard))
         shard_hooks = replace(
             hooks, gate=gate, handle_signals=False, interrupts=interrupts,
-            stream=ShardLines(shard, relay), on_tally=tallies.append,
+            stream=ShardLines(shard, relay), on_tally=tallies.append, jobs=feed.source(shard),
+            ssl_context=tls, commits=commits,
         )  # fmt: skip
         reports[shard] = await execute(shard_config(config, shard, spec), hooks=shard_hooks)
 
@@ -136,11 +146,15 @@ async def execute_sharded(config: RunConfig, *, hooks: Hooks | None = None) -> R
             if hooks.handle_signals and interrupts is not None:
                 tg.start_soon(interrupts.from_signals)
                 tg.start_soon(announce, interrupts, lambda: view.in_flight, progress.say)
+            tg.start_soon(feed.run)
+            tg.start_soon(feed.run_count)
             async with anyio.create_task_group() as shards:
                 for shard in picks:
                     shards.start_soon(one, shard)
             tg.cancel_scope.cancel()
     finally:
+        commits.close()
+        feed.close()
         for gate in gates.values():
             if isinstance(gate.slots, FileSlots):
                 gate.slots.close()
@@ -153,8 +167,9 @@ async def execute_sharded(config: RunConfig, *, hooks: Hooks | None = None) -> R
 
 async def _show(view: Tally, tallies: Sequence[Tally], progress: Progress) -> None:
     while True:
-        sum_tallies(tallies, into=view)
-        progress.refresh()
+        if progress.due():  # summing 16 tallies twice a second for nothing cost ~1% CPU
+            sum_tallies(tallies, into=view)
+            progress.refresh()
         await anyio.sleep(0.5)
 
 

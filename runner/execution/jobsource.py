@@ -1,0 +1,113 @@
+"""Where admission's jobs come from: the manifest read by this run, or a shared feed.
+
+    job_stream(config)    the manifest's jobs (and bad rows); only shard K's under --shard K
+    JobSource             what admission reads: batches of jobs, and their count for the bar
+    ManifestSource        a run reading the manifest itself (twice: a count, and admission)
+
+Shards run in one process read the manifest once for all of them instead
+(:class:`runner.scale.feed.ManifestFeed` hands each shard a :class:`JobSource`): sixteen
+shards each reading the whole manifest twice to keep a sixteenth of it was half the client
+CPU of a sharded run (docs/SCALE.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from decimal import Decimal
+from itertools import islice
+from typing import Protocol
+
+import anyio.to_thread
+
+from runner.config import RunConfig
+from runner.errors import RowError
+from runner.manifest.batches import iter_manifest_jobs
+from runner.manifest.identity import shard_of
+from runner.manifest.jobs import ExpandOptions, Job, row_identity
+
+# Jobs read per trip to a worker thread.
+BATCH = 256
+
+# A job's estimated dollars (None: unknown), for the bar's total.
+Estimator = Callable[[Job], Decimal | None]
+
+
+def expand_options(config: RunConfig) -> ExpandOptions:
+    return ExpandOptions(
+        manifest_dir=config.manifest.resolve().parent,
+        default_endpoint=config.default_endpoint,
+        allowed_endpoints=frozenset(config.allowed_endpoints),
+        defaults=dict(config.defaults),
+        prompt_template=config.prompt_template,
+        id_column=config.id_column,
+    )
+
+
+def job_stream(config: RunConfig, *, check_unique_ids: bool = True) -> Iterator[Job | RowError]:
+    options = replace(expand_options(config), check_unique_ids=check_unique_ids)
+    items = iter_manifest_jobs(config.manifest, config.fmt, options)
+    if config.shards is None or config.shard is None:
+        return items
+    return _in_shard(items, config.shard, config.shards)
+
+
+def item_shard(item: Job | RowError, shards: int) -> int:
+    """The shard of a job (or a bad row): by a hash of the row's identity."""
+    identity = item.row_id if isinstance(item, Job) else row_identity(item.problems[0])
+    return shard_of(identity, shards)
+
+
+def _in_shard(items: Iterator[Job | RowError], shard: int, shards: int) -> Iterator[Job | RowError]:
+    """The jobs (and bad rows) of one shard."""
+    return (item for item in items if item_shard(item, shards) == shard)
+
+
+def count_jobs(items: Iterator[Job | RowError], estimate: Estimator) -> tuple[int, Decimal]:
+    """How many jobs (bad rows included) and their estimated dollars."""
+    jobs, usd = 0, Decimal(0)
+    for item in items:
+        jobs += 1
+        if isinstance(item, Job):
+            usd += estimate(item) or Decimal(0)
+    return jobs, usd
+
+
+class JobSource(Protocol):
+    """What admission reads its jobs from."""
+
+    async def next_batch(self) -> list[Job | RowError]:
+        """The next jobs in manifest order; [] at the end."""
+        ...
+
+    def close(self) -> None:
+        """Admission wants no more (it may stop before the end)."""
+        ...
+
+    async def count(self, estimate: Estimator) -> tuple[int, Decimal]:
+        """This run's job count and estimated dollars (a pass of its own)."""
+        ...
+
+
+class ManifestSource:
+    """A run's own reading of the manifest (in worker threads, a batch at a time)."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self._stream: Iterator[Job | RowError] | None = None
+
+    async def next_batch(self) -> list[Job | RowError]:
+        if self._stream is None:
+            self._stream = job_stream(self.config)
+        stream = self._stream
+        return await anyio.to_thread.run_sync(lambda: list(islice(stream, BATCH)))
+
+    def close(self) -> None:
+        self._stream = None
+
+    async def count(self, estimate: Estimator) -> tuple[int, Decimal]:
+        # Only counting: admission reports duplicate ids, this pass need not hold them.
+        def tally_all() -> tuple[int, Decimal]:
+            return count_jobs(job_stream(self.config, check_unique_ids=False), estimate)
+
+        return await anyio.to_thread.run_sync(tally_all, abandon_on_cancel=True)
