@@ -16,6 +16,7 @@ Every HTTP read goes through the one retry policy (:func:`runner.fal.retry.call_
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -41,6 +42,13 @@ from runner.fal.protocol import (
     Status,
 )
 from runner.fal.retry import RetryPolicy, call_with_retry
+
+# A first look re-aims (sleeps again, no call) while the model's prediction lies at least
+# REAIM_S ahead, at most REAIMS times; a job waiting for an unseen endpoint's model checks
+# it at least every MODEL_CHECK_S.
+REAIM_S = 0.01
+REAIMS = 8
+MODEL_CHECK_S = 0.25
 
 
 @dataclass(slots=True)
@@ -95,6 +103,10 @@ class Pacing:
     min_poll_s: float = 0.05
     max_poll_s: float = 30.0
     model: ServiceModel = field(default_factory=ServiceModel)
+    # Running jobs that explore an endpoint the model has not seen (the others wait), and
+    # how many do so now, per endpoint.
+    explorers: int = 2
+    exploring: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(slots=True)
@@ -230,40 +242,71 @@ class Poller:
 
     async def wait(self, watch: Watch, *, wake: anyio.Event | None = None) -> Finished:
         """Poll until COMPLETED. With ``wake``, return early (status None) when it is set."""
-        model, waited = self.pacing.model, 0.0
-        if not model.known(watch.endpoint) and (watch.position or 0) > 0:
-            waited = await self._await_model(watch, wake)
-        judge = model.known(watch.endpoint)  # a look the model aimed trains its lag
-        delay = max(self._first_delay(watch) - waited, self.pacing.min_poll_s)
+        explorer = False
+        if not self.pacing.model.known(watch.endpoint):
+            explorer = await self._await_model(watch, wake)
+        try:
+            return await self._looks(watch, wake)
+        finally:
+            if explorer:
+                self.pacing.exploring[watch.endpoint] -= 1
+
+    async def _looks(self, watch: Watch, wake: anyio.Event | None) -> Finished:
+        model = self.pacing.model
+        # The lag a look the model aimed was aimed with: what finds trains the lag.
+        aimed: float | None = None
+        if model.known(watch.endpoint):
+            aimed = await self._aim(watch, wake)
+        else:
+            await self._nap(self._first_delay(watch), wake)
         polls = 0
         peeking = True
         while True:
-            await self._nap(delay, wake)
             if peeking and self.result_first.enabled:
                 peek = await self.reader.peek(watch, self.result_first.not_ready)
                 self.result_first.count(peek)
                 polls += 1
                 if peek is not None and peek.result is not None:
-                    if judge:
-                        model.lag.first_look(done=True)
+                    if aimed is not None:
+                        model.lag.first_look(done=True, aimed=aimed)
                     done = Completed(logs=None)
                     note(watch, done, self.reader.clock())
                     return ResultIn(done, peek.result)
                 if peek is not None and peek.not_ready:
-                    if judge:
-                        model.lag.first_look(done=False)
-                        judge = False
-                    delay = self._not_ready_delay(watch, polls)
+                    if aimed is not None:
+                        model.lag.first_look(done=False, aimed=aimed)
+                        aimed = None
+                    await self._nap(self._not_ready_delay(watch, polls), wake)
                     continue
                 peeking = False  # an answer we cannot read: the status says what it meant
             status = await self.reader.status(watch)
             polls += 1
-            if judge:
-                model.lag.first_look(done=isinstance(status, Completed))
-                judge = False
+            if aimed is not None:
+                model.lag.first_look(done=isinstance(status, Completed), aimed=aimed)
+                aimed = None
             if isinstance(status, Completed):
                 return StatusIn(status)
-            delay = self._next_delay(watch, status, polls)
+            await self._nap(self._next_delay(watch, status, polls), wake)
+
+    async def _aim(self, watch: Watch, wake: anyio.Event | None) -> float | None:
+        """Sleep until the first look the model predicts, counted from the submit.
+
+        Each wake-up aims again without a call: a lag learned meanwhile (other jobs' early
+        looks) moves this look too, instead of every look aimed before it coming early as
+        well. Returns the lag the look is aimed with, or None when the predicted time had
+        passed already (a job handed over late by a stream): a late look teaches nothing.
+        """
+        min_s = self.pacing.min_poll_s
+        left = watch.submitted_s + self._first_delay(watch) - self.reader.clock()
+        if left <= 0:
+            await self._nap(min_s, wake)
+            return None
+        for _ in range(REAIMS):
+            await self._nap(max(left, min_s), wake)
+            left = watch.submitted_s + self._first_delay(watch) - self.reader.clock()
+            if left < REAIM_S:
+                break
+        return self.pacing.model.lag.lag
 
     async def _nap(self, delay: float, wake: anyio.Event | None) -> None:
         if wake is None:
@@ -274,14 +317,26 @@ class Poller:
         if wake.is_set():
             raise Woken
 
-    async def _await_model(self, watch: Watch, wake: anyio.Event | None) -> float:
-        """A queued job ends after one ahead of it, which teaches the model: wait for that
-        without calls instead of exploring (at most ``max_poll_s``). Returns the wait."""
-        step, waited = self.pacing.min_poll_s, 0.0
-        while not self.pacing.model.known(watch.endpoint) and waited < self.pacing.max_poll_s:
+    async def _await_model(self, watch: Watch, wake: anyio.Event | None) -> bool:
+        """Before an endpoint's first job is seen: whether this job explores.
+
+        Exploring looks early and then less often (:func:`explore_delay_s`) to learn the
+        service time from a real completion. ``Pacing.explorers`` running jobs of an
+        endpoint do so; the others, and every queued job (it ends after one ahead of it),
+        wait for the model without calls, taking an explorer's place when one ends without
+        teaching it, and exploring anyway after ``max_poll_s``.
+        """
+        pacing, endpoint = self.pacing, watch.endpoint
+        step, waited = pacing.min_poll_s, 0.0
+        while not pacing.model.known(endpoint):
+            if (watch.position or 0) <= 0 and pacing.exploring[endpoint] < pacing.explorers:
+                pacing.exploring[endpoint] += 1
+                return True
+            if waited >= pacing.max_poll_s:
+                break
             await self._nap(step, wake)
-            waited, step = waited + step, min(step * 1.5, 1.0)
-        return waited
+            waited, step = waited + step, min(step * 1.5, MODEL_CHECK_S)
+        return False
 
     def _not_ready_delay(self, watch: Watch, polls: int) -> float:
         """After "still running": assume it started when predicted, and is now overdue."""
