@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import httpx
@@ -87,6 +88,7 @@ class LockstepQueue:
     def handler(self, request: httpx.Request) -> httpx.Response:
         request_id = request.url.path.rsplit("/", 1)[-1]
         self.calls["result"] += 1
+        body: dict[str, Any]
         if self.time.now < self.ends[request_id]:
             self.calls["not ready"] += 1
             code, body = RUNNING
