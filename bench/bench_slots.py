@@ -11,6 +11,9 @@ time scale makes each job ``max(--real-service-s, slots / --real-rate)`` real se
 and the submits a second the slots need (slots / real service time) stay within what one
 shared core gives (``--real-rate``, 40/s); bench_overhead measures the ceiling itself.
 ``--rates default 10`` adds runs with ``--rate`` given. ``--quick``: 320 jobs a cell.
+Each run also reports the client's CPU seconds and the seconds the client and the emulator
+spent runnable but waiting for a CPU (``/proc/PID/task/*/schedstat``): on a shared machine
+a makespan over the bound with long waits is the load's, not the pacing's.
 
 Jobs take 2-8 emulated seconds (as in bench_calls). The lower bound of the makespan is
 the total service time divided by the slots: the emulator reports the slot-seconds its
@@ -26,6 +29,7 @@ mode, stream mode, and poll mode with ``--max-in-flight`` three times the slots.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from collections.abc import Callable
 from functools import partial
@@ -48,6 +52,22 @@ from common import (
 )
 
 MATRIX_SLOTS = (4, 16, 40)
+
+
+def runq_wait_s(pid: int | str = "self") -> float:
+    """Seconds the threads of a process spent runnable but waiting for a CPU so far
+    (``/proc/PID/task/*/schedstat``, second field): on a shared machine, how much of a
+    run's wall time was the load's rather than the client's."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as fh:
+                total += int(fh.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that ended meanwhile
+    return total / 1e9
+
+
 MATRIX_SERVICE_S = (0.3, 3.0, 10.0)
 
 
@@ -86,22 +106,26 @@ def matrix(args: argparse.Namespace) -> list[Phase]:
                     starts.append(("fal_client (interval 0.1 s real)", partial(
                         run_baseline, "fal_client", emu, requests, concurrency=c)))  # fmt: skip
                 for name, start in starts:
+                    waits = runq_wait_s(), runq_wait_s(emu.proc.pid)
                     phase = measure(emu, start)
+                    waited = runq_wait_s() - waits[0], runq_wait_s(emu.proc.pid) - waits[1]
                     results.append(phase)
                     ratio = phase.makespan_s / max(phase.bound_s(c), 1e-9)
                     rows.append([
                         name, c, service_s, scale, f"{phase.run.completed:,}/{n:,}",
                         phase.bound_s(c), phase.makespan_s, ratio, phase.per_job(),
                         phase.per_job("status"), phase.per_job("result"),
-                        "yes" if ratio <= 1.03 else "no",
+                        phase.run.cpu_s, waited[0], waited[1], "yes" if ratio <= 1.03 else "no",
                     ])  # fmt: skip
                     print(f"  c={c} service={service_s:g}s {name}: makespan/bound {ratio:.3f}, "
                           f"{phase.per_job():.2f} calls/job ({phase.per_job('status'):.2f} status, "
-                          f"{phase.per_job('result'):.2f} result)", flush=True)  # fmt: skip
+                          f"{phase.per_job('result'):.2f} result); client CPU "
+                          f"{phase.run.cpu_s:.1f} s, waiting for a CPU: client {waited[0]:.1f} s, "
+                          f"emulator {waited[1]:.1f} s; load {load_avg()}", flush=True)  # fmt: skip
     print(table(
         ["client", "slots", "service (emulated s)", "time scale", "completed",
          "bound (real s)", "makespan (real s)", "makespan/bound", "calls/job", "status/job",
-         "result/job", "<= 1.03"],
+         "result/job", "client CPU s", "client runq s", "emulator runq s", "<= 1.03"],
         rows))  # fmt: skip
     print(f"goal: makespan/bound <= 1.03 with default flags; load average after: {load_avg()}")
     return results

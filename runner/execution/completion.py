@@ -8,18 +8,15 @@ result is still to be read), or a webhook's payload.
   completion instead of every 0.1 s. By default a look reads the result URL itself, so a
   job found done costs submit + one read; an answer it does not recognise sends it back
   to status reads (see :class:`ResultFirst`).
-- :class:`Streamer` holds the SSE status stream open. A stream that fails in any way (an
-  answer that is not an event stream, a drop before COMPLETED) hands its job to the
-  poller; when most streams of a run fail, the run polls from then on and says so once.
-- :class:`WebhookWaiter` waits for the webhook (fed by :meth:`WebhookWaiter.deliver`) and
-  polls a job whose webhook is late, so a lost webhook never stalls a run.
+- The push channels, the SSE status stream and the webhook, are in
+  :mod:`runner.execution.push`; each falls back to the poller.
 
 Every HTTP read goes through the one retry policy (:func:`runner.fal.retry.call_with_retry`).
 """
 
 from __future__ import annotations
 
-import math
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -45,6 +42,13 @@ from runner.fal.protocol import (
     Status,
 )
 from runner.fal.retry import RetryPolicy, call_with_retry
+
+# A first look re-aims (sleeps again, no call) while the model's prediction lies at least
+# REAIM_S ahead, at most REAIMS times; a job waiting for an unseen endpoint's model checks
+# it at least every MODEL_CHECK_S.
+REAIM_S = 0.01
+REAIMS = 8
+MODEL_CHECK_S = 0.25
 
 
 @dataclass(slots=True)
@@ -99,6 +103,10 @@ class Pacing:
     min_poll_s: float = 0.05
     max_poll_s: float = 30.0
     model: ServiceModel = field(default_factory=ServiceModel)
+    # Running jobs that explore an endpoint the model has not seen (the others wait), and
+    # how many do so now, per endpoint.
+    explorers: int = 2
+    exploring: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(slots=True)
@@ -234,40 +242,71 @@ class Poller:
 
     async def wait(self, watch: Watch, *, wake: anyio.Event | None = None) -> Finished:
         """Poll until COMPLETED. With ``wake``, return early (status None) when it is set."""
-        model, waited = self.pacing.model, 0.0
-        if not model.known(watch.endpoint) and (watch.position or 0) > 0:
-            waited = await self._await_model(watch, wake)
-        judge = model.known(watch.endpoint)  # a look the model aimed trains its lag
-        delay = max(self._first_delay(watch) - waited, self.pacing.min_poll_s)
+        explorer = False
+        if not self.pacing.model.known(watch.endpoint):
+            explorer = await self._await_model(watch, wake)
+        try:
+            return await self._looks(watch, wake)
+        finally:
+            if explorer:
+                self.pacing.exploring[watch.endpoint] -= 1
+
+    async def _looks(self, watch: Watch, wake: anyio.Event | None) -> Finished:
+        model = self.pacing.model
+        # The lag a look the model aimed was aimed with: what finds trains the lag.
+        aimed: float | None = None
+        if model.known(watch.endpoint):
+            aimed = await self._aim(watch, wake)
+        else:
+            await self._nap(self._first_delay(watch), wake)
         polls = 0
         peeking = True
         while True:
-            await self._nap(delay, wake)
             if peeking and self.result_first.enabled:
                 peek = await self.reader.peek(watch, self.result_first.not_ready)
                 self.result_first.count(peek)
                 polls += 1
                 if peek is not None and peek.result is not None:
-                    if judge:
-                        model.lag.first_look(done=True)
+                    if aimed is not None:
+                        model.lag.first_look(done=True, aimed=aimed)
                     done = Completed(logs=None)
                     note(watch, done, self.reader.clock())
                     return ResultIn(done, peek.result)
                 if peek is not None and peek.not_ready:
-                    if judge:
-                        model.lag.first_look(done=False)
-                        judge = False
-                    delay = self._not_ready_delay(watch, polls)
+                    if aimed is not None:
+                        model.lag.first_look(done=False, aimed=aimed)
+                        aimed = None
+                    await self._nap(self._not_ready_delay(watch, polls), wake)
                     continue
                 peeking = False  # an answer we cannot read: the status says what it meant
             status = await self.reader.status(watch)
             polls += 1
-            if judge:
-                model.lag.first_look(done=isinstance(status, Completed))
-                judge = False
+            if aimed is not None:
+                model.lag.first_look(done=isinstance(status, Completed), aimed=aimed)
+                aimed = None
             if isinstance(status, Completed):
                 return StatusIn(status)
-            delay = self._next_delay(watch, status, polls)
+            await self._nap(self._next_delay(watch, status, polls), wake)
+
+    async def _aim(self, watch: Watch, wake: anyio.Event | None) -> float | None:
+        """Sleep until the first look the model predicts, counted from the submit.
+
+        Each wake-up aims again without a call: a lag learned meanwhile (other jobs' early
+        looks) moves this look too, instead of every look aimed before it coming early as
+        well. Returns the lag the look is aimed with, or None when the predicted time had
+        passed already (a job handed over late by a stream): a late look teaches nothing.
+        """
+        min_s = self.pacing.min_poll_s
+        left = watch.submitted_s + self._first_delay(watch) - self.reader.clock()
+        if left <= 0:
+            await self._nap(min_s, wake)
+            return None
+        for _ in range(REAIMS):
+            await self._nap(max(left, min_s), wake)
+            left = watch.submitted_s + self._first_delay(watch) - self.reader.clock()
+            if left < REAIM_S:
+                break
+        return self.pacing.model.lag.lag
 
     async def _nap(self, delay: float, wake: anyio.Event | None) -> None:
         if wake is None:
@@ -276,16 +315,28 @@ class Poller:
         with anyio.move_on_after(delay):
             await wake.wait()
         if wake.is_set():
-            raise _Woken
+            raise Woken
 
-    async def _await_model(self, watch: Watch, wake: anyio.Event | None) -> float:
-        """A queued job ends after one ahead of it, which teaches the model: wait for that
-        without calls instead of exploring (at most ``max_poll_s``). Returns the wait."""
-        step, waited = self.pacing.min_poll_s, 0.0
-        while not self.pacing.model.known(watch.endpoint) and waited < self.pacing.max_poll_s:
+    async def _await_model(self, watch: Watch, wake: anyio.Event | None) -> bool:
+        """Before an endpoint's first job is seen: whether this job explores.
+
+        Exploring looks early and then less often (:func:`explore_delay_s`) to learn the
+        service time from a real completion. ``Pacing.explorers`` running jobs of an
+        endpoint do so; the others, and every queued job (it ends after one ahead of it),
+        wait for the model without calls, taking an explorer's place when one ends without
+        teaching it, and exploring anyway after ``max_poll_s``.
+        """
+        pacing, endpoint = self.pacing, watch.endpoint
+        step, waited = pacing.min_poll_s, 0.0
+        while not pacing.model.known(endpoint):
+            if (watch.position or 0) <= 0 and pacing.exploring[endpoint] < pacing.explorers:
+                pacing.exploring[endpoint] += 1
+                return True
+            if waited >= pacing.max_poll_s:
+                break
             await self._nap(step, wake)
-            waited, step = waited + step, min(step * 1.5, 1.0)
-        return waited
+            waited, step = waited + step, min(step * 1.5, MODEL_CHECK_S)
+        return False
 
     def _not_ready_delay(self, watch: Watch, polls: int) -> float:
         """After "still running": assume it started when predicted, and is now overdue."""
@@ -313,133 +364,5 @@ class Poller:
         )
 
 
-class _Woken(Exception):  # control flow between WebhookWaiter and Poller
-    """The webhook arrived while the poller slept."""
-
-
-@dataclass(slots=True)
-class ChannelHealth:
-    """Whether a push channel still serves the run, shared by every job of a run.
-
-    Each job whose channel fails falls back to polling on its own; once ``min_sample``
-    jobs have tried it and most failed, the run stops opening it and says so once.
-    """
-
-    name: str
-    enabled: bool = True
-    min_sample: int = 10
-    say: Callable[[str], None] | None = None
-    tried: int = 0
-    failed: int = 0
-    first_error: str | None = None
-
-    def count(self, error: str | None) -> None:
-        self.tried += 1
-        if error is None:
-            return
-        self.failed += 1
-        self.first_error = self.first_error or error
-        if self.enabled and self.tried >= self.min_sample and 2 * self.failed > self.tried:
-            self.enabled = False
-            if self.say is not None:
-                self.say(
-                    f"{self.failed} of {self.tried} {self.name}s failed (first: "
-                    f"{self.first_error}): polling every job from now on"
-                )
-
-
-class Streamer:
-    """The SSE status stream, one connection per job; polling when the stream fails."""
-
-    def __init__(self, reader: Reader, poller: Poller, health: ChannelHealth) -> None:
-        self.reader = reader
-        self.poller = poller
-        self.health = health
-        self.fallbacks = 0
-
-    async def wait(self, watch: Watch) -> Finished:
-        if self.health.enabled:
-            try:
-                async with self.reader.client.stream(watch.ref) as events:
-                    async for status in events:
-                        note(watch, status, self.reader.clock())
-                        if isinstance(status, Completed):
-                            self.health.count(None)
-                            return StatusIn(status)
-            except AuthError:
-                raise
-            except FalError as exc:
-                # Not an event stream, refused, or dropped before COMPLETED: the job is
-                # still the queue's, and polling finds it.
-                self.health.count(str(exc)[:300])
-            self.fallbacks += 1
-        return await self.poller.wait(watch)
-
-
-@dataclass(slots=True)
-class _Slot:
-    event: anyio.Event = field(default_factory=anyio.Event)
-    payload: Any = None
-    ok: bool | None = None
-
-
-class WebhookWaiter:
-    """Wait for each job's webhook; poll any job whose webhook is late."""
-
-    def __init__(self, poller: Poller, *, grace_s: float = 1.0, lateness: float = 2.0) -> None:
-        self.poller = poller
-        self.grace_s = grace_s
-        self.lateness = lateness
-        self._slots: dict[str, _Slot] = {}
-        self._early: dict[str, _Slot] = {}
-        self.late_jobs = 0
-
-    def deliver(self, request_id: str, *, ok: bool, payload: Any) -> None:
-        """A verified, first-seen webhook for ``request_id`` arrived."""
-        slot = self._slots.get(request_id)
-        if slot is None:
-            # The webhook beat the submit acknowledgement's bookkeeping: keep it briefly.
-            if len(self._early) < 100_000:
-                slot = self._early.setdefault(request_id, _Slot())
-            else:
-                return
-        slot.payload, slot.ok = payload, ok
-        slot.event.set()
-
-    async def wait(self, watch: Watch) -> Finished:
-        rid = watch.ref.request_id
-        slot = self._early.pop(rid, None) or _Slot()
-        self._slots[rid] = slot
-        try:
-            started = self.poller.reader.clock()
-            # The deadline follows the model as it learns, so re-check it at least every
-            # second instead of fixing it from the prior at submit time.
-            while not slot.event.is_set():
-                left = started + self._patience_s(watch) - self.poller.reader.clock()
-                if left <= 0:
-                    break
-                with anyio.move_on_after(min(left, 1.0)):
-                    await slot.event.wait()
-            if not slot.event.is_set():
-                self.late_jobs += 1
-                try:
-                    finished = await self.poller.wait(watch, wake=slot.event)
-                except _Woken:
-                    pass
-                else:
-                    return finished
-            return self._from_webhook(slot)
-        finally:
-            self._slots.pop(rid, None)
-
-    def _patience_s(self, watch: Watch) -> float:
-        """How long to wait for a webhook before polling: twice the expected time, plus grace."""
-        mean, dev = self.poller.pacing.model.service_s(watch.endpoint, watch.units)
-        ahead = watch.position or 0
-        expected = (ahead / max(self.poller.pacing.slots, 1) + 1) * mean + 3 * dev
-        patience = expected * self.lateness + self.grace_s
-        return min(patience, 3600.0) if math.isfinite(patience) else 3600.0
-
-    @staticmethod
-    def _from_webhook(slot: _Slot) -> Finished:
-        return WebhookIn(ok=bool(slot.ok), payload=slot.payload)
+class Woken(Exception):
+    """The webhook arrived while the poller slept (control flow for the webhook waiter)."""

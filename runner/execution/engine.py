@@ -42,21 +42,13 @@ from runner import __version__
 from runner.config import RunConfig
 from runner.errors import LedgerError, RunnerError, UsageError
 from runner.execution.budget import Spend
-from runner.execution.completion import (
-    ChannelHealth,
-    Pacing,
-    Poller,
-    Reader,
-    ResultFirst,
-    Strategy,
-    Streamer,
-    WebhookWaiter,
-)
+from runner.execution.completion import Pacing, Poller, Reader, ResultFirst, Strategy
 from runner.execution.gate import AccountGate
 from runner.execution.interrupts import Interrupts
 from runner.execution.jobsource import JobSource
 from runner.execution.prices import price_table
 from runner.execution.progress import Progress, Tally
+from runner.execution.push import ChannelHealth, Streamer, WebhookWaiter
 from runner.execution.ratelimit import submit_rate
 from runner.execution.reconcile import Reconciler
 from runner.execution.recorder import Recorder

@@ -49,21 +49,30 @@ class QueueLag:
     ``[0, max_lag]``: the rest of a round in service is at most one service time.
     """
 
-    early_share: float = 0.05
+    early_share: float = 0.02
     step: float = 0.05
+    first_step: float = 0.4
     max_lag: float = 1.0
     lag: float = 0.0
     early: int = 0
     looks: int = 0
 
-    def first_look(self, *, done: bool) -> None:
+    def first_look(self, *, done: bool, aimed: float | None = None) -> None:
+        """What a first look found; ``aimed``: the lag it was aimed with (default: now's).
+
+        An early look raises the lag to a step above the one it was aimed with, not above
+        the current one: looks aimed before an earlier raise, and coming back early for
+        that, carry no news, and raising for each of them overshoots.
+        """
+        step = max(self.step, self.first_step / math.sqrt(1 + self.looks))
         self.looks += 1
         if done:
-            down = self.step * self.early_share / (1.0 - self.early_share)
+            down = step * self.early_share / (1.0 - self.early_share)
             self.lag = max(0.0, self.lag - down)
         else:
             self.early += 1
-            self.lag = min(self.max_lag, self.lag + self.step)
+            base = self.lag if aimed is None else min(aimed, self.lag)
+            self.lag = min(self.max_lag, max(self.lag, base + step))
 
 
 @dataclass(slots=True)
