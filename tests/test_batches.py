@@ -48,7 +48,11 @@ CELLS: dict[str, list[str]] = {
     "image_url": ["", "https://x/a.png", "http://x/b.jpg", "images/none.png", "data:x"],
     "output_format": ["", "jpeg", "png", "webp", "JPEG"],
     "sync_mode": ["", "true", "no", "Yes", "maybe", "1"],
-    "loras": ["", "", "", "owner/lora:0.7", '[{"path": "p", "scale": 2}]'],
+    "loras": ["", "", "", "owner/lora:0.7", '[{"path": "p", "scale": 2}]',
+              "https://h/l.safetensors:0.8", " https://h:8080/a/b:1.25 ", "http://h/x",
+              "https://h/a : 0.5", "https://h/a:+1", "https://h/a:1e2", "https://h/a:nan",
+              "https://h:8080", "https://h:8080:2", "https://h/a:0.5;https://h/b",
+              "https://h/ü:1", "https://h/a:0.10000000000000000555"],
     "variants": ["", "", "", "", "2", "0"],
     "note": ["", "n1", " n2 ", "x,y"],
 }
@@ -153,6 +157,25 @@ def test_plain_rows_take_the_vector_path(tmp_path: Path, small_blocks: None) -> 
     assert sum(b.counted for b in batches) == 200
     assert all(not b.items for b in batches)
     check_same(path, options)
+
+
+def test_remote_lora_shorthand_takes_the_vector_path(tmp_path: Path, small_blocks: None) -> None:
+    """One remote LoRA as ``url[:scale]`` is typed as a vector, and costs what the row costs."""
+    cells = ["https://h:8080/l{i}.safetensors:0.{i}", "https://h/l{i}", " https://h/l : {i} ",
+             "https://h/l{i}:{i}.25"]  # fmt: skip
+    lines = ["id,endpoint,prompt,loras"]
+    lines += [f"r{i},fal-ai/flux-lora,cat {i},{cells[i % 4].format(i=i % 10)}" for i in range(120)]
+    path = tmp_path / "m.csv"
+    path.write_text("\n".join(lines) + "\n")
+    options = ExpandOptions(manifest_dir=tmp_path)
+    batches = list(iter_job_batches(path, None, options, materialize=False))
+    assert sum(b.counted for b in batches) == 120
+    assert all(not b.items for b in batches)
+    check_same(path, options)
+    jobs = list(iter_manifest_jobs(path, None, options))
+    assert isinstance(jobs[0], Job)
+    assert jobs[0].payload["loras"] == [{"path": "https://h:8080/l0.safetensors", "scale": 0.0}]
+    assert jobs[2].payload["loras"] == [{"path": "https://h/l : 2", "scale": 1.0}]
 
 
 @pytest.mark.parametrize(

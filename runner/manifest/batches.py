@@ -45,7 +45,10 @@ from runner.manifest.reader import RawRow, detect_format, read_rows
 
 # What an estimate reads of a request (runner.endpoints.cost.estimate): rows alike in these
 # cost alike, so one request is validated per group.
-COST_FIELDS = ("num_images", "image_size", "resolution_mode", "image_url", "mask_url")
+COST_FIELDS = ("num_images", "image_size", "resolution_mode", "image_url", "mask_url", "loras")
+# Of those, fields whose cost is whether they are given (an input URL's size is unknown until
+# probed; a remote LoRA's size is unknown, so the estimate assumes the largest surcharge).
+_GIVEN_FIELDS = frozenset({*vector.FILE_FIELDS, "loras"})
 
 
 @dataclass
@@ -339,8 +342,7 @@ def _cost_groups(group: vector.Typed, counted: np.ndarray, maker: _Maker) -> lis
     for name in COST_FIELDS:
         if name in group.fields:
             values = group.fields[name].take(pa.array(where))
-            # An input URL's cost is its count (its size is unknown until probed).
-            given = name in vector.FILE_FIELDS
+            given = name in _GIVEN_FIELDS
             columns[name] = pc.is_valid(values) if given else values.cast(pa.string())
     table = pa.table(columns)
     keys = [name for name in columns if name != "at"]

@@ -174,6 +174,8 @@ def _typed_field(
         false = _np(pc.is_in(lowered, pa.array(_FALSE)))
         slow |= ~blank & ~true & ~false
         return pa.array(np.where(true, True, False), mask=blank | (~true & ~false))
+    if name == "loras":
+        return _loras(text, blank, spec, slow)
     if kind in ("int", "float"):
         pattern = _INT if kind == "int" else _FLOAT
         ok = _np(pc.match_substring_regex(text, pattern)) & ~blank
@@ -192,6 +194,42 @@ def _typed_field(
         return pa.array(numbers, mask=~ok)
     slow |= ~blank  # loras, image_urls, JSON and the like: parsed row by row
     return pa.nulls(len(text), pa.string())
+
+
+def _loras(text: pa.Array, blank: np.ndarray, spec: EndpointSpec, slow: np.ndarray) -> pa.Array:
+    """One remote LoRA in the ``url[:scale]`` shorthand, as :func:`cells.parse_loras` reads it.
+
+    Kept only where the cell is plain ASCII with no control character (so RE2's ``.`` and
+    digits are Python's), no ``;`` (one LoRA), a remote path (no local file to check or
+    size), and a scale in a form whose text both readers turn into the same double. The
+    rest (JSON, lists, local files, a bare ``https://host:port``) go row by row.
+    """
+    size = len(text)
+    if spec.max_loras == 0 or blank.all():
+        slow |= ~blank
+        return pa.nulls(size, _LORAS)
+    plain = _np(pc.string_is_ascii(text)) & ~_np(pc.match_substring_regex(text, _LORA_NOT_PLAIN))
+    parts = pc.extract_regex(text, _LORA_SCALED)
+    scaled = _np(pc.is_valid(parts))
+    path = pc.if_else(pa.array(scaled), pc.utf8_trim_whitespace(parts.field(0)), text)
+    scale_text = parts.field(1)
+    exact = _np(pc.fill_null(pc.match_substring_regex(scale_text, _LORA_SCALE), False))
+    ok = plain & (~scaled | exact) & _np(pc.match_substring_regex(path, _REMOTE))
+    ok &= ~_np(pc.match_substring_regex(path, _BARE_ORIGIN))
+    slow |= ~blank & ~ok
+    keep = ok & ~blank
+    scale = pc.cast(pc.if_else(pa.array(keep & scaled), scale_text, "1"), pa.float64())
+    items = pa.StructArray.from_arrays([path, scale], fields=list(_LORAS.value_type))
+    offsets = pa.array(np.arange(size + 1, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, items, type=_LORAS, mask=pa.array(~keep))
+
+
+_LORAS = pa.list_(pa.struct([("path", pa.string()), ("scale", pa.float64())]))
+# cells._SCALE_SUFFIX and cells._BARE_ORIGIN, on ASCII text without line breaks.
+_LORA_SCALED = r"^(?P<path>.+):(?P<scale>[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)$"
+_LORA_SCALE = r"^[0-9]{1,9}(?:\.[0-9]{1,15})?$"
+_LORA_NOT_PLAIN = r"[\x00-\x1f\x7f;]|^[\[{]"
+_BARE_ORIGIN = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/]*$"
 
 
 def _image_size(
