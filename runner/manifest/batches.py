@@ -31,7 +31,7 @@ from runner.endpoints.catalog import BaseRequest
 from runner.errors import RowError
 from runner.manifest import vector
 from runner.manifest.arrowcsv import ArrowRows, arrow_blocks, row_chunks
-from runner.manifest.identity import id_key, row_number_id
+from runner.manifest.identity import id_check, row_number_id
 from runner.manifest.jobs import (
     _ALL_PARAMETERS,
     _EXPANSION_COLUMNS,
@@ -266,13 +266,16 @@ def _claim_block(
     encoded = pc.dictionary_encode(given)
     codes = encoded.indices.to_numpy(zero_copy_only=False)
     distinct = encoded.dictionary.to_pylist()
-    row_keys = np.fromiter(map(id_key, distinct), np.int64, len(distinct))[codes]
-    keys, first, where = np.unique(row_keys, return_index=True, return_inverse=True)
+    # The block's distinct ids, exactly (by their text), with their first row in the block.
+    used, first, where = np.unique(codes, return_index=True, return_inverse=True)
+    texts = [distinct[code] for code in used.tolist()]
+    keys = np.fromiter(map(hash, texts), np.int64, len(texts))
+    checks = np.fromiter(map(id_check, texts), np.int64, len(texts)).astype(np.uint32)
     lines = np.asarray(block.lines, dtype=np.int64)[positions]
     table = expander.seen.first_lines
-    held = table.lookup(keys)
+    held = table.lookup(keys, checks)
     new = held == 0
-    table.add(keys[new], lines[first[new]])
+    table.add(keys[new], lines[first[new]], checks[new])
     firsts = np.where(new, lines[first], held)
     claimed: np.ndarray = positions[firsts[where.reshape(-1)] != lines]
     return claimed
