@@ -168,18 +168,48 @@ class KeyLines:
                 found[i] = self._clashes.get((int(keys[i]), int(checks[i])), 0)
         return found
 
+    def claim_many(self, keys: np.ndarray, checks: np.ndarray, lines: np.ndarray) -> np.ndarray:
+        """:meth:`lookup` then :meth:`add` of those not held, in one search of the runs.
+
+        The pairs must be distinct; the line held for each is returned (its own if new).
+        """
+        self._flush()
+        found = np.zeros(len(keys), dtype=np.int64)
+        taken = np.zeros(len(keys), dtype=bool)  # the key is held, maybe with another check
+        for run_keys, run_checks, run_lines, directory in self._runs:
+            at = _search(run_keys, directory, keys)
+            at[at == len(run_keys)] = 0
+            hit = run_keys[at] == keys
+            same = hit & (run_checks[at] == checks)
+            found[same] = run_lines[at[same]]
+            taken |= hit
+            for i in np.flatnonzero(hit & ~same).tolist():
+                found[i] = self._clashes.get((int(keys[i]), int(checks[i])), 0)
+        new = found == 0
+        if new.any():
+            aside = new & taken
+            for i in np.flatnonzero(aside).tolist():
+                self._clashes[int(keys[i]), int(checks[i])] = int(lines[i])
+            fresh = new & ~taken
+            self._add(keys[fresh], lines[fresh], checks[fresh], held=False)
+        return np.where(new, lines, found)
+
     def add(self, keys: np.ndarray, lines: np.ndarray, checks: np.ndarray | None = None) -> None:
         """Hold new (key, check) pairs (distinct, none held yet) with their lines."""
-        if not len(keys):
-            return
         if checks is None:
             checks = np.zeros(len(keys), dtype=np.uint32)
+        self._add(keys, lines, checks, held=True)
+
+    def _add(self, keys: np.ndarray, lines: np.ndarray, checks: np.ndarray, *, held: bool) -> None:
+        """:meth:`add`; ``held=False``: none of the keys is in a run (the caller looked)."""
+        if not len(keys):
+            return
         order = np.argsort(keys, kind="stable")
         keys, checks, lines = keys[order].astype(np.int64), checks[order], lines[order]
         # A key already held (with another check), or twice among these: kept aside.
         aside = np.zeros(len(keys), dtype=bool)
         aside[1:] = keys[1:] == keys[:-1]
-        for run_keys, _, _, directory in self._runs:
+        for run_keys, _, _, directory in self._runs if held else ():
             at = _search(run_keys, directory, keys)
             at[at == len(run_keys)] = 0
             aside |= run_keys[at] == keys
@@ -221,7 +251,7 @@ class KeyLines:
             checks = np.fromiter((c for c, _ in held), np.uint32, count)
             lines = np.fromiter((n for _, n in held), np.int64, count)
             self._pending = {}
-            self.add(keys, lines, checks)
+            self._add(keys, lines, checks, held=False)
 
     def _push(self, keys: np.ndarray, checks: np.ndarray, lines: np.ndarray) -> None:
         if not len(keys):
