@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import random
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,8 @@ CELLS: dict[str, list[str]] = {
     "image_size": ["", "square_hd", "landscape_4_3", "1024x768", "300X300", "0x10", "big",
                    "3000x3000", " square ", '{"width": 64, "height": 64}'],
     "num_images": ["", "1", "4", "5", "0", "2.0", "two", "-1", " 3 ", "+2"],
-    "seed": ["", "0", "42", "-7", "1e3", "9999999999999999999", "x"],
+    "seed": ["", "0", "42", "-7", "1e3", "9999999999999999999", "x", "0x10", "007", "-0",
+             "12345678901234567", "+3"],
     "guidance_scale": ["", "3.5", "0", "35", "36", ".5", "5.", "nan", "inf", "1e1", "-0"],
     "strength": ["", "0.5", "1", "0", "2"],
     "image_url": ["", "https://x/a.png", "http://x/b.jpg", "images/none.png", "data:x"],
@@ -182,6 +184,26 @@ def test_remote_lora_shorthand_takes_the_vector_path(tmp_path: Path, small_block
     assert isinstance(jobs[0], Job)
     assert jobs[0].payload["loras"] == [{"path": "https://h:8080/l0.safetensors", "scale": 0.0}]
     assert jobs[2].payload["loras"] == [{"path": "https://h/l : 2", "scale": 1.0}]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_columns_of_few_distinct_cells_are_typed_once_each(tmp_path: Path, seed: int) -> None:
+    """Whole blocks of many rows (cells of a column typed per distinct cell) agree too."""
+    rng = random.Random(seed)
+    columns = ["id", "endpoint", "prompt", "image_size", "num_images", "seed", "guidance_scale",
+               "output_format", "sync_mode", "loras", "note"]  # fmt: skip
+    rows = []
+    for n in range(3000):
+        row = {name: rng.choice(CELLS[name][:3] if n % 50 else CELLS[name]) for name in columns}
+        row.update(id=f"r{n % 2900}", endpoint="fal-ai/flux-lora", prompt=f"cat {n}")
+        if n % 3:  # most rows plain: the first rows of a block decide how a column is typed
+            row.update(seed=str(n), image_size="square", num_images="2", guidance_scale="3.5")
+        rows.append([row[c] for c in columns])
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows([columns, *rows])
+    path = tmp_path / "m.csv"
+    path.write_text(out.getvalue())
+    check_same(path, ExpandOptions(manifest_dir=tmp_path))
 
 
 @pytest.mark.parametrize(

@@ -160,6 +160,33 @@ def _typed_field(
     blank = cols.blank(name)
     if skip is not None and name == "prompt":
         blank = blank | skip[1]
+    elif name != "prompt" and _few_distinct(text):
+        # A column of few distinct cells (sizes, counts, presets): each typed once.
+        encoded = pc.dictionary_encode(text)
+        distinct: pa.Array = encoded.dictionary
+        codes = encoded.indices.to_numpy(zero_copy_only=False)
+        once = np.zeros(len(distinct), dtype=bool)
+        values = _typed_text(name, spec, distinct, _np(pc.equal(distinct, "")), once)
+        slow |= once[codes]
+        return values.take(encoded.indices)
+    return _typed_text(name, spec, text, blank, slow)
+
+
+def _few_distinct(text: pa.Array) -> bool:
+    """Whether the column seems to hold few distinct cells (judged from its first rows)."""
+    if len(text) < 4 * _SAMPLE:
+        return False
+    head = pc.count_distinct(text.slice(0, _SAMPLE)).as_py()
+    return bool(head * 8 <= _SAMPLE)
+
+
+_SAMPLE = 256
+
+
+def _typed_text(
+    name: str, spec: EndpointSpec, text: pa.Array, blank: np.ndarray, slow: np.ndarray
+) -> pa.Array:
+    """:func:`_typed_field` of stripped ``text``, ``blank`` where it is not given."""
     if name == "image_size":
         return _image_size(text, blank, spec, slow)
     kind = _kind(spec, name)
@@ -177,13 +204,8 @@ def _typed_field(
     if name == "loras":
         return _loras(text, blank, spec, slow)
     if kind in ("int", "float"):
-        pattern = _INT if kind == "int" else _FLOAT
-        ok = _np(pc.match_substring_regex(text, pattern)) & ~blank
+        numbers, ok = _numbers(text, blank, kind)
         slow |= ~blank & ~ok
-        cast = pc.cast(
-            pc.if_else(pa.array(ok), text, "0"), pa.int64() if kind == "int" else pa.float64()
-        )
-        numbers = cast.to_numpy(zero_copy_only=False)
         low, high = _bounds(spec, name)
         within = np.isfinite(numbers) if kind == "float" else np.ones(len(numbers), dtype=bool)
         if low is not None:
@@ -194,6 +216,31 @@ def _typed_field(
         return pa.array(numbers, mask=~ok)
     slow |= ~blank  # loras, image_urls, JSON and the like: parsed row by row
     return pa.nulls(len(text), pa.string())
+
+
+def _numbers(text: pa.Array, blank: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """The cells as int64 or float64, and which of them are numbers both readers agree on.
+
+    Integers are cast at once first: what Arrow reads as an int64 (``-`` and digits) ``int()``
+    reads the same, except hexadecimal (``0x1F``, which ``int()`` refuses), so a block with an
+    ``x`` in the column is not cast at once. Past 15 digits, and in any block where the cast
+    fails, the :data:`_INT` pattern decides, as it does for every number cell.
+    """
+    hexadecimal = kind == "int" and pc.any(pc.match_substring(text, "x", ignore_case=True))
+    if kind == "int" and not hexadecimal.as_py():
+        try:
+            cast = pc.cast(_nulled(text, blank).fill_null("0"), pa.int64())
+        except pa.ArrowInvalid:
+            pass
+        else:
+            numbers = cast.to_numpy(zero_copy_only=False)
+            return numbers, ~blank & (np.abs(numbers) < 10**15)
+    pattern = _INT if kind == "int" else _FLOAT
+    ok = _np(pc.match_substring_regex(text, pattern)) & ~blank
+    cast = pc.cast(
+        pc.if_else(pa.array(ok), text, "0"), pa.int64() if kind == "int" else pa.float64()
+    )
+    return cast.to_numpy(zero_copy_only=False), ok
 
 
 def _loras(text: pa.Array, blank: np.ndarray, spec: EndpointSpec, slow: np.ndarray) -> pa.Array:
