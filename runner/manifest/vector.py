@@ -226,8 +226,7 @@ def _numbers(text: pa.Array, blank: np.ndarray, kind: str) -> tuple[np.ndarray, 
     ``x`` in the column is not cast at once. Past 15 digits, and in any block where the cast
     fails, the :data:`_INT` pattern decides, as it does for every number cell.
     """
-    hexadecimal = kind == "int" and pc.any(pc.match_substring(text, "x", ignore_case=True))
-    if kind == "int" and not hexadecimal.as_py():
+    if kind == "int" and not pc.any(pc.match_substring(text, "x", ignore_case=True)).as_py():
         try:
             cast = pc.cast(_nulled(text, blank).fill_null("0"), pa.int64())
         except pa.ArrowInvalid:
