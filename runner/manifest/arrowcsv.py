@@ -64,8 +64,11 @@ def _quote_checks(data: bytes, end: int, delimiter: str) -> tuple[bool, bool]:
     at = np.flatnonzero(raw == _QUOTE)
     if at.size == 0:
         return False, False
-    padded = np.concatenate(([_LF], raw, [_LF]))
-    before, after = padded[at], padded[at + 2]
+    # The bytes either side of each quote (a line end past either end of the data).
+    before = raw[np.maximum(at - 1, 0)]
+    before[at == 0] = _LF
+    after = raw[np.minimum(at + 1, end - 1)]
+    after[at + 1 >= end] = _LF
     sep = ord(delimiter)
     ends_before = (before == sep) | (before == _LF)
     ends_after = (after == sep) | (after == _LF) | (after == _CR) | (after == _QUOTE)
@@ -275,6 +278,9 @@ def _arrow_block(
     if inside:
         extra = np.zeros(rows, dtype=np.int64)
         for col in columns:
+            text = col.buffers()[2]  # the column's bytes: a column without a line end is skipped
+            if text is None or b"\n" not in text.to_pybytes():
+                continue
             counts = pc.count_substring(col, "\n").to_numpy(zero_copy_only=False)
             extra += counts
             inside -= int(counts.sum())
