@@ -325,33 +325,40 @@ class _Maker:
         self.expander = expander
         self._fields: dict[str, list[Any]] | None = None
         self._metadata: dict[str, list[Any]] | None = None
+        self._stripped: dict[str, pa.Array] | None = None
         self._calls = 0
 
-    def payload(self, at: int) -> tuple[dict[str, Any], dict[str, str]]:
+    def request_fields(self, at: int) -> dict[str, Any]:
+        """The request body of row ``at``, as the per-row path parses it."""
         spec = self.group.spec
         self._calls += 1
         if self._calls <= _FEW_ROWS:  # a few rows (cost groups, files): cell by cell
             fields = {k: v[at].as_py() for k, v in self.group.fields.items()}
-            return (
-                {k: vector.row_value(spec, k, v) for k, v in fields.items() if v is not None},
-                {k: v[at].as_py() for k, v in self.group.metadata.items()},
-            )
-        if self._fields is None or self._metadata is None:
+            return {k: vector.row_value(spec, k, v) for k, v in fields.items() if v is not None}
+        if self._fields is None:
             self._fields = {k: v.to_pylist() for k, v in self.group.fields.items()}
-            self._metadata = {k: v.to_pylist() for k, v in self.group.metadata.items()}
-        payload = {
+        return {
             name: vector.row_value(spec, name, column[at])
             for name, column in self._fields.items()
             if column[at] is not None
         }
-        metadata = {name: column[at] for name, column in self._metadata.items()}
-        return payload, metadata
+
+    def metadata(self, at: int) -> dict[str, str]:
+        """Row ``at``'s metadata cells, stripped (a block's columns once a job is made)."""
+        if self._stripped is None:
+            raw = self.group.metadata.items()
+            self._stripped = {k: pc.utf8_trim_whitespace(v) for k, v in raw}
+        if self._calls <= _FEW_ROWS:
+            return {k: v[at].as_py() for k, v in self._stripped.items()}
+        if self._metadata is None:
+            self._metadata = {k: v.to_pylist() for k, v in self._stripped.items()}
+        return {name: column[at] for name, column in self._metadata.items()}
 
     def make(self, position: int, at: int, row_id: str | None) -> list[Job] | list[RowError]:
         block = self.block
         raw = RawRow(block.file, block.lines[position], block.first_index + position, {}, False)
         row = _Row(raw, row_id if row_id is not None else row_number_id(raw.index))
-        payload, metadata = self.payload(at)
+        payload, metadata = self.request_fields(at), self.metadata(at)
         group = self.group
         return self.expander.finish(
             row, group.endpoint, group.spec, payload, metadata, (), None, row_id
@@ -382,7 +389,7 @@ def _cost_groups(
         kind = (group.endpoint, tuple(keys), values)
         request = requests.get(kind)
         if request is None:
-            payload, _ = maker.payload(first)
+            payload = maker.request_fields(first)
             request = requests[kind] = catalog.parse_request(group.endpoint, payload)
         found.append(CostGroup(group.endpoint, count, request))
     return found

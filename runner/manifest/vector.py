@@ -48,7 +48,7 @@ class Typed:
     slow: np.ndarray  # per position: left to the per-row path
     needs_files: np.ndarray  # per position: names a local file (checked, sized per job)
     fields: dict[str, pa.Array]  # request field -> typed values (null: not given)
-    metadata: dict[str, pa.Array]  # metadata column -> stripped text
+    metadata: dict[str, pa.Array]  # metadata column -> its text as read (stripped when used)
     ids: pa.Array | None  # the given id, stripped (null: identified by content)
 
 
@@ -108,7 +108,7 @@ def type_rows(
             if name in all_parameters:
                 slow |= ~cols.blank(name)  # another endpoint's parameter: the row says why
             else:
-                metadata[name] = cols.trimmed(name)
+                metadata[name] = values[name]
             continue
         fields[name] = _typed_field(name, spec, cols, slow, skip=templated)
     if templated is not None:
