@@ -174,6 +174,10 @@ class KeyLines:
         The pairs must be distinct; the line held for each is returned (its own if new).
         """
         self._flush()
+        # In key order: each run is then searched front to back (numpy starts each search
+        # where the last ended), and the new keys are a sorted run already.
+        order = np.argsort(keys)
+        keys, checks, lines = keys[order], checks[order], lines[order]
         found = np.zeros(len(keys), dtype=np.int64)
         taken = np.zeros(len(keys), dtype=bool)  # the key is held, maybe with another check
         for run_keys, run_checks, run_lines, directory in self._runs:
@@ -192,7 +196,9 @@ class KeyLines:
                 self._clashes[int(keys[i]), int(checks[i])] = int(lines[i])
             fresh = new & ~taken
             self._add(keys[fresh], lines[fresh], checks[fresh], held=False)
-        return np.where(new, lines, found)
+        held = np.empty(len(keys), dtype=np.int64)
+        held[order] = np.where(new, lines, found)
+        return held
 
     def add(self, keys: np.ndarray, lines: np.ndarray, checks: np.ndarray | None = None) -> None:
         """Hold new (key, check) pairs (distinct, none held yet) with their lines."""
