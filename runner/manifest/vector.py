@@ -156,19 +156,19 @@ def _typed_field(
 
     ``skip``: rows whose prompt a template makes (their ``prompt`` cell is not read).
     """
-    text = cols.trimmed(name)
-    blank = cols.blank(name)
-    if skip is not None and name == "prompt":
-        blank = blank | skip[1]
-    elif name != "prompt" and _few_distinct(text):
-        # A column of few distinct cells (sizes, counts, presets): each typed once.
-        encoded = pc.dictionary_encode(text)
-        distinct: pa.Array = encoded.dictionary
+    if name != "prompt" and _few_distinct(cols.values[name]):
+        # A column of few distinct cells (sizes, counts, presets): each stripped and typed once.
+        encoded = pc.dictionary_encode(cols.values[name])
+        distinct: pa.Array = pc.utf8_trim_whitespace(encoded.dictionary)
         codes = encoded.indices.to_numpy(zero_copy_only=False)
         once = np.zeros(len(distinct), dtype=bool)
         values = _typed_text(name, spec, distinct, _np(pc.equal(distinct, "")), once)
         slow |= once[codes]
         return values.take(encoded.indices)
+    text = cols.trimmed(name)
+    blank = cols.blank(name)
+    if skip is not None and name == "prompt":
+        blank = blank | skip[1]
     return _typed_text(name, spec, text, blank, slow)
 
 
