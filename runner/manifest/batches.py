@@ -370,26 +370,35 @@ def _cost_groups(
 ) -> list[CostGroup]:
     """The counted rows grouped by what their estimate reads, one request for each group."""
     where = np.flatnonzero(counted)
-    columns = {"at": pa.array(where), "_": pa.nulls(len(where), pa.bool_())}
+    taken = None if len(where) == len(counted) else pa.array(where)
+    # Each row's kind as one integer: the codes of its cells in the fields the estimate reads.
+    codes = np.zeros(len(where), dtype=np.int64)
+    names: list[str] = []
+    cells: list[tuple[list[Any], np.ndarray]] = []
     for name in COST_FIELDS:
-        if name in group.fields:
-            values = group.fields[name].take(pa.array(where))
-            given = name in _GIVEN_FIELDS
-            columns[name] = pc.is_valid(values) if given else values.cast(pa.string())
-    table = pa.table(columns)
-    keys = [name for name in columns if name != "at"]
-    summary = table.group_by(keys, use_threads=False).aggregate([("at", "min"), ("at", "count")])
-    alike = zip(*(summary[name].to_pylist() for name in keys), strict=True)
+        if name not in group.fields:
+            continue
+        values = group.fields[name] if taken is None else group.fields[name].take(taken)
+        if name in _GIVEN_FIELDS:
+            distinct: list[Any] = [False, True]
+            part = _np(pc.is_valid(values)).astype(np.int64)
+        else:
+            encoded = pc.dictionary_encode(values, null_encoding="encode")
+            distinct = encoded.dictionary.to_pylist()
+            part = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        codes = codes * len(distinct) + part
+        names.append(name)
+        cells.append((distinct, part))
+    _, firsts, counts = np.unique(codes, return_index=True, return_counts=True)
     found = []
-    for first, count, values in zip(
-        summary["at_min"].to_pylist(), summary["at_count"].to_pylist(), alike, strict=True
-    ):
+    for first, count in zip(firsts.tolist(), counts.tolist(), strict=True):
         # Rows alike in what the estimate reads cost alike: one request for each such kind
         # in the whole manifest, not in each block.
-        kind = (group.endpoint, tuple(keys), values)
+        values = tuple(distinct[part[first]] for distinct, part in cells)
+        kind = (group.endpoint, tuple(names), values)
         request = requests.get(kind)
         if request is None:
-            payload = maker.request_fields(first)
+            payload = maker.request_fields(int(where[first]))
             request = requests[kind] = catalog.parse_request(group.endpoint, payload)
         found.append(CostGroup(group.endpoint, count, request))
     return found
