@@ -144,21 +144,22 @@ def _by_endpoint(values: dict[str, pa.Array], expander: _Expander, rows: int) ->
     options = expander.options
     default = options.default_endpoint
     if "endpoint" in values:
-        text = pc.utf8_trim_whitespace(values["endpoint"])
+        # The cells as read, encoded; each distinct cell stripped (and defaulted) once.
+        encoded = pc.dictionary_encode(values["endpoint"])
+        codes = encoded.indices.to_numpy(zero_copy_only=False)
+        named = pc.utf8_trim_whitespace(encoded.dictionary).to_pylist()
         if default is not None:
-            text = pc.if_else(pc.equal(text, ""), default, text)
+            named = [name or default for name in named]
     elif default is not None:
-        text = pa.array([default] * rows, pa.string())
+        codes, named = np.zeros(rows, dtype=np.int64), [default]
     else:
         return []
-    encoded = pc.dictionary_encode(text)
-    codes = encoded.indices.to_numpy(zero_copy_only=False)
     found = []
-    for code, endpoint in enumerate(encoded.dictionary.to_pylist()):
+    for endpoint in dict.fromkeys(named):
         spec = catalog.CATALOG.get(endpoint)
         if spec is None:
             continue  # unknown or allowed-untyped: row by row
-        mask = codes == code
+        mask = np.isin(codes, [code for code, name in enumerate(named) if name == endpoint])
         positions = np.flatnonzero(mask)
         own = values if mask.all() else {k: v.take(pa.array(positions)) for k, v in values.items()}
         found.append(
