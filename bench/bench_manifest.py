@@ -222,6 +222,7 @@ def commands_table(path: Path, rows: int, child: list[str]) -> None:
         "csv.DictReader loop": [*child, "--read", str(path), "--raw", "dictreader"],
         "runner validate, 2 rows (start-up)": [*runner, "validate", str(tiny)],
         "runner validate": [*runner, "validate", str(path)],
+        "runner plan, 2 rows (start-up)": [*runner, "plan", str(tiny)],
         "runner plan": [*runner, "plan", str(path)],
     }
     print(f"\n{rows:,}-row CSV ({path.stat().st_size / 1e6:.0f} MB), "

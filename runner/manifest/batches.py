@@ -29,10 +29,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from runner.endpoints import catalog
-from runner.endpoints.catalog import BaseRequest
 from runner.errors import RowError
 from runner.manifest import vector
 from runner.manifest.arrowcsv import ArrowRows, arrow_blocks, row_chunks
+from runner.manifest.costkinds import CostGroup, cost_groups
 from runner.manifest.identity import row_number_id
 from runner.manifest.jobs import (
     _ALL_PARAMETERS,
@@ -44,22 +44,6 @@ from runner.manifest.jobs import (
     iter_jobs,
 )
 from runner.manifest.reader import RawRow, detect_format, read_rows
-
-# What an estimate reads of a request (runner.endpoints.cost.estimate): rows alike in these
-# cost alike, so one request is validated per group.
-COST_FIELDS = ("num_images", "image_size", "resolution_mode", "image_url", "mask_url", "loras")
-# Of those, fields whose cost is whether they are given (an input URL's size is unknown until
-# probed; a remote LoRA's size is unknown, so the estimate assumes the largest surcharge).
-_GIVEN_FIELDS = frozenset({*vector.FILE_FIELDS, "loras"})
-
-
-@dataclass
-class CostGroup:
-    """``count`` jobs of one endpoint that cost what ``request`` costs (no local file, no LoRA)."""
-
-    endpoint: str
-    count: int
-    request: BaseRequest | None
 
 
 @dataclass
@@ -242,7 +226,8 @@ def _sequence(
         counted = ~visit[group.positions]
         batch.counted += int(counted.sum())
         if counted.any():
-            groups = _cost_groups(group, counted, makers[number], expander.cost_requests)
+            requests = expander.cost_requests
+            groups = cost_groups(group, counted, makers[number].request_fields, requests)
             batch.groups.extend(groups)
     return batch
 
@@ -364,45 +349,6 @@ class _Maker:
         return self.expander.finish(
             row, group.endpoint, group.spec, payload, metadata, (), None, row_id
         )
-
-
-def _cost_groups(
-    group: vector.Typed, counted: np.ndarray, maker: _Maker, requests: dict[Any, BaseRequest]
-) -> list[CostGroup]:
-    """The counted rows grouped by what their estimate reads, one request for each group."""
-    where = np.flatnonzero(counted)
-    taken = None if len(where) == len(counted) else pa.array(where)
-    # Each row's kind as one integer: the codes of its cells in the fields the estimate reads.
-    codes = np.zeros(len(where), dtype=np.int64)
-    names: list[str] = []
-    cells: list[tuple[list[Any], np.ndarray]] = []
-    for name in COST_FIELDS:
-        if name not in group.fields:
-            continue
-        values = group.fields[name] if taken is None else group.fields[name].take(taken)
-        if name in _GIVEN_FIELDS:
-            distinct: list[Any] = [False, True]
-            part = _np(pc.is_valid(values)).astype(np.int64)
-        else:
-            encoded = pc.dictionary_encode(values, null_encoding="encode")
-            distinct = encoded.dictionary.to_pylist()
-            part = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-        codes = codes * len(distinct) + part
-        names.append(name)
-        cells.append((distinct, part))
-    _, firsts, counts = np.unique(codes, return_index=True, return_counts=True)
-    found = []
-    for first, count in zip(firsts.tolist(), counts.tolist(), strict=True):
-        # Rows alike in what the estimate reads cost alike: one request for each such kind
-        # in the whole manifest, not in each block.
-        values = tuple(distinct[part[first]] for distinct, part in cells)
-        kind = (group.endpoint, tuple(names), values)
-        request = requests.get(kind)
-        if request is None:
-            payload = maker.request_fields(int(where[first]))
-            request = requests[kind] = catalog.parse_request(group.endpoint, payload)
-        found.append(CostGroup(group.endpoint, count, request))
-    return found
 
 
 __all__ = ["CostGroup", "JobBatch", "iter_job_batches", "iter_jobs", "iter_manifest_jobs"]
