@@ -102,7 +102,7 @@ def test_ids_sharing_a_64_bit_key_are_told_apart_by_the_check(
     table = KeyLines()
     for key in range(20):  # enough for runs, merges and a directory
         table.add(np.array([key * 1000]), np.array([key + 2]), np.array([7]))
-    first = {}
+    first: dict[tuple[int, int], int] = {}
     for line, (key, check) in enumerate([(5000, 8), (5000, 9), (5000, 8), (42, 1), (5000, 7)], 30):
         if one_by_one:
             found = table.claim(key, line, check)
