@@ -212,13 +212,21 @@ def raw_read(path: Path, how: str) -> None:
 
 def commands_table(path: Path, rows: int, child: list[str]) -> None:
     """``runner validate`` and ``plan`` of the CSV beside the two raw readers, one child each."""
+    # The same header and first two rows: what a command costs before the rows (imports).
+    tiny = path.with_name("m-2rows.csv")
+    with path.open("rb") as fh:
+        tiny.write_bytes(b"".join(fh.readline() for _ in range(3)))
+    runner = [sys.executable, "-m", "runner"]
     runs = {
         "pyarrow.csv.open_csv": [*child, "--read", str(path), "--raw", "pyarrow"],
         "csv.DictReader loop": [*child, "--read", str(path), "--raw", "dictreader"],
-        "runner validate": [sys.executable, "-m", "runner", "validate", str(path)],
-        "runner plan": [sys.executable, "-m", "runner", "plan", str(path)],
+        "runner validate, 2 rows (start-up)": [*runner, "validate", str(tiny)],
+        "runner validate": [*runner, "validate", str(path)],
+        "runner plan, 2 rows (start-up)": [*runner, "plan", str(tiny)],
+        "runner plan": [*runner, "plan", str(path)],
     }
-    print(f"\n{rows:,}-row CSV ({path.stat().st_size / 1e6:.0f} MB)\n")
+    print(f"\n{rows:,}-row CSV ({path.stat().st_size / 1e6:.0f} MB), "
+          f"load average {os.getloadavg()[0]:.1f}\n")  # fmt: skip
     print("| reader | wall s | CPU s | rows/s (wall) | rows per CPU s | peak RSS MiB |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, command in runs.items():
@@ -231,8 +239,10 @@ def commands_table(path: Path, rows: int, child: list[str]) -> None:
             assert process.stderr is not None
             print(f"{name} failed: {process.stderr.read().decode()[-500:]}", file=sys.stderr)
         cpu = usage.ru_utime + usage.ru_stime
-        figures = [f"{wall:.1f}", f"{cpu:.1f}", f"{rows / wall:,.0f}", f"{rows / cpu:,.0f}"]
+        count = 2 if "2 rows" in name else rows
+        figures = [f"{wall:.1f}", f"{cpu:.1f}", f"{count / wall:,.0f}", f"{count / cpu:,.0f}"]
         print(f"| {name} | {' | '.join(figures)} | {usage.ru_maxrss / 1024:.0f} |")
+    print(f"\nload average after: {os.getloadavg()[0]:.1f}")
 
 
 def write_all(folder: Path, count: int) -> None:

@@ -84,13 +84,38 @@ def test_lines_past_32_bits_are_kept() -> None:
     assert table.lookup(np.array([1, 2])).tolist() == [2**32 + 5, 3]
 
 
-def test_the_table_takes_12_bytes_a_key() -> None:
+def test_the_table_takes_16_bytes_a_key() -> None:
     table = KeyLines()
     rng = np.random.default_rng(7)
     for _ in range(20):
-        table.add(np.unique(rng.integers(-(2**62), 2**62, 5_000)), np.arange(2, 5_002))
+        keys = np.unique(rng.integers(-(2**62), 2**62, 5_000))
+        table.add(keys, np.arange(2, 2 + len(keys)), rng.integers(0, 2**32, len(keys)))
     assert len(table) == 100_000
-    assert table.nbytes == 12 * 100_000
+    assert table.nbytes == 16 * 100_000
+
+
+@pytest.mark.parametrize("one_by_one", [True, False])
+def test_ids_sharing_a_64_bit_key_are_told_apart_by_the_check(
+    small: None, one_by_one: bool
+) -> None:
+    """Two ids whose 64-bit keys agree are two ids: the 32-bit check tells them apart."""
+    table = KeyLines()
+    for key in range(20):  # enough for runs, merges and a directory
+        table.add(np.array([key * 1000]), np.array([key + 2]), np.array([7]))
+    first: dict[tuple[int, int], int] = {}
+    for line, (key, check) in enumerate([(5000, 8), (5000, 9), (5000, 8), (42, 1), (5000, 7)], 30):
+        if one_by_one:
+            found = table.claim(key, line, check)
+        else:
+            held = int(table.lookup(np.array([key]), np.array([check]))[0])
+            if not held:
+                table.add(np.array([key]), np.array([line]), np.array([check]))
+            found = held or line
+        assert found == first.setdefault((key, check), line if (key, check) != (5000, 7) else 7)
+    assert table.lookup(np.array([5000, 5000, 5000, 5000]), np.array([7, 8, 9, 10])).tolist() == [
+        7, 30, 31, 0]  # fmt: skip
+    assert table.claim(5000, 3, 9) == 3 and table.displaced == {31}
+    assert table.lookup(np.array([5000]), np.array([9])).tolist() == [3]
 
 
 @st.composite

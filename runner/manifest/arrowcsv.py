@@ -64,8 +64,11 @@ def _quote_checks(data: bytes, end: int, delimiter: str) -> tuple[bool, bool]:
     at = np.flatnonzero(raw == _QUOTE)
     if at.size == 0:
         return False, False
-    padded = np.concatenate(([_LF], raw, [_LF]))
-    before, after = padded[at], padded[at + 2]
+    # The bytes either side of each quote (a line end past either end of the data).
+    before = raw[np.maximum(at - 1, 0)]
+    before[at == 0] = _LF
+    after = raw[np.minimum(at + 1, end - 1)]
+    after[at + 1 >= end] = _LF
     sep = ord(delimiter)
     ends_before = (before == sep) | (before == _LF)
     ends_after = (after == sep) | (after == _LF) | (after == _CR) | (after == _QUOTE)
@@ -143,8 +146,9 @@ def _blocks(
                 return
             block, pending = data[:cut], data[cut:]
             found = None
+            newlines = block.count(b"\n")
             if not _bare_cr(block) and not opening:
-                found = _arrow_block(block, display, delimiter, names, line, index)
+                found = _arrow_block(block, newlines, display, delimiter, names, line, index)
             if found is None:
                 rows = list(_python_rows(iter([block]), display, delimiter, names, line, index))
                 if rows:
@@ -153,7 +157,7 @@ def _blocks(
             else:
                 yield found
                 index += found.batch.num_rows
-            line += block.count(b"\n")
+            line += newlines
     if index == 0:
         raise ManifestError(f"{display}: the manifest has a header but no data rows")
 
@@ -172,7 +176,11 @@ def _cut(data: bytes) -> int | None:
 
 def _bare_cr(block: bytes) -> bool:
     # A bare carriage return ends a row for pyarrow but is an error for the csv module.
-    return block.count(b"\r") != block.count(b"\r\n")
+    if b"\r" not in block:
+        return False
+    raw = np.frombuffer(block, dtype=np.uint8)
+    at = np.flatnonzero(raw == _CR) + 1
+    return bool(at[-1] == len(raw) or (raw[at[at < len(raw)]] != _LF).any())
 
 
 def _rest(fh: BinaryIO, data: bytes) -> Iterator[bytes]:
@@ -218,7 +226,13 @@ class _ChunkStream(io.RawIOBase):
 
 
 def _arrow_block(
-    block: bytes, display: str, delimiter: str, names: list[str], line: int, index: int
+    block: bytes,
+    newlines: int,
+    display: str,
+    delimiter: str,
+    names: list[str],
+    line: int,
+    index: int,
 ) -> ArrowRows | None:
     """The block as one batch with each row's line, or None when the csv module must read it."""
     invalid: list[object] = []
@@ -253,7 +267,7 @@ def _arrow_block(
         return None
     batch = table.combine_chunks().to_batches()[0]
     columns = batch.columns
-    total = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+    total = newlines + (0 if block.endswith(b"\n") else 1)
     if _any_blank_row(columns):
         return None
     rows = batch.num_rows
@@ -264,6 +278,9 @@ def _arrow_block(
     if inside:
         extra = np.zeros(rows, dtype=np.int64)
         for col in columns:
+            text = col.buffers()[2]  # the column's bytes: a column without a line end is skipped
+            if text is None or b"\n" not in text.to_pybytes():
+                continue
             counts = pc.count_substring(col, "\n").to_numpy(zero_copy_only=False)
             extra += counts
             inside -= int(counts.sum())
@@ -278,13 +295,17 @@ def _arrow_block(
 
 def _any_blank_row(columns: list[pa.Array]) -> bool:
     """Whether some row has only blank cells (the csv module skips it: not a row)."""
-    candidates = pc.equal(pc.utf8_trim_whitespace(columns[0]), "")
+    candidates = _blank(columns[0])
     if not pc.any(candidates).as_py():
         return False
     where = pc.indices_nonzero(candidates)
     for col in columns[1:]:
-        blank = pc.equal(pc.utf8_trim_whitespace(pc.take(col, where)), "")
-        where = pc.filter(where, blank)
+        where = pc.filter(where, _blank(pc.take(col, where)))
         if len(where) == 0:
             return False
     return True
+
+
+def _blank(column: pa.Array) -> pa.Array:
+    """Whether each cell is empty or whitespace only (no trimmed copy of the column)."""
+    return pc.or_(pc.equal(pc.binary_length(column), 0), pc.utf8_is_space(column))

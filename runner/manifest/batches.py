@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +29,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from runner.endpoints import catalog
-from runner.endpoints.catalog import BaseRequest
 from runner.errors import RowError
 from runner.manifest import vector
 from runner.manifest.arrowcsv import ArrowRows, arrow_blocks, row_chunks
-from runner.manifest.identity import id_key, row_number_id
+from runner.manifest.costkinds import CostGroup, cost_groups
+from runner.manifest.identity import row_number_id
 from runner.manifest.jobs import (
     _ALL_PARAMETERS,
     _EXPANSION_COLUMNS,
@@ -42,19 +44,6 @@ from runner.manifest.jobs import (
     iter_jobs,
 )
 from runner.manifest.reader import RawRow, detect_format, read_rows
-
-# What an estimate reads of a request (runner.endpoints.cost.estimate): rows alike in these
-# cost alike, so one request is validated per group.
-COST_FIELDS = ("num_images", "image_size", "resolution_mode", "image_url", "mask_url")
-
-
-@dataclass
-class CostGroup:
-    """``count`` jobs of one endpoint that cost what ``request`` costs (no local file, no LoRA)."""
-
-    endpoint: str
-    count: int
-    request: BaseRequest | None
 
 
 @dataclass
@@ -139,21 +128,22 @@ def _by_endpoint(values: dict[str, pa.Array], expander: _Expander, rows: int) ->
     options = expander.options
     default = options.default_endpoint
     if "endpoint" in values:
-        text = pc.utf8_trim_whitespace(values["endpoint"])
+        # The cells as read, encoded; each distinct cell stripped (and defaulted) once.
+        encoded = pc.dictionary_encode(values["endpoint"])
+        codes = encoded.indices.to_numpy(zero_copy_only=False)
+        named = pc.utf8_trim_whitespace(encoded.dictionary).to_pylist()
         if default is not None:
-            text = pc.if_else(pc.equal(text, ""), default, text)
+            named = [name or default for name in named]
     elif default is not None:
-        text = pa.array([default] * rows, pa.string())
+        codes, named = np.zeros(rows, dtype=np.int64), [default]
     else:
         return []
-    encoded = pc.dictionary_encode(text)
-    codes = encoded.indices.to_numpy(zero_copy_only=False)
     found = []
-    for code, endpoint in enumerate(encoded.dictionary.to_pylist()):
+    for endpoint in dict.fromkeys(named):
         spec = catalog.CATALOG.get(endpoint)
         if spec is None:
             continue  # unknown or allowed-untyped: row by row
-        mask = codes == code
+        mask = np.isin(codes, [code for code, name in enumerate(named) if name == endpoint])
         positions = np.flatnonzero(mask)
         own = values if mask.all() else {k: v.take(pa.array(positions)) for k, v in values.items()}
         found.append(
@@ -236,7 +226,9 @@ def _sequence(
         counted = ~visit[group.positions]
         batch.counted += int(counted.sum())
         if counted.any():
-            batch.groups.extend(_cost_groups(group, counted, makers[number]))
+            requests = expander.cost_requests
+            groups = cost_groups(group, counted, makers[number].request_fields, requests)
+            batch.groups.extend(groups)
     return batch
 
 
@@ -256,21 +248,29 @@ def _claim_block(
     given = pa.concat_arrays([i for _, i in parts])
     keep = ~slow[positions] & _np(pc.is_valid(given))
     positions, given = positions[keep], given.filter(pa.array(keep))
-    order = np.argsort(positions, kind="stable")
-    positions, given = positions[order], given.take(pa.array(order))
+    if len(parts) > 1:  # more than one endpoint: their rows in block order
+        order = np.argsort(positions, kind="stable")
+        positions, given = positions[order], given.take(pa.array(order))
     if len(positions) == 0:
         return positions
     encoded = pc.dictionary_encode(given)
     codes = encoded.indices.to_numpy(zero_copy_only=False)
     distinct = encoded.dictionary.to_pylist()
-    row_keys = np.fromiter(map(id_key, distinct), np.int64, len(distinct))[codes]
-    keys, first, where = np.unique(row_keys, return_index=True, return_inverse=True)
+    # The block's distinct ids, exactly (by their text), with their first row in the block:
+    # codes are given in order of first appearance, so a row whose code tops all before it.
+    top = np.maximum.accumulate(codes)
+    first = np.flatnonzero(codes > np.concatenate(([-1], top[:-1])))
+    where = codes
+    if len(first) != len(distinct):
+        used, first, where = np.unique(codes, return_index=True, return_inverse=True)
+        distinct = [distinct[code] for code in used.tolist()]
+    texts = distinct
+    keys = np.fromiter(map(hash, texts), np.int64, len(texts))
+    # id_check's hash of the id and a NUL, its low 32 bits (a map in C: 4x faster).
+    suffixed = map(operator.add, texts, itertools.repeat("\0"))
+    checks = np.fromiter(map(hash, suffixed), np.int64, len(texts)).astype(np.uint32)
     lines = np.asarray(block.lines, dtype=np.int64)[positions]
-    table = expander.seen.first_lines
-    held = table.lookup(keys)
-    new = held == 0
-    table.add(keys[new], lines[first[new]])
-    firsts = np.where(new, lines[first], held)
+    firsts = expander.seen.first_lines.claim_many(keys, checks, lines[first])
     claimed: np.ndarray = positions[firsts[where.reshape(-1)] != lines]
     return claimed
 
@@ -298,6 +298,10 @@ def _np(mask: pa.Array) -> np.ndarray:
     return np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool)
 
 
+# A maker reads its first this many rows cell by cell, then converts its columns at once.
+_FEW_ROWS = 16
+
+
 class _Maker:
     """Jobs of typed rows, made by the per-row path's own :meth:`_Expander.finish`."""
 
@@ -307,52 +311,44 @@ class _Maker:
         self.expander = expander
         self._fields: dict[str, list[Any]] | None = None
         self._metadata: dict[str, list[Any]] | None = None
+        self._stripped: dict[str, pa.Array] | None = None
+        self._calls = 0
 
-    def payload(self, at: int) -> tuple[dict[str, Any], dict[str, str]]:
-        if self._fields is None or self._metadata is None:
-            self._fields = {k: v.to_pylist() for k, v in self.group.fields.items()}
-            self._metadata = {k: v.to_pylist() for k, v in self.group.metadata.items()}
+    def request_fields(self, at: int) -> dict[str, Any]:
+        """The request body of row ``at``, as the per-row path parses it."""
         spec = self.group.spec
-        payload = {
+        self._calls += 1
+        if self._calls <= _FEW_ROWS:  # a few rows (cost groups, files): cell by cell
+            fields = {k: v[at].as_py() for k, v in self.group.fields.items()}
+            return {k: vector.row_value(spec, k, v) for k, v in fields.items() if v is not None}
+        if self._fields is None:
+            self._fields = {k: v.to_pylist() for k, v in self.group.fields.items()}
+        return {
             name: vector.row_value(spec, name, column[at])
             for name, column in self._fields.items()
             if column[at] is not None
         }
-        metadata = {name: column[at] for name, column in self._metadata.items()}
-        return payload, metadata
+
+    def metadata(self, at: int) -> dict[str, str]:
+        """Row ``at``'s metadata cells, stripped (a block's columns once a job is made)."""
+        if self._stripped is None:
+            raw = self.group.metadata.items()
+            self._stripped = {k: pc.utf8_trim_whitespace(v) for k, v in raw}
+        if self._calls <= _FEW_ROWS:
+            return {k: v[at].as_py() for k, v in self._stripped.items()}
+        if self._metadata is None:
+            self._metadata = {k: v.to_pylist() for k, v in self._stripped.items()}
+        return {name: column[at] for name, column in self._metadata.items()}
 
     def make(self, position: int, at: int, row_id: str | None) -> list[Job] | list[RowError]:
         block = self.block
         raw = RawRow(block.file, block.lines[position], block.first_index + position, {}, False)
         row = _Row(raw, row_id if row_id is not None else row_number_id(raw.index))
-        payload, metadata = self.payload(at)
+        payload, metadata = self.request_fields(at), self.metadata(at)
         group = self.group
         return self.expander.finish(
             row, group.endpoint, group.spec, payload, metadata, (), None, row_id
         )
-
-
-def _cost_groups(group: vector.Typed, counted: np.ndarray, maker: _Maker) -> list[CostGroup]:
-    """The counted rows grouped by what their estimate reads, one request for each group."""
-    where = np.flatnonzero(counted)
-    columns = {"at": pa.array(where), "_": pa.nulls(len(where), pa.bool_())}
-    for name in COST_FIELDS:
-        if name in group.fields:
-            values = group.fields[name].take(pa.array(where))
-            # An input URL's cost is its count (its size is unknown until probed).
-            given = name in vector.FILE_FIELDS
-            columns[name] = pc.is_valid(values) if given else values.cast(pa.string())
-    table = pa.table(columns)
-    keys = [name for name in columns if name != "at"]
-    summary = table.group_by(keys, use_threads=False).aggregate([("at", "min"), ("at", "count")])
-    found = []
-    for first, count in zip(
-        summary["at_min"].to_pylist(), summary["at_count"].to_pylist(), strict=True
-    ):
-        payload, _ = maker.payload(first)
-        request = catalog.parse_request(group.endpoint, payload)
-        found.append(CostGroup(group.endpoint, count, request))
-    return found
 
 
 __all__ = ["CostGroup", "JobBatch", "iter_job_batches", "iter_jobs", "iter_manifest_jobs"]

@@ -1,9 +1,10 @@
-"""Compact tables of 64-bit keys: the first line that claimed each (duplicate-id checks).
+"""Compact tables of hashed ids: the first line that claimed each (duplicate-id checks).
 
 Holding every row id of a 1,000,000-row manifest as ``dict[str, int]`` costs ~120 bytes a
-row. :class:`KeyLines` (what :class:`runner.manifest.identity.SeenRows` uses) keeps a 64-bit
-hash of the id and its line in sorted numpy runs, 12 bytes a row, and takes a block's keys
-at once; :class:`FirstLines`, an open-addressing table in flat arrays, 21-43 bytes a row.
+row. :class:`KeyLines` (what :class:`runner.manifest.identity.SeenRows` uses) keeps a 96-bit
+hash of the id (a 64-bit key and a 32-bit check) and its line in sorted numpy runs, 16 bytes
+a row, and takes a block's keys at once; :class:`FirstLines`, an open-addressing table in
+flat arrays, 21-43 bytes a row.
 """
 
 from __future__ import annotations
@@ -96,12 +97,15 @@ _DIRECTORY_MIN = 1 << 17
 
 
 class KeyLines:
-    """The least line claimed for each 64-bit key, as sorted runs of (key, line): 12 bytes a key.
+    """The least line claimed for each (64-bit key, 32-bit check): 16 bytes a key.
 
-    A run is a sorted ``int64`` array of keys beside its ``uint32`` lines. Claims arrive
-    one at a time (:meth:`claim`, into a small dict flushed into a run every 65,536) or a
-    batch at a time (:meth:`lookup` then :meth:`add`); runs of like size are merged, so a
-    key is found with one binary search in each of ~log4(n / 65,536) runs.
+    A run is a sorted ``int64`` array of keys beside its ``uint32`` checks and lines. Two
+    ids are one only when key and check both agree (96 bits). Claims arrive one at a time
+    (:meth:`claim`, into a small dict flushed into a run every 65,536) or a batch at a time
+    (:meth:`lookup` then :meth:`add`); runs of like size are merged, so a key is found with
+    one binary search in each of ~log4(n / 65,536) runs. A key held with another check (two
+    ids sharing 64 bits, ~n**2 / 2**65) is kept aside in :attr:`_clashes`, so the runs hold
+    each key once.
 
     The least line wins: a claim of a line below the one held takes the key over (the
     vector path claims a batch's plain rows before its slow rows claim theirs one by one)
@@ -109,96 +113,173 @@ class KeyLines:
     """
 
     def __init__(self) -> None:
-        # (keys, lines, directory): the directory of a long run, else None
-        self._runs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
-        self._pending: dict[int, int] = {}
+        # (keys, checks, lines, directory): the directory of a long run, else None
+        self._runs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
+        self._pending: dict[int, tuple[int, int]] = {}  # key -> (check, line)
+        self._clashes: dict[tuple[int, int], int] = {}  # (key, check) -> line
         self.displaced: set[int] = set()
 
     def __len__(self) -> int:
-        return sum(len(keys) for keys, _, _ in self._runs) + len(self._pending)
+        held = sum(len(keys) for keys, _, _, _ in self._runs)
+        return held + len(self._pending) + len(self._clashes)
 
     @property
     def nbytes(self) -> int:
-        sizes = [(keys, lines, d if d is not None else keys[:0]) for keys, lines, d in self._runs]
-        return sum(keys.nbytes + lines.nbytes + d.nbytes for keys, lines, d in sizes)
+        return sum(
+            keys.nbytes + checks.nbytes + lines.nbytes + (0 if d is None else d.nbytes)
+            for keys, checks, lines, d in self._runs
+        )
 
-    def claim(self, key: int, line: int) -> int:
-        """The least line claimed for ``key``, this one included."""
-        first = self._pending.get(key)
-        if first is None:
-            first = self._find(key)
-        if first and first <= line:
-            return first
-        if first:
-            self.displaced.add(first)
-            self._set(key, line)
-        else:
-            self._pending[key] = line
+    def claim(self, key: int, line: int, check: int = 0) -> int:
+        """The least line claimed for ``(key, check)``, this one included."""
+        held = self._find(key)
+        if held is None:
+            self._pending[key] = (check, line)
             if len(self._pending) >= _PENDING_MAX:
                 self._flush()
+            return line
+        if held[0] != check:
+            first = self._clashes.setdefault((key, check), line)
+            if line < first:
+                self.displaced.add(first)
+                self._clashes[key, check] = line
+                return line
+            return first
+        first = held[1]
+        if first <= line:
+            return first
+        self.displaced.add(first)
+        self._set(key, line)
         return line
 
-    def lookup(self, keys: np.ndarray) -> np.ndarray:
-        """The line held for each key (``int64``), 0 for a key not claimed."""
+    def lookup(self, keys: np.ndarray, checks: np.ndarray | None = None) -> np.ndarray:
+        """The line held for each (key, check) (``int64``), 0 for one not claimed."""
         self._flush()
+        if checks is None:
+            checks = np.zeros(len(keys), dtype=np.uint32)
         found = np.zeros(len(keys), dtype=np.int64)
-        for run_keys, run_lines, directory in self._runs:
+        for run_keys, run_checks, run_lines, directory in self._runs:
             at = _search(run_keys, directory, keys)
             at[at == len(run_keys)] = 0
             hit = run_keys[at] == keys
-            found[hit] = run_lines[at[hit]]
+            same = hit & (run_checks[at] == checks)
+            found[same] = run_lines[at[same]]
+            for i in np.flatnonzero(hit & ~same).tolist():
+                found[i] = self._clashes.get((int(keys[i]), int(checks[i])), 0)
         return found
 
-    def add(self, keys: np.ndarray, lines: np.ndarray) -> None:
-        """Hold new keys (distinct, none held yet) with their lines, as one more run."""
-        if len(keys):
-            order = np.argsort(keys, kind="stable")
-            self._push(keys[order].astype(np.int64), _narrow(lines[order]))
+    def claim_many(self, keys: np.ndarray, checks: np.ndarray, lines: np.ndarray) -> np.ndarray:
+        """:meth:`lookup` then :meth:`add` of those not held, in one search of the runs.
 
-    def _find(self, key: int) -> int:
-        for run_keys, run_lines, _ in self._runs:
+        The pairs must be distinct; the line held for each is returned (its own if new).
+        """
+        self._flush()
+        # In key order: each run is then searched front to back (numpy starts each search
+        # where the last ended), and the new keys are a sorted run already.
+        order = np.argsort(keys)
+        keys, checks, lines = keys[order], checks[order], lines[order]
+        found = np.zeros(len(keys), dtype=np.int64)
+        taken = np.zeros(len(keys), dtype=bool)  # the key is held, maybe with another check
+        for run_keys, run_checks, run_lines, directory in self._runs:
+            at = _search(run_keys, directory, keys)
+            at[at == len(run_keys)] = 0
+            hit = run_keys[at] == keys
+            same = hit & (run_checks[at] == checks)
+            found[same] = run_lines[at[same]]
+            taken |= hit
+            for i in np.flatnonzero(hit & ~same).tolist():
+                found[i] = self._clashes.get((int(keys[i]), int(checks[i])), 0)
+        new = found == 0
+        if new.any():
+            aside = new & taken
+            for i in np.flatnonzero(aside).tolist():
+                self._clashes[int(keys[i]), int(checks[i])] = int(lines[i])
+            fresh = new & ~taken
+            self._add(keys[fresh], lines[fresh], checks[fresh], held=False)
+        held = np.empty(len(keys), dtype=np.int64)
+        held[order] = np.where(new, lines, found)
+        return held
+
+    def add(self, keys: np.ndarray, lines: np.ndarray, checks: np.ndarray | None = None) -> None:
+        """Hold new (key, check) pairs (distinct, none held yet) with their lines."""
+        if checks is None:
+            checks = np.zeros(len(keys), dtype=np.uint32)
+        self._add(keys, lines, checks, held=True)
+
+    def _add(self, keys: np.ndarray, lines: np.ndarray, checks: np.ndarray, *, held: bool) -> None:
+        """:meth:`add`; ``held=False``: none of the keys is in a run (the caller looked)."""
+        if not len(keys):
+            return
+        order = np.argsort(keys, kind="stable")
+        keys, checks, lines = keys[order].astype(np.int64), checks[order], lines[order]
+        # A key already held (with another check), or twice among these: kept aside.
+        aside = np.zeros(len(keys), dtype=bool)
+        aside[1:] = keys[1:] == keys[:-1]
+        for run_keys, _, _, directory in self._runs if held else ():
+            at = _search(run_keys, directory, keys)
+            at[at == len(run_keys)] = 0
+            aside |= run_keys[at] == keys
+        for i in np.flatnonzero(aside).tolist():
+            self._clashes[int(keys[i]), int(checks[i])] = int(lines[i])
+        keep = ~aside
+        self._push(keys[keep], checks[keep].astype(np.uint32), _narrow(lines[keep]))
+
+    def _find(self, key: int) -> tuple[int, int] | None:
+        """(check, line) held for ``key``, None when no id holds it."""
+        pending = self._pending.get(key)
+        if pending is not None:
+            return pending
+        for run_keys, run_checks, run_lines, _ in self._runs:
             at = int(np.searchsorted(run_keys, key))
             if at < len(run_keys) and run_keys[at] == key:
-                return int(run_lines[at])
-        return 0
+                return int(run_checks[at]), int(run_lines[at])
+        return None
 
     def _set(self, key: int, line: int) -> None:
-        if key in self._pending:
-            self._pending[key] = line
+        pending = self._pending.get(key)
+        if pending is not None:
+            self._pending[key] = (pending[0], line)
             return
-        for run_keys, run_lines, _ in self._runs:
+        for number, (run_keys, run_checks, run_lines, directory) in enumerate(self._runs):
             at = int(np.searchsorted(run_keys, key))
             if at < len(run_keys) and run_keys[at] == key:
                 if line > np.iinfo(run_lines.dtype).max:
-                    self._pending[key] = line  # found there first from now on
-                    return
+                    run_lines = run_lines.astype(np.int64)
+                    self._runs[number] = (run_keys, run_checks, run_lines, directory)
                 run_lines[at] = line
                 return
 
     def _flush(self) -> None:
         if self._pending:
-            keys = np.fromiter(self._pending.keys(), np.int64, len(self._pending))
-            lines = np.fromiter(self._pending.values(), np.int64, len(self._pending))
+            count = len(self._pending)
+            keys = np.fromiter(self._pending.keys(), np.int64, count)
+            held = self._pending.values()
+            checks = np.fromiter((c for c, _ in held), np.uint32, count)
+            lines = np.fromiter((n for _, n in held), np.int64, count)
             self._pending = {}
-            self.add(keys, lines)
+            self._add(keys, lines, checks, held=False)
 
-    def _push(self, keys: np.ndarray, lines: np.ndarray) -> None:
+    def _push(self, keys: np.ndarray, checks: np.ndarray, lines: np.ndarray) -> None:
+        if not len(keys):
+            return
         runs = self._runs
-        runs.append((keys, lines, None))
+        runs.append((keys, checks, lines, None))
         while len(runs) > 1 and len(runs[-2][0]) <= 4 * len(runs[-1][0]):
-            (old_keys, old_lines, _), (new_keys, new_lines, _) = runs[-2], runs[-1]
+            (old_keys, old_checks, old_lines, _), (new_keys, new_checks, new_lines, _) = runs[-2:]
             # A linear merge: each new key goes after the old keys below it.
             at = np.searchsorted(old_keys, new_keys) + np.arange(len(new_keys))
             old = np.ones(len(old_keys) + len(new_keys), dtype=bool)
             old[at] = False
             keys = np.empty(len(old), dtype=np.int64)
             keys[at], keys[old] = new_keys, old_keys
+            checks = np.empty(len(old), dtype=np.uint32)
+            checks[at], checks[old] = new_checks, old_checks
             lines = np.empty(len(old), dtype=np.result_type(old_lines, new_lines))
             lines[at], lines[old] = new_lines, old_lines
-            runs[-2:] = [(keys, lines, None)]
-        keys, lines, directory = runs[-1]
+            runs[-2:] = [(keys, checks, lines, None)]
+        keys, checks, lines, directory = runs[-1]
         if directory is None and len(keys) >= _DIRECTORY_MIN:
-            runs[-1] = (keys, lines, _directory(keys))
+            runs[-1] = (keys, checks, lines, _directory(keys))
 
 
 def _search(run_keys: np.ndarray, directory: np.ndarray | None, keys: np.ndarray) -> np.ndarray:

@@ -125,6 +125,7 @@ class _Expander:
         self.identity_columns = frozenset({self.id_column, "endpoint"})
         self.specs: dict[str, EndpointSpec | None] = {}
         self.seen = SeenRows()
+        self.cost_requests: dict[Any, BaseRequest] = {}  # the batch reader's, per cost kind
 
     def expand(self, raw: RawRow) -> list[Job] | list[RowError]:
         required = self.options.id_column is not None

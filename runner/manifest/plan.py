@@ -123,10 +123,19 @@ def build_plan_batches(
     per cost group (no input file, no LoRA file: nothing to size, as ``input_sizes`` and
     ``lora_bytes`` would find)."""
     plan = Plan()
+    # The batch reader gives one request object per kind of cost: one estimate for each.
+    estimates: dict[tuple[str, int], tuple[Any, Estimate]] = {}
     for batch in batches:
         _add_items(plan, batch.items, prices, input_sizes, lora_bytes)
         for group in batch.groups:
-            est = estimate(group.endpoint, group.request, prices)
+            kind = (group.endpoint, id(group.request))
+            known = estimates.get(kind)
+            if known is None or known[0] is not group.request:
+                known = estimates[kind] = (
+                    group.request,
+                    estimate(group.endpoint, group.request, prices),
+                )
+            est = known[1]
             plan.by_endpoint.setdefault(group.endpoint, Totals()).add(est, group.count)
             plan.total.add(est, group.count)
     return plan

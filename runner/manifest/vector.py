@@ -48,7 +48,7 @@ class Typed:
     slow: np.ndarray  # per position: left to the per-row path
     needs_files: np.ndarray  # per position: names a local file (checked, sized per job)
     fields: dict[str, pa.Array]  # request field -> typed values (null: not given)
-    metadata: dict[str, pa.Array]  # metadata column -> stripped text
+    metadata: dict[str, pa.Array]  # metadata column -> its text as read (stripped when used)
     ids: pa.Array | None  # the given id, stripped (null: identified by content)
 
 
@@ -108,7 +108,7 @@ def type_rows(
             if name in all_parameters:
                 slow |= ~cols.blank(name)  # another endpoint's parameter: the row says why
             else:
-                metadata[name] = cols.trimmed(name)
+                metadata[name] = values[name]
             continue
         fields[name] = _typed_field(name, spec, cols, slow, skip=templated)
     if templated is not None:
@@ -156,10 +156,37 @@ def _typed_field(
 
     ``skip``: rows whose prompt a template makes (their ``prompt`` cell is not read).
     """
+    if name != "prompt" and _few_distinct(cols.values[name]):
+        # A column of few distinct cells (sizes, counts, presets): each stripped and typed once.
+        encoded = pc.dictionary_encode(cols.values[name])
+        distinct: pa.Array = pc.utf8_trim_whitespace(encoded.dictionary)
+        codes = encoded.indices.to_numpy(zero_copy_only=False)
+        once = np.zeros(len(distinct), dtype=bool)
+        values = _typed_text(name, spec, distinct, _np(pc.equal(distinct, "")), once)
+        slow |= once[codes]
+        return values.take(encoded.indices)
     text = cols.trimmed(name)
     blank = cols.blank(name)
     if skip is not None and name == "prompt":
         blank = blank | skip[1]
+    return _typed_text(name, spec, text, blank, slow)
+
+
+def _few_distinct(text: pa.Array) -> bool:
+    """Whether the column seems to hold few distinct cells (judged from its first rows)."""
+    if len(text) < 4 * _SAMPLE:
+        return False
+    head = pc.count_distinct(text.slice(0, _SAMPLE)).as_py()
+    return bool(head * 8 <= _SAMPLE)
+
+
+_SAMPLE = 256
+
+
+def _typed_text(
+    name: str, spec: EndpointSpec, text: pa.Array, blank: np.ndarray, slow: np.ndarray
+) -> pa.Array:
+    """:func:`_typed_field` of stripped ``text``, ``blank`` where it is not given."""
     if name == "image_size":
         return _image_size(text, blank, spec, slow)
     kind = _kind(spec, name)
@@ -174,14 +201,11 @@ def _typed_field(
         false = _np(pc.is_in(lowered, pa.array(_FALSE)))
         slow |= ~blank & ~true & ~false
         return pa.array(np.where(true, True, False), mask=blank | (~true & ~false))
+    if name == "loras":
+        return _loras(text, blank, spec, slow)
     if kind in ("int", "float"):
-        pattern = _INT if kind == "int" else _FLOAT
-        ok = _np(pc.match_substring_regex(text, pattern)) & ~blank
+        numbers, ok = _numbers(text, blank, kind)
         slow |= ~blank & ~ok
-        cast = pc.cast(
-            pc.if_else(pa.array(ok), text, "0"), pa.int64() if kind == "int" else pa.float64()
-        )
-        numbers = cast.to_numpy(zero_copy_only=False)
         low, high = _bounds(spec, name)
         within = np.isfinite(numbers) if kind == "float" else np.ones(len(numbers), dtype=bool)
         if low is not None:
@@ -192,6 +216,66 @@ def _typed_field(
         return pa.array(numbers, mask=~ok)
     slow |= ~blank  # loras, image_urls, JSON and the like: parsed row by row
     return pa.nulls(len(text), pa.string())
+
+
+def _numbers(text: pa.Array, blank: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """The cells as int64 or float64, and which of them are numbers both readers agree on.
+
+    Integers are cast at once first: what Arrow reads as an int64 (``-`` and digits) ``int()``
+    reads the same, except hexadecimal (``0x1F``, which ``int()`` refuses), so a block with an
+    ``x`` in the column is not cast at once. Past 15 digits, and in any block where the cast
+    fails, the :data:`_INT` pattern decides, as it does for every number cell.
+    """
+    if kind == "int" and not pc.any(pc.match_substring(text, "x", ignore_case=True)).as_py():
+        try:
+            cast = pc.cast(_nulled(text, blank).fill_null("0"), pa.int64())
+        except pa.ArrowInvalid:
+            pass
+        else:
+            numbers = cast.to_numpy(zero_copy_only=False)
+            return numbers, ~blank & (np.abs(numbers) < 10**15)
+    pattern = _INT if kind == "int" else _FLOAT
+    ok = _np(pc.match_substring_regex(text, pattern)) & ~blank
+    cast = pc.cast(
+        pc.if_else(pa.array(ok), text, "0"), pa.int64() if kind == "int" else pa.float64()
+    )
+    return cast.to_numpy(zero_copy_only=False), ok
+
+
+def _loras(text: pa.Array, blank: np.ndarray, spec: EndpointSpec, slow: np.ndarray) -> pa.Array:
+    """One remote LoRA in the ``url[:scale]`` shorthand, as :func:`cells.parse_loras` reads it.
+
+    Kept only where the cell is plain ASCII with no control character (so RE2's ``.`` and
+    digits are Python's), no ``;`` (one LoRA), a remote path (no local file to check or
+    size), and a scale in a form whose text both readers turn into the same double. The
+    rest (JSON, lists, local files, a bare ``https://host:port``) go row by row.
+    """
+    size = len(text)
+    if spec.max_loras == 0 or blank.all():
+        slow |= ~blank
+        return pa.nulls(size, _LORAS)
+    plain = _np(pc.string_is_ascii(text)) & ~_np(pc.match_substring_regex(text, _LORA_NOT_PLAIN))
+    parts = pc.extract_regex(text, _LORA_SCALED)
+    scaled = _np(pc.is_valid(parts))
+    path = pc.if_else(pa.array(scaled), pc.utf8_trim_whitespace(parts.field(0)), text)
+    scale_text = parts.field(1)
+    exact = _np(pc.fill_null(pc.match_substring_regex(scale_text, _LORA_SCALE), False))
+    ok = plain & (~scaled | exact) & _np(pc.match_substring_regex(path, _REMOTE))
+    ok &= ~_np(pc.match_substring_regex(path, _BARE_ORIGIN))
+    slow |= ~blank & ~ok
+    keep = ok & ~blank
+    scale = pc.cast(pc.if_else(pa.array(keep & scaled), scale_text, "1"), pa.float64())
+    items = pa.StructArray.from_arrays([path, scale], fields=list(_LORAS.value_type))
+    offsets = pa.array(np.arange(size + 1, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, items, type=_LORAS, mask=pa.array(~keep))
+
+
+_LORAS = pa.list_(pa.struct([("path", pa.string()), ("scale", pa.float64())]))
+# cells._SCALE_SUFFIX and cells._BARE_ORIGIN, on ASCII text without line breaks.
+_LORA_SCALED = r"^(?P<path>.+):(?P<scale>[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)$"
+_LORA_SCALE = r"^[0-9]{1,9}(?:\.[0-9]{1,15})?$"
+_LORA_NOT_PLAIN = r"[\x00-\x1f\x7f;]|^[\[{]"
+_BARE_ORIGIN = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/]*$"
 
 
 def _image_size(
