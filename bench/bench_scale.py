@@ -59,6 +59,7 @@ class ChildRun:
     peak_rss_mb: float = 0.0
     samples: list[tuple[float, float, int]] = field(default_factory=list)
     last_line: str = ""
+    stopped_at: float | None = None  # when --stop-after interrupted it (s)
 
 
 def run_child(
@@ -90,7 +91,7 @@ def run_child(
             out.samples.append((time.perf_counter() - t0, rss, _done(log)))
             if stop_after is not None and time.perf_counter() - t0 > stop_after:
                 proc.send_signal(signal.SIGINT)  # stop admitting, finish what is in flight
-                stop_after = None
+                out.stopped_at, stop_after = time.perf_counter() - t0, None
             if len(out.samples) % 60 == 0:  # a line a minute, so a cut-short run still tells
                 t, rss, done = out.samples[-1]
                 emu_rss = emu.rss_mb()[0]
@@ -188,9 +189,10 @@ def stopped_report(run: ChildRun, emu_rss: tuple[float, float]) -> str:
     step = max(len(samples) // 15, 1)
     for t, rss, jobs in [*samples[::step], *samples[-1:]]:
         lines.append(f"| {t:.0f} | {jobs:,} | {rss:.0f} |")
-    if len(samples) >= 4:
-        half = len(samples) // 2
-        (_, r1, j1), (_, r2, j2) = samples[half], samples[-1]
+    running = [x for x in samples if run.stopped_at is None or x[0] <= run.stopped_at]
+    if len(running) >= 4:
+        half = len(running) // 2
+        (_, r1, j1), (_, r2, j2) = running[half], running[-1]
         slope = (r2 - r1) / max(j2 - j1, 1) * 1e6
         lines.append(f"RSS slope over the second half: {slope:+.1f} MiB per million jobs")
     lines.append(f"emulator RSS: {emu_rss[0]:.0f} MiB (peak {emu_rss[1]:.0f})")
@@ -213,6 +215,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--plan-only", action="store_true", help="only the resume planning, over --workdir"
     )
+    p.add_argument(
+        "--resume", action="store_true",
+        help="run over the ledger already in --workdir (e.g. ledger_gen.py --manifest)",
+    )  # fmt: skip
     p.add_argument("--csv", action="store_true", help="a CSV manifest (id,endpoint,prompt,...)")
     p.add_argument(
         "--stop-after", type=float,
@@ -227,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.plan_only:
         print(plan_in_process(run_dir, manifest))
         return
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if not args.resume:
+        shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
     if not manifest.exists():  # a manifest of that size kept in --workdir is reused
         (write_csv if args.csv else write_jsonl)(manifest, tiny_rows(args.rows))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import signal
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from datetime import timedelta
@@ -46,9 +47,9 @@ from runner.manifest.batches import iter_manifest_jobs
 from runner.manifest.identity import shard_of
 from runner.manifest.jobs import ExpandOptions, Job, row_identity
 from runner.manifest.plan import job_estimate
-from runner.media.downloads import DownloadItem, DownloadStage, pending_downloads
+from runner.media.downloads import DownloadItem, DownloadStage
 from runner.media.inputs import InputProber, InputSizer
-from runner.media.pending import ChunkedPending, PendingDownloads
+from runner.media.pending import pending_for
 from runner.media.uploads import Uploader
 
 BATCH = 256
@@ -187,12 +188,7 @@ class Scheduler:
         self._unsent: Unsent | None = None  # the workers' jobs that have sent nothing yet
         self.lost_slots = 0
         # Completed earlier but not (fully) downloaded: fetched again instead of skipped.
-        self.pending: PendingDownloads | ChunkedPending | None = None
-        if config.download:
-            if isinstance(state, ResumeState):
-                self.pending = ChunkedPending(state)
-            else:
-                self.pending = pending_downloads(state)
+        self.pending = pending_for(state) if config.download else None
 
     def estimate(self, job: Job) -> Estimate:
         return job_estimate(job, self.prices, self.sizer, self.sizer.lora_bytes)
@@ -208,11 +204,15 @@ class Scheduler:
     async def count(self) -> None:
         """The manifest's job count and estimated dollars, for the bar (in a thread)."""
 
+        ended = threading.Event()  # the run ended first: stop counting, let the process exit
+
         def tally_all() -> tuple[int, Decimal]:
             jobs, usd = 0, Decimal(0)
             sizer = InputSizer(self.config.manifest.resolve().parent)
             # Only counting: admission reports duplicate ids, this pass need not hold them.
             for item in job_stream(self.config, check_unique_ids=False):
+                if ended.is_set():
+                    break
                 if isinstance(item, Job):
                     jobs += 1
                     est = job_estimate(item, self.prices, sizer, sizer.lora_bytes)
@@ -221,7 +221,10 @@ class Scheduler:
                     jobs += 1
             return jobs, usd
 
-        total, usd = await anyio.to_thread.run_sync(tally_all, abandon_on_cancel=True)
+        try:
+            total, usd = await anyio.to_thread.run_sync(tally_all, abandon_on_cancel=True)
+        finally:
+            ended.set()
         self.tally.total, self.tally.estimate_usd = total, usd
         self.progress.refresh()
 
@@ -314,7 +317,7 @@ class Scheduler:
     async def _pending_item(self, job_key: str) -> DownloadItem | None:
         """What the job still has to download (its chunk read in a thread when not held)."""
         pending = self.pending
-        if isinstance(pending, ChunkedPending) and pending.must_read(job_key):
+        if pending is not None and pending.must_read(job_key):
             return await anyio.to_thread.run_sync(pending.pop, job_key)
         return pending.pop(job_key) if pending is not None else None
 

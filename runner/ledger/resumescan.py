@@ -36,7 +36,7 @@ _LOCAL_PATH = "outputs.list.element.local_path"
 _UNFETCHED = "outputs_unfetched"
 _HAS_ID = "request_id"  # folded as a bool: whether the attempt has a request id
 # Bytes of narrowed events a range holds; its fold's peak is a few times this.
-PASS_BYTES = 12 * 2**20
+PASS_BYTES = 8 * 2**20
 GROUP_EVENTS = 100_000
 _BATCH_ROWS = 32_768
 _NO_ATTEMPT = np.iinfo(np.int32).min
@@ -236,16 +236,16 @@ class _Builder:
         at = pc.index_in(keys, value_set=mins["job_key"].combine_chunks())
         first = mins["seq_min_min"].combine_chunks().take(at)
         last = jobs["seq"].take(pa.array(rows))
-        return rows + self.rows, _np(first, np.int64), _np(last, np.int64)
+        return (rows + self.rows).astype(np.int32), _np(first, np.int64), _np(last, np.int64)
 
     def finish(self) -> ResumeState:
+        pending = self._chunked() if self.pending else None
         keys = self.keys.array()
         self.keys = _KeyBuffer()
         columns = [np.concatenate(c) for c in zip(*self.arrays, strict=True)]
         if not columns:
             columns = [np.zeros(0, t) for t in (np.int8, np.int32, np.int8, bool)]
         self.arrays.clear()
-        pending = self._chunked() if self.pending else None
         return ResumeState(
             keys, *columns, spent=self.spent, pending=pending, odd_states=self.odd
         )  # fmt: skip
@@ -262,7 +262,7 @@ class _Builder:
         del last_seq
         low = np.minimum.reduceat(np.concatenate(first)[order], starts)
         del first
-        ordered = np.concatenate(rows)[order].astype(np.int32)
+        ordered = np.concatenate(rows)[order]
         return Pending(ordered, low, high, resumestate.PENDING_CHUNK)
 
 
@@ -271,23 +271,23 @@ class _KeyBuffer:
 
     def __init__(self) -> None:
         self.data = bytearray()
-        self.ends: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
+        self.ends: list[np.ndarray] = [np.zeros(1, dtype=np.int32)]
 
     def add(self, keys: pa.Array) -> None:
         n = len(keys)
         _, offsets_buffer, data = keys.buffers()
-        offsets = np.frombuffer(offsets_buffer, np.int32, n + 1, keys.offset * 4).astype(np.int64)
+        offsets = np.frombuffer(offsets_buffer, np.int32, n + 1, keys.offset * 4)
         base = len(self.data)
+        if base + int(offsets[-1]) - int(offsets[0]) >= 2**31:
+            raise LedgerCorruptError("the ledger's job keys exceed 2 GiB")
         if data is not None:
             self.data += memoryview(data)[offsets[0] : offsets[-1]]
-        self.ends.append(offsets[1:] - offsets[0] + base)
+        self.ends.append(offsets[1:] - offsets[0] + np.int32(base))
 
     def array(self) -> pa.Array:
         offsets = np.concatenate(self.ends)
-        if offsets[-1] >= 2**31:
-            raise LedgerCorruptError("ledger job keys exceed 2 GiB")
         n = len(offsets) - 1
-        buffers = [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(self.data)]
+        buffers = [None, pa.py_buffer(offsets), pa.py_buffer(self.data)]
         return pa.Array.from_buffers(pa.string(), n, buffers)
 
 

@@ -84,12 +84,23 @@ class PendingDownloads(Mapping[str, DownloadItem]):
         self._count -= 1
         return item
 
+    def must_read(self, job_key: str) -> bool:
+        """Never: every record is held (see :meth:`ChunkedPending.must_read`)."""
+        return False
+
     def _row(self, job_key: str) -> int | None:
         row = self._state.row(job_key)
         return row if row is not None and self._flags[row] else None
 
 
 _KEY_BATCH = 65_536
+
+
+def pending_for(state: LedgerState | ResumeState) -> PendingDownloads | ChunkedPending:
+    """The jobs of a folded ledger or a resume's state with downloads pending."""
+    if isinstance(state, ResumeState):
+        return ChunkedPending(state)
+    return PendingDownloads(state)
 
 
 def pending_downloads(state: LedgerState | pa.Table) -> PendingDownloads:
