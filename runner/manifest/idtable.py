@@ -100,8 +100,9 @@ class KeyLines:
 
     A run is a sorted ``int64`` array of keys beside its ``uint32`` lines. Claims arrive
     one at a time (:meth:`claim`, into a small dict flushed into a run every 65,536) or a
-    batch at a time (:meth:`lookup` then :meth:`add`); runs of like size are merged, so a
-    key is found with one binary search in each of ~log4(n / 65,536) runs.
+    batch at a time (:meth:`lookup` then :meth:`add`); runs of like size are merged up to
+    ``RUN_MAX`` keys, so a key is found with one binary search in each of about
+    n / RUN_MAX + log4(RUN_MAX / 65,536) runs.
 
     The least line wins: a claim of a line below the one held takes the key over (the
     vector path claims a batch's plain rows before its slow rows claim theirs one by one)
@@ -185,7 +186,7 @@ class KeyLines:
     def _push(self, keys: np.ndarray, lines: np.ndarray) -> None:
         runs = self._runs
         runs.append((keys, lines, None))
-        while len(runs) > 1 and len(runs[-2][0]) <= 4 * len(runs[-1][0]):
+        while len(runs) > 1 and _merge(len(runs[-2][0]), len(runs[-1][0])):
             (old_keys, old_lines, _), (new_keys, new_lines, _) = runs[-2], runs[-1]
             # A linear merge: each new key goes after the old keys below it.
             at = np.searchsorted(old_keys, new_keys) + np.arange(len(new_keys))
@@ -199,6 +200,17 @@ class KeyLines:
         keys, lines, directory = runs[-1]
         if directory is None and len(keys) >= _DIRECTORY_MIN:
             runs[-1] = (keys, lines, _directory(keys))
+
+
+# Runs stop growing at this many keys (24 MB): a merge holds both runs and the merged one
+# at once, so unbounded runs made a 10M-id manifest peak ~150 MB above the 120 MB held
+# (measured); capped, a lookup searches one more run per RUN_MAX keys.
+RUN_MAX = 1 << 21
+
+
+def _merge(older: int, newer: int) -> bool:
+    """Whether the two newest runs merge: of like size, and not past RUN_MAX together."""
+    return older <= 4 * newer and older + newer <= RUN_MAX
 
 
 def _search(run_keys: np.ndarray, directory: np.ndarray | None, keys: np.ndarray) -> np.ndarray:
