@@ -15,18 +15,14 @@ from runner.execution.scheduler import prior_spend
 from runner.ledger import JobState, Ledger, LedgerEvent, LedgerState
 from runner.ledger import resumestate as resumestate_module
 from runner.ledger.records import read_records
-from runner.ledger.resume import ResumePolicy, decide
+from runner.ledger.resume import OnUnknown, ResumePolicy, decide
 from runner.ledger.resumescan import load_resume_state
 from runner.ledger.resumestate import IN_FLIGHT as IN_FLIGHT_STATES
 from runner.media.pending import ChunkedPending, pending_downloads
 from tests.test_ledger_state import at, image, random_events, write
 
-POLICIES = [
-    ResumePolicy(on_unknown, retry_failed)
-    for on_unknown, retry_failed in itertools.product(
-        ("reconcile", "resubmit", "skip", "fail"), (False, True)
-    )
-]
+UNKNOWN: tuple[OnUnknown, ...] = ("reconcile", "resubmit", "skip", "fail")
+POLICIES = [ResumePolicy(u, retry) for u, retry in itertools.product(UNKNOWN, (False, True))]
 
 
 def every_kind(n: int) -> list[LedgerEvent]:
