@@ -14,9 +14,10 @@ Prints seconds per phase and the peak RSS after each phase.
 
 ``--reads DIR`` measures what reads a finished ledger, each command in its own child process
 (peak RSS from ``os.wait4``, the child's own rusage): ``runner status``, ``runner report``,
-``runner export`` to Parquet, CSV and JSONL, and a resume's planning (``Ledger.state()`` and
-``plan_resume`` over every job's key, in a child running this script; ``resume`` with
-downloads, whose outputs the generated ledger never downloaded, ``resume-nodl`` without).
+``runner export`` to Parquet, CSV and JSONL, and a resume's planning (``load_resume_state``,
+as ``runner run`` reads it, and ``plan_resume`` over every job's key, in a child running this
+script; ``resume`` with downloads, whose outputs the generated ledger never downloaded,
+``resume-nodl`` without).
 ``--generate N`` first writes an N-job ledger there straight as Parquet parts
 (:mod:`ledger_gen`: intent, acknowledgement, end with outputs)::
 
@@ -177,8 +178,13 @@ def read_one(command: str, run_dir: Path) -> None:
         import ledger_gen
         import numpy as np
 
-        with Ledger.open(run_dir) as ledger:
-            state = ledger.state(downloads=command == "resume")
+        from runner.ledger.resumescan import load_resume_state
+        from runner.media.pending import ChunkedPending
+
+        with Ledger.open(run_dir):  # as the engine: lock, recover, then read what a resume needs
+            state = load_resume_state(run_dir, downloads=command == "resume")
+            pending = ChunkedPending(state)
+            print(f"  {len(pending):,} jobs with downloads pending", flush=True)
             summary = ResumeSummary()
             jobs = len(state)
             for start in range(0, jobs, 100_000):

@@ -21,12 +21,15 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from common import (
     KEY,
@@ -56,9 +59,16 @@ class ChildRun:
     peak_rss_mb: float = 0.0
     samples: list[tuple[float, float, int]] = field(default_factory=list)
     last_line: str = ""
+    stopped_at: float | None = None  # when --stop-after interrupted it (s)
 
 
-def run_child(manifest: Path, run_dir: Path, emu: EmulatorProcess, concurrency: int) -> ChildRun:
+def run_child(
+    manifest: Path,
+    run_dir: Path,
+    emu: EmulatorProcess,
+    concurrency: int,
+    stop_after: float | None = None,
+) -> ChildRun:
     argv = [
         sys.executable, "-m", "runner", "run", str(manifest), "--ledger", str(run_dir),
         "--queue-url", emu.base_url, "--concurrency", str(concurrency), "--rate", "1e9",
@@ -79,6 +89,9 @@ def run_child(manifest: Path, run_dir: Path, emu: EmulatorProcess, concurrency: 
             except (FileNotFoundError, ProcessLookupError):
                 rss = 0.0
             out.samples.append((time.perf_counter() - t0, rss, _done(log)))
+            if stop_after is not None and time.perf_counter() - t0 > stop_after:
+                proc.send_signal(signal.SIGINT)  # stop admitting, finish what is in flight
+                out.stopped_at, stop_after = time.perf_counter() - t0, None
             if len(out.samples) % 60 == 0:  # a line a minute, so a cut-short run still tells
                 t, rss, done = out.samples[-1]
                 emu_rss = emu.rss_mb()[0]
@@ -141,6 +154,51 @@ def plan_in_process(run_dir: Path, manifest: Path) -> str:
     )
 
 
+def write_csv(path: Path, rows: Iterator[dict[str, Any]]) -> int:
+    """``tiny_rows`` as CSV: the size as ``WxH``."""
+    count = 0
+    with path.open("w") as fh:
+        fh.write("id,endpoint,prompt,image_size,seed\n")
+        lines = []
+        for row in rows:
+            size = row["image_size"]
+            lines.append(
+                f"{row['id']},{row['endpoint']},{row['prompt']},"
+                f"{size['width']}x{size['height']},{row['seed']}\n"
+            )
+            count += 1
+            if len(lines) == 100_000:
+                fh.write("".join(lines))
+                lines.clear()
+        fh.write("".join(lines))
+    return count
+
+
+def stopped_report(run: ChildRun, emu_rss: tuple[float, float]) -> str:
+    """A run interrupted by --stop-after: jobs done, CPU per job, RSS over the jobs done."""
+    samples = [s for s in run.samples if s[1] > 0 and s[2] > 0]
+    done = samples[-1][2] if samples else 0
+    lines = [
+        f"interrupted run: exit {run.exit_code}, wall {run.wall_s:.0f} s, CPU {run.cpu_s:.1f} s, "
+        f"~{done:,} jobs done (last progress line), {run.cpu_s / max(done, 1) * 1000:.2f} CPU ms "
+        f"a job, peak RSS {run.peak_rss_mb:.0f} MiB; load average {load_avg()}",
+        f"last line: {run.last_line}",
+        "| s | jobs done | RSS MiB |",
+        "| ---: | ---: | ---: |",
+    ]
+    step = max(len(samples) // 15, 1)
+    for t, rss, jobs in [*samples[::step], *samples[-1:]]:
+        lines.append(f"| {t:.0f} | {jobs:,} | {rss:.0f} |")
+    running = [x for x in samples if run.stopped_at is None or x[0] <= run.stopped_at]
+    if len(running) >= 4:
+        half = len(running) // 2
+        (_, r1, j1), (_, r2, j2) = running[half], running[-1]
+        slope = (r2 - r1) / max(j2 - j1, 1) * 1e6
+        lines.append(f"RSS slope over the second half: {slope:+.1f} MiB per million jobs")
+    lines.append(f"emulator RSS: {emu_rss[0]:.0f} MiB (peak {emu_rss[1]:.0f})")
+    return "\n".join(lines)
+
+
 def _actions(summary: ResumeSummary) -> str:
     return ", ".join(f"{a.value} {n:,}" for a, n in sorted(summary.actions.items()))
 
@@ -157,24 +215,40 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--plan-only", action="store_true", help="only the resume planning, over --workdir"
     )
+    p.add_argument(
+        "--resume", action="store_true",
+        help="run over the ledger already in --workdir (e.g. ledger_gen.py --manifest)",
+    )  # fmt: skip
+    p.add_argument("--csv", action="store_true", help="a CSV manifest (id,endpoint,prompt,...)")
+    p.add_argument(
+        "--stop-after", type=float,
+        help="interrupt the first run after this many seconds (SIGINT) and stop there: "
+        "the RSS series of a run too long to finish",
+    )  # fmt: skip
     args = p.parse_args(argv)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
-    manifest, run_dir = work / f"rows{args.rows}.jsonl", work / f"rows{args.rows}.runner"
+    suffix = "csv" if args.csv else "jsonl"
+    manifest, run_dir = work / f"rows{args.rows}.{suffix}", work / f"rows{args.rows}.runner"
     if args.plan_only:
         print(plan_in_process(run_dir, manifest))
         return
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if not args.resume:
+        shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
-    write_jsonl(manifest, tiny_rows(args.rows))
+    if not manifest.exists():  # a manifest of that size kept in --workdir is reused
+        (write_csv if args.csv else write_jsonl)(manifest, tiny_rows(args.rows))
     print(f"## scale: {args.rows:,} rows, concurrency {args.concurrency}, 64x64, no download "
           f"(manifest written in {time.perf_counter() - t0:.1f} s, "
           f"{manifest.stat().st_size / 2**20:.0f} MiB); load average {load_avg()}")  # fmt: skip
     with EmulatorProcess(
         concurrency=args.concurrency, time_scale=1e-6, retention_real_s=args.retention_s
     ) as emu:
-        first = run_child(manifest, run_dir, emu, args.concurrency)
+        first = run_child(manifest, run_dir, emu, args.concurrency, args.stop_after)
         emu_rss = emu.rss_mb()
+        if args.stop_after is not None:
+            print(stopped_report(first, emu_rss))
+            return
         second = run_child(manifest, run_dir, emu, args.concurrency)
     planning = plan_in_process(run_dir, manifest)
     rows = [

@@ -55,9 +55,32 @@ def _hex(jobs: np.ndarray, salt: int, chars: int) -> pa.Array:
     return _fixed(text[:, :chars])
 
 
+# The real job keys of a manifest's first jobs (``--manifest``), by job number; else made up.
+_MANIFEST_KEYS: pa.Array | None = None
+
+
 def job_keys(jobs: np.ndarray) -> pa.Array:
     """The job_key of each job number."""
+    if _MANIFEST_KEYS is not None:
+        return _MANIFEST_KEYS.take(pa.array(jobs))
     return _hex(jobs, 0, 32)
+
+
+def use_manifest_keys(manifest: Path, jobs: int) -> None:
+    """Give the generated jobs the job keys of ``manifest``'s first ``jobs`` jobs, so a run of
+    that manifest over the ledger finds them done (a resume of a partly run manifest)."""
+    global _MANIFEST_KEYS
+    from itertools import islice
+
+    from runner.manifest.batches import iter_manifest_jobs
+    from runner.manifest.jobs import ExpandOptions, Job
+
+    options = ExpandOptions(manifest_dir=manifest.resolve().parent)
+    items = islice(iter_manifest_jobs(manifest, None, options), jobs)
+    keys = [item.job_key for item in items if isinstance(item, Job)]
+    if len(keys) < jobs:
+        raise SystemExit(f"{manifest} has {len(keys)} jobs, fewer than {jobs}")
+    _MANIFEST_KEYS = pa.array(keys, pa.string())
 
 
 def _fixed(text: np.ndarray) -> pa.Array:
@@ -211,9 +234,14 @@ def generate(run_dir: Path, jobs: int, part_events: int = PART_EVENTS) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1_000_000)
+    parser.add_argument("--manifest", type=Path, help="the job keys of its first --jobs jobs")
     parser.add_argument("run_dir", type=Path)
     args = parser.parse_args()
     t0 = time.perf_counter()
+    if args.manifest:
+        use_manifest_keys(args.manifest, args.jobs)
+        print(f"job keys of {args.manifest}'s first {args.jobs:,} jobs in "
+              f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
     events = generate(args.run_dir, args.jobs)
     size = sum(p.stat().st_size for p in (args.run_dir / "ledger").glob("*.parquet"))
     print(f"{args.jobs:,} jobs, {events:,} events, {size / 2**20:.0f} MiB of parts "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -55,3 +57,33 @@ async def test_ledger_records_request_ids_outputs_and_cost(tmp_path: Path) -> No
     assert all(r["request_id"] for r in rows if r["state"] == "queued")
     folded = LedgerState.load(tmp_path / "run").jobs.to_pylist()
     assert all(r["request_id"] and r["state"] == "completed" for r in folded)
+
+
+async def test_the_counting_thread_stops_when_the_run_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The bar's count reads the whole manifest in a thread; a run that ends first (done,
+    # interrupted, out of budget) must not wait at exit for it to read ten million rows.
+    from runner.execution import jobsource
+
+    admitted = jobsource.job_stream
+    closed = threading.Event()
+    drawn = [0]
+
+    def endless(config: object, *, check_unique_ids: bool = True) -> Iterator[object]:
+        if check_unique_ids:  # admission's own stream: the real manifest
+            yield from admitted(config, check_unique_ids=True)  # type: ignore[arg-type]
+            return
+        try:
+            while True:
+                drawn[0] += 1
+                yield object()
+        finally:
+            closed.set()
+
+    monkeypatch.setattr(jobsource, "job_stream", endless)
+    path = manifest(tmp_path, 3)
+    async with emulator() as emu:
+        report = await run(emu, run_config(path, tmp_path / "run"))
+    assert report.exit_code == 0 and report.tally.completed == 3
+    assert closed.wait(10), f"the count was still reading after the run ({drawn[0]:,} rows)"

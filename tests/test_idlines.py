@@ -41,6 +41,7 @@ def small(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(arrowcsv, "BLOCK_BYTES", 300)
     monkeypatch.setattr(idtable, "_PENDING_MAX", 4)
     monkeypatch.setattr(idtable, "_DIRECTORY_MIN", 8)  # runs searched through a directory
+    monkeypatch.setattr(idtable, "RUN_MAX", 24)  # several runs stop growing
 
 
 @FUZZ
@@ -75,6 +76,16 @@ def test_a_lower_line_takes_a_key_over() -> None:
     assert table.displaced == {40}
     assert [table.claim(9, 41), table.claim(5, 31)] == [35, 30]
     assert table.lookup(np.array([9, 5, 7])).tolist() == [35, 30, 0]
+
+
+def test_runs_stop_growing_at_run_max(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A merge holds both runs and the merged one: capped, the peak stays near what is held.
+    monkeypatch.setattr(idtable, "RUN_MAX", 1_000)
+    table = KeyLines()
+    for start in range(0, 10_000, 100):
+        table.add(np.arange(start, start + 100) * 7, np.arange(start, start + 100) + 2)
+    assert max(len(keys) for keys, *_ in table._runs) <= 1_000
+    assert table.lookup(np.array([0, 7 * 9_999, 5, 7 * 4_321])).tolist() == [2, 10_001, 0, 4_323]
 
 
 def test_lines_past_32_bits_are_kept() -> None:

@@ -66,9 +66,10 @@ from runner.fal.transport import open_call_transport, open_transport
 from runner.ledger.commits import CommitGroup
 from runner.ledger.meta import end_invocation, new_run_id
 from runner.ledger.probe import probe_writable
-from runner.ledger.records import read_records, read_requests_seen
+from runner.ledger.records import read_requests_seen
+from runner.ledger.resumescan import load_resume_state
+from runner.ledger.resumestate import ResumeState
 from runner.ledger.schema import JobRecord, JobState, utcnow
-from runner.ledger.state import LedgerState
 from runner.ledger.store import Ledger
 from runner.media.downloads import Downloader, DownloadStage
 from runner.media.inputs import InputChecker, InputProber, InputSizer
@@ -172,8 +173,9 @@ async def execute(config: RunConfig, *, hooks: Hooks | None = None) -> RunReport
     ledger.commits = hooks.commits
     async with ledger:
         write_run_metadata(config, run_id=run_id, started_at=started, redact=redact)
-        # Without downloads, a completed job's outputs are never read again: fold less.
-        fold = partial(ledger.state, downloads=config.download)
+        # Only what a resume reads of each job, a range of keys at a time; without
+        # downloads, a completed job's outputs are never read again: fold less.
+        fold = partial(load_resume_state, config.run_dir, downloads=config.download)
         state = await anyio.to_thread.run_sync(fold)
         tally = Tally(redact=redact)
         if hooks.on_tally is not None:
@@ -221,7 +223,7 @@ def _first_fatal(group: BaseExceptionGroup[BaseException]) -> RunnerError | None
     return None
 
 
-def _budget(config: RunConfig, state: LedgerState, gate: AccountGate | None) -> Spend:
+def _budget(config: RunConfig, state: ResumeState, gate: AccountGate | None) -> Spend:
     # A gate's budget is shared: each shard joins it with its own ledger's earlier spend.
     budget = (
         local_spend(config.max_cost_usd, config.max_total_cost_usd) if gate is None else gate.budget
@@ -233,7 +235,7 @@ def _budget(config: RunConfig, state: LedgerState, gate: AccountGate | None) -> 
 async def _drive(
     config: RunConfig,
     ledger: Ledger,
-    state: LedgerState,
+    state: ResumeState,
     tally: Tally,
     progress: Progress,
     hooks: Hooks,
@@ -341,12 +343,12 @@ _LEFT_IN_FLIGHT = frozenset(
 
 
 def _left_in_flight(
-    run_dir: Path, state: LedgerState
+    run_dir: Path, state: ResumeState
 ) -> tuple[dict[str, JobRecord], dict[str, frozenset[str]]]:
     """Whole records of the jobs an earlier run left in flight (few): URLs and intents; and
     the requests each already followed."""
     keys = state.keys_in(_LEFT_IN_FLIGHT)
-    return read_records(run_dir, keys), read_requests_seen(run_dir, keys)
+    return dict(state.records), read_requests_seen(run_dir, keys)
 
 
 def _download_stage(

@@ -12,6 +12,7 @@ CPU of a sharded run (docs/SCALE.md).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from decimal import Decimal
@@ -63,10 +64,14 @@ def _in_shard(items: Iterator[Job | RowError], shard: int, shards: int) -> Itera
     return (item for item in items if item_shard(item, shards) == shard)
 
 
-def count_jobs(items: Iterator[Job | RowError], estimate: Estimator) -> tuple[int, Decimal]:
-    """How many jobs (bad rows included) and their estimated dollars."""
+def count_jobs(
+    items: Iterator[Job | RowError], estimate: Estimator, stop: threading.Event | None = None
+) -> tuple[int, Decimal]:
+    """How many jobs (bad rows included) and their estimated dollars (so far, if ``stop``)."""
     jobs, usd = 0, Decimal(0)
     for item in items:
+        if stop is not None and stop.is_set():
+            break
         jobs += 1
         if isinstance(item, Job):
             usd += estimate(item) or Decimal(0)
@@ -107,7 +112,12 @@ class ManifestSource:
 
     async def count(self, estimate: Estimator) -> tuple[int, Decimal]:
         # Only counting: admission reports duplicate ids, this pass need not hold them.
-        def tally_all() -> tuple[int, Decimal]:
-            return count_jobs(job_stream(self.config, check_unique_ids=False), estimate)
+        ended = threading.Event()  # the run ended first: stop counting, let the process exit
 
-        return await anyio.to_thread.run_sync(tally_all, abandon_on_cancel=True)
+        def tally_all() -> tuple[int, Decimal]:
+            return count_jobs(job_stream(self.config, check_unique_ids=False), estimate, ended)
+
+        try:
+            return await anyio.to_thread.run_sync(tally_all, abandon_on_cancel=True)
+        finally:
+            ended.set()

@@ -37,13 +37,15 @@ from runner.execution.worker import run_job
 from runner.fal.client import RequestRef
 from runner.fal.protocol import RequestUrls
 from runner.ledger.resume import Action, ResumePolicy, decide
+from runner.ledger.resumestate import ResumeState
 from runner.ledger.schema import JobRecord, JobState, LedgerEvent, utcnow
 from runner.ledger.state import LedgerState
 from runner.ledger.store import Ledger
 from runner.manifest.jobs import Job, row_identity
 from runner.manifest.plan import job_estimate
-from runner.media.downloads import DownloadStage, pending_downloads
+from runner.media.downloads import DownloadItem, DownloadStage
 from runner.media.inputs import InputProber, InputSizer
+from runner.media.pending import pending_for
 from runner.media.uploads import Uploader
 
 
@@ -82,8 +84,10 @@ def invalid_event(error: RowError, now: Any) -> LedgerEvent:
     )
 
 
-def prior_spend(state: LedgerState) -> Decimal:
+def prior_spend(state: LedgerState | ResumeState) -> Decimal:
     """What earlier runs spent: each job's latest billed attempt plus its paid re-rolls."""
+    if isinstance(state, ResumeState):
+        return state.spent
     if len(state) == 0:
         return Decimal(0)
     total = Decimal(pc.sum(state.jobs["billed_usd"]).as_py() or 0)
@@ -105,7 +109,7 @@ class Scheduler:
         self,
         config: RunConfig,
         ledger: Ledger,
-        state: LedgerState,
+        state: LedgerState | ResumeState,
         *,
         tally: Tally,
         progress: Progress,
@@ -154,7 +158,7 @@ class Scheduler:
         self._unsent: Unsent | None = None  # the workers' jobs that have sent nothing yet
         self.lost_slots = 0
         # Completed earlier but not (fully) downloaded: fetched again instead of skipped.
-        self.pending = pending_downloads(state) if config.download else None
+        self.pending = pending_for(state) if config.download else None
 
     def estimate(self, job: Job) -> Estimate:
         return job_estimate(job, self.prices, self.sizer, self.sizer.lora_bytes)
@@ -219,7 +223,7 @@ class Scheduler:
         decision = decide(self.state.brief(item.job_key), self.policy)
         if decision.action is Action.SKIP:
             self._skipped(item, decision.reason)
-            missing = self.pending.pop(item.job_key) if self.pending is not None else None
+            missing = await self._pending_item(item.job_key)
             if missing is not None and self.downloads is not None:
                 await self.downloads.put(missing)
             return True
@@ -265,6 +269,13 @@ class Scheduler:
         self.tally.in_flight += 1
         tg.start_soon(self._work, ticket, s)
         return True
+
+    async def _pending_item(self, job_key: str) -> DownloadItem | None:
+        """What the job still has to download (its chunk read in a thread when not held)."""
+        pending = self.pending
+        if pending is not None and pending.must_read(job_key):
+            return await anyio.to_thread.run_sync(pending.pop, job_key)
+        return pending.pop(job_key) if pending is not None else None
 
     def _budget_stop(self) -> bool:
         self.progress.say(f"budget reached: {self.budget.reason}; finishing jobs in flight")

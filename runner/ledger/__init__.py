@@ -99,8 +99,9 @@ lists the parts, drops journal events a part already holds, and starts over
 if a file vanishes under it (a checkpoint or compaction in between).
 :func:`read_folded` folds in groups of events so memory stays near one group
 plus one row per job; :func:`read_events` returns the full history.
-``Ledger.state()`` (admission, resume) folds only the columns a resumed run
-reads (:func:`runner.ledger.fold.read_admission`).
+``Ledger.state()`` folds only the columns admission reads
+(:func:`runner.ledger.fold.read_admission`); ``runner run`` reads less still, a range of
+job keys at a time (:func:`runner.ledger.resumescan.load_resume_state`: a few bytes a job).
 """
 
 from __future__ import annotations

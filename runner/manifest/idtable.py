@@ -102,8 +102,9 @@ class KeyLines:
     A run is a sorted ``int64`` array of keys beside its ``uint32`` checks and lines. Two
     ids are one only when key and check both agree (96 bits). Claims arrive one at a time
     (:meth:`claim`, into a small dict flushed into a run every 65,536) or a batch at a time
-    (:meth:`lookup` then :meth:`add`); runs of like size are merged, so a key is found with
-    one binary search in each of ~log4(n / 65,536) runs. A key held with another check (two
+    (:meth:`lookup` then :meth:`add`); runs of like size are merged up to ``RUN_MAX`` keys,
+    so a key is found with one binary search in each of about
+    n / RUN_MAX + log4(RUN_MAX / 65,536) runs. A key held with another check (two
     ids sharing 64 bits, ~n**2 / 2**65) is kept aside in :attr:`_clashes`, so the runs hold
     each key once.
 
@@ -264,7 +265,7 @@ class KeyLines:
             return
         runs = self._runs
         runs.append((keys, checks, lines, None))
-        while len(runs) > 1 and len(runs[-2][0]) <= 4 * len(runs[-1][0]):
+        while len(runs) > 1 and _merge(len(runs[-2][0]), len(runs[-1][0])):
             (old_keys, old_checks, old_lines, _), (new_keys, new_checks, new_lines, _) = runs[-2:]
             # A linear merge: each new key goes after the old keys below it.
             at = np.searchsorted(old_keys, new_keys) + np.arange(len(new_keys))
@@ -280,6 +281,17 @@ class KeyLines:
         keys, checks, lines, directory = runs[-1]
         if directory is None and len(keys) >= _DIRECTORY_MIN:
             runs[-1] = (keys, checks, lines, _directory(keys))
+
+
+# Runs stop growing at this many keys (24 MB): a merge holds both runs and the merged one
+# at once, so unbounded runs made a 10M-id manifest peak ~150 MB above the 120 MB held
+# (measured); capped, a lookup searches one more run per RUN_MAX keys.
+RUN_MAX = 1 << 21
+
+
+def _merge(older: int, newer: int) -> bool:
+    """Whether the two newest runs merge: of like size, and not past RUN_MAX together."""
+    return older <= 4 * newer and older + newer <= RUN_MAX
 
 
 def _search(run_keys: np.ndarray, directory: np.ndarray | None, keys: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ dropped from then on. An error reading the manifest reaches every shard still re
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from decimal import Decimal
 from itertools import islice
@@ -110,25 +111,34 @@ class ManifestFeed:
         assert estimate is not None
         self.passes += 1
 
+        ended = threading.Event()  # the run ended first: stop counting, let the process exit
+
         def tally_all() -> dict[int, tuple[int, Decimal]]:
             # Only counting: admission reports duplicate ids, this pass need not hold them.
             items = job_stream(self._config, check_unique_ids=False)
-            return count_shards(items, self.shards, estimate)
+            return count_shards(items, self.shards, estimate, ended)
 
         try:
             self._counts = await anyio.to_thread.run_sync(tally_all, abandon_on_cancel=True)
         except Exception as exc:
             self._count_error = exc
+        finally:
+            ended.set()
         self._counted.set()
 
 
 def count_shards(
-    items: Iterator[Job | RowError], shards: int, estimate: Estimator
+    items: Iterator[Job | RowError],
+    shards: int,
+    estimate: Estimator,
+    stop: threading.Event | None = None,
 ) -> dict[int, tuple[int, Decimal]]:
     """Each shard's job count (bad rows included) and estimated dollars, in one pass."""
     jobs: dict[int, int] = {}
     usd: dict[int, Decimal] = {}
     for item in items:
+        if stop is not None and stop.is_set():
+            break
         k = item_shard(item, shards)
         jobs[k] = jobs.get(k, 0) + 1
         if isinstance(item, Job):

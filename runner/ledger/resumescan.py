@@ -1,0 +1,334 @@
+"""Reading a :class:`ResumeState` from the ledger in bounded memory (see its module).
+
+:func:`load_resume_state` decodes the parts once, narrowing each batch to what a resume
+reads (:data:`RESUME_COLUMNS`, ``request_id`` and the outputs' local copies as flags) and
+spilling it to a file per range of job keys (Arrow IPC in a temporary directory of the run
+directory), then folds each range's file in turn and keeps a few flat arrays per job. A
+range holds about ``PASS_BYTES`` of narrowed events; only one range is folded at a time.
+:func:`read_whole` folds the whole records of a few jobs from the parts their events span.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+from collections.abc import Iterator, Sequence
+from decimal import Decimal
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from runner.errors import LedgerCorruptError
+from runner.ledger import resumestate
+from runner.ledger.fold import _flag_unfetched, _retrying, _Snapshot, _to_bool, fold_tables
+from runner.ledger.parts import _check_part_schema, iter_part, part_size_of
+from runner.ledger.resumestate import IN_FLIGHT, Pending, ResumeState
+from runner.ledger.scan import _boundaries
+from runner.ledger.schema import LEDGER_SCHEMA, JobRecord, JobState, record_from_row, rows_to_table
+
+RESUME_COLUMNS = (
+    "seq", "job_key", "state", "attempt", "request_id", "retryable", "billed_usd", "reroll_usd",
+)  # fmt: skip
+_LOCAL_PATH = "outputs.list.element.local_path"
+_UNFETCHED = "outputs_unfetched"
+_HAS_ID = "request_id"  # folded as a bool: whether the attempt has a request id
+# Bytes of narrowed events a range holds; its fold's peak is a few times this.
+PASS_BYTES = 8 * 2**20
+GROUP_EVENTS = 100_000
+_BATCH_ROWS = 32_768
+_NO_ATTEMPT = np.iinfo(np.int32).min
+_STATES = tuple(JobState)
+_STATE_VALUES = pa.array([s.value for s in _STATES])
+
+
+def load_resume_state(
+    run_dir: Path | str, *, downloads: bool = True, pass_bytes: int | None = None
+) -> ResumeState:
+    """What a run resuming ``run_dir`` reads of its ledger (``downloads``: which completed
+    jobs still lack a local copy of an output). Takes no lock; the run holds it."""
+    run_dir = Path(run_dir)
+    state = _retrying(run_dir, lambda snap: _read(snap, run_dir, downloads, pass_bytes))
+    pa.default_memory_pool().release_unused()
+    keys = state.keys_in(IN_FLIGHT)
+    if keys:
+        state.records = _retrying(run_dir, lambda snap: _whole(snap, keys))
+    state.run_dir = run_dir
+    return state
+
+
+def _read(snap: _Snapshot, run_dir: Path, downloads: bool, pass_bytes: int | None) -> ResumeState:
+    """Read the parts once, narrowing each batch and spilling it to the file of its range of
+    job keys (Arrow IPC, next to the ledger); then fold each range's file in turn."""
+    names = [n for n in RESUME_COLUMNS if n != _HAS_ID]
+    events, size = 0, 0
+    for part in snap.parts:
+        rows, part_size = part_size_of(part.path, names)
+        events += rows
+        size += part_size + 2 * rows  # the two flags
+    events += len(snap.journal_rows)
+    size += len(snap.journal_rows) * (size // max(events, 1) or 100)
+    bounds = _boundaries(snap, -(-size // (pass_bytes or PASS_BYTES)))
+    out = _Builder(downloads)
+    every = _events(snap, list(RESUME_COLUMNS), downloads)
+    if not bounds:
+        out.add_slice(every)
+        return out.finish()
+    # One decode of the parts (the costly part), however many ranges: a pass per range
+    # over the parts would decode them all again each time.
+    with tempfile.TemporaryDirectory(prefix=".resume-", dir=run_dir) as tmp:
+        files = [Path(tmp) / f"range-{i}.arrow" for i in range(len(bounds) + 1)]
+        _spill(every, bounds, files, _schema(downloads))
+        for path in files:
+            out.add_slice(_read_spilled(path))
+            path.unlink()
+            pa.default_memory_pool().release_unused()
+    return out.finish()
+
+
+def _spill(
+    tables: Iterator[pa.Table], bounds: list[str], files: list[Path], schema: pa.Schema
+) -> None:
+    """Each event into the file of its key range (``bounds`` split them), in seq order."""
+    writers = [pa.ipc.new_file(str(path), schema) for path in files]
+    held: list[list[pa.Table]] = [[] for _ in files]
+    counts = [0] * len(files)
+    try:
+        for table in tables:
+            keys = table["job_key"]
+            which = np.zeros(table.num_rows, dtype=np.int32)
+            for bound in bounds:
+                which += _to_bool(pc.greater_equal(keys, bound))
+            order = np.argsort(which, kind="stable")
+            ordered = table.take(pa.array(order))
+            ends = np.cumsum(np.bincount(which, minlength=len(files)))
+            for i, (start, stop) in enumerate(itertools.pairwise([0, *ends.tolist()])):
+                if stop > start:
+                    held[i].append(ordered.slice(start, stop - start))
+                    counts[i] += stop - start
+                if counts[i] >= _BATCH_ROWS:
+                    writers[i].write_table(pa.concat_tables(held[i]))
+                    held[i], counts[i] = [], 0
+        for i, writer in enumerate(writers):
+            if held[i]:
+                writer.write_table(pa.concat_tables(held[i]))
+    finally:
+        for writer in writers:
+            writer.close()
+
+
+def _read_spilled(path: Path) -> Iterator[pa.Table]:
+    with pa.OSFile(str(path)) as source:
+        reader = pa.ipc.open_file(source)
+        for i in range(reader.num_record_batches):
+            yield pa.Table.from_batches([reader.get_batch(i)])
+
+
+def _schema(downloads: bool) -> pa.Schema:
+    fields = [LEDGER_SCHEMA.field(n) for n in RESUME_COLUMNS if n != _HAS_ID]
+    fields.insert(4, pa.field(_HAS_ID, pa.bool_()))
+    return pa.schema([*fields, pa.field(_UNFETCHED, pa.bool_())] if downloads else fields)
+
+
+def _narrow(table: pa.Table, downloads: bool) -> pa.Table:
+    """``request_id`` as whether it is there; ``outputs`` as whether one lacks a local copy."""
+    has_id = pc.if_else(pc.is_valid(table[_HAS_ID]), True, pa.scalar(None, pa.bool_()))
+    table = table.set_column(table.schema.get_field_index(_HAS_ID), _HAS_ID, has_id)
+    return _flag_unfetched(table) if downloads else table
+
+
+def _events(snap: _Snapshot, names: list[str], downloads: bool) -> Iterator[pa.Table]:
+    """Every event, narrowed (:func:`_narrow`), in seq order, a batch at a time."""
+    read = [*names, _LOCAL_PATH] if downloads else names
+    wanted = [*names, "outputs"] if downloads else names
+    for part in snap.parts:
+        for table in _iter_columns(part.path, read, wanted):
+            yield _narrow(table, downloads)
+    if snap.journal_rows:
+        yield _narrow(rows_to_table(snap.journal_rows).select(wanted), downloads)
+
+
+def _iter_columns(path: Path, read: list[str], wanted: list[str]) -> Iterator[pa.Table]:
+    """A part's columns ``read`` (nested ones by path) as tables of the columns ``wanted``."""
+    try:
+        with pq.ParquetFile(path) as handle:
+            schema = handle.schema_arrow
+            _check_part_schema(schema, path)
+            present = [n for n in read if n.split(".")[0] in schema.names]
+            for batch in handle.iter_batches(_BATCH_ROWS, columns=present, use_threads=False):
+                table = pa.Table.from_batches([batch])
+                yield table if len(present) == len(read) else _missing_as_null(table, wanted)
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise LedgerCorruptError(f"ledger part {path} cannot be read: {exc}") from exc
+
+
+def _missing_as_null(table: pa.Table, names: list[str]) -> pa.Table:
+    """``table`` with the columns ``names``, those an older part lacks all null."""
+    columns = [
+        table[n]
+        if n in table.column_names
+        else pa.nulls(table.num_rows, LEDGER_SCHEMA.field(n).type)
+        for n in names
+    ]
+    return pa.Table.from_arrays(columns, names=names)
+
+
+class _Builder:
+    """Each folded slice reduced to flat arrays, then joined into one ResumeState."""
+
+    def __init__(self, downloads: bool) -> None:
+        self.downloads = downloads
+        self.keys = _KeyBuffer()
+        self.arrays: list[tuple[np.ndarray, ...]] = []
+        self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.odd: dict[int, str] = {}
+        self.spent = Decimal(0)
+        self.rows = 0
+
+    def add_slice(self, events: Iterator[pa.Table]) -> None:
+        firsts: list[pa.Table] = []
+
+        def noted(tables: Iterator[pa.Table]) -> Iterator[pa.Table]:
+            for table in tables:
+                if self.downloads and table.num_rows:
+                    firsts.append(_first_seq(table))
+                yield table
+
+        jobs, _ = fold_tables(
+            noted(events), empty=_schema(self.downloads), group_events=GROUP_EVENTS
+        )
+        n = jobs.num_rows
+        if n == 0:
+            return
+        names = jobs["state"].combine_chunks()
+        codes = pc.index_in(names, value_set=_STATE_VALUES).fill_null(-1)
+        code = np.asarray(codes.to_numpy(), dtype=np.int8)
+        for i in np.flatnonzero(code < 0):
+            self.odd[self.rows + int(i)] = str(names[int(i)].as_py())
+        attempt = pc.cast(jobs["attempt"], pa.int32()).fill_null(int(_NO_ATTEMPT))
+        retry = pc.cast(jobs["retryable"], pa.int8()).fill_null(-1)
+        billed = jobs["billed_usd"]
+        free = pc.equal(billed, pa.scalar(0, billed.type)).fill_null(False)
+        for name in ("billed_usd", "reroll_usd"):
+            self.spent += Decimal(pc.sum(jobs[name]).as_py() or 0)
+        self.keys.add(jobs["job_key"].combine_chunks())
+        self.arrays.append(
+            (code, _np(attempt, np.int32), _np(retry, np.int8), _to_bool(free))
+        )  # fmt: skip
+        if self.downloads:
+            done = pc.equal(jobs["state"], JobState.COMPLETED.value)
+            flag = pc.and_(done, jobs[_UNFETCHED].fill_null(False))
+            rows = np.flatnonzero(_to_bool(flag))
+            if len(rows):
+                self.pending.append(self._pending(jobs, rows, firsts))
+        self.rows += n
+
+    def _pending(
+        self, jobs: pa.Table, rows: np.ndarray, firsts: list[pa.Table]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        mins = pa.concat_tables(firsts).group_by("job_key", use_threads=False)
+        mins = mins.aggregate([("seq_min", "min")])
+        keys = jobs["job_key"].take(pa.array(rows))
+        at = pc.index_in(keys, value_set=mins["job_key"].combine_chunks())
+        first = mins["seq_min_min"].combine_chunks().take(at)
+        last = jobs["seq"].take(pa.array(rows))
+        return (rows + self.rows).astype(np.int32), _np(first, np.int64), _np(last, np.int64)
+
+    def finish(self) -> ResumeState:
+        pending = self._chunked() if self.pending else None
+        keys = self.keys.array()
+        self.keys = _KeyBuffer()
+        columns = [np.concatenate(c) for c in zip(*self.arrays, strict=True)]
+        if not columns:
+            columns = [np.zeros(0, t) for t in (np.int8, np.int32, np.int8, bool)]
+        self.arrays.clear()
+        return ResumeState(
+            keys, *columns, spent=self.spent, pending=pending, odd_states=self.odd
+        )  # fmt: skip
+
+    def _chunked(self) -> Pending:
+        """The pending jobs ordered by their last event, and each chunk's seq span."""
+        rows, first, last = (list(c) for c in zip(*self.pending, strict=True))
+        self.pending.clear()
+        last_seq = np.concatenate(last)
+        del last
+        order = np.argsort(last_seq, kind="stable")
+        starts = np.arange(0, len(order), resumestate.PENDING_CHUNK)
+        high = np.maximum.reduceat(last_seq[order], starts)
+        del last_seq
+        low = np.minimum.reduceat(np.concatenate(first)[order], starts)
+        del first
+        ordered = np.concatenate(rows)[order]
+        return Pending(ordered, low, high, resumestate.PENDING_CHUNK)
+
+
+class _KeyBuffer:
+    """Job keys appended slice by slice into one growing buffer (no second copy to join)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.ends: list[np.ndarray] = [np.zeros(1, dtype=np.int32)]
+
+    def add(self, keys: pa.Array) -> None:
+        n = len(keys)
+        _, offsets_buffer, data = keys.buffers()
+        offsets = np.frombuffer(offsets_buffer, np.int32, n + 1, keys.offset * 4)
+        base = len(self.data)
+        if base + int(offsets[-1]) - int(offsets[0]) >= 2**31:
+            raise LedgerCorruptError("the ledger's job keys exceed 2 GiB")
+        if data is not None:
+            self.data += memoryview(data)[offsets[0] : offsets[-1]]
+        self.ends.append(offsets[1:] - offsets[0] + np.int32(base))
+
+    def array(self) -> pa.Array:
+        offsets = np.concatenate(self.ends)
+        n = len(offsets) - 1
+        buffers = [None, pa.py_buffer(offsets), pa.py_buffer(self.data)]
+        return pa.Array.from_buffers(pa.string(), n, buffers)
+
+
+def _first_seq(table: pa.Table) -> pa.Table:
+    """Per job_key of a batch, its lowest seq (column ``seq_min``)."""
+    grouped = table.select(["job_key", "seq"]).group_by("job_key", use_threads=False)
+    return grouped.aggregate([("seq", "min")])
+
+
+def _np(values: pa.Array | pa.ChunkedArray, dtype: type) -> np.ndarray:
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    return np.asarray(values.to_numpy(zero_copy_only=False), dtype=dtype)
+
+
+def _whole(
+    snap: _Snapshot, keys: Sequence[str], low: int = 0, high: int | None = None
+) -> dict[str, JobRecord]:
+    table = _whole_table(snap, keys, low, high)
+    return {row["job_key"]: record_from_row(row) for row in table.to_pylist()}
+
+
+def _whole_table(snap: _Snapshot, keys: Sequence[str], low: int, high: int | None) -> pa.Table:
+    """Every column of the jobs ``keys``, folded from the events with seq in [low, high]
+    (all of theirs), reading only the parts that overlap, a batch at a time."""
+    value_set = pa.array(list(keys), pa.string())
+
+    def tables() -> Iterator[pa.Table]:
+        for part in snap.parts:
+            if part.last_seq < low or (high is not None and part.first_seq > high):
+                continue
+            for table in iter_part(part.path, batch_rows=_BATCH_ROWS):
+                yield table.filter(pc.is_in(table["job_key"], value_set=value_set))
+        if snap.journal_rows:
+            table = rows_to_table(snap.journal_rows)
+            yield table.filter(pc.is_in(table["job_key"], value_set=value_set))
+
+    jobs, _events = fold_tables(tables())
+    return jobs
+
+
+def read_whole(run_dir: Path, keys: Sequence[str], low: int, high: int) -> pa.Table:
+    """The whole folded records of ``keys``, whose events all lie in seq [low, high]."""
+    return _retrying(run_dir, lambda snap: _whole_table(snap, keys, low, high))

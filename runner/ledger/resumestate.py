@@ -1,0 +1,127 @@
+"""What a resumed run holds of its ledger, read in bounded memory: :class:`ResumeState`.
+
+A resume decides per manifest job from its folded ledger record (:func:`resume.decide`:
+state, attempt, request_id when in flight, whether it cost nothing), adds what earlier runs
+spent to the budget, re-attaches or reconciles the jobs left in flight (their whole records,
+few) and downloads what completed jobs still lack. This module folds only those columns, a
+range of job keys at a time (as :mod:`runner.ledger.scan` does), and keeps of each job a
+few bytes in flat arrays (the key, a state code, the attempt, flags) instead of the folded
+table: about 70 bytes a job.
+
+- ``request_id`` is folded as a flag (present or not); its value is kept only for the jobs
+  in flight, from their whole records (the only ones a decision reads it from).
+- ``outputs`` is read as its outputs' ``local_path`` only, folded as a flag: a completed job
+  with an output lacking a local copy is *pending*. Of pending jobs the state keeps the seq
+  span of their events; :func:`read_whole` folds their whole records a chunk at a time
+  when the run reaches them (:class:`runner.media.pending.ChunkedPending`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from runner.ledger.index import KeyIndex
+from runner.ledger.schema import JobRecord, JobState
+from runner.ledger.state import JobBrief
+
+_NO_ATTEMPT = np.iinfo(np.int32).min
+_STATES = tuple(JobState)
+_STATE_VALUES = pa.array([s.value for s in _STATES])
+IN_FLIGHT = frozenset(
+    {JobState.SUBMITTING, JobState.UNKNOWN, JobState.QUEUED, JobState.IN_PROGRESS}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """Completed jobs with an output to download: their rows in the state ordered by their
+    last event (about the order the run made them), in chunks of ``PENDING_CHUNK``; each
+    chunk's jobs have all their events within seq [low, high] of the chunk."""
+
+    rows: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    size: int = 8_192  # jobs a chunk
+
+
+PENDING_CHUNK = 8_192
+
+
+class ResumeState:
+    """One job's resume facts per row, looked up by job_key (see the module docstring)."""
+
+    def __init__(
+        self,
+        keys: pa.Array,
+        codes: np.ndarray,
+        attempt: np.ndarray,
+        retryable: np.ndarray,
+        free: np.ndarray,
+        *,
+        spent: Decimal = Decimal(0),
+        records: dict[str, JobRecord] | None = None,
+        pending: Pending | None = None,
+        odd_states: dict[int, str] | None = None,
+        run_dir: Path | None = None,
+    ) -> None:
+        self._index = KeyIndex(keys)
+        self._codes = codes
+        self._attempt = attempt
+        self._retryable = retryable
+        self._free = free
+        self.spent = spent  # every job's latest billed attempt plus its paid re-rolls
+        self.records = records or {}  # whole records of the jobs in flight
+        self.pending = pending or Pending(*(np.zeros(0, np.int64),) * 3)
+        self._odd = odd_states or {}  # rows whose state is not a JobState (raise on brief)
+        self.run_dir = run_dir
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, job_key: object) -> bool:
+        return isinstance(job_key, str) and self._index.find(job_key) is not None
+
+    def row(self, job_key: str) -> int | None:
+        return self._index.find(job_key)
+
+    def key(self, row: int) -> str:
+        key = self._index.keys.get(row)
+        assert key is not None
+        return key
+
+    def keys_in(self, states: frozenset[JobState]) -> list[str]:
+        """The job keys whose latest state is one of ``states`` (in flight, say: few)."""
+        codes = np.array([_STATES.index(s) for s in states], dtype=np.int8)
+        rows = np.flatnonzero(np.isin(self._codes, codes))
+        keys: list[str] = self._index.keys.array.take(pa.array(rows)).to_pylist()
+        return keys
+
+    def brief(self, job_key: str) -> JobBrief | None:
+        i = self._index.find(job_key)
+        if i is None:
+            return None
+        code = int(self._codes[i])
+        state = _STATES[code] if code >= 0 else JobState(self._odd[i])
+        attempt = int(self._attempt[i])
+        retryable = int(self._retryable[i])
+        record = self.records.get(job_key) if state in IN_FLIGHT else None
+        return JobBrief(
+            job_key,
+            state,
+            None if attempt == _NO_ATTEMPT else attempt,
+            record.request_id if record is not None else None,
+            None if retryable < 0 else bool(retryable),
+            bool(self._free[i]),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        pending = (self.pending.rows, self.pending.low, self.pending.high)
+        arrays = (self._codes, self._attempt, self._retryable, self._free, *pending)
+        held = sum(a.nbytes for a in arrays)
+        return int(held + self._index.nbytes + self._index.keys.array.nbytes)

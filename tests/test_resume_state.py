@@ -1,0 +1,139 @@
+"""A resume's planning on the narrow, key-ranged read (ResumeState) decides exactly as on the
+full fold (LedgerState): every kind of state, every policy, spend, in-flight records and
+pending downloads."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from runner.execution.scheduler import prior_spend
+from runner.ledger import JobState, Ledger, LedgerEvent, LedgerState
+from runner.ledger import resumestate as resumestate_module
+from runner.ledger.records import read_records
+from runner.ledger.resume import OnUnknown, ResumePolicy, decide
+from runner.ledger.resumescan import load_resume_state
+from runner.ledger.resumestate import IN_FLIGHT as IN_FLIGHT_STATES
+from runner.media.pending import ChunkedPending, pending_downloads
+from tests.test_ledger_state import at, image, random_events, write
+
+UNKNOWN: tuple[OnUnknown, ...] = ("reconcile", "resubmit", "skip", "fail")
+POLICIES = [ResumePolicy(u, retry) for u, retry in itertools.product(UNKNOWN, (False, True))]
+
+
+def every_kind(n: int) -> list[LedgerEvent]:
+    """Jobs in every state a resume tells apart, including superseded versions of a row."""
+    out: list[LedgerEvent] = []
+    t = 0.0
+
+    def ev(key: str, state: JobState, **fields: object) -> None:
+        nonlocal t
+        t += 1
+        out.append(LedgerEvent(key, state, at(t), **fields))  # type: ignore[arg-type]
+
+    for i in range(n):
+        k = f"{i:04d}-"
+        intent = {"row_id": f"row-{i}", "variant": 0, "endpoint": "a/b", "attempt": 1}
+        ev(k + "done", JobState.SUBMITTING, **intent)
+        ev(k + "done", JobState.QUEUED, request_id=f"r-{i}")
+        ev(k + "done", JobState.COMPLETED, outputs=(image(i, True),), billed_usd=Decimal("0.02"))
+        ev(k + "fetch", JobState.SUBMITTING, **intent)
+        ev(k + "fetch", JobState.COMPLETED, outputs=(image(i, False),), billed_usd=Decimal("0.01"))
+        ev(k + "queued", JobState.SUBMITTING, **intent)
+        ev(k + "queued", JobState.QUEUED, request_id=f"q-{i}")
+        ev(k + "running", JobState.IN_PROGRESS, attempt=2, request_id=f"p-{i}")
+        ev(k + "intent", JobState.SUBMITTING, **intent)
+        ev(k + "unknown-id", JobState.UNKNOWN, attempt=1, request_id=f"u-{i}")
+        ev(k + "unknown", JobState.SUBMITTING, attempt=3)
+        ev(k + "unknown", JobState.UNKNOWN)
+        ev(k + "free", JobState.FAILED, attempt=1, billed_usd=Decimal(0), retryable=True)
+        ev(k + "billed", JobState.FAILED, attempt=2, billed_usd=Decimal("0.5"), retryable=False)
+        ev(k + "maybe", JobState.FAILED, attempt=1)
+        ev(k + "cancelled", JobState.CANCELLED, attempt=1, request_id=f"c-{i}")
+        ev(k + "invalid", JobState.INVALID, row_id=f"bad-{i}", retryable=False)
+        # A retry: attempt 1's request id and outputs do not carry into attempt 2.
+        ev(k + "retry", JobState.QUEUED, attempt=1, request_id=f"old-{i}")
+        ev(k + "retry", JobState.SUBMITTING, attempt=2)
+        ev(k + "reroll", JobState.COMPLETED, outputs=(image(i, True),), reroll_usd=Decimal("0.3"))
+        # Two versions of one row: the old one stays in the ledger, superseded.
+        ev(
+            k + "v1",
+            JobState.COMPLETED,
+            row_id=f"edited-{i}",
+            variant=0,
+            outputs=(image(i, False),),
+        )
+        ev(k + "v2", JobState.SUBMITTING, row_id=f"edited-{i}", variant=0, attempt=1)
+    return out
+
+
+def assert_same_plan(run_dir: Path, *, downloads: bool, **load: int) -> None:
+    full = LedgerState.load(run_dir)
+    new = load_resume_state(run_dir, downloads=downloads, **load)
+    keys = list(full.keys())
+    assert len(new) == len(full) and set(keys) == {
+        full.jobs["job_key"][i].as_py() for i in range(len(full))
+    }
+    for key in [*keys, "never-seen"]:
+        old_brief, new_brief = full.brief(key), new.brief(key)
+        assert (old_brief is None) == (new_brief is None), key
+        if old_brief is not None and new_brief is not None:
+            assert new_brief.state is old_brief.state and new_brief.attempt == old_brief.attempt
+            assert new_brief.cost_nothing == old_brief.cost_nothing
+            assert new_brief.retryable == old_brief.retryable
+        for policy in POLICIES:
+            assert decide(new_brief, policy) == decide(old_brief, policy), (key, policy)
+    assert prior_spend(new) == prior_spend(full)
+    in_flight = sorted(full.keys_in(IN_FLIGHT_STATES))
+    assert sorted(new.keys_in(IN_FLIGHT_STATES)) == in_flight
+    assert new.records == read_records(run_dir, in_flight)
+    old_pending = pending_downloads(full) if downloads else {}
+    chunked = ChunkedPending(new)
+    assert len(chunked) == len(old_pending)
+    # In manifest order and then shuffled: the same items, each handed out once.
+    order = keys[::-1] if len(keys) % 2 else keys
+    for key in order:
+        want = old_pending.get(key) if downloads else None
+        assert chunked.pop(key) == want, key
+        assert chunked.pop(key) is None
+    assert len(chunked) == 0
+
+
+@pytest.mark.parametrize("downloads", [True, False])
+@pytest.mark.parametrize("pass_bytes", [None, 2_000], ids=["one-range", "many-ranges"])
+def test_every_kind_of_state_plans_the_same(
+    tmp_path: Path, downloads: bool, pass_bytes: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(resumestate_module, "PENDING_CHUNK", 3)
+    write(tmp_path, every_kind(12), checkpoint_events=41)
+    assert_same_plan(tmp_path, downloads=downloads, pass_bytes=pass_bytes)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_ledgers_plan_the_same(
+    tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(resumestate_module, "PENDING_CHUNK", 1 + seed * 3)
+    write(tmp_path, random_events(random.Random(seed), jobs=60, events=700))
+    for downloads in (True, False):
+        assert_same_plan(tmp_path, downloads=downloads, pass_bytes=1_000 * (seed + 1))
+
+
+def test_the_spill_files_are_gone_and_the_ledger_is_untouched(tmp_path: Path) -> None:
+    write(tmp_path, every_kind(5), checkpoint_events=30)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    state = load_resume_state(tmp_path, pass_bytes=500)
+    assert len(state) == 5 * 16
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_an_empty_ledger(tmp_path: Path) -> None:
+    with Ledger.open(tmp_path):
+        pass
+    state = load_resume_state(tmp_path)
+    assert len(state) == 0 and state.brief("a") is None and state.spent == 0
+    assert state.keys_in(IN_FLIGHT_STATES) == [] and len(ChunkedPending(state)) == 0
