@@ -16,6 +16,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -25,6 +26,8 @@ from runner.endpoints.money import trim_usd
 from runner.errors import LedgerError
 from runner.ledger.exports import MONEY_COLUMNS, export_batches, export_schema
 from runner.ledger.fold import read_folded
+from runner.ledger.identity import COLUMNS as IDENTITY_COLUMNS
+from runner.ledger.identity import HashedIdentities, exact_superseded
 from runner.ledger.journal import fsync_dir
 from runner.ledger.meta import read_run_meta
 from runner.ledger.scan import scan_folded
@@ -32,7 +35,7 @@ from runner.ledger.schema import LEDGER_SCHEMA, JobState
 from runner.ledger.totals import COLUMNS as TOTALS_COLUMNS
 from runner.ledger.totals import LENGTHS as TOTALS_LENGTHS
 from runner.ledger.totals import EndpointTotals, Totals, merge_totals, totals
-from runner.ledger.versions import split_versions, superseded_mask
+from runner.ledger.versions import split_versions
 
 ExportFormat = Literal["csv", "jsonl", "parquet"]
 _ZERO = Decimal(0)
@@ -94,31 +97,32 @@ def status_summary(run_dir: Path | str, *, all_versions: bool = False) -> Status
     """Counts and spend of a run directory; takes no lock, so it works during a run.
 
     Superseded jobs (:mod:`runner.ledger.versions`) are counted apart unless ``all_versions``.
-    Read in slices of job keys with only the columns the totals need
-    (:func:`runner.ledger.scan.scan_folded`), so memory does not grow with the ledger; a
-    second pass tells superseded versions apart, only when there are some.
+    Read in buckets of jobs with only the columns the totals need
+    (:func:`runner.ledger.scan.scan_folded`), so memory does not grow with the ledger; each
+    job's identity is kept as 20 bytes (:class:`runner.ledger.identity.HashedIdentities`),
+    and two more scans tell superseded versions apart, only when there are some.
     """
     run_dir = Path(run_dir)
     _require_run_dir(run_dir)
-    columns = [*TOTALS_COLUMNS, "at", "row_id", "variant"]
+    columns = [*TOTALS_COLUMNS, "at", *IDENTITY_COLUMNS]
 
-    def reduce(slices: Iterator[pa.Table]) -> tuple[list[Totals], list[pa.Table], Any]:
-        parts, ids, last = [], [], None
+    def reduce(slices: Iterator[pa.Table]) -> tuple[list[Totals], np.ndarray, Any]:
+        parts, identities, last = [], HashedIdentities(), None
         for jobs in slices:
             parts.append(totals(jobs))
-            ids.append(jobs.select(["job_key", "row_id", "variant", "seq"]))
+            identities.add(jobs)
             at = pc.max(jobs["at"]).as_py()
             last = at if last is None or (at is not None and at > last) else last
-        return parts, ids, last
+        return parts, identities.candidates(), last
 
-    (parts, ids, last_at), read = scan_folded(run_dir, columns, reduce, lengths=TOTALS_LENGTHS)
+    (parts, candidates, last_at), read = scan_folded(
+        run_dir, columns, reduce, lengths=TOTALS_LENGTHS
+    )
     every = merge_totals(parts) if parts else totals(_EMPTY)
-    versions = pa.concat_tables(ids) if ids else None
-    mask = superseded_mask(versions) if versions is not None else None
+    old_keys = exact_superseded(run_dir, candidates)
     old = totals(_EMPTY)
     counted = every
-    if versions is not None and mask is not None and mask.any():
-        old_keys = versions["job_key"].filter(pa.array(mask))
+    if len(old_keys):
 
         def split(slices: Iterator[pa.Table]) -> tuple[list[Totals], list[Totals]]:
             current, superseded = [], []
