@@ -100,6 +100,52 @@ def scan_folded(
         return _retrying(run_dir, read)
 
 
+def scan_events(
+    run_dir: Path,
+    columns: Sequence[str],
+    reduce: Callable[[Iterator[pa.Table]], _T],
+    *,
+    pass_bytes: int | None = None,
+) -> tuple[_T, ScanInfo]:
+    """``reduce`` over the ledger's events (the named columns, plus seq, job_key and state),
+    unfolded, a bucket of jobs at a time: each table holds every event of its jobs, in seq
+    order (shard after shard), and no other job's. As :func:`scan_folded`, for readers of
+    each job's history (transitions between states) that must not hold every event."""
+    names = _with_keys(columns)
+
+    def read(snap: _Snapshot) -> tuple[_T, ScanInfo]:
+        events, size = 0, 0
+        for part in snap.parts:
+            rows, part_size = part_size_of(part.path, names)
+            events += rows
+            size += part_size
+        events += len(snap.journal_rows)
+        size += len(snap.journal_rows) * (size // max(events, 1) or 100)
+        count = min(MAX_BUCKETS, -(-size // (pass_bytes or PASS_BYTES)))
+        empty = _empty_schema(names, ())
+        if count <= 1:
+            tables = [_conformed(t, empty) for t in _events(snap, names)]
+            info = ScanInfo(events, len(snap.parts), snap.torn_bytes, 1)
+            whole = pa.concat_tables(tables) if tables else empty.empty_table()
+            del tables
+            return reduce(iter([whole])), info
+        with tempfile.TemporaryDirectory(prefix="runner-scan-") as scratch:
+            spilled = _spill(snap, names, (), count, Path(scratch), empty, prefold=False)
+            info = ScanInfo(events, len(snap.parts), snap.torn_bytes, count)
+            return reduce(_bucket_tables(spilled, empty)), info
+
+    with _system_pool():
+        return _retrying(run_dir, read)
+
+
+def _bucket_tables(paths: list[Path], empty: pa.Schema) -> Iterator[pa.Table]:
+    for path in paths:
+        tables = list(_read_spill(path))
+        yield pa.concat_tables(tables) if tables else empty.empty_table()
+        del tables
+        pa.default_memory_pool().release_unused()
+
+
 @contextmanager
 def _system_pool() -> Iterator[None]:
     """Arrow allocates from the C library's malloc meanwhile: a pass's big buffers are
@@ -194,18 +240,23 @@ def _spill(
     count: int,
     scratch: Path,
     schema: pa.Schema,
+    *,
+    prefold: bool = True,
 ) -> list[Path]:
     """Every event, read once, folded with the others of its batch (:func:`_prefold`) and
     written to the file of its job's bucket (Arrow IPC, in the order read): a job's rows all
     land in one bucket, in seq order."""
     events_schema = schema
-    schema = schema.append(pa.field(_RESET, pa.bool_()))
+    if prefold:
+        schema = schema.append(pa.field(_RESET, pa.bool_()))
     paths = [scratch / f"bucket-{b:04d}.arrows" for b in range(count)]
     writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
     sinks: dict[int, pa.NativeFile] = {}
     try:
         for table in _events(snap, names):
-            table = _prefold(_conformed(_counted(table, lengths), events_schema))
+            table = _conformed(_counted(table, lengths), events_schema)
+            if prefold:
+                table = _prefold(table)
             which = keyhash.buckets(table["job_key"], count)
             order = np.argsort(which, kind="stable")
             cuts = np.searchsorted(which[order], np.arange(count + 1))
