@@ -246,15 +246,12 @@ def _spill(
     """Every event, read once, folded with the others of its batch (:func:`_prefold`) and
     written to the file of its job's bucket (Arrow IPC, in the order read): a job's rows all
     land in one bucket, in seq order."""
-    events_schema = schema
-    if prefold:
-        schema = schema.append(pa.field(_RESET, pa.bool_()))
     paths = [scratch / f"bucket-{b:04d}.arrows" for b in range(count)]
     writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
     sinks: dict[int, pa.NativeFile] = {}
     try:
         for table in _events(snap, names):
-            table = _conformed(_counted(table, lengths), events_schema)
+            table = _conformed(_counted(table, lengths), schema)
             if prefold:
                 table = _prefold(table)
             which = keyhash.buckets(table["job_key"], count)
@@ -263,8 +260,10 @@ def _spill(
             ordered = table.take(pa.array(order))
             for b in np.flatnonzero(np.diff(cuts)).tolist():
                 if b not in writers:
+                    # The first table's own schema, as one fold keeps it (a list's item
+                    # is named ``element`` in a part, ``item`` in the journal).
                     sinks[b] = pa.OSFile(str(paths[b]), "wb")
-                    writers[b] = pa.ipc.new_stream(sinks[b], schema)
+                    writers[b] = pa.ipc.new_stream(sinks[b], ordered.schema)
                 writers[b].write_table(ordered.slice(cuts[b], cuts[b + 1] - cuts[b]))
             del ordered, table
     finally:
