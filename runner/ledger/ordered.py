@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from runner.ledger.scan import scan_folded
 
-_FILE_ROWS = 1_024  # rows per record batch of a slice's scratch file
+_FILE_ROWS = 128  # rows per record batch of a slice's scratch file: what each holds while merging
 
 
 @dataclass

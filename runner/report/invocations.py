@@ -129,11 +129,12 @@ def invocations_of(
     return tuple(sorted(lines, key=order))
 
 
-def run_counts(events: pa.Table | None) -> dict[str | None, _Seen]:
-    """Per run id, what its events say: every event of each job the events hold."""
+def run_counts(events: pa.Table | None, order: JobOrder | None = None) -> dict[str | None, _Seen]:
+    """Per run id, what its events say: every event of each job the events hold (``order``:
+    their :class:`JobOrder`, if already made)."""
     if events is None or events.num_rows == 0:
         return {}
-    jobs = JobOrder.of(events)
+    jobs = order or JobOrder.of(events)
     # A bill counts at the job's move into its end state, not again when re-recorded.
     moved = pa.array(transitions(events, jobs))
     billed = pc.if_else(moved, events["billed_usd"], pa.scalar(None, events["billed_usd"].type))

@@ -19,13 +19,14 @@ from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from runner.errors import LedgerError
 from runner.ledger import JobState, ResumePolicy
 from runner.ledger.identity import COLUMNS as IDENTITY_COLUMNS
-from runner.ledger.identity import superseded_keys
+from runner.ledger.identity import HashedIdentities, exact_superseded, superseded_keys
 from runner.ledger.scan import scan_events, scan_folded
 from runner.ledger.totals import COLUMNS as TOTALS_COLUMNS
 from runner.ledger.totals import merge_totals, totals
@@ -41,13 +42,14 @@ from runner.report.data import (
 from runner.report.gallery import Gallery, gallery
 from runner.report.invocations import invocations_of, merge_run_counts, run_counts
 from runner.report.outlook import outlook_counts, outlook_of
-from runner.report.timeline import EVENT_COLUMNS, minute_counts, timeline_of
+from runner.report.timeline import EVENT_COLUMNS, JobOrder, minute_counts, timeline_of
 
 # The folded columns the report reads.
 _MORE = ("submitted_at", "completed_at", "queue_s", "inference_s", "attempt", "request_id",
          "retryable", "flagged", "nsfw", "rerolls", "cached_from")  # fmt: skip
 JOB_COLUMNS = tuple(dict.fromkeys([*TOTALS_COLUMNS, *failures.COLUMNS, *IDENTITY_COLUMNS, *_MORE]))
 _LENGTHS = ("outputs", "duplicate_request_ids")
+_NO_KEYS = pa.array([], pa.string())
 _GALLERY_ORDER = [("source", "ascending"), ("line", "ascending"), ("variant", "ascending"),
                   ("seq", "ascending")]  # fmt: skip
 
@@ -78,22 +80,12 @@ def read_report(
     folded ledger and :func:`runner.report.data.load_events` (no lock taken)."""
     run_dir = Path(run_dir)
     _require_run_dir(run_dir)
-    old_keys = superseded_keys(run_dir)
-
-    def reduce(slices: Iterator[pa.Table]) -> dict[str, list[Any]]:
-        parts: dict[str, list[Any]] = {k: [] for k in ("counted", "old", "failed", "timing",
-                                                       "outlook", "safety")}  # fmt: skip
-        for jobs in slices:
-            shown, old = _split(jobs, old_keys, all_versions)
-            parts["counted"].append(totals(shown))
-            parts["old"].append(totals(old))
-            parts["failed"].append(failures.failed_rows(shown).select([*failures.COLUMNS, "seq"]))
-            parts["timing"].append(timing_part(shown))
-            parts["outlook"].append(outlook_counts(shown))
-            parts["safety"].append(_safety(shown))
-        return parts
-
-    parts, _info = scan_folded(run_dir, JOB_COLUMNS, reduce, lengths=_LENGTHS)
+    # Read as if no job were superseded, keeping each job's identity (20 bytes); read again
+    # only when some are.
+    parts, candidates = _job_parts(run_dir, _NO_KEYS, all_versions, identities=True)
+    old_keys = exact_superseded(run_dir, candidates)
+    if len(old_keys):
+        parts, _ = _job_parts(run_dir, old_keys, all_versions, identities=False)
     counted, old = merge_totals(parts["counted"]), merge_totals(parts["old"])
     failed = pa.concat_tables(parts["failed"]) if parts["failed"] else None
     if failed is not None:
@@ -105,8 +97,9 @@ def read_report(
     def events(buckets: Iterator[pa.Table]) -> tuple[list[Any], list[Any]]:
         minutes, runs = [], []
         for bucket in buckets:
-            minutes.append(minute_counts(bucket))
-            runs.append(run_counts(bucket))
+            order = JobOrder.of(bucket)
+            minutes.append(minute_counts(bucket, order))
+            runs.append(run_counts(bucket, order))
         return minutes, runs
 
     (minutes, runs), _info = scan_events(run_dir, EVENT_COLUMNS, events)
@@ -125,6 +118,32 @@ def read_report(
         invocations=invocations_of(merge_run_counts(runs), run_meta or {}),
         timeline=timeline_of(minutes, estimate_usd=counted.estimated_usd),
     )
+
+
+def _job_parts(
+    run_dir: Path, old_keys: pa.Array, all_versions: bool, *, identities: bool
+) -> tuple[dict[str, list[Any]], np.ndarray]:
+    """Each slice's share of the report, and (``identities``) the candidate rows of
+    :class:`runner.ledger.identity.HashedIdentities`."""
+
+    def reduce(slices: Iterator[pa.Table]) -> tuple[dict[str, list[Any]], np.ndarray]:
+        parts: dict[str, list[Any]] = {k: [] for k in ("counted", "old", "failed", "timing",
+                                                       "outlook", "safety")}  # fmt: skip
+        seen = HashedIdentities()
+        for jobs in slices:
+            if identities:
+                seen.add(jobs)
+            shown, old = _split(jobs, old_keys, all_versions)
+            parts["counted"].append(totals(shown))
+            parts["old"].append(totals(old))
+            parts["failed"].append(failures.failed_rows(shown).select([*failures.COLUMNS, "seq"]))
+            parts["timing"].append(timing_part(shown))
+            parts["outlook"].append(outlook_counts(shown))
+            parts["safety"].append(_safety(shown))
+        return parts, seen.candidates()
+
+    found, _info = scan_folded(run_dir, JOB_COLUMNS, reduce, lengths=_LENGTHS)
+    return found
 
 
 def read_gallery(
