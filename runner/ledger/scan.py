@@ -73,7 +73,8 @@ def scan_folded(
 
     ``reduce`` takes the slices' iterator and returns the result; it must keep nothing
     else, for when a writer checkpoints or compacts while the parts are read the scan starts
-    over (the slices are handed out only once every part has been read). Takes no lock.
+    over and calls it again (a ledger of more than one bucket is read whole, into the
+    scratch files, before the first slice is handed out). Takes no lock.
     """
     names = LEDGER_SCHEMA.names if columns is None else _with_keys(columns)
 
