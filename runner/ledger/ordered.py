@@ -53,12 +53,17 @@ class OrderedJobs:
                 chunk = source[start : start + batch_rows]
                 counts = np.bincount(chunk, minlength=len(readers))
                 pieces = [readers[i].take(int(n)) for i, n in enumerate(counts) if n]
-                table = pa.concat_tables(pieces).combine_chunks()
+                table = pa.concat_tables(pieces)
+                del pieces
                 # Rows come grouped by slice; put them back in seq order.
                 by_slice = np.argsort(chunk, kind="stable")
                 place = np.empty(len(chunk), dtype=np.int64)
                 place[by_slice] = np.arange(len(chunk))
-                yield table.take(pa.array(place)).combine_chunks()
+                ordered = table.take(pa.array(place)).combine_chunks()
+                del table
+                yield ordered
+                del ordered
+                pa.default_memory_pool().release_unused()
         finally:
             for reader in readers:
                 reader.close()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -159,6 +159,12 @@ def _system_pool() -> Iterator[None]:
         yield
     finally:
         pa.set_memory_pool(previous)
+
+
+def system_pool() -> AbstractContextManager[None]:
+    """Arrow allocates from the C library's malloc within (see :func:`_system_pool`): for
+    a reader that holds big buffers one batch at a time, outside a scan."""
+    return _system_pool()
 
 
 def _with_keys(columns: Sequence[str]) -> list[str]:

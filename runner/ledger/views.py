@@ -32,7 +32,7 @@ from runner.ledger.identity import HashedIdentities, exact_superseded, supersede
 from runner.ledger.journal import fsync_dir
 from runner.ledger.meta import read_run_meta
 from runner.ledger.ordered import ordered_jobs
-from runner.ledger.scan import scan_folded
+from runner.ledger.scan import scan_folded, system_pool
 from runner.ledger.schema import LEDGER_SCHEMA, JobState
 from runner.ledger.totals import COLUMNS as TOTALS_COLUMNS
 from runner.ledger.totals import LENGTHS as TOTALS_LENGTHS
@@ -189,7 +189,10 @@ def export(
 
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     try:
-        with ordered_jobs(run_dir, None, select, lambda jobs: add_kinds(jobs, kinds)) as jobs:
+        with (
+            system_pool(),
+            ordered_jobs(run_dir, None, select, lambda jobs: add_kinds(jobs, kinds)) as jobs,
+        ):
             ledger = _marked_schema(run_dir) if jobs.schema is None else jobs.schema
             schema = schema_of(ledger.with_metadata(_first_metadata(run_dir)), kinds)
             batches = (b for t in jobs.batches(EXPORT_ROWS) for b in export_batches(t, schema))
