@@ -369,8 +369,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from runner.ledger import JobState, read_run_meta
-    from runner.ledger.versions import split_versions
-    from runner.report.data import build_report, load_events, load_jobs
+    from runner.report.reader import read_gallery, read_report
     from runner.report.text import render_text, report_json
 
     if args.gallery_limit < 0:
@@ -378,18 +377,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     known = [s.value for s in JobState]
     if bad := [s for s in args.gallery_state if s not in known]:
         raise UsageError(f"--gallery-state {bad[0]}: not one of {', '.join(known)}")
-    versions = split_versions(load_jobs(args.run_dir), all_versions=args.all_versions)
     meta = read_run_meta(args.run_dir)
-    # Every version (marked), so the report can tell what superseded jobs were billed.
-    report = build_report(versions.every, meta, run_dir=args.run_dir, policy=_rerun_policy(meta),
-                          all_versions=args.all_versions,
-                          events=load_events(args.run_dir))  # fmt: skip
+    # Read a bucket of jobs at a time; superseded versions are told apart (and their spend
+    # reported on its own) unless --all-versions.
+    report = read_report(args.run_dir, meta, policy=_rerun_policy(meta),
+                         all_versions=args.all_versions)  # fmt: skip
     print(json.dumps(report_json(report), indent=2) if args.json else render_text(report))
     if args.html:
-        from runner.report.gallery import gallery
         from runner.report.html import write_html
 
-        cards = gallery(versions.shown, limit=args.gallery_limit, states=args.gallery_state)
+        cards = read_gallery(args.run_dir, limit=args.gallery_limit, states=args.gallery_state,
+                             all_versions=args.all_versions)  # fmt: skip
         made = datetime.now(UTC)
         page = write_html(args.html, report, cards, run_dir=args.run_dir,
                           link_images=args.link_images, generated_at=made)  # fmt: skip

@@ -95,26 +95,28 @@ def _type_of(kinds: set[str]) -> pa.DataType:
     return pa.string()
 
 
-def _ledger_fields(jobs: pa.Table) -> list[pa.Field]:
-    fields = []
-    for field in jobs.schema:
-        if field.name in MONEY_COLUMNS:
-            field = field.with_type(EXPORT_MONEY)
-        fields.append(field)
-    return fields
-
-
 def export_schema(jobs: pa.Table) -> pa.Schema:
     """The export's columns for these folded jobs: the ledger's, then req_*, then meta_*."""
     kinds: dict[str, set[str]] = {}
+    add_kinds(jobs, kinds)
+    return schema_of(jobs.schema, kinds)
+
+
+def add_kinds(jobs: pa.Table, kinds: dict[str, set[str]]) -> None:
+    """Add the kinds of value each req_*/meta_* column of ``jobs`` holds to ``kinds``."""
     for batch in jobs.select(["request", "metadata"]).to_batches(max_chunksize=BATCH_ROWS):
         for request, metadata in zip(batch["request"].to_pylist(), batch["metadata"].to_pylist(),
                                      strict=True):  # fmt: skip
             for name, value in _extra(request, metadata).items():
                 kinds.setdefault(name, set()).add(_kind(value))
-    taken = set(jobs.column_names)
+
+
+def schema_of(ledger: pa.Schema, kinds: Mapping[str, set[str]]) -> pa.Schema:
+    """The export's columns: those of the folded ``ledger`` schema, then req_* and meta_*."""
+    taken = set(ledger.names)
     extra = [pa.field(name, _type_of(kinds[name])) for name in sorted(kinds) if name not in taken]
-    return pa.schema([*_ledger_fields(jobs), *extra], metadata=jobs.schema.metadata)
+    fields = [f.with_type(EXPORT_MONEY) if f.name in MONEY_COLUMNS else f for f in ledger]
+    return pa.schema([*fields, *extra], metadata=ledger.metadata)
 
 
 def export_batches(jobs: pa.Table, schema: pa.Schema) -> Iterator[pa.RecordBatch]:

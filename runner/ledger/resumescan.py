@@ -26,7 +26,6 @@ from runner.ledger import resumestate
 from runner.ledger.fold import _flag_unfetched, _retrying, _Snapshot, _to_bool, fold_tables
 from runner.ledger.parts import _check_part_schema, iter_part, part_size_of
 from runner.ledger.resumestate import IN_FLIGHT, Pending, ResumeState
-from runner.ledger.scan import _boundaries
 from runner.ledger.schema import LEDGER_SCHEMA, JobRecord, JobState, record_from_row, rows_to_table
 
 RESUME_COLUMNS = (
@@ -332,3 +331,26 @@ def _whole_table(snap: _Snapshot, keys: Sequence[str], low: int, high: int | Non
 def read_whole(run_dir: Path, keys: Sequence[str], low: int, high: int) -> pa.Table:
     """The whole folded records of ``keys``, whose events all lie in seq [low, high]."""
     return _retrying(run_dir, lambda snap: _whole_table(snap, keys, low, high))
+
+
+_SAMPLE_ROWS = 4_096  # job keys sampled per part to place the range boundaries
+
+
+def _boundaries(snap: _Snapshot, ranges: int) -> list[str]:
+    """``ranges - 1`` job keys splitting a sample of the ledger's keys into equal ranges."""
+    if ranges <= 1:
+        return []
+    samples = []
+    for part in snap.parts:
+        first = next(iter_part(part.path, ["job_key"], batch_rows=_SAMPLE_ROWS), None)
+        if first is not None:
+            samples.append(first["job_key"])
+    if snap.journal_rows:
+        samples.append(pa.chunked_array([[r["job_key"] for r in snap.journal_rows[::64]]]))
+    keys = pc.unique(pa.chunked_array(samples, pa.string()).combine_chunks())
+    keys = keys.take(pc.sort_indices(keys))
+    if len(keys) < 2:
+        return []
+    step = len(keys) / ranges
+    picked = {keys[int(step * i)].as_py() for i in range(1, ranges) if int(step * i) > 0}
+    return sorted(k for k in picked if k is not None)

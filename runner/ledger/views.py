@@ -16,6 +16,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -23,16 +24,20 @@ import pyarrow.parquet as pq
 
 from runner.endpoints.money import trim_usd
 from runner.errors import LedgerError
-from runner.ledger.exports import MONEY_COLUMNS, export_batches, export_schema
-from runner.ledger.fold import read_folded
+from runner.ledger.exports import BATCH_ROWS as EXPORT_ROWS
+from runner.ledger.exports import MONEY_COLUMNS, add_kinds, export_batches, schema_of
+from runner.ledger.fold import _snapshot
+from runner.ledger.identity import COLUMNS as IDENTITY_COLUMNS
+from runner.ledger.identity import HashedIdentities, exact_superseded, superseded_keys
 from runner.ledger.journal import fsync_dir
 from runner.ledger.meta import read_run_meta
-from runner.ledger.scan import scan_folded
+from runner.ledger.ordered import ordered_jobs
+from runner.ledger.scan import scan_folded, system_pool
 from runner.ledger.schema import LEDGER_SCHEMA, JobState
 from runner.ledger.totals import COLUMNS as TOTALS_COLUMNS
 from runner.ledger.totals import LENGTHS as TOTALS_LENGTHS
 from runner.ledger.totals import EndpointTotals, Totals, merge_totals, totals
-from runner.ledger.versions import split_versions, superseded_mask
+from runner.ledger.versions import SUPERSEDED
 
 ExportFormat = Literal["csv", "jsonl", "parquet"]
 _ZERO = Decimal(0)
@@ -94,31 +99,32 @@ def status_summary(run_dir: Path | str, *, all_versions: bool = False) -> Status
     """Counts and spend of a run directory; takes no lock, so it works during a run.
 
     Superseded jobs (:mod:`runner.ledger.versions`) are counted apart unless ``all_versions``.
-    Read in slices of job keys with only the columns the totals need
-    (:func:`runner.ledger.scan.scan_folded`), so memory does not grow with the ledger; a
-    second pass tells superseded versions apart, only when there are some.
+    Read in buckets of jobs with only the columns the totals need
+    (:func:`runner.ledger.scan.scan_folded`), so memory does not grow with the ledger; each
+    job's identity is kept as 20 bytes (:class:`runner.ledger.identity.HashedIdentities`),
+    and two more scans tell superseded versions apart, only when there are some.
     """
     run_dir = Path(run_dir)
     _require_run_dir(run_dir)
-    columns = [*TOTALS_COLUMNS, "at", "row_id", "variant"]
+    columns = [*TOTALS_COLUMNS, "at", *IDENTITY_COLUMNS]
 
-    def reduce(slices: Iterator[pa.Table]) -> tuple[list[Totals], list[pa.Table], Any]:
-        parts, ids, last = [], [], None
+    def reduce(slices: Iterator[pa.Table]) -> tuple[list[Totals], np.ndarray, Any]:
+        parts, identities, last = [], HashedIdentities(), None
         for jobs in slices:
             parts.append(totals(jobs))
-            ids.append(jobs.select(["job_key", "row_id", "variant", "seq"]))
+            identities.add(jobs)
             at = pc.max(jobs["at"]).as_py()
             last = at if last is None or (at is not None and at > last) else last
-        return parts, ids, last
+        return parts, identities.candidates(), last
 
-    (parts, ids, last_at), read = scan_folded(run_dir, columns, reduce, lengths=TOTALS_LENGTHS)
+    (parts, candidates, last_at), read = scan_folded(
+        run_dir, columns, reduce, lengths=TOTALS_LENGTHS
+    )
     every = merge_totals(parts) if parts else totals(_EMPTY)
-    versions = pa.concat_tables(ids) if ids else None
-    mask = superseded_mask(versions) if versions is not None else None
+    old_keys = exact_superseded(run_dir, candidates)
     old = totals(_EMPTY)
     counted = every
-    if versions is not None and mask is not None and mask.any():
-        old_keys = versions["job_key"].filter(pa.array(mask))
+    if len(old_keys):
 
         def split(slices: Iterator[pa.Table]) -> tuple[list[Totals], list[Totals]]:
             current, superseded = [], []
@@ -165,20 +171,35 @@ def export(
 
     Joinable with the manifest by row_id (and source/line); the columns are those of
     :mod:`runner.ledger.exports`. Superseded jobs are left out unless ``all_versions``.
-    The file appears whole or not at all (temp name, then rename).
+    The file appears whole or not at all (temp name, then rename). Read a bucket of jobs at
+    a time and put back in the order of one fold (:mod:`runner.ledger.ordered`).
     """
     if fmt not in ("csv", "jsonl", "parquet"):
         raise ValueError(f"export format must be csv, jsonl or parquet, not {fmt!r}")
     out_path = Path(out_path)
-    _require_run_dir(Path(run_dir))
-    jobs = split_versions(read_folded(Path(run_dir)).jobs, all_versions=all_versions).shown
-    schema = export_schema(jobs)
+    run_dir = Path(run_dir)
+    _require_run_dir(run_dir)
+    old_keys = superseded_keys(run_dir)
+    kinds: dict[str, set[str]] = {}
+
+    def select(jobs: pa.Table) -> pa.Table:
+        gone = pc.is_in(jobs["job_key"], value_set=old_keys)
+        marked = jobs.append_column(pa.field(SUPERSEDED, pa.bool_(), nullable=False), gone)
+        return marked if all_versions else marked.filter(pc.invert(gone))
+
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     try:
-        with open(tmp, "wb") as handle:
-            _write(export_batches(jobs, schema), schema, handle, fmt)
-            handle.flush()
-            os.fsync(handle.fileno())
+        with (
+            system_pool(),
+            ordered_jobs(run_dir, None, select, lambda jobs: add_kinds(jobs, kinds)) as jobs,
+        ):
+            ledger = _marked_schema(run_dir) if jobs.schema is None else jobs.schema
+            schema = schema_of(ledger.with_metadata(_first_metadata(run_dir)), kinds)
+            batches = (b for t in jobs.batches(EXPORT_ROWS) for b in export_batches(t, schema))
+            with open(tmp, "wb") as handle:
+                _write(batches, schema, handle, fmt)
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, out_path)
         fsync_dir(out_path.parent)
     except OSError as exc:
@@ -190,7 +211,24 @@ def export(
     except BaseException:
         _remove(tmp)
         raise
-    return int(jobs.num_rows)
+    return jobs.rows
+
+
+def _marked_schema(run_dir: Path) -> pa.Schema:
+    """The folded ledger's columns with the superseded mark: an export of no job."""
+    return pa.schema([*LEDGER_SCHEMA, pa.field(SUPERSEDED, pa.bool_(), nullable=False)])
+
+
+def _first_metadata(run_dir: Path) -> Any:
+    """The schema metadata one fold of the ledger carries: its first part's (else the
+    journal's, the schema's own)."""
+    parts = _snapshot(run_dir).parts
+    if parts:
+        try:
+            return pq.read_schema(parts[0].path).metadata
+        except (OSError, pa.ArrowException):
+            pass
+    return LEDGER_SCHEMA.metadata
 
 
 def _write(batches: Iterator[pa.RecordBatch], schema: pa.Schema, handle: Any, fmt: str) -> None:

@@ -2,7 +2,9 @@
 
 :func:`build_report` is pure: it takes the folded ledger (one latest row per job,
 as :func:`runner.ledger.fold` returns it) and the run's ``run.json`` and returns a
-frozen :class:`Report`. :func:`load_jobs` does the reading. Two parts have their own
+frozen :class:`Report`. :func:`load_jobs` does the reading; :mod:`runner.report.reader`
+makes the same report a bucket of jobs at a time (``runner report``), from the parts
+:func:`assemble_report` puts together. Two parts have their own
 modules: :mod:`runner.report.failures` (failure groups) and :mod:`runner.report.outlook`
 (the resume outlook). Rendering is separate: :mod:`runner.report.text` (text and JSON),
 :mod:`runner.report.html` (the page, whose gallery rows and thumbnails come from
@@ -43,7 +45,7 @@ from runner.endpoints.money import trim_usd
 from runner.errors import LedgerError
 from runner.ledger import JobState, ResumePolicy, read_folded
 from runner.ledger.records import read_event_columns
-from runner.ledger.totals import EndpointTotals, totals
+from runner.ledger.totals import EndpointTotals, Totals, totals
 from runner.ledger.versions import split_versions
 from runner.report.failures import FailureGroup, failure_groups
 from runner.report.invocations import Invocation, invocation_lines
@@ -160,6 +162,17 @@ def _safety(jobs: pa.Table) -> Safety:
     )
 
 
+def merge_safety(parts: list[Safety]) -> Safety:
+    """The safety figures of disjoint sets of jobs, added up."""
+    return Safety(
+        flagged_jobs=sum(p.flagged_jobs for p in parts),
+        flagged_images=sum(p.flagged_images for p in parts),
+        rerolls=sum(p.rerolls for p in parts),
+        reroll_usd=trim_usd(sum((p.reroll_usd for p in parts), _ZERO)),
+        cached_jobs=sum(p.cached_jobs for p in parts),
+    )
+
+
 def load_jobs(run_dir: Path | str) -> pa.Table:
     """The folded ledger of a run directory (no lock taken; works while a run writes).
 
@@ -197,13 +210,48 @@ def build_report(
     """
     versions = split_versions(jobs, all_versions=all_versions)
     jobs = versions.shown
-    old = totals(versions.superseded)
+    groups, failed = failure_groups(jobs, examples)
+    counted = totals(jobs)
+    return assemble_report(
+        counted=counted,
+        superseded=totals(versions.superseded),
+        groups=groups,
+        failed=failed,
+        timing=_timing(jobs),
+        resume=resume_outlook(jobs, policy or ResumePolicy()),
+        safety=_safety(jobs),
+        run_meta=run_meta,
+        run_dir=run_dir,
+        top_failures=top_failures,
+        all_versions=all_versions,
+        invocations=invocation_lines(events, run_meta or {}),
+        timeline=Timeline(estimate_usd=counted.estimated_usd)
+        if events is None
+        else timeline(events, estimate_usd=counted.estimated_usd),
+    )
+
+
+def assemble_report(
+    *,
+    counted: Totals,
+    superseded: Totals,
+    groups: list[FailureGroup],
+    failed: int,
+    timing: Timing,
+    resume: ResumeOutlook,
+    safety: Safety,
+    run_meta: Mapping[str, Any] | None,
+    run_dir: Path | str | None,
+    top_failures: int,
+    all_versions: bool,
+    invocations: tuple[Invocation, ...],
+    timeline: Timeline,
+) -> Report:
+    """The report of its parts, computed over the current jobs (``superseded``: the others)."""
     meta = run_meta or {}
     found = meta.get("manifest")
     manifest: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
-    counted = totals(jobs)
     endpoints = counted.endpoints
-    groups, failed = failure_groups(jobs, examples)
     notes = []
     if any(ep.billed_jobs < ep.by_state.get(JobState.COMPLETED, 0) for ep in endpoints):
         notes.append("some completed jobs have no output-based cost (unknown endpoint price)")
@@ -212,7 +260,7 @@ def build_report(
         manifest=_str_or_none(manifest.get("path")),
         manifest_sha256=_str_or_none(manifest.get("sha256")),
         runner_version=_str_or_none(meta.get("runner_version")),
-        jobs=jobs.num_rows,
+        jobs=counted.jobs,
         by_state=counted.by_state,
         endpoints=endpoints,
         estimated_usd=counted.estimated_usd,
@@ -224,23 +272,21 @@ def build_report(
         reconciled=counted.reconciled,
         duplicates_found=counted.duplicates_found,
         duplicates_found_usd=counted.duplicates_found_usd,
-        timing=_timing(jobs),
+        timing=timing,
         failed_jobs=failed,
         failure_groups=len(groups),
         failures=tuple(groups[:top_failures]),
-        resume=resume_outlook(jobs, policy or ResumePolicy()),
+        resume=resume,
         notes=tuple(notes),
-        safety=_safety(jobs),
-        superseded=old.jobs,
-        superseded_billed_usd=old.billed_usd,
-        superseded_estimated_usd=old.estimated_usd,
+        safety=safety,
+        superseded=superseded.jobs,
+        superseded_billed_usd=superseded.billed_usd,
+        superseded_estimated_usd=superseded.estimated_usd,
         all_versions=all_versions,
         manifest_dir=_str_or_none(manifest.get("dir")),
-        invocations=invocation_lines(events, meta),
-        timeline=Timeline(estimate_usd=counted.estimated_usd)
-        if events is None
-        else timeline(events, estimate_usd=counted.estimated_usd),
-        superseded_reroll_usd=old.reroll_usd,
+        invocations=invocations,
+        timeline=timeline,
+        superseded_reroll_usd=superseded.reroll_usd,
     )
 
 
@@ -257,26 +303,61 @@ def percentiles(values: np.ndarray, of: int) -> Percentiles:
 
 
 def _timing(jobs: pa.Table) -> Timing:
+    return timing_of([timing_part(jobs)])
+
+
+@dataclass(frozen=True, slots=True)
+class TimingPart:
+    """What the timing reads of some jobs: :func:`timing_of` adds parts of disjoint jobs up."""
+
+    first_submitted_at: datetime | None
+    last_completed_at: datetime | None
+    completed: int
+    images: int
+    queue: np.ndarray
+    inference: np.ndarray
+
+
+def timing_part(jobs: pa.Table) -> TimingPart:
     done = jobs.filter(pc.equal(jobs["state"], JobState.COMPLETED.value))
-    first = pc.min(jobs["submitted_at"]).as_py()
-    last = pc.max(done["completed_at"]).as_py() if done.num_rows else None
+
+    def column(name: str) -> np.ndarray:
+        return np.asarray(done[name].drop_null().to_numpy(), dtype=float)
+
+    return TimingPart(
+        first_submitted_at=pc.min(jobs["submitted_at"]).as_py(),
+        last_completed_at=pc.max(done["completed_at"]).as_py() if done.num_rows else None,
+        completed=done.num_rows,
+        images=int(pc.sum(pc.list_value_length(done["outputs"])).as_py() or 0),
+        queue=column("queue_s"),
+        inference=column("inference_s"),
+    )
+
+
+def timing_of(parts: list[TimingPart]) -> Timing:
+    firsts = [p.first_submitted_at for p in parts if p.first_submitted_at is not None]
+    lasts = [p.last_completed_at for p in parts if p.last_completed_at is not None]
+    first = min(firsts) if firsts else None
+    last = max(lasts) if lasts else None
     wall_s = (last - first).total_seconds() if first and last and last > first else None
-    images = int(pc.sum(pc.list_value_length(done["outputs"])).as_py() or 0)
+    completed = sum(p.completed for p in parts)
+    images = sum(p.images for p in parts)
 
     def per_hour(count: int) -> float | None:
         return count * 3600.0 / wall_s if wall_s else None
 
-    def column(name: str) -> np.ndarray:
-        return np.asarray(done[name].drop_null().to_numpy(), dtype=float)
+    def values(name: str) -> np.ndarray:
+        found = [getattr(p, name) for p in parts]
+        return np.concatenate(found) if found else np.zeros(0, dtype=float)
 
     return Timing(
         first_submitted_at=first,
         last_completed_at=last,
         wall_s=wall_s,
-        completed=done.num_rows,
+        completed=completed,
         images=images,
-        jobs_per_hour=per_hour(done.num_rows),
+        jobs_per_hour=per_hour(completed),
         images_per_hour=per_hour(images),
-        queue=percentiles(column("queue_s"), done.num_rows),
-        inference=percentiles(column("inference_s"), done.num_rows),
+        queue=percentiles(values("queue"), completed),
+        inference=percentiles(values("inference"), completed),
     )

@@ -19,7 +19,7 @@ Events written before run ids (schema version < 4) have no ``run_id``: they are 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -81,7 +81,39 @@ def invocation_lines(
     events: pa.Table | None, run_meta: Mapping[str, Any] | None
 ) -> tuple[Invocation, ...]:
     """Every invocation, in the order they started (run.json's order, then by first event)."""
-    seen = _by_run_id(events)
+    return invocations_of(run_counts(events), run_meta)
+
+
+def merge_run_counts(parts: Iterable[Mapping[str | None, _Seen]]) -> dict[str | None, _Seen]:
+    """What :func:`run_counts` says of all the events of several disjoint sets of jobs."""
+    out: dict[str | None, _Seen] = {}
+    for part in parts:
+        for run_id, seen in part.items():
+            was = out.get(run_id)
+            out[run_id] = seen if was is None else _Seen(
+                first_at=_least(was.first_at, seen.first_at),
+                last_at=_most(was.last_at, seen.last_at),
+                events=was.events + seen.events,
+                completed=was.completed + seen.completed,
+                failed=was.failed + seen.failed,
+                spent_usd=trim_usd(was.spent_usd + seen.spent_usd),
+            )  # fmt: skip
+    return out
+
+
+def _least(a: datetime | None, b: datetime | None) -> datetime | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _most(a: datetime | None, b: datetime | None) -> datetime | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+def invocations_of(
+    counts: Mapping[str | None, _Seen], run_meta: Mapping[str, Any] | None
+) -> tuple[Invocation, ...]:
+    """Every invocation, from run.json and the events' :func:`run_counts`."""
+    seen = dict(counts)
     lines = []
     for entry in meta_invocations(run_meta):
         run_id = entry["run_id"]
@@ -97,10 +129,12 @@ def invocation_lines(
     return tuple(sorted(lines, key=order))
 
 
-def _by_run_id(events: pa.Table | None) -> dict[str | None, _Seen]:
+def run_counts(events: pa.Table | None, order: JobOrder | None = None) -> dict[str | None, _Seen]:
+    """Per run id, what its events say: every event of each job the events hold (``order``:
+    their :class:`JobOrder`, if already made)."""
     if events is None or events.num_rows == 0:
         return {}
-    jobs = JobOrder.of(events)
+    jobs = order or JobOrder.of(events)
     # A bill counts at the job's move into its end state, not again when re-recorded.
     moved = pa.array(transitions(events, jobs))
     billed = pc.if_else(moved, events["billed_usd"], pa.scalar(None, events["billed_usd"].type))

@@ -9,8 +9,9 @@ unknown, so ``new_jobs`` stays None. Pure: a folded ledger table in, a frozen ou
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -38,6 +39,15 @@ class ResumeOutlook:
 def resume_outlook(jobs: pa.Table, policy: ResumePolicy) -> ResumeOutlook:
     """decide() over every folded record, once per distinct (state, attempt, id?, retryable,
     free)."""
+    return outlook_of([outlook_counts(jobs)], policy)
+
+
+_KEYS = ["state", "attempt", "has_id", "retryable", "free"]
+
+
+def outlook_counts(jobs: pa.Table) -> pa.Table:
+    """How many folded records there are of each distinct (state, attempt, id?, retryable,
+    free): what :func:`outlook_of` decides over (tables of disjoint jobs add up)."""
     has_id = pc.and_(
         pc.is_valid(jobs["request_id"]), pc.not_equal(jobs["request_id"], "")
     ).fill_null(False)
@@ -52,12 +62,19 @@ def resume_outlook(jobs: pa.Table, policy: ResumePolicy) -> ResumeOutlook:
             "free": free,
         }
     )
-    grouped = table.group_by(["state", "attempt", "has_id", "retryable", "free"]).aggregate(
-        [("state", "count")]
-    )
+    return table.group_by(_KEYS).aggregate([("state", "count")])
+
+
+def outlook_of(counts: Iterable[pa.Table], policy: ResumePolicy) -> ResumeOutlook:
+    """The outlook of every record counted in ``counts`` (:func:`outlook_counts`)."""
+    tables = list(counts)
+    rows: list[dict[str, Any]] = []
+    if tables:
+        grouped = pa.concat_tables(tables).group_by(_KEYS).aggregate([("state_count", "sum")])
+        rows = grouped.rename_columns([*_KEYS, "state_count"]).to_pylist()
     kinds: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
-    for row in grouped.to_pylist():
+    for row in rows:
         brief = JobBrief(
             "", JobState(row["state"]), row["attempt"], "id" if row["has_id"] else None,
             row["retryable"], bool(row["free"]),

@@ -22,6 +22,7 @@ A compacted ledger keeps only each job's latest event: its timeline shows those 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -73,25 +74,92 @@ def bucket_width_s(span_s: float, max_buckets: int = MAX_BUCKETS) -> int:
 
 def timeline(events: pa.Table, *, estimate_usd: Decimal = _ZERO) -> Timeline:
     """The timeline of ``events`` (any order; only the EVENT_COLUMNS it uses are read)."""
+    return timeline_of([minute_counts(events)], estimate_usd=estimate_usd)
+
+
+@dataclass(frozen=True, slots=True)
+class MinuteCounts:
+    """What a timeline counts of some jobs' events (every event of each), per minute of
+    the clock: completions, failures by reason and spend. Bucket widths are whole minutes
+    and buckets start on a minute, so the counts of several sets of jobs add up to those of
+    all their events (:func:`timeline_of`)."""
+
+    events: int = 0
+    first_us: int | None = None
+    last_us: int | None = None
+    completions: pa.Table | None = None  # minute, count
+    failures: pa.Table | None = None  # minute, reason, count
+    spend: pa.Table | None = None  # minute, usd (sum)
+
+
+def minute_counts(events: pa.Table, jobs: JobOrder | None = None) -> MinuteCounts:
+    """The per-minute counts of ``events``: every event of the jobs they hold (``jobs``:
+    their :class:`JobOrder`, if already made)."""
     if events.num_rows == 0:
-        return Timeline(estimate_usd=estimate_usd)
+        return MinuteCounts()
     micros = pc.cast(events["at"], pa.int64()).to_numpy()
-    first = int(micros.min())
-    start_s = first // 1_000_000 // 60 * 60  # whole minutes, so the labels read well
-    span_s = int(micros.max()) / 1_000_000 - start_s
-    width = bucket_width_s(span_s)
-    index = (micros // 1_000_000 - start_s) // width
-    count = int(index.max()) + 1
-    moved = transitions(events, JobOrder.of(events))
+    minute = pa.array(micros // 60_000_000)
+    moved = transitions(events, jobs or JobOrder.of(events))
     done = _mask(pc.equal(events["state"], JobState.COMPLETED.value)) & moved
+    completions = (
+        pa.table({"minute": minute.filter(pa.array(done))})
+        .group_by("minute", use_threads=False)
+        .aggregate([("minute", "count")])
+    )
+    failed = _mask(pc.is_in(events["state"], pa.array(_FAILED))) & moved
+    picked = events.select(["error_type", "state"]).filter(pa.array(failed))
+    named = pc.fill_null(pc.not_equal(picked["error_type"], ""), False)
+    reason = pc.if_else(named, picked["error_type"], picked["state"])
+    failures = (
+        pa.table({"minute": minute.filter(pa.array(failed)), "reason": reason})
+        .group_by(["minute", "reason"], use_threads=False)
+        .aggregate([("minute", "count")])
+    )
+    billed = events["billed_usd"]
+    valid = pa.array(_mask(pc.is_valid(billed)) & moved)
+    spend = (
+        pa.table({"minute": minute.filter(valid), "usd": billed.filter(valid)})
+        .group_by("minute", use_threads=False)
+        .aggregate([("usd", "sum")])
+    )
+    return MinuteCounts(
+        events.num_rows, int(micros.min()), int(micros.max()), completions, failures, spend
+    )
+
+
+def timeline_of(parts: Iterable[MinuteCounts], *, estimate_usd: Decimal = _ZERO) -> Timeline:
+    """The timeline of every event counted in ``parts`` (of disjoint sets of jobs)."""
+    found = [p for p in parts if p.events]
+    if not found:
+        return Timeline(estimate_usd=estimate_usd)
+    first = min(p.first_us for p in found if p.first_us is not None)
+    last = max(p.last_us for p in found if p.last_us is not None)
+    start_s = first // 1_000_000 // 60 * 60  # whole minutes, so the labels read well
+    span_s = last / 1_000_000 - start_s
+    width = bucket_width_s(span_s)
+    count = (last // 1_000_000 - start_s) // width + 1
+
+    def merged(name: str, keys: list[str], value: str, how: str) -> pa.Table:
+        tables = [getattr(p, name) for p in found if getattr(p, name) is not None]
+        table = pa.concat_tables(tables).rename_columns([*keys, "value"])
+        bucket = pc.divide(
+            pc.subtract(pc.multiply(table["minute"], 60), start_s), pa.scalar(width, pa.int64())
+        )
+        table = table.drop_columns(["minute"]).append_column("bucket", bucket)
+        grouped = table.group_by(["bucket", *keys[1:]], use_threads=False)
+        return grouped.aggregate([("value", how)]).rename_columns(["bucket", *keys[1:], value])
+
+    completions = merged("completions", ["minute"], "n", "sum")
+    per = np.zeros(count, dtype=np.int64)
+    np.add.at(per, completions["bucket"].to_numpy(), completions["n"].to_numpy())
     return Timeline(
         start=datetime.fromtimestamp(start_s, UTC),
         bucket_s=width,
-        completions=_per_bucket(index, done, count),
-        failures=_failures(events, index, count, moved),
-        spend_usd=_spend(events, index, count, moved),
+        completions=tuple(int(n) for n in per),
+        failures=_failures(merged("failures", ["minute", "reason"], "n", "sum"), count),
+        spend_usd=_spend(merged("spend", ["minute"], "usd", "sum"), count),
         estimate_usd=estimate_usd,
-        events=events.num_rows,
+        events=sum(p.events for p in found),
     )
 
 
@@ -132,46 +200,35 @@ def _mask(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.asarray(pc.fill_null(values, False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
-def _per_bucket(index: np.ndarray, mask: np.ndarray, count: int) -> tuple[int, ...]:
-    return tuple(int(n) for n in np.bincount(index[mask], minlength=count))
-
-
-def _failures(
-    events: pa.Table, index: np.ndarray, count: int, moved: np.ndarray
-) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    failed = _mask(pc.is_in(events["state"], pa.array(_FAILED))) & moved
-    if not failed.any():
+def _failures(table: pa.Table, count: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """(reason, failures per bucket), most first, from (bucket, reason, n) rows."""
+    if table.num_rows == 0:
         return ()
-    rows = np.flatnonzero(failed)
-    picked = events.select(["error_type", "state"]).filter(pa.array(failed))
-    types, states = picked["error_type"].to_pylist(), picked["state"].to_pylist()
-    reasons = [str(t or s) for t, s in zip(types, states, strict=True)]
-    ranked = [r for r, _ in sorted(Counter(reasons).items(), key=lambda kv: (-kv[1], kv[0]))]
+    totals: Counter[str] = Counter()
+    buckets, reasons, counts = (table[c].to_pylist() for c in ("bucket", "reason", "n"))
+    for reason, n in zip(reasons, counts, strict=True):
+        totals[str(reason)] += int(n)
+    ranked = [r for r, _ in sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))]
     # One "other" stands for two reasons or more, never for one that could be named.
     shown = ranked if len(ranked) <= TOP_REASONS + 1 else ranked[:TOP_REASONS]
     named = {reason: n for n, reason in enumerate(shown)}
     other = len(shown)
-    codes = np.array([named.get(r, other) for r in reasons])
-    out = []
-    for n, reason in enumerate(shown):
-        out.append((reason, _per_bucket(index[rows], codes == n, count)))
+    per = np.zeros((other + 1, count), dtype=np.int64)
+    for bucket, reason, n in zip(buckets, reasons, counts, strict=True):
+        per[named.get(str(reason), other), int(bucket)] += int(n)
+    out = [(reason, tuple(int(x) for x in per[n])) for n, reason in enumerate(shown)]
     if len(ranked) > len(shown):
         label = f"{len(ranked) - len(shown)} other reasons"
-        out.append((label, _per_bucket(index[rows], codes == other, count)))
+        out.append((label, tuple(int(x) for x in per[other])))
     return tuple(out)
 
 
-def _spend(
-    events: pa.Table, index: np.ndarray, count: int, moved: np.ndarray
-) -> tuple[Decimal, ...]:
-    billed = events["billed_usd"]
-    valid = _mask(pc.is_valid(billed)) & moved
-    if not valid.any():
+def _spend(table: pa.Table, count: int) -> tuple[Decimal, ...]:
+    """Cumulative spend at each bucket's end, from (bucket, usd) rows."""
+    if table.num_rows == 0:
         return (_ZERO,) * count
-    table = pa.table({"bucket": pa.array(index[valid]), "usd": billed.filter(pa.array(valid))})
-    sums = table.group_by("bucket").aggregate([("usd", "sum")])
     per = dict.fromkeys(range(count), _ZERO)
-    for bucket, usd in zip(sums["bucket"].to_pylist(), sums["usd_sum"].to_pylist(), strict=True):
+    for bucket, usd in zip(table["bucket"].to_pylist(), table["usd"].to_pylist(), strict=True):
         per[int(bucket)] = usd or _ZERO
     running = _ZERO
     out = []

@@ -1,0 +1,149 @@
+"""Superseded versions (:mod:`runner.ledger.versions`) found over a scan of the ledger,
+without holding every job's row id.
+
+The ledger is scanned a slice at a time (:func:`runner.ledger.scan.scan_folded`), and which
+jobs are superseded depends on jobs of other slices. :class:`HashedIdentities` keeps, per
+job that has an identity, its row id as a 64-bit hash (:func:`runner.ledger.keyhash.text_hashes`),
+its variant and the seq of its last event: 20 bytes a job, not its texts. The rules of
+:func:`runner.ledger.versions.superseded_mask` applied to those find every superseded job
+(equal row ids hash alike, so a job superseded by its exact row is superseded by its hash
+too); two row ids sharing a hash could only add jobs. So the rows whose hash group holds a
+superseded job are the *candidates*, and :func:`exact_superseded` reads their exact row ids
+in a second scan and applies :func:`~runner.ledger.versions.superseded_mask` to them alone:
+the job keys it returns are exactly those one fold of the whole ledger marks. A ledger
+whose rows were never recorded again has no candidates and takes no second scan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from runner.ledger import keyhash
+from runner.ledger.scan import scan_folded
+from runner.ledger.versions import superseded_mask
+
+COLUMNS = ("row_id", "variant")
+_ROW_NUMBER = r"^#[0-9]+$"
+_INVALID_VARIANT = -1
+_NO_KEYS = pa.array([], pa.string())
+
+
+def _identified(jobs: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(row id hashes, whether each job has an identity: a row id that is not ``#n``)."""
+    row_id = pc.cast(jobs["row_id"], pa.string())
+    hashes, eligible = keyhash.text_hashes(row_id)
+    hashed = np.flatnonzero(
+        np.asarray(pc.starts_with(row_id, "#").fill_null(False).to_numpy(zero_copy_only=False))
+    )
+    if len(hashed):
+        numbered = pc.match_substring_regex(row_id.take(pa.array(hashed)), _ROW_NUMBER)
+        numbered = numbered.to_numpy(zero_copy_only=False)
+        eligible[hashed[np.asarray(numbered, dtype=bool)]] = False
+    return hashes, eligible
+
+
+class HashedIdentities:
+    """The identities of the jobs of every slice added, as fixed-width numbers."""
+
+    def __init__(self) -> None:
+        self._rows: list[np.ndarray] = []
+        self._variants: list[np.ndarray] = []
+        self._seqs: list[np.ndarray] = []
+
+    def add(self, jobs: pa.Table) -> None:
+        """Keep the identity of each job of a folded slice (``seq``, ``row_id``, ``variant``)."""
+        hashes, eligible = _identified(jobs)
+        at = np.flatnonzero(eligible)
+        variant = pc.cast(jobs["variant"], pa.int32()).fill_null(_INVALID_VARIANT)
+        self._rows.append(hashes[at])
+        self._variants.append(np.asarray(variant.to_numpy(), np.int32)[at])
+        self._seqs.append(np.asarray(jobs["seq"].to_numpy(), np.int64)[at])
+
+    def candidates(self) -> np.ndarray:
+        """The sorted row hashes of every row with a job the hashes say is superseded."""
+        if not self._rows:
+            return np.zeros(0, dtype=np.uint64)
+        hashes = np.concatenate(self._rows)
+        self._rows = [hashes]
+        if len(hashes) < 2:
+            return np.zeros(0, dtype=np.uint64)
+        unique, rows = np.unique(hashes, return_inverse=True)
+        if len(unique) == len(hashes):
+            return np.zeros(0, dtype=np.uint64)  # one job per row: nothing superseded
+        variants = np.concatenate(self._variants).astype(np.int64)
+        seq = np.concatenate(self._seqs)
+        invalid = variants == _INVALID_VARIANT
+        newest = np.maximum(
+            _group_max(seq, rows, variants),
+            np.where(invalid, _row_max(seq, rows, ~invalid), _row_max(seq, rows, invalid)),
+        )
+        return np.asarray(unique[np.unique(rows[seq < newest])], dtype=np.uint64)
+
+
+def _group_max(seq: np.ndarray, rows: np.ndarray, variants: np.ndarray) -> np.ndarray:
+    """For each job, the highest seq among the jobs of its (row, variant)."""
+    order = np.lexsort((variants, rows))
+    r, v = rows[order], variants[order]
+    starts = np.flatnonzero(np.concatenate(([True], (r[1:] != r[:-1]) | (v[1:] != v[:-1]))))
+    group_max = np.maximum.reduceat(seq[order], starts)
+    group = np.empty(len(seq), dtype=np.int64)
+    is_start = np.zeros(len(seq), dtype=bool)
+    is_start[starts] = True
+    group[order] = np.cumsum(is_start) - 1
+    return np.asarray(group_max[group])
+
+
+def _row_max(seq: np.ndarray, rows: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """For each job, the highest seq among the jobs of its row selected by ``among`` (-1: none)."""
+    best = np.full(int(rows.max()) + 1, -1, dtype=np.int64)
+    np.maximum.at(best, rows[among], seq[among])
+    return np.asarray(best[rows])
+
+
+def in_sorted(values: np.ndarray, sorted_values: np.ndarray) -> np.ndarray:
+    """Whether each of ``values`` is in ``sorted_values`` (sorted, unique)."""
+    if len(sorted_values) == 0:
+        return np.zeros(len(values), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_values, values), len(sorted_values) - 1)
+    return np.asarray(sorted_values[at] == values)
+
+
+def exact_superseded(run_dir: Path, candidates: np.ndarray) -> pa.Array:
+    """The job keys of the superseded jobs among the candidates' rows (a second scan that
+    keeps the exact row id, variant and seq of those jobs only)."""
+    if len(candidates) == 0:
+        return _NO_KEYS
+
+    def reduce(slices: Iterator[pa.Table]) -> list[pa.Table]:
+        kept = []
+        for jobs in slices:
+            hashes, eligible = _identified(jobs)
+            mine = np.flatnonzero(eligible & in_sorted(hashes, candidates))
+            if len(mine):
+                kept.append(jobs.select(["job_key", "row_id", "variant", "seq"]).take(mine))
+        return kept
+
+    kept, _info = scan_folded(run_dir, list(COLUMNS), reduce)
+    if not kept:
+        return _NO_KEYS
+    jobs = pa.concat_tables(kept)
+    return jobs["job_key"].filter(pa.array(superseded_mask(jobs))).combine_chunks()
+
+
+def superseded_keys(run_dir: Path) -> pa.Array:
+    """The job keys of every superseded job of the ledger (one scan of the identity columns;
+    a second over the candidates' rows only when there are some)."""
+
+    def reduce(slices: Iterator[pa.Table]) -> np.ndarray:
+        identities = HashedIdentities()
+        for jobs in slices:
+            identities.add(jobs)
+        return identities.candidates()
+
+    candidates, _info = scan_folded(run_dir, list(COLUMNS), reduce)
+    return exact_superseded(run_dir, candidates)

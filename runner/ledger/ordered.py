@@ -1,0 +1,131 @@
+"""The folded ledger in the order one fold gives it (by each job's last event), read in
+bounded memory: what ``runner export`` writes.
+
+A scan (:func:`runner.ledger.scan.scan_folded`) hands out slices of jobs, each in the order
+of their last events but slices in no order. Each slice, once the reader has chosen its
+rows (:class:`OrderedJobs`' ``select``), is written to a scratch file (Arrow IPC) and its
+seqs kept (8 bytes a job); then the slices are merged by seq, ``batch_rows`` jobs at a time,
+each file read from its start to its end once. Memory holds the seqs, one batch and a few
+record batches of each file; the scratch files take the chosen rows' size on disk.
+Jobs with equal seqs (a sharded run directory: each shard counts its own) come in the order
+of their slices.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from runner.ledger.scan import scan_folded
+
+_FILE_ROWS = 128  # rows per record batch of a slice's scratch file: what each holds while merging
+
+
+@dataclass
+class OrderedJobs:
+    """The chosen jobs of every slice, to be read back in order with :meth:`batches`."""
+
+    schema: pa.Schema | None
+    rows: int
+    _files: list[Path]
+    _seqs: list[np.ndarray]
+
+    def batches(self, batch_rows: int) -> Iterator[pa.Table]:
+        """Every chosen job, by the seq of its last event, ``batch_rows`` a table (one chunk)."""
+        if not self._files:
+            return
+        sizes = [len(s) for s in self._seqs]
+        seqs = np.concatenate(self._seqs)
+        self._seqs = []
+        order = np.argsort(seqs, kind="stable")
+        del seqs
+        source = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)[order]
+        del order
+        readers = [_Reader(path) for path in self._files]
+        try:
+            for start in range(0, len(source), batch_rows):
+                chunk = source[start : start + batch_rows]
+                counts = np.bincount(chunk, minlength=len(readers))
+                pieces = [readers[i].take(int(n)) for i, n in enumerate(counts) if n]
+                table = pa.concat_tables(pieces)
+                del pieces
+                # Rows come grouped by slice; put them back in seq order.
+                by_slice = np.argsort(chunk, kind="stable")
+                place = np.empty(len(chunk), dtype=np.int64)
+                place[by_slice] = np.arange(len(chunk))
+                ordered = table.take(pa.array(place)).combine_chunks()
+                del table
+                yield ordered
+                del ordered
+                pa.default_memory_pool().release_unused()
+        finally:
+            for reader in readers:
+                reader.close()
+
+
+class _Reader:
+    """A slice's scratch file, read forward ``n`` rows at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self._source = pa.OSFile(str(path), "rb")
+        self._stream = pa.ipc.open_stream(self._source)
+        self._held: list[pa.RecordBatch] = []
+        self._rows = 0
+
+    def take(self, n: int) -> pa.Table:
+        while self._rows < n:
+            batch = self._stream.read_next_batch()
+            self._held.append(batch)
+            self._rows += batch.num_rows
+        table = pa.Table.from_batches(self._held, schema=self._stream.schema)
+        taken, rest = table.slice(0, n), table.slice(n)
+        self._held = rest.to_batches()
+        self._rows -= n
+        return taken
+
+    def close(self) -> None:
+        self._source.close()
+
+
+@contextmanager
+def ordered_jobs(
+    run_dir: Path,
+    columns: Sequence[str] | None,
+    select: Callable[[pa.Table], pa.Table],
+    visit: Callable[[pa.Table], None],
+) -> Iterator[OrderedJobs]:
+    """Scan the folded ledger; ``select`` chooses (and may add columns to) each slice's
+    rows, ``visit`` sees each chosen slice (to learn the columns of the output, say). The
+    scratch files last as long as the context."""
+    with tempfile.TemporaryDirectory(prefix="runner-ordered-") as scratch:
+
+        def reduce(slices: Iterator[pa.Table]) -> OrderedJobs:
+            files: list[Path] = []
+            seqs: list[np.ndarray] = []
+            schema: pa.Schema | None = None
+            for jobs in slices:
+                chosen = select(jobs)
+                del jobs
+                if chosen.num_rows == 0:
+                    continue
+                visit(chosen)
+                schema = chosen.schema
+                path = Path(scratch) / f"slice-{len(files):05d}.arrows"
+                with (
+                    pa.OSFile(str(path), "wb") as sink,
+                    pa.ipc.new_stream(sink, chosen.schema) as writer,
+                ):
+                    for batch in chosen.to_batches(max_chunksize=_FILE_ROWS):
+                        writer.write_batch(batch)
+                files.append(path)
+                seqs.append(np.asarray(chosen["seq"].to_numpy(), dtype=np.int64))
+            return OrderedJobs(schema, sum(len(s) for s in seqs), files, seqs)
+
+        found, _info = scan_folded(run_dir, columns, reduce)
+        yield found
