@@ -36,6 +36,8 @@ _DEFAULT_PORTS = {b"http": 80, b"https": 443}
 # A path and query httpx would send unchanged: RFC 3986 characters and valid escapes only.
 _VERBATIM = re.compile(r"/(?:[A-Za-z0-9\-._~:/?@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*")
 _JSON_LINES = b"Content-Type: application/json\r\n"
+# httpx's JSON body encoding, one encoder for every call.
+_BODY = jsonlib.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
 class Caller:
@@ -124,8 +126,7 @@ class Caller:
         if headers:
             head += _header_lines(headers)
         if json is not None:
-            body = jsonlib.dumps(json, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-            data = body.encode()
+            data = _BODY(json).encode()
             head += b"Content-Length: %d\r\n" % len(data) + _JSON_LINES + b"\r\n" + data
         else:
             head += b"\r\n"

@@ -14,11 +14,10 @@ import os
 import threading
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import anyio
-import anyio.lowlevel
 import anyio.to_thread
+import numpy as np
 import pyarrow as pa
 
 from runner.errors import LedgerError
@@ -30,9 +29,10 @@ from runner.ledger.fold import (
 )
 from runner.ledger.journal import (
     SegmentWriter,
+    bodies_table,
     encode_line,
     fsync_dir,
-    iter_segment,
+    iter_bodies,
     list_segments,
     read_segment,
     segment_name,
@@ -91,7 +91,7 @@ class Ledger:
         self._retired: list[Path] = []  # closed segments: events after _folded_seq, in order
         self._segment = SegmentWriter(self.journal_dir / segment_name(next_seq))
         self._segment_first = next_seq
-        self._commit_lock: tuple[object, anyio.Lock] | None = None
+        self._flushing: anyio.Event | None = None  # set when the flush under way ends
         self._closed = False
         self._broken: OSError | None = None
 
@@ -158,15 +158,26 @@ class Ledger:
         return seq
 
     async def commit(self) -> None:
-        """Make every event appended before this call durable (one fsync for all waiters)."""
+        """Make every event appended before this call durable (one fsync for all waiters).
+
+        One flush at a time: a caller that finds one under way waits for it to end, then
+        starts the next only if its events were appended too late for it. An event ends
+        a flush, not a lock: every waiter wakes at once, and nothing is tied to the event
+        loop beyond the flush itself (a ledger may outlive one ``anyio.run``)."""
         target = self.last_seq
-        if self._durable_seq >= target:
-            return
-        async with self._loop_lock():
-            if self._durable_seq < target:
+        while self._durable_seq < target:
+            flushing = self._flushing
+            if flushing is not None:
+                await flushing.wait()
+                continue
+            self._flushing = done = anyio.Event()
+            try:
                 # A shielded flush: cancelling a waiter must not cancel a half-done write.
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(self._flush)
+            finally:
+                self._flushing = None
+                done.set()
         if self._checkpoint_due() and not self._checkpointing.locked():
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._checkpoint_if_due)
@@ -180,13 +191,6 @@ class Ledger:
         with self._checkpointing:
             if self._checkpoint_due():
                 self._checkpoint_locked()
-
-    def _loop_lock(self) -> anyio.Lock:
-        """The commit lock of the running event loop (a ledger may outlive one anyio.run)."""
-        token = anyio.lowlevel.current_token()
-        if self._commit_lock is None or self._commit_lock[0] != token:
-            self._commit_lock = (token, anyio.Lock())
-        return self._commit_lock[1]
 
     def commit_sync(self) -> None:
         self._flush()
@@ -348,7 +352,7 @@ class Ledger:
         await self.aclose()
 
 
-_READ_BACK_ROWS = 4096
+_READ_BACK_ROWS = 16384
 
 
 def _read_back(segments: list[Path], first: int, last: int) -> pa.Table:
@@ -357,26 +361,38 @@ def _read_back(segments: list[Path], first: int, last: int) -> pa.Table:
     They were fsynced by this writer; a segment that does not read back whole
     (every seq, in order) is an error, and its lines are kept.
     """
-    tables = []
-    rows: list[dict[str, Any]] = []
+    tables: list[pa.Table] = []
     expected = first
     for path in segments:
-        for row in iter_segment(path):
-            if row["seq"] != expected:
-                break
-            rows.append(row)
-            expected += 1
-            if len(rows) == _READ_BACK_ROWS:
-                tables.append(rows_to_table(rows))
-                rows = []
-    if rows:
-        tables.append(rows_to_table(rows))
+        bodies: list[bytes] = []
+        for body in iter_bodies(path):
+            bodies.append(body)
+            if len(bodies) == _READ_BACK_ROWS:
+                expected, whole = _in_order(bodies, expected, tables)
+                bodies = []
+                if not whole:
+                    break
+        else:
+            if bodies:
+                expected, _ = _in_order(bodies, expected, tables)
     if expected != last + 1:
         raise LedgerError(
             f"the journal in {segments[0].parent} does not read back as written "
             f"(events {first}-{last}, read up to {expected - 1}); it is kept for recovery"
         )
     return pa.concat_tables(tables)
+
+
+def _in_order(bodies: list[bytes], expected: int, tables: list[pa.Table]) -> tuple[int, bool]:
+    """Add the events of ``bodies`` that follow ``expected`` in order, up to the first that
+    does not; the next seq expected, and whether all of them did."""
+    table = bodies_table(bodies)
+    seqs = table.column("seq").to_numpy()
+    in_order = seqs == np.arange(expected, expected + len(seqs))
+    kept = len(seqs) if in_order.all() else int(np.argmin(in_order))
+    if kept:
+        tables.append(table.slice(0, kept))
+    return expected + kept, kept == len(seqs)
 
 
 def compact(run_dir: Path | str) -> int:
