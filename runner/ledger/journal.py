@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
+from runner.errors import LedgerError
 from runner.ledger.schema import LEDGER_SCHEMA, MONEY_FIELDS, TIME_FIELDS, rows_to_table
 
 SEGMENT_PREFIX = "segment-"
@@ -197,3 +199,47 @@ class SegmentWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+_READ_BACK_ROWS = 16384
+
+
+def read_back(segments: list[Path], first: int, last: int) -> pa.Table:
+    """Events ``first`` .. ``last`` from closed segments, converted a few thousand at a time.
+
+    They were fsynced by this writer (:class:`runner.ledger.store.Ledger`'s checkpoint);
+    a segment that does not read back whole (every seq, in order) is a LedgerError, and
+    its lines are kept.
+    """
+    tables: list[pa.Table] = []
+    expected = first
+    for path in segments:
+        bodies: list[bytes] = []
+        for body in iter_bodies(path):
+            bodies.append(body)
+            if len(bodies) == _READ_BACK_ROWS:
+                expected, whole = _in_order(bodies, expected, tables)
+                bodies = []
+                if not whole:
+                    break
+        else:
+            if bodies:
+                expected, _ = _in_order(bodies, expected, tables)
+    if expected != last + 1:
+        raise LedgerError(
+            f"the journal in {segments[0].parent} does not read back as written "
+            f"(events {first}-{last}, read up to {expected - 1}); it is kept for recovery"
+        )
+    return pa.concat_tables(tables)
+
+
+def _in_order(bodies: list[bytes], expected: int, tables: list[pa.Table]) -> tuple[int, bool]:
+    """Add the events of ``bodies`` that follow ``expected`` in order, up to the first that
+    does not; the next seq expected, and whether all of them did."""
+    table = bodies_table(bodies)
+    seqs = table.column("seq").to_numpy()
+    in_order = seqs == np.arange(expected, expected + len(seqs))
+    kept = len(seqs) if in_order.all() else int(np.argmin(in_order))
+    if kept:
+        tables.append(table.slice(0, kept))
+    return expected + kept, kept == len(seqs)

@@ -17,7 +17,6 @@ from types import TracebackType
 
 import anyio
 import anyio.to_thread
-import numpy as np
 import pyarrow as pa
 
 from runner.errors import LedgerError
@@ -29,11 +28,10 @@ from runner.ledger.fold import (
 )
 from runner.ledger.journal import (
     SegmentWriter,
-    bodies_table,
     encode_line,
     fsync_dir,
-    iter_bodies,
     list_segments,
+    read_back,
     read_segment,
     segment_name,
 )
@@ -250,7 +248,7 @@ class Ledger:
                 old, self._segment, self._segment_first = self._segment, new, last + 1
                 old.close()
                 self._retired.append(old.path)
-        table = _read_back(self._retired, self._folded_seq + 1, last)
+        table = read_back(self._retired, self._folded_seq + 1, last)
         tail = self._small_tail()
         if tail is not None:
             table = pa.concat_tables([read_part(tail.path), table])
@@ -350,49 +348,6 @@ class Ledger:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
-
-
-_READ_BACK_ROWS = 16384
-
-
-def _read_back(segments: list[Path], first: int, last: int) -> pa.Table:
-    """Events ``first`` .. ``last`` from closed segments, converted a few thousand at a time.
-
-    They were fsynced by this writer; a segment that does not read back whole
-    (every seq, in order) is an error, and its lines are kept.
-    """
-    tables: list[pa.Table] = []
-    expected = first
-    for path in segments:
-        bodies: list[bytes] = []
-        for body in iter_bodies(path):
-            bodies.append(body)
-            if len(bodies) == _READ_BACK_ROWS:
-                expected, whole = _in_order(bodies, expected, tables)
-                bodies = []
-                if not whole:
-                    break
-        else:
-            if bodies:
-                expected, _ = _in_order(bodies, expected, tables)
-    if expected != last + 1:
-        raise LedgerError(
-            f"the journal in {segments[0].parent} does not read back as written "
-            f"(events {first}-{last}, read up to {expected - 1}); it is kept for recovery"
-        )
-    return pa.concat_tables(tables)
-
-
-def _in_order(bodies: list[bytes], expected: int, tables: list[pa.Table]) -> tuple[int, bool]:
-    """Add the events of ``bodies`` that follow ``expected`` in order, up to the first that
-    does not; the next seq expected, and whether all of them did."""
-    table = bodies_table(bodies)
-    seqs = table.column("seq").to_numpy()
-    in_order = seqs == np.arange(expected, expected + len(seqs))
-    kept = len(seqs) if in_order.all() else int(np.argmin(in_order))
-    if kept:
-        tables.append(table.slice(0, kept))
-    return expected + kept, kept == len(seqs)
 
 
 def compact(run_dir: Path | str) -> int:
