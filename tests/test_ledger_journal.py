@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import zlib
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import anyio
 import pytest
 
 from runner.ledger import JobState, Ledger, LedgerEvent, read_events
-from runner.ledger.journal import SegmentWriter, decode_segment, encode_line, list_segments
+from runner.ledger.journal import (
+    SegmentWriter,
+    bodies_table,
+    decode_segment,
+    encode_line,
+    list_segments,
+)
+from runner.ledger.schema import LEDGER_SCHEMA, OutputImage, encode_event, rows_to_table
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
@@ -175,3 +184,49 @@ def test_a_failed_fsync_stops_the_ledger_and_keeps_committed_events(
         ledger.close()
     with Ledger.open(tmp_path) as reopened:  # the lock was released; "a" survived
         assert reopened.state().get("a") is not None
+
+
+def every_shape() -> list[LedgerEvent]:
+    """Events that use every column type, unicode, long decimals and odd exponents."""
+    image = OutputImage(url="https://cdn/ü.png", width=8, height=8, content_type="image/png",
+                        local_path="out/ü.png", sha256="ab" * 32)  # fmt: skip
+    # fmt: off
+    return [
+        LedgerEvent(job_key="k1", state=JobState.SUBMITTING, at=NOW, row_id="r\n1", line=3,
+                    source="m.csv", variant=0, endpoint="fal-ai/flux/dev",
+                    request='{"prompt":"ünï \\"q\\""}', metadata={"b": "2", "a": "é"},
+                    estimated_usd=Decimal("0.000000000000000001"), attempt=1,
+                    payload_sha256="cd" * 32, possible_duplicate=True,
+                    price_source="table"),
+        LedgerEvent(job_key="k1", state=JobState.QUEUED, at=NOW, attempt=1, request_id="q",
+                    submitted_at=NOW, status_url="https://q/s"),
+        LedgerEvent(job_key="k1", state=JobState.COMPLETED, at=NOW, started_at=NOW,
+                    completed_at=NOW, queue_s=0.0, inference_s=1e-300, outputs=(image,),
+                    seed=2**63 - 1, nsfw=(False, True), megapixels=2,
+                    billed_usd=Decimal("0E-18"), flagged=True, rerolls=2,
+                    reroll_usd=Decimal("1E+2"), duplicate_request_ids=("x", "y"),
+                    reconciled="adopted", cached_from="../other", run_id="run-1"),
+        LedgerEvent(job_key="k2", state=JobState.FAILED, at=NOW, error_type="e",
+                    error_message="x" * 3000, retryable=False, billed_usd=Decimal(0)),
+    ]
+    # fmt: on
+
+
+@pytest.mark.parametrize("odd", [None, float("nan"), float("inf")])
+def test_arrow_reads_journal_lines_as_the_python_path_does(odd: float | None) -> None:
+    events = every_shape()
+    if odd is not None:  # Arrow refuses NaN and Infinity: the Python path reads them
+        events.append(LedgerEvent(job_key="k3", state=JobState.COMPLETED, at=NOW, queue_s=odd))
+    rows = [encode_event(event, seq) for seq, event in enumerate(events, start=1)]
+    bodies = [encode_line(row)[9:-1] for row in rows]
+    table = bodies_table(bodies)
+    assert table.schema.equals(LEDGER_SCHEMA, check_metadata=True)
+    # repr, not ==: NaN is not equal to itself
+    assert repr(table.to_pylist()) == repr(rows_to_table(rows).to_pylist())
+    assert odd is not None or table.equals(rows_to_table(rows))
+
+
+def test_reading_back_stops_at_a_line_that_is_not_an_event() -> None:
+    rows = [{"seq": 1, "job_key": "a", "state": "queued", "at": 0}, [2], {"seq": 3}]
+    bodies = [json.dumps(row).encode() for row in rows]
+    assert bodies_table(bodies).column("seq").to_pylist() == [1]

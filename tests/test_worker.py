@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 
 from runner.execution.completion import Watch
@@ -52,3 +54,26 @@ async def test_queue_time_is_known_when_the_result_is_read_first(tmp_path: Path)
     # One emulator slot, six jobs submitted at once: the last waited behind the others.
     assert timing.queue.max is not None and timing.queue.max > 0
     assert build_report(load_jobs(tmp_path / "run"), None).billed_usd == Decimal("0.21")
+
+
+@pytest.mark.anyio
+async def test_a_job_first_seen_done_records_its_start_on_the_completed_event(
+    tmp_path: Path,
+) -> None:
+    # No in_progress event of its own: the look that read the result is the start seen.
+    path = manifest(tmp_path, 3)
+    async with emulator(concurrency=1, time_scale=0.01) as emu:
+        report = await run(emu, run_config(path, tmp_path / "run", first_look="result"))
+    assert report.exit_code == 0
+    events = pq.read_table(tmp_path / "run" / "ledger").to_pylist()
+    by_job: dict[str, list[dict[str, Any]]] = {}
+    for event in sorted(events, key=lambda e: e["seq"]):
+        by_job.setdefault(event["job_key"], []).append(event)
+    assert len(by_job) == 3
+    for history in by_job.values():
+        # (a later completed event records the downloaded files)
+        assert [e["state"] for e in history][:3] == ["submitting", "queued", "completed"]
+        assert "in_progress" not in [e["state"] for e in history]
+        done = history[2]
+        assert done["started_at"] is not None
+        assert history[1]["at"] <= done["started_at"] <= done["completed_at"]

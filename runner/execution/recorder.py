@@ -85,8 +85,14 @@ class Recorder:
         self.say = say
         self.downloads = downloads
         self.examples = examples
+        # Starts held for the job's next event (see started(with_next=True)), by job key.
+        self._starts: dict[str, datetime] = {}
 
     def _event(self, t: Ticket, state: JobState, attempt: int, **fields: Any) -> LedgerEvent:
+        if self._starts:
+            start = self._starts.pop(t.job.job_key, None)
+            if start is not None:
+                fields.setdefault("started_at", start)
         return LedgerEvent(job_key=t.job.job_key, state=state, at=self.now(), attempt=attempt,
                            **fields)  # fmt: skip
 
@@ -152,7 +158,13 @@ class Recorder:
         )  # fmt: skip
         await self.ledger.commit()
 
-    def started(self, t: Ticket, attempt: int) -> None:
+    def started(self, t: Ticket, attempt: int, *, with_next: bool = False) -> None:
+        """The job was seen running. ``with_next``: it was first seen done, so the start
+        goes on the event that ends the attempt, which follows at once (one event fewer;
+        the folded record is the same)."""
+        if with_next:
+            self._starts[t.job.job_key] = self.now()
+            return
         self.ledger.append(self._event(t, JobState.IN_PROGRESS, attempt, started_at=self.now()))
 
     # --- how an attempt ended ------------------------------------------------------------

@@ -267,7 +267,7 @@ async def finish(t: Ticket, s: Shared, ref: RequestRef, attempt: int) -> Outcome
             running = True
             s.tally.remote_queued -= 1
             s.tally.remote_running += 1
-            s.recorder.started(t, attempt)
+            s.recorder.started(t, attempt, with_next=isinstance(status, Completed))
         s.on_change()
 
     watch = Watch(

@@ -34,6 +34,8 @@ import httpx
 from pydantic import SecretStr
 
 from runner.errors import AuthError, HTTPStatusError, ProtocolError, TransportError, UsageError
+from runner.fal.calls import Caller
+from runner.fal.http1 import Answer
 from runner.fal.key import redactor
 from runner.fal.protocol import (
     ERROR_TYPE_HEADER,
@@ -60,7 +62,7 @@ from runner.fal.protocol import (
     parse_status,
     peek_verdict,
 )
-from runner.fal.transport import CallTimeouts, fetch
+from runner.fal.transport import CallTimeouts
 
 BODY_LIMIT = 2000  # characters of an error body kept on HTTPStatusError
 NAMESPACES = frozenset({"workflows", "comfy"})  # ids shaped namespace/owner/app[/path]
@@ -85,16 +87,11 @@ class QueueClient:
         user_agent: str = "runner",
         calls: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        # Calls go straight to the transport (runner.fal.transport.fetch): AsyncClient's auth,
+        # Calls go straight to the transport (runner.fal.calls.Caller): AsyncClient's auth,
         # redirect and cookie layers cost CPU on every call and none of them is used here.
         # ``calls`` (default: ``transport``) carries the one-shot calls, streams stay on
         # ``transport`` (runner.fal.keepalive.KeepAliveTransport is the lean one).
         self._transport = transport
-        self._calls = calls if calls is not None else transport
-        # Bound requests in flight, not only jobs: httpcore's pool does work proportional
-        # to its size on every request, so a few dozen idle connections cost more CPU than
-        # the calls themselves. Streams (one long request per job) are not counted here.
-        self._requests = anyio.CapacityLimiter(max_requests) if max_requests else None
         self._queue = httpx.URL(queue_url.rstrip("/"))
         if self._queue.scheme not in ("http", "https") or not self._queue.host:
             raise UsageError(f"queue URL must be http(s)://host[:port], got {queue_url!r}")
@@ -103,9 +100,12 @@ class QueueClient:
         self._origin_prefix = f"{self._queue.scheme}://{self._queue.netloc.decode('ascii')}/"
         self._key = key
         self._redact = redactor(key)
-        self._user_agent = user_agent
-        self._timeouts = timeouts or CallTimeouts()
-        self._extensions = self._timeouts.extensions()
+        timeouts = timeouts or CallTimeouts()
+        self._stream_extensions = timeouts.extensions()["stream"]
+        self._calls = Caller(
+            calls if calls is not None else transport, queue=self._queue, key=key,
+            user_agent=user_agent, timeouts=timeouts, max_requests=max_requests,
+        )  # fmt: skip
         self._wall_clock = wall_clock  # only to read HTTP-date Retry-After values
 
     def __repr__(self) -> str:
@@ -243,10 +243,10 @@ class QueueClient:
         """
         url = self._stream_url(ref.status_url)
         self._check_origin(url)
-        headers = {**self._headers(), "Accept": "text/event-stream"}
+        headers = {**self._calls.headers(), "Accept": "text/event-stream"}
         params = {"logs": "1" if logs else "0"}
         request = httpx.Request(
-            "GET", url, params=params, headers=headers, extensions=self._extensions["stream"]
+            "GET", url, params=params, headers=headers, extensions=self._stream_extensions
         )
         with self._translated("GET", url):
             response = await self._transport.handle_async_request(request)
@@ -255,7 +255,7 @@ class QueueClient:
             if response.status_code != 200:
                 with self._translated("GET", url):
                     await response.aread()
-                self._raise_for(response, "GET", url)
+                self._raise_for(Answer.of(response), "GET", url)
             events = self._events(response, url)
             try:
                 yield events
@@ -292,21 +292,12 @@ class QueueClient:
         json: Any = None,
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> httpx.Response:
+    ) -> Answer:
         self._check_origin(url)
-        request = httpx.Request(
-            method,
-            url,
-            json=json,
-            params=params,
-            headers={**self._headers(), **headers} if headers else self._headers(),
-            extensions=self._extensions[kind],
-        )
         with self._translated(method, url):
-            if self._requests is None:
-                return await fetch(self._calls, request)
-            async with self._requests:
-                return await fetch(self._calls, request)
+            return await self._calls.send(
+                method, url, kind=kind, json=json, params=params, headers=headers
+            )
 
     @contextmanager
     def _translated(self, method: str, url: str) -> Iterator[None]:
@@ -321,7 +312,7 @@ class QueueClient:
 
     def _raise_for(
         self,
-        response: httpx.Response,
+        response: Answer,
         method: str,
         url: str,
         *,
@@ -348,12 +339,6 @@ class QueueClient:
             request_id=request_id,
             retry_after_s=retry_after,
         )
-
-    def _headers(self) -> dict[str, str]:
-        return {
-            "Authorization": f"Key {self._key.get_secret_value()}",
-            "User-Agent": self._user_agent,
-        }
 
     def _check_origin(self, url: str) -> None:
         if url.startswith(self._origin_prefix):
@@ -392,7 +377,7 @@ class Peek:
     not_ready: bool = False
 
 
-def _result_response(response: httpx.Response, body: Any) -> ResultResponse:
+def _result_response(response: Answer, body: Any) -> ResultResponse:
     return ResultResponse(
         status_code=response.status_code,
         body=body,
@@ -402,17 +387,15 @@ def _result_response(response: httpx.Response, body: Any) -> ResultResponse:
     )
 
 
-def _json_or_none(response: httpx.Response) -> Any:
+def _json_or_none(response: Answer) -> Any:
     try:
         return response.json()
     except ValueError:
         return None
 
 
-def _json(response: httpx.Response, what: str) -> Any:
+def _json(response: Answer, what: str) -> Any:
     try:
         return response.json()
     except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError included
-        raise ProtocolError(
-            f"{response.request.method} {response.request.url}: {what} is not JSON"
-        ) from exc
+        raise ProtocolError(f"{response.method} {response.url}: {what} is not JSON") from exc

@@ -2,51 +2,67 @@
 
 The queue's submit, status, result and cancel calls are short requests with short JSON
 answers, hundreds a second at zero service time. Through httpcore each one costs a scan
-of the whole pool (every connection asked whether it is idle, expired, readable), h11's
-event machinery, and several anyio cancel scopes; cProfile over ``bench/bench_overhead.py``
-put the transport at about half of the runner's CPU. :class:`KeepAliveTransport` does
-the same exchange with less: a stack of idle connections per origin (the last returned is
-the next used), one ``poll(0)`` on the one connection it takes, the request written in one
-piece, and the answer parsed from the bytes (status line, headers, a ``Content-Length`` or
-chunked body).
+of the whole pool, h11's event machinery and several anyio cancel scopes; through httpx's
+``Request`` and ``Response`` it costs a URL parse and two header tables more.
+:class:`KeepAliveTransport` does the same exchange with less: a stack of idle connections
+per origin (the last returned is the next used), one ``poll(0)`` on the one connection it
+takes, the request written in one piece, and the answer parsed from the bytes
+(:class:`runner.fal.http1.ResponseParser`).
+
+Two drivers under one pool. On asyncio a connection is an ``asyncio.Protocol``: the loop
+feeds the parser as bytes arrive and wakes the caller once, when the response is whole;
+the timeout is one timer. (anyio's byte stream pauses and resumes reading around every
+receive, two ``epoll_ctl`` calls, and a cancel scope per call costs as much as the call.)
+On any other anyio backend a connection is an anyio byte stream read in a loop under
+``fail_after``.
 
 It is an ``httpx.AsyncBaseTransport`` and speaks httpx's errors, so it is swappable: the
-:class:`runner.fal.client.QueueClient` takes it for its one-shot calls only. Streams (SSE),
-storage uploads and downloads stay on httpx. It refuses what it does not do (a streaming
-request body, ``Expect``, HTTP/1.0 servers are fine but their connections are not reused)
-rather than half-doing it; a response without a length is read to the close.
+:class:`runner.fal.client.QueueClient` takes it for its one-shot calls only, and calls
+:meth:`KeepAliveTransport.call` with the request already in bytes. Streams (SSE), storage
+uploads and downloads stay on httpx. It refuses what it does not do (a streaming request
+body, ``Expect``; HTTP/1.0 servers are fine but their connections are not reused) rather
+than half-doing it; a response without a length is read to the close.
 """
 
 # ruff: noqa: ASYNC109
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import select
 import socket
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import anyio.abc
 import httpx
 
+from runner.fal.http1 import RawHeaders, ResponseParser, request_head
+
 _DEFAULT_PORTS = {b"http": 80, b"https": 443}
 _READ = 65536
-_HEAD_LIMIT = 64 * 1024  # bytes of status line and headers before the answer is refused
-_NO_BODY = frozenset({204, 304})
+Origin = tuple[bytes, bytes, int]  # scheme, host, port
+Exchanged = tuple[int, RawHeaders, bytes, bool]  # status, headers, body, reusable
 
 
-@dataclass(slots=True)
-class _Conn:
-    stream: anyio.abc.ByteStream
-    sock: Any  # socket.socket or asyncio's wrapper of it; None if the stream hides it
-    poll: Any
-    idle_since: float = 0.0
-    buffer: bytearray = field(default_factory=bytearray)
+class _Idle:
+    """What the pool needs of a connection between calls."""
+
+    __slots__ = ("idle_since", "poll", "sock")
+
+    def __init__(self, sock: Any) -> None:
+        self.idle_since = 0.0
+        # asyncio's socket wrapper or the raw socket: fileno() is all that is used.
+        self.sock = sock
+        self.poll: Any = None
+        if sock is not None and hasattr(select, "poll"):
+            self.poll = select.poll()
+            self.poll.register(sock.fileno(), select.POLLIN)
 
     def is_readable(self) -> bool:
         """Data or a close waiting while idle: the server hung up (or broke the protocol)."""
@@ -55,6 +71,131 @@ class _Conn:
         if self.poll is None:
             return False
         return bool(self.poll.poll(0))
+
+
+class _WireConn(asyncio.Protocol, _Idle):
+    """One connection on asyncio: the loop feeds the parser; the caller wakes once."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        _Idle.__init__(self, None)
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self._parser: ResponseParser | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self.broken = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        _Idle.__init__(self, transport.get_extra_info("socket"))
+
+    def is_readable(self) -> bool:
+        return self.broken or _Idle.is_readable(self)
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None:
+            self.broken = True  # bytes nobody asked for: the connection is not reusable
+            return
+        try:
+            if parser.feed(data):
+                self._wake(None)
+        except httpx.HTTPError as exc:
+            self._wake(exc)
+
+    def eof_received(self) -> bool:
+        self._ended(None)
+        return False  # let the transport close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended(exc)
+
+    def _ended(self, exc: Exception | None) -> None:
+        self.broken = True
+        parser = self._parser
+        if parser is None or parser.done:
+            return
+        if exc is not None:
+            self._wake(httpx.ReadError(repr(exc)))
+            return
+        try:
+            parser.feed_eof()
+        except httpx.HTTPError as error:
+            self._wake(error)
+        else:
+            self._wake(None)
+
+    def _wake(self, exc: Exception | None) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        if exc is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(exc)
+
+    def _time_out(self) -> None:
+        self._wake(httpx.ReadTimeout("timed out"))
+
+    async def exchange(self, data: bytes, method: str, timeout_s: float | None) -> Exchanged:
+        if self.broken or self.transport is None:
+            raise httpx.WriteError("connection closed")
+        parser = ResponseParser(method)
+        waiter = self._loop.create_future()
+        self._parser, self._waiter = parser, waiter
+        timer = self._loop.call_later(timeout_s, self._time_out) if timeout_s is not None else None
+        try:
+            self.transport.write(data)
+            await waiter
+        finally:
+            self._parser = self._waiter = None
+            if timer is not None:
+                timer.cancel()
+        return parser.status, parser.headers, parser.body, parser.keep and not parser.spare
+
+    async def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class _StreamConn(_Idle):
+    """One connection on any other anyio backend: a byte stream read in a loop."""
+
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+        sock = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)  # noqa: S610
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().__init__(sock)
+        self.stream = stream
+
+    async def exchange(self, data: bytes, method: str, timeout_s: float | None) -> Exchanged:
+        parser = ResponseParser(method)
+        sent = False
+        try:
+            with anyio.fail_after(timeout_s):
+                await self.stream.send(data)
+                sent = True
+                while True:
+                    try:
+                        chunk = await self.stream.receive(_READ)
+                    except anyio.EndOfStream:
+                        parser.feed_eof()
+                        break
+                    if parser.feed(chunk):
+                        break
+        except TimeoutError as exc:
+            raise (httpx.ReadTimeout if sent else httpx.WriteTimeout)("timed out") from exc
+        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError, ssl.SSLError) as exc:
+            raise (httpx.ReadError if sent else httpx.WriteError)(repr(exc)) from exc
+        return parser.status, parser.headers, parser.body, parser.keep and not parser.spare
+
+    async def close(self) -> None:
+        """At once (for TLS: without waiting for the close_notify)."""
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await anyio.aclose_forcefully(self.stream)  # a broken one: nothing left to do
+
+
+_Conn = _WireConn | _StreamConn
 
 
 @dataclass(slots=True)
@@ -77,7 +218,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         ssl_context: ssl.SSLContext | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._idle: dict[tuple[bytes, bytes, int], list[_Conn]] = {}
+        self._idle: dict[Origin, list[_Conn]] = {}
         self._max_idle = max_idle
         self._expiry_s = keepalive_expiry_s
         self._ssl = ssl_context
@@ -89,37 +230,63 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         scheme = url.raw_scheme
         if scheme not in _DEFAULT_PORTS:
             raise httpx.UnsupportedProtocol(f"unsupported scheme {scheme!r}")
-        origin = (scheme, url.raw_host, url.port or _DEFAULT_PORTS[scheme])
         timeouts = request.extensions.get("timeout") or {}
-        head = _request_head(request)
+        head = request_head(request.method, url.raw_path, request.headers.raw)
+        body = request.content  # raises httpx.RequestNotRead for a streaming body
+        status, headers, content = await self.call(
+            (scheme, url.raw_host, url.port or _DEFAULT_PORTS[scheme]),
+            head + body if body else head,
+            method=request.method,
+            label=f"{request.method} {url}",
+            timeout_s=_longest(timeouts.get("write"), timeouts.get("read")),
+            connect_timeout_s=timeouts.get("connect"),
+        )
+        return httpx.Response(
+            status_code=status,
+            headers=headers,
+            content=content,
+            extensions={"http_version": b"HTTP/1.1"},
+        )
+
+    async def call(
+        self,
+        origin: Origin,
+        data: bytes,
+        *,
+        method: str,
+        label: str,
+        timeout_s: float | None,
+        connect_timeout_s: float | None,
+    ) -> tuple[int, RawHeaders, bytes]:
+        """Send one request already in bytes (head and body) to ``origin``; its answer.
+
+        ``label`` names the call in errors; ``timeout_s`` bounds the exchange (sending
+        and the whole answer), ``connect_timeout_s`` a new connection."""
         conn = await self._take(origin)
         if conn is None:
-            conn = await self._connect(origin, timeouts.get("connect"))
+            conn = await self._connect(origin, connect_timeout_s)
         try:
-            status, headers, body, reusable = await self._exchange(conn, head, request, timeouts)
-        except BaseException:
-            await _close(conn)
+            status, headers, body, reusable = await conn.exchange(data, method, timeout_s)
+        except BaseException as exc:
+            await conn.close()
+            if isinstance(exc, httpx.TransportError):
+                raise type(exc)(f"{label}: {exc}") from exc
             raise
         if reusable:
             await self._give(origin, conn)
         else:
-            await _close(conn)
-        return httpx.Response(
-            status_code=status,
-            headers=headers,
-            content=body,
-            extensions={"http_version": b"HTTP/1.1"},
-        )
+            await conn.close()
+        return status, headers, body
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, {}
         for conns in idle.values():
             for conn in conns:
-                await _close(conn)
+                await conn.close()
 
     # --- the pool: a stack per origin ----------------------------------------------------
 
-    async def _take(self, origin: tuple[bytes, bytes, int]) -> _Conn | None:
+    async def _take(self, origin: Origin) -> _Conn | None:
         conns = self._idle.get(origin)
         now = self._clock()
         while conns:
@@ -128,206 +295,51 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
                 self.stats.reused += 1
                 return conn
             self.stats.dropped += 1
-            await _close(conn)
+            await conn.close()
         return None
 
-    async def _give(self, origin: tuple[bytes, bytes, int], conn: _Conn) -> None:
+    async def _give(self, origin: Origin, conn: _Conn) -> None:
         conns = self._idle.setdefault(origin, [])
         if len(conns) >= self._max_idle:
-            await _close(conn)
+            await conn.close()
             return
         conn.idle_since = self._clock()
         conns.append(conn)
 
-    async def _connect(self, origin: tuple[bytes, bytes, int], timeout: float | None) -> _Conn:
+    async def _connect(self, origin: Origin, timeout: float | None) -> _Conn:
         scheme, host, port = origin
         hostname = host.decode("ascii")
+        context = None
+        if scheme == b"https":
+            if self._ssl is None:
+                self._ssl = httpx.create_ssl_context()
+            context = self._ssl
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None  # not asyncio: anyio's streams
         try:
             with anyio.fail_after(timeout):
-                if scheme == b"https":
-                    if self._ssl is None:
-                        self._ssl = httpx.create_ssl_context()
-                    stream: anyio.abc.ByteStream = await anyio.connect_tcp(
-                        hostname, port, ssl_context=self._ssl, tls_hostname=hostname
-                    )
+                if loop is not None:
+                    _, wire = await loop.create_connection(
+                        lambda: _WireConn(loop), hostname, port, ssl=context,
+                        server_hostname=hostname if context is not None else None,
+                    )  # fmt: skip
+                    conn: _Conn = wire
+                elif context is not None:
+                    conn = _StreamConn(await anyio.connect_tcp(
+                        hostname, port, ssl_context=context, tls_hostname=hostname
+                    ))  # fmt: skip
                 else:
-                    stream = await anyio.connect_tcp(hostname, port)
+                    conn = _StreamConn(await anyio.connect_tcp(hostname, port))
         except TimeoutError as exc:
             raise httpx.ConnectTimeout(f"connect to {hostname}:{port} timed out") from exc
         except (OSError, anyio.BrokenResourceError, ssl.SSLError) as exc:
             raise httpx.ConnectError(f"connect to {hostname}:{port}: {exc}") from exc
-        # On asyncio this is the transport's socket wrapper: fileno() and setsockopt() work.
-        sock: Any = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)  # noqa: S610
-        poll = None
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if hasattr(select, "poll"):
-                poll = select.poll()
-                poll.register(sock.fileno(), select.POLLIN)
         self.stats.opened += 1
-        return _Conn(stream, sock, poll)
-
-    # --- one exchange ---------------------------------------------------------------------
-
-    async def _exchange(
-        self, conn: _Conn, head: bytes, request: httpx.Request, timeouts: dict[str, Any]
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
-        body = request.content  # raises httpx.RequestNotRead for a streaming body
-        wait = _longest(timeouts.get("write"), timeouts.get("read"))
-        sent = False
-        try:
-            with anyio.fail_after(wait):
-                await conn.stream.send(head + body if body else head)
-                sent = True
-                return await _read_response(conn, request.method)
-        except TimeoutError as exc:
-            kind = httpx.ReadTimeout if sent else httpx.WriteTimeout
-            raise kind(f"{request.method} {request.url}: timed out") from exc
-        except (OSError, anyio.BrokenResourceError, anyio.EndOfStream, ssl.SSLError) as exc:
-            if not sent:
-                raise httpx.WriteError(f"{request.method} {request.url}: {exc!r}") from exc
-            raise httpx.ReadError(f"{request.method} {request.url}: {exc!r}") from exc
-        except anyio.ClosedResourceError as exc:
-            raise httpx.ReadError(f"{request.method} {request.url}: closed") from exc
+        return conn
 
 
 def _longest(*values: float | None) -> float | None:
     present = [v for v in values if v is not None]
     return max(present) if len(present) == len(values) else None
-
-
-def _request_head(request: httpx.Request) -> bytes:
-    url = request.url
-    target = url.raw_path or b"/"
-    lines = [request.method.encode("ascii") + b" " + target + b" HTTP/1.1"]
-    for name, value in request.headers.raw:
-        if b"\r" in value or b"\n" in value or b"\r" in name or b"\n" in name:
-            raise httpx.LocalProtocolError("header with a line break")
-        if name.lower() == b"expect":
-            raise httpx.LocalProtocolError("Expect is not supported here")
-        lines.append(name + b": " + value)
-    return b"\r\n".join(lines) + b"\r\n\r\n"
-
-
-async def _read_response(
-    conn: _Conn, method: str
-) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
-    while True:  # 1xx answers (none expected) are skipped
-        status, version, headers = await _read_head(conn)
-        if status >= 200:
-            break
-    length: int | None = None
-    chunked = False
-    keep = version == b"HTTP/1.1"
-    for name, value in headers:
-        lower = name.lower()
-        if lower == b"content-length":
-            try:
-                length = int(value)
-            except ValueError:
-                raise httpx.RemoteProtocolError(f"bad Content-Length {value!r}") from None
-        elif lower == b"transfer-encoding":
-            chunked = value.lower().endswith(b"chunked")
-        elif lower == b"connection":
-            token = value.lower()
-            keep = b"close" not in token and (keep or b"keep-alive" in token)
-    if method == "HEAD" or status in _NO_BODY:
-        return status, headers, b"", keep
-    if chunked:
-        return status, headers, await _read_chunked(conn), keep
-    if length is not None:
-        return status, headers, await _read_exact(conn, length), keep
-    return status, headers, await _read_to_close(conn), False
-
-
-async def _fill(conn: _Conn) -> None:
-    """Read more into the buffer; the server closing here is a protocol error."""
-    data = await conn.stream.receive(_READ)
-    if not data:
-        raise anyio.EndOfStream
-    conn.buffer += data
-
-
-async def _read_head(conn: _Conn) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-    while True:
-        end = conn.buffer.find(b"\r\n\r\n")
-        if end >= 0:
-            break
-        if len(conn.buffer) > _HEAD_LIMIT:
-            raise httpx.RemoteProtocolError("response head too long")
-        try:
-            await _fill(conn)
-        except anyio.EndOfStream:
-            raise httpx.RemoteProtocolError(
-                "server closed the connection before answering"
-            ) from None
-    raw = bytes(conn.buffer[:end])
-    del conn.buffer[: end + 4]
-    first, _, rest = raw.partition(b"\r\n")
-    parts = first.split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-        raise httpx.RemoteProtocolError(f"bad status line {first[:80]!r}")
-    headers: list[tuple[bytes, bytes]] = []
-    for line in rest.split(b"\r\n") if rest else ():
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name != name.strip():
-            raise httpx.RemoteProtocolError(f"bad header line {line[:80]!r}")
-        headers.append((name, value.strip()))
-    return int(parts[1]), parts[0], headers
-
-
-async def _read_exact(conn: _Conn, size: int) -> bytes:
-    while len(conn.buffer) < size:
-        try:
-            await _fill(conn)
-        except anyio.EndOfStream:
-            raise httpx.RemoteProtocolError("server closed the connection mid-body") from None
-    body = bytes(conn.buffer[:size])
-    del conn.buffer[:size]
-    return body
-
-
-async def _read_line(conn: _Conn) -> bytes:
-    while (end := conn.buffer.find(b"\r\n")) < 0:
-        if len(conn.buffer) > _HEAD_LIMIT:
-            raise httpx.RemoteProtocolError("chunk line too long")
-        try:
-            await _fill(conn)
-        except anyio.EndOfStream:
-            raise httpx.RemoteProtocolError("server closed the connection mid-body") from None
-    line = bytes(conn.buffer[:end])
-    del conn.buffer[: end + 2]
-    return line
-
-
-async def _read_chunked(conn: _Conn) -> bytes:
-    body = bytearray()
-    while True:
-        size_text = (await _read_line(conn)).split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise httpx.RemoteProtocolError(f"bad chunk size {size_text[:20]!r}") from None
-        if size == 0:
-            while await _read_line(conn):  # trailers, up to the empty line
-                pass
-            return bytes(body)
-        body += await _read_exact(conn, size)
-        if await _read_line(conn):
-            raise httpx.RemoteProtocolError("chunk not followed by CRLF")
-
-
-async def _read_to_close(conn: _Conn) -> bytes:
-    while True:
-        try:
-            await _fill(conn)
-        except anyio.EndOfStream:
-            body = bytes(conn.buffer)
-            conn.buffer.clear()
-            return body
-
-
-async def _close(conn: _Conn) -> None:
-    """Close a connection at once (for TLS: without waiting for the close_notify)."""
-    with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-        await anyio.aclose_forcefully(conn.stream)  # a broken one: nothing left to do

@@ -175,13 +175,18 @@ LEDGER_SCHEMA = pa.schema(
     ],
     metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )
-_TIME_FIELDS = frozenset({"at", "submitted_at", "started_at", "completed_at"})
-_MONEY_FIELDS = frozenset({"estimated_usd", "billed_usd", "reroll_usd"})
+TIME_FIELDS = frozenset({"at", "submitted_at", "started_at", "completed_at"})
+MONEY_FIELDS = frozenset({"estimated_usd", "billed_usd", "reroll_usd"})
+
+
+# json.dumps with options builds a new encoder per call; these are made once.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+_METADATA = json.JSONEncoder(sort_keys=True, ensure_ascii=False).encode
 
 
 def encode_request(payload: Mapping[str, Any]) -> str:
     """Canonical JSON for a request body (sorted keys, no spaces)."""
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL(payload)
 
 
 def payload_fingerprint(payload: Any) -> str:
@@ -264,7 +269,7 @@ class LedgerEvent:
     def __post_init__(self) -> None:
         if self.state.__class__ is not JobState:
             object.__setattr__(self, "state", JobState(self.state))
-        for name in _TIME_FIELDS:
+        for name in TIME_FIELDS:
             _check_time(name, getattr(self, name))
         if self.estimated_usd is not None:
             _check_money("estimated_usd", self.estimated_usd)
@@ -295,7 +300,7 @@ def _micros(value: datetime) -> int:
 
 
 def _metadata_json(value: Mapping[str, str]) -> str:
-    return json.dumps(dict(value), sort_keys=True, ensure_ascii=False)
+    return _METADATA(dict(value))
 
 
 def _outputs_json(value: tuple[OutputImage, ...]) -> list[dict[str, Any]]:
@@ -303,9 +308,9 @@ def _outputs_json(value: tuple[OutputImage, ...]) -> list[dict[str, Any]]:
 
 
 def _encoder(name: str) -> Callable[[Any], Any] | None:
-    if name in _TIME_FIELDS:
+    if name in TIME_FIELDS:
         return _micros
-    if name in _MONEY_FIELDS:
+    if name in MONEY_FIELDS:
         return str
     special: dict[str, Callable[[Any], Any]] = {
         "outputs": _outputs_json,
@@ -346,9 +351,9 @@ def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     arrays = []
     for field in LEDGER_SCHEMA:
         values = [row.get(field.name) for row in rows]
-        if field.name in _TIME_FIELDS:
+        if field.name in TIME_FIELDS:
             arrays.append(pa.array(values, pa.int64()).cast(TIMESTAMP))
-        elif field.name in _MONEY_FIELDS:
+        elif field.name in MONEY_FIELDS:
             arrays.append(pa.array([_dec(v) for v in values], MONEY))
         else:
             arrays.append(pa.array(values, field.type))
@@ -373,7 +378,7 @@ def record_from_row(row: Mapping[str, Any]) -> JobRecord:
     for name in ("nsfw", "duplicate_request_ids"):
         if kwargs[name] is not None:
             kwargs[name] = tuple(kwargs[name])
-    for name in _MONEY_FIELDS:
+    for name in MONEY_FIELDS:
         if kwargs[name] is not None:
             kwargs[name] = trim_usd(kwargs[name])
     return JobRecord(seq=int(row["seq"]), **kwargs)

@@ -14,10 +14,8 @@ import os
 import threading
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import anyio
-import anyio.lowlevel
 import anyio.to_thread
 import pyarrow as pa
 
@@ -33,8 +31,8 @@ from runner.ledger.journal import (
     SegmentWriter,
     encode_line,
     fsync_dir,
-    iter_segment,
     list_segments,
+    read_back,
     read_segment,
     segment_name,
 )
@@ -92,7 +90,7 @@ class Ledger:
         self._retired: list[Path] = []  # closed segments: events after _folded_seq, in order
         self._segment = SegmentWriter(self.journal_dir / segment_name(next_seq))
         self._segment_first = next_seq
-        self._commit_lock: tuple[object, anyio.Lock] | None = None
+        self._flushing: anyio.Event | None = None  # set when the flush under way ends
         self._closed = False
         self._broken: OSError | None = None
         # Shards in one process commit in shared rounds (None: this ledger's own thread trip).
@@ -161,18 +159,29 @@ class Ledger:
         return seq
 
     async def commit(self) -> None:
-        """Make every event appended before this call durable (one fsync for all waiters)."""
+        """Make every event appended before this call durable (one fsync for all waiters).
+
+        One flush at a time: a caller that finds one under way waits for it to end, then
+        starts the next only if its events were appended too late for it. An event ends
+        a flush, not a lock: every waiter wakes at once, and nothing is tied to the event
+        loop beyond the flush itself (a ledger may outlive one ``anyio.run``)."""
         target = self.last_seq
-        if self._durable_seq >= target:
-            return
-        async with self._loop_lock():
-            if self._durable_seq < target:
+        while self._durable_seq < target:
+            flushing = self._flushing
+            if flushing is not None:
+                await flushing.wait()
+                continue
+            self._flushing = done = anyio.Event()
+            try:
                 # A shielded flush: cancelling a waiter must not cancel a half-done write.
                 with anyio.CancelScope(shield=True):
                     if self.commits is None:
                         await anyio.to_thread.run_sync(self._flush)
                     else:
                         await self.commits.flush(self._flush)
+            finally:
+                self._flushing = None
+                done.set()
         if self._checkpoint_due() and not self._checkpointing.locked():
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._checkpoint_if_due)
@@ -186,13 +195,6 @@ class Ledger:
         with self._checkpointing:
             if self._checkpoint_due():
                 self._checkpoint_locked()
-
-    def _loop_lock(self) -> anyio.Lock:
-        """The commit lock of the running event loop (a ledger may outlive one anyio.run)."""
-        token = anyio.lowlevel.current_token()
-        if self._commit_lock is None or self._commit_lock[0] != token:
-            self._commit_lock = (token, anyio.Lock())
-        return self._commit_lock[1]
 
     def commit_sync(self) -> None:
         self._flush()
@@ -252,7 +254,7 @@ class Ledger:
                 old, self._segment, self._segment_first = self._segment, new, last + 1
                 old.close()
                 self._retired.append(old.path)
-        table = _read_back(self._retired, self._folded_seq + 1, last)
+        table = read_back(self._retired, self._folded_seq + 1, last)
         tail = self._small_tail()
         if tail is not None:
             table = pa.concat_tables([read_part(tail.path), table])
@@ -352,37 +354,6 @@ class Ledger:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
-
-
-_READ_BACK_ROWS = 4096
-
-
-def _read_back(segments: list[Path], first: int, last: int) -> pa.Table:
-    """Events ``first`` .. ``last`` from closed segments, converted a few thousand at a time.
-
-    They were fsynced by this writer; a segment that does not read back whole
-    (every seq, in order) is an error, and its lines are kept.
-    """
-    tables = []
-    rows: list[dict[str, Any]] = []
-    expected = first
-    for path in segments:
-        for row in iter_segment(path):
-            if row["seq"] != expected:
-                break
-            rows.append(row)
-            expected += 1
-            if len(rows) == _READ_BACK_ROWS:
-                tables.append(rows_to_table(rows))
-                rows = []
-    if rows:
-        tables.append(rows_to_table(rows))
-    if expected != last + 1:
-        raise LedgerError(
-            f"the journal in {segments[0].parent} does not read back as written "
-            f"(events {first}-{last}, read up to {expected - 1}); it is kept for recovery"
-        )
-    return pa.concat_tables(tables)
 
 
 def compact(run_dir: Path | str) -> int:

@@ -43,9 +43,15 @@ _ROW_NUMBER_ID = re.compile(r"#[0-9]+")
 _CONTENT_ID = re.compile(r"~[0-9A-Fa-f]+(?:\.[0-9]+)?")
 
 
+# Made once: json.dumps with options builds a new encoder per call.
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
+).encode
+
+
 def canonical_json(value: Any) -> str:
     """The one JSON spelling of a value: sorted keys, compact, non-ASCII kept."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return _CANONICAL(value)
 
 
 def shard_of(identity: str, shards: int) -> int:
