@@ -33,6 +33,45 @@ from runner.execution.prices import SharedPrices
 from runner.execution.ratelimit import AdaptiveRate, Level, submit_rate
 
 
+class LostSlots:
+    """The key's slots held by jobs we lost contact with, counted over every shard on the key.
+
+    Such a slot stays taken until its shard's run ends, so lost contact never widens the
+    window. When they fill the key's window no shard on the key can take a slot again: each
+    one watching is told to stop admitting (each shard counting only its own would wait for
+    a slot forever once the shards' lost jobs together filled the window).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self._stops: list[Callable[[str], None]] = []
+
+    @property
+    def reason(self) -> str:
+        return f"all {self.count} in-flight slots hold jobs we lost contact with"
+
+    def watch(self, stop: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``stop(reason)`` when the window fills (at once if it is full); the result
+        stops watching."""
+        self._stops.append(stop)
+        if self.count >= self.limit:
+            stop(self.reason)
+
+        def unwatch() -> None:
+            if stop in self._stops:
+                self._stops.remove(stop)
+
+        return unwatch
+
+    def add(self) -> None:
+        """One more slot held by a lost job."""
+        self.count += 1
+        if self.count >= self.limit:
+            for stop in list(self._stops):
+                stop(self.reason)
+
+
 class Slots(Protocol):
     """A counting semaphore over a key's in-flight slots (anyio.Semaphore is one)."""
 
@@ -53,6 +92,12 @@ class AccountGate:
     limit: int  # how many slots ``slots`` holds
     # The account's price table, asked of fal once for every shard on the key.
     prices: SharedPrices = field(default_factory=SharedPrices)
+    # The key's slots its shards' lost jobs hold (None: a count of this gate's own).
+    lost: LostSlots | None = None
+
+    def __post_init__(self) -> None:
+        if self.lost is None:
+            self.lost = LostSlots(self.limit)
 
 
 def local_gate(
