@@ -368,7 +368,8 @@ def _rerun_policy(meta: Any) -> Any:
 def cmd_report(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from runner.ledger import JobState, read_run_meta
+    from runner.ledger import JobState
+    from runner.ledger.meta import read_whole_run_meta
     from runner.ledger.versions import split_versions
     from runner.report.data import build_report, load_events, load_jobs
     from runner.report.text import render_text, report_json
@@ -379,7 +380,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if bad := [s for s in args.gallery_state if s not in known]:
         raise UsageError(f"--gallery-state {bad[0]}: not one of {', '.join(known)}")
     versions = split_versions(load_jobs(args.run_dir), all_versions=args.all_versions)
-    meta = read_run_meta(args.run_dir)
+    meta = read_whole_run_meta(args.run_dir)  # a sharded run's: every shard's invocations
     # Every version (marked), so the report can tell what superseded jobs were billed.
     report = build_report(versions.every, meta, run_dir=args.run_dir, policy=_rerun_policy(meta),
                           all_versions=args.all_versions,
