@@ -145,7 +145,9 @@ async def execute_sharded(config: RunConfig, *, hooks: Hooks | None = None) -> R
             tg.start_soon(_show, view, tallies, progress)
             if hooks.handle_signals and interrupts is not None:
                 tg.start_soon(interrupts.from_signals)
-                tg.start_soon(announce, interrupts, lambda: view.in_flight, progress.say)
+                # The shards' jobs in flight now (the view is summed only when it draws).
+                in_flight = lambda: sum(t.in_flight for t in tallies)  # noqa: E731
+                tg.start_soon(announce, interrupts, in_flight, progress.say)
             tg.start_soon(feed.run)
             tg.start_soon(feed.run_count)
             async with anyio.create_task_group() as shards:
