@@ -42,14 +42,15 @@ class LostSlots:
     a slot forever once the shards' lost jobs together filled the window).
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, *, mark: Callable[[], None] | None = None) -> None:
         self.limit = limit
         self.count = 0
+        self.mark = mark  # tell the slots shared with other processes (FileSlots.hold_lost)
         self._stops: list[Callable[[str], None]] = []
 
     @property
     def reason(self) -> str:
-        return f"all {self.count} in-flight slots hold jobs we lost contact with"
+        return f"all {self.limit} in-flight slots hold jobs we lost contact with"
 
     def watch(self, stop: Callable[[str], None]) -> Callable[[], None]:
         """Call ``stop(reason)`` when the window fills (at once if it is full); the result
@@ -67,9 +68,15 @@ class LostSlots:
     def add(self) -> None:
         """One more slot held by a lost job."""
         self.count += 1
+        if self.mark is not None:
+            self.mark()
         if self.count >= self.limit:
-            for stop in list(self._stops):
-                stop(self.reason)
+            self.stop_all()
+
+    def stop_all(self) -> None:
+        """Every slot of the key holds a lost job (counted here, or seen in the slots)."""
+        for stop in list(self._stops):
+            stop(self.reason)
 
 
 class Slots(Protocol):
@@ -111,6 +118,7 @@ def local_gate(
     clock: Callable[[], float],
     sleep: Callable[[float], Awaitable[None]],
     level: Level | None = None,
+    lost: LostSlots | None = None,
 ) -> AccountGate:
     """A gate whose rate and pacing live in this process; its slots, and its rate's AIMD
     level, may be shared further."""
@@ -118,4 +126,4 @@ def local_gate(
     # --rate as a fixed cap, else a pace that follows the key's slots and observed job times.
     rate = submit_rate(rate_per_s, slots=concurrency, mean_service_s=pacing.model.job_mean_s,
                        clock=clock, sleep=sleep, level=level)  # fmt: skip
-    return AccountGate(fingerprint, slots, rate, budget, pacing, limit)
+    return AccountGate(fingerprint, slots, rate, budget, pacing, limit, lost=lost)

@@ -35,7 +35,7 @@ from runner.config import RunConfig
 from runner.errors import EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_JOBS_FAILED, EXIT_OK, UsageError
 from runner.execution.budget import Caps, Spend
 from runner.execution.engine import Hooks, execute
-from runner.execution.gate import AccountGate, Slots, local_gate
+from runner.execution.gate import AccountGate, LostSlots, Slots, local_gate
 from runner.execution.interrupts import Interrupts, announce
 from runner.execution.lease import FileSlots
 from runner.execution.progress import Progress, Tally
@@ -87,15 +87,18 @@ def build_gate(
     process's own)."""
     keyed = shard_config(config, 0, spec)
     limit = keyed.in_flight_limit
+    lost = LostSlots(limit)
     if config.gate_dir is not None:
         if slots is None:
-            slots = FileSlots(config.gate_dir / spec.fingerprint, limit, sleep=hooks.sleep)
+            slots = FileSlots(config.gate_dir / spec.fingerprint, limit, sleep=hooks.sleep,
+                              on_all_lost=lost.stop_all)  # fmt: skip
+            lost.mark = slots.hold_lost
         if level is None:
             level = FileLevel(config.gate_dir / spec.fingerprint)
     return local_gate(
         fingerprint=spec.fingerprint, slots=slots or anyio.Semaphore(limit), limit=limit,
         concurrency=keyed.concurrency, rate_per_s=keyed.rate_per_s, budget=budget,
-        clock=hooks.clock, sleep=hooks.sleep, level=level,
+        clock=hooks.clock, sleep=hooks.sleep, level=level, lost=lost,
     )  # fmt: skip
 
 
