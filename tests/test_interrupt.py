@@ -9,6 +9,7 @@ waited for every such upload's retries: minutes against a storage host that neve
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import threading
@@ -101,6 +102,8 @@ def test_first_ctrl_c_on_in_process_shards_finishes_the_jobs_in_flight(tmp_path:
         stats = emu.stats()
     assert proc.returncode == EXIT_INTERRUPTED, err[-2000:]
     assert err.count("interrupted: no new jobs") == 1, err[-2000:]  # said once, not per shard
+    # The shards' jobs in flight at that moment (it said 0: a sum made only when the bar drew).
+    assert re.search(r"waiting for [1-9]\d* in flight", err), err[-2000:]
     accepted = stats["submits"]["accepted"]
     assert accepted < 60  # admission stopped in every shard
     # Every job sent was waited for and recorded as it ended: nothing left in flight.

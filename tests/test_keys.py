@@ -14,7 +14,7 @@ from runner.execution.engine import Hooks
 from runner.fal.key import fingerprint
 from runner.ledger.meta import read_run_meta
 from runner.scale.cancel import cancel_sharded
-from runner.scale.keys import KeySpec, key_for_shard, parse_keys
+from runner.scale.keys import KeySpec, key_for_shard, load_keys, parse_keys
 from runner.scale.layout import shard_dir
 from runner.scale.shards import execute_sharded
 from tests.accounts_support import Accounts
@@ -41,6 +41,7 @@ def test_keys_file_lines_with_settings_and_comments() -> None:
         (f"{KEY_A} {KEY_B}\n", "line 1: after the key, expected settings"),
         (f"{KEY_A} concurrency=zero\n", "line 1: concurrency must be a number"),
         (f"{KEY_A} concurrency=0\n", "line 1: concurrency must be positive"),
+        (f"{KEY_A} rate=nan\n", "line 1: rate must be positive"),  # was a ValueError later
         ("a:b:c\n", "line 1 has a colon but is not of the form id:secret"),
     ],
 )
@@ -49,6 +50,13 @@ def test_a_bad_keys_file_names_the_line_never_the_key(text: str, message: str) -
         parse_keys(text, source="keys.txt")
     for secret in (KEY_A, KEY_B, "aaaaaaaaaaaa", "bbbbbbbbbbbb"):
         assert secret not in str(caught.value)
+
+
+def test_a_keys_file_saved_with_a_bom_and_crlf_loads(tmp_path: Path) -> None:
+    path = tmp_path / "keys.txt"
+    path.write_bytes(f"\ufeff{KEY_A} concurrency=1\r\n{KEY_B}\r\n".encode())
+    specs = load_keys(path)
+    assert [s.fingerprint for s in specs] == [fingerprint(KEY_A), fingerprint(KEY_B)]
 
 
 def test_a_shard_keeps_the_key_its_ledger_recorded() -> None:

@@ -368,7 +368,8 @@ def _rerun_policy(meta: Any) -> Any:
 def cmd_report(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from runner.ledger import JobState, read_run_meta
+    from runner.ledger import JobState
+    from runner.ledger.meta import read_whole_run_meta
     from runner.report.reader import read_gallery, read_report
     from runner.report.text import render_text, report_json
 
@@ -377,7 +378,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     known = [s.value for s in JobState]
     if bad := [s for s in args.gallery_state if s not in known]:
         raise UsageError(f"--gallery-state {bad[0]}: not one of {', '.join(known)}")
-    meta = read_run_meta(args.run_dir)
+    meta = read_whole_run_meta(args.run_dir)  # a sharded run's: every shard's invocations
     # Read a bucket of jobs at a time; superseded versions are told apart (and their spend
     # reported on its own) unless --all-versions.
     report = read_report(args.run_dir, meta, policy=_rerun_policy(meta),

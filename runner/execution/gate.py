@@ -33,6 +33,52 @@ from runner.execution.prices import SharedPrices
 from runner.execution.ratelimit import AdaptiveRate, Level, submit_rate
 
 
+class LostSlots:
+    """The key's slots held by jobs we lost contact with, counted over every shard on the key.
+
+    Such a slot stays taken until its shard's run ends, so lost contact never widens the
+    window. When they fill the key's window no shard on the key can take a slot again: each
+    one watching is told to stop admitting (each shard counting only its own would wait for
+    a slot forever once the shards' lost jobs together filled the window).
+    """
+
+    def __init__(self, limit: int, *, mark: Callable[[], None] | None = None) -> None:
+        self.limit = limit
+        self.count = 0
+        self.mark = mark  # tell the slots shared with other processes (FileSlots.hold_lost)
+        self._stops: list[Callable[[str], None]] = []
+
+    @property
+    def reason(self) -> str:
+        return f"all {self.limit} in-flight slots hold jobs we lost contact with"
+
+    def watch(self, stop: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``stop(reason)`` when the window fills (at once if it is full); the result
+        stops watching."""
+        self._stops.append(stop)
+        if self.count >= self.limit:
+            stop(self.reason)
+
+        def unwatch() -> None:
+            if stop in self._stops:
+                self._stops.remove(stop)
+
+        return unwatch
+
+    def add(self) -> None:
+        """One more slot held by a lost job."""
+        self.count += 1
+        if self.mark is not None:
+            self.mark()
+        if self.count >= self.limit:
+            self.stop_all()
+
+    def stop_all(self) -> None:
+        """Every slot of the key holds a lost job (counted here, or seen in the slots)."""
+        for stop in list(self._stops):
+            stop(self.reason)
+
+
 class Slots(Protocol):
     """A counting semaphore over a key's in-flight slots (anyio.Semaphore is one)."""
 
@@ -53,6 +99,12 @@ class AccountGate:
     limit: int  # how many slots ``slots`` holds
     # The account's price table, asked of fal once for every shard on the key.
     prices: SharedPrices = field(default_factory=SharedPrices)
+    # The key's slots its shards' lost jobs hold (None: a count of this gate's own).
+    lost: LostSlots | None = None
+
+    def __post_init__(self) -> None:
+        if self.lost is None:
+            self.lost = LostSlots(self.limit)
 
 
 def local_gate(
@@ -66,6 +118,7 @@ def local_gate(
     clock: Callable[[], float],
     sleep: Callable[[float], Awaitable[None]],
     level: Level | None = None,
+    lost: LostSlots | None = None,
 ) -> AccountGate:
     """A gate whose rate and pacing live in this process; its slots, and its rate's AIMD
     level, may be shared further."""
@@ -73,4 +126,4 @@ def local_gate(
     # --rate as a fixed cap, else a pace that follows the key's slots and observed job times.
     rate = submit_rate(rate_per_s, slots=concurrency, mean_service_s=pacing.model.job_mean_s,
                        clock=clock, sleep=sleep, level=level)  # fmt: skip
-    return AccountGate(fingerprint, slots, rate, budget, pacing, limit)
+    return AccountGate(fingerprint, slots, rate, budget, pacing, limit, lost=lost)

@@ -24,7 +24,7 @@ from runner.config import RunConfig
 from runner.endpoints.cost import Estimate, PriceTable
 from runner.errors import ManifestError, RowError
 from runner.execution.budget import Spend
-from runner.execution.gate import Slots
+from runner.execution.gate import LostSlots, Slots
 from runner.execution.interrupts import FIRST, SECOND, Interrupts, two_steps
 from runner.execution.jobsource import JobSource, ManifestSource, job_stream
 from runner.execution.outcome import Lost
@@ -124,6 +124,7 @@ class Scheduler:
         submit_window_s: float = 300.0,
         window: Slots | None = None,
         source: JobSource | None = None,
+        lost: LostSlots | None = None,
     ) -> None:
         self.config = config
         self.ledger = ledger
@@ -156,7 +157,8 @@ class Scheduler:
         self.source: JobSource = source or ManifestSource(config)
         self._acquiring: anyio.CancelScope | None = None
         self._unsent: Unsent | None = None  # the workers' jobs that have sent nothing yet
-        self.lost_slots = 0
+        # The window's slots held by lost jobs: this run's, or every shard's on the key.
+        self.lost = lost or LostSlots(config.in_flight_limit)
         # Completed earlier but not (fully) downloaded: fetched again instead of skipped.
         self.pending = pending_for(state) if config.download else None
 
@@ -185,6 +187,7 @@ class Scheduler:
     async def admit(self, tg: anyio.abc.TaskGroup, shared: Shared) -> None:
         """Read the jobs and start a worker for every job that should run now."""
         self._unsent = shared.unsent
+        unwatch = self.lost.watch(self.stop)  # lost jobs filling the key's window stop us
         try:
             while not self.stop_admitting.is_set():
                 batch = await self.source.next_batch()
@@ -196,6 +199,7 @@ class Scheduler:
                     if not await self._admit_one(item, tg, shared):
                         return
         finally:
+            unwatch()
             self.source.close()
 
     def _storage_stop(self) -> bool:
@@ -329,11 +333,9 @@ class Scheduler:
             self.tally.in_flight -= 1
             if isinstance(outcome, Lost):
                 # Lost contact is not an end state: the slot stays taken until the run ends.
-                self.lost_slots += 1
-                if self.lost_slots >= self.config.in_flight_limit:
-                    self.stop(
-                        f"all {self.lost_slots} in-flight slots hold jobs we lost contact with"
-                    )
+                self.lost.add()
+                if self.lost.count >= self.lost.limit:
+                    self.stop(self.lost.reason)
             else:
                 self.window.release()
             self.progress.refresh()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import LedgerError
+from runner.ledger.fold import SHARDS_DIR
 from runner.ledger.parts import atomic_write_bytes
 from runner.ledger.redaction import Redact
 
@@ -89,6 +90,21 @@ def write_run_meta(
         meta = _redacted_json(meta, redact)
     data = json.dumps(meta, indent=2, sort_keys=True, default=str).encode() + b"\n"
     atomic_write_bytes(Path(run_dir) / RUN_META, data)
+
+
+def read_whole_run_meta(run_dir: Path | str) -> dict[str, Any] | None:
+    """run.json as a reader of the whole run sees it. A sharded run directory's top run.json
+    records no invocation (each shard's run is one, in the shard's own run.json): theirs
+    are listed instead, each entry marked with its ``shard``."""
+    meta = read_run_meta(run_dir)
+    root = Path(run_dir) / SHARDS_DIR
+    if not root.is_dir():
+        return meta
+    shards = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+    entries = [
+        {**entry, "shard": k} for k in shards for entry in invocations(read_run_meta(root / str(k)))
+    ]
+    return {**(meta or {}), INVOCATIONS: entries}
 
 
 def read_run_meta(run_dir: Path | str) -> dict[str, Any] | None:

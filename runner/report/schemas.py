@@ -175,6 +175,7 @@ REPORT_SCHEMA: dict[str, Any] = _document(
                 },
                 skipped=_COUNT,
                 last_event_at={"anyOf": [_TIME, {"type": "null"}]},
+                shard={"type": ["integer", "null"], "minimum": 0},
             ),
         },
         # The run over time, per bucket of bucket_s seconds from start (runner.report.timeline).

@@ -166,6 +166,7 @@ def _invocation_lines(report: Report) -> list[str]:
     lines = [f"invocations ({len(report.invocations)}):"]
     for inv in report.invocations:
         name = inv.run_id or "(before run ids)"
+        name += f" shard {inv.shard}" if inv.shard is not None else ""
         lines.append(f"  {name}  {when(inv)}  {invocation_summary(inv)}  {inv.status}")
     return lines
 

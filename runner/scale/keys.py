@@ -111,7 +111,7 @@ def _settings(items: Sequence[str], where: str) -> dict[str, str]:
             number = int(value) if name == "concurrency" else float(value)
         except ValueError:
             raise UsageError(f"{where}: {name} must be a number") from None
-        if number <= 0:
+        if not number > 0:  # NaN too
             raise UsageError(f"{where}: {name} must be positive")
         values[name] = value
     return values
@@ -119,7 +119,7 @@ def _settings(items: Sequence[str], where: str) -> dict[str, str]:
 
 def load_keys(path: Path) -> list[KeySpec]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # an editor's byte-order mark is not the key's
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read --keys-file {path}: {exc.__class__.__name__}") from None
     return parse_keys(text, source=str(path))

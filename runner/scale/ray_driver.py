@@ -94,6 +94,8 @@ class ShardWorker:
                       lambda *failure: messages.append(("failure", *failure)))  # fmt: skip
         hooks = Hooks(stream=ShardLines(shard, relay), handle_signals=False)
         gate = build_gate(config, spec, spend, hooks, slots=slots, level=level)
+        assert gate.lost is not None  # the key's slots held for lost jobs: marked in the actor
+        gate.lost.mark, slots.on_all_lost = slots.hold_lost, gate.lost.stop_all
         tallies: list[Tally] = []
         hooks = replace(hooks, gate=gate, on_tally=tallies.append)
 

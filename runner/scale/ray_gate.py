@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -33,6 +34,7 @@ from runner.execution.ratelimit import AimdState, after_success, after_throttle
 from runner.execution.sharedrate import LEVEL_AIMD
 
 NAMESPACE = "runner"
+_CHECK_EVERY = 25  # refused acquires between asking whether every slot holds a lost job
 Message = tuple[Any, ...]  # ("say", text) or ("failure", reason, row id or None, message)
 
 
@@ -43,6 +45,7 @@ class SlotGate:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.leases: dict[str, tuple[str, float]] = {}  # id -> (holder, expires at)
+        self.lost: set[str] = set()  # leases held for jobs their worker lost contact with
         self.peak = 0
         self.aimd = AimdState(rate_per_s=LEVEL_AIMD.max_rate_per_s)
         self.throttles = 0
@@ -52,6 +55,7 @@ class SlotGate:
         for lease, (_holder, expires) in list(self.leases.items()):
             if expires < now:
                 del self.leases[lease]
+                self.lost.discard(lease)
 
     def acquire(self, holder: str, ttl_s: float) -> str | None:
         self._expire()
@@ -63,9 +67,12 @@ class SlotGate:
         return lease
 
     def adopt(self, holder: str, ttl_s: float) -> list[str]:
-        """The leases ``holder`` (a shard) still holds from a previous worker, renewed."""
+        """The leases ``holder`` (a shard) still holds from a previous worker, renewed (and
+        no longer lost: the new worker re-attaches their jobs or sends others)."""
         self.renew(holder, ttl_s)
-        return [lease for lease, (h, _e) in self.leases.items() if h == holder]
+        adopted = [lease for lease, (h, _e) in self.leases.items() if h == holder]
+        self.lost.difference_update(adopted)
+        return adopted
 
     def renew(self, holder: str, ttl_s: float) -> None:
         self._expire()
@@ -76,6 +83,16 @@ class SlotGate:
 
     def release(self, lease: str) -> None:
         self.leases.pop(lease, None)
+        self.lost.discard(lease)
+
+    def mark_lost(self, lease: str) -> None:
+        if lease in self.leases:
+            self.lost.add(lease)
+
+    def all_lost(self) -> bool:
+        """Whether every slot is held for a lost job: no worker can take one again."""
+        self._expire()
+        return len(self.lost) >= self.limit
 
     def level(self) -> float:
         return self.aimd.rate_per_s
@@ -146,10 +163,16 @@ class ProgressBoard:
 class ActorSlots:
     """:class:`runner.execution.gate.Slots` over a SlotGate actor (polls when all are held)."""
 
-    def __init__(self, gate: Any, holder: str, *, ttl_s: float, poll_s: float = 0.02) -> None:
+    def __init__(
+        self, gate: Any, holder: str, *, ttl_s: float, poll_s: float = 0.02,
+        on_all_lost: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
         self._gate, self._holder, self._ttl_s, self._poll_s = gate, holder, ttl_s, poll_s
         self._held: list[str] = []
         self._spare: list[str] = []  # adopted from this shard's previous worker
+        self._lost: set[str] = set()  # held for jobs we lost contact with
+        # Told when every slot of the key is held for a lost job (LostSlots.stop_all).
+        self.on_all_lost = on_all_lost
 
     async def start(self) -> None:
         self._spare = await self._gate.adopt.remote(self._holder, self._ttl_s)
@@ -158,15 +181,31 @@ class ActorSlots:
         if self._spare:
             self._held.append(self._spare.pop())
             return
+        tries = 0
         while True:
             lease = await self._gate.acquire.remote(self._holder, self._ttl_s)
             if lease is not None:
                 self._held.append(lease)
                 return
+            tries += 1
+            check = self.on_all_lost is not None and tries % _CHECK_EVERY == 0
+            if check and await self._gate.all_lost.remote():
+                assert self.on_all_lost is not None
+                self.on_all_lost()
             await anyio.sleep(self._poll_s)
 
+    def hold_lost(self) -> None:
+        """Mark one held lease as held for a job we lost contact with."""
+        lease = next(lease for lease in reversed(self._held) if lease not in self._lost)
+        self._lost.add(lease)
+        self._gate.mark_lost.remote(lease)
+
     def release(self) -> None:
-        self._gate.release.remote(self._held.pop())
+        """Give back one lease (one not held for a lost job)."""
+        unmarked = [i for i, lease in enumerate(self._held) if lease not in self._lost]
+        lease = self._held.pop(unmarked[-1] if unmarked else -1)
+        self._lost.discard(lease)
+        self._gate.release.remote(lease)
 
     async def renew_forever(self) -> None:
         while True:
@@ -176,7 +215,7 @@ class ActorSlots:
     def close(self) -> None:
         for lease in self._held + self._spare:
             self._gate.release.remote(lease)
-        self._held, self._spare = [], []
+        self._held, self._spare, self._lost = [], [], set()
 
 
 class ActorLevel:

@@ -35,7 +35,7 @@ from runner.config import RunConfig
 from runner.errors import EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_JOBS_FAILED, EXIT_OK, UsageError
 from runner.execution.budget import Caps, Spend
 from runner.execution.engine import Hooks, execute
-from runner.execution.gate import AccountGate, Slots, local_gate
+from runner.execution.gate import AccountGate, LostSlots, Slots, local_gate
 from runner.execution.interrupts import Interrupts, announce
 from runner.execution.lease import FileSlots
 from runner.execution.progress import Progress, Tally
@@ -87,15 +87,18 @@ def build_gate(
     process's own)."""
     keyed = shard_config(config, 0, spec)
     limit = keyed.in_flight_limit
+    lost = LostSlots(limit)
     if config.gate_dir is not None:
         if slots is None:
-            slots = FileSlots(config.gate_dir / spec.fingerprint, limit, sleep=hooks.sleep)
+            slots = FileSlots(config.gate_dir / spec.fingerprint, limit, sleep=hooks.sleep,
+                              on_all_lost=lost.stop_all)  # fmt: skip
+            lost.mark = slots.hold_lost
         if level is None:
             level = FileLevel(config.gate_dir / spec.fingerprint)
     return local_gate(
         fingerprint=spec.fingerprint, slots=slots or anyio.Semaphore(limit), limit=limit,
         concurrency=keyed.concurrency, rate_per_s=keyed.rate_per_s, budget=budget,
-        clock=hooks.clock, sleep=hooks.sleep, level=level,
+        clock=hooks.clock, sleep=hooks.sleep, level=level, lost=lost,
     )  # fmt: skip
 
 
@@ -145,7 +148,9 @@ async def execute_sharded(config: RunConfig, *, hooks: Hooks | None = None) -> R
             tg.start_soon(_show, view, tallies, progress)
             if hooks.handle_signals and interrupts is not None:
                 tg.start_soon(interrupts.from_signals)
-                tg.start_soon(announce, interrupts, lambda: view.in_flight, progress.say)
+                # The shards' jobs in flight now (the view is summed only when it draws).
+                in_flight = lambda: sum(t.in_flight for t in tallies)  # noqa: E731
+                tg.start_soon(announce, interrupts, in_flight, progress.say)
             tg.start_soon(feed.run)
             tg.start_soon(feed.run_count)
             async with anyio.create_task_group() as shards:
