@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from runner.ledger import identity, keyhash, read_folded, status_summary
+from runner.ledger import keyhash, read_folded, status_summary
 from runner.ledger import scan as scan_module
 from runner.ledger.identity import superseded_keys
 from runner.ledger.totals import totals
@@ -64,7 +64,7 @@ def test_rows_sharing_a_hash_are_told_apart_exactly(
         hashes, valid = real(values)
         return np.zeros_like(hashes), valid
 
-    monkeypatch.setattr(identity.keyhash, "text_hashes", one_hash)
+    monkeypatch.setattr(keyhash, "text_hashes", one_hash)  # the module identity reads it from
     assert sorted(superseded_keys(run_dir).to_pylist()) == _expected(run_dir)
 
 
