@@ -198,6 +198,7 @@ def test_a_429_on_one_ray_worker_lowers_the_keys_level(ray_local: None, tmp_path
         report = run_ray(config, workers=4, on_tick=look)
     assert report.exit_code == 0, report.message
     assert seen and max(s["throttles"] for s in seen) >= 1
-    # One gate for the key: every worker's rate follows this level.
-    assert min(s["level"] for s in seen) < 1.0
+    # One gate for the key: every worker's rate follows this level. Its lowest point, not a
+    # sample: at this time scale accepted submits bring it back to 1 between two ticks.
+    assert min(s["lowest"] for s in seen) < 1.0
     assert _gate_is_gone(DEFAULT_KEY)

@@ -49,6 +49,7 @@ class SlotGate:
         self.peak = 0
         self.aimd = AimdState(rate_per_s=LEVEL_AIMD.max_rate_per_s)
         self.throttles = 0
+        self.lowest = self.aimd.rate_per_s  # the lowest level a 429 brought it to
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -100,6 +101,7 @@ class SlotGate:
     def throttle(self) -> float:
         self.throttles += 1
         self.aimd = after_throttle(self.aimd, LEVEL_AIMD, now_s=time.monotonic())
+        self.lowest = min(self.lowest, self.aimd.rate_per_s)
         return self.aimd.rate_per_s
 
     def success(self) -> float:
@@ -109,7 +111,8 @@ class SlotGate:
     def stats(self) -> dict[str, Any]:
         self._expire()
         return {"limit": self.limit, "held": len(self.leases), "peak": self.peak,
-                "level": self.aimd.rate_per_s, "throttles": self.throttles}  # fmt: skip
+                "level": self.aimd.rate_per_s, "lowest": self.lowest,
+                "throttles": self.throttles}  # fmt: skip
 
 
 @ray.remote(num_cpus=0)
