@@ -122,6 +122,29 @@ async def test_a_rerun_settles_what_a_crash_left_unknown(tmp_path: Path) -> None
     assert stats["submits"]["accepted"] == 6 and stats["submits"]["duplicates"] == 0
 
 
+async def test_a_retry_in_a_later_run_never_adopts_an_earlier_attempts_request(
+    tmp_path: Path,
+) -> None:
+    """Attempt 1 is accepted and fails for free (the first run stops there); the next run's
+    retry is accepted but its answer is lost. fal's history lists both under the same
+    payload: the retry's own request is adopted, not attempt 1's failed one (which would
+    fail the job again, send a third submit and pay twice). Seen in the torture chain."""
+    path = manifest(tmp_path, 1)
+    run_dir = tmp_path / "run"
+    faults = parse_faults("fail_runner_disconnected=@1,reset_after_accept=@2")
+    async with emulator(faults=faults) as emu:
+        first = await run(emu, run_config(path, run_dir, max_attempts=1))
+        assert first.tally.failed == 1
+        again = await run(emu, run_config(path, run_dir))
+        stats = emu.snapshot()
+    assert again.exit_code == EXIT_OK and again.tally.reconciled == {"adopted": 1}
+    assert stats["submits"]["accepted"] == 2
+    billed = sum(b["images"] for b in stats["billing"].values())
+    assert billed == 1
+    summary = status_summary(run_dir)
+    assert summary.duplicates_found == 0 and summary.possible_duplicates == 0
+
+
 async def test_an_intent_never_sent_is_resubmitted_safely_after_the_settle_delay(
     tmp_path: Path,
 ) -> None:

@@ -347,8 +347,10 @@ def _left_in_flight(
     run_dir: Path, state: ResumeState
 ) -> tuple[dict[str, JobRecord], dict[str, frozenset[str]]]:
     """Whole records of the jobs an earlier run left in flight (few): URLs and intents; and
-    the requests each already followed."""
-    keys = state.keys_in(_LEFT_IN_FLIGHT)
+    the requests each of those, and each failed job a retry may send again, already
+    followed: fal's history lists them under the same payload, and they are not a new
+    submit's outcome."""
+    keys = state.keys_in(_LEFT_IN_FLIGHT | {JobState.FAILED})
     return dict(state.records), read_requests_seen(run_dir, keys)
 
 

@@ -55,6 +55,9 @@ class Ticket:
     # and what the discarded attempts cost (runner.execution.flagged).
     reroll: int = 0
     reroll_usd: Decimal = Decimal(0)
+    # Requests earlier attempts of this job were accepted under (in the ledger): never
+    # the outcome of this attempt's submit when it is settled from fal's history.
+    followed: frozenset[str] = frozenset()
 
     @property
     def units(self) -> float:

@@ -265,6 +265,7 @@ class Scheduler:
         ticket = Ticket(
             item, est, attempt=max(decision.attempt, 1), reattach=reattach,
             possible_duplicate=decision.possible_duplicate, reconcile=reconcile,
+            followed=self.followed.get(item.job_key, frozenset()),
         )  # fmt: skip
         if not await self._take_slot():
             # Reserved, never sent.

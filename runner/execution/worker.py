@@ -90,7 +90,7 @@ async def run_job(t: Ticket, s: Shared) -> Outcome | None:
 async def _attempts(t: Ticket, s: Shared) -> Outcome:
     attempt, ref = max(t.attempt, 1), t.reattach
     answered = unanswered = 0
-    followed: set[str] = set() if ref is None else {ref.request_id}
+    followed: set[str] = set(t.followed) if ref is None else {*t.followed, ref.request_id}
     if t.reconcile is not None:
         # An earlier run's submit of unknown outcome: fal's history says what it became.
         intent = await _with_fingerprint(t, s, t.reconcile)
