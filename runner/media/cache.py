@@ -137,21 +137,8 @@ class OutputCache:
     ) -> bool:
         """File a flag mark under ``key``: that request's output was flagged. True when this
         call filled it (False: an entry is there already). Blocking: call it in a thread."""
-        final = self._folder(key)
-        if (final / ENTRY).is_file():
-            return False
-        tmp_root = self.root / "tmp"
-        tmp_root.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f"{key[:16]}.", dir=tmp_root))
-        try:
-            entry: dict[str, object] = {
-                "endpoint": endpoint, "seed": seed, "source_run": self.run_dir,
-                "source_request": request_id, "files": [], "flagged": True,
-            }  # fmt: skip
-            _write_new(work / ENTRY, json.dumps(entry, sort_keys=True).encode())
-            return publish(work, final)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        head = {"endpoint": endpoint, "seed": seed, "source_request": request_id}
+        return self._file(key, head, [], flagged=True)
 
     def store(
         self,
@@ -170,6 +157,22 @@ class OutputCache:
         paths = [Path(o.local_path) if o.local_path else None for o in outputs]
         if not outputs or any(p is None or not p.is_file() for p in paths):
             return False
+        head = {"endpoint": endpoint, "seed": seed, "source_request": request_id}
+        files = [(path, o) for path, o in zip(paths, outputs, strict=True) if path is not None]
+        if not self._file(key, head, files):
+            return False
+        self.stored += 1
+        return True
+
+    def _file(
+        self,
+        key: str,
+        head: Mapping[str, object],
+        files: Sequence[tuple[Path, OutputImage]],
+        *,
+        flagged: bool = False,
+    ) -> bool:
+        """Write an entry whole in a fresh folder under tmp/ and rename it into place."""
         final = self._folder(key)
         if (final / ENTRY).is_file():
             return False
@@ -177,22 +180,15 @@ class OutputCache:
         tmp_root.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f"{key[:16]}.", dir=tmp_root))
         try:
-            files = [
-                self._put(work, i, path, output)
-                for i, (path, output) in enumerate(zip(paths, outputs, strict=True))
-                if path is not None
-            ]
-            entry = {
-                "endpoint": endpoint, "seed": seed, "source_run": self.run_dir,
-                "source_request": request_id, "files": [asdict(f) for f in files],
-            }  # fmt: skip
+            put = [self._put(work, i, path, output) for i, (path, output) in enumerate(files)]
+            entry: dict[str, object] = {**head, "source_run": self.run_dir,
+                                        "files": [asdict(f) for f in put]}  # fmt: skip
+            if flagged:
+                entry["flagged"] = True
             _write_new(work / ENTRY, json.dumps(entry, sort_keys=True).encode())
-            if not publish(work, final):
-                return False
+            return publish(work, final)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        self.stored += 1
-        return True
 
     @staticmethod
     def _put(work: Path, index: int, source: Path, output: OutputImage) -> CachedFile:
