@@ -13,7 +13,7 @@ import pytest
 from runner.config import build_config
 from runner.emulator import parse_faults
 from runner.endpoints.cost import ACCOUNT_PRICE_SOURCE
-from runner.errors import EXIT_OK, UsageError
+from runner.errors import EXIT_BUDGET, EXIT_OK, UsageError
 from runner.execution.reconcile import Absent, Adopt, Intent, matches, settle_from
 from runner.fal.history import HistoryItem
 from runner.ledger import Ledger, status_summary
@@ -169,6 +169,59 @@ async def test_an_intent_never_sent_is_resubmitted_safely_after_the_settle_delay
     record = LedgerState.load(run_dir).get(job.job_key)
     assert record is not None and record.reconciled == "resubmitted_safe"
     assert not record.possible_duplicate
+
+
+async def test_a_budget_stop_still_settles_what_earlier_runs_left_unknown(
+    tmp_path: Path,
+) -> None:
+    """The rerun's budget is reached at its first new row, before admission reaches the
+    job a crash left unknown (accepted and billed by fal). Admission goes on for that job
+    alone: fal's history shows it, so it is followed to completion; nothing new is sent.
+    It used to stay unsettled, billed on fal but not on the ledger (seen with shards)."""
+    path = manifest(tmp_path, 3)
+    run_dir = tmp_path / "run"
+    async with emulator(faults=parse_faults("reset_after_accept=@3")) as emu:
+        first = await run(emu, run_config(path, run_dir, on_unknown="skip", concurrency=1))
+        assert first.tally.unknown == 1 and first.tally.completed == 2
+        # New rows ahead of the old ones, and a cap below one job.
+        rows = path.read_text().splitlines()
+        new = [f"n{i},fal-ai/flux-lora,new prompt {i},square,{i}" for i in range(3)]
+        path.write_text("\n".join([rows[0], *new, *rows[1:]]) + "\n")
+        again = await run(emu, run_config(path, run_dir, max_cost_usd=Decimal("0.01")))
+        stats = emu.snapshot()
+    assert again.exit_code == EXIT_BUDGET, again.message
+    assert again.tally.reconciled == {"adopted": 1} and again.tally.completed == 1
+    assert stats["submits"]["accepted"] == 3 and stats["submits"]["duplicates"] == 0
+    billed = sum(b["images"] for b in stats["billing"].values())
+    summary = status_summary(run_dir)
+    assert summary.by_state == {JobState.COMPLETED: 3}
+    assert billed == 3 and summary.spent_usd == 3 * Decimal("0.035")
+
+
+async def test_after_a_budget_stop_an_intent_not_in_the_history_is_left_unsent(
+    tmp_path: Path,
+) -> None:
+    """Settling after the budget is reached never sends: an intent fal's history does not
+    show stays as it was, for a rerun with budget to send."""
+    path = manifest(tmp_path, 2)
+    run_dir = tmp_path / "run"
+    job = list(manifest_jobs(path).values())[1]
+    with Ledger.open(run_dir) as ledger:
+        ledger.append(LedgerEvent(
+            job.job_key, JobState.SUBMITTING, datetime.now(UTC) - timedelta(seconds=5),
+            attempt=1, row_id=job.row_id, endpoint=job.endpoint,
+            payload_sha256=payload_fingerprint(job.payload),
+        ))  # fmt: skip
+        ledger.commit_sync()
+    async with emulator() as emu:
+        config = run_config(path, run_dir, reconcile_after_s=1.0, max_cost_usd=Decimal("0.01"))
+        report = await run(emu, config)
+        stats = emu.snapshot()
+    assert report.exit_code == EXIT_BUDGET, report.message
+    assert stats["submits"]["accepted"] == 0
+    assert report.tally.left == 1 and not report.tally.reconciled
+    record = LedgerState.load(run_dir).get(job.job_key)
+    assert record is not None and record.state is JobState.SUBMITTING
 
 
 async def test_a_request_listed_late_is_still_found_within_the_settle_delay(

@@ -75,4 +75,5 @@ async def judge(
     if cost is None:
         return kept, t  # the budget refused another roll: the last output stands
     # The next roll was admitted by this run's budget, whatever admitted the job.
-    return None, replace(t, reroll=t.reroll + 1, reroll_usd=t.reroll_usd + cost, reattach=None)
+    rolled = replace(t, reroll=t.reroll + 1, reroll_usd=t.reroll_usd + cost)
+    return None, replace(rolled, reattach=None, settle_only=False)

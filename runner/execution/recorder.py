@@ -58,6 +58,15 @@ class Ticket:
     # Requests earlier attempts of this job were accepted under (in the ledger): never
     # the outcome of this attempt's submit when it is settled from fal's history.
     followed: frozenset[str] = frozenset()
+    # Admitted after the budget was reached: an earlier run's submit of unknown outcome,
+    # settled from fal's history and followed if found there; never sent again this run.
+    settle_only: bool = False
+
+    @property
+    def earlier(self) -> bool:
+        """Admitted under an earlier run's budget (re-attached, or settled only): it counts
+        toward ``--max-total-cost``, not ``--max-cost``; a new submit is left to a rerun."""
+        return self.reattach is not None or self.settle_only
 
     @property
     def units(self) -> float:
@@ -310,6 +319,13 @@ class Recorder:
         self.tally.note("lost_contact", f"{t.job.row_id}: {message}")
         self.say(f"{t.job.row_id}: {message}; it is re-attached next run")
 
+    def unsettled(self, t: Ticket, why: str) -> None:
+        """A settle-only job fal's history could not show as accepted: nothing is sent, its
+        ledger record stays as the earlier run left it, and a rerun settles it again."""
+        self._settle(t, Decimal(0))
+        self.tally.left += 1
+        self.tally.note("left_unsettled", f"{t.job.row_id}: {why}")
+
     def _settle(self, t: Ticket, actual: Decimal | None) -> None:
-        self.budget.settle(t.estimate.usd, actual, reattached=t.reattach is not None)
+        self.budget.settle(t.estimate.usd, actual, reattached=t.earlier)
         self.tally.spent_usd += actual or Decimal(0)

@@ -149,6 +149,10 @@ class Scheduler:
             max_attempts=config.max_attempts,
         )
         self.stop_admitting = anyio.Event()
+        # After the budget is reached: only the jobs earlier runs left in flight (not seen
+        # in the manifest yet) are admitted, each costing nothing new.
+        self.settling = False
+        self._unsettled = set(self.records)
         self.stopped_reason: str | None = None
         self.interrupted = False
         # The key's in-flight slots: this run's own, or an account gate's shared ones.
@@ -196,11 +200,32 @@ class Scheduler:
                 for item in batch:
                     if self.stop_admitting.is_set():
                         return
+                    if self.settling and not self._unsettled:
+                        return
+                    if self.settling and not self._left_unsettled(item):
+                        continue
                     if not await self._admit_one(item, tg, shared):
                         return
         finally:
+            if self.settling:
+                self.stop()
             unwatch()
             self.source.close()
+
+    def _left_unsettled(self, item: Job | RowError) -> bool:
+        return isinstance(item, Job) and item.job_key in self._unsettled
+
+    def _budget_reached(self) -> bool:
+        """No new spend from now on. Admission goes on, spending nothing new, only for the
+        jobs earlier runs left in flight: re-attached, or settled from fal's history."""
+        if not self.settling:
+            self.settling = True
+            n = len(self._unsettled)
+            left = f" and the {n} left in flight by earlier runs" if n else ""
+            self.progress.say(
+                f"budget reached: {self.budget.reason}; finishing jobs in flight{left}"
+            )
+        return True
 
     def _storage_stop(self) -> bool:
         """Stop paying for outputs the local disk cannot keep."""
@@ -224,6 +249,7 @@ class Scheduler:
             self.ledger.append(invalid_event(item, utcnow()))
             self.tally.bad_row([str(p) for p in item.problems])
             return True
+        self._unsettled.discard(item.job_key)
         decision = decide(self.state.brief(item.job_key), self.policy)
         if decision.action is Action.SKIP:
             self._skipped(item, decision.reason)
@@ -246,26 +272,26 @@ class Scheduler:
         if self.prober is not None:
             await self.prober.probe(item)
         est = self.estimate(item)
-        reattach, reconcile = None, None
+        reattach, reconcile, settle_only = None, None, False
         if decision.action is Action.REATTACH:
             assert decision.request_id is not None
             reattach = self._where(item, decision.request_id, s)
             self.budget.reserve_committed(est.usd)
-        elif decision.action is Action.RECONCILE and not await self.budget.admit(est.usd):
-            return self._budget_stop()
         elif decision.action is Action.RECONCILE:
             reconcile = self._intent(item)
-        elif not await self.budget.admit(est.usd):
-            self.progress.say(f"budget reached: {self.budget.reason}; finishing jobs in flight")
-            self.stop()
-            return False
+            if self.settling or not await self.budget.admit(est.usd):
+                # Found in fal's history, it was accepted (and billed) already: followed.
+                settle_only = self._budget_reached()
+                self.budget.reserve_committed(est.usd)
+        elif self.settling or not await self.budget.admit(est.usd):
+            return self._budget_reached()
         if decision.possible_duplicate:
             self.tally.possible_duplicates += 1
             self.tally.possible_duplicate_usd += est.usd or Decimal(0)
         ticket = Ticket(
             item, est, attempt=max(decision.attempt, 1), reattach=reattach,
             possible_duplicate=decision.possible_duplicate, reconcile=reconcile,
-            followed=self.followed.get(item.job_key, frozenset()),
+            followed=self.followed.get(item.job_key, frozenset()), settle_only=settle_only,
         )  # fmt: skip
         if not await self._take_slot():
             # Reserved, never sent.
@@ -281,11 +307,6 @@ class Scheduler:
         if pending is not None and pending.must_read(job_key):
             return await anyio.to_thread.run_sync(pending.pop, job_key)
         return pending.pop(job_key) if pending is not None else None
-
-    def _budget_stop(self) -> bool:
-        self.progress.say(f"budget reached: {self.budget.reason}; finishing jobs in flight")
-        self.stop()
-        return False
 
     def _where(self, item: Job, request_id: str, s: Shared) -> RequestRef:
         """Where an earlier run's request lives: the URLs its acknowledgement gave, verbatim,

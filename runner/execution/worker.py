@@ -76,7 +76,8 @@ ZERO = Decimal(0)
 
 async def run_job(t: Ticket, s: Shared) -> Outcome | None:
     """Drive one job to an outcome, recording every step; None if an interrupt stopped it
-    before it sent anything."""
+    before it sent anything, or if it was only to be settled and fal's history did not
+    show it accepted (the budget is reached: nothing new is sent)."""
     try:
         limiter = s.endpoint_limits.get(t.job.endpoint)
         if limiter is None:
@@ -87,7 +88,7 @@ async def run_job(t: Ticket, s: Shared) -> Outcome | None:
         return None
 
 
-async def _attempts(t: Ticket, s: Shared) -> Outcome:
+async def _attempts(t: Ticket, s: Shared) -> Outcome | None:
     attempt, ref = max(t.attempt, 1), t.reattach
     answered = unanswered = 0
     followed: set[str] = set(t.followed) if ref is None else {*t.followed, ref.request_id}
@@ -98,6 +99,8 @@ async def _attempts(t: Ticket, s: Shared) -> Outcome:
             await s.recorder.record(t, attempt, intent, final=True)
             return intent
         t, ref = await _settle(t, s, attempt, intent)
+        if ref is None and t.settle_only:
+            return None
     while True:
         slot, cached = None, None
         if ref is None and s.reuse is not None:
@@ -138,7 +141,7 @@ async def _attempts(t: Ticket, s: Shared) -> Outcome:
         limit = s.config.max_attempts
         # A re-attached job was admitted by an earlier run's budget: a new submit of it is
         # new spend, which only admission may allow, so it is left to the next run.
-        final = not retry or answered >= limit or unanswered >= limit or t.reattach is not None
+        final = not retry or answered >= limit or unanswered >= limit or t.earlier
         await s.recorder.record(t, attempt, outcome, final=final)
         if final:
             return outcome
@@ -174,6 +177,10 @@ async def _settle(
         ref = s.client.urls_for(t.job.endpoint, settled.item.request_id)
         await s.recorder.adopted(t, attempt, ref, settled.duplicates)
         return replace(t, reconcile=None), ref
+    if t.settle_only:  # the budget is reached: nothing new is sent
+        s.recorder.unsettled(t, f"unknown submit outcome ({describe(settled)}); the budget "
+                             "is reached, so it is settled again by a rerun")  # fmt: skip
+        return t, None
     if isinstance(settled, Absent):
         s.tally.reconciled["resubmitted_safe"] += 1
         return replace(t, reconcile=None, reconciled="resubmitted_safe"), None
