@@ -40,7 +40,6 @@ from runner.errors import (
     RunnerError,
     UsageError,
 )
-from runner.fal.urls import FAL_QUEUE_URL
 from runner.options import add_options
 from runner.options.export import add_dataset_args
 
@@ -120,8 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cancel", help="cancel the remote requests still in flight")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--keys-file", type=Path, metavar="FILE",
-                   help="a sharded run's keys: each shard cancels with its own")  # fmt: skip
-    p.add_argument("--queue-url", default=FAL_QUEUE_URL)
+                   help="keys to find the one that submitted among (a sharded run: each "
+                        "shard cancels with its own)")  # fmt: skip
+    p.add_argument("--queue-url", default=None,
+                   help="the queue to ask (default: the one the run used)")  # fmt: skip
     p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("emulator", help="the local fal queue emulator")

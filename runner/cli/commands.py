@@ -315,29 +315,26 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     import anyio
 
     from runner.config import key_from_env
-    from runner.execution.cancel import cancel_in_flight
-    from runner.scale.cancel import cancel_sharded
+    from runner.scale.cancel import cancel_run, cancel_sharded
     from runner.scale.keys import KeySpec, load_keys
     from runner.scale.layout import recorded_shards
 
+    # Both are checked now, before anything is sent; used only if something is in flight.
     key = key_from_env(os.environ)
+    env = [KeySpec.of(key)] if key else []
+    listed = load_keys(args.keys_file) if args.keys_file else []
     if recorded_shards(args.run_dir) is not None:
         # Each shard with the key that submitted it: from --keys-file, else FAL_KEY.
-        keys = load_keys(args.keys_file) if args.keys_file else [KeySpec.of(key)] if key else []
-        if not keys:
-            raise UsageError("FAL_KEY is not set (or give --keys-file)")
+        keys = listed or env
         outcome = anyio.run(
             lambda: cancel_sharded(args.run_dir, queue_url=args.queue_url, keys=keys)
         )
-    elif key is None:
-        raise UsageError("FAL_KEY is not set")
     else:
-        outcome = anyio.run(
-            lambda: cancel_in_flight(args.run_dir, queue_url=args.queue_url, key=key)
-        )
+        keys = env + listed
+        outcome = anyio.run(lambda: cancel_run(args.run_dir, queue_url=args.queue_url, keys=keys))
     for line in outcome.lines():
         print(line)
-    return EXIT_OK
+    return outcome.exit_code
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
