@@ -108,7 +108,20 @@ class FalError(RunnerError):
 
 
 class AuthError(FalError):
-    """The service refused the key (401/403). The key itself is never included."""
+    """The service refused the key (401/403). The key itself is never included.
+
+    The message ends by saying which key to check: ``FAL_KEY`` unless :meth:`naming` names
+    another (a keys file's line and the key's fingerprint).
+    """
+
+    def __init__(self, message: str, *, key_name: str = "FAL_KEY") -> None:
+        self.refusal = message
+        self.key_name = key_name
+        super().__init__(f"{message} (check {key_name})")
+
+    def naming(self, key_name: str) -> AuthError:
+        """The same refusal, saying to check ``key_name`` (never the key itself)."""
+        return AuthError(self.refusal, key_name=key_name)
 
 
 class TransportError(FalError):

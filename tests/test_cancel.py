@@ -184,3 +184,19 @@ async def test_a_sharded_cancel_goes_on_past_a_shard_whose_key_is_missing(tmp_pa
 def test_the_outcome_fails_when_any_cancel_failed() -> None:
     assert CancelOutcome(in_flight=3, cancelled=3).exit_code == EXIT_OK
     assert CancelOutcome(in_flight=3, cancelled=2, failed=1).exit_code == EXIT_JOBS_FAILED
+
+
+async def test_a_refused_key_from_a_keys_file_is_named_by_its_line(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_run_meta(run_dir, {"shards": 1})
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"{STRANGER}\n")
+    async with served() as (_accounts, url):
+        await in_flight(url, KEY_A, shard_dir(run_dir, 0), 2,
+                        key_fingerprint=fingerprint(STRANGER))  # fmt: skip
+        outcome = await cancel_sharded(run_dir, keys=parse_keys(keys.read_text(), source=str(keys)))
+    assert (outcome.in_flight, outcome.failed) == (2, 2)
+    [error] = outcome.errors
+    assert f"(check the key on {keys} line 1, {fingerprint(STRANGER)})" in error, error
+    assert "FAL_KEY" not in error and not any(s in error for s in SECRETS)

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runner.errors import UsageError
+from runner.errors import AuthError, UsageError
 from runner.execution.engine import Hooks
 from runner.fal.key import fingerprint
 from runner.ledger.meta import read_run_meta
@@ -110,3 +110,35 @@ async def test_two_keys_each_held_to_their_own_limit(tmp_path: Path) -> None:
         if file.is_file():
             data = file.read_bytes()
             assert b"aaaaaaaaaaaa" not in data and b"bbbbbbbbbbbb" not in data, file
+
+
+async def test_a_refused_key_from_a_keys_file_is_named_by_its_line_never_as_fal_key(
+    tmp_path: Path,
+) -> None:
+    path = manifest(tmp_path, 4)
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"# two keys, the second unknown to the account\n{KEY_A}\n{KEY_B}\n")
+    config = run_config(path, tmp_path / "run", shards=2, keys_file=keys, download=False,
+                        key=None)  # fmt: skip
+    accounts = Accounts({KEY_A: 1}, time_scale=0.01)  # KEY_B: 401
+    hooks = Hooks(
+        transport=httpx.ASGITransport(app=accounts.app), stream=io.StringIO(),
+        handle_signals=False, policies=FAST_POLICIES,
+    )  # fmt: skip
+    async with accounts.running():
+        with pytest.raises(BaseExceptionGroup) as caught:
+            await execute_sharded(config, hooks=hooks)
+    refused = caught.value.subgroup(AuthError)
+    assert refused is not None
+    message = str(_leaves(refused)[0])
+    assert f"(check the key on {keys} line 3, {fingerprint(KEY_B)})" in message, message
+    assert "FAL_KEY" not in message
+    assert "bbbbbbbbbbbb" not in message and "bravo-key" not in message
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    return [
+        leaf
+        for exc in group.exceptions
+        for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    ]

@@ -35,9 +35,10 @@ from runner.ledger.meta import read_run_meta
 from runner.ledger.schema import JobState, LedgerEvent, utcnow
 from runner.ledger.store import Ledger
 
-# The key to cancel with, asked for only when something is in flight; raises UsageError
-# when the key that submitted is not at hand.
-KeyChoice = Callable[[], SecretStr]
+# The key to cancel with and how to name it in a message (never the key: "FAL_KEY", a keys
+# file's line), asked for only when something is in flight; raises UsageError when the key
+# that submitted is not at hand.
+KeyChoice = Callable[[], tuple[SecretStr, str]]
 _ERRORS_SHOWN = 20
 
 
@@ -142,7 +143,11 @@ async def cancel_in_flight(
         if url is None:
             url = await anyio.to_thread.run_sync(recorded_queue_url, run_dir)
         try:
-            secret = key if isinstance(key, SecretStr) else await anyio.to_thread.run_sync(key)
+            secret, name = (
+                (key, "FAL_KEY")
+                if isinstance(key, SecretStr)
+                else await anyio.to_thread.run_sync(key)
+            )
         except UsageError as exc:
             outcome.failed = len(jobs)
             outcome.errors.append(str(exc))
@@ -161,7 +166,7 @@ async def cancel_in_flight(
                 except AuthError as exc:
                     left = len(jobs) - done
                     outcome.failed += left
-                    outcome.errors.append(f"{exc} ({left} cancels not tried with it)")
+                    outcome.errors.append(f"{exc.naming(name)} ({left} cancels not tried with it)")
                     break
                 except FalError as exc:
                     outcome.failed += 1

@@ -322,7 +322,7 @@ class QueueClient:
         request_id = response.headers.get(REQUEST_ID_HEADER)
         where = f"{method} {url}: HTTP {code}"
         if code in (401, 403):
-            raise AuthError(f"{where}: the queue refused the key (check FAL_KEY)")
+            raise AuthError(f"{where}: the queue refused the key")
         if code == 504 and response.headers.get(TIMEOUT_TYPE_HEADER) and not allow_timeout_type:
             raise ProtocolError(f"{where} with X-Fal-Request-Timeout-Type outside a result")
         body = self._redact(response.text)[:BODY_LIMIT]

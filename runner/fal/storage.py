@@ -216,7 +216,7 @@ class StorageClient:
         code = response.status_code
         where = f"{method} {_short(url)}: HTTP {code}"
         if code in (401, 403):
-            raise AuthError(f"{where}: storage refused the key (check FAL_KEY)")
+            raise AuthError(f"{where}: storage refused the key")
         body = self._redact(response.text)[:2000]
         snippet = " ".join(body[:200].split())
         raise HTTPStatusError(f"{where}: {snippet}", status_code=code, body=body)

@@ -50,7 +50,7 @@ async def cancel_run(
 ) -> CancelOutcome:
     """Cancel an unsharded run directory's in-flight requests with the key that submitted."""
     return await cancel_in_flight(
-        run_dir, key=lambda: key_for_run(run_dir, keys).key, queue_url=queue_url,
+        run_dir, key=lambda: _named(key_for_run(run_dir, keys)), queue_url=queue_url,
         transport=transport, policies=policies,
     )  # fmt: skip
 
@@ -82,7 +82,11 @@ async def cancel_sharded(
 
 def _shard_key(
     shard: int, keys: Sequence[KeySpec], recorded: Mapping[int, str | None]
-) -> SecretStr:
+) -> tuple[SecretStr, str]:
     if not keys:
         raise UsageError("FAL_KEY is not set (or give --keys-file)")
-    return key_for_shard(shard, keys, recorded).key
+    return _named(key_for_shard(shard, keys, recorded))
+
+
+def _named(spec: KeySpec) -> tuple[SecretStr, str]:
+    return spec.key, spec.name

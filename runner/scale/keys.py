@@ -37,18 +37,34 @@ _SETTINGS = ("concurrency", "rate")
 
 @dataclass(frozen=True, slots=True)
 class KeySpec:
-    """One key and its limits. Its repr shows the fingerprint, never the key."""
+    """One key and its limits. Its repr shows the fingerprint, never the key.
+
+    ``source`` is where it was read (``keys.txt line 3``), None for ``FAL_KEY``.
+    """
 
     key: SecretStr
     fingerprint: str
     concurrency: int | None = None
     rate_per_s: float | None = None
+    source: str | None = None
 
     @classmethod
     def of(
-        cls, key: SecretStr, *, concurrency: int | None = None, rate_per_s: float | None = None
+        cls,
+        key: SecretStr,
+        *,
+        concurrency: int | None = None,
+        rate_per_s: float | None = None,
+        source: str | None = None,
     ) -> KeySpec:
-        return cls(key, fingerprint(key), concurrency, rate_per_s)
+        return cls(key, fingerprint(key), concurrency, rate_per_s, source)
+
+    @property
+    def name(self) -> str:
+        """How a message names this key: where it was read and its fingerprint, never it."""
+        if self.source is None:
+            return "FAL_KEY"
+        return f"the key on {self.source}, {self.fingerprint}"
 
     def __repr__(self) -> str:
         return (
@@ -88,6 +104,7 @@ def parse_keys(text: str, *, source: str = "keys file") -> list[KeySpec]:
             SecretStr(key),
             concurrency=int(values["concurrency"]) if "concurrency" in values else None,
             rate_per_s=float(values["rate"]) if "rate" in values else None,
+            source=where,
         )
         if spec.fingerprint in seen:
             raise UsageError(f"{where}: the same key is listed twice")
@@ -148,22 +165,22 @@ def find_key(ref: KeyRef, *, environ: Mapping[str, str], keys_file: Path | None)
     None matching is a UsageError naming the fingerprint and what was looked at, never a key.
     """
     looked: list[str] = []
-    candidates: list[SecretStr] = []
+    candidates: list[KeySpec] = []
     env_key = key_from_env(environ)
     looked.append("FAL_KEY (not set)" if env_key is None else "FAL_KEY (another key)")
     if env_key is not None:
-        candidates.append(env_key)
+        candidates.append(KeySpec.of(env_key))
     if keys_file is not None:
         try:
             listed = load_keys(keys_file)
         except UsageError as exc:
             looked.append(f"--keys-file ({exc})")
         else:
-            candidates.extend(spec.key for spec in listed)
+            candidates.extend(listed)
             looked.append(f"--keys-file {keys_file} ({len(listed)} keys, none of them it)")
-    for key in candidates:
-        if fingerprint(key) == ref.fingerprint:
-            return KeySpec(key, ref.fingerprint, ref.concurrency, ref.rate_per_s)
+    for spec in candidates:
+        if spec.fingerprint == ref.fingerprint:
+            return KeySpec(spec.key, ref.fingerprint, ref.concurrency, ref.rate_per_s, spec.source)
     raise UsageError(
         f"this machine has no key with fingerprint {ref.fingerprint} (looked at "
         f"{'; '.join(looked)}): keys never travel with the work, so set FAL_KEY or "

@@ -32,7 +32,14 @@ import anyio.to_thread
 import httpx
 
 from runner.config import RunConfig
-from runner.errors import EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_JOBS_FAILED, EXIT_OK, UsageError
+from runner.errors import (
+    EXIT_BUDGET,
+    EXIT_INTERRUPTED,
+    EXIT_JOBS_FAILED,
+    EXIT_OK,
+    AuthError,
+    UsageError,
+)
 from runner.execution.budget import Caps, Spend
 from runner.execution.engine import Hooks, execute
 from runner.execution.gate import AccountGate, LostSlots, Slots, local_gate
@@ -141,7 +148,10 @@ async def execute_sharded(config: RunConfig, *, hooks: Hooks | None = None) -> R
             stream=ShardLines(shard, relay), on_tally=tallies.append, jobs=feed.source(shard),
             ssl_context=tls, commits=commits,
         )  # fmt: skip
-        reports[shard] = await execute(shard_config(config, shard, spec), hooks=shard_hooks)
+        try:
+            reports[shard] = await execute(shard_config(config, shard, spec), hooks=shard_hooks)
+        except AuthError as exc:
+            raise exc.naming(spec.name) from None  # the keys file's line, not FAL_KEY
 
     try:
         async with anyio.create_task_group() as tg:
