@@ -43,6 +43,12 @@ def test_keys_file_lines_with_settings_and_comments() -> None:
         (f"{KEY_A} concurrency=0\n", "line 1: concurrency must be positive"),
         (f"{KEY_A} rate=nan\n", "line 1: rate must be positive"),  # was a ValueError later
         ("a:b:c\n", "line 1 has a colon but is not of the form id:secret"),
+        # Lines for a shell or a .env file: refused, not taken as the key "FAL_KEY=alpha..."
+        (f"FAL_KEY={KEY_A}\n", "line 1 looks like a variable assignment"),
+        (f"# keys\nexport FAL_KEY={KEY_A}\n", "line 2 looks like a variable assignment"),
+        (f'FAL_KEY="{KEY_A}" concurrency=2\n', "line 1 looks like a variable assignment"),
+        (f'"{KEY_A}"\n', "line 1: the key is in quotes"),
+        (f"'{KEY_A}' rate=2\n", "line 1: the key is in quotes"),
     ],
 )
 def test_a_bad_keys_file_names_the_line_never_the_key(text: str, message: str) -> None:

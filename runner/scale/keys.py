@@ -1,7 +1,8 @@
 """``--keys-file``: several fal keys, each with its own limits, and which shard uses which.
 
 The file holds one key per line; after the key, optional ``name=value`` settings separated
-by spaces; blank lines and lines starting with ``#`` are ignored::
+by spaces; blank lines and lines starting with ``#`` are ignored. A line written for a shell
+or a .env file (``FAL_KEY=...``, ``export ...``, a quoted key) is refused, naming the line::
 
     # key                                       settings
     0f1e...:9a8b...                             concurrency=8
@@ -96,7 +97,7 @@ def parse_keys(text: str, *, source: str = "keys file") -> list[KeySpec]:
             continue
         key, *settings = line.split()
         where = f"{source} line {number}"
-        problem = key_problem(key, name=f"the key on {where}")
+        problem = _not_a_bare_key(key, where) or key_problem(key, name=f"the key on {where}")
         if problem:
             raise UsageError(problem)
         values = _settings(settings, where)
@@ -113,6 +114,20 @@ def parse_keys(text: str, *, source: str = "keys file") -> list[KeySpec]:
     if not specs:
         raise UsageError(f"{source} holds no key")
     return specs
+
+
+def _not_a_bare_key(first: str, where: str) -> str | None:
+    """A line written for a shell or a .env file (``FAL_KEY=id:secret``, ``export ...``, a
+    quoted key) is refused rather than guessed at: which part is the key is the user's to
+    say, and a wrong guess is a key sent where it should not be. Never echoes the line."""
+    if first == "export" or "=" in first:
+        return (
+            f"{where} looks like a variable assignment (NAME=...): write the key alone at the "
+            "start of the line (what follows FAL_KEY=, without quotes), then any settings"
+        )
+    if first[0] in "\"'" or first[-1] in "\"'":
+        return f"{where}: the key is in quotes: write it without them"
+    return None
 
 
 def _settings(items: Sequence[str], where: str) -> dict[str, str]:
