@@ -12,11 +12,13 @@ import pytest
 from runner.errors import AuthError, UsageError
 from runner.execution.engine import Hooks
 from runner.fal.key import fingerprint
-from runner.ledger.meta import read_run_meta
+from runner.ledger.meta import read_run_meta, write_run_meta
+from runner.ledger.schema import JobState, LedgerEvent, utcnow
+from runner.ledger.store import Ledger
 from runner.scale.cancel import cancel_sharded
 from runner.scale.keys import KeySpec, key_for_shard, load_keys, parse_keys
-from runner.scale.layout import shard_dir
-from runner.scale.shards import execute_sharded
+from runner.scale.layout import in_flight_count, shard_dir
+from runner.scale.shards import execute_sharded, prepare
 from tests.accounts_support import Accounts
 from tests.scenario import FAST_POLICIES, manifest, run_config
 
@@ -148,3 +150,71 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
         for exc in group.exceptions
         for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
     ]
+
+
+def _record(directory: Path, key: str, state: JobState) -> None:
+    """A shard's ledger with one job in ``state``, and run.json naming ``key``'s fingerprint."""
+    with Ledger.open(directory) as ledger:
+        rid = None if state in (JobState.SUBMITTING, JobState.UNKNOWN) else "r"
+        ledger.append(LedgerEvent(job_key="j", state=state, at=utcnow(), endpoint="fal-ai/x",
+                                  request_id=rid))  # fmt: skip
+        ledger.commit_sync()
+    write_run_meta(directory, {"key_fingerprint": fingerprint(key)})
+
+
+@pytest.mark.parametrize("state", [JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED])
+def test_a_rerun_without_a_recorded_key_goes_on_when_nothing_of_it_is_in_flight(
+    tmp_path: Path, state: JobState
+) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"{KEY_B}\n")
+    config = run_config(manifest(tmp_path, 2), tmp_path / "run", shards=2, keys_file=keys,
+                        key=None)  # fmt: skip
+    _record(shard_dir(config.run_dir, 0), KEY_A, state)  # key A is gone from the file
+    _record(shard_dir(config.run_dir, 1), KEY_B, JobState.QUEUED)
+    picks, chosen = prepare(config)
+    assert picks == [0, 1]
+    assert [chosen[k].fingerprint for k in picks] == [fingerprint(KEY_B)] * 2
+
+
+@pytest.mark.parametrize(
+    "state", [JobState.QUEUED, JobState.IN_PROGRESS, JobState.SUBMITTING, JobState.UNKNOWN]
+)
+def test_a_rerun_without_a_recorded_key_is_refused_while_its_jobs_are_in_flight(
+    tmp_path: Path, state: JobState
+) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"{KEY_B}\n")
+    config = run_config(manifest(tmp_path, 2), tmp_path / "run", shards=2, keys_file=keys,
+                        key=None)  # fmt: skip
+    _record(shard_dir(config.run_dir, 0), KEY_A, state)
+    with pytest.raises(UsageError, match="1 of its jobs are in flight under it") as caught:
+        prepare(config)
+    assert f"shard 0 was submitted with key {fingerprint(KEY_A)}" in str(caught.value)
+    assert in_flight_count(shard_dir(config.run_dir, 0)) == 1
+    assert in_flight_count(shard_dir(config.run_dir, 1)) == 0  # no ledger yet
+
+
+async def test_a_finished_sharded_run_reruns_with_one_of_its_keys_gone(tmp_path: Path) -> None:
+    path = manifest(tmp_path, 8)
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"{KEY_A}\n{KEY_B}\n")
+    config = run_config(path, tmp_path / "run", shards=2, keys_file=keys, download=False,
+                        key=None)  # fmt: skip
+    accounts = Accounts({KEY_A: 2, KEY_B: 2}, time_scale=0.01)
+    hooks = Hooks(
+        transport=httpx.ASGITransport(app=accounts.app), stream=io.StringIO(),
+        handle_signals=False, policies=FAST_POLICIES,
+    )  # fmt: skip
+    async with accounts.running():
+        first = await execute_sharded(config, hooks=hooks)
+        keys.write_text(f"{KEY_B}\n")  # key A retired: nothing of it is in flight
+        again = await execute_sharded(config, hooks=hooks)
+    assert (first.exit_code, again.exit_code) == (0, 0), again.message
+    assert (
+        sum(accounts.by_key[KEY_A].stats.endings.values())
+        + sum(accounts.by_key[KEY_B].stats.endings.values())
+        == 8
+    )  # the rerun sent nothing again
+    meta = read_run_meta(shard_dir(config.run_dir, 0))
+    assert meta is not None and meta["key_fingerprint"] == fingerprint(KEY_B)

@@ -14,7 +14,8 @@ second (default ``--rate``). Each key is checked like ``FAL_KEY``
 A key is known everywhere else by its fingerprint (:func:`runner.fal.key.fingerprint`).
 
 Shard ``K`` uses key ``K mod len(keys)``, unless its ledger says another key submitted its
-jobs: then it keeps that key, so re-attach and cancel ask with the key that submitted.
+jobs: then it keeps that key, so re-attach and cancel ask with the key that submitted. That
+key missing is refused only while some of the shard's jobs are in flight under it.
 
 A key never travels to another machine (Ray's task arguments pass through its object store,
 which can spill to disk): what travels is a :class:`KeyRef`, the fingerprint and limits, and
@@ -23,7 +24,7 @@ the worker finds the key itself in its own ``FAL_KEY`` or keys file (:func:`find
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,18 +159,32 @@ def load_keys(path: Path) -> list[KeySpec]:
 
 
 def key_for_shard(
-    shard: int, keys: Sequence[KeySpec], recorded: Mapping[int, str | None]
+    shard: int,
+    keys: Sequence[KeySpec],
+    recorded: Mapping[int, str | None],
+    *,
+    in_flight: Callable[[int], int] | None = None,
 ) -> KeySpec:
-    """The key shard ``shard`` runs with: the one its ledger recorded, else by position."""
+    """The key shard ``shard`` runs with: the one its ledger recorded, else by position.
+
+    A recorded key that is not among ``keys`` is refused while ``in_flight(shard)`` counts
+    jobs left in flight under it (to re-attach, settle from its history, or cancel: only that
+    key can); with none (or a count of 0), the shard takes its key by position. Without
+    ``in_flight``, the shard is taken to have some.
+    """
     was = recorded.get(shard)
     if was is None:
         return keys[shard % len(keys)]
     for spec in keys:
         if spec.fingerprint == was:
             return spec
+    left = 1 if in_flight is None else in_flight(shard)
+    if left == 0:  # nothing of that key's to re-attach or cancel: any key will do
+        return keys[shard % len(keys)]
+    held = "" if in_flight is None else f" and {left} of its jobs are in flight under it"
     raise UsageError(
-        f"shard {shard} was submitted with key {was}, which is not among the keys given; "
-        "add it back (its in-flight jobs can only be re-attached or cancelled with it)"
+        f"shard {shard} was submitted with key {was}, which is not among the keys given{held}; "
+        "add it back (its in-flight jobs can only be re-attached, settled or cancelled with it)"
     )
 
 

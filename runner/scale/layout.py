@@ -15,14 +15,20 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from runner import __version__
 from runner.config import RunConfig
 from runner.errors import UsageError
 from runner.ledger.fold import JOURNAL_DIR, LEDGER_DIR, SHARDS_DIR
 from runner.ledger.meta import read_run_meta, write_run_meta
+from runner.ledger.scan import scan_folded
+from runner.ledger.schema import JobState
 
 
 def shard_dir(run_dir: Path, shard: int) -> Path:
@@ -95,4 +101,23 @@ def recorded_keys(run_dir: Path, shards: int) -> dict[int, str | None]:
         meta = read_run_meta(shard_dir(run_dir, k))
         fp = meta.get("key_fingerprint") if meta else None
         found[k] = fp if isinstance(fp, str) else None
+    return found
+
+
+# Jobs whose key must answer for them: re-attached, settled from its request history, or
+# cancelled (a request id, or a submit of unknown outcome).
+_HELD = frozenset({JobState.SUBMITTING, JobState.UNKNOWN, JobState.QUEUED, JobState.IN_PROGRESS})
+
+
+def in_flight_count(run_dir: Path) -> int:
+    """How many of a (shard's) run directory's jobs are in flight, by their latest state;
+    0 when it has no ledger yet. Reads the folded state column only; takes no lock."""
+    if not _has_ledger(run_dir):
+        return 0
+
+    def count(slices: Iterator[pa.Table]) -> int:
+        held = pa.array(sorted(_HELD), pa.string())
+        return sum(pc.sum(pc.is_in(jobs["state"], value_set=held)).as_py() or 0 for jobs in slices)
+
+    found, _ = scan_folded(run_dir, ["state"], count)
     return found

@@ -55,7 +55,7 @@ from runner.execution.summary import RunReport
 from runner.ledger.commits import CommitGroup
 from runner.scale.feed import ManifestFeed
 from runner.scale.keys import KeySpec, key_for_shard, load_keys
-from runner.scale.layout import claim, recorded_keys, shard_dir
+from runner.scale.layout import claim, in_flight_count, recorded_keys, shard_dir
 from runner.scale.shardlog import Relay, ShardLines
 from runner.scale.spending import open_pool
 
@@ -116,7 +116,8 @@ def prepare(config: RunConfig) -> tuple[list[int], dict[int, KeySpec]]:
     keys = run_keys(config)
     picks = [config.shard] if config.shard is not None else list(range(config.shards))
     recorded = recorded_keys(config.run_dir, config.shards)
-    return picks, {k: key_for_shard(k, keys, recorded) for k in picks}
+    left = lambda k: in_flight_count(shard_dir(config.run_dir, k))  # noqa: E731
+    return picks, {k: key_for_shard(k, keys, recorded, in_flight=left) for k in picks}
 
 
 async def execute_sharded(config: RunConfig, *, hooks: Hooks | None = None) -> RunReport:
