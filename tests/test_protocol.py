@@ -15,15 +15,14 @@ from runner.fal.protocol import (
     InProgress,
     LogEntry,
     Queued,
-    SSEParser,
     is_gateway_error,
     is_retryable_error_type,
     parse_ack,
     parse_cancel,
-    parse_event_status,
     parse_retry_after,
     parse_status,
 )
+from runner.fal.sse import SSEParser, parse_event_status
 
 LOG = {
     "message": "step 3/28",

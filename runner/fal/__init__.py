@@ -1,6 +1,8 @@
 """fal's wire, and nothing else: the queue protocol, storage, webhooks.
 
     protocol   typed wire models of fal's queue, parsed at the boundary
+    sse        the status stream: an incremental server-sent-events parser
+    paths      a request's URLs from its endpoint and request ids
     transport  httpcore's pool behind httpx's transport interface; per-call timeouts
     client     ``QueueClient``: one HTTP call per method
     retry      the one retry policy: pure classifier, pure backoff, one loop

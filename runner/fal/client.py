@@ -22,7 +22,6 @@ removed, with its parts, from any server or library text copied into an error
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import aclosing, asynccontextmanager, contextmanager
@@ -37,6 +36,7 @@ from runner.errors import AuthError, HTTPStatusError, ProtocolError, TransportEr
 from runner.fal.calls import Caller
 from runner.fal.http1 import Answer
 from runner.fal.key import redactor
+from runner.fal.paths import request_urls, stream_url, submit_url
 from runner.fal.protocol import (
     ERROR_TYPE_HEADER,
     FAL_NOT_READY,
@@ -49,7 +49,6 @@ from runner.fal.protocol import (
     NotReadyAnswer,
     RequestUrls,
     ResultResponse,
-    SSEParser,
     Status,
     SubmitAck,
     body_error_type,
@@ -57,16 +56,14 @@ from runner.fal.protocol import (
     is_stored_result,
     parse_ack,
     parse_cancel,
-    parse_event_status,
     parse_retry_after,
     parse_status,
     peek_verdict,
 )
+from runner.fal.sse import SSEParser, parse_event_status
 from runner.fal.transport import CallTimeouts
 
 BODY_LIMIT = 2000  # characters of an error body kept on HTTPStatusError
-NAMESPACES = frozenset({"workflows", "comfy"})  # ids shaped namespace/owner/app[/path]
-_SEGMENT = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9._~-]*")
 
 
 RequestRef = SubmitAck | RequestUrls
@@ -119,22 +116,12 @@ class QueueClient:
 
     def submit_url(self, endpoint_id: str) -> str:
         """``{queue}/{owner}/{app}[/{path}]``: the full id, sub-path included."""
-        return f"{self._queue}/{'/'.join(_segments(endpoint_id))}"
+        return submit_url(str(self._queue), endpoint_id)
 
     def urls_for(self, endpoint_id: str, request_id: str) -> RequestUrls:
         """Derive a request's URLs from its id alone (owner/app only, no sub-path), to
         re-attach to a request recorded in the ledger without its ack."""
-        parts = _segments(endpoint_id)
-        app = parts[:3] if parts[0] in NAMESPACES else parts[:2]
-        if not _SEGMENT.fullmatch(request_id):
-            raise UsageError(f"not a request id: {request_id!r}")
-        base = f"{self._queue}/{'/'.join(app)}/requests/{request_id}"
-        return RequestUrls(
-            request_id=request_id,
-            status_url=f"{base}/status",
-            response_url=base,
-            cancel_url=f"{base}/cancel",
-        )
+        return request_urls(str(self._queue), endpoint_id, request_id)
 
     # --- calls -----------------------------------------------------------------------
 
@@ -241,7 +228,7 @@ class QueueClient:
         before COMPLETED raises TransportError(sent=True) so the caller reconnects.
         The connection is closed when the ``async with`` block exits.
         """
-        url = self._stream_url(ref.status_url)
+        url = stream_url(ref.status_url)
         self._check_origin(url)
         headers = {**self._calls.headers(), "Accept": "text/event-stream"}
         params = {"logs": "1" if logs else "0"}
@@ -354,19 +341,6 @@ class QueueClient:
                 f"refusing to send the key to {target.scheme}://{target.netloc.decode('ascii')}: "
                 f"not the queue origin {self._origin_prefix.rstrip('/')}"
             )
-
-    @staticmethod
-    def _stream_url(status_url: str) -> str:
-        url = httpx.URL(status_url)
-        return str(url.copy_with(path=url.path.rstrip("/") + "/stream", query=None))
-
-
-def _segments(endpoint_id: str) -> list[str]:
-    parts = endpoint_id.strip("/").split("/")
-    minimum = 3 if parts[0] in NAMESPACES else 2
-    if len(parts) < minimum or not all(_SEGMENT.fullmatch(p) for p in parts):
-        raise UsageError(f"endpoint id must look like owner/app[/path], got {endpoint_id!r}")
-    return parts
 
 
 @dataclass(frozen=True, slots=True)

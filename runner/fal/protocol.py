@@ -2,17 +2,15 @@
 
 Owns: the submit acknowledgement, the three status shapes, the result envelope, the FLUX
 output model, the infrastructure error-type table, the gateway-error heuristic,
-``Retry-After`` parsing and an incremental server-sent-events parser. Everything here is
-pure: no I/O, no clock (callers pass ``now_s``). Unknown extra fields are ignored
+``Retry-After`` parsing (the status stream's parser is :mod:`runner.fal.sse`). Everything
+here is pure: no I/O, no clock (callers pass ``now_s``). Unknown extra fields are ignored
 everywhere; missing required keys and unknown status strings are :class:`ProtocolError`.
 """
 
 from __future__ import annotations
 
-import codecs
 import email.utils
-import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -340,71 +338,3 @@ NOT_SENT_ERRORS: tuple[type[httpx.TransportError], ...] = (
     httpx.PoolTimeout,
     httpx.UnsupportedProtocol,
 )
-
-
-# --- server-sent events -----------------------------------------------------------------
-
-
-class SSEParser:
-    """Incremental server-sent-events parser: feed bytes in any chunking, get ``data`` payloads.
-
-    Follows the WHATWG rules the queue needs: lines end in LF, CRLF or CR; ``:`` lines are
-    comments (keep-alives); ``data`` lines of one event are joined with LF; an event is
-    dispatched on a blank line; ``event``/``id``/``retry`` fields are ignored.
-    """
-
-    def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
-        self._pending = ""
-        self._data: list[str] = []
-        self._skip_lf = False
-
-    def feed(self, chunk: bytes) -> list[str]:
-        """Consume a chunk; return the data of each event completed by it."""
-        try:
-            text = self._decoder.decode(chunk)
-        except UnicodeDecodeError as exc:
-            raise ProtocolError("status stream is not valid UTF-8") from exc
-        return list(self._consume(text))
-
-    def _consume(self, text: str) -> Iterator[str]:
-        if self._skip_lf and text.startswith("\n"):
-            text = text[1:]  # second half of a CRLF split across chunks
-        self._skip_lf = False
-        buf = self._pending + text
-        start = i = 0
-        while i < len(buf):
-            ch = buf[i]
-            if ch == "\r" or ch == "\n":
-                event = self._line(buf[start:i])
-                if event is not None:
-                    yield event
-                if ch == "\r" and i + 1 < len(buf) and buf[i + 1] == "\n":
-                    i += 1
-                elif ch == "\r" and i + 1 == len(buf):
-                    self._skip_lf = True
-                start = i + 1
-            i += 1
-        self._pending = buf[start:]
-
-    def _line(self, line: str) -> str | None:
-        if line == "":
-            if not self._data:
-                return None
-            data, self._data = "\n".join(self._data), []
-            return data
-        if line.startswith(":"):
-            return None
-        name, _, value = line.partition(":")
-        if name == "data":
-            self._data.append(value[1:] if value.startswith(" ") else value)
-        return None
-
-
-def parse_event_status(data: str) -> Status:
-    """Parse one SSE ``data`` payload as a status."""
-    try:
-        obj = json.loads(data)
-    except ValueError as exc:
-        raise ProtocolError("status stream event is not JSON") from exc
-    return parse_status(obj)
