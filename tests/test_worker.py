@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from runner.execution.completion import Watch
-from runner.execution.worker import queue_time_s
+from runner.execution.results import queue_time_s
 from runner.fal.protocol import RequestUrls
 from runner.ledger.state import LedgerState
 from runner.report.data import build_report, load_jobs

@@ -3,6 +3,7 @@
 engine      a run's wiring: ledger lock, HTTP client, strategy, uploads, downloads, one task group
 scheduler   admission: resume decisions, budget, in-flight window, invalid rows, signals
 worker      one job's life: intent, submit, completion, result, record, retries
+results     a finished job's answer as an outcome: read, recovered from history, billed
 completion  poll / stream / webhook strategies
 outcome     pure reading of fal's answers: success, or a failure with type and retryability
 flagged     --flagged keep|reroll|fail: outputs fal's safety checker flagged; re-roll seeds

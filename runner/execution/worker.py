@@ -19,26 +19,20 @@ Attempts: only an attempt the server answered (acknowledged, or refused with a r
 counts toward ``--max-attempts``. One that never reached it keeps its number. A re-roll of a
 flagged output (:mod:`runner.execution.flagged`) is an attempt of its own; a job the cross-run
 cache holds (:mod:`runner.execution.reuse`) is never sent.
+
+A finished job's answer becomes its outcome in :mod:`runner.execution.results`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
-from decimal import Decimal
 from typing import Any
 
 import anyio
 
-from runner.endpoints.cost import billed_cost
 from runner.errors import AuthError, FalError, HTTPStatusError
-from runner.execution.completion import (
-    Finished,
-    ResultIn,
-    StatusIn,
-    Watch,
-    WebhookIn,
-)
+from runner.execution.completion import Finished, Watch, WebhookIn
 from runner.execution.flagged import judge, reseeded
 from runner.execution.outcome import (
     Cached,
@@ -48,30 +42,19 @@ from runner.execution.outcome import (
     Failure,
     Lost,
     Outcome,
-    Success,
     Unknown,
     expired,
-    read_result,
-    read_status,
     submit_failed,
 )
 from runner.execution.reconcile import Absent, Adopt, Intent, Unavailable, describe
 from runner.execution.recorder import Ticket
+from runner.execution.results import ZERO, detail, finished_outcome, recovered
 from runner.execution.shared import NotSentError, Shared
 from runner.fal.client import RequestRef
-from runner.fal.protocol import (
-    ERROR_TYPES,
-    Completed,
-    InProgress,
-    ResultResponse,
-    Status,
-    body_error_type,
-)
+from runner.fal.protocol import Completed, InProgress, Status
 from runner.fal.retry import call_with_retry
 from runner.ledger.schema import payload_fingerprint
 from runner.media.uploads import InputFailure
-
-ZERO = Decimal(0)
 
 
 async def run_job(t: Ticket, s: Shared) -> Outcome | None:
@@ -204,7 +187,7 @@ async def _prepare(t: Ticket, s: Shared) -> Mapping[str, Any] | Failed:
     except AuthError:
         raise
     except FalError as exc:
-        failure = Failure("upload_failed", f"upload: {_detail(exc)}", retryable=True)
+        failure = Failure("upload_failed", f"upload: {detail(exc)}", retryable=True)
     else:
         if not isinstance(resolved, InputFailure):
             return resolved
@@ -294,15 +277,15 @@ async def finish(t: Ticket, s: Shared, ref: RequestRef, attempt: int) -> Outcome
         raise
     except HTTPStatusError as exc:
         if exc.status_code != 404:
-            return Lost(ref.request_id, _detail(exc), running)
+            return Lost(ref.request_id, detail(exc), running)
         # The queue acknowledged this id, so a 404 means it forgot it: it may have run,
         # and fal's history keeps what it returned for 30 days.
-        found = await _recovered(t, s, ref, watch)
+        found = await recovered(t, s, ref, watch)
         if found is not None:
             return found
-        return Expired(expired(ref.request_id, _detail(exc)), billed_usd=None)
+        return Expired(expired(ref.request_id, detail(exc)), billed_usd=None)
     except FalError as exc:
-        return Lost(ref.request_id, _detail(exc), running)
+        return Lost(ref.request_id, detail(exc), running)
     finally:
         if running:
             s.tally.remote_running -= 1
@@ -311,7 +294,7 @@ async def finish(t: Ticket, s: Shared, ref: RequestRef, attempt: int) -> Outcome
     if timed_out:
         return await _timed_out(s, ref)
     _learn(t, s, watch, finished)
-    return await _outcome(t, s, ref, watch, finished)
+    return await finished_outcome(t, s, ref, watch, finished)
 
 
 def _learn(t: Ticket, s: Shared, watch: Watch, finished: Finished) -> None:
@@ -331,103 +314,7 @@ async def _timed_out(s: Shared, ref: RequestRef) -> Outcome:
                 clock=s.clock, sleep=s.sleep,
             )  # fmt: skip
         except FalError as exc:
-            outcome = f"cancel failed: {_detail(exc)}"
+            outcome = f"cancel failed: {detail(exc)}"
     message = f"no result within --job-timeout {s.config.job_timeout_s}s ({outcome})"
     # It may have run before the cancel reached it: the cost is not known to be zero.
     return Failed(Failure("job_timeout", message, retryable=False), billed_usd=None)
-
-
-async def _outcome(
-    t: Ticket, s: Shared, ref: RequestRef, watch: Watch, finished: Finished
-) -> Outcome:
-    read: Success | Failure
-    match finished:
-        case ResultIn(result=result):
-            read = read_result(result)  # the look itself read the result
-        case WebhookIn(ok=True, payload=payload):
-            read = read_result(ResultResponse(status_code=200, body=payload))
-        case StatusIn(status=status) if (failure := read_status(status)) is not None:
-            read = failure
-        case _:
-            # A COMPLETED status, or a webhook reporting an error: the result says what.
-            try:
-                result = await call_with_retry(
-                    lambda: s.client.result(ref), policy=s.policies.read, kind="read",
-                    clock=s.clock, sleep=s.sleep,
-                )  # fmt: skip
-            except AuthError:
-                raise
-            except FalError as exc:
-                # Gone from the queue (404) or unreadable: fal's history may still have it.
-                found = await _recovered(t, s, ref, watch, finished)
-                if found is not None:
-                    return found
-                if isinstance(exc, HTTPStatusError) and exc.status_code == 404:
-                    # The job ran and was paid for; only its result is gone.
-                    gone = expired(ref.request_id, _detail(exc))
-                    return Expired(gone, billed_usd=t.estimate.usd)
-                return Lost(ref.request_id, f"result: {_detail(exc)}", True)
-            read = read_result(result)
-    if isinstance(read, Success):
-        return _done(t, s, watch, finished, read)
-    # fal bills no infrastructure failure (5xx); any other may have used GPU time.
-    billed = ZERO if read.error_type in ERROR_TYPES else None
-    return Failed(read, billed_usd=billed)
-
-
-async def _recovered(
-    t: Ticket, s: Shared, ref: RequestRef, watch: Watch, finished: Finished | None = None
-) -> Outcome | None:
-    """The job's output from fal's request history, when the queue no longer has it."""
-    if s.reconciler is None:
-        return None
-    item = await s.reconciler.recover(t.job.endpoint, ref.request_id, None)
-    if item is None or item.status_code is None:
-        return None
-    body = item.json_output
-    answer = ResultResponse(
-        status_code=item.status_code, body=body, request_id=ref.request_id,
-        error_type=body_error_type(body),
-    )  # fmt: skip
-    read = read_result(answer)
-    if isinstance(read, Failure):
-        # What the job really ended with, not "result expired"; fal bills no 5xx.
-        return Failed(read, billed_usd=ZERO if read.error_type in ERROR_TYPES else None)
-    s.recorder.say(f"{t.job.row_id}: result of {ref.request_id} recovered from fal's history")
-    done = finished or StatusIn(Completed(logs=None))
-    return _done(t, s, watch, done, read)
-
-
-def _done(t: Ticket, s: Shared, watch: Watch, finished: Finished, ok: Success) -> Done:
-    billed = None
-    if t.job.request is not None:
-        lora_bytes = s.lora_bytes(t.job)
-        billed = billed_cost(t.job.endpoint, ok.sizes, s.prices,
-                             input_sizes=s.input_sizes(t.job), lora_bytes=lora_bytes)  # fmt: skip
-        if billed is not None and lora_bytes is None and t.job.payload.get("loras"):
-            # LoRA sizes unknown: the surcharge is too, so settle no lower than the
-            # estimate, which counted the largest one (the cap must hold).
-            billed = max(billed, t.estimate.usd or billed)
-    status_s = None if isinstance(finished, WebhookIn) else finished.status.inference_time_s
-    inference = status_s or ok.inference_s
-    if status_s is None and inference is not None and inference > 0:
-        s.pacing.model.observe(t.job.endpoint, t.units, inference)  # e.g. from a webhook
-    queue_s = queue_time_s(watch, s.clock(), inference)
-    if inference is None and watch.started_s is not None:
-        inference = s.clock() - watch.started_s
-    return Done(ok, billed_usd=billed, queue_s=queue_s, inference_s=inference)
-
-
-def queue_time_s(watch: Watch, now_s: float, fal_inference_s: float | None) -> float | None:
-    """How long a job waited in the queue, at most: from the submit to the first look that
-    saw it running or, for a job first seen done (a result read first, a webhook), to
-    that look less the inference time fal reported. None when neither is known."""
-    if watch.started_s is not None:
-        return max(watch.started_s - watch.submitted_s, 0.0)
-    if fal_inference_s is None:
-        return None
-    return max(now_s - watch.submitted_s - fal_inference_s, 0.0)
-
-
-def _detail(exc: Exception) -> str:
-    return str(exc)[:2000]
