@@ -22,8 +22,8 @@ from runner.media.inputs import (
     InputRef,
     InputSizer,
     input_refs,
-    probe_size,
 )
+from runner.media.remote import probe_size
 
 
 def encode(fmt: str, size: tuple[int, int]) -> bytes:

@@ -1,6 +1,7 @@
 """Files in and out: local inputs, uploads to fal's storage, downloads of outputs.
 
 inputs     local input checks and sizes
+remote     remote input images' sizes from their first bytes (--probe-inputs)
 uploads    inputs to URLs, with content-hash dedup
 sink       output names, where files land, which OS errors mean the storage refuses writes
 pending    completed jobs whose outputs are still to download
