@@ -115,9 +115,14 @@ class AuthError(FalError):
     """
 
     def __init__(self, message: str, *, key_name: str = "FAL_KEY") -> None:
+        # args holds the refusal alone and the name is an attribute: a pickled copy (a Ray
+        # worker's error) comes back the same, not with "(check ...)" said twice.
+        super().__init__(message)
         self.refusal = message
         self.key_name = key_name
-        super().__init__(f"{message} (check {key_name})")
+
+    def __str__(self) -> str:
+        return f"{self.refusal} (check {self.key_name})"
 
     def naming(self, key_name: str) -> AuthError:
         """The same refusal, saying to check ``key_name`` (never the key itself)."""

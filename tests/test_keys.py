@@ -4,6 +4,7 @@ own limits (runner.scale.keys, runner.scale.shards)."""
 from __future__ import annotations
 
 import io
+import pickle
 from pathlib import Path
 
 import httpx
@@ -218,3 +219,20 @@ async def test_a_finished_sharded_run_reruns_with_one_of_its_keys_gone(tmp_path:
     )  # the rerun sent nothing again
     meta = read_run_meta(shard_dir(config.run_dir, 0))
     assert meta is not None and meta["key_fingerprint"] == fingerprint(KEY_B)
+
+
+def test_a_named_refusal_survives_pickling_unchanged() -> None:
+    """A Ray worker's error crosses processes pickled: it must read the same after."""
+    named = AuthError("POST x: HTTP 401: the queue refused the key").naming(
+        "the key on keys.txt line 2, fp-0123456789abcdef"
+    )
+    copy = pickle.loads(pickle.dumps(named))
+    assert (
+        str(copy)
+        == str(named)
+        == (
+            "POST x: HTTP 401: the queue refused the key "
+            "(check the key on keys.txt line 2, fp-0123456789abcdef)"
+        )
+    )
+    assert str(AuthError("refused")) == "refused (check FAL_KEY)"
