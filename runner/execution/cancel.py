@@ -166,7 +166,8 @@ async def cancel_in_flight(
                 except AuthError as exc:
                     left = len(jobs) - done
                     outcome.failed += left
-                    outcome.errors.append(f"{exc.naming(name)} ({left} cancels not tried with it)")
+                    why = f"{left} cancels failed: this one refused, the rest not tried"
+                    outcome.errors.append(f"{exc.naming(name)} ({why})")
                     break
                 except FalError as exc:
                     outcome.failed += 1
