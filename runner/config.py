@@ -85,6 +85,8 @@ class RunConfig(BaseModel):
     on_unknown: OnUnknown = "reconcile"
     reconcile_after_s: float = Field(default=RECONCILE_AFTER_S, ge=0)
     retry_failed: bool = False
+    # The key differs from the one jobs left in flight were submitted with, knowingly.
+    key_changed: bool = False
     # Submit headers: X-Fal-Object-Lifecycle-Preference (None: fal's default lifetime),
     # x-fal-disable-fallbacks, and X-Fal-Store-IO: 0 when store_io is off.
     output_lifetime_s: float | None = Field(default=OUTPUT_LIFETIME_S, gt=0)

@@ -13,12 +13,13 @@ import pytest
 from runner.errors import AuthError, UsageError
 from runner.execution.engine import Hooks
 from runner.fal.key import fingerprint
+from runner.ledger.inflight import in_flight_count
 from runner.ledger.meta import read_run_meta, write_run_meta
 from runner.ledger.schema import JobState, LedgerEvent, utcnow
 from runner.ledger.store import Ledger
 from runner.scale.cancel import cancel_sharded
 from runner.scale.keys import KeySpec, key_for_shard, load_keys, parse_keys
-from runner.scale.layout import in_flight_count, shard_dir
+from runner.scale.layout import shard_dir
 from runner.scale.shards import execute_sharded, prepare
 from tests.accounts_support import Accounts
 from tests.scenario import FAST_POLICIES, manifest, run_config

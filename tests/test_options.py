@@ -52,6 +52,7 @@ SAMPLES: dict[str, tuple[list[str], Any]] = {
     "max-total-cost": (["30"], "30"),
     "max-attempts": (["5"], 5),
     "retry-failed": ([], True),
+    "key-changed": ([], True),
     "on-unknown": (["skip"], "skip"),
     "shards": (["4"], 4),
     "shard": (["1"], 1),

@@ -53,7 +53,7 @@ from runner.execution.ratelimit import submit_rate
 from runner.execution.reconcile import Reconciler
 from runner.execution.recorder import Recorder
 from runner.execution.reuse import open_reuse
-from runner.execution.runmeta import invocation_facts, write_run_metadata
+from runner.execution.runmeta import invocation_facts, refuse_another_key, write_run_metadata
 from runner.execution.scheduler import Scheduler, prior_spend, strict_check
 from runner.execution.shared import Shared
 from runner.execution.spend import local_spend
@@ -172,6 +172,7 @@ async def execute(config: RunConfig, *, hooks: Hooks | None = None) -> RunReport
     ledger = await anyio.to_thread.run_sync(opened)
     ledger.commits = hooks.commits
     async with ledger:
+        await anyio.to_thread.run_sync(refuse_another_key, config)
         write_run_metadata(config, run_id=run_id, started_at=started, redact=redact)
         # Only what a resume reads of each job, a range of keys at a time; without
         # downloads, a completed job's outputs are never read again: fold less.

@@ -11,9 +11,11 @@ from typing import Any
 
 from runner import __version__
 from runner.config import RunConfig
+from runner.errors import LedgerError, UsageError
 from runner.execution.progress import Tally
 from runner.fal.key import fingerprint
-from runner.ledger.meta import start_invocation
+from runner.ledger.inflight import in_flight_count
+from runner.ledger.meta import read_run_meta, start_invocation
 
 
 def manifest_fingerprint(path: Path) -> dict[str, Any]:
@@ -44,6 +46,29 @@ def write_run_metadata(
         "key_fingerprint": fingerprint(config.key) if config.key is not None else None,
     }
     start_invocation(config.run_dir, meta, run_id=run_id, started_at=started_at, redact=redact)
+
+
+def refuse_another_key(config: RunConfig) -> None:
+    """Refuse a key other than the one the jobs left in flight were submitted with: another
+    account's key finds none of them (fal answers 404), so each would be sent, and paid,
+    again. ``--key-changed`` says the key was rotated within the same account."""
+    if config.key is None or config.key_changed:
+        return
+    try:
+        meta = read_run_meta(config.run_dir)
+    except LedgerError:
+        return  # unreadable: replaced by this run's, as it always was
+    was, now = (meta or {}).get("key_fingerprint"), fingerprint(config.key)
+    if not isinstance(was, str) or was == now:
+        return
+    left = in_flight_count(config.run_dir)
+    if left:
+        raise UsageError(
+            f"{left} jobs of {config.run_dir} are in flight under key {was}, not the key given "
+            f"({now}): run with that key to re-attach them, or pass --key-changed if this key "
+            "is of the same account (another account's key cannot find them: they would be "
+            "sent, and paid for, again)"
+        )
 
 
 def invocation_facts(tally: Tally, exit_code: int | None, message: str) -> dict[str, Any]:

@@ -149,6 +149,9 @@ OPTIONS: tuple[Option, ...] = (
     _o(WHERE, "api-url", "api_url", "fal Platform API base URL: request history for "
        "reconciling, and the account's own prices (default https://api.fal.ai; follows a local "
        "--queue-url)", metavar="URL", commands=PLAN_AND_RUN),
+    _o(WHERE, "key-changed", "key_changed", "FAL_KEY is not the key the jobs left in flight "
+       "were submitted with, but the account is the same (a rotated key): re-attach them with "
+       "it (default off: refused, since another account's key cannot find them)", kind="bool"),
     _o(WHERE, "priority", "priority", "fal queue priority sent as X-Fal-Queue-Priority; low "
        "yields to normal traffic (default: not sent, so fal's normal)",
        choices=("normal", "low")),

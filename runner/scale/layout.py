@@ -15,20 +15,15 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from runner import __version__
 from runner.config import RunConfig
 from runner.errors import UsageError
-from runner.ledger.fold import JOURNAL_DIR, LEDGER_DIR, SHARDS_DIR
+from runner.ledger.fold import SHARDS_DIR
+from runner.ledger.inflight import has_ledger
 from runner.ledger.meta import read_run_meta, write_run_meta
-from runner.ledger.scan import scan_folded
-from runner.ledger.schema import JobState
 
 
 def shard_dir(run_dir: Path, shard: int) -> Path:
@@ -47,7 +42,7 @@ def refuse_mismatch(run_dir: Path, shards: int | None) -> None:
     was = recorded_shards(run_dir)
     if was == shards:
         return
-    if was is None and shards is not None and _has_ledger(run_dir):
+    if was is None and shards is not None and has_ledger(run_dir):
         raise UsageError(
             f"{run_dir} holds an unsharded run: run it without --shards, or use a new "
             "run directory (--ledger) for a sharded run"
@@ -60,12 +55,6 @@ def refuse_mismatch(run_dir: Path, shards: int | None) -> None:
             f"directory is fixed (a job's shard is a hash of its row modulo it); run it with "
             f"--shards {was}, or use a new run directory (--ledger)"
         )
-
-
-def _has_ledger(run_dir: Path) -> bool:
-    return any(
-        any((run_dir / d).glob("*")) for d in (LEDGER_DIR, JOURNAL_DIR) if (run_dir / d).is_dir()
-    )
 
 
 def claim(config: RunConfig, manifest: dict[str, Any]) -> None:
@@ -101,23 +90,4 @@ def recorded_keys(run_dir: Path, shards: int) -> dict[int, str | None]:
         meta = read_run_meta(shard_dir(run_dir, k))
         fp = meta.get("key_fingerprint") if meta else None
         found[k] = fp if isinstance(fp, str) else None
-    return found
-
-
-# Jobs whose key must answer for them: re-attached, settled from its request history, or
-# cancelled (a request id, or a submit of unknown outcome).
-_HELD = frozenset({JobState.SUBMITTING, JobState.UNKNOWN, JobState.QUEUED, JobState.IN_PROGRESS})
-
-
-def in_flight_count(run_dir: Path) -> int:
-    """How many of a (shard's) run directory's jobs are in flight, by their latest state;
-    0 when it has no ledger yet. Reads the folded state column only; takes no lock."""
-    if not _has_ledger(run_dir):
-        return 0
-
-    def count(slices: Iterator[pa.Table]) -> int:
-        held = pa.array(sorted(_HELD), pa.string())
-        return sum(pc.sum(pc.is_in(jobs["state"], value_set=held)).as_py() or 0 for jobs in slices)
-
-    found, _ = scan_folded(run_dir, ["state"], count)
     return found

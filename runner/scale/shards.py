@@ -53,9 +53,10 @@ from runner.execution.spend import PooledSpend
 from runner.execution.spendfile import FilePool
 from runner.execution.summary import RunReport
 from runner.ledger.commits import CommitGroup
+from runner.ledger.inflight import in_flight_count
 from runner.scale.feed import ManifestFeed
 from runner.scale.keys import KeySpec, key_for_shard, load_keys
-from runner.scale.layout import claim, in_flight_count, recorded_keys, shard_dir
+from runner.scale.layout import claim, recorded_keys, shard_dir
 from runner.scale.shardlog import Relay, ShardLines
 from runner.scale.spending import open_pool
 
