@@ -45,7 +45,7 @@ from runner.execution.budget import Spend
 from runner.execution.completion import Pacing, Poller, Reader, ResultFirst, Strategy
 from runner.execution.gate import AccountGate
 from runner.execution.interrupts import Interrupts
-from runner.execution.jobsource import JobSource
+from runner.execution.jobsource import JobSource, strict_check
 from runner.execution.prices import price_table
 from runner.execution.progress import Progress, Tally
 from runner.execution.push import ChannelHealth, Streamer, WebhookWaiter
@@ -54,7 +54,7 @@ from runner.execution.reconcile import Reconciler
 from runner.execution.recorder import Recorder
 from runner.execution.reuse import open_reuse
 from runner.execution.runmeta import invocation_facts, refuse_another_key, write_run_metadata
-from runner.execution.scheduler import Scheduler, prior_spend, strict_check
+from runner.execution.scheduler import Scheduler, prior_spend
 from runner.execution.shared import Shared
 from runner.execution.spend import local_spend
 from runner.execution.summary import RunReport

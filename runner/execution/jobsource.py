@@ -22,7 +22,7 @@ from typing import Protocol
 import anyio.to_thread
 
 from runner.config import RunConfig
-from runner.errors import RowError
+from runner.errors import ManifestError, RowError
 from runner.manifest.batches import iter_manifest_jobs
 from runner.manifest.identity import shard_of
 from runner.manifest.jobs import ExpandOptions, Job, row_identity
@@ -51,6 +51,22 @@ def job_stream(config: RunConfig, *, check_unique_ids: bool = True) -> Iterator[
     if config.shards is None or config.shard is None:
         return items
     return _in_shard(items, config.shard, config.shards)
+
+
+def strict_check(config: RunConfig) -> None:
+    """``--strict``: refuse the whole manifest if any row is bad, before sending anything."""
+    bad: list[str] = []
+    count = 0
+    for item in job_stream(config):
+        if isinstance(item, RowError):
+            count += 1
+            if len(bad) < 5:
+                bad.extend(str(p) for p in item.problems[:1])
+    if count:
+        more = f" (and {count - len(bad)} more)" if count > len(bad) else ""
+        raise ManifestError(
+            f"--strict: {count} bad rows, nothing was submitted: " + "; ".join(bad) + more
+        )
 
 
 def item_shard(item: Job | RowError, shards: int) -> int:

@@ -22,11 +22,11 @@ import pyarrow.compute as pc
 
 from runner.config import RunConfig
 from runner.endpoints.cost import Estimate, PriceTable
-from runner.errors import ManifestError, RowError
+from runner.errors import RowError
 from runner.execution.budget import Spend
 from runner.execution.gate import LostSlots, Slots
 from runner.execution.interrupts import FIRST, SECOND, Interrupts, two_steps
-from runner.execution.jobsource import JobSource, ManifestSource, job_stream
+from runner.execution.jobsource import JobSource, ManifestSource
 from runner.execution.outcome import Lost
 from runner.execution.progress import Progress, Tally
 from runner.execution.reconcile import Intent
@@ -47,22 +47,6 @@ from runner.media.downloads import DownloadItem, DownloadStage
 from runner.media.inputs import InputProber, InputSizer
 from runner.media.pending import pending_for
 from runner.media.uploads import Uploader
-
-
-def strict_check(config: RunConfig) -> None:
-    """``--strict``: refuse the whole manifest if any row is bad, before sending anything."""
-    bad: list[str] = []
-    count = 0
-    for item in job_stream(config):
-        if isinstance(item, RowError):
-            count += 1
-            if len(bad) < 5:
-                bad.extend(str(p) for p in item.problems[:1])
-    if count:
-        more = f" (and {count - len(bad)} more)" if count > len(bad) else ""
-        raise ManifestError(
-            f"--strict: {count} bad rows, nothing was submitted: " + "; ".join(bad) + more
-        )
 
 
 def invalid_event(error: RowError, now: Any) -> LedgerEvent:
