@@ -65,23 +65,21 @@ async def test_the_counting_thread_stops_when_the_run_ends(
     # The bar's count reads the whole manifest in a thread; a run that ends first (done,
     # interrupted, out of budget) must not wait at exit for it to read ten million rows.
     from runner.execution import jobsource
+    from runner.manifest.batches import JobBatch
 
-    admitted = jobsource.job_stream
     closed = threading.Event()
     drawn = [0]
 
-    def endless(config: object, *, check_unique_ids: bool = True) -> Iterator[object]:
-        if check_unique_ids:  # admission's own stream: the real manifest
-            yield from admitted(config, check_unique_ids=True)  # type: ignore[arg-type]
-            return
+    def endless(*_args: object, materialize: bool) -> Iterator[JobBatch]:
+        assert not materialize  # the count's own reading (admission makes every job)
         try:
             while True:
                 drawn[0] += 1
-                yield object()
+                yield JobBatch(counted=1)
         finally:
             closed.set()
 
-    monkeypatch.setattr(jobsource, "job_stream", endless)
+    monkeypatch.setattr(jobsource, "iter_job_batches", endless)
     path = manifest(tmp_path, 3)
     async with emulator() as emu:
         report = await run(emu, run_config(path, tmp_path / "run"))

@@ -14,24 +14,39 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from decimal import Decimal
-from itertools import islice
+from itertools import islice, takewhile
 from typing import Protocol
 
 import anyio.to_thread
 
 from runner.config import RunConfig
+from runner.endpoints.cost import PriceTable
 from runner.errors import ManifestError, RowError
-from runner.manifest.batches import iter_manifest_jobs
+from runner.manifest.batches import iter_job_batches, iter_manifest_jobs
 from runner.manifest.identity import shard_of
 from runner.manifest.jobs import ExpandOptions, Job, row_identity
+from runner.manifest.plan import build_plan_batches, job_estimate
+from runner.media.inputs import InputSizer
 
 # Jobs read per trip to a worker thread.
 BATCH = 256
 
 # A job's estimated dollars (None: unknown), for the bar's total.
 Estimator = Callable[[Job], Decimal | None]
+
+
+@dataclass(frozen=True)
+class Pricer:
+    """A job's estimated dollars (an :data:`Estimator`); and the prices and input sizes
+    behind it, so a count can price rows alike once instead of making every job."""
+
+    prices: PriceTable
+    sizer: InputSizer
+
+    def __call__(self, job: Job) -> Decimal | None:
+        return job_estimate(job, self.prices, self.sizer, self.sizer.lora_bytes).usd
 
 
 def expand_options(config: RunConfig) -> ExpandOptions:
@@ -94,6 +109,18 @@ def count_jobs(
     return jobs, usd
 
 
+def count_plain(config: RunConfig, pricer: Pricer, stop: threading.Event) -> tuple[int, Decimal]:
+    """:func:`count_jobs` over the whole manifest as ``runner plan`` counts it: rows alike
+    are priced once and plain rows are counted, not made (2M rows: 2.7 CPU s, was ~70)."""
+    options = replace(expand_options(config), check_unique_ids=False)
+    batches = iter_job_batches(config.manifest, config.fmt, options, materialize=False)
+    plan = build_plan_batches(
+        takewhile(lambda _batch: not stop.is_set(), batches), pricer.prices,
+        input_sizes=pricer.sizer, lora_bytes=pricer.sizer.lora_bytes,
+    )  # fmt: skip
+    return plan.total.jobs + plan.bad_rows, plan.total.usd
+
+
 class JobSource(Protocol):
     """What admission reads its jobs from."""
 
@@ -105,7 +132,7 @@ class JobSource(Protocol):
         """Admission wants no more (it may stop before the end)."""
         ...
 
-    async def count(self, estimate: Estimator) -> tuple[int, Decimal]:
+    async def count(self, pricer: Pricer) -> tuple[int, Decimal]:
         """This run's job count and estimated dollars (a pass of its own)."""
         ...
 
@@ -126,12 +153,14 @@ class ManifestSource:
     def close(self) -> None:
         self._stream = None
 
-    async def count(self, estimate: Estimator) -> tuple[int, Decimal]:
+    async def count(self, pricer: Pricer) -> tuple[int, Decimal]:
         # Only counting: admission reports duplicate ids, this pass need not hold them.
         ended = threading.Event()  # the run ended first: stop counting, let the process exit
 
         def tally_all() -> tuple[int, Decimal]:
-            return count_jobs(job_stream(self.config, check_unique_ids=False), estimate, ended)
+            if self.config.shard is not None:  # --shard K: the shard's jobs, by their identity
+                return count_jobs(job_stream(self.config, check_unique_ids=False), pricer, ended)
+            return count_plain(self.config, pricer, ended)
 
         try:
             return await anyio.to_thread.run_sync(tally_all, abandon_on_cancel=True)

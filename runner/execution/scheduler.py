@@ -26,7 +26,7 @@ from runner.errors import RowError
 from runner.execution.budget import Spend
 from runner.execution.gate import LostSlots, Slots
 from runner.execution.interrupts import FIRST, SECOND, Interrupts, two_steps
-from runner.execution.jobsource import JobSource, ManifestSource
+from runner.execution.jobsource import JobSource, ManifestSource, Pricer
 from runner.execution.outcome import Lost
 from runner.execution.progress import Progress, Tally
 from runner.execution.reconcile import Intent
@@ -163,12 +163,8 @@ class Scheduler:
 
     async def count(self) -> None:
         """The manifest's job count and estimated dollars, for the bar."""
-        sizer = InputSizer(self.config.manifest.resolve().parent)
-
-        def estimate(job: Job) -> Decimal | None:
-            return job_estimate(job, self.prices, sizer, sizer.lora_bytes).usd
-
-        total, usd = await self.source.count(estimate)
+        pricer = Pricer(self.prices, InputSizer(self.config.manifest.resolve().parent))
+        total, usd = await self.source.count(pricer)
         self.tally.total, self.tally.estimate_usd = total, usd
         self.progress.refresh()
 

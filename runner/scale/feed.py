@@ -168,5 +168,5 @@ class ShardSource:
     def close(self) -> None:
         self._receive.close()
 
-    async def count(self, estimate: Estimator) -> tuple[int, Decimal]:
-        return await self._feed.count(self._shard, estimate)
+    async def count(self, pricer: Estimator) -> tuple[int, Decimal]:
+        return await self._feed.count(self._shard, pricer)
