@@ -12,20 +12,23 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import anyio
-import httpx
 
 from runner import __version__
-from runner.execution.gate import AccountGate
-from runner.execution.interrupts import Interrupts
-from runner.execution.jobsource import JobSource
-from runner.execution.progress import Tally
 from runner.fal.retry import RetryPolicies
-from runner.fal.storage import UploadSettings
-from runner.ledger.commits import CommitGroup
-from runner.media.sink import OutputSink
+
+if TYPE_CHECKING:  # types only: `runner cancel` imports this module, not what a run needs
+    import httpx
+
+    from runner.execution.gate import AccountGate
+    from runner.execution.interrupts import Interrupts
+    from runner.execution.jobsource import JobSource
+    from runner.execution.progress import Tally
+    from runner.fal.storage import UploadSettings
+    from runner.ledger.commits import CommitGroup
+    from runner.media.sink import OutputSink
 
 # Queue calls (submit, status, result, cancel) in flight at once. 16 measured best: CPU per
 # 1,000 jobs 12.1 s -> 5.4 s at 32 jobs in flight (bench/README.md, "Bottlenecks").
