@@ -340,15 +340,15 @@ class Poller:
         teaching it, and exploring anyway after ``max_poll_s``.
         """
         pacing, endpoint = self.pacing, watch.endpoint
-        step, started = pacing.min_poll_s, self.reader.clock()
+        step, waited = pacing.min_poll_s, 0.0
         while not pacing.model.known(endpoint):
             if (watch.position or 0) <= 0 and pacing.exploring[endpoint] < pacing.explorers:
                 pacing.exploring[endpoint] += 1
                 return True
-            if self.reader.clock() - started >= pacing.max_poll_s:
+            if waited >= pacing.max_poll_s:
                 break
-            await self._nap_or_change(step, wake)
-            step = min(step * 1.5, MODEL_CHECK_S)
+            await self._nap_or_change(step, wake)  # a nap ended early counts whole
+            waited, step = waited + step, min(step * 1.5, MODEL_CHECK_S)
         return False
 
     async def _nap_or_change(self, delay: float, wake: anyio.Event | None) -> None:
