@@ -47,12 +47,19 @@ def test_help_imports_none_of_the_heavy_parts(argv: list[str]) -> None:
 
 # What `runner run` against a queue URL (fal, or an emulator in another process) must not
 # import: the emulator and the report, the webhook receiver's server stack (webhook mode
-# only), sharding, the ledger's read views, Pillow (until an image is checked), tqdm (a
-# terminal only), pandas, and httpx's own command line (click, rich, pygments).
+# only), sharding and its cross-process gate files (--shards, --gate-dir), Ray, the other
+# commands' modules (cancel, plan's preview, the Python API), the ledger's readers (views,
+# exports, totals, scans), Pillow (until an image is checked), tqdm (a terminal only),
+# pandas, and httpx's own command line (click, rich, pygments).
 RUN_UNUSED = ("runner.emulator", "runner.report", "runner.fal.receiver", "runner.fal.webhook",
-              "runner.fal.jwks", "runner.scale.shards", "runner.ledger.views", "uvicorn",
+              "runner.fal.jwks", "runner.scale.shards", "runner.scale.feed",
+              "runner.scale.spending", "runner.scale.ray_driver", "runner.scale.ray_gate",
+              "runner.execution.lease", "runner.execution.sharedrate",
+              "runner.execution.spendfile", "runner.execution.cancel",
+              "runner.execution.preview", "runner.api", "runner.ledger.views",
+              "runner.ledger.exports", "runner.ledger.totals", "runner.ledger.scan", "uvicorn",
               "starlette", "cryptography", "PIL", "tqdm", "pandas", "httpx._main", "click",
-              "rich", "pygments")  # fmt: skip
+              "rich", "pygments", "ray")  # fmt: skip
 _RUN_PROBE = """
 import runpy, sys
 out, sys.argv = sys.argv[1], ["runner", *sys.argv[2:]]
