@@ -17,6 +17,10 @@ imports, the price table, run.json, the ledger's open, checkpoint and close, the
 - ``runner run --emulator`` (10 jobs, embedded): the demo, whose emulator (uvicorn, starlette,
   Pillow) starts and runs inside the measured process, so it counts.
 
+``--tls``: the emulator process serves https with a self-signed certificate, and both
+clients trust ``SSL_CERT_FILE`` = certifi's bundle plus that certificate, so each TLS context
+loads as many CA certificates as it does against fal (the ``--queue-url`` and fal-client rows).
+
 The measured runner's modules are byte-compiled first (``compileall``), as a pip install
 leaves them: this environment sets PYTHONDONTWRITEBYTECODE, and without the .pyc files every
 run would compile ~100 modules again (~1 CPU s on a loaded machine).
@@ -33,7 +37,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,6 +92,39 @@ def timed(
     return wall, usage.ru_utime + usage.ru_stime
 
 
+@contextmanager
+def tls_emulator(tmp: Path, repo: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """``runner emulator serve --tls``: its https URL, and the environment that trusts it."""
+    import certifi
+
+    argv = [sys.executable, "-m", "runner", "emulator", "serve", "--tls", "--host", "127.0.0.1",
+            "--port", "0", "--concurrency", str(SLOTS), "--time-scale", "1e-6",
+            "--faults", "result_retention_s=3.6e9"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    proc = subprocess.Popen(argv, cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        url = cert = None
+        while cert is None:
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError("the TLS emulator did not start")
+            if "listening on " in line:
+                url = line.split("listening on ", 1)[1].strip()
+            if line.startswith("self-signed certificate: "):
+                cert = Path(line.split(": ", 1)[1].strip())
+        assert url is not None
+        bundle = tmp / "bundle.pem"
+        bundle.write_bytes(Path(certifi.where()).read_bytes() + b"\n" + cert.read_bytes())
+        yield url, {"SSL_CERT_FILE": str(bundle)}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
 def row(name: str, samples: list[tuple[float, float]]) -> str:
     walls, cpus = [s[0] for s in samples], [s[1] for s in samples]
     return (f"| {name} | {min(walls):.3f} | {statistics.median(walls):.3f} | "
@@ -97,6 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--repo", type=Path, default=REPO, help="the runner to measure")
+    parser.add_argument("--tls", action="store_true", help="the emulator process over https")
     args = parser.parse_args()
     repo = args.repo.resolve()
     sys.path.insert(0, str(REPO / "bench"))
@@ -112,6 +151,7 @@ def main() -> None:
     with (
         tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp,
         EmulatorProcess(concurrency=SLOTS, time_scale=1e-6) as emu,
+        tls_emulator(Path(tmp), REPO) if args.tls else _plain(emu.base_url) as (base_url, trust),
     ):
         manifest = Path(tmp) / "ten.jsonl"
         lines = [{"prompt": f"a small test image {i}", "image_size": {"width": 64, "height": 64},
@@ -128,10 +168,10 @@ def main() -> None:
             "runner --help": (lambda: [sys.executable, "-m", "runner", "--help"], repo, {}),
             "python -c pass": (lambda: [sys.executable, "-c", "pass"], REPO, {}),
             "runner run --queue-url (10 jobs, emulator process)": (
-                lambda: runner_run("--queue-url", emu.base_url), Path(tmp), {"FAL_KEY": KEY}),
+                lambda: runner_run("--queue-url", base_url), Path(tmp), {"FAL_KEY": KEY, **trust}),
             "fal-client (10 jobs, same emulator)": (
-                lambda: [sys.executable, "-c", _FAL_CLIENT, emu.base_url, str(manifest),
-                         str(SLOTS)], Path(tmp), {}),
+                lambda: [sys.executable, "-c", _FAL_CLIENT, base_url, str(manifest),
+                         str(SLOTS)], Path(tmp), trust),
             "runner run --emulator (10 jobs, embedded)": (
                 lambda: runner_run("--emulator", "--emulator-time-scale", "1e-6"), Path(tmp), {}),
         }  # fmt: skip
@@ -144,6 +184,11 @@ def main() -> None:
     for name, got in samples.items():
         print(row(name, got))
     print(f"load average after: {load_avg()}")
+
+
+@contextmanager
+def _plain(url: str) -> Iterator[tuple[str, dict[str, str]]]:
+    yield url, {}
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ class LockstepQueue:
     service_s: float
     ends: dict[str, float] = field(default_factory=dict)
     calls: Counter[str] = field(default_factory=Counter)
+    looks: list[float] = field(default_factory=list)  # when each result read came
     _free: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -88,6 +89,7 @@ class LockstepQueue:
     def handler(self, request: httpx.Request) -> httpx.Response:
         request_id = request.url.path.rsplit("/", 1)[-1]
         self.calls["result"] += 1
+        self.looks.append(self.time.now)
         body: dict[str, Any]
         if self.time.now < self.ends[request_id]:
             self.calls["not ready"] += 1
@@ -132,7 +134,7 @@ async def run_jobs(
             assert isinstance(finished, ResultIn)
             reads.append(w.status_calls)
             if teach:
-                pacing.model.observe(ENDPOINT, 1.0, queue.service_s)
+                pacing.observe(ENDPOINT, 1.0, queue.service_s)
             await time.sleep(0.005)  # recording it, before the next submit
 
     async with anyio.create_task_group() as tg:
@@ -163,6 +165,17 @@ async def test_an_explorer_that_teaches_nothing_hands_its_place_on() -> None:
     assert sorted(reads) == [1] * 6 + [4, 4]
     assert queue.time.now < 3.0  # not behind max_poll_s (30 s) of waiting
     assert not pacing.model.known(ENDPOINT) and not +pacing.exploring
+
+
+async def test_a_freed_explorers_place_is_taken_at_once() -> None:
+    # As above, every place is taken the moment an explorer ends (its jobs done at 1 s):
+    # the two explorers find theirs at 1.5 s, the next two take their places then and look
+    # 0.1 s later, and so on: the last look at 1.8 s. Before, a waiting job noticed a freed
+    # place only at the end of its nap (up to 0.25 s later): the last look at ~2.26 s.
+    queue = LockstepQueue(VirtualTime(), slots=8, service_s=1.0)
+    _pacing, reads = await run_jobs(queue, 8, window=8, teach=False)
+    assert sorted(reads) == [1] * 6 + [4, 4]
+    assert max(queue.looks) == pytest.approx(1.8)
 
 
 @pytest.mark.parametrize(

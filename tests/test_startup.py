@@ -47,12 +47,19 @@ def test_help_imports_none_of_the_heavy_parts(argv: list[str]) -> None:
 
 # What `runner run` against a queue URL (fal, or an emulator in another process) must not
 # import: the emulator and the report, the webhook receiver's server stack (webhook mode
-# only), sharding, the ledger's read views, Pillow (until an image is checked), tqdm (a
-# terminal only), pandas, and httpx's own command line (click, rich, pygments).
+# only), sharding and its cross-process gate files (--shards, --gate-dir), Ray, the other
+# commands' modules (cancel, plan's preview, the Python API), the ledger's readers (views,
+# exports, totals, scans), Pillow (until an image is checked), tqdm (a terminal only),
+# pandas, and httpx's own command line (click, rich, pygments).
 RUN_UNUSED = ("runner.emulator", "runner.report", "runner.fal.receiver", "runner.fal.webhook",
-              "runner.fal.jwks", "runner.scale.shards", "runner.ledger.views", "uvicorn",
+              "runner.fal.jwks", "runner.scale.shards", "runner.scale.feed",
+              "runner.scale.spending", "runner.scale.ray_driver", "runner.scale.ray_gate",
+              "runner.execution.lease", "runner.execution.sharedrate",
+              "runner.execution.spendfile", "runner.execution.cancel",
+              "runner.execution.preview", "runner.api", "runner.ledger.views",
+              "runner.ledger.exports", "runner.ledger.totals", "runner.ledger.scan", "uvicorn",
               "starlette", "cryptography", "PIL", "tqdm", "pandas", "httpx._main", "click",
-              "rich", "pygments")  # fmt: skip
+              "rich", "pygments", "ray")  # fmt: skip
 _RUN_PROBE = """
 import runpy, sys
 out, sys.argv = sys.argv[1], ["runner", *sys.argv[2:]]
@@ -102,6 +109,30 @@ def test_a_run_against_a_queue_url_imports_only_what_it_uses(
     assert code == "0"  # every job completed
     assert "runner.execution.engine" in loaded and "runner.ledger.store" in loaded
     assert not {m for m in loaded for u in RUN_UNUSED if m == u or m.startswith(u + ".")}
+
+
+# What `runner cancel` must not import: it reads the ledger and calls the queue, and needs
+# none of a run's wiring (the engine, admission, workers), the manifest or the emulator.
+CANCEL_UNUSED = ("runner.execution.engine", "runner.execution.scheduler",
+                 "runner.execution.worker", "runner.execution.stages", "runner.manifest",
+                 "runner.emulator", "runner.report", "runner.media", "uvicorn", "PIL",
+                 "pandas")  # fmt: skip
+
+
+def test_cancel_imports_none_of_a_runs_wiring(tmp_path: Path) -> None:
+    from runner.ledger.store import Ledger
+
+    Ledger.open(tmp_path / "run").close()  # a run directory with nothing in flight
+    out = tmp_path / "modules.txt"
+    # Nothing to cancel: no call reaches the (closed) port.
+    argv = ["cancel", str(tmp_path / "run"), "--queue-url", "http://127.0.0.1:9"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FAL_KEY": "emulator:local-key"}
+    subprocess.run([sys.executable, "-c", _RUN_PROBE, str(out), *argv], cwd=tmp_path, env=env,
+                   capture_output=True, timeout=120, check=True)  # fmt: skip
+    code, *loaded = out.read_text().split("\n")
+    assert code == "0"
+    assert "runner.execution.cancel" in loaded
+    assert not {m for m in loaded for u in CANCEL_UNUSED if m == u or m.startswith(u + ".")}
 
 
 def test_a_command_cannot_import_pandas_or_trio_and_afterwards_can() -> None:

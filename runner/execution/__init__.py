@@ -1,6 +1,8 @@
 """The run: admission, workers, completion, and the wiring that holds them.
 
 engine      a run's wiring: ledger lock, HTTP client, strategy, uploads, downloads, one task group
+hooks       the edges a test or a sharded run injects (transport, clocks, shared parts)
+stages      the parts wired around admission: strategy, downloads, inputs, webhooks
 scheduler   admission: resume decisions, budget, in-flight window, invalid rows, signals
 worker      one job's life: intent, submit, completion, result, record, retries
 results     a finished job's answer as an outcome: read, recovered from history, billed

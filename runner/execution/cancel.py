@@ -25,7 +25,7 @@ import httpx
 from pydantic import SecretStr
 
 from runner.errors import EXIT_JOBS_FAILED, EXIT_OK, AuthError, FalError, UsageError
-from runner.execution.engine import USER_AGENT
+from runner.execution.hooks import USER_AGENT
 from runner.fal.client import QueueClient
 from runner.fal.key import redactor
 from runner.fal.retry import RetryPolicies, call_with_retry

@@ -107,6 +107,18 @@ class Pacing:
     # how many do so now, per endpoint.
     explorers: int = 2
     exploring: Counter[str] = field(default_factory=Counter)
+    # The naps of jobs waiting for the model: ended when an explorer's place frees or the
+    # model learns, so they look again at once, not at the end of their nap.
+    waiting: set[anyio.CancelScope] = field(default_factory=set)
+
+    def notify(self) -> None:
+        for nap in list(self.waiting):
+            nap.cancel()
+
+    def observe(self, endpoint: str, units: float, service_s: float) -> None:
+        """A job's service time, for the model (see :meth:`ServiceModel.observe`)."""
+        self.model.observe(endpoint, units, service_s)
+        self.notify()
 
 
 @dataclass(slots=True)
@@ -250,6 +262,7 @@ class Poller:
         finally:
             if explorer:
                 self.pacing.exploring[watch.endpoint] -= 1
+                self.pacing.notify()
 
     async def _looks(self, watch: Watch, wake: anyio.Event | None) -> Finished:
         model = self.pacing.model
@@ -334,9 +347,18 @@ class Poller:
                 return True
             if waited >= pacing.max_poll_s:
                 break
-            await self._nap(step, wake)
+            await self._nap_or_change(step, wake)  # a nap ended early counts whole
             waited, step = waited + step, min(step * 1.5, MODEL_CHECK_S)
         return False
+
+    async def _nap_or_change(self, delay: float, wake: anyio.Event | None) -> None:
+        """:meth:`_nap`, ended early by :meth:`Pacing.notify` (a place freed, a model)."""
+        with anyio.CancelScope() as nap:
+            self.pacing.waiting.add(nap)
+            try:
+                await self._nap(delay, wake)
+            finally:
+                self.pacing.waiting.discard(nap)
 
     def _not_ready_delay(self, watch: Watch, polls: int) -> float:
         """After "still running": assume it started when predicted, and is now overdue."""

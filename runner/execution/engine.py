@@ -24,31 +24,26 @@ module wires the edges (HTTP, ledger, strategy, uploads, downloads, webhooks) ar
 from __future__ import annotations
 
 import contextlib
-import random
-import ssl
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any
 
 import anyio
 import httpx
 from pydantic import SecretStr
 
-from runner import __version__
 from runner.config import RunConfig
 from runner.errors import LedgerError, RunnerError, UsageError
 from runner.execution.budget import Spend
-from runner.execution.completion import Pacing, Poller, Reader, ResultFirst, Strategy
+from runner.execution.completion import Pacing, Reader
 from runner.execution.gate import AccountGate
-from runner.execution.interrupts import Interrupts
-from runner.execution.jobsource import JobSource, strict_check
+from runner.execution.hooks import MAX_REQUESTS, USER_AGENT, Hooks
+from runner.execution.jobsource import strict_check
 from runner.execution.prices import price_table
 from runner.execution.progress import Progress, Tally
-from runner.execution.push import ChannelHealth, Streamer, WebhookWaiter
+from runner.execution.push import WebhookWaiter
 from runner.execution.ratelimit import submit_rate
 from runner.execution.reconcile import Reconciler
 from runner.execution.recorder import Recorder
@@ -57,73 +52,27 @@ from runner.execution.runmeta import invocation_facts, refuse_another_key, write
 from runner.execution.scheduler import Scheduler, prior_spend
 from runner.execution.shared import Shared
 from runner.execution.spend import local_spend
+from runner.execution.stages import (
+    build_strategy,
+    download_stage,
+    input_resolver,
+    left_in_flight,
+    pump,
+    webhooks,
+)
 from runner.execution.summary import RunReport
 from runner.fal.client import QueueClient
 from runner.fal.history import HistoryClient
-from runner.fal.retry import RetryPolicies
-from runner.fal.storage import StorageClient, UploadSettings
 from runner.fal.transport import open_call_transport, open_transport
-from runner.ledger.commits import CommitGroup
 from runner.ledger.meta import end_invocation, new_run_id
 from runner.ledger.probe import probe_writable
-from runner.ledger.records import read_requests_seen
 from runner.ledger.resumescan import load_resume_state
 from runner.ledger.resumestate import ResumeState
-from runner.ledger.schema import JobRecord, JobState, utcnow
+from runner.ledger.schema import utcnow
 from runner.ledger.store import Ledger
-from runner.media.downloads import Downloader, DownloadStage
-from runner.media.inputs import InputChecker, InputProber, InputSizer
-from runner.media.sink import OutputSink
-from runner.media.uploads import InputResolver, UploadCache, Uploader
+from runner.media.inputs import InputProber, InputSizer
 
-if TYPE_CHECKING:  # webhook mode only: its server stack (uvicorn, starlette) loads then
-    from runner.fal.receiver import WebhookReceiver
-
-# Queue calls (submit, status, result, cancel) in flight at once. 16 measured best: CPU per
-# 1,000 jobs 12.1 s -> 5.4 s at 32 jobs in flight (bench/README.md, "Bottlenecks").
-MAX_REQUESTS = 16
-USER_AGENT = f"runner/{__version__}"
-
-
-@dataclass(slots=True)
-class Hooks:
-    """The edges a test injects: transport, clocks, sleep, randomness, output stream."""
-
-    transport: httpx.AsyncBaseTransport | None = None
-    clock: Callable[[], float] = time.monotonic
-    sleep: Callable[[float], Awaitable[None]] = anyio.sleep
-    rng: random.Random = field(default_factory=random.Random)
-    stream: TextIO | None = None
-    handle_signals: bool = True
-    upload_settings: UploadSettings | None = None  # e.g. a small multipart threshold
-    sink: OutputSink | None = None  # where outputs are written (a full disk, in tests)
-    # The one table of retry policies; tests shrink the waits, never the rules.
-    policies: RetryPolicies = field(default_factory=RetryPolicies)
-    # The account gate this run admits through (shared with other shards on the key);
-    # None: the run's own slots, rate, budget and pacing.
-    gate: AccountGate | None = None
-    # Called with the run's tally once it exists (a sharded run's one progress view).
-    on_tally: Callable[[Tally], None] | None = None
-    # Ctrl-C presses shared with other runs (a process's shards): watched even when
-    # handle_signals is False, for the same two-step stop.
-    interrupts: Interrupts | None = None
-    # Shared by a process's shards (None: the run's own): one reading of the manifest,
-    # one TLS context (~0.1-0.3 CPU s each to build), commit rounds over their ledgers.
-    jobs: JobSource | None = None
-    ssl_context: ssl.SSLContext | None = None
-    commits: CommitGroup | None = None
-
-
-def build_strategy(
-    config: RunConfig, reader: Reader, pacing: Pacing, say: Callable[[str], None] | None = None
-) -> Strategy:
-    first = ResultFirst(enabled=config.first_look == "result", say=say)
-    poller = Poller(reader, pacing, first)
-    if config.completion == "stream":
-        return Streamer(reader, poller, ChannelHealth("status stream", say=say))
-    if config.completion == "webhook":
-        return WebhookWaiter(poller)
-    return poller
+__all__ = ["Hooks", "embedded_emulator", "execute"]
 
 
 @asynccontextmanager
@@ -248,6 +197,10 @@ async def _drive(
     pool = MAX_REQUESTS + streams + downloads + 2
     limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
     tls = hooks.ssl_context
+    if tls is None and hooks.transport is None:
+        # One TLS context for both transports: each built its own before, and each loads
+        # the CA bundle (~0.04 CPU s; against fal both did).
+        tls = await anyio.to_thread.run_sync(httpx.create_ssl_context)
     transport = hooks.transport or open_transport(config.queue_url, limits=limits, ssl_context=tls)
     policies = hooks.policies
     async with AsyncExitStack() as stack:
@@ -286,14 +239,14 @@ async def _drive(
             history, settle_s=config.reconcile_after_s, now=utcnow, sleep=hooks.sleep,
             say=progress.say,
         )  # fmt: skip
-        records, followed = await anyio.to_thread.run_sync(_left_in_flight, config.run_dir, state)
+        records, followed = await anyio.to_thread.run_sync(left_in_flight, config.run_dir, state)
         sizer = InputSizer(config.manifest.resolve().parent)
         budget = _budget(config, state, gate)
-        stage = _download_stage(config, ledger, progress, hooks, http) if config.download else None
+        stage = download_stage(config, ledger, progress, hooks, http) if config.download else None
         reuse = open_reuse(config, stage.downloader.sink if stage is not None else None)
         if stage is not None and reuse is not None:
             stage.cache = reuse.cache
-        uploader, resolver = _resolver(config, hooks, http)
+        uploader, resolver = input_resolver(config, hooks, http)
         recorder = Recorder(
             ledger, budget, tally, now=utcnow, on_change=progress.refresh, say=progress.say,
             downloads=stage.put if stage is not None else None,
@@ -318,7 +271,7 @@ async def _drive(
             reconciler=reconciler if config.on_unknown == "reconcile" else None, now=utcnow,
             reuse=reuse,
         )  # fmt: skip
-        async with _webhooks(run, strategy, http) as receiver:
+        async with webhooks(run, strategy, http) as receiver:
             if receiver is not None:
                 shared.webhook_url = config.webhook_url or receiver.local_url
             async with anyio.create_task_group() as tg:
@@ -329,7 +282,7 @@ async def _drive(
                 tg.start_soon(run.watch_storage)
                 if receiver is not None:
                     assert isinstance(strategy, WebhookWaiter)
-                    tg.start_soon(_pump, receiver, strategy)
+                    tg.start_soon(pump, receiver, strategy)
                 async with AsyncExitStack() as running:
                     if stage is not None:
                         await running.enter_async_context(stage.running())
@@ -337,72 +290,3 @@ async def _drive(
                         await run.admit(workers, shared)
                 tg.cancel_scope.cancel()
         return run.report()
-
-
-_LEFT_IN_FLIGHT = frozenset(
-    {JobState.SUBMITTING, JobState.UNKNOWN, JobState.QUEUED, JobState.IN_PROGRESS}
-)
-
-
-def _left_in_flight(
-    run_dir: Path, state: ResumeState
-) -> tuple[dict[str, JobRecord], dict[str, frozenset[str]]]:
-    """Whole records of the jobs an earlier run left in flight (few): URLs and intents; and
-    the requests each of those, and each failed job a retry may send again, already
-    followed: fal's history lists them under the same payload, and they are not a new
-    submit's outcome."""
-    keys = state.keys_in(_LEFT_IN_FLIGHT | {JobState.FAILED})
-    return dict(state.records), read_requests_seen(run_dir, keys)
-
-
-def _download_stage(
-    config: RunConfig, ledger: Ledger, progress: Progress, hooks: Hooks, http: httpx.AsyncClient
-) -> DownloadStage:
-    return DownloadStage(
-        Downloader(http, hooks.sink or OutputSink(config.output_target, config.run_dir),
-                   policy=hooks.policies.download, clock=hooks.clock, sleep=hooks.sleep),
-        ledger, concurrency=config.download_concurrency, say=progress.say,
-    )  # fmt: skip
-
-
-def _resolver(
-    config: RunConfig, hooks: Hooks, http: httpx.AsyncClient
-) -> tuple[Uploader, InputResolver]:
-    assert config.key is not None
-    settings = hooks.upload_settings or UploadSettings(
-        ttl_s=config.upload_ttl_s, policy=hooks.policies.upload
-    )
-    storage = StorageClient(
-        http, rest_url=config.rest_url, cdn_url=config.cdn_url, key=config.key,
-        settings=settings, clock=hooks.clock, sleep=hooks.sleep,
-    )  # fmt: skip
-    uploader = Uploader(
-        storage, UploadCache(config.run_dir / "uploads.jsonl"),
-        inline_max_bytes=config.inline_max_bytes if config.inline_inputs else None,
-    )  # fmt: skip
-    checker = InputChecker(config.manifest.resolve().parent)
-    return uploader, InputResolver(checker, uploader)
-
-
-@asynccontextmanager
-async def _webhooks(
-    run: Scheduler, strategy: Strategy, http: httpx.AsyncClient
-) -> AsyncIterator[WebhookReceiver | None]:
-    """The webhook receiver in webhook mode (its own server task group), else None."""
-    if not isinstance(strategy, WebhookWaiter):
-        yield None
-        return
-    from runner.fal.jwks import JwksCache
-    from runner.fal.receiver import webhook_server
-
-    host, _, port = run.config.webhook_listen.rpartition(":")
-    keys = JwksCache(http, run.config.webhook_jwks_url)
-    async with webhook_server(host or "127.0.0.1", int(port or 0), keys=keys) as receiver:
-        run.progress.say(f"webhook receiver listening on {receiver.local_url}")
-        yield receiver
-
-
-async def _pump(receiver: WebhookReceiver, waiter: WebhookWaiter) -> None:
-    async with receiver.events:
-        async for event in receiver.events:
-            waiter.deliver(event.request_id, ok=event.status == "OK", payload=event.payload)

@@ -104,7 +104,7 @@ def _done(t: Ticket, s: Shared, watch: Watch, finished: Finished, ok: Success) -
     status_s = None if isinstance(finished, WebhookIn) else finished.status.inference_time_s
     inference = status_s or ok.inference_s
     if status_s is None and inference is not None and inference > 0:
-        s.pacing.model.observe(t.job.endpoint, t.units, inference)  # e.g. from a webhook
+        s.pacing.observe(t.job.endpoint, t.units, inference)  # e.g. from a webhook
     queue_s = queue_time_s(watch, s.clock(), inference)
     if inference is None and watch.started_s is not None:
         inference = s.clock() - watch.started_s

@@ -302,7 +302,7 @@ def _learn(t: Ticket, s: Shared, watch: Watch, finished: Finished) -> None:
     if service is None and watch.started_s is not None:
         service = s.clock() - watch.started_s
     if service is not None and service > 0:
-        s.pacing.model.observe(t.job.endpoint, t.units, service)
+        s.pacing.observe(t.job.endpoint, t.units, service)
 
 
 async def _timed_out(s: Shared, ref: RequestRef) -> Outcome:

@@ -10,7 +10,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from runner.ledger.fold import JOURNAL_DIR, LEDGER_DIR
-from runner.ledger.scan import scan_folded
 from runner.ledger.schema import JobState
 
 # A request id, or a submit of unknown outcome.
@@ -28,6 +27,7 @@ def in_flight_count(run_dir: Path) -> int:
     0 when it has no ledger yet. Reads the folded state column only; takes no lock."""
     if not has_ledger(run_dir):
         return 0
+    from runner.ledger.scan import scan_folded  # a reader a run otherwise never imports
 
     def count(slices: Iterator[pa.Table]) -> int:
         held = pa.array(sorted(HELD), pa.string())
