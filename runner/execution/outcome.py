@@ -201,3 +201,31 @@ def submit_failed(exc: FalError) -> Outcome:
     # A refusal is an answer; a request that never reached the server is not.
     answered = not (isinstance(exc, TransportError) and not exc.sent)
     return Failed(failure, billed_usd=Decimal(0), answered=answered)
+
+
+@dataclass(slots=True)
+class Reach:
+    """Whether fal's queue can be reached: how many jobs in a row ended with submits that
+    never reached it (connection refused, no DNS, no route: each after all its retries).
+    ``limit`` in a row is an outage, not a blip: admission stops instead of failing, one
+    by one, every row of the manifest. The rows not sent stay to run again."""
+
+    limit: int
+    in_a_row: int = 0
+
+    def saw(self, outcome: Outcome | None) -> str | None:
+        """The reason to stop admitting, once ``limit`` jobs in a row could not reach it."""
+        if outcome is None:  # stopped before sending: says nothing of the queue
+            return None
+        if not (isinstance(outcome, Failed) and not outcome.answered):
+            self.in_a_row = 0
+            return None
+        if outcome.failure.error_type != "submit_failed":
+            return None
+        self.in_a_row += 1
+        if self.in_a_row < self.limit:
+            return None
+        return (
+            f"the last {self.in_a_row} jobs could not reach fal's queue, each after its "
+            f"retries ({outcome.failure.message[:300]}); the rest were not submitted"
+        )

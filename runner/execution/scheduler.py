@@ -27,7 +27,7 @@ from runner.execution.budget import Spend
 from runner.execution.gate import LostSlots, Slots
 from runner.execution.interrupts import FIRST, SECOND, Interrupts, two_steps
 from runner.execution.jobsource import JobSource, ManifestSource, Pricer
-from runner.execution.outcome import Lost
+from runner.execution.outcome import Lost, Reach
 from runner.execution.progress import Progress, Tally
 from runner.execution.reconcile import Intent
 from runner.execution.recorder import Ticket
@@ -147,6 +147,8 @@ class Scheduler:
         self._unsent: Unsent | None = None  # the workers' jobs that have sent nothing yet
         # The window's slots held by lost jobs: this run's, or every shard's on the key.
         self.lost = lost or LostSlots(config.in_flight_limit)
+        # Every slot's job in a row unable to reach the queue: an outage, admission stops.
+        self.reach = Reach(max(config.in_flight_limit, 4))
         # Completed earlier but not (fully) downloaded: fetched again instead of skipped.
         self.pending = pending_for(state) if config.download else None
 
@@ -333,6 +335,10 @@ class Scheduler:
             outcome = await run_job(ticket, s)
         finally:
             self.tally.in_flight -= 1
+            if (unreachable := self.reach.saw(outcome)) is not None:
+                if not self.stop_admitting.is_set():
+                    self.progress.say(f"stopping admission: {unreachable}")
+                self.stop(unreachable)
             if isinstance(outcome, Lost):
                 # Lost contact is not an end state: the slot stays taken until the run ends.
                 self.lost.add()
