@@ -200,3 +200,21 @@ async def test_a_refused_key_from_a_keys_file_is_named_by_its_line(tmp_path: Pat
     [error] = outcome.errors
     assert f"(check the key on {keys} line 1, {fingerprint(STRANGER)})" in error, error
     assert "FAL_KEY" not in error and not any(s in error for s in SECRETS)
+
+
+async def test_a_cancel_is_its_own_line_in_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its events carry its own run id and run.json says what it did: the report does not
+    list them as an older runner's events ("before run ids", status unknown)."""
+    monkeypatch.setenv("FAL_KEY", KEY_A)
+    run_dir = tmp_path / "run"
+    async with served() as (_accounts, url):
+        await in_flight(url, KEY_A, run_dir, 2, key_fingerprint=fingerprint(KEY_A))
+        assert await cli("cancel", str(run_dir)) == EXIT_OK
+    capsys.readouterr()
+    assert await cli("report", str(run_dir)) == EXIT_OK
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "runner cancel:" in x)  # (the fixture's own
+    assert "before run ids" not in line  # events, written without a run id, are the other)
+    assert "2 in flight: cancelled 2, failed 0" in line and line.rstrip().endswith("exit 0")

@@ -15,8 +15,10 @@ refused too), each counted failed.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 
@@ -24,14 +26,20 @@ import anyio
 import httpx
 from pydantic import SecretStr
 
-from runner.errors import EXIT_JOBS_FAILED, EXIT_OK, AuthError, FalError, UsageError
+from runner.errors import EXIT_JOBS_FAILED, EXIT_OK, AuthError, FalError, LedgerError, UsageError
 from runner.execution.hooks import USER_AGENT
 from runner.fal.client import QueueClient
 from runner.fal.key import redactor
 from runner.fal.retry import RetryPolicies, call_with_retry
 from runner.fal.transport import open_transport
 from runner.fal.urls import FAL_QUEUE_URL
-from runner.ledger.meta import read_run_meta
+from runner.ledger.meta import (
+    INVOCATIONS,
+    end_invocation,
+    new_run_id,
+    read_run_meta,
+    start_invocation,
+)
 from runner.ledger.schema import JobState, LedgerEvent, utcnow
 from runner.ledger.store import Ledger
 
@@ -124,7 +132,10 @@ async def cancel_in_flight(
     policies = policies or RetryPolicies()
     outcome = CancelOutcome()
     redact: list[Callable[[str], str]] = [redactor(None)]  # the chosen key's, once chosen
-    opened = partial(Ledger.open, run_dir, redact=lambda text: redact[0](text))
+    started = utcnow()
+    # Its events are its own invocation's, as a run's are (report lists it by this id).
+    run_id = new_run_id(started, secrets.randbits(16))
+    opened = partial(Ledger.open, run_dir, redact=lambda text: redact[0](text), run_id=run_id)
     ledger = await anyio.to_thread.run_sync(opened)
     async with ledger:
         state = await anyio.to_thread.run_sync(partial(ledger.state, downloads=False))
@@ -181,7 +192,21 @@ async def cancel_in_flight(
                 else:
                     outcome.not_found += 1
         await ledger.commit()
+        if outcome.cancelled:
+            await anyio.to_thread.run_sync(_record, run_dir, run_id, started, outcome)
     return outcome
+
+
+def _record(run_dir: Path, run_id: str, started: datetime, outcome: CancelOutcome) -> None:
+    """run.json's line for this cancel, beside the runs' own (its other content kept)."""
+    try:
+        meta = {k: v for k, v in (read_run_meta(run_dir) or {}).items() if k != INVOCATIONS}
+        start_invocation(run_dir, meta, run_id=run_id, started_at=started)
+        facts = {"exit_code": outcome.exit_code, "message": "runner cancel: " + outcome.lines()[0],
+                 "completed": 0, "failed": 0, "spent_usd": "0", "command": "cancel"}  # fmt: skip
+        end_invocation(run_dir, run_id, facts, ended_at=utcnow())
+    except (OSError, LedgerError):
+        pass  # the cancels are in the ledger already: only the report's line is lost
 
 
 def _cancelled(job_key: str) -> LedgerEvent:

@@ -53,6 +53,7 @@ class Invocation:
     last_event_at: datetime | None = None  # its latest event: where one that died stopped
     skipped: int = 0  # completed before it, left alone (run.json only)
     shard: int | None = None  # a sharded run directory: the shard it ran (run.json only)
+    command: str = "run"  # "cancel": a `runner cancel` that cancelled some (run.json only)
 
     @property
     def status(self) -> str:
@@ -201,6 +202,7 @@ def _from_meta(entry: Mapping[str, Any], seen: _Seen) -> Invocation:
         last_event_at=seen.last_at,
         skipped=_int(entry.get("skipped")) if use_meta else 0,
         shard=_int(entry["shard"]) if "shard" in entry else None,
+        command="cancel" if entry.get("command") == "cancel" else "run",
     )
 
 

@@ -167,7 +167,10 @@ def _invocation_lines(report: Report) -> list[str]:
     for inv in report.invocations:
         name = inv.run_id or "(before run ids)"
         name += f" shard {inv.shard}" if inv.shard is not None else ""
-        lines.append(f"  {name}  {when(inv)}  {invocation_summary(inv)}  {inv.status}")
+        what = invocation_summary(inv)
+        if inv.command == "cancel" and inv.message:
+            what = inv.message  # runner cancel: N in flight: cancelled ...
+        lines.append(f"  {name}  {when(inv)}  {what}  {inv.status}")
     return lines
 
 
