@@ -55,12 +55,20 @@ class OrderedJobs:
                 pieces = [readers[i].take(int(n)) for i, n in enumerate(counts) if n]
                 table = pa.concat_tables(pieces)
                 del pieces
-                # Rows come grouped by slice; put them back in seq order.
+                # Rows come grouped by slice; put them back in seq order, a column at a time,
+                # letting go of each column once taken: one copy of the batch, not two.
                 by_slice = np.argsort(chunk, kind="stable")
                 place = np.empty(len(chunk), dtype=np.int64)
                 place[by_slice] = np.arange(len(chunk))
-                ordered = table.take(pa.array(place)).combine_chunks()
+                indices = pa.array(place)
+                schema = table.schema
+                columns = []
+                for _name in schema.names:
+                    columns.append(table.column(0).take(indices))
+                    table = table.remove_column(0)
                 del table
+                ordered = pa.Table.from_arrays(columns, schema=schema)
+                del columns
                 yield ordered
                 del ordered
                 pa.default_memory_pool().release_unused()
