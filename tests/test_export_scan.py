@@ -5,7 +5,6 @@ outputs, unknown outcomes, failures and retries."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,18 +14,11 @@ from runner.ledger import scan as scan_module
 from runner.ledger.exports import export_batches, export_schema
 from runner.ledger.versions import split_versions
 from runner.ledger.views import export
+from tests import versioned_support
 from tests.report_support import sample_run
-from tests.versioned_support import write_versioned
 
-
-@pytest.fixture(scope="module")
-def versioned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    run_dir = tmp_path_factory.mktemp("versioned") / "run"
-    ledger = write_versioned(run_dir)
-    try:
-        yield run_dir
-    finally:
-        ledger.close()
+# The shared fixtures (tests/versioned_support.py).
+versioned = versioned_support.versioned
 
 
 @pytest.fixture(params=["one bucket", "many buckets, small batches"])
