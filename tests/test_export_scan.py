@@ -59,3 +59,15 @@ def test_export_of_a_sample_night_writes_the_bytes_of_one_fold(
     expected = _folded_export(run_dir, tmp_path / f"folded.{fmt}", fmt, False)
     export(run_dir, tmp_path / f"read.{fmt}", fmt)  # type: ignore[arg-type]
     assert (tmp_path / f"read.{fmt}").read_bytes() == expected
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_text_formats_made_a_few_rows_at_a_time_write_the_same_bytes(
+    versioned: Path, tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    export(versioned, tmp_path / f"whole.{fmt}", fmt)  # type: ignore[arg-type]
+    monkeypatch.setattr(views, "TEXT_ROWS", 3)
+    export(versioned, tmp_path / f"pieces.{fmt}", fmt)  # type: ignore[arg-type]
+    whole = (tmp_path / f"whole.{fmt}").read_bytes()
+    assert (tmp_path / f"pieces.{fmt}").read_bytes() == whole
+    assert whole.count(b"\n") > 3 * 10
