@@ -5,7 +5,6 @@ outputs, unknown outcomes, failures and retries."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,18 +14,11 @@ from runner.ledger import scan as scan_module
 from runner.ledger.exports import export_batches, export_schema
 from runner.ledger.versions import split_versions
 from runner.ledger.views import export
+from tests import versioned_support
 from tests.report_support import sample_run
-from tests.versioned_support import write_versioned
 
-
-@pytest.fixture(scope="module")
-def versioned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    run_dir = tmp_path_factory.mktemp("versioned") / "run"
-    ledger = write_versioned(run_dir)
-    try:
-        yield run_dir
-    finally:
-        ledger.close()
+# The shared fixtures (tests/versioned_support.py).
+versioned = versioned_support.versioned
 
 
 @pytest.fixture(params=["one bucket", "many buckets, small batches"])
@@ -67,3 +59,15 @@ def test_export_of_a_sample_night_writes_the_bytes_of_one_fold(
     expected = _folded_export(run_dir, tmp_path / f"folded.{fmt}", fmt, False)
     export(run_dir, tmp_path / f"read.{fmt}", fmt)  # type: ignore[arg-type]
     assert (tmp_path / f"read.{fmt}").read_bytes() == expected
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_text_formats_made_a_few_rows_at_a_time_write_the_same_bytes(
+    versioned: Path, tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    export(versioned, tmp_path / f"whole.{fmt}", fmt)  # type: ignore[arg-type]
+    monkeypatch.setattr(views, "TEXT_ROWS", 3)
+    export(versioned, tmp_path / f"pieces.{fmt}", fmt)  # type: ignore[arg-type]
+    whole = (tmp_path / f"whole.{fmt}").read_bytes()
+    assert (tmp_path / f"pieces.{fmt}").read_bytes() == whole
+    assert whole.count(b"\n") > 3 * 10

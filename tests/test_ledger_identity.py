@@ -4,7 +4,6 @@ is a candidate and only the exact check tells them apart), and in status."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,28 +11,14 @@ import pyarrow as pa
 import pytest
 
 from runner.ledger import keyhash, read_folded, status_summary
-from runner.ledger import scan as scan_module
 from runner.ledger.identity import superseded_keys
 from runner.ledger.totals import totals
 from runner.ledger.versions import split_versions, superseded_mask
-from tests.versioned_support import write_versioned
+from tests import versioned_support
 
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    run_dir = tmp_path_factory.mktemp("versioned") / "run"
-    ledger = write_versioned(run_dir)
-    try:
-        yield run_dir
-    finally:
-        ledger.close()
-
-
-@pytest.fixture(params=["one bucket", "many buckets"])
-def buckets(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "many buckets":
-        monkeypatch.setattr(scan_module, "PASS_BYTES", 2_000)
-    return str(request.param)
+# The shared fixtures (tests/versioned_support.py).
+buckets = versioned_support.buckets
+versioned = versioned_support.versioned
 
 
 def _expected(run_dir: Path) -> list[str]:
@@ -41,8 +26,8 @@ def _expected(run_dir: Path) -> list[str]:
     return sorted(jobs["job_key"].filter(pa.array(superseded_mask(jobs))).to_pylist())
 
 
-def test_the_ledger_has_superseded_versions_of_every_kind(run_dir: Path) -> None:
-    keys = _expected(run_dir)
+def test_the_ledger_has_superseded_versions_of_every_kind(versioned: Path) -> None:
+    keys = _expected(versioned)
     assert len(keys) > 20
     assert "k004-v1-0" in keys  # made invalid
     assert "invalid-8" in keys  # made invalid, then fixed
@@ -51,12 +36,12 @@ def test_the_ledger_has_superseded_versions_of_every_kind(run_dir: Path) -> None
     assert not any(k.startswith("k029") for k in keys)  # "#31": a position, no identity
 
 
-def test_superseded_keys_are_those_of_one_fold(run_dir: Path, buckets: str) -> None:
-    assert sorted(superseded_keys(run_dir).to_pylist()) == _expected(run_dir)
+def test_superseded_keys_are_those_of_one_fold(versioned: Path, buckets: str) -> None:
+    assert sorted(superseded_keys(versioned).to_pylist()) == _expected(versioned)
 
 
 def test_rows_sharing_a_hash_are_told_apart_exactly(
-    run_dir: Path, buckets: str, monkeypatch: pytest.MonkeyPatch
+    versioned: Path, buckets: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = keyhash.text_hashes
 
@@ -65,20 +50,20 @@ def test_rows_sharing_a_hash_are_told_apart_exactly(
         return np.zeros_like(hashes), valid
 
     monkeypatch.setattr(keyhash, "text_hashes", one_hash)  # the module identity reads it from
-    assert sorted(superseded_keys(run_dir).to_pylist()) == _expected(run_dir)
+    assert sorted(superseded_keys(versioned).to_pylist()) == _expected(versioned)
 
 
-def test_status_counts_superseded_apart_as_one_fold_does(run_dir: Path, buckets: str) -> None:
-    versions = split_versions(read_folded(run_dir).jobs)
+def test_status_counts_superseded_apart_as_one_fold_does(versioned: Path, buckets: str) -> None:
+    versions = split_versions(read_folded(versioned).jobs)
     shown, old = totals(versions.shown), totals(versions.superseded)
-    status = status_summary(run_dir)
+    status = status_summary(versioned)
     assert status.superseded == old.jobs > 0
     assert (status.superseded_billed_usd, status.superseded_estimated_usd) == (
         old.billed_usd, old.estimated_usd)  # fmt: skip
     assert status.jobs == shown.jobs
     assert status.by_endpoint == shown.endpoints
     assert (status.billed_usd, status.estimated_usd) == (shown.billed_usd, shown.estimated_usd)
-    every = status_summary(run_dir, all_versions=True)
+    every = status_summary(versioned, all_versions=True)
     assert every.jobs == versions.every.num_rows
     assert every.spent_usd == status.spent_usd
 

@@ -5,37 +5,22 @@ hits, unknown outcomes, failures, retries, jobs only in the journal; in one buck
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from runner.ledger import JobState, ResumePolicy, read_run_meta
-from runner.ledger import scan as scan_module
 from runner.ledger.versions import split_versions
 from runner.report.data import build_report, load_events, load_jobs
 from runner.report.gallery import gallery
 from runner.report.reader import read_gallery, read_report
 from runner.report.text import render_text, report_json
+from tests import versioned_support
 from tests.report_support import sample_run
-from tests.versioned_support import write_versioned
 
-
-@pytest.fixture(scope="module")
-def versioned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    run_dir = tmp_path_factory.mktemp("versioned") / "run"
-    ledger = write_versioned(run_dir)
-    try:
-        yield run_dir
-    finally:
-        ledger.close()
-
-
-@pytest.fixture(params=["one bucket", "many buckets"])
-def buckets(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "many buckets":
-        monkeypatch.setattr(scan_module, "PASS_BYTES", 2_000)
-    return str(request.param)
+# The shared fixtures (tests/versioned_support.py).
+buckets = versioned_support.buckets
+versioned = versioned_support.versioned
 
 
 def _both(run_dir: Path, **options: object) -> tuple[object, object]:

@@ -6,11 +6,15 @@ requests with fields of mixed types per endpoint and metadata."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
+
 from runner.ledger import JobState, Ledger, LedgerEvent, OutputImage, encode_request
+from runner.ledger import scan as scan_module
 from runner.ledger.meta import write_run_meta
 from tests.report_support import FLUX2, LORA, T0
 
@@ -130,3 +134,26 @@ def write_versioned(run_dir: Path) -> Ledger:
         },
     )
     return ledger
+
+
+# The fixtures of the tests that compare a read a bucket at a time with one fold of the whole
+# ledger (import them into the test module: ``from tests.versioned_support import ...``).
+
+
+@pytest.fixture(scope="module")
+def versioned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The run directory :func:`write_versioned` makes, once per module."""
+    run_dir = tmp_path_factory.mktemp("versioned") / "run"
+    ledger = write_versioned(run_dir)
+    try:
+        yield run_dir
+    finally:
+        ledger.close()
+
+
+@pytest.fixture(params=["one bucket", "many buckets"])
+def buckets(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Scans in one bucket, or in many (a few jobs each)."""
+    if request.param == "many buckets":
+        monkeypatch.setattr(scan_module, "PASS_BYTES", 2_000)
+    return str(request.param)

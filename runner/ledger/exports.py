@@ -20,7 +20,9 @@ Money (``estimated_usd``, ``billed_usd``) is ``decimal(18,6)``: rounded half-eve
 micro-dollar, in every format (the ledger's parts keep the exact value, at 18 places).
 
 The jobs are read twice in batches (once for the columns and their types, once to write),
-so memory holds the folded ledger plus one batch of parsed requests.
+so memory holds one batch of parsed requests. The texts are parsed as vectors
+(:mod:`runner.ledger.jsoncolumns`); the few rows Arrow's JSON reader would read otherwise
+than ``json.loads`` are read here, one by one, as they always were.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from runner.ledger.jsoncolumns import KINDS, NESTED_SEPARATOR, Fields, parse_fields
+
 REQUEST_PREFIX = "req_"
 METADATA_PREFIX = "meta_"
-NESTED_SEPARATOR = "_"
 EXPORT_MONEY = pa.decimal128(18, 6)
 MONEY_COLUMNS = ("estimated_usd", "billed_usd", "reroll_usd")
 BATCH_ROWS = 50_000
@@ -105,10 +109,27 @@ def export_schema(jobs: pa.Table) -> pa.Schema:
 def add_kinds(jobs: pa.Table, kinds: dict[str, set[str]]) -> None:
     """Add the kinds of value each req_*/meta_* column of ``jobs`` holds to ``kinds``."""
     for batch in jobs.select(["request", "metadata"]).to_batches(max_chunksize=BATCH_ROWS):
-        for request, metadata in zip(batch["request"].to_pylist(), batch["metadata"].to_pylist(),
-                                     strict=True):  # fmt: skip
-            for name, value in _extra(request, metadata).items():
+        fields = _fields(batch)
+        for name, values in fields.columns.items():
+            if fields.present(name):
+                kinds.setdefault(name, set()).add(KINDS[values.type])
+        for row in _slow_rows(batch, fields.slow):
+            for name, value in row.items():
                 kinds.setdefault(name, set()).add(_kind(value))
+
+
+def _fields(batch: pa.RecordBatch) -> Fields:
+    return parse_fields(batch["request"], batch["metadata"], (REQUEST_PREFIX, METADATA_PREFIX))
+
+
+def _slow_rows(batch: pa.RecordBatch, slow: np.ndarray) -> list[dict[str, Any]]:
+    """The fields of the rows marked ``slow``, read one by one."""
+    if not slow.any():
+        return []
+    rows = pa.array(np.flatnonzero(slow))
+    requests = batch["request"].take(rows).to_pylist()
+    metadata = batch["metadata"].take(rows).to_pylist()
+    return [_extra(r, m) for r, m in zip(requests, metadata, strict=True)]
 
 
 def schema_of(ledger: pa.Schema, kinds: Mapping[str, set[str]]) -> pa.Schema:
@@ -123,12 +144,14 @@ def export_batches(jobs: pa.Table, schema: pa.Schema) -> Iterator[pa.RecordBatch
     """The folded jobs as record batches of ``schema`` (from :func:`export_schema`)."""
     extra = [f for f in schema if f.name not in jobs.column_names]
     for batch in jobs.to_batches(max_chunksize=BATCH_ROWS):
-        rows = [
-            _extra(request, metadata)
-            for request, metadata in zip(
-                batch["request"].to_pylist(), batch["metadata"].to_pylist(), strict=True
-            )
-        ]
+        fields = _fields(batch)
+        slow = fields.slow.copy()
+        for field in extra:
+            values = fields.columns.get(field.name)
+            if values is not None and not _castable(values.type, field.type):
+                slow |= _valid(values)  # a double as text: was it 5 or 5.0? json.loads knows
+        rows = _slow_rows(batch, slow)
+        mask = pa.array(slow) if rows else None
         columns: list[pa.Array] = []
         for field in schema:
             if field.name in MONEY_COLUMNS:
@@ -136,9 +159,34 @@ def export_batches(jobs: pa.Table, schema: pa.Schema) -> Iterator[pa.RecordBatch
             elif field.name in batch.schema.names:
                 columns.append(batch[field.name])
         for field in extra:
-            values = [_cell(row.get(field.name), field.type) for row in rows]
-            columns.append(pa.array(values, field.type))
+            values = fields.columns.get(field.name)
+            if values is None:
+                column = pa.nulls(batch.num_rows, field.type)
+            else:
+                column = values if values.type == field.type else _cast(values, field.type)
+            if mask is not None:
+                cells = [_cell(row.get(field.name), field.type) for row in rows]
+                column = pc.replace_with_mask(column, mask, pa.array(cells, field.type))
+            columns.append(column)
         yield pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def _castable(kind: pa.DataType, to: pa.DataType) -> bool:
+    """Whether Arrow's cast gives what :func:`_cell` makes of json.loads' value."""
+    if kind == to:
+        return True
+    if pa.types.is_floating(to):
+        return bool(pa.types.is_integer(kind))
+    return bool(pa.types.is_string(to) and (kind == pa.bool_() or pa.types.is_integer(kind)))
+
+
+def _cast(values: pa.Array, to: pa.DataType) -> pa.Array:
+    # An integer past 2**53 as a float: rounded to the nearest, as float() does.
+    return pc.cast(values, to, safe=False)
+
+
+def _valid(values: pa.Array) -> np.ndarray:
+    return np.asarray(values.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
 
 
 def export_money(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:

@@ -14,6 +14,7 @@ of their slices.
 from __future__ import annotations
 
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,15 +53,23 @@ class OrderedJobs:
             for start in range(0, len(source), batch_rows):
                 chunk = source[start : start + batch_rows]
                 counts = np.bincount(chunk, minlength=len(readers))
-                pieces = [readers[i].take(int(n)) for i, n in enumerate(counts) if n]
-                table = pa.concat_tables(pieces)
+                pieces = [b for i, n in enumerate(counts) if n for b in readers[i].take(int(n))]
+                table = pa.Table.from_batches(pieces)
                 del pieces
-                # Rows come grouped by slice; put them back in seq order.
+                # Rows come grouped by slice; put them back in seq order, a column at a time,
+                # letting go of each column once taken: one copy of the batch, not two.
                 by_slice = np.argsort(chunk, kind="stable")
                 place = np.empty(len(chunk), dtype=np.int64)
                 place[by_slice] = np.arange(len(chunk))
-                ordered = table.take(pa.array(place)).combine_chunks()
+                indices = pa.array(place)
+                schema = table.schema
+                columns = []
+                for _name in schema.names:
+                    columns.append(table.column(0).take(indices))
+                    table = table.remove_column(0)
                 del table
+                ordered = pa.Table.from_arrays(columns, schema=schema)
+                del columns
                 yield ordered
                 del ordered
                 pa.default_memory_pool().release_unused()
@@ -75,17 +84,27 @@ class _Reader:
     def __init__(self, path: Path) -> None:
         self._source = pa.OSFile(str(path), "rb")
         self._stream = pa.ipc.open_stream(self._source)
-        self._held: list[pa.RecordBatch] = []
+        self._held: deque[pa.RecordBatch] = deque()  # read, not yet taken (the first in part)
         self._rows = 0
 
-    def take(self, n: int) -> pa.Table:
+    def take(self, n: int) -> list[pa.RecordBatch]:
+        """The next ``n`` rows, as slices of the file's record batches (no table per call:
+        the merge asks every file for a few rows per batch)."""
         while self._rows < n:
             batch = self._stream.read_next_batch()
             self._held.append(batch)
             self._rows += batch.num_rows
-        table = pa.Table.from_batches(self._held, schema=self._stream.schema)
-        taken, rest = table.slice(0, n), table.slice(n)
-        self._held = rest.to_batches()
+        taken: list[pa.RecordBatch] = []
+        need = n
+        while need:
+            first = self._held[0]
+            if first.num_rows <= need:
+                taken.append(self._held.popleft())
+                need -= first.num_rows
+            else:
+                taken.append(first.slice(0, need))
+                self._held[0] = first.slice(need)
+                need = 0
         self._rows -= n
         return taken
 

@@ -31,7 +31,7 @@ from runner.ledger.identity import COLUMNS as IDENTITY_COLUMNS
 from runner.ledger.identity import HashedIdentities, exact_superseded, superseded_keys
 from runner.ledger.journal import fsync_dir
 from runner.ledger.meta import read_run_meta
-from runner.ledger.ordered import ordered_jobs
+from runner.ledger.ordered import OrderedJobs, ordered_jobs
 from runner.ledger.scan import scan_folded, system_pool
 from runner.ledger.schema import LEDGER_SCHEMA, JobState
 from runner.ledger.totals import COLUMNS as TOTALS_COLUMNS
@@ -42,6 +42,7 @@ from runner.ledger.versions import SUPERSEDED
 ExportFormat = Literal["csv", "jsonl", "parquet"]
 _ZERO = Decimal(0)
 _EMPTY = LEDGER_SCHEMA.empty_table()
+TEXT_ROWS = 2_000  # rows a CSV or JSONL export makes Python values of at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +196,7 @@ def export(
         ):
             ledger = _marked_schema(run_dir) if jobs.schema is None else jobs.schema
             schema = schema_of(ledger.with_metadata(_first_metadata(run_dir)), kinds)
-            batches = (b for t in jobs.batches(EXPORT_ROWS) for b in export_batches(t, schema))
+            batches = _export_batches(jobs, schema)
             with open(tmp, "wb") as handle:
                 _write(batches, schema, handle, fmt)
                 handle.flush()
@@ -212,6 +213,15 @@ def export(
         _remove(tmp)
         raise
     return jobs.rows
+
+
+def _export_batches(jobs: OrderedJobs, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+    """The export's record batches, holding one merged batch at a time (a loop variable
+    would keep the last one while the next is merged)."""
+    tables = jobs.batches(EXPORT_ROWS)
+    while (table := next(tables, None)) is not None:
+        yield from export_batches(table, schema)
+        del table
 
 
 def _marked_schema(run_dir: Path) -> pa.Schema:
@@ -236,15 +246,27 @@ def _write(batches: Iterator[pa.RecordBatch], schema: pa.Schema, handle: Any, fm
         with pq.ParquetWriter(handle, schema, compression="zstd") as writer:
             for batch in batches:
                 writer.write_batch(batch)
+                del batch  # not held while the next is made
         return
     if fmt == "csv":
         flat = _flat_for_csv(schema.empty_table()).schema
         with pacsv.CSVWriter(handle, flat) as csv_writer:
             for batch in batches:
-                csv_writer.write_table(_flat_for_csv(pa.Table.from_batches([batch], schema)))
+                for piece in _pieces(batch):
+                    csv_writer.write_table(_flat_for_csv(pa.Table.from_batches([piece], schema)))
+                del batch
         return
     for batch in batches:
-        _write_jsonl(batch, handle)
+        for piece in _pieces(batch):
+            _write_jsonl(piece, handle)
+        del batch
+
+
+def _pieces(batch: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
+    """``batch`` in slices of TEXT_ROWS rows: what CSV and JSONL make Python values of at
+    once (the lines are the same; a whole batch as Python rows held ~400 MiB more)."""
+    for start in range(0, batch.num_rows, TEXT_ROWS):
+        yield batch.slice(start, TEXT_ROWS)
 
 
 def _remove(tmp: Path) -> None:
