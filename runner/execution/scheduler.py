@@ -279,7 +279,7 @@ class Scheduler:
         )  # fmt: skip
         if not await self._take_slot() or self._unreachable():
             # Reserved, never sent.
-            self.budget.settle(est.usd, Decimal(0), reattached=reattach is not None)
+            self.budget.settle(est.usd, Decimal(0), reattached=ticket.earlier)
             return False
         self.tally.in_flight += 1
         tg.start_soon(self._work, ticket, s)
