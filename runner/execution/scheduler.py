@@ -148,8 +148,7 @@ class Scheduler:
         self._unsent: Unsent | None = None  # the workers' jobs that have sent nothing yet
         # The window's slots held by lost jobs: this run's, or every shard's on the key.
         self.lost = lost or LostSlots(config.in_flight_limit)
-        # Every slot's job in a row unable to reach the queue: an outage, admission stops.
-        # Counted over every shard on the key (its gate's), as the window is theirs.
+        # Every slot's job in a row (the key's shards') unable to reach the queue: an outage.
         self.reach = reach or Reach(max(config.in_flight_limit, 4))
         # Completed earlier but not (fully) downloaded: fetched again instead of skipped.
         self.pending = pending_for(state) if config.download else None
@@ -287,11 +286,10 @@ class Scheduler:
 
     def _unreachable(self) -> bool:
         """Another shard on the key found fal's queue unreachable: the slot taken goes back."""
-        if self.reach.tripped is None:
-            return False
-        self.window.release()
-        self.stop(self.reach.tripped)
-        return True
+        if (reason := self.reach.tripped) is not None:
+            self.window.release()
+            self.stop(reason)
+        return reason is not None
 
     async def _pending_item(self, job_key: str) -> DownloadItem | None:
         """What the job still has to download (its chunk read in a thread when not held)."""
