@@ -258,6 +258,7 @@ async def _drive(
             records=records, followed=followed, submit_window_s=policies.submit.timeout_s,
             window=gate.slots if gate is not None else None, source=hooks.jobs,
             lost=gate.lost if gate is not None else None,
+            reach=gate.reach if gate is not None else None,
         )  # fmt: skip
         shared = Shared(
             config=config, client=client, recorder=recorder, strategy=strategy, pacing=pacing,

@@ -29,6 +29,7 @@ from typing import Protocol
 
 from runner.execution.budget import Spend
 from runner.execution.completion import Pacing
+from runner.execution.outcome import Reach
 from runner.execution.prices import SharedPrices
 from runner.execution.ratelimit import AdaptiveRate, Level, submit_rate
 
@@ -101,10 +102,14 @@ class AccountGate:
     prices: SharedPrices = field(default_factory=SharedPrices)
     # The key's slots its shards' lost jobs hold (None: a count of this gate's own).
     lost: LostSlots | None = None
+    # Jobs in a row, over every shard on the key, whose submits never reached fal's queue.
+    reach: Reach | None = None
 
     def __post_init__(self) -> None:
         if self.lost is None:
             self.lost = LostSlots(self.limit)
+        if self.reach is None:
+            self.reach = Reach(max(self.limit, 4))
 
 
 def local_gate(

@@ -212,6 +212,8 @@ class Reach:
 
     limit: int
     in_a_row: int = 0
+    # The reason once ``limit`` was reached: every shard sharing this count stops on it.
+    tripped: str | None = None
 
     def saw(self, outcome: Outcome | None) -> str | None:
         """The reason to stop admitting, once ``limit`` jobs in a row could not reach it."""
@@ -225,7 +227,8 @@ class Reach:
         self.in_a_row += 1
         if self.in_a_row < self.limit:
             return None
-        return (
+        self.tripped = self.tripped or (
             f"the last {self.in_a_row} jobs could not reach fal's queue, each after its "
             f"retries ({outcome.failure.message[:300]}); the rest were not submitted"
         )
+        return self.tripped

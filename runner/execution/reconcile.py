@@ -174,11 +174,11 @@ class Reconciler:
         return item
 
 
-def describe(settled: Settlement) -> str:
-    """One line for a log."""
+def describe(settled: Settlement, *, resubmit: bool = True) -> str:
+    """One line for a log; ``resubmit``: an absent request is sent again (else left)."""
     if isinstance(settled, Adopt):
         extra = f"; {len(settled.duplicates)} duplicates billed" if settled.duplicates else ""
         return f"found in fal's history as {settled.item.request_id}{extra}"
     if isinstance(settled, Absent):
-        return "not in fal's history: never accepted, resubmitted"
+        return "not in fal's history: never accepted" + (", resubmitted" if resubmit else "")
     return f"history unavailable: {settled.reason}"

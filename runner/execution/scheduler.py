@@ -109,6 +109,7 @@ class Scheduler:
         window: Slots | None = None,
         source: JobSource | None = None,
         lost: LostSlots | None = None,
+        reach: Reach | None = None,
     ) -> None:
         self.config = config
         self.ledger = ledger
@@ -147,8 +148,8 @@ class Scheduler:
         self._unsent: Unsent | None = None  # the workers' jobs that have sent nothing yet
         # The window's slots held by lost jobs: this run's, or every shard's on the key.
         self.lost = lost or LostSlots(config.in_flight_limit)
-        # Every slot's job in a row unable to reach the queue: an outage, admission stops.
-        self.reach = Reach(max(config.in_flight_limit, 4))
+        # Every slot's job in a row (the key's shards') unable to reach the queue: an outage.
+        self.reach = reach or Reach(max(config.in_flight_limit, 4))
         # Completed earlier but not (fully) downloaded: fetched again instead of skipped.
         self.pending = pending_for(state) if config.download else None
 
@@ -275,13 +276,20 @@ class Scheduler:
             possible_duplicate=decision.possible_duplicate, reconcile=reconcile,
             followed=self.followed.get(item.job_key, frozenset()), settle_only=settle_only,
         )  # fmt: skip
-        if not await self._take_slot():
+        if not await self._take_slot() or self._unreachable():
             # Reserved, never sent.
-            self.budget.settle(est.usd, Decimal(0), reattached=reattach is not None)
+            self.budget.settle(est.usd, Decimal(0), reattached=ticket.earlier)
             return False
         self.tally.in_flight += 1
         tg.start_soon(self._work, ticket, s)
         return True
+
+    def _unreachable(self) -> bool:
+        """Another shard on the key found fal's queue unreachable: the slot taken goes back."""
+        if (reason := self.reach.tripped) is not None:
+            self.window.release()
+            self.stop(reason)
+        return reason is not None
 
     async def _pending_item(self, job_key: str) -> DownloadItem | None:
         """What the job still has to download (its chunk read in a thread when not held)."""

@@ -155,14 +155,15 @@ async def _settle(
     a possible duplicate when it cannot be read. The ticket carries what the next intent
     records."""
     settled = await s.reconciler.settle(intent) if s.reconciler is not None else Unavailable("off")
-    s.recorder.say(f"{t.job.row_id}: unknown submit outcome: {describe(settled)}")
+    said = describe(settled, resubmit=not t.settle_only)
+    s.recorder.say(f"{t.job.row_id}: unknown submit outcome: {said}")
     if isinstance(settled, Adopt):
         ref = s.client.urls_for(t.job.endpoint, settled.item.request_id)
         await s.recorder.adopted(t, attempt, ref, settled.duplicates)
         return replace(t, reconcile=None), ref
     if t.settle_only:  # the budget is reached: nothing new is sent
-        s.recorder.unsettled(t, f"unknown submit outcome ({describe(settled)}); the budget "
-                             "is reached, so it is settled again by a rerun")  # fmt: skip
+        s.recorder.unsettled(t, f"unknown submit outcome ({said}); the budget is reached: "
+                             "nothing is sent, a rerun settles it again")  # fmt: skip
         return t, None
     if isinstance(settled, Absent):
         s.tally.reconciled["resubmitted_safe"] += 1

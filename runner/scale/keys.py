@@ -164,13 +164,15 @@ def key_for_shard(
     recorded: Mapping[int, str | None],
     *,
     in_flight: Callable[[int], int] | None = None,
+    key_changed: bool = False,
 ) -> KeySpec:
     """The key shard ``shard`` runs with: the one its ledger recorded, else by position.
 
     A recorded key that is not among ``keys`` is refused while ``in_flight(shard)`` counts
     jobs left in flight under it (to re-attach, settle from its history, or cancel: only that
     key can); with none (or a count of 0), the shard takes its key by position. Without
-    ``in_flight``, the shard is taken to have some.
+    ``in_flight``, the shard is taken to have some. ``key_changed`` (``--key-changed``):
+    the recorded key was rotated within the same account, so the key by position serves.
     """
     was = recorded.get(shard)
     if was is None:
@@ -178,13 +180,19 @@ def key_for_shard(
     for spec in keys:
         if spec.fingerprint == was:
             return spec
+    if key_changed:
+        return keys[shard % len(keys)]
     left = 1 if in_flight is None else in_flight(shard)
     if left == 0:  # nothing of that key's to re-attach or cancel: any key will do
         return keys[shard % len(keys)]
-    held = "" if in_flight is None else f" and {left} of its jobs are in flight under it"
+    held, rotated = "", ""
+    if in_flight is not None:  # a run: --key-changed says the account is the same
+        held = f" and {left} of its jobs are in flight under it"
+        rotated = ", or pass --key-changed if the keys given are of the same account"
     raise UsageError(
         f"shard {shard} was submitted with key {was}, which is not among the keys given{held}; "
         "add it back (its in-flight jobs can only be re-attached, settled or cancelled with it)"
+        f"{rotated}"
     )
 
 

@@ -118,7 +118,10 @@ def prepare(config: RunConfig) -> tuple[list[int], dict[int, KeySpec]]:
     picks = [config.shard] if config.shard is not None else list(range(config.shards))
     recorded = recorded_keys(config.run_dir, config.shards)
     left = lambda k: in_flight_count(shard_dir(config.run_dir, k))  # noqa: E731
-    return picks, {k: key_for_shard(k, keys, recorded, in_flight=left) for k in picks}
+    changed = config.key_changed
+    return picks, {
+        k: key_for_shard(k, keys, recorded, in_flight=left, key_changed=changed) for k in picks
+    }
 
 
 async def execute_sharded(config: RunConfig, *, hooks: Hooks | None = None) -> RunReport:
