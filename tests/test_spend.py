@@ -130,6 +130,12 @@ def test_max_cost_holds_across_shard_processes(tmp_path: Path) -> None:
     shards, cap = 4, D("0.70")  # 20 jobs at $0.035; each shard alone has 40
     path = manifest(tmp_path, 160)
     run_dir, gates = tmp_path / "run", tmp_path / "gates"
+    # Processes on a gate directory are one invocation (one --max-cost) while any of them
+    # runs; one started after the others ended is a new one, with a cap of its own. Under
+    # load a process can start that late (the test failed so: $1.40 billed). The test stays
+    # in the invocation, as a supervisor starting them would, so the four are always one.
+    supervisor = FilePool(book_dir(gates, run_dir))
+    supervisor.open()
     with emulator_process(tmp_path, time_scale=0.02, concurrency=4) as emu:
         flags = _flags(shards, gates, cap)
         procs = [
@@ -138,6 +144,7 @@ def test_max_cost_holds_across_shard_processes(tmp_path: Path) -> None:
         errs = [proc.communicate(timeout=240)[1] for proc in procs]
         codes = [proc.returncode for proc in procs]
         stats = emu.stats()
+    supervisor.close()
     assert codes == [EXIT_BUDGET] * shards, [e[-600:] for e in errs]
     billed = _billed(stats)
     assert billed <= cap, billed
