@@ -22,12 +22,6 @@ a2,fal-ai/flux-lora,a cow,square_hd,3
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the bar counts with check_unique_ids=False (to save the id set's memory): a row "
-    "whose id repeats is priced as a job, while plan (and admission) make it a bad row that "
-    "is never sent, so the bar's estimate is above plan's ($0.105 vs $0.070 here)",
-)
 async def test_the_bars_count_and_dollars_equal_plans_with_a_duplicate_id(
     tmp_path: Path,
 ) -> None:

@@ -110,10 +110,14 @@ def count_jobs(
 
 
 def count_plain(config: RunConfig, pricer: Pricer, stop: threading.Event) -> tuple[int, Decimal]:
-    """:func:`count_jobs` over the whole manifest as ``runner plan`` counts it: rows alike
-    are priced once and plain rows are counted, not made (2M rows: 2.7 CPU s, was ~70)."""
-    options = replace(expand_options(config), check_unique_ids=False)
-    batches = iter_job_batches(config.manifest, config.fmt, options, materialize=False)
+    """The manifest's jobs and dollars as ``runner plan`` counts them: rows alike are priced
+    once and plain rows are counted, not made (2M rows: 2.7 CPU s; making them, ~70)."""
+    # With the id check, as plan and admission read it: a repeated id is a bad row ($0).
+    # Its table is this pass's while it lasts (16-19 bytes an id), and admission's own is
+    # small then: the run holds both at its start, as it holds one at its end.
+    batches = iter_job_batches(
+        config.manifest, config.fmt, expand_options(config), materialize=False
+    )
     plan = build_plan_batches(
         takewhile(lambda _batch: not stop.is_set(), batches), pricer.prices,
         input_sizes=pricer.sizer, lora_bytes=pricer.sizer.lora_bytes,
