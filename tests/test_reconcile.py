@@ -191,6 +191,8 @@ async def test_a_budget_stop_still_settles_what_earlier_runs_left_unknown(
         stats = emu.snapshot()
     assert again.exit_code == EXIT_BUDGET, again.message
     assert again.tally.reconciled == {"adopted": 1} and again.tally.completed == 1
+    # Its cost is this run's spend, all of it on a job an earlier run submitted.
+    assert again.tally.spent_usd == again.tally.earlier_usd == Decimal("0.035")
     assert stats["submits"]["accepted"] == 3 and stats["submits"]["duplicates"] == 0
     billed = sum(b["images"] for b in stats["billing"].values())
     summary = status_summary(run_dir)

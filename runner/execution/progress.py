@@ -54,6 +54,8 @@ class Tally:
     remote_queued: int = 0
     remote_running: int = 0
     spent_usd: Decimal = Decimal(0)
+    # Of it, on jobs earlier runs submitted (re-attached or settled): outside --max-cost.
+    earlier_usd: Decimal = Decimal(0)
     retries: int = 0
     # fal's safety checker: flagged images kept (or failed) at the end of their job, the
     # flagged outputs re-rolled and what those discarded attempts cost (runner.execution.flagged).

@@ -329,3 +329,5 @@ class Recorder:
     def _settle(self, t: Ticket, actual: Decimal | None) -> None:
         self.budget.settle(t.estimate.usd, actual, reattached=t.earlier)
         self.tally.spent_usd += actual or Decimal(0)
+        if t.earlier:
+            self.tally.earlier_usd += actual or Decimal(0)

@@ -119,7 +119,10 @@ def print_summary(report: RunReport, out: TextIO = sys.stderr) -> None:
     print("", file=out)
     for name, value in rows:
         print(f"  {name.ljust(width)}  {value}", file=out)
-    print(f"  {'spent'.ljust(width)}  {format_usd(t.spent_usd)}", file=out)
+    earlier = ""
+    if t.earlier_usd:
+        earlier = f" ({format_usd(t.earlier_usd)} of it on jobs earlier runs submitted)"
+    print(f"  {'spent'.ljust(width)}  {format_usd(t.spent_usd)}{earlier}", file=out)
     if t.rerolls:
         print(
             f"  {'re-rolls of flagged outputs'.ljust(width)}  {t.rerolls} "
@@ -173,6 +176,7 @@ def summary_json(report: RunReport) -> dict[str, Any]:
         "cached": t.cached,
         "total": t.total,
         "spent_usd": usd(t.spent_usd),
+        "earlier_usd": usd(t.earlier_usd),
         "estimate_usd": usd(t.estimate_usd),
         "reasons": dict(sorted(t.reasons.items())),
         "examples": list(t.examples),
