@@ -73,7 +73,7 @@ async def test_another_accounts_key_is_refused_while_jobs_are_in_flight(tmp_path
         assert report.exit_code == EXIT_OK, report.message
         assert accepted(accounts, KEY_A) == 2
     text = str(refused.value)
-    assert "1 jobs" in text and "--key-changed" in text
+    assert "1 job of" in text and "is in flight" in text and "--key-changed" in text
     assert fingerprint(SecretStr(KEY_A)) in text and KEY_A not in text and KEY_B not in text
 
 

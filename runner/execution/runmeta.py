@@ -64,7 +64,8 @@ def refuse_another_key(config: RunConfig) -> None:
     left = in_flight_count(config.run_dir)
     if left:
         raise UsageError(
-            f"{left} jobs of {config.run_dir} are in flight under key {was}, not the key given "
+            f"{left} {'job' if left == 1 else 'jobs'} of {config.run_dir} "
+            f"{'is' if left == 1 else 'are'} in flight under key {was}, not the key given "
             f"({now}): run with that key to re-attach them, or pass --key-changed if this key "
             "is of the same account (another account's key cannot find them: they would be "
             "sent, and paid for, again)"
