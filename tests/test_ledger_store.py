@@ -37,12 +37,12 @@ from runner.ledger import (
     status_summary,
     write_run_meta,
 )
-from runner.ledger.fold import fold
+from runner.ledger.folding import fold
 from runner.ledger.schema import SCHEMA_VERSION, encode_event, rows_to_table
 
 REPO = Path(__file__).parent.parent
 # The package exports a fold() function that hides the submodule's attribute name.
-fold_module = importlib.import_module("runner.ledger.fold")
+fold_module = importlib.import_module("runner.ledger.folding")
 T0 = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 IMAGE = OutputImage("https://cdn/x.png", 1024, 768, "image/png", "out/x.png", "ab" * 32)
 

@@ -25,7 +25,7 @@ from runner.ledger import (
     status_summary,
     write_run_meta,
 )
-from runner.ledger.fold import _fold as real_fold
+from runner.ledger.folding import _fold as real_fold
 from runner.report.data import Report, build_report, load_jobs, percentiles
 from runner.report.failures import common_message, normalise_message
 from runner.report.text import render_text, report_json
@@ -41,7 +41,7 @@ from tests.report_support import (
 )
 
 # The module, not the function runner.ledger re-exports under the same name.
-fold_module = importlib.import_module("runner.ledger.fold")
+fold_module = importlib.import_module("runner.ledger.folding")
 
 
 @pytest.fixture

@@ -113,7 +113,8 @@ from typing import TYPE_CHECKING, Any
 # fold() and totals() share their modules' names, which the package attribute holds once
 # the module is imported: import them from runner.ledger.fold and runner.ledger.totals.
 if TYPE_CHECKING:
-    from runner.ledger.fold import fold_tables, read_events, read_folded
+    from runner.ledger.fold import read_events, read_folded
+    from runner.ledger.folding import fold_tables
     from runner.ledger.lock import RunLock
     from runner.ledger.meta import read_run_meta, write_run_meta
     from runner.ledger.resume import (

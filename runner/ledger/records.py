@@ -10,7 +10,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from runner.ledger.fold import _retrying, _Snapshot, fold_tables
+from runner.ledger.fold import _retrying, _Snapshot
+from runner.ledger.folding import fold_tables
 from runner.ledger.schema import LEDGER_SCHEMA, JobRecord, record_from_row
 
 

@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 
 from runner.errors import LedgerCorruptError
 from runner.ledger import resumestate
-from runner.ledger.fold import _flag_unfetched, _retrying, _Snapshot, _to_bool, fold_tables
+from runner.ledger.fold import _flag_unfetched, _retrying, _Snapshot
+from runner.ledger.folding import _to_bool, fold_tables
 from runner.ledger.parts import _check_part_schema, iter_part, part_size_of
 from runner.ledger.resumestate import IN_FLIGHT, Pending, ResumeState
 from runner.ledger.schema import LEDGER_SCHEMA, JobRecord, JobState, record_from_row, rows_to_table

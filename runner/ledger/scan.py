@@ -33,7 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from runner.ledger import keyhash
-from runner.ledger.fold import _fold, _retrying, _Snapshot, fold_tables
+from runner.ledger.fold import _retrying, _Snapshot
+from runner.ledger.folding import _fold, fold_tables
 from runner.ledger.parts import iter_part, part_size_of
 from runner.ledger.schema import LEDGER_SCHEMA, rows_to_table
 

@@ -24,9 +24,9 @@ from runner.ledger.commits import CommitGroup
 from runner.ledger.fold import (
     JOURNAL_DIR,
     LEDGER_DIR,
-    fold_tables,
     read_admission,
 )
+from runner.ledger.folding import fold_tables
 from runner.ledger.journal import (
     SegmentWriter,
     encode_line,
