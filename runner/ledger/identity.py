@@ -25,11 +25,10 @@ import pyarrow.compute as pc
 
 from runner.ledger import keyhash
 from runner.ledger.scan import scan_folded
-from runner.ledger.versions import superseded_mask
+from runner.ledger.versions import INVALID_VARIANT, outdone, superseded_mask
 
 COLUMNS = ("row_id", "variant")
 _ROW_NUMBER = r"^#[0-9]+$"
-_INVALID_VARIANT = -1
 _NO_KEYS = pa.array([], pa.string())
 
 
@@ -59,7 +58,7 @@ class HashedIdentities:
         """Keep the identity of each job of a folded slice (``seq``, ``row_id``, ``variant``)."""
         hashes, eligible = _identified(jobs)
         at = np.flatnonzero(eligible)
-        variant = pc.cast(jobs["variant"], pa.int32()).fill_null(_INVALID_VARIANT)
+        variant = pc.cast(jobs["variant"], pa.int32()).fill_null(INVALID_VARIANT)
         self._rows.append(hashes[at])
         self._variants.append(np.asarray(variant.to_numpy(), np.int32)[at])
         self._seqs.append(np.asarray(jobs["seq"].to_numpy(), np.int64)[at])
@@ -83,32 +82,7 @@ class HashedIdentities:
         unique, rows = np.unique(hashes, return_inverse=True)
         variants = np.concatenate(self._variants).astype(np.int64)
         seq = np.concatenate(self._seqs)
-        invalid = variants == _INVALID_VARIANT
-        newest = np.maximum(
-            _group_max(seq, rows, variants),
-            np.where(invalid, _row_max(seq, rows, ~invalid), _row_max(seq, rows, invalid)),
-        )
-        return np.asarray(unique[np.unique(rows[seq < newest])], dtype=np.uint64)
-
-
-def _group_max(seq: np.ndarray, rows: np.ndarray, variants: np.ndarray) -> np.ndarray:
-    """For each job, the highest seq among the jobs of its (row, variant)."""
-    order = np.lexsort((variants, rows))
-    r, v = rows[order], variants[order]
-    starts = np.flatnonzero(np.concatenate(([True], (r[1:] != r[:-1]) | (v[1:] != v[:-1]))))
-    group_max = np.maximum.reduceat(seq[order], starts)
-    group = np.empty(len(seq), dtype=np.int64)
-    is_start = np.zeros(len(seq), dtype=bool)
-    is_start[starts] = True
-    group[order] = np.cumsum(is_start) - 1
-    return np.asarray(group_max[group])
-
-
-def _row_max(seq: np.ndarray, rows: np.ndarray, among: np.ndarray) -> np.ndarray:
-    """For each job, the highest seq among the jobs of its row selected by ``among`` (-1: none)."""
-    best = np.full(int(rows.max()) + 1, -1, dtype=np.int64)
-    np.maximum.at(best, rows[among], seq[among])
-    return np.asarray(best[rows])
+        return np.asarray(unique[np.unique(rows[outdone(seq, rows, variants)])], dtype=np.uint64)
 
 
 def in_sorted(values: np.ndarray, sorted_values: np.ndarray) -> np.ndarray:

@@ -46,7 +46,7 @@ import pyarrow.compute as pc
 
 SUPERSEDED = "superseded"
 _ROW_NUMBER = r"^#[0-9]+$"
-_INVALID_VARIANT = -1  # an invalid record's (null) variant: its whole row
+INVALID_VARIANT = -1  # an invalid record's (null) variant: its whole row
 
 
 def superseded_mask(jobs: pa.Table) -> np.ndarray:
@@ -69,22 +69,26 @@ def superseded_mask(jobs: pa.Table) -> np.ndarray:
     rows = np.asarray(
         pc.dictionary_encode(row_id.take(taken).combine_chunks()).indices.to_numpy(), np.int64
     )
-    variant = pc.cast(jobs["variant"].take(taken), pa.int64()).fill_null(_INVALID_VARIANT)
+    variant = pc.cast(jobs["variant"].take(taken), pa.int64()).fill_null(INVALID_VARIANT)
     variants = np.asarray(variant.to_numpy(), np.int64)
     seq = np.asarray(jobs["seq"].take(taken).to_numpy(), np.int64)
-    invalid = variants == _INVALID_VARIANT
-    # An invalid record is outdone by any later variant of its row; a variant by a later
-    # version of itself or a later invalid record of its row.
+    mask[at[outdone(seq, rows, variants)]] = True
+    return mask
+
+
+def outdone(seq: np.ndarray, rows: np.ndarray, variants: np.ndarray) -> np.ndarray:
+    """Which jobs (their ``seq``, row number, variant; ``INVALID_VARIANT`` for an invalid
+    record) a later record of their row supersedes. Pure.
+
+    An invalid record is outdone by any later variant of its row; a variant by a later
+    version of itself or a later invalid record of its row.
+    """
+    invalid = variants == INVALID_VARIANT
     newest = np.maximum(
         _group_max(seq, rows, variants),
-        np.where(
-            invalid,
-            _row_max(seq, rows, ~invalid),
-            _row_max(seq, rows, invalid),
-        ),
+        np.where(invalid, _row_max(seq, rows, ~invalid), _row_max(seq, rows, invalid)),
     )
-    mask[at[seq < newest]] = True
-    return mask
+    return np.asarray(seq < newest)
 
 
 def _group_max(seq: np.ndarray, rows: np.ndarray, variants: np.ndarray) -> np.ndarray:
