@@ -16,11 +16,11 @@ from runner.endpoints.cost import ACCOUNT_PRICE_SOURCE
 from runner.errors import EXIT_BUDGET, EXIT_OK, UsageError
 from runner.execution.reconcile import Absent, Adopt, Intent, matches, settle_from
 from runner.fal.history import HistoryItem
-from runner.ledger import Ledger, status_summary
-from runner.ledger.schema import JobState, LedgerEvent, payload_fingerprint
+from runner.ledger import status_summary
+from runner.ledger.schema import JobState, payload_fingerprint
 from runner.ledger.state import LedgerState
 from tests.scenario import emulator, manifest, run, run_config
-from tests.torture_support import manifest_jobs
+from tests.torture_support import left_submitting, manifest_jobs
 
 pytestmark = pytest.mark.anyio
 
@@ -153,13 +153,7 @@ async def test_an_intent_never_sent_is_resubmitted_safely_after_the_settle_delay
     path = manifest(tmp_path, 3)
     run_dir = tmp_path / "run"
     job = next(iter(manifest_jobs(path).values()))
-    with Ledger.open(run_dir) as ledger:
-        ledger.append(LedgerEvent(
-            job.job_key, JobState.SUBMITTING, datetime.now(UTC) - timedelta(seconds=5),
-            attempt=1, row_id=job.row_id, endpoint=job.endpoint,
-            payload_sha256=payload_fingerprint(job.payload),
-        ))  # fmt: skip
-        ledger.commit_sync()
+    left_submitting(run_dir, job)
     async with emulator() as emu:
         report = await run(emu, run_config(path, run_dir, reconcile_after_s=1.0))
         stats = emu.snapshot()
@@ -208,13 +202,7 @@ async def test_after_a_budget_stop_an_intent_not_in_the_history_is_left_unsent(
     path = manifest(tmp_path, 2)
     run_dir = tmp_path / "run"
     job = list(manifest_jobs(path).values())[1]
-    with Ledger.open(run_dir) as ledger:
-        ledger.append(LedgerEvent(
-            job.job_key, JobState.SUBMITTING, datetime.now(UTC) - timedelta(seconds=5),
-            attempt=1, row_id=job.row_id, endpoint=job.endpoint,
-            payload_sha256=payload_fingerprint(job.payload),
-        ))  # fmt: skip
-        ledger.commit_sync()
+    left_submitting(run_dir, job)
     async with emulator() as emu:
         config = run_config(path, run_dir, reconcile_after_s=1.0, max_cost_usd=Decimal("0.01"))
         report = await run(emu, config)

@@ -4,7 +4,6 @@ only settled from fal's history, never sent: what the run says of it must say so
 from __future__ import annotations
 
 import io
-from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -13,10 +12,8 @@ import pytest
 
 from runner.errors import EXIT_BUDGET
 from runner.execution.engine import Hooks, execute
-from runner.ledger import Ledger
-from runner.ledger.schema import JobState, LedgerEvent, payload_fingerprint
 from tests.scenario import FAST_POLICIES, emulator, manifest, run_config
-from tests.torture_support import manifest_jobs
+from tests.torture_support import left_submitting, manifest_jobs
 
 pytestmark = pytest.mark.anyio
 
@@ -27,13 +24,7 @@ async def test_a_settle_only_job_absent_from_history_is_not_said_resubmitted(
     path = manifest(tmp_path, 2)
     run_dir = tmp_path / "run"
     job = list(manifest_jobs(path).values())[1]
-    with Ledger.open(run_dir) as ledger:
-        ledger.append(LedgerEvent(
-            job.job_key, JobState.SUBMITTING, datetime.now(UTC) - timedelta(seconds=5),
-            attempt=1, row_id=job.row_id, endpoint=job.endpoint,
-            payload_sha256=payload_fingerprint(job.payload),
-        ))  # fmt: skip
-        ledger.commit_sync()
+    left_submitting(run_dir, job)
     stream = io.StringIO()
     async with emulator() as emu:
         hooks = Hooks(transport=httpx.ASGITransport(app=emu.app), stream=stream,

@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,9 @@ from runner.emulator import DEFAULT_KEY
 from runner.emulator.stats import canonical_input
 from runner.errors import RowError
 from runner.ledger.fold import read_events
+from runner.ledger.schema import JobState, LedgerEvent, payload_fingerprint
 from runner.ledger.state import LedgerState
+from runner.ledger.store import Ledger
 from runner.manifest.jobs import ExpandOptions, Job, iter_jobs
 from runner.manifest.reader import read_rows
 
@@ -122,6 +125,18 @@ def manifest_jobs(path: Path) -> dict[str, Job]:
         if not isinstance(item, RowError):
             jobs[item.job_key] = item
     return jobs
+
+
+def left_submitting(run_dir: Path, job: Job, *, ago_s: float = 5.0) -> None:
+    """``job``'s intent recorded ``ago_s`` ago and nothing after it, as a kill right after
+    the intent's commit (before the POST) leaves it."""
+    with Ledger.open(run_dir) as ledger:
+        ledger.append(LedgerEvent(
+            job.job_key, JobState.SUBMITTING, datetime.now(UTC) - timedelta(seconds=ago_s),
+            attempt=1, row_id=job.row_id, endpoint=job.endpoint,
+            payload_sha256=payload_fingerprint(job.payload),
+        ))  # fmt: skip
+        ledger.commit_sync()
 
 
 def check_readable(run_dir: Path) -> LedgerState:
