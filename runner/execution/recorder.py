@@ -14,6 +14,7 @@ committed spend and its slot stays taken until the run ends (see
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +22,7 @@ from decimal import Decimal
 from typing import Any
 
 from runner.endpoints.cost import Estimate
+from runner.errors import RowError
 from runner.execution.budget import Spend
 from runner.execution.outcome import Cached, Done, Expired, Failed, Lost, Outcome, Unknown
 from runner.execution.progress import Tally
@@ -29,7 +31,7 @@ from runner.fal.client import RequestRef
 from runner.fal.protocol import SubmitAck
 from runner.ledger.schema import JobState, LedgerEvent, encode_request
 from runner.ledger.store import Ledger
-from runner.manifest.jobs import Job
+from runner.manifest.jobs import Job, row_identity
 from runner.media.downloads import DownloadItem
 
 MESSAGE_LIMIT = 2000
@@ -72,6 +74,25 @@ class Ticket:
     def units(self) -> float:
         steps = getattr(self.job.request, "num_inference_steps", None) or 28
         return max(self.estimate.megapixels, 1) * int(steps)
+
+
+def invalid_event(error: RowError, now: Any) -> LedgerEvent:
+    first = error.problems[0]
+    # However the manifest's path is spelt; the line too, so two bad rows sharing an id
+    # are two records, not one (runner.manifest.jobs.row_identity).
+    identity = row_identity(first)
+    key = "invalid-" + hashlib.sha256(identity.encode()).hexdigest()[:24]
+    return LedgerEvent(
+        job_key=key,
+        state=JobState.INVALID,
+        at=now,
+        row_id=first.row_id,
+        line=first.line,
+        source=first.file,
+        error_type="invalid_row",
+        error_message="; ".join(p.message for p in error.problems)[:2000],
+        retryable=False,
+    )
 
 
 class Recorder:

@@ -10,11 +10,9 @@ admitting; the second cancels everything (in-flight jobs stay recorded with requ
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from datetime import timedelta
 from decimal import Decimal
-from typing import Any
 
 import anyio
 import anyio.abc
@@ -30,7 +28,7 @@ from runner.execution.jobsource import JobSource, ManifestSource, Pricer
 from runner.execution.outcome import Lost, Reach
 from runner.execution.progress import Progress, Tally
 from runner.execution.reconcile import Intent
-from runner.execution.recorder import Ticket
+from runner.execution.recorder import Ticket, invalid_event
 from runner.execution.shared import Shared, Unsent
 from runner.execution.summary import Ending, RunReport, verdict
 from runner.execution.worker import run_job
@@ -41,31 +39,12 @@ from runner.ledger.resumestate import ResumeState
 from runner.ledger.schema import JobRecord, JobState, LedgerEvent, utcnow
 from runner.ledger.state import LedgerState
 from runner.ledger.store import Ledger
-from runner.manifest.jobs import Job, row_identity
+from runner.manifest.jobs import Job
 from runner.manifest.plan import job_estimate
 from runner.media.downloads import DownloadItem, DownloadStage
 from runner.media.inputs import InputProber, InputSizer
 from runner.media.pending import pending_for
 from runner.media.uploads import Uploader
-
-
-def invalid_event(error: RowError, now: Any) -> LedgerEvent:
-    first = error.problems[0]
-    # However the manifest's path is spelt; the line too, so two bad rows sharing an id
-    # are two records, not one (runner.manifest.jobs.row_identity).
-    identity = row_identity(first)
-    key = "invalid-" + hashlib.sha256(identity.encode()).hexdigest()[:24]
-    return LedgerEvent(
-        job_key=key,
-        state=JobState.INVALID,
-        at=now,
-        row_id=first.row_id,
-        line=first.line,
-        source=first.file,
-        error_type="invalid_row",
-        error_message="; ".join(p.message for p in error.problems)[:2000],
-        retryable=False,
-    )
 
 
 def prior_spend(state: LedgerState | ResumeState) -> Decimal:
