@@ -340,6 +340,15 @@ class Recorder:
         self.tally.note("lost_contact", f"{t.job.row_id}: {message}")
         self.say(f"{t.job.row_id}: {message}; it is re-attached next run")
 
+    async def readmit(self, t: Ticket, failed: Failed) -> bool:
+        """A retry of a job an earlier run's budget admitted (re-attached, or settled): new
+        spend, so this run's budget must allow it, as for a new job. If it does, the
+        earlier reservation is settled at what the failed attempt cost."""
+        if not await self.budget.admit(t.estimate.usd):
+            return False
+        self._settle(t, failed.billed_usd)
+        return True
+
     def unsettled(self, t: Ticket, why: str) -> None:
         """A settle-only job fal's history could not show as accepted: nothing is sent, its
         ledger record stays as the earlier run left it, and a rerun settles it again."""

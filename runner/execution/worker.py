@@ -122,12 +122,18 @@ async def _attempts(t: Ticket, s: Shared) -> Outcome | None:
             else:
                 unanswered += 1
         limit = s.config.max_attempts
-        # A re-attached job was admitted by an earlier run's budget: a new submit of it is
-        # new spend, which only admission may allow, so it is left to the next run.
-        final = not retry or answered >= limit or unanswered >= limit or t.earlier
+        final = not retry or answered >= limit or unanswered >= limit
+        retried = t
+        if not final and t.earlier:
+            # Admitted by an earlier run's budget: a new submit is new spend, which this
+            # run's budget must allow; if it does not, it is left to the next run.
+            assert isinstance(outcome, Failed)
+            final = not await s.recorder.readmit(t, outcome)
+            retried = replace(t, reattach=None, settle_only=False)
         await s.recorder.record(t, attempt, outcome, final=final)
         if final:
             return outcome
+        t = retried
         if isinstance(outcome, Failed) and outcome.answered:
             attempt += 1  # an attempt the server never saw keeps its number
         ref = None
