@@ -11,7 +11,6 @@ function that removes it from every text the run writes.
 from __future__ import annotations
 
 import json
-import tomllib
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from pathlib import Path
@@ -254,6 +253,8 @@ def load_toml(path: Path) -> dict[str, Any]:
     """The options table of a TOML file (``[runner]``, else the top level), keys as written.
 
     Which keys are options, and what they set, is :mod:`runner.options`' business."""
+    import tomllib  # here: only a run given a config file reads TOML (~2 ms of CPU to import)
+
     try:
         with path.open("rb") as fh:
             raw = tomllib.load(fh)

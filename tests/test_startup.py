@@ -50,7 +50,8 @@ def test_help_imports_none_of_the_heavy_parts(argv: list[str]) -> None:
 # only), sharding and its cross-process gate files (--shards, --gate-dir), Ray, the other
 # commands' modules (cancel, plan's preview, the Python API), the ledger's readers (views,
 # exports, totals, scans), Pillow (until an image is checked), tqdm (a terminal only),
-# pandas, and httpx's own command line (click, rich, pygments).
+# pandas and dateutil (pyarrow's probes), httpx's own command line (click, rich, pygments),
+# and tomllib (a config file only).
 RUN_UNUSED = ("runner.emulator", "runner.report", "runner.fal.receiver", "runner.fal.webhook",
               "runner.fal.jwks", "runner.scale.shards", "runner.scale.feed",
               "runner.scale.spending", "runner.scale.ray_driver", "runner.scale.ray_gate",
@@ -59,7 +60,7 @@ RUN_UNUSED = ("runner.emulator", "runner.report", "runner.fal.receiver", "runner
               "runner.execution.preview", "runner.api", "runner.ledger.views",
               "runner.ledger.exports", "runner.ledger.totals", "runner.ledger.scan", "uvicorn",
               "starlette", "cryptography", "PIL", "tqdm", "pandas", "httpx._main", "click",
-              "rich", "pygments", "ray")  # fmt: skip
+              "rich", "pygments", "ray", "dateutil", "six", "tomllib")  # fmt: skip
 _RUN_PROBE = """
 import runpy, sys
 out, sys.argv = sys.argv[1], ["runner", *sys.argv[2:]]
@@ -158,6 +159,40 @@ print("later", pandas.__name__)
     assert done.stdout.split("\n")[:5] == [
         "refused pandas", "refused trio", "refused pandas.core", "False", "later pandas",
     ]  # fmt: skip
+
+
+def test_pyarrows_probe_for_dateutil_finds_none_and_afterwards_does() -> None:
+    pytest.importorskip("dateutil")
+    code = """
+import sys
+from runner.cli.imports import without_unused
+with without_unused():
+    import pyarrow as pa
+    print(pa.array(["a", "b"]).type, "dateutil" in sys.modules)
+from dateutil.relativedelta import relativedelta
+print(pa.array([relativedelta(months=1)]).type)
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert done.stdout.split("\n")[:2] == ["string False", "month_day_nano_interval"]
+
+
+def test_history_validators_are_built_on_first_use() -> None:
+    """A run reads fal's request history only to reconcile a submit of unknown outcome:
+    importing the engine builds no validator for its pages, the first page read does."""
+    code = """
+import runner.execution.engine
+from runner.fal import history
+print(history.HistoryItem.__pydantic_complete__, history._HistoryPage.__pydantic_complete__)
+page = history._HistoryPage.model_validate(
+    {"items": [{"request_id": "r1", "sent_at": "2026-01-01T00:00:00"}], "has_more": False})
+print(page.items[0].request_id, page.items[0].sent_at.isoformat())
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert done.stdout.split("\n")[:2] == ["False False", "r1 2026-01-01T00:00:00+00:00"]
 
 
 def test_what_is_imported_already_is_left_alone() -> None:
