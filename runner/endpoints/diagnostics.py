@@ -8,7 +8,6 @@ appended to ``field=value``.
 
 from __future__ import annotations
 
-import difflib
 import json
 from collections.abc import Collection
 from typing import Any
@@ -136,5 +135,7 @@ def _unknown_key(loc: tuple[int | str, ...], ep: str, known: Collection[str]) ->
     if name == "loras":
         return f"{ep} takes no loras"
     text = f"unknown parameter {name!r} for {ep}"
+    import difflib  # here: only an unknown parameter needs it (~1 ms of CPU to import)
+
     close = difflib.get_close_matches(name, list(known), n=1)
     return text + (f" (did you mean {close[0]!r}?)" if close else "")

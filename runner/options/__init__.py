@@ -10,7 +10,6 @@ the same way (:func:`manifest_config`), so one TOML file means the same to every
 from __future__ import annotations
 
 import argparse
-import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +145,8 @@ def file_values(path: Path) -> Given:
 
 
 def _hint(name: str) -> str:
+    import difflib  # here: only a mistyped key needs it (~1 ms of CPU to import)
+
     known = [o.name for o in OPTIONS] + [f"no-{o.name}" for o in OPTIONS if o.kind == "bool"]
     close = difflib.get_close_matches(name, known, n=1)
     return f" (did you mean {close[0]}?)" if close else ""
