@@ -51,7 +51,8 @@ def test_help_imports_none_of_the_heavy_parts(argv: list[str]) -> None:
 # commands' modules (cancel, plan's preview, the Python API), the ledger's readers (views,
 # exports, totals, scans), Pillow (until an image is checked), tqdm (a terminal only),
 # pandas and dateutil (pyarrow's probes), httpx's own command line (click, rich, pygments),
-# tomllib (a config file only) and difflib (a near-miss hint only).
+# tomllib (a config file only), difflib (a near-miss hint only) and the cross-run cache
+# (--cache only).
 RUN_UNUSED = ("runner.emulator", "runner.report", "runner.fal.receiver", "runner.fal.webhook",
               "runner.fal.jwks", "runner.scale.shards", "runner.scale.feed",
               "runner.scale.spending", "runner.scale.ray_driver", "runner.scale.ray_gate",
@@ -60,7 +61,8 @@ RUN_UNUSED = ("runner.emulator", "runner.report", "runner.fal.receiver", "runner
               "runner.execution.preview", "runner.api", "runner.ledger.views",
               "runner.ledger.exports", "runner.ledger.totals", "runner.ledger.scan", "uvicorn",
               "starlette", "cryptography", "PIL", "tqdm", "pandas", "httpx._main", "click",
-              "rich", "pygments", "ray", "dateutil", "six", "tomllib", "difflib")  # fmt: skip
+              "rich", "pygments", "ray", "dateutil", "six", "tomllib", "difflib",
+              "runner.media.cache", "runner.execution.reuse")  # fmt: skip
 _RUN_PROBE = """
 import runpy, sys
 out, sys.argv = sys.argv[1], ["runner", *sys.argv[2:]]

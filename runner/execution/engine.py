@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
@@ -47,7 +47,6 @@ from runner.execution.push import WebhookWaiter
 from runner.execution.ratelimit import submit_rate
 from runner.execution.reconcile import Reconciler
 from runner.execution.recorder import Recorder
-from runner.execution.reuse import open_reuse
 from runner.execution.runmeta import invocation_facts, refuse_another_key, write_run_metadata
 from runner.execution.scheduler import Scheduler, prior_spend
 from runner.execution.shared import Shared
@@ -71,6 +70,10 @@ from runner.ledger.resumestate import ResumeState
 from runner.ledger.schema import utcnow
 from runner.ledger.store import Ledger
 from runner.media.inputs import InputProber, InputSizer
+
+if TYPE_CHECKING:  # --cache only: the cache's modules load when a run uses one
+    from runner.execution.reuse import Reuse
+    from runner.media.sink import OutputSink
 
 __all__ = ["Hooks", "embedded_emulator", "execute"]
 
@@ -162,6 +165,15 @@ async def execute(config: RunConfig, *, hooks: Hooks | None = None) -> RunReport
                 )  # fmt: skip
 
 
+def _reuse(config: RunConfig, sink: OutputSink | None) -> Reuse | None:
+    """The run's cross-run cache (``--cache``); without one, its modules are not imported."""
+    if config.cache_dir is None:
+        return None
+    from runner.execution.reuse import open_reuse
+
+    return open_reuse(config, sink)
+
+
 def _first_fatal(group: BaseExceptionGroup[BaseException]) -> RunnerError | None:
     for exc in group.exceptions:
         if isinstance(exc, RunnerError):
@@ -243,7 +255,7 @@ async def _drive(
         sizer = InputSizer(config.manifest.resolve().parent)
         budget = _budget(config, state, gate)
         stage = download_stage(config, ledger, progress, hooks, http) if config.download else None
-        reuse = open_reuse(config, stage.downloader.sink if stage is not None else None)
+        reuse = _reuse(config, stage.downloader.sink if stage is not None else None)
         if stage is not None and reuse is not None:
             stage.cache = reuse.cache
         uploader, resolver = input_resolver(config, hooks, http)

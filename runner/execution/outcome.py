@@ -28,14 +28,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runner.endpoints.cost import megapixels
 from runner.errors import FalError, HTTPStatusError, ProtocolError, TransportError
 from runner.fal.protocol import Completed, FluxResult, ResultResponse, is_retryable_error_type
 from runner.fal.retry import Action, classify
 from runner.ledger.schema import OutputImage
-from runner.media.cache import CacheSlot
+
+if TYPE_CHECKING:  # --cache only: the cache's modules load when a run uses one
+    from runner.media.cache import CacheSlot
 
 MESSAGE_LIMIT = 2000
 

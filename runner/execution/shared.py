@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -19,12 +19,14 @@ from runner.execution.progress import Tally
 from runner.execution.ratelimit import AdaptiveRate
 from runner.execution.reconcile import Reconciler
 from runner.execution.recorder import Recorder
-from runner.execution.reuse import Reuse
 from runner.fal.client import QueueClient
 from runner.fal.retry import RetryPolicies
 from runner.ledger.schema import utcnow
 from runner.manifest.jobs import Job
 from runner.media.uploads import InputFailure
+
+if TYPE_CHECKING:  # --cache only: the cache's modules load when a run uses one
+    from runner.execution.reuse import Reuse
 
 Resolve = Callable[[Job], Awaitable[Mapping[str, Any] | InputFailure]]
 

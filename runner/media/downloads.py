@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 from dataclasses import fields as dataclass_fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import anyio.abc
@@ -50,7 +50,6 @@ from runner.fal.protocol import NOT_SENT_ERRORS
 from runner.fal.retry import RetryPolicies, RetryPolicy, call_with_retry
 from runner.ledger.schema import JobState, LedgerEvent, OutputImage, utcnow
 from runner.ledger.store import Ledger
-from runner.media.cache import OutputCache
 from runner.media.pending import DownloadItem, PendingDownloads, pending_downloads
 from runner.media.sink import (
     OutputSink,
@@ -60,6 +59,9 @@ from runner.media.sink import (
     storage_failure,
     with_path,
 )
+
+if TYPE_CHECKING:  # --cache only: the cache's modules load when a run uses one
+    from runner.media.cache import OutputCache
 
 __all__ = [
     "DownloadCounts",

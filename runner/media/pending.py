@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +22,9 @@ from runner.ledger.resumescan import read_whole
 from runner.ledger.resumestate import ResumeState
 from runner.ledger.schema import JobState, LedgerEvent, OutputImage, record_from_row
 from runner.ledger.state import LedgerState
-from runner.media.cache import CacheSlot
+
+if TYPE_CHECKING:  # --cache only: the cache's modules load when a run uses one
+    from runner.media.cache import CacheSlot
 
 
 @dataclass(frozen=True, slots=True)
