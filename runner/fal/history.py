@@ -62,9 +62,7 @@ _UNAVAILABLE = "fal's Platform API cannot be read with this key: history or pric
 _SEGMENT = r"[A-Za-z0-9_~-][A-Za-z0-9._~-]*"
 _ENDPOINT_ID = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})+")
 _FROZEN = ConfigDict(frozen=True, extra="ignore")
-# History pages are read only to reconcile a submit of unknown outcome (and by cancel): their
-# validators are built on first use, not by every run's import (~1.5 ms of CPU).
-_FROZEN_LATE = ConfigDict(frozen=True, extra="ignore", defer_build=True)
+_FROZEN_LATE = ConfigDict(frozen=True, extra="ignore", defer_build=True)  # built on first use
 
 
 def _as_utc(value: datetime | None) -> datetime | None:
@@ -112,14 +110,13 @@ class AccountPrice(BaseModel):
 
 
 class _Page(BaseModel):
-    model_config = _FROZEN
+    model_config = _FROZEN_LATE
 
     next_cursor: str | None = None
     has_more: bool = False
 
 
 class _HistoryPage(_Page):
-    model_config = _FROZEN_LATE
     items: list[HistoryItem]
 
 
