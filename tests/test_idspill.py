@@ -1,12 +1,14 @@
 """The id table past memory: runs spilled to an unnamed temporary file, probed through filters.
 
-:class:`KeyLines` spills once it holds ``SPILL_AT`` keys; what it answers is checked against
-a dict, with keys that share their top 48 bits (one bucket, one filter value: every probe of
-them reads the disk), and its memory and disk use per key.
+:class:`KeyLines` (ids) and :class:`Occurrences` (contents) spill once they hold ``SPILL_AT``
+keys; what they answer is checked against a dict or a counter, with keys that share their
+top 48 bits (one bucket, one filter value: every probe of them reads the disk), and their
+memory and disk use per key.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -17,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runner.manifest import idtable
-from runner.manifest.idspill import SpilledRun, SpillFile
+from runner.manifest import idspill, idtable
 from runner.manifest.idtable import KeyLines
 
 
@@ -94,7 +95,7 @@ def test_a_run_finds_each_key_one_by_one_and_in_a_batch() -> None:
     rng = np.random.default_rng(2)
     keys = np.unique(mixed_keys(rng, 5_000))
     lines = rng.integers(1, 2**40, len(keys))
-    run = SpilledRun(SpillFile(), keys, np.arange(len(keys), dtype=np.uint32), lines)
+    run = idspill.spill(keys, np.arange(len(keys), dtype=np.uint32), lines)
     assert run.nbytes <= 2.5 * len(keys)
     absent = np.setdiff1d(keys + 3, keys)
     index, checks, held, places = run.probe(np.concatenate([absent, keys]))
@@ -108,11 +109,10 @@ def test_a_run_finds_each_key_one_by_one_and_in_a_batch() -> None:
 
 def test_the_spill_file_has_no_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    file = SpillFile()
-    SpilledRun(file, np.arange(100, dtype=np.int64), np.zeros(100, np.uint32), np.arange(100))
-    assert file.size == 2_000 and os.fstat(file.fd).st_nlink == 0
+    run = idspill.spill(np.arange(100, dtype=np.int64), np.zeros(100, np.uint32), np.arange(100))
+    assert run.file_bytes == 2_000 and os.fstat(run._file.fd).st_nlink == 0
     assert list(tmp_path.iterdir()) == []
-    file.close()
+    run.close()
 
 
 CHILD = """
@@ -123,7 +123,7 @@ idtable.SPILL_AT = 1_000
 table = idtable.KeyLines()
 table.add(np.arange(50_000, dtype=np.int64), np.arange(50_000) + 2)
 assert table.spilled_bytes > 900_000, table.spilled_bytes
-print(table._file.fd, flush=True)
+print(table._spilled[0]._file.fd, flush=True)
 sys.stdin.readline()
 os.kill(os.getpid(), signal.SIGKILL)
 """
@@ -144,3 +144,32 @@ def test_a_killed_run_leaves_no_spill_file(tmp_path: Path) -> None:
     assert child.wait(timeout=60) == -signal.SIGKILL
     child.stdout.close()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 16])
+def test_merged_runs_answer_as_both(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    monkeypatch.setattr(idspill, "_RECORDS", chunk)
+    rng = np.random.default_rng(9)
+    keys = rng.permutation(np.unique(mixed_keys(rng, 3_000)))
+    lines = np.arange(len(keys)) + 2
+    cut = [0, 40, 1_000, 1_010, len(keys)]  # small and large runs, interleaved keys
+    runs: list[idspill.SpilledRun] = []
+    for start, end in itertools.pairwise(cut):
+        order = np.argsort(keys[start:end])
+        part = keys[start:end][order]
+        runs.append(idspill.spill(part, np.zeros(len(part), np.uint32), lines[start:end][order]))
+    files = [run._file for run in runs]
+    merged = idspill.merge(idspill.merge(runs[0], runs[1]), idspill.merge(runs[2], runs[3]))
+    assert len(merged) == len(keys) and all(file._file is None for file in files)
+    index, _, held, _ = merged.probe(keys)
+    assert index.tolist() == list(range(len(keys))) and held.tolist() == lines.tolist()
+    assert merged.probe(keys + 1)[0].tolist() == np.flatnonzero(np.isin(keys + 1, keys)).tolist()
+    pushed: list[idspill.SpilledRun] = []
+    for n in range(7):
+        one = idspill.spill(np.array([n * 2]), np.zeros(1, np.uint32), np.array([n]))
+        idspill.push(pushed, one)
+    # 1, 1 -> 2; 2, 1 -> 3; 3, 1, 1 -> 3, 2 -> 5; 5, 1, 1 -> 5, 2 (5 is over twice 2).
+    assert [len(run) for run in pushed] == [5, 2]
+    assert [run.find(n * 2) for n in range(7) for run in pushed if run.find(n * 2)] == [
+        (0, n, n) if n < 5 else (0, n, n - 5) for n in range(7)
+    ]

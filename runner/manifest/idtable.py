@@ -15,7 +15,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from runner.manifest.idspill import SpilledRun, SpillFile
+from runner.manifest import idspill
+from runner.manifest.idspill import SpilledRun
 
 
 class FirstLines:
@@ -127,7 +128,6 @@ class KeyLines:
         # (keys, checks, lines, directory): the directory of a long run, else None
         self._runs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
         self._spilled: list[SpilledRun] = []  # older than every run in memory
-        self._file = SpillFile()
         self._pending: dict[int, tuple[int, int]] = {}  # key -> (check, line)
         self._clashes: dict[tuple[int, int], int] = {}  # (key, check) -> line
         self.displaced: set[int] = set()
@@ -146,8 +146,8 @@ class KeyLines:
 
     @property
     def spilled_bytes(self) -> int:
-        """Bytes written to the temporary file (20 a spilled key)."""
-        return self._file.size
+        """Bytes of the spilled runs' temporary files (20 a spilled key)."""
+        return sum(run.file_bytes for run in self._spilled)
 
     def count(self, key: int) -> int:
         """How many times ``key`` has been counted, this time included (1 the first time)."""
@@ -324,7 +324,7 @@ class KeyLines:
             runs[-1] = (keys, checks, lines, _directory(keys))
         while runs and sum(len(keys) for keys, _, _, _ in runs) > SPILL_AT:
             keys, checks, lines, _ = runs.pop(0)
-            self._spilled.append(SpilledRun(self._file, keys, checks, lines))
+            idspill.push(self._spilled, idspill.spill(keys, checks, lines))
 
 
 # Runs stop growing at this many keys (24 MB): a merge holds both runs and the merged one
