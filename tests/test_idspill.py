@@ -14,12 +14,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from runner.manifest import idspill, idtable
+from runner.manifest.identity import Occurrences
 from runner.manifest.idtable import KeyLines
 
 
@@ -105,6 +107,19 @@ def test_a_run_finds_each_key_one_by_one_and_in_a_batch() -> None:
     assert run.find(int(absent[0])) is None
     run.set_line(int(places[7]), 3)
     assert run.find(int(keys[7])) == (7, 3, 7)
+
+
+def test_occurrences_count_across_spills(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Occurrences, "SPILL_AT", 300)
+    rng = np.random.default_rng(4)
+    keys = mixed_keys(rng, 2_000)
+    sightings = [*rng.choice(keys, 6_000).tolist(), 0, 0]
+    counts, seen = Occurrences(capacity=4), Counter[int]()
+    for key in sightings:
+        seen[key] += 1
+        assert counts.next(key) == seen[key]
+    assert counts._spilled and len(counts) == len(seen)
+    assert counts.nbytes < 12 * 1024 + 2.5 * len(seen)
 
 
 def test_the_spill_file_has_no_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
