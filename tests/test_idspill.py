@@ -188,3 +188,17 @@ def test_merged_runs_answer_as_both(monkeypatch: pytest.MonkeyPatch, chunk: int)
     assert [run.find(n * 2) for n in range(7) for run in pushed if run.find(n * 2)] == [
         (0, n, n) if n < 5 else (0, n, n - 5) for n in range(7)
     ]
+
+
+def test_without_temporary_space_the_tables_stay_in_memory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, spill_early: None
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    monkeypatch.setattr(Occurrences, "SPILL_AT", 300)
+    table, counts = KeyLines(), Occurrences()
+    keys = np.arange(5_000, dtype=np.int64) * 3
+    for start in range(0, 5_000, 500):
+        table.add(keys[start : start + 500], keys[start : start + 500] + 2)
+    assert not table._spilled and table.lookup(keys).tolist() == (keys + 2).tolist()
+    assert [counts.next(k) for k in range(1_000)] == [1] * 1_000
+    assert counts.next(999) == 2 and not counts._spilled and len(counts) == 1_000

@@ -139,7 +139,8 @@ class Occurrences:
     distinct content, against ~100 for a ``dict[int, int]``. Key 0 marks an empty slot,
     so its counts are kept aside. Past ``SPILL_AT`` contents the table is written to disk
     as one sorted run (:class:`runner.manifest.idspill.SpilledRun`, ~2.5 bytes a content
-    left in memory) and starts again empty; a content is counted where it is held.
+    left in memory) and starts again empty (unless no temporary file can be written); a
+    content is counted where it is held.
     """
 
     MAX_LOAD = 0.75
@@ -150,6 +151,7 @@ class Occurrences:
             raise ValueError(f"capacity must be a power of two, not {capacity}")
         self._capacity = capacity
         self._spilled: list[SpilledRun] = []
+        self._spills = True  # False once a temporary file could not be written
         self._zero = 0
         self._empty()
 
@@ -197,21 +199,27 @@ class Occurrences:
         keys[slot] = key
         self._counts[slot] = 1
         self._used += 1
-        if self._used >= self.SPILL_AT:
-            self._spill()
-        elif self._used > self.MAX_LOAD * len(keys):
+        spilled = self._used >= self.SPILL_AT and self._spills and self._spill()
+        if not spilled and self._used > self.MAX_LOAD * len(keys):
             self._grow()
         return 1
 
-    def _spill(self) -> None:
+    def _spill(self) -> bool:
+        """Write the table to disk and empty it; False if no temporary file can be written."""
         keys = np.frombuffer(self._keys, dtype=np.int64)
         counts = np.frombuffer(self._counts, dtype=np.dtype(self._counts.typecode))
         used = np.flatnonzero(keys)
         order = used[np.argsort(keys[used])]
         checks = np.zeros(len(order), dtype=np.uint32)
-        idspill.push(self._spilled, idspill.spill(keys[order], checks, counts[order]))
+        try:
+            spilled = idspill.spill(keys[order], checks, counts[order])
+        except OSError:  # held in memory from now on, as before
+            self._spills = False
+            return False
+        idspill.push(self._spilled, spilled)
         self._capacity = len(self._keys)  # filled again at this size: no regrowth
         self._empty()
+        return True
 
     def _grow(self) -> None:
         keys, counts = self._keys, self._counts

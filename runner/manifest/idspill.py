@@ -167,7 +167,11 @@ def push(runs: list[SpilledRun], run: SpilledRun) -> None:
     newer: about log2(spilled / first run) runs, each key rewritten as often."""
     runs.append(run)
     while len(runs) > 1 and len(runs[-2]) <= 2 * len(runs[-1]):
-        runs[-2:] = [merge(runs[-2], runs[-1])]
+        try:
+            merged = merge(runs[-2], runs[-1])
+        except OSError:  # no room for the merged run: both stay as they are
+            return
+        runs[-2:] = [merged]
 
 
 class SpilledRun:

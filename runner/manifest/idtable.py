@@ -121,13 +121,15 @@ class KeyLines:
     and the line taken over is put in :attr:`displaced`, for the batch to visit.
 
     Past ``SPILL_AT`` keys in memory runs the oldest run is written to an unnamed temporary
-    file (:class:`runner.manifest.idspill.SpilledRun`), leaving ~2.5 bytes a key in memory.
+    file (:class:`runner.manifest.idspill.SpilledRun`), leaving ~2.5 bytes a key in memory;
+    where no temporary file can be written, the runs stay in memory.
     """
 
     def __init__(self) -> None:
         # (keys, checks, lines, directory): the directory of a long run, else None
         self._runs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
         self._spilled: list[SpilledRun] = []  # older than every run in memory
+        self._spills = True  # False once a temporary file could not be written
         self._pending: dict[int, tuple[int, int]] = {}  # key -> (check, line)
         self._clashes: dict[tuple[int, int], int] = {}  # (key, check) -> line
         self.displaced: set[int] = set()
@@ -322,9 +324,14 @@ class KeyLines:
         keys, checks, lines, directory = runs[-1]
         if directory is None and len(keys) >= _DIRECTORY_MIN:
             runs[-1] = (keys, checks, lines, _directory(keys))
-        while runs and sum(len(keys) for keys, _, _, _ in runs) > SPILL_AT:
-            keys, checks, lines, _ = runs.pop(0)
-            idspill.push(self._spilled, idspill.spill(keys, checks, lines))
+        while self._spills and runs and sum(len(keys) for keys, *_ in runs) > SPILL_AT:
+            try:
+                spilled = idspill.spill(*runs[0][:3])
+            except OSError:  # no temporary space: held in memory from now on, as before
+                self._spills = False
+                break
+            runs.pop(0)
+            idspill.push(self._spilled, spilled)
 
 
 # Runs stop growing at this many keys (24 MB): a merge holds both runs and the merged one
