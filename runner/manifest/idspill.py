@@ -72,6 +72,14 @@ class SpillFile:
             raise OSError(f"the id table's spill file is short: {len(data)} of {size} bytes")
         return np.frombuffer(data, dtype=RECORD)
 
+    def gather(self, indices: list[int]) -> np.ndarray:
+        """The record at each index (one ``pread`` each)."""
+        size, fd = RECORD.itemsize, self.fd
+        data = b"".join([os.pread(fd, size, index * size) for index in indices])
+        if len(data) != size * len(indices):
+            raise OSError(f"the id table's spill file is short: {len(data)} bytes read")
+        return np.frombuffer(data, dtype=RECORD)
+
     def write_line(self, index: int, line: int) -> None:
         offset = index * RECORD.itemsize + _LINE_AT
         os.pwrite(self.fd, np.array([line], dtype="<i8").tobytes(), offset)
@@ -224,16 +232,28 @@ class SpilledRun:
             low = np.where(below, middle + 1, low)
             high = np.where(open_ & ~below, middle, high)
         maybe = np.flatnonzero((low < end) & (held[np.minimum(low, last)] == rems))
-        found: list[tuple[int, int, int, int]] = []
-        for i in maybe.tolist():
-            hit = self._read(int(keys[i]), int(low[i]), int(end[i]), int(rems[i]))
-            if hit is not None:
-                found.append((i, *hit))
-        if not found:
-            none = np.zeros(0, dtype=np.int64)
-            return none, none.astype(np.uint32), none, none
-        index, checks, lines, places = (np.array(column) for column in zip(*found, strict=True))
-        return index.astype(np.int64), checks.astype(np.uint32), lines.astype(np.int64), places
+        # Mostly one record shares a key's 16 bits: read each one's first, parsed at once.
+        at = low[maybe]
+        records = self._file.gather(at.tolist())
+        hit = records["key"] == keys[maybe]
+        index, places = maybe[hit], at[hit]
+        checks = records["check"][hit].astype(np.uint32)
+        lines = records["line"][hit].astype(np.int64)
+        # Where that first record was another key's, read on through those sharing the bits.
+        on = ~hit & (at + 1 < end[maybe]) & (held[np.minimum(at + 1, last)] == rems[maybe])
+        found = []
+        for i in maybe[on].tolist():
+            more = self._read(int(keys[i]), int(low[i]) + 1, int(end[i]), int(rems[i]))
+            if more is not None:
+                found.append((i, *more))
+        if found:
+            extra = [np.array(column) for column in zip(*found, strict=True)]
+            order = np.argsort(np.concatenate([index, extra[0]]), kind="stable")
+            index, checks, lines, places = (
+                np.concatenate([mine, theirs]).astype(mine.dtype)[order]
+                for mine, theirs in zip((index, checks, lines, places), extra, strict=True)
+            )
+        return index.astype(np.int64), checks, lines, places.astype(np.int64)
 
     def find(self, key: int) -> tuple[int, int, int] | None:
         """(check, line, place in the run) held for ``key``, None when the run has no such key."""
