@@ -42,6 +42,7 @@ def small(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(idtable, "_PENDING_MAX", 4)
     monkeypatch.setattr(idtable, "_DIRECTORY_MIN", 8)  # runs searched through a directory
     monkeypatch.setattr(idtable, "RUN_MAX", 24)  # several runs stop growing
+    monkeypatch.setattr(idtable, "SPILL_AT", 6)  # the older runs go to disk
 
 
 @FUZZ

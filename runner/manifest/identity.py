@@ -31,8 +31,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from runner.errors import RowProblem
-from runner.manifest import cells
+from runner.manifest import cells, idspill
+from runner.manifest.idspill import SpilledRun
 from runner.manifest.idtable import KeyLines
 
 KEY_HEX_CHARS = 32
@@ -134,22 +137,40 @@ class Occurrences:
     A row of content already seen is the next occurrence of it. Open addressing with
     linear probing over flat arrays, kept at most three quarters full: 16-32 bytes per
     distinct content, against ~100 for a ``dict[int, int]``. Key 0 marks an empty slot,
-    so its counts are kept aside.
+    so its counts are kept aside. Past ``SPILL_AT`` contents the table is written to disk
+    as one sorted run (:class:`runner.manifest.idspill.SpilledRun`, ~2.5 bytes a content
+    left in memory) and starts again empty (unless no temporary file can be written); a
+    content is counted where it is held.
     """
 
     MAX_LOAD = 0.75
+    SPILL_AT = 1 << 19
 
     def __init__(self, capacity: int = 1024) -> None:
         if capacity < 1 or capacity & (capacity - 1):
             raise ValueError(f"capacity must be a power of two, not {capacity}")
-        self._keys = array("q", [0]) * capacity
-        # 32-bit counts; widened past 4,294,967,295 identical rows.
-        self._counts = array("I", [0]) * capacity
+        self._capacity = capacity
+        self._spilled: list[SpilledRun] = []
+        self._spills = True  # False once a temporary file could not be written
         self._zero = 0
+        self._empty()
+
+    def _empty(self) -> None:
+        self._keys = array("q", [0]) * self._capacity
+        # 32-bit counts; widened past 4,294,967,295 identical rows.
+        self._counts = array("I", [0]) * self._capacity
         self._used = 0
 
     def __len__(self) -> int:
-        return self._used + (self._zero > 0)
+        return self._used + (self._zero > 0) + sum(map(len, self._spilled))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in memory: the table and the spilled runs' filters."""
+        held = sum(run.nbytes for run in self._spilled)
+        return (
+            held + self._keys.itemsize * len(self._keys) + self._counts.itemsize * len(self._counts)
+        )
 
     def next(self, key: int) -> int:
         """The occurrence of this sighting of ``key``: 1 the first time, then 2, 3..."""
@@ -168,13 +189,37 @@ class Occurrences:
                 self._counts[slot] = count
                 return count
             if found == 0:
-                keys[slot] = key
-                self._counts[slot] = 1
-                self._used += 1
-                if self._used > self.MAX_LOAD * len(keys):
-                    self._grow()
-                return 1
+                break
             slot = (slot + 1) & mask
+        for run in self._spilled:
+            held = run.find(key)
+            if held is not None:
+                run.set_line(held[2], held[1] + 1)
+                return held[1] + 1
+        keys[slot] = key
+        self._counts[slot] = 1
+        self._used += 1
+        spilled = self._used >= self.SPILL_AT and self._spills and self._spill()
+        if not spilled and self._used > self.MAX_LOAD * len(keys):
+            self._grow()
+        return 1
+
+    def _spill(self) -> bool:
+        """Write the table to disk and empty it; False if no temporary file can be written."""
+        keys = np.frombuffer(self._keys, dtype=np.int64)
+        counts = np.frombuffer(self._counts, dtype=np.dtype(self._counts.typecode))
+        used = np.flatnonzero(keys)
+        order = used[np.argsort(keys[used])]
+        checks = np.zeros(len(order), dtype=np.uint32)
+        try:
+            spilled = idspill.spill(keys[order], checks, counts[order])
+        except OSError:  # held in memory from now on, as before
+            self._spills = False
+            return False
+        idspill.push(self._spilled, spilled)
+        self._capacity = len(self._keys)  # filled again at this size: no regrowth
+        self._empty()
+        return True
 
     def _grow(self) -> None:
         keys, counts = self._keys, self._counts
@@ -231,7 +276,9 @@ def id_check(row_id: str) -> int:
 
 class SeenRows:
     """One manifest's ids and contents so far: the first line of each id, the count of each
-    content. Bounded: 16 bytes per id, 16-32 per distinct content, never the text."""
+    content, never the text. In memory: 16 bytes per id up to a million ids and 24 per
+    distinct content up to half a million, ~2.5 bytes for each past that (the rest in an
+    unnamed temporary file, 20 bytes each)."""
 
     def __init__(self) -> None:
         self.first_lines = KeyLines()

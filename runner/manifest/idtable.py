@@ -3,15 +3,20 @@
 Holding every row id of a 1,000,000-row manifest as ``dict[str, int]`` costs ~120 bytes a
 row. :class:`KeyLines` (what :class:`runner.manifest.identity.SeenRows` uses) keeps a 96-bit
 hash of the id (a 64-bit key and a 32-bit check) and its line in sorted numpy runs, 16 bytes
-a row, and takes a block's keys at once; :class:`FirstLines`, an open-addressing table in
-flat arrays, 21-43 bytes a row.
+a row, and takes a block's keys at once; past ``SPILL_AT`` keys its older runs go to an
+unnamed temporary file (:mod:`runner.manifest.idspill`), ~2.5 bytes a row left in memory.
+:class:`FirstLines`, an open-addressing table in flat arrays, 21-43 bytes a row.
 """
 
 from __future__ import annotations
 
 from array import array
+from collections.abc import Iterator
 
 import numpy as np
+
+from runner.manifest import idspill
+from runner.manifest.idspill import SpilledRun
 
 
 class FirstLines:
@@ -89,6 +94,9 @@ class FirstLines:
                 new_lines[slot] = line
 
 
+# Past this many keys in memory runs, the oldest run goes to disk (idspill): 16 MB held at
+# most (24 B a key while two runs merge), then ~2.5 B a key.
+SPILL_AT = 1 << 20
 # Scalar claims gather here until there are this many, then become one sorted run.
 _PENDING_MAX = 65_536
 # A run this long gets a directory of where each range of keys starts (~8 keys a range), so a
@@ -111,25 +119,48 @@ class KeyLines:
     The least line wins: a claim of a line below the one held takes the key over (the
     vector path claims a batch's plain rows before its slow rows claim theirs one by one)
     and the line taken over is put in :attr:`displaced`, for the batch to visit.
+
+    Past ``SPILL_AT`` keys in memory runs the oldest run is written to an unnamed temporary
+    file (:class:`runner.manifest.idspill.SpilledRun`), leaving ~2.5 bytes a key in memory;
+    where no temporary file can be written, the runs stay in memory.
     """
 
     def __init__(self) -> None:
         # (keys, checks, lines, directory): the directory of a long run, else None
         self._runs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
+        self._spilled: list[SpilledRun] = []  # older than every run in memory
+        self._spills = True  # False once a temporary file could not be written
         self._pending: dict[int, tuple[int, int]] = {}  # key -> (check, line)
         self._clashes: dict[tuple[int, int], int] = {}  # (key, check) -> line
         self.displaced: set[int] = set()
 
     def __len__(self) -> int:
-        held = sum(len(keys) for keys, _, _, _ in self._runs)
+        held = sum(len(keys) for keys, _, _, _ in self._runs) + sum(map(len, self._spilled))
         return held + len(self._pending) + len(self._clashes)
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the runs held in memory (spilled runs: their filters)."""
         return sum(
             keys.nbytes + checks.nbytes + lines.nbytes + (0 if d is None else d.nbytes)
             for keys, checks, lines, d in self._runs
-        )
+        ) + sum(run.nbytes for run in self._spilled)
+
+    @property
+    def spilled_bytes(self) -> int:
+        """Bytes of the spilled runs' temporary files (20 a spilled key)."""
+        return sum(run.file_bytes for run in self._spilled)
+
+    def count(self, key: int) -> int:
+        """How many times ``key`` has been counted, this time included (1 the first time)."""
+        held = self._find(key)
+        if held is None:
+            self._pending[key] = (0, 1)
+            if len(self._pending) >= _PENDING_MAX:
+                self._flush()
+            return 1
+        self._set(key, held[1] + 1)
+        return held[1] + 1
 
     def claim(self, key: int, line: int, check: int = 0) -> int:
         """The least line claimed for ``(key, check)``, this one included."""
@@ -158,16 +189,31 @@ class KeyLines:
         self._flush()
         if checks is None:
             checks = np.zeros(len(keys), dtype=np.uint32)
+        found, _ = self._held(keys, checks)
+        return found
+
+    def _held(self, keys: np.ndarray, checks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The line held for each (key, check), 0 if none; whether the key is held at all."""
         found = np.zeros(len(keys), dtype=np.int64)
+        taken = np.zeros(len(keys), dtype=bool)  # the key is held, maybe with another check
+        for index, held_checks, held_lines in self._probes(keys):
+            same = held_checks == checks[index]
+            found[index[same]] = held_lines[same]
+            taken[index] = True
+            for i in index[~same].tolist():
+                found[i] = self._clashes.get((int(keys[i]), int(checks[i])), 0)
+        return found, taken
+
+    def _probes(self, keys: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """For each run, the keys it holds: (their indices in ``keys``, checks, lines)."""
         for run_keys, run_checks, run_lines, directory in self._runs:
             at = _search(run_keys, directory, keys)
             at[at == len(run_keys)] = 0
-            hit = run_keys[at] == keys
-            same = hit & (run_checks[at] == checks)
-            found[same] = run_lines[at[same]]
-            for i in np.flatnonzero(hit & ~same).tolist():
-                found[i] = self._clashes.get((int(keys[i]), int(checks[i])), 0)
-        return found
+            index = np.flatnonzero(run_keys[at] == keys)
+            yield index, run_checks[at[index]], run_lines[at[index]]
+        for run in self._spilled:
+            index, held_checks, held_lines, _ = run.probe(keys)
+            yield index, held_checks, held_lines
 
     def claim_many(self, keys: np.ndarray, checks: np.ndarray, lines: np.ndarray) -> np.ndarray:
         """:meth:`lookup` then :meth:`add` of those not held, in one search of the runs.
@@ -179,17 +225,7 @@ class KeyLines:
         # where the last ended), and the new keys are a sorted run already.
         order = np.argsort(keys)
         keys, checks, lines = keys[order], checks[order], lines[order]
-        found = np.zeros(len(keys), dtype=np.int64)
-        taken = np.zeros(len(keys), dtype=bool)  # the key is held, maybe with another check
-        for run_keys, run_checks, run_lines, directory in self._runs:
-            at = _search(run_keys, directory, keys)
-            at[at == len(run_keys)] = 0
-            hit = run_keys[at] == keys
-            same = hit & (run_checks[at] == checks)
-            found[same] = run_lines[at[same]]
-            taken |= hit
-            for i in np.flatnonzero(hit & ~same).tolist():
-                found[i] = self._clashes.get((int(keys[i]), int(checks[i])), 0)
+        found, taken = self._held(keys, checks)
         new = found == 0
         if new.any():
             aside = new & taken
@@ -216,10 +252,8 @@ class KeyLines:
         # A key already held (with another check), or twice among these: kept aside.
         aside = np.zeros(len(keys), dtype=bool)
         aside[1:] = keys[1:] == keys[:-1]
-        for run_keys, _, _, directory in self._runs if held else ():
-            at = _search(run_keys, directory, keys)
-            at[at == len(run_keys)] = 0
-            aside |= run_keys[at] == keys
+        for index, _, _ in self._probes(keys) if held else ():
+            aside[index] = True
         for i in np.flatnonzero(aside).tolist():
             self._clashes[int(keys[i]), int(checks[i])] = int(lines[i])
         keep = ~aside
@@ -234,6 +268,10 @@ class KeyLines:
             at = int(np.searchsorted(run_keys, key))
             if at < len(run_keys) and run_keys[at] == key:
                 return int(run_checks[at]), int(run_lines[at])
+        for run in self._spilled:
+            found = run.find(key)
+            if found is not None:
+                return found[0], found[1]
         return None
 
     def _set(self, key: int, line: int) -> None:
@@ -248,6 +286,11 @@ class KeyLines:
                     run_lines = run_lines.astype(np.int64)
                     self._runs[number] = (run_keys, run_checks, run_lines, directory)
                 run_lines[at] = line
+                return
+        for run in self._spilled:
+            found = run.find(key)
+            if found is not None:
+                run.set_line(found[2], line)
                 return
 
     def _flush(self) -> None:
@@ -281,6 +324,14 @@ class KeyLines:
         keys, checks, lines, directory = runs[-1]
         if directory is None and len(keys) >= _DIRECTORY_MIN:
             runs[-1] = (keys, checks, lines, _directory(keys))
+        while self._spills and runs and sum(len(keys) for keys, *_ in runs) > SPILL_AT:
+            try:
+                spilled = idspill.spill(*runs[0][:3])
+            except OSError:  # no temporary space: held in memory from now on, as before
+                self._spills = False
+                break
+            runs.pop(0)
+            idspill.push(self._spilled, spilled)
 
 
 # Runs stop growing at this many keys (24 MB): a merge holds both runs and the merged one
