@@ -20,7 +20,7 @@ from runner.errors import LedgerCorruptError
 from runner.ledger import packedkeys, resumestate
 from runner.ledger.folding import _to_bool, fold_tables
 from runner.ledger.packedkeys import PackedKeys
-from runner.ledger.resumestate import Pending, ResumeState
+from runner.ledger.resumestate import Pending, ResumeState, pack_facts
 from runner.ledger.schema import JobState
 
 GROUP_EVENTS = 100_000
@@ -29,7 +29,6 @@ _NO_ATTEMPT = np.iinfo(np.int32).min
 _STATES = tuple(JobState)
 _STATE_VALUES = pa.array([s.value for s in _STATES])
 _GAP_MAX = np.iinfo(np.int32).max
-_TYPES = (np.int8, np.int32, np.int8, bool)  # state code, attempt, retryable, free
 
 
 class Builder:
@@ -42,8 +41,8 @@ class Builder:
     def __init__(self, downloads: bool, empty: pa.Schema) -> None:
         self.downloads = downloads
         self.empty = empty
-        self.packed: list[list[np.ndarray]] = [[] for _ in range(2 + len(_TYPES))]
-        self.others: list[list[np.ndarray]] = [[] for _ in _TYPES]
+        self.packed: list[list[np.ndarray]] = [[], [], []]  # hi, lo, facts
+        self.others: list[list[np.ndarray]] = [[]]  # facts
         self.other_keys = _KeyBuffer()
         self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.odd: dict[int, str] = {}
@@ -71,8 +70,8 @@ class Builder:
         free = pc.equal(billed, pa.scalar(0, billed.type)).fill_null(False)
         for name in ("billed_usd", "reroll_usd"):
             self.spent += Decimal(pc.sum(jobs[name]).as_py() or 0)
-        columns = (code, _np(attempt, np.int32), _np(retry, np.int8), _to_bool(free))
-        where = self._add_rows(jobs["job_key"].combine_chunks(), columns)
+        facts = pack_facts(code, _np(attempt, np.int32), _np(retry, np.int8), _to_bool(free))
+        where = self._add_rows(jobs["job_key"].combine_chunks(), (facts,))
         for i in np.flatnonzero(code < 0):
             self.odd[int(where[i])] = str(names[int(i)].as_py())
         if self.downloads:
@@ -109,8 +108,8 @@ class Builder:
             pending = self._chunked(lambda coded: _row_of(coded, n, None))
         hi, lo = _join(self.packed[0], np.uint64), _join(self.packed[1], np.uint64)
         columns = []
-        for packed, others, dtype in zip(self.packed[2:], self.others, _TYPES, strict=True):
-            columns.append(np.concatenate([_join(packed, dtype), _join(others, dtype)]))
+        for packed, others in zip(self.packed[2:], self.others, strict=True):
+            columns.append(np.concatenate([_join(packed, np.int64), _join(others, np.int64)]))
             packed.clear()  # each slice's arrays freed as soon as joined
             others.clear()
         new_row: np.ndarray | None = None  # a packed key's row when the slices were not in order
