@@ -11,6 +11,7 @@ import random
 from decimal import Decimal
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from runner.execution.scheduler import prior_spend
@@ -189,3 +190,18 @@ def test_ranges_folded_out_of_key_order_still_plan_the_same(
     monkeypatch.setattr(resumestate_module, "PENDING_CHUNK", 5)
     write(tmp_path, hex_keys(random_events(random.Random(7), jobs=80, events=600)))
     assert_same_plan(tmp_path, downloads=True, pass_bytes=1_500)
+
+
+def test_each_key_goes_to_the_range_of_the_bounds_below_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = random.Random(3)
+    alphabet = ["a", "b", "z", "é", "€", "𝔸", "0", "A"]  # 1- to 4-byte UTF-8
+    words = ["".join(rng.choices(alphabet, k=rng.randrange(4))) for _ in range(400)]
+    bounds = sorted(set(rng.sample(words, 12)))
+    keys = pa.chunked_array([words[:150], [*words[150:], None]], pa.string())
+    expected = [0 if w is None else sum(b <= w for b in bounds) for w in keys.to_pylist()]
+    for compared in (0, 100):  # sorted and bisected, or compared bound by bound
+        monkeypatch.setattr(resumescan, "_COMPARED_BOUNDS", compared)
+        assert resumescan._ranges_of(keys, bounds).tolist() == expected
+        assert resumescan._ranges_of(keys, []).tolist() == [0] * len(keys)

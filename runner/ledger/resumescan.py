@@ -10,6 +10,7 @@ range holds about ``PASS_BYTES`` of narrowed events; only one range is folded at
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -38,6 +39,7 @@ PASS_BYTES = 8 * 2**20
 _BATCH_ROWS = 32_768
 # Narrowed events the spill holds at most (its batches keep the part's decoded batch alive).
 _SPILL_HELD_ROWS = 4 * _BATCH_ROWS
+_COMPARED_BOUNDS = 64  # up to this many range bounds, each batch is compared with each
 
 
 def load_resume_state(
@@ -100,10 +102,7 @@ def _spill(
 
     try:
         for table in tables:
-            keys = table["job_key"]
-            which = np.zeros(table.num_rows, dtype=np.int32)
-            for bound in bounds:
-                which += _to_bool(pc.greater_equal(keys, bound))
+            which = _ranges_of(table["job_key"], bounds)
             order = np.argsort(which, kind="stable")
             ordered = table.take(pa.array(order))
             ends = np.cumsum(np.bincount(which, minlength=len(files)))
@@ -121,6 +120,24 @@ def _spill(
     finally:
         for writer in writers:
             writer.close()
+
+
+def _ranges_of(keys: pa.ChunkedArray, bounds: list[str]) -> np.ndarray:
+    """Each key's range: how many of the (sorted) ``bounds`` are <= it. Many bounds: a
+    bisection per bound in the sorted keys (a comparison of every key with each of ~300
+    bounds took most of a 10M-job spill, ~30 ms a batch of 32,768 events)."""
+    if len(bounds) <= _COMPARED_BOUNDS:  # few: a comparison per bound is cheaper than a sort
+        which = np.zeros(len(keys), dtype=np.int32)
+        for bound in bounds:
+            which += _to_bool(pc.greater_equal(keys, bound))
+        return which
+    by_key = pc.sort_indices(keys).to_numpy()  # nulls last (none in a ledger)
+    valid = len(by_key) - keys.null_count
+    ordered = keys.take(by_key[:valid]).to_pylist()
+    cuts = [0, *(bisect.bisect_left(ordered, bound) for bound in bounds), valid]
+    which = np.zeros(len(by_key), dtype=np.int32)  # a null: no bound is <= it
+    which[by_key[:valid]] = np.repeat(np.arange(len(cuts) - 1, dtype=np.int32), np.diff(cuts))
+    return which
 
 
 def _read_spilled(path: Path) -> Iterator[pa.Table]:
