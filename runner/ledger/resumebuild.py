@@ -8,6 +8,8 @@ their sorted keys join into one sorted array (and are sorted again should they n
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import itertools
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -29,6 +31,25 @@ _NO_ATTEMPT = np.iinfo(np.int32).min
 _STATES = tuple(JobState)
 _STATE_VALUES = pa.array([s.value for s in _STATES])
 _GAP_MAX = np.iinfo(np.int32).max
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc
+        return None
+    return trim
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def release_freed() -> None:
+    """Give freed memory back to the system: Arrow's pool, and glibc's heap, which keeps the
+    pages of the slices' small arrays once they are joined (~370 MiB at 10M jobs)."""
+    pa.default_memory_pool().release_unused()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class Builder:
@@ -106,12 +127,17 @@ class Builder:
         in_order = _slices_ascending(self.packed[0], self.packed[1])
         if in_order and self.pending:  # first, while the columns are still in pieces
             pending = self._chunked(lambda coded: _row_of(coded, n, None))
+            release_freed()
         hi, lo = _join(self.packed[0], np.uint64), _join(self.packed[1], np.uint64)
+        self.packed[0].clear()
+        self.packed[1].clear()
         columns = []
         for packed, others in zip(self.packed[2:], self.others, strict=True):
             columns.append(np.concatenate([_join(packed, np.int64), _join(others, np.int64)]))
             packed.clear()  # each slice's arrays freed as soon as joined
             others.clear()
+        self.packed, self.others = [], []
+        release_freed()
         new_row: np.ndarray | None = None  # a packed key's row when the slices were not in order
         if not in_order:
             order = np.lexsort((lo, hi))

@@ -25,7 +25,7 @@ from runner.errors import LedgerCorruptError
 from runner.ledger.fold import _flag_unfetched, _retrying, _Snapshot
 from runner.ledger.folding import _to_bool, fold_tables
 from runner.ledger.parts import _check_part_schema, iter_part, part_size_of
-from runner.ledger.resumebuild import UNFETCHED, Builder
+from runner.ledger.resumebuild import UNFETCHED, Builder, release_freed
 from runner.ledger.resumestate import IN_FLIGHT, ResumeState
 from runner.ledger.schema import LEDGER_SCHEMA, JobRecord, record_from_row, rows_to_table
 
@@ -35,10 +35,10 @@ RESUME_COLUMNS = (
 _LOCAL_PATH = "outputs.list.element.local_path"
 _HAS_ID = "request_id"  # folded as a bool: whether the attempt has a request id
 # Bytes of narrowed events a range holds; its fold's peak is a few times this.
-PASS_BYTES = 8 * 2**20
+PASS_BYTES = 4 * 2**20
 _BATCH_ROWS = 32_768
 # Narrowed events the spill holds at most (its batches keep the part's decoded batch alive).
-_SPILL_HELD_ROWS = 4 * _BATCH_ROWS
+_SPILL_HELD_ROWS = 8 * _BATCH_ROWS
 _COMPARED_BOUNDS = 64  # up to this many range bounds, each batch is compared with each
 
 
@@ -49,7 +49,7 @@ def load_resume_state(
     jobs still lack a local copy of an output). Takes no lock; the run holds it."""
     run_dir = Path(run_dir)
     state = _retrying(run_dir, lambda snap: _read(snap, run_dir, downloads, pass_bytes))
-    pa.default_memory_pool().release_unused()
+    release_freed()
     keys = state.keys_in(IN_FLIGHT)
     if keys:
         state.records = _retrying(run_dir, lambda snap: _whole(snap, keys))
@@ -69,7 +69,7 @@ def _read(snap: _Snapshot, run_dir: Path, downloads: bool, pass_bytes: int | Non
     events += len(snap.journal_rows)
     size += len(snap.journal_rows) * (size // max(events, 1) or 100)
     bounds = _boundaries(snap, -(-size // (pass_bytes or PASS_BYTES)))
-    pa.default_memory_pool().release_unused()  # the samples' decoded pages
+    release_freed()  # the samples' decoded pages
     out = Builder(downloads, _schema(downloads))
     every = _events(snap, list(RESUME_COLUMNS), downloads)
     if not bounds:
@@ -80,10 +80,11 @@ def _read(snap: _Snapshot, run_dir: Path, downloads: bool, pass_bytes: int | Non
     with tempfile.TemporaryDirectory(prefix=".resume-", dir=run_dir) as tmp:
         files = [Path(tmp) / f"range-{i}.arrow" for i in range(len(bounds) + 1)]
         _spill(every, bounds, files, _schema(downloads))
+        release_freed()  # the parts' decoded batches
         for path in files:
             out.add_slice(_read_spilled(path))
             path.unlink()
-            pa.default_memory_pool().release_unused()
+            release_freed()
     return out.finish()
 
 
