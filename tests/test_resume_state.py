@@ -4,15 +4,18 @@ pending downloads."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
 import random
 from decimal import Decimal
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from runner.execution.scheduler import prior_spend
-from runner.ledger import JobState, Ledger, LedgerEvent, LedgerState
+from runner.ledger import JobState, Ledger, LedgerEvent, LedgerState, resumescan
 from runner.ledger import resumestate as resumestate_module
 from runner.ledger.records import read_records
 from runner.ledger.resume import OnUnknown, ResumePolicy, decide
@@ -71,14 +74,16 @@ def every_kind(n: int) -> list[LedgerEvent]:
     return out
 
 
-def assert_same_plan(run_dir: Path, *, downloads: bool, **load: int) -> None:
+def assert_same_plan(
+    run_dir: Path, *, downloads: bool, absent: tuple[str, ...] = (), **load: int
+) -> None:
     full = LedgerState.load(run_dir)
     new = load_resume_state(run_dir, downloads=downloads, **load)
     keys = list(full.keys())
     assert len(new) == len(full) and set(keys) == {
         full.jobs["job_key"][i].as_py() for i in range(len(full))
     }
-    for key in [*keys, "never-seen"]:
+    for key in [*keys, "never-seen", *absent]:
         old_brief, new_brief = full.brief(key), new.brief(key)
         assert (old_brief is None) == (new_brief is None), key
         if old_brief is not None and new_brief is not None:
@@ -137,3 +142,66 @@ def test_an_empty_ledger(tmp_path: Path) -> None:
     state = load_resume_state(tmp_path)
     assert len(state) == 0 and state.brief("a") is None and state.spent == 0
     assert state.keys_in(IN_FLIGHT_STATES) == [] and len(ChunkedPending(state)) == 0
+
+
+HI = "0123456789abcdef"  # keys sharing their first 16 digits: one packed half alike
+ODD = (
+    HI.upper() * 2, HI * 2 + "0", HI[:15] * 2, HI[:15] + "g" + HI, HI[:15] + "-" + HI,
+    "0x" + HI[:14] + HI, " " + HI[:15] + HI, HI[:15] + "_" + HI,
+)  # fmt: skip
+
+
+def hex_keys(events: list[LedgerEvent]) -> list[LedgerEvent]:
+    """``events`` with their job keys as a manifest spells them (32 hex digits), some
+    sharing the first half, and a few keys that only look like it (kept as text)."""
+    names = sorted({e.job_key for e in events})
+    spelled = {}
+    for i, name in enumerate(names):
+        digest = hashlib.sha256(name.encode()).hexdigest()[:32]
+        spelled[name] = HI + digest[16:] if i % 5 == 0 else digest
+    for name, odd in zip(names[1::7], ODD, strict=False):
+        spelled[name] = odd
+    spelled[names[2]] = spelled[names[3]].upper()  # a packed key's value, spelled otherwise
+    return [dataclasses.replace(e, job_key=spelled[e.job_key]) for e in events]
+
+
+@pytest.mark.parametrize("downloads", [True, False])
+@pytest.mark.parametrize("pass_bytes", [None, 2_000], ids=["one-range", "many-ranges"])
+def test_hex_job_keys_packed_plan_the_same(
+    tmp_path: Path, downloads: bool, pass_bytes: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(resumestate_module, "PENDING_CHUNK", 4)
+    write(tmp_path, hex_keys(every_kind(12)), checkpoint_events=41)
+    absent = (HI * 2, HI + "f" * 16, "f" * 32, "0" * 32, HI.upper() + HI)
+    state = load_resume_state(tmp_path, downloads=downloads, pass_bytes=pass_bytes)
+    assert state.nbytes < 40 * len(state)  # the keys packed, not held as text
+    assert_same_plan(tmp_path, downloads=downloads, absent=absent, pass_bytes=pass_bytes)  # type: ignore[arg-type]
+
+
+def test_ranges_folded_out_of_key_order_still_plan_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = resumescan._spill
+    monkeypatch.setattr(
+        resumescan,
+        "_spill",
+        lambda tables, bounds, files, schema: real(tables, bounds, files[::-1], schema),
+    )
+    monkeypatch.setattr(resumestate_module, "PENDING_CHUNK", 5)
+    write(tmp_path, hex_keys(random_events(random.Random(7), jobs=80, events=600)))
+    assert_same_plan(tmp_path, downloads=True, pass_bytes=1_500)
+
+
+def test_each_key_goes_to_the_range_of_the_bounds_below_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = random.Random(3)
+    alphabet = ["a", "b", "z", "é", "€", "𝔸", "0", "A"]  # 1- to 4-byte UTF-8
+    words = ["".join(rng.choices(alphabet, k=rng.randrange(4))) for _ in range(400)]
+    bounds = sorted(set(rng.sample(words, 12)))
+    keys = pa.chunked_array([words[:150], [*words[150:], None]], pa.string())
+    expected = [0 if w is None else sum(b <= w for b in bounds) for w in keys.to_pylist()]
+    for compared in (0, 100):  # sorted and bisected, or compared bound by bound
+        monkeypatch.setattr(resumescan, "_COMPARED_BOUNDS", compared)
+        assert resumescan._ranges_of(keys, bounds).tolist() == expected
+        assert resumescan._ranges_of(keys, []).tolist() == [0] * len(keys)

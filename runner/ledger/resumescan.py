@@ -10,10 +10,10 @@ range holds about ``PASS_BYTES`` of narrowed events; only one range is folded at
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import tempfile
 from collections.abc import Iterator, Sequence
-from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -22,26 +22,24 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from runner.errors import LedgerCorruptError
-from runner.ledger import resumestate
 from runner.ledger.fold import _flag_unfetched, _retrying, _Snapshot
 from runner.ledger.folding import _to_bool, fold_tables
 from runner.ledger.parts import _check_part_schema, iter_part, part_size_of
-from runner.ledger.resumestate import IN_FLIGHT, Pending, ResumeState
-from runner.ledger.schema import LEDGER_SCHEMA, JobRecord, JobState, record_from_row, rows_to_table
+from runner.ledger.resumebuild import UNFETCHED, Builder, release_freed
+from runner.ledger.resumestate import IN_FLIGHT, ResumeState
+from runner.ledger.schema import LEDGER_SCHEMA, JobRecord, record_from_row, rows_to_table
 
 RESUME_COLUMNS = (
     "seq", "job_key", "state", "attempt", "request_id", "retryable", "billed_usd", "reroll_usd",
 )  # fmt: skip
 _LOCAL_PATH = "outputs.list.element.local_path"
-_UNFETCHED = "outputs_unfetched"
 _HAS_ID = "request_id"  # folded as a bool: whether the attempt has a request id
 # Bytes of narrowed events a range holds; its fold's peak is a few times this.
-PASS_BYTES = 8 * 2**20
-GROUP_EVENTS = 100_000
+PASS_BYTES = 4 * 2**20
 _BATCH_ROWS = 32_768
-_NO_ATTEMPT = np.iinfo(np.int32).min
-_STATES = tuple(JobState)
-_STATE_VALUES = pa.array([s.value for s in _STATES])
+# Narrowed events the spill holds at most (its batches keep the part's decoded batch alive).
+_SPILL_HELD_ROWS = 8 * _BATCH_ROWS
+_COMPARED_BOUNDS = 64  # up to this many range bounds, each batch is compared with each
 
 
 def load_resume_state(
@@ -51,7 +49,7 @@ def load_resume_state(
     jobs still lack a local copy of an output). Takes no lock; the run holds it."""
     run_dir = Path(run_dir)
     state = _retrying(run_dir, lambda snap: _read(snap, run_dir, downloads, pass_bytes))
-    pa.default_memory_pool().release_unused()
+    release_freed()
     keys = state.keys_in(IN_FLIGHT)
     if keys:
         state.records = _retrying(run_dir, lambda snap: _whole(snap, keys))
@@ -71,7 +69,8 @@ def _read(snap: _Snapshot, run_dir: Path, downloads: bool, pass_bytes: int | Non
     events += len(snap.journal_rows)
     size += len(snap.journal_rows) * (size // max(events, 1) or 100)
     bounds = _boundaries(snap, -(-size // (pass_bytes or PASS_BYTES)))
-    out = _Builder(downloads)
+    release_freed()  # the samples' decoded pages
+    out = Builder(downloads, _schema(downloads))
     every = _events(snap, list(RESUME_COLUMNS), downloads)
     if not bounds:
         out.add_slice(every)
@@ -81,10 +80,11 @@ def _read(snap: _Snapshot, run_dir: Path, downloads: bool, pass_bytes: int | Non
     with tempfile.TemporaryDirectory(prefix=".resume-", dir=run_dir) as tmp:
         files = [Path(tmp) / f"range-{i}.arrow" for i in range(len(bounds) + 1)]
         _spill(every, bounds, files, _schema(downloads))
+        release_freed()  # the parts' decoded batches
         for path in files:
             out.add_slice(_read_spilled(path))
             path.unlink()
-            pa.default_memory_pool().release_unused()
+            release_freed()
     return out.finish()
 
 
@@ -95,12 +95,15 @@ def _spill(
     writers = [pa.ipc.new_file(str(path), schema) for path in files]
     held: list[list[pa.Table]] = [[] for _ in files]
     counts = [0] * len(files)
+
+    def flush(i: int) -> None:
+        if held[i]:
+            writers[i].write_table(pa.concat_tables(held[i]))
+            held[i], counts[i] = [], 0
+
     try:
         for table in tables:
-            keys = table["job_key"]
-            which = np.zeros(table.num_rows, dtype=np.int32)
-            for bound in bounds:
-                which += _to_bool(pc.greater_equal(keys, bound))
+            which = _ranges_of(table["job_key"], bounds)
             order = np.argsort(which, kind="stable")
             ordered = table.take(pa.array(order))
             ends = np.cumsum(np.bincount(which, minlength=len(files)))
@@ -109,14 +112,33 @@ def _spill(
                     held[i].append(ordered.slice(start, stop - start))
                     counts[i] += stop - start
                 if counts[i] >= _BATCH_ROWS:
-                    writers[i].write_table(pa.concat_tables(held[i]))
-                    held[i], counts[i] = [], 0
-        for i, writer in enumerate(writers):
-            if held[i]:
-                writer.write_table(pa.concat_tables(held[i]))
+                    flush(i)
+            if sum(counts) >= _SPILL_HELD_ROWS:  # many ranges: each holds few rows
+                for i in range(len(files)):
+                    flush(i)
+        for i in range(len(files)):
+            flush(i)
     finally:
         for writer in writers:
             writer.close()
+
+
+def _ranges_of(keys: pa.ChunkedArray, bounds: list[str]) -> np.ndarray:
+    """Each key's range: how many of the (sorted) ``bounds`` are <= it. Many bounds: a
+    bisection per bound in the sorted keys (a comparison of every key with each of ~300
+    bounds took most of a 10M-job spill, ~30 ms a batch of 32,768 events)."""
+    if len(bounds) <= _COMPARED_BOUNDS:  # few: a comparison per bound is cheaper than a sort
+        which = np.zeros(len(keys), dtype=np.int32)
+        for bound in bounds:
+            which += _to_bool(pc.greater_equal(keys, bound))
+        return which
+    by_key = pc.sort_indices(keys).to_numpy()  # nulls last (none in a ledger)
+    valid = len(by_key) - keys.null_count
+    ordered = keys.take(by_key[:valid]).to_pylist()
+    cuts = [0, *(bisect.bisect_left(ordered, bound) for bound in bounds), valid]
+    which = np.zeros(len(by_key), dtype=np.int32)  # a null: no bound is <= it
+    which[by_key[:valid]] = np.repeat(np.arange(len(cuts) - 1, dtype=np.int32), np.diff(cuts))
+    return which
 
 
 def _read_spilled(path: Path) -> Iterator[pa.Table]:
@@ -129,7 +151,7 @@ def _read_spilled(path: Path) -> Iterator[pa.Table]:
 def _schema(downloads: bool) -> pa.Schema:
     fields = [LEDGER_SCHEMA.field(n) for n in RESUME_COLUMNS if n != _HAS_ID]
     fields.insert(4, pa.field(_HAS_ID, pa.bool_()))
-    return pa.schema([*fields, pa.field(_UNFETCHED, pa.bool_())] if downloads else fields)
+    return pa.schema([*fields, pa.field(UNFETCHED, pa.bool_())] if downloads else fields)
 
 
 def _narrow(table: pa.Table, downloads: bool) -> pa.Table:
@@ -177,132 +199,6 @@ def _missing_as_null(table: pa.Table, names: list[str]) -> pa.Table:
     return pa.Table.from_arrays(columns, names=names)
 
 
-class _Builder:
-    """Each folded slice reduced to flat arrays, then joined into one ResumeState."""
-
-    def __init__(self, downloads: bool) -> None:
-        self.downloads = downloads
-        self.keys = _KeyBuffer()
-        self.arrays: list[tuple[np.ndarray, ...]] = []
-        self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self.odd: dict[int, str] = {}
-        self.spent = Decimal(0)
-        self.rows = 0
-
-    def add_slice(self, events: Iterator[pa.Table]) -> None:
-        firsts: list[pa.Table] = []
-
-        def noted(tables: Iterator[pa.Table]) -> Iterator[pa.Table]:
-            for table in tables:
-                if self.downloads and table.num_rows:
-                    firsts.append(_first_seq(table))
-                yield table
-
-        jobs, _ = fold_tables(
-            noted(events), empty=_schema(self.downloads), group_events=GROUP_EVENTS
-        )
-        n = jobs.num_rows
-        if n == 0:
-            return
-        names = jobs["state"].combine_chunks()
-        codes = pc.index_in(names, value_set=_STATE_VALUES).fill_null(-1)
-        code = np.asarray(codes.to_numpy(), dtype=np.int8)
-        for i in np.flatnonzero(code < 0):
-            self.odd[self.rows + int(i)] = str(names[int(i)].as_py())
-        attempt = pc.cast(jobs["attempt"], pa.int32()).fill_null(int(_NO_ATTEMPT))
-        retry = pc.cast(jobs["retryable"], pa.int8()).fill_null(-1)
-        billed = jobs["billed_usd"]
-        free = pc.equal(billed, pa.scalar(0, billed.type)).fill_null(False)
-        for name in ("billed_usd", "reroll_usd"):
-            self.spent += Decimal(pc.sum(jobs[name]).as_py() or 0)
-        self.keys.add(jobs["job_key"].combine_chunks())
-        self.arrays.append(
-            (code, _np(attempt, np.int32), _np(retry, np.int8), _to_bool(free))
-        )  # fmt: skip
-        if self.downloads:
-            done = pc.equal(jobs["state"], JobState.COMPLETED.value)
-            flag = pc.and_(done, jobs[_UNFETCHED].fill_null(False))
-            rows = np.flatnonzero(_to_bool(flag))
-            if len(rows):
-                self.pending.append(self._pending(jobs, rows, firsts))
-        self.rows += n
-
-    def _pending(
-        self, jobs: pa.Table, rows: np.ndarray, firsts: list[pa.Table]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        mins = pa.concat_tables(firsts).group_by("job_key", use_threads=False)
-        mins = mins.aggregate([("seq_min", "min")])
-        keys = jobs["job_key"].take(pa.array(rows))
-        at = pc.index_in(keys, value_set=mins["job_key"].combine_chunks())
-        first = mins["seq_min_min"].combine_chunks().take(at)
-        last = jobs["seq"].take(pa.array(rows))
-        return (rows + self.rows).astype(np.int32), _np(first, np.int64), _np(last, np.int64)
-
-    def finish(self) -> ResumeState:
-        pending = self._chunked() if self.pending else None
-        keys = self.keys.array()
-        self.keys = _KeyBuffer()
-        columns = [np.concatenate(c) for c in zip(*self.arrays, strict=True)]
-        if not columns:
-            columns = [np.zeros(0, t) for t in (np.int8, np.int32, np.int8, bool)]
-        self.arrays.clear()
-        return ResumeState(
-            keys, *columns, spent=self.spent, pending=pending, odd_states=self.odd
-        )  # fmt: skip
-
-    def _chunked(self) -> Pending:
-        """The pending jobs ordered by their last event, and each chunk's seq span."""
-        rows, first, last = (list(c) for c in zip(*self.pending, strict=True))
-        self.pending.clear()
-        last_seq = np.concatenate(last)
-        del last
-        order = np.argsort(last_seq, kind="stable")
-        starts = np.arange(0, len(order), resumestate.PENDING_CHUNK)
-        high = np.maximum.reduceat(last_seq[order], starts)
-        del last_seq
-        low = np.minimum.reduceat(np.concatenate(first)[order], starts)
-        del first
-        ordered = np.concatenate(rows)[order]
-        return Pending(ordered, low, high, resumestate.PENDING_CHUNK)
-
-
-class _KeyBuffer:
-    """Job keys appended slice by slice into one growing buffer (no second copy to join)."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.ends: list[np.ndarray] = [np.zeros(1, dtype=np.int32)]
-
-    def add(self, keys: pa.Array) -> None:
-        n = len(keys)
-        _, offsets_buffer, data = keys.buffers()
-        offsets = np.frombuffer(offsets_buffer, np.int32, n + 1, keys.offset * 4)
-        base = len(self.data)
-        if base + int(offsets[-1]) - int(offsets[0]) >= 2**31:
-            raise LedgerCorruptError("the ledger's job keys exceed 2 GiB")
-        if data is not None:
-            self.data += memoryview(data)[offsets[0] : offsets[-1]]
-        self.ends.append(offsets[1:] - offsets[0] + np.int32(base))
-
-    def array(self) -> pa.Array:
-        offsets = np.concatenate(self.ends)
-        n = len(offsets) - 1
-        buffers = [None, pa.py_buffer(offsets), pa.py_buffer(self.data)]
-        return pa.Array.from_buffers(pa.string(), n, buffers)
-
-
-def _first_seq(table: pa.Table) -> pa.Table:
-    """Per job_key of a batch, its lowest seq (column ``seq_min``)."""
-    grouped = table.select(["job_key", "seq"]).group_by("job_key", use_threads=False)
-    return grouped.aggregate([("seq", "min")])
-
-
-def _np(values: pa.Array | pa.ChunkedArray, dtype: type) -> np.ndarray:
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    return np.asarray(values.to_numpy(zero_copy_only=False), dtype=dtype)
-
-
 def _whole(
     snap: _Snapshot, keys: Sequence[str], low: int = 0, high: int | None = None
 ) -> dict[str, JobRecord]:
@@ -335,6 +231,7 @@ def read_whole(run_dir: Path, keys: Sequence[str], low: int, high: int) -> pa.Ta
 
 
 _SAMPLE_ROWS = 4_096  # job keys sampled per part to place the range boundaries
+_SAMPLE_PARTS = 64  # parts sampled at most, evenly spaced (each costs a decode of a page)
 
 
 def _boundaries(snap: _Snapshot, ranges: int) -> list[str]:
@@ -342,10 +239,13 @@ def _boundaries(snap: _Snapshot, ranges: int) -> list[str]:
     if ranges <= 1:
         return []
     samples = []
-    for part in snap.parts:
+    parts = snap.parts
+    if len(parts) > _SAMPLE_PARTS:
+        parts = [parts[len(parts) * i // _SAMPLE_PARTS] for i in range(_SAMPLE_PARTS)]
+    for part in parts:
         first = next(iter_part(part.path, ["job_key"], batch_rows=_SAMPLE_ROWS), None)
-        if first is not None:
-            samples.append(first["job_key"])
+        if first is not None:  # a copy: a slice would hold the part's decoded page
+            samples.append(pc.unique(first["job_key"]))
     if snap.journal_rows:
         samples.append(pa.chunked_array([[r["job_key"] for r in snap.journal_rows[::64]]]))
     keys = pc.unique(pa.chunked_array(samples, pa.string()).combine_chunks())
