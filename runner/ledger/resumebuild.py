@@ -8,8 +8,6 @@ their sorted keys join into one sorted array (and are sorted again should they n
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import itertools
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -21,6 +19,7 @@ import pyarrow.compute as pc
 from runner.errors import LedgerCorruptError
 from runner.ledger import packedkeys, resumestate
 from runner.ledger.folding import _to_bool, fold_tables
+from runner.ledger.heap import release_freed
 from runner.ledger.packedkeys import PackedKeys
 from runner.ledger.resumestate import Pending, ResumeState, pack_facts
 from runner.ledger.schema import JobState
@@ -31,25 +30,6 @@ _NO_ATTEMPT = np.iinfo(np.int32).min
 _STATES = tuple(JobState)
 _STATE_VALUES = pa.array([s.value for s in _STATES])
 _GAP_MAX = np.iinfo(np.int32).max
-
-
-def _find_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        trim: Callable[[int], int] = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
-    except (OSError, AttributeError, TypeError):  # not glibc
-        return None
-    return trim
-
-
-_MALLOC_TRIM = _find_malloc_trim()
-
-
-def release_freed() -> None:
-    """Give freed memory back to the system: Arrow's pool, and glibc's heap, which keeps the
-    pages of the slices' small arrays once they are joined (~370 MiB at 10M jobs)."""
-    pa.default_memory_pool().release_unused()
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 class Builder:

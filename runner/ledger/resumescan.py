@@ -24,8 +24,9 @@ import pyarrow.parquet as pq
 from runner.errors import LedgerCorruptError
 from runner.ledger.fold import _flag_unfetched, _retrying, _Snapshot
 from runner.ledger.folding import _to_bool, fold_tables
+from runner.ledger.heap import release_freed
 from runner.ledger.parts import _check_part_schema, iter_part, part_size_of
-from runner.ledger.resumebuild import UNFETCHED, Builder, release_freed
+from runner.ledger.resumebuild import UNFETCHED, Builder
 from runner.ledger.resumestate import IN_FLIGHT, ResumeState
 from runner.ledger.schema import LEDGER_SCHEMA, JobRecord, record_from_row, rows_to_table
 

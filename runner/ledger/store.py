@@ -27,6 +27,7 @@ from runner.ledger.fold import (
     read_admission,
 )
 from runner.ledger.folding import fold_tables
+from runner.ledger.heap import release_freed
 from runner.ledger.journal import (
     SegmentWriter,
     encode_line,
@@ -270,8 +271,9 @@ class Ledger:
             path.unlink(missing_ok=True)
         fsync_dir(self.journal_dir)
         del table
-        # The part's table and its encoding are garbage: return their pages to the OS.
-        pa.default_memory_pool().release_unused()
+        # The part's table and its encoding are garbage, and the run's small allocations
+        # since the last checkpoint have fragmented the heap: return the free pages.
+        release_freed()
 
     def _small_tail(self) -> PartFile | None:
         """The newest part when it is smaller than a checkpoint's, to be merged into the next.
