@@ -1,32 +1,40 @@
-"""``runner export`` reads a bucket of jobs at a time (runner.ledger.ordered) and writes the
-bytes one fold of the whole ledger wrote: same rows, order, columns, types and row groups,
-with superseded versions left out (or marked, with --all-versions), re-rolls, flagged
-outputs, unknown outcomes, failures and retries."""
+"""``runner export`` folds the ledger as it reads it, or a bucket of jobs at a time
+(runner.ledger.ordered), and writes the bytes one fold of the whole ledger wrote: same rows,
+order, columns, types and row groups, with superseded versions left out (or marked, with
+--all-versions), re-rolls, flagged outputs, unknown outcomes, failures and retries."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
-from runner.ledger import exports, read_folded, views
+from runner.ledger import JobState, Ledger, LedgerEvent, exports, ordered, read_folded, views
 from runner.ledger import scan as scan_module
 from runner.ledger.exports import export_batches, export_schema
+from runner.ledger.identity import superseded_and_last_seqs
+from runner.ledger.ordered import OrderedJobs, StreamedJobs, ordered_jobs
 from runner.ledger.versions import split_versions
 from runner.ledger.views import export
 from tests import versioned_support
-from tests.report_support import sample_run
+from tests.report_support import T0, sample_run
 
 # The shared fixtures (tests/versioned_support.py).
 versioned = versioned_support.versioned
 
 
-@pytest.fixture(params=["one bucket", "many buckets, small batches"])
+@pytest.fixture(
+    params=["one bucket", "many buckets, small batches", "in buckets, too many jobs in flight"]
+)
 def buckets(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param != "one bucket":
         monkeypatch.setattr(scan_module, "PASS_BYTES", 2_000)
         monkeypatch.setattr(exports, "BATCH_ROWS", 16)
         monkeypatch.setattr(views, "EXPORT_ROWS", 16)
+        monkeypatch.setattr(ordered, "STREAM_EVENTS", 7)  # jobs carried from batch to batch
+    if request.param == "in buckets, too many jobs in flight":
+        monkeypatch.setattr(ordered, "CARRY_ROWS", 0)  # the buckets and merge, not the stream
     return str(request.param)
 
 
@@ -71,3 +79,48 @@ def test_text_formats_made_a_few_rows_at_a_time_write_the_same_bytes(
     whole = (tmp_path / f"whole.{fmt}").read_bytes()
     assert (tmp_path / f"pieces.{fmt}").read_bytes() == whole
     assert whole.count(b"\n") > 3 * 10
+
+
+def _seqs(jobs: OrderedJobs | StreamedJobs) -> list[int]:
+    return [s for table in jobs.batches(16) for s in table["seq"].to_pylist()]
+
+
+def test_a_ledger_is_folded_as_read_in_the_order_of_one_fold(
+    versioned: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ordered, "STREAM_EVENTS", 7)
+    folded = read_folded(versioned).jobs
+    _old, last_seqs = superseded_and_last_seqs(versioned)
+    assert last_seqs.tolist() == sorted(folded["seq"].to_pylist())
+    with ordered_jobs(versioned, None, lambda t: t, lambda t: None, last_seqs=last_seqs,
+                      batch_rows=16) as jobs:  # fmt: skip
+        assert isinstance(jobs, StreamedJobs)
+        assert jobs.rows == folded.num_rows
+        tables = list(jobs.batches(16))
+        assert [t.num_rows for t in tables[:-1]] == [16] * (len(tables) - 1)
+        assert all(t.column(0).num_chunks == 1 for t in tables)
+        assert pa.concat_tables(tables).to_pylist() == folded.to_pylist()
+    monkeypatch.setattr(ordered, "CARRY_ROWS", 0)
+    with ordered_jobs(versioned, None, lambda t: t, lambda t: None, last_seqs=last_seqs) as jobs:
+        assert isinstance(jobs, OrderedJobs)
+        assert _seqs(jobs) == folded["seq"].to_pylist()
+
+
+def test_events_recorded_after_the_scan_of_last_seqs_are_left_out(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with Ledger.open(run_dir, checkpoint_events=3) as ledger:
+        for i in range(5):
+            ledger.append(LedgerEvent(f"k{i}", JobState.SUBMITTING, T0, row_id=f"row-{i}"))
+            ledger.append(LedgerEvent(f"k{i}", JobState.QUEUED, T0, request_id=f"q{i}"))
+            ledger.commit_sync()
+        before = read_folded(run_dir).jobs
+        _old, last_seqs = superseded_and_last_seqs(run_dir)
+        ledger.append(LedgerEvent("k1", JobState.FAILED, T0, error_type="timeout"))
+        ledger.append(LedgerEvent("k9", JobState.SUBMITTING, T0, row_id="row-9"))
+        ledger.commit_sync()
+        with ordered_jobs(run_dir, None, lambda t: t, lambda t: None,
+                          last_seqs=last_seqs) as jobs:  # fmt: skip
+            assert isinstance(jobs, StreamedJobs)
+            got = pa.concat_tables(list(jobs.batches(4)))
+        assert got.to_pylist() == before.to_pylist()
+        assert read_folded(run_dir).jobs.num_rows == before.num_rows + 1

@@ -9,6 +9,16 @@ each file read from its start to its end once. Memory holds the seqs, one batch 
 record batches of each file; the scratch files take the chosen rows' size on disk.
 Jobs with equal seqs (a sharded run directory: each shard counts its own) come in the order
 of their slices.
+
+Given the seq of every job's last event (:func:`ordered_jobs`' ``last_seqs``), a run directory
+of one shard is instead folded as it is read (:class:`StreamedJobs`): the events, read once in
+seq order a batch at a time, are folded with the rows of the jobs begun and not yet finished
+(the *carry*); a row whose seq is its job's last is finished, and the rows finished by a batch
+come in seq order after those of every batch before (a seq is one event's). Chosen, they go
+to one scratch file, read back in order: no bucket, no merge. Memory holds a batch, the carry
+and the seqs. A job's events lie close together as a run writes them (the carry holds the jobs
+in flight); past CARRY_ROWS jobs begun and not finished at once (a run resumed long after),
+the buckets and merge above are used instead.
 """
 
 from __future__ import annotations
@@ -23,8 +33,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from runner.ledger.scan import scan_folded
+from runner.errors import LedgerError
+from runner.ledger.fold import _retrying, _Snapshot
+from runner.ledger.folding import _fold
+from runner.ledger.scan import _conformed, _empty_schema, _events, _with_keys, scan_folded
+from runner.ledger.schema import LEDGER_SCHEMA
 
+STREAM_EVENTS = 16_384  # events a streamed fold reads at once
+CARRY_ROWS = 100_000  # jobs begun and not finished at once a streamed fold holds, at most
 _FILE_ROWS = 128  # rows per record batch of a slice's scratch file: what each holds while merging
 
 
@@ -118,11 +134,23 @@ def ordered_jobs(
     columns: Sequence[str] | None,
     select: Callable[[pa.Table], pa.Table],
     visit: Callable[[pa.Table], None],
-) -> Iterator[OrderedJobs]:
+    *,
+    last_seqs: np.ndarray | None = None,
+    batch_rows: int = 50_000,
+) -> Iterator[OrderedJobs | StreamedJobs]:
     """Scan the folded ledger; ``select`` chooses (and may add columns to) each slice's
     rows, ``visit`` sees each chosen slice (to learn the columns of the output, say). The
-    scratch files last as long as the context."""
+    scratch files last as long as the context. With ``last_seqs`` (sorted: the seq of each
+    job's last event, :func:`runner.ledger.identity.superseded_and_last_seqs`), folded as
+    read where it can be (:class:`StreamedJobs`, in record batches of ``batch_rows``: read
+    them back with the same); a slice may then be visited twice."""
     with tempfile.TemporaryDirectory(prefix="runner-ordered-") as scratch:
+        if last_seqs is not None:
+            path = Path(scratch) / "streamed.arrows"
+            streamed = _streamed(run_dir, columns, select, visit, last_seqs, path, batch_rows)
+            if streamed is not None:
+                yield streamed
+                return
 
         def reduce(slices: Iterator[pa.Table]) -> OrderedJobs:
             files: list[Path] = []
@@ -148,3 +176,124 @@ def ordered_jobs(
 
         found, _info = scan_folded(run_dir, columns, reduce)
         yield found
+
+
+@dataclass
+class StreamedJobs:
+    """The chosen jobs, folded as read, in one scratch file in seq order."""
+
+    schema: pa.Schema | None
+    rows: int
+    _path: Path
+
+    def batches(self, batch_rows: int) -> Iterator[pa.Table]:
+        """Every chosen job, by the seq of its last event, ``batch_rows`` a table (one chunk:
+        one record batch of the file, as :func:`_streamed` wrote them)."""
+        if not self.rows:
+            return
+        reader = _Reader(self._path)
+        try:
+            for start in range(0, self.rows, batch_rows):
+                pieces = reader.take(min(batch_rows, self.rows - start))
+                table = pa.Table.from_batches(pieces)
+                del pieces
+                yield table if table.column(0).num_chunks == 1 else table.combine_chunks()
+                del table
+                pa.default_memory_pool().release_unused()
+        finally:
+            reader.close()
+
+
+def _streamed(
+    run_dir: Path,
+    columns: Sequence[str] | None,
+    select: Callable[[pa.Table], pa.Table],
+    visit: Callable[[pa.Table], None],
+    last_seqs: np.ndarray,
+    path: Path,
+    batch_rows: int,
+) -> StreamedJobs | None:
+    """The ledger folded as read into ``path``, ``batch_rows`` jobs a record batch (None:
+    sharded, or too many jobs in flight). Events past the last of ``last_seqs`` came after
+    its scan and are left out."""
+    names = LEDGER_SCHEMA.names if columns is None else _with_keys(columns)
+    empty = _empty_schema(names, ())
+    top = int(last_seqs[-1]) if len(last_seqs) else 0
+
+    def read(snap: _Snapshot) -> StreamedJobs | None:
+        if snap.shards:
+            return None
+        carry: pa.Table | None = None
+        carry_resets = np.zeros(0, dtype=bool)
+        finished = rows = 0
+        schema: pa.Schema | None = None
+        writer: pa.ipc.RecordBatchStreamWriter | None = None
+        pending: list[pa.Table] = []  # chosen rows not yet written: fewer than batch_rows
+
+        def write(last: bool) -> None:
+            held = pa.concat_tables(pending)
+            pending.clear()
+            start = 0
+            while held.num_rows - start >= (1 if last else batch_rows):
+                assert writer is not None
+                writer.write_batch(held.slice(start, batch_rows).combine_chunks().to_batches()[0])
+                start += batch_rows
+            if start < held.num_rows:
+                pending.append(held.slice(start))
+            del held
+            pa.default_memory_pool().release_unused()
+
+        with pa.OSFile(str(path), "wb") as sink:
+            try:
+                for events in _events(snap, names, STREAM_EVENTS):
+                    events = _within(_conformed(events, empty), top)
+                    folded, resets = _fold([events], None)
+                    del events
+                    if carry is not None and carry.num_rows:
+                        box = [pa.concat_tables([carry, folded])]
+                        folded, resets = _fold(box, np.concatenate([carry_resets, resets]))
+                    done = _in_sorted(np.asarray(folded["seq"].to_numpy(), np.int64), last_seqs)
+                    carry, carry_resets = folded.filter(pa.array(~done)), resets[~done]
+                    if carry.num_rows > CARRY_ROWS:
+                        return None
+                    ended = folded.filter(pa.array(done))
+                    del folded
+                    finished += ended.num_rows
+                    chosen = select(ended)
+                    del ended
+                    if not chosen.num_rows:
+                        continue
+                    visit(chosen)
+                    pa.default_memory_pool().release_unused()
+                    if writer is None:
+                        schema = chosen.schema
+                        writer = pa.ipc.new_stream(sink, schema)
+                    pending.append(chosen)
+                    rows += chosen.num_rows
+                    if sum(t.num_rows for t in pending) >= batch_rows:
+                        write(last=False)
+                    del chosen
+                if pending:
+                    write(last=True)
+            finally:
+                if writer is not None:
+                    writer.close()
+        if finished != len(last_seqs) or (carry is not None and carry.num_rows):
+            raise LedgerError("ledger changed between two passes of one read")
+        return StreamedJobs(schema, rows, path)
+
+    return _retrying(run_dir, read)
+
+
+def _within(events: pa.Table, top: int) -> pa.Table:
+    seq = np.asarray(events["seq"].to_numpy(), np.int64)
+    if not len(seq) or seq.max() <= top:
+        return events
+    return events.filter(pa.array(seq <= top))
+
+
+def _in_sorted(values: np.ndarray, sorted_values: np.ndarray) -> np.ndarray:
+    if len(sorted_values) == 0:
+        return np.zeros(len(values), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_values, values), len(sorted_values) - 1)
+    return np.asarray(sorted_values[at] == values)

@@ -28,10 +28,10 @@ from runner.ledger.exports import BATCH_ROWS as EXPORT_ROWS
 from runner.ledger.exports import MONEY_COLUMNS, add_kinds, export_batches, schema_of
 from runner.ledger.fold import _snapshot
 from runner.ledger.identity import COLUMNS as IDENTITY_COLUMNS
-from runner.ledger.identity import HashedIdentities, exact_superseded, superseded_keys
+from runner.ledger.identity import HashedIdentities, exact_superseded, superseded_and_last_seqs
 from runner.ledger.journal import fsync_dir
 from runner.ledger.meta import read_run_meta
-from runner.ledger.ordered import OrderedJobs, ordered_jobs
+from runner.ledger.ordered import OrderedJobs, StreamedJobs, ordered_jobs
 from runner.ledger.scan import scan_folded, system_pool
 from runner.ledger.schema import LEDGER_SCHEMA, JobState
 from runner.ledger.totals import COLUMNS as TOTALS_COLUMNS
@@ -172,15 +172,17 @@ def export(
 
     Joinable with the manifest by row_id (and source/line); the columns are those of
     :mod:`runner.ledger.exports`. Superseded jobs are left out unless ``all_versions``.
-    The file appears whole or not at all (temp name, then rename). Read a bucket of jobs at
-    a time and put back in the order of one fold (:mod:`runner.ledger.ordered`).
+    The file appears whole or not at all (temp name, then rename). The ledger is folded as
+    it is read, in the order of one fold, from the seq of each job's last event (which the
+    scan for superseded versions learns); else a bucket of jobs at a time, put back in that
+    order (:mod:`runner.ledger.ordered`).
     """
     if fmt not in ("csv", "jsonl", "parquet"):
         raise ValueError(f"export format must be csv, jsonl or parquet, not {fmt!r}")
     out_path = Path(out_path)
     run_dir = Path(run_dir)
     _require_run_dir(run_dir)
-    old_keys = superseded_keys(run_dir)
+    old_keys, last_seqs = superseded_and_last_seqs(run_dir)
     kinds: dict[str, set[str]] = {}
 
     def select(jobs: pa.Table) -> pa.Table:
@@ -192,7 +194,14 @@ def export(
     try:
         with (
             system_pool(),
-            ordered_jobs(run_dir, None, select, lambda jobs: add_kinds(jobs, kinds)) as jobs,
+            ordered_jobs(
+                run_dir,
+                None,
+                select,
+                lambda jobs: add_kinds(jobs, kinds),
+                last_seqs=last_seqs,
+                batch_rows=EXPORT_ROWS,
+            ) as jobs,
         ):
             ledger = _marked_schema(run_dir) if jobs.schema is None else jobs.schema
             schema = schema_of(ledger.with_metadata(_first_metadata(run_dir)), kinds)
@@ -215,7 +224,9 @@ def export(
     return jobs.rows
 
 
-def _export_batches(jobs: OrderedJobs, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+def _export_batches(
+    jobs: OrderedJobs | StreamedJobs, schema: pa.Schema
+) -> Iterator[pa.RecordBatch]:
     """The export's record batches, holding one merged batch at a time (a loop variable
     would keep the last one while the next is merged)."""
     tables = jobs.batches(EXPORT_ROWS)
