@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from runner.ledger import JobState, Ledger, LedgerEvent, exports, ordered, read_folded, views
@@ -124,3 +125,14 @@ def test_events_recorded_after_the_scan_of_last_seqs_are_left_out(tmp_path: Path
             got = pa.concat_tables(list(jobs.batches(4)))
         assert got.to_pylist() == before.to_pylist()
         assert read_folded(run_dir).jobs.num_rows == before.num_rows + 1
+
+
+def test_parquet_keeps_no_dictionary_of_a_column_with_a_value_per_job(
+    versioned: Path, tmp_path: Path
+) -> None:
+    export(versioned, tmp_path / "jobs.parquet", "parquet")
+    group = pq.ParquetFile(tmp_path / "jobs.parquet").metadata.row_group(0)
+    coded = {group.column(i).path_in_schema: group.column(i).has_dictionary_page
+             for i in range(group.num_columns)}  # fmt: skip
+    assert not coded["job_key"] and not coded["request_id"] and not coded["status_url"]
+    assert coded["state"] and coded["endpoint"] and coded["req_prompt"]

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from runner.errors import LedgerError
 from runner.ledger.fold import _retrying, _Snapshot
@@ -250,13 +251,16 @@ def _streamed(
                     folded, resets = _fold([events], None)
                     del events
                     if carry is not None and carry.num_rows:
-                        box = [pa.concat_tables([carry, folded])]
-                        folded, resets = _fold(box, np.concatenate([carry_resets, resets]))
-                    done = _in_sorted(np.asarray(folded["seq"].to_numpy(), np.int64), last_seqs)
+                        folded, resets = _with_carry(carry, carry_resets, folded, resets)
+                    seqs = np.asarray(folded["seq"].to_numpy(), np.int64)
+                    done = _in_sorted(seqs, last_seqs)
                     carry, carry_resets = folded.filter(pa.array(~done)), resets[~done]
                     if carry.num_rows > CARRY_ROWS:
                         return None
                     ended = folded.filter(pa.array(done))
+                    seqs = seqs[done]
+                    if len(seqs) > 1 and not bool(np.all(seqs[1:] > seqs[:-1])):
+                        ended = ended.take(pa.array(np.argsort(seqs, kind="stable")))
                     del folded
                     finished += ended.num_rows
                     chosen = select(ended)
@@ -283,6 +287,25 @@ def _streamed(
         return StreamedJobs(schema, rows, path)
 
     return _retrying(run_dir, read)
+
+
+def _with_carry(
+    carry: pa.Table, carry_resets: np.ndarray, folded: pa.Table, resets: np.ndarray
+) -> tuple[pa.Table, np.ndarray]:
+    """A batch's ``folded`` rows, those of carried jobs folded again with their carried rows,
+    and the other carried rows (in no particular order: a fold sorts them by seq)."""
+    again = np.asarray(
+        pc.is_in(folded["job_key"], value_set=carry["job_key"].combine_chunks()).to_numpy(
+            zero_copy_only=False
+        ),
+        dtype=bool,
+    )
+    if not again.any():
+        return pa.concat_tables([carry, folded]), np.concatenate([carry_resets, resets])
+    box = [pa.concat_tables([carry, folded.filter(pa.array(again))])]
+    merged, merged_resets = _fold(box, np.concatenate([carry_resets, resets[again]]))
+    rows = pa.concat_tables([merged, folded.filter(pa.array(~again))])
+    return rows, np.concatenate([merged_resets, resets[~again]])
 
 
 def _within(events: pa.Table, top: int) -> pa.Table:
