@@ -43,6 +43,16 @@ ExportFormat = Literal["csv", "jsonl", "parquet"]
 _ZERO = Decimal(0)
 _EMPTY = LEDGER_SCHEMA.empty_table()
 TEXT_ROWS = 2_000  # rows a CSV or JSONL export makes Python values of at once
+# Columns with a value per job (ids, times, URLs, texts): a Parquet dictionary of them only
+# costs time before the writer gives it up (a 1M-job export: 2.5 -> 1.8 CPU s, 163 -> 143 MB).
+_PER_JOB = frozenset(
+    {
+        *("seq", "at", "job_key", "row_id", "line", "request", "metadata", "seed", "outputs"),
+        *("request_id", "gateway_request_id", "payload_sha256"),
+        *("submitted_at", "started_at", "completed_at"),
+        *("status_url", "response_url", "cancel_url"),
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +264,8 @@ def _first_metadata(run_dir: Path) -> Any:
 
 def _write(batches: Iterator[pa.RecordBatch], schema: pa.Schema, handle: Any, fmt: str) -> None:
     if fmt == "parquet":
-        with pq.ParquetWriter(handle, schema, compression="zstd") as writer:
+        coded = [name for name in schema.names if name not in _PER_JOB]
+        with pq.ParquetWriter(handle, schema, compression="zstd", use_dictionary=coded) as writer:
             for batch in batches:
                 writer.write_batch(batch)
                 del batch  # not held while the next is made
