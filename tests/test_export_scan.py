@@ -5,12 +5,15 @@ order, columns, types and row groups, with superseded versions left out (or mark
 
 from __future__ import annotations
 
+import json
+from decimal import Decimal
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from runner.endpoints.money import trim_usd
 from runner.ledger import JobState, Ledger, LedgerEvent, exports, ordered, read_folded, views
 from runner.ledger import scan as scan_module
 from runner.ledger.exports import export_batches, export_schema
@@ -136,3 +139,20 @@ def test_parquet_keeps_no_dictionary_of_a_column_with_a_value_per_job(
              for i in range(group.num_columns)}  # fmt: skip
     assert not coded["job_key"] and not coded["request_id"] and not coded["status_url"]
     assert coded["state"] and coded["endpoint"] and coded["req_prompt"]
+
+
+def test_money_in_csv_is_the_shortest_text_of_the_decimal() -> None:
+    tenths = [Decimal(n).scaleb(-6) for n in range(-3000, 3000, 7)]
+    powers = [Decimal(10**k).scaleb(-6) for k in range(18)] + [-Decimal(10**17 - 1).scaleb(-6)]
+    values = pa.array([*tenths, *powers, None, Decimal(0)], pa.decimal128(18, 6))
+    expected = [None if v is None else str(trim_usd(v)) for v in values.to_pylist()]
+    assert views.usd_texts(values).to_pylist() == expected
+    assert "10" in expected and "0.000001" in expected and "0" in expected
+
+
+def test_nsfw_in_csv_is_the_json_of_its_list() -> None:
+    lists = [[True, False], [], None, [None, True], [False], None, [True]]
+    values = pa.array(lists, pa.list_(pa.bool_()))
+    for sliced in (values, values.slice(2), values.slice(3, 3)):
+        expected = [None if v is None else json.dumps(v) for v in sliced.to_pylist()]
+        assert views.json_bools(sliced).to_pylist() == expected
