@@ -134,7 +134,7 @@ def ordered_jobs(
     run_dir: Path,
     columns: Sequence[str] | None,
     select: Callable[[pa.Table], pa.Table],
-    visit: Callable[[pa.Table], None],
+    visit: Callable[[pa.Table], pa.Table | None],
     *,
     last_seqs: np.ndarray | None = None,
     batch_rows: int = 50_000,
@@ -144,7 +144,9 @@ def ordered_jobs(
     scratch files last as long as the context. With ``last_seqs`` (sorted: the seq of each
     job's last event, :func:`runner.ledger.identity.superseded_and_last_seqs`), folded as
     read where it can be (:class:`StreamedJobs`, in record batches of ``batch_rows``: read
-    them back with the same); a slice may then be visited twice."""
+    them back with the same); ``visit`` then sees each batch (some may have been seen by an
+    attempt given up) and what it returns is kept on disk beside it
+    (:meth:`StreamedJobs.visited`)."""
     with tempfile.TemporaryDirectory(prefix="runner-ordered-") as scratch:
         if last_seqs is not None:
             path = Path(scratch) / "streamed.arrows"
@@ -186,6 +188,12 @@ class StreamedJobs:
     schema: pa.Schema | None
     rows: int
     _path: Path
+    _sides: list[Path | None]
+
+    def visited(self) -> Iterator[pa.Table | None]:
+        """What ``visit`` returned for each batch of :meth:`batches`, in the same order."""
+        for side in self._sides:
+            yield None if side is None else pa.ipc.open_stream(pa.memory_map(str(side))).read_all()
 
     def batches(self, batch_rows: int) -> Iterator[pa.Table]:
         """Every chosen job, by the seq of its last event, ``batch_rows`` a table (one chunk:
@@ -209,7 +217,7 @@ def _streamed(
     run_dir: Path,
     columns: Sequence[str] | None,
     select: Callable[[pa.Table], pa.Table],
-    visit: Callable[[pa.Table], None],
+    visit: Callable[[pa.Table], pa.Table | None],
     last_seqs: np.ndarray,
     path: Path,
     batch_rows: int,
@@ -230,19 +238,21 @@ def _streamed(
         schema: pa.Schema | None = None
         writer: pa.ipc.RecordBatchStreamWriter | None = None
         pending: list[pa.Table] = []  # chosen rows not yet written: fewer than batch_rows
+        sides: list[Path | None] = []  # what visit made of each batch written, kept
 
         def write(last: bool) -> None:
             held = pa.concat_tables(pending)
             pending.clear()
-            start = 0
-            while held.num_rows - start >= (1 if last else batch_rows):
+            while held.num_rows >= (1 if last else batch_rows):
                 assert writer is not None
-                writer.write_batch(held.slice(start, batch_rows).combine_chunks().to_batches()[0])
-                start += batch_rows
-            if start < held.num_rows:
-                pending.append(held.slice(start))
-            del held
-            pa.default_memory_pool().release_unused()
+                batch = held.slice(0, batch_rows).combine_chunks()
+                held = held.slice(batch_rows)  # lets go of the chunks copied
+                writer.write_batch(batch.to_batches()[0])
+                sides.append(_side(visit(batch), path.with_name(f"side-{len(sides):06d}.arrows")))
+                del batch
+                pa.default_memory_pool().release_unused()
+            if held.num_rows:
+                pending.append(held)
 
         with pa.OSFile(str(path), "wb") as sink:
             try:
@@ -267,8 +277,6 @@ def _streamed(
                     del ended
                     if not chosen.num_rows:
                         continue
-                    visit(chosen)
-                    pa.default_memory_pool().release_unused()
                     if writer is None:
                         schema = chosen.schema
                         writer = pa.ipc.new_stream(sink, schema)
@@ -284,9 +292,18 @@ def _streamed(
                     writer.close()
         if finished != len(last_seqs) or (carry is not None and carry.num_rows):
             raise LedgerError("ledger changed between two passes of one read")
-        return StreamedJobs(schema, rows, path)
+        return StreamedJobs(schema, rows, path, sides)
 
     return _retrying(run_dir, read)
+
+
+def _side(table: pa.Table | None, path: Path) -> Path | None:
+    """``table`` kept in a scratch file at ``path``."""
+    if table is None:
+        return None
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return path
 
 
 def _with_carry(

@@ -240,8 +240,11 @@ def _export_batches(
     """The export's record batches, holding one merged batch at a time (a loop variable
     would keep the last one while the next is merged)."""
     tables = jobs.batches(EXPORT_ROWS)
+    parsed = jobs.visited() if isinstance(jobs, StreamedJobs) else None
     while (table := next(tables, None)) is not None:
-        yield from export_batches(table, schema)
+        fields = None if parsed is None else next(parsed)
+        yield from export_batches(table, schema, fields)
+        del fields
         del table
 
 
