@@ -42,6 +42,7 @@ METADATA_PREFIX = "meta_"
 EXPORT_MONEY = pa.decimal128(18, 6)
 MONEY_COLUMNS = ("estimated_usd", "billed_usd", "reroll_usd")
 BATCH_ROWS = 50_000
+TEXT_COLUMNS = ("request", "metadata")  # what add_kinds reads
 SLOW = "slow"  # add_kinds' parsed fields: the rows read one by one (no req_/meta_ name)
 _INT64 = (-(2**63), 2**63 - 1)
 
@@ -112,7 +113,7 @@ def add_kinds(jobs: pa.Table, kinds: dict[str, set[str]]) -> pa.Table | None:
 
     Returns the fields parsed, when ``jobs`` is one batch (not over BATCH_ROWS rows, one
     chunk): :func:`export_batches` takes them back (``parsed``) instead of parsing again."""
-    batches = jobs.select(["request", "metadata"]).to_batches(max_chunksize=BATCH_ROWS)
+    batches = jobs.select(list(TEXT_COLUMNS)).to_batches(max_chunksize=BATCH_ROWS)
     for batch in batches:
         fields = _fields(batch)
         for name, values in fields.columns.items():

@@ -138,6 +138,7 @@ def ordered_jobs(
     *,
     last_seqs: np.ndarray | None = None,
     batch_rows: int = 50_000,
+    visit_columns: Sequence[str] | None = None,
 ) -> Iterator[OrderedJobs | StreamedJobs]:
     """Scan the folded ledger; ``select`` chooses (and may add columns to) each slice's
     rows, ``visit`` sees each chosen slice (to learn the columns of the output, say). The
@@ -145,12 +146,14 @@ def ordered_jobs(
     job's last event, :func:`runner.ledger.identity.superseded_and_last_seqs`), folded as
     read where it can be (:class:`StreamedJobs`, in record batches of ``batch_rows``: read
     them back with the same); ``visit`` then sees each batch (some may have been seen by an
-    attempt given up) and what it returns is kept on disk beside it
-    (:meth:`StreamedJobs.visited`)."""
+    attempt given up), only its ``visit_columns`` if named, and what it returns is kept on
+    disk beside it (:meth:`StreamedJobs.visited`)."""
     with tempfile.TemporaryDirectory(prefix="runner-ordered-") as scratch:
         if last_seqs is not None:
             path = Path(scratch) / "streamed.arrows"
-            streamed = _streamed(run_dir, columns, select, visit, last_seqs, path, batch_rows)
+            streamed = _streamed(
+                run_dir, columns, select, visit, last_seqs, path, batch_rows, visit_columns
+            )
             if streamed is not None:
                 yield streamed
                 return
@@ -221,6 +224,7 @@ def _streamed(
     last_seqs: np.ndarray,
     path: Path,
     batch_rows: int,
+    visit_columns: Sequence[str] | None,
 ) -> StreamedJobs | None:
     """The ledger folded as read into ``path``, ``batch_rows`` jobs a record batch (None:
     sharded, or too many jobs in flight). Events past the last of ``last_seqs`` came after
@@ -248,6 +252,9 @@ def _streamed(
                 batch = held.slice(0, batch_rows).combine_chunks()
                 held = held.slice(batch_rows)  # lets go of the chunks copied
                 writer.write_batch(batch.to_batches()[0])
+                if visit_columns is not None:  # the rest of the batch goes before the visit
+                    batch = batch.select(list(visit_columns))
+                    pa.default_memory_pool().release_unused()
                 sides.append(_side(visit(batch), path.with_name(f"side-{len(sides):06d}.arrows")))
                 del batch
                 pa.default_memory_pool().release_unused()

@@ -25,7 +25,13 @@ import pyarrow.parquet as pq
 from runner.endpoints.money import trim_usd
 from runner.errors import LedgerError
 from runner.ledger.exports import BATCH_ROWS as EXPORT_ROWS
-from runner.ledger.exports import MONEY_COLUMNS, add_kinds, export_batches, schema_of
+from runner.ledger.exports import (
+    MONEY_COLUMNS,
+    TEXT_COLUMNS,
+    add_kinds,
+    export_batches,
+    schema_of,
+)
 from runner.ledger.fold import _snapshot
 from runner.ledger.identity import COLUMNS as IDENTITY_COLUMNS
 from runner.ledger.identity import HashedIdentities, exact_superseded, superseded_and_last_seqs
@@ -211,6 +217,7 @@ def export(
                 lambda jobs: add_kinds(jobs, kinds),
                 last_seqs=last_seqs,
                 batch_rows=EXPORT_ROWS,
+                visit_columns=TEXT_COLUMNS,
             ) as jobs,
         ):
             ledger = _marked_schema(run_dir) if jobs.schema is None else jobs.schema
