@@ -254,7 +254,6 @@ def _streamed(
                 writer.write_batch(batch.to_batches()[0])
                 if visit_columns is not None:  # the rest of the batch goes before the visit
                     batch = batch.select(list(visit_columns))
-                    pa.default_memory_pool().release_unused()
                 sides.append(_side(visit(batch), path.with_name(f"side-{len(sides):06d}.arrows")))
                 del batch
                 pa.default_memory_pool().release_unused()
