@@ -14,7 +14,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from runner.endpoints.money import trim_usd
-from runner.ledger import JobState, Ledger, LedgerEvent, exports, ordered, read_folded, views
+from runner.ledger import (
+    JobState,
+    Ledger,
+    LedgerEvent,
+    exports,
+    ordered,
+    read_folded,
+    texts,
+    views,
+)
 from runner.ledger import scan as scan_module
 from runner.ledger.exports import export_batches, export_schema
 from runner.ledger.identity import superseded_and_last_seqs
@@ -146,7 +155,7 @@ def test_money_in_csv_is_the_shortest_text_of_the_decimal() -> None:
     powers = [Decimal(10**k).scaleb(-6) for k in range(18)] + [-Decimal(10**17 - 1).scaleb(-6)]
     values = pa.array([*tenths, *powers, None, Decimal(0)], pa.decimal128(18, 6))
     expected = [None if v is None else str(trim_usd(v)) for v in values.to_pylist()]
-    assert views.usd_texts(values).to_pylist() == expected
+    assert texts.usd_texts(values).to_pylist() == expected
     assert "10" in expected and "0.000001" in expected and "0" in expected
 
 
@@ -155,4 +164,24 @@ def test_nsfw_in_csv_is_the_json_of_its_list() -> None:
     values = pa.array(lists, pa.list_(pa.bool_()))
     for sliced in (values, values.slice(2), values.slice(3, 3)):
         expected = [None if v is None else json.dumps(v) for v in sliced.to_pylist()]
-        assert views.json_bools(sliced).to_pylist() == expected
+        assert texts.json_bools(sliced).to_pylist() == expected
+
+
+def test_outputs_in_csv_are_the_json_of_their_list() -> None:
+    image = pa.struct([("url", pa.string()), ("width", pa.int32()), ("n", pa.int64()),
+                       ("local_path", pa.string())])  # fmt: skip
+    odd = ['a "quote"', "back\\slash", "tab\there", "caf\u00e9", "del\x7f", "ok ~!#[]"]
+    lists = [
+        [{"url": "https://cdn.example/a.png", "width": 64, "n": -(2**40), "local_path": None}],
+        [],
+        None,
+        [None, {"url": None, "width": None, "n": 0, "local_path": "out/b.png"}],
+        *([{"url": text, "width": 1, "n": 1, "local_path": None}] for text in odd),
+        [{"url": "x", "width": 2, "n": 3, "local_path": "y"}] * 3,
+    ]
+    values = pa.array(lists, pa.list_(image))
+    for sliced in (values, values.slice(2), values.slice(3, 4)):
+        expected = [None if v is None else json.dumps(v) for v in sliced.to_pylist()]
+        assert texts.json_structs(sliced).to_pylist() == expected
+    scores = pa.array([[{"score": 0.5}]], pa.list_(pa.struct([("score", pa.float64())])))
+    assert texts.json_structs(scores).to_pylist() == [json.dumps([{"score": 0.5}])]

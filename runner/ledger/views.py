@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from runner.endpoints.money import trim_usd
 from runner.errors import LedgerError
+from runner.ledger import texts
 from runner.ledger.exports import BATCH_ROWS as EXPORT_ROWS
 from runner.ledger.exports import (
     MONEY_COLUMNS,
@@ -314,33 +315,19 @@ def _shown(path: Path) -> str:
 
 def _flat_for_csv(jobs: pa.Table) -> pa.Table:
     """CSV has no nested types: outputs and nsfw become JSON text, money its shortest text."""
-    for name in ("outputs", "duplicate_request_ids"):
+    index = jobs.schema.get_field_index("outputs")
+    jobs = jobs.set_column(index, "outputs", texts.json_structs(jobs["outputs"].combine_chunks()))
+    for name in ("duplicate_request_ids",):
         values = [None if v is None else json.dumps(v) for v in jobs[name].to_pylist()]
         jobs = jobs.set_column(
             jobs.schema.get_field_index(name), name, pa.array(values, pa.string())
         )
     index = jobs.schema.get_field_index("nsfw")
-    jobs = jobs.set_column(index, "nsfw", json_bools(jobs["nsfw"].combine_chunks()))
+    jobs = jobs.set_column(index, "nsfw", texts.json_bools(jobs["nsfw"].combine_chunks()))
     for name in MONEY_COLUMNS:
         index = jobs.schema.get_field_index(name)
-        jobs = jobs.set_column(index, name, usd_texts(jobs[name]))
+        jobs = jobs.set_column(index, name, texts.usd_texts(jobs[name]))
     return jobs
-
-
-def usd_texts(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
-    """Decimals as ``str(trim_usd(value))`` does: no trailing zeros, no exponent (a vector)."""
-    return pc.replace_substring_regex(pc.cast(values, pa.string()), r"\.?0+$", "")
-
-
-def json_bools(values: pa.Array) -> pa.Array:
-    """Lists of bools as ``json.dumps`` writes them (``[true, false]``; null stays null)."""
-    offsets = values.offsets.to_numpy(zero_copy_only=False)
-    items = values.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
-    words = pc.if_else(items, "true", "false").fill_null("null")
-    lists = pa.ListArray.from_arrays(
-        pa.array(offsets - offsets[0], pa.int32()), words, mask=pc.is_null(values)
-    )
-    return pc.binary_join_element_wise("[", pc.binary_join(lists, ", "), "]", "")
 
 
 def _json_default(value: object) -> str:
