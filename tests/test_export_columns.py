@@ -250,3 +250,20 @@ def test_texts_arrow_reads_otherwise(case: str, batch_rows: int) -> None:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(exports, "BATCH_ROWS", batch_rows)
         _check(rows, ("parquet", "csv", "jsonl"))
+
+
+def test_fields_parsed_for_the_kinds_are_those_the_export_parses() -> None:
+    requests = ['{"prompt": "a", "seed": 1}', '{"seed": 2.5, "x": null}', None, '{"n": [1]}']
+    metadata = ['{"sku": "A"}', None, '{"sku": 3}', '{"sku": {"a": 1}}']
+    jobs = pa.table({"request": requests * 3, "metadata": metadata * 3})
+    kinds: dict[str, set[str]] = {}
+    parsed = exports.add_kinds(jobs, kinds)
+    assert parsed is not None and exports.SLOW in parsed.column_names
+    schema = pa.schema([*jobs.schema, *(pa.field(n, exports._type_of(k)) for n, k in
+                                          sorted(kinds.items()))])  # fmt: skip
+    again = list(export_batches(jobs, schema))
+    assert list(export_batches(jobs, schema, parsed)) == again
+    many = pa.table(
+        {"request": ['{"seed": 1}'] * (BATCH_ROWS + 1), "metadata": [None] * (BATCH_ROWS + 1)}
+    )
+    assert exports.add_kinds(many, {}) is None  # two batches: parsed again, batch by batch

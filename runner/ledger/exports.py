@@ -42,6 +42,8 @@ METADATA_PREFIX = "meta_"
 EXPORT_MONEY = pa.decimal128(18, 6)
 MONEY_COLUMNS = ("estimated_usd", "billed_usd", "reroll_usd")
 BATCH_ROWS = 50_000
+TEXT_COLUMNS = ("request", "metadata")  # what add_kinds reads
+SLOW = "slow"  # add_kinds' parsed fields: the rows read one by one (no req_/meta_ name)
 _INT64 = (-(2**63), 2**63 - 1)
 
 
@@ -106,9 +108,13 @@ def export_schema(jobs: pa.Table) -> pa.Schema:
     return schema_of(jobs.schema, kinds)
 
 
-def add_kinds(jobs: pa.Table, kinds: dict[str, set[str]]) -> None:
-    """Add the kinds of value each req_*/meta_* column of ``jobs`` holds to ``kinds``."""
-    for batch in jobs.select(["request", "metadata"]).to_batches(max_chunksize=BATCH_ROWS):
+def add_kinds(jobs: pa.Table, kinds: dict[str, set[str]]) -> pa.Table | None:
+    """Add the kinds of value each req_*/meta_* column of ``jobs`` holds to ``kinds``.
+
+    Returns the fields parsed, when ``jobs`` is one batch (not over BATCH_ROWS rows, one
+    chunk): :func:`export_batches` takes them back (``parsed``) instead of parsing again."""
+    batches = jobs.select(list(TEXT_COLUMNS)).to_batches(max_chunksize=BATCH_ROWS)
+    for batch in batches:
         fields = _fields(batch)
         for name, values in fields.columns.items():
             if fields.present(name):
@@ -116,6 +122,15 @@ def add_kinds(jobs: pa.Table, kinds: dict[str, set[str]]) -> None:
         for row in _slow_rows(batch, fields.slow):
             for name, value in row.items():
                 kinds.setdefault(name, set()).add(_kind(value))
+    if len(batches) != 1:
+        return None
+    return pa.table({**fields.columns, SLOW: pa.array(fields.slow, pa.bool_())})
+
+
+def _unpacked(parsed: pa.Table) -> Fields:
+    columns = {name: parsed[name].combine_chunks() for name in parsed.column_names}
+    slow = columns.pop(SLOW)
+    return Fields(columns, np.asarray(slow.to_numpy(zero_copy_only=False), dtype=bool))
 
 
 def _fields(batch: pa.RecordBatch) -> Fields:
@@ -140,11 +155,15 @@ def schema_of(ledger: pa.Schema, kinds: Mapping[str, set[str]]) -> pa.Schema:
     return pa.schema([*fields, *extra], metadata=ledger.metadata)
 
 
-def export_batches(jobs: pa.Table, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
-    """The folded jobs as record batches of ``schema`` (from :func:`export_schema`)."""
+def export_batches(
+    jobs: pa.Table, schema: pa.Schema, parsed: pa.Table | None = None
+) -> Iterator[pa.RecordBatch]:
+    """The folded jobs as record batches of ``schema`` (from :func:`export_schema`);
+    ``parsed``: what :func:`add_kinds` returned for these jobs, if it did."""
     extra = [f for f in schema if f.name not in jobs.column_names]
-    for batch in jobs.to_batches(max_chunksize=BATCH_ROWS):
-        fields = _fields(batch)
+    batches = jobs.to_batches(max_chunksize=BATCH_ROWS)
+    for batch in batches:
+        fields = _fields(batch) if parsed is None or len(batches) != 1 else _unpacked(parsed)
         slow = fields.slow.copy()
         for field in extra:
             values = fields.columns.get(field.name)

@@ -118,12 +118,22 @@ def exact_superseded(run_dir: Path, candidates: np.ndarray) -> pa.Array:
 def superseded_keys(run_dir: Path) -> pa.Array:
     """The job keys of every superseded job of the ledger (one scan of the identity columns;
     a second over the candidates' rows only when there are some)."""
+    return superseded_and_last_seqs(run_dir, seqs=False)[0]
 
-    def reduce(slices: Iterator[pa.Table]) -> np.ndarray:
+
+def superseded_and_last_seqs(run_dir: Path, *, seqs: bool = True) -> tuple[pa.Array, np.ndarray]:
+    """:func:`superseded_keys`, and the seq of every job's last event, sorted (8 bytes a job,
+    from the same scan; empty unless ``seqs``)."""
+
+    def reduce(slices: Iterator[pa.Table]) -> tuple[np.ndarray, list[np.ndarray]]:
         identities = HashedIdentities()
+        last: list[np.ndarray] = []
         for jobs in slices:
             identities.add(jobs)
-        return identities.candidates()
+            if seqs:
+                last.append(np.asarray(jobs["seq"].to_numpy(), np.int64))
+        return identities.candidates(), last
 
-    candidates, _info = scan_folded(run_dir, list(COLUMNS), reduce)
-    return exact_superseded(run_dir, candidates)
+    (candidates, last), _info = scan_folded(run_dir, list(COLUMNS), reduce)
+    ordered = np.sort(np.concatenate(last)) if last else np.zeros(0, np.int64)
+    return exact_superseded(run_dir, candidates), ordered

@@ -233,10 +233,10 @@ def _prefold(events: pa.Table) -> pa.Table:
     return folded.append_column(_RESET, pa.array(reset, pa.bool_()))
 
 
-def _events(snap: _Snapshot, names: list[str]) -> Iterator[pa.Table]:
+def _events(snap: _Snapshot, names: list[str], batch_rows: int = 65_536) -> Iterator[pa.Table]:
     """Every event's named columns, in seq order (shard after shard), a batch at a time."""
     for part in snap.parts:
-        yield from iter_part(part.path, names)
+        yield from iter_part(part.path, names, batch_rows=batch_rows)
     if snap.journal_rows:
         yield rows_to_table(snap.journal_rows).select(names)
 

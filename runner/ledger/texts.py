@@ -1,0 +1,67 @@
+"""Arrow columns as the texts a CSV export writes of them, by Arrow kernels: money as
+``str(trim_usd(value))``, lists as ``json.dumps`` writes them (a value per job, no Python
+value per row but for the rare ones json.dumps must escape)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+def usd_texts(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Decimals as ``str(trim_usd(value))`` does: no trailing zeros, no exponent (a vector)."""
+    return pc.replace_substring_regex(pc.cast(values, pa.string()), r"\.?0+$", "")
+
+
+# What json.dumps writes as it is in a string (ensure_ascii: printable ASCII but " and \).
+_PLAIN_TEXT = r"^[ !#-\[\]-~]*$"
+
+
+def json_structs(values: pa.Array) -> pa.Array:
+    """Lists of structs of texts and numbers as ``json.dumps`` writes them (keys in the
+    struct's order; null stays null). A list with a text json.dumps escapes, a float or a
+    nested value is written by json.dumps itself."""
+    offsets = values.offsets.to_numpy(zero_copy_only=False)
+    items = values.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+    parts: list[pa.Array | str] = ["{"]
+    odd = np.zeros(len(items), dtype=bool)
+    for n, (field, child) in enumerate(zip(items.type, items.flatten(), strict=True)):
+        if pa.types.is_string(field.type):
+            plain = pc.match_substring_regex(child, _PLAIN_TEXT).fill_null(True)
+            odd |= ~np.asarray(plain.to_numpy(zero_copy_only=False), dtype=bool)
+            text = pc.binary_join_element_wise('"', child, '"', "")
+        elif pa.types.is_integer(field.type):
+            text = pc.cast(child, pa.string())
+        else:
+            odd |= True
+            text = pa.nulls(len(child), pa.string())
+        parts += [", " * bool(n) + json.dumps(field.name) + ": ", text.fill_null("null")]
+    words = pc.binary_join_element_wise(*parts, "}", "")
+    words = pc.if_else(pc.is_valid(items), words, "null")
+    lists = pa.ListArray.from_arrays(
+        pa.array(offsets - offsets[0], pa.int32()), words, mask=pc.is_null(values)
+    )
+    texts = pc.binary_join_element_wise("[", pc.binary_join(lists, ", "), "]", "")
+    counts = np.concatenate(([0], np.cumsum(odd)))[offsets - offsets[0]]
+    valid = np.asarray(pc.is_valid(values).to_numpy(zero_copy_only=False), dtype=bool)
+    rows = np.flatnonzero((np.diff(counts) > 0) & valid)
+    if len(rows):
+        again = [json.dumps(v) for v in values.take(pa.array(rows)).to_pylist()]
+        mask = np.zeros(len(values), dtype=bool)
+        mask[rows] = True
+        texts = pc.replace_with_mask(texts, pa.array(mask), pa.array(again, pa.string()))
+    return texts
+
+
+def json_bools(values: pa.Array) -> pa.Array:
+    """Lists of bools as ``json.dumps`` writes them (``[true, false]``; null stays null)."""
+    offsets = values.offsets.to_numpy(zero_copy_only=False)
+    items = values.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+    words = pc.if_else(items, "true", "false").fill_null("null")
+    lists = pa.ListArray.from_arrays(
+        pa.array(offsets - offsets[0], pa.int32()), words, mask=pc.is_null(values)
+    )
+    return pc.binary_join_element_wise("[", pc.binary_join(lists, ", "), "]", "")
