@@ -181,3 +181,22 @@ def test_content_ids_through_the_reader_are_numbered_as_without_spills(
     monkeypatch.setattr(Occurrences, "SPILL_AT", 7)
     monkeypatch.setattr(idspill, "_RECORDS", 3)
     assert ids() == expected
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="latent: a forked child shares the parent's spill files (pwrite), where at 7cad00d "
+    "its table was a copy-on-write copy; nothing in runner forks with a live table today "
+    "(ray's workers are started by raylet), and the fix (reopen the runs in a child) is unclear",
+)
+def test_a_forked_child_claiming_a_spilled_id_leaves_the_parent_alone(tiny: None) -> None:
+    table = KeyLines()
+    keys = np.arange(1, 201, dtype=np.int64) * 104_729
+    table.claim_many(keys, np.zeros(200, np.uint32), np.arange(2, 202, dtype=np.int64))
+    assert table._spilled
+    pid = os.fork()
+    if pid == 0:  # the child takes the first spilled id over with a lower line
+        table.claim(int(keys[0]), 1)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert table.lookup(keys[:1]).tolist() == [2]
