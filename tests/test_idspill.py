@@ -202,3 +202,24 @@ def test_without_temporary_space_the_tables_stay_in_memory(
     assert not table._spilled and table.lookup(keys).tolist() == (keys + 2).tolist()
     assert [counts.next(k) for k in range(1_000)] == [1] * 1_000
     assert counts.next(999) == 2 and not counts._spilled and len(counts) == 1_000
+
+
+def test_a_spilled_run_that_cannot_be_read_back_is_one_manifest_error(
+    spill_early: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Written runs have no copy in memory: an I/O error reading them ends the check in one
+    line naming the temporary directory, not a traceback (nor the "no room" of a write)."""
+    from runner.errors import ManifestError
+
+    keys = np.random.default_rng(5).permutation(np.arange(1, 6_001, dtype=np.int64) << 40)
+    table = KeyLines()
+    table.claim_many(keys, np.zeros(len(keys), np.uint32), np.arange(2, 6_002, dtype=np.int64))
+    assert table._spilled, "the fixture's threshold spills nothing"
+
+    def failing(fd: int, size: int, offset: int) -> bytes:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "pread", failing)
+    again = keys[:50]
+    with pytest.raises(ManifestError, match=r"temporary file in .*Input/output error.*TMPDIR"):
+        table.claim_many(again, np.zeros(50, np.uint32), np.arange(7_000, 7_050, dtype=np.int64))

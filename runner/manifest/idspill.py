@@ -21,6 +21,7 @@ merge, the two runs merged again: 40 bytes a key.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import tempfile
 import weakref
@@ -28,6 +29,8 @@ from collections.abc import Iterator
 from typing import IO
 
 import numpy as np
+
+from runner.errors import ManifestError
 
 RECORD = np.dtype([("key", "<i8"), ("check", "<u4"), ("line", "<i8")])  # 20 bytes, packed
 _LINE_AT = 12  # the line's offset in a record
@@ -67,27 +70,48 @@ class SpillFile:
     def read(self, index: int, count: int) -> np.ndarray:
         """``count`` records from record ``index``."""
         size = count * RECORD.itemsize
-        data = os.pread(self.fd, size, index * RECORD.itemsize)
+        with _unreadable():
+            data = os.pread(self.fd, size, index * RECORD.itemsize)
         if len(data) != size:
-            raise OSError(f"the id table's spill file is short: {len(data)} of {size} bytes")
+            raise _lost(f"{len(data)} of {size} bytes read back")
         return np.frombuffer(data, dtype=RECORD)
 
     def gather(self, indices: list[int]) -> np.ndarray:
         """The record at each index (one ``pread`` each)."""
         size, fd = RECORD.itemsize, self.fd
-        data = b"".join([os.pread(fd, size, index * size) for index in indices])
+        with _unreadable():
+            data = b"".join([os.pread(fd, size, index * size) for index in indices])
         if len(data) != size * len(indices):
-            raise OSError(f"the id table's spill file is short: {len(data)} bytes read")
+            raise _lost(f"{len(data)} of {size * len(indices)} bytes read back")
         return np.frombuffer(data, dtype=RECORD)
 
     def write_line(self, index: int, line: int) -> None:
         offset = index * RECORD.itemsize + _LINE_AT
-        os.pwrite(self.fd, np.array([line], dtype="<i8").tobytes(), offset)
+        with _unreadable():
+            os.pwrite(self.fd, np.array([line], dtype="<i8").tobytes(), offset)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+@contextlib.contextmanager
+def _unreadable() -> Iterator[None]:
+    """An I/O error on a spilled run (written already, so it cannot fall back to memory) is
+    the manifest's check failing, said in one line: not a traceback, and not taken for the
+    "no room" a failed write means."""
+    try:
+        yield
+    except OSError as e:
+        raise _lost(e.strerror or str(e)) from None
+
+
+def _lost(why: str) -> ManifestError:
+    return ManifestError(
+        "the duplicate-id check lost its temporary file in "
+        f"{tempfile.gettempdir()} ({why}); set TMPDIR to a disk with free space and run again"
+    )
 
 
 def _bits(count: int) -> int:
