@@ -151,17 +151,6 @@ class KeyLines:
         """Bytes of the spilled runs' temporary files (20 a spilled key)."""
         return sum(run.file_bytes for run in self._spilled)
 
-    def count(self, key: int) -> int:
-        """How many times ``key`` has been counted, this time included (1 the first time)."""
-        held = self._find(key)
-        if held is None:
-            self._pending[key] = (0, 1)
-            if len(self._pending) >= _PENDING_MAX:
-                self._flush()
-            return 1
-        self._set(key, held[1] + 1)
-        return held[1] + 1
-
     def claim(self, key: int, line: int, check: int = 0) -> int:
         """The least line claimed for ``(key, check)``, this one included."""
         held = self._find(key)
