@@ -52,7 +52,8 @@ def test_help_imports_none_of_the_heavy_parts(argv: list[str]) -> None:
 # exports, totals, scans), Pillow (until an image is checked), tqdm (a terminal only),
 # pandas and dateutil (pyarrow's probes), httpx's own command line (click, rich, pygments),
 # tomllib (a config file only), difflib (a near-miss hint only) and the cross-run cache
-# (--cache only).
+# (--cache only), numpy.ma (pyarrow looks for it in any pa.array(ndarray): the reader's
+# masks are built from their bits).
 RUN_UNUSED = ("runner.emulator", "runner.report", "runner.fal.receiver", "runner.fal.webhook",
               "runner.fal.jwks", "runner.scale.shards", "runner.scale.feed",
               "runner.scale.spending", "runner.scale.ray_driver", "runner.scale.ray_gate",
@@ -62,7 +63,7 @@ RUN_UNUSED = ("runner.emulator", "runner.report", "runner.fal.receiver", "runner
               "runner.ledger.exports", "runner.ledger.totals", "runner.ledger.scan", "uvicorn",
               "starlette", "cryptography", "PIL", "tqdm", "pandas", "httpx._main", "click",
               "rich", "pygments", "ray", "dateutil", "six", "tomllib", "difflib",
-              "runner.media.cache", "runner.execution.reuse")  # fmt: skip
+              "runner.media.cache", "runner.execution.reuse", "numpy.ma")  # fmt: skip
 _RUN_PROBE = """
 import runpy, sys
 out, sys.argv = sys.argv[1], ["runner", *sys.argv[2:]]
@@ -95,13 +96,18 @@ def emulator_url() -> Iterator[str]:
             proc.stdout.close()
 
 
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
 def test_a_run_against_a_queue_url_imports_only_what_it_uses(
-    tmp_path: Path, emulator_url: str
+    tmp_path: Path, emulator_url: str, kind: str
 ) -> None:
-    manifest = tmp_path / "three.jsonl"
-    rows = [{"prompt": f"a test image {i}", "image_size": {"width": 64, "height": 64}}
-            for i in range(3)]  # fmt: skip
-    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    manifest = tmp_path / f"three.{kind}"
+    if kind == "csv":  # the batch reader's vector path (masks, presets, sizes)
+        lines = ["prompt,image_size", *(f"a test image {i},64x64" for i in range(3))]
+        manifest.write_text("\n".join(lines) + "\n")
+    else:
+        rows = [{"prompt": f"a test image {i}", "image_size": {"width": 64, "height": 64}}
+                for i in range(3)]  # fmt: skip
+        manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "modules.txt"
     argv = ["run", str(manifest), "--queue-url", emulator_url, "--endpoint", "fal-ai/flux-lora",
             "--no-download", "--quiet", "--ledger", str(tmp_path / "run")]  # fmt: skip
@@ -234,3 +240,18 @@ print(sum(m.__pydantic_complete__ for m in models), failed)
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
     assert done.stdout.split("\n")[:2] == ["0", "1 []"]
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 64, 1_001])
+def test_masks_built_from_bits_are_what_pa_array_makes(size: int) -> None:
+    import numpy as np
+    import pyarrow as pa
+
+    from runner.manifest.masks import to_arrow, to_numpy
+
+    bools = np.random.default_rng(size).random(size) < 0.5
+    built = to_arrow(bools)
+    assert built.equals(pa.array(bools)) and built.null_count == 0
+    assert to_numpy(built).tolist() == bools.tolist()
+    # a slice of it (an offset into the bits) reads as the same slice
+    assert to_arrow(bools[3:]).equals(pa.array(bools[3:]))

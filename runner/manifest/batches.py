@@ -43,6 +43,7 @@ from runner.manifest.jobs import (
     _Row,
     iter_jobs,
 )
+from runner.manifest.masks import to_arrow, to_numpy
 from runner.manifest.reader import RawRow, detect_format, read_rows
 
 
@@ -246,8 +247,8 @@ def _claim_block(
         return np.zeros(0, dtype=np.int64)
     positions: np.ndarray = np.concatenate([p for p, _ in parts])
     given = pa.concat_arrays([i for _, i in parts])
-    keep = ~slow[positions] & _np(pc.is_valid(given))
-    positions, given = positions[keep], given.filter(pa.array(keep))
+    keep = ~slow[positions] & to_numpy(pc.is_valid(given))
+    positions, given = positions[keep], given.filter(to_arrow(keep))
     if len(parts) > 1:  # more than one endpoint: their rows in block order
         order = np.argsort(positions, kind="stable")
         positions, given = positions[order], given.take(pa.array(order))
@@ -292,10 +293,6 @@ def _take_over(
                 visit[found] = True
                 heapq.heappush(later, found)
     displaced.clear()
-
-
-def _np(mask: pa.Array) -> np.ndarray:
-    return np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool)
 
 
 # A maker reads its first this many rows cell by cell, then converts its columns at once.

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from runner.endpoints.catalog import PRESETS, EndpointSpec
 from runner.manifest import cells
 from runner.manifest.columns import CONTROL_COLUMNS
+from runner.manifest.masks import to_arrow, to_numpy
 
 _INT = r"^-?[0-9]{1,15}$"
 _FLOAT = r"^-?(?:[0-9]{1,20}\.?[0-9]{0,20}|\.[0-9]{1,20})(?:[eE][+-]?[0-9]{1,3})?$"
@@ -69,12 +70,8 @@ class _Blank:
     def blank(self, name: str) -> np.ndarray:
         found = self._blank.get(name)
         if found is None:
-            found = self._blank[name] = _np(pc.equal(self.trimmed(name), ""))
+            found = self._blank[name] = to_numpy(pc.equal(self.trimmed(name), ""))
         return found
-
-
-def _np(mask: pa.Array) -> np.ndarray:
-    return np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool)
 
 
 def type_rows(
@@ -118,12 +115,12 @@ def type_rows(
     for name, info in model_fields.items():
         if info.is_required():
             given = fields.get(name)
-            slow |= np.ones(size, dtype=bool) if given is None else _np(pc.is_null(given))
+            slow |= np.ones(size, dtype=bool) if given is None else to_numpy(pc.is_null(given))
     needs_files = np.zeros(size, dtype=bool)
     for name in FILE_FIELDS:
         if name in fields:
             local = pc.invert(pc.match_substring_regex(fields[name], _REMOTE))
-            needs_files |= _np(pc.fill_null(local, False))
+            needs_files |= to_numpy(pc.fill_null(local, False))
     ids = _ids(cols, id_column, id_required, slow)
     return Typed(endpoint, spec, positions, slow, needs_files, fields, metadata, ids)
 
@@ -137,12 +134,12 @@ def _ids(cols: _Blank, column: str, required: bool, slow: np.ndarray) -> pa.Arra
     if required:
         slow |= blank
     trimmed = cols.trimmed(column)
-    slow |= _np(pc.match_substring_regex(trimmed, _RESERVED))
+    slow |= to_numpy(pc.match_substring_regex(trimmed, _RESERVED))
     return _nulled(trimmed, blank)
 
 
 def _nulled(text: pa.Array, blank: np.ndarray) -> pa.Array:
-    return pc.if_else(pa.array(blank), pa.scalar(None, pa.string()), text)
+    return pc.if_else(to_arrow(blank), pa.scalar(None, pa.string()), text)
 
 
 def _typed_field(
@@ -162,7 +159,7 @@ def _typed_field(
         distinct: pa.Array = pc.utf8_trim_whitespace(encoded.dictionary)
         codes = encoded.indices.to_numpy(zero_copy_only=False)
         once = np.zeros(len(distinct), dtype=bool)
-        values = _typed_text(name, spec, distinct, _np(pc.equal(distinct, "")), once)
+        values = _typed_text(name, spec, distinct, to_numpy(pc.equal(distinct, "")), once)
         slow |= once[codes]
         return values.take(encoded.indices)
     text = cols.trimmed(name)
@@ -193,12 +190,12 @@ def _typed_text(
     if kind == "str":
         allowed = _literal(spec.model.model_fields[name].annotation)
         if allowed is not None:
-            slow |= ~blank & ~_np(pc.is_in(text, pa.array(allowed)))
+            slow |= ~blank & ~to_numpy(pc.is_in(text, pa.array(allowed)))
         return _nulled(text, blank)
     if kind == "bool":
         lowered = pc.utf8_lower(text)
-        true = _np(pc.is_in(lowered, pa.array(_TRUE)))
-        false = _np(pc.is_in(lowered, pa.array(_FALSE)))
+        true = to_numpy(pc.is_in(lowered, pa.array(_TRUE)))
+        false = to_numpy(pc.is_in(lowered, pa.array(_FALSE)))
         slow |= ~blank & ~true & ~false
         return pa.array(np.where(true, True, False), mask=blank | (~true & ~false))
     if name == "loras":
@@ -235,7 +232,7 @@ def _numbers(text: pa.Array, blank: np.ndarray, kind: str) -> tuple[np.ndarray, 
             numbers = cast.to_numpy(zero_copy_only=False)
             return numbers, ~blank & (np.abs(numbers) < 10**15)
     pattern = _INT if kind == "int" else _FLOAT
-    ok = _np(pc.match_substring_regex(text, pattern)) & ~blank
+    ok = to_numpy(pc.match_substring_regex(text, pattern)) & ~blank
     cast = pc.cast(
         pc.if_else(pa.array(ok), text, "0"), pa.int64() if kind == "int" else pa.float64()
     )
@@ -254,14 +251,15 @@ def _loras(text: pa.Array, blank: np.ndarray, spec: EndpointSpec, slow: np.ndarr
     if spec.max_loras == 0 or blank.all():
         slow |= ~blank
         return pa.nulls(size, _LORAS)
-    plain = _np(pc.string_is_ascii(text)) & ~_np(pc.match_substring_regex(text, _LORA_NOT_PLAIN))
+    plain = to_numpy(pc.string_is_ascii(text))
+    plain &= ~to_numpy(pc.match_substring_regex(text, _LORA_NOT_PLAIN))
     parts = pc.extract_regex(text, _LORA_SCALED)
-    scaled = _np(pc.is_valid(parts))
+    scaled = to_numpy(pc.is_valid(parts))
     path = pc.if_else(pa.array(scaled), pc.utf8_trim_whitespace(parts.field(0)), text)
     scale_text = parts.field(1)
-    exact = _np(pc.fill_null(pc.match_substring_regex(scale_text, _LORA_SCALE), False))
-    ok = plain & (~scaled | exact) & _np(pc.match_substring_regex(path, _REMOTE))
-    ok &= ~_np(pc.match_substring_regex(path, _BARE_ORIGIN))
+    exact = to_numpy(pc.fill_null(pc.match_substring_regex(scale_text, _LORA_SCALE), False))
+    ok = plain & (~scaled | exact) & to_numpy(pc.match_substring_regex(path, _REMOTE))
+    ok &= ~to_numpy(pc.match_substring_regex(path, _BARE_ORIGIN))
     slow |= ~blank & ~ok
     keep = ok & ~blank
     scale = pc.cast(pc.if_else(pa.array(keep & scaled), scale_text, "1"), pa.float64())
@@ -281,11 +279,11 @@ _BARE_ORIGIN = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/]*$"
 def _image_size(
     text: pa.Array, blank: np.ndarray, spec: EndpointSpec, slow: np.ndarray
 ) -> pa.Array:
-    preset = _np(pc.is_in(text, pa.array(list(PRESETS))))
-    wxh = _np(pc.match_substring_regex(text, _WXH)) & ~preset
+    preset = to_numpy(pc.is_in(text, pa.array(list(PRESETS))))
+    wxh = to_numpy(pc.match_substring_regex(text, _WXH)) & ~preset
     ok = preset | wxh
     if wxh.any():
-        parts = pc.extract_regex(pc.if_else(pa.array(wxh), text, "1x1"), _WXH)
+        parts = pc.extract_regex(pc.if_else(to_arrow(wxh), text, "1x1"), _WXH)
         width = pc.cast(parts.field(0), pa.int64()).to_numpy()
         height = pc.cast(parts.field(1), pa.int64()).to_numpy()
         low, high = spec.side_limits or (1, None)
@@ -296,7 +294,7 @@ def _image_size(
     if spec.side_limits is not None and preset.any():
         low, high = spec.side_limits
         fine = [n for n, (w, h) in PRESETS.items() if low <= w <= high and low <= h <= high]
-        ok &= ~preset | _np(pc.is_in(text, pa.array(fine)))
+        ok &= ~preset | to_numpy(pc.is_in(text, pa.array(fine)))
     slow |= ~blank & ~ok
     return _nulled(text, blank)
 
@@ -310,7 +308,7 @@ def _templated(
         blank = cols.blank("prompt_template")
         raw = values["prompt_template"]
         if fallback is not None:
-            raw = pc.if_else(pa.array(blank), fallback, raw)
+            raw = pc.if_else(to_arrow(blank), fallback, raw)
             blank = np.zeros(len(raw), dtype=bool)
     elif fallback is not None:
         raw = pa.array([fallback] * len(slow), pa.string())
@@ -340,7 +338,7 @@ def _templated(
                 slow |= rows & cols.blank(name)
                 pieces.append(cols.trimmed(name))
         filled = pc.utf8_trim_whitespace(pc.binary_join_element_wise(*pieces, ""))
-        slow |= rows & _np(pc.equal(filled, ""))
+        slow |= rows & to_numpy(pc.equal(filled, ""))
         prompt = pc.if_else(pa.array(rows), filled, prompt)
     return prompt, ~blank
 
