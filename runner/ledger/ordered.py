@@ -40,7 +40,7 @@ from runner.ledger.folding import _fold
 from runner.ledger.scan import _conformed, _empty_schema, _events, _with_keys, scan_folded
 from runner.ledger.schema import LEDGER_SCHEMA
 
-STREAM_EVENTS = 16_384  # events a streamed fold reads at once
+STREAM_EVENTS = 65_536  # events a streamed fold reads at once
 CARRY_ROWS = 100_000  # jobs begun and not finished at once a streamed fold holds, at most
 _FILE_ROWS = 128  # rows per record batch of a slice's scratch file: what each holds while merging
 
@@ -200,7 +200,7 @@ class StreamedJobs:
 
     def batches(self, batch_rows: int) -> Iterator[pa.Table]:
         """Every chosen job, by the seq of its last event, ``batch_rows`` a table (one chunk:
-        one record batch of the file, as :func:`_streamed` wrote them)."""
+        the record batches :func:`_streamed` wrote for it, joined)."""
         if not self.rows:
             return
         reader = _Reader(self._path)
@@ -249,11 +249,14 @@ def _streamed(
             pending.clear()
             while held.num_rows >= (1 if last else batch_rows):
                 assert writer is not None
-                batch = held.slice(0, batch_rows).combine_chunks()
-                held = held.slice(batch_rows)  # lets go of the chunks copied
-                writer.write_batch(batch.to_batches()[0])
-                if visit_columns is not None:  # the rest of the batch goes before the visit
+                batch = held.slice(0, batch_rows)
+                held = held.slice(batch_rows)
+                # Its chunks as they are (no copy of the batch: :meth:`StreamedJobs.batches`
+                # joins them as it reads them back); the visit sees its columns joined.
+                writer.write_table(batch)
+                if visit_columns is not None:
                     batch = batch.select(list(visit_columns))
+                batch = batch.combine_chunks()
                 sides.append(_side(visit(batch), path.with_name(f"side-{len(sides):06d}.arrows")))
                 del batch
                 pa.default_memory_pool().release_unused()
