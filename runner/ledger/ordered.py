@@ -241,22 +241,16 @@ def _streamed(
         finished = rows = 0
         schema: pa.Schema | None = None
         writer: pa.ipc.RecordBatchStreamWriter | None = None
-        pending: list[pa.Table] = []  # chosen rows not yet written: fewer than batch_rows
+        # The visit's columns of the rows written and not yet visited: fewer than batch_rows.
+        pending: list[pa.Table] = []
         sides: list[Path | None] = []  # what visit made of each batch written, kept
 
-        def write(last: bool) -> None:
+        def visit_pending(last: bool) -> None:
             held = pa.concat_tables(pending)
             pending.clear()
             while held.num_rows >= (1 if last else batch_rows):
-                assert writer is not None
-                batch = held.slice(0, batch_rows)
+                batch = held.slice(0, batch_rows).combine_chunks()
                 held = held.slice(batch_rows)
-                # Its chunks as they are (no copy of the batch: :meth:`StreamedJobs.batches`
-                # joins them as it reads them back); the visit sees its columns joined.
-                writer.write_table(batch)
-                if visit_columns is not None:
-                    batch = batch.select(list(visit_columns))
-                batch = batch.combine_chunks()
                 sides.append(_side(visit(batch), path.with_name(f"side-{len(sides):06d}.arrows")))
                 del batch
                 pa.default_memory_pool().release_unused()
@@ -289,13 +283,18 @@ def _streamed(
                     if writer is None:
                         schema = chosen.schema
                         writer = pa.ipc.new_stream(sink, schema)
-                    pending.append(chosen)
+                    # Written as they come (:meth:`StreamedJobs.batches` joins a batch's
+                    # record batches as it reads them back): only the visit's columns wait.
+                    writer.write_table(chosen)
                     rows += chosen.num_rows
-                    if sum(t.num_rows for t in pending) >= batch_rows:
-                        write(last=False)
+                    if visit_columns is not None:
+                        chosen = chosen.select(list(visit_columns))
+                    pending.append(chosen)
                     del chosen
+                    if sum(t.num_rows for t in pending) >= batch_rows:
+                        visit_pending(last=False)
                 if pending:
-                    write(last=True)
+                    visit_pending(last=True)
             finally:
                 if writer is not None:
                     writer.close()
