@@ -222,3 +222,20 @@ def _cell(value: Any, kind: pa.DataType) -> Any:
     if pa.types.is_floating(kind):
         return float(value)
     return value
+
+
+def rebatched(tables: Iterator[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """The rows of ``tables`` in tables of ``rows`` rows (the last fewer), one chunk each."""
+    held: list[pa.Table] = []
+    count = 0
+    for table in tables:
+        held.append(table)
+        count += table.num_rows
+        while count >= rows:
+            joined = pa.concat_tables(held)
+            held = [joined.slice(rows)]
+            count -= rows
+            yield joined.slice(0, rows).combine_chunks()
+            del joined
+    if count:
+        yield pa.concat_tables(held).combine_chunks()
