@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from runner.ledger.fold import _retrying, _Snapshot
-from runner.ledger.parts import iter_part
+from runner.ledger.parts import iter_part, part_rows
 from runner.ledger.schema import rows_to_table
 
 KEY_HEX = 32
@@ -36,23 +36,25 @@ def last_event_seqs(run_dir: Path) -> np.ndarray | None:
     def read(snap: _Snapshot) -> np.ndarray | None:
         if snap.shards:
             return None
-        keys: list[np.ndarray] = []
-        seqs: list[np.ndarray] = []
+        # Each batch's keys once (a job's events lie close together: ~1/3 of the events),
+        # into arrays sized once for every event (no list of pieces joined at the end).
+        size = sum(part_rows(part.path) for part in snap.parts) + len(snap.journal_rows)
+        kept = [np.empty(size, np.uint64), np.empty(size, np.uint64), np.empty(size, np.int64)]
+        count = 0
         for events in _key_events(snap):
             packed = packed_keys(events["job_key"])
             if packed is None:
                 return None
             seq = np.asarray(events["seq"].to_numpy(), np.int64)
-            # Each batch's keys once (a job's events lie close together): ~1/3 of the events.
-            packed, seq = _last_of_each(packed, seq)
-            keys.append(packed)
-            seqs.append(seq)
-        if not keys:
-            return np.zeros(0, np.int64)
-        every, last = np.concatenate(keys), np.concatenate(seqs)
-        keys.clear()
-        seqs.clear()
-        return np.sort(_last_of_each(every, last)[1])
+            last = _last_of_each([packed["high"], packed["low"], seq])
+            stop = count + len(last[0])
+            if stop > len(kept[0]):  # the journal grew since it was read: not expected
+                kept = [np.resize(a, stop) for a in kept]
+            for whole, piece in zip(kept, last, strict=True):
+                whole[count:stop] = piece
+            count = stop
+        kept = [a[:count] for a in kept]
+        return np.sort(_last_of_each(kept)[2])
 
     return _retrying(run_dir, read)
 
@@ -87,16 +89,21 @@ def packed_keys(values: pa.ChunkedArray | pa.Array) -> np.ndarray | None:
     return np.ascontiguousarray(spelled).view(_KEY).ravel()
 
 
-def _last_of_each(keys: np.ndarray, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One entry per distinct key: the key and its highest seq."""
-    if len(keys) == 0:
-        return keys, seqs
-    order = np.argsort(keys["high"], kind="stable")
-    high, low = keys["high"][order], keys["low"][order]
+def _last_of_each(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """One entry per distinct key (high and low halves, then seqs: taken out of
+    ``arrays``, so each is let go of once sorted): the key and its highest seq."""
+    seqs, low, high = arrays.pop(), arrays.pop(), arrays.pop()
+    if len(high) == 0:
+        return [high, low, seqs]
+    order = np.argsort(high, kind="stable")
+    high = high[order]
+    low = low[order]
     if bool(np.any((high[1:] == high[:-1]) & (low[1:] != low[:-1]))):
-        order = np.lexsort((keys["low"], keys["high"]))  # 64 bits shared: sort by all 128
-        high, low = keys["high"][order], keys["low"][order]
+        again = np.lexsort((low, high))  # 64 bits shared: sort by all 128
+        high, low, order = high[again], low[again], order[again]
+    seqs = seqs[order]
+    del order
     starts = np.flatnonzero(
         np.concatenate(([True], (high[1:] != high[:-1]) | (low[1:] != low[:-1])))
     )
-    return keys[order[starts]], np.maximum.reduceat(seqs[order], starts)
+    return [high[starts], low[starts], np.maximum.reduceat(seqs, starts)]
