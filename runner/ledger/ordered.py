@@ -198,9 +198,10 @@ class StreamedJobs:
         for side in self._sides:
             yield None if side is None else pa.ipc.open_stream(pa.memory_map(str(side))).read_all()
 
-    def batches(self, batch_rows: int) -> Iterator[pa.Table]:
-        """Every chosen job, by the seq of its last event, ``batch_rows`` a table (one chunk:
-        the record batches :func:`_streamed` wrote for it, joined)."""
+    def batches(self, batch_rows: int, *, join: bool = True) -> Iterator[pa.Table]:
+        """Every chosen job, by the seq of its last event, ``batch_rows`` a table (the record
+        batches :func:`_streamed` wrote for it: joined into one chunk if ``join``, at the
+        cost of a second copy of the batch while it is joined)."""
         if not self.rows:
             return
         reader = _Reader(self._path)
@@ -209,11 +210,27 @@ class StreamedJobs:
                 pieces = reader.take(min(batch_rows, self.rows - start))
                 table = pa.Table.from_batches(pieces)
                 del pieces
-                yield table if table.column(0).num_chunks == 1 else table.combine_chunks()
+                if join and table.column(0).num_chunks != 1:
+                    box = [table]
+                    del table
+                    table = _joined(box)
+                yield table
                 del table
                 pa.default_memory_pool().release_unused()
         finally:
             reader.close()
+
+
+def _joined(box: list[pa.Table]) -> pa.Table:
+    """The table in ``box`` (taken out) in one chunk, joined a column at a time, letting go
+    of each column's pieces once joined: one copy of the batch held, not two."""
+    table = box.pop()
+    schema = table.schema
+    columns = []
+    for _name in schema.names:
+        columns.append(table.column(0).combine_chunks())
+        table = table.remove_column(0)
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _streamed(

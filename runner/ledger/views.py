@@ -251,7 +251,7 @@ def _export_streamed(run_dir: Path, tmp: Path, fmt: str, all_versions: bool) -> 
             if not isinstance(jobs, StreamedJobs):
                 return None  # its rows can be read once only: found first, then
             kinds = {}
-            for table in jobs.batches(EXPORT_ROWS):
+            for table in jobs.batches(EXPORT_ROWS, join=False):
                 shown = table.select(list(TEXT_COLUMNS)).filter(_current(table, old_keys))
                 add_kinds(shown, kinds)
                 del table, shown
@@ -294,7 +294,7 @@ def _write_file(
     ledger = _marked_schema(run_dir) if jobs.schema is None else jobs.schema
     schema = schema_of(ledger.with_metadata(_first_metadata(run_dir)), kinds)
     written = [0]
-    batches = _export_batches(jobs, schema, old_keys, all_versions, written)
+    batches = _export_batches(jobs, schema, old_keys, all_versions, written, fmt)
     with open(tmp, "wb") as handle:
         _write(batches, schema, handle, fmt)
         handle.flush()
@@ -308,11 +308,17 @@ def _export_batches(
     old_keys: pa.Array,
     all_versions: bool,
     written: list[int],
+    fmt: str,
 ) -> Iterator[pa.RecordBatch]:
     """The export's record batches, holding one merged batch at a time (a loop variable
     would keep the last one while the next is merged); counts the rows in ``written``."""
-    tables = jobs.batches(EXPORT_ROWS)
-    parsed = jobs.visited() if isinstance(jobs, StreamedJobs) else None
+    if isinstance(jobs, StreamedJobs):
+        # One chunk per batch for a Parquet row group; CSV and JSONL write rows alike
+        # whatever the chunks (and hold one copy of the batch, not two).
+        tables = jobs.batches(EXPORT_ROWS, join=fmt == "parquet")
+        parsed = jobs.visited()
+    else:
+        tables, parsed = jobs.batches(EXPORT_ROWS), None
     if len(old_keys) and not all_versions:
         # The jobs shown, in batches of EXPORT_ROWS again (each a row group), parsed anew.
         tables = rebatched((t.filter(_current(t, old_keys)) for t in tables), EXPORT_ROWS)
