@@ -5,7 +5,9 @@ order, columns, types and row groups, with superseded versions left out (or mark
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -27,7 +29,9 @@ from runner.ledger import (
 from runner.ledger import scan as scan_module
 from runner.ledger.exports import export_batches, export_schema
 from runner.ledger.identity import superseded_and_last_seqs
+from runner.ledger.lastseqs import last_event_seqs
 from runner.ledger.ordered import OrderedJobs, StreamedJobs, ordered_jobs
+from runner.ledger.schema import encode_request
 from runner.ledger.versions import split_versions
 from runner.ledger.views import export
 from tests import versioned_support
@@ -35,6 +39,24 @@ from tests.report_support import T0, sample_run
 
 # The shared fixtures (tests/versioned_support.py).
 versioned = versioned_support.versioned
+
+
+@pytest.fixture(scope="module")
+def hexed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The versioned ledger with job keys of 32 hex digits, as runs write them (the export
+    folds such a ledger as read, its superseded versions found after)."""
+
+    def event(key: str, *args: object, **kwargs: object) -> LedgerEvent:
+        return LedgerEvent(hashlib.md5(key.encode()).hexdigest(), *args, **kwargs)  # type: ignore[arg-type]
+
+    run_dir = tmp_path_factory.mktemp("hexed") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(versioned_support, "LedgerEvent", event)
+        ledger = versioned_support.write_versioned(run_dir)
+    try:
+        yield run_dir
+    finally:
+        ledger.close()
 
 
 @pytest.fixture(
@@ -70,6 +92,61 @@ def test_export_writes_the_bytes_of_one_fold(
     assert (tmp_path / f"read.{fmt}").read_bytes() == expected
     every = read_folded(versioned).jobs.num_rows
     assert (rows == every) if all_versions else (0 < rows < every)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+@pytest.mark.parametrize("all_versions", [False, True])
+def test_an_export_of_hex_keys_finds_superseded_versions_after_and_writes_the_same_bytes(
+    hexed: Path,
+    tmp_path: Path,
+    buckets: str,
+    fmt: str,
+    all_versions: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    expected = _folded_export(hexed, tmp_path / f"folded.{fmt}", fmt, all_versions)
+    scans: list[Path] = []
+
+    def scan_first(run_dir: Path) -> object:
+        scans.append(run_dir)
+        return superseded_and_last_seqs(run_dir)
+
+    monkeypatch.setattr(views, "superseded_and_last_seqs", scan_first)
+    rows = export(hexed, tmp_path / f"read.{fmt}", fmt, all_versions=all_versions)  # type: ignore[arg-type]
+    assert (tmp_path / f"read.{fmt}").read_bytes() == expected
+    every = read_folded(hexed).jobs.num_rows
+    assert (rows == every) if all_versions else (0 < rows < every)
+    # Found first only where the rows cannot be read twice: a bucket merge, versions left out.
+    assert len(scans) == (ordered.CARRY_ROWS == 0 and not all_versions)
+
+
+@pytest.mark.parametrize("all_versions", [False, True])
+def test_a_request_field_of_superseded_versions_only_is_no_column_unless_all_versions(
+    tmp_path: Path, all_versions: bool
+) -> None:
+    run_dir = tmp_path / "run"
+    with Ledger.open(run_dir) as ledger:
+        requests: list[dict[str, object]] = [{"prompt": "a", "old": 1}, {"prompt": "b"}]
+        for version, request in enumerate(requests):
+            key = hashlib.md5(f"v{version}".encode()).hexdigest()
+            ledger.append(LedgerEvent(key, JobState.SUBMITTING, T0, row_id="row-1", variant=0,
+                                      request=encode_request(request)))  # fmt: skip
+            ledger.append(LedgerEvent(key, JobState.COMPLETED, T0))
+            ledger.commit_sync()
+    out = tmp_path / "jobs.parquet"
+    rows = export(run_dir, out, "parquet", all_versions=all_versions)
+    table = pq.read_table(out)
+    assert ("req_old" in table.column_names) == all_versions
+    assert rows == table.num_rows == 1 + all_versions
+    assert table["req_prompt"].to_pylist() == ["a", "b"][1 - all_versions :]
+
+
+def test_last_event_seqs_are_those_of_one_fold(hexed: Path, versioned: Path) -> None:
+    folded = read_folded(hexed).jobs
+    seqs = last_event_seqs(hexed)
+    assert seqs is not None
+    assert seqs.tolist() == sorted(folded["seq"].to_pylist())
+    assert last_event_seqs(versioned) is None  # keys that are not 32 hex digits
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])

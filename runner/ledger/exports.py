@@ -159,11 +159,18 @@ def export_batches(
     jobs: pa.Table, schema: pa.Schema, parsed: pa.Table | None = None
 ) -> Iterator[pa.RecordBatch]:
     """The folded jobs as record batches of ``schema`` (from :func:`export_schema`);
-    ``parsed``: what :func:`add_kinds` returned for these jobs, if it did."""
+    ``parsed``: what :func:`add_kinds` returned for these jobs (in one chunk or more), if
+    it did."""
     extra = [f for f in schema if f.name not in jobs.column_names]
-    batches = jobs.to_batches(max_chunksize=BATCH_ROWS)
-    for batch in batches:
-        fields = _fields(batch) if parsed is None or len(batches) != 1 else _unpacked(parsed)
+    if parsed is not None and parsed.num_rows != jobs.num_rows:
+        parsed = None
+    offset = 0
+    for batch in jobs.to_batches(max_chunksize=BATCH_ROWS):
+        if parsed is None:
+            fields = _fields(batch)
+        else:
+            fields = _unpacked(parsed.slice(offset, batch.num_rows))
+        offset += batch.num_rows
         slow = fields.slow.copy()
         for field in extra:
             values = fields.columns.get(field.name)
@@ -222,3 +229,20 @@ def _cell(value: Any, kind: pa.DataType) -> Any:
     if pa.types.is_floating(kind):
         return float(value)
     return value
+
+
+def rebatched(tables: Iterator[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """The rows of ``tables`` in tables of ``rows`` rows (the last fewer), one chunk each."""
+    held: list[pa.Table] = []
+    count = 0
+    for table in tables:
+        held.append(table)
+        count += table.num_rows
+        while count >= rows:
+            joined = pa.concat_tables(held)
+            held = [joined.slice(rows)]
+            count -= rows
+            yield joined.slice(0, rows).combine_chunks()
+            del joined
+    if count:
+        yield pa.concat_tables(held).combine_chunks()

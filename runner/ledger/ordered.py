@@ -40,7 +40,7 @@ from runner.ledger.folding import _fold
 from runner.ledger.scan import _conformed, _empty_schema, _events, _with_keys, scan_folded
 from runner.ledger.schema import LEDGER_SCHEMA
 
-STREAM_EVENTS = 16_384  # events a streamed fold reads at once
+STREAM_EVENTS = 65_536  # events a streamed fold reads at once
 CARRY_ROWS = 100_000  # jobs begun and not finished at once a streamed fold holds, at most
 _FILE_ROWS = 128  # rows per record batch of a slice's scratch file: what each holds while merging
 
@@ -198,9 +198,10 @@ class StreamedJobs:
         for side in self._sides:
             yield None if side is None else pa.ipc.open_stream(pa.memory_map(str(side))).read_all()
 
-    def batches(self, batch_rows: int) -> Iterator[pa.Table]:
-        """Every chosen job, by the seq of its last event, ``batch_rows`` a table (one chunk:
-        one record batch of the file, as :func:`_streamed` wrote them)."""
+    def batches(self, batch_rows: int, *, join: bool = True) -> Iterator[pa.Table]:
+        """Every chosen job, by the seq of its last event, ``batch_rows`` a table (the record
+        batches :func:`_streamed` wrote for it: joined into one chunk if ``join``, at the
+        cost of a second copy of the batch while it is joined)."""
         if not self.rows:
             return
         reader = _Reader(self._path)
@@ -209,11 +210,27 @@ class StreamedJobs:
                 pieces = reader.take(min(batch_rows, self.rows - start))
                 table = pa.Table.from_batches(pieces)
                 del pieces
-                yield table if table.column(0).num_chunks == 1 else table.combine_chunks()
+                if join and table.column(0).num_chunks != 1:
+                    box = [table]
+                    del table
+                    table = _joined(box)
+                yield table
                 del table
                 pa.default_memory_pool().release_unused()
         finally:
             reader.close()
+
+
+def _joined(box: list[pa.Table]) -> pa.Table:
+    """The table in ``box`` (taken out) in one chunk, joined a column at a time, letting go
+    of each column's pieces once joined: one copy of the batch held, not two."""
+    table = box.pop()
+    schema = table.schema
+    columns = []
+    for _name in schema.names:
+        columns.append(table.column(0).combine_chunks())
+        table = table.remove_column(0)
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _streamed(
@@ -241,19 +258,16 @@ def _streamed(
         finished = rows = 0
         schema: pa.Schema | None = None
         writer: pa.ipc.RecordBatchStreamWriter | None = None
-        pending: list[pa.Table] = []  # chosen rows not yet written: fewer than batch_rows
+        # The visit's columns of the rows written and not yet visited: fewer than batch_rows.
+        pending: list[pa.Table] = []
         sides: list[Path | None] = []  # what visit made of each batch written, kept
 
-        def write(last: bool) -> None:
+        def visit_pending(last: bool) -> None:
             held = pa.concat_tables(pending)
             pending.clear()
             while held.num_rows >= (1 if last else batch_rows):
-                assert writer is not None
                 batch = held.slice(0, batch_rows).combine_chunks()
-                held = held.slice(batch_rows)  # lets go of the chunks copied
-                writer.write_batch(batch.to_batches()[0])
-                if visit_columns is not None:  # the rest of the batch goes before the visit
-                    batch = batch.select(list(visit_columns))
+                held = held.slice(batch_rows)
                 sides.append(_side(visit(batch), path.with_name(f"side-{len(sides):06d}.arrows")))
                 del batch
                 pa.default_memory_pool().release_unused()
@@ -286,13 +300,18 @@ def _streamed(
                     if writer is None:
                         schema = chosen.schema
                         writer = pa.ipc.new_stream(sink, schema)
-                    pending.append(chosen)
+                    # Written as they come (:meth:`StreamedJobs.batches` joins a batch's
+                    # record batches as it reads them back): only the visit's columns wait.
+                    writer.write_table(chosen)
                     rows += chosen.num_rows
-                    if sum(t.num_rows for t in pending) >= batch_rows:
-                        write(last=False)
+                    if visit_columns is not None:
+                        chosen = chosen.select(list(visit_columns))
+                    pending.append(chosen)
                     del chosen
+                    if sum(t.num_rows for t in pending) >= batch_rows:
+                        visit_pending(last=False)
                 if pending:
-                    write(last=True)
+                    visit_pending(last=True)
             finally:
                 if writer is not None:
                     writer.close()

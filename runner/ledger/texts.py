@@ -1,14 +1,20 @@
 """Arrow columns as the texts a CSV export writes of them, by Arrow kernels: money as
 ``str(trim_usd(value))``, lists as ``json.dumps`` writes them (a value per job, no Python
-value per row but for the rare ones json.dumps must escape)."""
+value per row but for the rare ones json.dumps must escape); a batch as the lines of JSONL."""
 
 from __future__ import annotations
 
 import json
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from runner.endpoints.money import trim_usd
+from runner.ledger.exports import MONEY_COLUMNS
 
 
 def usd_texts(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
@@ -65,3 +71,38 @@ def json_bools(values: pa.Array) -> pa.Array:
         pa.array(offsets - offsets[0], pa.int32()), words, mask=pc.is_null(values)
     )
     return pc.binary_join_element_wise("[", pc.binary_join(lists, ", "), "]", "")
+
+
+def flat_for_csv(jobs: pa.Table) -> pa.Table:
+    """CSV has no nested types: outputs and nsfw become JSON text, money its shortest text."""
+    index = jobs.schema.get_field_index("outputs")
+    jobs = jobs.set_column(index, "outputs", json_structs(jobs["outputs"].combine_chunks()))
+    for name in ("duplicate_request_ids",):
+        values = [None if v is None else json.dumps(v) for v in jobs[name].to_pylist()]
+        jobs = jobs.set_column(
+            jobs.schema.get_field_index(name), name, pa.array(values, pa.string())
+        )
+    index = jobs.schema.get_field_index("nsfw")
+    jobs = jobs.set_column(index, "nsfw", json_bools(jobs["nsfw"].combine_chunks()))
+    for name in MONEY_COLUMNS:
+        index = jobs.schema.get_field_index(name)
+        jobs = jobs.set_column(index, name, usd_texts(jobs[name]))
+    return jobs
+
+
+def _json_default(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(trim_usd(value))
+    raise TypeError(f"cannot export {type(value).__name__}")
+
+
+def write_jsonl(batch: pa.RecordBatch, handle: Any) -> None:
+    rows = batch.to_pylist()
+    for row in rows:
+        if row["metadata"] is not None:
+            row["metadata"] = json.loads(row["metadata"])
+    lines = [json.dumps(row, default=_json_default, ensure_ascii=False) for row in rows]
+    if lines:
+        handle.write(("\n".join(lines) + "\n").encode())

@@ -7,7 +7,6 @@ committed parts and journal as they are at that moment.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -27,16 +26,18 @@ from runner.errors import LedgerError
 from runner.ledger import texts
 from runner.ledger.exports import BATCH_ROWS as EXPORT_ROWS
 from runner.ledger.exports import (
-    MONEY_COLUMNS,
     TEXT_COLUMNS,
     add_kinds,
     export_batches,
+    rebatched,
     schema_of,
 )
 from runner.ledger.fold import _snapshot
+from runner.ledger.heap import release_freed
 from runner.ledger.identity import COLUMNS as IDENTITY_COLUMNS
 from runner.ledger.identity import HashedIdentities, exact_superseded, superseded_and_last_seqs
 from runner.ledger.journal import fsync_dir
+from runner.ledger.lastseqs import last_event_seqs
 from runner.ledger.meta import read_run_meta
 from runner.ledger.ordered import OrderedJobs, StreamedJobs, ordered_jobs
 from runner.ledger.scan import scan_folded, system_pool
@@ -49,6 +50,8 @@ from runner.ledger.versions import SUPERSEDED
 ExportFormat = Literal["csv", "jsonl", "parquet"]
 _ZERO = Decimal(0)
 _EMPTY = LEDGER_SCHEMA.empty_table()
+_MARK = pa.field(SUPERSEDED, pa.bool_(), nullable=False)
+_NO_KEYS = pa.array([], pa.string())
 TEXT_ROWS = 2_000  # rows a CSV or JSONL export makes Python values of at once
 # Columns with a value per job (ids, times, URLs, texts): a Parquet dictionary of them only
 # costs time before the writer gives it up (a 1M-job export: 2.5 -> 1.8 CPU s, 163 -> 143 MB).
@@ -190,44 +193,21 @@ def export(
     Joinable with the manifest by row_id (and source/line); the columns are those of
     :mod:`runner.ledger.exports`. Superseded jobs are left out unless ``all_versions``.
     The file appears whole or not at all (temp name, then rename). The ledger is folded as
-    it is read, in the order of one fold, from the seq of each job's last event (which the
-    scan for superseded versions learns); else a bucket of jobs at a time, put back in that
-    order (:mod:`runner.ledger.ordered`).
+    it is read, in the order of one fold, from the seq of each job's last event
+    (:func:`runner.ledger.lastseqs.last_event_seqs`); else a bucket of jobs at a time, put
+    back in that order (:mod:`runner.ledger.ordered`).
     """
     if fmt not in ("csv", "jsonl", "parquet"):
         raise ValueError(f"export format must be csv, jsonl or parquet, not {fmt!r}")
     out_path = Path(out_path)
     run_dir = Path(run_dir)
     _require_run_dir(run_dir)
-    old_keys, last_seqs = superseded_and_last_seqs(run_dir)
-    kinds: dict[str, set[str]] = {}
-
-    def select(jobs: pa.Table) -> pa.Table:
-        gone = pc.is_in(jobs["job_key"], value_set=old_keys)
-        marked = jobs.append_column(pa.field(SUPERSEDED, pa.bool_(), nullable=False), gone)
-        return marked if all_versions else marked.filter(pc.invert(gone))
-
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     try:
-        with (
-            system_pool(),
-            ordered_jobs(
-                run_dir,
-                None,
-                select,
-                lambda jobs: add_kinds(jobs, kinds),
-                last_seqs=last_seqs,
-                batch_rows=EXPORT_ROWS,
-                visit_columns=TEXT_COLUMNS,
-            ) as jobs,
-        ):
-            ledger = _marked_schema(run_dir) if jobs.schema is None else jobs.schema
-            schema = schema_of(ledger.with_metadata(_first_metadata(run_dir)), kinds)
-            batches = _export_batches(jobs, schema)
-            with open(tmp, "wb") as handle:
-                _write(batches, schema, handle, fmt)
-                handle.flush()
-                os.fsync(handle.fileno())
+        with system_pool():
+            rows = _export_streamed(run_dir, tmp, fmt, all_versions)
+            if rows is None:
+                rows = _export_known(run_dir, tmp, fmt, all_versions)
         os.replace(tmp, out_path)
         fsync_dir(out_path.parent)
     except OSError as exc:
@@ -239,18 +219,116 @@ def export(
     except BaseException:
         _remove(tmp)
         raise
-    return jobs.rows
+    return rows
+
+
+def _export_streamed(run_dir: Path, tmp: Path, fmt: str, all_versions: bool) -> int | None:
+    """The export folded as read, its superseded versions found after (None: the ledger
+    cannot be read so; see :func:`runner.ledger.lastseqs.last_event_seqs`).
+
+    The jobs' identities are kept as they are folded (:class:`HashedIdentities`); only a
+    ledger with rows recorded again is read once more (:func:`exact_superseded`), and
+    only one whose superseded jobs are left out has its scratch read once more, for the
+    columns and types of the jobs shown."""
+    last_seqs = last_event_seqs(run_dir)
+    if last_seqs is None:
+        return None
+    kinds: dict[str, set[str]] = {}
+    identities = HashedIdentities()
+
+    def select(jobs: pa.Table) -> pa.Table:
+        identities.add(jobs)  # seen again (an attempt given up): no version of itself
+        current = pa.array(np.zeros(jobs.num_rows, dtype=bool))
+        return jobs.append_column(_MARK, current)
+
+    with ordered_jobs(run_dir, None, select, lambda jobs: add_kinds(jobs, kinds),
+                      last_seqs=last_seqs, batch_rows=EXPORT_ROWS,
+                      visit_columns=TEXT_COLUMNS) as jobs:  # fmt: skip
+        candidates = identities.candidates()
+        identities = HashedIdentities()  # 20 bytes a job, not held while writing
+        old_keys = exact_superseded(run_dir, candidates)
+        if len(old_keys) and not all_versions:
+            if not isinstance(jobs, StreamedJobs):
+                return None  # its rows can be read once only: found first, then
+            kinds = {}
+            for table in jobs.batches(EXPORT_ROWS, join=False):
+                shown = table.select(list(TEXT_COLUMNS)).filter(_current(table, old_keys))
+                add_kinds(shown, kinds)
+                del table, shown
+        return _write_file(run_dir, tmp, fmt, jobs, kinds, old_keys, all_versions)
+
+
+def _export_known(run_dir: Path, tmp: Path, fmt: str, all_versions: bool) -> int:
+    """The export with its superseded versions found first (a scan of their columns): a
+    sharded run directory, or one a streamed fold cannot read."""
+    old_keys, last_seqs = superseded_and_last_seqs(run_dir)
+    kinds: dict[str, set[str]] = {}
+
+    def select(jobs: pa.Table) -> pa.Table:
+        gone = pc.is_in(jobs["job_key"], value_set=old_keys)
+        marked = jobs.append_column(_MARK, gone)
+        return marked if all_versions else marked.filter(pc.invert(gone))
+
+    with ordered_jobs(run_dir, None, select, lambda jobs: add_kinds(jobs, kinds),
+                      last_seqs=last_seqs, batch_rows=EXPORT_ROWS,
+                      visit_columns=TEXT_COLUMNS) as jobs:  # fmt: skip
+        return _write_file(run_dir, tmp, fmt, jobs, kinds, _NO_KEYS, all_versions)
+
+
+def _current(table: pa.Table, old_keys: pa.Array) -> pa.ChunkedArray:
+    return pc.invert(pc.is_in(table["job_key"], value_set=old_keys))
+
+
+def _write_file(
+    run_dir: Path,
+    tmp: Path,
+    fmt: str,
+    jobs: OrderedJobs | StreamedJobs,
+    kinds: Mapping[str, set[str]],
+    old_keys: pa.Array,
+    all_versions: bool,
+) -> int:
+    """Write the jobs to ``tmp`` (synced); ``old_keys`` marked superseded (with
+    ``all_versions``) or left out. Returns the number of rows written."""
+    release_freed()  # the fold's free heap pages, before the writer's batches
+    ledger = _marked_schema(run_dir) if jobs.schema is None else jobs.schema
+    schema = schema_of(ledger.with_metadata(_first_metadata(run_dir)), kinds)
+    written = [0]
+    batches = _export_batches(jobs, schema, old_keys, all_versions, written, fmt)
+    with open(tmp, "wb") as handle:
+        _write(batches, schema, handle, fmt)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return written[0]
 
 
 def _export_batches(
-    jobs: OrderedJobs | StreamedJobs, schema: pa.Schema
+    jobs: OrderedJobs | StreamedJobs,
+    schema: pa.Schema,
+    old_keys: pa.Array,
+    all_versions: bool,
+    written: list[int],
+    fmt: str,
 ) -> Iterator[pa.RecordBatch]:
     """The export's record batches, holding one merged batch at a time (a loop variable
-    would keep the last one while the next is merged)."""
-    tables = jobs.batches(EXPORT_ROWS)
-    parsed = jobs.visited() if isinstance(jobs, StreamedJobs) else None
+    would keep the last one while the next is merged); counts the rows in ``written``."""
+    if isinstance(jobs, StreamedJobs):
+        # One chunk per batch for a Parquet row group; CSV and JSONL write rows alike
+        # whatever the chunks (and hold one copy of the batch, not two).
+        tables = jobs.batches(EXPORT_ROWS, join=fmt == "parquet")
+        parsed = jobs.visited()
+    else:
+        tables, parsed = jobs.batches(EXPORT_ROWS), None
+    if len(old_keys) and not all_versions:
+        # The jobs shown, in batches of EXPORT_ROWS again (each a row group), parsed anew.
+        tables = rebatched((t.filter(_current(t, old_keys)) for t in tables), EXPORT_ROWS)
+        parsed = None
     while (table := next(tables, None)) is not None:
         fields = None if parsed is None else next(parsed)
+        if len(old_keys) and all_versions:
+            gone = pc.is_in(table["job_key"], value_set=old_keys)
+            table = table.set_column(table.schema.get_field_index(SUPERSEDED), _MARK, gone)
+        written[0] += table.num_rows
         yield from export_batches(table, schema, fields)
         del fields
         del table
@@ -258,7 +336,7 @@ def _export_batches(
 
 def _marked_schema(run_dir: Path) -> pa.Schema:
     """The folded ledger's columns with the superseded mark: an export of no job."""
-    return pa.schema([*LEDGER_SCHEMA, pa.field(SUPERSEDED, pa.bool_(), nullable=False)])
+    return pa.schema([*LEDGER_SCHEMA, _MARK])
 
 
 def _first_metadata(run_dir: Path) -> Any:
@@ -282,16 +360,18 @@ def _write(batches: Iterator[pa.RecordBatch], schema: pa.Schema, handle: Any, fm
                 del batch  # not held while the next is made
         return
     if fmt == "csv":
-        flat = _flat_for_csv(schema.empty_table()).schema
+        flat = texts.flat_for_csv(schema.empty_table()).schema
         with pacsv.CSVWriter(handle, flat) as csv_writer:
             for batch in batches:
                 for piece in _pieces(batch):
-                    csv_writer.write_table(_flat_for_csv(pa.Table.from_batches([piece], schema)))
+                    csv_writer.write_table(
+                        texts.flat_for_csv(pa.Table.from_batches([piece], schema))
+                    )
                 del batch
         return
     for batch in batches:
         for piece in _pieces(batch):
-            _write_jsonl(piece, handle)
+            texts.write_jsonl(piece, handle)
         del batch
 
 
@@ -311,38 +391,3 @@ def _remove(tmp: Path) -> None:
 def _shown(path: Path) -> str:
     text = str(path)
     return text if text.isprintable() else repr(text)
-
-
-def _flat_for_csv(jobs: pa.Table) -> pa.Table:
-    """CSV has no nested types: outputs and nsfw become JSON text, money its shortest text."""
-    index = jobs.schema.get_field_index("outputs")
-    jobs = jobs.set_column(index, "outputs", texts.json_structs(jobs["outputs"].combine_chunks()))
-    for name in ("duplicate_request_ids",):
-        values = [None if v is None else json.dumps(v) for v in jobs[name].to_pylist()]
-        jobs = jobs.set_column(
-            jobs.schema.get_field_index(name), name, pa.array(values, pa.string())
-        )
-    index = jobs.schema.get_field_index("nsfw")
-    jobs = jobs.set_column(index, "nsfw", texts.json_bools(jobs["nsfw"].combine_chunks()))
-    for name in MONEY_COLUMNS:
-        index = jobs.schema.get_field_index(name)
-        jobs = jobs.set_column(index, name, texts.usd_texts(jobs[name]))
-    return jobs
-
-
-def _json_default(value: object) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, Decimal):
-        return str(trim_usd(value))
-    raise TypeError(f"cannot export {type(value).__name__}")
-
-
-def _write_jsonl(batch: pa.RecordBatch, handle: Any) -> None:
-    rows = batch.to_pylist()
-    for row in rows:
-        if row["metadata"] is not None:
-            row["metadata"] = json.loads(row["metadata"])
-    lines = [json.dumps(row, default=_json_default, ensure_ascii=False) for row in rows]
-    if lines:
-        handle.write(("\n".join(lines) + "\n").encode())
