@@ -173,8 +173,9 @@ class Builder:
         rows = np.empty(total, dtype=np.int32)
         for (flags, ranks), sign in zip(flagged, (1, -1), strict=True):
             done = 0
-            for start in range(0, len(flags), _BLOCK):
-                index = np.flatnonzero(flags[start : start + _BLOCK]) + start
+            for start in range(0, len(flags), _BLOCK // 8):  # a bit a coded row
+                bits = np.unpackbits(flags[start : start + _BLOCK // 8], bitorder="little")
+                index = np.flatnonzero(bits) + 8 * start
                 coded = index if sign > 0 else -1 - index
                 rows[ranks[done : done + len(index)]] = row_of(coded)
                 done += len(index)
@@ -210,7 +211,7 @@ def _pending(
 
 
 _ONE = np.uint64(1)
-_BLOCK = 1 << 20  # pending jobs a step of the chunking (its temporaries: ~30 MiB)
+_BLOCK = 1 << 16  # pending jobs a step of the chunking (its temporaries: ~5 MiB)
 
 
 def _seq_ranks(
@@ -276,13 +277,13 @@ class _Grown:
         self.count = need
 
     def mark(self, index: np.ndarray) -> None:
-        """Flags (a bool array): grown to cover ``index``, set there."""
-        need = int(index.max()) + 1 if len(index) else 0
+        """Bits (of a uint8 array, little-endian): grown to cover ``index``, set there."""
+        need = (int(index.max()) >> 3) + 1 if len(index) else 0
         if need > self.count:
             self._room(need)
-            self._a[self.count : need] = False
+            self._a[self.count : need] = 0
             self.count = need
-        self._a[index] = True
+        np.bitwise_or.at(self._a, index >> 3, np.left_shift(1, index & 7).astype(np.uint8))
 
     def array(self) -> np.ndarray:
         """The array (this one then empty): trimmed in place."""
@@ -297,11 +298,11 @@ class _Grown:
 
 
 class _PendingRows:
-    """Pending jobs of one kind of key: a flag per coded row, and of each flagged row, in
+    """Pending jobs of one kind of key: a bit per coded row, and of each flagged row, in
     row order, the span (last - first seq) and last seq of its events: 8 bytes a job."""
 
     def __init__(self) -> None:
-        self.flags = _Grown(np.bool_)
+        self.flags = _Grown(np.uint8)
         self.gap = _Grown(np.int32)
         self.last = _Grown(np.int32)
 
