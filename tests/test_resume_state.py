@@ -205,3 +205,53 @@ def test_each_key_goes_to_the_range_of_the_bounds_below_it(
         monkeypatch.setattr(resumescan, "_COMPARED_BOUNDS", compared)
         assert resumescan._ranges_of(keys, bounds).tolist() == expected
         assert resumescan._ranges_of(keys, []).tolist() == [0] * len(keys)
+
+
+@pytest.mark.parametrize("bitmap", [True, False])
+def test_pending_chunks_by_last_seq_as_a_sort_in_a_few_bytes_a_job(
+    monkeypatch: pytest.MonkeyPatch, bitmap: bool
+) -> None:
+    """Pending jobs of both kinds of key, their last seqs distinct and out of order, are
+    ranked (by a bitmap of the seqs, or a sort when the seqs are far apart) as a stable
+    argsort orders them, each chunk's span the min first / max last seq of its jobs; and the
+    chunking by bitmap holds at most ~5 bytes a job more than it was given (a sort's
+    permutation beside a copy of each array held 20)."""
+    import tracemalloc
+
+    import numpy as np
+
+    from runner.ledger import resumebuild
+
+    monkeypatch.setattr(resumebuild, "_BLOCK", 4_096)
+    monkeypatch.setattr(resumestate_module, "PENDING_CHUNK", 1_000)
+    rng = np.random.default_rng(7)
+    n, m = 300_000, 20_000  # pending of packed keys, of others
+    spread = 1 if bitmap else 2**40  # seqs far apart: past 2**31, and a bitmap too large
+    last = (rng.permutation(4 * (n + m))[: n + m].astype(np.int64) + 1) * spread
+    gap = rng.integers(0, 50, n + m).astype(np.int32)
+    gap[::97] = resumebuild._GAP_MAX  # a span too long to note: read from the start
+    other = rng.permutation(n + m) < m  # the kinds of key interleaved
+    coded = np.empty(n + m, dtype=np.int32)
+    coded[~other] = np.arange(n) * 3  # rows grow from slice to slice, as the builder codes them
+    coded[other] = -1 - np.arange(m) * 2
+    tracemalloc.start()  # numpy's arrays are traced
+    builder = resumebuild.Builder(True, pa.schema([]))
+    for part in np.array_split(np.arange(n + m), 40):
+        part = rng.permutation(part)  # a slice's jobs in any order
+        for group, index in zip(builder.pending, (coded[part], -1 - coded[part]), strict=True):
+            mine = index >= 0
+            group.add(index[mine], gap[part][mine], last[part][mine].astype(last.dtype))
+    rows_of = {c: i for i, c in enumerate(coded.tolist())}
+    tracemalloc.reset_peak()
+    before = tracemalloc.get_traced_memory()[0]
+    pending = builder._chunked(lambda c: np.array([rows_of[x] for x in c.tolist()], np.int32))
+    peak = tracemalloc.get_traced_memory()[1] - before
+    tracemalloc.stop()
+    order = np.argsort(last, kind="stable")
+    assert np.array_equal(pending.rows, order)
+    first = np.where(gap == resumebuild._GAP_MAX, 0, last - gap)[order]
+    starts = np.arange(0, n + m, 1_000)
+    assert np.array_equal(pending.high, np.maximum.reduceat(last[order], starts))
+    assert np.array_equal(pending.low, np.minimum.reduceat(first, starts))
+    if bitmap:  # the rows (4 bytes a job), the bitmap and a block's temporaries
+        assert peak < 5 * (n + m) + 2**20, peak

@@ -64,8 +64,9 @@ class PackedKeys:
         self.others = KeyIndex(others)
         bits = max((self.packed // _KEYS_PER_BUCKET).bit_length(), 1)
         self._shift = 64 - bits
-        buckets = np.arange((1 << bits) + 1, dtype=np.uint64)
-        starts = np.searchsorted(hi >> np.uint64(self._shift), buckets)
+        # A bucket b starts at the first hi >= b << shift (no shifted copy of hi: 8 B a key).
+        buckets = np.arange(1 << bits, dtype=np.uint64) << np.uint64(self._shift)
+        starts = np.append(np.searchsorted(hi, buckets), len(hi))
         self._starts = starts.astype(np.int32 if self.packed < 2**31 else np.int64).data
         self._hi = np.ascontiguousarray(hi, np.uint64).data
         self._lo = np.ascontiguousarray(lo, np.uint64).data

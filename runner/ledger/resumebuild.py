@@ -8,7 +8,6 @@ their sorted keys join into one sorted array (and are sorted again should they n
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 
@@ -42,13 +41,16 @@ class Builder:
     def __init__(self, downloads: bool, empty: pa.Schema) -> None:
         self.downloads = downloads
         self.empty = empty
-        self.packed: list[list[np.ndarray]] = [[], [], []]  # hi, lo, facts
-        self.others: list[list[np.ndarray]] = [[]]  # facts
+        # Grown in place (realloc: a big block is remapped, not copied), so never joined.
+        self.packed = [_Grown(np.uint64), _Grown(np.uint64), _Grown(np.int64)]  # hi, lo, facts
+        self.others = [_Grown(np.int64)]  # facts
         self.other_keys = _KeyBuffer()
-        self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.pending = (_PendingRows(), _PendingRows())  # of packed keys, of others
         self.odd: dict[int, str] = {}
         self.spent = Decimal(0)
         self.counts = [0, 0]  # packed, others
+        self.ascending = True  # whether each slice's packed keys follow the last's
+        self.end: tuple[int, int] | None = None  # the last packed key so far
 
     def add_slice(self, events: Iterator[pa.Table]) -> None:
         firsts: list[pa.Table] = []
@@ -80,22 +82,30 @@ class Builder:
             flag = pc.and_(done, jobs[UNFETCHED].fill_null(False))
             rows = np.flatnonzero(_to_bool(flag))
             if len(rows):
-                self.pending.append(_pending(jobs, rows, where, firsts))
+                coded, gap, last = _pending(jobs, rows, where, firsts)
+                for group, index in zip(self.pending, (coded, -1 - coded), strict=True):
+                    mine = index >= 0
+                    group.add(index[mine], gap[mine], last[mine])
 
     def _add_rows(self, keys: pa.Array, columns: tuple[np.ndarray, ...]) -> np.ndarray:
         """Keep the slice's jobs (packed keys sorted); each one's coded row."""
         ok, hi, lo = packedkeys.pack(keys)
         packed = np.flatnonzero(ok)
         packed = packed[np.lexsort((lo[packed], hi[packed]))]
+        if len(packed):
+            first, last = packed[0], packed[-1]
+            if self.end is not None and self.end >= (int(hi[first]), int(lo[first])):
+                self.ascending = False
+            self.end = (int(hi[last]), int(lo[last]))
         others = np.flatnonzero(~ok)
         where = np.empty(len(keys), dtype=np.int64)
         where[packed] = self.counts[0] + np.arange(len(packed))
         where[others] = -1 - (self.counts[1] + np.arange(len(others)))
         for held, values in zip(self.packed, (hi, lo, *columns), strict=True):
-            held.append(values[packed])
+            held.add(values[packed])
         if len(others):
             for held, values in zip(self.others, columns, strict=True):
-                held.append(values[others])
+                held.add(values[others])
             self.other_keys.add(keys.take(pa.array(others)))
         self.counts[0] += len(packed)
         self.counts[1] += len(others)
@@ -104,18 +114,14 @@ class Builder:
     def finish(self) -> ResumeState:
         n, m = self.counts
         pending = None
-        in_order = _slices_ascending(self.packed[0], self.packed[1])
-        if in_order and self.pending:  # first, while the columns are still in pieces
+        in_order = self.ascending
+        if in_order and self.has_pending():  # first, while fewer arrays are held
             pending = self._chunked(lambda coded: _row_of(coded, n, None))
             release_freed()
-        hi, lo = _join(self.packed[0], np.uint64), _join(self.packed[1], np.uint64)
-        self.packed[0].clear()
-        self.packed[1].clear()
+        hi, lo = self.packed[0].array(), self.packed[1].array()
         columns = []
         for packed, others in zip(self.packed[2:], self.others, strict=True):
-            columns.append(np.concatenate([_join(packed, np.int64), _join(others, np.int64)]))
-            packed.clear()  # each slice's arrays freed as soon as joined
-            others.clear()
+            columns.append(packed.append(others.array()))  # the others after, in place
         self.packed, self.others = [], []
         release_freed()
         new_row: np.ndarray | None = None  # a packed key's row when the slices were not in order
@@ -125,7 +131,7 @@ class Builder:
             columns = [np.concatenate([c[:n][order], c[n:]]) for c in columns]
             new_row = np.empty(n, dtype=np.int64)
             new_row[order] = np.arange(n)
-            if self.pending:
+            if self.has_pending():
                 pending = self._chunked(lambda coded: _row_of(coded, n, new_row))
         odd = {int(_row_of(np.array([r]), n, new_row)[0]): s for r, s in self.odd.items()}
         keys = PackedKeys(hi, lo, self.other_keys.array())
@@ -133,25 +139,48 @@ class Builder:
         assert len(keys) == n + m
         return ResumeState(keys, *columns, spent=self.spent, pending=pending, odd_states=odd)
 
+    def has_pending(self) -> bool:
+        return any(group.flags.count for group in self.pending)
+
     def _chunked(self, row_of: Callable[[np.ndarray], np.ndarray]) -> Pending:
-        """The pending jobs ordered by their last event, and each chunk's seq span."""
-        rows, gaps, last = (list(c) for c in zip(*self.pending, strict=True))
-        self.pending.clear()
-        last_seq = np.concatenate(last)
-        del last
-        order = np.argsort(last_seq, kind="stable").astype(np.int32)
-        starts = np.arange(0, len(order), resumestate.PENDING_CHUNK)
-        last_seq = last_seq[order]
-        high = np.maximum.reduceat(last_seq, starts)
-        gap = np.concatenate(gaps)[order]
-        del gaps
-        first = last_seq - gap
-        first[gap == _GAP_MAX] = 0  # a span too long to note: read from the start
-        del last_seq, gap
-        low = np.minimum.reduceat(first, starts)
-        del first
-        ordered = row_of(np.concatenate(rows)[order])
-        return Pending(ordered, low, high, resumestate.PENDING_CHUNK)
+        """The pending jobs ordered by their last event, and each chunk's seq span: each
+        job's rank in that order (from a bitmap of the last seqs, when small) written over
+        its last seq, then each job's row written at its rank. 8 bytes a job at most, not a
+        sort's permutation (8) beside a copy of each array."""
+        groups = [group.arrays() for group in self.pending]
+        self.pending = (_PendingRows(), _PendingRows())
+        total = sum(len(last) for _, _, last in groups)
+        top = max((int(last.max()) for _, _, last in groups if len(last)), default=0)
+        chunks = -(-total // resumestate.PENDING_CHUNK)
+        low = np.full(chunks, np.iinfo(np.int64).max, dtype=np.int64)
+        high = np.full(chunks, -1, dtype=np.int64)
+        rank = _seq_ranks([last for _, _, last in groups], top, total)
+        for g, (_, gap, last) in enumerate(groups):
+            for start in range(0, len(last), _BLOCK):
+                at = last[start : start + _BLOCK]
+                gaps = gap[start : start + _BLOCK]
+                ranks = rank(g, start, at)
+                chunk = ranks // resumestate.PENDING_CHUNK
+                np.maximum.at(high, chunk, at)
+                first = np.where(gaps == _GAP_MAX, 0, at.astype(np.int64) - gaps)
+                np.minimum.at(low, chunk, first)  # a span too long to note: from the start
+                at[:] = ranks
+        del rank
+        if top <= _GAP_MAX:  # seqs below 2**31: 4 bytes each
+            low, high = low.astype(np.int32), high.astype(np.int32)
+        flagged = [(flags, ranks) for flags, _, ranks in groups]
+        groups.clear()  # the spans freed
+        rows = np.empty(total, dtype=np.int32)
+        for (flags, ranks), sign in zip(flagged, (1, -1), strict=True):
+            done = 0
+            for start in range(0, len(flags), _BLOCK // 8):  # a bit a coded row
+                bits = np.unpackbits(flags[start : start + _BLOCK // 8], bitorder="little")
+                index = np.flatnonzero(bits) + 8 * start
+                coded = index if sign > 0 else -1 - index
+                rows[ranks[done : done + len(index)]] = row_of(coded)
+                done += len(index)
+        flagged.clear()
+        return Pending(rows, low, high, resumestate.PENDING_CHUNK)
 
 
 def _row_of(coded: np.ndarray, n: int, new_row: np.ndarray | None) -> np.ndarray:
@@ -181,18 +210,111 @@ def _pending(
     return where[rows].astype(np.int32), gap, last
 
 
-def _join(arrays: list[np.ndarray], dtype: type) -> np.ndarray:
-    return np.concatenate(arrays) if arrays else np.zeros(0, dtype)
+_ONE = np.uint64(1)
+_BLOCK = 1 << 16  # pending jobs a step of the chunking (its temporaries: ~5 MiB)
 
 
-def _slices_ascending(his: list[np.ndarray], los: list[np.ndarray]) -> bool:
-    """Whether slices each sorted by (hi, lo) follow one another in that order."""
-    ends = [
-        ((int(hi[0]), int(lo[0])), (int(hi[-1]), int(lo[-1])))
-        for hi, lo in zip(his, los, strict=True)
-        if len(hi)
-    ]
-    return all(a[1] < b[0] for a, b in itertools.pairwise(ends))
+def _seq_ranks(
+    lasts: list[np.ndarray], top: int, total: int
+) -> Callable[[int, int, np.ndarray], np.ndarray]:
+    """Each pending job's rank by its last seq (``lasts``: per group, ``top`` the highest):
+    a job's last event is its own, so the seqs are distinct and a bitmap of them (a bit a
+    seq, 1.25 MiB per 10M seqs) ranks each by the set bits before it. Should the bitmap be
+    large or seqs repeat, a stable sort of their positions instead."""
+    if hasattr(np, "bitwise_count") and top // 8 <= max(4 * total, 1 << 24):
+        words = np.zeros(top // 64 + 1, dtype=np.uint64)
+        for last in lasts:
+            for start in range(0, len(last), _BLOCK):
+                at = last[start : start + _BLOCK].astype(np.int64)
+                np.bitwise_or.at(words, at >> 6, _ONE << (at & 63).astype(np.uint64))
+        counts = np.bitwise_count(words)
+        before = np.cumsum(counts, dtype=np.int64)
+        if int(before[-1]) == total:
+            before -= counts
+
+            def by_bits(_group: int, _start: int, at: np.ndarray) -> np.ndarray:
+                seq = at.astype(np.int64)
+                word = seq >> 6
+                below = words[word] & ((_ONE << (seq & 63).astype(np.uint64)) - _ONE)
+                return before[word] + np.bitwise_count(below)
+
+            return by_bits
+        del words, counts, before
+    joined = np.concatenate(lasts)
+    order = np.argsort(joined, kind="stable")
+    del joined
+    ranks = np.empty(total, dtype=np.int64)
+    ranks[order] = np.arange(total)
+    del order
+    offsets = np.cumsum([0, *(len(last) for last in lasts)])
+
+    def by_sort(group: int, start: int, at: np.ndarray) -> np.ndarray:
+        begin = int(offsets[group]) + start
+        return ranks[begin : begin + len(at)]
+
+    return by_sort
+
+
+class _Grown:
+    """A flat array appended to in place: numpy's resize is a realloc, which moves a big
+    block's pages (mremap) instead of copying them, so it is never joined from pieces (a
+    join holds the pieces and the whole: twice the bytes)."""
+
+    def __init__(self, dtype: type) -> None:
+        self._a = np.zeros(0, dtype=dtype)
+        self.count = 0
+
+    def _room(self, need: int) -> None:
+        if need > len(self._a):  # exactly: resize zero-fills the room, making it resident
+            self._a.resize(need, refcheck=False)
+
+    def add(self, values: np.ndarray) -> None:
+        if values.dtype.itemsize > self._a.dtype.itemsize:  # seqs past 2**31, say
+            self._a = self._a.astype(values.dtype)
+        need = self.count + len(values)
+        self._room(need)
+        self._a[self.count : need] = values
+        self.count = need
+
+    def mark(self, index: np.ndarray) -> None:
+        """Bits (of a uint8 array, little-endian): grown to cover ``index``, set there."""
+        need = (int(index.max()) >> 3) + 1 if len(index) else 0
+        if need > self.count:
+            self._room(need)
+            self._a[self.count : need] = 0
+            self.count = need
+        np.bitwise_or.at(self._a, index >> 3, np.left_shift(1, index & 7).astype(np.uint8))
+
+    def array(self) -> np.ndarray:
+        """The array (this one then empty): trimmed in place."""
+        values, self._a = self._a, np.zeros(0, dtype=self._a.dtype)
+        values.resize(self.count, refcheck=False)
+        self.count = 0
+        return values
+
+    def append(self, tail: np.ndarray) -> np.ndarray:
+        self.add(tail)
+        return self.array()
+
+
+class _PendingRows:
+    """Pending jobs of one kind of key: a bit per coded row, and of each flagged row, in
+    row order, the span (last - first seq) and last seq of its events: 8 bytes a job."""
+
+    def __init__(self) -> None:
+        self.flags = _Grown(np.uint8)
+        self.gap = _Grown(np.int32)
+        self.last = _Grown(np.int32)
+
+    def add(self, index: np.ndarray, gap: np.ndarray, last: np.ndarray) -> None:
+        """Rows ``index`` (each above those added before) with their span and last seq."""
+        order = np.argsort(index)
+        self.flags.mark(index)
+        self.gap.add(gap[order])
+        self.last.add(last[order])
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.flags.array(), self.gap.array(), self.last.array()
 
 
 class _KeyBuffer:
