@@ -236,7 +236,8 @@ def _seq_ranks(
                 seq = at.astype(np.int64)
                 word = seq >> 6
                 below = words[word] & ((_ONE << (seq & 63).astype(np.uint64)) - _ONE)
-                return before[word] + np.bitwise_count(below)
+                ranks: np.ndarray = before[word] + np.bitwise_count(below)
+                return ranks
 
             return by_bits
         del words, counts, before
@@ -261,7 +262,7 @@ class _Grown:
     join holds the pieces and the whole: twice the bytes)."""
 
     def __init__(self, dtype: type) -> None:
-        self._a = np.zeros(0, dtype=dtype)
+        self._a: np.ndarray = np.zeros(0, dtype=dtype)
         self.count = 0
 
     def _room(self, need: int) -> None:
