@@ -21,6 +21,7 @@ from runner.ledger import (
     read_folded,
     views,
 )
+from runner.ledger import scan as scan_module
 from runner.ledger.exports import export_batches, export_schema
 from runner.ledger.versions import split_versions
 from runner.ledger.views import export
@@ -77,7 +78,7 @@ def interleaved(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     LedgerEvent(
                         _hex(f"{i}-{version}"), JobState.SUBMITTING, T0, row_id=f"row-{i}",
                         variant=0, endpoint="fal-ai/flux-lora", request=encode_request(body),
-                        metadata={"m": i, "odd": 'a,"b' if i % 2 else None},
+                        metadata={"m": str(i), **({"odd": 'a,"b\n'} if i % 2 else {})},
                         estimated_usd=Decimal("0.01"),
                     )
                 )  # fmt: skip
@@ -111,7 +112,7 @@ def test_a_stream_given_up_part_way_writes_the_rows_of_one_fold(
     monkeypatch.setattr(ordered, "CARRY_ROWS", carry)
     monkeypatch.setattr(views, "EXPORT_ROWS", 3)
     bucketed = []
-    scan_folded = ordered.scan_folded
+    scan_folded = scan_module.scan_folded
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         bucketed.append(True)
