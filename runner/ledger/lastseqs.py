@@ -2,10 +2,11 @@
 
 What :func:`runner.ledger.ordered.ordered_jobs` needs to fold a run directory as it reads
 it, for a fraction of a scan's cost: a job's last event is the one with its key's highest
-seq. A job key is 32 hex digits (:func:`runner.manifest.identity.job_key`), held here as
-the 16 bytes they spell, exactly: two keys are one job only when equal. A ledger with any
-other key (or a sharded run directory, each shard with its own seqs) gives None: the caller
-reads it another way.
+seq. A job key is 32 lowercase hex digits (:func:`runner.manifest.identity.job_key`), held
+here as the 16 bytes they spell, exactly: two keys are one job only when equal (so no
+upper case: ``AB..`` and ``ab..`` spell the same bytes but are two jobs to a fold). A
+ledger with any other key (or a sharded run directory, each shard with its own seqs) gives
+None: the caller reads it another way.
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ READ_ROWS = 262_144
 _NIBBLE = np.full(256, 255, dtype=np.uint8)
 _NIBBLE[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10, dtype=np.uint8)
 _NIBBLE[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16, dtype=np.uint8)
-_NIBBLE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint8)
 _KEY = np.dtype([("high", np.uint64), ("low", np.uint64)])
 
 
 def last_event_seqs(run_dir: Path) -> np.ndarray | None:
     """The seq of each job's last event, sorted (8 bytes a job); None when sharded or a
-    job key is not 32 hex digits. Takes no lock."""
+    job key is not 32 lowercase hex digits. Takes no lock."""
 
     def read(snap: _Snapshot) -> np.ndarray | None:
         if snap.shards:
@@ -68,7 +68,7 @@ def _key_events(snap: _Snapshot) -> Iterator[pa.Table]:
 
 def packed_keys(values: pa.ChunkedArray | pa.Array) -> np.ndarray | None:
     """Each job key as the 16 bytes its 32 hex digits spell (a record of two uint64), or
-    None if any key is null or not 32 hex digits."""
+    None if any key is null or not 32 lowercase hex digits."""
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
     n = len(values)
