@@ -212,6 +212,8 @@ def export(
         fsync_dir(out_path.parent)
     except OSError as exc:
         _remove(tmp)
+        if exc.filename is not None and Path(exc.filename) not in (tmp, out_path, out_path.parent):
+            raise  # the ledger's own files (read as the rows are written): named as such
         # The one boundary for the export's own file: a folder that is missing, read-only
         # or full is one line naming the file (exit 4), not a traceback.
         reason = f"[Errno {exc.errno}] {exc.strerror}" if exc.errno is not None else str(exc)
