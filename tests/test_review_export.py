@@ -18,23 +18,12 @@ from runner.ledger import (
     LedgerEvent,
     encode_request,
     ordered,
-    read_folded,
     views,
 )
 from runner.ledger import scan as scan_module
-from runner.ledger.exports import export_batches, export_schema
-from runner.ledger.versions import split_versions
 from runner.ledger.views import export
 from tests.report_support import T0
-
-
-def _folded_export(run_dir: Path, out: Path, fmt: str, all_versions: bool) -> bytes:
-    """What export wrote when it folded the whole ledger at once (the old export)."""
-    jobs = split_versions(read_folded(run_dir).jobs, all_versions=all_versions).shown
-    schema = export_schema(jobs)
-    with open(out, "wb") as handle:
-        views._write(export_batches(jobs, schema), schema, handle, fmt)
-    return out.read_bytes()
+from tests.test_export_scan import _folded_export
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
