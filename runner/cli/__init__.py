@@ -40,6 +40,7 @@ from runner.errors import (
     RunnerError,
     UsageError,
 )
+from runner.libc import limit_arenas
 from runner.options import add_options
 from runner.options.export import add_dataset_args
 
@@ -155,8 +156,11 @@ def _add_all_versions(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Run as the program (no argv given): no garbage collection while it imports
-    # (runner.cli.imports); a test calling main(argv) keeps its own collector as it is.
+    # Run as the program (no argv given): malloc's arenas capped before any thread starts
+    # (runner.libc), and no garbage collection while it imports (runner.cli.imports); a
+    # test calling main(argv) keeps its own process as it is.
+    if argv is None:
+        limit_arenas()
     with contextlib.nullcontext() if argv is not None else collection_paused():
         return _main(list(sys.argv[1:] if argv is None else argv))
 

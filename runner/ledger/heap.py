@@ -11,27 +11,12 @@ millisecond: called every 20 s, the same run stayed at 226-272 MiB.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-from collections.abc import Callable
-
 import pyarrow as pa
 
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, None elsewhere (musl, macOS): looked up in the process's own
-    symbols, not with ``ctypes.util.find_library``, which runs ``ldconfig``."""
-    try:
-        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError, TypeError):
-        return None
-    return trim
+from runner.libc import malloc_trim
 
 
 def release_freed() -> None:
     """Give freed memory back to the system: Arrow's pool's, and glibc's free heap pages."""
     pa.default_memory_pool().release_unused()
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    malloc_trim()
