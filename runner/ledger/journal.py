@@ -201,7 +201,11 @@ class SegmentWriter:
             self._fd = -1
 
 
-_READ_BACK_ROWS = 16384
+# Lines a checkpoint converts at a time: its RSS peak is the part's table plus one batch's
+# lines, their joined copy and Arrow's JSON parse. Measured on 19,579 events of a run's
+# segment (10 MiB as a table), read back and written as a part: +66 MiB over the RSS before
+# at 16,384 lines a batch, +48 at 4,096, +38 at 2,048, each 0.13 CPU s.
+_READ_BACK_ROWS = 4096
 
 
 def read_back(segments: list[Path], first: int, last: int) -> pa.Table:
