@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "runner"
 # The stages, lowest first. A module may import its own stage and any stage before it.
 LAYERS: tuple[str, ...] = (
     "errors",
+    "libc",
     "endpoints",
     "emulator",
     "manifest",
