@@ -39,7 +39,10 @@ from tests.torture_support import (
     start_run,
 )
 
-FAST = ["--concurrency", "8", "--max-in-flight", "24", "--rate", "1000"]
+# The emulator lists a request in its history at once (history_delay_s=0), so a lost submit
+# is settled after 5 s rather than the default 60: the chains' last runs no longer sit out a
+# minute (reset-after-accept: 63 -> 15 s); test_reconcile covers the settle delay itself.
+FAST = ["--concurrency", "8", "--max-in-flight", "24", "--rate", "1000", "--reconcile-after", "5"]
 
 
 @dataclass(frozen=True)
