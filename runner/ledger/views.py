@@ -331,10 +331,8 @@ def _export_batches(
             gone = pc.is_in(table["job_key"], value_set=old_keys)
             table = table.set_column(table.schema.get_field_index(SUPERSEDED), _MARK, gone)
         written[0] += table.num_rows
-        if fmt == "parquet":  # the table's pieces as one row group
-            yield pa.Table.from_batches(list(export_batches(table, schema, fields)), schema)
-        else:
-            yield from export_batches(table, schema, fields)
+        pieces = export_batches(table, schema, fields)  # for Parquet, one table: a row group
+        yield from ([pa.Table.from_batches(list(pieces), schema)] if fmt == "parquet" else pieces)
         del fields
         del table
 
@@ -363,10 +361,7 @@ def _write(
         coded = [name for name in schema.names if name not in _PER_JOB]
         with pq.ParquetWriter(handle, schema, compression="zstd", use_dictionary=coded) as writer:
             for batch in batches:
-                if isinstance(batch, pa.RecordBatch):
-                    writer.write_batch(batch)
-                elif batch.num_rows:  # a table (its chunks as they came): one row group
-                    writer.write_table(batch, row_group_size=batch.num_rows)
+                writer.write(batch)  # a row group (a table: its chunks as they came)
                 del batch  # not held while the next is made
         return
     if fmt == "csv":
