@@ -214,9 +214,13 @@ class StreamedJobs:
                     box = [table]
                     del table
                     table = _joined(box)
+                # No release_unused here: on the C library's malloc (runner.ledger.scan's
+                # system_pool, where export reads) it is malloc_trim(0), every freed page
+                # handed back after each batch and faulted in again by the next (a 1M-job
+                # Parquet export: 752k -> 99k page faults with the one in _streamed,
+                # 2.3 -> 0.95 s system time, peak RSS 291 -> 295 MiB).
                 yield table
                 del table
-                pa.default_memory_pool().release_unused()
         finally:
             reader.close()
 
@@ -269,8 +273,7 @@ def _streamed(
                 batch = held.slice(0, batch_rows).combine_chunks()
                 held = held.slice(batch_rows)
                 sides.append(_side(visit(batch), path.with_name(f"side-{len(sides):06d}.arrows")))
-                del batch
-                pa.default_memory_pool().release_unused()
+                del batch  # its pages reused by the next (see StreamedJobs.batches)
             if held.num_rows:
                 pending.append(held)
 

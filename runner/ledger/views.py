@@ -311,13 +311,13 @@ def _export_batches(
     all_versions: bool,
     written: list[int],
     fmt: str,
-) -> Iterator[pa.RecordBatch]:
+) -> Iterator[pa.RecordBatch | pa.Table]:
     """The export's record batches, holding one merged batch at a time (a loop variable
     would keep the last one while the next is merged); counts the rows in ``written``."""
     if isinstance(jobs, StreamedJobs):
-        # One chunk per batch for a Parquet row group; CSV and JSONL write rows alike
-        # whatever the chunks (and hold one copy of the batch, not two).
-        tables = jobs.batches(EXPORT_ROWS, join=fmt == "parquet")
+        # As written, in pieces (not joined into one chunk: a copy of every column). A
+        # Parquet row group is one table whatever its chunks (see :func:`_write`).
+        tables = jobs.batches(EXPORT_ROWS, join=False)
         parsed = jobs.visited()
     else:
         tables, parsed = jobs.batches(EXPORT_ROWS), None
@@ -331,7 +331,8 @@ def _export_batches(
             gone = pc.is_in(table["job_key"], value_set=old_keys)
             table = table.set_column(table.schema.get_field_index(SUPERSEDED), _MARK, gone)
         written[0] += table.num_rows
-        yield from export_batches(table, schema, fields)
+        pieces = export_batches(table, schema, fields)  # for Parquet, one table: a row group
+        yield from ([pa.Table.from_batches(list(pieces), schema)] if fmt == "parquet" else pieces)
         del fields
         del table
 
@@ -353,12 +354,14 @@ def _first_metadata(run_dir: Path) -> Any:
     return LEDGER_SCHEMA.metadata
 
 
-def _write(batches: Iterator[pa.RecordBatch], schema: pa.Schema, handle: Any, fmt: str) -> None:
+def _write(
+    batches: Iterator[pa.RecordBatch | pa.Table], schema: pa.Schema, handle: Any, fmt: str
+) -> None:
     if fmt == "parquet":
         coded = [name for name in schema.names if name not in _PER_JOB]
         with pq.ParquetWriter(handle, schema, compression="zstd", use_dictionary=coded) as writer:
             for batch in batches:
-                writer.write_batch(batch)
+                writer.write(batch)  # a row group (a table: its chunks as they came)
                 del batch  # not held while the next is made
         return
     if fmt == "csv":
