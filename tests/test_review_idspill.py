@@ -150,11 +150,17 @@ def test_occurrences_count_as_a_counter_across_spills_and_a_full_disk(tiny: None
         assert len(counts) == len(ref)
 
 
-def test_a_forked_child_reads_the_spilled_ids(tiny: None) -> None:
+def _spilled_table() -> tuple[KeyLines, np.ndarray]:
+    """200 ids claimed at lines 2..201, spilled (with the ``tiny`` fixture's thresholds)."""
     table = KeyLines()
     keys = np.arange(1, 201, dtype=np.int64) * 104_729
     table.claim_many(keys, np.zeros(200, np.uint32), np.arange(2, 202, dtype=np.int64))
     assert table._spilled
+    return table, keys
+
+
+def test_a_forked_child_reads_the_spilled_ids(tiny: None) -> None:
+    table, keys = _spilled_table()
     pid = os.fork()
     if pid == 0:  # the child: answers from the same unnamed files
         ok = table.lookup(keys).tolist() == list(range(2, 202))
@@ -190,10 +196,7 @@ def test_content_ids_through_the_reader_are_numbered_as_without_spills(
     "(ray's workers are started by raylet), and the fix (reopen the runs in a child) is unclear",
 )
 def test_a_forked_child_claiming_a_spilled_id_leaves_the_parent_alone(tiny: None) -> None:
-    table = KeyLines()
-    keys = np.arange(1, 201, dtype=np.int64) * 104_729
-    table.claim_many(keys, np.zeros(200, np.uint32), np.arange(2, 202, dtype=np.int64))
-    assert table._spilled
+    table, keys = _spilled_table()
     pid = os.fork()
     if pid == 0:  # the child takes the first spilled id over with a lower line
         table.claim(int(keys[0]), 1)
