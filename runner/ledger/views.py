@@ -18,12 +18,11 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from runner.endpoints.money import trim_usd
 from runner.errors import LedgerError
-from runner.ledger import texts
+from runner.ledger import csvtext, texts
 from runner.ledger.exports import BATCH_ROWS as EXPORT_ROWS
 from runner.ledger.exports import (
     TEXT_COLUMNS,
@@ -365,14 +364,13 @@ def _write(
                 del batch  # not held while the next is made
         return
     if fmt == "csv":
-        flat = texts.flat_for_csv(schema.empty_table()).schema
-        with pacsv.CSVWriter(handle, flat) as csv_writer:
-            for batch in batches:
-                for piece in _pieces(batch):
-                    csv_writer.write_table(
-                        texts.flat_for_csv(pa.Table.from_batches([piece], schema))
-                    )
-                del batch
+        handle.write(csvtext.header(texts.flat_for_csv(schema.empty_table()).schema))
+        for batch in batches:
+            for piece in _pieces(batch):
+                csvtext.write_rows(
+                    texts.flat_for_csv(pa.Table.from_batches([piece], schema)), handle
+                )
+            del batch
         return
     for batch in batches:
         for piece in _pieces(batch):
