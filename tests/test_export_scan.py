@@ -165,6 +165,7 @@ def test_text_formats_made_a_few_rows_at_a_time_write_the_same_bytes(
 ) -> None:
     export(versioned, tmp_path / f"whole.{fmt}", fmt)  # type: ignore[arg-type]
     monkeypatch.setattr(views, "TEXT_ROWS", 3)
+    monkeypatch.setattr(views, "CSV_ROWS", 3)
     export(versioned, tmp_path / f"pieces.{fmt}", fmt)  # type: ignore[arg-type]
     whole = (tmp_path / f"whole.{fmt}").read_bytes()
     assert (tmp_path / f"pieces.{fmt}").read_bytes() == whole

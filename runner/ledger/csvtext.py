@@ -21,6 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 _CELLS = pc.JoinOptions(null_handling="replace", null_replacement="")
+# Arrow scalars, not Python texts: each Python value a kernel is given is converted anew.
+_QUOTE, _Z, _NEWLINE, _COMMA, _NONE = (pa.scalar(t) for t in ('"', "Z", "\n", ",", ""))
+_QUOTE_BYTE = ord('"')
 
 
 def header(schema: pa.Schema) -> bytes:
@@ -33,11 +36,12 @@ def cells(values: pa.ChunkedArray) -> pa.ChunkedArray:
     """A column as its CSV cells (null stays null: an empty cell)."""
     kind = values.type
     if pa.types.is_string(kind):
-        escaped = pc.replace_substring(values, '"', '""')
-        return pc.binary_join_element_wise('"', escaped, '"', "")
+        if _has_quote(values):
+            values = pc.replace_substring(values, '"', '""')
+        return pc.binary_join_element_wise(_QUOTE, values, _QUOTE, _NONE)
     if pa.types.is_timestamp(kind) and kind.tz == "UTC":
         naive = values.cast(pa.timestamp(kind.unit))  # the same instant, its digits as in UTC
-        return pc.binary_join_element_wise(naive.cast(pa.string()), "Z", "")
+        return pc.binary_join_element_wise(naive.cast(pa.string()), _Z, _NONE)
     plain = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_null,
              pa.types.is_timestamp)  # fmt: skip
     if any(test(kind) for test in plain):
@@ -45,11 +49,20 @@ def cells(values: pa.ChunkedArray) -> pa.ChunkedArray:
     raise TypeError(f"no CSV text for a column of {kind}")  # an export has no other type
 
 
+def _has_quote(values: pa.ChunkedArray) -> bool:
+    """Whether any text of ``values`` may hold a ``"`` (its chunks' bytes, sliced or not)."""
+    for chunk in values.chunks:
+        data = chunk.buffers()[2]
+        if data is not None and bool((np.frombuffer(data, np.uint8) == _QUOTE_BYTE).any()):
+            return True
+    return False
+
+
 def lines(table: pa.Table) -> pa.ChunkedArray:
     """Each row of ``table`` as its CSV line, ``\\n`` included."""
     columns = [cells(column) for column in table.columns]
-    last = pc.binary_join_element_wise(columns.pop(), "\n", "", null_handling="replace")
-    return pc.binary_join_element_wise(*columns, last, ",", options=_CELLS)
+    last = pc.binary_join_element_wise(columns.pop(), _NEWLINE, _NONE, options=_CELLS)
+    return pc.binary_join_element_wise(*columns, last, _COMMA, options=_CELLS)
 
 
 def write_rows(table: pa.Table, handle: Any) -> None:
