@@ -4,6 +4,7 @@ export's writer before it) writes of the same table."""
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -78,25 +79,43 @@ def _awkward_table() -> pa.Table:
     )
 
 
-def test_awkward_values_are_written_as_arrow_writes_them() -> None:
-    table = _awkward_table()
+def _with_nul(table: pa.Table) -> pa.Table:
+    """A NUL byte in a text of the columns after the last timestamp."""
+    texts = ["nul\x00byte", *AWKWARD[1:]]
+    return table.append_column("nul", pa.array(texts))
+
+
+@pytest.mark.parametrize("made", [_awkward_table, lambda: _with_nul(_awkward_table())])
+def test_awkward_values_are_written_as_arrow_writes_them(made: Callable[[], pa.Table]) -> None:
+    table = made()
     ours = _ours(table)
     assert ours == _arrow(table)
     assert b'"say ""hi""",' in ours and b'"line\nbreak"' in ours and b"\n," in ours
 
 
-def test_slices_and_chunks_are_written_as_arrow_writes_them() -> None:
-    table = _awkward_table()
+@pytest.mark.parametrize("made", [_awkward_table, lambda: _with_nul(_awkward_table())])
+def test_slices_and_chunks_are_written_as_arrow_writes_them(made: Callable[[], pa.Table]) -> None:
+    table = made()
     chunked = pa.concat_tables([table.slice(1, 5), table.slice(3), table.slice(0, 0)])
     assert chunked.column(0).num_chunks == 3
     assert _ours(chunked) == _arrow(chunked)
     mixed = chunked.set_column(0, "text", chunked.column(0).combine_chunks())
     assert _ours(mixed) == _arrow(mixed)
+    assert _ours(table.slice(2, 4)) == _arrow(table.slice(2, 4))
 
 
-def test_no_rows_is_the_header_alone() -> None:
-    empty = _awkward_table().slice(0, 0)
+@pytest.mark.parametrize("made", [_awkward_table, lambda: _with_nul(_awkward_table())])
+def test_no_rows_is_the_header_alone(made: Callable[[], pa.Table]) -> None:
+    empty = made().slice(0, 0)
     assert _ours(empty) == _arrow(empty)
+
+
+def test_rows_ending_in_a_timestamp_or_with_no_timestamp() -> None:
+    table = _awkward_table()
+    for names in (["text", "at"], ["at", "seconds"], ["text", "usd"], ["at"], ["text"]):
+        assert _ours(table.select(names)) == _arrow(table.select(names))
+    twice = pa.table([table["text"], table["at"], table["usd"]], names=["x", "x", "x"])
+    assert _ours(twice) == _arrow(twice)
 
 
 @pytest.mark.parametrize(
@@ -104,13 +123,15 @@ def test_no_rows_is_the_header_alone() -> None:
     [
         pa.array([b"x"]),
         pa.array(["a"], pa.large_string()),
-        pa.array([["a"]]),
         pa.array(["a"]).dictionary_encode(),
     ],
 )
-def test_a_type_the_export_never_has_is_refused(values: pa.Array) -> None:
+def test_texts_with_a_nul_byte_beside_a_type_the_export_never_has_are_refused(
+    values: pa.Array,
+) -> None:
+    table = pa.table({"nul": pa.array(["a\x00"]), "v": values})
     with pytest.raises(TypeError, match="no CSV text"):
-        csvtext.write_rows(pa.table({"v": values}), io.BytesIO())
+        csvtext.write_rows(table, io.BytesIO())
 
 
 _micros = st.integers(-(2**50), 2**50)
