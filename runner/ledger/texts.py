@@ -18,8 +18,12 @@ from runner.ledger.exports import MONEY_COLUMNS
 
 
 def usd_texts(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
-    """Decimals as ``str(trim_usd(value))`` does: no trailing zeros, no exponent (a vector)."""
-    return pc.replace_substring_regex(pc.cast(values, pa.string()), r"\.?0+$", "")
+    """Decimals as ``str(trim_usd(value))`` does: no trailing zeros, no exponent (a vector).
+
+    Their text has a point (a scale over 0): its trailing zeros go, then the point if it
+    ends the text (two trims: ~0.04 CPU s a 1M column, a regex ~0.11)."""
+    digits = pc.utf8_rtrim(pc.cast(values, pa.string()), characters="0")
+    return pc.utf8_rtrim(digits, characters=".")
 
 
 # What json.dumps writes as it is in a string (ensure_ascii: printable ASCII but " and \).
