@@ -73,7 +73,7 @@ def _written(table: pa.Table, end: pa.Scalar) -> pa.Array | pa.ChunkedArray:
     """The cells of each row as Arrow's writer writes them, then ``end``."""
     out = pa.BufferOutputStream()
     pacsv.write_csv(table, out, _ROWS_ENDED)
-    data = np.frombuffer(out.getvalue(), np.uint8).copy()
+    data = np.frombuffer(out.getvalue(), np.uint8)  # the stream's own bytes, changed in place
     ends = np.flatnonzero(data == 0)
     if len(ends) != table.num_rows:  # a text holds a NUL byte
         return _joined_cells(table, end)
