@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from runner.endpoints.money import trim_usd
 from runner.errors import LedgerError
-from runner.ledger import texts
+from runner.ledger import jsonl, texts
 from runner.ledger.exports import BATCH_ROWS as EXPORT_ROWS
 from runner.ledger.exports import (
     TEXT_COLUMNS,
@@ -375,8 +375,7 @@ def _write(
                 del batch
         return
     for batch in batches:
-        for piece in _pieces(batch):
-            texts.write_jsonl(piece, handle)
+        jsonl.write_jsonl(batch, handle)  # in pieces of its own (PIECE_BYTES)
         del batch
 
 
