@@ -21,6 +21,7 @@ from runner.ledger import (
     Ledger,
     LedgerEvent,
     exports,
+    jsonl,
     ordered,
     read_folded,
     texts,
@@ -165,6 +166,7 @@ def test_text_formats_made_a_few_rows_at_a_time_write_the_same_bytes(
 ) -> None:
     export(versioned, tmp_path / f"whole.{fmt}", fmt)  # type: ignore[arg-type]
     monkeypatch.setattr(views, "TEXT_ROWS", 3)
+    monkeypatch.setattr(jsonl, "PIECE_BYTES", 2_000)  # JSONL's pieces: a few rows
     export(versioned, tmp_path / f"pieces.{fmt}", fmt)  # type: ignore[arg-type]
     whole = (tmp_path / f"whole.{fmt}").read_bytes()
     assert (tmp_path / f"pieces.{fmt}").read_bytes() == whole

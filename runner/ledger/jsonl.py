@@ -42,10 +42,11 @@ _LAST_US = 253402300799 * 10**6 + 999_999  # 9999-12-31T23:59:59.999999
 Texts = tuple[pa.Array, np.ndarray]  # each value's JSON text ("null" for null), rows to redo
 
 
-def write_jsonl(batch: pa.RecordBatch, handle: Any, *, piece_bytes: int = PIECE_BYTES) -> None:
-    """Write ``batch`` as JSONL lines to the binary ``handle``, about ``piece_bytes`` of its
-    columns at a time."""
-    rows = max(1, piece_bytes * max(batch.num_rows, 1) // max(batch.nbytes, 1))
+def write_jsonl(batch: pa.RecordBatch, handle: Any, *, piece_bytes: int | None = None) -> None:
+    """Write ``batch`` as JSONL lines to the binary ``handle``, about ``piece_bytes`` (else
+    PIECE_BYTES) of its columns at a time."""
+    size = PIECE_BYTES if piece_bytes is None else piece_bytes
+    rows = max(1, size * max(batch.num_rows, 1) // max(batch.nbytes, 1))
     for start in range(0, batch.num_rows, rows):
         lines = jsonl_lines(batch.slice(start, rows))
         offsets = np.frombuffer(lines.buffers()[1], np.int32, len(lines) + 1, lines.offset * 4)

@@ -52,7 +52,7 @@ _ZERO = Decimal(0)
 _EMPTY = LEDGER_SCHEMA.empty_table()
 _MARK = pa.field(SUPERSEDED, pa.bool_(), nullable=False)
 _NO_KEYS = pa.array([], pa.string())
-TEXT_ROWS = 2_000  # rows a CSV or JSONL export makes Python values of at once
+TEXT_ROWS = 2_000  # rows a CSV export makes Python values of at once
 # Columns with a value per job (ids, times, URLs, texts): a Parquet dictionary of them only
 # costs time before the writer gives it up (a 1M-job export: 2.5 -> 1.8 CPU s, 163 -> 143 MB).
 _PER_JOB = frozenset(
@@ -380,7 +380,7 @@ def _write(
 
 
 def _pieces(batch: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
-    """``batch`` in slices of TEXT_ROWS rows: what CSV and JSONL make Python values of at
+    """``batch`` in slices of TEXT_ROWS rows: what CSV makes Python values of at
     once (the lines are the same; a whole batch as Python rows held ~400 MiB more)."""
     for start in range(0, batch.num_rows, TEXT_ROWS):
         yield batch.slice(start, TEXT_ROWS)
