@@ -237,7 +237,8 @@ def test_rows_the_vectors_cannot_promise_are_written_by_json_dumps() -> None:
 
 def test_rows_the_old_writer_refuses_are_refused_alike() -> None:
     just_out = [253402300800 * 10**6, -62135596800 * 10**6 - 1, 380 * 10**15]  # years 1-9999
-    bad = [("metadata", pa.array(['{"a": '], pa.string()))]
+    texts_ = ['{"a": ', '{"a": "\\ud800"}']  # not JSON; a lone surrogate (not UTF-8)
+    bad = [("metadata", pa.array([text], pa.string())) for text in texts_]
     bad += [
         ("at", pa.array([us], pa.int64()).cast(pa.timestamp("us", tz="UTC"))) for us in just_out
     ]
