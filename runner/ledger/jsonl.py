@@ -243,16 +243,13 @@ def _metadata(values: pa.Array) -> Texts | None:
     odd = _mask(pc.invert(canonical))
     # In a canonical text every quote delimits a string: keys are each 4th piece from the 2nd.
     pieces = pc.split_pattern(pc.if_else(canonical, values, "{}"), '"')
-    offsets = pieces.offsets.to_numpy(zero_copy_only=False)
-    flat = pieces.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
-    rows = np.repeat(np.arange(len(values)), np.diff(offsets))
-    where = np.arange(len(flat)) - (offsets[:-1] - offsets[0])[rows]
-    keys = np.flatnonzero(where % 4 == 1)
-    if len(keys) > 1:
-        named = flat.take(pa.array(keys))
-        same = rows[keys[1:]] == rows[keys[:-1]]
-        ascending = _mask(pc.less(named.slice(0, len(keys) - 1), named.slice(1)))
-        odd[rows[keys[1:]][same & ~ascending]] = True
+    keys = pc.list_slice(pieces, 1, None, 4)
+    named = pc.list_flatten(keys)
+    if len(named) > 1:
+        rows = np.asarray(pc.list_parent_indices(keys).to_numpy(zero_copy_only=False))
+        same = rows[1:] == rows[:-1]
+        ascending = _mask(pc.less(named.slice(0, len(named) - 1), named.slice(1)))
+        odd[rows[1:][same & ~ascending]] = True
     return values.fill_null("null"), odd
 
 
