@@ -7,9 +7,9 @@ and written by ``json.dumps`` itself (the rows path, kept as the reference):
 
 - a text holding a control character other than ``\\n \\r \\t \\b \\f`` (``\\u00XX``);
 - a float that Python's ``repr`` writes in exponent form, or Arrow does (NaN, infinities,
-  magnitudes under 1e-4 or with many digits past 1e14);
-- a time outside the years 1000-9999 (Arrow and ``isoformat`` differ there, or Python has no
-  such datetime);
+  magnitudes under 1e-4, large ones Arrow writes with an exponent from ~1e14 on); elsewhere
+  both write the shortest digits that read back (checked over 15M random doubles);
+- a time outside the years 1-9999 (Python has no such datetime: the rows path raises);
 - a ``metadata`` text that is not already as ``json.dumps`` writes it again (a flat object of
   texts holding no quote, backslash or control character, ``", "`` and ``": "`` between them,
   keys in strictly ascending order, so none given twice: the ledger's own form);
