@@ -21,6 +21,7 @@ from runner.ledger import (
     Ledger,
     LedgerEvent,
     exports,
+    jsonl,
     ordered,
     read_folded,
     texts,
@@ -164,8 +165,8 @@ def test_text_formats_made_a_few_rows_at_a_time_write_the_same_bytes(
     versioned: Path, tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     export(versioned, tmp_path / f"whole.{fmt}", fmt)  # type: ignore[arg-type]
-    monkeypatch.setattr(views, "TEXT_ROWS", 3)
     monkeypatch.setattr(views, "CSV_ROWS", 3)
+    monkeypatch.setattr(jsonl, "PIECE_BYTES", 2_000)  # JSONL's pieces: a few rows
     export(versioned, tmp_path / f"pieces.{fmt}", fmt)  # type: ignore[arg-type]
     whole = (tmp_path / f"whole.{fmt}").read_bytes()
     assert (tmp_path / f"pieces.{fmt}").read_bytes() == whole
@@ -263,3 +264,9 @@ def test_outputs_in_csv_are_the_json_of_their_list() -> None:
         assert texts.json_structs(sliced).to_pylist() == expected
     scores = pa.array([[{"score": 0.5}]], pa.list_(pa.struct([("score", pa.float64())])))
     assert texts.json_structs(scores).to_pylist() == [json.dumps([{"score": 0.5}])]
+
+
+def test_money_texts_refuse_a_decimal_without_a_scale() -> None:
+    # Trimming zeros is right only after a point: "100" of a decimal(10, 0) would lose them.
+    with pytest.raises(ValueError, match="scale"):
+        texts.usd_texts(pa.array([Decimal(100)], pa.decimal128(10, 0)))

@@ -60,7 +60,7 @@ def lines(table: pa.Table) -> pa.ChunkedArray | pa.Array:
 
 
 def _is_utc(kind: pa.DataType) -> bool:
-    return pa.types.is_timestamp(kind) and kind.tz == "UTC"
+    return bool(pa.types.is_timestamp(kind) and kind.tz == "UTC")
 
 
 def _utc_texts(values: pa.ChunkedArray) -> pa.ChunkedArray:

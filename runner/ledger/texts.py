@@ -1,6 +1,7 @@
 """Arrow columns as the texts a CSV export writes of them, by Arrow kernels: money as
 ``str(trim_usd(value))``, lists as ``json.dumps`` writes them (a value per job, no Python
-value per row but for the rare ones json.dumps must escape); a batch as the lines of JSONL."""
+value per row but for the rare ones json.dumps must escape); a batch as the lines of JSONL,
+row by row (the reference of :mod:`runner.ledger.jsonl`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ def usd_texts(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
 
     Their text has a point (a scale over 0): its trailing zeros go, then the point if it
     ends the text (two trims: ~0.04 CPU s a 1M column, a regex ~0.11)."""
+    if values.type.scale <= 0:  # "100" would lose its zeros: only money's decimal(18,6) comes
+        raise ValueError(f"usd_texts takes decimals with a scale, not {values.type}")
     digits = pc.utf8_rtrim(pc.cast(values, pa.string()), characters="0")
     return pc.utf8_rtrim(digits, characters=".")
 
@@ -102,11 +105,18 @@ def _json_default(value: object) -> str:
     raise TypeError(f"cannot export {type(value).__name__}")
 
 
-def write_jsonl(batch: pa.RecordBatch, handle: Any) -> None:
+def jsonl_row_lines(batch: pa.RecordBatch) -> list[str]:
+    """Each row of ``batch`` as ``json.dumps`` writes it, with its newline: the reference
+    (and the fallback) of :mod:`runner.ledger.jsonl`, which builds the same lines as vectors."""
     rows = batch.to_pylist()
     for row in rows:
         if row["metadata"] is not None:
             row["metadata"] = json.loads(row["metadata"])
-    lines = [json.dumps(row, default=_json_default, ensure_ascii=False) for row in rows]
+    return [json.dumps(row, default=_json_default, ensure_ascii=False) + "\n" for row in rows]
+
+
+def write_jsonl_rows(batch: pa.RecordBatch, handle: Any) -> None:
+    """The JSONL lines of ``batch`` made row by row (the export's writer before the vectors)."""
+    lines = jsonl_row_lines(batch)
     if lines:
-        handle.write(("\n".join(lines) + "\n").encode())
+        handle.write("".join(lines).encode())

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from runner.endpoints.money import trim_usd
 from runner.errors import LedgerError
-from runner.ledger import csvtext, texts
+from runner.ledger import csvtext, jsonl, texts
 from runner.ledger.exports import BATCH_ROWS as EXPORT_ROWS
 from runner.ledger.exports import (
     TEXT_COLUMNS,
@@ -51,7 +51,6 @@ _ZERO = Decimal(0)
 _EMPTY = LEDGER_SCHEMA.empty_table()
 _MARK = pa.field(SUPERSEDED, pa.bool_(), nullable=False)
 _NO_KEYS = pa.array([], pa.string())
-TEXT_ROWS = 2_000  # rows a JSONL export makes Python values of at once
 CSV_ROWS = 10_000  # rows a CSV export makes the lines of at once (2,000: ~1 CPU s more at 1M)
 # Columns with a value per job (ids, times, URLs, texts): a Parquet dictionary of them only
 # costs time before the writer gives it up (a 1M-job export: 2.5 -> 1.8 CPU s, 163 -> 143 MB).
@@ -374,14 +373,13 @@ def _write(
             del batch
         return
     for batch in batches:
-        for piece in _pieces(batch, TEXT_ROWS):
-            texts.write_jsonl(piece, handle)
+        jsonl.write_jsonl(batch, handle)  # in pieces of its own (PIECE_BYTES)
         del batch
 
 
 def _pieces(batch: pa.RecordBatch, rows: int) -> Iterator[pa.RecordBatch]:
-    """``batch`` in slices of ``rows`` rows: what CSV and JSONL make texts or Python values
-    of at once (the lines are the same; a whole batch as Python rows held ~400 MiB more)."""
+    """``batch`` in slices of ``rows`` rows: what a CSV export makes the lines of at once
+    (the lines are the same; a whole batch at once holds more)."""
     for start in range(0, batch.num_rows, rows):
         yield batch.slice(start, rows)
 
