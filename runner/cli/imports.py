@@ -5,8 +5,11 @@ Optional packages its libraries probe for:
 - pandas: pyarrow looks for it the first time it converts Python values to an array (any
   ``pa.array([...])``), to recognise pandas objects; importing pandas costs about half a
   second of CPU and 30 MB. The runner passes pyarrow no pandas object.
-- dateutil: pyarrow looks for ``dateutil.relativedelta`` at that same first conversion, to
-  recognise it as an interval value (about 2.5 ms of CPU with six). The runner passes none.
+- dateutil: pyarrow looks for ``dateutil.relativedelta`` to recognise it as an interval
+  value (about 2.5 ms of CPU with six). The runner passes none. While it is refused, pyarrow
+  looks again at every conversion of Python values (``pa.array``, ``pa.scalar``): a failed
+  import, a few microseconds each. A 1,000-job run makes 2 such conversions; code that
+  converts per batch passes Arrow scalars, not Python ones, to kernels (``csvtext``).
 - trio: httpcore imports it when installed, in case it runs under trio; the command line
   runs on asyncio (``anyio.run``'s default backend).
 - httpx._main: httpx's own command line, which ``import httpx`` loads when click, rich and
