@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Annotated, Any, Literal
 
 import pytest
@@ -386,3 +387,24 @@ def test_untyped_cells_keep_special_syntax_but_not_image_size_checks() -> None:
 )
 def test_blank_means_not_given(value: Any, blank: bool) -> None:
     assert is_blank(value) is blank
+
+
+@pytest.mark.parametrize(
+    "value",
+    [math.nan, math.inf, -math.inf, [1.0, math.nan], {"a": {"b": [math.inf]}}, '{"a": NaN}',
+     "[Infinity]", "loras-nan"],
+)  # fmt: skip
+def test_untyped_cells_refuse_nan_and_infinities_anywhere(value: Any) -> None:
+    # No model checks an untyped request, and JSON cannot carry these to fal: the send
+    # raised "Out of range float values are not JSON compliant" mid-run.
+    column = "extra"
+    if value == "loras-nan":
+        column, value = "loras", [{"path": "a", "scale": math.nan}]
+    with pytest.raises(CellError, match="holds NaN or an infinity"):
+        parse_untyped_cell(column, value)
+
+
+def test_untyped_cells_keep_finite_floats_and_text_that_only_looks_infinite() -> None:
+    assert parse_untyped_cell("extra", [1.5, {"a": -0.0}]) == [1.5, {"a": -0.0}]
+    assert parse_untyped_cell("extra", "1e999") == "1e999"  # not a finite number: text
+    assert parse_untyped_cell("extra", "nan") == "nan"

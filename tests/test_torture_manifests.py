@@ -255,7 +255,8 @@ def test_validate_reports_every_bad_line_and_only_those(
     reported = {int(hit["line"]) for hit in REPORTED.finditer(out) if hit["file"] == str(path)}
     assert reported == m.bad_lines, out
     jobs_ok = "1 job ok" if m.good == 1 else f"{m.good} jobs ok"
-    assert f"{jobs_ok}, {len(m.bad_lines)} bad rows" in err
+    bad = "1 bad row" if len(m.bad_lines) == 1 else f"{len(m.bad_lines)} bad rows"
+    assert f"{jobs_ok}, {bad}" in err
 
 
 @FUZZ

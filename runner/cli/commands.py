@@ -99,7 +99,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             else:
                 good += 1
     name = args.manifest.name
-    print(f"{name}: {jobs_phrase(good)} ok, {bad} bad rows", file=sys.stderr)
+    print(f"{name}: {jobs_phrase(good)} ok, {bad_rows_phrase(bad)}", file=sys.stderr)
     return EXIT_JOBS_FAILED if bad else EXIT_OK
 
 
@@ -299,6 +299,10 @@ def summary_json(summary: Any) -> dict[str, Any]:
 
 def jobs_phrase(n: int) -> str:
     return "1 job" if n == 1 else f"{n} jobs"
+
+
+def bad_rows_phrase(n: int) -> str:
+    return "1 bad row" if n == 1 else f"{n} bad rows"
 
 
 def cmd_compact(args: argparse.Namespace) -> int:

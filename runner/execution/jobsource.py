@@ -80,7 +80,9 @@ def strict_check(config: RunConfig) -> None:
     if count:
         more = f" (and {count - len(bad)} more)" if count > len(bad) else ""
         raise ManifestError(
-            f"--strict: {count} bad rows, nothing was submitted: " + "; ".join(bad) + more
+            f"--strict: {count} bad row{'s' * (count != 1)}, nothing was submitted: "
+            + "; ".join(bad)
+            + more
         )
 
 

@@ -326,10 +326,29 @@ def parse_cell(column: str, value: Any, kind: Kind) -> Any:
 
 
 def parse_untyped_cell(column: str, value: Any) -> Any:
-    """A cell for an endpoint outside the catalog: special syntaxes, else a guess."""
+    """A cell for an endpoint outside the catalog: special syntaxes, else a guess.
+
+    No model checks an untyped request, so a NaN or an infinity anywhere in it (a JSONL
+    ``NaN``, a CSV ``1e999``) is refused here: JSON cannot carry it to fal."""
     syntax = _SYNTAXES.get(column)
     if syntax is not None and column != "image_size":
-        return syntax(column, value)
-    if isinstance(value, str):
-        return _guess(column, value)
-    return value
+        parsed = syntax(column, value)
+    elif isinstance(value, str):
+        parsed = _guess(column, value)
+    else:
+        parsed = value
+    if not _finite(parsed):
+        raise CellError(column, f"{column}={show(value)} holds NaN or an infinity, which JSON "
+                        "cannot carry")  # fmt: skip
+    return parsed
+
+
+def _finite(value: Any) -> bool:
+    """Whether every float in ``value`` (nested lists and objects too) is finite."""
+    if type(value) is float:
+        return math.isfinite(value)
+    if isinstance(value, list | tuple):
+        return all(_finite(item) for item in value)
+    if isinstance(value, dict):
+        return all(_finite(item) for item in value.values())
+    return True
