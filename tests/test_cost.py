@@ -17,6 +17,7 @@ import pytest
 from runner import errors
 from runner.endpoints.catalog import parse_request
 from runner.endpoints.cost import Estimate, PriceTable, billed_cost, estimate, megapixels
+from runner.endpoints.money import decimal_places
 
 PRICES = PriceTable.default()
 GB = 1_000_000_000
@@ -307,6 +308,10 @@ BAD_FILES = [
     ({"endpoints": {"fal-ai/new": {"usd": "0.01"}}}, "unit is required"),
     ({"prices": {}}, "endpoints"),
     ([1, 2], "top level"),
+    # Past the ledger's 18 places (a traceback at the first job's record, before):
+    ({"endpoints": {"fal-ai/flux-lora": {"usd": "0.0123456789012345678"}}}, "decimal places"),
+    # 18 places, times the packaged LoRA multiplier 2.5 (one place): 19
+    ({"endpoints": {"fal-ai/flux-2/lora": {"usd": "0.000000000000000001"}}}, "decimal places"),
 ]
 
 
@@ -318,6 +323,19 @@ def test_bad_override_file_is_a_usage_error_naming_the_file(
     with pytest.raises(errors.UsageError) as info:
         PriceTable.from_file(path)
     assert str(path) in str(info.value) and phrase in str(info.value)
+
+
+def test_a_price_at_the_ledgers_scale_is_kept_and_trailing_zeros_do_not_count(
+    tmp_path: Path,
+) -> None:
+    doc = {"endpoints": {"fal-ai/flux-lora": {"usd": "0.123456789012345678000"},
+                         "fal-ai/flux-2/lora": {"usd": "0.00000000000000001"}}}  # fmt: skip
+    table = PriceTable.from_file(write(tmp_path, doc))
+    price = table.get("fal-ai/flux-lora")
+    assert price is not None and str(price.usd) == "0.123456789012345678"  # 18 places
+    surcharged = billed_cost("fal-ai/flux-2/lora", [(1024, 1024)], table, lora_bytes=4 * GB)
+    assert surcharged is not None and surcharged > 0
+    assert decimal_places(surcharged) <= 18  # 17 + the multiplier's 1: recordable
 
 
 def test_missing_override_file_is_a_usage_error(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from runner.endpoints.catalog import BaseRequest, num_outputs, output_size
+from runner.endpoints.money import MONEY_SCALE, decimal_places, trim_usd
 from runner.errors import UsageError
 
 MEGAPIXEL_PX = 1_048_576
@@ -210,9 +211,18 @@ def _merge(endpoint: str, doc: _PriceDoc, old: Price | None, path: Path, mtime: 
         surcharge = _surcharge(doc.lora_surcharge) if doc.lora_surcharge else None
     else:
         surcharge = old.lora_surcharge if old else None
+    factors = [t.multiplier for t in surcharge.tiers] if surcharge else []
+    places = decimal_places(doc.usd) + max(map(decimal_places, factors), default=0)
+    if places > MONEY_SCALE:
+        # An estimate is the price times whole units and the LoRA multiplier: past the
+        # ledger's scale it could not be recorded (a traceback at the first job, before).
+        raise UsageError(
+            f"price file {path}: endpoints.{endpoint}.usd={doc.usd} has more decimal places "
+            f"than the ledger keeps ({MONEY_SCALE}, counting the LoRA multiplier's)"
+        )
     return Price(
         endpoint=endpoint,
-        usd=doc.usd,
+        usd=trim_usd(doc.usd),
         unit=unit,
         source=doc.source or f"price file {path.name}",
         date=doc.date or mtime,

@@ -11,6 +11,14 @@ from __future__ import annotations
 from decimal import ROUND_HALF_EVEN, Decimal
 
 _PLACES = Decimal("0.0001")
+# The ledger keeps money to 18 decimal places (decimal(38, 18)): every USD amount fal bills.
+MONEY_SCALE = 18
+
+
+def decimal_places(value: Decimal) -> int:
+    """How many decimal places ``value`` needs (trailing zeros not counted)."""
+    exponent = trim_usd(value).as_tuple().exponent
+    return max(0, -exponent) if isinstance(exponent, int) else 0
 
 
 def trim_usd(value: Decimal) -> Decimal:

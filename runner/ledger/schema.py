@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from runner.endpoints.money import trim_usd
+from runner.endpoints.money import MONEY_SCALE, trim_usd
 
 
 def utcnow() -> datetime:
@@ -40,8 +40,7 @@ SCHEMA_VERSION_KEY = b"runner.ledger.schema_version"
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 # 20 integer and 18 fractional digits: every USD amount fal bills, exactly.
-MONEY = pa.decimal128(38, 18)
-MONEY_SCALE = 18
+MONEY = pa.decimal128(38, MONEY_SCALE)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 OUTPUT_TYPE = pa.struct(

@@ -204,6 +204,6 @@ def render_text(plan: Plan) -> str:
         lines.extend(f"note: {line}" for line in flagged)
     if plan.bad_rows:
         lines.append("")
-        rows = "1 bad row is" if plan.bad_rows == 1 else f"{plan.bad_rows} bad rows are"
-        lines.append(f"{rows} not in the plan (see `runner validate`)")
+        bad = "1 bad row is" if plan.bad_rows == 1 else f"{plan.bad_rows} bad rows are"
+        lines.append(f"{bad} not in the plan (see `runner validate`)")
     return "\n".join(lines)
