@@ -326,6 +326,31 @@ def test_a_closed_stdout_ends_quietly(tmp_path: Path, command: list[str]) -> Non
     assert done.returncode == 141  # 128 + SIGPIPE, as for any program writing to a closed pipe
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize(
+    "command",
+    [["status"], ["report", "--json"], ["export", "--out", "-"],
+     ["export", "--format", "jsonl", "--out", "-"]],
+)  # fmt: skip
+def test_a_full_stdout_is_one_line_and_exit_4(tmp_path: Path, command: list[str]) -> None:
+    import subprocess
+    import sys
+
+    run_dir = a_run_directory(tmp_path)
+    with open("/dev/full", "wb") as full:  # every write: ENOSPC, as on a full disk
+        done = subprocess.run(
+            [sys.executable, "-m", "runner", command[0], str(run_dir), *command[1:]],
+            stdout=full, stderr=subprocess.PIPE, cwd=Path(__file__).parent.parent,
+            timeout=120, check=False,
+        )  # fmt: skip
+    err = done.stderr.decode()
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        "runner: error: cannot write the output: [Errno 28] No space left on device"
+    )
+    assert done.returncode == 4
+
+
 def test_export_to_stdout_with_out_dash(
     tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
 ) -> None:

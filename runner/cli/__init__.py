@@ -174,7 +174,7 @@ def _main(argv: list[str]) -> int:
         return _fatal(json_log, exc.code, str(exc))
     try:
         try:
-            with without_unused():
+            with without_unused(), _guarded_stdout():
                 _check_run_dir(args)
                 if args.func is not cmd_run:
                     resume_collection()  # cmd_run resumes once it has imported the run's
@@ -192,11 +192,65 @@ def _main(argv: list[str]) -> int:
         return _fatal(json_log, exc.exit_code, f"error: {exc}")
     except KeyboardInterrupt:
         return _fatal(json_log, EXIT_INTERRUPTED, "interrupted")
+    except _OutputFailed as exc:
+        # A full disk or a dead device behind stdout (`runner status RUN > /dev/full`).
+        _silence_stdout()
+        return _fatal(json_log, EXIT_LEDGER, f"error: cannot write the output: {exc.error}")
     except OSError as exc:
         if exc.filename is None:
             raise  # not about a file of ours: a bug, and its traceback says where
         return _fatal(json_log, EXIT_LEDGER, f"error: {_os_error_line(exc)}")
     return code
+
+
+class _OutputFailed(Exception):
+    """Standard output refused a write (not a closed pipe: that ends quietly)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _GuardedStream:
+    """Standard output (text, or its ``buffer``) whose failed writes are :class:`_OutputFailed`:
+    an OSError without a file name is otherwise a bug's, and the command line shows its
+    traceback. Everything else is the stream's own."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, data: Any) -> Any:
+        return self._guarded(self._stream.write, data)
+
+    def flush(self) -> None:
+        self._guarded(self._stream.flush)
+
+    @property
+    def buffer(self) -> _GuardedStream:
+        return _GuardedStream(self._stream.buffer)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    @staticmethod
+    def _guarded(call: Any, *args: Any) -> Any:
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _OutputFailed(exc) from exc
+
+
+@contextlib.contextmanager
+def _guarded_stdout() -> Iterator[None]:
+    stream = sys.stdout
+    sys.stdout = _GuardedStream(stream)
+    try:
+        yield
+    finally:
+        if isinstance(sys.stdout, _GuardedStream):
+            sys.stdout = stream
 
 
 def _check_run_dir(args: argparse.Namespace) -> None:
@@ -317,13 +371,19 @@ def _shown(name: object) -> str:
 def _closed_stdout() -> int:
     """The reader went away (``runner status RUN | head``): end quietly. Both streams point
     at /dev/null from here on, so the flush at exit raises nothing more to print."""
+    _silence_stdout(sys.stdout, sys.stderr)
+    return EXIT_BROKEN_PIPE
+
+
+def _silence_stdout(*streams: Any) -> None:
+    """Point ``streams`` (default: stdout) at /dev/null, so the flush at exit writes what
+    they still hold there, not into the error again."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        for stream in (sys.stdout, sys.stderr):
+        for stream in streams or (sys.stdout,):
             try:
                 os.dup2(devnull, stream.fileno())
             except (AttributeError, OSError, ValueError):
                 continue  # not a real file (captured in tests): nothing is flushed at exit
     finally:
         os.close(devnull)
-    return EXIT_BROKEN_PIPE
