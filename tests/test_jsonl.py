@@ -173,6 +173,35 @@ def test_random_rows_give_the_bytes_json_dumps_writes(seed: int) -> None:
         assert fast == rows
 
 
+def test_a_piece_whose_lines_pass_2_gib_is_written_in_halves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Lines past a text array's 2 GiB (megabyte prompts side by side) overflow its offsets;
+    # the piece is split until each half fits, and the bytes are the same.
+    batch = random_batch(9, 300)
+    made = jsonl.jsonl_lines
+    sizes: list[int] = []
+
+    def at_most_40_rows(piece: pa.RecordBatch) -> pa.Array:
+        if piece.num_rows > 40:
+            raise pa.ArrowInvalid("offset overflow while concatenating arrays")
+        sizes.append(piece.num_rows)
+        return made(piece)
+
+    monkeypatch.setattr(jsonl, "jsonl_lines", at_most_40_rows)
+    fast, rows = _both(batch)
+    assert fast == rows and sum(sizes) == 300 and max(sizes) <= 40
+
+
+def test_other_arrow_errors_are_not_split_away(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(piece: pa.RecordBatch) -> pa.Array:
+        raise pa.ArrowInvalid("something else")
+
+    monkeypatch.setattr(jsonl, "jsonl_lines", broken)
+    with pytest.raises(pa.ArrowInvalid, match="something else"):
+        jsonl.write_jsonl(random_batch(1, 10), io.BytesIO())
+
+
 def test_awkward_values_one_column_at_a_time() -> None:
     values = {
         "s": pa.array([*AWKWARD_TEXTS, None], pa.string()),

@@ -50,12 +50,25 @@ def write_jsonl(batch: pa.RecordBatch, handle: Any, *, piece_bytes: int | None =
     size = PIECE_BYTES if piece_bytes is None else piece_bytes
     rows = max(1, size * max(batch.num_rows, 1) // max(batch.nbytes, 1))
     for start in range(0, batch.num_rows, rows):
-        lines = jsonl_lines(batch.slice(start, rows))
-        offsets = np.frombuffer(lines.buffers()[1], np.int32, len(lines) + 1, lines.offset * 4)
-        data = lines.buffers()[2]
-        if data is not None:
-            handle.write(memoryview(data)[int(offsets[0]) : int(offsets[-1])])
-        del lines, data
+        _write_lines(batch.slice(start, rows), handle)
+
+
+def _write_lines(piece: pa.RecordBatch, handle: Any) -> None:
+    """The lines of ``piece``; in halves when they pass the 2 GiB a text array holds (rows
+    far longer than the batch's average, e.g. prompts of megabytes side by side)."""
+    try:
+        lines = jsonl_lines(piece)
+    except (pa.ArrowInvalid, pa.ArrowCapacityError) as exc:
+        if "overflow" not in str(exc) or piece.num_rows < 2:
+            raise
+        half = piece.num_rows // 2
+        _write_lines(piece.slice(0, half), handle)
+        _write_lines(piece.slice(half), handle)
+        return
+    offsets = np.frombuffer(lines.buffers()[1], np.int32, len(lines) + 1, lines.offset * 4)
+    data = lines.buffers()[2]
+    if data is not None:
+        handle.write(memoryview(data)[int(offsets[0]) : int(offsets[-1])])
 
 
 def jsonl_lines(batch: pa.RecordBatch) -> pa.Array:
