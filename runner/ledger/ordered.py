@@ -26,7 +26,7 @@ from __future__ import annotations
 import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,12 +35,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from runner.errors import LedgerError
+from runner.ledger.ahead import ahead
 from runner.ledger.fold import _retrying, _Snapshot
 from runner.ledger.folding import _fold
 from runner.ledger.scan import _conformed, _empty_schema, _events, _with_keys, scan_folded
 from runner.ledger.schema import LEDGER_SCHEMA
 
-STREAM_EVENTS = 65_536  # events a streamed fold reads at once
+STREAM_EVENTS = 32_768  # events a streamed fold reads at once
 CARRY_ROWS = 100_000  # jobs begun and not finished at once a streamed fold holds, at most
 _FILE_ROWS = 128  # rows per record batch of a slice's scratch file: what each holds while merging
 
@@ -277,9 +278,10 @@ def _streamed(
             if held.num_rows:
                 pending.append(held)
 
-        with pa.OSFile(str(path), "wb") as sink:
+        read_ahead = ahead(_events(snap, names, STREAM_EVENTS))  # read while folded
+        with pa.OSFile(str(path), "wb") as sink, closing(read_ahead):
             try:
-                for events in _events(snap, names, STREAM_EVENTS):
+                for events in read_ahead:
                     events = _within(_conformed(events, empty), top)
                     folded, resets = _fold([events], None)
                     del events

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from runner.endpoints.money import trim_usd
 from runner.errors import LedgerError
 from runner.ledger import csvtext, jsonl, texts
+from runner.ledger.ahead import BehindWriter
 from runner.ledger.exports import BATCH_ROWS as EXPORT_ROWS
 from runner.ledger.exports import (
     TEXT_COLUMNS,
@@ -297,7 +298,11 @@ def _write_file(
     written = [0]
     batches = _export_batches(jobs, schema, old_keys, all_versions, written, fmt)
     with open(tmp, "wb") as handle:
-        _write(batches, schema, handle, fmt)
+        if fmt == "parquet":
+            _write(batches, schema, handle, fmt)
+        else:  # its lines made while the last are written (a thread: see ahead)
+            with BehindWriter(handle) as behind:
+                _write(batches, schema, behind, fmt)
         handle.flush()
         os.fsync(handle.fileno())
     return written[0]
