@@ -277,6 +277,41 @@ async def test_the_accounts_own_prices_win_and_each_job_records_its_source(
     assert {r["estimated_usd"] for r in rows} == {Decimal("0.02")}
 
 
+async def test_an_account_price_finer_than_the_ledger_keeps_is_said_and_not_used(
+    tmp_path: Path,
+) -> None:
+    """fal's price is a JSON number: one of 22 places would have stopped the run with a
+    traceback at the first job's estimate."""
+    from pydantic import SecretStr
+
+    from runner.emulator import DEFAULT_KEY, Emulator, EmulatorConfig, serve
+    from runner.execution.prices import plan_prices
+
+    fine = Decimal("0.0200000000000000000001")
+    path = manifest(tmp_path, 2)
+    async with emulator(account_prices={"fal-ai/flux-lora": fine}) as emu:
+        report = await run(emu, run_config(path, tmp_path / "run"))
+    assert report.exit_code == EXIT_OK and report.tally.completed == 2
+    rows = LedgerState.load(tmp_path / "run").jobs.to_pylist()
+    assert {r["estimated_usd"] for r in rows} == {Decimal("0.035")}
+    assert all(r["price_source"] != ACCOUNT_PRICE_SOURCE for r in rows)
+
+    said: list[str] = []
+    prices = {"fal-ai/flux-lora": fine, "fal-ai/flux-kontext/dev": Decimal("0.03")}
+    async with serve(Emulator(EmulatorConfig(account_prices=prices))) as served:
+        table = await plan_prices(
+            served.base_url + "/api", SecretStr(DEFAULT_KEY), None, said.append
+        )
+    assert said == [
+        f"the account's price for fal-ai/flux-lora ({fine}) has more decimal places than the "
+        "ledger keeps (18): using the built-in price"
+    ]
+    kept, other = table.get("fal-ai/flux-lora"), table.get("fal-ai/flux-kontext/dev")
+    assert kept is not None and kept.usd == Decimal("0.035")
+    assert other is not None and other.usd == Decimal("0.03")  # the others still the account's
+    assert other.source == ACCOUNT_PRICE_SOURCE
+
+
 async def test_without_access_to_prices_the_built_in_table_is_used(tmp_path: Path) -> None:
     path = manifest(tmp_path, 2)
     async with emulator(faults=parse_faults("history_unavailable=1")) as emu:

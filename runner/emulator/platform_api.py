@@ -34,6 +34,7 @@ table's, ``unit`` always ``image`` as fal's docs show it. Faults: ``history_unav
 from __future__ import annotations
 
 import hmac
+import json
 import random
 from collections.abc import Mapping
 from dataclasses import replace
@@ -253,19 +254,21 @@ class PlatformRoutes:
             ids = price_ids(request.query_params)
         except BadParam as exc:
             return _refused(exc)
-        prices = []
-        for endpoint in ids:
-            price = self.emu.prices.get(endpoint)
-            if price is not None:
-                prices.append(
-                    {
-                        "endpoint_id": endpoint,
-                        "unit_price": float(price.usd),
-                        "unit": "image",
-                        "currency": "USD",
-                    }
-                )
-        return JSONResponse({"prices": prices, "next_cursor": None, "has_more": False})
+        prices = [
+            _price_json(endpoint, price.usd)
+            for endpoint in ids
+            if (price := self.emu.prices.get(endpoint)) is not None
+        ]
+        body = '{"prices":[' + ",".join(prices) + '],"next_cursor":null,"has_more":false}'
+        return Response(body, media_type="application/json")
+
+
+def _price_json(endpoint: str, usd: Decimal) -> str:
+    """One price as fal lists it; ``unit_price`` a JSON number with every digit of the
+    price (a float would round a price of more digits than it keeps)."""
+    fields = (("endpoint_id", json.dumps(endpoint)), ("unit_price", format(usd, "f")),
+              ("unit", '"image"'), ("currency", '"USD"'))  # fmt: skip
+    return "{" + ",".join(f'"{name}":{value}' for name, value in fields) + "}"
 
 
 def platform_routes(emu: Emulator) -> list[BaseRoute]:

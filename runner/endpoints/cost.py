@@ -158,18 +158,30 @@ class PriceTable:
         fal lists FLUX prices per ``image`` while billing per megapixel, so a unit price is
         read as the price of one billed unit of the entry it replaces (one megapixel): an
         assumption, kept here and in the README. Endpoints the table does not know are
-        left out (their billing rules are unknown).
+        left out (their billing rules are unknown), and so are prices of more decimal places
+        than the ledger keeps (:meth:`unrecordable`: the caller says so).
         """
         merged = dict(self._prices)
         for endpoint, usd in unit_prices.items():
             old = merged.get(endpoint)
-            if old is None:
+            if old is None or not recordable(usd, old.lora_surcharge):
                 continue
             merged[endpoint] = Price(
                 endpoint, usd, old.unit, ACCOUNT_PRICE_SOURCE, date, "confirmed",
                 old.lora_surcharge,
             )  # fmt: skip
         return PriceTable(merged)
+
+    def unrecordable(self, unit_prices: Mapping[str, Decimal]) -> list[str]:
+        """The endpoints of this table whose account price ``unit_prices`` gives has more
+        decimal places than the ledger keeps (counting the LoRA multiplier's): left out by
+        :meth:`with_account_prices`."""
+        return [
+            endpoint
+            for endpoint, usd in unit_prices.items()
+            if (old := self._prices.get(endpoint)) is not None
+            and not recordable(usd, old.lora_surcharge)
+        ]
 
     def get(self, endpoint: str) -> Price | None:
         return self._prices.get(endpoint)
@@ -194,6 +206,14 @@ def _parse(text: str, what: str) -> _FileDoc:
         raise UsageError(f"{what}: {where}: {first['msg']}") from exc
 
 
+def recordable(usd: Decimal, surcharge: LoraSurcharge | None) -> bool:
+    """Whether every estimate at ``usd`` fits the ledger's money scale: an estimate is the
+    price times whole units and the LoRA multiplier, so their decimal places add up."""
+    factors = [t.multiplier for t in surcharge.tiers] if surcharge else []
+    places = decimal_places(usd) + max(map(decimal_places, factors), default=0)
+    return places <= MONEY_SCALE
+
+
 def _surcharge(doc: _SurchargeDoc) -> LoraSurcharge:
     tiers = tuple(SurchargeTier(t.above_gb, t.multiplier) for t in doc.tiers)
     return LoraSurcharge(tiers, doc.max_gb, doc.gb_bytes)
@@ -211,9 +231,7 @@ def _merge(endpoint: str, doc: _PriceDoc, old: Price | None, path: Path, mtime: 
         surcharge = _surcharge(doc.lora_surcharge) if doc.lora_surcharge else None
     else:
         surcharge = old.lora_surcharge if old else None
-    factors = [t.multiplier for t in surcharge.tiers] if surcharge else []
-    places = decimal_places(doc.usd) + max(map(decimal_places, factors), default=0)
-    if places > MONEY_SCALE:
+    if not recordable(doc.usd, surcharge):
         # An estimate is the price times whole units and the LoRA multiplier: past the
         # ledger's scale it could not be recorded (a traceback at the first job, before).
         raise UsageError(

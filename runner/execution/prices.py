@@ -18,6 +18,7 @@ from pydantic import SecretStr
 
 from runner.endpoints.catalog import CATALOG
 from runner.endpoints.cost import PriceTable
+from runner.endpoints.money import MONEY_SCALE
 from runner.errors import PlatformUnavailableError, ProtocolError
 from runner.fal.history import HistoryClient
 from runner.fal.retry import RetryPolicy
@@ -43,8 +44,14 @@ async def price_table(
         return table
     if not found:
         return table
+    unit_prices = {k: p.unit_price for k, p in found.items()}
+    for endpoint in table.unrecordable(unit_prices):
+        say(
+            f"the account's price for {endpoint} ({unit_prices[endpoint]}) has more decimal "
+            f"places than the ledger keeps ({MONEY_SCALE}): using the built-in price"
+        )
     today = datetime.now(UTC).date().isoformat()
-    return table.with_account_prices({k: p.unit_price for k, p in found.items()}, date=today)
+    return table.with_account_prices(unit_prices, date=today)
 
 
 async def plan_prices(
