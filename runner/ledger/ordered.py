@@ -23,7 +23,6 @@ the buckets and merge above are used instead.
 
 from __future__ import annotations
 
-import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
@@ -40,6 +39,7 @@ from runner.ledger.fold import _retrying, _Snapshot
 from runner.ledger.folding import _fold
 from runner.ledger.scan import _conformed, _empty_schema, _events, _with_keys, scan_folded
 from runner.ledger.schema import LEDGER_SCHEMA
+from runner.ledger.scratch import scratch_errors, scratch_folder
 
 STREAM_EVENTS = 32_768  # events a streamed fold reads at once
 CARRY_ROWS = 100_000  # jobs begun and not finished at once a streamed fold holds, at most
@@ -149,12 +149,13 @@ def ordered_jobs(
     them back with the same); ``visit`` then sees each batch (some may have been seen by an
     attempt given up), only its ``visit_columns`` if named, and what it returns is kept on
     disk beside it (:meth:`StreamedJobs.visited`)."""
-    with tempfile.TemporaryDirectory(prefix="runner-ordered-") as scratch:
+    with scratch_folder("runner-ordered-") as scratch:
         if last_seqs is not None:
-            path = Path(scratch) / "streamed.arrows"
-            streamed = _streamed(
-                run_dir, columns, select, visit, last_seqs, path, batch_rows, visit_columns
-            )
+            path = scratch / "streamed.arrows"
+            with scratch_errors(scratch):
+                streamed = _streamed(
+                    run_dir, columns, select, visit, last_seqs, path, batch_rows, visit_columns
+                )
             if streamed is not None:
                 yield streamed
                 return
@@ -170,7 +171,7 @@ def ordered_jobs(
                     continue
                 visit(chosen)
                 schema = chosen.schema
-                path = Path(scratch) / f"slice-{len(files):05d}.arrows"
+                path = scratch / f"slice-{len(files):05d}.arrows"
                 with (
                     pa.OSFile(str(path), "wb") as sink,
                     pa.ipc.new_stream(sink, chosen.schema) as writer,
@@ -181,7 +182,8 @@ def ordered_jobs(
                 seqs.append(np.asarray(chosen["seq"].to_numpy(), dtype=np.int64))
             return OrderedJobs(schema, sum(len(s) for s in seqs), files, seqs)
 
-        found, _info = scan_folded(run_dir, columns, reduce)
+        with scratch_errors(scratch):
+            found, _info = scan_folded(run_dir, columns, reduce)
         yield found
 
 

@@ -21,7 +21,6 @@ them); slices come in no particular order.
 from __future__ import annotations
 
 import itertools
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from runner.ledger.fold import _retrying, _Snapshot
 from runner.ledger.folding import _fold, fold_tables
 from runner.ledger.parts import iter_part, part_size_of
 from runner.ledger.schema import LEDGER_SCHEMA, rows_to_table
+from runner.ledger.scratch import scratch_errors, scratch_folder
 
 # Bytes of the named columns (uncompressed, as the parts' footers count them) per bucket:
 # a bucket's fold holds its events plus one folded row per job, and its peak is a few
@@ -93,8 +93,8 @@ def scan_folded(
             tables = (_counted(t, tuple(lengths)) for t in _events(snap, names))
             info = ScanInfo(events, len(snap.parts), snap.torn_bytes, 1)
             return reduce(_folded([tables], empty)), info
-        with tempfile.TemporaryDirectory(prefix="runner-scan-") as scratch:
-            spilled = _spill(snap, names, tuple(lengths), count, Path(scratch), empty)
+        with scratch_folder("runner-scan-") as scratch, scratch_errors(scratch):
+            spilled = _spill(snap, names, tuple(lengths), count, scratch, empty)
             info = ScanInfo(events, len(snap.parts), snap.torn_bytes, count)
             return reduce(_refolded(_read_spill(p) for p in spilled)), info
 
@@ -131,8 +131,8 @@ def scan_events(
             whole = pa.concat_tables(tables) if tables else empty.empty_table()
             del tables
             return reduce(iter([whole])), info
-        with tempfile.TemporaryDirectory(prefix="runner-scan-") as scratch:
-            spilled = _spill(snap, names, (), count, Path(scratch), empty, prefold=False)
+        with scratch_folder("runner-scan-") as scratch, scratch_errors(scratch):
+            spilled = _spill(snap, names, (), count, scratch, empty, prefold=False)
             info = ScanInfo(events, len(snap.parts), snap.torn_bytes, count)
             return reduce(_bucket_tables(spilled, empty)), info
 
