@@ -9,7 +9,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -218,3 +218,32 @@ def test_an_export_whose_disk_fills_is_one_line_and_exit_4_and_leaves_no_file(
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no file, no temp file
     assert not _threads()
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_an_export_staged_to_be_read_back_keeps_its_pages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: Literal["csv", "jsonl"]
+) -> None:
+    """``--out -`` stages the file and copies it out at once: its pages are not let go
+    (read back from the disk, that took 17-20 s against 16 for a 1M-job JSONL export)."""
+    from datetime import UTC, datetime
+
+    from runner.ledger import views
+    from runner.ledger.schema import JobState, LedgerEvent
+    from runner.ledger.store import Ledger
+
+    run_dir = tmp_path / "run"
+    with Ledger.open(run_dir) as ledger:
+        for i in range(50):
+            ledger.append(
+                LedgerEvent(f"k{i}", JobState.COMPLETED, datetime.now(UTC), row_id=f"r{i}")
+            )
+        ledger.commit_sync()
+    advised: list[int] = []
+    monkeypatch.setattr(ahead_module, "WRITTEN_BACK_BYTES", 1)
+    monkeypatch.setattr(os, "posix_fadvise", lambda *a: advised.append(a[2]), raising=False)
+    kept = views.export(run_dir, tmp_path / f"kept.{fmt}", fmt, read_back=True)
+    assert kept == 50 and advised == []
+    let_go = views.export(run_dir, tmp_path / f"let-go.{fmt}", fmt)
+    assert let_go == 50 and advised  # a file for later: its pages let go as written
+    assert (tmp_path / f"kept.{fmt}").read_bytes() == (tmp_path / f"let-go.{fmt}").read_bytes()

@@ -23,7 +23,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         # To stdout: the file appears whole in a scratch folder first, then is copied out.
         with tempfile.TemporaryDirectory() as scratch:
             staged = Path(scratch) / f"export.{args.format}"
-            count = export(args.run_dir, staged, args.format, all_versions=args.all_versions)
+            count = export(args.run_dir, staged, args.format, all_versions=args.all_versions,
+                           read_back=True)  # fmt: skip
             with staged.open("rb") as handle:
                 shutil.copyfileobj(handle, sys.stdout.buffer)
             sys.stdout.buffer.flush()

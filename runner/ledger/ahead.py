@@ -103,8 +103,9 @@ class BehindWriter:
     OSError of a full disk, as a direct write would have raised, at the latest there); an
     error of the block itself wins over the thread's."""
 
-    def __init__(self, handle: Any, depth: int = 2) -> None:
+    def __init__(self, handle: Any, depth: int = 2, *, let_go: bool = True) -> None:
         self._handle = handle
+        self._let_go = let_go  # else the pages stay cached: the file is read back at once
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="runner-writer", daemon=True)
@@ -125,7 +126,7 @@ class BehindWriter:
             if self._error is None:
                 try:
                     written += self._handle.write(data) or 0
-                    if written - started >= WRITTEN_BACK_BYTES:
+                    if self._let_go and written - started >= WRITTEN_BACK_BYTES:
                         _write_back(self._handle, written)
                         started = written
                 except BaseException as exc:  # kept for the caller; later buffers dropped

@@ -186,12 +186,19 @@ def status_summary(run_dir: Path | str, *, all_versions: bool = False) -> Status
 
 
 def export(
-    run_dir: Path | str, out_path: Path | str, fmt: ExportFormat, *, all_versions: bool = False
+    run_dir: Path | str,
+    out_path: Path | str,
+    fmt: ExportFormat,
+    *,
+    all_versions: bool = False,
+    read_back: bool = False,
 ) -> int:
     """Write one row per job (latest state) to out_path; returns the number of jobs.
 
     Joinable with the manifest by row_id (and source/line); the columns are those of
     :mod:`runner.ledger.exports`. Superseded jobs are left out unless ``all_versions``.
+    ``read_back``: the caller reads the file at once (staged for stdout), so the pages
+    written stay cached (:class:`runner.ledger.ahead.BehindWriter`).
     The file appears whole or not at all (temp name, then rename). The ledger is folded as
     it is read, in the order of one fold, from the seq of each job's last event
     (:func:`runner.ledger.lastseqs.last_event_seqs`); else a bucket of jobs at a time, put
@@ -205,9 +212,10 @@ def export(
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     try:
         with system_pool():
-            rows = _export_streamed(run_dir, tmp, fmt, all_versions)
+            to = _Target(tmp, fmt, read_back)
+            rows = _export_streamed(run_dir, to, all_versions)
             if rows is None:
-                rows = _export_known(run_dir, tmp, fmt, all_versions)
+                rows = _export_known(run_dir, to, all_versions)
         os.replace(tmp, out_path)
         fsync_dir(out_path.parent)
     except OSError as exc:
@@ -224,7 +232,7 @@ def export(
     return rows
 
 
-def _export_streamed(run_dir: Path, tmp: Path, fmt: str, all_versions: bool) -> int | None:
+def _export_streamed(run_dir: Path, to: _Target, all_versions: bool) -> int | None:
     """The export folded as read, its superseded versions found after (None: the ledger
     cannot be read so; see :func:`runner.ledger.lastseqs.last_event_seqs`).
 
@@ -257,10 +265,10 @@ def _export_streamed(run_dir: Path, tmp: Path, fmt: str, all_versions: bool) -> 
                 shown = table.select(list(TEXT_COLUMNS)).filter(_current(table, old_keys))
                 add_kinds(shown, kinds)
                 del table, shown
-        return _write_file(run_dir, tmp, fmt, jobs, kinds, old_keys, all_versions)
+        return _write_file(run_dir, to, jobs, kinds, old_keys, all_versions)
 
 
-def _export_known(run_dir: Path, tmp: Path, fmt: str, all_versions: bool) -> int:
+def _export_known(run_dir: Path, to: _Target, all_versions: bool) -> int:
     """The export with its superseded versions found first (a scan of their columns): a
     sharded run directory, or one a streamed fold cannot read."""
     old_keys, last_seqs = superseded_and_last_seqs(run_dir)
@@ -274,35 +282,44 @@ def _export_known(run_dir: Path, tmp: Path, fmt: str, all_versions: bool) -> int
     with ordered_jobs(run_dir, None, select, lambda jobs: add_kinds(jobs, kinds),
                       last_seqs=last_seqs, batch_rows=EXPORT_ROWS,
                       visit_columns=TEXT_COLUMNS) as jobs:  # fmt: skip
-        return _write_file(run_dir, tmp, fmt, jobs, kinds, _NO_KEYS, all_versions)
+        return _write_file(run_dir, to, jobs, kinds, _NO_KEYS, all_versions)
 
 
 def _current(table: pa.Table, old_keys: pa.Array) -> pa.ChunkedArray:
     return pc.invert(pc.is_in(table["job_key"], value_set=old_keys))
 
 
+@dataclass(frozen=True)
+class _Target:
+    """Where an export is written (its temp name), in which format, and whether it is read
+    back at once."""
+
+    tmp: Path
+    fmt: str
+    read_back: bool
+
+
 def _write_file(
     run_dir: Path,
-    tmp: Path,
-    fmt: str,
+    to: _Target,
     jobs: OrderedJobs | StreamedJobs,
     kinds: Mapping[str, set[str]],
     old_keys: pa.Array,
     all_versions: bool,
 ) -> int:
-    """Write the jobs to ``tmp`` (synced); ``old_keys`` marked superseded (with
+    """Write the jobs to ``to.tmp`` (synced); ``old_keys`` marked superseded (with
     ``all_versions``) or left out. Returns the number of rows written."""
     release_freed()  # the fold's free heap pages, before the writer's batches
     ledger = _marked_schema(run_dir) if jobs.schema is None else jobs.schema
     schema = schema_of(ledger.with_metadata(_first_metadata(run_dir)), kinds)
     written = [0]
-    batches = _export_batches(jobs, schema, old_keys, all_versions, written, fmt)
-    with open(tmp, "wb") as handle:
-        if fmt == "parquet":
-            _write(batches, schema, handle, fmt)
+    batches = _export_batches(jobs, schema, old_keys, all_versions, written, to.fmt)
+    with open(to.tmp, "wb") as handle:
+        if to.fmt == "parquet":
+            _write(batches, schema, handle, to.fmt)
         else:  # its lines made while the last are written (a thread: see ahead)
-            with BehindWriter(handle) as behind:
-                _write(batches, schema, behind, fmt)
+            with BehindWriter(handle, let_go=not to.read_back) as behind:
+                _write(batches, schema, behind, to.fmt)
         handle.flush()
         os.fsync(handle.fileno())
     return written[0]
