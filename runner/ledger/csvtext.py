@@ -29,7 +29,9 @@ _ROWS_ENDED = pacsv.WriteOptions(include_header=False, eol="\x00")
 _CELLS = pc.JoinOptions(null_handling="replace", null_replacement="")
 # Arrow scalars, not Python texts: each Python value a kernel is given is converted anew.
 _QUOTE, _Z, _NONE = (pa.scalar(t) for t in ('"', "Z", ""))
-_COMMA, _NEWLINE, _NO_TEXT = (pa.scalar(t, pa.large_string()) for t in (",", "\n", ""))
+_COMMA, _NEWLINE, _NO_TEXT, _LARGE_Z = (
+    pa.scalar(t, pa.large_string()) for t in (",", "\n", "", "Z")
+)
 
 
 def header(schema: pa.Schema) -> bytes:
@@ -48,25 +50,28 @@ def lines(table: pa.Table) -> pa.ChunkedArray | pa.Array:
         else:
             runs[-1].append(index)
     runs = [run for run in runs if run]
-    parts = []
+    parts: list[pa.Array | pa.ChunkedArray | pa.Scalar] = []
     for n, run in enumerate(runs):
         end = _NEWLINE if n == len(runs) - 1 else _COMMA
         if len(run) == 1 and _is_utc(table.schema.field(run[0]).type):
-            cell = _utc_texts(table.column(run[0])).cast(pa.large_string())
-            parts.append(pc.binary_join_element_wise(cell, end, _NO_TEXT, options=_CELLS))
+            parts += [_utc_texts(table.column(run[0]), large=True), end]  # null: an empty cell
         else:
             parts.append(_written(table.select(run), end))
-    return pc.binary_join_element_wise(*parts, _NO_TEXT) if len(parts) > 1 else parts[0]
+    if len(parts) == 1:
+        return parts[0]  # type: ignore[return-value]  # a written run: an array
+    return pc.binary_join_element_wise(*parts, _NO_TEXT, options=_CELLS)
 
 
 def _is_utc(kind: pa.DataType) -> bool:
     return bool(pa.types.is_timestamp(kind) and kind.tz == "UTC")
 
 
-def _utc_texts(values: pa.ChunkedArray) -> pa.ChunkedArray:
-    """Timestamps in UTC as Arrow's writer writes them, ``2026-05-28 20:26:43.000000Z``."""
+def _utc_texts(values: pa.ChunkedArray, large: bool = False) -> pa.ChunkedArray:
+    """Timestamps in UTC as Arrow's writer writes them, ``2026-05-28 20:26:43.000000Z``
+    (null stays null; ``large``: 64-bit offsets)."""
     naive = values.cast(pa.timestamp(values.type.unit))  # the same instant, its digits in UTC
-    return pc.binary_join_element_wise(naive.cast(pa.string()), _Z, _NONE)
+    z, none = (_LARGE_Z, _NO_TEXT) if large else (_Z, _NONE)
+    return pc.binary_join_element_wise(naive.cast(z.type), z, none)
 
 
 def _written(table: pa.Table, end: pa.Scalar) -> pa.Array | pa.ChunkedArray:

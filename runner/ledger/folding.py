@@ -25,6 +25,7 @@ _ATTEMPT_LEVEL = frozenset({*ATTEMPT_FIELDS, UNFETCHED})
 # Columns a job takes from its latest event, null or not (run_id: an event an older
 # runner wrote belongs to no invocation).
 _LATEST_ONLY = frozenset({*OUTCOME_FIELDS, *EVENT_FIELDS})
+_PICKS_BYTES = 32 * 2**20  # the rows to take kept for columns with the same nulls, at most
 
 
 def fold_tables(
@@ -122,11 +123,10 @@ def _fold(box: list[pa.Table], resets: np.ndarray | None) -> tuple[pa.Table, np.
     inputs = events.columns[::-1]
     del events
     columns = []
+    picks = _Picks(order, index, last, latest, job_start, attempt_row)
     for field in schema:
         column = inputs.pop()
-        columns.append(
-            _fold_column(column, field, order, index, last, latest, job_start, attempt_row)
-        )
+        columns.append(picks.folded(column, field))
         del column
     return pa.Table.from_arrays(columns, schema=schema), reset
 
@@ -143,28 +143,50 @@ def _job_codes(keys: pa.ChunkedArray, *, mostly_distinct: bool) -> np.ndarray:
     return np.asarray(pc.dictionary_encode(keys.combine_chunks()).indices.to_numpy())
 
 
-def _fold_column(
-    column: pa.ChunkedArray,
-    field: pa.Field,
-    order: np.ndarray,
-    index: np.ndarray,
-    last: np.ndarray,
-    latest: np.ndarray,
-    job_start: np.ndarray,
-    attempt_start: np.ndarray,
-) -> pa.Array | pa.ChunkedArray:
-    """A column's value for each job: the last non-null one since the job or attempt start."""
-    n = len(column)
-    if column.null_count == 0 or field.name in _LATEST_ONLY:
-        return column.take(pa.array(latest))
-    if column.null_count == n:
-        return pa.nulls(len(last), field.type)
-    valid = _to_bool(pc.is_valid(column))[order]
-    last_valid = np.maximum.accumulate(np.where(valid, index, -1))[last]
-    since = attempt_start if field.name in _ATTEMPT_LEVEL else job_start
-    keep = last_valid >= since
-    source = order[np.where(keep, last_valid, 0)]
-    return column.take(pa.array(source, mask=~keep))
+class _Picks:
+    """Which event row each job's value of a column comes from, by the column's nulls.
+
+    Columns set by the same events have the same nulls (the URLs a submit sets, the
+    outcome's fields): their rows to take are found once, the validity as bytes the key
+    (at a 1M-job export, 21 of 27 columns with nulls in each fold), and kept up to
+    _PICKS_BYTES (a fold of many events keeps fewer)."""
+
+    def __init__(
+        self,
+        order: np.ndarray,
+        index: np.ndarray,
+        last: np.ndarray,
+        latest: np.ndarray,
+        job_start: np.ndarray,
+        attempt_start: np.ndarray,
+    ) -> None:
+        self.order, self.index, self.last = order, index, last
+        self.job_start, self.attempt_start = job_start, attempt_start
+        self.latest = pa.array(latest)
+        self.found: dict[tuple[bool, bytes], pa.Array] = {}
+
+    def folded(self, column: pa.ChunkedArray, field: pa.Field) -> pa.Array | pa.ChunkedArray:
+        """A column's value for each job: the last non-null one since the job or attempt
+        start."""
+        n = len(column)
+        if column.null_count == 0 or field.name in _LATEST_ONLY:
+            return column.take(self.latest)
+        if column.null_count == n:
+            return pa.nulls(len(self.last), field.type)
+        valid = _to_bool(pc.is_valid(column))
+        attempt = field.name in _ATTEMPT_LEVEL
+        key = (attempt, valid.tobytes())
+        rows = self.found.get(key)
+        if rows is None:
+            since = self.attempt_start if attempt else self.job_start
+            last_valid = np.maximum.accumulate(np.where(valid[self.order], self.index, -1))
+            last_valid = last_valid[self.last]
+            keep = last_valid >= since
+            source = self.order[np.where(keep, last_valid, 0)]
+            rows = pa.array(source, mask=~keep)
+            if (len(self.found) + 1) * (n + 9 * len(self.last)) <= _PICKS_BYTES:
+                self.found[key] = rows
+        return column.take(rows)
 
 
 def _to_bool(values: pa.ChunkedArray | pa.Array) -> np.ndarray:

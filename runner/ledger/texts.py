@@ -6,6 +6,7 @@ row by row (the reference of :mod:`runner.ledger.jsonl`)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -80,15 +81,23 @@ def json_bools(values: pa.Array) -> pa.Array:
     return pc.binary_join_element_wise("[", pc.binary_join(lists, ", "), "]", "")
 
 
-def flat_for_csv(jobs: pa.Table) -> pa.Table:
-    """CSV has no nested types: outputs and nsfw become JSON text, money its shortest text."""
-    index = jobs.schema.get_field_index("outputs")
-    jobs = jobs.set_column(index, "outputs", json_structs(jobs["outputs"].combine_chunks()))
-    for name in ("duplicate_request_ids",):
-        values = [None if v is None else json.dumps(v) for v in jobs[name].to_pylist()]
-        jobs = jobs.set_column(
-            jobs.schema.get_field_index(name), name, pa.array(values, pa.string())
-        )
+def json_lists(values: pa.Array) -> pa.Array:
+    """Lists as ``json.dumps`` writes each, one by one (null stays null)."""
+    return pa.array([None if v is None else json.dumps(v) for v in values.to_pylist()], pa.string())
+
+
+def flat_for_csv(jobs: pa.Table, lists: Callable[[pa.Array], pa.Array] | None = None) -> pa.Table:
+    """CSV has no nested types: outputs and nsfw become JSON text, money its shortest text.
+
+    ``lists`` makes the JSON texts of outputs and duplicate_request_ids (by default
+    :func:`json_structs` and :func:`json_lists`: the reference of
+    :func:`runner.ledger.csvcells.json_cells`)."""
+    for name, made in (
+        ("outputs", lists or json_structs),
+        ("duplicate_request_ids", lists or json_lists),
+    ):
+        index = jobs.schema.get_field_index(name)
+        jobs = jobs.set_column(index, name, made(jobs[name].combine_chunks()))
     index = jobs.schema.get_field_index("nsfw")
     jobs = jobs.set_column(index, "nsfw", json_bools(jobs["nsfw"].combine_chunks()))
     for name in MONEY_COLUMNS:

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from runner.endpoints.money import trim_usd
 from runner.errors import LedgerError
-from runner.ledger import csvtext, jsonl, texts
+from runner.ledger import csvcells, csvtext, jsonl
 from runner.ledger.ahead import BehindWriter
 from runner.ledger.exports import BATCH_ROWS as EXPORT_ROWS
 from runner.ledger.exports import (
@@ -386,11 +386,11 @@ def _write(
                 del batch  # not held while the next is made
         return
     if fmt == "csv":
-        handle.write(csvtext.header(texts.flat_for_csv(schema.empty_table()).schema))
+        handle.write(csvtext.header(csvcells.flat_for_csv(schema.empty_table()).schema))
         for batch in batches:
             for piece in _pieces(batch, CSV_ROWS):
                 csvtext.write_rows(
-                    texts.flat_for_csv(pa.Table.from_batches([piece], schema)), handle
+                    csvcells.flat_for_csv(pa.Table.from_batches([piece], schema)), handle
                 )
             del batch
         return
