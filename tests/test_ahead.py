@@ -193,7 +193,7 @@ def test_an_export_whose_disk_fills_is_one_line_and_exit_4_and_leaves_no_file(
     from datetime import UTC, datetime
 
     from runner.cli import main
-    from runner.ledger import views
+    from runner.ledger import exportfile
     from runner.ledger.schema import JobState, LedgerEvent
     from runner.ledger.store import Ledger
 
@@ -209,7 +209,7 @@ def test_an_export_whose_disk_fills_is_one_line_and_exit_4_and_leaves_no_file(
         def write(self, data: Any) -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(views, "open", lambda path, mode: Full(path, mode), raising=False)
+    monkeypatch.setattr(exportfile, "open", lambda path, mode: Full(path, mode), raising=False)
     out = tmp_path / f"jobs.{fmt}"
     assert main(["export", str(run_dir), "--format", fmt, "--out", str(out)]) == 4
     err = capsys.readouterr().err

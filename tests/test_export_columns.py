@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runner.ledger import exports, views
+from runner.ledger import exportfile, exports
 from runner.ledger.exports import (
     BATCH_ROWS,
     MONEY_COLUMNS,
@@ -81,7 +81,7 @@ def _jobs(texts: list[tuple[str | None, str | None]]) -> pa.Table:
 
 def _written(batches: Iterator[pa.RecordBatch], schema: pa.Schema, fmt: str) -> bytes:
     out = io.BytesIO()
-    views._write(batches, schema, out, fmt)
+    exportfile.write_batches(batches, schema, out, fmt)
     return out.getvalue()
 
 

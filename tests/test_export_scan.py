@@ -20,6 +20,7 @@ from runner.ledger import (
     JobState,
     Ledger,
     LedgerEvent,
+    exportfile,
     exports,
     jsonl,
     ordered,
@@ -79,7 +80,7 @@ def _folded_export(run_dir: Path, out: Path, fmt: str, all_versions: bool) -> by
     jobs = split_versions(read_folded(run_dir).jobs, all_versions=all_versions).shown
     schema = export_schema(jobs)
     with open(out, "wb") as handle:
-        views._write(export_batches(jobs, schema), schema, handle, fmt)
+        exportfile.write_batches(export_batches(jobs, schema), schema, handle, fmt)
     return out.read_bytes()
 
 
@@ -165,7 +166,7 @@ def test_text_formats_made_a_few_rows_at_a_time_write_the_same_bytes(
     versioned: Path, tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     export(versioned, tmp_path / f"whole.{fmt}", fmt)  # type: ignore[arg-type]
-    monkeypatch.setattr(views, "CSV_ROWS", 3)
+    monkeypatch.setattr(exportfile, "CSV_ROWS", 3)
     monkeypatch.setattr(jsonl, "PIECE_BYTES", 2_000)  # JSONL's pieces: a few rows
     export(versioned, tmp_path / f"pieces.{fmt}", fmt)  # type: ignore[arg-type]
     whole = (tmp_path / f"whole.{fmt}").read_bytes()

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import runner
-from runner.ledger import jsonl, texts, views
+from runner.ledger import exportfile, jsonl, texts
 from runner.ledger.views import export
 
 HOSTILE = [
@@ -97,7 +97,7 @@ def test_a_runs_text_exports_are_the_bytes_of_the_writers_they_replaced(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     if small_pieces:
-        monkeypatch.setattr(views, "CSV_ROWS", 3)
+        monkeypatch.setattr(exportfile, "CSV_ROWS", 3)
         monkeypatch.setattr(jsonl, "PIECE_BYTES", 2_000)
     table = _rows(run_dir, tmp_path, all_versions)
     assert (table.num_rows > len(HOSTILE)) == all_versions

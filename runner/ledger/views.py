@@ -22,8 +22,7 @@ import pyarrow.parquet as pq
 
 from runner.endpoints.money import trim_usd
 from runner.errors import LedgerError
-from runner.ledger import csvcells, csvtext, jsonl
-from runner.ledger.ahead import BehindWriter
+from runner.ledger.exportfile import write_synced
 from runner.ledger.exports import BATCH_ROWS as EXPORT_ROWS
 from runner.ledger.exports import (
     TEXT_COLUMNS,
@@ -52,17 +51,6 @@ _ZERO = Decimal(0)
 _EMPTY = LEDGER_SCHEMA.empty_table()
 _MARK = pa.field(SUPERSEDED, pa.bool_(), nullable=False)
 _NO_KEYS = pa.array([], pa.string())
-CSV_ROWS = 10_000  # rows a CSV export makes the lines of at once (2,000: ~1 CPU s more at 1M)
-# Columns with a value per job (ids, times, URLs, texts): a Parquet dictionary of them only
-# costs time before the writer gives it up (a 1M-job export: 2.5 -> 1.8 CPU s, 163 -> 143 MB).
-_PER_JOB = frozenset(
-    {
-        *("seq", "at", "job_key", "row_id", "line", "request", "metadata", "seed", "outputs"),
-        *("request_id", "gateway_request_id", "payload_sha256"),
-        *("submitted_at", "started_at", "completed_at"),
-        *("status_url", "response_url", "cancel_url"),
-    }
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,14 +302,7 @@ def _write_file(
     schema = schema_of(ledger.with_metadata(_first_metadata(run_dir)), kinds)
     written = [0]
     batches = _export_batches(jobs, schema, old_keys, all_versions, written, to.fmt)
-    with open(to.tmp, "wb") as handle:
-        if to.fmt == "parquet":
-            _write(batches, schema, handle, to.fmt)
-        else:  # its lines made while the last are written (a thread: see ahead)
-            with BehindWriter(handle, let_go=not to.read_back) as behind:
-                _write(batches, schema, behind, to.fmt)
-        handle.flush()
-        os.fsync(handle.fileno())
+    write_synced(to.tmp, batches, schema, to.fmt, read_back=to.read_back)
     return written[0]
 
 
@@ -373,37 +354,6 @@ def _first_metadata(run_dir: Path) -> Any:
         except (OSError, pa.ArrowException):
             pass
     return LEDGER_SCHEMA.metadata
-
-
-def _write(
-    batches: Iterator[pa.RecordBatch | pa.Table], schema: pa.Schema, handle: Any, fmt: str
-) -> None:
-    if fmt == "parquet":
-        coded = [name for name in schema.names if name not in _PER_JOB]
-        with pq.ParquetWriter(handle, schema, compression="zstd", use_dictionary=coded) as writer:
-            for batch in batches:
-                writer.write(batch)  # a row group (a table: its chunks as they came)
-                del batch  # not held while the next is made
-        return
-    if fmt == "csv":
-        handle.write(csvtext.header(csvcells.flat_for_csv(schema.empty_table()).schema))
-        for batch in batches:
-            for piece in _pieces(batch, CSV_ROWS):
-                csvtext.write_rows(
-                    csvcells.flat_for_csv(pa.Table.from_batches([piece], schema)), handle
-                )
-            del batch
-        return
-    for batch in batches:
-        jsonl.write_jsonl(batch, handle)  # in pieces of its own (PIECE_BYTES)
-        del batch
-
-
-def _pieces(batch: pa.RecordBatch, rows: int) -> Iterator[pa.RecordBatch]:
-    """``batch`` in slices of ``rows`` rows: what a CSV export makes the lines of at once
-    (the lines are the same; a whole batch at once holds more)."""
-    for start in range(0, batch.num_rows, rows):
-        yield batch.slice(start, rows)
 
 
 def _remove(tmp: Path) -> None:
