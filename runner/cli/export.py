@@ -5,20 +5,31 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 from runner.cli.commands import jobs_phrase
 from runner.errors import EXIT_OK, UsageError
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from runner.ledger.views import export
     from runner.options.export import dataset_export
 
     if dataset_export(args):
         return _export_dataset(args)
+    with terminated_as_interrupted():
+        return _export_rows(args)
+
+
+def _export_rows(args: argparse.Namespace) -> int:
+    from runner.ledger.views import export
+
     if args.out is not None and str(args.out) == "-":
         # To stdout: the file appears whole in a scratch folder first, then is copied out.
         with tempfile.TemporaryDirectory() as scratch:
@@ -34,6 +45,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     count = export(args.run_dir, out, args.format, all_versions=args.all_versions)
     print(f"wrote {jobs_phrase(count)} to {out}", file=sys.stderr)
     return EXIT_OK
+
+
+@contextmanager
+def terminated_as_interrupted() -> Iterator[None]:
+    """SIGTERM is Ctrl-C inside the block (as for a run: exit 130), so the export removes its
+    temp file rather than the process dying mid-write and leaving it. Only where SIGTERM has
+    its default action, on the main thread (a signal's handler can only be set there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous != signal.SIG_DFL:
+        yield  # the host's own handler
+        return
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def _export_dataset(args: argparse.Namespace) -> int:
