@@ -10,6 +10,7 @@ Optional packages its libraries probe for:
   looks again at every conversion of Python values (``pa.array``, ``pa.scalar``): a failed
   import, a few microseconds each. A 1,000-job run makes 2 such conversions; code that
   converts per batch passes Arrow scalars, not Python ones, to kernels (``csvtext``).
+  ``export`` makes thousands, so it admits dateutil (:func:`admit`).
 - trio: httpcore imports it when installed, in case it runs under trio; the command line
   runs on asyncio (``anyio.run``'s default backend).
 - httpx._main: httpx's own command line, which ``import httpx`` loads when click, rich and
@@ -30,6 +31,7 @@ then, spent about a tenth of a short run's CPU scanning them (bench/README.md, s
 from __future__ import annotations
 
 import gc
+import importlib
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -66,6 +68,22 @@ def without_unused() -> Iterator[None]:
         yield
     finally:
         sys.meta_path.remove(finder)
+
+
+def admit(name: str, module: str | None = None) -> None:
+    """Let ``name`` (one of UNUSED) import again for the rest of the command, and import
+    ``module`` (else ``name``) now if it is installed: for ``export``, which converts Python
+    values to Arrow at every kernel call. pyarrow clears any error of its probe import, so a
+    Ctrl-C whose handler ran inside a refused probe was lost (the export went on to exit 0);
+    with the module imported, the probe finds it in ``sys.modules`` and runs no Python code.
+    Where it is not installed the probe still fails, as it would without the runner."""
+    for finder in sys.meta_path:
+        if isinstance(finder, _Refuse):
+            finder.names = finder.names - {name}
+    try:
+        importlib.import_module(module or name)
+    except ImportError:
+        return
 
 
 @contextmanager
