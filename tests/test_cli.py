@@ -275,9 +275,9 @@ def test_an_export_that_cannot_be_written_is_one_line_naming_it_and_exit_4(
 ) -> None:
     run_dir = a_run_directory(tmp_path)
     write(tmp_path, "a-file", "not a folder")
-    if where == "run-dir":  # the default place: the run directory will not take the file
+    if where == "run-dir":  # the default place: a folder where the file would go
         out, flags = run_dir / "export.csv", []
-        (run_dir / ".export.csv.tmp").mkdir()
+        (run_dir / "export.csv").mkdir()
     else:
         parent = tmp_path / ("a-file" if where == "under-a-file" else "no-such-folder")
         out = parent / "x.csv"
@@ -285,7 +285,9 @@ def test_an_export_that_cannot_be_written_is_one_line_naming_it_and_exit_4(
     assert main(["export", str(run_dir), *flags]) == 4
     line = one_error_line(capsys.readouterr().err)
     assert line.startswith(f"runner: error: cannot write the export {out}: [Errno ")
-    assert not out.exists()
+    assert not out.is_file()
+    if where == "run-dir":  # the temp file written, then refused its name: removed
+        assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_a_run_directory_that_cannot_be_read_is_one_line_naming_it_and_exit_4(

@@ -113,3 +113,39 @@ def test_an_export_probes_for_dateutil_only_while_it_imports_it(tmp_path: Path) 
         assert done.returncode == 0, done.stderr
         probes = int(done.stderr.rsplit("probes ", 1)[1])
         assert 1 <= probes <= 5  # the import of dateutil and its modules, none per kernel call
+
+
+def test_two_exports_to_one_path_at_once_both_end_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each export writes a temp file of its own: one that was still writing when the other
+    renamed the shared temp name into place lost its file (``cannot write the export``) and
+    the file at the path was, for a while, being written by the other."""
+    import threading
+
+    from runner.ledger import exportfile
+    from runner.ledger.views import export
+
+    run_dir = sample_run(tmp_path / "run")
+    out = tmp_path / "jobs.csv"
+    export(run_dir, tmp_path / "alone.csv", "csv")
+    real = exportfile.write_batches
+    first_paused, second_done = threading.Event(), threading.Event()
+
+    def write_batches(*args: object) -> None:
+        if not first_paused.is_set():  # the first export waits, its temp file open ...
+            first_paused.set()
+            assert second_done.wait(timeout=60)  # ... while the second writes and renames
+        real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(exportfile, "write_batches", write_batches)
+    counts: list[int] = []
+    first = threading.Thread(target=lambda: counts.append(export(run_dir, out, "csv")))
+    first.start()
+    assert first_paused.wait(timeout=60)
+    counts.append(export(run_dir, out, "csv"))
+    second_done.set()
+    first.join(timeout=60)
+    assert counts == [10, 10]
+    assert out.read_bytes() == (tmp_path / "alone.csv").read_bytes()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -7,6 +7,7 @@ committed parts and journal as they are at that moment.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ _ZERO = Decimal(0)
 _EMPTY = LEDGER_SCHEMA.empty_table()
 _MARK = pa.field(SUPERSEDED, pa.bool_(), nullable=False)
 _NO_KEYS = pa.array([], pa.string())
+_EXPORTS = itertools.count()  # this process's exports, for their temp names
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,8 +189,8 @@ def export(
     :mod:`runner.ledger.exports`. Superseded jobs are left out unless ``all_versions``.
     ``read_back``: the caller reads the file at once (staged for stdout), so the pages
     written stay cached (:class:`runner.ledger.ahead.BehindWriter`).
-    The file appears whole or not at all (temp name, then rename). The ledger is folded as
-    it is read, in the order of one fold, from the seq of each job's last event
+    The file appears whole or not at all (a temp name of its own, then rename). The ledger
+    is folded as it is read, in the order of one fold, from the seq of each job's last event
     (:func:`runner.ledger.lastseqs.last_event_seqs`); else a bucket of jobs at a time, put
     back in that order (:mod:`runner.ledger.ordered`).
     """
@@ -197,7 +199,8 @@ def export(
     out_path = Path(out_path)
     run_dir = Path(run_dir)
     _require_run_dir(run_dir)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    # Its own temp name: two exports to one path each write whole and rename (the last wins).
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}-{next(_EXPORTS)}.tmp")
     try:
         with system_pool():
             to = _Target(tmp, fmt, read_back)
