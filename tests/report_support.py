@@ -97,6 +97,20 @@ def write_run(run_dir: Path, events: Sequence[LedgerEvent], *, meta: bool = True
     return run_dir
 
 
+def completed_run(run_dir: Path, jobs: int, *, checkpoint: bool = False) -> Path:
+    """A run directory of ``jobs`` jobs completed at once (keys k0.., row ids r0..); with
+    ``checkpoint`` its events in a Parquet part, else in the journal."""
+    with Ledger.open(run_dir) as ledger:
+        for i in range(jobs):
+            ledger.append(
+                LedgerEvent(f"k{i}", JobState.COMPLETED, datetime.now(UTC), row_id=f"r{i}")
+            )
+        ledger.commit_sync()
+        if checkpoint:
+            ledger.checkpoint_sync()
+    return run_dir
+
+
 def local(run_dir: Path, name: str, size: tuple[int, int] = (64, 48)) -> OutputImage:
     path = png(run_dir / "outputs" / name, size)
     return OutputImage(url=f"https://cdn.example/{name}", width=size[0], height=size[1],

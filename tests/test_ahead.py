@@ -15,6 +15,7 @@ import pytest
 
 from runner.ledger import ahead as ahead_module
 from runner.ledger.ahead import BehindWriter, ahead
+from tests.report_support import completed_run
 
 
 def _threads() -> set[str]:
@@ -190,20 +191,10 @@ def test_an_export_whose_disk_fills_is_one_line_and_exit_4_and_leaves_no_file(
     fmt: str,
 ) -> None:
     """The writes happen in the writer thread; their error is still the command's one line."""
-    from datetime import UTC, datetime
-
     from runner.cli import main
     from runner.ledger import exportfile
-    from runner.ledger.schema import JobState, LedgerEvent
-    from runner.ledger.store import Ledger
 
-    run_dir = tmp_path / "run"
-    with Ledger.open(run_dir) as ledger:
-        for i in range(300):
-            ledger.append(
-                LedgerEvent(f"k{i}", JobState.COMPLETED, datetime.now(UTC), row_id=f"r{i}")
-            )
-        ledger.commit_sync()
+    run_dir = completed_run(tmp_path / "run", 300)
 
     class Full(io.FileIO):
         def write(self, data: Any) -> int:
@@ -226,19 +217,9 @@ def test_an_export_staged_to_be_read_back_keeps_its_pages(
 ) -> None:
     """``--out -`` stages the file and copies it out at once: its pages are not let go
     (read back from the disk, that took 17-20 s against 16 for a 1M-job JSONL export)."""
-    from datetime import UTC, datetime
-
     from runner.ledger import views
-    from runner.ledger.schema import JobState, LedgerEvent
-    from runner.ledger.store import Ledger
 
-    run_dir = tmp_path / "run"
-    with Ledger.open(run_dir) as ledger:
-        for i in range(50):
-            ledger.append(
-                LedgerEvent(f"k{i}", JobState.COMPLETED, datetime.now(UTC), row_id=f"r{i}")
-            )
-        ledger.commit_sync()
+    run_dir = completed_run(tmp_path / "run", 50)
     advised: list[int] = []
     monkeypatch.setattr(ahead_module, "WRITTEN_BACK_BYTES", 1)
     monkeypatch.setattr(os, "posix_fadvise", lambda *a: advised.append(a[2]), raising=False)

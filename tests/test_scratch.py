@@ -8,15 +8,13 @@ import os
 import subprocess
 import sys
 import textwrap
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from runner.errors import LedgerError
-from runner.ledger.schema import JobState, LedgerEvent
 from runner.ledger.scratch import scratch_errors, scratch_folder
-from runner.ledger.store import Ledger
+from tests.report_support import completed_run
 
 
 def test_a_failed_write_names_the_folder_and_tmpdir(tmp_path: Path) -> None:
@@ -66,14 +64,7 @@ _LIMITED = textwrap.dedent(
 def test_a_read_whose_scratch_refuses_writes_is_one_line_and_exit_4(
     tmp_path: Path, command: list[str]
 ) -> None:
-    run_dir = tmp_path / "run"
-    with Ledger.open(run_dir) as ledger:
-        for i in range(300):
-            ledger.append(
-                LedgerEvent(f"k{i}", JobState.COMPLETED, datetime.now(UTC), row_id=f"r{i}")
-            )
-        ledger.commit_sync()
-        ledger.checkpoint_sync()
+    run_dir = completed_run(tmp_path / "run", 300, checkpoint=True)
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     out = tmp_path / "out"

@@ -10,8 +10,6 @@ every row of a column of a type ``json.dumps`` has no text for (times, decimals:
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -37,12 +35,7 @@ def json_cells(values: pa.Array) -> pa.Array:
     if values.null_count:
         text = pc.if_else(valid, text, pa.scalar(None, pa.string()))
     rows = np.flatnonzero(odd & np.asarray(valid.to_numpy(zero_copy_only=False), dtype=bool))
-    if len(rows):
-        again = [json.dumps(v) for v in values.take(pa.array(rows)).to_pylist()]
-        mask = np.zeros(len(values), dtype=bool)
-        mask[rows] = True
-        text = pc.replace_with_mask(text, pa.array(mask), pa.array(again, pa.string()))
-    return text
+    return texts.dumped_rows(text, values, rows)
 
 
 def _dumped_alike(kind: pa.DataType) -> bool:

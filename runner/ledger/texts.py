@@ -61,13 +61,18 @@ def json_structs(values: pa.Array) -> pa.Array:
     texts = pc.binary_join_element_wise("[", pc.binary_join(lists, ", "), "]", "")
     counts = np.concatenate(([0], np.cumsum(odd)))[offsets - offsets[0]]
     valid = np.asarray(pc.is_valid(values).to_numpy(zero_copy_only=False), dtype=bool)
-    rows = np.flatnonzero((np.diff(counts) > 0) & valid)
-    if len(rows):
-        again = [json.dumps(v) for v in values.take(pa.array(rows)).to_pylist()]
-        mask = np.zeros(len(values), dtype=bool)
-        mask[rows] = True
-        texts = pc.replace_with_mask(texts, pa.array(mask), pa.array(again, pa.string()))
-    return texts
+    return dumped_rows(texts, values, np.flatnonzero((np.diff(counts) > 0) & valid))
+
+
+def dumped_rows(texts: pa.Array, values: pa.Array, rows: np.ndarray) -> pa.Array:
+    """``texts`` with each of ``rows`` (indices) written by ``json.dumps`` of its value:
+    the rows a vector path cannot promise to write alike."""
+    if not len(rows):
+        return texts
+    again = [json.dumps(v) for v in values.take(pa.array(rows)).to_pylist()]
+    mask = np.zeros(len(values), dtype=bool)
+    mask[rows] = True
+    return pc.replace_with_mask(texts, pa.array(mask), pa.array(again, pa.string()))
 
 
 def json_bools(values: pa.Array) -> pa.Array:
