@@ -65,12 +65,25 @@ def test_sigterm_while_writing_is_an_interrupt_and_leaves_no_temp_file(
 def test_sigterm_handling_is_the_commands_own_and_given_back() -> None:
     from runner.cli.export import terminated_as_interrupted
 
-    before = signal.getsignal(signal.SIGTERM)
-    with terminated_as_interrupted():
-        assert signal.getsignal(signal.SIGTERM) is not before
-        with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGTERM)
-    assert signal.getsignal(signal.SIGTERM) is before
+    # The default action, as in a command's own process (an earlier test in this one, ray's
+    # init, may have set a handler: put back at the end).
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with terminated_as_interrupted():
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+        def host(signum: int, frame: object) -> None:  # a host's own handler: left alone
+            raise AssertionError("not called")
+
+        signal.signal(signal.SIGTERM, host)
+        with terminated_as_interrupted():
+            assert signal.getsignal(signal.SIGTERM) is host
+        assert signal.getsignal(signal.SIGTERM) is host
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 _PROBES = """
