@@ -32,7 +32,7 @@ from runner.cli.commands import (
     summary_json,
 )
 from runner.cli.export import cmd_export
-from runner.cli.imports import admit, collection_paused, resume_collection, without_unused
+from runner.cli.imports import collection_paused, resume_collection, without_unused
 from runner.errors import (
     EXIT_INTERRUPTED,
     EXIT_LEDGER,
@@ -175,8 +175,6 @@ def _main(argv: list[str]) -> int:
     try:
         try:
             with without_unused(), _guarded_stdout():
-                if args.func is cmd_export:  # before pyarrow's first probe (see admit)
-                    admit("dateutil", "dateutil.relativedelta")
                 _check_run_dir(args)
                 if args.func is not cmd_run:
                     resume_collection()  # cmd_run resumes once it has imported the run's

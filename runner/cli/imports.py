@@ -6,21 +6,23 @@ Optional packages its libraries probe for:
   ``pa.array([...])``), to recognise pandas objects; importing pandas costs about half a
   second of CPU and 30 MB. The runner passes pyarrow no pandas object.
 - dateutil: pyarrow looks for ``dateutil.relativedelta`` to recognise it as an interval
-  value (about 2.5 ms of CPU with six). The runner passes none. While it is refused, pyarrow
-  looks again at every conversion of Python values (``pa.array``, ``pa.scalar``): a failed
-  import, a few microseconds each. A 1,000-job run makes 2 such conversions; code that
-  converts per batch passes Arrow scalars, not Python ones, to kernels (``csvtext``).
-  ``export`` makes thousands, so it admits dateutil (:func:`admit`).
+  value (importing it: about 2.5 ms of CPU with six). The runner passes none. Where it is
+  absent (a clean install) pyarrow looks again at every conversion of Python values
+  (``pa.array``, ``pa.scalar``; an export makes thousands), and it clears any error of
+  that import: a Ctrl-C whose handler ran inside it was lost, and an export went on to
+  exit 0 (1 in 18 SIGINTs at 1M jobs). So while a command runs, ``dateutil`` and
+  ``dateutil.relativedelta`` are stand-ins in ``sys.modules`` (:data:`STAND_INS`): the
+  probe finds a class nothing is an instance of, at once, and runs no Python code.
 - trio: httpcore imports it when installed, in case it runs under trio; the command line
   runs on asyncio (``anyio.run``'s default backend).
 - httpx._main: httpx's own command line, which ``import httpx`` loads when click, rich and
   pygments are installed (about 60 ms of CPU); without it ``httpx.main`` is a stub. click
   itself stays importable (uvicorn needs it).
 
-While a command runs, importing any of them fails with ModuleNotFoundError, as if it were not
-installed: the prober records "absent" and moves on. Afterwards all import again as usual
-(pyarrow's own ``to_pandas`` retries the import when it is called). A package that is
-already imported is left as it is.
+While a command runs, importing any of the others fails with ModuleNotFoundError, as if it
+were not installed: the prober records "absent" and moves on. Afterwards all import again as
+usual (pyarrow's own ``to_pandas`` retries the import when it is called; it keeps no
+reference to the stand-ins). A package that is already imported is left as it is.
 
 Collection while importing (:func:`collection_paused`): importing what ``runner run`` needs
 makes a few hundred thousand objects that live as long as the process, and the cyclic
@@ -31,14 +33,14 @@ then, spent about a tenth of a short run's CPU scanning them (bench/README.md, s
 from __future__ import annotations
 
 import gc
-import importlib
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib.machinery import ModuleSpec
 from types import ModuleType
 
-UNUSED = ("pandas", "dateutil", "trio", "httpx._main")
+UNUSED = ("pandas", "trio", "httpx._main")
+STAND_INS = ("dateutil", "dateutil.relativedelta")
 
 
 class _Refuse:
@@ -55,35 +57,38 @@ class _Refuse:
         return None
 
 
+class _StandIn:
+    """``dateutil.relativedelta.relativedelta`` while a command runs: no value is one."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise ModuleNotFoundError("dateutil is not loaded while a runner command runs")
+
+
+def _stand_ins() -> dict[str, ModuleType]:
+    top, module = ModuleType(STAND_INS[0]), ModuleType(STAND_INS[1])
+    module.relativedelta = _StandIn  # type: ignore[attr-defined]
+    top.relativedelta = module  # type: ignore[attr-defined]
+    return {top.__name__: top, module.__name__: module}
+
+
 @contextmanager
 def without_unused() -> Iterator[None]:
-    """Importing a package of UNUSED fails inside the block, unless it is imported already."""
+    """Importing a package of UNUSED fails inside the block, and dateutil is a stand-in
+    (:data:`STAND_INS`), unless they are imported already."""
     names = frozenset(n for n in UNUSED if n not in sys.modules)
-    if not names:
-        yield
-        return
+    stand_ins = {} if STAND_INS[0] in sys.modules else _stand_ins()
     finder = _Refuse(names)
-    sys.meta_path.insert(0, finder)
+    if names:
+        sys.meta_path.insert(0, finder)
+    sys.modules.update(stand_ins)
     try:
         yield
     finally:
-        sys.meta_path.remove(finder)
-
-
-def admit(name: str, module: str | None = None) -> None:
-    """Let ``name`` (one of UNUSED) import again for the rest of the command, and import
-    ``module`` (else ``name``) now if it is installed: for ``export``, which converts Python
-    values to Arrow at every kernel call. pyarrow clears any error of its probe import, so a
-    Ctrl-C whose handler ran inside a refused probe was lost (the export went on to exit 0);
-    with the module imported, the probe finds it in ``sys.modules`` and runs no Python code.
-    Where it is not installed the probe still fails, as it would without the runner."""
-    for finder in sys.meta_path:
-        if isinstance(finder, _Refuse):
-            finder.names = finder.names - {name}
-    try:
-        importlib.import_module(module or name)
-    except ImportError:
-        return
+        if names:
+            sys.meta_path.remove(finder)
+        for name, module in stand_ins.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
 
 
 @contextmanager
